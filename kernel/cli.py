@@ -1,0 +1,144 @@
+"""The `mega` command line.
+
+    mega run EXPERIMENT.toml [key=value | +key=value | ++key=value ...]
+    mega config EXPERIMENT.toml [overrides ...]     print the resolved configuration
+    mega plugins [--json]                           list plugins, hooks and components
+    mega generate CHECKPOINT --prompt TEXT          sample from a trained model
+
+Input errors (config, data, checkpoint, plugin) print one message naming the key or file
+and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import List, Optional
+
+import mega
+from mega.errors import MegaError
+
+
+class _BarSafeHandler(logging.Handler):
+    """Log lines on stderr that do not tear an active tqdm progress bar."""
+
+    def emit(self, record):
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # pragma: no cover - logging must never raise
+            self.handleError(record)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logger = logging.getLogger("mega")
+    if not any(isinstance(h, _BarSafeHandler) for h in logger.handlers):
+        handler = _BarSafeHandler()
+        handler.setFormatter(logging.Formatter("[mega] %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mega", description="Train Megatron-style language models from one TOML file.")
+    p.add_argument("--version", action="version", version=f"mega {mega.__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", help="train an experiment")
+    r.add_argument("experiment", help="experiment TOML file")
+    r.add_argument("overrides", nargs="*", help="key=value, +key=value (add) or ++key=value (add or replace)")
+
+    c = sub.add_parser("config", help="print the resolved configuration as TOML")
+    c.add_argument("experiment")
+    c.add_argument("overrides", nargs="*")
+
+    pl = sub.add_parser("plugins", help="list plugins, their hooks and the components they register")
+    pl.add_argument("--json", action="store_true", help="machine-readable output")
+
+    g = sub.add_parser("generate", help="generate text from a checkpoint")
+    g.add_argument("checkpoint", help="a checkpoint directory, a checkpoints/ folder or a run directory")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--device", default="cpu")
+    return p
+
+
+def cmd_run(args) -> int:
+    from mega.config import load_config
+    from mega.plugin_manager import get_plugins
+
+    plugins = get_plugins()
+    config = load_config(args.experiment, args.overrides, plugins)
+    mega.run(config, plugins)
+    return 0
+
+
+def cmd_config(args) -> int:
+    from mega.config import dump_config, load_config
+
+    sys.stdout.write(dump_config(load_config(args.experiment, args.overrides)))
+    return 0
+
+
+def cmd_plugins(args) -> int:
+    from mega.plugin_manager import get_plugins
+
+    plugins = get_plugins()
+    rows = [
+        {"name": i.name, "version": i.version, "module": i.module, "hooks": i.hooks, "components": i.components}
+        for i in sorted(plugins.info.values(), key=lambda i: i.name)
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        print(f"{row['name']} {row['version'] or ''}  ({row['module']})")
+        print(f"    hooks: {', '.join(row['hooks']) or '-'}")
+        for kind, names in sorted(row["components"].items()):
+            print(f"    {kind}: {', '.join(names)}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from mega.inference import generate, load_checkpoint_for_inference
+
+    model, tokenizer, _ = load_checkpoint_for_inference(args.checkpoint, device=args.device)
+    prompt = tokenizer.encode(args.prompt)
+    out = generate(model, prompt, args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, eos_id=tokenizer.eos_id, seed=args.seed)
+    print(args.prompt + tokenizer.decode(out))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "config": cmd_config, "plugins": cmd_plugins, "generate": cmd_generate}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return COMMANDS[args.command](args)
+    except MegaError as exc:
+        print(f"mega: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("mega: interrupted", file=sys.stderr)
+        return 130
+    except ValueError as exc:
+        if args.command == "generate":  # a bad prompt or sampling setting
+            print(f"mega: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""The configuration schema: attrs classes for every section of an experiment TOML.
+
+Key names follow the NeMo/Megatron configs of the seeds (`trainer.max_steps`,
+`model.micro_batch_size`, `model.data.data_prefix`, `exp_manager.exp_dir`, ...).
+
+Components are chosen by name and their tables are structured with the config class their
+plugin registered, which subclasses the base class here:
+
+| table                 | chosen by       | base class        |
+|-----------------------|-----------------|-------------------|
+| `model`               | `name`          | `ModelConfig`     |
+| `model.tokenizer`     | `library`       | `TokenizerConfig` |
+| `model.data`          | `data_impl`     | `DataConfig`      |
+| `model.optim`         | `name`          | `OptimConfig`     |
+| `model.optim.sched`   | `name`          | `SchedConfig`     |
+"""
+from __future__ import annotations
+
+from typing import Any, List, Optional
+
+import attrs
+from attrs import define, field
+
+
+class Precision(str):
+    """Training precision, normalised to "32", "16" or "bf16".
+
+    Accepts what Lightning/NeMo configs use: 32, 16, "16-mixed", "bf16", "bf16-mixed"."""
+
+    ALIASES = {
+        "32": "32", "32-true": "32", "fp32": "32",
+        "16": "16", "16-mixed": "16", "fp16": "16",
+        "bf16": "bf16", "bf16-mixed": "bf16",
+    }
+
+    @classmethod
+    def parse(cls, value) -> "Precision":
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError(f"expected 32, 16 or \"bf16\", got {value!r}")
+        norm = cls.ALIASES.get(str(value).lower())
+        if norm is None:
+            raise ValueError(f"expected 32, 16 or \"bf16\" (or 16-mixed, bf16-mixed), got {value!r}")
+        return cls(norm)
+
+
+@define(kw_only=True)
+class TrainerConfig:
+    """`trainer.*`: how long and how to train, when to validate and log."""
+
+    devices: int = 1  # worker processes on this machine
+    num_nodes: int = 1
+    accelerator: str = "auto"  # "cpu", "gpu" or "auto"
+    precision: Precision = Precision("32")  # 32, 16 (fp16 + dynamic loss scaling) or "bf16"
+    max_steps: int = 1000  # optimizer steps
+    val_check_interval: int = 100  # validate every N steps (and at the end); 0 disables
+    limit_val_batches: int = 10  # global batches per validation
+    log_every_n_steps: int = 10
+    accumulate_grad_batches: int = 1  # micro-batches per step (derived from global_batch_size if set)
+    gradient_clip_val: float = 1.0  # max global grad norm; 0 disables clipping
+    enable_progress_bar: Optional[bool] = None  # None: only on a terminal, never under CI/SLURM
+    deterministic: bool = True  # torch.use_deterministic_algorithms where it costs little
+
+
+@define(kw_only=True)
+class CheckpointConfig:
+    """`exp_manager.checkpoint.*`: when and how checkpoints are written."""
+
+    format: str = "native"  # a registered checkpoint format
+    every_n_train_steps: int = 0  # 0: only at the end of training
+    keep_last_k: int = 3  # older checkpoints are deleted; 0 keeps all
+    save_last: bool = True  # save when training ends
+
+
+@define(kw_only=True)
+class ExpManagerConfig:
+    """`exp_manager.*`: where the run directory goes and what is written into it."""
+
+    exp_dir: str = "results"
+    name: str = "default"  # the run directory is exp_dir/name
+    resume_if_exists: bool = True  # resume from the latest good checkpoint in the run directory
+    loggers: List[str] = field(factory=lambda: ["console", "jsonl", "tensorboard"])
+    checkpoint: CheckpointConfig = field(factory=CheckpointConfig)
+
+
+@define(kw_only=True)
+class TokenizerConfig:
+    """`model.tokenizer.*` base; `library` picks the tokenizer plugin."""
+
+    library: str = "sentencepiece"
+    model: Optional[str] = None  # a tokenizer model file; None lets a library train one
+
+
+@define(kw_only=True)
+class DataConfig:
+    """`model.data.*` base; `data_impl` picks the dataset plugin."""
+
+    data_impl: str = "text_mmap"
+    # [weight, path, weight, path, ...] (Megatron/NeMo style), or a list of paths (equal
+    # weights), or one path. Empty: the quickstart corpus (Python's pydoc topics).
+    data_prefix: List[Any] = field(factory=list)
+    splits_string: str = "900,50,50"  # train,valid,test proportions of each file's documents
+
+
+@define(kw_only=True)
+class SchedConfig:
+    """`model.optim.sched.*` base; `name` picks the learning-rate schedule."""
+
+    name: str = "cosine"
+    warmup_steps: int = 0
+    min_lr: float = 0.0
+
+
+@define(kw_only=True)
+class OptimConfig:
+    """`model.optim.*` base; `name` picks the optimizer plugin."""
+
+    name: str = "adamw"
+    lr: float = 3e-4
+    weight_decay: float = 0.01  # not applied to biases and norm weights
+    sched: SchedConfig = field(factory=SchedConfig)
+
+
+@define(kw_only=True)
+class ModelConfig:
+    """`model.*` base: what every model has; `name` picks the model plugin, whose config
+    class subclasses this one and adds its architecture keys."""
+
+    name: str = "gpt"
+    micro_batch_size: int = 4
+    global_batch_size: Optional[int] = None  # None: micro_batch_size x data-parallel x accumulate
+    seq_length: int = 512
+    seed: int = 1234
+    # fp16 dynamic loss scaling (trainer.precision=16), NeMo's names
+    native_amp_init_scale: float = 4294967296.0
+    native_amp_growth_interval: int = 1000
+    hysteresis: int = 2
+    tokenizer: TokenizerConfig = field(factory=TokenizerConfig)
+    data: DataConfig = field(factory=DataConfig)
+    optim: OptimConfig = field(factory=OptimConfig)
+
+
+@define(kw_only=True)
+class ExperimentConfig:
+    """The whole experiment."""
+
+    trainer: TrainerConfig = field(factory=TrainerConfig)
+    model: ModelConfig = field(factory=ModelConfig)
+    exp_manager: ExpManagerConfig = field(factory=ExpManagerConfig)
+
+
+@attrs.frozen
+class Slot:
+    """A table whose config class is chosen by a name in it."""
+
+    base: type
+    kind: str  # the registry
+    key: str  # the field holding the name
+
+
+SLOTS = [
+    Slot(ModelConfig, "models", "name"),
+    Slot(TokenizerConfig, "tokenizers", "library"),
+    Slot(DataConfig, "datasets", "data_impl"),
+    Slot(OptimConfig, "optimizers", "name"),
+    Slot(SchedConfig, "lr_schedulers", "name"),
+]

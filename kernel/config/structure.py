@@ -1,0 +1,215 @@
+"""Turns a raw config dict into attrs instances, strictly, reporting every problem at once.
+
+cattrs is lenient by default ("false" would become True, 2.5 would become 2); the hooks
+here accept only the right TOML types. Component tables are structured with the config
+class their plugin registered (chosen by name through the registry, not by a cattrs
+tagged union). Errors are collected from cattrs' exception groups and rendered one per
+line as `dotted.key: problem`.
+"""
+from __future__ import annotations
+
+import functools
+import typing
+from typing import Any, List
+
+import attrs
+import cattrs
+from cattrs.errors import (
+    AttributeValidationNote,
+    ClassValidationError,
+    ForbiddenExtraKeysError,
+    IterableValidationError,
+    IterableValidationNote,
+)
+from cattrs.gen import make_dict_structure_fn
+
+from mega.config.schema import SLOTS, DataConfig, ExperimentConfig, Precision, Slot
+from mega.errors import ConfigError, MegaError, PluginError, did_you_mean
+
+
+class _SlotNameError(ValueError):
+    """An unknown component name; rendered at the path of the naming key."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+def _describe(value: Any) -> str:
+    kind = {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "an array", dict: "a table"}
+    return f"{kind.get(type(value), type(value).__name__)} ({value!r})"
+
+
+def _strict(expected: str, ok):
+    def hook(value, _type):
+        if not ok(value):
+            raise ValueError(f"expected {expected}, got {_describe(value)}")
+        return float(value) if expected == "a number" else value
+
+    return hook
+
+
+def make_converter(plugins) -> cattrs.Converter:
+    conv = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
+    conv.register_structure_hook(bool, _strict("a boolean (true/false)", lambda v: isinstance(v, bool)))
+    conv.register_structure_hook(int, _strict("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)))
+    conv.register_structure_hook(
+        float, _strict("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool))
+    )
+    conv.register_structure_hook(str, _strict("a string", lambda v: isinstance(v, str)))
+    conv.register_structure_hook(Precision, lambda v, _t: Precision.parse(v))
+    _table_check(conv)
+
+    @functools.lru_cache(maxsize=None)
+    def fn_for(cls):
+        return make_dict_structure_fn(cls, conv, _cattrs_forbid_extra_keys=True, _cattrs_detailed_validation=True)
+
+    def dispatch(slot: Slot):
+        def hook(value, _type):
+            if not isinstance(value, dict):
+                raise ValueError(f"expected a table, got {_describe(value)}")
+            name = value.get(slot.key, _default(slot.base, slot.key))
+            if not isinstance(name, str):
+                raise _SlotNameError(slot.key, f"expected a string, got {_describe(name)}")
+            try:
+                entry = plugins.registries[slot.kind].get(name)
+            except ConfigError as exc:
+                raise _SlotNameError(slot.key, str(exc)) from None
+            cls = entry.config or slot.base
+            if not (isinstance(cls, type) and issubclass(cls, slot.base)):
+                raise PluginError(
+                    f"plugin {entry.plugin!r}: the config class of {slot.kind} {name!r} must subclass "
+                    f"mega.config.{slot.base.__name__}"
+                )
+            return fn_for(cls)(value, cls)
+
+        return hook
+
+    for slot in SLOTS:
+        conv.register_structure_hook_func(lambda t, base=slot.base: t is base, dispatch(slot))
+    return conv
+
+
+def _table_check(conv: cattrs.Converter) -> None:
+    """attrs classes get a readable error when given a non-table (cattrs would say
+    'NoneType object is not subscriptable')."""
+
+    def predicate(t):
+        return attrs.has(t) and not any(t is s.base for s in SLOTS)
+
+    def factory(t):
+        inner = make_dict_structure_fn(t, conv, _cattrs_forbid_extra_keys=True, _cattrs_detailed_validation=True)
+
+        def hook(value, _t):
+            if not isinstance(value, dict):
+                raise ValueError(f"expected a table, got {_describe(value)}")
+            return inner(value, _t)
+
+        return hook
+
+    conv.register_structure_hook_factory(predicate, factory)
+
+
+def _default(cls: type, name: str) -> Any:
+    for a in attrs.fields(cls):
+        if a.name == name:
+            if isinstance(a.default, attrs.Factory):
+                return a.default.factory()
+            return a.default
+    return None
+
+
+def _render(exc: BaseException, path: List[str], out: List[str]) -> None:
+    here = ".".join(path) or "(top level)"
+    if isinstance(exc, ForbiddenExtraKeysError):
+        known = [a.name for a in attrs.fields(exc.cl)]
+        for key in sorted(exc.extra_fields):
+            out.append(f"{'.'.join(path + [key])}: unknown key{did_you_mean(key, known)}")
+    elif isinstance(exc, _SlotNameError):
+        out.append(f"{'.'.join(path + [exc.key])}: {exc}")
+    elif isinstance(exc, (ClassValidationError, IterableValidationError, BaseExceptionGroup)):
+        for sub in exc.exceptions:
+            sub_path = path
+            for note in getattr(sub, "__notes__", []):
+                if isinstance(note, AttributeValidationNote):
+                    sub_path = path + [note.name]
+                elif isinstance(note, IterableValidationNote):
+                    sub_path = path + [f"[{note.index}]"]
+            _render(sub, sub_path, out)
+    elif isinstance(exc, KeyError):
+        out.append(f"{here}: required key missing")
+    elif isinstance(exc, MegaError):
+        raise exc
+    else:
+        out.append(f"{here}: {exc}")
+
+
+def structure(raw: dict, plugins, source: str = "") -> ExperimentConfig:
+    """Structure `raw` into an ExperimentConfig or raise one ConfigError listing every
+    problem, each at its dotted key."""
+    conv = make_converter(plugins)
+    try:
+        cfg = conv.structure(raw, ExperimentConfig)
+    except (ClassValidationError, IterableValidationError, ForbiddenExtraKeysError) as exc:
+        lines: List[str] = []
+        _render(exc, [], lines)
+        lines = [ln.replace(".[", "[") for ln in lines]
+        where = f"{source}: " if source else ""
+        if len(lines) == 1:
+            raise ConfigError(f"{where}{lines[0]}") from None
+        raise ConfigError(f"{where}{len(lines)} problems:\n  " + "\n  ".join(lines)) from None
+    _validate_data_prefix(cfg.model.data, source)
+    return cfg
+
+
+def _validate_data_prefix(data: DataConfig, source: str) -> None:
+    """Normalise `data_prefix` to [weight, path, ...]; accept a path or a list of paths."""
+    prefix = data.data_prefix
+    where = f"{source}: " if source else ""
+    if isinstance(prefix, str):
+        prefix = [prefix]
+    if prefix and all(isinstance(p, str) for p in prefix):
+        prefix = [x for p in prefix for x in (1.0, p)]
+    ok = len(prefix) % 2 == 0 and all(
+        isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 and isinstance(p, str)
+        for w, p in zip(prefix[::2], prefix[1::2])
+    )
+    if not ok:
+        raise ConfigError(
+            f"{where}model.data.data_prefix: expected [weight, path, weight, path, ...] with positive weights,"
+            f" a list of paths, or one path; got {data.data_prefix!r}"
+        )
+    data.data_prefix = [float(x) if i % 2 == 0 else x for i, x in enumerate(prefix)]
+
+
+def schema_has(raw: dict, path: List[str], plugins) -> bool:
+    """Whether `path` names a key of the schema, given the component names in `raw`."""
+    node: Any = raw
+    cls: Any = ExperimentConfig
+    for part in path:
+        if cls is None:  # free-form table (dict-typed field): anything goes
+            return True
+        slot = next((s for s in SLOTS if s.base is cls), None)
+        if slot is not None:
+            name = node.get(slot.key, _default(cls, slot.key)) if isinstance(node, dict) else None
+            if isinstance(name, str) and name in plugins.registries[slot.kind]:
+                cls = plugins.registries[slot.kind].get(name).config or cls
+        if not attrs.has(cls):
+            return False
+        fields = {a.name: a for a in attrs.fields(cls)}
+        if part not in fields:
+            return False
+        t = fields[part].type
+        t = typing.get_type_hints(cls).get(part, t)
+        origin = typing.get_origin(t)
+        if attrs.has(t):
+            cls = t
+        elif t is dict or origin is dict:
+            cls = None
+        elif origin is typing.Union:
+            cls = next((a for a in typing.get_args(t) if attrs.has(a) or a is dict or typing.get_origin(a) is dict), "leaf")
+            cls = None if cls is dict or (cls != "leaf" and typing.get_origin(cls) is dict) else cls
+        else:
+            cls = "leaf"
+        node = node.get(part) if isinstance(node, dict) else None
+    return True

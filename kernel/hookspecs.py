@@ -1,0 +1,160 @@
+"""The hook specifications: everything a plugin can do.
+
+A plugin is a module (or object) with functions decorated by `mega.hookimpl` whose names
+match the specifications below. Plugins are found through the `mega.plugins` entry-point
+group; first-party plugins use the same door.
+
+Two families of hooks:
+
+* Registration hooks are called once, each plugin separately, with a `register` callable::
+
+      register(name, factory, config=AttrsClass)
+
+  `name` is what an experiment writes in its TOML (e.g. `model.name = "gpt"`), `factory`
+  builds the component, and `config` is the attrs class the kernel structures the
+  component's TOML table into (unknown keys are rejected, types are checked). Registering a
+  name another plugin already registered is an error naming both plugins.
+
+* Lifecycle hooks are called during a run with the `run` object (a `mega.training.Run`:
+  its `config`, `run_dir`, `model`, `tokenizer` and `step`). Loggers and callbacks are
+  plugins implementing them. Their return values are ignored.
+"""
+from __future__ import annotations
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("mega")
+
+
+# --- registration hooks ------------------------------------------------------------------
+
+
+@hookspec
+def register_models(register):
+    """Register model architectures.
+
+    `factory(config, tokenizer) -> torch.nn.Module`. `config` is an instance of the attrs
+    class passed as `config=`, which must subclass `mega.config.ModelConfig` (so it carries
+    `micro_batch_size`, `seq_length`, `data`, `tokenizer`, `optim`, ...). Selected by
+    `model.name`. The module must provide `forward(batch) -> (loss_sum, metrics)`, see
+    `docs/plugins.md`.
+    """
+
+
+@hookspec
+def register_tokenizers(register):
+    """Register tokenizers.
+
+    `factory(config, corpus_files, run_dir) -> tokenizer` where the tokenizer has
+    `vocab_size`, `encode(text) -> list[int]`, `decode(ids) -> str`, `eos_id`, `pad_id` and
+    `artifacts() -> dict[str, Path]` (config keys whose files belong in a checkpoint).
+    `config` subclasses `mega.config.TokenizerConfig`. Selected by `model.tokenizer.library`.
+    """
+
+
+@hookspec
+def register_datasets(register):
+    """Register dataset implementations.
+
+    `factory(config, tokenizer, seq_length, split) -> Sequence[dict[str, Tensor]]`, one
+    sample per index, deterministic for a given index (resume relies on it). `config`
+    subclasses `mega.config.DataConfig`. Selected by `model.data.data_impl`.
+    """
+
+
+@hookspec
+def register_optimizers(register):
+    """Register optimizers.
+
+    `factory(config, param_groups) -> torch.optim.Optimizer`. `param_groups` already
+    separates weight-decayed from non-decayed parameters (biases and norms get none).
+    `config` subclasses `mega.config.OptimConfig`. Selected by `model.optim.name`.
+    """
+
+
+@hookspec
+def register_lr_schedulers(register):
+    """Register learning-rate schedules.
+
+    `factory(config, max_lr, max_steps) -> Callable[[int], float]` returning the learning
+    rate for a step. Stateless, so resuming needs only the step. `config` subclasses
+    `mega.config.SchedConfig`. Selected by `model.optim.sched.name`.
+    """
+
+
+@hookspec
+def register_checkpoint_formats(register):
+    """Register on-disk checkpoint formats.
+
+    `factory() -> format` with `save(state: dict, directory: Path)` and
+    `load(directory: Path) -> dict`. The kernel handles atomicity (temp dir then rename),
+    checksums, the `latest` pointer and pruning; a format only reads and writes files.
+    Selected by `exp_manager.checkpoint.format`.
+    """
+
+
+@hookspec
+def register_loggers(register):
+    """Register metric loggers.
+
+    `factory(run) -> object` whose methods are lifecycle hook implementations
+    (`on_step_end`, `on_validation_end`, ...). The kernel registers the object with the
+    plugin manager for the duration of the run. Selected by `exp_manager.loggers`.
+    """
+
+
+@hookspec
+def register_hidden_transforms(register):
+    """Register hiddens transforms for encoder-decoder models (`cls_name` in
+    `model.hiddens.transform`)."""
+
+
+@hookspec
+def register_hidden_losses(register):
+    """Register hiddens losses for encoder-decoder models (`cls_name` in
+    `model.hiddens.loss`)."""
+
+
+@hookspec
+def register_tasks(register):
+    """Register downstream tasks (fine-tuning and evaluation recipes)."""
+
+
+# --- lifecycle hooks ---------------------------------------------------------------------
+
+
+@hookspec
+def on_train_start(run):
+    """Called once, after the model, data and any resumed state are ready; `run.step` is
+    the step training starts from (0, or the resumed step)."""
+
+
+@hookspec
+def on_step_end(run, step, metrics):
+    """Called after every `trainer.log_every_n_steps`-th optimizer step (and the last).
+
+    `metrics` is a dict of floats: `loss`, every loss term the model reported, `lr`,
+    `grad_norm`, `tokens_per_sec`, `tflops`, `loss_scale` (fp16), `skipped` (fp16 overflow).
+    """
+
+
+@hookspec
+def on_validation_end(run, step, metrics):
+    """Called after each validation pass with `val_loss` and the model's other `val_*`
+    terms."""
+
+
+@hookspec
+def on_checkpoint_saved(run, step, path):
+    """Called after a checkpoint is complete on disk and the `latest` pointer names it."""
+
+
+@hookspec
+def on_train_end(run):
+    """Called once when training finishes normally."""
+
+
+@hookspec
+def on_exception(run, exception):
+    """Called when training stops with an exception (including KeyboardInterrupt), before
+    it propagates. Use it to flush and close files."""

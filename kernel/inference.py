@@ -1,0 +1,95 @@
+"""Loading a checkpoint for inference, and sampling text with a KV cache.
+
+A model that supports generation provides `forward(tokens, cache=None) -> logits`,
+`new_kv_cache(batch, max_len)`, `vocab_size` (logits past it are vocabulary padding) and
+`max_positions`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import attrs
+import torch
+
+from mega.config import config_from_dict, load_raw
+from mega.training.checkpointing import resolve_checkpoint, verify
+
+
+def load_checkpoint_for_inference(path, plugins=None, device: str = "cpu") -> Tuple[torch.nn.Module, object, object]:
+    """(model in eval mode, tokenizer, config) from a checkpoint directory, a checkpoints
+    folder or a run directory (the latest checkpoint is used)."""
+    if plugins is None:
+        from mega.plugin_manager import get_plugins
+
+        plugins = get_plugins()
+    ckpt = resolve_checkpoint(path)
+    manifest = verify(ckpt)
+    config = config_from_dict(load_raw(ckpt / "config.toml"), plugins=plugins, source=str(ckpt / "config.toml"))
+    tok_cfg = config.model.tokenizer
+    for a in attrs.fields(type(tok_cfg)):  # tokenizer files were copied next to the config
+        value = getattr(tok_cfg, a.name)
+        if isinstance(value, str) and (ckpt / value).is_file():
+            setattr(tok_cfg, a.name, str(ckpt / value))
+    tokenizer = plugins.tokenizers.get(tok_cfg.library, "model.tokenizer.library").factory(tok_cfg, [], None)
+    model = plugins.models.get(config.model.name, "model.name").factory(config.model, tokenizer)
+    fmt = plugins.checkpoint_formats.get(manifest.get("format", "native")).factory()
+    try:
+        state = fmt.load(ckpt, parts=("model",))
+    except TypeError:  # a format without partial loading
+        state = fmt.load(ckpt)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), tokenizer, config
+
+
+def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1, None]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked above it already reach top_p
+        drop = probs.cumsum(-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+@torch.no_grad()
+def generate(model, prompt: List[int], max_new_tokens: int, *, greedy: bool = False, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, eos_id: Optional[int] = None, seed: Optional[int] = None,
+             use_cache: bool = True) -> List[int]:
+    """Continue `prompt` (token ids) by up to `max_new_tokens` tokens; stops at `eos_id`.
+
+    greedy picks the arg-max; otherwise sampling at `temperature`, restricted to the `top_k`
+    most likely tokens (0: all) and to the smallest set whose probability reaches `top_p`.
+    With `use_cache` each new token costs one position of attention (a KV cache); without,
+    the whole sequence is recomputed each time (same result, used to test the cache).
+    """
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    if temperature <= 0 and not greedy:
+        raise ValueError("temperature must be positive (or use greedy)")
+    device = next(model.parameters()).device
+    total = min(len(prompt) + max_new_tokens, model.max_positions)
+    if len(prompt) >= model.max_positions:
+        raise ValueError(f"the prompt has {len(prompt)} tokens; the model holds {model.max_positions} positions")
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(0 if seed is None else seed)
+    tokens = list(prompt)
+    cache = model.new_kv_cache(1, total) if use_cache else None
+    step_input = torch.tensor([tokens], device=device)
+    while len(tokens) < total:
+        logits = model(step_input if use_cache else torch.tensor([tokens], device=device), cache=cache)[0, -1].float()
+        logits[model.vocab_size:] = float("-inf")  # vocabulary padding
+        if greedy:
+            nxt = int(torch.argmax(logits))
+        else:
+            probs = _filter_logits(logits / temperature, top_k, top_p).softmax(-1).cpu()
+            nxt = int(torch.multinomial(probs, 1, generator=gen))
+        tokens.append(nxt)
+        if eos_id is not None and nxt == eos_id:
+            break
+        step_input = torch.tensor([[nxt]], device=device)
+    return tokens[len(prompt):]

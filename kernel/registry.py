@@ -1,0 +1,80 @@
+"""Name -> component registries, one per kind, filled by the registration hooks.
+
+A name registered twice is an error naming both plugins; an unknown name is an error
+listing what exists and the closest match.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional
+
+import attrs
+
+from mega.errors import ConfigError, PluginError, did_you_mean
+
+# kind -> the registration hook that fills it
+KINDS = {
+    "models": "register_models",
+    "tokenizers": "register_tokenizers",
+    "datasets": "register_datasets",
+    "optimizers": "register_optimizers",
+    "lr_schedulers": "register_lr_schedulers",
+    "checkpoint_formats": "register_checkpoint_formats",
+    "loggers": "register_loggers",
+    "hidden_transforms": "register_hidden_transforms",
+    "hidden_losses": "register_hidden_losses",
+    "tasks": "register_tasks",
+}
+
+
+@attrs.frozen
+class Entry:
+    name: str
+    factory: Callable[..., Any]
+    config: Optional[type]
+    plugin: str
+
+
+class Registry:
+    """The components of one kind, by name."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: Dict[str, Entry] = {}
+
+    def add(self, name: str, factory: Callable[..., Any], config: Optional[type], plugin: str) -> None:
+        if not isinstance(name, str) or not name:
+            raise PluginError(f"plugin {plugin!r} registered a {self.kind} entry with an invalid name {name!r}")
+        if not callable(factory):
+            raise PluginError(f"plugin {plugin!r} registered {self.kind} {name!r} with a factory that is not callable")
+        if config is not None and not attrs.has(config):
+            raise PluginError(
+                f"plugin {plugin!r} registered {self.kind} {name!r} with config={config!r}, which is not an attrs class"
+            )
+        if name in self._entries:
+            other = self._entries[name].plugin
+            raise PluginError(f"{self.kind} {name!r} is registered by two plugins: {other!r} and {plugin!r}")
+        self._entries[name] = Entry(name, factory, config, plugin)
+
+    def get(self, name: str, key: str = "") -> Entry:
+        """The entry for `name`; `key` is the dotted config key the name came from."""
+        try:
+            return self._entries[name]
+        except KeyError:
+            where = f"{key}: " if key else ""
+            known = ", ".join(sorted(self._entries)) or "none"
+            raise ConfigError(
+                f"{where}unknown {self.kind[:-1].replace('_', ' ')} {name!r}{did_you_mean(name, self._entries)}"
+                f" (available: {known})"
+            ) from None
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def entries(self) -> list[Entry]:
+        return [self._entries[n] for n in self.names()]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)

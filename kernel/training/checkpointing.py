@@ -1,0 +1,180 @@
+"""Checkpoint mechanics: atomic directories, checksums, the `latest` pointer, pruning.
+
+Layout under `<run_dir>/checkpoints/`:
+
+    step_0000100/        one finished checkpoint (files written by the format plugin,
+                         plus config.toml, tokenizer files and manifest.json)
+    latest               text: the name of the newest good checkpoint, written last
+
+A checkpoint is written into `.tmp-step_XXXXXXX-<pid>/`, its manifest (size and sha256 of
+every file) written last inside it, then the directory is renamed into place and only then
+is `latest` replaced (write temp file, rename). A crash at any point leaves the previous
+checkpoint and pointer intact. Loading verifies the manifest, so a truncated or corrupt
+file is reported by name; auto-resume falls back to the newest checkpoint that verifies.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Dict, List, Optional, Union
+
+from mega.errors import CheckpointError
+
+log = logging.getLogger("mega.checkpoint")
+MANIFEST = "manifest.json"
+LATEST = "latest"
+_STEP_DIR = re.compile(r"^step_(\d{7,})$")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def step_of(path: Path) -> int:
+    m = _STEP_DIR.match(path.name)
+    if not m:
+        raise CheckpointError(f"{path}: not a checkpoint directory (expected step_NNNNNNN)")
+    return int(m.group(1))
+
+
+class CheckpointManager:
+    def __init__(self, root: Path, fmt, keep_last_k: int = 3):
+        self.root = Path(root)
+        self.fmt = fmt
+        self.keep_last_k = keep_last_k
+
+    # --- saving ---------------------------------------------------------------------------
+    def save(self, step: int, state: dict, extra_files: Dict[str, Union[str, Path]], meta: Optional[dict] = None) -> Path:
+        """Write a checkpoint for `step`. `extra_files` maps a file name in the checkpoint to
+        its text (str) or a file to copy (Path)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        final = self.root / f"step_{step:07d}"
+        tmp = self.root / f".tmp-{final.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        self.fmt.save(state, tmp)
+        for name, content in extra_files.items():
+            target = tmp / name
+            if isinstance(content, Path):
+                shutil.copyfile(content, target)
+            else:
+                target.write_text(content, encoding="utf-8")
+        files = {}
+        for p in sorted(tmp.rglob("*")):
+            if p.is_file():
+                with p.open("rb+") as f:
+                    os.fsync(f.fileno())
+                files[str(p.relative_to(tmp))] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+        manifest = {"step": step, "format": getattr(self.fmt, "name", type(self.fmt).__name__), "files": files, **(meta or {})}
+        write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving a step (e.g. a resumed run that ends where it began)
+            old = self.root / f".old-{final.name}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(self.root)
+        write_text_atomic(self.root / LATEST, final.name + "\n")
+        self._prune(keep=final)
+        return final
+
+    def _prune(self, keep: Path) -> None:
+        if self.keep_last_k <= 0:
+            return
+        for old in self.checkpoints()[: -self.keep_last_k]:
+            if old != keep:
+                shutil.rmtree(old, ignore_errors=True)
+
+    # --- finding and loading ----------------------------------------------------------------
+    def checkpoints(self) -> List[Path]:
+        """Finished checkpoint directories, oldest first."""
+        if not self.root.is_dir():
+            return []
+        return sorted((p for p in self.root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)), key=step_of)
+
+    def latest_good(self) -> Optional[Path]:
+        """The checkpoint `latest` names if it verifies, else the newest that does; None if
+        there is none. Corrupt ones are reported, never silently used."""
+        candidates = self.checkpoints()[::-1]
+        pointer = self.root / LATEST
+        if pointer.is_file():
+            named = self.root / pointer.read_text().strip()
+            candidates = [named] + [c for c in candidates if c != named]
+        for path in candidates:
+            try:
+                verify(path)
+                return path
+            except CheckpointError as exc:
+                log.warning("skipping checkpoint: %s", exc)
+        return None
+
+
+def verify(path: Path) -> dict:
+    """Check every file of a checkpoint against its manifest; return the manifest."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    mpath = path / MANIFEST
+    try:
+        manifest = json.loads(mpath.read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        raise CheckpointError(f"{mpath}: missing; the checkpoint is incomplete") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{mpath}: unreadable manifest ({exc})") from None
+    for name, info in files.items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing from the checkpoint")
+        size = f.stat().st_size
+        if size != info["size"]:
+            raise CheckpointError(f"{f}: truncated or altered ({size} bytes, expected {info['size']})")
+        if _sha256(f) != info["sha256"]:
+            raise CheckpointError(f"{f}: corrupt (sha256 does not match the manifest)")
+    return manifest
+
+
+def resolve_checkpoint(path: Union[str, Path]) -> Path:
+    """Accept a checkpoint directory, a checkpoints/ folder or a run directory; follow
+    `latest` where there is one."""
+    p = Path(path).expanduser()
+    if (p / MANIFEST).is_file() or _STEP_DIR.match(p.name):
+        return p
+    for root in (p, p / "checkpoints"):
+        if (root / LATEST).is_file():
+            return root / (root / LATEST).read_text().strip()
+    raise CheckpointError(f"{p}: not a checkpoint, a checkpoints folder or a run directory with checkpoints")

@@ -1,0 +1,169 @@
+"""The training loop: gradient accumulation, mixed precision, clipping, LR schedule,
+validation, logging and checkpoints.
+
+The loss of a step is the mean over every loss-bearing token of the global batch: each
+micro-batch contributes (sum of its token losses) / (tokens in the whole global batch).
+That makes the result independent of how the global batch is cut into micro-batches or
+spread over data-parallel ranks, so those settings change speed, never the numbers.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from typing import Dict
+
+import torch
+
+from mega.runtime.precision import autocast
+from mega.training.batches import load_micro_batches, micro_batch_positions
+
+log = logging.getLogger("mega")
+
+
+def _forward_sums(run, micro_batches, num_tokens):
+    """Run the model on every micro-batch, backward when training; return (loss, terms)."""
+    loss_total = torch.zeros((), device=run.device)
+    terms: Dict[str, torch.Tensor] = {}
+    for mb in micro_batches:
+        with autocast(run.config.trainer.precision, run.device):
+            out = run.model.training_loss(mb)
+        loss = out["loss_sum"] / num_tokens
+        if torch.is_grad_enabled():
+            (loss * run.scaler.scale if run.scaler is not None else loss).backward()
+        loss_total += loss.detach()
+        for name, value in out.get("terms", {}).items():
+            terms[name] = terms.get(name, 0.0) + value.detach() / num_tokens
+    return loss_total, terms
+
+
+def _num_tokens(run, micro_batches) -> torch.Tensor:
+    n = sum(mb["loss_mask"].sum() for mb in micro_batches)
+    return run.parallel.all_reduce_sum(n).clamp(min=1.0)
+
+
+def train_step(run) -> Dict[str, torch.Tensor]:
+    cfg = run.config
+    lr = run.lr_at(run.step)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    positions = micro_batch_positions(run.step, run.global_batch_size, cfg.model.micro_batch_size,
+                                      run.parallel.dp_rank, run.parallel.dp_size)
+    micro_batches = load_micro_batches(run.train_data, positions, run.device)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss, terms = _forward_sums(run, micro_batches, _num_tokens(run, micro_batches))
+
+    params = [p for p in run.model.parameters() if p.grad is not None]
+    skipped = False
+    if run.scaler is not None:
+        skipped = run.scaler.unscale_and_check(params)
+        run.scaler.update(skipped)
+    if skipped:
+        grad_norm = torch.tensor(float("nan"))
+        log.warning("step %d: fp16 gradients overflowed; step skipped, loss scale now %g", run.step + 1, run.scaler.scale)
+    else:
+        clip = cfg.trainer.gradient_clip_val
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        run.optimizer.step()
+    metrics = {"loss": loss, "lr": torch.tensor(lr), "grad_norm": grad_norm, **terms}
+    if run.scaler is not None:
+        metrics["loss_scale"] = torch.tensor(run.scaler.scale)
+        metrics["skipped"] = torch.tensor(float(skipped))
+    return metrics
+
+
+@torch.no_grad()
+def validate(run) -> Dict[str, float]:
+    """Mean token loss over the first `limit_val_batches` global batches of the valid split
+    (the same batches every time, so values are comparable across steps)."""
+    cfg = run.config
+    run.model.eval()
+    loss_sum, token_sum, term_sums = 0.0, 0.0, {}
+    try:
+        for b in range(cfg.trainer.limit_val_batches):
+            positions = micro_batch_positions(b, run.global_batch_size, cfg.model.micro_batch_size,
+                                              run.parallel.dp_rank, run.parallel.dp_size)
+            mbs = load_micro_batches(run.valid_data, positions, run.device)
+            n = _num_tokens(run, mbs)
+            loss, terms = _forward_sums(run, mbs, n)
+            loss_sum += float(loss) * float(n)
+            token_sum += float(n)
+            for k, v in terms.items():
+                term_sums[k] = term_sums.get(k, 0.0) + float(v) * float(n)
+    finally:
+        run.model.train()
+    metrics = {"val_loss": loss_sum / token_sum}
+    metrics.update({f"val_{k}": v / token_sum for k, v in term_sums.items()})
+    return metrics
+
+
+def _flops_per_token(run) -> float | None:
+    fn = getattr(run.model, "flops_per_token", None)
+    return fn(run.config.model.seq_length) if fn else None
+
+
+@contextlib.contextmanager
+def attached_loggers(run):
+    """Instantiate the loggers named in `exp_manager.loggers` and register them with the
+    plugin manager for the duration of training, so lifecycle hooks reach them."""
+    names = []
+    try:
+        for name in run.config.exp_manager.loggers:
+            entry = run.plugins.loggers.get(name, "exp_manager.loggers")
+            names.append(f"logger:{name}")
+            run.plugins.pm.register(entry.factory(run), name=names[-1])
+        yield
+    finally:
+        for n in names:
+            if run.plugins.pm.get_plugin(n) is not None:
+                run.plugins.pm.unregister(name=n)
+
+
+def train(run) -> None:
+    """Train `run` to `trainer.max_steps` with its loggers attached."""
+    with attached_loggers(run):
+        _train(run)
+
+
+def _train(run) -> None:
+    cfg, tr = run.config, run.config.trainer
+    hook = run.plugins.hook
+    if run.step >= tr.max_steps:
+        log.info("nothing to do: the run is already at step %d of trainer.max_steps=%d", run.step, tr.max_steps)
+        return
+    every_ckpt = cfg.exp_manager.checkpoint.every_n_train_steps
+    flops_per_token = _flops_per_token(run)
+    tokens_per_step = run.global_batch_size * cfg.model.seq_length
+    run.model.train()
+    hook.on_train_start(run=run)
+    try:
+        busy, steps_since = 0.0, 0  # time spent in training steps since the last log
+        while run.step < tr.max_steps:
+            t0 = time.perf_counter()
+            metrics = train_step(run)
+            busy += time.perf_counter() - t0
+            run.step += 1
+            run.consumed_samples += run.global_batch_size
+            steps_since += 1
+            last = run.step == tr.max_steps
+            if run.step % max(1, tr.log_every_n_steps) == 0 or last:
+                t0 = time.perf_counter()
+                values = {k: float(v) for k, v in metrics.items()}  # waits for the device
+                busy += time.perf_counter() - t0
+                values["tokens_per_sec"] = tokens_per_step * steps_since / busy
+                if flops_per_token:
+                    values["tflops"] = values["tokens_per_sec"] * flops_per_token / 1e12
+                if not math.isfinite(values["loss"]):
+                    log.warning("step %d: loss is %s", run.step, values["loss"])
+                run.last_metrics = values
+                hook.on_step_end(run=run, step=run.step, metrics=values)
+                busy, steps_since = 0.0, 0
+            if run.valid_data is not None and (run.step % tr.val_check_interval == 0 or last):
+                hook.on_validation_end(run=run, step=run.step, metrics=validate(run))
+            if (every_ckpt and run.step % every_ckpt == 0) or (last and cfg.exp_manager.checkpoint.save_last):
+                run.save_checkpoint()
+    except BaseException as exc:
+        hook.on_exception(run=run, exception=exc)
+        raise
+    hook.on_train_end(run=run)

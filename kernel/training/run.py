@@ -1,0 +1,160 @@
+"""Assembles a run from a config: plugins -> run dir -> data -> tokenizer -> model ->
+optimizer -> resume, then hands it to the loop.
+
+The order matters for reproducibility: every generator is seeded from `model.seed` right
+before the model is built, and a resumed run then overwrites model, optimizer, loss scaler,
+RNG and data position with the checkpoint's, so it continues bit for bit.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+import attrs
+import torch
+
+from mega.config import ExperimentConfig, dump_config
+from mega.errors import CheckpointError
+from mega.runtime.parallel import ParallelState, init_parallel, pick_device
+from mega.runtime.precision import DynamicLossScaler
+from mega.runtime.rng import rng_state, seed_everything, set_rng_state
+from mega.training.batches import batch_geometry
+from mega.training.checkpointing import CheckpointManager, verify
+from mega.training.run_dir import prepare_run_dir
+
+log = logging.getLogger("mega")
+
+
+@attrs.define(eq=False)
+class Run:
+    """Everything a training run holds; lifecycle hooks receive it as `run`."""
+
+    config: ExperimentConfig
+    plugins: Any
+    run_dir: Path
+    device: torch.device
+    parallel: ParallelState
+    tokenizer: Any
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_at: Callable[[int], float]
+    scaler: Optional[DynamicLossScaler]
+    train_data: Any
+    valid_data: Any
+    checkpoints: CheckpointManager
+    global_batch_size: int
+    num_micro_batches: int
+    step: int = 0
+    consumed_samples: int = 0
+    resumed_from: Optional[Path] = None
+    last_metrics: Dict[str, float] = attrs.field(factory=dict)
+
+    # --- checkpoint state -------------------------------------------------------------------
+    def state(self) -> dict:
+        trainer = {"step": self.step, "consumed_samples": self.consumed_samples, "rng": rng_state()}
+        if self.scaler is not None:
+            trainer["loss_scaler"] = self.scaler.state_dict()
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "trainer": trainer}
+
+    def load_state(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+        trainer = state.get("trainer", {})
+        self.step = int(trainer.get("step", 0))
+        self.consumed_samples = int(trainer.get("consumed_samples", self.step * self.global_batch_size))
+        if self.scaler is not None and "loss_scaler" in trainer:
+            self.scaler.load_state_dict(trainer["loss_scaler"])
+        if "rng" in trainer:
+            set_rng_state(trainer["rng"])
+
+    def save_checkpoint(self) -> Path:
+        extra: Dict[str, Any] = {}
+        cfg_for_ckpt = self.config
+        # Tokenizer files travel with the checkpoint; the config inside points at the copies.
+        for key, path in self.tokenizer.artifacts().items():
+            extra[f"tokenizer.{Path(path).name}"] = Path(path)
+            cfg_for_ckpt = attrs.evolve(
+                cfg_for_ckpt,
+                model=attrs.evolve(cfg_for_ckpt.model, tokenizer=attrs.evolve(cfg_for_ckpt.model.tokenizer, **{key: f"tokenizer.{Path(path).name}"})),
+            )
+        extra["config.toml"] = dump_config(cfg_for_ckpt)
+        path = self.checkpoints.save(self.step, self.state(), extra, meta={"consumed_samples": self.consumed_samples})
+        self.plugins.hook.on_checkpoint_saved(run=self, step=self.step, path=path)
+        return path
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
+    """Megatron's rule: no weight decay on biases and norm weights (1-D parameters)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.dim() < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_run(config: ExperimentConfig, plugins=None) -> Run:
+    if plugins is None:
+        from mega.plugin_manager import get_plugins
+
+        plugins = get_plugins()
+    tr, mc = config.trainer, config.model
+    parallel = init_parallel(tr.devices, tr.num_nodes)
+    device = pick_device(tr.accelerator)
+    gbs, n_micro = batch_geometry(mc.micro_batch_size, mc.global_batch_size, tr.accumulate_grad_batches, parallel.dp_size)
+    # Resolve every component name before touching the disk, so a typo costs nothing.
+    data_entry = plugins.datasets.get(mc.data.data_impl, "model.data.data_impl")
+    tok_entry = plugins.tokenizers.get(mc.tokenizer.library, "model.tokenizer.library")
+    model_entry = plugins.models.get(mc.name, "model.name")
+    optim_entry = plugins.optimizers.get(mc.optim.name, "model.optim.name")
+    sched_entry = plugins.lr_schedulers.get(mc.optim.sched.name, "model.optim.sched.name")
+    fmt_entry = plugins.checkpoint_formats.get(config.exp_manager.checkpoint.format, "exp_manager.checkpoint.format")
+
+    run_dir = prepare_run_dir(config, plugins)
+    source = data_entry.factory(mc.data, run_dir)
+    tokenizer = tok_entry.factory(mc.tokenizer, source.files(), run_dir)
+
+    seed_everything(mc.seed)
+    model = model_entry.factory(mc, tokenizer).to(device)
+    optimizer = optim_entry.factory(mc.optim, param_groups(model, mc.optim.weight_decay))
+    lr_at = sched_entry.factory(mc.optim.sched, mc.optim.lr, tr.max_steps)
+    scaler = None
+    if str(tr.precision) == "16":
+        scaler = DynamicLossScaler(mc.native_amp_init_scale, mc.native_amp_growth_interval, mc.hysteresis)
+
+    train_data = source.dataset("train", tokenizer, mc.seq_length, tr.max_steps * gbs, mc.seed)
+    valid_data = None
+    if tr.val_check_interval > 0 and tr.limit_val_batches > 0:
+        valid_data = source.dataset("valid", tokenizer, mc.seq_length, tr.limit_val_batches * gbs, mc.seed)
+
+    run = Run(
+        config=config, plugins=plugins, run_dir=run_dir, device=device, parallel=parallel, tokenizer=tokenizer,
+        model=model, optimizer=optimizer, lr_at=lr_at, scaler=scaler, train_data=train_data, valid_data=valid_data,
+        checkpoints=CheckpointManager(run_dir / "checkpoints", fmt_entry.factory(), config.exp_manager.checkpoint.keep_last_k),
+        global_batch_size=gbs, num_micro_batches=n_micro,
+    )
+    if config.exp_manager.resume_if_exists:
+        resume(run, plugins)
+    return run
+
+
+def resume(run: Run, plugins) -> None:
+    path = run.checkpoints.latest_good()
+    if path is None:
+        if run.checkpoints.checkpoints():
+            raise CheckpointError(f"{run.checkpoints.root}: checkpoints exist but none verifies; move them aside to start afresh")
+        return
+    manifest = verify(path)
+    fmt = plugins.checkpoint_formats.get(manifest.get("format", "native"), f"{path}/manifest.json format").factory()
+    run.load_state(fmt.load(path))
+    run.resumed_from = path
+    log.info("resumed from %s (step %d, %d samples consumed)", path, run.step, run.consumed_samples)
+
+
+def run(config: ExperimentConfig, plugins=None) -> Run:
+    from mega.training.loop import train
+
+    r = build_run(config, plugins)
+    train(r)
+    return r

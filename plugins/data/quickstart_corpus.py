@@ -1,0 +1,34 @@
+"""The corpus used when `model.data.data_prefix` is empty: the text of Python's own
+documentation topics (the standard library's `pydoc_data`), so the quickstart needs no
+download. Paragraphs are joined into lines of about `line_chars` characters, one document
+per line, in the `text_mmap` format.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+
+def write_pydoc_corpus(path: Path, line_chars: int = 600) -> Path:
+    if path.is_file() and path.stat().st_size > 0:
+        return path
+    from pydoc_data.topics import topics
+
+    lines, current = [], ""
+    for name in sorted(topics):
+        for para in re.split(r"\n\s*\n", topics[name]):
+            para = " ".join(para.split())
+            if not para:
+                continue
+            current = f"{current} {para}" if current else para
+            if len(current) >= line_chars:
+                lines.append(current)
+                current = ""
+    if current:
+        lines.append(current)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path

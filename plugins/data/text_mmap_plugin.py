@@ -1,0 +1,104 @@
+"""The `text_mmap` dataset: raw text files, one document per line, memory-mapped.
+
+For language models each document becomes one sample: its tokens plus end-of-document,
+truncated to seq_length + 1, shifted into (tokens, labels), right-padded with a loss mask.
+Files are blended by `data_prefix` weights and split by `splits_string`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+from attrs import define
+
+import mega
+from mega.config import DataConfig
+from mega.errors import ConfigError
+from mega.plugins.data.blending import BlendedDataset, parse_splits, split_ranges
+from mega.plugins.data.quickstart_corpus import write_pydoc_corpus
+from mega.plugins.data.text_index import TextMemMapIndex
+
+SPLITS = {"train": 0, "valid": 1, "test": 2}
+
+
+@define(kw_only=True)
+class TextMemMapConfig(DataConfig):
+    data_impl: str = "text_mmap"
+    shuffle: bool = True  # shuffle documents each epoch (seeded by model.seed)
+
+
+class DocumentRange:
+    """Documents [start, end) of an index, as a sequence."""
+
+    def __init__(self, index: TextMemMapIndex, start: int, end: int):
+        self.index, self.start, self.end = index, start, end
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def __getitem__(self, i: int) -> str:
+        return self.index[self.start + i]
+
+
+class LMSamples:
+    """Documents -> fixed-length next-token samples."""
+
+    def __init__(self, docs, tokenizer, seq_length: int):
+        self.docs, self.tokenizer, self.seq_length = docs, tokenizer, seq_length
+
+    def __len__(self) -> int:
+        return len(self.docs)
+
+    def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
+        return lm_sample(self.tokenizer.encode(self.docs[i]) + [self.tokenizer.eos_id], self.seq_length, self.tokenizer.pad_id)
+
+
+def lm_sample(ids: List[int], seq_length: int, pad_id: int) -> Dict[str, torch.Tensor]:
+    ids = ids[: seq_length + 1]
+    n = len(ids) - 1
+    tokens = torch.full((seq_length,), pad_id, dtype=torch.long)
+    labels = torch.full((seq_length,), pad_id, dtype=torch.long)
+    mask = torch.zeros(seq_length, dtype=torch.float32)
+    tokens[:n] = torch.tensor(ids[:-1])
+    labels[:n] = torch.tensor(ids[1:])
+    mask[:n] = 1.0
+    return {"tokens": tokens, "labels": labels, "loss_mask": mask}
+
+
+class TextMemMapSource:
+    """The files of `data_prefix`, indexed, ready to be split and blended."""
+
+    def __init__(self, config: TextMemMapConfig, run_dir: Optional[Path]):
+        self.config = config
+        prefix = list(config.data_prefix)
+        if not prefix:
+            if run_dir is None:
+                raise ConfigError("model.data.data_prefix: empty, and there is no run directory for the quickstart corpus")
+            prefix = [1.0, str(write_pydoc_corpus(Path(run_dir) / "data" / "pydoc_topics.txt"))]
+        self.weights = [float(w) for w in prefix[::2]]
+        self.paths = [Path(p).expanduser() for p in prefix[1::2]]
+        self.indexes = [TextMemMapIndex(p) for p in self.paths]
+        self.fractions = parse_splits(config.splits_string)
+
+    def files(self) -> List[Path]:
+        return list(self.paths)
+
+    def dataset(self, split: str, tokenizer, seq_length: int, num_samples: int, seed: int) -> BlendedDataset:
+        parts, weights = [], []
+        for w, path, index in zip(self.weights, self.paths, self.indexes):
+            start, end = split_ranges(len(index), self.fractions)[SPLITS[split]]
+            if end > start:
+                parts.append(LMSamples(DocumentRange(index, start, end), tokenizer, seq_length))
+                weights.append(w)
+        if not parts:
+            raise ConfigError(
+                f"model.data.splits_string: the {split} split of {', '.join(map(str, self.paths))} has no documents"
+                f" ({self.config.splits_string!r}); give it a share or more data"
+            )
+        return BlendedDataset(parts, weights, num_samples, seed + 101 * SPLITS[split], shuffle=self.config.shuffle)
+
+
+@mega.hookimpl
+def register_datasets(register):
+    register("text_mmap", TextMemMapSource, config=TextMemMapConfig)

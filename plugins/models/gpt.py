@@ -1,0 +1,117 @@
+"""GPT: a pre-LayerNorm decoder with learned positions and a tied output layer.
+
+Reads like nanoGPT; named like Megatron-LM (state-dict keys as in specs/checkpoints.md:
+`language_model.embedding.word_embeddings.weight`, `language_model.encoder.layers.{i}...`).
+Honours the LanguageModule contract of seeds/001: `compute_language_model_loss(labels,
+logits)` returns [batch, seq] losses and `shared_embedding_or_output_weight()` returns
+the word-embedding matrix that also produces the logits.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from attrs import define
+from torch import nn
+
+from mega.config import ModelConfig
+from mega.plugins.models.transformer import KVCache, TransformerStack, init_megatron_, padded_vocab_size
+
+
+@define(kw_only=True)
+class GPTConfig(ModelConfig):
+    """`model.*` keys of the `gpt` model (Megatron-LM / NeMo names)."""
+
+    num_layers: int = 12
+    hidden_size: int = 768
+    num_attention_heads: int = 12
+    ffn_hidden_size: Optional[int] = None  # None: 4 x hidden_size
+    max_position_embeddings: Optional[int] = None  # None: seq_length
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    init_method_std: float = 0.02
+    layernorm_epsilon: float = 1e-5
+    make_vocab_size_divisible_by: int = 128
+
+
+class Embedding(nn.Module):
+    def __init__(self, vocab: int, hidden: int, max_positions: int, dropout: float):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab, hidden)
+        self.position_embeddings = nn.Embedding(max_positions, hidden)
+        self.embedding_dropout = nn.Dropout(dropout)
+
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        return self.embedding_dropout(self.word_embeddings(tokens) + self.position_embeddings(position_ids))
+
+
+class LanguageModel(nn.Module):
+    """Megatron's `language_model`: embedding + transformer `encoder` (a decoder stack for GPT)."""
+
+    def __init__(self, cfg: GPTConfig, vocab: int):
+        super().__init__()
+        ffn = cfg.ffn_hidden_size or 4 * cfg.hidden_size
+        self.embedding = Embedding(vocab, cfg.hidden_size, cfg.max_position_embeddings or cfg.seq_length, cfg.hidden_dropout)
+        self.encoder = TransformerStack(
+            cfg.num_layers, cfg.hidden_size, cfg.num_attention_heads, ffn,
+            cfg.hidden_dropout, cfg.attention_dropout, cfg.layernorm_epsilon,
+        )
+
+
+class GPTModel(nn.Module):
+    def __init__(self, cfg: GPTConfig, vocab_size: int):
+        super().__init__()
+        self.config = cfg
+        self.vocab_size = vocab_size  # the tokenizer's; logits beyond it are padding
+        self.padded_vocab_size = padded_vocab_size(vocab_size, cfg.make_vocab_size_divisible_by)
+        self.max_positions = cfg.max_position_embeddings or cfg.seq_length
+        self.language_model = LanguageModel(cfg, self.padded_vocab_size)
+        init_megatron_(self, cfg.init_method_std, cfg.num_layers)
+
+    # --- the LanguageModule contract ------------------------------------------------------
+    def shared_embedding_or_output_weight(self) -> torch.Tensor:
+        return self.language_model.embedding.word_embeddings.weight
+
+    @staticmethod
+    def compute_language_model_loss(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Cross entropy over the vocabulary in fp32: [batch, seq] losses."""
+        b, s, v = logits.shape
+        return F.cross_entropy(logits.float().view(-1, v), labels.reshape(-1), reduction="none").view(b, s)
+
+    # --- forward ---------------------------------------------------------------------------
+    def forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None) -> torch.Tensor:
+        """Logits [batch, seq, padded_vocab] for `tokens` [batch, seq]."""
+        if position_ids is None:
+            start = cache.length if cache is not None else 0
+            position_ids = torch.arange(start, start + tokens.shape[1], device=tokens.device).unsqueeze(0)
+        if int(position_ids.max()) >= self.max_positions:
+            raise ValueError(f"position {int(position_ids.max())} exceeds max_position_embeddings {self.max_positions}")
+        h = self.language_model.embedding(tokens, position_ids)
+        h = self.language_model.encoder(h, cache)
+        return F.linear(h, self.shared_embedding_or_output_weight())
+
+    def training_loss(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The kernel's model contract: the sum of masked token losses (the kernel divides
+        by the global batch's token count) plus any extra terms to log."""
+        logits = self(batch["tokens"])
+        losses = self.compute_language_model_loss(batch["labels"], logits)
+        return {"loss_sum": (losses * batch["loss_mask"]).sum()}
+
+    def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
+        cfg = self.config
+        w = self.shared_embedding_or_output_weight()
+        return KVCache(cfg.num_layers, batch, cfg.num_attention_heads, max_len,
+                       cfg.hidden_size // cfg.num_attention_heads, w.device, w.dtype)
+
+    # --- FLOPs, so MFU says which count it uses ----------------------------------------------
+    def flops_per_token(self, seq_length: int) -> float:
+        """Training FLOPs per token: 6 x (matmul parameters, output layer included) plus
+        attention scores and values, 12 x layers x hidden x seq (no causal discount), the
+        count of the PaLM paper's appendix B and Megatron-LM's throughput reports."""
+        cfg = self.config
+        h, L = cfg.hidden_size, cfg.num_layers
+        ffn = cfg.ffn_hidden_size or 4 * h
+        matmul_params = L * (4 * h * h + 2 * h * ffn) + self.padded_vocab_size * h
+        return 6.0 * matmul_params + 12.0 * L * h * seq_length

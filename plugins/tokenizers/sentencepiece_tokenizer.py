@@ -1,0 +1,108 @@
+"""The `sentencepiece` tokenizer: load `model.tokenizer.model`, or train one.
+
+With no `model` given, a tokenizer is trained on the training corpus into the run
+directory (`tokenizer.model`) once; a resumed run reuses it, so token ids never change
+under a checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from attrs import define
+
+import mega
+from mega.config import TokenizerConfig
+from mega.errors import ConfigError, DataError
+
+log = logging.getLogger("mega.tokenizer")
+
+
+@define(kw_only=True)
+class SentencePieceConfig(TokenizerConfig):
+    """`model.tokenizer.*` of the sentencepiece library. The training keys apply only when
+    `model` is not given."""
+
+    library: str = "sentencepiece"
+    vocab_size: int = 4000
+    model_type: str = "bpe"  # "bpe" or "unigram"
+    character_coverage: float = 1.0
+    input_sentence_size: int = 1_000_000  # lines sampled for training; 0 uses all
+    seed: int = 1234
+
+
+class SentencePieceTokenizer:
+    def __init__(self, model_file: Path):
+        import sentencepiece as spm
+
+        self.model_file = Path(model_file)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        except (OSError, RuntimeError) as exc:
+            raise ConfigError(f"model.tokenizer.model: cannot load sentencepiece model {model_file}: {exc}") from None
+        self.vocab_size = self.sp.get_piece_size()
+        self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else self.sp.unk_id()
+        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
+
+    def encode(self, text: str) -> List[int]:
+        return self.sp.encode(text)
+
+    def decode(self, ids: List[int]) -> str:
+        return self.sp.decode([i for i in ids if 0 <= i < self.vocab_size])
+
+    def artifacts(self) -> Dict[str, Path]:
+        return {"model": self.model_file}
+
+
+def train_sentencepiece(files: List[Path], prefix: Path, cfg: SentencePieceConfig) -> Path:
+    """Train a model on `files` to `prefix`.model, atomically (temp name, then rename)."""
+    import sentencepiece as spm
+
+    total = sum(os.path.getsize(f) for f in files)
+    if total == 0:
+        raise DataError(f"cannot train a tokenizer: the corpus files are empty ({', '.join(map(str, files))})")
+    log.info("training a sentencepiece %s tokenizer (vocab %d) on %.1f MB of text", cfg.model_type, cfg.vocab_size, total / 1e6)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    tmp = prefix.with_name(prefix.name + f".tmp{os.getpid()}")
+    spm.set_random_generator_seed(cfg.seed)
+    try:
+        spm.SentencePieceTrainer.train(
+            input=",".join(str(f) for f in files),
+            model_prefix=str(tmp),
+            vocab_size=cfg.vocab_size,
+            model_type=cfg.model_type,
+            character_coverage=cfg.character_coverage,
+            input_sentence_size=cfg.input_sentence_size,
+            shuffle_input_sentence=True,
+            max_sentence_length=1 << 16,
+            pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+            num_threads=min(4, os.cpu_count() or 1),
+            minloglevel=2,
+        )
+    except RuntimeError as exc:
+        raise ConfigError(f"model.tokenizer: sentencepiece training failed: {exc}") from None
+    final = prefix.with_suffix(".model")
+    os.replace(f"{tmp}.model", final)
+    os.replace(f"{tmp}.vocab", prefix.with_suffix(".vocab"))
+    return final
+
+
+def build(config: SentencePieceConfig, corpus_files: List[Path], run_dir: Optional[Path]) -> SentencePieceTokenizer:
+    if config.model:
+        path = Path(config.model).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"model.tokenizer.model: no such file {path}")
+        return SentencePieceTokenizer(path)
+    if run_dir is None:
+        raise ConfigError("model.tokenizer.model: not set, and there is no run directory to train a tokenizer into")
+    trained = Path(run_dir) / "tokenizer.model"
+    if not trained.is_file():
+        train_sentencepiece(list(corpus_files), trained.with_suffix(""), config)
+    return SentencePieceTokenizer(trained)
+
+
+@mega.hookimpl
+def register_tokenizers(register):
+    register("sentencepiece", build, config=SentencePieceConfig)
