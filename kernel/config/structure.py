@@ -148,6 +148,7 @@ def structure(raw: dict, plugins, source: str = "") -> ExperimentConfig:
     """Structure `raw` into an ExperimentConfig or raise one ConfigError listing every
     problem, each at its dotted key."""
     conv = make_converter(plugins)
+    raw = _with_tables(raw, ExperimentConfig, plugins)
     try:
         cfg = conv.structure(raw, ExperimentConfig)
     except (ClassValidationError, IterableValidationError, ForbiddenExtraKeysError) as exc:
@@ -160,6 +161,26 @@ def structure(raw: dict, plugins, source: str = "") -> ExperimentConfig:
         raise ConfigError(f"{where}{len(lines)} problems:\n  " + "\n  ".join(lines)) from None
     _validate_data_prefix(cfg.model.data, source)
     return cfg
+
+
+def _with_tables(raw: Any, cls: type, plugins) -> Any:
+    """A copy of `raw` with an empty table for every missing nested config table, so that
+    defaults also go through the registry (a missing `[model]` still becomes the
+    registered model's config class, not the base class)."""
+    if not isinstance(raw, dict):
+        return raw
+    slot = next((s for s in SLOTS if s.base is cls), None)
+    if slot is not None:
+        name = raw.get(slot.key, _default(cls, slot.key))
+        if isinstance(name, str) and name in plugins.registries[slot.kind]:
+            cls = plugins.registries[slot.kind].get(name).config or cls
+    out = dict(raw)
+    hints = typing.get_type_hints(cls)
+    for a in attrs.fields(cls):
+        t = hints.get(a.name, a.type)
+        if attrs.has(t):
+            out[a.name] = _with_tables(out.get(a.name, {}), t, plugins)
+    return out
 
 
 def _validate_data_prefix(data: DataConfig, source: str) -> None:
@@ -191,7 +212,7 @@ def schema_has(raw: dict, path: List[str], plugins) -> bool:
             return True
         slot = next((s for s in SLOTS if s.base is cls), None)
         if slot is not None:
-            name = node.get(slot.key, _default(cls, slot.key)) if isinstance(node, dict) else None
+            name = node.get(slot.key, _default(cls, slot.key)) if isinstance(node, dict) else _default(cls, slot.key)
             if isinstance(name, str) and name in plugins.registries[slot.kind]:
                 cls = plugins.registries[slot.kind].get(name).config or cls
         if not attrs.has(cls):

@@ -84,6 +84,24 @@ class CheckpointManager:
         tmp = self.root / f".tmp-{final.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
+        try:
+            self._write(tmp, step, state, extra_files, meta)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint stays the latest
+            raise
+        if final.exists():  # re-saving a step (e.g. a resumed run that ends where it began)
+            old = self.root / f".old-{final.name}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(self.root)
+        write_text_atomic(self.root / LATEST, final.name + "\n")
+        self._prune(keep=final)
+        return final
+
+    def _write(self, tmp: Path, step: int, state: dict, extra_files, meta) -> None:
         self.fmt.save(state, tmp)
         for name, content in extra_files.items():
             target = tmp / name
@@ -100,17 +118,6 @@ class CheckpointManager:
         manifest = {"step": step, "format": getattr(self.fmt, "name", type(self.fmt).__name__), "files": files, **(meta or {})}
         write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
         _fsync_dir(tmp)
-        if final.exists():  # re-saving a step (e.g. a resumed run that ends where it began)
-            old = self.root / f".old-{final.name}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(self.root)
-        write_text_atomic(self.root / LATEST, final.name + "\n")
-        self._prune(keep=final)
-        return final
 
     def _prune(self, keep: Path) -> None:
         if self.keep_last_k <= 0:
