@@ -53,8 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*", help="key=value, +key=value (add) or ++key=value (add or replace)")
 
     c = sub.add_parser("config", help="print the resolved configuration as TOML")
-    c.add_argument("experiment")
+    c.add_argument("experiment", nargs="?", help="experiment TOML file")
     c.add_argument("overrides", nargs="*")
+    c.add_argument("--reference", action="store_true", help="print the reference of every key (Markdown)")
 
     pl = sub.add_parser("plugins", help="list plugins, their hooks and the components they register")
     pl.add_argument("--json", action="store_true", help="machine-readable output")
@@ -85,6 +86,15 @@ def cmd_run(args) -> int:
 def cmd_config(args) -> int:
     from mega.config import dump_config, load_config
 
+    if args.reference:
+        from mega.config.reference import configuration_reference
+        from mega.plugin_manager import get_plugins
+
+        sys.stdout.write(configuration_reference(get_plugins()))
+        return 0
+    if not args.experiment:
+        print("mega config: give an experiment file, or --reference", file=sys.stderr)
+        return 2
     sys.stdout.write(dump_config(load_config(args.experiment, args.overrides)))
     return 0
 

@@ -97,7 +97,8 @@ def load_plugins(extra: Iterable[object] = (), only: Optional[str] = None, entry
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
-        raise PluginError(f"plugin {exc.plugin_name!r} implements an unknown hook: {exc}") from exc
+        name = pm.get_name(exc.plugin) or repr(exc.plugin)
+        raise PluginError(f"plugin {name!r} implements an unknown hook: {exc}") from exc
     for name in info:
         plugin = pm.get_plugin(name)
         info[name].hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])

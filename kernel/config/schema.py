@@ -48,17 +48,16 @@ class TrainerConfig:
     """`trainer.*`: how long and how to train, when to validate and log."""
 
     devices: int = 1  # worker processes on this machine
-    num_nodes: int = 1
+    num_nodes: int = 1  # machines (torchrun --nnodes)
     accelerator: str = "auto"  # "cpu", "gpu" or "auto"
     precision: Precision = Precision("32")  # 32, 16 (fp16 + dynamic loss scaling) or "bf16"
     max_steps: int = 1000  # optimizer steps
     val_check_interval: int = 100  # validate every N steps (and at the end); 0 disables
     limit_val_batches: int = 10  # global batches per validation
-    log_every_n_steps: int = 10
+    log_every_n_steps: int = 10  # metrics to every logger each N steps (and at the last)
     accumulate_grad_batches: int = 1  # micro-batches per step (derived from global_batch_size if set)
     gradient_clip_val: float = 1.0  # max global grad norm; 0 disables clipping
     enable_progress_bar: Optional[bool] = None  # None: only on a terminal, never under CI/SLURM
-    deterministic: bool = True  # torch.use_deterministic_algorithms where it costs little
 
 
 @define(kw_only=True)
@@ -86,7 +85,7 @@ class ExpManagerConfig:
 class TokenizerConfig:
     """`model.tokenizer.*` base; `library` picks the tokenizer plugin."""
 
-    library: str = "sentencepiece"
+    library: str = "sentencepiece"  # a registered tokenizer
     model: Optional[str] = None  # a tokenizer model file; None lets a library train one
 
 
@@ -94,7 +93,7 @@ class TokenizerConfig:
 class DataConfig:
     """`model.data.*` base; `data_impl` picks the dataset plugin."""
 
-    data_impl: str = "text_mmap"
+    data_impl: str = "text_mmap"  # a registered dataset implementation
     # [weight, path, weight, path, ...] (Megatron/NeMo style), or a list of paths (equal
     # weights), or one path. Empty: the quickstart corpus (Python's pydoc topics).
     data_prefix: List[Any] = field(factory=list)
@@ -105,17 +104,17 @@ class DataConfig:
 class SchedConfig:
     """`model.optim.sched.*` base; `name` picks the learning-rate schedule."""
 
-    name: str = "cosine"
-    warmup_steps: int = 0
-    min_lr: float = 0.0
+    name: str = "cosine"  # a registered learning-rate schedule
+    warmup_steps: int = 0  # linear warmup from lr/warmup_steps to lr
+    min_lr: float = 0.0  # the floor decaying schedules reach
 
 
 @define(kw_only=True)
 class OptimConfig:
     """`model.optim.*` base; `name` picks the optimizer plugin."""
 
-    name: str = "adamw"
-    lr: float = 3e-4
+    name: str = "adamw"  # a registered optimizer
+    lr: float = 3e-4  # peak learning rate
     weight_decay: float = 0.01  # not applied to biases and norm weights
     sched: SchedConfig = field(factory=SchedConfig)
 
@@ -125,15 +124,15 @@ class ModelConfig:
     """`model.*` base: what every model has; `name` picks the model plugin, whose config
     class subclasses this one and adds its architecture keys."""
 
-    name: str = "gpt"
-    micro_batch_size: int = 4
+    name: str = "gpt"  # a registered model
+    micro_batch_size: int = 4  # samples per forward/backward on each data-parallel rank
     global_batch_size: Optional[int] = None  # None: micro_batch_size x data-parallel x accumulate
-    seq_length: int = 512
-    seed: int = 1234
+    seq_length: int = 512  # tokens per sample
+    seed: int = 1234  # seeds initialisation, dropout and data order
     # fp16 dynamic loss scaling (trainer.precision=16), NeMo's names
-    native_amp_init_scale: float = 4294967296.0
-    native_amp_growth_interval: int = 1000
-    hysteresis: int = 2
+    native_amp_init_scale: float = 4294967296.0  # initial fp16 loss scale (2**32)
+    native_amp_growth_interval: int = 1000  # clean steps before the scale doubles
+    hysteresis: int = 2  # overflowing steps before the scale halves
     tokenizer: TokenizerConfig = field(factory=TokenizerConfig)
     data: DataConfig = field(factory=DataConfig)
     optim: OptimConfig = field(factory=OptimConfig)

@@ -1,16 +1,19 @@
 """The corpus used when `model.data.data_prefix` is empty: the text of Python's own
 documentation topics (the standard library's `pydoc_data`), so the quickstart needs no
 download. Paragraphs are joined into lines of about `line_chars` characters, one document
-per line, in the `text_mmap` format.
+per line, in the `text_mmap` format. Lines are shuffled (fixed seed) so the contiguous
+train/valid/test splits of `splits_string` each sample every topic, rather than the valid
+split holding only the alphabetically last ones.
 """
 from __future__ import annotations
 
 import os
+import random
 import re
 from pathlib import Path
 
 
-def write_pydoc_corpus(path: Path, line_chars: int = 600) -> Path:
+def write_pydoc_corpus(path: Path, line_chars: int = 450) -> Path:
     if path.is_file() and path.stat().st_size > 0:
         return path
     from pydoc_data.topics import topics
@@ -27,6 +30,7 @@ def write_pydoc_corpus(path: Path, line_chars: int = 600) -> Path:
                 current = ""
     if current:
         lines.append(current)
+    random.Random(1234).shuffle(lines)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -23,16 +23,16 @@ from mega.plugins.models.transformer import KVCache, TransformerStack, init_mega
 class GPTConfig(ModelConfig):
     """`model.*` keys of the `gpt` model (Megatron-LM / NeMo names)."""
 
-    num_layers: int = 12
-    hidden_size: int = 768
-    num_attention_heads: int = 12
+    num_layers: int = 12  # transformer layers
+    hidden_size: int = 768  # model width
+    num_attention_heads: int = 12  # must divide hidden_size
     ffn_hidden_size: Optional[int] = None  # None: 4 x hidden_size
     max_position_embeddings: Optional[int] = None  # None: seq_length
-    hidden_dropout: float = 0.1
-    attention_dropout: float = 0.1
-    init_method_std: float = 0.02
+    hidden_dropout: float = 0.1  # on embeddings and each residual branch
+    attention_dropout: float = 0.1  # on attention probabilities
+    init_method_std: float = 0.02  # N(0, std) init; residual outputs scaled by 1/sqrt(2 * num_layers)
     layernorm_epsilon: float = 1e-5
-    make_vocab_size_divisible_by: int = 128
+    make_vocab_size_divisible_by: int = 128  # vocabulary padded to a multiple of this (x TP)
 
 
 class Embedding(nn.Module):

@@ -1,0 +1,29 @@
+# Two entry points for a newcomer on a fresh machine:
+#   make quickstart   set up .venv and train the quickstart GPT (no download of data)
+#   make test         set up .venv and run the whole test suite (what CI runs)
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch; an unpinned `torch` would pull a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+
+.PHONY: setup quickstart test clean
+
+$(VENV)/.installed: pyproject.toml setup.py contrib/mega-csv-logger/pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q ./contrib/mega-csv-logger
+	touch $@
+
+setup: $(VENV)/.installed
+
+quickstart: $(VENV)/.installed
+	$(VENV)/bin/mega run examples/quickstart.toml
+
+test: $(VENV)/.installed
+	$(PY) -m pytest tests contrib
+
+clean:
+	rm -rf $(VENV) results build *.egg-info
