@@ -140,6 +140,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except MegaError as exc:
         print(f"mega: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except SystemExit as exc:
+        if exc.code == 143:  # preempted by SIGTERM after saving a checkpoint
+            print(f"mega: {exc}", file=sys.stderr)
+        raise
     except KeyboardInterrupt:
         print("mega: interrupted", file=sys.stderr)
         return 130

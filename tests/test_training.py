@@ -191,3 +191,57 @@ def test_validation_loss_falls(tmp_path, corpus, plugins):
     val = [m["val_loss"] for m in read_metrics(run.run_dir) if "val_loss" in m]
     uniform = torch.log(torch.tensor(float(run.tokenizer.vocab_size))).item()  # an untrained model's loss
     assert val[0] > val[1] > val[2] and val[2] < uniform - 1.5
+
+
+class SigtermAt:
+    def __init__(self, step: int):
+        self.step = step
+
+    @mega.hookimpl
+    def on_step_end(self, run, step, metrics):
+        if step == self.step:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path, corpus, plugins):
+    from mega.training.loop import Preempted
+
+    p = load_plugins(extra=[SigtermAt(3)])
+    cfg = tiny_config(tmp_path, corpus, p, trainer={"max_steps": 8, "val_check_interval": 0})
+    with pytest.raises(Preempted) as info:
+        _train(cfg, p)
+    assert info.value.code == 143 and info.value.path.name == "step_0000003"
+    resumed = build_run(cfg, plugins)
+    assert resumed.step == 3
+    train(resumed)
+    assert [m["step"] for m in read_metrics(resumed.run_dir)] == list(range(1, 9))
+
+
+def test_model_shape_errors_name_the_keys(tmp_path, corpus, plugins):
+    from mega.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.hidden_size=32 is not divisible by model.num_attention_heads=5"):
+        build_run(tiny_config(tmp_path, corpus, plugins, model={"num_attention_heads": 5}), plugins)
+    with pytest.raises(ConfigError, match="model.max_position_embeddings=16 is smaller than model.seq_length=32"):
+        build_run(tiny_config(tmp_path, corpus, plugins, model={"max_position_embeddings": 16}), plugins)
+
+
+def test_unknown_logger_fails_before_the_run_dir_exists(tmp_path, corpus, plugins):
+    from mega.errors import ConfigError
+
+    cfg = tiny_config(tmp_path, corpus, plugins, exp_manager={"loggers": ["jsonl", "tensorbord"]})
+    with pytest.raises(ConfigError, match="exp_manager.loggers: unknown logger 'tensorbord', did you mean tensorboard"):
+        build_run(cfg, plugins)
+    assert not (tmp_path / "results").exists()
+
+
+def test_mfu_only_where_the_peak_is_known():
+    from mega.runtime.device_peaks import peak_flops, peak_for_name
+
+    assert peak_for_name("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_for_name("NVIDIA H100 PCIe") == 756e12
+    assert peak_for_name("Some Future GPU") is None
+    assert peak_flops(torch.device("cpu"), "bf16") is None

@@ -11,11 +11,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import signal
+import threading
 import time
 from typing import Dict
 
 import torch
 
+from mega.runtime.device_peaks import peak_flops
 from mega.runtime.precision import autocast
 from mega.training.batches import load_micro_batches, micro_batch_positions
 
@@ -120,13 +123,39 @@ def attached_loggers(run):
                 run.plugins.pm.unregister(name=n)
 
 
+class Preempted(SystemExit):
+    """SIGTERM arrived (a scheduler preempting the job): a checkpoint of the last finished
+    step was saved; re-running the same command resumes from it. Exit status 143."""
+
+    def __init__(self, step: int, path):
+        super().__init__(128 + signal.SIGTERM)
+        self.step, self.path = step, path
+
+    def __str__(self) -> str:
+        return f"SIGTERM: checkpoint of step {self.step} saved at {self.path}; re-run the same command to resume"
+
+
+@contextlib.contextmanager
+def sigterm_flag():
+    """Turn SIGTERM into a flag the loop checks between steps (main thread only)."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: flag.set())
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def train(run) -> None:
     """Train `run` to `trainer.max_steps` with its loggers attached."""
-    with attached_loggers(run):
-        _train(run)
+    with attached_loggers(run), sigterm_flag() as stop:
+        _train(run, stop)
 
 
-def _train(run) -> None:
+def _train(run, stop: threading.Event) -> None:
     cfg, tr = run.config, run.config.trainer
     hook = run.plugins.hook
     if run.step >= tr.max_steps:
@@ -135,6 +164,7 @@ def _train(run) -> None:
     every_ckpt = cfg.exp_manager.checkpoint.every_n_train_steps
     flops_per_token = _flops_per_token(run)
     tokens_per_step = run.global_batch_size * cfg.model.seq_length
+    peak = peak_flops(run.device, tr.precision)
     run.model.train()
     hook.on_train_start(run=run)
     try:
@@ -154,6 +184,8 @@ def _train(run) -> None:
                 values["tokens_per_sec"] = tokens_per_step * steps_since / busy
                 if flops_per_token:
                     values["tflops"] = values["tokens_per_sec"] * flops_per_token / 1e12
+                    if peak:
+                        values["mfu"] = values["tflops"] * 1e12 / peak
                 if not math.isfinite(values["loss"]):
                     log.warning("step %d: loss is %s", run.step, values["loss"])
                 run.last_metrics = values
@@ -161,8 +193,11 @@ def _train(run) -> None:
                 busy, steps_since = 0.0, 0
             if run.valid_data is not None and (run.step % tr.val_check_interval == 0 or last):
                 hook.on_validation_end(run=run, step=run.step, metrics=validate(run))
+            saved = None
             if (every_ckpt and run.step % every_ckpt == 0) or (last and cfg.exp_manager.checkpoint.save_last):
-                run.save_checkpoint()
+                saved = run.save_checkpoint()
+            if stop.is_set() and not last:
+                raise Preempted(run.step, saved or run.save_checkpoint())
     except BaseException as exc:
         hook.on_exception(run=run, exception=exc)
         raise

@@ -110,6 +110,8 @@ def build_run(config: ExperimentConfig, plugins=None) -> Run:
     optim_entry = plugins.optimizers.get(mc.optim.name, "model.optim.name")
     sched_entry = plugins.lr_schedulers.get(mc.optim.sched.name, "model.optim.sched.name")
     fmt_entry = plugins.checkpoint_formats.get(config.exp_manager.checkpoint.format, "exp_manager.checkpoint.format")
+    for name in config.exp_manager.loggers:
+        plugins.loggers.get(name, "exp_manager.loggers")
 
     run_dir = prepare_run_dir(config, plugins)
     source = data_entry.factory(mc.data, run_dir)

@@ -16,6 +16,7 @@ from attrs import define
 from torch import nn
 
 from mega.config import ModelConfig
+from mega.errors import ConfigError
 from mega.plugins.models.transformer import KVCache, TransformerStack, init_megatron_, padded_vocab_size
 
 
@@ -59,9 +60,24 @@ class LanguageModel(nn.Module):
         )
 
 
+def check_shape(cfg: GPTConfig) -> None:
+    """Shape mistakes as config errors naming the keys, before any tensor is allocated."""
+    if cfg.num_attention_heads < 1 or cfg.hidden_size % cfg.num_attention_heads:
+        raise ConfigError(f"model.hidden_size={cfg.hidden_size} is not divisible by model.num_attention_heads={cfg.num_attention_heads}")
+    if cfg.max_position_embeddings is not None and cfg.max_position_embeddings < cfg.seq_length:
+        raise ConfigError(f"model.max_position_embeddings={cfg.max_position_embeddings} is smaller than model.seq_length={cfg.seq_length}")
+    for key in ("num_layers", "hidden_size", "seq_length", "make_vocab_size_divisible_by"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"model.{key}: must be at least 1, got {getattr(cfg, key)}")
+    for key in ("hidden_dropout", "attention_dropout"):
+        if not 0.0 <= getattr(cfg, key) < 1.0:
+            raise ConfigError(f"model.{key}: must be in [0, 1), got {getattr(cfg, key)}")
+
+
 class GPTModel(nn.Module):
     def __init__(self, cfg: GPTConfig, vocab_size: int):
         super().__init__()
+        check_shape(cfg)
         self.config = cfg
         self.vocab_size = vocab_size  # the tokenizer's; logits beyond it are padding
         self.padded_vocab_size = padded_vocab_size(vocab_size, cfg.make_vocab_size_divisible_by)
