@@ -36,8 +36,9 @@ def register_models(register):
     `factory(config, tokenizer) -> torch.nn.Module`. `config` is an instance of the attrs
     class passed as `config=`, which must subclass `mega.config.ModelConfig` (so it carries
     `micro_batch_size`, `seq_length`, `data`, `tokenizer`, `optim`, ...). Selected by
-    `model.name`. The module must provide `forward(batch) -> (loss_sum, metrics)`, see
-    `docs/plugins.md`.
+    `model.name`. The module provides `training_loss(batch) -> {"loss_sum": Tensor,
+    "terms": {...}}`: the sum of the micro-batch's masked token losses, which the kernel
+    divides by the global batch's token count (see `docs/plugins.md`).
     """
 
 
@@ -56,9 +57,12 @@ def register_tokenizers(register):
 def register_datasets(register):
     """Register dataset implementations.
 
-    `factory(config, tokenizer, seq_length, split) -> Sequence[dict[str, Tensor]]`, one
-    sample per index, deterministic for a given index (resume relies on it). `config`
-    subclasses `mega.config.DataConfig`. Selected by `model.data.data_impl`.
+    `factory(config, run_dir) -> source`. The source has `files() -> list[Path]` (text a
+    tokenizer may train on) and `dataset(split, tokenizer, seq_length, num_samples, seed)`
+    returning a sequence of `num_samples` dicts of tensors (`tokens`, `labels`,
+    `loss_mask` for language models), sample `i` a pure function of `i` and `seed` (resume
+    relies on it). `split` is "train", "valid" or "test". `config` subclasses
+    `mega.config.DataConfig`. Selected by `model.data.data_impl`.
     """
 
 

@@ -23,6 +23,11 @@ from cattrs.errors import (
 )
 from cattrs.gen import make_dict_structure_fn
 
+try:
+    BaseExceptionGroup
+except NameError:  # Python 3.10: the backport cattrs itself depends on
+    from exceptiongroup import BaseExceptionGroup
+
 from mega.config.schema import SLOTS, DataConfig, ExperimentConfig, Precision, Slot
 from mega.errors import ConfigError, MegaError, PluginError, did_you_mean
 
