@@ -125,7 +125,9 @@ def cmd_generate(args) -> int:
     prompt = tokenizer.encode(args.prompt)
     out = generate(model, prompt, args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, eos_id=tokenizer.eos_id, seed=args.seed)
-    print(args.prompt + tokenizer.decode(out))
+    # Decode prompt and continuation together: subword tokenizers mark a word's leading
+    # space on its first piece, which a continuation decoded on its own would lose.
+    print(tokenizer.decode(prompt + out))
     return 0
 
 

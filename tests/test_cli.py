@@ -72,7 +72,14 @@ def test_generate_with_a_trained_sentencepiece_tokenizer(tmp_path, corpus, capsy
     ckpt = tmp_path / "results" / "tiny" / "checkpoints" / "step_0000002"
     assert (ckpt / "tokenizer.tokenizer.model").is_file()
     (tmp_path / "results" / "tiny" / "tokenizer.model").unlink()  # the checkpoint must not need it
-    assert main(["generate", str(ckpt), "--prompt", "the model", "--max-new-tokens", "4"]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(ckpt), "--prompt", "the model", "--max-new-tokens", "6", "--greedy"]) == 0
+    from mega.inference import generate, load_checkpoint_for_inference
+
+    model, tok, _ = load_checkpoint_for_inference(ckpt)
+    prompt = tok.encode("the model")
+    expected = tok.decode(prompt + generate(model, prompt, 6, greedy=True, eos_id=tok.eos_id))
+    assert capsys.readouterr().out == expected + "\n"
 
 
 def test_configuration_reference_is_current(plugins):
