@@ -174,11 +174,7 @@ def _with_tables(raw: Any, cls: type, plugins) -> Any:
     registered model's config class, not the base class)."""
     if not isinstance(raw, dict):
         return raw
-    slot = next((s for s in SLOTS if s.base is cls), None)
-    if slot is not None:
-        name = raw.get(slot.key, _default(cls, slot.key))
-        if isinstance(name, str) and name in plugins.registries[slot.kind]:
-            cls = plugins.registries[slot.kind].get(name).config or cls
+    cls = _chosen_class(cls, raw, plugins)
     out = dict(raw)
     hints = typing.get_type_hints(cls)
     for a in attrs.fields(cls):
@@ -208,34 +204,43 @@ def _validate_data_prefix(data: DataConfig, source: str) -> None:
     data.data_prefix = [float(x) if i % 2 == 0 else x for i, x in enumerate(prefix)]
 
 
+_FREE, _LEAF = "free-form table", "value"
+
+
+def _chosen_class(cls: type, node: Any, plugins) -> type:
+    """For a component table, the config class its plugin registered; else `cls`."""
+    slot = next((s for s in SLOTS if s.base is cls), None)
+    if slot is None:
+        return cls
+    name = node.get(slot.key, _default(cls, slot.key)) if isinstance(node, dict) else _default(cls, slot.key)
+    if isinstance(name, str) and name in plugins.registries[slot.kind]:
+        return plugins.registries[slot.kind].get(name).config or cls
+    return cls
+
+
+def _child_kind(t: Any) -> Any:
+    """What a field of type `t` holds: an attrs class, a free-form table, or a value."""
+    for candidate in (t, *typing.get_args(t)) if typing.get_origin(t) is typing.Union else (t,):
+        if attrs.has(candidate):
+            return candidate
+        if candidate is dict or typing.get_origin(candidate) is dict:
+            return _FREE
+    return _LEAF
+
+
 def schema_has(raw: dict, path: List[str], plugins) -> bool:
     """Whether `path` names a key of the schema, given the component names in `raw`."""
     node: Any = raw
-    cls: Any = ExperimentConfig
+    kind: Any = ExperimentConfig
     for part in path:
-        if cls is None:  # free-form table (dict-typed field): anything goes
+        if kind is _FREE:
             return True
-        slot = next((s for s in SLOTS if s.base is cls), None)
-        if slot is not None:
-            name = node.get(slot.key, _default(cls, slot.key)) if isinstance(node, dict) else _default(cls, slot.key)
-            if isinstance(name, str) and name in plugins.registries[slot.kind]:
-                cls = plugins.registries[slot.kind].get(name).config or cls
-        if not attrs.has(cls):
+        if kind is _LEAF:
             return False
-        fields = {a.name: a for a in attrs.fields(cls)}
-        if part not in fields:
+        cls = _chosen_class(kind, node, plugins)
+        hints = typing.get_type_hints(cls)
+        if part not in {a.name for a in attrs.fields(cls)}:
             return False
-        t = fields[part].type
-        t = typing.get_type_hints(cls).get(part, t)
-        origin = typing.get_origin(t)
-        if attrs.has(t):
-            cls = t
-        elif t is dict or origin is dict:
-            cls = None
-        elif origin is typing.Union:
-            cls = next((a for a in typing.get_args(t) if attrs.has(a) or a is dict or typing.get_origin(a) is dict), "leaf")
-            cls = None if cls is dict or (cls != "leaf" and typing.get_origin(cls) is dict) else cls
-        else:
-            cls = "leaf"
+        kind = _child_kind(hints[part])
         node = node.get(part) if isinstance(node, dict) else None
     return True
