@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import List, Optional
 
@@ -38,7 +39,8 @@ def _setup_logging(verbose: bool) -> None:
         handler = _BarSafeHandler()
         handler.setFormatter(logging.Formatter("[mega] %(message)s"))
         logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    quiet = os.environ.get("RANK", "0") != "0"  # launched workers: only rank 0 narrates
+    logger.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
     logger.propagate = False
 
 
@@ -76,9 +78,21 @@ def _parser() -> argparse.ArgumentParser:
 def cmd_run(args) -> int:
     from mega.config import load_config
     from mega.plugin_manager import get_plugins
+    from mega.runtime.launch import launch_local_workers, launched
 
     plugins = get_plugins()
-    config = load_config(args.experiment, args.overrides, plugins)
+    config = load_config(args.experiment, args.overrides, plugins)  # validate before launching anything
+    tr = config.trainer
+    if tr.devices * tr.num_nodes > 1 and not launched():
+        if tr.num_nodes > 1:
+            from mega.errors import ConfigError
+
+            raise ConfigError(
+                f"trainer.num_nodes={tr.num_nodes}: start one launcher per machine, e.g. `torchrun --nnodes={tr.num_nodes}"
+                f" --nproc-per-node={tr.devices} --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT -m mega run ...`"
+            )
+        launch_local_workers(tr.devices, args.argv)  # each worker runs this same command line
+        return 0
     mega.run(config, plugins)
     return 0
 
@@ -135,11 +149,27 @@ COMMANDS = {"run": cmd_run, "config": cmd_config, "plugins": cmd_plugins, "gener
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
+    args.argv = argv
     _setup_logging(args.verbose)
+    try:
+        return _dispatch(args)
+    except BaseException as exc:
+        if not (isinstance(exc, SystemExit) and exc.code in (0, None)):
+            from mega.runtime.launch import record_worker_error
+
+            record_worker_error(exc)  # so a launching process can name this worker's error
+        raise
+
+
+def _dispatch(args) -> int:
     try:
         return COMMANDS[args.command](args)
     except MegaError as exc:
+        from mega.runtime.launch import record_worker_error
+
+        record_worker_error(exc)
         print(f"mega: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except SystemExit as exc:

@@ -6,11 +6,14 @@ first-party plugins.
 We loop over entry points ourselves instead of calling pluggy's
 `load_setuptools_entrypoints`, which stops at the first broken plugin without naming it.
 `MEGA_PLUGINS=a,b` restricts which entry points load (by entry-point name); an empty value
-loads none.
+loads none. `MEGA_PLUGIN_MODULES=pkg.mod,other` also loads importable modules that are not
+installed as entry points (as PYTEST_PLUGINS does) — handy for a project-local callback,
+and it reaches every launched worker process.
 """
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.metadata
 import os
 from typing import Dict, Iterable, Optional
@@ -90,6 +93,13 @@ def load_plugins(extra: Iterable[object] = (), only: Optional[str] = None, entry
                 continue
             pm.register(module, name=ep.name)
             info[ep.name] = PluginInfo(ep.name, ep.dist.version if ep.dist else None, ep.value)
+    for module_name in filter(None, (m.strip() for m in os.environ.get("MEGA_PLUGIN_MODULES", "").split(","))):
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as exc:
+            raise PluginError(f"MEGA_PLUGIN_MODULES: plugin module {module_name!r} failed to import: {type(exc).__name__}: {exc}") from exc
+        pm.register(module, name=module_name)
+        info[module_name] = PluginInfo(module_name, getattr(module, "__version__", None), module_name)
     for obj in extra:
         name = getattr(obj, "__name__", None) or type(obj).__name__
         pm.register(obj, name=name)

@@ -57,6 +57,7 @@ class TrainerConfig:
     log_every_n_steps: int = 10  # metrics to every logger each N steps (and at the last)
     accumulate_grad_batches: int = 1  # micro-batches per step (derived from global_batch_size if set)
     gradient_clip_val: float = 1.0  # max global grad norm; 0 disables clipping
+    dist_timeout_s: int = 600  # a collective that waits longer (a hung or dead worker) fails the run
     enable_progress_bar: Optional[bool] = None  # None: only on a terminal, never under CI/SLURM
 
 

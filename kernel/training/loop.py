@@ -26,19 +26,30 @@ log = logging.getLogger("mega")
 
 
 def _forward_sums(run, micro_batches, num_tokens):
-    """Run the model on every micro-batch, backward when training; return (loss, terms)."""
+    """Run the model on every micro-batch, backward when training; return the global
+    batch's (loss, terms), summed over data-parallel ranks.
+
+    DDP averages gradients over ranks; the loss is multiplied by the data-parallel size so
+    the result is the gradient of the global token mean. Gradients are all-reduced once,
+    on the last micro-batch (`no_sync` before it).
+    """
     loss_total = torch.zeros((), device=run.device)
     terms: Dict[str, torch.Tensor] = {}
-    for mb in micro_batches:
-        with autocast(run.config.trainer.precision, run.device):
-            out = run.model.training_loss(mb)
-        loss = out["loss_sum"] / num_tokens
-        if torch.is_grad_enabled():
-            (loss * run.scaler.scale if run.scaler is not None else loss).backward()
+    training = torch.is_grad_enabled()
+    dp = run.parallel.dp_size
+    for i, mb in enumerate(micro_batches):
+        defer_sync = training and dp > 1 and i < len(micro_batches) - 1
+        with run.loss_module.no_sync() if defer_sync else contextlib.nullcontext():
+            with autocast(run.config.trainer.precision, run.device):
+                out = run.loss_module(mb) if training else run.model.training_loss(mb)
+            loss = out["loss_sum"] / num_tokens
+            if training:
+                scale = dp * (run.scaler.scale if run.scaler is not None else 1.0)
+                (loss * scale if scale != 1.0 else loss).backward()
         loss_total += loss.detach()
         for name, value in out.get("terms", {}).items():
             terms[name] = terms.get(name, 0.0) + value.detach() / num_tokens
-    return loss_total, terms
+    return run.parallel.all_reduce_sum(loss_total), {k: run.parallel.all_reduce_sum(v) for k, v in terms.items()}
 
 
 def _num_tokens(run, micro_batches) -> torch.Tensor:
@@ -112,7 +123,7 @@ def attached_loggers(run):
     plugin manager for the duration of training, so lifecycle hooks reach them."""
     names = []
     try:
-        for name in run.config.exp_manager.loggers:
+        for name in run.config.exp_manager.loggers if run.parallel.is_main else []:
             entry = run.plugins.loggers.get(name, "exp_manager.loggers")
             names.append(f"logger:{name}")
             run.plugins.pm.register(entry.factory(run), name=names[-1])
@@ -196,7 +207,7 @@ def _train(run, stop: threading.Event) -> None:
             saved = None
             if (every_ckpt and run.step % every_ckpt == 0) or (last and cfg.exp_manager.checkpoint.save_last):
                 saved = run.save_checkpoint()
-            if stop.is_set() and not last:
+            if run.parallel.any(stop.is_set()) and not last:  # every rank stops at the same step
                 raise Preempted(run.step, saved or run.save_checkpoint())
     except BaseException as exc:
         hook.on_exception(run=run, exception=exc)

@@ -16,7 +16,7 @@ import torch
 
 from mega.config import ExperimentConfig, dump_config
 from mega.errors import CheckpointError
-from mega.runtime.parallel import ParallelState, init_parallel, pick_device
+from mega.runtime.parallel import ParallelState, init_parallel, pick_device, shutdown_parallel
 from mega.runtime.precision import DynamicLossScaler
 from mega.runtime.rng import rng_state, seed_everything, set_rng_state
 from mega.training.batches import batch_geometry
@@ -45,6 +45,7 @@ class Run:
     checkpoints: CheckpointManager
     global_batch_size: int
     num_micro_batches: int
+    loss_module: torch.nn.Module  # model.training_loss as a module; DDP-wrapped when data-parallel
     step: int = 0
     consumed_samples: int = 0
     resumed_from: Optional[Path] = None
@@ -70,6 +71,14 @@ class Run:
             set_rng_state(trainer["rng"])
 
     def save_checkpoint(self) -> Path:
+        """Rank 0 writes (data-parallel replicas are identical); every rank returns the path
+        once it is complete."""
+        path = self._save_checkpoint() if self.parallel.is_main else self.checkpoints.root / f"step_{self.step:07d}"
+        self.parallel.barrier()
+        self.plugins.hook.on_checkpoint_saved(run=self, step=self.step, path=path)
+        return path
+
+    def _save_checkpoint(self) -> Path:
         extra: Dict[str, Any] = {}
         cfg_for_ckpt = self.config
         # Tokenizer files travel with the checkpoint; the config inside points at the copies.
@@ -80,9 +89,18 @@ class Run:
                 model=attrs.evolve(cfg_for_ckpt.model, tokenizer=attrs.evolve(cfg_for_ckpt.model.tokenizer, **{key: f"tokenizer.{Path(path).name}"})),
             )
         extra["config.toml"] = dump_config(cfg_for_ckpt)
-        path = self.checkpoints.save(self.step, self.state(), extra, meta={"consumed_samples": self.consumed_samples})
-        self.plugins.hook.on_checkpoint_saved(run=self, step=self.step, path=path)
-        return path
+        return self.checkpoints.save(self.step, self.state(), extra, meta={"consumed_samples": self.consumed_samples})
+
+
+class LossModule(torch.nn.Module):
+    """`model.training_loss` as a forward, so DistributedDataParallel's hooks see it."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        return self.model.training_loss(batch)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
@@ -100,8 +118,8 @@ def build_run(config: ExperimentConfig, plugins=None) -> Run:
 
         plugins = get_plugins()
     tr, mc = config.trainer, config.model
-    parallel = init_parallel(tr.devices, tr.num_nodes)
-    device = pick_device(tr.accelerator)
+    parallel = init_parallel(tr.devices, tr.num_nodes, tr.dist_timeout_s)
+    device = pick_device(tr.accelerator, parallel.local_rank)
     gbs, n_micro = batch_geometry(mc.micro_batch_size, mc.global_batch_size, tr.accumulate_grad_batches, parallel.dp_size)
     # Resolve every component name before touching the disk, so a typo costs nothing.
     data_entry = plugins.datasets.get(mc.data.data_impl, "model.data.data_impl")
@@ -113,9 +131,15 @@ def build_run(config: ExperimentConfig, plugins=None) -> Run:
     for name in config.exp_manager.loggers:
         plugins.loggers.get(name, "exp_manager.loggers")
 
-    run_dir = prepare_run_dir(config, plugins)
-    source = data_entry.factory(mc.data, run_dir)
-    tokenizer = tok_entry.factory(mc.tokenizer, source.files(), run_dir)
+    # Rank 0 writes the run directory, data indexes and any trained tokenizer first; the
+    # other ranks then find them on disk (a shared filesystem across nodes is assumed).
+    for turn in (True, False):
+        if parallel.is_main == turn:
+            run_dir = prepare_run_dir(config, plugins, write=parallel.is_main)
+            source = data_entry.factory(mc.data, run_dir)
+            tokenizer = tok_entry.factory(mc.tokenizer, source.files(), run_dir)
+        if turn:
+            parallel.barrier()
 
     seed_everything(mc.seed)
     model = model_entry.factory(mc, tokenizer).to(device)
@@ -130,11 +154,16 @@ def build_run(config: ExperimentConfig, plugins=None) -> Run:
     if tr.val_check_interval > 0 and tr.limit_val_batches > 0:
         valid_data = source.dataset("valid", tokenizer, mc.seq_length, tr.limit_val_batches * gbs, mc.seed)
 
+    loss_module = LossModule(model)
+    if parallel.dp_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        loss_module = DistributedDataParallel(loss_module, device_ids=[device.index] if device.type == "cuda" else None)
     run = Run(
         config=config, plugins=plugins, run_dir=run_dir, device=device, parallel=parallel, tokenizer=tokenizer,
         model=model, optimizer=optimizer, lr_at=lr_at, scaler=scaler, train_data=train_data, valid_data=valid_data,
         checkpoints=CheckpointManager(run_dir / "checkpoints", fmt_entry.factory(), config.exp_manager.checkpoint.keep_last_k),
-        global_batch_size=gbs, num_micro_batches=n_micro,
+        global_batch_size=gbs, num_micro_batches=n_micro, loss_module=loss_module,
     )
     if config.exp_manager.resume_if_exists:
         resume(run, plugins)
@@ -157,6 +186,9 @@ def resume(run: Run, plugins) -> None:
 def run(config: ExperimentConfig, plugins=None) -> Run:
     from mega.training.loop import train
 
-    r = build_run(config, plugins)
-    train(r)
+    try:
+        r = build_run(config, plugins)
+        train(r)
+    finally:
+        shutdown_parallel()
     return r

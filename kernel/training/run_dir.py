@@ -15,8 +15,12 @@ from mega.config import dump_config
 from mega.training.checkpointing import write_text_atomic
 
 
-def prepare_run_dir(config, plugins) -> Path:
+def prepare_run_dir(config, plugins, write: bool = True) -> Path:
+    """The run directory's path; with `write` (rank 0) also create it and write the
+    resolved config and run.json."""
     run_dir = Path(config.exp_manager.exp_dir).expanduser() / config.exp_manager.name
+    if not write:
+        return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "config.toml", dump_config(config))
     info = {

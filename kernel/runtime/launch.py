@@ -1,0 +1,67 @@
+"""Starting local worker processes through PyTorch's elastic launcher.
+
+`mega run exp.toml trainer.devices=N` (with no launcher around it) re-runs the same
+command line in N workers via `torch.distributed.launcher` (what `torchrun` uses), with a
+local rendezvous. Across machines, start the same command under
+`torchrun --nnodes=K --nproc-per-node=N -m mega run exp.toml ...`; a process that finds
+itself launched (RANK / WORLD_SIZE / LOCAL_RANK in its environment) joins the group
+instead of launching. A worker that fails ends the run: the launcher stops the others and
+we report each failed rank with its error.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from typing import List
+
+from mega.errors import MegaError
+
+
+class WorkerFailed(MegaError):
+    """One or more workers failed; the message names each rank and its error."""
+
+    exit_code = 1
+
+
+def launched() -> bool:
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+
+
+def launch_local_workers(nproc: int, argv: List[str]) -> None:
+    """Run `python -m mega <argv>` in `nproc` workers on this machine; raise WorkerFailed
+    naming the failed ranks."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    # Split the cores between workers unless the user chose (torchrun does the same).
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"mega-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
+        start_method="spawn",
+    )
+    try:
+        elastic_launch(config, sys.executable)("-m", "mega", *argv)
+    except ChildFailedError as err:
+        lines = []
+        for rank, failure in sorted(err.failures.items()):
+            message = failure.message
+            if isinstance(message, dict):  # the error file's record: {"message": ..., "extraInfo": ...}
+                message = message.get("message", "")
+            message = str(message or "").strip().splitlines()
+            lines.append(f"worker rank {rank} exited with status {failure.exitcode}: {message[0] if message else 'no message'}")
+        raise WorkerFailed("; ".join(lines)) from None
+
+
+def record_worker_error(exc: BaseException) -> None:
+    """Write `exc` where the elastic agent reads a failed worker's error (so the launching
+    process can name it); a no-op outside a launched worker."""
+    if "TORCHELASTIC_ERROR_FILE" not in os.environ:
+        return
+    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+    try:
+        ErrorHandler().record_exception(exc)
+    except Exception:  # never mask the original error
+        pass
