@@ -34,11 +34,10 @@ def load_checkpoint_for_inference(path, plugins=None, device: str = "cpu") -> Tu
     tokenizer = plugins.tokenizers.get(tok_cfg.library, "model.tokenizer.library").factory(tok_cfg, [], None)
     model = plugins.models.get(config.model.name, "model.name").factory(config.model, tokenizer)
     fmt = plugins.checkpoint_formats.get(manifest.get("format", "native")).factory()
-    try:
-        state = fmt.load(ckpt, parts=("model",))
-    except TypeError:  # a format without partial loading
-        state = fmt.load(ckpt)
-    model.load_state_dict(state["model"])
+    from mega.runtime.parallel import current
+    from mega.training.run import load_resharded
+
+    model.load_state_dict(load_resharded(fmt, ckpt, manifest, current(), model)["model"])
     return model.to(device).eval(), tokenizer, config
 
 

@@ -31,7 +31,7 @@ def test_save_then_load_round_trips(tmp_path):
 
 def test_crash_mid_save_keeps_the_previous_checkpoint(tmp_path):
     class Exploding(NativeFormat):
-        def save(self, state, directory):
+        def save(self, state, directory, parallel=None):
             (directory / "model.pt").write_bytes(b"partial")
             raise OSError("disk full")
 

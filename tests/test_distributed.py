@@ -116,3 +116,68 @@ def test_plugin_modules_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("MEGA_PLUGIN_MODULES", "no_such_module_x")
     with pytest.raises(PluginError, match="MEGA_PLUGIN_MODULES: plugin module 'no_such_module_x' failed to import"):
         load_plugins()
+
+
+def _full_weights(run_dir: Path) -> dict:
+    """Merge the per-rank shards of the latest checkpoint with their recorded split dims."""
+    from mega.runtime.sharding import merge_shards
+
+    ckpt = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    folders = sorted(ckpt.glob("mp_rank_*")) or [ckpt]
+    states = [torch.load(f / "model.pt", weights_only=True) for f in folders]
+    return merge_shards(states, torch.load(folders[0] / "sharding.pt", weights_only=True))
+
+
+@pytest.mark.slow
+def test_tensor_parallel_2_trains_like_one_process(tmp_path, corpus):
+    # 258 byte ids pad to 260 at TP=1 and TP=2 alike with this multiple
+    exp = _exp(tmp_path, corpus, model={"make_vocab_size_divisible_by": 130, "micro_batch_size": 4})
+    one = _mega(["run", str(exp), "exp_manager.name=one"], tmp_path)
+    assert one.returncode == 0, one.stderr
+    two = _mega(["run", str(exp), "exp_manager.name=tp2", "trainer.devices=2", "model.tensor_model_parallel_size=2"], tmp_path)
+    assert two.returncode == 0, two.stderr
+    a, b = read_metrics(tmp_path / "results" / "one"), read_metrics(tmp_path / "results" / "tp2")
+    for x, y in zip(a, b):
+        for key in ("loss", "val_loss", "grad_norm"):
+            if key in x:
+                assert y[key] == pytest.approx(x[key], rel=1e-5), (x["step"], key)
+    wa, wb = _full_weights(tmp_path / "results" / "one"), _full_weights(tmp_path / "results" / "tp2")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.slow
+def test_tp2_checkpoint_resumes_and_generates_at_tp1(tmp_path, corpus):
+    """Save at TP=2, load at TP=1: same logits (merged weights) and training continues."""
+    exp = _exp(tmp_path, corpus, model={"make_vocab_size_divisible_by": 130}, trainer={"max_steps": 3})
+    two = _mega(["run", str(exp), "exp_manager.name=r", "trainer.devices=2", "model.tensor_model_parallel_size=2"], tmp_path)
+    assert two.returncode == 0, two.stderr
+    run_dir = tmp_path / "results" / "r"
+    from mega.inference import load_checkpoint_for_inference
+
+    model, _, _ = load_checkpoint_for_inference(run_dir)
+    full = _full_weights(run_dir)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, full[name]), name
+    resumed = _mega(["run", str(exp), "exp_manager.name=r", "trainer.max_steps=5"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    steps = [m["step"] for m in read_metrics(run_dir) if "loss" in m]
+    assert steps == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.slow
+def test_tp1_checkpoint_resumed_at_tp2_continues_like_tp1(tmp_path, corpus):
+    """Weights and AdamW moments are resharded: steps after the switch match TP=1."""
+    exp = _exp(tmp_path, corpus, model={"make_vocab_size_divisible_by": 130}, trainer={"max_steps": 3})
+    for name in ("stay", "switch"):
+        assert _mega(["run", str(exp), f"exp_manager.name={name}"], tmp_path).returncode == 0
+    stay = _mega(["run", str(exp), "exp_manager.name=stay", "trainer.max_steps=5"], tmp_path)
+    switch = _mega(["run", str(exp), "exp_manager.name=switch", "trainer.max_steps=5", "trainer.devices=2",
+                    "model.tensor_model_parallel_size=2"], tmp_path)
+    assert stay.returncode == 0 and switch.returncode == 0, switch.stderr
+    a = [m for m in read_metrics(tmp_path / "results" / "stay") if "loss" in m]
+    b = [m for m in read_metrics(tmp_path / "results" / "switch") if "loss" in m]
+    assert [m["step"] for m in b] == [1, 2, 3, 4, 5]
+    for x, y in zip(a[3:], b[3:]):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5) and y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)

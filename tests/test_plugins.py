@@ -193,9 +193,9 @@ def test_third_party_components_of_every_kind_are_used_by_name(tmp_path, corpus)
     class Tagged(NativeFormat):
         name = "tagged"
 
-        def save(self, state, directory):
+        def save(self, state, directory, parallel=None):
             used.add("format")
-            super().save(state, directory)
+            super().save(state, directory, parallel)
 
     class ThirdParty:
         @mega.hookimpl

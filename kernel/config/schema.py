@@ -130,6 +130,8 @@ class ModelConfig:
     global_batch_size: Optional[int] = None  # None: micro_batch_size x data-parallel x accumulate
     seq_length: int = 512  # tokens per sample
     seed: int = 1234  # seeds initialisation, dropout and data order
+    tensor_model_parallel_size: int = 1  # ranks that split each layer (TP)
+    pipeline_model_parallel_size: int = 1  # stages the layers are split into (PP)
     # fp16 dynamic loss scaling (trainer.precision=16), NeMo's names
     native_amp_init_scale: float = 4294967296.0  # initial fp16 loss scale (2**32)
     native_amp_growth_interval: int = 1000  # clean steps before the scale doubles

@@ -20,13 +20,23 @@ from mega.runtime.launch import launched
 
 @attrs.frozen
 class ParallelState:
+    """Sizes, ranks and process groups. Rank order is Megatron-LM's: tensor-parallel ranks
+    adjacent, then data-parallel, then pipeline-parallel:
+    rank = pp_rank * (dp_size * tp_size) + dp_rank * tp_size + tp_rank."""
+
     world_size: int = 1
     rank: int = 0
     local_rank: int = 0
     dp_size: int = 1
     dp_rank: int = 0
     tp_size: int = 1
+    tp_rank: int = 0
     pp_size: int = 1
+    pp_rank: int = 0
+    tp_group: object = None
+    dp_group: object = None
+    pp_group: object = None
+    pp_ranks: tuple = (0,)  # global ranks of this process's pipeline, first stage first
 
     @property
     def is_main(self) -> bool:
@@ -41,7 +51,7 @@ class ParallelState:
         if self.dp_size == 1:
             return t
         t = t.detach().clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.dp_group)
         return t
 
     def any(self, flag: bool) -> bool:
@@ -61,24 +71,79 @@ def _collective_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def init_parallel(devices: int, num_nodes: int, timeout_s: int = 600) -> ParallelState:
+_CURRENT = ParallelState()
+
+
+def current() -> ParallelState:
+    """The layout of this process (set by init_parallel; single-process by default).
+    Tensor-parallel layers read their group and rank from here, as megatron-core's
+    parallel_state does."""
+    return _CURRENT
+
+
+def set_current(state: ParallelState) -> ParallelState:
+    global _CURRENT
+    _CURRENT = state
+    return state
+
+
+def layout(world: int, tp: int, pp: int) -> int:
+    """The data-parallel size, or a ConfigError naming the keys when sizes do not divide."""
+    if tp < 1 or pp < 1:
+        raise ConfigError(f"model.tensor_model_parallel_size={tp}, model.pipeline_model_parallel_size={pp}: must be at least 1")
+    if world % (tp * pp):
+        raise ConfigError(
+            f"world size {world} is not divisible by model.tensor_model_parallel_size={tp} x"
+            f" model.pipeline_model_parallel_size={pp}"
+        )
+    return world // (tp * pp)
+
+
+def init_parallel(devices: int, num_nodes: int, timeout_s: int = 600, tp: int = 1, pp: int = 1) -> ParallelState:
     if not launched():
         if devices * num_nodes != 1:
             raise ConfigError(
                 f"trainer.devices={devices}, trainer.num_nodes={num_nodes}: start this with `mega run` (which"
                 " launches local workers) or, across machines, `torchrun --nnodes=K --nproc-per-node=N -m mega run ...`"
             )
-        return ParallelState()
+        layout(1, tp, pp)
+        return set_current(ParallelState())
     world, rank, local = (int(os.environ[k]) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
+    dp = layout(world, tp, pp)
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(local)
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-    return ParallelState(world_size=world, rank=rank, local_rank=local, dp_size=world, dp_rank=rank)
+    tp_rank, dp_rank, pp_rank = rank % tp, (rank // tp) % dp, rank // (tp * dp)
+    groups = {}
+    # Every rank creates every group, in the same order (torch.distributed requires it).
+    for p in range(pp):
+        for d in range(dp):
+            ranks = [p * dp * tp + d * tp + t for t in range(tp)]
+            g = dist.new_group(ranks)
+            if rank in ranks:
+                groups["tp"] = g
+    for p in range(pp):
+        for t in range(tp):
+            ranks = [p * dp * tp + d * tp + t for d in range(dp)]
+            g = dist.new_group(ranks)
+            if rank in ranks:
+                groups["dp"] = g
+    for d in range(dp):
+        for t in range(tp):
+            ranks = [p * dp * tp + d * tp + t for p in range(pp)]
+            g = dist.new_group(ranks)
+            if rank in ranks:
+                groups["pp"], pp_ranks = g, tuple(ranks)
+    return set_current(ParallelState(
+        world_size=world, rank=rank, local_rank=local, dp_size=dp, dp_rank=dp_rank, tp_size=tp, tp_rank=tp_rank,
+        pp_size=pp, pp_rank=pp_rank, tp_group=groups["tp"], dp_group=groups["dp"], pp_group=groups["pp"], pp_ranks=pp_ranks,
+    ))
 
 
 def shutdown_parallel() -> None:
+    set_current(ParallelState())
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

@@ -25,6 +25,9 @@ def rng_state() -> dict:
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    from mega.runtime.tensor_parallel.random import get_rng_tracker
+
+    state["rng_tracker_states"] = get_rng_tracker().state_dict()
     return state
 
 
@@ -35,6 +38,10 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "rng_tracker_states" in state:
+        from mega.runtime.tensor_parallel.random import get_rng_tracker
+
+        get_rng_tracker().load_state_dict(state["rng_tracker_states"])
 
 
 def _tuplify(x):

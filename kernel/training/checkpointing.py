@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Union
 
 from mega.errors import CheckpointError
+from mega.runtime.parallel import ParallelState
 
 log = logging.getLogger("mega.checkpoint")
 MANIFEST = "manifest.json"
@@ -76,19 +77,38 @@ class CheckpointManager:
         self.keep_last_k = keep_last_k
 
     # --- saving ---------------------------------------------------------------------------
-    def save(self, step: int, state: dict, extra_files: Dict[str, Union[str, Path]], meta: Optional[dict] = None) -> Path:
-        """Write a checkpoint for `step`. `extra_files` maps a file name in the checkpoint to
-        its text (str) or a file to copy (Path)."""
-        self.root.mkdir(parents=True, exist_ok=True)
+    def save(self, step: int, state: dict, extra_files: Dict[str, Union[str, Path]], meta: Optional[dict] = None,
+             parallel=None) -> Path:
+        """Write a checkpoint for `step` (a collective when `parallel` spans several ranks:
+        every model-parallel rank of data-parallel replica 0 writes its part, rank 0 adds
+        `extra_files` — name -> text (str) or a file to copy (Path) — and the manifest, and
+        renames the directory into place)."""
+        parallel = parallel or ParallelState()
         final = self.root / f"step_{step:07d}"
-        tmp = self.root / f".tmp-{final.name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        tmp = self.root / f".tmp-{final.name}"
+        if parallel.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        parallel.barrier()
+        error: Optional[BaseException] = None
         try:
-            self._write(tmp, step, state, extra_files, meta)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint stays the latest
-            raise
+            if parallel.dp_rank == 0:
+                self.fmt.save(state, tmp, parallel)
+            if parallel.is_main:
+                self._write(tmp, step, extra_files, meta)
+        except BaseException as exc:
+            error = exc
+        if parallel.any(error is not None):
+            if parallel.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint stays the latest
+            raise error or CheckpointError(f"{tmp}: another rank failed to write its part of the checkpoint")
+        if parallel.is_main:
+            self._commit(tmp, final)
+        parallel.barrier()
+        return final
+
+    def _commit(self, tmp: Path, final: Path) -> None:
         if final.exists():  # re-saving a step (e.g. a resumed run that ends where it began)
             old = self.root / f".old-{final.name}-{os.getpid()}"
             os.replace(final, old)
@@ -99,10 +119,8 @@ class CheckpointManager:
         _fsync_dir(self.root)
         write_text_atomic(self.root / LATEST, final.name + "\n")
         self._prune(keep=final)
-        return final
 
-    def _write(self, tmp: Path, step: int, state: dict, extra_files, meta) -> None:
-        self.fmt.save(state, tmp)
+    def _write(self, tmp: Path, step: int, extra_files, meta) -> None:
         for name, content in extra_files.items():
             target = tmp / name
             if isinstance(content, Path):

@@ -19,6 +19,7 @@ from typing import Dict
 import torch
 
 from mega.runtime.device_peaks import peak_flops
+from mega.runtime.grad_norm import clip_grad_norm
 from mega.runtime.precision import autocast
 from mega.training.batches import load_micro_batches, micro_batch_positions
 
@@ -78,7 +79,7 @@ def train_step(run) -> Dict[str, torch.Tensor]:
         log.warning("step %d: fp16 gradients overflowed; step skipped, loss scale now %g", run.step + 1, run.scaler.scale)
     else:
         clip = cfg.trainer.gradient_clip_val
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        grad_norm = clip_grad_norm(params, clip if clip > 0 else float("inf"), run.parallel)
         run.optimizer.step()
     metrics = {"loss": loss, "lr": torch.tensor(lr), "grad_norm": grad_norm, **terms}
     if run.scaler is not None:

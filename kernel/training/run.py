@@ -17,8 +17,10 @@ import torch
 from mega.config import ExperimentConfig, dump_config
 from mega.errors import CheckpointError
 from mega.runtime.parallel import ParallelState, init_parallel, pick_device, shutdown_parallel
+from mega.runtime.sharding import merge_shards, reshard_optimizer, shard_for, sharding_of
 from mega.runtime.precision import DynamicLossScaler
 from mega.runtime.rng import rng_state, seed_everything, set_rng_state
+from mega.runtime.tensor_parallel import get_rng_tracker
 from mega.training.batches import batch_geometry
 from mega.training.checkpointing import CheckpointManager, verify
 from mega.training.run_dir import prepare_run_dir
@@ -56,7 +58,8 @@ class Run:
         trainer = {"step": self.step, "consumed_samples": self.consumed_samples, "rng": rng_state()}
         if self.scaler is not None:
             trainer["loss_scaler"] = self.scaler.state_dict()
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "trainer": trainer}
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "trainer": trainer,
+                "sharding": sharding_of(self.model, self.parallel)}
 
     def load_state(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -71,10 +74,9 @@ class Run:
             set_rng_state(trainer["rng"])
 
     def save_checkpoint(self) -> Path:
-        """Rank 0 writes (data-parallel replicas are identical); every rank returns the path
-        once it is complete."""
-        path = self._save_checkpoint() if self.parallel.is_main else self.checkpoints.root / f"step_{self.step:07d}"
-        self.parallel.barrier()
+        """A collective: each model-parallel rank of the first data-parallel replica writes
+        its part, rank 0 seals the checkpoint; every rank returns its path."""
+        path = self._save_checkpoint()
         self.plugins.hook.on_checkpoint_saved(run=self, step=self.step, path=path)
         return path
 
@@ -89,7 +91,9 @@ class Run:
                 model=attrs.evolve(cfg_for_ckpt.model, tokenizer=attrs.evolve(cfg_for_ckpt.model.tokenizer, **{key: f"tokenizer.{Path(path).name}"})),
             )
         extra["config.toml"] = dump_config(cfg_for_ckpt)
-        return self.checkpoints.save(self.step, self.state(), extra, meta={"consumed_samples": self.consumed_samples})
+        meta = {"consumed_samples": self.consumed_samples, "tensor_model_parallel_size": self.parallel.tp_size,
+                "pipeline_model_parallel_size": self.parallel.pp_size}
+        return self.checkpoints.save(self.step, self.state(), extra, meta=meta, parallel=self.parallel)
 
 
 class LossModule(torch.nn.Module):
@@ -103,13 +107,26 @@ class LossModule(torch.nn.Module):
         return self.model.training_loss(batch)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
+def _grouped_names(model: torch.nn.Module) -> tuple:
     """Megatron's rule: no weight decay on biases and norm weights (1-D parameters)."""
     decay, no_decay = [], []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.dim() < 2 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            (no_decay if p.dim() < 2 else decay).append(name)
+    return decay, no_decay
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
+    params = dict(model.named_parameters())
+    decay, no_decay = _grouped_names(model)
+    return [{"params": [params[n] for n in decay], "weight_decay": weight_decay},
+            {"params": [params[n] for n in no_decay], "weight_decay": 0.0}]
+
+
+def optimizer_param_names(model: torch.nn.Module) -> list:
+    """Parameter names in the optimizer's order (what its integer ids refer to)."""
+    decay, no_decay = _grouped_names(model)
+    return decay + no_decay
 
 
 def build_run(config: ExperimentConfig, plugins=None) -> Run:
@@ -118,7 +135,8 @@ def build_run(config: ExperimentConfig, plugins=None) -> Run:
 
         plugins = get_plugins()
     tr, mc = config.trainer, config.model
-    parallel = init_parallel(tr.devices, tr.num_nodes, tr.dist_timeout_s)
+    parallel = init_parallel(tr.devices, tr.num_nodes, tr.dist_timeout_s,
+                             mc.tensor_model_parallel_size, mc.pipeline_model_parallel_size)
     device = pick_device(tr.accelerator, parallel.local_rank)
     gbs, n_micro = batch_geometry(mc.micro_batch_size, mc.global_batch_size, tr.accumulate_grad_batches, parallel.dp_size)
     # Resolve every component name before touching the disk, so a typo costs nothing.
@@ -141,7 +159,8 @@ def build_run(config: ExperimentConfig, plugins=None) -> Run:
         if turn:
             parallel.barrier()
 
-    seed_everything(mc.seed)
+    seed_everything(mc.seed)  # the same on every tensor- and data-parallel rank (Megatron's rule)
+    get_rng_tracker().reset(mc.seed, parallel.tp_rank, device.type)
     model = model_entry.factory(mc, tokenizer).to(device)
     optimizer = optim_entry.factory(mc.optim, param_groups(model, mc.optim.weight_decay))
     lr_at = sched_entry.factory(mc.optim.sched, mc.optim.lr, tr.max_steps)
@@ -158,7 +177,8 @@ def build_run(config: ExperimentConfig, plugins=None) -> Run:
     if parallel.dp_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        loss_module = DistributedDataParallel(loss_module, device_ids=[device.index] if device.type == "cuda" else None)
+        loss_module = DistributedDataParallel(loss_module, device_ids=[device.index] if device.type == "cuda" else None,
+                                              process_group=parallel.dp_group)
     run = Run(
         config=config, plugins=plugins, run_dir=run_dir, device=device, parallel=parallel, tokenizer=tokenizer,
         model=model, optimizer=optimizer, lr_at=lr_at, scaler=scaler, train_data=train_data, valid_data=valid_data,
@@ -178,9 +198,34 @@ def resume(run: Run, plugins) -> None:
         return
     manifest = verify(path)
     fmt = plugins.checkpoint_formats.get(manifest.get("format", "native"), f"{path}/manifest.json format").factory()
-    run.load_state(fmt.load(path))
+    run.load_state(load_resharded(fmt, path, manifest, run.parallel, run.model, run.optimizer))
     run.resumed_from = path
     log.info("resumed from %s (step %d, %d samples consumed)", path, run.step, run.consumed_samples)
+
+
+def load_resharded(fmt, path: Path, manifest: dict, parallel: ParallelState, model, optimizer=None) -> dict:
+    """This rank's checkpoint state, resharded when the checkpoint was saved at another
+    tensor-parallel size: model weights and optimizer moments are merged from every saved
+    rank and re-cut for this one (RNG states are not carried across layouts)."""
+    saved_tp = manifest.get("tensor_model_parallel_size", 1)
+    saved_pp = manifest.get("pipeline_model_parallel_size", 1)
+    if (saved_tp, saved_pp) == (parallel.tp_size, parallel.pp_size):
+        return fmt.load(path, parallel)
+    if saved_pp != 1 or parallel.pp_size != 1:
+        raise CheckpointError(f"{path}: saved with {saved_pp} pipeline stages, loaded with {parallel.pp_size};"
+                              " resharding across pipeline sizes is not supported yet")
+    ranks = [fmt.load(path, ParallelState(tp_size=saved_tp, tp_rank=r)) for r in range(saved_tp)]
+    sharding = ranks[0].get("sharding")
+    if sharding is None:
+        raise CheckpointError(f"{path}: has no sharding record, so it cannot be loaded at another tensor-parallel size")
+    log.info("resharding %s from tensor-parallel size %d to %d", path, saved_tp, parallel.tp_size)
+    state = {"model": shard_for(model, merge_shards([r["model"] for r in ranks], sharding), parallel)}
+    if optimizer is not None and all("optimizer" in r for r in ranks):
+        state["optimizer"] = reshard_optimizer([r["optimizer"] for r in ranks], optimizer_param_names(model), sharding,
+                                               model, parallel, optimizer.state_dict())
+    if "trainer" in ranks[0]:
+        state["trainer"] = {k: v for k, v in ranks[0]["trainer"].items() if k != "rng"}
+    return state
 
 
 def run(config: ExperimentConfig, plugins=None) -> Run:

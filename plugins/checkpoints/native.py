@@ -4,6 +4,10 @@
     optimizer.pt  the optimizer's state dict
     trainer.pt    step, consumed samples, loss scaler, RNG states
 
+With tensor or pipeline parallelism each model-parallel rank writes its own files into
+`mp_rank_{tp:02d}/` (`mp_rank_{tp:02d}_{pp:03d}/` with pipeline parallelism), the folder
+names Megatron-LM uses.
+
 All are plain tensors and containers, loaded with `weights_only=True`: opening a
 checkpoint never runs code from it. Atomic writes, checksums and the `latest` pointer are
 the kernel's (mega.training.checkpointing).
@@ -17,21 +21,33 @@ import torch
 import mega
 from mega.errors import CheckpointError
 
-PARTS = ("model", "optimizer", "trainer")
+PARTS = ("model", "optimizer", "trainer", "sharding")
+
+
+def rank_folder(directory: Path, parallel) -> Path:
+    """Where this model-parallel rank's files live (the directory itself for one rank)."""
+    tp, pp = (parallel.tp_size, parallel.pp_size) if parallel is not None else (1, 1)
+    if tp * pp == 1:
+        return directory
+    name = f"mp_rank_{parallel.tp_rank:02d}" + (f"_{parallel.pp_rank:03d}" if pp > 1 else "")
+    return directory / name
 
 
 class NativeFormat:
     name = "native"
 
-    def save(self, state: dict, directory: Path) -> None:
+    def save(self, state: dict, directory: Path, parallel=None) -> None:
+        folder = rank_folder(directory, parallel)
+        folder.mkdir(parents=True, exist_ok=True)
         for part in PARTS:
             if part in state:
-                torch.save(state[part], directory / f"{part}.pt")
+                torch.save(state[part], folder / f"{part}.pt")
 
-    def load(self, directory: Path, parts=PARTS) -> dict:
+    def load(self, directory: Path, parallel=None, parts=PARTS) -> dict:
         state = {}
+        folder = rank_folder(directory, parallel)
         for part in parts:
-            path = directory / f"{part}.pt"
+            path = folder / f"{part}.pt"
             if not path.is_file():
                 if part == "model":
                     raise CheckpointError(f"{path}: missing from the checkpoint")

@@ -17,7 +17,15 @@ from torch import nn
 
 from mega.config import ModelConfig
 from mega.errors import ConfigError
-from mega.plugins.models.transformer import KVCache, TransformerStack, init_megatron_, padded_vocab_size
+from mega.plugins.models.transformer import KVCache, TransformerStack, normal_init, padded_vocab_size, scaled_init
+from mega.runtime.parallel import current
+from mega.runtime.tensor_parallel import (
+    VocabParallelEmbedding,
+    copy_to_tp,
+    gather_from_tp,
+    mark_replicated,
+    vocab_parallel_cross_entropy,
+)
 
 
 @define(kw_only=True)
@@ -37,10 +45,11 @@ class GPTConfig(ModelConfig):
 
 
 class Embedding(nn.Module):
-    def __init__(self, vocab: int, hidden: int, max_positions: int, dropout: float):
+    def __init__(self, vocab: int, hidden: int, max_positions: int, dropout: float, init_method):
         super().__init__()
-        self.word_embeddings = nn.Embedding(vocab, hidden)
+        self.word_embeddings = VocabParallelEmbedding(vocab, hidden, init_method)
         self.position_embeddings = nn.Embedding(max_positions, hidden)
+        init_method(self.position_embeddings.weight.data)
         self.embedding_dropout = nn.Dropout(dropout)
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -53,10 +62,12 @@ class LanguageModel(nn.Module):
     def __init__(self, cfg: GPTConfig, vocab: int):
         super().__init__()
         ffn = cfg.ffn_hidden_size or 4 * cfg.hidden_size
-        self.embedding = Embedding(vocab, cfg.hidden_size, cfg.max_position_embeddings or cfg.seq_length, cfg.hidden_dropout)
+        init, out_init = normal_init(cfg.init_method_std), scaled_init(cfg.init_method_std, cfg.num_layers)
+        self.embedding = Embedding(vocab, cfg.hidden_size, cfg.max_position_embeddings or cfg.seq_length,
+                                   cfg.hidden_dropout, init)
         self.encoder = TransformerStack(
             cfg.num_layers, cfg.hidden_size, cfg.num_attention_heads, ffn,
-            cfg.hidden_dropout, cfg.attention_dropout, cfg.layernorm_epsilon,
+            cfg.hidden_dropout, cfg.attention_dropout, cfg.layernorm_epsilon, init, out_init,
         )
 
 
@@ -80,10 +91,10 @@ class GPTModel(nn.Module):
         check_shape(cfg)
         self.config = cfg
         self.vocab_size = vocab_size  # the tokenizer's; logits beyond it are padding
-        self.padded_vocab_size = padded_vocab_size(vocab_size, cfg.make_vocab_size_divisible_by)
+        self.padded_vocab_size = padded_vocab_size(vocab_size, cfg.make_vocab_size_divisible_by, current().tp_size)
         self.max_positions = cfg.max_position_embeddings or cfg.seq_length
         self.language_model = LanguageModel(cfg, self.padded_vocab_size)
-        init_megatron_(self, cfg.init_method_std, cfg.num_layers)
+        mark_replicated(self)
 
     # --- the LanguageModule contract ------------------------------------------------------
     def shared_embedding_or_output_weight(self) -> torch.Tensor:
@@ -91,14 +102,15 @@ class GPTModel(nn.Module):
 
     @staticmethod
     def compute_language_model_loss(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """Cross entropy over the vocabulary in fp32: [batch, seq] losses."""
-        b, s, v = logits.shape
-        return F.cross_entropy(logits.float().view(-1, v), labels.reshape(-1), reduction="none").view(b, s)
+        """Cross entropy over the vocabulary in fp32: [batch, seq] losses. `logits` are this
+        rank's vocabulary slice under tensor parallelism (never gathered)."""
+        return vocab_parallel_cross_entropy(logits, labels)
 
     # --- forward ---------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None) -> torch.Tensor:
-        """Logits [batch, seq, padded_vocab] for `tokens` [batch, seq]."""
+                cache: Optional[KVCache] = None, parallel_output: bool = False) -> torch.Tensor:
+        """Logits [batch, seq, padded_vocab] for `tokens` [batch, seq]; with
+        `parallel_output`, only this tensor-parallel rank's vocabulary slice."""
         if position_ids is None:
             start = cache.length if cache is not None else 0
             position_ids = torch.arange(start, start + tokens.shape[1], device=tokens.device).unsqueeze(0)
@@ -106,19 +118,20 @@ class GPTModel(nn.Module):
             raise ValueError(f"position {int(position_ids.max())} exceeds max_position_embeddings {self.max_positions}")
         h = self.language_model.embedding(tokens, position_ids)
         h = self.language_model.encoder(h, cache)
-        return F.linear(h, self.shared_embedding_or_output_weight())
+        logits = F.linear(copy_to_tp(h), self.shared_embedding_or_output_weight())
+        return logits if parallel_output else gather_from_tp(logits)
 
     def training_loss(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """The kernel's model contract: the sum of masked token losses (the kernel divides
         by the global batch's token count) plus any extra terms to log."""
-        logits = self(batch["tokens"])
+        logits = self(batch["tokens"], parallel_output=True)
         losses = self.compute_language_model_loss(batch["labels"], logits)
         return {"loss_sum": (losses * batch["loss_mask"]).sum()}
 
     def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
         cfg = self.config
         w = self.shared_embedding_or_output_weight()
-        return KVCache(cfg.num_layers, batch, cfg.num_attention_heads, max_len,
+        return KVCache(cfg.num_layers, batch, cfg.num_attention_heads // current().tp_size, max_len,
                        cfg.hidden_size // cfg.num_attention_heads, w.device, w.dtype)
 
     # --- FLOPs, so MFU says which count it uses ----------------------------------------------

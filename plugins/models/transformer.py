@@ -1,18 +1,33 @@
-"""Pre-LayerNorm transformer blocks shared by the model plugins.
+"""Pre-LayerNorm transformer blocks shared by the model plugins, on the kernel's
+tensor-parallel layers.
 
 Parameter names follow Megatron-LM's legacy layout (`self_attention.query_key_value`,
 `mlp.dense_h_to_4h`, ...) so checkpoints map key for key (see specs/checkpoints.md). The
 fused QKV weight is stored per head as [num_heads, 3, head_dim] rows (checkpoint_version
->= 2.0), which is also the layout a column-parallel split by heads needs.
+>= 2.0), which is also what a column-parallel split by heads needs: each rank holds whole
+heads with their Q, K and V.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mega.runtime.parallel import current
+from mega.runtime.tensor_parallel import ColumnParallelLinear, RowParallelLinear, get_rng_tracker
+
+
+def normal_init(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda t: nn.init.normal_(t, 0.0, std)
+
+
+def scaled_init(std: float, num_layers: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Megatron's init of the output projection of each residual branch: std / sqrt(2L)."""
+    return normal_init(std / math.sqrt(2.0 * num_layers))
 
 
 class KVCache:
@@ -36,16 +51,20 @@ class KVCache:
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, hidden_size: int, num_heads: int, attention_dropout: float, layer_number: int):
+    def __init__(self, hidden_size: int, num_heads: int, attention_dropout: float, layer_number: int,
+                 init_method, output_init_method):
         super().__init__()
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_attention_heads {num_heads}")
-        self.num_heads = num_heads
+        tp = current().tp_size
+        if num_heads % tp:
+            raise ValueError(f"num_attention_heads {num_heads} is not divisible by the tensor-parallel size {tp}")
+        self.num_heads = num_heads // tp  # heads on this rank
         self.head_dim = hidden_size // num_heads
         self.attention_dropout = attention_dropout
-        self.layer_number = layer_number
-        self.query_key_value = nn.Linear(hidden_size, 3 * hidden_size)
-        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.layer_number = layer_number  # index into a KV cache (local to this pipeline stage)
+        self.query_key_value = ColumnParallelLinear(hidden_size, 3 * hidden_size, init_method)
+        self.dense = RowParallelLinear(hidden_size, hidden_size, output_init_method)
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
         b, s, _ = x.shape
@@ -56,19 +75,22 @@ class SelfAttention(nn.Module):
             past = cache.length
             k, v = cache.append(self.layer_number, k, v)
         dropout = self.attention_dropout if self.training else 0.0
-        if past == 0:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-        else:  # new queries see every cached position and the causal part of their own
-            mask = torch.ones(s, past + s, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        # this rank's heads draw their own dropout masks under tensor parallelism
+        rng = get_rng_tracker().fork() if dropout and current().tp_size > 1 else contextlib.nullcontext()
+        with rng:
+            if past == 0:
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+            else:  # new queries see every cached position and the causal part of their own
+                mask = torch.ones(s, past + s, dtype=torch.bool, device=x.device).tril(diagonal=past)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         return self.dense(y.transpose(1, 2).reshape(b, s, -1))
 
 
 class MLP(nn.Module):
-    def __init__(self, hidden_size: int, ffn_hidden_size: int):
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, init_method, output_init_method):
         super().__init__()
-        self.dense_h_to_4h = nn.Linear(hidden_size, ffn_hidden_size)
-        self.dense_4h_to_h = nn.Linear(ffn_hidden_size, hidden_size)
+        self.dense_h_to_4h = ColumnParallelLinear(hidden_size, ffn_hidden_size, init_method)
+        self.dense_4h_to_h = RowParallelLinear(ffn_hidden_size, hidden_size, output_init_method)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Megatron's default GeLU is the tanh approximation (openai_gelu off -> erf); we use erf.
@@ -78,12 +100,14 @@ class MLP(nn.Module):
 class TransformerLayer(nn.Module):
     """x + attn(LN(x)), then x + mlp(LN(x)), with dropout on each residual branch."""
 
-    def __init__(self, hidden_size, num_heads, ffn_hidden_size, hidden_dropout, attention_dropout, eps, layer_number):
+    def __init__(self, hidden_size, num_heads, ffn_hidden_size, hidden_dropout, attention_dropout, eps, layer_number,
+                 init_method, output_init_method):
         super().__init__()
         self.input_layernorm = nn.LayerNorm(hidden_size, eps=eps)
-        self.self_attention = SelfAttention(hidden_size, num_heads, attention_dropout, layer_number)
+        self.self_attention = SelfAttention(hidden_size, num_heads, attention_dropout, layer_number, init_method,
+                                            output_init_method)
         self.post_attention_layernorm = nn.LayerNorm(hidden_size, eps=eps)
-        self.mlp = MLP(hidden_size, ffn_hidden_size)
+        self.mlp = MLP(hidden_size, ffn_hidden_size, init_method, output_init_method)
         self.hidden_dropout = nn.Dropout(hidden_dropout)
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
@@ -92,42 +116,29 @@ class TransformerLayer(nn.Module):
 
 
 class TransformerStack(nn.Module):
-    """The `encoder` of Megatron's language_model: layers then a final LayerNorm."""
+    """The `encoder` of Megatron's language_model: layers, then a final LayerNorm on the
+    last pipeline stage. `layer_offset` is the global index of the first layer here."""
 
-    def __init__(self, num_layers, hidden_size, num_heads, ffn_hidden_size, hidden_dropout, attention_dropout, eps):
+    def __init__(self, num_layers, hidden_size, num_heads, ffn_hidden_size, hidden_dropout, attention_dropout, eps,
+                 init_method, output_init_method, layer_offset: int = 0, final_layernorm: bool = True):
         super().__init__()
+        self.layer_offset = layer_offset
         self.layers = nn.ModuleList(
-            TransformerLayer(hidden_size, num_heads, ffn_hidden_size, hidden_dropout, attention_dropout, eps, i)
+            TransformerLayer(hidden_size, num_heads, ffn_hidden_size, hidden_dropout, attention_dropout, eps, i,
+                             init_method, output_init_method)
             for i in range(num_layers)
         )
-        self.final_layernorm = nn.LayerNorm(hidden_size, eps=eps)
+        self.final_layernorm = nn.LayerNorm(hidden_size, eps=eps) if final_layernorm else None
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
         for layer in self.layers:
             x = layer(x, cache)
         if cache is not None:
             cache.length += x.shape[1]
-        return self.final_layernorm(x)
-
-
-def init_megatron_(module: nn.Module, std: float, num_layers: int) -> None:
-    """Megatron's initialisation: N(0, std) weights, output projections of each residual
-    branch scaled by 1/sqrt(2 * num_layers), zero biases, unit LayerNorms."""
-    out_std = std / math.sqrt(2.0 * num_layers)
-    for name, p in module.named_parameters():
-        if p.dim() == 1:
-            if "layernorm" in name and name.endswith("weight"):
-                nn.init.ones_(p)
-            else:
-                nn.init.zeros_(p)
-        elif name.endswith("self_attention.dense.weight") or name.endswith("dense_4h_to_h.weight"):
-            nn.init.normal_(p, 0.0, out_std)
-        else:
-            nn.init.normal_(p, 0.0, std)
+        return self.final_layernorm(x) if self.final_layernorm is not None else x
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int = 1) -> int:
     """Pad the vocabulary to a multiple of divisible_by x TP, as Megatron does."""
     multiple = divisible_by * tensor_parallel
     return ((vocab_size + multiple - 1) // multiple) * multiple
-

@@ -1,0 +1,113 @@
+"""How a model's tensors are split across tensor-parallel ranks, and putting shards back
+together at another tensor-parallel size (resharding).
+
+Every parameter of a mega model carries `partition_dim` (see tensor_parallel.layers).
+Checkpoints store, per rank, a `sharding` record: the tensor-parallel size and rank, and
+the split dimension and *global* shape of every tensor — the idea of megatron-core's
+sharded state dict. Loading at another size concatenates the saved shards of each tensor
+along its split dimension and takes this rank's slice; the vocabulary padding (which
+depends on the TP size) is cut or zero-filled to the new padded size.
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+
+
+def sharding_of(model: torch.nn.Module, parallel) -> dict:
+    dims, shapes = {}, {}
+    params = dict(model.named_parameters())
+    for name, tensor in model.state_dict().items():
+        dim = getattr(params.get(name), "partition_dim", None)
+        dims[name] = dim
+        shape = list(tensor.shape)
+        if dim is not None:
+            shape[dim] *= parallel.tp_size
+        shapes[name] = shape
+    return {"tp_size": parallel.tp_size, "tp_rank": parallel.tp_rank, "partition_dims": dims, "global_shapes": shapes}
+
+
+def merge_shards(states: List[Dict[str, torch.Tensor]], sharding: dict) -> Dict[str, torch.Tensor]:
+    """Full tensors from the state dicts of every tensor-parallel rank (in rank order)."""
+    full = {}
+    for name, dim in sharding["partition_dims"].items():
+        parts = [s[name] for s in states]
+        full[name] = parts[0] if dim is None else torch.cat(parts, dim=dim)
+    return full
+
+
+def shard_for(model: torch.nn.Module, full: Dict[str, torch.Tensor], parallel) -> Dict[str, torch.Tensor]:
+    """This rank's state dict for `model` cut from full tensors; dimensions whose global
+    size changed (vocabulary padding) are cut or zero-padded at the end."""
+    params = dict(model.named_parameters())
+    out = {}
+    for name, local in model.state_dict().items():
+        if name not in full:
+            raise KeyError(name)
+        tensor = full[name]
+        dim = getattr(params.get(name), "partition_dim", None)
+        target = list(local.shape)
+        if dim is not None:
+            target[dim] *= parallel.tp_size
+        tensor = _fit(tensor, target)
+        if dim is not None and parallel.tp_size > 1:
+            tensor = tensor.chunk(parallel.tp_size, dim=dim)[parallel.tp_rank]
+        out[name] = tensor.clone()
+    return out
+
+
+def _fit(tensor: torch.Tensor, shape: List[int]) -> torch.Tensor:
+    if list(tensor.shape) == shape:
+        return tensor
+    for d, (have, want) in enumerate(zip(tensor.shape, shape)):
+        if have > want:
+            tensor = tensor.narrow(d, 0, want)
+        elif have < want:
+            pad = list(tensor.shape)
+            pad[d] = want - have
+            tensor = torch.cat([tensor, tensor.new_zeros(pad)], dim=d)
+    return tensor
+
+
+def optimizer_by_name(opt_state: dict, names: List[str]) -> Dict[str, dict]:
+    """Per-parameter optimizer state keyed by parameter name (`names` in the optimizer's
+    parameter order)."""
+    order = [i for group in opt_state["param_groups"] for i in group["params"]]
+    return {names[pos]: opt_state["state"][i] for pos, i in enumerate(order) if i in opt_state["state"]}
+
+
+def reshard_optimizer(saved: List[dict], names: List[str], sharding: dict, model, parallel, template: dict) -> dict:
+    """The optimizer state dict for this rank, from every saved tensor-parallel rank's
+    (same parameter names and order at any TP size): tensors shaped like their parameter
+    are merged and re-cut like it, scalars (the step count) are kept."""
+    per_rank = [optimizer_by_name(s, names) for s in saved]
+    params = dict(model.named_parameters())
+    state = {}
+    for pos, name in enumerate(names):
+        if name not in per_rank[0]:
+            continue
+        entry = {}
+        for key, value in per_rank[0][name].items():
+            if torch.is_tensor(value) and value.dim() > 0:
+                full = merge_shards([{name: r[name][key]} for r in per_rank], {"partition_dims": {name: sharding["partition_dims"][name]}})[name]
+                entry[key] = shard_for(_One(name, params[name]), {name: full}, parallel)[name]
+            else:
+                entry[key] = value
+        state[pos] = entry
+    return {"state": state, "param_groups": template["param_groups"]}
+
+
+class _One(torch.nn.Module):
+    """A one-parameter view so shard_for can cut a tensor shaped like `param`."""
+
+    def __init__(self, name: str, param: torch.nn.Parameter):
+        super().__init__()
+        self._name = name
+        self._param = param
+
+    def named_parameters(self, *args, **kwargs):
+        yield self._name, self._param
+
+    def state_dict(self, *args, **kwargs):
+        return {self._name: self._param.detach()}

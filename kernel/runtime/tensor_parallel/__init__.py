@@ -1,0 +1,16 @@
+"""Tensor parallelism: layers, mappings, vocab-parallel cross entropy, RNG tracker."""
+from mega.runtime.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+from mega.runtime.tensor_parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    mark_replicated,
+    shard,
+)
+from mega.runtime.tensor_parallel.mappings import copy_to_tp, gather_from_tp, reduce_from_tp, scatter_to_tp
+from mega.runtime.tensor_parallel.random import get_rng_tracker
+
+__all__ = [
+    "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "mark_replicated", "shard", "vocab_parallel_cross_entropy",
+    "copy_to_tp", "gather_from_tp", "reduce_from_tp", "scatter_to_tp", "get_rng_tracker",
+]

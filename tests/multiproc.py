@@ -1,0 +1,64 @@
+"""Run a function on N local ranks (gloo, CPU) and collect what each returns.
+
+Each rank is a spawned process that joins a process group through a file rendezvous and
+sets up mega's parallel layout as a launched worker would; a rank that raises or hangs
+fails the test with its traceback, within `timeout` seconds.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import traceback
+
+import torch.multiprocessing as mp
+
+
+def _worker(rank, world, tp, pp, init_file, out_dir, fn, args):
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
+    import torch
+
+    torch.set_num_threads(1)
+    result_path = os.path.join(out_dir, f"rank{rank}.pkl")
+    try:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+        from mega.runtime.parallel import init_parallel, shutdown_parallel
+
+        state = init_parallel(world, 1, 120, tp, pp)
+        result = ("ok", fn(state, *args))
+        shutdown_parallel()
+    except BaseException:
+        result = ("error", traceback.format_exc())
+    with open(result_path, "wb") as f:
+        pickle.dump(result, f)
+
+
+def run_ranks(fn, world: int, tp: int = 1, pp: int = 1, args=(), timeout: float = 120):
+    """fn(parallel_state, *args) on each rank; returns the list of results by rank."""
+    with tempfile.TemporaryDirectory() as d:
+        init_file = os.path.join(d, "rendezvous")
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=_worker, args=(r, world, tp, pp, init_file, d, fn, args)) for r in range(world)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout)
+        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        if hung:
+            raise TimeoutError(f"ranks {hung} did not finish within {timeout}s")
+        results = []
+        for r in range(world):
+            path = os.path.join(d, f"rank{r}.pkl")
+            if not os.path.exists(path):
+                raise RuntimeError(f"rank {r} died without a result (exit code {procs[r].exitcode})")
+            with open(path, "rb") as f:
+                status, value = pickle.load(f)
+            if status == "error":
+                raise RuntimeError(f"rank {r} failed:\n{value}")
+            results.append(value)
+        return results
