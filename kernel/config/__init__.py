@@ -37,7 +37,7 @@ from mega.errors import ConfigError
 __all__ = [
     "CheckpointConfig", "DataConfig", "ExperimentConfig", "ExpManagerConfig", "ModelConfig",
     "OptimConfig", "Precision", "SchedConfig", "TokenizerConfig", "TrainerConfig",
-    "load_config", "load_raw", "config_from_dict", "dump_config", "parse_value",
+    "load_config", "load_raw", "config_from_dict", "dump_config", "parse_value", "to_dict",
 ]
 
 

@@ -29,7 +29,7 @@ from mega.runtime.parallel import ParallelState
 log = logging.getLogger("mega.checkpoint")
 MANIFEST = "manifest.json"
 LATEST = "latest"
-_STEP_DIR = re.compile(r"^step_(\d{7,})$")
+_STEP_DIR = re.compile(r"^(?:step|iter)_(\d{7,})$")  # "iter_" is Megatron-LM's naming
 
 
 def _sha256(path: Path) -> str:
@@ -66,7 +66,7 @@ def write_text_atomic(path: Path, text: str) -> None:
 def step_of(path: Path) -> int:
     m = _STEP_DIR.match(path.name)
     if not m:
-        raise CheckpointError(f"{path}: not a checkpoint directory (expected step_NNNNNNN)")
+        raise CheckpointError(f"{path}: not a checkpoint directory (expected step_NNNNNNN or iter_NNNNNNN)")
     return int(m.group(1))
 
 
@@ -84,7 +84,8 @@ class CheckpointManager:
         `extra_files` — name -> text (str) or a file to copy (Path) — and the manifest, and
         renames the directory into place)."""
         parallel = parallel or ParallelState()
-        final = self.root / f"step_{step:07d}"
+        naming = getattr(self.fmt, "directory_name", None)  # a format may name its directories
+        final = self.root / (naming(step) if naming else f"step_{step:07d}")
         tmp = self.root / f".tmp-{final.name}"
         if parallel.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -105,6 +106,9 @@ class CheckpointManager:
             raise error or CheckpointError(f"{tmp}: another rank failed to write its part of the checkpoint")
         if parallel.is_main:
             self._commit(tmp, final)
+            after = getattr(self.fmt, "after_commit", None)  # e.g. Megatron's iteration tracker file
+            if after is not None:
+                after(self.root, final, step)
         parallel.barrier()
         return final
 

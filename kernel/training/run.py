@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, Optional
 import attrs
 import torch
 
-from mega.config import ExperimentConfig, dump_config
+from mega.config import ExperimentConfig, dump_config, to_dict
 from mega.errors import CheckpointError
 from mega.runtime.parallel import ParallelState, init_parallel, pick_device, shutdown_parallel
 from mega.runtime.sharding import merge_shards, reshard_optimizer, shard_for, sharding_of
@@ -59,7 +59,7 @@ class Run:
         if self.scaler is not None:
             trainer["loss_scaler"] = self.scaler.state_dict()
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "trainer": trainer,
-                "sharding": sharding_of(self.model, self.parallel)}
+                "sharding": sharding_of(self.model, self.parallel), "config": to_dict(self.config)}
 
     def load_state(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
