@@ -51,14 +51,17 @@ def run_ranks(fn, world: int, tp: int = 1, pp: int = 1, args=(), timeout: float 
                 p.kill()
         if hung:
             raise TimeoutError(f"ranks {hung} did not finish within {timeout}s")
-        results = []
+        results, errors = [], []
         for r in range(world):
             path = os.path.join(d, f"rank{r}.pkl")
             if not os.path.exists(path):
-                raise RuntimeError(f"rank {r} died without a result (exit code {procs[r].exitcode})")
+                errors.append(f"rank {r} died without a result (exit code {procs[r].exitcode})")
+                continue
             with open(path, "rb") as f:
                 status, value = pickle.load(f)
             if status == "error":
-                raise RuntimeError(f"rank {r} failed:\n{value}")
+                errors.append(f"rank {r} failed:\n{value}")
             results.append(value)
+        if errors:
+            raise RuntimeError("\n".join(errors))
         return results

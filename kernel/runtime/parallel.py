@@ -37,6 +37,15 @@ class ParallelState:
     dp_group: object = None
     pp_group: object = None
     pp_ranks: tuple = (0,)  # global ranks of this process's pipeline, first stage first
+    embedding_group: object = None  # first + last stage of this pipeline (tied word embedding)
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
 
     @property
     def is_main(self) -> bool:
@@ -136,9 +145,14 @@ def init_parallel(devices: int, num_nodes: int, timeout_s: int = 600, tp: int = 
             g = dist.new_group(ranks)
             if rank in ranks:
                 groups["pp"], pp_ranks = g, tuple(ranks)
+            if pp > 1:
+                g = dist.new_group([ranks[0], ranks[-1]])
+                if rank in (ranks[0], ranks[-1]):
+                    groups["embedding"] = g
     return set_current(ParallelState(
         world_size=world, rank=rank, local_rank=local, dp_size=dp, dp_rank=dp_rank, tp_size=tp, tp_rank=tp_rank,
         pp_size=pp, pp_rank=pp_rank, tp_group=groups["tp"], dp_group=groups["dp"], pp_group=groups["pp"], pp_ranks=pp_ranks,
+        embedding_group=groups.get("embedding"),
     ))
 
 

@@ -7,12 +7,25 @@ the split dimension and *global* shape of every tensor — the idea of megatron-
 sharded state dict. Loading at another size concatenates the saved shards of each tensor
 along its split dimension and takes this rank's slice; the vocabulary padding (which
 depends on the TP size) is cut or zero-filled to the new padded size.
+
+Across pipeline sizes, names are made global first: a model states the global index of its
+first layer (`pipeline_layer_offset`; names `...layers.{i}...` are renumbered by it) and
+which of its tensors are copies of another (`state_aliases`, e.g. the last stage's
+`word_embeddings_for_head.weight` of the tied word embedding), which merging drops and
+loading fills from their source.
 """
 from __future__ import annotations
 
+import re
 from typing import Dict, List
 
 import torch
+
+_LAYER = re.compile(r"((?:^|\.)layers\.)(\d+)(\.)")
+
+
+def renumber(name: str, offset: int) -> str:
+    return _LAYER.sub(lambda m: f"{m.group(1)}{int(m.group(2)) + offset}{m.group(3)}", name, count=1)
 
 
 def sharding_of(model: torch.nn.Module, parallel) -> dict:
@@ -25,7 +38,27 @@ def sharding_of(model: torch.nn.Module, parallel) -> dict:
         if dim is not None:
             shape[dim] *= parallel.tp_size
         shapes[name] = shape
-    return {"tp_size": parallel.tp_size, "tp_rank": parallel.tp_rank, "partition_dims": dims, "global_shapes": shapes}
+    return {"tp_size": parallel.tp_size, "tp_rank": parallel.tp_rank, "pp_size": parallel.pp_size,
+            "pp_rank": parallel.pp_rank, "layer_offset": getattr(model, "pipeline_layer_offset", 0),
+            "aliases": dict(getattr(model, "state_aliases", {})), "partition_dims": dims, "global_shapes": shapes}
+
+
+def to_global(full: Dict[str, torch.Tensor], sharding: dict) -> Dict[str, torch.Tensor]:
+    """A stage's merged tensors under global names (aliases dropped)."""
+    offset, aliases = sharding.get("layer_offset", 0), sharding.get("aliases", {})
+    return {renumber(k, offset): v for k, v in full.items() if k not in aliases}
+
+
+def to_local(model: torch.nn.Module, full: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Global tensors under this model's local names (a stage's layers, its aliases)."""
+    offset, aliases = getattr(model, "pipeline_layer_offset", 0), getattr(model, "state_aliases", {})
+    out = {}
+    for name in model.state_dict():
+        source = aliases.get(name, renumber(name, offset))
+        if source not in full:
+            raise KeyError(f"{name} (global name {source}) is not in the checkpoint")
+        out[name] = full[source]
+    return out
 
 
 def merge_shards(states: List[Dict[str, torch.Tensor]], sharding: dict) -> Dict[str, torch.Tensor]:

@@ -20,6 +20,7 @@ import torch
 
 from mega.runtime.device_peaks import peak_flops
 from mega.runtime.grad_norm import clip_grad_norm
+from mega.runtime.pipeline import pipeline_forward_backward
 from mega.runtime.precision import autocast
 from mega.training.batches import load_micro_batches, micro_batch_positions
 
@@ -53,6 +54,29 @@ def _forward_sums(run, micro_batches, num_tokens):
     return run.parallel.all_reduce_sum(loss_total), {k: run.parallel.all_reduce_sum(v) for k, v in terms.items()}
 
 
+def _losses(run, micro_batches, num_tokens):
+    """Forward (and backward when training) of one global batch on this rank: the plain
+    micro-batch loop, or the 1F1B pipeline schedule across stages."""
+    if run.parallel.pp_size == 1:
+        return _forward_sums(run, micro_batches, num_tokens)
+    loss, terms = pipeline_forward_backward(run, micro_batches, num_tokens, forward_only=not torch.is_grad_enabled())
+    if torch.is_grad_enabled() and run.parallel.dp_size > 1:
+        _all_reduce_grads(run)
+    return run.parallel.all_reduce_sum(loss), {k: run.parallel.all_reduce_sum(v) for k, v in terms.items()}
+
+
+def _all_reduce_grads(run) -> None:
+    """Sum gradients over data-parallel replicas in one flat buffer (pipeline runs do not
+    use DDP: their backward passes interleave with forwards of other micro-batches)."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    grads = [p.grad for p in run.model.parameters() if p.grad is not None]
+    flat = _flatten_dense_tensors(grads)
+    torch.distributed.all_reduce(flat, group=run.parallel.dp_group)
+    for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        g.copy_(synced)
+
+
 def _num_tokens(run, micro_batches) -> torch.Tensor:
     n = sum(mb["loss_mask"].sum() for mb in micro_batches)
     return run.parallel.all_reduce_sum(n).clamp(min=1.0)
@@ -67,12 +91,12 @@ def train_step(run) -> Dict[str, torch.Tensor]:
                                       run.parallel.dp_rank, run.parallel.dp_size)
     micro_batches = load_micro_batches(run.train_data, positions, run.device)
     run.optimizer.zero_grad(set_to_none=True)
-    loss, terms = _forward_sums(run, micro_batches, _num_tokens(run, micro_batches))
+    loss, terms = _losses(run, micro_batches, _num_tokens(run, micro_batches))
 
     params = [p for p in run.model.parameters() if p.grad is not None]
     skipped = False
     if run.scaler is not None:
-        skipped = run.scaler.unscale_and_check(params)
+        skipped = run.parallel.any(run.scaler.unscale_and_check(params))  # every stage skips together
         run.scaler.update(skipped)
     if skipped:
         grad_norm = torch.tensor(float("nan"))
@@ -101,7 +125,7 @@ def validate(run) -> Dict[str, float]:
                                               run.parallel.dp_rank, run.parallel.dp_size)
             mbs = load_micro_batches(run.valid_data, positions, run.device)
             n = _num_tokens(run, mbs)
-            loss, terms = _forward_sums(run, mbs, n)
+            loss, terms = _losses(run, mbs, n)
             loss_sum += float(loss) * float(n)
             token_sum += float(n)
             for k, v in terms.items():
@@ -196,8 +220,8 @@ def _train(run, stop: threading.Event) -> None:
                 values["tokens_per_sec"] = tokens_per_step * steps_since / busy
                 if flops_per_token:
                     values["tflops"] = values["tokens_per_sec"] * flops_per_token / 1e12
-                    if peak:
-                        values["mfu"] = values["tflops"] * 1e12 / peak
+                    if peak:  # model FLOP/s per device over the device's peak
+                        values["mfu"] = values["tflops"] * 1e12 / (peak * run.parallel.world_size)
                 if not math.isfinite(values["loss"]):
                     log.warning("step %d: loss is %s", run.step, values["loss"])
                 run.last_metrics = values

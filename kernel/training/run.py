@@ -17,7 +17,7 @@ import torch
 from mega.config import ExperimentConfig, dump_config, to_dict
 from mega.errors import CheckpointError
 from mega.runtime.parallel import ParallelState, init_parallel, pick_device, shutdown_parallel
-from mega.runtime.sharding import merge_shards, reshard_optimizer, shard_for, sharding_of
+from mega.runtime.sharding import merge_shards, reshard_optimizer, shard_for, sharding_of, to_global, to_local
 from mega.runtime.precision import DynamicLossScaler
 from mega.runtime.rng import rng_state, seed_everything, set_rng_state
 from mega.runtime.tensor_parallel import get_rng_tracker
@@ -162,6 +162,8 @@ def build_run(config: ExperimentConfig, plugins=None) -> Run:
     seed_everything(mc.seed)  # the same on every tensor- and data-parallel rank (Megatron's rule)
     get_rng_tracker().reset(mc.seed, parallel.tp_rank, device.type)
     model = model_entry.factory(mc, tokenizer).to(device)
+    if parallel.pp_size > 1:  # after an identical init, each stage draws its own dropout masks (Megatron)
+        torch.manual_seed(mc.seed + 100 * parallel.pp_rank)
     optimizer = optim_entry.factory(mc.optim, param_groups(model, mc.optim.weight_decay))
     lr_at = sched_entry.factory(mc.optim.sched, mc.optim.lr, tr.max_steps)
     scaler = None
@@ -174,7 +176,7 @@ def build_run(config: ExperimentConfig, plugins=None) -> Run:
         valid_data = source.dataset("valid", tokenizer, mc.seq_length, tr.limit_val_batches * gbs, mc.seed)
 
     loss_module = LossModule(model)
-    if parallel.dp_size > 1:
+    if parallel.dp_size > 1 and parallel.pp_size == 1:  # pipelines all-reduce their own gradients
         from torch.nn.parallel import DistributedDataParallel
 
         loss_module = DistributedDataParallel(loss_module, device_ids=[device.index] if device.type == "cuda" else None,
@@ -211,20 +213,26 @@ def load_resharded(fmt, path: Path, manifest: dict, parallel: ParallelState, mod
     saved_pp = manifest.get("pipeline_model_parallel_size", 1)
     if (saved_tp, saved_pp) == (parallel.tp_size, parallel.pp_size):
         return fmt.load(path, parallel)
-    if saved_pp != 1 or parallel.pp_size != 1:
-        raise CheckpointError(f"{path}: saved with {saved_pp} pipeline stages, loaded with {parallel.pp_size};"
-                              " resharding across pipeline sizes is not supported yet")
-    ranks = [fmt.load(path, ParallelState(tp_size=saved_tp, tp_rank=r)) for r in range(saved_tp)]
-    sharding = ranks[0].get("sharding")
-    if sharding is None:
-        raise CheckpointError(f"{path}: has no sharding record, so it cannot be loaded at another tensor-parallel size")
-    log.info("resharding %s from tensor-parallel size %d to %d", path, saved_tp, parallel.tp_size)
-    state = {"model": shard_for(model, merge_shards([r["model"] for r in ranks], sharding), parallel)}
-    if optimizer is not None and all("optimizer" in r for r in ranks):
+    log.info("resharding %s from tensor/pipeline-parallel sizes (%d, %d) to (%d, %d)", path, saved_tp, saved_pp,
+             parallel.tp_size, parallel.pp_size)
+    full, stages = {}, []
+    for stage in range(saved_pp):
+        ranks = [fmt.load(path, ParallelState(tp_size=saved_tp, tp_rank=r, pp_size=saved_pp, pp_rank=stage))
+                 for r in range(saved_tp)]
+        sharding = ranks[0].get("sharding")
+        if sharding is None:
+            raise CheckpointError(f"{path}: has no sharding record, so it cannot be loaded at another parallel layout")
+        full.update(to_global(merge_shards([r["model"] for r in ranks], sharding), sharding))
+        stages.append((ranks, sharding))
+    state = {"model": shard_for(model, to_local(model, full), parallel)}
+    if optimizer is not None and saved_pp == 1 and parallel.pp_size == 1 and all("optimizer" in r for r in stages[0][0]):
+        ranks, sharding = stages[0]
         state["optimizer"] = reshard_optimizer([r["optimizer"] for r in ranks], optimizer_param_names(model), sharding,
                                                model, parallel, optimizer.state_dict())
-    if "trainer" in ranks[0]:
-        state["trainer"] = {k: v for k, v in ranks[0]["trainer"].items() if k != "rng"}
+    elif optimizer is not None:
+        log.warning("optimizer state is not carried across pipeline sizes; its moments start afresh")
+    if "trainer" in stages[0][0][0]:
+        state["trainer"] = {k: v for k, v in stages[0][0][0]["trainer"].items() if k != "rng"}
     return state
 
 

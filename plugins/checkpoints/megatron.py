@@ -28,7 +28,8 @@ FILE = "model_optim_rng.pt"
 TRACKER = "latest_checkpointed_iteration.txt"
 # Tensor-parallel split of Megatron's parameters (specs/checkpoints.md)
 COLUMN = ("self_attention.query_key_value.weight", "self_attention.query_key_value.bias",
-          "mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.bias", "word_embeddings.weight")
+          "mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.bias", "word_embeddings.weight",
+          "word_embeddings_for_head.weight")
 ROW = ("self_attention.dense.weight", "mlp.dense_4h_to_h.weight")
 
 
@@ -54,8 +55,8 @@ def nest(flat: Dict[str, torch.Tensor]) -> dict:
             out.setdefault("language_model", {}).setdefault("embedding", {}).setdefault(parts[2], {})[".".join(parts[3:])] = t
         elif parts[0] == "language_model":
             out.setdefault("language_model", {}).setdefault(parts[1], {})[".".join(parts[2:])] = t
-        else:
-            out[name] = t
+        else:  # e.g. word_embeddings_for_head.weight on the last pipeline stage
+            out.setdefault(parts[0], {})[".".join(parts[1:])] = t
     return out
 
 
@@ -70,9 +71,10 @@ def flatten(model: dict) -> Dict[str, torch.Tensor]:
     encoder = lm.get("encoder", lm.get("transformer", {}))
     for key, t in encoder.items():
         flat[f"language_model.encoder.{key}"] = t
-    for key, t in model.items():
-        if key != "language_model" and torch.is_tensor(t):
-            flat[key] = t
+    for key, value in model.items():
+        if key != "language_model" and isinstance(value, dict):
+            for sub, t in value.items():
+                flat[f"{key}.{sub}"] = t
     return flat
 
 
@@ -165,8 +167,14 @@ class MegatronFormat:
             state["optimizer"] = raw["optimizer"]
         state["trainer"] = ours.get("trainer") or {"step": int(raw.get("iteration", 0))}
         tp = getattr(args, "tensor_model_parallel_size", 1) if args is not None else 1
+        pp = getattr(args, "pipeline_model_parallel_size", 1) if args is not None else 1
+        pp_rank = parallel.pp_rank if parallel is not None else 0
+        # Megatron numbers layers per stage; its stages hold equal shares of num_layers.
+        offset = pp_rank * (args.num_layers // pp) if args is not None and getattr(args, "num_layers", None) else 0
         state["sharding"] = ours.get("sharding") or {
-            "tp_size": tp, "partition_dims": {k: partition_dim(k) for k in model}, "global_shapes": {},
+            "tp_size": tp, "pp_size": pp, "layer_offset": offset,
+            "aliases": {"word_embeddings_for_head.weight": "language_model.embedding.word_embeddings.weight"},
+            "partition_dims": {k: partition_dim(k) for k in model}, "global_shapes": {},
         }
         return state
 

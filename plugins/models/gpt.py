@@ -57,17 +57,24 @@ class Embedding(nn.Module):
 
 
 class LanguageModel(nn.Module):
-    """Megatron's `language_model`: embedding + transformer `encoder` (a decoder stack for GPT)."""
+    """Megatron's `language_model`: embedding (first pipeline stage) + transformer `encoder`
+    (this stage's layers; the final LayerNorm on the last stage)."""
 
     def __init__(self, cfg: GPTConfig, vocab: int):
         super().__init__()
+        st = current()
         ffn = cfg.ffn_hidden_size or 4 * cfg.hidden_size
         init, out_init = normal_init(cfg.init_method_std), scaled_init(cfg.init_method_std, cfg.num_layers)
-        self.embedding = Embedding(vocab, cfg.hidden_size, cfg.max_position_embeddings or cfg.seq_length,
-                                   cfg.hidden_dropout, init)
+        embedding = Embedding(vocab, cfg.hidden_size, cfg.max_position_embeddings or cfg.seq_length,
+                              cfg.hidden_dropout, init)
+        self.embedding = embedding if st.is_first_stage else None
+        # The last stage's copy of the tied word embedding starts from the same values.
+        self.head_weight_init = embedding.word_embeddings.weight.detach() if not st.is_first_stage else None
+        per_stage = cfg.num_layers // st.pp_size
         self.encoder = TransformerStack(
             cfg.num_layers, cfg.hidden_size, cfg.num_attention_heads, ffn,
             cfg.hidden_dropout, cfg.attention_dropout, cfg.layernorm_epsilon, init, out_init,
+            keep=range(st.pp_rank * per_stage, (st.pp_rank + 1) * per_stage), final_layernorm=st.is_last_stage,
         )
 
 
@@ -77,6 +84,13 @@ def check_shape(cfg: GPTConfig) -> None:
         raise ConfigError(f"model.hidden_size={cfg.hidden_size} is not divisible by model.num_attention_heads={cfg.num_attention_heads}")
     if cfg.max_position_embeddings is not None and cfg.max_position_embeddings < cfg.seq_length:
         raise ConfigError(f"model.max_position_embeddings={cfg.max_position_embeddings} is smaller than model.seq_length={cfg.seq_length}")
+    tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
+    if cfg.num_attention_heads % tp:
+        raise ConfigError(f"model.num_attention_heads={cfg.num_attention_heads} is not divisible by model.tensor_model_parallel_size={tp}")
+    if (cfg.ffn_hidden_size or 4 * cfg.hidden_size) % tp:
+        raise ConfigError(f"model.ffn_hidden_size={cfg.ffn_hidden_size or 4 * cfg.hidden_size} is not divisible by model.tensor_model_parallel_size={tp}")
+    if cfg.num_layers % pp:
+        raise ConfigError(f"model.num_layers={cfg.num_layers} is not divisible by model.pipeline_model_parallel_size={pp}")
     for key in ("num_layers", "hidden_size", "seq_length", "make_vocab_size_divisible_by"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"model.{key}: must be at least 1, got {getattr(cfg, key)}")
@@ -93,12 +107,28 @@ class GPTModel(nn.Module):
         self.vocab_size = vocab_size  # the tokenizer's; logits beyond it are padding
         self.padded_vocab_size = padded_vocab_size(vocab_size, cfg.make_vocab_size_divisible_by, current().tp_size)
         self.max_positions = cfg.max_position_embeddings or cfg.seq_length
+        st = current()
+        self.pre_process, self.post_process = st.is_first_stage, st.is_last_stage
         self.language_model = LanguageModel(cfg, self.padded_vocab_size)
+        if self.post_process and not self.pre_process:
+            # Megatron's `word_embeddings_for_head`: the output layer of the last stage, tied
+            # to the first stage's word embedding (gradients summed over the two).
+            self.word_embeddings_for_head = nn.Module()
+            self.word_embeddings_for_head.weight = nn.Parameter(self.language_model.head_weight_init.clone())
+            self.word_embeddings_for_head.weight.partition_dim = 0
+            self.word_embeddings_for_head.weight.shared_embedding_copy = True
+        self.language_model.head_weight_init = None
         mark_replicated(self)
+        # For resharding across pipeline sizes (mega.runtime.sharding):
+        self.pipeline_layer_offset = self.language_model.encoder.layer_offset
+        self.state_aliases = ({"word_embeddings_for_head.weight": "language_model.embedding.word_embeddings.weight"}
+                              if hasattr(self, "word_embeddings_for_head") else {})
 
     # --- the LanguageModule contract ------------------------------------------------------
     def shared_embedding_or_output_weight(self) -> torch.Tensor:
-        return self.language_model.embedding.word_embeddings.weight
+        if self.pre_process:
+            return self.language_model.embedding.word_embeddings.weight
+        return self.word_embeddings_for_head.weight
 
     @staticmethod
     def compute_language_model_loss(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -111,6 +141,8 @@ class GPTModel(nn.Module):
                 cache: Optional[KVCache] = None, parallel_output: bool = False) -> torch.Tensor:
         """Logits [batch, seq, padded_vocab] for `tokens` [batch, seq]; with
         `parallel_output`, only this tensor-parallel rank's vocabulary slice."""
+        if not (self.pre_process and self.post_process):
+            raise ValueError("forward() needs the whole model; under pipeline parallelism use stage_forward()")
         if position_ids is None:
             start = cache.length if cache is not None else 0
             position_ids = torch.arange(start, start + tokens.shape[1], device=tokens.device).unsqueeze(0)
@@ -124,9 +156,26 @@ class GPTModel(nn.Module):
     def training_loss(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """The kernel's model contract: the sum of masked token losses (the kernel divides
         by the global batch's token count) plus any extra terms to log."""
-        logits = self(batch["tokens"], parallel_output=True)
+        return self.stage_forward(batch, None)
+
+    def stage_forward(self, batch: Dict[str, torch.Tensor], hidden: Optional[torch.Tensor]):
+        """This pipeline stage's part: embed (first stage) or take `hidden`, run the local
+        layers, and on the last stage return the loss dict; else the hidden states."""
+        if self.pre_process:
+            tokens = batch["tokens"]
+            positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
+            hidden = self.language_model.embedding(tokens, positions)
+        hidden = self.language_model.encoder(hidden)
+        if not self.post_process:
+            return hidden
+        logits = F.linear(copy_to_tp(hidden), self.shared_embedding_or_output_weight())
         losses = self.compute_language_model_loss(batch["labels"], logits)
         return {"loss_sum": (losses * batch["loss_mask"]).sum()}
+
+    def activation_shape(self, batch: Dict[str, torch.Tensor]) -> tuple:
+        """Shape of the hidden states passed between pipeline stages."""
+        b, s = batch["tokens"].shape
+        return (b, s, self.config.hidden_size)
 
     def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
         cfg = self.config

@@ -120,14 +120,20 @@ class TransformerStack(nn.Module):
     last pipeline stage. `layer_offset` is the global index of the first layer here."""
 
     def __init__(self, num_layers, hidden_size, num_heads, ffn_hidden_size, hidden_dropout, attention_dropout, eps,
-                 init_method, output_init_method, layer_offset: int = 0, final_layernorm: bool = True):
+                 init_method, output_init_method, keep: Optional[range] = None, final_layernorm: bool = True):
+        """`keep`: the global indices of the layers this pipeline stage holds (all by default).
+        Every layer is still built in order and the others dropped, so each stage draws the
+        same initial weights as the single-stage model."""
         super().__init__()
-        self.layer_offset = layer_offset
-        self.layers = nn.ModuleList(
-            TransformerLayer(hidden_size, num_heads, ffn_hidden_size, hidden_dropout, attention_dropout, eps, i,
-                             init_method, output_init_method)
-            for i in range(num_layers)
-        )
+        keep = range(num_layers) if keep is None else keep
+        self.layer_offset = keep.start
+        layers = []
+        for i in range(num_layers):
+            layer = TransformerLayer(hidden_size, num_heads, ffn_hidden_size, hidden_dropout, attention_dropout, eps,
+                                     i - keep.start, init_method, output_init_method)
+            if i in keep:
+                layers.append(layer)
+        self.layers = nn.ModuleList(layers)
         self.final_layernorm = nn.LayerNorm(hidden_size, eps=eps) if final_layernorm else None
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
