@@ -181,3 +181,19 @@ def test_tp1_checkpoint_resumed_at_tp2_continues_like_tp1(tmp_path, corpus):
     assert [m["step"] for m in b] == [1, 2, 3, 4, 5]
     for x, y in zip(a[3:], b[3:]):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-5) and y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [["model.tensor_model_parallel_size=2"], ["model.pipeline_model_parallel_size=2"]])
+def test_resume_under_model_parallelism_equals_uninterrupted(tmp_path, corpus, layout):
+    exp = _exp(tmp_path, corpus, model={"make_vocab_size_divisible_by": 130},
+               exp_manager={"checkpoint": {"every_n_train_steps": 2}}, trainer={"max_steps": 4})
+    common = ["trainer.devices=2", *layout]
+    assert _mega(["run", str(exp), "exp_manager.name=straight", *common], tmp_path).returncode == 0
+    first = _mega(["run", str(exp), "exp_manager.name=resumed", "trainer.max_steps=2", *common], tmp_path)
+    assert first.returncode == 0, first.stderr
+    second = _mega(["run", str(exp), "exp_manager.name=resumed", *common], tmp_path)  # continues from step 2
+    assert second.returncode == 0 and "resumed from" in second.stderr, second.stderr
+    a = read_metrics(tmp_path / "results" / "straight")
+    b = read_metrics(tmp_path / "results" / "resumed")
+    assert [(m["step"], m.get("loss")) for m in a if "loss" in m] == [(m["step"], m.get("loss")) for m in b if "loss" in m]
