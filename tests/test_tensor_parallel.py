@@ -90,6 +90,19 @@ def test_rank_order_is_megatrons():
     assert layouts == [(0, 0, 0, 0, (0, 2)), (1, 1, 0, 0, (1, 3)), (2, 0, 0, 1, (0, 2)), (3, 1, 0, 1, (1, 3))]
 
 
+def test_rank_groups_for_eight_ranks():
+    """Megatron's example layout: 8 ranks, TP=2, PP=2 -> DP=2."""
+    from mega.runtime.parallel import rank_groups
+
+    groups = {}
+    for kind, members in rank_groups(tp=2, dp=2, pp=2):
+        groups.setdefault(kind, []).append(members)
+    assert groups["tp"] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert groups["dp"] == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert groups["pp"] == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert groups["embedding"] == groups["pp"]
+
+
 def test_sizes_that_do_not_divide_are_a_config_error():
     from mega.errors import ConfigError
     from mega.runtime.parallel import layout

@@ -108,6 +108,21 @@ def layout(world: int, tp: int, pp: int) -> int:
     return world // (tp * pp)
 
 
+def rank_groups(tp: int, dp: int, pp: int) -> list:
+    """(kind, global ranks) of every tensor-, data- and pipeline-parallel group, and of the
+    embedding group (first + last stage of each pipeline), in Megatron's rank order."""
+    def rank(t, d, p):
+        return p * dp * tp + d * tp + t
+
+    out = [("tp", [rank(t, d, p) for t in range(tp)]) for p in range(pp) for d in range(dp)]
+    out += [("dp", [rank(t, d, p) for d in range(dp)]) for p in range(pp) for t in range(tp)]
+    pipelines = [[rank(t, d, p) for p in range(pp)] for d in range(dp) for t in range(tp)]
+    out += [("pp", ranks) for ranks in pipelines]
+    if pp > 1:
+        out += [("embedding", [ranks[0], ranks[-1]]) for ranks in pipelines]
+    return out
+
+
 def init_parallel(devices: int, num_nodes: int, timeout_s: int = 600, tp: int = 1, pp: int = 1) -> ParallelState:
     if not launched():
         if devices * num_nodes != 1:
@@ -125,30 +140,14 @@ def init_parallel(devices: int, num_nodes: int, timeout_s: int = 600, tp: int = 
             torch.cuda.set_device(local)
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     tp_rank, dp_rank, pp_rank = rank % tp, (rank // tp) % dp, rank // (tp * dp)
-    groups = {}
+    groups, pp_ranks = {}, ()
     # Every rank creates every group, in the same order (torch.distributed requires it).
-    for p in range(pp):
-        for d in range(dp):
-            ranks = [p * dp * tp + d * tp + t for t in range(tp)]
-            g = dist.new_group(ranks)
-            if rank in ranks:
-                groups["tp"] = g
-    for p in range(pp):
-        for t in range(tp):
-            ranks = [p * dp * tp + d * tp + t for d in range(dp)]
-            g = dist.new_group(ranks)
-            if rank in ranks:
-                groups["dp"] = g
-    for d in range(dp):
-        for t in range(tp):
-            ranks = [p * dp * tp + d * tp + t for p in range(pp)]
-            g = dist.new_group(ranks)
-            if rank in ranks:
-                groups["pp"], pp_ranks = g, tuple(ranks)
-            if pp > 1:
-                g = dist.new_group([ranks[0], ranks[-1]])
-                if rank in (ranks[0], ranks[-1]):
-                    groups["embedding"] = g
+    for kind, members in rank_groups(tp, dp, pp):
+        g = dist.new_group(members)
+        if rank in members:
+            groups[kind] = g
+            if kind == "pp":
+                pp_ranks = tuple(members)
     return set_current(ParallelState(
         world_size=world, rank=rank, local_rank=local, dp_size=dp, dp_rank=dp_rank, tp_size=tp, tp_rank=tp_rank,
         pp_size=pp, pp_rank=pp_rank, tp_group=groups["tp"], dp_group=groups["dp"], pp_group=groups["pp"], pp_ranks=pp_ranks,
