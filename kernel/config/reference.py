@@ -95,6 +95,11 @@ def configuration_reference(plugins) -> str:
                 rows = _table(sub, prefix, base_fields)
                 out.extend(rows if len(rows) > 2 else ["No keys beyond the common ones."])
                 out.append("")
+                sub_hints = typing.get_type_hints(sub)
+                for a in attrs.fields(sub):  # the plugin's own nested tables (e.g. model.encoder)
+                    t = sub_hints.get(a.name)
+                    if a.name not in base_fields and attrs.has(t):
+                        out.extend([f"`{prefix}.{a.name}`:", ""] + _table(t, f"{prefix}.{a.name}", set()) + [""])
         hints = typing.get_type_hints(cls)
         for a in attrs.fields(cls):
             t = hints.get(a.name)

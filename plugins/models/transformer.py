@@ -66,8 +66,17 @@ class SelfAttention(nn.Module):
         self.query_key_value = ColumnParallelLinear(hidden_size, 3 * hidden_size, init_method)
         self.dense = RowParallelLinear(hidden_size, hidden_size, output_init_method)
 
-    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, key_mask: Optional[torch.Tensor] = None,
+                causal: bool = True) -> torch.Tensor:
+        """`key_mask` [b, s] (True = attend) masks padded keys; `causal=False` for encoders."""
         b, s, _ = x.shape
+        if key_mask is not None or not causal:
+            q, k, v = (t.transpose(1, 2) for t in self.query_key_value(x).view(b, s, self.num_heads, 3, self.head_dim).unbind(dim=3))
+            mask = None if key_mask is None else key_mask[:, None, None, :].bool()
+            if causal:
+                tri = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
+                mask = tri if mask is None else mask & tri
+            return self.dense(attend(q, k, v, mask, self.attention_dropout if self.training else 0.0).transpose(1, 2).reshape(b, s, -1))
         qkv = self.query_key_value(x).view(b, s, self.num_heads, 3, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=3))  # each [b, heads, s, head_dim]
         past = 0
@@ -83,6 +92,42 @@ class SelfAttention(nn.Module):
             else:  # new queries see every cached position and the causal part of their own
                 mask = torch.ones(s, past + s, dtype=torch.bool, device=x.device).tril(diagonal=past)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        return self.dense(y.transpose(1, 2).reshape(b, s, -1))
+
+
+def attend(q, k, v, mask, dropout: float) -> torch.Tensor:
+    """SDPA with a boolean mask; rows whose keys are all masked give zeros, not NaN."""
+    rng = get_rng_tracker().fork() if dropout and current().tp_size > 1 else contextlib.nullcontext()
+    with rng:
+        if mask is not None:
+            empty = ~mask.any(dim=-1, keepdim=True)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | empty, dropout_p=dropout)
+            return y.masked_fill(empty, 0.0)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+
+
+class CrossAttention(nn.Module):
+    """Queries from x, keys and values from a memory (Megatron's `inter_attention`)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, attention_dropout: float, init_method, output_init_method,
+                 memory_size: Optional[int] = None):
+        super().__init__()
+        tp = current().tp_size
+        if hidden_size % num_heads or num_heads % tp:
+            raise ValueError(f"hidden_size {hidden_size}, num_attention_heads {num_heads}, tensor-parallel size {tp} do not divide")
+        self.num_heads, self.head_dim = num_heads // tp, hidden_size // num_heads
+        self.attention_dropout = attention_dropout
+        self.query = ColumnParallelLinear(hidden_size, hidden_size, init_method)
+        self.key_value = ColumnParallelLinear(memory_size or hidden_size, 2 * hidden_size, init_method)
+        self.dense = RowParallelLinear(hidden_size, hidden_size, output_init_method)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, memory_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.query(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        kv = self.key_value(memory).view(b, memory.shape[1], self.num_heads, 2, self.head_dim)
+        k, v = (t.transpose(1, 2) for t in kv.unbind(dim=3))
+        mask = None if memory_mask is None else memory_mask[:, None, None, :].bool()
+        y = attend(q, k, v, mask, self.attention_dropout if self.training else 0.0)
         return self.dense(y.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -110,8 +155,9 @@ class TransformerLayer(nn.Module):
         self.mlp = MLP(hidden_size, ffn_hidden_size, init_method, output_init_method)
         self.hidden_dropout = nn.Dropout(hidden_dropout)
 
-    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
-        x = x + self.hidden_dropout(self.self_attention(self.input_layernorm(x), cache))
+    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, key_mask: Optional[torch.Tensor] = None,
+                causal: bool = True) -> torch.Tensor:
+        x = x + self.hidden_dropout(self.self_attention(self.input_layernorm(x), cache, key_mask, causal))
         return x + self.hidden_dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -136,9 +182,10 @@ class TransformerStack(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.final_layernorm = nn.LayerNorm(hidden_size, eps=eps) if final_layernorm else None
 
-    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, key_mask: Optional[torch.Tensor] = None,
+                causal: bool = True) -> torch.Tensor:
         for layer in self.layers:
-            x = layer(x, cache)
+            x = layer(x, cache, key_mask, causal)
         if cache is not None:
             cache.length += x.shape[1]
         return self.final_layernorm(x) if self.final_layernorm is not None else x

@@ -1,0 +1,226 @@
+"""Megatron-style encoder-decoder (`t5` and `bart` presets) with an optional Perceiver
+encoder and the hiddens module between encoder and decoder (seeds/000).
+
+The encoder is bidirectional over the padded input (`model.encoder.arch = "transformer"`),
+or a Perceiver: `hidden_steps` learned latents cross-attend to the input, so the hiddens
+have a fixed length whatever the input length. The decoder is causal, with
+cross-attention (`inter_attention`) over the encoder output — or over the hiddens output
+named by `model.hiddens.enc_output_name` (e.g. the sample `z` of MIM / VAE). Word
+embeddings are shared by encoder, decoder and the output layer.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from attrs import define, field
+from torch import nn
+
+from mega.config import ModelConfig
+from mega.errors import ConfigError
+from mega.plugins.hiddens import get_hiddens_module
+from mega.plugins.models.gpt import Embedding
+from mega.plugins.models.transformer import (
+    MLP,
+    CrossAttention,
+    SelfAttention,
+    TransformerLayer,
+    TransformerStack,
+    normal_init,
+    padded_vocab_size,
+    scaled_init,
+)
+from mega.runtime.parallel import current
+from mega.runtime.tensor_parallel import copy_to_tp, gather_from_tp, mark_replicated, vocab_parallel_cross_entropy
+
+
+@define(kw_only=True)
+class StackConfig:
+    """`model.encoder.*` / `model.decoder.*`."""
+
+    arch: str = "transformer"  # encoder: "transformer" or "perceiver"
+    num_layers: int = 6
+    hidden_size: int = 512
+    num_attention_heads: int = 8
+    ffn_hidden_size: Optional[int] = None  # None: 4 x hidden_size
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    hidden_steps: int = 32  # Perceiver latents: the fixed length of the hiddens
+    layernorm_epsilon: float = 1e-5
+
+
+@define(kw_only=True)
+class EncoderDecoderConfig(ModelConfig):
+    name: str = "t5"
+    encoder: StackConfig = field(factory=StackConfig)
+    decoder: StackConfig = field(factory=StackConfig)
+    seq_length_dec: Optional[int] = None  # decoder length; None: seq_length
+    max_position_embeddings: Optional[int] = None  # None: max(seq_length, seq_length_dec)
+    init_method_std: float = 0.02
+    make_vocab_size_divisible_by: int = 128
+    hiddens: Optional[Dict[str, Any]] = None  # the hiddens module (docs/hiddens.md); None: plain encoder-decoder
+
+
+class DecoderLayer(nn.Module):
+    """Causal self-attention, cross-attention over the encoder output, MLP (pre-LN)."""
+
+    def __init__(self, c: StackConfig, init, out_init, layer_number: int):
+        super().__init__()
+        h, ffn = c.hidden_size, c.ffn_hidden_size or 4 * c.hidden_size
+        self.input_layernorm = nn.LayerNorm(h, eps=c.layernorm_epsilon)
+        self.self_attention = SelfAttention(h, c.num_attention_heads, c.attention_dropout, layer_number, init, out_init)
+        self.post_attention_layernorm = nn.LayerNorm(h, eps=c.layernorm_epsilon)
+        self.inter_attention = CrossAttention(h, c.num_attention_heads, c.attention_dropout, init, out_init)
+        self.post_inter_attention_layernorm = nn.LayerNorm(h, eps=c.layernorm_epsilon)
+        self.mlp = MLP(h, ffn, init, out_init)
+        self.hidden_dropout = nn.Dropout(c.hidden_dropout)
+
+    def forward(self, x, memory, memory_mask, dec_mask):
+        x = x + self.hidden_dropout(self.self_attention(self.input_layernorm(x), key_mask=dec_mask, causal=True))
+        x = x + self.hidden_dropout(self.inter_attention(self.post_attention_layernorm(x), memory, memory_mask))
+        return x + self.hidden_dropout(self.mlp(self.post_inter_attention_layernorm(x)))
+
+
+class PerceiverLayer(nn.Module):
+    """Latents cross-attend to the input, then a bidirectional self-attention block."""
+
+    def __init__(self, c: StackConfig, init, out_init, layer_number: int):
+        super().__init__()
+        self.cross_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layernorm_epsilon)
+        self.inter_attention = CrossAttention(c.hidden_size, c.num_attention_heads, c.attention_dropout, init, out_init)
+        self.hidden_dropout = nn.Dropout(c.hidden_dropout)
+        self.self_layer = TransformerLayer(c.hidden_size, c.num_attention_heads, c.ffn_hidden_size or 4 * c.hidden_size,
+                                           c.hidden_dropout, c.attention_dropout, c.layernorm_epsilon, layer_number,
+                                           init, out_init)
+
+    def forward(self, latents, inputs, input_mask):
+        latents = latents + self.hidden_dropout(self.inter_attention(self.cross_layernorm(latents), inputs, input_mask))
+        return self.self_layer(latents, causal=False)
+
+
+class PerceiverEncoder(nn.Module):
+    def __init__(self, c: StackConfig, init, out_init):
+        super().__init__()
+        self.init_hidden = nn.Parameter(init(torch.empty(c.hidden_steps, c.hidden_size)))
+        self.layers = nn.ModuleList(PerceiverLayer(c, init, out_init, i) for i in range(c.num_layers))
+        self.final_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layernorm_epsilon)
+
+    def forward(self, x, mask):
+        latents = self.init_hidden.unsqueeze(0).expand(x.shape[0], -1, -1)
+        for layer in self.layers:
+            latents = layer(latents, x, mask)
+        return self.final_layernorm(latents)
+
+
+def check_config(cfg: EncoderDecoderConfig) -> None:
+    if cfg.encoder.hidden_size != cfg.decoder.hidden_size:
+        raise ConfigError(f"model.encoder.hidden_size={cfg.encoder.hidden_size} and model.decoder.hidden_size="
+                          f"{cfg.decoder.hidden_size} must be equal (the word embedding is shared)")
+    if cfg.encoder.arch not in ("transformer", "perceiver"):
+        raise ConfigError(f"model.encoder.arch: expected \"transformer\" or \"perceiver\", got {cfg.encoder.arch!r}")
+    if cfg.decoder.arch != "transformer":
+        raise ConfigError(f"model.decoder.arch: only \"transformer\" is supported, got {cfg.decoder.arch!r}")
+    if cfg.pipeline_model_parallel_size != 1:
+        raise ConfigError("model.pipeline_model_parallel_size: encoder-decoder models do not support pipeline parallelism yet")
+    for side in ("encoder", "decoder"):
+        c = getattr(cfg, side)
+        if c.hidden_size % c.num_attention_heads or c.num_attention_heads % cfg.tensor_model_parallel_size:
+            raise ConfigError(f"model.{side}.hidden_size={c.hidden_size}, model.{side}.num_attention_heads="
+                              f"{c.num_attention_heads} and tensor_model_parallel_size={cfg.tensor_model_parallel_size} do not divide")
+
+
+class EncoderDecoderModel(nn.Module):
+    def __init__(self, cfg: EncoderDecoderConfig, vocab_size: int):
+        super().__init__()
+        check_config(cfg)
+        self.config, self.vocab_size = cfg, vocab_size
+        self.padded_vocab_size = padded_vocab_size(vocab_size, cfg.make_vocab_size_divisible_by, current().tp_size)
+        enc, dec = cfg.encoder, cfg.decoder
+        self.max_positions = cfg.max_position_embeddings or max(cfg.seq_length, cfg.seq_length_dec or cfg.seq_length)
+        init = normal_init(cfg.init_method_std)
+        self.embedding = Embedding(self.padded_vocab_size, enc.hidden_size, self.max_positions, enc.hidden_dropout, init)
+        if enc.arch == "perceiver":
+            self.encoder = PerceiverEncoder(enc, init, scaled_init(cfg.init_method_std, enc.num_layers))
+        else:
+            self.encoder = TransformerStack(enc.num_layers, enc.hidden_size, enc.num_attention_heads,
+                                            enc.ffn_hidden_size or 4 * enc.hidden_size, enc.hidden_dropout,
+                                            enc.attention_dropout, enc.layernorm_epsilon, init,
+                                            scaled_init(cfg.init_method_std, enc.num_layers))
+        dec_out = scaled_init(cfg.init_method_std, dec.num_layers)
+        self.decoder = nn.ModuleList(DecoderLayer(dec, init, dec_out, i) for i in range(dec.num_layers))
+        self.decoder_final_layernorm = nn.LayerNorm(dec.hidden_size, eps=dec.layernorm_epsilon)
+        try:
+            self.hiddens_module = get_hiddens_module(cfg.hiddens)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ConfigError(f"model.hiddens: {exc.args[0] if exc.args else exc}") from None
+        mark_replicated(self)
+
+    def shared_embedding_or_output_weight(self) -> torch.Tensor:
+        return self.embedding.word_embeddings.weight
+
+    def _embed(self, tokens):
+        return self.embedding(tokens, torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0))
+
+    def encode(self, text_enc: torch.Tensor, enc_mask: torch.Tensor, batch_data=None) -> Dict[str, torch.Tensor]:
+        """Encoder output and every hiddens output; hiddens are sequence-first [S, B, H] as in
+        NeMo, `hiddens_mask` is [B, S] (all ones for a Perceiver)."""
+        x = self._embed(text_enc)
+        if isinstance(self.encoder, PerceiverEncoder):
+            h = self.encoder(x, enc_mask)
+            mask = torch.ones(h.shape[:2], dtype=enc_mask.dtype, device=h.device)
+        else:
+            h, mask = self.encoder(x, key_mask=enc_mask, causal=False), enc_mask
+        out = {"hiddens": h.transpose(0, 1), "hiddens_mask": mask}
+        if self.hiddens_module is None:
+            out["enc_output"] = out["hiddens"]
+            return out
+        return self.hiddens_module.apply_hidden_transforms(out, batch_data)
+
+    def decode(self, text_dec, memory, memory_mask, dec_mask=None, parallel_output: bool = False) -> torch.Tensor:
+        """Logits [B, S_dec, V] (this rank's vocabulary slice with `parallel_output`);
+        `memory` is [B, S, H]."""
+        x = self._embed(text_dec)
+        for layer in self.decoder:
+            x = layer(x, memory, memory_mask, dec_mask)
+        logits = F.linear(copy_to_tp(self.decoder_final_layernorm(x)), self.shared_embedding_or_output_weight())
+        return logits if parallel_output else gather_from_tp(logits)
+
+    def training_loss(self, batch: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+        """The kernel divides by the global batch's loss tokens, so the joint loss of the
+        hiddens module (hidden terms summed over samples + tokens_loss_weight x token mean,
+        specs/hiddens.md §3.3) is returned per token of this micro-batch: hidden terms are
+        multiplied by its token count n. With one micro-batch the result is NeMo's loss
+        exactly; with several, micro-batches are weighted by tokens instead of equally."""
+        enc = self.encode(batch["text_enc"], batch["enc_mask"], batch_data=batch)
+        logits = self.decode(batch["text_dec"], enc["enc_output"].transpose(0, 1), enc["hiddens_mask"],
+                             batch.get("dec_mask"), parallel_output=True)
+        nll = vocab_parallel_cross_entropy(logits, batch["labels"])
+        mask = batch["loss_mask"]
+        nll_sum, n = (nll * mask).sum(), mask.sum()
+        if self.hiddens_module is None:
+            return {"loss_sum": nll_sum}
+        d = self.hiddens_module.apply_loss_transforms(enc, batch_data=batch)
+        terms = {"tokens_loss": nll_sum.detach()}
+        for k, v in d.items():
+            if k != "tokens_loss_weight" and torch.is_tensor(v):
+                terms[k] = v.detach().float().mean() * n  # logged as a per-token-weighted mean
+        return {"loss_sum": d["tokens_loss_weight"] * nll_sum + d["hiddens_loss"] * n, "terms": terms}
+
+    @torch.no_grad()
+    def greedy_decode(self, text_enc, enc_mask, bos_id: int, eos_id: int, max_len: int) -> torch.Tensor:
+        """Greedy decoding from the hiddens (z_mean in eval when hiddens sample)."""
+        enc = self.encode(text_enc, enc_mask)
+        memory, memory_mask = enc["enc_output"].transpose(0, 1), enc["hiddens_mask"]
+        out = torch.full((text_enc.shape[0], 1), bos_id, dtype=torch.long, device=text_enc.device)
+        for _ in range(max_len - 1):
+            logits = self.decode(out, memory, memory_mask)[:, -1, : self.vocab_size]
+            out = torch.cat([out, logits.argmax(-1, keepdim=True)], dim=1)
+            if (out == eos_id).any(dim=1).all():
+                break
+        return out
+
+    def flops_per_token(self, seq_length: int) -> float:
+        """6 x matmul parameters (encoder and decoder stacks, output layer), no attention term."""
+        n = sum(p.numel() for name, p in self.named_parameters() if p.dim() == 2 and "position" not in name)
+        return 6.0 * n * current().tp_size
