@@ -108,8 +108,8 @@ def test_greedy_decode_runs(plugins):
 def _encdec_tp(state):
     import torch.distributed as dist
 
-    # 40 ids pad to 40 at TP=1 and TP=2 alike with this multiple
-    cfg = _cfg(None, ["model.encoder.arch=perceiver", "model.make_vocab_size_divisible_by=20", *SEED_HIDDENS],
+    # 40 ids + 100 extra ids pad to 140 at TP=1 and TP=2 alike with this multiple
+    cfg = _cfg(None, ["model.encoder.arch=perceiver", "model.make_vocab_size_divisible_by=70", *SEED_HIDDENS],
                tensor_model_parallel_size=state.tp_size)
     torch.manual_seed(0)
     model = EncoderDecoderModel(cfg, V).eval()

@@ -170,10 +170,14 @@ def build_run(config: ExperimentConfig, plugins=None) -> Run:
     if str(tr.precision) == "16":
         scaler = DynamicLossScaler(mc.native_amp_init_scale, mc.native_amp_growth_interval, mc.hysteresis)
 
-    train_data = source.dataset("train", tokenizer, mc.seq_length, tr.max_steps * gbs, mc.seed)
+    # A model may ask for other samples than next-token ones (e.g. span corruption).
+    objective = {k: getattr(mc, k) for k in ("data_objective", "seq_length_dec", "extra_ids") if hasattr(mc, k)}
+    objective = {"objective": objective["data_objective"], "seq_length_dec": objective.get("seq_length_dec"),
+                 "extra_ids": objective.get("extra_ids", 0)} if "data_objective" in objective else {}
+    train_data = source.dataset("train", tokenizer, mc.seq_length, tr.max_steps * gbs, mc.seed, **objective)
     valid_data = None
     if tr.val_check_interval > 0 and tr.limit_val_batches > 0:
-        valid_data = source.dataset("valid", tokenizer, mc.seq_length, tr.limit_val_batches * gbs, mc.seed)
+        valid_data = source.dataset("valid", tokenizer, mc.seq_length, tr.limit_val_batches * gbs, mc.seed, **objective)
 
     loss_module = LossModule(model)
     if parallel.dp_size > 1 and parallel.pp_size == 1:  # pipelines all-reduce their own gradients

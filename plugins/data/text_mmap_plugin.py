@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import numpy as np
 import torch
 from attrs import define
 
@@ -16,6 +17,7 @@ import mega
 from mega.config import DataConfig
 from mega.errors import ConfigError
 from mega.plugins.data.blending import BlendedDataset, parse_splits, split_ranges
+from mega.plugins.data.objectives import bart_infilling, encoder_decoder_sample, noise_spans, t5_span_corruption
 from mega.plugins.data.quickstart_corpus import write_pydoc_corpus
 from mega.plugins.data.text_index import TextMemMapIndex
 
@@ -26,6 +28,9 @@ SPLITS = {"train": 0, "valid": 1, "test": 2}
 class TextMemMapConfig(DataConfig):
     data_impl: str = "text_mmap"
     shuffle: bool = True  # shuffle documents each epoch (seeded by model.seed)
+    masked_lm_prob: float = 0.15  # t5/bart: share of tokens hidden in noise spans
+    mean_noise_span_length: float = 3.0  # t5/bart: mean length of a noise span
+    whole_word_masking: bool = False  # t5/bart: spans on word boundaries (not supported yet)
 
 
 class DocumentRange:
@@ -66,6 +71,29 @@ def lm_sample(ids: List[int], seq_length: int, pad_id: int) -> Dict[str, torch.T
     return {"tokens": tokens, "labels": labels, "loss_mask": mask}
 
 
+class EncoderDecoderSamples:
+    """Documents -> T5 span-corruption or BART infilling samples."""
+
+    def __init__(self, docs, tokenizer, seq_length: int, seq_length_dec: int, objective: str, config, seed: int,
+                 extra_ids: int):
+        self.docs, self.tok, self.objective, self.cfg, self.seed = docs, tokenizer, objective, config, seed
+        self.seq_length, self.seq_length_dec, self.extra_ids = seq_length, seq_length_dec, extra_ids
+
+    def __len__(self) -> int:
+        return len(self.docs)
+
+    def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
+        ids = self.tok.encode(self.docs[i])[: self.seq_length - 1]
+        rng = np.random.default_rng([self.seed, i])
+        spans = noise_spans(len(ids), self.cfg.masked_lm_prob, self.cfg.mean_noise_span_length, rng, self.extra_ids)
+        first_extra = self.tok.vocab_size
+        if self.objective == "t5":
+            enc, target = t5_span_corruption(ids, spans, first_extra, self.tok.eos_id)
+        else:
+            enc, target = bart_infilling(ids, spans, first_extra, self.tok.eos_id)
+        return encoder_decoder_sample(enc, target, self.seq_length, self.seq_length_dec, self.tok.pad_id, self.tok.pad_id)
+
+
 class TextMemMapSource:
     """The files of `data_prefix`, indexed, ready to be split and blended."""
 
@@ -84,12 +112,24 @@ class TextMemMapSource:
     def files(self) -> List[Path]:
         return list(self.paths)
 
-    def dataset(self, split: str, tokenizer, seq_length: int, num_samples: int, seed: int) -> BlendedDataset:
+    def dataset(self, split: str, tokenizer, seq_length: int, num_samples: int, seed: int, objective: str = "lm",
+                seq_length_dec: Optional[int] = None, extra_ids: int = 0) -> BlendedDataset:
+        """Samples for `objective`: "lm" (next token), "t5" (span corruption) or "bart"
+        (infilling)."""
+        if objective not in ("lm", "t5", "bart"):
+            raise ConfigError(f"model.name: text_mmap has no samples for the objective {objective!r} (lm, t5, bart)")
+        if objective != "lm" and self.config.whole_word_masking:
+            raise ConfigError("model.data.whole_word_masking: true is not supported yet; set it to false")
         parts, weights = [], []
         for w, path, index in zip(self.weights, self.paths, self.indexes):
             start, end = split_ranges(len(index), self.fractions)[SPLITS[split]]
             if end > start:
-                parts.append(LMSamples(DocumentRange(index, start, end), tokenizer, seq_length))
+                docs = DocumentRange(index, start, end)
+                if objective == "lm":
+                    parts.append(LMSamples(docs, tokenizer, seq_length))
+                else:
+                    parts.append(EncoderDecoderSamples(docs, tokenizer, seq_length, seq_length_dec or seq_length, objective,
+                                                       self.config, seed + 31 * SPLITS[split] + 7 * len(parts), extra_ids))
                 weights.append(w)
         if not parts:
             raise ConfigError(

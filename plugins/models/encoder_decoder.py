@@ -59,6 +59,7 @@ class EncoderDecoderConfig(ModelConfig):
     max_position_embeddings: Optional[int] = None  # None: max(seq_length, seq_length_dec)
     init_method_std: float = 0.02
     make_vocab_size_divisible_by: int = 128
+    extra_ids: int = 100  # sentinel / mask ids after the tokenizer's vocabulary (T5's <extra_id_k>)
     hiddens: Optional[Dict[str, Any]] = None  # the hiddens module (docs/hiddens.md); None: plain encoder-decoder
 
 
@@ -135,7 +136,8 @@ class EncoderDecoderModel(nn.Module):
         super().__init__()
         check_config(cfg)
         self.config, self.vocab_size = cfg, vocab_size
-        self.padded_vocab_size = padded_vocab_size(vocab_size, cfg.make_vocab_size_divisible_by, current().tp_size)
+        self.padded_vocab_size = padded_vocab_size(vocab_size + cfg.extra_ids, cfg.make_vocab_size_divisible_by,
+                                                   current().tp_size)
         enc, dec = cfg.encoder, cfg.decoder
         self.max_positions = cfg.max_position_embeddings or max(cfg.seq_length, cfg.seq_length_dec or cfg.seq_length)
         init = normal_init(cfg.init_method_std)
