@@ -100,7 +100,9 @@ def test_a_mim_equals_the_formula(inputs, agg):
     per_sample = _masked_sample_mean(per_pos, x["hiddens_mask"])
     torch.testing.assert_close(out["loss"], per_sample)
     assert out["loss"][2] == 0.0  # the all-padding row
-    torch.testing.assert_close(out["weighted_loss"], 0.7 * per_sample.sum())
+    torch.testing.assert_close(out["weighted_loss"], 0.7 * per_sample.mean())  # mean over the batch
+    nemo = AMIMLoss(loss_weight=0.7, hidden_aggregation_method=agg, nemo_compat=True).loss(x)
+    torch.testing.assert_close(nemo["weighted_loss"], 0.7 * per_sample.sum())  # NeMo sums
     torch.testing.assert_close(out["log_prob_P_z"], log_p.T)
     assert list(out) == ["loss", "log_prob_P_z", "log_prob_q_z_given_x", "weighted_loss", "weight_loss"]
 
@@ -129,7 +131,7 @@ def test_joint_loss_keys_order_and_value(inputs):
     assert list(d) == ["hiddens_mim_loss", "hiddens_mim_log_prob_P_z", "hiddens_mim_log_prob_q_z_given_x",
                        "hiddens_mim_weight_loss", "hiddens_vae_loss", "hiddens_vae_kl_div", "hiddens_vae_log_prob_p_z",
                        "hiddens_vae_log_prob_q_z_given_x", "hiddens_vae_weight_loss", "hiddens_loss", "tokens_loss_weight"]
-    expected = 1.0 * d["hiddens_mim_loss"].sum() + 0.01 * d["hiddens_vae_loss"].sum()
+    expected = 1.0 * d["hiddens_mim_loss"].mean() + 0.01 * d["hiddens_vae_loss"].mean()
     torch.testing.assert_close(d["hiddens_loss"], expected)
     assert float(d["tokens_loss_weight"]) == 3.0  # honoured (NeMo ignores it)
     torch.testing.assert_close(module.joint_loss(d, torch.tensor(2.0, dtype=torch.float64)), expected + 6.0)

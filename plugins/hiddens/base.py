@@ -3,8 +3,9 @@ and MegatronBaseHiddenLoss, specs/hiddens.md §1.1, §2.1).
 
 Shapes: `hiddens` is sequence-first [S, B, H]; `hiddens_mask` is [B, S] (1 = real).
 A loss's `_loss` returns per-position terms [B, S]; `loss()` reduces them to a per-sample
-masked mean [B] (a fully padded row gives 0) and a weighted scalar that is the SUM over
-the batch, as NeMo does.
+masked mean [B] (a fully padded row gives 0) and a weighted scalar: the MEAN over the
+batch, so its weight against the (mean) tokens loss does not grow with the micro-batch
+size (specs/hiddens.md §7.6). NeMo sums over the batch: `nemo_compat=True`.
 """
 from __future__ import annotations
 
@@ -49,10 +50,11 @@ class HiddenLoss(torch.nn.Module):
     """A loss over named tensors; override `_input_names` and `_loss` (returning at least
     "loss" of shape [B, S])."""
 
-    def __init__(self, loss_weight: float = 1.0, name: str = ""):
+    def __init__(self, loss_weight: float = 1.0, name: str = "", nemo_compat: bool = False):
         super().__init__()
         self.loss_weight = float(loss_weight)
         self.name = name
+        self.nemo_compat = nemo_compat
 
     def _input_names(self) -> List[str]:
         return []
@@ -76,7 +78,7 @@ class HiddenLoss(torch.nn.Module):
         loss = out["loss"]
         mask = inputs["hiddens_mask"].to(loss)
         per_sample = (mask * loss).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
-        weighted = self.loss_weight * per_sample.sum()
+        weighted = self.loss_weight * (per_sample.sum() if self.nemo_compat else per_sample.mean())
         out["loss"] = per_sample
         out["weighted_loss"] = weighted
         out["weight_loss"] = torch.tensor(self.loss_weight).to(weighted)

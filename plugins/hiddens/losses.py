@@ -21,8 +21,9 @@ class AMIMLoss(HiddenLoss):
     """A-MIM (arXiv 2003.02645) with a unit-normal anchor:
     loss = -1/2 (log P(z) + log q(z|x)), per position."""
 
-    def __init__(self, loss_weight: float = 1.0, hidden_aggregation_method: str = "sum", name: str = "mim"):
-        super().__init__(loss_weight=loss_weight, name=name)
+    def __init__(self, loss_weight: float = 1.0, hidden_aggregation_method: str = "sum", name: str = "mim",
+                 nemo_compat: bool = False):
+        super().__init__(loss_weight=loss_weight, name=name, nemo_compat=nemo_compat)
         if hidden_aggregation_method not in ("sum", "mean"):
             raise ValueError(f"a_mim {name}: hidden_aggregation_method must be 'sum' or 'mean', got {hidden_aggregation_method!r}")
         self.hidden_aggregation_method = hidden_aggregation_method
@@ -50,9 +51,8 @@ class VAELoss(HiddenLoss):
 
     def __init__(self, loss_weight: float = 1.0, min_kl_value: Optional[float] = None, nemo_compat: bool = False,
                  name: str = "vae"):
-        super().__init__(loss_weight=loss_weight, name=name)
+        super().__init__(loss_weight=loss_weight, name=name, nemo_compat=nemo_compat)
         self.min_kl_value = None if min_kl_value is None else float(min_kl_value)
-        self.nemo_compat = nemo_compat
 
     def _input_names(self):
         return ["z", "z_log_prob"]
@@ -74,8 +74,8 @@ class GuidedClassifierLoss(HiddenLoss):
     class `batch_data[label_key]` [B]."""
 
     def __init__(self, input_name: str, label_key: Optional[str] = None, loss_weight: float = 1.0,
-                 name: str = "guided_cls_loss"):
-        super().__init__(loss_weight=loss_weight, name=name)
+                 name: str = "guided_cls_loss", nemo_compat: bool = False):
+        super().__init__(loss_weight=loss_weight, name=name, nemo_compat=nemo_compat)
         self.input_name = input_name
         self.label_key = label_key or input_name
 

@@ -190,7 +190,7 @@ class EncoderDecoderModel(nn.Module):
 
     def training_loss(self, batch: Dict[str, torch.Tensor]) -> Dict[str, Any]:
         """The kernel divides by the global batch's loss tokens, so the joint loss of the
-        hiddens module (hidden terms summed over samples + tokens_loss_weight x token mean,
+        hiddens module (hidden terms reduced over samples + tokens_loss_weight x token mean,
         specs/hiddens.md §3.3) is returned per token of this micro-batch: hidden terms are
         multiplied by its token count n. With one micro-batch the result is NeMo's loss
         exactly; with several, micro-batches are weighted by tokens instead of equally."""
