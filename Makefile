@@ -9,12 +9,12 @@ TORCH ?= torch==2.13.0
 
 .PHONY: setup quickstart test clean
 
-$(VENV)/.installed: pyproject.toml setup.py contrib/mega-csv-logger/pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py contrib/mega-csv-logger/pyproject.toml contrib/mega-infonce/pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e '.[test]'
-	$(PY) -m pip install -q ./contrib/mega-csv-logger
+	$(PY) -m pip install -q ./contrib/mega-csv-logger ./contrib/mega-infonce
 	touch $@
 
 setup: $(VENV)/.installed

@@ -4,6 +4,7 @@
     mega config EXPERIMENT.toml [overrides ...]     print the resolved configuration
     mega plugins [--json]                           list plugins, hooks and components
     mega generate CHECKPOINT --prompt TEXT          sample from a trained model
+    mega encode CHECKPOINT --text T --output F      hiddens (z, z_mean, ...) of an encoder-decoder
 
 Input errors (config, data, checkpoint, plugin) print one message naming the key or file
 and exit with status 2.
@@ -72,6 +73,11 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--device", default="cpu")
+
+    e = sub.add_parser("encode", help="encode texts to their hiddens (and z, z_mean) with an encoder-decoder checkpoint")
+    e.add_argument("checkpoint")
+    e.add_argument("--text", action="append", required=True, help="a text to encode (repeat for a batch)")
+    e.add_argument("--output", required=True, help="file to write the tensors to (torch.save of a dict)")
     return p
 
 
@@ -137,6 +143,14 @@ def cmd_generate(args) -> int:
 
     model, tokenizer, _ = load_checkpoint_for_inference(args.checkpoint, device=args.device)
     prompt = tokenizer.encode(args.prompt)
+    if hasattr(model, "greedy_decode"):  # an encoder-decoder: encode the prompt, decode from its hiddens
+        import torch
+
+        text_enc = torch.tensor([prompt], device=args.device)
+        out = model.greedy_decode(text_enc, torch.ones_like(text_enc), bos_id=tokenizer.pad_id, eos_id=tokenizer.eos_id,
+                                  max_len=args.max_new_tokens + 1)
+        print(tokenizer.decode(out[0, 1:].tolist()))
+        return 0
     out = generate(model, prompt, args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, eos_id=tokenizer.eos_id, seed=args.seed)
     # Decode prompt and continuation together: subword tokenizers mark a word's leading
@@ -145,7 +159,32 @@ def cmd_generate(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "config": cmd_config, "plugins": cmd_plugins, "generate": cmd_generate}
+def cmd_encode(args) -> int:
+    import torch
+
+    from mega.errors import ConfigError
+    from mega.inference import load_checkpoint_for_inference
+
+    model, tokenizer, config = load_checkpoint_for_inference(args.checkpoint)
+    if not hasattr(model, "encode"):
+        raise ConfigError(f"{args.checkpoint}: model {config.model.name!r} has no encoder")
+    ids = [tokenizer.encode(t)[: config.model.seq_length] for t in args.text]
+    length = max(len(i) for i in ids)
+    text_enc = torch.full((len(ids), length), tokenizer.pad_id, dtype=torch.long)
+    mask = torch.zeros_like(text_enc)
+    for row, i in enumerate(ids):
+        text_enc[row, : len(i)] = torch.tensor(i)
+        mask[row, : len(i)] = 1
+    with torch.no_grad():
+        out = model.encode(text_enc, mask)
+    tensors = {k: v.detach().cpu() for k, v in out.items() if torch.is_tensor(v)}
+    torch.save(tensors, args.output)
+    for k, v in tensors.items():
+        print(f"{k}: {tuple(v.shape)}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "config": cmd_config, "plugins": cmd_plugins, "generate": cmd_generate, "encode": cmd_encode}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

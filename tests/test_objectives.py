@@ -3,6 +3,8 @@ reconstruct the original text, the noise follows its density and span length, sa
 are shifted for teacher forcing; and `mega run` trains t5 and the seed's BART + MIM."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -59,7 +61,7 @@ def _enc_dec_config(tmp_path, corpus, plugins, name, overrides=(), **trainer):
     raw = tiny_raw(tmp_path, corpus, trainer=trainer)
     for gpt_key in ("num_layers", "hidden_size", "num_attention_heads", "hidden_dropout", "attention_dropout"):
         raw["model"].pop(gpt_key)
-    raw["model"].update({"name": name, **ENC_DEC})
+    raw["model"].update({"name": name, **copy.deepcopy(ENC_DEC)})  # overrides edit the raw dict in place
     return config_from_dict(raw, overrides, plugins)
 
 
@@ -103,3 +105,47 @@ def test_the_seeds_bart_mim_command_trains(tmp_path, corpus, plugins):
     assert {"tokens_loss", "hiddens_mim_loss", "hiddens_mim_log_prob_P_z", "hiddens_loss"} <= set(train_lines[-1])
     assert "val_hiddens_mim_loss" in [m for m in lines if "val_loss" in m][-1]
     assert all(np.isfinite(m["loss"]) for m in train_lines)
+
+
+def test_cli_encodes_and_decodes_an_encoder_decoder_checkpoint(tmp_path, corpus, plugins, capsys):
+    from mega.cli import main
+    from mega.training.loop import train
+    from mega.training.run import build_run
+
+    cfg = _enc_dec_config(tmp_path, corpus, plugins, "bart",
+                          ["++model.hiddens.enc_output_name=z", "++model.hiddens.transform.q.cls_name=cond_gaussian",
+                           "++model.hiddens.transform.q.hidden_size=32", "++model.hiddens.loss.mim.cls_name=a_mim"],
+                          max_steps=2, val_check_interval=0)
+    run = build_run(cfg, plugins)
+    train(run)
+    out_file = tmp_path / "z.pt"
+    assert main(["encode", str(run.run_dir), "--text", "the model reads", "--text", "a token", "--output", str(out_file)]) == 0
+    tensors = torch.load(out_file)
+    assert tensors["z_mean"].shape == (15, 2, 32) and torch.equal(tensors["z"], tensors["z_mean"])  # eval: z = z_mean
+    assert tensors["hiddens_mask"][1].sum() == len("a token")
+    capsys.readouterr()
+    assert main(["generate", str(run.run_dir), "--prompt", "the model", "--max-new-tokens", "5"]) == 0
+    assert len(capsys.readouterr().out) > 0
+
+
+def test_whole_word_masking_hides_whole_words(tmp_path, corpus, plugins):
+    from mega.training.run import build_run
+
+    cfg = _enc_dec_config(tmp_path, corpus, plugins, "t5", ["model.data.whole_word_masking=true",
+                                                             "model.data.masked_lm_prob=0.3"])
+    run = build_run(cfg, plugins)
+    for i in range(20):
+        s = run.train_data[i]
+        enc = s["text_enc"][s["enc_mask"].bool()].tolist()
+        target = s["labels"][s["loss_mask"].bool()].tolist()
+        for pos, t in enumerate(enc):
+            if t >= 258:  # a sentinel: it must stand between whole words
+                assert pos == 0 or enc[pos - 1] == 32, (i, pos)
+        hidden_runs, cur = [], []
+        for t in target[:-1]:
+            if t >= 258:
+                cur = []
+                hidden_runs.append(cur)
+            else:
+                cur.append(t)
+        assert all(run and run[0] != 32 for run in hidden_runs)  # each hidden span starts a word

@@ -43,6 +43,12 @@ def noise_spans(length: int, density: float, mean_span: float, rng: np.random.Ge
     return spans
 
 
+def word_spans_to_tokens(spans, word_starts: List[int], length: int) -> List[Tuple[int, int]]:
+    """Noise spans over words (indices into `word_starts`) as token spans."""
+    bounds = list(word_starts) + [length]
+    return [(bounds[a], bounds[b]) for a, b in spans]
+
+
 def t5_span_corruption(ids: List[int], spans, sentinel0: int, eos: int) -> Tuple[List[int], List[int]]:
     enc, target, prev = [], [], 0
     for k, (a, b) in enumerate(spans):

@@ -17,7 +17,13 @@ import mega
 from mega.config import DataConfig
 from mega.errors import ConfigError
 from mega.plugins.data.blending import BlendedDataset, parse_splits, split_ranges
-from mega.plugins.data.objectives import bart_infilling, encoder_decoder_sample, noise_spans, t5_span_corruption
+from mega.plugins.data.objectives import (
+    bart_infilling,
+    encoder_decoder_sample,
+    noise_spans,
+    t5_span_corruption,
+    word_spans_to_tokens,
+)
 from mega.plugins.data.quickstart_corpus import write_pydoc_corpus
 from mega.plugins.data.text_index import TextMemMapIndex
 
@@ -30,7 +36,7 @@ class TextMemMapConfig(DataConfig):
     shuffle: bool = True  # shuffle documents each epoch (seeded by model.seed)
     masked_lm_prob: float = 0.15  # t5/bart: share of tokens hidden in noise spans
     mean_noise_span_length: float = 3.0  # t5/bart: mean length of a noise span
-    whole_word_masking: bool = False  # t5/bart: spans on word boundaries (not supported yet)
+    whole_word_masking: bool = False  # t5/bart: noise spans cover whole words
 
 
 class DocumentRange:
@@ -85,7 +91,12 @@ class EncoderDecoderSamples:
     def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
         ids = self.tok.encode(self.docs[i])[: self.seq_length - 1]
         rng = np.random.default_rng([self.seed, i])
-        spans = noise_spans(len(ids), self.cfg.masked_lm_prob, self.cfg.mean_noise_span_length, rng, self.extra_ids)
+        if self.cfg.whole_word_masking:
+            starts = [j for j, s in enumerate(self.tok.word_starts(ids)) if s or j == 0]
+            spans = noise_spans(len(starts), self.cfg.masked_lm_prob, self.cfg.mean_noise_span_length, rng, self.extra_ids)
+            spans = word_spans_to_tokens(spans, starts, len(ids))
+        else:
+            spans = noise_spans(len(ids), self.cfg.masked_lm_prob, self.cfg.mean_noise_span_length, rng, self.extra_ids)
         first_extra = self.tok.vocab_size
         if self.objective == "t5":
             enc, target = t5_span_corruption(ids, spans, first_extra, self.tok.eos_id)
@@ -118,8 +129,8 @@ class TextMemMapSource:
         (infilling)."""
         if objective not in ("lm", "t5", "bart"):
             raise ConfigError(f"model.name: text_mmap has no samples for the objective {objective!r} (lm, t5, bart)")
-        if objective != "lm" and self.config.whole_word_masking:
-            raise ConfigError("model.data.whole_word_masking: true is not supported yet; set it to false")
+        if objective != "lm" and self.config.whole_word_masking and not hasattr(tokenizer, "word_starts"):
+            raise ConfigError("model.data.whole_word_masking: the tokenizer cannot tell where words start")
         parts, weights = [], []
         for w, path, index in zip(self.weights, self.paths, self.indexes):
             start, end = split_ranges(len(index), self.fractions)[SPLITS[split]]

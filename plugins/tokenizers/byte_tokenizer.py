@@ -29,6 +29,10 @@ class ByteTokenizer:
     def decode(self, ids: List[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
+    def word_starts(self, ids: List[int]) -> List[bool]:
+        """A word starts at a non-space byte after a space (or at the start)."""
+        return [i == 0 or (ids[i - 1] == 32 and ids[i] != 32) for i in range(len(ids))]
+
     def artifacts(self) -> Dict[str, Path]:
         return {}
 

@@ -52,6 +52,10 @@ class SentencePieceTokenizer:
     def decode(self, ids: List[int]) -> str:
         return self.sp.decode([i for i in ids if 0 <= i < self.vocab_size])
 
+    def word_starts(self, ids: List[int]) -> List[bool]:
+        """A word starts at a piece that begins with sentencepiece's space mark."""
+        return [i == 0 or self.sp.id_to_piece(t).startswith("\u2581") for i, t in enumerate(ids)]
+
     def artifacts(self) -> Dict[str, Path]:
         return {"model": self.model_file}
 

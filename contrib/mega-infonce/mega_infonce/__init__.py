@@ -1,0 +1,64 @@
+"""`seq_pool` transform and `info_nce` loss for mega's hiddens module, shipped through the
+`register_hidden_transforms` / `register_hidden_losses` hooks."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import mega
+from mega.plugins.hiddens import HiddenLoss, HiddenTransform
+
+__version__ = "0.1.0"
+
+
+class SeqPool(HiddenTransform):
+    """`<input_name>_pooled` [1, B, H]: the masked mean of `input_name` [S, B, H] over S."""
+
+    def __init__(self, input_name: str = "z", name: str = "seq_pool", model_parallel_cfg=None):
+        super().__init__(name=name, model_parallel_cfg=model_parallel_cfg)
+        self.input_name = input_name
+
+    @property
+    def input_names(self):
+        return [self.input_name, "hiddens_mask"]
+
+    @property
+    def output_names(self):
+        return [f"{self.input_name}_pooled"]
+
+    def _transform(self, inputs, batch_data=None):
+        x = inputs[self.input_name]
+        m = inputs["hiddens_mask"].to(x).T.unsqueeze(-1)  # [S, B, 1]
+        pooled = (x * m).sum(0, keepdim=True) / m.sum(0, keepdim=True).clamp(min=1.0)
+        return {f"{self.input_name}_pooled": pooled}
+
+
+class InfoNCE(HiddenLoss):
+    """-log softmax_b'(cos(q_b, k_b') / temperature)[b]: sample b's query must pick its
+    own key among the batch's keys."""
+
+    def __init__(self, query: str = "z_pooled", key: str = "hiddens_pooled", temperature: float = 0.1,
+                 loss_weight: float = 1.0, name: str = "info_nce", nemo_compat: bool = False):
+        super().__init__(loss_weight=loss_weight, name=name, nemo_compat=nemo_compat)
+        self.query, self.key, self.temperature = query, key, temperature
+
+    def _input_names(self):
+        return [self.query, self.key]
+
+    def _loss(self, inputs, batch_data=None):
+        q = F.normalize(inputs[self.query][0], dim=-1)  # [B, H]
+        k = F.normalize(inputs[self.key][0], dim=-1)
+        logits = q @ k.T / self.temperature
+        per_sample = F.cross_entropy(logits, torch.arange(q.shape[0], device=q.device), reduction="none")
+        s = inputs["hiddens_mask"].shape[1]
+        return {"loss": per_sample[:, None].expand(-1, s), "accuracy": (logits.argmax(-1) == torch.arange(q.shape[0])).float()[:, None].expand(-1, s)}
+
+
+@mega.hookimpl
+def register_hidden_transforms(register):
+    register("seq_pool", SeqPool)
+
+
+@mega.hookimpl
+def register_hidden_losses(register):
+    register("info_nce", InfoNCE)
