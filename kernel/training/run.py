@@ -171,9 +171,10 @@ def build_run(config: ExperimentConfig, plugins=None) -> Run:
         scaler = DynamicLossScaler(mc.native_amp_init_scale, mc.native_amp_growth_interval, mc.hysteresis)
 
     # A model may ask for other samples than next-token ones (e.g. span corruption).
-    objective = {k: getattr(mc, k) for k in ("data_objective", "seq_length_dec", "extra_ids") if hasattr(mc, k)}
-    objective = {"objective": objective["data_objective"], "seq_length_dec": objective.get("seq_length_dec"),
-                 "extra_ids": objective.get("extra_ids", 0)} if "data_objective" in objective else {}
+    objective = {}
+    if hasattr(mc, "data_objective"):
+        objective = {"objective": mc.data_objective, "seq_length_dec": getattr(mc, "seq_length_dec", None),
+                     "extra_ids": getattr(mc, "extra_ids", 0)}
     train_data = source.dataset("train", tokenizer, mc.seq_length, tr.max_steps * gbs, mc.seed, **objective)
     valid_data = None
     if tr.val_check_interval > 0 and tr.limit_val_batches > 0:

@@ -62,6 +62,11 @@ class EncoderDecoderConfig(ModelConfig):
     extra_ids: int = 100  # sentinel / mask ids after the tokenizer's vocabulary (T5's <extra_id_k>)
     hiddens: Optional[Dict[str, Any]] = None  # the hiddens module (docs/hiddens.md); None: plain encoder-decoder
 
+    @property
+    def data_objective(self) -> str:
+        """The samples this model trains on: "t5" span corruption or "bart" infilling."""
+        return self.name
+
 
 class DecoderLayer(nn.Module):
     """Causal self-attention, cross-attention over the encoder output, MLP (pre-LN)."""

@@ -10,20 +10,12 @@ from mega.plugins.models.encoder_decoder import EncoderDecoderConfig, EncoderDec
 
 @define(kw_only=True)
 class T5Config(EncoderDecoderConfig):
-    name: str = "t5"
-
-    @property
-    def data_objective(self) -> str:
-        return "t5"  # span corruption
+    name: str = "t5"  # span corruption
 
 
 @define(kw_only=True)
 class BartConfig(EncoderDecoderConfig):
-    name: str = "bart"
-
-    @property
-    def data_objective(self) -> str:
-        return "bart"  # text infilling
+    name: str = "bart"  # text infilling
 
 
 def build(config, tokenizer) -> EncoderDecoderModel:

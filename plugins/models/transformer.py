@@ -70,40 +70,36 @@ class SelfAttention(nn.Module):
                 causal: bool = True) -> torch.Tensor:
         """`key_mask` [b, s] (True = attend) masks padded keys; `causal=False` for encoders."""
         b, s, _ = x.shape
-        if key_mask is not None or not causal:
-            q, k, v = (t.transpose(1, 2) for t in self.query_key_value(x).view(b, s, self.num_heads, 3, self.head_dim).unbind(dim=3))
-            mask = None if key_mask is None else key_mask[:, None, None, :].bool()
-            if causal:
-                tri = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
-                mask = tri if mask is None else mask & tri
-            return self.dense(attend(q, k, v, mask, self.attention_dropout if self.training else 0.0).transpose(1, 2).reshape(b, s, -1))
         qkv = self.query_key_value(x).view(b, s, self.num_heads, 3, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=3))  # each [b, heads, s, head_dim]
         past = 0
         if cache is not None:
             past = cache.length
             k, v = cache.append(self.layer_number, k, v)
-        dropout = self.attention_dropout if self.training else 0.0
-        # this rank's heads draw their own dropout masks under tensor parallelism
-        rng = get_rng_tracker().fork() if dropout and current().tp_size > 1 else contextlib.nullcontext()
-        with rng:
-            if past == 0:
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-            else:  # new queries see every cached position and the causal part of their own
-                mask = torch.ones(s, past + s, dtype=torch.bool, device=x.device).tril(diagonal=past)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        mask = None
+        if causal and past:  # new queries see every cached position and the causal part of their own
+            mask = torch.ones(s, past + s, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        if key_mask is not None:
+            keys = key_mask[:, None, None, :].bool()
+            if causal and mask is None:
+                mask = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
+            mask = keys if mask is None else mask & keys
+        y = attend(q, k, v, mask, self.attention_dropout if self.training else 0.0,
+                   is_causal=causal and mask is None)
         return self.dense(y.transpose(1, 2).reshape(b, s, -1))
 
 
-def attend(q, k, v, mask, dropout: float) -> torch.Tensor:
-    """SDPA with a boolean mask; rows whose keys are all masked give zeros, not NaN."""
+def attend(q, k, v, mask, dropout: float, is_causal: bool = False) -> torch.Tensor:
+    """SDPA with a boolean mask (or SDPA's own causal mask); rows whose keys are all masked
+    give zeros, not NaN. Under tensor parallelism this rank's heads draw their own dropout
+    masks (the model-parallel RNG tracker)."""
     rng = get_rng_tracker().fork() if dropout and current().tp_size > 1 else contextlib.nullcontext()
     with rng:
         if mask is not None:
             empty = ~mask.any(dim=-1, keepdim=True)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | empty, dropout_p=dropout)
             return y.masked_fill(empty, 0.0)
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=is_causal)
 
 
 class CrossAttention(nn.Module):
