@@ -19,7 +19,8 @@ import sys
 from typing import List, Optional
 
 import mega
-from mega.errors import MegaError
+from mega.errors import ConfigError, MegaError
+from mega.protocols import EncoderDecoder, Generator
 
 
 class _BarSafeHandler(logging.Handler):
@@ -91,8 +92,6 @@ def cmd_run(args) -> int:
     tr = config.trainer
     if tr.devices * tr.num_nodes > 1 and not launched():
         if tr.num_nodes > 1:
-            from mega.errors import ConfigError
-
             raise ConfigError(
                 f"trainer.num_nodes={tr.num_nodes}: start one launcher per machine, e.g. `torchrun --nnodes={tr.num_nodes}"
                 f" --nproc-per-node={tr.devices} --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT -m mega run ...`"
@@ -143,7 +142,7 @@ def cmd_generate(args) -> int:
 
     model, tokenizer, _ = load_checkpoint_for_inference(args.checkpoint, device=args.device)
     prompt = tokenizer.encode(args.prompt)
-    if hasattr(model, "greedy_decode"):  # an encoder-decoder: encode the prompt, decode from its hiddens
+    if isinstance(model, EncoderDecoder):  # encode the prompt, decode from its hiddens
         import torch
 
         text_enc = torch.tensor([prompt], device=args.device)
@@ -151,6 +150,8 @@ def cmd_generate(args) -> int:
                                   max_len=args.max_new_tokens + 1)
         print(tokenizer.decode(out[0, 1:].tolist()))
         return 0
+    if not isinstance(model, Generator):
+        raise ConfigError(f"{args.checkpoint}: model {type(model).__name__} cannot generate text (see mega.protocols.Generator)")
     out = generate(model, prompt, args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, eos_id=tokenizer.eos_id, seed=args.seed)
     # Decode prompt and continuation together: subword tokenizers mark a word's leading
@@ -162,11 +163,10 @@ def cmd_generate(args) -> int:
 def cmd_encode(args) -> int:
     import torch
 
-    from mega.errors import ConfigError
     from mega.inference import load_checkpoint_for_inference
 
     model, tokenizer, config = load_checkpoint_for_inference(args.checkpoint)
-    if not hasattr(model, "encode"):
+    if not isinstance(model, EncoderDecoder):
         raise ConfigError(f"{args.checkpoint}: model {config.model.name!r} has no encoder")
     ids = [tokenizer.encode(t)[: config.model.seq_length] for t in args.text]
     length = max(len(i) for i in ids)

@@ -1,8 +1,8 @@
 """Loading a checkpoint for inference, and sampling text with a KV cache.
 
-A model that supports generation provides `forward(tokens, cache=None) -> logits`,
-`new_kv_cache(batch, max_len)`, `vocab_size` (logits past it are vocabulary padding) and
-`max_positions`.
+A model that supports generation is a `mega.protocols.Generator`: `forward(tokens,
+cache=None) -> logits`, `new_kv_cache(batch, max_len)`, `vocab_size` (logits past it are
+vocabulary padding) and `max_positions`.
 """
 from __future__ import annotations
 

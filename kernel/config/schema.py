@@ -21,6 +21,8 @@ from typing import Any, List, Optional
 import attrs
 from attrs import define, field
 
+from mega.protocols import SampleObjective
+
 
 class Precision(str):
     """Training precision, normalised to "32", "16" or "bf16".
@@ -139,6 +141,11 @@ class ModelConfig:
     tokenizer: TokenizerConfig = field(factory=TokenizerConfig)
     data: DataConfig = field(factory=DataConfig)
     optim: OptimConfig = field(factory=OptimConfig)
+
+    def objective(self) -> SampleObjective:
+        """The samples this model trains on, handed to the data source (next-token by
+        default; a model plugin overrides this to declare another need)."""
+        return SampleObjective()
 
 
 @define(kw_only=True)

@@ -2,11 +2,13 @@
 
 With one process every size is 1 and the collectives are identities. Launched (by `mega
 run ... trainer.devices=N` or by torchrun), the process joins the default process group
-(NCCL on GPUs, gloo on CPU) and, for now, all ranks form one data-parallel group; the
-tensor- and pipeline-parallel groups of the parallel-runtime issue slot in here.
+(NCCL on GPUs, gloo on CPU) and every rank joins its tensor-, data- and pipeline-parallel
+groups (and, with pipelines, the embedding group of the first and last stage), computed by
+`rank_groups` in Megatron-LM's rank order.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 
@@ -74,6 +76,16 @@ class ParallelState:
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
+
+    @contextlib.contextmanager
+    def main_rank_first(self):
+        """Run the block on rank 0, then on every other rank: what rank 0 writes (a run
+        directory, data indexes, a trained tokenizer) the others then find on disk."""
+        if not self.is_main:
+            self.barrier()
+        yield
+        if self.is_main:
+            self.barrier()
 
 
 def _collective_device() -> torch.device:

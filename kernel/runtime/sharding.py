@@ -21,6 +21,8 @@ from typing import Dict, List
 
 import torch
 
+from mega.protocols import PipelineStage
+
 _LAYER = re.compile(r"((?:^|\.)layers\.)(\d+)(\.)")
 
 
@@ -39,8 +41,16 @@ def sharding_of(model: torch.nn.Module, parallel) -> dict:
             shape[dim] *= parallel.tp_size
         shapes[name] = shape
     return {"tp_size": parallel.tp_size, "tp_rank": parallel.tp_rank, "pp_size": parallel.pp_size,
-            "pp_rank": parallel.pp_rank, "layer_offset": getattr(model, "pipeline_layer_offset", 0),
-            "aliases": dict(getattr(model, "state_aliases", {})), "partition_dims": dims, "global_shapes": shapes}
+            "pp_rank": parallel.pp_rank, "layer_offset": _layer_offset(model), "aliases": _aliases(model),
+            "partition_dims": dims, "global_shapes": shapes}
+
+
+def _layer_offset(model) -> int:
+    return model.pipeline_layer_offset if isinstance(model, PipelineStage) else 0
+
+
+def _aliases(model) -> Dict[str, str]:
+    return dict(model.state_aliases) if isinstance(model, PipelineStage) else {}
 
 
 def to_global(full: Dict[str, torch.Tensor], sharding: dict) -> Dict[str, torch.Tensor]:
@@ -51,7 +61,7 @@ def to_global(full: Dict[str, torch.Tensor], sharding: dict) -> Dict[str, torch.
 
 def to_local(model: torch.nn.Module, full: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Global tensors under this model's local names (a stage's layers, its aliases)."""
-    offset, aliases = getattr(model, "pipeline_layer_offset", 0), getattr(model, "state_aliases", {})
+    offset, aliases = _layer_offset(model), _aliases(model)
     out = {}
     for name in model.state_dict():
         source = aliases.get(name, renumber(name, offset))

@@ -6,7 +6,7 @@ Layout under `<run_dir>/checkpoints/`:
                          plus config.toml, tokenizer files and manifest.json)
     latest               text: the name of the newest good checkpoint, written last
 
-A checkpoint is written into `.tmp-step_XXXXXXX-<pid>/`, its manifest (size and sha256 of
+A checkpoint is written into `.tmp-step_XXXXXXX/` (removed first if a crash left one), its manifest (size and sha256 of
 every file) written last inside it, then the directory is renamed into place and only then
 is `latest` replaced (write temp file, rename). A crash at any point leaves the previous
 checkpoint and pointer intact. Loading verifies the manifest, so a truncated or corrupt
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Union
 
 from mega.errors import CheckpointError
+from mega.protocols import CheckpointFormat, CommitHook, NamesDirectories
 from mega.runtime.parallel import ParallelState
 
 log = logging.getLogger("mega.checkpoint")
@@ -71,7 +72,7 @@ def step_of(path: Path) -> int:
 
 
 class CheckpointManager:
-    def __init__(self, root: Path, fmt, keep_last_k: int = 3):
+    def __init__(self, root: Path, fmt: CheckpointFormat, keep_last_k: int = 3):
         self.root = Path(root)
         self.fmt = fmt
         self.keep_last_k = keep_last_k
@@ -84,8 +85,8 @@ class CheckpointManager:
         `extra_files` — name -> text (str) or a file to copy (Path) — and the manifest, and
         renames the directory into place)."""
         parallel = parallel or ParallelState()
-        naming = getattr(self.fmt, "directory_name", None)  # a format may name its directories
-        final = self.root / (naming(step) if naming else f"step_{step:07d}")
+        named = isinstance(self.fmt, NamesDirectories)  # e.g. Megatron-LM's iter_XXXXXXX
+        final = self.root / (self.fmt.directory_name(step) if named else f"step_{step:07d}")
         tmp = self.root / f".tmp-{final.name}"
         if parallel.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -106,9 +107,8 @@ class CheckpointManager:
             raise error or CheckpointError(f"{tmp}: another rank failed to write its part of the checkpoint")
         if parallel.is_main:
             self._commit(tmp, final)
-            after = getattr(self.fmt, "after_commit", None)  # e.g. Megatron's iteration tracker file
-            if after is not None:
-                after(self.root, final, step)
+            if isinstance(self.fmt, CommitHook):  # e.g. Megatron's iteration tracker file
+                self.fmt.after_commit(self.root, final, step)
         parallel.barrier()
         return final
 
@@ -137,7 +137,7 @@ class CheckpointManager:
                 with p.open("rb+") as f:
                     os.fsync(f.fileno())
                 files[str(p.relative_to(tmp))] = {"size": p.stat().st_size, "sha256": _sha256(p)}
-        manifest = {"step": step, "format": getattr(self.fmt, "name", type(self.fmt).__name__), "files": files, **(meta or {})}
+        manifest = {"step": step, "format": self.fmt.name, "files": files, **(meta or {})}
         write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
         _fsync_dir(tmp)
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import attrs
 import torch
 
 from mega.config import ExperimentConfig, dump_config, to_dict
 from mega.errors import CheckpointError
+from mega.protocols import Batch, DataSource, LanguageModel, StatefulModel, Tokenizer
 from mega.runtime.parallel import ParallelState, init_parallel, pick_device, shutdown_parallel
 from mega.runtime.sharding import merge_shards, reshard_optimizer, shard_for, sharding_of, to_global, to_local
 from mega.runtime.precision import DynamicLossScaler
@@ -37,13 +38,13 @@ class Run:
     run_dir: Path
     device: torch.device
     parallel: ParallelState
-    tokenizer: Any
-    model: torch.nn.Module
+    tokenizer: Tokenizer
+    model: LanguageModel  # a torch.nn.Module
     optimizer: torch.optim.Optimizer
     lr_at: Callable[[int], float]
     scaler: Optional[DynamicLossScaler]
-    train_data: Any
-    valid_data: Any
+    train_data: Sequence[Batch]  # DataSource.dataset(...)
+    valid_data: Optional[Sequence[Batch]]
     checkpoints: CheckpointManager
     global_batch_size: int
     num_micro_batches: int
@@ -58,6 +59,8 @@ class Run:
         trainer = {"step": self.step, "consumed_samples": self.consumed_samples, "rng": rng_state()}
         if self.scaler is not None:
             trainer["loss_scaler"] = self.scaler.state_dict()
+        if isinstance(self.model, StatefulModel):
+            trainer["carried_state"] = self._gather_carried_state()
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "trainer": trainer,
                 "sharding": sharding_of(self.model, self.parallel), "config": to_dict(self.config)}
 
@@ -72,6 +75,27 @@ class Run:
             self.scaler.load_state_dict(trainer["loss_scaler"])
         if "rng" in trainer:
             set_rng_state(trainer["rng"])
+        if isinstance(self.model, StatefulModel):
+            self._load_carried_state(trainer.get("carried_state"))
+
+    def _gather_carried_state(self) -> list:
+        """Every data-parallel replica's carried state (a collective): only the first
+        replica writes checkpoints, and each replica carries state of its own data."""
+        state = self.model.carried_state()
+        if self.parallel.dp_size == 1:
+            return [state]
+        gathered = [None] * self.parallel.dp_size
+        torch.distributed.all_gather_object(gathered, {k: v.cpu() for k, v in state.items()}, group=self.parallel.dp_group)
+        return gathered
+
+    def _load_carried_state(self, saved: Optional[list]) -> None:
+        if saved is None:
+            return
+        if len(saved) != self.parallel.dp_size:
+            log.warning("carried model state was saved by %d data-parallel replicas, this run has %d: it starts afresh",
+                        len(saved), self.parallel.dp_size)
+            return
+        self.model.load_carried_state({k: v.to(self.device) for k, v in saved[self.parallel.dp_rank].items()})
 
     def save_checkpoint(self) -> Path:
         """A collective: each model-parallel rank of the first data-parallel replica writes
@@ -149,15 +173,11 @@ def build_run(config: ExperimentConfig, plugins=None) -> Run:
     for name in config.exp_manager.loggers:
         plugins.loggers.get(name, "exp_manager.loggers")
 
-    # Rank 0 writes the run directory, data indexes and any trained tokenizer first; the
-    # other ranks then find them on disk (a shared filesystem across nodes is assumed).
-    for turn in (True, False):
-        if parallel.is_main == turn:
-            run_dir = prepare_run_dir(config, plugins, write=parallel.is_main)
-            source = data_entry.factory(mc.data, run_dir)
-            tokenizer = tok_entry.factory(mc.tokenizer, source.files(), run_dir)
-        if turn:
-            parallel.barrier()
+    # A shared filesystem across nodes is assumed.
+    with parallel.main_rank_first():
+        run_dir = prepare_run_dir(config, plugins, write=parallel.is_main)
+        source: DataSource = data_entry.factory(mc.data, run_dir)
+        tokenizer: Tokenizer = tok_entry.factory(mc.tokenizer, source.files(), run_dir)
 
     seed_everything(mc.seed)  # the same on every tensor- and data-parallel rank (Megatron's rule)
     get_rng_tracker().reset(mc.seed, parallel.tp_rank, device.type)
@@ -170,15 +190,11 @@ def build_run(config: ExperimentConfig, plugins=None) -> Run:
     if str(tr.precision) == "16":
         scaler = DynamicLossScaler(mc.native_amp_init_scale, mc.native_amp_growth_interval, mc.hysteresis)
 
-    # A model may ask for other samples than next-token ones (e.g. span corruption).
-    objective = {}
-    if hasattr(mc, "data_objective"):
-        objective = {"objective": mc.data_objective, "seq_length_dec": getattr(mc, "seq_length_dec", None),
-                     "extra_ids": getattr(mc, "extra_ids", 0)}
-    train_data = source.dataset("train", tokenizer, mc.seq_length, tr.max_steps * gbs, mc.seed, **objective)
+    objective = mc.objective()  # the model's declared need: next-token samples, span corruption, ...
+    train_data = source.dataset("train", tokenizer, mc.seq_length, tr.max_steps * gbs, mc.seed, objective)
     valid_data = None
     if tr.val_check_interval > 0 and tr.limit_val_batches > 0:
-        valid_data = source.dataset("valid", tokenizer, mc.seq_length, tr.limit_val_batches * gbs, mc.seed, **objective)
+        valid_data = source.dataset("valid", tokenizer, mc.seq_length, tr.limit_val_batches * gbs, mc.seed, objective)
 
     loss_module = LossModule(model)
     if parallel.dp_size > 1 and parallel.pp_size == 1:  # pipelines all-reduce their own gradients

@@ -13,10 +13,23 @@ generator, seeded by (seed, sample index).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
+import attrs
 import numpy as np
 import torch
+
+from mega.protocols import SampleObjective
+
+
+@attrs.frozen
+class DenoisingObjective(SampleObjective):
+    """An encoder-decoder's declared need: "t5" span corruption or "bart" infilling, with
+    `seq_length_dec` decoder positions (None: the encoder's) and `extra_ids` sentinel ids."""
+
+    name: str = "t5"
+    seq_length_dec: Optional[int] = None
+    extra_ids: int = 0
 
 
 def _partition(total: int, parts: int, rng: np.random.Generator) -> List[int]:

@@ -18,6 +18,7 @@ from mega.config import DataConfig
 from mega.errors import ConfigError
 from mega.plugins.data.blending import BlendedDataset, parse_splits, split_ranges
 from mega.plugins.data.objectives import (
+    DenoisingObjective,
     bart_infilling,
     encoder_decoder_sample,
     noise_spans,
@@ -26,6 +27,7 @@ from mega.plugins.data.objectives import (
 )
 from mega.plugins.data.quickstart_corpus import write_pydoc_corpus
 from mega.plugins.data.text_index import TextMemMapIndex
+from mega.protocols import KnowsWordStarts, SampleObjective
 
 SPLITS = {"train": 0, "valid": 1, "test": 2}
 
@@ -80,10 +82,10 @@ def lm_sample(ids: List[int], seq_length: int, pad_id: int) -> Dict[str, torch.T
 class EncoderDecoderSamples:
     """Documents -> T5 span-corruption or BART infilling samples."""
 
-    def __init__(self, docs, tokenizer, seq_length: int, seq_length_dec: int, objective: str, config, seed: int,
-                 extra_ids: int):
-        self.docs, self.tok, self.objective, self.cfg, self.seed = docs, tokenizer, objective, config, seed
-        self.seq_length, self.seq_length_dec, self.extra_ids = seq_length, seq_length_dec, extra_ids
+    def __init__(self, docs, tokenizer, seq_length: int, objective: DenoisingObjective, config, seed: int):
+        self.docs, self.tok, self.objective, self.cfg, self.seed = docs, tokenizer, objective.name, config, seed
+        self.seq_length, self.seq_length_dec = seq_length, objective.seq_length_dec or seq_length
+        self.extra_ids = objective.extra_ids
 
     def __len__(self) -> int:
         return len(self.docs)
@@ -123,24 +125,25 @@ class TextMemMapSource:
     def files(self) -> List[Path]:
         return list(self.paths)
 
-    def dataset(self, split: str, tokenizer, seq_length: int, num_samples: int, seed: int, objective: str = "lm",
-                seq_length_dec: Optional[int] = None, extra_ids: int = 0) -> BlendedDataset:
-        """Samples for `objective`: "lm" (next token), "t5" (span corruption) or "bart"
-        (infilling)."""
-        if objective not in ("lm", "t5", "bart"):
-            raise ConfigError(f"model.name: text_mmap has no samples for the objective {objective!r} (lm, t5, bart)")
-        if objective != "lm" and self.config.whole_word_masking and not hasattr(tokenizer, "word_starts"):
+    def dataset(self, split: str, tokenizer, seq_length: int, num_samples: int, seed: int,
+                objective: SampleObjective = SampleObjective()) -> BlendedDataset:
+        """Samples for the model's objective: "lm" (next token), or a DenoisingObjective
+        ("t5" span corruption, "bart" infilling)."""
+        denoising = isinstance(objective, DenoisingObjective)
+        if not (objective.name == "lm" or denoising):
+            raise ConfigError(f"model.name: text_mmap has no samples for the objective {objective.name!r} (lm, t5, bart)")
+        if denoising and self.config.whole_word_masking and not isinstance(tokenizer, KnowsWordStarts):
             raise ConfigError("model.data.whole_word_masking: the tokenizer cannot tell where words start")
         parts, weights = [], []
         for w, path, index in zip(self.weights, self.paths, self.indexes):
             start, end = split_ranges(len(index), self.fractions)[SPLITS[split]]
             if end > start:
                 docs = DocumentRange(index, start, end)
-                if objective == "lm":
+                if not denoising:
                     parts.append(LMSamples(docs, tokenizer, seq_length))
                 else:
-                    parts.append(EncoderDecoderSamples(docs, tokenizer, seq_length, seq_length_dec or seq_length, objective,
-                                                       self.config, seed + 31 * SPLITS[split] + 7 * len(parts), extra_ids))
+                    parts.append(EncoderDecoderSamples(docs, tokenizer, seq_length, objective, self.config,
+                                                       seed + 31 * SPLITS[split] + 7 * len(parts)))
                 weights.append(w)
         if not parts:
             raise ConfigError(

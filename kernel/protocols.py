@@ -1,0 +1,195 @@
+"""What the kernel calls on a plugin's objects, declared once.
+
+Registration hooks hand the kernel factories; the objects those factories return are
+used only through the protocols below (structural types: a plugin implements the
+methods, it never subclasses anything). Hook docstrings and `docs/plugins.md` point here,
+so this file is the one place a contract is written down.
+
+Required behaviour is a `Protocol`; an optional ability is a small `runtime_checkable`
+protocol of its own that the kernel tests with `isinstance` (a model that can count its
+FLOPs, a checkpoint format that names its directories, a tokenizer that knows where words
+start). Checking one is cheap: it looks up attribute names, nothing is called.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple, TypedDict, Union, runtime_checkable
+
+import attrs
+
+if TYPE_CHECKING:  # the config layer imports this module; it stays free of torch
+    import torch
+
+Batch = Dict[str, "torch.Tensor"]
+
+
+class LossOutput(TypedDict, total=False):
+    """What a model returns for one micro-batch. `loss_sum` (required) is the *sum* of its
+    masked token losses: the kernel divides by the token count of the whole global batch,
+    so micro-batching and data parallelism never change the numbers. `terms` are extra
+    values to log, summed the same way (each is reported per token of the global batch)."""
+
+    loss_sum: torch.Tensor
+    terms: Dict[str, torch.Tensor]
+
+
+# --- models ---------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class LanguageModel(Protocol):
+    """Every model a `register_models` factory returns: an `nn.Module` the loop trains."""
+
+    def training_loss(self, batch: Batch) -> LossOutput:
+        """Loss of one micro-batch (a sample dict from the data source, on the device)."""
+
+
+@runtime_checkable
+class CountsFlops(Protocol):
+    """Optional: lets the loop report TFLOP/s and MFU, and says which count it uses."""
+
+    def flops_per_token(self, seq_length: int) -> float:
+        """Training FLOPs (forward + backward) per token at this sequence length."""
+
+
+@runtime_checkable
+class PipelineStage(Protocol):
+    """A model that runs under pipeline parallelism (`model.pipeline_model_parallel_size > 1`).
+    Built on each stage with only that stage's layers (the factory reads
+    `mega.runtime.parallel.current()`)."""
+
+    pipeline_layer_offset: int  # global index of this stage's first layer (resharding renames by it)
+    state_aliases: Mapping[str, str]  # state-dict names that are copies of another (the tied head)
+
+    def stage_forward(self, batch: Batch, hidden: Optional[torch.Tensor]) -> Union[torch.Tensor, LossOutput]:
+        """First stage: embed `batch` (ignore `hidden`); middle stages: return hidden
+        states; the last stage returns the `LossOutput` of `training_loss`."""
+
+    def activation_shape(self, batch: Batch) -> Tuple[int, ...]:
+        """Shape of the hidden states sent between stages for this micro-batch."""
+
+    def shared_embedding_or_output_weight(self) -> torch.Tensor:
+        """The word embedding (first stage) or its tied copy in the output layer (last
+        stage): the kernel sums their gradients over the two stages."""
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """A decoder that `mega generate` samples from with a KV cache."""
+
+    vocab_size: int  # the tokenizer's; logits past it are vocabulary padding
+    max_positions: int
+
+    def __call__(self, tokens: torch.Tensor, cache=None) -> torch.Tensor:
+        """Logits [batch, seq, padded vocab] for the new `tokens`, appending to `cache`."""
+
+    def new_kv_cache(self, batch: int, max_len: int):
+        """An empty cache for `batch` sequences of up to `max_len` positions."""
+
+
+@runtime_checkable
+class EncoderDecoder(Protocol):
+    """A model with an encoder `mega encode` can run and a decoder `mega generate` can
+    drive from the encoder's output (T5, BART, MIM/VAE)."""
+
+    vocab_size: int
+
+    def encode(self, text_enc: torch.Tensor, enc_mask: torch.Tensor, batch_data: Optional[Batch] = None) -> Dict[str, torch.Tensor]:
+        """Named encoder outputs (`hiddens`, `hiddens_mask`, `enc_output`, hiddens outputs)."""
+
+    def greedy_decode(self, text_enc: torch.Tensor, enc_mask: torch.Tensor, bos_id: int, eos_id: int,
+                      max_len: int) -> torch.Tensor:
+        """Token ids [batch, <= max_len], starting with `bos_id`."""
+
+
+@runtime_checkable
+class StatefulModel(Protocol):
+    """A model that carries state from one global batch to the next (Transformer-XL's
+    memory). The state is per rank, never back-propagated through (detach it), and saved
+    in every checkpoint with the trainer state, so a resumed run continues bit for bit."""
+
+    def carried_state(self) -> Dict[str, torch.Tensor]:
+        """This rank's state after the last step (tensors; empty before the first)."""
+
+    def load_carried_state(self, state: Dict[str, torch.Tensor]) -> None:
+        """Restore what `carried_state` returned (on resume)."""
+
+
+# --- what a model trains on ------------------------------------------------------------------
+
+
+@attrs.frozen
+class SampleObjective:
+    """Which samples a model trains on, declared by its config (`ModelConfig.objective()`)
+    and handed unchanged to the data source. "lm" is next-token prediction; a model plugin
+    that needs other samples returns a subclass with the options its data needs (e.g.
+    span corruption's decoder length), and data sources refuse objectives they don't know."""
+
+    name: str = "lm"
+
+
+# --- components the kernel drives ----------------------------------------------------------
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    vocab_size: int  # ids are 0 .. vocab_size - 1
+    eos_id: int
+    pad_id: int
+
+    def encode(self, text: str) -> List[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    def artifacts(self) -> Dict[str, Path]:
+        """Config keys whose files belong in a checkpoint (e.g. {"model": <.model path>});
+        the kernel copies them and points the saved config at the copies."""
+
+
+@runtime_checkable
+class KnowsWordStarts(Protocol):
+    """Optional: whole-word masking needs to know which ids begin a word."""
+
+    def word_starts(self, ids: Sequence[int]) -> List[bool]: ...
+
+
+@runtime_checkable
+class DataSource(Protocol):
+    """What a `register_datasets` factory returns: the files of `model.data`, ready to be cut."""
+
+    def files(self) -> List[Path]:
+        """Text a tokenizer may train on."""
+
+    def dataset(self, split: str, tokenizer: Tokenizer, seq_length: int, num_samples: int, seed: int,
+                objective: SampleObjective = SampleObjective()) -> Sequence[Batch]:
+        """`num_samples` sample dicts of `split` ("train", "valid", "test"); sample `i` is a
+        pure function of `i` and `seed` (resume relies on it)."""
+
+
+@runtime_checkable
+class CheckpointFormat(Protocol):
+    """An on-disk layout. The kernel owns atomicity, checksums, `latest` and pruning;
+    a format only writes and reads this rank's files inside `directory`."""
+
+    name: str  # recorded in the manifest, so a checkpoint is loaded by its own format
+
+    def save(self, state: dict, directory: Path, parallel=None) -> None:
+        """Write this model-parallel rank's part (`parallel`: its ParallelState, None for
+        one process) of `state`: `model`, `optimizer`, `trainer`, `sharding`, `config`."""
+
+    def load(self, directory: Path, parallel=None, parts: Sequence[str] = ("model", "optimizer", "trainer", "sharding")) -> dict:
+        """This rank's part, as `save` received it (at least `model`)."""
+
+
+@runtime_checkable
+class NamesDirectories(Protocol):
+    """Optional: a format's own directory names (Megatron-LM's `iter_XXXXXXX`)."""
+
+    def directory_name(self, step: int) -> str: ...
+
+
+@runtime_checkable
+class CommitHook(Protocol):
+    """Optional: runs once a checkpoint directory is in place (Megatron's tracker file)."""
+
+    def after_commit(self, root: Path, final: Path, step: int) -> None: ...
