@@ -10,7 +10,7 @@ embeddings are shared by encoder, decoder and the output layer.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -19,17 +19,18 @@ from torch import nn
 
 from mega.config import ModelConfig
 from mega.errors import ConfigError
+from mega.plugins.data.objectives import DenoisingObjective
 from mega.plugins.hiddens import get_hiddens_module
-from mega.plugins.models.gpt import Embedding
 from mega.plugins.models.transformer import (
     MLP,
+    BlockConfig,
     CrossAttention,
+    Embedding,
     SelfAttention,
     TransformerLayer,
     TransformerStack,
-    normal_init,
+    check_shape,
     padded_vocab_size,
-    scaled_init,
 )
 from mega.runtime.parallel import current
 from mega.runtime.tensor_parallel import copy_to_tp, gather_from_tp, mark_replicated, vocab_parallel_cross_entropy
@@ -62,24 +63,22 @@ class EncoderDecoderConfig(ModelConfig):
     extra_ids: int = 100  # sentinel / mask ids after the tokenizer's vocabulary (T5's <extra_id_k>)
     hiddens: Optional[Dict[str, Any]] = None  # the hiddens module (docs/hiddens.md); None: plain encoder-decoder
 
-    @property
-    def data_objective(self) -> str:
+    def objective(self) -> DenoisingObjective:
         """The samples this model trains on: "t5" span corruption or "bart" infilling."""
-        return self.name
+        return DenoisingObjective(name=self.name, seq_length_dec=self.seq_length_dec, extra_ids=self.extra_ids)
 
 
 class DecoderLayer(nn.Module):
     """Causal self-attention, cross-attention over the encoder output, MLP (pre-LN)."""
 
-    def __init__(self, c: StackConfig, init, out_init, layer_number: int):
+    def __init__(self, c: BlockConfig, layer_number: int):
         super().__init__()
-        h, ffn = c.hidden_size, c.ffn_hidden_size or 4 * c.hidden_size
-        self.input_layernorm = nn.LayerNorm(h, eps=c.layernorm_epsilon)
-        self.self_attention = SelfAttention(h, c.num_attention_heads, c.attention_dropout, layer_number, init, out_init)
-        self.post_attention_layernorm = nn.LayerNorm(h, eps=c.layernorm_epsilon)
-        self.inter_attention = CrossAttention(h, c.num_attention_heads, c.attention_dropout, init, out_init)
-        self.post_inter_attention_layernorm = nn.LayerNorm(h, eps=c.layernorm_epsilon)
-        self.mlp = MLP(h, ffn, init, out_init)
+        self.input_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layernorm_epsilon)
+        self.self_attention = SelfAttention(c, layer_number)
+        self.post_attention_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layernorm_epsilon)
+        self.inter_attention = CrossAttention(c)
+        self.post_inter_attention_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layernorm_epsilon)
+        self.mlp = MLP(c)
         self.hidden_dropout = nn.Dropout(c.hidden_dropout)
 
     def forward(self, x, memory, memory_mask, dec_mask):
@@ -91,14 +90,12 @@ class DecoderLayer(nn.Module):
 class PerceiverLayer(nn.Module):
     """Latents cross-attend to the input, then a bidirectional self-attention block."""
 
-    def __init__(self, c: StackConfig, init, out_init, layer_number: int):
+    def __init__(self, c: BlockConfig, layer_number: int):
         super().__init__()
         self.cross_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layernorm_epsilon)
-        self.inter_attention = CrossAttention(c.hidden_size, c.num_attention_heads, c.attention_dropout, init, out_init)
+        self.inter_attention = CrossAttention(c)
         self.hidden_dropout = nn.Dropout(c.hidden_dropout)
-        self.self_layer = TransformerLayer(c.hidden_size, c.num_attention_heads, c.ffn_hidden_size or 4 * c.hidden_size,
-                                           c.hidden_dropout, c.attention_dropout, c.layernorm_epsilon, layer_number,
-                                           init, out_init)
+        self.self_layer = TransformerLayer(c, layer_number)
 
     def forward(self, latents, inputs, input_mask):
         latents = latents + self.hidden_dropout(self.inter_attention(self.cross_layernorm(latents), inputs, input_mask))
@@ -106,10 +103,10 @@ class PerceiverLayer(nn.Module):
 
 
 class PerceiverEncoder(nn.Module):
-    def __init__(self, c: StackConfig, init, out_init):
+    def __init__(self, c: BlockConfig, hidden_steps: int):
         super().__init__()
-        self.init_hidden = nn.Parameter(init(torch.empty(c.hidden_steps, c.hidden_size)))
-        self.layers = nn.ModuleList(PerceiverLayer(c, init, out_init, i) for i in range(c.num_layers))
+        self.init_hidden = nn.Parameter(c.init_method(torch.empty(hidden_steps, c.hidden_size)))
+        self.layers = nn.ModuleList(PerceiverLayer(c, i) for i in range(c.num_layers))
         self.final_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layernorm_epsilon)
 
     def forward(self, x, mask):
@@ -117,6 +114,12 @@ class PerceiverEncoder(nn.Module):
         for layer in self.layers:
             latents = layer(latents, x, mask)
         return self.final_layernorm(latents)
+
+
+def blocks(cfg: EncoderDecoderConfig) -> Tuple[BlockConfig, BlockConfig]:
+    """The encoder's and the decoder's block configs."""
+    return tuple(BlockConfig.of(getattr(cfg, side), init_method_std=cfg.init_method_std, where=f"model.{side}")
+                 for side in ("encoder", "decoder"))
 
 
 def check_config(cfg: EncoderDecoderConfig) -> None:
@@ -129,11 +132,8 @@ def check_config(cfg: EncoderDecoderConfig) -> None:
         raise ConfigError(f"model.decoder.arch: only \"transformer\" is supported, got {cfg.decoder.arch!r}")
     if cfg.pipeline_model_parallel_size != 1:
         raise ConfigError("model.pipeline_model_parallel_size: encoder-decoder models do not support pipeline parallelism yet")
-    for side in ("encoder", "decoder"):
-        c = getattr(cfg, side)
-        if c.hidden_size % c.num_attention_heads or c.num_attention_heads % cfg.tensor_model_parallel_size:
-            raise ConfigError(f"model.{side}.hidden_size={c.hidden_size}, model.{side}.num_attention_heads="
-                              f"{c.num_attention_heads} and tensor_model_parallel_size={cfg.tensor_model_parallel_size} do not divide")
+    for block in blocks(cfg):
+        check_shape(block, cfg.tensor_model_parallel_size)
 
 
 class EncoderDecoderModel(nn.Module):
@@ -143,19 +143,14 @@ class EncoderDecoderModel(nn.Module):
         self.config, self.vocab_size = cfg, vocab_size
         self.padded_vocab_size = padded_vocab_size(vocab_size + cfg.extra_ids, cfg.make_vocab_size_divisible_by,
                                                    current().tp_size)
-        enc, dec = cfg.encoder, cfg.decoder
+        enc, dec = blocks(cfg)
         self.max_positions = cfg.max_position_embeddings or max(cfg.seq_length, cfg.seq_length_dec or cfg.seq_length)
-        init = normal_init(cfg.init_method_std)
-        self.embedding = Embedding(self.padded_vocab_size, enc.hidden_size, self.max_positions, enc.hidden_dropout, init)
-        if enc.arch == "perceiver":
-            self.encoder = PerceiverEncoder(enc, init, scaled_init(cfg.init_method_std, enc.num_layers))
+        self.embedding = Embedding(self.padded_vocab_size, enc, self.max_positions)
+        if cfg.encoder.arch == "perceiver":
+            self.encoder = PerceiverEncoder(enc, cfg.encoder.hidden_steps)
         else:
-            self.encoder = TransformerStack(enc.num_layers, enc.hidden_size, enc.num_attention_heads,
-                                            enc.ffn_hidden_size or 4 * enc.hidden_size, enc.hidden_dropout,
-                                            enc.attention_dropout, enc.layernorm_epsilon, init,
-                                            scaled_init(cfg.init_method_std, enc.num_layers))
-        dec_out = scaled_init(cfg.init_method_std, dec.num_layers)
-        self.decoder = nn.ModuleList(DecoderLayer(dec, init, dec_out, i) for i in range(dec.num_layers))
+            self.encoder = TransformerStack(enc)
+        self.decoder = nn.ModuleList(DecoderLayer(dec, i) for i in range(dec.num_layers))
         self.decoder_final_layernorm = nn.LayerNorm(dec.hidden_size, eps=dec.layernorm_epsilon)
         try:
             self.hiddens_module = get_hiddens_module(cfg.hiddens)

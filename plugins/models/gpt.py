@@ -17,7 +17,7 @@ from torch import nn
 
 from mega.config import ModelConfig
 from mega.errors import ConfigError
-from mega.plugins.models.transformer import KVCache, TransformerStack, normal_init, padded_vocab_size, scaled_init
+from mega.plugins.models.transformer import BlockConfig, Embedding, KVCache, TransformerStack, check_shape, padded_vocab_size
 from mega.runtime.parallel import current
 from mega.runtime.tensor_parallel import (
     VocabParallelEmbedding,
@@ -44,18 +44,6 @@ class GPTConfig(ModelConfig):
     make_vocab_size_divisible_by: int = 128  # vocabulary padded to a multiple of this (x TP)
 
 
-class Embedding(nn.Module):
-    def __init__(self, vocab: int, hidden: int, max_positions: int, dropout: float, init_method):
-        super().__init__()
-        self.word_embeddings = VocabParallelEmbedding(vocab, hidden, init_method)
-        self.position_embeddings = nn.Embedding(max_positions, hidden)
-        init_method(self.position_embeddings.weight.data)
-        self.embedding_dropout = nn.Dropout(dropout)
-
-    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        return self.embedding_dropout(self.word_embeddings(tokens) + self.position_embeddings(position_ids))
-
-
 class LanguageModel(nn.Module):
     """Megatron's `language_model`: embedding (first pipeline stage) + transformer `encoder`
     (this stage's layers; the final LayerNorm on the last stage)."""
@@ -63,46 +51,30 @@ class LanguageModel(nn.Module):
     def __init__(self, cfg: GPTConfig, vocab: int):
         super().__init__()
         st = current()
-        ffn = cfg.ffn_hidden_size or 4 * cfg.hidden_size
-        init, out_init = normal_init(cfg.init_method_std), scaled_init(cfg.init_method_std, cfg.num_layers)
-        embedding = Embedding(vocab, cfg.hidden_size, cfg.max_position_embeddings or cfg.seq_length,
-                              cfg.hidden_dropout, init)
+        block = BlockConfig.of(cfg)
+        embedding = Embedding(vocab, block, cfg.max_position_embeddings or cfg.seq_length)
         self.embedding = embedding if st.is_first_stage else None
         # The last stage's copy of the tied word embedding starts from the same values.
         self.head_weight_init = embedding.word_embeddings.weight.detach() if not st.is_first_stage else None
         per_stage = cfg.num_layers // st.pp_size
-        self.encoder = TransformerStack(
-            cfg.num_layers, cfg.hidden_size, cfg.num_attention_heads, ffn,
-            cfg.hidden_dropout, cfg.attention_dropout, cfg.layernorm_epsilon, init, out_init,
-            keep=range(st.pp_rank * per_stage, (st.pp_rank + 1) * per_stage), final_layernorm=st.is_last_stage,
-        )
+        self.encoder = TransformerStack(block, keep=range(st.pp_rank * per_stage, (st.pp_rank + 1) * per_stage),
+                                        final_layernorm=st.is_last_stage)
 
 
-def check_shape(cfg: GPTConfig) -> None:
-    """Shape mistakes as config errors naming the keys, before any tensor is allocated."""
-    if cfg.num_attention_heads < 1 or cfg.hidden_size % cfg.num_attention_heads:
-        raise ConfigError(f"model.hidden_size={cfg.hidden_size} is not divisible by model.num_attention_heads={cfg.num_attention_heads}")
-    if cfg.max_position_embeddings is not None and cfg.max_position_embeddings < cfg.seq_length:
-        raise ConfigError(f"model.max_position_embeddings={cfg.max_position_embeddings} is smaller than model.seq_length={cfg.seq_length}")
-    tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
-    if cfg.num_attention_heads % tp:
-        raise ConfigError(f"model.num_attention_heads={cfg.num_attention_heads} is not divisible by model.tensor_model_parallel_size={tp}")
-    if (cfg.ffn_hidden_size or 4 * cfg.hidden_size) % tp:
-        raise ConfigError(f"model.ffn_hidden_size={cfg.ffn_hidden_size or 4 * cfg.hidden_size} is not divisible by model.tensor_model_parallel_size={tp}")
-    if cfg.num_layers % pp:
-        raise ConfigError(f"model.num_layers={cfg.num_layers} is not divisible by model.pipeline_model_parallel_size={pp}")
-    for key in ("num_layers", "hidden_size", "seq_length", "make_vocab_size_divisible_by"):
+def check_config(cfg: GPTConfig) -> None:
+    """The blocks' shape (mega.plugins.models.transformer.check_shape) and GPT's own keys."""
+    check_shape(BlockConfig.of(cfg), cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size)
+    for key in ("seq_length", "make_vocab_size_divisible_by"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"model.{key}: must be at least 1, got {getattr(cfg, key)}")
-    for key in ("hidden_dropout", "attention_dropout"):
-        if not 0.0 <= getattr(cfg, key) < 1.0:
-            raise ConfigError(f"model.{key}: must be in [0, 1), got {getattr(cfg, key)}")
+    if cfg.max_position_embeddings is not None and cfg.max_position_embeddings < cfg.seq_length:
+        raise ConfigError(f"model.max_position_embeddings={cfg.max_position_embeddings} is smaller than model.seq_length={cfg.seq_length}")
 
 
 class GPTModel(nn.Module):
     def __init__(self, cfg: GPTConfig, vocab_size: int):
         super().__init__()
-        check_shape(cfg)
+        check_config(cfg)
         self.config = cfg
         self.vocab_size = vocab_size  # the tokenizer's; logits beyond it are padding
         self.padded_vocab_size = padded_vocab_size(vocab_size, cfg.make_vocab_size_divisible_by, current().tp_size)

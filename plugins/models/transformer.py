@@ -11,23 +11,89 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Optional
+from typing import Optional
 
+import attrs
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mega.errors import ConfigError
 from mega.runtime.parallel import current
-from mega.runtime.tensor_parallel import ColumnParallelLinear, RowParallelLinear, get_rng_tracker
+from mega.runtime.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, get_rng_tracker
 
 
-def normal_init(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda t: nn.init.normal_(t, 0.0, std)
+@attrs.frozen(kw_only=True)
+class BlockConfig:
+    """Everything a transformer block needs, read by name from a model's config section
+    (`model.*` for GPT, `model.encoder.*` / `model.decoder.*` for encoder-decoders), so
+    blocks take one argument as nanoGPT's `Block(config)` and megatron-core's
+    `TransformerLayer(config, ...)` do. `where` is the section's dotted path, for errors."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    ffn_hidden_size: Optional[int] = None  # None: 4 x hidden_size
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    layernorm_epsilon: float = 1e-5
+    init_method_std: float = 0.02
+    where: str = "model"
+
+    @classmethod
+    def of(cls, section, **overrides) -> "BlockConfig":
+        """The block keys of a config section (attributes of the same names)."""
+        names = [a.name for a in attrs.fields(cls) if a.name not in overrides and hasattr(section, a.name)]
+        return cls(**{n: getattr(section, n) for n in names}, **overrides)
+
+    @property
+    def ffn(self) -> int:
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def init_method(self, t: torch.Tensor) -> torch.Tensor:
+        return nn.init.normal_(t, 0.0, self.init_method_std)
+
+    def output_init_method(self, t: torch.Tensor) -> torch.Tensor:
+        """Megatron's init of the output projection of each residual branch: std / sqrt(2L)."""
+        return nn.init.normal_(t, 0.0, self.init_method_std / math.sqrt(2.0 * self.num_layers))
 
 
-def scaled_init(std: float, num_layers: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Megatron's init of the output projection of each residual branch: std / sqrt(2L)."""
-    return normal_init(std / math.sqrt(2.0 * num_layers))
+def check_shape(cfg: BlockConfig, tp: int = 1, pp: int = 1) -> None:
+    """Shape mistakes as config errors naming the keys, before any tensor is allocated."""
+    w = cfg.where
+    for key in ("num_layers", "hidden_size", "num_attention_heads"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{w}.{key}: must be at least 1, got {getattr(cfg, key)}")
+    for key in ("hidden_dropout", "attention_dropout"):
+        if not 0.0 <= getattr(cfg, key) < 1.0:
+            raise ConfigError(f"{w}.{key}: must be in [0, 1), got {getattr(cfg, key)}")
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise ConfigError(f"{w}.hidden_size={cfg.hidden_size} is not divisible by {w}.num_attention_heads={cfg.num_attention_heads}")
+    if cfg.num_attention_heads % tp:
+        raise ConfigError(f"{w}.num_attention_heads={cfg.num_attention_heads} is not divisible by model.tensor_model_parallel_size={tp}")
+    if cfg.ffn % tp:
+        raise ConfigError(f"{w}.ffn_hidden_size={cfg.ffn} is not divisible by model.tensor_model_parallel_size={tp}")
+    if cfg.num_layers % pp:
+        raise ConfigError(f"{w}.num_layers={cfg.num_layers} is not divisible by model.pipeline_model_parallel_size={pp}")
+
+
+class Embedding(nn.Module):
+    """Word (vocab-parallel) + learned position embeddings, then dropout (Megatron's
+    `language_model.embedding`)."""
+
+    def __init__(self, vocab: int, cfg: BlockConfig, max_positions: int):
+        super().__init__()
+        self.word_embeddings = VocabParallelEmbedding(vocab, cfg.hidden_size, cfg.init_method)
+        self.position_embeddings = nn.Embedding(max_positions, cfg.hidden_size)
+        cfg.init_method(self.position_embeddings.weight.data)
+        self.embedding_dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        return self.embedding_dropout(self.word_embeddings(tokens) + self.position_embeddings(position_ids))
 
 
 class KVCache:
@@ -51,20 +117,14 @@ class KVCache:
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, hidden_size: int, num_heads: int, attention_dropout: float, layer_number: int,
-                 init_method, output_init_method):
+    def __init__(self, cfg: BlockConfig, layer_number: int):
         super().__init__()
-        if hidden_size % num_heads:
-            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_attention_heads {num_heads}")
-        tp = current().tp_size
-        if num_heads % tp:
-            raise ValueError(f"num_attention_heads {num_heads} is not divisible by the tensor-parallel size {tp}")
-        self.num_heads = num_heads // tp  # heads on this rank
-        self.head_dim = hidden_size // num_heads
-        self.attention_dropout = attention_dropout
+        self.num_heads = cfg.num_attention_heads // current().tp_size  # heads on this rank
+        self.head_dim = cfg.head_dim
+        self.attention_dropout = cfg.attention_dropout
         self.layer_number = layer_number  # index into a KV cache (local to this pipeline stage)
-        self.query_key_value = ColumnParallelLinear(hidden_size, 3 * hidden_size, init_method)
-        self.dense = RowParallelLinear(hidden_size, hidden_size, output_init_method)
+        self.query_key_value = ColumnParallelLinear(cfg.hidden_size, 3 * cfg.hidden_size, cfg.init_method)
+        self.dense = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, cfg.output_init_method)
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, key_mask: Optional[torch.Tensor] = None,
                 causal: bool = True) -> torch.Tensor:
@@ -105,17 +165,13 @@ def attend(q, k, v, mask, dropout: float, is_causal: bool = False) -> torch.Tens
 class CrossAttention(nn.Module):
     """Queries from x, keys and values from a memory (Megatron's `inter_attention`)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, attention_dropout: float, init_method, output_init_method,
-                 memory_size: Optional[int] = None):
+    def __init__(self, cfg: BlockConfig, memory_size: Optional[int] = None):
         super().__init__()
-        tp = current().tp_size
-        if hidden_size % num_heads or num_heads % tp:
-            raise ValueError(f"hidden_size {hidden_size}, num_attention_heads {num_heads}, tensor-parallel size {tp} do not divide")
-        self.num_heads, self.head_dim = num_heads // tp, hidden_size // num_heads
-        self.attention_dropout = attention_dropout
-        self.query = ColumnParallelLinear(hidden_size, hidden_size, init_method)
-        self.key_value = ColumnParallelLinear(memory_size or hidden_size, 2 * hidden_size, init_method)
-        self.dense = RowParallelLinear(hidden_size, hidden_size, output_init_method)
+        self.num_heads, self.head_dim = cfg.num_attention_heads // current().tp_size, cfg.head_dim
+        self.attention_dropout = cfg.attention_dropout
+        self.query = ColumnParallelLinear(cfg.hidden_size, cfg.hidden_size, cfg.init_method)
+        self.key_value = ColumnParallelLinear(memory_size or cfg.hidden_size, 2 * cfg.hidden_size, cfg.init_method)
+        self.dense = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, cfg.output_init_method)
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor, memory_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         b, s, _ = x.shape
@@ -128,28 +184,27 @@ class CrossAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, hidden_size: int, ffn_hidden_size: int, init_method, output_init_method):
+    def __init__(self, cfg: BlockConfig):
         super().__init__()
-        self.dense_h_to_4h = ColumnParallelLinear(hidden_size, ffn_hidden_size, init_method)
-        self.dense_4h_to_h = RowParallelLinear(ffn_hidden_size, hidden_size, output_init_method)
+        self.dense_h_to_4h = ColumnParallelLinear(cfg.hidden_size, cfg.ffn, cfg.init_method)
+        self.dense_4h_to_h = RowParallelLinear(cfg.ffn, cfg.hidden_size, cfg.output_init_method)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Megatron's default GeLU is the tanh approximation (openai_gelu off -> erf); we use erf.
+        # Exact (erf) GELU, Megatron-LM's with openai_gelu off; Megatron's default fused
+        # bias-GELU kernel computes the tanh approximation instead.
         return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x)))
 
 
 class TransformerLayer(nn.Module):
     """x + attn(LN(x)), then x + mlp(LN(x)), with dropout on each residual branch."""
 
-    def __init__(self, hidden_size, num_heads, ffn_hidden_size, hidden_dropout, attention_dropout, eps, layer_number,
-                 init_method, output_init_method):
+    def __init__(self, cfg: BlockConfig, layer_number: int):
         super().__init__()
-        self.input_layernorm = nn.LayerNorm(hidden_size, eps=eps)
-        self.self_attention = SelfAttention(hidden_size, num_heads, attention_dropout, layer_number, init_method,
-                                            output_init_method)
-        self.post_attention_layernorm = nn.LayerNorm(hidden_size, eps=eps)
-        self.mlp = MLP(hidden_size, ffn_hidden_size, init_method, output_init_method)
-        self.hidden_dropout = nn.Dropout(hidden_dropout)
+        self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.self_attention = SelfAttention(cfg, layer_number)
+        self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.mlp = MLP(cfg)
+        self.hidden_dropout = nn.Dropout(cfg.hidden_dropout)
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, key_mask: Optional[torch.Tensor] = None,
                 causal: bool = True) -> torch.Tensor:
@@ -161,22 +216,16 @@ class TransformerStack(nn.Module):
     """The `encoder` of Megatron's language_model: layers, then a final LayerNorm on the
     last pipeline stage. `layer_offset` is the global index of the first layer here."""
 
-    def __init__(self, num_layers, hidden_size, num_heads, ffn_hidden_size, hidden_dropout, attention_dropout, eps,
-                 init_method, output_init_method, keep: Optional[range] = None, final_layernorm: bool = True):
+    def __init__(self, cfg: BlockConfig, keep: Optional[range] = None, final_layernorm: bool = True):
         """`keep`: the global indices of the layers this pipeline stage holds (all by default).
         Every layer is still built in order and the others dropped, so each stage draws the
         same initial weights as the single-stage model."""
         super().__init__()
-        keep = range(num_layers) if keep is None else keep
+        keep = range(cfg.num_layers) if keep is None else keep
         self.layer_offset = keep.start
-        layers = []
-        for i in range(num_layers):
-            layer = TransformerLayer(hidden_size, num_heads, ffn_hidden_size, hidden_dropout, attention_dropout, eps,
-                                     i - keep.start, init_method, output_init_method)
-            if i in keep:
-                layers.append(layer)
-        self.layers = nn.ModuleList(layers)
-        self.final_layernorm = nn.LayerNorm(hidden_size, eps=eps) if final_layernorm else None
+        layers = [TransformerLayer(cfg, i - keep.start) for i in range(cfg.num_layers)]
+        self.layers = nn.ModuleList(layer for i, layer in enumerate(layers) if i in keep)
+        self.final_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon) if final_layernorm else None
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, key_mask: Optional[torch.Tensor] = None,
                 causal: bool = True) -> torch.Tensor:
