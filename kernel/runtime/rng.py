@@ -1,12 +1,22 @@
-"""Seeding and capturing every random number generator, so a resumed run continues the
-exact random stream (dropout masks included) of an uninterrupted one."""
+"""Every random number generator of a run: seeding, capturing and restoring them (so a
+resumed run continues the exact random stream, dropout masks included, of an
+uninterrupted one), and the model-parallel RNG tracker whose states are part of that.
+
+The tracker is Megatron's CudaRNGStatesTracker, on any device. Dropout on activations that
+every tensor-parallel rank holds identically (after a reduce) must draw the same mask on
+each rank: it uses the default generator, seeded alike on every rank. Dropout inside a
+tensor-parallel region (attention probabilities of this rank's heads) must differ between
+ranks: it runs under `tracker.fork()`, which swaps in a generator seeded with
+seed + 2718 + tp_rank. With one rank nothing is forked, so the single-process random
+stream is untouched.
+"""
 from __future__ import annotations
 
+import contextlib
 import random
 
 import numpy as np
 import torch
-
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -25,8 +35,6 @@ def rng_state() -> dict:
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
-    from mega.runtime.tensor_parallel.random import get_rng_tracker
-
     state["rng_tracker_states"] = get_rng_tracker().state_dict()
     return state
 
@@ -39,10 +47,59 @@ def set_rng_state(state: dict) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     if "rng_tracker_states" in state:
-        from mega.runtime.tensor_parallel.random import get_rng_tracker
-
         get_rng_tracker().load_state_dict(state["rng_tracker_states"])
 
 
 def _tuplify(x):
     return tuple(_tuplify(i) for i in x) if isinstance(x, (list, tuple)) else x
+
+
+# --- the model-parallel RNG tracker ---------------------------------------------------------
+
+MODEL_PARALLEL = "model-parallel-rng"
+
+
+class RNGTracker:
+    def __init__(self):
+        self.states = {}
+        self.device_type = "cpu"
+
+    def _get(self):
+        return torch.cuda.get_rng_state() if self.device_type == "cuda" else torch.get_rng_state()
+
+    def _set(self, state):
+        (torch.cuda.set_rng_state if self.device_type == "cuda" else torch.set_rng_state)(state)
+
+    def reset(self, seed: int, tp_rank: int, device_type: str) -> None:
+        self.device_type = device_type
+        self.states = {}
+        saved = self._get()
+        (torch.cuda.manual_seed if device_type == "cuda" else torch.manual_seed)(seed + 2718 + tp_rank)
+        self.states[MODEL_PARALLEL] = self._get()
+        self._set(saved)
+
+    @contextlib.contextmanager
+    def fork(self, name: str = MODEL_PARALLEL):
+        if name not in self.states:
+            raise RuntimeError(f"RNG tracker has no state {name!r}; call reset() first")
+        saved = self._get()
+        self._set(self.states[name])
+        try:
+            yield
+        finally:
+            self.states[name] = self._get()
+            self._set(saved)
+
+    def state_dict(self) -> dict:
+        return {"device_type": self.device_type, "states": dict(self.states)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.device_type = state["device_type"]
+        self.states = dict(state["states"])
+
+
+_TRACKER = RNGTracker()
+
+
+def get_rng_tracker() -> RNGTracker:
+    return _TRACKER

@@ -8,7 +8,7 @@ from mega.runtime.tensor_parallel.layers import (
     shard,
 )
 from mega.runtime.tensor_parallel.mappings import copy_to_tp, gather_from_tp, reduce_from_tp, scatter_to_tp
-from mega.runtime.tensor_parallel.random import get_rng_tracker
+from mega.runtime.rng import get_rng_tracker  # the RNG tracker lives with the other generators
 
 __all__ = [
     "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "mark_replicated", "shard", "vocab_parallel_cross_entropy",
