@@ -169,7 +169,7 @@ def test_third_party_components_of_every_kind_are_used_by_name(tmp_path, corpus)
     from mega.plugins.data.text_mmap_plugin import TextMemMapConfig, TextMemMapSource
     from mega.training.loop import train
     from mega.training.run import build_run
-    from tests.conftest import read_metrics, tiny_config
+    from mega.testing import read_metrics, tiny_config
 
     used = set()
 

@@ -7,9 +7,9 @@ import torch
 
 import mega
 from mega.plugin_manager import load_plugins
+from mega.testing import read_metrics, tiny_config
 from mega.training.run import build_run
 from mega.training.loop import train
-from tests.conftest import read_metrics, tiny_config
 
 
 class CrashAt:
