@@ -119,6 +119,10 @@ class TinyExperiment:
         self.corpus = Path(corpus)
         self.plugins = plugins
 
+    def run_dir(self, name: str = "tiny") -> Path:
+        """Where a run named `name` (`exp_manager.name`) writes its metrics and checkpoints."""
+        return self.directory / "results" / name
+
     def raw(self, **sections) -> dict:
         return tiny_raw(self.directory, self.corpus, **sections)
 
