@@ -286,6 +286,19 @@ def test_the_pytest_plugin_is_installed():
     assert eps.get("mega") == "mega.testing.pytest_plugin", "reinstall: pip install -e ."
 
 
+@pytest.mark.slow
+def test_the_testing_guide_example_passes_outside_the_repo(tmp_path):
+    """docs/plugins.md's example test, run by pytest in a directory with no conftest: the
+    fixtures reach it through the pytest11 entry point, as they reach a plugin's repo."""
+    guide = (ROOT / "docs" / "plugins.md").read_text()
+    example = guide[guide.index("# test_my_callback.py"):]
+    (tmp_path / "test_my_callback.py").write_text(example[:example.index("```")])
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_my_callback.py"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 passed" in proc.stdout
+
+
 def test_tiny_experiment_helpers(tmp_path):
     from mega.testing import TinyExperiment, read_metrics, tiny_raw, write_corpus
 
