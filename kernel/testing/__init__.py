@@ -165,7 +165,9 @@ def register_plugin(plugin: object, plugins=None, name: Optional[str] = None) ->
       error. Registration hooks run only when plugins are loaded, so a plugin
       implementing one is refused here; use `plugins=None` for it.
 
-    A method named like no hook (say `on_step_ends`) is an error, as in `load_plugins`.
+    `name` is the plugin's name in an existing manager (default: its `__name__` or class
+    name, which is also the name in a fresh one). A method named like no hook (say
+    `on_step_ends`) is an error, as in `load_plugins`.
     """
     from mega.errors import PluginError
     from mega.plugin_manager import load_plugins
