@@ -130,7 +130,11 @@ def register_tasks(register):
 @hookspec
 def on_train_start(run):
     """Called once, after the model, data and any resumed state are ready; `run.step` is
-    the step training starts from (0, or the resumed step)."""
+    the step training starts from (0, or the resumed step). Not called when the run is
+    already at `trainer.max_steps` (nothing to train; `on_train_end` is not called either).
+
+    Called on: every rank; loggers, attached on global rank 0 only, see it once.
+    """
 
 
 @hookspec
@@ -139,26 +143,48 @@ def on_step_end(run, step, metrics):
 
     `metrics` is a dict of floats: `loss`, every loss term the model reported, `lr`,
     `grad_norm`, `tokens_per_sec`, `tflops`, `loss_scale` (fp16), `skipped` (fp16 overflow).
+    `loss` and the terms are already reduced over ranks (the same on every rank); the
+    timings (`tokens_per_sec`, `tflops`, `mfu`) are measured by each rank.
+
+    Called on: every rank; loggers, attached on global rank 0 only, see it once.
     """
 
 
 @hookspec
 def on_validation_end(run, step, metrics):
     """Called after each validation pass with `val_loss` and the model's other `val_*`
-    terms."""
+    terms (reduced over ranks: the same on every rank).
+
+    Called on: every rank; loggers, attached on global rank 0 only, see it once.
+    """
 
 
 @hookspec
 def on_checkpoint_saved(run, step, path):
-    """Called after a checkpoint is complete on disk and the `latest` pointer names it."""
+    """Called after a checkpoint is complete on disk and the `latest` pointer names it
+    (periodic saves, the final save, and the save before a SIGTERM stop). Every rank gets
+    the same `path`, after the collective save has finished on all of them.
+
+    Called on: every rank; loggers, attached on global rank 0 only, see it once.
+    """
 
 
 @hookspec
 def on_train_end(run):
-    """Called once when training finishes normally."""
+    """Called once when training finishes normally.
+
+    Called on: every rank; loggers, attached on global rank 0 only, see it once.
+    """
 
 
 @hookspec
 def on_exception(run, exception):
     """Called when training stops with an exception (including KeyboardInterrupt), before
-    it propagates. Use it to flush and close files."""
+    it propagates. Use it to flush and close files. Errors while building the run (before
+    `on_train_start`) do not reach it.
+
+    A SIGTERM stop (`Preempted`) is raised on every rank at the same step; an error on one
+    rank is raised there only (the launcher then ends the other workers).
+
+    Called on: each rank whose loop raised; loggers, attached on global rank 0 only, see rank 0's.
+    """

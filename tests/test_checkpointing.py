@@ -102,7 +102,7 @@ def test_resolve_accepts_run_dir_checkpoints_dir_and_checkpoint(tmp_path):
 def test_training_refuses_when_no_checkpoint_verifies(tmp_path, corpus, plugins):
     from mega.training.loop import train
     from mega.training.run import build_run
-    from tests.conftest import tiny_config
+    from mega.testing import tiny_config
 
     cfg = tiny_config(tmp_path, corpus, plugins, trainer={"max_steps": 1, "val_check_interval": 0})
     run = build_run(cfg, plugins)

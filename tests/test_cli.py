@@ -11,7 +11,7 @@ import pytest
 
 from mega.cli import main
 from mega.config.reference import configuration_reference
-from tests.conftest import tiny_raw
+from mega.testing import tiny_raw
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ import pytest
 
 from mega.config import config_from_dict, dump_config, load_config, parse_value
 from mega.errors import ConfigError
-from tests.conftest import tiny_raw
+from mega.testing import tiny_raw
 
 
 def _error(raw, plugins, overrides=()):

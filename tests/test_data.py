@@ -120,7 +120,7 @@ def test_missing_data_file_named_at_run_build(tmp_path, plugins):
 
 def test_an_empty_split_is_a_config_error(tmp_path, corpus, plugins):
     from mega.training.run import build_run
-    from tests.conftest import tiny_config
+    from mega.testing import tiny_config
 
     cfg = tiny_config(tmp_path, corpus, plugins, model={"data": {"data_prefix": [str(corpus)], "splits_string": "100,0,0"}})
     with pytest.raises(ConfigError, match="the valid split .* has no documents"):

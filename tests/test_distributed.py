@@ -13,7 +13,7 @@ import pytest
 import tomli_w
 import torch
 
-from tests.conftest import read_metrics, tiny_raw
+from mega.testing import read_metrics, tiny_raw
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,9 +28,9 @@ def _mega(args, tmp_path, env_extra=None, timeout=180):
 def _exp(tmp_path, corpus, **sections) -> Path:
     no_dropout = {"hidden_dropout": 0.0, "attention_dropout": 0.0}
     raw = tiny_raw(tmp_path, corpus, trainer={"max_steps": 4, "val_check_interval": 2}, model=no_dropout)
-    from tests.conftest import _deep_update
+    from mega.testing import deep_update
 
-    _deep_update(raw, sections)
+    deep_update(raw, sections)
     path = tmp_path / "exp.toml"
     path.write_text(tomli_w.dumps(raw))
     return path
@@ -97,7 +97,7 @@ def test_a_hung_worker_fails_the_run_within_the_timeout(tmp_path, corpus):
 def test_multiple_devices_need_a_launcher(tmp_path, corpus, plugins):
     from mega.errors import ConfigError
     from mega.training.run import build_run
-    from tests.conftest import tiny_config
+    from mega.testing import tiny_config
 
     with pytest.raises(ConfigError, match="trainer.devices=2, trainer.num_nodes=1: start this with `mega run`"):
         build_run(tiny_config(tmp_path, corpus, plugins, trainer={"devices": 2}), plugins)

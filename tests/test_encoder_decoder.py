@@ -99,10 +99,45 @@ def test_bad_hiddens_config_names_the_table(plugins):
         _model(_cfg(plugins, ["model.decoder.hidden_size=32"]))
 
 
-def test_greedy_decode_runs(plugins):
+def _argmax_reference(model, text_enc, enc_mask, bos_id, steps):
+    """Decode by hand: encode, take the memory training decodes from (the hiddens output
+    `z`), run the whole prefix through `decode` each step and append the argmax over the
+    tokenizer's vocabulary (never a sentinel or padding id). No early stop."""
+    enc = model.encode(text_enc, enc_mask)
+    memory = enc["z"].transpose(0, 1)
+    out = torch.full((text_enc.shape[0], 1), bos_id, dtype=torch.long)
+    for _ in range(steps):
+        logits = model.decode(out, memory, enc["hiddens_mask"])
+        out = torch.cat([out, logits[:, -1, :V].argmax(-1, keepdim=True)], dim=1)
+    return out
+
+
+def test_greedy_decode_equals_an_argmax_by_argmax_reference(plugins):
     model = _model(_cfg(plugins, SEED_HIDDENS))
-    out = model.greedy_decode(torch.randint(1, V, (2, SE)), torch.ones(2, SE, dtype=torch.long), bos_id=1, eos_id=2, max_len=5)
-    assert out.shape[0] == 2 and out.shape[1] <= 5 and (out[:, 0] == 1).all()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # freshly initialised, the tied embedding just repeats bos: perturb the matrices
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype))
+    text_enc = torch.randint(3, V, (3, SE), generator=g)
+    enc_mask = torch.ones(3, SE, dtype=torch.long)
+    enc_mask[1, 7:] = 0
+    with torch.no_grad():
+        ref = _argmax_reference(model, text_enc, enc_mask, bos_id=1, steps=7)
+        # a reference of one repeated token, or rows blind to their input, would prove little
+        assert len(set(ref[:, 1:].flatten().tolist())) > 3 and not torch.equal(ref[0], ref[1])
+
+        never = next(t for t in range(3, V) if not (ref == t).any())
+        assert torch.equal(model.greedy_decode(text_enc, enc_mask, bos_id=1, eos_id=never, max_len=8), ref)
+
+        # with an eos every row emits, decoding stops after the first step at which each
+        # row has produced one; until then it is the reference
+        eos = next(t for t in range(3, V) if (ref[:, 1:] == t).any(dim=1).all())
+        seen = ((ref[:, 1:] == eos).cumsum(1) > 0).all(0)  # [steps]: every row has emitted eos
+        stop = int(seen.int().argmax()) + 1
+        assert stop < 7  # the early stop is really exercised
+        out = model.greedy_decode(text_enc, enc_mask, bos_id=1, eos_id=eos, max_len=8)
+    assert torch.equal(out, ref[:, : stop + 1])
 
 
 def _encdec_tp(state):

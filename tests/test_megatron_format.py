@@ -10,9 +10,9 @@ import torch
 
 from mega.plugins.checkpoints.megatron import MegatronFormat, nest, qkv_to_current, rank_folder
 from mega.runtime.parallel import ParallelState
+from mega.testing import read_metrics, tiny_config
 from mega.training.loop import train
 from mega.training.run import build_run
-from tests.conftest import read_metrics, tiny_config
 
 
 def test_layout_keys_and_resume(tmp_path, corpus, plugins):

@@ -11,7 +11,7 @@ import torch
 
 from mega.plugins.data.objectives import bart_infilling, encoder_decoder_sample, noise_spans, t5_span_corruption
 from mega.config import config_from_dict
-from tests.conftest import read_metrics, tiny_raw
+from mega.testing import read_metrics, tiny_raw
 
 VOCAB, EOS = 1000, 3
 

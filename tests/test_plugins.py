@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import importlib.metadata
 import json
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -130,32 +131,191 @@ def test_the_kernel_never_imports_first_party_plugins():
                 assert not n.startswith("mega.plugins"), f"{path.relative_to(ROOT)} imports {n}"
 
 
-def _hook_names():
+# --- one test per hook (datasette's rule): documented, and exercised by some test ---------
+
+
+def _hook_names() -> list:
     from mega import hookspecs
 
     return [n for n, f in vars(hookspecs).items() if callable(f) and hasattr(f, "mega_spec")]
 
 
-def test_every_hook_is_documented_with_its_signature():
+def _test_sources() -> str:
+    paths = sorted((ROOT / "tests").glob("test_*.py")) + sorted((ROOT / "contrib").glob("*/tests/test_*.py"))
+    return "\n".join(p.read_text() for p in paths)
+
+
+def _check_hook(name: str) -> None:
     import inspect
+    import re
 
     from mega import hookspecs
+    from mega.registry import KINDS
 
-    docs = (ROOT / "docs" / "plugins.md").read_text()
-    for name in _hook_names():
-        sig = f"{name}{inspect.signature(getattr(hookspecs, name))}"
-        assert sig in docs, f"docs/plugins.md does not document {sig}"
-        assert getattr(hookspecs, name).__doc__, f"hookspec {name} has no docstring"
+    spec = getattr(hookspecs, name)
+    doc = inspect.getdoc(spec)
+    assert doc, f"hookspec {name} has no docstring"
+    sig = f"{name}{inspect.signature(spec)}"
+    assert sig in (ROOT / "docs" / "plugins.md").read_text(), f"docs/plugins.md does not document {sig}"
+    # implemented (`def name(`, also inside a plugin written out as source) or called (`.name(`)
+    assert re.search(rf"def {name}\(|\.{name}\(", _test_sources()), f"no test implements or calls the hook {name}"
+    if name not in KINDS.values():  # a lifecycle hook: the author must know how often it runs
+        assert doc.splitlines()[-1].startswith("Called on: "), (
+            f"hookspec {name}: the docstring's last line should say which ranks call it ('Called on: ...')")
 
 
-def test_every_hook_has_a_test():
-    """Each hook name appears in a test other than this meta-test (datasette's rule)."""
-    sources = "".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py"))
-    sources += "".join(p.read_text() for p in (ROOT / "contrib").rglob("test_*.py"))
-    for name in _hook_names():
-        if name == "register_tasks":
-            continue  # its first implementation arrives with the downstream-tasks plugins
-        assert name in sources, f"no test uses the hook {name}"
+def _hook_test(name: str):
+    def test():
+        _check_hook(name)
+
+    test.__name__ = test.__qualname__ = f"test_hook_{name}"
+    test.__doc__ = f"The hook {name} is documented with its signature and exercised by a test."
+    return test
+
+
+for _name in _hook_names():
+    globals()[f"test_hook_{_name}"] = _hook_test(_name)
+
+
+def test_the_plugin_guide_documents_only_real_hooks():
+    import re
+
+    documented = set()
+    for heading in re.findall(r"^###\s+(.*)$", (ROOT / "docs" / "plugins.md").read_text(), re.M):
+        documented.update(re.findall(r"`(\w+)\(", heading))
+    assert documented == set(_hook_names())
+
+
+def test_register_tasks_fills_the_tasks_registry(mega_plugin):
+    class EchoTask:
+        @mega.hookimpl
+        def register_tasks(self, register):
+            register("echo", lambda config: "echo")
+
+    p = mega_plugin(EchoTask())
+    assert p.tasks.get("echo").plugin == "EchoTask" and p.info["EchoTask"].components == {"tasks": ["echo"]}
+
+
+# --- mega.testing, the helpers plugin authors test with ------------------------------------
+
+
+def test_a_logger_plugin_is_used_by_name_and_detached_after_the_run(mega_plugin, mega_experiment):
+    """The plugin-author path end to end with mega.testing's fixtures: register_loggers
+    adds a logger, an experiment names it, it sees the lifecycle in order."""
+    seen = []
+
+    class Recorder:
+        def __init__(self, run):
+            seen.append(("made", run.step))
+
+        @mega.hookimpl
+        def on_step_end(self, run, step, metrics):
+            seen.append(("step", step, sorted({"loss", "lr"} & set(metrics))))
+
+        @mega.hookimpl
+        def on_validation_end(self, run, step, metrics):
+            seen.append(("val", step, "val_loss" in metrics))
+
+        @mega.hookimpl
+        def on_train_end(self, run):
+            seen.append(("end", run.step))
+
+    class RecorderPlugin:
+        @mega.hookimpl
+        def register_loggers(self, register):
+            register("recorder", Recorder)
+
+    p = mega_plugin(RecorderPlugin())
+    run = mega_experiment.run(plugins=p, trainer={"max_steps": 2, "val_check_interval": 2},
+                              exp_manager={"loggers": ["recorder"]})
+    assert seen == [("made", 0), ("step", 1, ["loss", "lr"]), ("step", 2, ["loss", "lr"]), ("val", 2, True), ("end", 2)]
+    assert p.pm.get_plugin("logger:recorder") is None and run.run_dir == mega_experiment.run_dir()
+
+
+def test_register_plugin_joins_a_manager_for_a_with_block(plugins):
+    from mega.testing import register_plugin
+
+    class Callback:
+        @mega.hookimpl
+        def on_train_end(self, run):
+            pass
+
+    cb = Callback()
+    with register_plugin(cb, plugins) as p:
+        assert p is plugins and plugins.pm.is_registered(cb) and plugins.pm.get_name(cb) == "Callback"
+    assert not plugins.pm.is_registered(cb)
+    with pytest.raises(RuntimeError, match="inside"), register_plugin(cb, plugins):
+        raise RuntimeError("inside")
+    assert not plugins.pm.is_registered(cb)
+
+
+def test_register_plugin_refuses_what_it_cannot_honour(plugins):
+    from mega.testing import register_plugin
+
+    class Typo:
+        @mega.hookimpl
+        def on_step_ends(self, run, step, metrics):
+            pass
+
+    class Registers:
+        @mega.hookimpl
+        def register_tasks(self, register):
+            pass
+
+    for obj, message in [(Typo(), "implements an unknown hook: on_step_ends"),
+                         (Registers(), "implements register_tasks, which run only when plugins are loaded")]:
+        with pytest.raises(PluginError, match=message):
+            with register_plugin(obj, plugins):
+                pass
+        assert not plugins.pm.is_registered(obj)
+    with pytest.raises(PluginError, match="unknown hook"):
+        with register_plugin(Typo()):
+            pass
+
+
+def test_mega_testing_imports_neither_pytest_nor_torch():
+    """pytest imports the plugin module at start-up in every project with mega-lm installed."""
+    code = ("import sys, mega.testing; "
+            "print(sorted(m for m in ('pytest', 'torch', 'cattrs') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_the_pytest_plugin_is_installed():
+    eps = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="pytest11")}
+    assert eps.get("mega") == "mega.testing.pytest_plugin", "reinstall: pip install -e ."
+
+
+@pytest.mark.slow
+def test_the_testing_guide_example_passes_outside_the_repo(tmp_path):
+    """docs/plugins.md's example test, run by pytest in a directory with no conftest: the
+    fixtures reach it through the pytest11 entry point, as they reach a plugin's repo."""
+    guide = (ROOT / "docs" / "plugins.md").read_text()
+    example = guide[guide.index("# test_my_callback.py"):]
+    (tmp_path / "test_my_callback.py").write_text(example[:example.index("```")])
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_my_callback.py"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 passed" in proc.stdout
+
+
+def test_tiny_experiment_helpers(tmp_path):
+    from mega.testing import TinyExperiment, read_metrics, tiny_raw, write_corpus
+
+    corpus = write_corpus(tmp_path / "c.txt", lines=5, seed=3)
+    assert corpus.read_text() == write_corpus(tmp_path / "d.txt", lines=5, seed=3).read_text()
+    assert len(corpus.read_text().splitlines()) == 5
+    sections = {"model": {"optim": {"lr": 0.5}}}
+    raw = tiny_raw(tmp_path, corpus, **sections)
+    assert raw["model"]["optim"] == {"lr": 0.5, "sched": {"name": "cosine", "warmup_steps": 2}}
+    raw["model"]["optim"]["lr"] = 1.0
+    assert sections == {"model": {"optim": {"lr": 0.5}}}  # the caller's tables are never aliased
+    exp = TinyExperiment(tmp_path, corpus)
+    assert exp.config("trainer.max_steps=2").trainer.max_steps == 2
+    assert mega.load_config(exp.toml(trainer={"max_steps": 3})).trainer.max_steps == 3
+    (exp.run_dir("x")).mkdir(parents=True)
+    (exp.run_dir("x") / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    assert read_metrics(exp.run_dir("x")) == [{"step": 1, "loss": 2.0}]
 
 
 def test_third_party_components_of_every_kind_are_used_by_name(tmp_path, corpus):
@@ -169,7 +329,7 @@ def test_third_party_components_of_every_kind_are_used_by_name(tmp_path, corpus)
     from mega.plugins.data.text_mmap_plugin import TextMemMapConfig, TextMemMapSource
     from mega.training.loop import train
     from mega.training.run import build_run
-    from tests.conftest import read_metrics, tiny_config
+    from mega.testing import read_metrics, tiny_config
 
     used = set()
 

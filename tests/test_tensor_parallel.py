@@ -117,7 +117,7 @@ def _pp_train(state, steps, micro, d):
     from mega.config import config_from_dict
     from mega.training.loop import train_step
     from mega.training.run import build_run
-    from tests.conftest import write_corpus
+    from mega.testing import write_corpus
 
     d = d / f"world{state.world_size}"
     corpus = d / "c.txt"
@@ -160,7 +160,7 @@ def _layout_run(state, d, name, steps):
     from mega.config import config_from_dict
     from mega.training.loop import train, validate
     from mega.training.run import build_run
-    from tests.conftest import write_corpus
+    from mega.testing import write_corpus
 
     corpus = d / "c.txt"
     if state.rank == 0 and not corpus.exists():

@@ -7,9 +7,9 @@ import torch
 
 import mega
 from mega.plugin_manager import load_plugins
+from mega.testing import read_metrics, tiny_config
 from mega.training.run import build_run
 from mega.training.loop import train
-from tests.conftest import read_metrics, tiny_config
 
 
 class CrashAt:
@@ -116,10 +116,24 @@ def test_fp16_overflow_skips_the_step_and_backs_off(tmp_path, corpus, plugins, c
     assert all(torch.isfinite(p).all() for p in run.model.parameters())
 
 
-def test_bf16_trains(tmp_path, corpus, plugins):
-    run = _train(tiny_config(tmp_path, corpus, plugins, trainer={"precision": "bf16", "max_steps": 3}), plugins)
-    losses = [m["loss"] for m in read_metrics(run.run_dir) if "loss" in m]
-    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+def test_bf16_trains_like_fp32(tmp_path, corpus, plugins):
+    """bf16 autocast rounds the matmuls, it must not change the optimisation: the loss falls
+    and stays within 0.005 (nats per token) of the fp32 run's at every step and at
+    validation. Measured on CPU (torch 2.13) the gap stays below 7e-4; rounding the
+    weights to bf16 after each step (bf16 master weights) grows it past 0.005 by step 7
+    and to 0.008 by step 10."""
+    losses, val = {}, {}
+    for precision in ("32", "bf16"):
+        cfg = tiny_config(tmp_path, corpus, plugins, [f"exp_manager.name=p{precision}"],
+                          trainer={"precision": precision, "max_steps": 10, "val_check_interval": 10},
+                          model={"optim": {"lr": 3e-3}})
+        metrics = read_metrics(_train(cfg, plugins).run_dir)
+        losses[precision] = [m["loss"] for m in metrics if "loss" in m]
+        val[precision] = [m["val_loss"] for m in metrics if "val_loss" in m]
+    fp32, bf16 = losses["32"], losses["bf16"]
+    assert len(bf16) == 10 and bf16[-1] < bf16[0] - 0.5  # it learns
+    assert bf16 == pytest.approx(fp32, abs=0.005) and val["bf16"] == pytest.approx(val["32"], abs=0.005)
+    assert bf16 != fp32  # and really ran in bf16: the rounding shows
 
 
 def test_metrics_jsonl_and_tensorboard_carry_every_term(tmp_path, corpus, plugins):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 
 import torch
 
@@ -35,10 +34,8 @@ def test_info_nce_equals_the_formula():
     torch.testing.assert_close(d["hiddens_nce_loss"], expected)
 
 
-def test_an_experiment_trains_with_it_by_name(tmp_path):
-    rng = random.Random(0)
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(" ".join(rng.choice("ab cd efg hi jk".split()) for _ in range(20)) for _ in range(60)))
+def test_an_experiment_trains_with_it_by_name(tmp_path, mega_corpus):
+    corpus = mega_corpus  # from mega-lm's pytest plugin (mega.testing)
     exp = tmp_path / "exp.toml"
     exp.write_text(f"""
 [trainer]
