@@ -17,7 +17,7 @@ from mega.plugins.models.gpt import GPTConfig, GPTModel
 from mega.plugins.tokenizers.byte_tokenizer import ByteTokenizer
 from mega.training.run import build_run
 from mega.training.loop import train
-from tests.conftest import read_metrics, tiny_config
+from mega.testing import read_metrics, tiny_config
 
 
 def _gpt():
