@@ -33,10 +33,12 @@ hookspec = pluggy.HookspecMarker("mega")
 def register_models(register):
     """Register model architectures.
 
-    `factory(config, tokenizer) -> torch.nn.Module`. `config` is an instance of the attrs
-    class passed as `config=`, which must subclass `mega.config.ModelConfig` (so it carries
-    `micro_batch_size`, `seq_length`, `data`, `tokenizer`, `optim`, ...). Selected by
-    `model.name`. The module provides `training_loss(batch) -> {"loss_sum": Tensor,
+    `factory(config, tokenizer, plugins) -> torch.nn.Module`. `config` is an instance of
+    the attrs class passed as `config=`, which must subclass `mega.config.ModelConfig` (so
+    it carries `micro_batch_size`, `seq_length`, `data`, `tokenizer`, `optim`, ...).
+    `plugins` is the run's `mega.plugin_manager.Plugins`: build sub-components named in the
+    config (e.g. hidden transforms and losses) from its `registries`, not from the
+    process-wide plugins. Selected by `model.name`. The module provides `training_loss(batch) -> {"loss_sum": Tensor,
     "terms": {...}}`: the sum of the micro-batch's masked token losses, which the kernel
     divides by the global batch's token count (see `docs/plugins.md`).
     """

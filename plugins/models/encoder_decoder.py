@@ -137,7 +137,7 @@ def check_config(cfg: EncoderDecoderConfig) -> None:
 
 
 class EncoderDecoderModel(nn.Module):
-    def __init__(self, cfg: EncoderDecoderConfig, vocab_size: int):
+    def __init__(self, cfg: EncoderDecoderConfig, vocab_size: int, plugins=None):
         super().__init__()
         check_config(cfg)
         self.config, self.vocab_size = cfg, vocab_size
@@ -158,7 +158,7 @@ class EncoderDecoderModel(nn.Module):
         self.decoder = nn.ModuleList(DecoderLayer(dec, init, dec_out, i) for i in range(dec.num_layers))
         self.decoder_final_layernorm = nn.LayerNorm(dec.hidden_size, eps=dec.layernorm_epsilon)
         try:
-            self.hiddens_module = get_hiddens_module(cfg.hiddens)
+            self.hiddens_module = get_hiddens_module(cfg.hiddens, plugins=plugins)  # the run's registries
         except (KeyError, ValueError, TypeError) as exc:
             raise ConfigError(f"model.hiddens: {exc.args[0] if exc.args else exc}") from None
         mark_replicated(self)
