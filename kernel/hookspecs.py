@@ -112,13 +112,26 @@ def register_loggers(register):
 @hookspec
 def register_hidden_transforms(register):
     """Register hiddens transforms for encoder-decoder models (`cls_name` in
-    `model.hiddens.transform`)."""
+    `model.hiddens.transform`): `register(cls_name, cls, config=AttrsClass)`.
+
+    `cls` subclasses `mega.plugins.hiddens.HiddenTransform`. `config` subclasses
+    `mega.config.HiddenTransformConfig` (which holds `cls_name` and `name`) and declares the
+    constructor's keyword arguments, typed, with the constructor's defaults; each entry
+    `model.hiddens.transform.<name>` is structured into it. The module is built with
+    `cls(**fields, name=<name>, model_parallel_cfg=...)` (and `nemo_compat=` when the
+    constructor takes it). Without `config`, only the base keys are accepted.
+    """
 
 
 @hookspec
 def register_hidden_losses(register):
     """Register hiddens losses for encoder-decoder models (`cls_name` in
-    `model.hiddens.loss`)."""
+    `model.hiddens.loss`): `register(cls_name, cls, config=AttrsClass)`.
+
+    As `register_hidden_transforms`, with `cls` subclassing
+    `mega.plugins.hiddens.HiddenLoss` and `config` subclassing `mega.config.HiddenLossConfig`
+    (which adds `loss_weight`); no `model_parallel_cfg` is passed.
+    """
 
 
 @hookspec

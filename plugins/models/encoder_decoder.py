@@ -19,7 +19,7 @@ from torch import nn
 
 from mega.config import ModelConfig
 from mega.errors import ConfigError
-from mega.plugins.hiddens import get_hiddens_module
+from mega.plugins.hiddens import HiddensConfig, get_hiddens_module
 from mega.plugins.models.gpt import Embedding
 from mega.plugins.models.transformer import (
     MLP,
@@ -60,7 +60,7 @@ class EncoderDecoderConfig(ModelConfig):
     init_method_std: float = 0.02
     make_vocab_size_divisible_by: int = 128
     extra_ids: int = 100  # sentinel / mask ids after the tokenizer's vocabulary (T5's <extra_id_k>)
-    hiddens: Optional[Dict[str, Any]] = None  # the hiddens module (docs/hiddens.md); None: plain encoder-decoder
+    hiddens: Optional[HiddensConfig] = None  # the hiddens module (docs/hiddens.md); unset: plain encoder-decoder
 
     @property
     def data_objective(self) -> str:
