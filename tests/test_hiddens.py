@@ -388,6 +388,8 @@ def test_structured_hiddens_keep_order_and_round_trip(tmp_path, corpus, plugins)
     path.write_text(dump_config(cfg))
     assert load_config(path, plugins=plugins) == cfg
     assert load_config(path, ["model.hiddens.loss.vae.min_kl_value=0.5"], plugins).model.hiddens.loss["vae"].min_kl_value == 0.5
+    with pytest.raises(ConfigError, match=r"model.hiddens.loss.kl.cls_name: no such key to override; use \+model"):
+        load_config(path, ["model.hiddens.loss.kl.cls_name=vae"], plugins)  # a new entry needs + or ++
 
 
 @pytest.mark.parametrize("command", ["run", "config"])

@@ -128,7 +128,7 @@ def _named_tables(conv: cattrs.Converter) -> None:
     def factory(t):
         base = named_base(t)
 
-        def entries(table, index=None):
+        def entries(table):
             if not isinstance(table, dict):
                 raise ValueError(f"expected a table of named tables, got {_describe(table)}")
             out, errors = {}, []
@@ -318,8 +318,10 @@ def schema_has(raw: dict, path: List[str], plugins) -> bool:
             return True
         if kind is _LEAF:
             return False
-        if isinstance(kind, _Named):  # `part` is an entry's name (table form only)
-            kind, node = kind.base, node.get(part) if isinstance(node, dict) else None
+        if isinstance(kind, _Named):  # `part` names an entry: it exists if written (table form)
+            if not isinstance(node, dict) or not isinstance(node.get(part), dict):
+                return False
+            kind, node = kind.base, node[part]
             continue
         cls = _chosen_class(kind, node, plugins)
         hints = typing.get_type_hints(cls)
