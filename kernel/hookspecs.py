@@ -33,10 +33,12 @@ hookspec = pluggy.HookspecMarker("mega")
 def register_models(register):
     """Register model architectures.
 
-    `factory(config, tokenizer) -> torch.nn.Module`. `config` is an instance of the attrs
-    class passed as `config=`, which must subclass `mega.config.ModelConfig` (so it carries
-    `micro_batch_size`, `seq_length`, `data`, `tokenizer`, `optim`, ...). Selected by
-    `model.name`. The module provides `training_loss(batch) -> {"loss_sum": Tensor,
+    `factory(config, tokenizer, plugins) -> torch.nn.Module`. `config` is an instance of
+    the attrs class passed as `config=`, which must subclass `mega.config.ModelConfig` (so
+    it carries `micro_batch_size`, `seq_length`, `data`, `tokenizer`, `optim`, ...).
+    `plugins` is the run's `mega.plugin_manager.Plugins`: build sub-components named in the
+    config (e.g. hidden transforms and losses) from its `registries`, not from the
+    process-wide plugins. Selected by `model.name`. The module provides `training_loss(batch) -> {"loss_sum": Tensor,
     "terms": {...}}`: the sum of the micro-batch's masked token losses, which the kernel
     divides by the global batch's token count (see `docs/plugins.md`).
     """
@@ -110,13 +112,26 @@ def register_loggers(register):
 @hookspec
 def register_hidden_transforms(register):
     """Register hiddens transforms for encoder-decoder models (`cls_name` in
-    `model.hiddens.transform`)."""
+    `model.hiddens.transform`): `register(cls_name, cls, config=AttrsClass)`.
+
+    `cls` subclasses `mega.plugins.hiddens.HiddenTransform`. `config` subclasses
+    `mega.config.HiddenTransformConfig` (which holds `cls_name` and `name`) and declares the
+    constructor's keyword arguments, typed, with the constructor's defaults; each entry
+    `model.hiddens.transform.<name>` is structured into it. The module is built with
+    `cls(**fields, name=<name>, model_parallel_cfg=...)` (and `nemo_compat=` when the
+    constructor takes it). Without `config`, only the base keys are accepted.
+    """
 
 
 @hookspec
 def register_hidden_losses(register):
     """Register hiddens losses for encoder-decoder models (`cls_name` in
-    `model.hiddens.loss`)."""
+    `model.hiddens.loss`): `register(cls_name, cls, config=AttrsClass)`.
+
+    As `register_hidden_transforms`, with `cls` subclassing
+    `mega.plugins.hiddens.HiddenLoss` and `config` subclassing `mega.config.HiddenLossConfig`
+    (which adds `loss_weight`); no `model_parallel_cfg` is passed.
+    """
 
 
 @hookspec

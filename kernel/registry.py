@@ -55,6 +55,12 @@ class Registry:
             raise PluginError(f"{self.kind} {name!r} is registered by two plugins: {other!r} and {plugin!r}")
         self._entries[name] = Entry(name, factory, config, plugin)
 
+    @property
+    def noun(self) -> str:
+        """One entry of this kind, in words: "hidden loss", "lr scheduler"."""
+        singular = self.kind[:-2] if self.kind.endswith("sses") else self.kind[:-1]
+        return singular.replace("_", " ")
+
     def get(self, name: str, key: str = "") -> Entry:
         """The entry for `name`; `key` is the dotted config key the name came from."""
         try:
@@ -63,7 +69,7 @@ class Registry:
             where = f"{key}: " if key else ""
             known = ", ".join(sorted(self._entries)) or "none"
             raise ConfigError(
-                f"{where}unknown {self.kind[:-1].replace('_', ' ')} {name!r}{did_you_mean(name, self._entries)}"
+                f"{where}unknown {self.noun} {name!r}{did_you_mean(name, self._entries)}"
                 f" (available: {known})"
             ) from None
 

@@ -74,7 +74,8 @@ SEED_HIDDENS = [
 
 def test_seed_hiddens_overrides_and_joint_loss(plugins):
     cfg = _cfg(plugins, ["model.encoder.arch=perceiver", *SEED_HIDDENS])
-    assert cfg.hiddens["transform"]["q_z_given_x"] == {"cls_name": "cond_gaussian", "hidden_size": 16}
+    q = cfg.hiddens.transform["q_z_given_x"]
+    assert (q.cls_name, q.hidden_size, q.min_logvar) == ("cond_gaussian", 16, -6.0)
     model, batch = _model(cfg), _double(_batch())
     out = model.training_loss(batch)
     n = batch["loss_mask"].sum()
@@ -93,8 +94,10 @@ def test_seed_hiddens_overrides_and_joint_loss(plugins):
 def test_bad_hiddens_config_names_the_table(plugins):
     from mega.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="model.hiddens: Unknown hidden loss amim"):
-        _model(_cfg(plugins, ["++model.hiddens.loss.m.cls_name=amim"]))
+    with pytest.raises(ConfigError, match="model.hiddens.loss.m.cls_name: unknown hidden loss 'amim', did you mean a_mim"):
+        _cfg(plugins, ["++model.hiddens.loss.m.cls_name=amim"])  # a config error, before any model is built
+    with pytest.raises(ConfigError, match=r"model.hiddens: Loss transforms inputs = \{.*'z.*\} are not supported"):
+        _model(_cfg(plugins, ["++model.hiddens.loss.m.cls_name=a_mim"]))
     with pytest.raises(ConfigError, match="model.encoder.hidden_size=16 and model.decoder.hidden_size=32 must be equal"):
         _model(_cfg(plugins, ["model.decoder.hidden_size=32"]))
 

@@ -1,13 +1,22 @@
 """The hiddens module against specs/hiddens.md: each transform and loss equals its formula
 (float64; references from torch.distributions), the masked per-sample reductions (an
 all-padding row gives 0), the joint loss and its key names, every validation error, the
-NeMo-compatible options, and the registration API."""
+NeMo-compatible options, the registration API, and `model.hiddens` structured strictly
+through the kernel's config door with the run's registries."""
 from __future__ import annotations
 
+import functools
+import inspect
+import json
+
+import attrs
 import pytest
 import torch
 from torch.distributions import Normal
 
+import mega
+from mega.config import config_from_dict
+from mega.errors import ConfigError
 from mega.plugins.hiddens import (
     AMIMLoss,
     GaussianTransform,
@@ -179,17 +188,21 @@ def test_transform_needing_an_unavailable_input():
         get_hiddens_module({"transform": {"c": {"cls_name": "guided_cls", "hidden_size": H, "attr_name": "p", "input_name": "z"}}})
 
 
-def test_constructor_mismatch_reraises_the_original_error(caplog):
-    with pytest.raises(TypeError, match="unexpected keyword argument 'foo'"):
-        get_hiddens_module({"loss": {"mim": {"cls_name": "a_mim", "foo": 1}}})
-    assert "Failed to build hidden loss mim with cfg=" in caplog.text
+def test_a_failing_constructor_is_logged_and_its_error_reraised(caplog):
+    with pytest.raises(ValueError, match="ffn_hidden_size=3 must be 2 x hidden_size"):
+        get_hiddens_module({"transform": {"q": {"cls_name": "cond_gaussian", "hidden_size": H, "ffn_hidden_size": 3}}})
+    assert "Failed to build hidden transform q with cfg=" in caplog.text
 
 
-def test_missing_and_unknown_cls_name():
-    with pytest.raises(KeyError, match="Missing 'cls_name' in hidden transform q"):
+def test_the_python_api_structures_a_raw_table_strictly():
+    """NeMo's texts (KeyError "Unknown hidden loss amim, available: dict_keys([...])") gave
+    no key path; the table goes through the same structuring as the TOML."""
+    with pytest.raises(ConfigError, match=r"^model.hiddens.transform.q.cls_name: required key missing \(available: .*cond_gaussian"):
         get_hiddens_module({"transform": {"q": {"hidden_size": H}}})
-    with pytest.raises(KeyError, match=r"Unknown hidden loss amim, available: dict_keys\(\['a_mim'"):
+    with pytest.raises(ConfigError, match=r"^model.hiddens.loss.m.cls_name: unknown hidden loss 'amim', did you mean a_mim\? \(available: a_mim,"):
         get_hiddens_module({"loss": {"m": {"cls_name": "amim"}}})
+    with pytest.raises(ConfigError, match=r"^model.hiddens.loss.mim.foo: unknown key$"):
+        get_hiddens_module({"loss": {"mim": {"cls_name": "a_mim", "foo": 1}}})
 
 
 def test_duplicate_loss_keys_at_run_time(inputs):
@@ -228,39 +241,190 @@ class Doubling(HiddenTransform):
         return {"twice": 2 * inputs["hiddens"]}
 
 
-def test_python_registration_api(inputs):
+@pytest.fixture
+def global_plugins(monkeypatch):
+    """A fresh process-wide plugin manager for one test, so what the Python API registers
+    into it is gone afterwards; returns the real one, which must stay untouched."""
+    from mega import plugin_manager
+
+    real, fresh = plugin_manager.get_plugins(), plugin_manager.load_plugins()
+    monkeypatch.setattr(plugin_manager, "_cached_default", functools.lru_cache(maxsize=None)(lambda: fresh))
+    return real
+
+
+class Scaling(HiddenTransform):
+    """A Python-registered transform without a config class: its keys come from here."""
+
+    def __init__(self, factor: float, input_name="hiddens", name: str = "", model_parallel_cfg=None):
+        super().__init__(name=name, model_parallel_cfg=model_parallel_cfg)
+        self.factor, self.input_name = factor, input_name
+
+    @property
+    def input_names(self):
+        return [self.input_name]
+
+    @property
+    def output_names(self):
+        return ["scaled"]
+
+    def _transform(self, inputs, batch_data=None):
+        return {"scaled": self.factor * inputs[self.input_name]}
+
+
+def test_python_registration_api(inputs, global_plugins):
     names = get_registered_hiddens()
     assert {"a_mim", "vae"} <= set(names["loss"]) and "cond_gaussian" in names["transform"]
     register_hidden_transform("doubling_test", Doubling)
     register_hidden_loss("amim_by_path_test", "mega.plugins.hiddens.losses.AMIMLoss")
-    with pytest.raises(ValueError, match="duplicate"):
+    with pytest.raises(ValueError, match=r"Cannot register duplicate hidden transform \(cond_gaussian\)"):
         register_hidden_transform("cond_gaussian", Doubling)
     assert "doubling_test" in get_registered_hiddens()["transform"]
+    assert "doubling_test" not in global_plugins.hidden_transforms  # the fixture restores the real registries
     module = get_hiddens_module({"enc_output_name": "twice", "transform": {"d": {"cls_name": "doubling_test"}}})
     torch.testing.assert_close(module.apply_hidden_transforms(inputs)["enc_output"], 2 * inputs["hiddens"])
-    assert isinstance(get_hiddens_module({"transform": {"q": {"cls_name": "cond_gaussian", "hidden_size": H}},
-                                          "loss": {"m": {"cls_name": "amim_by_path_test"}}}).hidden_loss_transforms[0], AMIMLoss)
+    module = get_hiddens_module({"transform": {"q": {"cls_name": "cond_gaussian", "hidden_size": H}},
+                                 "loss": {"m": {"cls_name": "amim_by_path_test", "hidden_aggregation_method": "mean"}}})
+    assert isinstance(module.hidden_loss_transforms[0], AMIMLoss)
+    assert module.hidden_loss_transforms[0].hidden_aggregation_method == "mean"
+
+
+def test_python_registered_keys_come_from_the_constructor(inputs, global_plugins):
+    register_hidden_transform("scaling_test", Scaling)
+    module = get_hiddens_module({"enc_output_name": "scaled", "transform": {"s": {"cls_name": "scaling_test", "factor": 3}}})
+    torch.testing.assert_close(module.apply_hidden_transforms(inputs)["enc_output"], 3 * inputs["hiddens"])
+    with pytest.raises(ConfigError, match=r"transform.s.factor: expected a number, got a boolean"):
+        get_hiddens_module({"transform": {"s": {"cls_name": "scaling_test", "factor": True}}})
+    with pytest.raises(ConfigError, match=r"transform.s.facter: unknown key, did you mean factor\?"):
+        get_hiddens_module({"transform": {"s": {"cls_name": "scaling_test", "factor": 1.0, "facter": 2}}})
+    with pytest.raises(ConfigError, match=r"transform.s.factor: required key missing"):
+        get_hiddens_module({"transform": {"s": {"cls_name": "scaling_test"}}})
+    raw = {"model": {"name": "bart", "hiddens": {"transform": {"s": {"cls_name": "scaling_test", "factor": 2.0}}}}}
+    assert config_from_dict(raw).model.hiddens.transform["s"].factor == 2.0  # `mega run` in this process sees it
+
+
+def test_every_config_class_matches_its_constructor(plugins):
+    """Defaults of each registered component's config class equal its constructor's, and
+    every key is a constructor parameter (so a table structures into a valid call)."""
+    for registry in (plugins.hidden_transforms, plugins.hidden_losses):
+        for entry in registry.entries():
+            assert entry.config is not None, f"{registry.noun} {entry.name} registers no config class"
+            params = inspect.signature(entry.factory).parameters
+            for a in attrs.fields(entry.config):
+                if a.name == "cls_name":
+                    continue
+                assert a.name in params, f"{entry.name}.{a.name} is not a constructor parameter"
+                if a.name == "name":
+                    continue
+                expected = attrs.NOTHING if params[a.name].default is inspect.Parameter.empty else params[a.name].default
+                assert a.default == expected, f"{entry.name}.{a.name}: config default {a.default!r} != {expected!r}"
+
+
+# --- model.hiddens through the kernel's config door -----------------------------------------
+
+def _bart_raw(tmp_path, corpus, hiddens, **trainer):
+    stack = {"num_layers": 1, "hidden_size": 16, "num_attention_heads": 2}
+    return {
+        "trainer": {"max_steps": 1, "val_check_interval": 0, "log_every_n_steps": 1, "enable_progress_bar": False,
+                    **trainer},
+        "exp_manager": {"exp_dir": str(tmp_path / "results"), "name": "hid", "loggers": ["jsonl"]},
+        "model": {"name": "bart", "micro_batch_size": 2, "seq_length": 24, "seq_length_dec": 16,
+                  "make_vocab_size_divisible_by": 8, "encoder": dict(stack), "decoder": dict(stack),
+                  "tokenizer": {"library": "bytes"}, "data": {"data_prefix": [str(corpus)], "splits_string": "80,20,0"},
+                  "hiddens": hiddens},
+    }
+
+
+MIM = {"enc_output_name": "z", "transform": {"q": {"cls_name": "cond_gaussian", "hidden_size": 16}},
+       "loss": {"mim": {"cls_name": "a_mim", "loss_weight": 1.0}}}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"loss": {"mim": {"cls_name": "a_mim", "loss_weigth": 1.0}}},
+     r"model.hiddens.loss.mim.loss_weigth: unknown key, did you mean loss_weight\?"),
+    ({"loss": {"mim": {"cls_name": "a_mim", "loss_weight": True}}},
+     r"model.hiddens.loss.mim.loss_weight: expected a number, got a boolean \(True\)"),
+    ({"loss": {"mim": {"cls_name": "amim"}}},
+     r"model.hiddens.loss.mim.cls_name: unknown hidden loss 'amim', did you mean a_mim\? \(available: a_mim, "),
+    ({"transform": [{"q": {"cls_name": "cond_gaussian", "hidden_size": "16"}}]},
+     r"model.hiddens.transform\[0\].q.hidden_size: expected an integer, got a string"),
+    ({"loss": {"mim": {"cls_name": "a_mim", "hidden_aggregation_method": "max"}}},
+     r"model.hiddens.loss.mim.hidden_aggregation_method: expected one of 'sum', 'mean', got a string \('max'\)"),
+    ({"tokens_loss_weight": "1"}, r"model.hiddens.tokens_loss_weight: expected a number, got a string"),
+    ({"nemo_compat": 1}, r"model.hiddens.nemo_compat: expected a boolean \(true/false\), got an integer"),
+    ({"enc_output_nme": "z"}, r"model.hiddens.enc_output_nme: unknown key, did you mean enc_output_name\?"),
+])
+def test_bad_hiddens_are_config_errors_at_their_key(tmp_path, corpus, plugins, change, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(_bart_raw(tmp_path, corpus, {**MIM, **change}), plugins=plugins)
+
+
+def test_every_problem_in_one_pass(tmp_path, corpus, plugins):
+    bad = {"transform": [{"q": {"cls_name": "cond_gaussian"}}, {"c": {"cls_name": "guided_clss", "hidden_size": 16}}],
+           "loss": {"mim": {"loss_weight": 1.0}}}
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(_bart_raw(tmp_path, corpus, bad), plugins=plugins)
+    lines = str(info.value).splitlines()
+    assert lines[0] == "3 problems:"
+    assert lines[1:] == ["  model.hiddens.transform[0].q.hidden_size: required key missing",
+                         "  model.hiddens.transform[1].c.cls_name: unknown hidden transform 'guided_clss', did you mean"
+                         " guided_cls? (available: " + ", ".join(plugins.hidden_transforms.names()) + ")",
+                         "  model.hiddens.loss.mim.cls_name: required key missing (available: "
+                         + ", ".join(plugins.hidden_losses.names()) + ")"]
+
+
+def test_structured_hiddens_keep_order_and_round_trip(tmp_path, corpus, plugins):
+    from mega.config import dump_config, load_config
+
+    hiddens = {"enc_output_name": "z", "tokens_loss_weight": 2,
+               "transform": [{"q": {"cls_name": "cond_gaussian", "hidden_size": 16}},
+                             {"c2": {"cls_name": "guided_cls", "hidden_size": 16, "attr_name": "b", "input_name": "z"},
+                              "c1": {"cls_name": "guided_cls", "hidden_size": 16, "attr_name": "a"}}],
+               "loss": {"vae": {"cls_name": "vae", "loss_weight": 0.01}}}
+    cfg = config_from_dict(_bart_raw(tmp_path, corpus, hiddens), plugins=plugins)
+    h = cfg.model.hiddens
+    assert [list(t) for t in h.transform] == [["q"], ["c2", "c1"]] and h.tokens_loss_weight == 2.0
+    assert type(h.loss["vae"]).__name__ == "VAELossConfig" and h.loss["vae"].min_kl_value is None
+    path = tmp_path / "resolved.toml"
+    path.write_text(dump_config(cfg))
+    assert load_config(path, plugins=plugins) == cfg
+    assert load_config(path, ["model.hiddens.loss.vae.min_kl_value=0.5"], plugins).model.hiddens.loss["vae"].min_kl_value == 0.5
+    with pytest.raises(ConfigError, match=r"model.hiddens.loss.kl.cls_name: no such key to override; use \+model"):
+        load_config(path, ["model.hiddens.loss.kl.cls_name=vae"], plugins)  # a new entry needs + or ++
+
+
+@pytest.mark.parametrize("command", ["run", "config"])
+def test_a_bad_hiddens_table_fails_before_the_run_directory_exists(tmp_path, corpus, command, capsys):
+    import tomli_w
+
+    from mega.cli import main
+
+    exp = tmp_path / "exp.toml"
+    exp.write_text(tomli_w.dumps(_bart_raw(tmp_path, corpus, {**MIM, "loss": {"mim": {"cls_name": "a_mim", "loss_weight": True}}})))
+    assert main([command, str(exp)]) == 2
+    assert "model.hiddens.loss.mim.loss_weight: expected a number, got a boolean" in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()
+
+
+class ZeroLoss(HiddenLoss):
+    def _input_names(self):
+        return ["hiddens"]
+
+    def _loss(self, inputs, batch_data=None):
+        return {"loss": inputs["hiddens"].sum(-1).T * 0}
+
+
+class ThirdParty:
+    @mega.hookimpl
+    def register_hidden_losses(self, register):
+        register("zero_loss", ZeroLoss)
+
+    @mega.hookimpl
+    def register_hidden_transforms(self, register):
+        register("doubling", Doubling)
 
 
 def test_a_plugin_ships_a_loss_through_register_hidden_losses(inputs):
-    import mega
     from mega.plugin_manager import load_plugins
-
-    class ZeroLoss(HiddenLoss):
-        def _input_names(self):
-            return ["hiddens"]
-
-        def _loss(self, inputs, batch_data=None):
-            return {"loss": inputs["hiddens"].sum(-1).T * 0}
-
-    class ThirdParty:
-        @mega.hookimpl
-        def register_hidden_losses(self, register):
-            register("zero_loss", ZeroLoss)
-
-        @mega.hookimpl
-        def register_hidden_transforms(self, register):
-            register("doubling", Doubling)
 
     plugins = load_plugins(extra=[ThirdParty()])
     assert plugins.hidden_losses.get("zero_loss").plugin == "ThirdParty"
@@ -268,3 +432,23 @@ def test_a_plugin_ships_a_loss_through_register_hidden_losses(inputs):
     module = get_hiddens_module({"transform": {"d": {"cls_name": "doubling"}}, "loss": {"z": {"cls_name": "zero_loss"}}},
                                 plugins=plugins)
     assert float(module.apply_loss_transforms(module.apply_hidden_transforms(inputs))["hiddens_loss"]) == 0.0
+    with pytest.raises(ConfigError, match=r"loss.z.loss_weigth: unknown key, did you mean loss_weight\?"):
+        get_hiddens_module({"loss": {"z": {"cls_name": "zero_loss", "loss_weigth": 1}}}, plugins=plugins)
+
+
+def test_a_run_uses_the_hidden_losses_of_its_own_plugins(tmp_path, corpus):
+    """A loss registered through load_plugins(extra=...) reaches the model of a run made
+    with that manager (the model factory gets the run's plugins), and stays invisible to
+    the process-wide plugins."""
+    from mega.plugin_manager import get_plugins, load_plugins
+
+    plugins = load_plugins(extra=[ThirdParty()])
+    raw = _bart_raw(tmp_path, corpus, {"loss": {"zero": {"cls_name": "zero_loss", "loss_weight": 0.5}}})
+    run = mega.run(config_from_dict(raw, plugins=plugins), plugins)
+    loss = run.model.hiddens_module.hidden_loss_transforms[0]
+    assert isinstance(loss, ZeroLoss) and loss.name == "zero" and loss.loss_weight == 0.5
+    metrics = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any(m.get("hiddens_zero_loss") == 0.0 for m in metrics)
+    assert "zero_loss" not in get_plugins().hidden_losses
+    with pytest.raises(ConfigError, match="model.hiddens.loss.zero.cls_name: unknown hidden loss 'zero_loss'"):
+        config_from_dict(_bart_raw(tmp_path, corpus, {"loss": {"zero": {"cls_name": "zero_loss"}}}))

@@ -24,20 +24,24 @@ from mega.config.schema import (
     DataConfig,
     ExperimentConfig,
     ExpManagerConfig,
+    HiddenLossConfig,
+    HiddenTransformConfig,
     ModelConfig,
+    NamedTables,
     OptimConfig,
     Precision,
     SchedConfig,
     TokenizerConfig,
     TrainerConfig,
 )
-from mega.config.structure import schema_has, structure
+from mega.config.structure import schema_has, structure, structure_table
 from mega.errors import ConfigError
 
 __all__ = [
-    "CheckpointConfig", "DataConfig", "ExperimentConfig", "ExpManagerConfig", "ModelConfig",
-    "OptimConfig", "Precision", "SchedConfig", "TokenizerConfig", "TrainerConfig",
-    "load_config", "load_raw", "config_from_dict", "dump_config", "parse_value", "to_dict",
+    "CheckpointConfig", "DataConfig", "ExperimentConfig", "ExpManagerConfig", "HiddenLossConfig",
+    "HiddenTransformConfig", "ModelConfig", "NamedTables", "OptimConfig", "Precision", "SchedConfig",
+    "TokenizerConfig", "TrainerConfig", "load_config", "load_raw", "config_from_dict", "dump_config",
+    "parse_value", "structure_table", "to_dict",
 ]
 
 

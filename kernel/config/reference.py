@@ -14,6 +14,7 @@ from typing import Dict, List
 import attrs
 
 from mega.config.schema import SLOTS, ExperimentConfig
+from mega.config.structure import named_base
 
 _COMMENT = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.+)$")
 
@@ -26,7 +27,19 @@ def _comments(cls: type) -> Dict[str, str]:
     return {m.group(1): m.group(2).strip() for m in map(_COMMENT.match, source.splitlines()) if m}
 
 
+def _nested(t):
+    """The attrs class of a nested table field (also an optional one), else None."""
+    if attrs.has(t):
+        return t
+    inner = [a for a in typing.get_args(t) if a is not type(None)] if typing.get_origin(t) is typing.Union else []
+    return inner[0] if len(inner) == 1 and attrs.has(inner[0]) else None
+
+
 def _type_name(t) -> str:
+    if named_base(t) is not None:
+        return "table of named tables, or array of such tables"
+    if typing.get_origin(t) is typing.Literal:
+        return " or ".join(f"`{a!r}`".replace("'", '"') for a in typing.get_args(t))
     if isinstance(t, type):
         return {"str": "string", "int": "integer", "float": "number", "bool": "boolean", "Precision": "32, 16 or \"bf16\""}.get(t.__name__, t.__name__)
     args = typing.get_args(t)
@@ -40,6 +53,8 @@ def _type_name(t) -> str:
 
 def _default(a) -> str:
     d = a.default
+    if d is attrs.NOTHING:
+        return "required"
     if isinstance(d, attrs.Factory):
         d = d.factory()
     if attrs.has(type(d)):
@@ -57,7 +72,7 @@ def _table(cls: type, prefix: str, skip: set) -> List[str]:
     hints = typing.get_type_hints(cls)
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for a in attrs.fields(cls):
-        if a.name in skip or attrs.has(hints.get(a.name)):
+        if a.name in skip or _nested(hints.get(a.name)):
             continue
         rows.append(f"| `{prefix}.{a.name}` | {_type_name(hints.get(a.name, a.type))} | {_default(a)} | {comments.get(a.name, '')} |")
     return rows
@@ -74,6 +89,12 @@ def configuration_reference(plugins) -> str:
         "",
     ]
     slot_of = {s.base: s for s in SLOTS}
+    named: Dict[type, str] = {}  # base class of named-table entries -> where the first such table is
+
+    def note_named(cls: type, prefix: str) -> None:
+        for name, t in typing.get_type_hints(cls).items():
+            if named_base(t) is not None:
+                named.setdefault(named_base(t), f"{prefix}.{name}.<name>")
 
     def section(cls: type, prefix: str) -> None:
         slot = slot_of.get(cls)
@@ -84,6 +105,7 @@ def configuration_reference(plugins) -> str:
             out.extend([doc, ""])
         out.extend(_table(cls, prefix, set()))
         out.append("")
+        note_named(cls, prefix)
         if slot is not None:
             base_fields = {a.name for a in attrs.fields(cls)}
             for entry in plugins.registries[slot.kind].entries():
@@ -97,9 +119,11 @@ def configuration_reference(plugins) -> str:
                 out.append("")
                 sub_hints = typing.get_type_hints(sub)
                 for a in attrs.fields(sub):  # the plugin's own nested tables (e.g. model.encoder)
-                    t = sub_hints.get(a.name)
-                    if a.name not in base_fields and attrs.has(t):
-                        out.extend([f"`{prefix}.{a.name}`:", ""] + _table(t, f"{prefix}.{a.name}", set()) + [""])
+                    t = _nested(sub_hints.get(a.name))
+                    if a.name not in base_fields and t is not None:
+                        optional = "" if attrs.has(sub_hints.get(a.name)) else " (optional table)"
+                        out.extend([f"`{prefix}.{a.name}`{optional}:", ""] + _table(t, f"{prefix}.{a.name}", set()) + [""])
+                        note_named(t, f"{prefix}.{a.name}")
         hints = typing.get_type_hints(cls)
         for a in attrs.fields(cls):
             t = hints.get(a.name)
@@ -109,4 +133,6 @@ def configuration_reference(plugins) -> str:
     hints = typing.get_type_hints(ExperimentConfig)
     for a in attrs.fields(ExperimentConfig):
         section(hints[a.name], a.name)
+    for base, where in named.items():  # entries of named tables, e.g. model.hiddens.loss.<name>
+        section(base, where)
     return "\n".join(out).rstrip() + "\n"

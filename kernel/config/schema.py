@@ -13,10 +13,19 @@ plugin registered, which subclasses the base class here:
 | `model.data`          | `data_impl`     | `DataConfig`      |
 | `model.optim`         | `name`          | `OptimConfig`     |
 | `model.optim.sched`   | `name`          | `SchedConfig`     |
+
+Components of which a model uses several, each under a name of the experiment's choosing,
+are held in named tables (`NamedTables`): a table `{name = {cls_name = ..., ...}}` or an
+array of such tables (order kept), each entry chosen by `cls_name`:
+
+| entries of              | chosen by  | base class              |
+|-------------------------|------------|-------------------------|
+| `model.hiddens.transform` | `cls_name` | `HiddenTransformConfig` |
+| `model.hiddens.loss`      | `cls_name` | `HiddenLossConfig`      |
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional, TypeVar, Union
 
 import attrs
 from attrs import define, field
@@ -157,6 +166,28 @@ class ExperimentConfig:
     exp_manager: ExpManagerConfig = field(factory=ExpManagerConfig)
 
 
+@define(kw_only=True)
+class HiddenTransformConfig:
+    """One entry of `model.hiddens.transform` base; `cls_name` picks the hidden transform."""
+
+    cls_name: str  # a registered hidden transform
+    name: Optional[str] = None  # unset: the entry's key
+
+
+@define(kw_only=True)
+class HiddenLossConfig:
+    """One entry of `model.hiddens.loss` base; `cls_name` picks the hidden loss."""
+
+    cls_name: str  # a registered hidden loss
+    name: Optional[str] = None  # unset: the entry's key
+    loss_weight: float = 1.0  # weight of this loss in the joint loss
+
+
+T = TypeVar("T")
+# A table of named component tables, or an array of such tables (order kept).
+NamedTables = Union[Dict[str, T], List[Dict[str, T]]]
+
+
 @attrs.frozen
 class Slot:
     """A table whose config class is chosen by a name in it."""
@@ -172,4 +203,6 @@ SLOTS = [
     Slot(DataConfig, "datasets", "data_impl"),
     Slot(OptimConfig, "optimizers", "name"),
     Slot(SchedConfig, "lr_schedulers", "name"),
+    Slot(HiddenTransformConfig, "hidden_transforms", "cls_name"),
+    Slot(HiddenLossConfig, "hidden_losses", "cls_name"),
 ]

@@ -3,14 +3,15 @@
 cattrs is lenient by default ("false" would become True, 2.5 would become 2); the hooks
 here accept only the right TOML types. Component tables are structured with the config
 class their plugin registered (chosen by name through the registry, not by a cattrs
-tagged union). Errors are collected from cattrs' exception groups and rendered one per
+tagged union), also inside named tables (`model.hiddens.loss.<name>`, chosen by
+`cls_name`). Errors are collected from cattrs' exception groups and rendered one per
 line as `dotted.key: problem`.
 """
 from __future__ import annotations
 
 import functools
 import typing
-from typing import Any, List
+from typing import Any, List, Literal, Optional
 
 import attrs
 import cattrs
@@ -63,7 +64,9 @@ def make_converter(plugins) -> cattrs.Converter:
     )
     conv.register_structure_hook(str, _strict("a string", lambda v: isinstance(v, str)))
     conv.register_structure_hook(Precision, lambda v, _t: Precision.parse(v))
+    conv.register_structure_hook_func(lambda t: typing.get_origin(t) is Literal, _literal)
     _table_check(conv)
+    _named_tables(conv)
 
     @functools.lru_cache(maxsize=None)
     def fn_for(cls):
@@ -74,6 +77,9 @@ def make_converter(plugins) -> cattrs.Converter:
             if not isinstance(value, dict):
                 raise ValueError(f"expected a table, got {_describe(value)}")
             name = value.get(slot.key, _default(slot.base, slot.key))
+            if name is attrs.NOTHING:
+                known = ", ".join(plugins.registries[slot.kind].names()) or "none"
+                raise _SlotNameError(slot.key, f"required key missing (available: {known})")
             if not isinstance(name, str):
                 raise _SlotNameError(slot.key, f"expected a string, got {_describe(name)}")
             try:
@@ -93,6 +99,68 @@ def make_converter(plugins) -> cattrs.Converter:
     for slot in SLOTS:
         conv.register_structure_hook_func(lambda t, base=slot.base: t is base, dispatch(slot))
     return conv
+
+
+def _literal(value, t):
+    """A Literal accepts exactly its values (cattrs would take 1 for True)."""
+    for allowed in typing.get_args(t):
+        if type(value) is type(allowed) and value == allowed:
+            return value
+    raise ValueError(f"expected one of {', '.join(repr(a) for a in typing.get_args(t))}, got {_describe(value)}")
+
+
+def named_base(t: Any) -> Optional[type]:
+    """The slot base class B when `t` is `NamedTables[B]`, else None."""
+    if typing.get_origin(t) is not typing.Union:
+        return None
+    args = typing.get_args(t)
+    if len(args) != 2 or typing.get_origin(args[0]) is not dict or typing.get_args(args[1]) != (args[0],):
+        return None
+    key, base = typing.get_args(args[0])
+    return base if key is str and any(base is s.base for s in SLOTS) else None
+
+
+def _named_tables(conv: cattrs.Converter) -> None:
+    """`NamedTables[B]`: a table {name: {cls_name, ...}} or an array of such tables; each
+    entry is structured as B (so chosen through the registry by its name key), and errors
+    carry the entry's name (and the array index) in their path."""
+
+    def factory(t):
+        base = named_base(t)
+
+        def entries(table):
+            if not isinstance(table, dict):
+                raise ValueError(f"expected a table of named tables, got {_describe(table)}")
+            out, errors = {}, []
+            for name, value in table.items():
+                try:
+                    out[name] = conv.structure(value, base)
+                except Exception as exc:
+                    exc.__notes__ = [*getattr(exc, "__notes__", []), AttributeValidationNote(f"entry {name}", name, base)]
+                    errors.append(exc)
+            if errors:
+                raise ClassValidationError(f"While structuring named {base.__name__} tables", errors, base)
+            return out
+
+        def hook(value, _t):
+            if isinstance(value, dict):
+                return entries(value)
+            if not isinstance(value, list):
+                raise ValueError(f"expected a table of named tables or an array of such tables, got {_describe(value)}")
+            out, errors = [], []
+            for i, table in enumerate(value):
+                try:
+                    out.append(entries(table))
+                except Exception as exc:
+                    exc.__notes__ = [*getattr(exc, "__notes__", []), IterableValidationNote(f"index {i}", i, dict)]
+                    errors.append(exc)
+            if errors:
+                raise IterableValidationError(f"While structuring an array of named {base.__name__} tables", errors, list)
+            return out
+
+        return hook
+
+    conv.register_structure_hook_factory(lambda t: named_base(t) is not None, factory)
 
 
 def _table_check(conv: cattrs.Converter) -> None:
@@ -152,20 +220,26 @@ def _render(exc: BaseException, path: List[str], out: List[str]) -> None:
 def structure(raw: dict, plugins, source: str = "") -> ExperimentConfig:
     """Structure `raw` into an ExperimentConfig or raise one ConfigError listing every
     problem, each at its dotted key."""
+    cfg = structure_table(_with_tables(raw, ExperimentConfig, plugins), ExperimentConfig, plugins, source=source)
+    _validate_data_prefix(cfg.model.data, source)
+    return cfg
+
+
+def structure_table(raw: Any, cls: type, plugins, path: str = "", source: str = "") -> Any:
+    """Structure one table `raw` (found at the dotted `path`) into the attrs class `cls`
+    with the same strict rules, or raise one ConfigError listing every problem."""
     conv = make_converter(plugins)
-    raw = _with_tables(raw, ExperimentConfig, plugins)
+    prefix = path.split(".") if path else []
     try:
-        cfg = conv.structure(raw, ExperimentConfig)
-    except (ClassValidationError, IterableValidationError, ForbiddenExtraKeysError) as exc:
+        return conv.structure(raw, cls)
+    except (ClassValidationError, IterableValidationError, ForbiddenExtraKeysError, ValueError) as exc:
         lines: List[str] = []
-        _render(exc, [], lines)
+        _render(exc, prefix, lines)
         lines = [ln.replace(".[", "[") for ln in lines]
         where = f"{source}: " if source else ""
         if len(lines) == 1:
             raise ConfigError(f"{where}{lines[0]}") from None
         raise ConfigError(f"{where}{len(lines)} problems:\n  " + "\n  ".join(lines)) from None
-    _validate_data_prefix(cfg.model.data, source)
-    return cfg
 
 
 def _with_tables(raw: Any, cls: type, plugins) -> Any:
@@ -207,6 +281,11 @@ def _validate_data_prefix(data: DataConfig, source: str) -> None:
 _FREE, _LEAF = "free-form table", "value"
 
 
+@attrs.frozen
+class _Named:
+    base: type
+
+
 def _chosen_class(cls: type, node: Any, plugins) -> type:
     """For a component table, the config class its plugin registered; else `cls`."""
     slot = next((s for s in SLOTS if s.base is cls), None)
@@ -220,6 +299,8 @@ def _chosen_class(cls: type, node: Any, plugins) -> type:
 
 def _child_kind(t: Any) -> Any:
     """What a field of type `t` holds: an attrs class, a free-form table, or a value."""
+    if named_base(t) is not None:
+        return _Named(named_base(t))
     for candidate in (t, *typing.get_args(t)) if typing.get_origin(t) is typing.Union else (t,):
         if attrs.has(candidate):
             return candidate
@@ -237,6 +318,11 @@ def schema_has(raw: dict, path: List[str], plugins) -> bool:
             return True
         if kind is _LEAF:
             return False
+        if isinstance(kind, _Named):  # `part` names an entry: it exists if written (table form)
+            if not isinstance(node, dict) or not isinstance(node.get(part), dict):
+                return False
+            kind, node = kind.base, node[part]
+            continue
         cls = _chosen_class(kind, node, plugins)
         hints = typing.get_type_hints(cls)
         if part not in {a.name for a in attrs.fields(cls)}:

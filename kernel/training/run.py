@@ -181,7 +181,7 @@ def build_run(config: ExperimentConfig, plugins=None) -> Run:
 
     seed_everything(mc.seed)  # the same on every tensor- and data-parallel rank (Megatron's rule)
     get_rng_tracker().reset(mc.seed, parallel.tp_rank, device.type)
-    model = model_entry.factory(mc, tokenizer).to(device)
+    model = model_entry.factory(mc, tokenizer, plugins).to(device)
     if parallel.pp_size > 1:  # after an identical init, each stage draws its own dropout masks (Megatron)
         torch.manual_seed(mc.seed + 100 * parallel.pp_rank)
     optimizer = optim_entry.factory(mc.optim, param_groups(model, mc.optim.weight_decay))

@@ -1,15 +1,30 @@
 """Hidden transforms and losses for encoder-decoder models (MIM / VAE), with NeMo's
-Python API. See docs/plugins.md and specs/hiddens.md."""
+Python API. Each component registers with an attrs config class subclassing
+`mega.config.HiddenTransformConfig` / `HiddenLossConfig`; `HiddensConfig` is the
+`model.hiddens` table. See docs/hiddens.md and specs/hiddens.md."""
+from mega.config import HiddenLossConfig, HiddenTransformConfig
 from mega.plugins.hiddens.base import HiddenLoss, HiddenTransform, MegatronBaseHiddenLoss, MegatronBaseHiddenTransform
-from mega.plugins.hiddens.losses import AMIMLoss, GuidedClassifierLoss, VAELoss
-from mega.plugins.hiddens.module import HiddensModule
+from mega.plugins.hiddens.losses import (
+    AMIMLoss,
+    AMIMLossConfig,
+    GuidedClassifierLoss,
+    GuidedClassifierLossConfig,
+    VAELoss,
+    VAELossConfig,
+)
+from mega.plugins.hiddens.module import HiddensConfig, HiddensModule
 from mega.plugins.hiddens.registry import (
     get_hiddens_module,
     get_registered_hiddens,
     register_hidden_loss,
     register_hidden_transform,
 )
-from mega.plugins.hiddens.transforms import GaussianTransform, GuidedClassifierTransform
+from mega.plugins.hiddens.transforms import (
+    GaussianTransform,
+    GaussianTransformConfig,
+    GuidedClassifierTransform,
+    GuidedClassifierTransformConfig,
+)
 
 MegatronHiddensModule = HiddensModule
 
@@ -17,4 +32,6 @@ __all__ = [
     "HiddenLoss", "HiddenTransform", "MegatronBaseHiddenLoss", "MegatronBaseHiddenTransform", "AMIMLoss", "VAELoss",
     "GuidedClassifierLoss", "GaussianTransform", "GuidedClassifierTransform", "HiddensModule", "MegatronHiddensModule",
     "get_hiddens_module", "get_registered_hiddens", "register_hidden_loss", "register_hidden_transform",
+    "HiddensConfig", "HiddenTransformConfig", "HiddenLossConfig", "GaussianTransformConfig",
+    "GuidedClassifierTransformConfig", "AMIMLossConfig", "VAELossConfig", "GuidedClassifierLossConfig",
 ]

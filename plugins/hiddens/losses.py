@@ -1,12 +1,16 @@
-"""Hidden losses: `a_mim`, `vae` (specs/hiddens.md §2.2, §2.3) and `guided_cls_loss` (ours)."""
+"""Hidden losses: `a_mim`, `vae` (specs/hiddens.md §2.2, §2.3) and `guided_cls_loss` (ours),
+each with the config class its `model.hiddens.loss.<name>` table is structured into
+(defaults equal the constructor's; `loss_weight` comes from `HiddenLossConfig`)."""
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional
+from typing import Dict, Literal, Optional
 
 import torch
 import torch.nn.functional as F
+from attrs import define
 
+from mega.config import HiddenLossConfig
 from mega.plugins.hiddens.base import HiddenLoss
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -15,6 +19,11 @@ LOG_2PI = math.log(2.0 * math.pi)
 def std_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
     """Element-wise log N(z; 0, 1)."""
     return -0.5 * (LOG_2PI + z ** 2)
+
+
+@define(kw_only=True)
+class AMIMLossConfig(HiddenLossConfig):
+    hidden_aggregation_method: Literal["sum", "mean"] = "sum"  # how log P(z) is reduced over the hidden dimension
 
 
 class AMIMLoss(HiddenLoss):
@@ -37,6 +46,11 @@ class AMIMLoss(HiddenLoss):
         loss = -0.5 * (log_prob_p + log_prob_q)
         return {"loss": loss.transpose(0, 1), "log_prob_P_z": log_prob_p.transpose(0, 1),
                 "log_prob_q_z_given_x": log_prob_q.transpose(0, 1)}
+
+
+@define(kw_only=True)
+class VAELossConfig(HiddenLossConfig):
+    min_kl_value: Optional[float] = None  # free-bits floor on the per-position KL; unset: none
 
 
 class VAELoss(HiddenLoss):
@@ -67,6 +81,12 @@ class VAELoss(HiddenLoss):
             loss = kl_div if self.min_kl_value is None else kl_div.clamp(min=self.min_kl_value)
         return {"loss": loss.transpose(0, 1), "kl_div": kl_div.transpose(0, 1),
                 "log_prob_p_z": log_prob_p.transpose(0, 1), "log_prob_q_z_given_x": log_prob_q.transpose(0, 1)}
+
+
+@define(kw_only=True)
+class GuidedClassifierLossConfig(HiddenLossConfig):
+    input_name: str  # the logits it scores (a guided_cls output)
+    label_key: Optional[str] = None  # the batch key of the labels; unset: input_name
 
 
 class GuidedClassifierLoss(HiddenLoss):

@@ -1,5 +1,6 @@
 """The hiddens module: runs transforms in order over named outputs, then the losses, and
-forms the joint loss (NeMo's MegatronHiddensModule, specs/hiddens.md §3.1, §5).
+forms the joint loss (NeMo's MegatronHiddensModule, specs/hiddens.md §3.1, §5); and
+`HiddensConfig`, the `model.hiddens` table of an encoder-decoder.
 
 Validation happens at construction, in NeMo's order and with its messages: every output
 a loss or transform needs must be produced by an earlier transform, and no output may be
@@ -10,8 +11,25 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 import torch
+from attrs import define, field
 
+from mega.config import HiddenLossConfig, HiddenTransformConfig, NamedTables
 from mega.plugins.hiddens.base import HiddenLoss, HiddenTransform
+
+
+@define(kw_only=True)
+class HiddensConfig:
+    """`model.hiddens.*`: transforms and losses between encoder and decoder (docs/hiddens.md).
+
+    `transform` and `loss` are each a table `{name = {cls_name = ..., ...}}` or an array of
+    such tables (order kept); each entry is structured into the config class its `cls_name`
+    registered."""
+
+    enc_output_name: str = "hiddens"  # the output the decoder cross-attends to (e.g. "z")
+    tokens_loss_weight: float = 1.0  # weight of the tokens loss in the joint loss
+    nemo_compat: bool = False  # reproduce NeMo exactly (docs/hiddens.md); tokens_loss_weight is then 1.0
+    transform: NamedTables[HiddenTransformConfig] = field(factory=dict)  # named transforms, run in order
+    loss: NamedTables[HiddenLossConfig] = field(factory=dict)  # named losses
 
 
 class HiddensModule(torch.nn.Module):

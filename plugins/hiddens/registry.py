@@ -1,57 +1,72 @@
-"""The hiddens registry and builder: NeMo's Python API (`get_registered_hiddens`,
-`register_hidden_transform`, `register_hidden_loss`, `get_hiddens_module`) on top of
-mega's `register_hidden_transforms` / `register_hidden_losses` hooks.
+"""The hiddens builder and NeMo's Python API (`get_registered_hiddens`,
+`register_hidden_transform`, `register_hidden_loss`, `get_hiddens_module`) on top of the
+`hidden_transforms` / `hidden_losses` registries that mega's hooks fill.
 
-Names registered by installed plugins (through the hooks) and names registered at run
-time from Python live side by side; registering an existing name is an error either way.
-Config sections are a table `{name: {cls_name, ...kwargs}}` or an ordered array of such
-tables; order is kept.
+`model.hiddens` is structured by the kernel like any config (strict types, unknown keys
+named at their dotted path with a suggestion, `cls_name` resolved through the registry),
+so by the time a module is built every entry is an instance of its component's config
+class. `get_hiddens_module` also accepts a raw table (NeMo's API) and structures it the
+same way first.
+
+Registries: a model builds its module from the plugins of its run (`plugins=`); without
+one, the process-wide plugins (`mega.plugin_manager.get_plugins()`) are used. The Python
+registration functions add to those process-wide registries, so `mega run` / `mega.run`
+in the same process see the names; a manager made by `load_plugins()` sees only what hooks
+registered.
 """
 from __future__ import annotations
 
 import importlib
 import inspect
 import logging
-from typing import Dict, List, Optional, Union
+import typing
+from collections.abc import Mapping
+from typing import Any, Dict, List, Optional, Union
 
-from mega.plugins.hiddens.module import HiddensModule
+import attrs
+
+from mega.config import HiddenLossConfig, HiddenTransformConfig, structure_table
+from mega.plugins.hiddens.module import HiddensConfig, HiddensModule
 
 log = logging.getLogger("mega.hiddens")
-_PY_TRANSFORMS: Dict[str, object] = {}
-_PY_LOSSES: Dict[str, object] = {}
+PYTHON_API = "python (register_hidden_*)"  # the plugin name Python registrations are listed under
+_INJECTED = {"self", "name", "cls_name", "model_parallel_cfg", "nemo_compat"}  # set by the builder, not by config
+_CHECKED = (bool, int, float, str)
 
 
-def _hook_entries(kind: str, plugins=None) -> Dict[str, object]:
+def _plugins(plugins):
     if plugins is None:
         from mega.plugin_manager import get_plugins
 
-        plugins = get_plugins()
-    return {e.name: e.factory for e in plugins.registries[kind].entries()}
+        return get_plugins()
+    return plugins
 
 
-def _all(kind: str, extra: Dict[str, object], plugins=None) -> Dict[str, object]:
-    return {**_hook_entries(kind, plugins), **extra}
-
-
-def get_registered_hiddens() -> Dict[str, List[str]]:
+def get_registered_hiddens(plugins=None) -> Dict[str, List[str]]:
     """{"loss": [names], "transform": [names]}."""
-    return {"loss": list(_all("hidden_losses", _PY_LOSSES)), "transform": list(_all("hidden_transforms", _PY_TRANSFORMS))}
+    p = _plugins(plugins)
+    return {"loss": p.hidden_losses.names(), "transform": p.hidden_transforms.names()}
 
 
-def _register(kind: str, table: Dict[str, object], cls_name: str, class_path: Union[str, type], label: str) -> None:
-    if cls_name in _all(kind, table):
-        raise ValueError(f"Cannot register duplicate hidden {label} ({cls_name})")
-    table[cls_name] = class_path
-    log.info("Registered hidden %s %s at %s", label, cls_name, class_path)
+def register_hidden_transform(cls_name: str, class_path: Union[str, type], config: Optional[type] = None) -> None:
+    """Make `cls_name` usable as a transform `cls_name` (a class or a dotted path).
+    `config`: its attrs config class (subclassing `mega.config.HiddenTransformConfig`);
+    without one, it is derived from the constructor's signature."""
+    _register("hidden_transforms", cls_name, class_path, config, HiddenTransformConfig)
 
 
-def register_hidden_transform(cls_name: str, class_path: Union[str, type]) -> None:
-    """Make `cls_name` usable as a transform `cls_name` (a class or a dotted path)."""
-    _register("hidden_transforms", _PY_TRANSFORMS, cls_name, class_path, "transform")
+def register_hidden_loss(cls_name: str, class_path: Union[str, type], config: Optional[type] = None) -> None:
+    """As `register_hidden_transform`, for a loss (`mega.config.HiddenLossConfig`)."""
+    _register("hidden_losses", cls_name, class_path, config, HiddenLossConfig)
 
 
-def register_hidden_loss(cls_name: str, class_path: Union[str, type]) -> None:
-    _register("hidden_losses", _PY_LOSSES, cls_name, class_path, "loss")
+def _register(kind: str, cls_name: str, class_path: Union[str, type], config: Optional[type], base: type) -> None:
+    registry = _plugins(None).registries[kind]
+    if cls_name in registry:
+        raise ValueError(f"Cannot register duplicate {registry.noun} ({cls_name})")
+    cls = _resolve(class_path)
+    registry.add(cls_name, cls, config or config_from_signature(cls, base), PYTHON_API)
+    log.info("Registered %s %s at %s", registry.noun, cls_name, class_path)
 
 
 def _resolve(target):
@@ -61,46 +76,74 @@ def _resolve(target):
     return target
 
 
+def config_from_signature(cls, base: type) -> type:
+    """A config class for a component registered without one: `base` plus one field per
+    named constructor parameter, with its default. Parameters annotated bool, int, float or
+    str (or Optional of one) are type-checked; others take any TOML value."""
+    try:
+        hints = typing.get_type_hints(cls.__init__ if isinstance(cls, type) else cls)
+    except Exception:
+        hints = {}
+    own = {a.name for a in attrs.fields(base)}
+    fields = {}
+    for p in inspect.signature(cls).parameters.values():
+        if p.name in own or p.name in _INJECTED or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        t = hints.get(p.name, Any)
+        if not (t in _CHECKED or (typing.get_origin(t) is Union and all(a in _CHECKED or a is type(None) for a in typing.get_args(t)))):
+            t = Any
+        fields[p.name] = attrs.field(default=attrs.NOTHING if p.default is p.empty else p.default, type=t)
+    return attrs.make_class(f"{getattr(cls, '__name__', 'Component')}Config", fields, bases=(base,), kw_only=True)
+
+
+def _plain(value):
+    """Nested mappings and sequences (e.g. an OmegaConf DictConfig) as dicts and lists."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 def _entries(section) -> List[tuple]:
-    """(name, kwargs) in order from a table or an array of tables."""
-    if section is None:
-        return []
+    """(name, config) in order from a table or an array of tables."""
     tables = section if isinstance(section, list) else [section]
-    return [(name, dict(cfg)) for table in tables for name, cfg in table.items()]
+    return [(name, cfg) for table in tables for name, cfg in table.items()]
 
 
-def _build(kind: str, extra: Dict, label: str, section, inject: dict, where: str, plugins) -> list:
-    registry = _all(kind, extra, plugins)
+def _build(registry, section, inject: dict, where: str) -> list:
     built = []
-    for name, cfg in _entries(section):
-        if "cls_name" not in cfg:
-            raise KeyError(f"Missing 'cls_name' in hidden {label} {name}" + (f" ({where}.{name})" if where else ""))
-        cls_name = cfg.pop("cls_name")
-        if cls_name not in registry:
-            raise KeyError(f"Unknown hidden {label} {cls_name}, available: {registry.keys()}")
-        cfg.setdefault("name", name)
-        cls = _resolve(registry[cls_name])
-        kwargs = {**cfg, **{k: v for k, v in inject.items() if k in inspect.signature(cls).parameters}}
+    for key, cfg in _entries(section):
+        cls = registry.get(cfg.cls_name, f"{where}.{key}.cls_name").factory
+        kwargs = {a.name: getattr(cfg, a.name) for a in attrs.fields(type(cfg)) if a.name not in ("cls_name", "name")}
+        kwargs["name"] = key if cfg.name is None else cfg.name
+        accepted = inspect.signature(cls).parameters
+        kwargs.update({k: v for k, v in inject.items() if k in accepted})
         try:
             built.append(cls(**kwargs))
         except Exception:
-            log.error("Failed to build hidden %s %s with cfg=%s", label, name, cfg)
+            log.error("Failed to build %s %s with cfg=%s", registry.noun, key, cfg)
             raise
     return built
 
 
-def get_hiddens_module(cfg: Optional[dict] = None, model_parallel_cfg=None, plugins=None) -> Optional[HiddensModule]:
-    """Build the module from a `model.hiddens` table, or None when there is none.
+def get_hiddens_module(cfg: Union[HiddensConfig, Mapping, None] = None, model_parallel_cfg=None,
+                       plugins=None) -> Optional[HiddensModule]:
+    """Build the module from `model.hiddens` (a `HiddensConfig`, or a raw table that is
+    structured first: a problem in it is a ConfigError naming its `model.hiddens...` key),
+    or None when there is none. Components come from `plugins`' registries (default: the
+    process-wide plugins).
 
-    `nemo_compat = true` in the table reproduces NeMo exactly: tokens_loss_weight is
-    ignored (1.0) and every component that has the option gets `nemo_compat=True`."""
+    `nemo_compat = true` reproduces NeMo exactly: tokens_loss_weight is ignored (1.0) and
+    every component whose constructor has the option gets `nemo_compat=True`."""
     if not cfg:
         return None
-    cfg = dict(cfg)
-    compat = bool(cfg.get("nemo_compat", False))
-    inject = {"nemo_compat": compat}
-    transforms = _build("hidden_transforms", _PY_TRANSFORMS, "transform", cfg.get("transform"),
-                        {**inject, "model_parallel_cfg": model_parallel_cfg}, "model.hiddens.transform", plugins)
-    losses = _build("hidden_losses", _PY_LOSSES, "loss", cfg.get("loss"), inject, "model.hiddens.loss", plugins)
-    return HiddensModule(transforms, losses, enc_output_name=cfg.get("enc_output_name", "hiddens"),
-                         tokens_loss_weight=1.0 if compat else float(cfg.get("tokens_loss_weight", 1.0)))
+    plugins = _plugins(plugins)
+    if not isinstance(cfg, HiddensConfig):
+        cfg = structure_table(_plain(cfg), HiddensConfig, plugins, path="model.hiddens")
+    inject = {"nemo_compat": cfg.nemo_compat}
+    transforms = _build(plugins.hidden_transforms, cfg.transform, {**inject, "model_parallel_cfg": model_parallel_cfg},
+                        "model.hiddens.transform")
+    losses = _build(plugins.hidden_losses, cfg.loss, inject, "model.hiddens.loss")
+    return HiddensModule(transforms, losses, enc_output_name=cfg.enc_output_name,
+                         tokens_loss_weight=1.0 if cfg.nemo_compat else cfg.tokens_loss_weight)

@@ -1,12 +1,16 @@
 """Hidden transforms: `cond_gaussian` (specs/hiddens.md §1.2) and `guided_cls` (ours: NeMo
-names it in its example config but has no implementation, §1.3)."""
+names it in its example config but has no implementation, §1.3), each with the config
+class its `model.hiddens.transform.<name>` table is structured into (defaults equal the
+constructor's)."""
 from __future__ import annotations
 
 import math
 from typing import Dict, Optional
 
 import torch
+from attrs import define
 
+from mega.config import HiddenTransformConfig
 from mega.plugins.hiddens.base import HiddenTransform
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -15,6 +19,14 @@ LOG_2PI = math.log(2.0 * math.pi)
 def diag_gaussian_log_prob(z, mean, logvar) -> torch.Tensor:
     """log N(z; mean, diag(exp(logvar))) summed over the last dimension."""
     return (-0.5 * (LOG_2PI + logvar + (z - mean) ** 2 / logvar.exp())).sum(dim=-1)
+
+
+@define(kw_only=True)
+class GaussianTransformConfig(HiddenTransformConfig):
+    hidden_size: int  # size of the hiddens (and of the sample z)
+    ffn_hidden_size: Optional[int] = None  # unset: 2 x hidden_size (mean and log-variance); nothing else works
+    min_logvar: float = -6.0  # lower bound of the log-variance
+    init_method_std: float = 0.02  # std of the projection's initial weights
 
 
 class GaussianTransform(HiddenTransform):
@@ -65,6 +77,15 @@ class GaussianTransform(HiddenTransform):
         if z_log_prob is None:
             z_log_prob = diag_gaussian_log_prob(z, z_mean, z_logvar)
         return {"z": z, "z_mean": z_mean, "z_logvar": z_logvar, "z_log_prob": z_log_prob}
+
+
+@define(kw_only=True)
+class GuidedClassifierTransformConfig(HiddenTransformConfig):
+    hidden_size: int  # size of the input
+    attr_name: str  # the output: per-position class logits (and the batch key of its labels by default)
+    input_name: str = "hiddens"  # the output it classifies
+    num_classes: int = 2  # classes of the property
+    init_method_std: float = 0.02  # std of the classifier's initial weights
 
 
 class GuidedClassifierTransform(HiddenTransform):

@@ -20,7 +20,7 @@ from torch import nn
 from mega.config import ModelConfig
 from mega.errors import ConfigError
 from mega.plugins.data.objectives import DenoisingObjective
-from mega.plugins.hiddens import get_hiddens_module
+from mega.plugins.hiddens import HiddensConfig, get_hiddens_module
 from mega.plugins.models.transformer import (
     MLP,
     BlockConfig,
@@ -61,7 +61,7 @@ class EncoderDecoderConfig(ModelConfig):
     init_method_std: float = 0.02
     make_vocab_size_divisible_by: int = 128
     extra_ids: int = 100  # sentinel / mask ids after the tokenizer's vocabulary (T5's <extra_id_k>)
-    hiddens: Optional[Dict[str, Any]] = None  # the hiddens module (docs/hiddens.md); None: plain encoder-decoder
+    hiddens: Optional[HiddensConfig] = None  # the hiddens module (docs/hiddens.md); unset: plain encoder-decoder
 
     def objective(self) -> DenoisingObjective:
         """The samples this model trains on: "t5" span corruption or "bart" infilling."""
@@ -137,7 +137,7 @@ def check_config(cfg: EncoderDecoderConfig) -> None:
 
 
 class EncoderDecoderModel(nn.Module):
-    def __init__(self, cfg: EncoderDecoderConfig, vocab_size: int):
+    def __init__(self, cfg: EncoderDecoderConfig, vocab_size: int, plugins=None):
         super().__init__()
         check_config(cfg)
         self.config, self.vocab_size = cfg, vocab_size
@@ -153,7 +153,7 @@ class EncoderDecoderModel(nn.Module):
         self.decoder = nn.ModuleList(DecoderLayer(dec, i) for i in range(dec.num_layers))
         self.decoder_final_layernorm = nn.LayerNorm(dec.hidden_size, eps=dec.layernorm_epsilon)
         try:
-            self.hiddens_module = get_hiddens_module(cfg.hiddens)
+            self.hiddens_module = get_hiddens_module(cfg.hiddens, plugins=plugins)  # the run's registries
         except (KeyError, ValueError, TypeError) as exc:
             raise ConfigError(f"model.hiddens: {exc.args[0] if exc.args else exc}") from None
         mark_replicated(self)

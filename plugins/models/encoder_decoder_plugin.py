@@ -18,8 +18,8 @@ class BartConfig(EncoderDecoderConfig):
     name: str = "bart"  # text infilling
 
 
-def build(config, tokenizer) -> EncoderDecoderModel:
-    return EncoderDecoderModel(config, tokenizer.vocab_size)
+def build(config, tokenizer, plugins=None) -> EncoderDecoderModel:
+    return EncoderDecoderModel(config, tokenizer.vocab_size, plugins)
 
 
 @mega.hookimpl

@@ -5,7 +5,7 @@ import mega
 from mega.plugins.models.gpt import GPTConfig, GPTModel
 
 
-def build_gpt(config: GPTConfig, tokenizer) -> GPTModel:
+def build_gpt(config: GPTConfig, tokenizer, plugins=None) -> GPTModel:
     return GPTModel(config, tokenizer.vocab_size)
 
 

@@ -1,14 +1,22 @@
 """`seq_pool` transform and `info_nce` loss for mega's hiddens module, shipped through the
-`register_hidden_transforms` / `register_hidden_losses` hooks."""
+`register_hidden_transforms` / `register_hidden_losses` hooks, each with the attrs config
+class its `model.hiddens` table is structured into."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from attrs import define
 
 import mega
+from mega.config import HiddenLossConfig, HiddenTransformConfig
 from mega.plugins.hiddens import HiddenLoss, HiddenTransform
 
 __version__ = "0.1.0"
+
+
+@define(kw_only=True)
+class SeqPoolConfig(HiddenTransformConfig):
+    input_name: str = "z"  # the [S, B, H] output to pool
 
 
 class SeqPool(HiddenTransform):
@@ -31,6 +39,13 @@ class SeqPool(HiddenTransform):
         m = inputs["hiddens_mask"].to(x).T.unsqueeze(-1)  # [S, B, 1]
         pooled = (x * m).sum(0, keepdim=True) / m.sum(0, keepdim=True).clamp(min=1.0)
         return {f"{self.input_name}_pooled": pooled}
+
+
+@define(kw_only=True)
+class InfoNCEConfig(HiddenLossConfig):
+    query: str = "z_pooled"  # a pooled output [1, B, H]
+    key: str = "hiddens_pooled"  # the pooled output each query must pick its own sample's from
+    temperature: float = 0.1  # divides the cosine similarities
 
 
 class InfoNCE(HiddenLoss):
@@ -56,9 +71,9 @@ class InfoNCE(HiddenLoss):
 
 @mega.hookimpl
 def register_hidden_transforms(register):
-    register("seq_pool", SeqPool)
+    register("seq_pool", SeqPool, config=SeqPoolConfig)
 
 
 @mega.hookimpl
 def register_hidden_losses(register):
-    register("info_nce", InfoNCE)
+    register("info_nce", InfoNCE, config=InfoNCEConfig)
