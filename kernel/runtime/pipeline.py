@@ -1,160 +1,139 @@
-"""Pipeline parallelism: the non-interleaved 1F1B schedule over point-to-point sends.
+"""Schedules: how one global batch's micro-batches run forward and backward on this rank.
 
-Stage p runs its layers for every micro-batch of a global batch. After a warm-up of
-(stages - p - 1) forwards, each stage alternates one forward and one backward, so at most
-`stages` micro-batches' activations are alive at once; then it drains the remaining
-backwards. Activations go forward and their gradients come back through batched
-isend/irecv pairs (deadlock-free on gloo and NCCL alike).
+Both schedules have megatron-core's `forward_backward_func` shape: a forward-step callable,
+the micro-batches, and whether to run forward only. They know nothing of the training
+run: the caller's `forward_step(batch, hidden)` owns the model and its autocast, and the
+caller says by how much to scale the loss before backward (the fp16 loss scale, DDP's
+averaging). Both return this rank's share of the batch's (loss, terms) under the
+token-weighted rule of `mega.runtime.token_loss`.
+
+`forward_backward_no_pipelining` is the plain gradient-accumulation loop.
+`forward_backward_pipelining` is the non-interleaved 1F1B schedule: stage p runs its layers
+for every micro-batch; after a warm-up of (stages - p - 1) forwards it alternates one
+forward and one backward, so at most `stages` micro-batches' activations are alive at
+once; then it drains the remaining backwards. Activations go forward and their gradients
+come back through batched isend/irecv pairs (deadlock-free on gloo and NCCL alike).
 
 A model that supports pipelining provides `stage_forward(batch, hidden)`: the first stage
 ignores `hidden` and embeds the batch's tokens; a middle stage returns hidden states; the
 last stage returns the `training_loss` dict. `activation_shape(batch)` gives the shape of
-hidden states between stages. After the schedule, the word embedding shared by the first
-and last stage gets its gradient summed over the two (seeds/001's
-`setup_embeddings_and_output_layer`).
+hidden states between stages, and `shared_embedding_or_output_weight()` the word embedding
+the first and last stage share, whose gradient `sum_pipeline_grads` adds up over the two
+(seeds/001's `setup_embeddings_and_output_layer`).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+import contextlib
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from mega.runtime.precision import autocast
+from mega.runtime.parallel import ParallelState
+from mega.runtime.token_loss import TokenMean
+
+Batch = Dict[str, torch.Tensor]
+# forward_step(batch, hidden): one micro-batch through this rank's stage; the training_loss
+# dict on the last stage (the only stage without pipelining), hidden states elsewhere.
+ForwardStep = Callable[[Batch, Optional[torch.Tensor]], Any]
+Losses = Tuple[torch.Tensor, Dict[str, torch.Tensor]]
 
 
-def _p2p(device, send: Optional[torch.Tensor] = None, send_to: Optional[int] = None,
-         recv_shape=None, recv_from: Optional[int] = None) -> Optional[torch.Tensor]:
-    ops, buf = [], None
-    if send is not None:
-        ops.append(dist.P2POp(dist.isend, send.detach().contiguous(), send_to))
-    if recv_shape is not None:
-        buf = torch.empty(recv_shape, device=device, dtype=torch.float32)
-        ops.append(dist.P2POp(dist.irecv, buf, recv_from))
-    if ops:
-        for req in dist.batch_isend_irecv(ops):
+def forward_backward_no_pipelining(forward_step: ForwardStep, micro_batches: List[Batch], num_tokens: torch.Tensor, *,
+                                   loss_scale: float = 1.0, forward_only: bool = False,
+                                   no_sync: Optional[Callable[[], Any]] = None) -> Losses:
+    """Each micro-batch forward then backward, gradients accumulating in `.grad`. `no_sync`
+    (DDP's) is entered around every micro-batch but the last, so gradients are reduced once."""
+    losses = TokenMean(num_tokens)
+    for i, batch in enumerate(micro_batches):
+        with no_sync() if no_sync is not None and i < len(micro_batches) - 1 else contextlib.nullcontext():
+            loss = losses.add(forward_step(batch, None))
+            if not forward_only:
+                (loss * loss_scale).backward()
+    return losses.loss, losses.terms
+
+
+def forward_backward_pipelining(forward_step: ForwardStep, micro_batches: List[Batch], num_tokens: torch.Tensor, *,
+                                parallel: ParallelState, device: torch.device, tensor_shape,
+                                loss_scale: float = 1.0, forward_only: bool = False) -> Losses:
+    """1F1B over this rank's pipeline; `tensor_shape` is the shape of the hidden states
+    between stages. Every stage returns the last stage's (loss, terms)."""
+    st = parallel
+    prev = None if st.is_first_stage else st.pp_ranks[st.pp_rank - 1]
+    nxt = None if st.is_last_stage else st.pp_ranks[st.pp_rank + 1]
+    losses = TokenMean(num_tokens)
+
+    def p2p(send: Optional[torch.Tensor] = None, to: Optional[int] = None, recv_from: Optional[int] = None):
+        """Send to and/or receive from a neighbour stage in one batch; a None rank (no
+        stage there) skips that half."""
+        ops, buf = [], None
+        if to is not None:
+            ops.append(dist.P2POp(dist.isend, send.detach().contiguous(), to))
+        if recv_from is not None:
+            buf = torch.empty(tensor_shape, device=device, dtype=torch.float32)
+            ops.append(dist.P2POp(dist.irecv, buf, recv_from))
+        for req in dist.batch_isend_irecv(ops) if ops else ():
             req.wait()
-    return buf
+        return buf
 
+    def forward(i: int, hidden):
+        if hidden is not None:  # received from the previous stage; backward needs its gradient
+            hidden.requires_grad_(not forward_only)
+        out = forward_step(micro_batches[i], hidden)
+        return losses.add(out) * loss_scale if st.is_last_stage else out.float()
 
-class PipelineStep:
-    """One global batch through the pipeline on this stage."""
-
-    def __init__(self, run, micro_batches: List[Dict[str, torch.Tensor]], num_tokens: torch.Tensor):
-        self.run, self.mbs, self.num_tokens = run, micro_batches, num_tokens
-        st = run.parallel
-        self.st = st
-        self.first, self.last = st.is_first_stage, st.is_last_stage
-        self.prev = None if self.first else st.pp_ranks[st.pp_rank - 1]
-        self.next = None if self.last else st.pp_ranks[st.pp_rank + 1]
-        self.shape = run.model.activation_shape(micro_batches[0])
-        self.loss = torch.zeros((), device=run.device)
-        self.terms: Dict[str, torch.Tensor] = {}
-
-    # --- communication ---------------------------------------------------------------
-    def recv_forward(self):
-        if self.first:
-            return None
-        x = _p2p(self.run.device, recv_shape=self.shape, recv_from=self.prev)
-        return x.requires_grad_(torch.is_grad_enabled())
-
-    def send_forward(self, out):
-        if not self.last:
-            _p2p(self.run.device, send=out, send_to=self.next)
-
-    def send_forward_recv_backward(self, out):
-        if self.last:
-            return None
-        return _p2p(self.run.device, send=out, send_to=self.next, recv_shape=self.shape, recv_from=self.next)
-
-    def send_backward(self, grad):
-        if not self.first:
-            _p2p(self.run.device, send=grad, send_to=self.prev)
-
-    def send_backward_recv_forward(self, grad):
-        if self.first:
-            return None
-        x = _p2p(self.run.device, send=grad, send_to=self.prev, recv_shape=self.shape, recv_from=self.prev)
-        return x.requires_grad_(True)
-
-    def recv_backward(self):
-        if self.last:
-            return None
-        return _p2p(self.run.device, recv_shape=self.shape, recv_from=self.next)
-
-    # --- compute ---------------------------------------------------------------------
-    def forward(self, i: int, hidden):
-        run = self.run
-        with autocast(run.config.trainer.precision, run.device):
-            out = run.model.stage_forward(self.mbs[i], hidden)
-        if not self.last:
-            return out.float()
-        loss = out["loss_sum"] / self.num_tokens
-        self.loss += loss.detach()
-        for name, value in out.get("terms", {}).items():
-            self.terms[name] = self.terms.get(name, 0.0) + value.detach() / self.num_tokens
-        scale = run.scaler.scale if run.scaler is not None else 1.0
-        return loss * scale if scale != 1.0 else loss
-
-    @staticmethod
     def backward(inp, out, grad_out):
         torch.autograd.backward(out, grad_tensors=grad_out)
-        return inp.grad if inp is not None else None
+        return None if inp is None else inp.grad
 
-    # --- schedules ---------------------------------------------------------------------
-    def forward_only(self):
-        for i in range(len(self.mbs)):
-            self.send_forward(self.forward(i, self.recv_forward()))
-        return self._results()
+    m = len(micro_batches)
+    if forward_only:
+        for i in range(m):
+            p2p(forward(i, p2p(recv_from=prev)), to=nxt)
+        return _from_last_stage(losses, st)
+    warmup = min(st.pp_size - st.pp_rank - 1, m)
+    inputs, outputs = [], []
+    for i in range(warmup):
+        inputs.append(p2p(recv_from=prev))
+        outputs.append(forward(i, inputs[-1]))
+        p2p(outputs[-1], to=nxt)
+    remaining = m - warmup
+    inp = p2p(recv_from=prev) if remaining > 0 else None
+    for i in range(remaining):
+        inputs.append(inp)
+        outputs.append(forward(warmup + i, inp))
+        grad_out = p2p(outputs[-1], to=nxt, recv_from=nxt)
+        grad_in = backward(inputs.pop(0), outputs.pop(0), grad_out)
+        inp = p2p(grad_in, to=prev, recv_from=None if i == remaining - 1 else prev)
+    for _ in range(warmup):
+        p2p(backward(inputs.pop(0), outputs.pop(0), p2p(recv_from=nxt)), to=prev)
+    return _from_last_stage(losses, st)
 
-    def one_f_one_b(self):
-        m = len(self.mbs)
-        warmup = min(self.st.pp_size - self.st.pp_rank - 1, m)
-        inputs, outputs = [], []
-        for i in range(warmup):
-            inp = self.recv_forward()
-            out = self.forward(i, inp)
-            self.send_forward(out)
-            inputs.append(inp)
-            outputs.append(out)
-        remaining = m - warmup
-        inp = self.recv_forward() if remaining > 0 else None
-        for i in range(remaining):
-            out = self.forward(warmup + i, inp)
-            grad_out = self.send_forward_recv_backward(out)
-            inputs.append(inp)
-            outputs.append(out)
-            grad_in = self.backward(inputs.pop(0), outputs.pop(0), grad_out)
-            if i == remaining - 1:
-                self.send_backward(grad_in)
-            else:
-                inp = self.send_backward_recv_forward(grad_in)
-        for _ in range(warmup):
-            grad_in = self.backward(inputs.pop(0), outputs.pop(0), self.recv_backward())
-            self.send_backward(grad_in)
-        self._sync_shared_embedding()
-        return self._results()
 
-    def _sync_shared_embedding(self):
-        st = self.st
-        if st.embedding_group is None or not (self.first or self.last):
-            return
-        w = self.run.model.shared_embedding_or_output_weight()
+def _from_last_stage(losses: TokenMean, st: ParallelState) -> Losses:
+    """Loss and terms, broadcast from the last stage to every stage of the pipeline."""
+    box = [sorted(losses.terms) if st.is_last_stage else None]
+    dist.broadcast_object_list(box, src=st.pp_ranks[-1], group=st.pp_group)
+    names = box[0]
+    values = torch.stack([losses.loss] + [losses.terms[n] if st.is_last_stage else torch.zeros_like(losses.loss)
+                                          for n in names])
+    dist.broadcast(values, src=st.pp_ranks[-1], group=st.pp_group)
+    return values[0], dict(zip(names, values[1:]))
+
+
+def sum_pipeline_grads(model: torch.nn.Module, parallel: ParallelState) -> None:
+    """After a pipelined backward: add up the tied word embedding's gradient over the first
+    and last stage, then every gradient over data-parallel replicas in one flat buffer
+    (pipelines do not use DDP: their backwards interleave with other micro-batches' forwards)."""
+    if parallel.embedding_group is not None:
+        w = model.shared_embedding_or_output_weight()
         if w.grad is None:
             w.grad = torch.zeros_like(w)
-        dist.all_reduce(w.grad, group=st.embedding_group)
-
-    def _results(self):
-        """Loss and terms, broadcast from the last stage to every stage of the pipeline."""
-        names = sorted(self.terms) if self.last else None
-        box = [names]
-        dist.broadcast_object_list(box, src=self.st.pp_ranks[-1], group=self.st.pp_group)
-        names = box[0]
-        values = torch.stack([self.loss] + [self.terms[n] if self.last else torch.zeros(()) for n in names]).to(self.run.device)
-        dist.broadcast(values, src=self.st.pp_ranks[-1], group=self.st.pp_group)
-        return values[0], dict(zip(names, values[1:]))
-
-
-def pipeline_forward_backward(run, micro_batches, num_tokens, forward_only: bool = False):
-    step = PipelineStep(run, micro_batches, num_tokens)
-    return step.forward_only() if forward_only else step.one_f_one_b()
+        dist.all_reduce(w.grad, group=parallel.embedding_group)
+    if parallel.dp_size > 1:
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat, group=parallel.dp_group)
+        for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            g.copy_(synced)

@@ -1,10 +1,11 @@
 """The training loop: gradient accumulation, mixed precision, clipping, LR schedule,
 validation, logging and checkpoints.
 
-The loss of a step is the mean over every loss-bearing token of the global batch: each
-micro-batch contributes (sum of its token losses) / (tokens in the whole global batch).
-That makes the result independent of how the global batch is cut into micro-batches or
-spread over data-parallel ranks, so those settings change speed, never the numbers.
+The loss of a step is the mean over every loss-bearing token of the global batch
+(`mega.runtime.token_loss`), so micro-batch and data-parallel sizes change speed, never the
+numbers. A step hands its micro-batches to a schedule of `mega.runtime.pipeline` with a
+forward step that applies the run's precision; the loop keeps what a schedule does not
+know: DDP, the loss scaler, clipping and the optimizer.
 """
 from __future__ import annotations
 
@@ -20,61 +21,45 @@ import torch
 
 from mega.runtime.device_peaks import peak_flops
 from mega.runtime.grad_norm import clip_grad_norm
-from mega.runtime.pipeline import pipeline_forward_backward
+from mega.runtime.pipeline import forward_backward_no_pipelining, forward_backward_pipelining, sum_pipeline_grads
 from mega.runtime.precision import autocast
 from mega.training.batches import load_micro_batches, micro_batch_positions
 
 log = logging.getLogger("mega")
 
 
-def _forward_sums(run, micro_batches, num_tokens):
-    """Run the model on every micro-batch, backward when training; return the global
-    batch's (loss, terms), summed over data-parallel ranks.
-
-    DDP averages gradients over ranks; the loss is multiplied by the data-parallel size so
-    the result is the gradient of the global token mean. Gradients are all-reduced once,
-    on the last micro-batch (`no_sync` before it).
-    """
-    loss_total = torch.zeros((), device=run.device)
-    terms: Dict[str, torch.Tensor] = {}
-    training = torch.is_grad_enabled()
-    dp = run.parallel.dp_size
-    for i, mb in enumerate(micro_batches):
-        defer_sync = training and dp > 1 and i < len(micro_batches) - 1
-        with run.loss_module.no_sync() if defer_sync else contextlib.nullcontext():
-            with autocast(run.config.trainer.precision, run.device):
-                out = run.loss_module(mb) if training else run.model.training_loss(mb)
-            loss = out["loss_sum"] / num_tokens
-            if training:
-                scale = dp * (run.scaler.scale if run.scaler is not None else 1.0)
-                (loss * scale if scale != 1.0 else loss).backward()
-        loss_total += loss.detach()
-        for name, value in out.get("terms", {}).items():
-            terms[name] = terms.get(name, 0.0) + value.detach() / num_tokens
-    return run.parallel.all_reduce_sum(loss_total), {k: run.parallel.all_reduce_sum(v) for k, v in terms.items()}
+def _forward_step(run):
+    """One micro-batch through this rank's part of the model under the run's autocast:
+    `stage_forward` when pipelined, else `training_loss` (through DDP's wrapper when training)."""
+    def forward_step(batch, hidden):
+        with autocast(run.config.trainer.precision, run.device):
+            if run.parallel.pp_size > 1:
+                return run.model.stage_forward(batch, hidden)
+            return run.loss_module(batch) if torch.is_grad_enabled() else run.model.training_loss(batch)
+    return forward_step
 
 
 def _losses(run, micro_batches, num_tokens):
-    """Forward (and backward when training) of one global batch on this rank: the plain
-    micro-batch loop, or the 1F1B pipeline schedule across stages."""
-    if run.parallel.pp_size == 1:
-        return _forward_sums(run, micro_batches, num_tokens)
-    loss, terms = pipeline_forward_backward(run, micro_batches, num_tokens, forward_only=not torch.is_grad_enabled())
-    if torch.is_grad_enabled() and run.parallel.dp_size > 1:
-        _all_reduce_grads(run)
-    return run.parallel.all_reduce_sum(loss), {k: run.parallel.all_reduce_sum(v) for k, v in terms.items()}
+    """Forward (and backward when training) of one global batch on this rank, through the
+    schedule for its pipeline size; the batch's (loss, terms) summed over data-parallel ranks.
 
-
-def _all_reduce_grads(run) -> None:
-    """Sum gradients over data-parallel replicas in one flat buffer (pipeline runs do not
-    use DDP: their backward passes interleave with forwards of other micro-batches)."""
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
-    grads = [p.grad for p in run.model.parameters() if p.grad is not None]
-    flat = _flatten_dense_tensors(grads)
-    torch.distributed.all_reduce(flat, group=run.parallel.dp_group)
-    for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-        g.copy_(synced)
+    Without pipelining, DDP averages gradients over ranks, so the loss is multiplied by the
+    data-parallel size to make them the gradient of the global token mean; pipelines sum
+    their gradients themselves (`sum_pipeline_grads`).
+    """
+    st, training = run.parallel, torch.is_grad_enabled()
+    scale = run.scaler.scale if run.scaler is not None else 1.0
+    if st.pp_size == 1:
+        loss, terms = forward_backward_no_pipelining(
+            _forward_step(run), micro_batches, num_tokens, loss_scale=st.dp_size * scale, forward_only=not training,
+            no_sync=run.loss_module.no_sync if training and st.dp_size > 1 else None)
+    else:
+        loss, terms = forward_backward_pipelining(
+            _forward_step(run), micro_batches, num_tokens, parallel=st, device=run.device,
+            tensor_shape=run.model.activation_shape(micro_batches[0]), loss_scale=scale, forward_only=not training)
+        if training:
+            sum_pipeline_grads(run.model, st)
+    return st.all_reduce_sum(loss), {k: st.all_reduce_sum(v) for k, v in terms.items()}
 
 
 def _num_tokens(run, micro_batches) -> torch.Tensor:
