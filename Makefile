@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml setup.py contrib/mega-csv-logger/pyproject.to
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e '.[test]'
-	$(PY) -m pip install -q ./contrib/mega-csv-logger ./contrib/mega-infonce
+	$(PY) -m pip install -q -e ./contrib/mega-csv-logger -e ./contrib/mega-infonce
 	touch $@
 
 setup: $(VENV)/.installed

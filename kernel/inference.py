@@ -32,7 +32,7 @@ def load_checkpoint_for_inference(path, plugins=None, device: str = "cpu") -> Tu
         if isinstance(value, str) and (ckpt / value).is_file():
             setattr(tok_cfg, a.name, str(ckpt / value))
     tokenizer = plugins.tokenizers.get(tok_cfg.library, "model.tokenizer.library").factory(tok_cfg, [], None)
-    model = plugins.models.get(config.model.name, "model.name").factory(config.model, tokenizer)
+    model = plugins.models.get(config.model.name, "model.name").factory(config.model, tokenizer, plugins)
     fmt = plugins.checkpoint_formats.get(manifest.get("format", "native")).factory()
     from mega.runtime.parallel import current
     from mega.training.run import load_resharded
