@@ -32,7 +32,8 @@ class CheckpointError(MegaError):
     """A checkpoint is missing, truncated or corrupt; the message names the file."""
 
 
-def did_you_mean(word: str, choices: Iterable[str]) -> str:
-    """Return ", did you mean X?" for the closest choice, or "" when none is close."""
+def did_you_mean(word: str, choices: Iterable[str], prefix: str = "") -> str:
+    """Return ", did you mean X?" for the closest choice (shown after `prefix`, e.g. the
+    dotted path of its table), or "" when none is close."""
     close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
-    return f", did you mean {close[0]}?" if close else ""
+    return f", did you mean {prefix}{close[0]}?" if close else ""

@@ -101,6 +101,17 @@ def test_override_existing_key_from_defaults(plugins):
     assert (cfg.trainer.max_steps, cfg.model.num_layers, cfg.model.tokenizer.vocab_size) == (7, 3, 100)
 
 
+@pytest.mark.parametrize("override,suggestion", [
+    ("model.hiden_size=64", "model.hidden_size"),  # a key of the chosen model's config class
+    ("model.optim.sched.warmup_step=3", "model.optim.sched.warmup_steps"),
+    ("model.tokenizer.vocab_sise=100", "model.tokenizer.vocab_size"),  # exists for sentencepiece only
+    ("trainer.max_step=3", "trainer.max_steps"),
+])
+def test_a_mistyped_override_suggests_the_key(plugins, override, suggestion):
+    with pytest.raises(ConfigError, match=rf"no such key to override, did you mean {suggestion}\?; use \+"):
+        config_from_dict({}, [override], plugins)
+
+
 def test_override_of_a_missing_key_needs_plus(plugins):
     with pytest.raises(ConfigError, match=r"model.foo: no such key to override; use \+model.foo"):
         config_from_dict({}, ["model.foo=1"], plugins)

@@ -34,7 +34,7 @@ from mega.config.schema import (
     TokenizerConfig,
     TrainerConfig,
 )
-from mega.config.structure import schema_has, structure, structure_table
+from mega.config.structure import schema_has, schema_keys, structure, structure_table
 from mega.errors import ConfigError
 
 __all__ = [
@@ -65,7 +65,8 @@ def config_from_dict(raw: dict, overrides: Sequence[str] = (), plugins=None, sou
         from mega.plugin_manager import get_plugins
 
         plugins = get_plugins()
-    apply_overrides(raw, list(overrides), lambda r, path: _exists(r, path, plugins))
+    apply_overrides(raw, list(overrides), lambda r, path: _exists(r, path, plugins),
+                    lambda r, path: schema_keys(r, path, plugins))
     return structure(raw, plugins, source=source)
 
 

@@ -19,7 +19,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from mega.errors import ConfigError
+from mega.errors import ConfigError, did_you_mean
 
 _OVERRIDE = re.compile(r"^(\+\+|\+)?([A-Za-z_][\w\-]*(?:\.[A-Za-z_0-9][\w\-]*)*)=(.*)$", re.S)
 _SPECIAL = {"True": True, "False": False, "true": True, "false": False, "null": None, "None": None, "~": None}
@@ -72,17 +72,20 @@ def parse_override(arg: str) -> Tuple[str, List[str], Any]:
     return m.group(1) or "", m.group(2).split("."), parse_value(m.group(3))
 
 
-def apply_overrides(raw: dict, overrides: List[str], exists: Callable[[dict, List[str]], bool]) -> dict:
+def apply_overrides(raw: dict, overrides: List[str], exists: Callable[[dict, List[str]], bool],
+                    keys: Callable[[dict, List[str]], List[str]] = lambda raw, path: []) -> dict:
     """Apply overrides in order to the raw config dict (in place, also returned).
 
-    `exists(raw, path)` says whether a key exists in the file or the schema defaults.
+    `exists(raw, path)` says whether a key exists in the file or the schema defaults;
+    `keys(raw, path)` lists the keys a table may hold, for a did-you-mean on a typo.
     """
     for arg in overrides:
         mode, path, value = parse_override(arg)
         dotted = ".".join(path)
         present = exists(raw, path)
         if mode == "" and not present:
-            raise ConfigError(f"{dotted}: no such key to override; use +{dotted}=... to add it or ++{dotted}=... to add or replace")
+            raise ConfigError(f"{dotted}: no such key to override{_suggestion(raw, path, exists, keys)}; use +{dotted}=..."
+                              f" to add it or ++{dotted}=... to add or replace")
         if mode == "+" and _get(raw, path) is not _MISSING:
             raise ConfigError(f"{dotted}: already set; use {dotted}=... or ++{dotted}=... to replace it")
         node = raw
@@ -107,3 +110,9 @@ def _get(raw: dict, path: List[str]) -> Any:
             return _MISSING
         node = node[part]
     return node
+
+
+def _suggestion(raw: dict, path: List[str], exists, keys) -> str:
+    """", did you mean a.b.c?" for the first part of `path` that does not exist."""
+    depth = next(i for i in range(len(path)) if not exists(raw, path[: i + 1]))
+    return did_you_mean(path[depth], keys(raw, path[:depth]), prefix="".join(p + "." for p in path[:depth]))

@@ -309,24 +309,41 @@ def _child_kind(t: Any) -> Any:
     return _LEAF
 
 
-def schema_has(raw: dict, path: List[str], plugins) -> bool:
-    """Whether `path` names a key of the schema, given the component names in `raw`."""
+def _walk(raw: dict, path: List[str], plugins):
+    """(kind, raw node) that `path` reaches in the schema, given the component names in
+    `raw`; None when it leaves the schema."""
     node: Any = raw
     kind: Any = ExperimentConfig
     for part in path:
         if kind is _FREE:
-            return True
+            return kind, None
         if kind is _LEAF:
-            return False
+            return None
         if isinstance(kind, _Named):  # `part` names an entry: it exists if written (table form)
             if not isinstance(node, dict) or not isinstance(node.get(part), dict):
-                return False
+                return None
             kind, node = kind.base, node[part]
             continue
         cls = _chosen_class(kind, node, plugins)
         hints = typing.get_type_hints(cls)
         if part not in {a.name for a in attrs.fields(cls)}:
-            return False
+            return None
         kind = _child_kind(hints[part])
         node = node.get(part) if isinstance(node, dict) else None
-    return True
+    return kind, node
+
+
+def schema_has(raw: dict, path: List[str], plugins) -> bool:
+    """Whether `path` names a key of the schema, given the component names in `raw`."""
+    return _walk(raw, path, plugins) is not None
+
+
+def schema_keys(raw: dict, path: List[str], plugins) -> List[str]:
+    """The keys the table at `path` may hold (for did-you-mean suggestions)."""
+    reached = _walk(raw, path, plugins)
+    if reached is None:
+        return []
+    kind, node = reached
+    if kind is _FREE or kind is _LEAF or isinstance(kind, _Named):
+        return list(node) if isinstance(node, dict) else []
+    return [a.name for a in attrs.fields(_chosen_class(kind, node, plugins))]
