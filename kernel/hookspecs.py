@@ -15,6 +15,9 @@ Two families of hooks:
   component's TOML table into (unknown keys are rejected, types are checked). Registering a
   name another plugin already registered is an error naming both plugins.
 
+  What the kernel then calls on the objects a factory returns is declared once, as
+  protocols in `mega.protocols`; the docstrings below name the one that applies.
+
 * Lifecycle hooks are called during a run with the `run` object (a `mega.training.Run`:
   its `config`, `run_dir`, `model`, `tokenizer` and `step`). Loggers and callbacks are
   plugins implementing them. Their return values are ignored.
@@ -38,9 +41,13 @@ def register_models(register):
     it carries `micro_batch_size`, `seq_length`, `data`, `tokenizer`, `optim`, ...).
     `plugins` is the run's `mega.plugin_manager.Plugins`: build sub-components named in the
     config (e.g. hidden transforms and losses) from its `registries`, not from the
-    process-wide plugins. Selected by `model.name`. The module provides `training_loss(batch) -> {"loss_sum": Tensor,
-    "terms": {...}}`: the sum of the micro-batch's masked token losses, which the kernel
-    divides by the global batch's token count (see `docs/plugins.md`).
+    process-wide plugins. Selected by `model.name`.
+
+    The module is a `mega.protocols.LanguageModel` (`training_loss(batch) -> LossOutput`:
+    the *sum* of the micro-batch's masked token losses, which the kernel divides by the
+    global batch's token count), and optionally a `PipelineStage`, `Generator`,
+    `EncoderDecoder`, `StatefulModel` or `CountsFlops`. The samples it trains on are its
+    config's `objective()` (a `mega.protocols.SampleObjective`, "lm" by default).
     """
 
 
@@ -48,10 +55,11 @@ def register_models(register):
 def register_tokenizers(register):
     """Register tokenizers.
 
-    `factory(config, corpus_files, run_dir) -> tokenizer` where the tokenizer has
-    `vocab_size`, `encode(text) -> list[int]`, `decode(ids) -> str`, `eos_id`, `pad_id` and
-    `artifacts() -> dict[str, Path]` (config keys whose files belong in a checkpoint).
-    `config` subclasses `mega.config.TokenizerConfig`. Selected by `model.tokenizer.library`.
+    `factory(config, corpus_files, run_dir) -> mega.protocols.Tokenizer` (`vocab_size`,
+    `eos_id`, `pad_id`, `encode`, `decode`, `artifacts`; optionally `KnowsWordStarts`).
+    `corpus_files` lets it train itself; `run_dir` is where to keep what it trains (None at
+    inference). `config` subclasses `mega.config.TokenizerConfig`. Selected by
+    `model.tokenizer.library`.
     """
 
 
@@ -59,11 +67,10 @@ def register_tokenizers(register):
 def register_datasets(register):
     """Register dataset implementations.
 
-    `factory(config, run_dir) -> source`. The source has `files() -> list[Path]` (text a
-    tokenizer may train on) and `dataset(split, tokenizer, seq_length, num_samples, seed)`
-    returning a sequence of `num_samples` dicts of tensors (`tokens`, `labels`,
-    `loss_mask` for language models), sample `i` a pure function of `i` and `seed` (resume
-    relies on it). `split` is "train", "valid" or "test". `config` subclasses
+    `factory(config, run_dir) -> mega.protocols.DataSource`: `files()` (text a tokenizer
+    may train on) and `dataset(split, tokenizer, seq_length, num_samples, seed, objective)`,
+    a sequence of `num_samples` sample dicts for the model's declared `objective`, sample
+    `i` a pure function of `i` and `seed` (resume relies on it). `config` subclasses
     `mega.config.DataConfig`. Selected by `model.data.data_impl`.
     """
 
@@ -92,10 +99,11 @@ def register_lr_schedulers(register):
 def register_checkpoint_formats(register):
     """Register on-disk checkpoint formats.
 
-    `factory() -> format` with `save(state: dict, directory: Path)` and
-    `load(directory: Path) -> dict`. The kernel handles atomicity (temp dir then rename),
-    checksums, the `latest` pointer and pruning; a format only reads and writes files.
-    Selected by `exp_manager.checkpoint.format`.
+    `factory() -> mega.protocols.CheckpointFormat`: `name`, `save(state, directory,
+    parallel)` and `load(directory, parallel, parts) -> dict` for this model-parallel
+    rank's part; optionally `NamesDirectories` and `CommitHook`. The kernel handles
+    atomicity (temp dir then rename), checksums, the `latest` pointer and pruning; a format
+    only reads and writes files. Selected by `exp_manager.checkpoint.format`.
     """
 
 
