@@ -19,6 +19,7 @@ from typing import Dict
 
 import torch
 
+from mega.protocols import CountsFlops
 from mega.runtime.device_peaks import peak_flops
 from mega.runtime.grad_norm import clip_grad_norm
 from mega.runtime.pipeline import forward_backward_no_pipelining, forward_backward_pipelining, sum_pipeline_grads
@@ -123,8 +124,8 @@ def validate(run) -> Dict[str, float]:
 
 
 def _flops_per_token(run) -> float | None:
-    fn = getattr(run.model, "flops_per_token", None)
-    return fn(run.config.model.seq_length) if fn else None
+    """The model's own FLOP count (CountsFlops), so MFU says which count it uses."""
+    return run.model.flops_per_token(run.config.model.seq_length) if isinstance(run.model, CountsFlops) else None
 
 
 @contextlib.contextmanager
