@@ -11,7 +11,7 @@ import pytest
 from mega.errors import ConfigError, DataError
 from mega.plugins.data.blending import BlendedDataset, blend_order, parse_splits, split_ranges
 from mega.plugins.data.text_index import TextMemMapIndex
-from mega.plugins.data.text_mmap_plugin import lm_sample
+from mega.plugins.data.text_mmap import lm_sample
 from mega.plugins.data.quickstart_corpus import write_pydoc_corpus
 
 

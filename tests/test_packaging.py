@@ -23,4 +23,4 @@ def test_wheel_contains_every_module_and_entry_point(tmp_path):
     assert expected - names == set()
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
-    assert "[mega.plugins]" in text and "gpt = mega.plugins.models.gpt_plugin" in text and "mega = mega.cli:main" in text
+    assert "[mega.plugins]" in text and "gpt = mega.plugins.models.gpt" in text and "mega = mega.cli:main" in text

@@ -326,7 +326,7 @@ def test_third_party_components_of_every_kind_are_used_by_name(tmp_path, corpus)
 
     from mega.config import OptimConfig, SchedConfig
     from mega.plugins.checkpoints.native import NativeFormat
-    from mega.plugins.data.text_mmap_plugin import TextMemMapConfig, TextMemMapSource
+    from mega.plugins.data.text_mmap import TextMemMapConfig, TextMemMapSource
     from mega.training.loop import train
     from mega.training.run import build_run
     from mega.testing import read_metrics, tiny_config

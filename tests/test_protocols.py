@@ -14,7 +14,7 @@ from mega.plugins.checkpoints.megatron import MegatronFormat
 from mega.plugins.checkpoints.native import NativeFormat
 from mega.plugins.models.encoder_decoder import EncoderDecoderConfig, EncoderDecoderModel, StackConfig
 from mega.plugins.models.gpt import GPTConfig, GPTModel
-from mega.plugins.tokenizers.byte_tokenizer import ByteTokenizer
+from mega.plugins.tokenizers.bytes import ByteTokenizer
 from mega.training.run import build_run
 from mega.training.loop import train
 from mega.testing import read_metrics, tiny_config

@@ -2,6 +2,7 @@
 Python API. Each component registers with an attrs config class subclassing
 `mega.config.HiddenTransformConfig` / `HiddenLossConfig`; `HiddensConfig` is the
 `model.hiddens` table. See docs/hiddens.md and specs/hiddens.md."""
+import mega
 from mega.config import HiddenLossConfig, HiddenTransformConfig
 from mega.plugins.hiddens.base import HiddenLoss, HiddenTransform, MegatronBaseHiddenLoss, MegatronBaseHiddenTransform
 from mega.plugins.hiddens.losses import (
@@ -35,3 +36,19 @@ __all__ = [
     "HiddensConfig", "HiddenTransformConfig", "HiddenLossConfig", "GaussianTransformConfig",
     "GuidedClassifierTransformConfig", "AMIMLossConfig", "VAELossConfig", "GuidedClassifierLossConfig",
 ]
+
+
+# --- registration: the first-party components, each with its config class ---------------------
+
+
+@mega.hookimpl
+def register_hidden_transforms(register):
+    register("cond_gaussian", GaussianTransform, config=GaussianTransformConfig)
+    register("guided_cls", GuidedClassifierTransform, config=GuidedClassifierTransformConfig)
+
+
+@mega.hookimpl
+def register_hidden_losses(register):
+    register("a_mim", AMIMLoss, config=AMIMLossConfig)
+    register("vae", VAELoss, config=VAELossConfig)
+    register("guided_cls_loss", GuidedClassifierLoss, config=GuidedClassifierLossConfig)

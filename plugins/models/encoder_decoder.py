@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from attrs import define, field
 from torch import nn
 
+import mega
+
 from mega.config import ModelConfig
 from mega.errors import ConfigError
 from mega.plugins.data.objectives import DenoisingObjective
@@ -226,3 +228,28 @@ class EncoderDecoderModel(nn.Module):
         """6 x matmul parameters (encoder and decoder stacks, output layer), no attention term."""
         n = sum(p.numel() for name, p in self.named_parameters() if p.dim() == 2 and "position" not in name)
         return 6.0 * n * current().tp_size
+
+
+# --- registration: the `t5` and `bart` presets --------------------------------------------------
+# One architecture; the presets differ in the samples they train on (their objective()):
+# span corruption vs text infilling.
+
+
+@define(kw_only=True)
+class T5Config(EncoderDecoderConfig):
+    name: str = "t5"  # span corruption
+
+
+@define(kw_only=True)
+class BartConfig(EncoderDecoderConfig):
+    name: str = "bart"  # text infilling
+
+
+def build(config, tokenizer, plugins=None) -> EncoderDecoderModel:
+    return EncoderDecoderModel(config, tokenizer.vocab_size, plugins)
+
+
+@mega.hookimpl
+def register_models(register):
+    register("t5", build, config=T5Config)
+    register("bart", build, config=BartConfig)

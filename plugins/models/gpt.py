@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from attrs import define
 from torch import nn
 
+import mega
+
 from mega.config import ModelConfig
 from mega.errors import ConfigError
 from mega.plugins.models.transformer import BlockConfig, Embedding, KVCache, TransformerStack, check_shape, padded_vocab_size
@@ -165,3 +167,15 @@ class GPTModel(nn.Module):
         ffn = cfg.ffn_hidden_size or 4 * h
         matmul_params = L * (4 * h * h + 2 * h * ffn) + self.padded_vocab_size * h
         return 6.0 * matmul_params + 12.0 * L * h * seq_length
+
+
+# --- registration ------------------------------------------------------------------------------
+
+
+def build_gpt(config: GPTConfig, tokenizer, plugins=None) -> GPTModel:
+    return GPTModel(config, tokenizer.vocab_size)
+
+
+@mega.hookimpl
+def register_models(register):
+    register("gpt", build_gpt, config=GPTConfig)
