@@ -91,6 +91,7 @@ def cmd_run(args) -> int:
     config = load_config(args.experiment, args.overrides, plugins)  # validate before launching anything
     tr = config.trainer
     if tr.devices * tr.num_nodes > 1 and not launched():
+        config.model.check(plugins)  # once here, not once per worker
         if tr.num_nodes > 1:
             raise ConfigError(
                 f"trainer.num_nodes={tr.num_nodes}: start one launcher per machine, e.g. `torchrun --nnodes={tr.num_nodes}"

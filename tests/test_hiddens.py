@@ -452,3 +452,18 @@ def test_a_run_uses_the_hidden_losses_of_its_own_plugins(tmp_path, corpus):
     assert "zero_loss" not in get_plugins().hidden_losses
     with pytest.raises(ConfigError, match="model.hiddens.loss.zero.cls_name: unknown hidden loss 'zero_loss'"):
         config_from_dict(_bart_raw(tmp_path, corpus, {"loss": {"zero": {"cls_name": "zero_loss"}}}))
+
+
+def test_miswired_hiddens_fail_before_the_run_directory_exists(tmp_path, corpus, capsys):
+    """A loss that needs an output no transform produces is NeMo's module check; `mega run`
+    makes it through ModelConfig.check before anything is written."""
+    import tomli_w
+
+    from mega.cli import main
+
+    exp = tmp_path / "exp.toml"
+    exp.write_text(tomli_w.dumps(_bart_raw(tmp_path, corpus, {"loss": {"mim": {"cls_name": "a_mim"}}})))
+    assert main(["run", str(exp)]) == 2
+    err = capsys.readouterr().err
+    assert "model.hiddens: Loss transforms inputs = " in err and "are not supported by hidden transforms" in err
+    assert not (tmp_path / "results").exists()

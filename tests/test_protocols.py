@@ -115,3 +115,17 @@ def test_a_stateful_models_carried_state_survives_resume(tmp_path, corpus):
     train(resumed)
     assert torch.equal(resumed.model.memory, straight.model.memory)
     assert [m["loss"] for m in read_metrics(resumed.run_dir)] == [m["loss"] for m in read_metrics(straight.run_dir)]
+
+
+def test_model_shape_errors_come_before_the_run_directory(tmp_path, corpus, capsys):
+    """ModelConfig.check runs before anything is written (and before workers launch)."""
+    import tomli_w
+
+    from mega.cli import main
+    from mega.testing import tiny_raw
+
+    exp = tmp_path / "exp.toml"
+    exp.write_text(tomli_w.dumps(tiny_raw(tmp_path, corpus, model={"num_attention_heads": 5})))
+    assert main(["run", str(exp)]) == 2
+    assert "model.hidden_size=32 is not divisible by model.num_attention_heads=5" in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()

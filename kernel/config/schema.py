@@ -151,6 +151,12 @@ class ModelConfig:
     data: DataConfig = field(factory=DataConfig)
     optim: OptimConfig = field(factory=OptimConfig)
 
+    def check(self, plugins) -> None:
+        """Raise a ConfigError, naming the keys, for a model that cannot be built (shapes
+        that do not divide, components that do not fit together). The kernel calls it before
+        anything touches the disk or workers are launched; `plugins` holds the run's
+        registries. Nothing to check by default."""
+
     def objective(self) -> SampleObjective:
         """The samples this model trains on, handed to the data source (next-token by
         default; a model plugin overrides this to declare another need)."""

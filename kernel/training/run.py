@@ -172,6 +172,7 @@ def build_run(config: ExperimentConfig, plugins=None) -> Run:
     fmt_entry = plugins.checkpoint_formats.get(config.exp_manager.checkpoint.format, "exp_manager.checkpoint.format")
     for name in config.exp_manager.loggers:
         plugins.loggers.get(name, "exp_manager.loggers")
+    mc.check(plugins)  # shapes and wiring, before the run directory is written
 
     # A shared filesystem across nodes is assumed.
     with parallel.main_rank_first():

@@ -65,6 +65,13 @@ class EncoderDecoderConfig(ModelConfig):
     extra_ids: int = 100  # sentinel / mask ids after the tokenizer's vocabulary (T5's <extra_id_k>)
     hiddens: Optional[HiddensConfig] = None  # the hiddens module (docs/hiddens.md); unset: plain encoder-decoder
 
+    def check(self, plugins=None) -> None:
+        """Shapes, and the hiddens module's wiring (every output a loss or transform needs is
+        produced by an earlier transform): built once and dropped, the random stream untouched."""
+        check_config(self)
+        with torch.random.fork_rng(devices=[]):
+            _hiddens_module(self, plugins)
+
     def objective(self) -> DenoisingObjective:
         """The samples this model trains on: "t5" span corruption or "bart" infilling."""
         return DenoisingObjective(name=self.name, seq_length_dec=self.seq_length_dec, extra_ids=self.extra_ids)
@@ -138,6 +145,14 @@ def check_config(cfg: EncoderDecoderConfig) -> None:
         check_shape(block, cfg.tensor_model_parallel_size)
 
 
+def _hiddens_module(cfg: EncoderDecoderConfig, plugins):
+    """The hiddens module of `model.hiddens`, from the run's registries (None without one)."""
+    try:
+        return get_hiddens_module(cfg.hiddens, plugins=plugins)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ConfigError(f"model.hiddens: {exc.args[0] if exc.args else exc}") from None
+
+
 class EncoderDecoderModel(nn.Module):
     def __init__(self, cfg: EncoderDecoderConfig, vocab_size: int, plugins=None):
         super().__init__()
@@ -154,10 +169,7 @@ class EncoderDecoderModel(nn.Module):
             self.encoder = TransformerStack(enc)
         self.decoder = nn.ModuleList(DecoderLayer(dec, i) for i in range(dec.num_layers))
         self.decoder_final_layernorm = nn.LayerNorm(dec.hidden_size, eps=dec.layernorm_epsilon)
-        try:
-            self.hiddens_module = get_hiddens_module(cfg.hiddens, plugins=plugins)  # the run's registries
-        except (KeyError, ValueError, TypeError) as exc:
-            raise ConfigError(f"model.hiddens: {exc.args[0] if exc.args else exc}") from None
+        self.hiddens_module = _hiddens_module(cfg, plugins)
         mark_replicated(self)
 
     def shared_embedding_or_output_weight(self) -> torch.Tensor:

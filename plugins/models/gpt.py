@@ -45,6 +45,9 @@ class GPTConfig(ModelConfig):
     layernorm_epsilon: float = 1e-5
     make_vocab_size_divisible_by: int = 128  # vocabulary padded to a multiple of this (x TP)
 
+    def check(self, plugins=None) -> None:
+        check_config(self)
+
 
 class LanguageModel(nn.Module):
     """Megatron's `language_model`: embedding (first pipeline stage) + transformer `encoder`
