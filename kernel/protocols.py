@@ -33,6 +33,13 @@ class LossOutput(TypedDict, total=False):
     terms: Dict[str, torch.Tensor]
 
 
+def missing_members(obj, proto: type) -> List[str]:
+    """The members of `proto` that `obj` lacks (empty when it satisfies the protocol), so
+    an error can say what a plugin's object is missing instead of failing mid-run."""
+    names = set(getattr(proto, "__annotations__", {})) | {n for n in vars(proto) if not n.startswith("_")}
+    return sorted(n for n in names if not hasattr(obj, n))
+
+
 # --- models ---------------------------------------------------------------------------------
 
 

@@ -129,3 +129,19 @@ def test_model_shape_errors_come_before_the_run_directory(tmp_path, corpus, caps
     assert main(["run", str(exp)]) == 2
     assert "model.hidden_size=32 is not divisible by model.num_attention_heads=5" in capsys.readouterr().err
     assert not (tmp_path / "results").exists()
+
+
+class NotAModelPlugin:
+    @mega.hookimpl
+    def register_models(self, register):
+        register("linear", lambda config, tokenizer, plugins: torch.nn.Linear(2, 2), config=GPTConfig)
+
+
+def test_a_factory_whose_object_misses_its_protocol_is_named_before_training(tmp_path, corpus):
+    from mega.errors import PluginError
+
+    plugins = load_plugins(extra=[NotAModelPlugin()])
+    cfg = tiny_config(tmp_path, corpus, plugins, model={"name": "linear"})
+    with pytest.raises(PluginError, match=r"'linear' built a Linear, which is not a mega.protocols.LanguageModel"
+                                          r" \(missing: training_loss\)"):
+        build_run(cfg, plugins)

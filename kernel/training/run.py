@@ -15,8 +15,17 @@ import attrs
 import torch
 
 from mega.config import ExperimentConfig, dump_config, to_dict
-from mega.errors import CheckpointError
-from mega.protocols import Batch, DataSource, LanguageModel, StatefulModel, Tokenizer
+from mega.errors import CheckpointError, PluginError
+from mega.protocols import (
+    Batch,
+    CheckpointFormat,
+    DataSource,
+    LanguageModel,
+    PipelineStage,
+    StatefulModel,
+    Tokenizer,
+    missing_members,
+)
 from mega.runtime.parallel import ParallelState, init_parallel, pick_device, shutdown_parallel
 from mega.runtime.sharding import merge_shards, reshard_optimizer, shard_for, sharding_of, to_global, to_local
 from mega.runtime.precision import DynamicLossScaler
@@ -153,6 +162,16 @@ def optimizer_param_names(model: torch.nn.Module) -> list:
     return decay + no_decay
 
 
+def built(entry, proto: type, obj):
+    """`obj`, made by `entry`'s factory, checked against the protocol the kernel will use
+    it through: a PluginError names the plugin and what is missing, before any step runs."""
+    missing = missing_members(obj, proto)
+    if missing:
+        raise PluginError(f"plugin {entry.plugin!r}: {entry.name!r} built a {type(obj).__name__}, which is not a"
+                          f" mega.protocols.{proto.__name__} (missing: {', '.join(missing)})")
+    return obj
+
+
 def build_run(config: ExperimentConfig, plugins=None) -> Run:
     if plugins is None:
         from mega.plugin_manager import get_plugins
@@ -177,12 +196,13 @@ def build_run(config: ExperimentConfig, plugins=None) -> Run:
     # A shared filesystem across nodes is assumed.
     with parallel.main_rank_first():
         run_dir = prepare_run_dir(config, plugins, write=parallel.is_main)
-        source: DataSource = data_entry.factory(mc.data, run_dir)
-        tokenizer: Tokenizer = tok_entry.factory(mc.tokenizer, source.files(), run_dir)
+        source = built(data_entry, DataSource, data_entry.factory(mc.data, run_dir))
+        tokenizer = built(tok_entry, Tokenizer, tok_entry.factory(mc.tokenizer, source.files(), run_dir))
 
     seed_everything(mc.seed)  # the same on every tensor- and data-parallel rank (Megatron's rule)
     get_rng_tracker().reset(mc.seed, parallel.tp_rank, device.type)
-    model = model_entry.factory(mc, tokenizer, plugins).to(device)
+    model = built(model_entry, PipelineStage if parallel.pp_size > 1 else LanguageModel,
+                  model_entry.factory(mc, tokenizer, plugins)).to(device)
     if parallel.pp_size > 1:  # after an identical init, each stage draws its own dropout masks (Megatron)
         torch.manual_seed(mc.seed + 100 * parallel.pp_rank)
     optimizer = optim_entry.factory(mc.optim, param_groups(model, mc.optim.weight_decay))
@@ -206,7 +226,8 @@ def build_run(config: ExperimentConfig, plugins=None) -> Run:
     run = Run(
         config=config, plugins=plugins, run_dir=run_dir, device=device, parallel=parallel, tokenizer=tokenizer,
         model=model, optimizer=optimizer, lr_at=lr_at, scaler=scaler, train_data=train_data, valid_data=valid_data,
-        checkpoints=CheckpointManager(run_dir / "checkpoints", fmt_entry.factory(), config.exp_manager.checkpoint.keep_last_k),
+        checkpoints=CheckpointManager(run_dir / "checkpoints", built(fmt_entry, CheckpointFormat, fmt_entry.factory()),
+                                      config.exp_manager.checkpoint.keep_last_k),
         global_batch_size=gbs, num_micro_batches=n_micro, loss_module=loss_module,
     )
     if config.exp_manager.resume_if_exists:

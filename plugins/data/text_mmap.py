@@ -130,7 +130,7 @@ class TextMemMapSource:
         """Samples for the model's objective: "lm" (next token), or a DenoisingObjective
         ("t5" span corruption, "bart" infilling)."""
         denoising = isinstance(objective, DenoisingObjective)
-        if not (objective.name == "lm" or denoising):
+        if objective.name not in (("t5", "bart") if denoising else ("lm",)):
             raise ConfigError(f"model.name: text_mmap has no samples for the objective {objective.name!r} (lm, t5, bart)")
         if denoising and self.config.whole_word_masking and not isinstance(tokenizer, KnowsWordStarts):
             raise ConfigError("model.data.whole_word_masking: the tokenizer cannot tell where words start")

@@ -141,6 +141,8 @@ def get_hiddens_module(cfg: Union[HiddensConfig, Mapping, None] = None, model_pa
     plugins = _plugins(plugins)
     if not isinstance(cfg, HiddensConfig):
         cfg = structure_table(_plain(cfg), HiddensConfig, plugins, path="model.hiddens")
+    if cfg == HiddensConfig():  # an empty [model.hiddens] table: no module, as when absent
+        return None
     inject = {"nemo_compat": cfg.nemo_compat}
     transforms = _build(plugins.hidden_transforms, cfg.transform, {**inject, "model_parallel_cfg": model_parallel_cfg},
                         "model.hiddens.transform")

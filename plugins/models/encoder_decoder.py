@@ -18,7 +18,6 @@ from attrs import define, field
 from torch import nn
 
 import mega
-
 from mega.config import ModelConfig
 from mega.errors import ConfigError
 from mega.plugins.data.objectives import DenoisingObjective

@@ -16,13 +16,11 @@ from attrs import define
 from torch import nn
 
 import mega
-
 from mega.config import ModelConfig
 from mega.errors import ConfigError
 from mega.plugins.models.transformer import BlockConfig, Embedding, KVCache, TransformerStack, check_shape, padded_vocab_size
 from mega.runtime.parallel import current
 from mega.runtime.tensor_parallel import (
-    VocabParallelEmbedding,
     copy_to_tp,
     gather_from_tp,
     mark_replicated,
@@ -49,9 +47,10 @@ class GPTConfig(ModelConfig):
         check_config(self)
 
 
-class LanguageModel(nn.Module):
-    """Megatron's `language_model`: embedding (first pipeline stage) + transformer `encoder`
-    (this stage's layers; the final LayerNorm on the last stage)."""
+class TransformerLanguageModel(nn.Module):
+    """Megatron's `language_model` (its TransformerLanguageModel): embedding (first
+    pipeline stage) + transformer `encoder` (this stage's layers; the final LayerNorm on
+    the last stage)."""
 
     def __init__(self, cfg: GPTConfig, vocab: int):
         super().__init__()
@@ -86,7 +85,7 @@ class GPTModel(nn.Module):
         self.max_positions = cfg.max_position_embeddings or cfg.seq_length
         st = current()
         self.pre_process, self.post_process = st.is_first_stage, st.is_last_stage
-        self.language_model = LanguageModel(cfg, self.padded_vocab_size)
+        self.language_model = TransformerLanguageModel(cfg, self.padded_vocab_size)
         if self.post_process and not self.pre_process:
             # Megatron's `word_embeddings_for_head`: the output layer of the last stage, tied
             # to the first stage's word embedding (gradients summed over the two).

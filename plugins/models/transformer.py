@@ -223,8 +223,12 @@ class TransformerStack(nn.Module):
         super().__init__()
         keep = range(cfg.num_layers) if keep is None else keep
         self.layer_offset = keep.start
-        layers = [TransformerLayer(cfg, i - keep.start) for i in range(cfg.num_layers)]
-        self.layers = nn.ModuleList(layer for i, layer in enumerate(layers) if i in keep)
+        layers = []
+        for i in range(cfg.num_layers):  # build each layer, keep this stage's (memory: one at a time)
+            layer = TransformerLayer(cfg, i - keep.start)
+            if i in keep:
+                layers.append(layer)
+        self.layers = nn.ModuleList(layers)
         self.final_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon) if final_layernorm else None
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, key_mask: Optional[torch.Tensor] = None,
