@@ -126,8 +126,8 @@ def register_hidden_transforms(register):
     `mega.config.HiddenTransformConfig` (which holds `cls_name` and `name`) and declares the
     constructor's keyword arguments, typed, with the constructor's defaults; each entry
     `model.hiddens.transform.<name>` is structured into it. The module is built with
-    `cls(**fields, name=<name>, model_parallel_cfg=...)` (and `nemo_compat=` when the
-    constructor takes it). Without `config`, only the base keys are accepted.
+    `cls(**fields, name=<name>)`, plus `model_parallel_cfg=` and `nemo_compat=` when the
+    constructor takes them. Without `config`, only the base keys are accepted.
     """
 
 

@@ -6,7 +6,6 @@ vocabulary padding) and `max_positions`.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import List, Optional, Tuple
 
 import attrs

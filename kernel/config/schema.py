@@ -174,7 +174,7 @@ class ExperimentConfig:
 
 @define(kw_only=True)
 class HiddenTransformConfig:
-    """One entry of `model.hiddens.transform` base; `cls_name` picks the hidden transform."""
+    """Base of one entry of `model.hiddens.transform`; `cls_name` picks the hidden transform."""
 
     cls_name: str  # a registered hidden transform
     name: Optional[str] = None  # unset: the entry's key
@@ -182,7 +182,7 @@ class HiddenTransformConfig:
 
 @define(kw_only=True)
 class HiddenLossConfig:
-    """One entry of `model.hiddens.loss` base; `cls_name` picks the hidden loss."""
+    """Base of one entry of `model.hiddens.loss`; `cls_name` picks the hidden loss."""
 
     cls_name: str  # a registered hidden loss
     name: Optional[str] = None  # unset: the entry's key

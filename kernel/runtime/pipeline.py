@@ -14,12 +14,10 @@ forward and one backward, so at most `stages` micro-batches' activations are ali
 once; then it drains the remaining backwards. Activations go forward and their gradients
 come back through batched isend/irecv pairs (deadlock-free on gloo and NCCL alike).
 
-A model that supports pipelining provides `stage_forward(batch, hidden)`: the first stage
-ignores `hidden` and embeds the batch's tokens; a middle stage returns hidden states; the
-last stage returns the `training_loss` dict. `activation_shape(batch)` gives the shape of
-hidden states between stages, and `shared_embedding_or_output_weight()` the word embedding
-the first and last stage share, whose gradient `sum_pipeline_grads` adds up over the two
-(seeds/001's `setup_embeddings_and_output_layer`).
+A model that supports pipelining is a `mega.protocols.PipelineStage`; the word embedding
+its first and last stage share (`shared_embedding_or_output_weight()`) gets its gradient
+added up over the two by `sum_pipeline_grads`, as Megatron-LM's
+`setup_embeddings_and_output_layer` arranges.
 """
 from __future__ import annotations
 
@@ -30,10 +28,10 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from mega.protocols import Batch
 from mega.runtime.parallel import ParallelState
 from mega.runtime.token_loss import TokenMean
 
-Batch = Dict[str, torch.Tensor]
 # forward_step(batch, hidden): one micro-batch through this rank's stage; the training_loss
 # dict on the last stage (the only stage without pipelining), hidden states elsewhere.
 ForwardStep = Callable[[Batch, Optional[torch.Tensor]], Any]

@@ -18,6 +18,7 @@ import random
 import numpy as np
 import torch
 
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))

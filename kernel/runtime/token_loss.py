@@ -12,6 +12,8 @@ from typing import Dict
 
 import torch
 
+from mega.protocols import LossOutput
+
 
 class TokenMean:
     """Accumulates one global batch's loss and terms on this rank, micro-batch by micro-batch.
@@ -26,7 +28,7 @@ class TokenMean:
         self.loss = torch.zeros((), device=num_tokens.device)
         self.terms: Dict[str, torch.Tensor] = {}
 
-    def add(self, out: Dict) -> torch.Tensor:
+    def add(self, out: LossOutput) -> torch.Tensor:
         """Count a micro-batch's `training_loss` output ({"loss_sum", optional "terms"});
         return its share of the loss, still attached to the graph, for backward."""
         loss = out["loss_sum"] / self.num_tokens

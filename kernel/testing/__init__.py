@@ -199,4 +199,3 @@ def register_plugin(plugin: object, plugins=None, name: Optional[str] = None) ->
     finally:
         if pm.is_registered(plugin):
             pm.unregister(plugin)
-

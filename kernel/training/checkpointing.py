@@ -6,9 +6,9 @@ Layout under `<run_dir>/checkpoints/`:
                          plus config.toml, tokenizer files and manifest.json)
     latest               text: the name of the newest good checkpoint, written last
 
-A checkpoint is written into `.tmp-step_XXXXXXX/` (removed first if a crash left one), its manifest (size and sha256 of
-every file) written last inside it, then the directory is renamed into place and only then
-is `latest` replaced (write temp file, rename). A crash at any point leaves the previous
+A checkpoint is written into `.tmp-<name>/` (removed first if a crash left one), its
+manifest (size and sha256 of every file) written last inside it, then the directory is
+renamed into place and only then is `latest` replaced (write temp file, rename). A crash at any point leaves the previous
 checkpoint and pointer intact. Loading verifies the manifest, so a truncated or corrupt
 file is reported by name; auto-resume falls back to the newest checkpoint that verifies.
 """
