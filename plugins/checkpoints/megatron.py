@@ -1,5 +1,5 @@
 """The `megatron` checkpoint format: Megatron-LM's legacy ("torch") layout, so tools
-built for Megatron-LM checkpoints read ours and we read theirs (specs/checkpoints.md).
+built for Megatron-LM checkpoints read ours and we read theirs.
 
     <checkpoints>/latest_checkpointed_iteration.txt      the iteration, as text
     <checkpoints>/iter_0000100/mp_rank_00/model_optim_rng.pt        (TP rank 0)
@@ -26,7 +26,7 @@ from mega.errors import CheckpointError
 CHECKPOINT_VERSION = 3.0
 FILE = "model_optim_rng.pt"
 TRACKER = "latest_checkpointed_iteration.txt"
-# Tensor-parallel split of Megatron's parameters (specs/checkpoints.md)
+# Tensor-parallel split of Megatron's parameters (Megatron-LM's legacy layout)
 COLUMN = ("self_attention.query_key_value.weight", "self_attention.query_key_value.bias",
           "mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.bias", "word_embeddings.weight",
           "word_embeddings_for_head.weight")

@@ -1,7 +1,7 @@
 """Hidden transforms and losses for encoder-decoder models (MIM / VAE), with NeMo's
 Python API. Each component registers with an attrs config class subclassing
 `mega.config.HiddenTransformConfig` / `HiddenLossConfig`; `HiddensConfig` is the
-`model.hiddens` table. See docs/hiddens.md and specs/hiddens.md."""
+`model.hiddens` table. See docs/hiddens.md."""
 import mega
 from mega.config import HiddenLossConfig, HiddenTransformConfig
 from mega.plugins.hiddens.base import HiddenLoss, HiddenTransform, MegatronBaseHiddenLoss, MegatronBaseHiddenTransform

@@ -1,11 +1,11 @@
 """Base classes of hidden transforms and hidden losses (NeMo's MegatronBaseHiddenTransform
-and MegatronBaseHiddenLoss, specs/hiddens.md §1.1, §2.1).
+and MegatronBaseHiddenLoss).
 
 Shapes: `hiddens` is sequence-first [S, B, H]; `hiddens_mask` is [B, S] (1 = real).
 A loss's `_loss` returns per-position terms [B, S]; `loss()` reduces them to a per-sample
 masked mean [B] (a fully padded row gives 0) and a weighted scalar: the MEAN over the
 batch, so its weight against the (mean) tokens loss does not grow with the micro-batch
-size (specs/hiddens.md §7.6). NeMo sums over the batch: `nemo_compat=True`.
+size. NeMo sums over the batch: `nemo_compat=True`.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Hidden losses: `a_mim`, `vae` (specs/hiddens.md §2.2, §2.3) and `guided_cls_loss` (ours),
+"""Hidden losses: `a_mim`, `vae` (NeMo's A-MIM and VAE losses) and `guided_cls_loss` (ours),
 each with the config class its `model.hiddens.loss.<name>` table is structured into
 (defaults equal the constructor's; `loss_weight` comes from `HiddenLossConfig`)."""
 from __future__ import annotations
@@ -59,7 +59,7 @@ class VAELoss(HiddenLoss):
 
     Default: loss = kl, so minimising the joint loss minimises the KL (the ELBO), and
     `min_kl_value` is a free-bits floor (kl clamped from below per position). NeMo returns
-    -kl and ignores `min_kl_value` (specs/hiddens.md §2.3, §7): `nemo_compat=True`
+    -kl and ignores `min_kl_value` (a NeMo defect; docs/hiddens.md): `nemo_compat=True`
     reproduces that exactly.
     """
 

@@ -1,5 +1,5 @@
 """The hiddens module: runs transforms in order over named outputs, then the losses, and
-forms the joint loss (NeMo's MegatronHiddensModule, specs/hiddens.md §3.1, §5); and
+forms the joint loss (NeMo's MegatronHiddensModule); and
 `HiddensConfig`, the `model.hiddens` table of an encoder-decoder.
 
 Validation happens at construction, in NeMo's order and with its messages: every output
@@ -101,5 +101,5 @@ class HiddensModule(torch.nn.Module):
         return loss_dict
 
     def joint_loss(self, loss_dict: Dict, tokens_loss: torch.Tensor) -> torch.Tensor:
-        """hiddens_loss + tokens_loss_weight x tokens_loss (specs/hiddens.md §3.3)."""
+        """hiddens_loss + tokens_loss_weight x tokens_loss (NeMo's joint loss)."""
         return loss_dict[f"{self.loss_prefix}loss"] + loss_dict["tokens_loss_weight"] * tokens_loss

@@ -1,4 +1,4 @@
-"""Hidden transforms: `cond_gaussian` (specs/hiddens.md §1.2) and `guided_cls` (ours: NeMo
+"""Hidden transforms: `cond_gaussian` (NeMo's MegatronGaussianHiddenTransform) and `guided_cls` (ours: NeMo
 names it in its example config but has no implementation, §1.3), each with the config
 class its `model.hiddens.transform.<name>` table is structured into (defaults equal the
 constructor's)."""

@@ -1,5 +1,5 @@
 """Megatron-style encoder-decoder (`t5` and `bart` presets) with an optional Perceiver
-encoder and the hiddens module between encoder and decoder (seeds/000).
+encoder and the hiddens module between encoder and decoder (NeMo's MIM / VAE models).
 
 The encoder is bidirectional over the padded input (`model.encoder.arch = "transformer"`),
 or a Perceiver: `hidden_steps` learned latents cross-attend to the input, so the hiddens
@@ -204,7 +204,7 @@ class EncoderDecoderModel(nn.Module):
     def training_loss(self, batch: Dict[str, torch.Tensor]) -> Dict[str, Any]:
         """The kernel divides by the global batch's loss tokens, so the joint loss of the
         hiddens module (hidden terms reduced over samples + tokens_loss_weight x token mean,
-        specs/hiddens.md §3.3) is returned per token of this micro-batch: hidden terms are
+        NeMo's joint loss) is returned per token of this micro-batch: hidden terms are
         multiplied by its token count n. With one micro-batch the result is NeMo's loss
         exactly; with several, micro-batches are weighted by tokens instead of equally."""
         enc = self.encode(batch["text_enc"], batch["enc_mask"], batch_data=batch)

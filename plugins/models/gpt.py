@@ -1,8 +1,8 @@
 """GPT: a pre-LayerNorm decoder with learned positions and a tied output layer.
 
-Reads like nanoGPT; named like Megatron-LM (state-dict keys as in specs/checkpoints.md:
+Reads like nanoGPT; named like Megatron-LM (its legacy state-dict keys:
 `language_model.embedding.word_embeddings.weight`, `language_model.encoder.layers.{i}...`).
-Honours the LanguageModule contract of seeds/001: `compute_language_model_loss(labels,
+Honours the LanguageModule contract of megatron-core: `compute_language_model_loss(labels,
 logits)` returns [batch, seq] losses and `shared_embedding_or_output_weight()` returns
 the word-embedding matrix that also produces the logits.
 """

@@ -2,7 +2,7 @@
 tensor-parallel layers.
 
 Parameter names follow Megatron-LM's legacy layout (`self_attention.query_key_value`,
-`mlp.dense_h_to_4h`, ...) so checkpoints map key for key (see specs/checkpoints.md). The
+`mlp.dense_h_to_4h`, ...) so Megatron-LM checkpoints map key for key. The
 fused QKV weight is stored per head as [num_heads, 3, head_dim] rows (checkpoint_version
 >= 2.0), which is also what a column-parallel split by heads needs: each rank holds whole
 heads with their Q, K and V.
