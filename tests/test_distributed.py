@@ -197,3 +197,33 @@ def test_resume_under_model_parallelism_equals_uninterrupted(tmp_path, corpus, l
     a = read_metrics(tmp_path / "results" / "straight")
     b = read_metrics(tmp_path / "results" / "resumed")
     assert [(m["step"], m.get("loss")) for m in a if "loss" in m] == [(m["step"], m.get("loss")) for m in b if "loss" in m]
+
+
+@pytest.mark.slow
+def test_each_data_parallel_replicas_carried_state_survives_resume(tmp_path, corpus):
+    """A StatefulModel's state differs per replica (it saw other data); the first replica
+    saves every replica's, and each gets its own back on resume."""
+    (tmp_path / "counting_plugin.py").write_text(textwrap.dedent("""
+        import mega
+        from mega.plugins.models.gpt import GPTConfig
+        from tests.test_protocols import CountingGPT
+
+        @mega.hookimpl
+        def register_models(register):
+            register("counting_gpt", lambda config, tok, plugins: CountingGPT(config, tok.vocab_size), config=GPTConfig)
+    """))
+    env = {"MEGA_PLUGIN_MODULES": "counting_plugin"}
+    exp = _exp(tmp_path, corpus, model={"name": "counting_gpt"}, trainer={"max_steps": 4, "val_check_interval": 0},
+               exp_manager={"checkpoint": {"every_n_train_steps": 2}})
+    common = ["trainer.devices=2", "model.global_batch_size=8"]
+    straight = _mega(["run", str(exp), "exp_manager.name=straight", *common], tmp_path, env)
+    assert straight.returncode == 0, straight.stderr
+    first = _mega(["run", str(exp), "exp_manager.name=resumed", "trainer.max_steps=2", *common], tmp_path, env)
+    assert first.returncode == 0, first.stderr
+    second = _mega(["run", str(exp), "exp_manager.name=resumed", *common], tmp_path, env)
+    assert second.returncode == 0 and "resumed from" in second.stderr, second.stderr
+    a, b = read_metrics(tmp_path / "results" / "straight"), read_metrics(tmp_path / "results" / "resumed")
+    assert [(m["step"], m["loss"]) for m in a] == [(m["step"], m["loss"]) for m in b]
+    ckpt = tmp_path / "results" / "resumed" / "checkpoints" / "step_0000002" / "trainer.pt"
+    carried = torch.load(ckpt, weights_only=True)["carried_state"]
+    assert len(carried) == 2 and not torch.equal(carried[0]["memory"], carried[1]["memory"])
