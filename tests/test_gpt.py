@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mega.config import config_from_dict
+from mega.errors import ConfigError
 from mega.inference import _filter_logits, generate
 from mega.plugins.models.gpt import GPTModel
 
@@ -112,3 +113,24 @@ def test_flops_per_token_formula(plugins):
 def test_positions_past_the_table_are_an_error(plugins):
     with pytest.raises(ValueError, match="max_position_embeddings"):
         _model(plugins)(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_activation_key_selects_exact_or_tanh_gelu():
+    """`activation = "gelu_tanh"` is GPT-2's gelu_new / Megatron's fused bias-GELU; the
+    default is the exact erf GELU. Checked against the formulas on one MLP."""
+    import math
+
+    from mega.plugins.models.transformer import MLP, BlockConfig
+
+    x = torch.randn(3, 8)
+    for activation, formula in [
+        ("gelu", lambda t: 0.5 * t * (1 + torch.erf(t / math.sqrt(2)))),
+        ("gelu_tanh", lambda t: 0.5 * t * (1 + torch.tanh(math.sqrt(2 / math.pi) * (t + 0.044715 * t**3)))),
+    ]:
+        mlp = MLP(BlockConfig(num_layers=1, hidden_size=8, num_attention_heads=1, activation=activation))
+        expected = mlp.dense_4h_to_h(formula(mlp.dense_h_to_4h(x)))
+        torch.testing.assert_close(mlp(x), expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ConfigError, match="model.activation: expected one of 'gelu', 'gelu_tanh', got 'relu'"):
+        from mega.plugins.models.transformer import check_shape
+
+        check_shape(BlockConfig(num_layers=1, hidden_size=8, num_attention_heads=1, activation="relu"))

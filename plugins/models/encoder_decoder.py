@@ -10,7 +10,7 @@ embeddings are shared by encoder, decoder and the output layer.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Literal, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,7 @@ class StackConfig:
     attention_dropout: float = 0.1
     hidden_steps: int = 32  # Perceiver latents: the fixed length of the hiddens
     layernorm_epsilon: float = 1e-5
+    activation: Literal["gelu", "gelu_tanh"] = "gelu"  # exact GELU, or its tanh approximation
 
 
 @define(kw_only=True)

@@ -8,7 +8,7 @@ the word-embedding matrix that also produces the logits.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,7 @@ class GPTConfig(ModelConfig):
     attention_dropout: float = 0.1  # on attention probabilities
     init_method_std: float = 0.02  # N(0, std) init; residual outputs scaled by 1/sqrt(2 * num_layers)
     layernorm_epsilon: float = 1e-5
+    activation: Literal["gelu", "gelu_tanh"] = "gelu"  # exact GELU, or the tanh approximation (GPT-2, Megatron's fused)
     make_vocab_size_divisible_by: int = 128  # vocabulary padded to a multiple of this (x TP)
 
     def check(self, plugins=None) -> None:

@@ -37,6 +37,7 @@ class BlockConfig:
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
     layernorm_epsilon: float = 1e-5
+    activation: str = "gelu"  # "gelu" (exact, erf) or "gelu_tanh" (Megatron's fused bias-GELU, GPT-2's gelu_new)
     init_method_std: float = 0.02
     where: str = "model"
 
@@ -77,6 +78,8 @@ def check_shape(cfg: BlockConfig, tp: int = 1, pp: int = 1) -> None:
         raise ConfigError(f"{w}.num_attention_heads={cfg.num_attention_heads} is not divisible by model.tensor_model_parallel_size={tp}")
     if cfg.ffn % tp:
         raise ConfigError(f"{w}.ffn_hidden_size={cfg.ffn} is not divisible by model.tensor_model_parallel_size={tp}")
+    if cfg.activation not in ACTIVATIONS:
+        raise ConfigError(f"{w}.activation: expected one of {', '.join(map(repr, ACTIVATIONS))}, got {cfg.activation!r}")
     if cfg.num_layers % pp:
         raise ConfigError(f"{w}.num_layers={cfg.num_layers} is not divisible by model.pipeline_model_parallel_size={pp}")
 
@@ -183,16 +186,23 @@ class CrossAttention(nn.Module):
         return self.dense(y.transpose(1, 2).reshape(b, s, -1))
 
 
+ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}  # model `activation` -> F.gelu's `approximate`
+
+
 class MLP(nn.Module):
+    """dense_h_to_4h, GELU, dense_4h_to_h. `activation = "gelu"` is the exact (erf) GELU,
+    Megatron-LM's with `bias_gelu_fusion` and `openai_gelu` off; `"gelu_tanh"` is the tanh
+    approximation that Megatron's fused bias-GELU kernel (its default) and `openai_gelu`
+    compute, and GPT-2's `gelu_new`."""
+
     def __init__(self, cfg: BlockConfig):
         super().__init__()
+        self.approximate = ACTIVATIONS[cfg.activation]
         self.dense_h_to_4h = ColumnParallelLinear(cfg.hidden_size, cfg.ffn, cfg.init_method)
         self.dense_4h_to_h = RowParallelLinear(cfg.ffn, cfg.hidden_size, cfg.output_init_method)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Exact (erf) GELU, Megatron-LM's with openai_gelu off; Megatron's default fused
-        # bias-GELU kernel computes the tanh approximation instead.
-        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x)))
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate=self.approximate))
 
 
 class TransformerLayer(nn.Module):
