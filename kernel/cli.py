@@ -75,6 +75,18 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--device", default="cpu")
 
+    im = sub.add_parser("import", help="turn another tool's checkpoint into a mega run directory")
+    im.add_argument("source", help="a Hugging Face model directory, a Megatron-LM checkpoint, an archive, ...")
+    im.add_argument("run_dir", help="the run directory to create (mega generate / mega run open it)")
+    im.add_argument("--from", dest="fmt", default=None, help="the source's format (default: recognised from its files)")
+    im.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="format option, e.g. tokenizer files")
+
+    ex = sub.add_parser("export", help="write a mega checkpoint in another tool's format")
+    ex.add_argument("checkpoint", help="a checkpoint directory, a checkpoints/ folder or a run directory")
+    ex.add_argument("destination")
+    ex.add_argument("--to", dest="fmt", required=True, help="the format to write (see `mega plugins`: checkpoint formats)")
+    ex.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="format option")
+
     e = sub.add_parser("encode", help="encode texts to their hiddens (and z, z_mean) with an encoder-decoder checkpoint")
     e.add_argument("checkpoint")
     e.add_argument("--text", action="append", required=True, help="a text to encode (repeat for a batch)")
@@ -185,7 +197,49 @@ def cmd_encode(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "config": cmd_config, "plugins": cmd_plugins, "generate": cmd_generate, "encode": cmd_encode}
+def _options(pairs: List[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--option {pair!r}: expected KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def cmd_import(args) -> int:
+    from pathlib import Path
+
+    from mega.interop import find_importer
+    from mega.plugin_manager import get_plugins
+
+    plugins = get_plugins()
+    source = Path(args.source).expanduser()
+    if not source.exists():
+        raise ConfigError(f"{source}: no such file or directory")
+    fmt = find_importer(source, plugins, args.fmt)
+    path = fmt.import_run(source, Path(args.run_dir).expanduser(), _options(args.option), plugins)
+    print(f"imported {source} ({fmt.name}) into {path}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from pathlib import Path
+
+    from mega.interop import find_exporter
+    from mega.plugin_manager import get_plugins
+    from mega.training.checkpointing import resolve_checkpoint
+
+    plugins = get_plugins()
+    fmt = find_exporter(args.fmt, plugins)
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    path = fmt.export_run(checkpoint, Path(args.destination).expanduser(), _options(args.option), plugins)
+    print(f"exported {checkpoint} as {args.fmt} to {path}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "config": cmd_config, "plugins": cmd_plugins, "generate": cmd_generate, "encode": cmd_encode,
+            "import": cmd_import, "export": cmd_export}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

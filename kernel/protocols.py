@@ -200,3 +200,27 @@ class CommitHook(Protocol):
     """Optional: runs once a checkpoint directory is in place (Megatron's tracker file)."""
 
     def after_commit(self, root: Path, final: Path, step: int) -> None: ...
+
+
+@runtime_checkable
+class Importer(Protocol):
+    """Optional for a checkpoint format: `mega import SOURCE RUN_DIR` turns another tool's
+    files (a Hugging Face model directory, a Megatron-LM checkpoint, an archive) into a mega
+    run directory that `mega generate` and `mega run` open directly. Write it with
+    `mega.interop.write_imported_run`."""
+
+    def can_import(self, source: Path) -> bool:
+        """Whether `source` is in this format (cheap: look at file names, not weights)."""
+
+    def import_run(self, source: Path, run_dir: Path, options: Mapping[str, str], plugins) -> Path:
+        """Write the run directory; return the checkpoint written. `options` are the
+        command line's `--option key=value` pairs (e.g. tokenizer files)."""
+
+
+@runtime_checkable
+class Exporter(Protocol):
+    """Optional for a checkpoint format: `mega export RUN DEST --to NAME` writes a mega
+    checkpoint in this format. Read it with `mega.inference.load_checkpoint_for_inference`."""
+
+    def export_run(self, checkpoint: Path, destination: Path, options: Mapping[str, str], plugins) -> Path:
+        """Write `destination`; return it."""

@@ -114,19 +114,22 @@ class Run:
         return path
 
     def _save_checkpoint(self) -> Path:
-        extra: Dict[str, Any] = {}
-        cfg_for_ckpt = self.config
-        # Tokenizer files travel with the checkpoint; the config inside points at the copies.
-        for key, path in self.tokenizer.artifacts().items():
-            extra[f"tokenizer.{Path(path).name}"] = Path(path)
-            cfg_for_ckpt = attrs.evolve(
-                cfg_for_ckpt,
-                model=attrs.evolve(cfg_for_ckpt.model, tokenizer=attrs.evolve(cfg_for_ckpt.model.tokenizer, **{key: f"tokenizer.{Path(path).name}"})),
-            )
-        extra["config.toml"] = dump_config(cfg_for_ckpt)
+        extra = checkpoint_files(self.config, self.tokenizer)
         meta = {"consumed_samples": self.consumed_samples, "tensor_model_parallel_size": self.parallel.tp_size,
                 "pipeline_model_parallel_size": self.parallel.pp_size}
         return self.checkpoints.save(self.step, self.state(), extra, meta=meta, parallel=self.parallel)
+
+
+def checkpoint_files(config: ExperimentConfig, tokenizer: Tokenizer) -> Dict[str, Any]:
+    """The files that travel with every checkpoint: the tokenizer's, and the config with
+    its tokenizer keys pointing at those copies (so a checkpoint stands on its own)."""
+    extra: Dict[str, Any] = {}
+    for key, path in tokenizer.artifacts().items():
+        name = f"tokenizer.{Path(path).name}"
+        extra[name] = Path(path)
+        config = attrs.evolve(config, model=attrs.evolve(config.model, tokenizer=attrs.evolve(config.model.tokenizer, **{key: name})))
+    extra["config.toml"] = dump_config(config)
+    return extra
 
 
 class LossModule(torch.nn.Module):
