@@ -80,6 +80,17 @@ def test_export_and_import_on_the_command_line(trained, tmp_path, capsys, plugin
     assert torch.equal(_logits(model, tokenizer.vocab_size), _logits(run.model, tokenizer.vocab_size))
 
 
+def test_any_checkpoint_format_exports_and_any_file_name_opens(tmp_path, plugins):
+    """A Megatron-format run packs like a native one; an archive renamed .tar still opens."""
+    exp = TinyExperiment(tmp_path, write_corpus(tmp_path / "corpus.txt"), plugins)
+    run = exp.run(trainer={"max_steps": 1, "val_check_interval": 0}, exp_manager={"checkpoint": {"format": "megatron"}})
+    archive = mega.save_to(run.run_dir, tmp_path / "megatron.tar", plugins)
+    with tarfile.open(archive) as tar:
+        assert json.loads(tar.extractfile("manifest.json").read())["source_format"] == "megatron"
+    model, tokenizer, _ = mega.restore_from(archive, plugins)
+    assert torch.equal(_logits(model, tokenizer.vocab_size), _logits(run.model, tokenizer.vocab_size))
+
+
 def _rewrite(archive: Path, target: Path, change):
     """Copy `archive` to `target`, passing each (TarInfo, bytes) through `change`."""
     with tarfile.open(archive) as src, tarfile.open(target, "w") as dst:
@@ -152,21 +163,22 @@ def _mega(args, cwd):
 
 
 @pytest.mark.slow
-def test_a_tp2_run_restores_from_its_archive_at_tp1(tmp_path, plugins):
+@pytest.mark.parametrize("layout,folders", [("model.tensor_model_parallel_size=2", ("mp_rank_00", "mp_rank_01")),
+                                            ("model.pipeline_model_parallel_size=2", ("mp_rank_00_000", "mp_rank_00_001"))])
+def test_a_model_parallel_run_restores_from_its_archive_in_one_process(tmp_path, plugins, layout, folders):
     exp = TinyExperiment(tmp_path, write_corpus(tmp_path / "corpus.txt"), plugins)
     toml = exp.toml(trainer={"max_steps": 2, "val_check_interval": 0},
                     model={"hidden_dropout": 0.0, "attention_dropout": 0.0})
-    proc = _mega(["run", str(toml), "trainer.devices=2", "model.tensor_model_parallel_size=2", "trainer.accelerator=cpu"],
-                 tmp_path)
+    proc = _mega(["run", str(toml), "trainer.devices=2", layout, "trainer.accelerator=cpu"], tmp_path)
     assert proc.returncode == 0, proc.stderr
-    archive = mega.save_to(exp.run_dir(), tmp_path / "tp2.mega", plugins)
+    archive = mega.save_to(exp.run_dir(), tmp_path / "mp.mega", plugins)
     with tarfile.open(archive) as tar:
         names = set(tar.getnames())
-    assert {"mp_rank_00/model_weights.ckpt", "mp_rank_01/model_weights.ckpt", "mp_rank_01/sharding.json"} <= names
+    assert {f"{f}/{m}" for f in folders for m in ("model_weights.ckpt", "sharding.json")} <= names
     # the run's model: its two shards merged (by the kernel's resharding, tested elsewhere)
     reference, tokenizer, _ = load_checkpoint_for_inference(exp.run_dir(), plugins)
     model, _, _ = mega.restore_from(archive, plugins)
-    # 258 byte ids pad to 272 at TP=2 and to 264 here: compare the real vocabulary
+    # 258 byte ids pad to 272 at TP=2 and to 264 at TP=1: compare the real vocabulary
     torch.testing.assert_close(_logits(model, 258), _logits(reference, 258), rtol=0, atol=1e-5)
 
 

@@ -119,7 +119,18 @@ class ArchiveFormat:
 
     # --- Importer ------------------------------------------------------------------------------
     def can_import(self, source: Path) -> bool:
-        return Path(source).suffix == SUFFIX and Path(source).is_file()
+        """A `.mega` file, or any tar whose first member is a manifest (one header read)."""
+        source = Path(source)
+        if not source.is_file():
+            return False
+        if source.suffix == SUFFIX:
+            return True
+        try:
+            with tarfile.open(source, "r:") as tar:
+                first = tar.next()
+        except (tarfile.TarError, OSError):
+            return False
+        return first is not None and first.name.removeprefix("./") == MANIFEST
 
     def unpack(self, source: Path, directory: Path) -> Path:
         """Unpack the archive `source` into `directory` (a new checkpoint directory), checking
