@@ -322,3 +322,34 @@ def test_nemo_weights_that_do_not_fit_are_named(source_gpt, spm_model, tmp_path,
     nemo = _write_nemo(tmp_path / "wide.nemo", _nemo_yaml(ffn_hidden_size=128), _nemo_shards(model, 1), spm_model)
     with pytest.raises(CheckpointError, match=r"dense_h_to_4h.weight has shape \[64, 32\], mega's gpt expects \[128, 32\]"):
         mega.restore_from(nemo, plugins)
+
+
+def test_a_pipeline_parallel_nemo_archive_is_renumbered(source_gpt, spm_model, tmp_path, plugins):
+    """tp_rank_00_pp_rank_00X/ files: layer indices local to each stage; the last stage
+    carries NeMo's copy of the tied embedding (`model.word_embeddings.weight`)."""
+    model, _ = source_gpt
+    (full,) = _nemo_shards(model, 1)
+    stages = [{}, {}]
+    for name, t in full.items():
+        if ".layers.1." in name:
+            stages[1][name.replace(".layers.1.", ".layers.0.")] = t
+        elif "final_layernorm" in name:
+            stages[1][name] = t
+        else:
+            stages[0][name] = t
+    stages[1]["model.word_embeddings.weight"] = full["model.language_model.embedding.word_embeddings.weight"]
+    cfg = _nemo_yaml(pipeline_model_parallel_size=2)
+    nemo = tmp_path / "pp.nemo"
+    with tarfile.open(nemo, "w") as tar:
+        members = {"model_config.yaml": yaml.safe_dump(cfg).encode(),
+                   cfg["tokenizer"]["model"][len("nemo:"):]: spm_model.read_bytes()}
+        for p, stage in enumerate(stages):
+            buf = io.BytesIO()
+            torch.save(stage, buf)
+            members[f"tp_rank_00_pp_rank_{p:03d}/model_weights.ckpt"] = buf.getvalue()
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    loaded, _, _ = mega.restore_from(nemo, plugins)
+    assert torch.equal(_logits(loaded, 60), _logits(model, 60))
