@@ -6,6 +6,10 @@ vocabulary padding) and `max_positions`.
 """
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
+from pathlib import Path
 from typing import List, Optional, Tuple
 
 import attrs
@@ -17,11 +21,14 @@ from mega.training.checkpointing import resolve_checkpoint, verify
 
 def load_checkpoint_for_inference(path, plugins=None, device: str = "cpu") -> Tuple[torch.nn.Module, object, object]:
     """(model in eval mode, tokenizer, config) from a checkpoint directory, a checkpoints
-    folder or a run directory (the latest checkpoint is used)."""
+    folder, a run directory (the latest checkpoint is used) or a checkpoint in one file (an
+    archive, `mega export RUN model.mega --to archive`)."""
     if plugins is None:
         from mega.plugin_manager import get_plugins
 
         plugins = get_plugins()
+    if Path(path).expanduser().is_file():
+        return _load_file(Path(path).expanduser(), plugins, device)
     ckpt = resolve_checkpoint(path)
     manifest = verify(ckpt)
     config = config_from_dict(load_raw(ckpt / "config.toml"), plugins=plugins, source=str(ckpt / "config.toml"))
@@ -38,6 +45,29 @@ def load_checkpoint_for_inference(path, plugins=None, device: str = "cpu") -> Tu
 
     model.load_state_dict(load_resharded(fmt, ckpt, manifest, current(), model)["model"])
     return model.to(device).eval(), tokenizer, config
+
+
+def _load_file(path: Path, plugins, device: str):
+    """A checkpoint in one file, through the checkpoint format that recognises it (see
+    `mega import`): unpacked into a scratch directory when the format can `unpack(file,
+    directory)`, else imported into a scratch run directory. Once the model is loaded only
+    the tokenizer files stay there (the returned config names them), until this process exits."""
+    from mega.interop import find_importer
+
+    fmt = find_importer(path, plugins)
+    scratch = Path(tempfile.mkdtemp(prefix="mega-checkpoint-"))
+    atexit.register(shutil.rmtree, scratch, True)
+    try:
+        unpack = getattr(fmt, "unpack", None)
+        ckpt = unpack(path, scratch / "checkpoint") if unpack else fmt.import_run(path, scratch / "run", {}, plugins)
+        model, tokenizer, config = load_checkpoint_for_inference(ckpt, plugins, device)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    keep = {str(v) for v in attrs.asdict(config.model.tokenizer).values() if isinstance(v, str)}
+    for f in [p for p in scratch.rglob("*") if p.is_file() and str(p) not in keep]:
+        f.unlink()
+    return model, tokenizer, config
 
 
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

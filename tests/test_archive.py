@@ -1,0 +1,355 @@
+"""Single-file archives (`mega export RUN model.mega --to archive`, mega.save_to /
+mega.restore_from, `mega generate model.mega`) and NeMo 1.x `.nemo` import: the restored
+model computes the same logits as the one saved, at another tensor-parallel size too;
+damaged archives are refused by member."""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import mega
+from mega.cli import main
+from mega.errors import CheckpointError
+from mega.inference import load_checkpoint_for_inference
+from mega.testing import TinyExperiment, write_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENS = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, plugins):
+    """A tiny GPT trained 2 steps with a sentencepiece tokenizer (its file must travel)."""
+    tmp = tmp_path_factory.mktemp("trained")
+    exp = TinyExperiment(tmp, write_corpus(tmp / "corpus.txt"), plugins)
+    run = exp.run(trainer={"max_steps": 2, "val_check_interval": 0},
+                  model={"tokenizer": {"library": "sentencepiece", "vocab_size": 60}})
+    archive = mega.save_to(run.run_dir, tmp / "model.mega", plugins)
+    return run, archive
+
+
+def _logits(model, vocab):
+    with torch.no_grad():
+        return model.eval()(TOKENS)[..., :vocab]
+
+
+def test_archive_holds_one_checkpoint_and_restores_exactly(trained, plugins):
+    run, archive = trained
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+        manifest = json.loads(tar.extractfile("manifest.json").read())
+    assert names[0] == "manifest.json"  # readable without scanning the weights
+    assert set(names) == {"manifest.json", "config.toml", "tokenizer.tokenizer.model", "model_weights.ckpt", "sharding.json"}
+    assert manifest["format"] == "archive" and manifest["archive_format_version"] == 1
+    assert manifest["mega_version"] == mega.__version__ and manifest["step"] == 2
+    assert (manifest["tensor_model_parallel_size"], manifest["pipeline_model_parallel_size"]) == (1, 1)
+    assert set(manifest["files"]) == set(names) - {"manifest.json"}
+    model, tokenizer, config = mega.restore_from(archive, plugins)
+    assert config.model.tokenizer.library == "sentencepiece" and Path(config.model.tokenizer.model).is_file()
+    assert torch.equal(_logits(model, tokenizer.vocab_size), _logits(run.model, tokenizer.vocab_size))
+
+
+def test_generate_from_the_archive_prints_what_the_run_prints(trained, capsys):
+    run, archive = trained
+    args = ["--prompt", "the model", "--max-new-tokens", "8", "--greedy"]
+    assert main(["generate", str(run.run_dir), *args]) == 0
+    from_run = capsys.readouterr().out
+    assert main(["generate", str(archive), *args]) == 0
+    assert capsys.readouterr().out == from_run and from_run.startswith("the model")
+
+
+def test_export_and_import_on_the_command_line(trained, tmp_path, capsys, plugins):
+    run, _ = trained
+    archive = tmp_path / "out" / "cli.mega"
+    assert main(["export", str(run.run_dir), str(archive), "--to", "archive"]) == 0
+    assert archive.is_file() and not list(archive.parent.glob(".*tmp*"))
+    assert main(["import", str(archive), str(tmp_path / "imported")]) == 0
+    assert "(archive)" in capsys.readouterr().out
+    model, tokenizer, config = load_checkpoint_for_inference(tmp_path / "imported", plugins)
+    assert config.exp_manager.name == "imported"
+    assert torch.equal(_logits(model, tokenizer.vocab_size), _logits(run.model, tokenizer.vocab_size))
+
+
+def test_any_checkpoint_format_exports_and_any_file_name_opens(tmp_path, plugins):
+    """A Megatron-format run packs like a native one; an archive renamed .tar still opens."""
+    exp = TinyExperiment(tmp_path, write_corpus(tmp_path / "corpus.txt"), plugins)
+    run = exp.run(trainer={"max_steps": 1, "val_check_interval": 0}, exp_manager={"checkpoint": {"format": "megatron"}})
+    archive = mega.save_to(run.run_dir, tmp_path / "megatron.tar", plugins)
+    with tarfile.open(archive) as tar:
+        assert json.loads(tar.extractfile("manifest.json").read())["source_format"] == "megatron"
+    model, tokenizer, _ = mega.restore_from(archive, plugins)
+    assert torch.equal(_logits(model, tokenizer.vocab_size), _logits(run.model, tokenizer.vocab_size))
+
+
+def _rewrite(archive: Path, target: Path, change):
+    """Copy `archive` to `target`, passing each (TarInfo, bytes) through `change`."""
+    with tarfile.open(archive) as src, tarfile.open(target, "w") as dst:
+        for m in src.getmembers():
+            for info, data in change(m, src.extractfile(m).read()):
+                info.size = len(data)
+                dst.addfile(info, io.BytesIO(data))
+    return target
+
+
+def test_a_damaged_archive_is_refused_by_member(trained, tmp_path, plugins):
+    _, archive = trained
+    flipped = tmp_path / "flipped.mega"
+    flipped.write_bytes(archive.read_bytes())
+    with tarfile.open(flipped) as tar:
+        at = tar.getmember("model_weights.ckpt").offset_data + 2000
+    with flipped.open("r+b") as f:
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(CheckpointError, match=r"flipped.mega: member model_weights.ckpt is corrupt"):
+        mega.restore_from(flipped, plugins)
+
+    dropped = _rewrite(archive, tmp_path / "dropped.mega", lambda m, d: [] if m.name == "sharding.json" else [(m, d)])
+    with pytest.raises(CheckpointError, match=r"member sharding.json is missing"):
+        mega.restore_from(dropped, plugins)
+
+    def smuggle(m, d):
+        yield m, d
+        if m.name == "config.toml":
+            yield tarfile.TarInfo("../evil.py"), b"print('hi')"
+
+    with pytest.raises(CheckpointError, match=r"member \.\./evil.py: absolute, outside the archive"):
+        mega.restore_from(_rewrite(archive, tmp_path / "evil.mega", smuggle), plugins)
+    assert not (tmp_path / "evil.py").exists()
+
+    def extra(m, d):
+        yield m, d
+        if m.name == "config.toml":
+            yield tarfile.TarInfo("notes.txt"), b"hello"
+
+    with pytest.raises(CheckpointError, match=r"member notes.txt is not listed in the archive's manifest"):
+        mega.restore_from(_rewrite(archive, tmp_path / "extra.mega", extra), plugins)
+
+    truncated = tmp_path / "truncated.mega"
+    truncated.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"truncated.mega: member .* (cannot be read|is missing)"):
+        mega.restore_from(truncated, plugins)
+
+
+def test_a_failed_export_leaves_the_destination_as_it_was(trained, tmp_path, monkeypatch, plugins):
+    run, _ = trained
+    dest = tmp_path / "model.mega"
+    dest.write_bytes(b"previous archive")
+
+    def full_disk(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        mega.save_to(run.run_dir, dest, plugins)
+    assert dest.read_bytes() == b"previous archive" and sorted(os.listdir(tmp_path)) == ["model.mega"]
+
+
+def _mega(args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("RANK", None)
+    return subprocess.run([sys.executable, "-m", "mega", *args], capture_output=True, text=True, timeout=240, cwd=cwd, env=env)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout,folders", [("model.tensor_model_parallel_size=2", ("mp_rank_00", "mp_rank_01")),
+                                            ("model.pipeline_model_parallel_size=2", ("mp_rank_00_000", "mp_rank_00_001"))])
+def test_a_model_parallel_run_restores_from_its_archive_in_one_process(tmp_path, plugins, layout, folders):
+    exp = TinyExperiment(tmp_path, write_corpus(tmp_path / "corpus.txt"), plugins)
+    toml = exp.toml(trainer={"max_steps": 2, "val_check_interval": 0},
+                    model={"hidden_dropout": 0.0, "attention_dropout": 0.0})
+    proc = _mega(["run", str(toml), "trainer.devices=2", layout, "trainer.accelerator=cpu"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    archive = mega.save_to(exp.run_dir(), tmp_path / "mp.mega", plugins)
+    with tarfile.open(archive) as tar:
+        names = set(tar.getnames())
+    assert {f"{f}/{m}" for f in folders for m in ("model_weights.ckpt", "sharding.json")} <= names
+    # the run's model: its two shards merged (by the kernel's resharding, tested elsewhere)
+    reference, tokenizer, _ = load_checkpoint_for_inference(exp.run_dir(), plugins)
+    model, _, _ = mega.restore_from(archive, plugins)
+    # 258 byte ids pad to 272 at TP=2 and to 264 at TP=1: compare the real vocabulary
+    torch.testing.assert_close(_logits(model, 258), _logits(reference, 258), rtol=0, atol=1e-5)
+
+
+# --- NeMo 1.x .nemo ---------------------------------------------------------------------
+
+NEMO_MODEL = {"num_layers": 2, "hidden_size": 32, "ffn_hidden_size": 64, "num_attention_heads": 4, "seq_length": 16,
+              "make_vocab_size_divisible_by": 8, "activation": "gelu_tanh", "layernorm_epsilon": 1e-5}
+
+
+@pytest.fixture(scope="module")
+def spm_model(tmp_path_factory):
+    """A tiny sentencepiece model (vocab 60), as a NeMo archive would carry it."""
+    import sentencepiece as spm
+
+    tmp = tmp_path_factory.mktemp("spm")
+    spm.SentencePieceTrainer.train(input=str(write_corpus(tmp / "corpus.txt")), model_prefix=str(tmp / "tokenizer"),
+                                   vocab_size=60, model_type="bpe", pad_id=0, unk_id=1, bos_id=2, eos_id=3)
+    return tmp / "tokenizer.model"
+
+
+@pytest.fixture(scope="module")
+def source_gpt(spm_model, plugins):
+    from mega.config import config_from_dict
+
+    raw = {"model": {"name": "gpt", **NEMO_MODEL, "tokenizer": {"library": "sentencepiece", "model": str(spm_model)}}}
+    mc = config_from_dict(raw, plugins=plugins).model
+    tok = plugins.tokenizers.get("sentencepiece").factory(mc.tokenizer, [], None)
+    torch.manual_seed(7)
+    model = plugins.models.get("gpt").factory(mc, tok, plugins).eval()
+    with torch.no_grad():  # LayerNorms away from their (1, 0) init, so a swapped name shows
+        for name, p in model.named_parameters():
+            if "layernorm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model, tok
+
+
+def _nemo_yaml(**changes) -> dict:
+    cfg = {"mcore_gpt": False, "encoder_seq_length": 16, "max_position_embeddings": 16, "num_layers": 2,
+           "hidden_size": 32, "ffn_hidden_size": 64, "num_attention_heads": 4, "make_vocab_size_divisible_by": 8,
+           "layernorm_epsilon": 1e-5, "activation": "fast-gelu", "normalization": "layernorm", "bias": True,
+           "position_embedding_type": "learned_absolute", "share_embeddings_and_output_weights": True,
+           "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1, "precision": 32,
+           "tokenizer": {"library": "sentencepiece", "type": None, "model": "nemo:0123456789abcdef0123456789abcdef_tokenizer.model",
+                         "vocab_file": None, "merge_file": None},
+           "target": "nemo.collections.nlp.models.language_modeling.megatron_gpt_model.MegatronGPTModel"}
+    cfg.update(changes)
+    return cfg
+
+
+# Written from NeMo's layouts (the spec's §2/§4 tables), independently of mega's importer.
+_COLUMN = ("query_key_value.weight", "query_key_value.bias", "dense_h_to_4h.weight", "dense_h_to_4h.bias",
+           "word_embeddings.weight")
+_ROW = ("self_attention.dense.weight", "dense_4h_to_h.weight")
+_MCORE = [("language_model.embedding.", "embedding."), ("language_model.encoder.final_layernorm", "decoder.final_layernorm"),
+          ("language_model.encoder.layers", "decoder.layers"), ("input_layernorm.", "self_attention.linear_qkv.layer_norm_"),
+          ("query_key_value", "linear_qkv"), ("self_attention.dense", "self_attention.linear_proj"),
+          ("post_attention_layernorm.", "mlp.linear_fc1.layer_norm_"), ("dense_h_to_4h", "linear_fc1"),
+          ("dense_4h_to_h", "linear_fc2")]
+
+
+def _nemo_shards(model, tp: int, mcore: bool = False) -> list:
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    word = "language_model.embedding.word_embeddings.weight"
+    vocab, multiple = 60, 8 * tp  # NeMo pads the vocabulary to a multiple of divisible_by x TP
+    padded = math.ceil(vocab / multiple) * multiple
+    state[word] = torch.cat([state[word][:vocab], torch.zeros(padded - vocab, 32)])
+    shards = [{} for _ in range(tp)]
+    for name, t in state.items():
+        parts = (t.chunk(tp, 0) if name.endswith(_COLUMN) else t.chunk(tp, 1) if name.endswith(_ROW) else [t] * tp)
+        if mcore:
+            for old, new in _MCORE:
+                name = name.replace(old, new)
+        for r in range(tp):
+            shards[r]["model." + name] = parts[r].clone()
+            if mcore and name.endswith("linear_proj.weight"):
+                shards[r]["model." + name.replace(".weight", "._extra_state")] = torch.zeros(0, dtype=torch.uint8)
+    return shards
+
+
+def _write_nemo(path: Path, cfg: dict, shards: list, spm_model: Path, mode: str = "w") -> Path:
+    with tarfile.open(path, mode) as tar:
+        def add(name, data):
+            info = tarfile.TarInfo("./" + name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+        add("model_config.yaml", yaml.safe_dump(cfg).encode())
+        add(cfg["tokenizer"]["model"][len("nemo:"):], spm_model.read_bytes())
+        for r, shard in enumerate(shards):
+            buf = io.BytesIO()
+            torch.save(shard, buf)
+            add("model_weights.ckpt" if len(shards) == 1 else f"mp_rank_{r:02d}/model_weights.ckpt", buf.getvalue())
+    return path
+
+
+@pytest.mark.parametrize("tp,mcore,mode", [(1, False, "w"), (2, False, "w:gz"), (2, True, "w")])
+def test_a_nemo_archive_imports_with_equal_logits(source_gpt, spm_model, tmp_path, tp, mcore, mode, plugins):
+    model, tok = source_gpt
+    cfg = _nemo_yaml(tensor_model_parallel_size=tp, mcore_gpt=mcore)
+    nemo = _write_nemo(tmp_path / "gpt.nemo", cfg, _nemo_shards(model, tp, mcore), spm_model, mode)
+    assert main(["import", str(nemo), str(tmp_path / "run")]) == 0
+    loaded, tokenizer, config = load_checkpoint_for_inference(tmp_path / "run", plugins)
+    assert (config.model.activation, config.model.ffn_hidden_size, config.model.seq_length) == ("gelu_tanh", 64, 16)
+    assert tokenizer.encode("the model") == tok.encode("the model")
+    assert torch.equal(_logits(loaded, 60), _logits(model, 60))
+
+
+def test_generate_reads_a_nemo_file_directly(source_gpt, spm_model, tmp_path, capsys, plugins):
+    model, tok = source_gpt
+    nemo = _write_nemo(tmp_path / "gpt.nemo", _nemo_yaml(), _nemo_shards(model, 1), spm_model)
+    assert main(["generate", str(nemo), "--prompt", "the", "--max-new-tokens", "5", "--greedy"]) == 0
+    from mega.inference import generate
+
+    prompt = tok.encode("the")
+    assert capsys.readouterr().out == tok.decode(prompt + generate(model, prompt, 5, greedy=True, eos_id=tok.eos_id)) + "\n"
+
+
+@pytest.mark.parametrize("key,value,why", [
+    ("position_embedding_type", "rope", "learned absolute positions only"),
+    ("activation", "swiglu", "no gated MLPs"),
+    ("normalization", "rmsnorm", "no RMSNorm"),
+    ("bias", False, "biases in every linear layer"),
+    ("share_embeddings_and_output_weights", False, "ties its output layer"),
+])
+def test_what_mega_cannot_run_is_refused_naming_the_yaml_key(source_gpt, spm_model, tmp_path, capsys, key, value, why):
+    model, _ = source_gpt
+    nemo = _write_nemo(tmp_path / "gpt.nemo", _nemo_yaml(**{key: value}), _nemo_shards(model, 1), spm_model)
+    assert main(["import", str(nemo), str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"model_config.yaml: {key}={value!r}" in err and why in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_nemo_weights_that_do_not_fit_are_named(source_gpt, spm_model, tmp_path, plugins):
+    model, _ = source_gpt
+    shards = _nemo_shards(model, 1)
+    shards[0]["model.language_model.encoder.layers.0.mlp.gate.weight"] = torch.zeros(2)
+    nemo = _write_nemo(tmp_path / "gpt.nemo", _nemo_yaml(), shards, spm_model)
+    with pytest.raises(CheckpointError, match=r"no place for: model_weights.ckpt: model.language_model.encoder.layers.0.mlp.gate"):
+        mega.restore_from(nemo, plugins)
+    nemo = _write_nemo(tmp_path / "wide.nemo", _nemo_yaml(ffn_hidden_size=128), _nemo_shards(model, 1), spm_model)
+    with pytest.raises(CheckpointError, match=r"dense_h_to_4h.weight has shape \[64, 32\], mega's gpt expects \[128, 32\]"):
+        mega.restore_from(nemo, plugins)
+
+
+def test_a_pipeline_parallel_nemo_archive_is_renumbered(source_gpt, spm_model, tmp_path, plugins):
+    """tp_rank_00_pp_rank_00X/ files: layer indices local to each stage; the last stage
+    carries NeMo's copy of the tied embedding (`model.word_embeddings.weight`)."""
+    model, _ = source_gpt
+    (full,) = _nemo_shards(model, 1)
+    stages = [{}, {}]
+    for name, t in full.items():
+        if ".layers.1." in name:
+            stages[1][name.replace(".layers.1.", ".layers.0.")] = t
+        elif "final_layernorm" in name:
+            stages[1][name] = t
+        else:
+            stages[0][name] = t
+    stages[1]["model.word_embeddings.weight"] = full["model.language_model.embedding.word_embeddings.weight"]
+    cfg = _nemo_yaml(pipeline_model_parallel_size=2)
+    nemo = tmp_path / "pp.nemo"
+    with tarfile.open(nemo, "w") as tar:
+        members = {"model_config.yaml": yaml.safe_dump(cfg).encode(),
+                   cfg["tokenizer"]["model"][len("nemo:"):]: spm_model.read_bytes()}
+        for p, stage in enumerate(stages):
+            buf = io.BytesIO()
+            torch.save(stage, buf)
+            members[f"tp_rank_00_pp_rank_{p:03d}/model_weights.ckpt"] = buf.getvalue()
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    loaded, _, _ = mega.restore_from(nemo, plugins)
+    assert torch.equal(_logits(loaded, 60), _logits(model, 60))
