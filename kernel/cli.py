@@ -65,7 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="machine-readable output")
 
     g = sub.add_parser("generate", help="generate text from a checkpoint")
-    g.add_argument("checkpoint", help="a checkpoint directory, a checkpoints/ folder or a run directory")
+    g.add_argument("checkpoint", help="a checkpoint directory, a checkpoints/ folder, a run directory or an archive"
+                                      " (.mega, .nemo)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--greedy", action="store_true", help="always take the most likely token")

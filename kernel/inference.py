@@ -16,6 +16,7 @@ import attrs
 import torch
 
 from mega.config import config_from_dict, load_raw
+from mega.protocols import Unpacks
 from mega.training.checkpointing import resolve_checkpoint, verify
 
 
@@ -58,8 +59,8 @@ def _load_file(path: Path, plugins, device: str):
     scratch = Path(tempfile.mkdtemp(prefix="mega-checkpoint-"))
     atexit.register(shutil.rmtree, scratch, True)
     try:
-        unpack = getattr(fmt, "unpack", None)
-        ckpt = unpack(path, scratch / "checkpoint") if unpack else fmt.import_run(path, scratch / "run", {}, plugins)
+        ckpt = (fmt.unpack(path, scratch / "checkpoint") if isinstance(fmt, Unpacks)
+                else fmt.import_run(path, scratch / "run", {}, plugins))
         model, tokenizer, config = load_checkpoint_for_inference(ckpt, plugins, device)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -224,3 +224,12 @@ class Exporter(Protocol):
 
     def export_run(self, checkpoint: Path, destination: Path, options: Mapping[str, str], plugins) -> Path:
         """Write `destination`; return it."""
+
+
+@runtime_checkable
+class Unpacks(Protocol):
+    """Optional for an Importer of one-file checkpoints (archives): unpack into an ordinary
+    checkpoint directory, so `mega generate FILE` reads it without importing a run."""
+
+    def unpack(self, source: Path, directory: Path) -> Path:
+        """Write the checkpoint directory under `directory`; return it."""
