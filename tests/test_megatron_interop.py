@@ -249,3 +249,30 @@ def test_export_refuses_a_layout_the_model_cannot_split(tmp_path, plugins):
     run = _mega_run(tmp_path, plugins)
     with pytest.raises(ConfigError, match="num_attention_heads=4 is not divisible by --option tensor_parallel=3"):
         _export(run, tmp_path / "meg", plugins, tp=3)
+
+
+def test_sentencepiece_tokenizer_travels_through_args(tmp_path, plugins, corpus):
+    """Export names Megatron's GPTSentencePieceTokenizer and a copy of the model file;
+    import finds it there, or takes --option tokenizer_model=PATH."""
+    from mega.config import config_from_dict
+    from mega.training.checkpointing import resolve_checkpoint
+
+    tok_cfg = config_from_dict({"model": {"tokenizer": {"vocab_size": 60}}}, plugins=plugins).model.tokenizer
+    tok = plugins.tokenizers.get("sentencepiece").factory(tok_cfg, [corpus], tmp_path)
+    raw = {"model": dict(MODEL, tokenizer={"library": "sentencepiece", "model": str(tmp_path / "tokenizer.model")})}
+    mc = config_from_dict(raw, plugins=plugins).model
+    model = plugins.models.get("gpt").factory(mc, tok, plugins)
+    write_imported_run(tmp_path / "run", raw, model.state_dict(), plugins)
+    dest = find_exporter("megatron", plugins).export_run(resolve_checkpoint(tmp_path / "run"), tmp_path / "meg", {}, plugins)
+    with torch.serialization.safe_globals(SAFE):
+        args = torch.load(dest / "iter_0000000" / "mp_rank_00" / "model_optim_rng.pt", weights_only=True)["args"]
+    assert args.tokenizer_type == "GPTSentencePieceTokenizer" and (dest / "tokenizer.model").is_file()
+    assert args.tokenizer_model == str((dest / "tokenizer.model").absolute()) and args.orig_vocab_size == 60
+    importer = find_importer(dest, plugins)
+    importer.import_run(dest, tmp_path / "a", {}, plugins)
+    importer.import_run(dest, tmp_path / "b", {"tokenizer_model": str(tmp_path / "tokenizer.model")}, plugins)
+    for name in ("a", "b"):
+        loaded, tokenizer, config = load_checkpoint_for_inference(tmp_path / name, plugins)
+        assert config.model.tokenizer.library == "sentencepiece" and tokenizer.vocab_size == 60
+        tokens = torch.randint(0, 60, (1, 16))
+        assert torch.equal(loaded(tokens), model.eval()(tokens))

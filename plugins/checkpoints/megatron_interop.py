@@ -315,8 +315,8 @@ def export_run(checkpoint: Path, destination: Path, options: Mapping[str, str], 
     if mc.tokenizer.library == "sentencepiece":
         spm = Path(tokenizer.artifacts()["model"])
         destination.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(spm, destination / spm.name)
-        model_file = str((destination / spm.name).absolute())
+        shutil.copyfile(spm, destination / "tokenizer.model")
+        model_file = str((destination / "tokenizer.model").absolute())
     args = megatron_args(raw, tp, pp, tokenizer.vocab_size, model_file)
     full = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     word_name = "language_model.embedding.word_embeddings.weight"
