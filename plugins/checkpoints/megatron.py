@@ -9,7 +9,9 @@ built for Megatron-LM checkpoints read ours and we read theirs.
 `iteration`, `model` (`language_model` -> `embedding` / `encoder` with Megatron's key
 names), `optimizer`, `opt_param_scheduler` and `rng_state`; mega's own resume state rides
 along under `mega`. Reading converts the fused QKV rows of checkpoint versions 0 and 1.0
-to the per-head [heads, 3, head_dim] order used since 2.0.
+to the per-head [heads, 3, head_dim] order used since 2.0, reads the files Hugging Face's
+converter writes, and refuses architectures mega's GPT cannot run (megatron_args.py).
+`mega import` / `mega export` of Megatron-LM checkpoints live in megatron_interop.py.
 """
 from __future__ import annotations
 
