@@ -101,3 +101,131 @@ def test_not_a_megatron_checkpoint_is_named(tmp_path):
     torch.save({"weights": torch.zeros(1)}, tmp_path / "mp_rank_00" / "model_optim_rng.pt")
     with pytest.raises(CheckpointError, match="model_optim_rng.pt: has no 'model' entry"):
         MegatronFormat().load(tmp_path)
+
+
+# --- issue 8: args Megatron-LM and Hugging Face's converters read; loading their files -------
+
+
+def _gpt(plugins, activation="gelu", seed=0, **extra):
+    from mega.config import config_from_dict
+    from mega.plugins.models.gpt import GPTModel
+
+    cfg = config_from_dict({"model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 16,
+                                      "make_vocab_size_divisible_by": 8, "hidden_dropout": 0.0, "attention_dropout": 0.0,
+                                      "activation": activation, "tokenizer": {"library": "bytes"},
+                                      **extra}}, plugins=plugins).model
+    torch.manual_seed(seed)
+    return cfg, GPTModel(cfg, 258).eval()
+
+
+def test_args_carry_what_megatron_and_hf_read_on_every_rank(tmp_path, plugins):
+    """Defect 1: every field from the config, the same on each pipeline stage (the last
+    stage has no word embedding to measure)."""
+    from mega.config import to_dict
+
+    cfg, model = _gpt(plugins, "gelu_tanh", layernorm_epsilon=1e-6, ffn_hidden_size=96)
+    config = {"model": to_dict(cfg)}
+    last_stage = {k: v for k, v in model.state_dict().items() if "embedding" not in k}
+    state = {"model": last_stage, "trainer": {"step": 3}, "config": config, "vocab_size": 258}
+    MegatronFormat().save(state, tmp_path, ParallelState(tp_size=2, tp_rank=1, pp_size=2, pp_rank=1))
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    args = torch.load(tmp_path / "mp_rank_01_001" / "model_optim_rng.pt", weights_only=True)["args"]
+    assert (args.padded_vocab_size, args.orig_vocab_size, args.make_vocab_size_divisible_by) == (272, 258, 8)
+    assert (args.bias_gelu_fusion, args.openai_gelu) == (False, True)
+    assert (args.layernorm_epsilon, args.ffn_hidden_size, args.kv_channels) == (1e-6, 96, 8)
+    assert args.add_position_embedding is True and args.position_embedding_type == "learned_absolute"
+    assert (args.tokenizer_type, args.vocab_size, args.mega_tokenizer_library) == ("NullTokenizer", 257, "bytes")
+    assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == (2, 2)
+    cfg, model = _gpt(plugins, "gelu")
+    MegatronFormat().save({"model": model.state_dict(), "config": {"model": to_dict(cfg)}, "vocab_size": 258}, tmp_path / "b")
+    args = torch.load(tmp_path / "b" / "mp_rank_00" / "model_optim_rng.pt", weights_only=True)["args"]
+    assert (args.bias_gelu_fusion, args.openai_gelu, args.ffn_hidden_size) == (False, False, 128)
+
+
+def test_args_name_megatrons_sentencepiece_tokenizer(tmp_path):
+    from mega.plugins.checkpoints.megatron_args import megatron_args
+
+    args = megatron_args({"model": {"hidden_size": 32, "num_attention_heads": 4, "make_vocab_size_divisible_by": 8,
+                                    "tokenizer": {"library": "sentencepiece", "model": "/x/sp.model"}}}, 1, 1, 500,
+                         "/ckpt/tokenizer.sp.model")
+    assert (args.tokenizer_type, args.tokenizer_model, args.mega_tokenizer_library) == (
+        "GPTSentencePieceTokenizer", "/ckpt/tokenizer.sp.model", "sentencepiece")
+    assert args.padded_vocab_size == 504
+
+
+def _write(folder, payload):
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(payload, folder / "model_optim_rng.pt")
+
+
+@pytest.mark.parametrize("field, value", [("swiglu", True), ("squared_relu", True), ("position_embedding_type", "rope"),
+                                          ("add_position_embedding", False), ("normalization", "RMSNorm"),
+                                          ("untie_embeddings_and_output_weights", True), ("group_query_attention", True),
+                                          ("add_bias_linear", False), ("apply_layernorm_1p", True)])
+def test_architectures_mega_cannot_run_are_refused_by_field(tmp_path, plugins, field, value):
+    """Defect 2: never loaded silently wrong."""
+    from mega.errors import CheckpointError
+
+    _, model = _gpt(plugins)
+    args = argparse.Namespace(num_layers=2, hidden_size=32, num_attention_heads=4, tensor_model_parallel_size=1,
+                              pipeline_model_parallel_size=1, **{field: value})
+    _write(tmp_path / "mp_rank_00", {"args": args, "checkpoint_version": 3.0, "model": nest(model.state_dict())})
+    with pytest.raises(CheckpointError, match=rf"args\.{field}={value!r}"):
+        MegatronFormat().load(tmp_path)
+
+
+def test_untied_output_layer_is_refused(tmp_path, plugins):
+    from mega.errors import CheckpointError
+
+    _, model = _gpt(plugins)
+    state = dict(model.state_dict(), **{"language_model.output_layer.weight": torch.zeros(264, 32)})
+    _write(tmp_path / "mp_rank_00", {"args": argparse.Namespace(num_layers=2), "checkpoint_version": 3.0,
+                                     "model": nest(state)})
+    with pytest.raises(CheckpointError, match="output_layer"):
+        MegatronFormat().load(tmp_path)
+
+
+def test_hf_converters_files_load_strictly(tmp_path, plugins):
+    """Defect 3: Hugging Face's converter writes SimpleNamespace args, the tied head's copy
+    even at PP=1, no iteration, and Megatron-LM (since Sep 2023) says `input_norm`."""
+    import types
+
+    _, model = _gpt(plugins)
+    state = model.state_dict()
+    nested = nest({k.replace("input_layernorm", "input_norm"): v for k, v in state.items()})
+    nested["word_embeddings_for_head"] = {"weight": state["language_model.embedding.word_embeddings.weight"]}
+    args = types.SimpleNamespace(num_layers=2, hidden_size=32, num_attention_heads=4, tensor_model_parallel_size=1,
+                                 pipeline_model_parallel_size=1, params_dtype=torch.float32)
+    _write(tmp_path / "release" / "mp_rank_00", {"args": args, "checkpoint_version": 3.0, "model": nested,
+                                                 "optimizer": {"step": 0}})
+    loaded = MegatronFormat().load(tmp_path / "release")
+    _, fresh = _gpt(plugins, seed=5)
+    fresh.load_state_dict(loaded["model"])  # strict
+    tokens = torch.randint(0, 258, (2, 16))
+    assert torch.equal(fresh(tokens), model(tokens))
+
+
+def test_layout_comes_from_args_not_from_a_manifest(tmp_path, plugins):
+    """A pipeline-parallel save read by one process finds `mp_rank_00_000`."""
+    _, model = _gpt(plugins)
+    first = {k: v for k, v in model.state_dict().items() if ".layers.1." not in k and "final_layernorm" not in k}
+    args = argparse.Namespace(num_layers=2, hidden_size=32, num_attention_heads=4, tensor_model_parallel_size=1,
+                              pipeline_model_parallel_size=2)
+    _write(tmp_path / "mp_rank_00_000", {"args": args, "checkpoint_version": 3.0, "model": nest(first)})
+    state = MegatronFormat().load(tmp_path)
+    assert state["sharding"]["pp_size"] == 2 and set(state["model"]) == set(first)
+
+
+def test_unsafe_pickles_are_named_and_need_an_explicit_opt_in(tmp_path, plugins):
+    import datetime
+
+    from mega.errors import CheckpointError
+    from mega.plugins.checkpoints.megatron_args import load_file
+
+    _, model = _gpt(plugins)
+    payload = {"args": argparse.Namespace(num_layers=2, started=datetime.date(2020, 1, 1)),
+               "checkpoint_version": 3.0, "model": nest(model.state_dict())}
+    _write(tmp_path / "mp_rank_00", payload)
+    with pytest.raises(CheckpointError, match=r"datetime\.date.*--option trust_pickle=true"):
+        MegatronFormat().load(tmp_path)
+    assert load_file(tmp_path / "mp_rank_00" / "model_optim_rng.pt", "x", trust_pickle=True)["args"].num_layers == 2

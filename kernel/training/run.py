@@ -71,7 +71,8 @@ class Run:
         if isinstance(self.model, StatefulModel):
             trainer["carried_state"] = self._gather_carried_state()
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "trainer": trainer,
-                "sharding": sharding_of(self.model, self.parallel), "config": to_dict(self.config)}
+                "sharding": sharding_of(self.model, self.parallel), "config": to_dict(self.config),
+                "vocab_size": self.tokenizer.vocab_size}
 
     def load_state(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])

@@ -9,12 +9,14 @@ built for Megatron-LM checkpoints read ours and we read theirs.
 `iteration`, `model` (`language_model` -> `embedding` / `encoder` with Megatron's key
 names), `optimizer`, `opt_param_scheduler` and `rng_state`; mega's own resume state rides
 along under `mega`. Reading converts the fused QKV rows of checkpoint versions 0 and 1.0
-to the per-head [heads, 3, head_dim] order used since 2.0.
+to the per-head [heads, 3, head_dim] order used since 2.0, reads the files Hugging Face's
+converter writes, and refuses architectures mega's GPT cannot run (megatron_args.py).
+`mega import` / `mega export` of Megatron-LM checkpoints live in megatron_interop.py.
 """
 from __future__ import annotations
 
-import argparse
 import os
+import re
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -22,6 +24,7 @@ import torch
 
 import mega
 from mega.errors import CheckpointError
+from mega.plugins.checkpoints.megatron_args import check_supported, load_file, megatron_args
 
 CHECKPOINT_VERSION = 3.0
 FILE = "model_optim_rng.pt"
@@ -60,9 +63,17 @@ def nest(flat: Dict[str, torch.Tensor]) -> dict:
     return out
 
 
+def _current_name(key: str) -> str:
+    """An encoder key in the pre-2023 spelling mega (and HF's tools) use: `input_norm` ->
+    `input_layernorm` (Megatron-LM since Sep 2023), `attention.` -> `self_attention.` (before 2021)."""
+    key = re.sub(r"(^|\.)(input|post_attention|post_inter_attention|final)_norm\.", r"\1\2_layernorm.", key)
+    return re.sub(r"(^|\.)attention\.", r"\1self_attention.", key)
+
+
 def flatten(model: dict) -> Dict[str, torch.Tensor]:
     """Megatron's nested `model` dict -> mega's flat names (older checkpoints call the
-    encoder `transformer`)."""
+    encoder `transformer` and self-attention `attention`; those since Sep 2023 say `norm`
+    for `layernorm`)."""
     flat = {}
     lm = model.get("language_model", {})
     for module, params in lm.get("embedding", {}).items():
@@ -70,7 +81,11 @@ def flatten(model: dict) -> Dict[str, torch.Tensor]:
             flat[f"language_model.embedding.{module}.{key}"] = t
     encoder = lm.get("encoder", lm.get("transformer", {}))
     for key, t in encoder.items():
-        flat[f"language_model.encoder.{key}"] = t
+        flat[f"language_model.encoder.{_current_name(key)}"] = t
+    for module, params in lm.items():
+        if module not in ("embedding", "encoder", "transformer") and isinstance(params, dict):
+            for key, t in params.items():  # e.g. output_layer of an untied model: refused by name later
+                flat[f"language_model.{module}.{key}"] = t
     for key, value in model.items():
         if key != "language_model" and isinstance(value, dict):
             for sub, t in value.items():
@@ -91,21 +106,34 @@ def qkv_to_current(t: torch.Tensor, version: float, heads: int) -> torch.Tensor:
     return t.reshape(3 * heads * head_dim, *rest).contiguous()
 
 
-def _args(config: dict, parallel, padded_vocab: int) -> argparse.Namespace:
-    model = config.get("model", {})
-    return argparse.Namespace(
-        num_layers=model.get("num_layers"), hidden_size=model.get("hidden_size"),
-        ffn_hidden_size=model.get("ffn_hidden_size") or 4 * (model.get("hidden_size") or 0),
-        num_attention_heads=model.get("num_attention_heads"),
-        max_position_embeddings=model.get("max_position_embeddings") or model.get("seq_length"),
-        seq_length=model.get("seq_length"), padded_vocab_size=padded_vocab,
-        make_vocab_size_divisible_by=model.get("make_vocab_size_divisible_by"),
-        tokenizer_type=model.get("tokenizer", {}).get("library"),
-        tensor_model_parallel_size=parallel.tp_size if parallel else 1,
-        pipeline_model_parallel_size=parallel.pp_size if parallel else 1,
-        micro_batch_size=model.get("micro_batch_size"), global_batch_size=model.get("global_batch_size"),
-        seed=model.get("seed"), untie_embeddings_and_output_weights=False, position_embedding_type="learned_absolute",
-    )
+def _final_directory(directory: Path) -> Path:
+    """Where the checkpoint being written will live (the kernel writes into `.tmp-<name>`
+    and renames it into place)."""
+    return directory.with_name(directory.name[len(".tmp-"):]) if directory.name.startswith(".tmp-") else directory
+
+
+def _tokenizer_model(config: dict, directory: Path) -> Optional[str]:
+    """The sentencepiece model Megatron-LM should load: the copy the kernel puts into the
+    checkpoint directory (`tokenizer.<file name>`)."""
+    tok = config.get("model", {}).get("tokenizer", {})
+    if tok.get("library") != "sentencepiece":
+        return None
+    name = Path(tok["model"]).name if tok.get("model") else "tokenizer.model"
+    return str((_final_directory(directory) / f"tokenizer.{name}").absolute())
+
+
+def find_rank_file(directory: Path, tp_rank: int, pp_rank: int, pp: int) -> Optional[Path]:
+    """A rank's file under Megatron-LM's names: `mp_rank_XX` (PP=1) or `mp_rank_XX_YYY`,
+    probing both as Megatron does; `model_optim_rng.pt`, or `model_rng.pt` when the
+    optimizer state was saved apart."""
+    folders = [f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"] + ([f"mp_rank_{tp_rank:02d}"] if pp == 1 else [])
+    if pp == 1:
+        folders.reverse()
+    for folder in folders:
+        for name in (FILE, "model_rng.pt"):
+            if (directory / folder / name).is_file():
+                return directory / folder / name
+    return None
 
 
 class MegatronFormat:
@@ -123,12 +151,17 @@ class MegatronFormat:
         folder = rank_folder(directory, parallel)
         folder.mkdir(parents=True, exist_ok=True)
         model = state["model"]
-        word = next((t for k, t in model.items() if k.endswith("word_embeddings.weight")), None)
-        padded = word.shape[0] * (parallel.tp_size if parallel else 1) if word is not None else None
+        config = state.get("config", {})
+        tp, pp = (parallel.tp_size, parallel.pp_size) if parallel else (1, 1)
+        vocab = state.get("vocab_size")
+        padded = None
+        if vocab is None:  # a caller that does not say the vocabulary size: the padded rows
+            word = next((t for k, t in model.items() if k.endswith("word_embeddings.weight")), None)
+            padded = word.shape[0] * tp if word is not None else None
         trainer = state.get("trainer", {})
         rng = trainer.get("rng", {})
         torch.save({
-            "args": _args(state.get("config", {}), parallel, padded),
+            "args": megatron_args(config, tp, pp, vocab, _tokenizer_model(config, directory), padded),
             "checkpoint_version": CHECKPOINT_VERSION,
             "iteration": trainer.get("step", 0),
             "model": nest(model),
@@ -143,40 +176,67 @@ class MegatronFormat:
         }, folder / FILE)
 
     def load(self, directory: Path, parallel=None, parts=("model", "optimizer", "trainer", "sharding")) -> dict:
-        path = rank_folder(directory, parallel) / FILE
-        if not path.is_file():
-            raise CheckpointError(f"{path}: missing from the checkpoint")
-        torch.serialization.add_safe_globals([argparse.Namespace])
-        try:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise CheckpointError(f"{path}: cannot be read as a Megatron checkpoint ({type(exc).__name__}: {exc})") from None
-        if "model" not in raw:
-            raise CheckpointError(f"{path}: has no 'model' entry; not a Megatron-LM checkpoint")
-        args = raw.get("args")
-        version = float(raw.get("checkpoint_version", 0))
-        model = flatten(raw["model"])
-        if version < 2.0:
-            if args is None:
-                raise CheckpointError(f"{path}: checkpoint_version {version} needs args.num_attention_heads to reorder QKV")
-            heads = args.num_attention_heads // getattr(args, "tensor_model_parallel_size", 1)
-            model = {k: qkv_to_current(t, version, heads) if "query_key_value" in k else t for k, t in model.items()}
-        ours = raw.get("mega") or {}
-        state = {"model": model}
-        if "optimizer" in parts and raw.get("optimizer") is not None and ours:
-            state["optimizer"] = raw["optimizer"]
-        state["trainer"] = ours.get("trainer") or {"step": int(raw.get("iteration", 0))}
-        tp = getattr(args, "tensor_model_parallel_size", 1) if args is not None else 1
-        pp = getattr(args, "pipeline_model_parallel_size", 1) if args is not None else 1
-        pp_rank = parallel.pp_rank if parallel is not None else 0
-        # Megatron numbers layers per stage; its stages hold equal shares of num_layers.
-        offset = pp_rank * (args.num_layers // pp) if args is not None and getattr(args, "num_layers", None) else 0
-        state["sharding"] = ours.get("sharding") or {
-            "tp_size": tp, "pp_size": pp, "layer_offset": offset,
-            "aliases": {"word_embeddings_for_head.weight": "language_model.embedding.word_embeddings.weight"},
-            "partition_dims": {k: partition_dim(k) for k in model}, "global_shapes": {},
-        }
-        return state
+        tp_rank, pp_rank, pp = (parallel.tp_rank, parallel.pp_rank, parallel.pp_size) if parallel else (0, 0, 1)
+        path = find_rank_file(directory, tp_rank, pp_rank, pp)
+        if path is None:
+            raise CheckpointError(f"{rank_folder(directory, parallel) / FILE}: missing from the checkpoint")
+        raw = load_file(path, str(path))
+        return state_from_raw(raw, str(path), pp_rank, parts)
+
+    # --- mega import / mega export ---------------------------------------------------------
+    def can_import(self, source: Path) -> bool:
+        from mega.plugins.checkpoints.megatron_interop import can_import
+
+        return can_import(source)
+
+    def import_run(self, source: Path, run_dir: Path, options, plugins) -> Path:
+        from mega.plugins.checkpoints.megatron_interop import import_run
+
+        return import_run(source, run_dir, options, plugins)
+
+    def export_run(self, checkpoint: Path, destination: Path, options, plugins) -> Path:
+        from mega.plugins.checkpoints.megatron_interop import export_run
+
+        return export_run(checkpoint, destination, options, plugins)
+
+
+def state_from_raw(raw: dict, name: str, pp_rank: int = 0, parts=("model", "optimizer", "trainer", "sharding")) -> dict:
+    """One rank's file as the kernel's checkpoint state: the model under mega's names
+    (QKV rows of checkpoint versions < 2.0 reordered), the trainer step, and a sharding
+    record built from `args` when mega did not write one."""
+    if not isinstance(raw, dict) or "model" not in raw:
+        if isinstance(raw, dict) and any(k.startswith("model") and k[5:].isdigit() for k in raw):
+            raise CheckpointError(f"{name}: holds virtual-pipeline chunks (model0, model1, ...); mega cannot load them")
+        raise CheckpointError(f"{name}: has no 'model' entry; not a Megatron-LM checkpoint")
+    args = raw.get("args")
+    check_supported(args, name)
+    version = float(raw.get("checkpoint_version", 0))
+    model = flatten(raw["model"])
+    if "language_model.output_layer.weight" in model:
+        raise CheckpointError(f"{name}: has language_model.output_layer (an output layer untied from the word"
+                              " embeddings); mega's GPT cannot run this architecture")
+    tp = getattr(args, "tensor_model_parallel_size", 1) if args is not None else 1
+    pp = getattr(args, "pipeline_model_parallel_size", 1) if args is not None else 1
+    if version < 2.0:
+        if args is None:
+            raise CheckpointError(f"{name}: checkpoint_version {version} needs args.num_attention_heads to reorder QKV")
+        heads = args.num_attention_heads // tp
+        model = {k: qkv_to_current(t, version, heads) if "query_key_value" in k else t for k, t in model.items()}
+    if pp == 1:  # Hugging Face's converter writes the tied head's copy even without pipeline stages
+        model.pop("word_embeddings_for_head.weight", None)
+    ours = raw.get("mega") or {}
+    state = {"model": model}
+    if "optimizer" in parts and raw.get("optimizer") is not None and ours:
+        state["optimizer"] = raw["optimizer"]
+    state["trainer"] = ours.get("trainer") or {"step": int(raw.get("iteration", 0))}
+    # Megatron numbers layers per stage; its stages hold equal shares of num_layers.
+    offset = pp_rank * (args.num_layers // pp) if args is not None and getattr(args, "num_layers", None) else 0
+    state["sharding"] = ours.get("sharding") or {
+        "tp_size": tp, "pp_size": pp, "layer_offset": offset,
+        "aliases": {"word_embeddings_for_head.weight": "language_model.embedding.word_embeddings.weight"},
+        "partition_dims": {k: partition_dim(k) for k in model}, "global_shapes": {},
+    }
+    return state
 
 
 @mega.hookimpl

@@ -1,0 +1,359 @@
+"""`mega import` and `mega export` for Megatron-LM's legacy checkpoints (the `megatron`
+format's Importer and Exporter halves).
+
+Import reads a save directory (`latest_checkpointed_iteration.txt` naming an iteration or
+`release`), an iteration directory, one `model_optim_rng.pt`, or an NGC-style `.zip`
+holding `release/mp_rank_00/model_optim_rng.pt`. The tensor/pipeline layout and the rank
+folders (`mp_rank_XX[_YYY]`) come from the file's `args`; the shards are merged into one
+GPT under mega's names, the config is mapped from `args`, and the run directory is written
+by `mega.interop.write_imported_run`.
+
+Export loads a mega checkpoint as one process's model and writes Megatron-LM's tree
+(tracker + `iter_XXXXXXX/mp_rank_XX[_YYY]/model_optim_rng.pt`), split for the requested
+tensor/pipeline sizes, with `args` describing it (see megatron_args.megatron_args).
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Callable, Dict, Mapping, Optional, Tuple
+
+import torch
+
+from mega.errors import CheckpointError, ConfigError
+from mega.plugins.checkpoints.megatron import (
+    CHECKPOINT_VERSION,
+    FILE,
+    TRACKER,
+    find_rank_file,
+    nest,
+    partition_dim,
+    state_from_raw,
+)
+from mega.plugins.checkpoints.megatron_args import (
+    NULL_TOKENIZER,
+    SENTENCEPIECE_TYPES,
+    activation_of,
+    load_file,
+    megatron_args,
+)
+from mega.plugins.models.transformer import padded_vocab_size
+from mega.runtime.sharding import renumber
+
+ZIP_MEMBER = "release/mp_rank_00/model_optim_rng.pt"
+_RANK = re.compile(r"^mp_rank_\d{2}(_\d{3})*$")
+IMPORT_OPTIONS = ("tokenizer", "tokenizer_model", "trust_pickle")
+EXPORT_OPTIONS = ("tensor_parallel", "pipeline_parallel")
+
+
+# --- finding the files ----------------------------------------------------------------------
+
+
+def _has_ranks(directory: Path) -> bool:
+    """An iteration directory: `mp_rank_*` folders holding Megatron's file (mega's native
+    format names its rank folders the same, with other files inside)."""
+    return directory.is_dir() and any(_RANK.match(p.name) and ((p / FILE).is_file() or (p / "model_rng.pt").is_file())
+                                      for p in directory.iterdir())
+
+
+def can_import(source: Path) -> bool:
+    source = Path(source)
+    if source.is_file():
+        if source.suffix == ".zip":
+            try:
+                with zipfile.ZipFile(source) as z:
+                    return ZIP_MEMBER in z.namelist()
+            except zipfile.BadZipFile:
+                return False
+        return source.name in (FILE, "model_rng.pt")
+    if (source / TRACKER).is_file():
+        return True
+    return _has_ranks(source)
+
+
+def iteration_directory(source: Path) -> Tuple[Path, int]:
+    """The iteration directory a save directory's tracker names (an int or `release`)."""
+    text = (source / TRACKER).read_text().strip()
+    if text == "release":
+        return source / "release", 0
+    try:
+        step = int(text)
+    except ValueError:
+        raise CheckpointError(f"{source / TRACKER}: says {text!r}; Megatron-LM writes an iteration number or 'release'") from None
+    return source / f"iter_{step:07d}", step
+
+
+class Source:
+    """A Megatron-LM checkpoint's rank files: `read(tp_rank, pp_rank)` -> the loaded dict."""
+
+    def __init__(self, source: Path, trust_pickle: bool = False):
+        source = Path(source)
+        self.trust = trust_pickle
+        self.step: Optional[int] = None
+        self.zip: Optional[Path] = None
+        self.single: Optional[Path] = None
+        self.directory: Optional[Path] = None
+        if source.is_file() and source.suffix == ".zip":
+            self.zip, self.step = source, 0
+        elif source.is_file():
+            if _RANK.match(source.parent.name) and _has_ranks(source.parent.parent):
+                self.directory = source.parent.parent  # one rank's file: read the whole iteration
+            else:
+                self.single = source
+        elif (source / TRACKER).is_file():
+            self.directory, self.step = iteration_directory(source)
+        else:
+            self.directory = source
+        if self.directory is not None and not self.directory.is_dir():
+            raise CheckpointError(f"{self.directory}: no such iteration directory (named by {source / TRACKER})")
+        if self.step is None and self.directory is not None and self.directory.name == "release":
+            self.step = 0
+        self.first = self.read(0, 0, pp=1)
+        self.args = self.first.get("args")
+        if self.args is None:
+            raise CheckpointError(f"{self.name(0, 0, 1)}: has no 'args'; mega needs them to know the model's shape")
+        self.tp = int(getattr(self.args, "tensor_model_parallel_size", 1) or 1)
+        self.pp = int(getattr(self.args, "pipeline_model_parallel_size", 1) or 1)
+        if (self.zip or self.single) and (self.tp, self.pp) != (1, 1):
+            raise CheckpointError(f"{source}: args say tensor/pipeline-parallel sizes ({self.tp}, {self.pp}) but only"
+                                  " one rank's file is here; import the iteration directory")
+        if self.step is None:
+            self.step = int(self.first.get("iteration", 0) or 0)
+
+    def name(self, tp_rank: int, pp_rank: int, pp: int) -> str:
+        if self.zip is not None:
+            return f"{self.zip}:{ZIP_MEMBER}"
+        if self.single is not None:
+            return str(self.single)
+        return str(self.directory / (f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "")) / FILE)
+
+    def read(self, tp_rank: int, pp_rank: int, pp: Optional[int] = None) -> dict:
+        pp = self.pp if pp is None else pp
+        if self.zip is not None:
+            with zipfile.ZipFile(self.zip) as z, z.open(ZIP_MEMBER) as f:
+                return load_file(f, self.name(0, 0, 1), self.trust)
+        if self.single is not None:
+            return load_file(self.single, str(self.single), self.trust)
+        path = find_rank_file(self.directory, tp_rank, pp_rank, pp)
+        if path is None:
+            raise CheckpointError(f"{self.name(tp_rank, pp_rank, pp)}: missing (args say tensor/pipeline-parallel"
+                                  f" sizes ({self.tp}, {self.pp}))")
+        return load_file(path, str(path), self.trust)
+
+
+# --- merging shards -------------------------------------------------------------------------
+
+
+def merged_model(src: Source) -> Dict[str, torch.Tensor]:
+    """Every rank's tensors merged into one model under mega's (global) names."""
+    full: Dict[str, torch.Tensor] = {}
+    for stage in range(src.pp):
+        ranks = [state_from_raw(src.first if (r, stage) == (0, 0) else src.read(r, stage),
+                                src.name(r, stage, src.pp), stage, parts=("model",))
+                 for r in range(src.tp)]
+        sharding = ranks[0]["sharding"]
+        names = list(ranks[0]["model"])
+        for name in names:
+            if name in sharding.get("aliases", {}):
+                continue  # the last stage's copy of the tied word embedding
+            dim = partition_dim(name)
+            parts = [r["model"][name] for r in ranks]
+            full[renumber(name, sharding["layer_offset"])] = parts[0] if dim is None else torch.cat(parts, dim=dim)
+    return full
+
+
+# --- the config ------------------------------------------------------------------------------
+
+
+def _tokenizer(args, options: Mapping[str, str], source: Path) -> Tuple[dict, Dict[str, Path]]:
+    """The tokenizer table and files: from the options, else from `args`."""
+    if options.get("tokenizer_model"):
+        path = Path(options["tokenizer_model"]).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"--option tokenizer_model={path}: no such file")
+        return {"library": "sentencepiece"}, {"model": path}
+    if options.get("tokenizer"):
+        if options["tokenizer"] != "bytes":
+            raise ConfigError(f"--option tokenizer={options['tokenizer']}: only 'bytes' is known here; for a"
+                              " sentencepiece model give --option tokenizer_model=PATH")
+        return {"library": "bytes"}, {}
+    kind = getattr(args, "tokenizer_type", None)
+    model_file = getattr(args, "tokenizer_model", None)
+    if kind in SENTENCEPIECE_TYPES and model_file and Path(model_file).is_file():
+        return {"library": "sentencepiece"}, {"model": Path(model_file)}
+    if getattr(args, "mega_tokenizer_library", None) == "bytes" or (
+            kind == NULL_TOKENIZER and getattr(args, "vocab_size", None) == 257):
+        return {"library": "bytes"}, {}
+    found = f"args.tokenizer_type={kind!r}" + (f", args.tokenizer_model={model_file!r} (not found)" if model_file else "")
+    raise ConfigError(f"{source}: cannot tell which tokenizer this model uses ({found}); give --option"
+                      " tokenizer_model=PATH (a sentencepiece .model file) or --option tokenizer=bytes")
+
+
+def _vocab_size(tokenizer_table: dict, files: Mapping[str, Path], plugins) -> int:
+    from mega.config import config_from_dict
+
+    mc = config_from_dict({"model": {"name": "gpt", "tokenizer": {**tokenizer_table, **{k: str(v) for k, v in files.items()}}}},
+                          plugins=plugins).model
+    return plugins.tokenizers.get(mc.tokenizer.library, "model.tokenizer.library").factory(mc.tokenizer, [], None).vocab_size
+
+
+def _divisible_by(args, vocab: int, padded: int) -> int:
+    """mega's make_vocab_size_divisible_by that pads `vocab` to the checkpoint's `padded`
+    rows at TP=1: Megatron's own multiple (divisible_by x the checkpoint's TP) does when
+    args have it; else the largest power of two that does."""
+    given = getattr(args, "make_vocab_size_divisible_by", None)
+    tp = int(getattr(args, "tensor_model_parallel_size", 1) or 1)
+    if given and padded_vocab_size(vocab, given * tp) == padded:
+        return given * tp
+    d = 1
+    while padded % (d * 2) == 0 and padded_vocab_size(vocab, d * 2) == padded:
+        d *= 2
+    return d if padded_vocab_size(vocab, d) == padded else 128
+
+
+def _require(args, field: str, fallback=None):
+    value = getattr(args, field, None)
+    if value is None:
+        value = fallback
+    if value is None:
+        raise CheckpointError(f"args.{field} is missing; mega needs it to build the model")
+    return value
+
+
+def import_run(source: Path, run_dir: Path, options: Mapping[str, str], plugins) -> Path:
+    from mega.interop import write_imported_run
+
+    unknown = sorted(set(options) - set(IMPORT_OPTIONS))
+    if unknown:
+        raise ConfigError(f"--option {unknown[0]}: not an option of the megatron importer (known: {', '.join(IMPORT_OPTIONS)})")
+    trust = str(options.get("trust_pickle", "false")).lower() in ("1", "true", "yes")
+    src = Source(Path(source), trust)
+    args = src.args
+    state = merged_model(src)
+    word = state.get("language_model.embedding.word_embeddings.weight")
+    positions = state.get("language_model.embedding.position_embeddings.weight")
+    qkv = state.get("language_model.encoder.layers.0.self_attention.query_key_value.weight")
+    if word is None or positions is None or qkv is None:
+        raise CheckpointError(f"{source}: holds no GPT language model (word/position embeddings and layers)")
+    tok_table, files = _tokenizer(args, options, source)
+    vocab = _vocab_size(tok_table, files, plugins)
+    orig = getattr(args, "orig_vocab_size", None)
+    if orig is not None and orig != vocab:
+        raise CheckpointError(f"{source}: args.orig_vocab_size={orig} but the tokenizer has {vocab} tokens; give the"
+                              " tokenizer the model was trained with")
+    padded = int(getattr(args, "padded_vocab_size", None) or word.shape[0])
+    if vocab > padded:
+        raise CheckpointError(f"{source}: the tokenizer has {vocab} tokens but the checkpoint only {padded} embedding rows")
+    divisible_by = _divisible_by(args, vocab, padded)
+    ours = padded_vocab_size(vocab, divisible_by)
+    if word.shape[0] != ours:  # re-pad: keep the real rows, padding rows are zeros (never predicted)
+        rows = word[:min(ours, word.shape[0])]
+        word = torch.cat([rows, rows.new_zeros(ours - rows.shape[0], rows.shape[1])]) if ours > rows.shape[0] else rows
+        state["language_model.embedding.word_embeddings.weight"] = word
+    hidden = _require(args, "hidden_size", word.shape[1])
+    layers = 1 + max(int(m.group(1)) for k in state if (m := re.search(r"\.layers\.(\d+)\.", k)))
+    num_layers = _require(args, "num_layers", layers)
+    if num_layers != layers:
+        raise CheckpointError(f"{source}: args.num_layers={num_layers} but the files hold {layers} layers")
+    ffn = state["language_model.encoder.layers.0.mlp.dense_h_to_4h.weight"].shape[0]
+    max_pos = positions.shape[0]
+    model = {
+        "name": "gpt", "num_layers": num_layers, "hidden_size": hidden,
+        "num_attention_heads": _require(args, "num_attention_heads"), "ffn_hidden_size": ffn,
+        "max_position_embeddings": max_pos, "seq_length": min(getattr(args, "seq_length", None) or max_pos, max_pos),
+        "make_vocab_size_divisible_by": divisible_by,
+        "layernorm_epsilon": getattr(args, "layernorm_epsilon", None) or 1e-5,
+        "activation": activation_of(args), "tokenizer": tok_table,
+    }
+    for key in ("hidden_dropout", "attention_dropout", "init_method_std"):
+        if isinstance(getattr(args, key, None), float):
+            model[key] = getattr(args, key)
+    return write_imported_run(Path(run_dir), {"model": model}, state, plugins, files=files, step=src.step or 0)
+
+
+# --- export ----------------------------------------------------------------------------------
+
+
+def _int_option(options: Mapping[str, str], key: str) -> int:
+    try:
+        value = int(options.get(key, 1))
+    except ValueError:
+        raise ConfigError(f"--option {key}={options[key]}: expected a whole number") from None
+    if value < 1:
+        raise ConfigError(f"--option {key}={value}: must be at least 1")
+    return value
+
+
+def export_run(checkpoint: Path, destination: Path, options: Mapping[str, str], plugins) -> Path:
+    from mega.config import to_dict
+    from mega.inference import load_checkpoint_for_inference
+    from mega.training.checkpointing import verify
+
+    unknown = sorted(set(options) - set(EXPORT_OPTIONS))
+    if unknown:
+        raise ConfigError(f"--option {unknown[0]}: not an option of the megatron exporter (known: {', '.join(EXPORT_OPTIONS)})")
+    tp, pp = _int_option(options, "tensor_parallel"), _int_option(options, "pipeline_parallel")
+    model, tokenizer, config = load_checkpoint_for_inference(checkpoint, plugins)
+    mc = config.model
+    if mc.name != "gpt":
+        raise ConfigError(f"{checkpoint}: model {mc.name!r}; the megatron exporter writes GPT models")
+    ffn = mc.ffn_hidden_size or 4 * mc.hidden_size
+    for what, value, by in (("num_attention_heads", mc.num_attention_heads, tp), ("ffn_hidden_size", ffn, tp),
+                            ("num_layers", mc.num_layers, pp)):
+        if value % by:
+            raise ConfigError(f"model.{what}={value} is not divisible by --option "
+                              f"{'tensor_parallel' if by == tp else 'pipeline_parallel'}={by}")
+    step = int(verify(checkpoint).get("step", 0))
+    destination = Path(destination).expanduser()
+    iteration = destination / f"iter_{step:07d}"
+    if iteration.exists():
+        raise CheckpointError(f"{iteration}: already exists; export into a new directory")
+    raw = to_dict(config)
+    model_file = None
+    if mc.tokenizer.library == "sentencepiece":
+        spm = Path(tokenizer.artifacts()["model"])
+        destination.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(spm, destination / "tokenizer.model")
+        model_file = str((destination / "tokenizer.model").absolute())
+    args = megatron_args(raw, tp, pp, tokenizer.vocab_size, model_file)
+    full = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    word_name = "language_model.embedding.word_embeddings.weight"
+    word = full[word_name][:min(args.padded_vocab_size, full[word_name].shape[0])]
+    if word.shape[0] < args.padded_vocab_size:
+        word = torch.cat([word, word.new_zeros(args.padded_vocab_size - word.shape[0], word.shape[1])])
+    full[word_name] = word
+    per_stage = mc.num_layers // pp
+    for stage in range(pp):
+        stage_state = _stage(full, stage, per_stage, pp)
+        for rank in range(tp):
+            shard = {k: (t if partition_dim(k) is None else t.chunk(tp, dim=partition_dim(k))[rank]).clone()
+                     for k, t in stage_state.items()}
+            folder = iteration / (f"mp_rank_{rank:02d}" + (f"_{stage:03d}" if pp > 1 else ""))
+            folder.mkdir(parents=True, exist_ok=True)
+            torch.save({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": step,
+                        "model": nest(shard)}, folder / FILE)
+    (destination / TRACKER).write_text(f"{step}\n")
+    return destination
+
+
+def _stage(full: Dict[str, torch.Tensor], stage: int, per_stage: int, pp: int) -> Dict[str, torch.Tensor]:
+    """One pipeline stage's tensors under Megatron's stage-local layer numbers (the
+    embedding on the first stage; the final LayerNorm and, with PP > 1, the tied head's
+    copy `word_embeddings_for_head` on the last), in the model's order."""
+    out: Dict[str, torch.Tensor] = {}
+    first, last = stage == 0, stage == pp - 1
+    for name, t in full.items():
+        m = re.search(r"\.layers\.(\d+)\.", name)
+        if m:
+            if stage * per_stage <= int(m.group(1)) < (stage + 1) * per_stage:
+                out[renumber(name, -stage * per_stage)] = t
+        elif name.startswith("language_model.embedding."):
+            if first:
+                out[name] = t
+        elif last:
+            out[name] = t
+    if last and pp > 1:
+        out["word_embeddings_for_head.weight"] = full["language_model.embedding.word_embeddings.weight"]
+    return out
