@@ -196,6 +196,17 @@ class NamesDirectories(Protocol):
 
 
 @runtime_checkable
+class ReshardsItself(Protocol):
+    """Optional: a format whose ranks each read only their own slices at any parallel layout
+    (e.g. torch.distributed.checkpoint); `load_resharded` asks it directly instead of merging
+    every saved rank's tensors in one process."""
+
+    def load_resharded(self, directory: Path, parallel, model, optimizer=None) -> dict:
+        """This rank's state for `model` (built at the current layout): `model`, and
+        `optimizer` and `trainer` where saved (RNG states need not carry across layouts)."""
+
+
+@runtime_checkable
 class CommitHook(Protocol):
     """Optional: runs once a checkpoint directory is in place (Megatron's tracker file)."""
 

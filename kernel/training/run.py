@@ -22,6 +22,7 @@ from mega.protocols import (
     DataSource,
     LanguageModel,
     PipelineStage,
+    ReshardsItself,
     StatefulModel,
     Tokenizer,
     missing_members,
@@ -262,6 +263,8 @@ def load_resharded(fmt, path: Path, manifest: dict, parallel: ParallelState, mod
         return fmt.load(path, parallel)
     log.info("resharding %s from tensor/pipeline-parallel sizes (%d, %d) to (%d, %d)", path, saved_tp, saved_pp,
              parallel.tp_size, parallel.pp_size)
+    if isinstance(fmt, ReshardsItself):  # each rank reads only its slices; no full model in one process
+        return fmt.load_resharded(path, parallel, model, optimizer)
     full, stages = {}, []
     for stage in range(saved_pp):
         ranks = [fmt.load(path, ParallelState(tp_size=saved_tp, tp_rank=r, pp_size=saved_pp, pp_rank=stage))

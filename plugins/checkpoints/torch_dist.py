@@ -1,0 +1,418 @@
+"""The `torch_dist` checkpoint format: megatron-core's distributed checkpoint layout,
+written and read with `torch.distributed.checkpoint` (DCP), every rank in parallel.
+
+    step_0000100/
+      .metadata               DCP's global index: each tensor's global shape, its chunks
+      __0_0.distcp, ...       the data, one file per writing rank
+      metadata.json           {"sharded_backend": "torch_dist", ...}: megatron-core's marker
+      common.pt               megatron's common state: args, iteration, checkpoint_version
+      mega_rank_TT_PPP.pt     per model-parallel rank: trainer state (RNG, step, loss
+                              scaler), the sharding record, optimizer param_groups
+
+Tensors are stored as GLOBAL tensors under megatron-core's names with global layer numbers
+(`embedding.word_embeddings.weight`, `decoder.layers.{i}.self_attention.linear_qkv.weight`,
+`decoder.layers.{i}.mlp.linear_fc1.layer_norm_weight`, `decoder.final_layernorm.bias`, ...);
+names mega does not know how to translate keep mega's global name. Each rank writes only
+its own chunk: a tensor-parallel tensor at the offset `tp_rank * local size` along its
+`partition_dim`, a replicated tensor by tensor-parallel rank 0 only (megatron-core's
+replica_id rule). The tied output layer of the last pipeline stage
+(`word_embeddings_for_head`) is a replica of `embedding.word_embeddings.weight`: it is not
+written, and loading fills it from that key, as megatron-core's sharded `output_layer.weight`
+does. Optimizer moments follow their parameter (`optimizer.state.exp_avg.<key>`); the step
+count is a replicated 0-d tensor (`optimizer.state.step.<key>`).
+
+Loading, every rank describes the chunks IT needs at the CURRENT layout (tensor-, pipeline-
+and data-parallel sizes may all differ from the saved ones) and DCP reads just those byte
+ranges: no process ever holds the whole model. A padded vocabulary whose size changed with
+the tensor-parallel size is cut, or zero-filled past the saved rows. RNG states are
+per rank and are restored only at the saved layout (like the kernel's resharding).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import warnings
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+import mega
+from mega.errors import CheckpointError
+from mega.runtime.sharding import renumber
+
+log = logging.getLogger("mega.checkpoint")
+
+PARTS = ("model", "optimizer", "trainer", "sharding")
+METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                 "common_backend": "torch", "common_backend_version": 1}
+CHECKPOINT_VERSION = 3.0
+
+# --- megatron-core names ------------------------------------------------------------------
+
+_LAYER = re.compile(r"^language_model\.encoder\.layers\.(\d+)\.(.+)$")
+_IN_LAYER = {  # mega's (Megatron legacy) names inside a layer -> megatron-core's (TE spec)
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "input_layernorm.bias": "self_attention.linear_qkv.layer_norm_bias",
+    "self_attention.query_key_value.weight": "self_attention.linear_qkv.weight",
+    "self_attention.query_key_value.bias": "self_attention.linear_qkv.bias",
+    "self_attention.dense.weight": "self_attention.linear_proj.weight",
+    "self_attention.dense.bias": "self_attention.linear_proj.bias",
+    "post_attention_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+    "post_attention_layernorm.bias": "mlp.linear_fc1.layer_norm_bias",
+    "mlp.dense_h_to_4h.weight": "mlp.linear_fc1.weight",
+    "mlp.dense_h_to_4h.bias": "mlp.linear_fc1.bias",
+    "mlp.dense_4h_to_h.weight": "mlp.linear_fc2.weight",
+    "mlp.dense_4h_to_h.bias": "mlp.linear_fc2.bias",
+}
+
+
+def mcore_name(global_name: str) -> str:
+    """mega's global (pipeline-independent) state-dict name -> megatron-core's key. QKV rows
+    need no reordering: mega's per-head [q, k, v] blocks are mcore's linear_qkv layout."""
+    m = _LAYER.match(global_name)
+    if m:
+        return f"decoder.layers.{m.group(1)}.{_IN_LAYER.get(m.group(2), m.group(2))}"
+    if global_name.startswith("language_model.encoder.final_layernorm."):
+        return "decoder.final_layernorm." + global_name.rsplit(".", 1)[1]
+    if global_name.startswith("language_model.embedding."):
+        return global_name[len("language_model."):]
+    return global_name
+
+
+def rank_file(tp_rank: int, pp_rank: int) -> str:
+    return f"mega_rank_{tp_rank:02d}_{pp_rank:03d}.pt"
+
+
+# --- what each rank holds: a chunk of a global tensor ----------------------------------------
+
+
+def _entries(sharding: dict, tp_size: int, tp_rank: int) -> List[Tuple[str, str, Optional[int], List[int]]]:
+    """(local name, checkpoint key, partition dim, global shape) for every tensor a rank
+    of this layout holds; aliases (the tied head) name their source's key."""
+    offset, aliases = sharding.get("layer_offset", 0), sharding.get("aliases", {})
+    out = []
+    for name, dim in sharding["partition_dims"].items():
+        source = aliases.get(name, renumber(name, offset))
+        out.append((name, mcore_name(source), dim, list(sharding["global_shapes"][name])))
+    return out
+
+
+def _offsets(shape: Sequence[int], dim: Optional[int], tp_rank: int) -> List[int]:
+    offsets = [0] * len(shape)
+    if dim is not None:
+        offsets[dim] = tp_rank * shape[dim]
+    return offsets
+
+
+class _ChunkSavePlanner(DefaultSavePlanner):
+    """DCP's default planner, told where each local tensor sits in its global tensor."""
+
+    def __init__(self, placement: Dict[str, Tuple[List[int], List[int]]]):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self.placement = placement  # key -> (offsets, global size)
+
+    def create_local_plan(self) -> SavePlan:
+        items = []
+        for key, t in self.state_dict.items():
+            offsets, size = self.placement[key]
+            chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=t.size())
+            items.append(WriteItem(index=MetadataIndex(key, torch.Size(offsets)), type=WriteItemType.SHARD,
+                                   tensor_data=TensorWriteData(chunk=chunk, properties=TensorProperties.create_from_tensor(t),
+                                                               size=torch.Size(size))))
+        self.plan = SavePlan(items)
+        return self.plan
+
+    def lookup_object(self, index: MetadataIndex):
+        return self.state_dict[index.fqn]
+
+
+class _ChunkLoadPlanner(DefaultLoadPlanner):
+    """Reads, for each destination tensor, the chunk at its offsets from whatever saved
+    chunks overlap it (DCP's resharding)."""
+
+    def __init__(self, offsets: Dict[str, List[int]]):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self.offsets = offsets
+
+    def create_local_plan(self) -> LoadPlan:
+        requests = []
+        for key, t in self.state_dict.items():
+            chunk = ChunkStorageMetadata(offsets=torch.Size(self.offsets[key]), sizes=t.size())
+            requests += create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [chunk])
+        return LoadPlan(requests)
+
+    def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
+        return self.state_dict[index.fqn]
+
+
+def _group_kwargs(parallel, saving: bool) -> dict:
+    """DCP's process group: every rank that calls save/load together. The kernel saves on
+    the model-parallel ranks of data-parallel replica 0 and loads on every rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return {"no_dist": True}
+    if parallel is None or not parallel.distributed:
+        raise CheckpointError("torch_dist: a distributed process group is up but the parallel layout is missing")
+    if not saving or parallel.dp_size == 1:
+        return {}
+    ranks = tuple(p * parallel.dp_size * parallel.tp_size + t for p in range(parallel.pp_size) for t in range(parallel.tp_size))
+    if ranks not in _GROUPS:  # only these ranks call save: a group they can make alone
+        _GROUPS[ranks] = dist.new_group(list(ranks), use_local_synchronization=True)
+    return {"process_group": _GROUPS[ranks]}
+
+
+_GROUPS: Dict[tuple, object] = {}
+
+
+@contextlib.contextmanager
+def _one_process_is_fine():
+    """DCP warns on every single-process save/load; one process is a layout we mean."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _layout(parallel) -> Tuple[int, int, int, int]:
+    if parallel is None:
+        return 1, 0, 1, 0
+    return parallel.tp_size, parallel.tp_rank, parallel.pp_size, parallel.pp_rank
+
+
+def _optimizer_keys(state_key: str, key: str) -> str:
+    return f"optimizer.state.{state_key}.{key}"
+
+
+# --- the format ---------------------------------------------------------------------------------
+
+
+class TorchDistFormat:
+    name = "torch_dist"
+
+    def save(self, state: dict, directory: Path, parallel=None) -> None:
+        tp_size, tp_rank, pp_size, pp_rank = _layout(parallel)
+        directory = Path(directory)
+        sharding = state.get("sharding")
+        if sharding is None:
+            raise CheckpointError("torch_dist: the state has no sharding record")
+        entries = _entries(sharding, tp_size, tp_rank)
+        aliases = sharding.get("aliases", {})
+        tensors, placement = {}, {}
+
+        def put(key, t, dim):
+            offsets = _offsets(t.shape, dim, tp_rank)
+            size = list(t.shape)
+            if dim is not None:
+                size[dim] *= tp_size
+            elif tp_rank != 0:
+                return  # a replica: tensor-parallel rank 0 writes it
+            tensors[key] = t.detach().cpu() if t.device.type != "cpu" else t.detach()
+            placement[key] = (offsets, size)
+
+        model = state["model"]
+        by_name = {}
+        for name, key, dim, _ in entries:
+            by_name[name] = (key, dim)
+            if name not in aliases:  # the tied head is a replica of the embedding
+                put(key, model[name], dim)
+        extra_optim = {}
+        opt = state.get("optimizer")
+        names = _names_from_order(opt, model) if opt is not None else None
+        if opt is not None:
+            order = [i for g in opt["param_groups"] for i in g["params"]]
+            for pos, i in enumerate(order):
+                if i not in opt["state"]:
+                    continue
+                name = names[pos]
+                key, dim = by_name[name]
+                for k, v in opt["state"][i].items():
+                    if name in aliases:
+                        continue
+                    if torch.is_tensor(v) and v.dim() > 0:
+                        put(_optimizer_keys(k, key), v, dim)
+                    elif torch.is_tensor(v):
+                        put(_optimizer_keys(k, key), v, None)
+                    else:
+                        extra_optim.setdefault(key, {})[k] = v
+        # Small per-rank state first: when dcp.save returns on rank 0, every file is complete.
+        own = {"trainer": state.get("trainer", {}), "sharding": sharding,
+               "layout": {"tp_size": tp_size, "tp_rank": tp_rank, "pp_size": pp_size, "pp_rank": pp_rank}}
+        if opt is not None:
+            own["optimizer"] = {"param_groups": opt["param_groups"], "param_names": list(names), "extra": extra_optim}
+        torch.save(own, directory / rank_file(tp_rank, pp_rank))
+        if parallel is None or parallel.is_main:
+            (directory / "metadata.json").write_text(json.dumps(METADATA_JSON))
+            torch.save(_common(state, parallel, sharding), directory / "common.pt")
+        with _one_process_is_fine():
+            dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(directory)), planner=_ChunkSavePlanner(placement),
+                     **_group_kwargs(parallel, saving=True))
+
+    def load(self, directory: Path, parallel=None, parts: Sequence[str] = PARTS) -> dict:
+        """This rank's state at the layout it was saved with."""
+        tp_size, tp_rank, pp_size, pp_rank = _layout(parallel)
+        own = _read_rank_file(Path(directory), tp_rank, pp_rank)
+        saved = own["layout"]
+        if (saved["tp_size"], saved["pp_size"]) != (tp_size, pp_size):
+            raise CheckpointError(f"{directory}: saved at tensor/pipeline-parallel sizes ({saved['tp_size']},"
+                                  f" {saved['pp_size']}), asked for ({tp_size}, {pp_size}); use load_resharded")
+        sharding = own["sharding"]
+        shapes = {n: _local_shape(sharding["global_shapes"][n], d, tp_size) for n, d in sharding["partition_dims"].items()}
+        optim = own.get("optimizer") if "optimizer" in parts else None
+        state = self._read(Path(directory), parallel, sharding, shapes,
+                           optim["param_names"] if optim else None, optim["param_groups"] if optim else None,
+                           optim["extra"] if optim else {})
+        if "trainer" in parts:
+            state["trainer"] = own.get("trainer", {})
+        if "sharding" in parts:
+            state["sharding"] = sharding
+        return state
+
+    def load_resharded(self, directory: Path, parallel, model, optimizer=None) -> dict:
+        """This rank's state for `model` (built at the current layout): every rank reads only
+        the chunks it holds. RNG states are not carried across layouts."""
+        from mega.runtime.sharding import sharding_of
+        from mega.training.run import optimizer_param_names
+
+        directory = Path(directory)
+        sharding = sharding_of(model, parallel)
+        shapes = {n: list(t.shape) for n, t in model.state_dict().items()}
+        names = groups = None
+        extra: dict = {}
+        if optimizer is not None:
+            names, groups = optimizer_param_names(model), optimizer.state_dict()["param_groups"]
+            for f in sorted(directory.glob("mega_rank_*.pt")):
+                extra.update((_load(f).get("optimizer") or {}).get("extra", {}))
+        state = self._read(directory, parallel, sharding, shapes, names, groups, extra)
+        first = _read_rank_file(directory, 0, 0)
+        state["trainer"] = {k: v for k, v in first.get("trainer", {}).items() if k != "rng"}
+        return state
+
+    # --- reading -------------------------------------------------------------------------------
+    def _read(self, directory: Path, parallel, sharding: dict, shapes: Dict[str, List[int]],
+              param_names: Optional[List[str]], param_groups: Optional[list], extra: dict) -> dict:
+        tp_size, tp_rank, _, _ = _layout(parallel)
+        try:
+            metadata = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+        except Exception as exc:
+            raise CheckpointError(f"{directory}/.metadata: cannot be read ({type(exc).__name__}: {exc})") from None
+        targets: Dict[str, torch.Tensor] = {}  # DCP key -> destination (a view of a local tensor)
+        offsets: Dict[str, List[int]] = {}
+        copies: List[Tuple[torch.Tensor, str]] = []  # (tensor, key) for a key wanted twice (tied head)
+
+        def want(key: str, shape: List[int], dim: Optional[int]) -> torch.Tensor:
+            md = metadata.get(key)
+            if not isinstance(md, TensorStorageMetadata):
+                raise CheckpointError(f"{directory}: has no tensor {key!r}")
+            local = torch.zeros(shape, dtype=md.properties.dtype)
+            if key in targets:
+                copies.append((local, key))
+                return local
+            offs = _offsets(shape, dim, tp_rank)
+            dest = local
+            for d, (o, n, have) in enumerate(zip(offs, shape, md.size)):
+                want_global = n * tp_size if d == dim else n
+                if have != want_global and d != dim:
+                    raise CheckpointError(f"{directory}: {key} has global shape {list(md.size)}, this model needs"
+                                          f" {[s * (tp_size if i == dim else 1) for i, s in enumerate(shape)]}")
+                if o + n > have:  # vocabulary padding grew: rows past the saved ones stay zero
+                    dest = dest.narrow(d, 0, max(have - o, 0))
+            if dest.numel() or not shape:
+                targets[key], offsets[key] = dest, offs
+            return local
+
+        model = {}
+        for name, key, dim, _ in _entries(sharding, tp_size, tp_rank):
+            model[name] = want(key, shapes[name], dim)
+        state: dict = {"model": model}
+        if param_names is not None:
+            by_name = {name: (key, dim) for name, key, dim, _ in _entries(sharding, tp_size, tp_rank)}
+            prefix = "optimizer.state."
+            opt_state = {}
+            for pos, name in enumerate(param_names):
+                key, dim = by_name[name]
+                entry = {}
+                for mkey in metadata:
+                    if mkey.startswith(prefix) and mkey.endswith("." + key) and len(mkey) > len(prefix) + len(key) + 1:
+                        k = mkey[len(prefix):-len(key) - 1]
+                        if "." in k:
+                            continue
+                        md = metadata[mkey]
+                        entry[k] = want(mkey, shapes[name] if len(md.size) else [], dim if len(md.size) else None)
+                entry.update(extra.get(key, {}))
+                if entry:
+                    opt_state[pos] = entry
+            if opt_state:
+                state["optimizer"] = {"state": opt_state, "param_groups": param_groups}
+            else:
+                log.warning("%s: no optimizer state for this model's parameters; its moments start afresh", directory)
+        try:
+            with _one_process_is_fine():
+                dcp.load(targets, storage_reader=dcp.FileSystemReader(str(directory)), planner=_ChunkLoadPlanner(offsets),
+                         **_group_kwargs(parallel, saving=False))
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(f"{directory}: torch.distributed.checkpoint could not read it ({type(exc).__name__}: {exc})") from None
+        for local, key in copies:  # a second tensor of the same key (the tied head): same slice
+            src = targets[key]
+            local[tuple(slice(0, n) for n in src.shape)].copy_(src)
+        return state
+
+
+def _local_shape(global_shape: Sequence[int], dim: Optional[int], tp_size: int) -> List[int]:
+    shape = list(global_shape)
+    if dim is not None:
+        shape[dim] //= tp_size
+    return shape
+
+
+def _load(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing from the checkpoint") from None
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from None
+
+
+def _read_rank_file(directory: Path, tp_rank: int, pp_rank: int) -> dict:
+    return _load(directory / rank_file(tp_rank, pp_rank))
+
+
+def _names_from_order(opt: dict, model: dict) -> List[str]:
+    """Parameter names in the optimizer's order: mega's param_groups put matrices first,
+    then 1-D tensors (Megatron's no-weight-decay rule), each in module order."""
+    floats = [n for n, t in model.items() if t.is_floating_point()]
+    names = [n for n in floats if model[n].dim() >= 2] + [n for n in floats if model[n].dim() < 2]
+    count = sum(len(g["params"]) for g in opt["param_groups"])
+    if len(names) != count:
+        raise CheckpointError(f"torch_dist: the optimizer has {count} parameters, the model state {len(names)} tensors")
+    return names
+
+
+def _common(state: dict, parallel, sharding: dict) -> dict:
+    """megatron's common (non-sharded) state: what its loader reads besides the tensors."""
+    from mega.plugins.checkpoints.megatron import _args
+
+    word = next((s for n, s in sharding["global_shapes"].items() if n.endswith("embedding.word_embeddings.weight")), None)
+    trainer = state.get("trainer", {})
+    return {"args": _args(state.get("config", {}), parallel, word[0] if word else None),
+            "checkpoint_version": CHECKPOINT_VERSION, "iteration": trainer.get("step", 0),
+            "opt_param_scheduler": {"num_steps": trainer.get("consumed_samples", 0)}}
+
+
+@mega.hookimpl
+def register_checkpoint_formats(register):
+    register("torch_dist", TorchDistFormat)
