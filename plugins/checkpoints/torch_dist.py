@@ -404,11 +404,12 @@ def _names_from_order(opt: dict, model: dict) -> List[str]:
 
 def _common(state: dict, parallel, sharding: dict) -> dict:
     """megatron's common (non-sharded) state: what its loader reads besides the tensors."""
-    from mega.plugins.checkpoints.megatron import _args
+    from mega.plugins.checkpoints.megatron_args import megatron_args
 
     word = next((s for n, s in sharding["global_shapes"].items() if n.endswith("embedding.word_embeddings.weight")), None)
     trainer = state.get("trainer", {})
-    return {"args": _args(state.get("config", {}), parallel, word[0] if word else None),
+    tp, pp = (parallel.tp_size, parallel.pp_size) if parallel is not None else (1, 1)
+    return {"args": megatron_args(state.get("config", {}), tp, pp, state.get("vocab_size"), padded=word[0] if word else None),
             "checkpoint_version": CHECKPOINT_VERSION, "iteration": trainer.get("step", 0),
             "opt_param_scheduler": {"num_steps": trainer.get("consumed_samples", 0)}}
 
