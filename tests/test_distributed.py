@@ -130,7 +130,8 @@ def _full_weights(run_dir: Path) -> dict:
 
 @pytest.mark.slow
 def test_tensor_parallel_2_trains_like_one_process(tmp_path, corpus):
-    # 258 byte ids pad to 260 at TP=1 and TP=2 alike with this multiple
+    # 258 byte ids pad to 260 at TP=1 and TP=2 alike with this multiple, so both layouts draw
+    # the same initial weights (the word embedding is initialised at its padded size)
     exp = _exp(tmp_path, corpus, model={"make_vocab_size_divisible_by": 130, "micro_batch_size": 4})
     one = _mega(["run", str(exp), "exp_manager.name=one"], tmp_path)
     assert one.returncode == 0, one.stderr
@@ -149,8 +150,9 @@ def test_tensor_parallel_2_trains_like_one_process(tmp_path, corpus):
 
 @pytest.mark.slow
 def test_tp2_checkpoint_resumes_and_generates_at_tp1(tmp_path, corpus):
-    """Save at TP=2, load at TP=1: same logits (merged weights) and training continues."""
-    exp = _exp(tmp_path, corpus, model={"make_vocab_size_divisible_by": 130}, trainer={"max_steps": 3})
+    """Save at TP=2, load at TP=1: same logits (merged weights) and training continues.
+    258 byte ids pad to 272 at TP=2 and 264 at TP=1: the padded rows past 264 are cut."""
+    exp = _exp(tmp_path, corpus, trainer={"max_steps": 3})
     two = _mega(["run", str(exp), "exp_manager.name=r", "trainer.devices=2", "model.tensor_model_parallel_size=2"], tmp_path)
     assert two.returncode == 0, two.stderr
     run_dir = tmp_path / "results" / "r"
@@ -159,7 +161,7 @@ def test_tp2_checkpoint_resumes_and_generates_at_tp1(tmp_path, corpus):
     model, _, _ = load_checkpoint_for_inference(run_dir)
     full = _full_weights(run_dir)
     for name, value in model.state_dict().items():
-        assert torch.equal(value, full[name]), name
+        assert torch.equal(value, full[name][tuple(slice(n) for n in value.shape)]), name
     resumed = _mega(["run", str(exp), "exp_manager.name=r", "trainer.max_steps=5"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     steps = [m["step"] for m in read_metrics(run_dir) if "loss" in m]
@@ -168,8 +170,9 @@ def test_tp2_checkpoint_resumes_and_generates_at_tp1(tmp_path, corpus):
 
 @pytest.mark.slow
 def test_tp1_checkpoint_resumed_at_tp2_continues_like_tp1(tmp_path, corpus):
-    """Weights and AdamW moments are resharded: steps after the switch match TP=1."""
-    exp = _exp(tmp_path, corpus, model={"make_vocab_size_divisible_by": 130}, trainer={"max_steps": 3})
+    """Weights and AdamW moments are resharded: steps after the switch match TP=1 (the
+    padding zero-filled from 264 to 272 rows is out of the loss, so it changes nothing)."""
+    exp = _exp(tmp_path, corpus, trainer={"max_steps": 3})
     for name in ("stay", "switch"):
         assert _mega(["run", str(exp), f"exp_manager.name={name}"], tmp_path).returncode == 0
     stay = _mega(["run", str(exp), "exp_manager.name=stay", "trainer.max_steps=5"], tmp_path)
@@ -186,8 +189,7 @@ def test_tp1_checkpoint_resumed_at_tp2_continues_like_tp1(tmp_path, corpus):
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", [["model.tensor_model_parallel_size=2"], ["model.pipeline_model_parallel_size=2"]])
 def test_resume_under_model_parallelism_equals_uninterrupted(tmp_path, corpus, layout):
-    exp = _exp(tmp_path, corpus, model={"make_vocab_size_divisible_by": 130},
-               exp_manager={"checkpoint": {"every_n_train_steps": 2}}, trainer={"max_steps": 4})
+    exp = _exp(tmp_path, corpus, exp_manager={"checkpoint": {"every_n_train_steps": 2}}, trainer={"max_steps": 4})
     common = ["trainer.devices=2", *layout]
     assert _mega(["run", str(exp), "exp_manager.name=straight", *common], tmp_path).returncode == 0
     first = _mega(["run", str(exp), "exp_manager.name=resumed", "trainer.max_steps=2", *common], tmp_path)

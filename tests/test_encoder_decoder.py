@@ -40,10 +40,16 @@ def _double(batch):
     return {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
 
 
-def test_loss_equals_cross_entropy_formula(plugins):
-    model, batch = _model(_cfg(plugins)), _double(_batch())
+@pytest.mark.parametrize("mask_padded_vocab", [True, False])
+def test_loss_equals_cross_entropy_formula(plugins, mask_padded_vocab):
+    """The softmax runs over the 40 tokenizer ids and the 100 extra ids; the 4 padded ids
+    (140 -> 144) are left out, or counted with model.mask_padded_vocab = false (Megatron-LM)."""
+    model, batch = _model(_cfg(plugins, mask_padded_vocab=mask_padded_vocab)), _double(_batch())
     enc = model.encode(batch["text_enc"], batch["enc_mask"])
     logits = model.decode(batch["text_dec"], enc["enc_output"].transpose(0, 1), enc["hiddens_mask"])
+    assert logits.shape[-1] == 144
+    if mask_padded_vocab:
+        logits = logits[..., :V + 100]
     ref = -(logits.log_softmax(-1).gather(-1, batch["labels"][..., None])[..., 0] * batch["loss_mask"]).sum()
     torch.testing.assert_close(model.training_loss(batch)["loss_sum"], ref)
 
@@ -81,7 +87,7 @@ def test_seed_hiddens_overrides_and_joint_loss(plugins):
     n = batch["loss_mask"].sum()
     enc = model.encode(batch["text_enc"], batch["enc_mask"])  # eval: z = z_mean, deterministic
     d = model.hiddens_module.apply_loss_transforms(enc)
-    logits = model.decode(batch["text_dec"], enc["z"].transpose(0, 1), enc["hiddens_mask"])
+    logits = model.decode(batch["text_dec"], enc["z"].transpose(0, 1), enc["hiddens_mask"])[..., :V + 100]
     tokens_mean = -(logits.log_softmax(-1).gather(-1, batch["labels"][..., None])[..., 0] * batch["loss_mask"]).sum() / n
     torch.testing.assert_close(out["loss_sum"] / n, d["hiddens_loss"] + 1.0 * tokens_mean)
     assert {"tokens_loss", "hiddens_mim_loss", "hiddens_loss"} <= set(out["terms"])
@@ -146,7 +152,8 @@ def test_greedy_decode_equals_an_argmax_by_argmax_reference(plugins):
 def _encdec_tp(state):
     import torch.distributed as dist
 
-    # 40 ids + 100 extra ids pad to 140 at TP=1 and TP=2 alike with this multiple
+    # 40 ids + 100 extra ids pad to 140 at TP=1 and TP=2 alike with this multiple, so both
+    # layouts draw the same initial weights (the embedding is initialised at its padded size)
     cfg = _cfg(None, ["model.encoder.arch=perceiver", "model.make_vocab_size_divisible_by=70", *SEED_HIDDENS],
                tensor_model_parallel_size=state.tp_size)
     torch.manual_seed(0)

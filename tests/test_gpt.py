@@ -20,14 +20,19 @@ def _model(plugins, vocab=50, **overrides):
     return GPTModel(cfg, vocab).eval()
 
 
-def test_loss_equals_the_cross_entropy_formula(plugins):
-    model = _model(plugins)
+@pytest.mark.parametrize("mask_padded_vocab", [True, False])
+def test_loss_equals_the_cross_entropy_formula(plugins, mask_padded_vocab):
+    """-log p(label) with the softmax over the tokenizer's 50 ids (the 14 padded ids of the
+    64 left out), or over all 64 with model.mask_padded_vocab = false (Megatron-LM's)."""
+    model = _model(plugins, mask_padded_vocab=mask_padded_vocab)
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, 50, (3, 16), generator=g)
     labels = torch.randint(0, 50, (3, 16), generator=g)
     mask = (torch.rand(3, 16, generator=g) > 0.3).float()
     logits = model(tokens).double()
-    reference = -(logits.log_softmax(-1).gather(-1, labels[..., None])[..., 0])  # -log p(label)
+    assert logits.shape[-1] == 64
+    softmax_over = logits[..., :50] if mask_padded_vocab else logits
+    reference = -(softmax_over.log_softmax(-1).gather(-1, labels[..., None])[..., 0])  # -log p(label)
     ours = model.compute_language_model_loss(labels, model(tokens))
     assert ours.shape == (3, 16)
     torch.testing.assert_close(ours.double(), reference, rtol=1e-6, atol=1e-6)
@@ -84,6 +89,24 @@ def test_cached_decoding_equals_full_recomputation(plugins):
     s1 = generate(model, prompt, 8, top_k=5, top_p=0.9, seed=3)
     assert s1 == generate(model, prompt, 8, top_k=5, top_p=0.9, seed=3, use_cache=False)
     assert all(t < 50 for t in s1)  # never a padding id
+
+
+def test_generation_never_picks_a_padded_id(plugins):
+    """The padded logits (ids 50..63 of 64) made to dominate: greedy and sampled tokens
+    are still real ids."""
+    model = _model(plugins)
+    forward = model.forward
+
+    def padding_wins(*args, **kwargs):
+        logits = forward(*args, **kwargs).clone()
+        logits[..., 50:] += 1e4
+        return logits
+
+    model.forward = padding_wins
+    assert int(model(torch.tensor([[1, 2, 3]]))[0, -1].argmax()) >= 50
+    for kwargs in ({"greedy": True}, {"seed": 1}, {"seed": 2, "top_k": 3}, {"seed": 3, "top_p": 0.5}):
+        out = generate(model, [1, 2, 3], 8, **kwargs)
+        assert out and all(t < 50 for t in out), kwargs
 
 
 def test_generation_stops_at_max_positions_and_eos(plugins):

@@ -79,6 +79,70 @@ def test_vocab_parallel_cross_entropy_equals_the_formula():
         torch.testing.assert_close(grad.double(), full.grad.chunk(2, dim=-1)[rank], rtol=1e-5, atol=1e-6)
 
 
+def _masked_ce(state, vocab_sizes):
+    """Losses and logit gradients of this rank's slice for each real vocabulary size, with
+    the padded logits (ids >= vocab) set huge: they must not count."""
+    from mega.runtime.tensor_parallel import vocab_parallel_cross_entropy
+
+    out = []
+    for vocab in vocab_sizes:
+        full, target = _padded_logits(vocab)
+        local = full.chunk(state.tp_size, dim=-1)[state.tp_rank].clone().float().requires_grad_()
+        loss = vocab_parallel_cross_entropy(local, target, vocab_size=vocab)
+        (loss * torch.arange(15.0).view(3, 5)).sum().backward()
+        out.append((loss.detach(), local.grad))
+    return out
+
+
+def _padded_logits(vocab):
+    """Logits over a padded vocabulary of 16, huge (1e4) at the padded ids; targets real."""
+    g = torch.Generator().manual_seed(vocab)
+    full = torch.randn(3, 5, 16, generator=g, dtype=torch.float64)
+    full[..., vocab:] = 1e4
+    return full, torch.randint(0, vocab, (3, 5), generator=g)
+
+
+# 11: the padding is part of rank 1's slice at TP=2; 7: rank 1 holds padding only; 16: none
+MASKED_VOCABS = (11, 7, 16)
+
+
+def test_cross_entropy_leaves_the_padded_vocabulary_out_of_the_softmax():
+    """The loss is -log softmax over the real ids only (float64 reference), at TP=1 and
+    TP=2; padded logits, however large, get exactly zero gradient."""
+    from mega.runtime.parallel import current
+
+    assert current().tp_size == 1
+    results = {1: [_masked_ce(current(), MASKED_VOCABS)], 2: run_ranks(_masked_ce, world=2, tp=2, args=(MASKED_VOCABS,))}
+    for i, vocab in enumerate(MASKED_VOCABS):
+        full, target = _padded_logits(vocab)
+        real = full[..., :vocab].clone().requires_grad_()
+        ref = -real.log_softmax(-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        (ref * torch.arange(15.0, dtype=torch.float64).view(3, 5)).sum().backward()
+        ref_grad = torch.cat([real.grad, torch.zeros(3, 5, 16 - vocab, dtype=torch.float64)], dim=-1)
+        for tp, ranks in results.items():
+            for rank, per_vocab in enumerate(ranks):
+                loss, grad = per_vocab[i]
+                assert torch.isfinite(loss).all() and loss.max() < 10, (tp, vocab)
+                torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-6, msg=f"TP={tp} vocab={vocab}")
+                torch.testing.assert_close(grad.double(), ref_grad.chunk(tp, dim=-1)[rank], rtol=1e-5, atol=1e-6,
+                                           msg=f"TP={tp} vocab={vocab} rank={rank}")
+                padded = torch.arange(16).chunk(tp)[rank] >= vocab
+                assert torch.count_nonzero(grad[..., padded]) == 0
+
+
+def test_cross_entropy_without_vocab_size_keeps_the_padding_in_the_softmax():
+    """No vocab_size (model.mask_padded_vocab = false): Megatron-LM's loss over every
+    column, padded ones included."""
+    from mega.runtime.tensor_parallel import vocab_parallel_cross_entropy
+
+    full, target = _padded_logits(11)
+    full[..., 11:] = 2.0
+    ref = -full.log_softmax(-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(vocab_parallel_cross_entropy(full.float(), target).double(), ref, rtol=1e-5, atol=1e-6)
+    masked = vocab_parallel_cross_entropy(full.float(), target, vocab_size=11).double()
+    assert (masked < ref).all()  # the padded ids no longer take probability mass
+
+
 def _rank_layout(state):
     return (state.rank, state.tp_rank, state.dp_rank, state.pp_rank, state.pp_ranks)
 
@@ -129,6 +193,7 @@ def _pp_train(state, steps, micro, d):
         "trainer": {"devices": state.world_size, "max_steps": steps, "val_check_interval": 0, "gradient_clip_val": 0.5},
         "exp_manager": {"exp_dir": str(d), "loggers": []},
         "model": {"num_layers": 4, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 16,
+                  # 130: 258 byte ids pad to 260 at every TP size, so each layout draws the same initial weights
                   "micro_batch_size": 8 // micro, "global_batch_size": 8, "make_vocab_size_divisible_by": 130,
                   "hidden_dropout": 0.0, "attention_dropout": 0.0,
                   "tensor_model_parallel_size": state.tp_size, "pipeline_model_parallel_size": state.pp_size,
@@ -154,9 +219,11 @@ def test_pipeline_parallel_trains_like_one_process(tmp_path, world, tp, pp):
             assert l1 == pytest.approx(l0, rel=1e-5) and g1 == pytest.approx(g0, rel=1e-4)
 
 
-def _layout_run(state, d, name, steps):
+def _layout_run(state, d, name, steps, model=None):
     """Build (resuming, resharding if needed) and train to `steps` at this layout; return
-    the validation loss computed through this layout's forward path."""
+    the validation loss computed through this layout's forward path. `model`: keys over
+    the defaults here (vocabulary multiple 130, so 258 byte ids pad to 260 at TP=1 and
+    TP=2 alike and both layouts draw the same initial weights)."""
     from mega.config import config_from_dict
     from mega.training.loop import train, validate
     from mega.training.run import build_run
@@ -173,7 +240,8 @@ def _layout_run(state, d, name, steps):
                   "micro_batch_size": 2, "global_batch_size": 4, "make_vocab_size_divisible_by": 130,
                   "hidden_dropout": 0.0, "attention_dropout": 0.0,
                   "tensor_model_parallel_size": state.tp_size, "pipeline_model_parallel_size": state.pp_size,
-                  "tokenizer": {"library": "bytes"}, "data": {"data_prefix": [str(corpus)], "splits_string": "80,20,0"}},
+                  "tokenizer": {"library": "bytes"}, "data": {"data_prefix": [str(corpus)], "splits_string": "80,20,0"},
+                  **(model or {})},
     })
     run = build_run(cfg)
     train(run)
@@ -196,3 +264,20 @@ def test_checkpoints_load_across_tensor_and_pipeline_sizes(tmp_path):
 
     model, _, _ = load_checkpoint_for_inference(tmp_path / "split")  # mega generate's path
     assert model.language_model.embedding is not None and len(model.language_model.encoder.layers) == 4
+
+
+@pytest.mark.slow
+def test_tp2_checkpoint_loads_at_tp1_with_the_default_vocabulary_multiple(tmp_path):
+    """make_vocab_size_divisible_by = 128 (the default): 258 byte ids pad to 512 at TP=2 and
+    to 384 at TP=1, so loading cuts 128 padded rows. The padded ids are out of the loss's
+    softmax, so the validation loss does not move; with model.mask_padded_vocab = false
+    (Megatron-LM's loss, padded logits in the softmax) it moves, by 0.29 nats here."""
+    for mask, name in ((True, "masked"), (False, "megatron")):
+        model = {"make_vocab_size_divisible_by": 128, "mask_padded_vocab": mask}
+        split = run_ranks(_layout_run, world=2, tp=2, args=(tmp_path, name, 2, model), timeout=240)
+        assert split[0] == split[1]
+        one = run_ranks(_layout_run, world=1, args=(tmp_path, name, 2, model))[0]
+        if mask:
+            assert one == pytest.approx(split[0], rel=1e-5, abs=1e-5)
+        else:
+            assert abs(one - split[0]) > 0.05

@@ -63,6 +63,7 @@ class EncoderDecoderConfig(ModelConfig):
     init_method_std: float = 0.02
     make_vocab_size_divisible_by: int = 128
     extra_ids: int = 100  # sentinel / mask ids after the tokenizer's vocabulary (T5's <extra_id_k>)
+    mask_padded_vocab: bool = True  # ids >= vocabulary + extra_ids left out of the loss's softmax; false: Megatron-LM's
     hiddens: Optional[HiddensConfig] = None  # the hiddens module (docs/hiddens.md); unset: plain encoder-decoder
 
     def check(self, plugins=None) -> None:
@@ -211,7 +212,8 @@ class EncoderDecoderModel(nn.Module):
         enc = self.encode(batch["text_enc"], batch["enc_mask"], batch_data=batch)
         logits = self.decode(batch["text_dec"], enc["enc_output"].transpose(0, 1), enc["hiddens_mask"],
                              batch.get("dec_mask"), parallel_output=True)
-        nll = vocab_parallel_cross_entropy(logits, batch["labels"])
+        real = self.vocab_size + self.config.extra_ids  # sentinels are real ids; the rest is padding
+        nll = vocab_parallel_cross_entropy(logits, batch["labels"], real if self.config.mask_padded_vocab else None)
         mask = batch["loss_mask"]
         nll_sum, n = (nll * mask).sum(), mask.sum()
         if self.hiddens_module is None:

@@ -43,6 +43,7 @@ class GPTConfig(ModelConfig):
     layernorm_epsilon: float = 1e-5
     activation: Literal["gelu", "gelu_tanh"] = "gelu"  # exact GELU, or the tanh approximation (GPT-2, Megatron's fused)
     make_vocab_size_divisible_by: int = 128  # vocabulary padded to a multiple of this (x TP)
+    mask_padded_vocab: bool = True  # padded ids left out of the loss's softmax (same loss at every TP); false: Megatron-LM's
 
     def check(self, plugins=None) -> None:
         check_config(self)
@@ -107,11 +108,11 @@ class GPTModel(nn.Module):
             return self.language_model.embedding.word_embeddings.weight
         return self.word_embeddings_for_head.weight
 
-    @staticmethod
-    def compute_language_model_loss(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Cross entropy over the vocabulary in fp32: [batch, seq] losses. `logits` are this
-        rank's vocabulary slice under tensor parallelism (never gathered)."""
-        return vocab_parallel_cross_entropy(logits, labels)
+        rank's vocabulary slice under tensor parallelism (never gathered). Padded ids are
+        out of the softmax unless `model.mask_padded_vocab = false` (Megatron-LM's loss)."""
+        return vocab_parallel_cross_entropy(logits, labels, self.vocab_size if self.config.mask_padded_vocab else None)
 
     # --- forward ---------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
