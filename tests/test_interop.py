@@ -84,3 +84,22 @@ def test_a_format_is_found_by_its_files_or_by_name(tmp_path):
         find_importer(tmp_path / "m.bin", plugins)
     with pytest.raises(ConfigError, match=r"--to native: this checkpoint format cannot export \(formats that can: .*toy"):
         find_exporter("native", plugins)
+
+
+def test_an_imported_run_resumes_training_with_mega_run(tmp_path, plugins):
+    """`mega run RUN_DIR/config.toml` continues from the imported weights (fine-tuning)."""
+    from mega.config import load_config
+    from mega.testing import write_corpus
+    from mega.training.loop import train
+    from mega.training.run import build_run
+
+    model, state = _converted_state(plugins)
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    raw = {"model": {**MODEL, "micro_batch_size": 2, "data": {"data_prefix": [str(corpus)]}},
+           "trainer": {"max_steps": 2, "val_check_interval": 0}, "exp_manager": {"loggers": []}}
+    write_imported_run(tmp_path / "imported", raw, state, plugins)
+    run = build_run(load_config(tmp_path / "imported" / "config.toml", ["trainer.max_steps=2"], plugins), plugins)
+    assert run.resumed_from is not None and run.step == 0
+    assert all(torch.equal(run.model.state_dict()[k], v) for k, v in model.state_dict().items())
+    train(run)
+    assert run.step == 2 and (tmp_path / "imported" / "checkpoints" / "step_0000002").is_dir()

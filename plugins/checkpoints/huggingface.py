@@ -395,3 +395,4 @@ def gpt2_config(mc, tokenizer, dtype_name: str = "float32") -> dict:
 @mega.hookimpl
 def register_checkpoint_formats(register):
     register("huggingface", HuggingFaceFormat)
+    register("hf", HuggingFaceFormat)  # the short name: `mega export RUN DEST --to hf`
