@@ -85,7 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="write a mega checkpoint in another tool's format")
     ex.add_argument("checkpoint", help="a checkpoint directory, a checkpoints/ folder or a run directory")
     ex.add_argument("destination")
-    ex.add_argument("--to", dest="fmt", required=True, help="the format to write (see `mega plugins`: checkpoint formats)")
+    ex.add_argument("--to", dest="fmt", default=None,
+                    help="the format to write: huggingface (hf), megatron, archive; default: archive for a .mega destination")
     ex.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="format option")
 
     e = sub.add_parser("encode", help="encode texts to their hiddens (and z, z_mean) with an encoder-decoder checkpoint")
@@ -232,10 +233,13 @@ def cmd_export(args) -> int:
     from mega.training.checkpointing import resolve_checkpoint
 
     plugins = get_plugins()
-    fmt = find_exporter(args.fmt, plugins)
+    name = args.fmt or ("archive" if args.destination.endswith(".mega") else None)
+    if name is None:
+        raise ConfigError(f"{args.destination}: say which format to write with --to (huggingface, megatron, archive, ...)")
+    fmt = find_exporter(name, plugins)
     checkpoint = resolve_checkpoint(args.checkpoint)
     path = fmt.export_run(checkpoint, Path(args.destination).expanduser(), _options(args.option), plugins)
-    print(f"exported {checkpoint} as {args.fmt} to {path}")
+    print(f"exported {checkpoint} as {name} to {path}")
     return 0
 
 

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Dict, Mapping, Optional
 
+import attrs
 import torch
 
 from mega.config import ExperimentConfig, config_from_dict, dump_config
@@ -52,6 +53,14 @@ def _able(plugins, proto) -> str:
     return ", ".join(e.name for e in plugins.checkpoint_formats.entries() if isinstance(e.factory(), proto)) or "none"
 
 
+def check_options(options: Mapping[str, str], known, fmt: str) -> None:
+    """Refuse `--option` keys this format does not know, naming the ones it does."""
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ConfigError(f"--option {', '.join(unknown)}: not an option of the {fmt} format"
+                          f" (its options: {', '.join(sorted(known)) or 'none'})")
+
+
 def write_imported_run(run_dir: Path, raw_config: dict, model_state: Dict[str, torch.Tensor], plugins,
                        files: Mapping[str, Path] = (), step: int = 0) -> Path:
     """Write a run directory from a converted model.
@@ -60,29 +69,50 @@ def write_imported_run(run_dir: Path, raw_config: dict, model_state: Dict[str, t
     `exp_manager` is set here); `model_state` holds the whole model's tensors under mega's
     names at one process (vocabulary padded as the config pads it); `files` are tokenizer
     files to copy in, by the tokenizer config key that names them. The model is built from
-    the config and loaded strictly, so a mapping mistake fails here, not at generation."""
-    run_dir = Path(run_dir).expanduser()
-    if (run_dir / "checkpoints").exists():
-        raise CheckpointError(f"{run_dir}: already holds checkpoints; import into a new directory")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    the config and loaded strictly, so a mapping mistake fails here, not at generation.
+
+    Everything is written into a temporary directory beside `run_dir`, renamed into place
+    at the end: a failed import leaves nothing behind, and never touches an existing run."""
+    run_dir = Path(run_dir).expanduser().absolute()
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise CheckpointError(f"{run_dir}: exists and is not empty; import into a new directory")
+    tmp = run_dir.with_name(f".tmp-{run_dir.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _write_run(tmp, run_dir, raw_config, model_state, plugins, files, step)
+        if run_dir.exists():
+            run_dir.rmdir()  # empty (checked above)
+        tmp.rename(run_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+
+
+def _write_run(tmp: Path, run_dir: Path, raw_config: dict, model_state, plugins, files, step: int) -> None:
+    """The run directory's content, written in `tmp`; the config names `run_dir` (its final place)."""
     tok = raw_config.setdefault("model", {}).setdefault("tokenizer", {})
     for key, path in dict(files).items():
-        target = run_dir / Path(path).name
-        shutil.copyfile(path, target)
-        tok[key] = str(target)
+        shutil.copyfile(path, tmp / Path(path).name)
+        tok[key] = str(run_dir / Path(path).name)
     raw_config["exp_manager"] = {**raw_config.get("exp_manager", {}), "exp_dir": str(run_dir.parent), "name": run_dir.name}
     config: ExperimentConfig = config_from_dict(raw_config, plugins=plugins, source=f"{run_dir} (imported)")
     mc = config.model
     mc.check(plugins)
-    tokenizer = plugins.tokenizers.get(mc.tokenizer.library, "model.tokenizer.library").factory(mc.tokenizer, [], run_dir)
+    tok_cfg = attrs.evolve(mc.tokenizer, **{k: str(tmp / Path(p).name) for k, p in dict(files).items()})
+    tokenizer = plugins.tokenizers.get(mc.tokenizer.library, "model.tokenizer.library").factory(tok_cfg, [], tmp)
     with torch.random.fork_rng(devices=[]):
         model = plugins.models.get(mc.name, "model.name").factory(mc, tokenizer, plugins)
-    missing, unexpected = model.load_state_dict(model_state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(model_state, strict=False)
+    except RuntimeError as exc:  # shapes that do not match the mapped config
+        detail = " ".join(line.strip() for line in str(exc).splitlines()[1:])  # "size mismatch for ...", one line
+        raise CheckpointError(f"{run_dir}: the converted weights do not fit model {mc.name!r}: {detail}") from None
     if missing or unexpected:
         raise CheckpointError(f"{run_dir}: the converted weights do not fit model {mc.name!r}"
                               f" (missing: {', '.join(missing) or '-'}; unexpected: {', '.join(unexpected) or '-'})")
-    (run_dir / "config.toml").write_text(dump_config(config))
-    return save_model_checkpoint(run_dir, config, model, tokenizer, plugins, step)
+    (tmp / "config.toml").write_text(dump_config(config))
+    save_model_checkpoint(tmp, config, model, tokenizer, plugins, step)
 
 
 def save_model_checkpoint(run_dir: Path, config: ExperimentConfig, model: torch.nn.Module, tokenizer, plugins,

@@ -44,10 +44,17 @@ def test_weights_that_do_not_fit_are_refused_by_name(tmp_path, plugins):
     with pytest.raises(CheckpointError, match=r"missing: language_model.encoder.final_layernorm.weight; unexpected:"
                                               r" language_model.encoder.layers.9"):
         write_imported_run(tmp_path / "bad", {"model": dict(MODEL)}, state, plugins)
+    assert list(tmp_path.iterdir()) == []  # a failed import leaves nothing behind
+    _, state = _converted_state(plugins)
+    state["language_model.encoder.final_layernorm.weight"] = torch.ones(7)
+    with pytest.raises(CheckpointError, match="do not fit model 'gpt': .*final_layernorm.weight"):
+        write_imported_run(tmp_path / "bad", {"model": dict(MODEL)}, state, plugins)
     _, state = _converted_state(plugins)
     write_imported_run(tmp_path / "once", {"model": dict(MODEL)}, state, plugins)
-    with pytest.raises(CheckpointError, match="already holds checkpoints"):
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "once").rglob("*"))
+    with pytest.raises(CheckpointError, match="exists and is not empty"):
         write_imported_run(tmp_path / "once", {"model": dict(MODEL)}, state, plugins)
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "once").rglob("*")) == before
 
 
 class Toy:

@@ -93,14 +93,16 @@ def shard_for(model: torch.nn.Module, full: Dict[str, torch.Tensor], parallel) -
         target = list(local.shape)
         if dim is not None:
             target[dim] *= parallel.tp_size
-        tensor = _fit(tensor, target)
+        tensor = fit(tensor, target)
         if dim is not None and parallel.tp_size > 1:
             tensor = tensor.chunk(parallel.tp_size, dim=dim)[parallel.tp_rank]
         out[name] = tensor.clone()
     return out
 
 
-def _fit(tensor: torch.Tensor, shape: List[int]) -> torch.Tensor:
+def fit(tensor: torch.Tensor, shape: List[int]) -> torch.Tensor:
+    """`tensor` cut or zero-filled to `shape` (vocabulary padding differs between layouts
+    and tools: padding rows are never predicted, so cutting or adding them is exact)."""
     if list(tensor.shape) == shape:
         return tensor
     for d, (have, want) in enumerate(zip(tensor.shape, shape)):
