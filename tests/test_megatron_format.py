@@ -229,3 +229,69 @@ def test_unsafe_pickles_are_named_and_need_an_explicit_opt_in(tmp_path, plugins)
     with pytest.raises(CheckpointError, match=r"datetime\.date.*--option trust_pickle=true"):
         MegatronFormat().load(tmp_path)
     assert load_file(tmp_path / "mp_rank_00" / "model_optim_rng.pt", "x", trust_pickle=True)["args"].num_layers == 2
+
+
+# --- review fixes: every value the config knows; old files' model_parallel_size ------------
+
+
+def test_args_carry_the_training_values_the_config_knows():
+    from mega.plugins.checkpoints.megatron_args import megatron_args
+
+    config = {"trainer": {"precision": "bf16", "max_steps": 500, "gradient_clip_val": 0.5},
+              "model": {"hidden_size": 32, "num_attention_heads": 4, "micro_batch_size": 2, "global_batch_size": 16,
+                        "seed": 7, "native_amp_init_scale": 65536.0, "native_amp_growth_interval": 200, "hysteresis": 3,
+                        "tokenizer": {"library": "bytes"},
+                        "data": {"data_prefix": [0.3, "/d/a", 0.7, "/d/b"], "splits_string": "98,1,1"},
+                        "optim": {"name": "adamw", "lr": 6e-4, "weight_decay": 0.1, "betas": [0.9, 0.95], "eps": 1e-8,
+                                  "sched": {"name": "cosine", "warmup_steps": 10, "min_lr": 6e-5, "decay_steps": 400}}}}
+    args = megatron_args(config, 1, 1, 258)
+    assert (args.params_dtype, args.bf16, args.fp16) == (torch.bfloat16, True, False)
+    assert (args.train_iters, args.clip_grad, args.lr, args.min_lr, args.weight_decay) == (500, 0.5, 6e-4, 6e-5, 0.1)
+    assert (args.optimizer, args.adam_beta1, args.adam_beta2, args.adam_eps) == ("adam", 0.9, 0.95, 1e-8)
+    assert (args.lr_warmup_iters, args.lr_decay_style, args.lr_decay_iters) == (10, "cosine", 400)
+    assert (args.initial_loss_scale, args.loss_scale_window, args.hysteresis) == (65536.0, 200, 3)
+    assert (args.split, args.data_path) == ("98,1,1", [0.3, "/d/a", 0.7, "/d/b"])
+    assert (args.micro_batch_size, args.global_batch_size, args.seed) == (2, 16, 7)
+    assert megatron_args({"model": {"hidden_size": 32, "num_attention_heads": 4}}, 1, 1, 258).params_dtype == torch.float32
+
+
+def test_a_training_checkpoint_writes_the_run_config_values(tmp_path, corpus, plugins):
+    cfg = tiny_config(tmp_path, corpus, plugins, trainer={"max_steps": 2, "val_check_interval": 0},
+                      exp_manager={"checkpoint": {"format": "megatron"}})
+    run = build_run(cfg, plugins)
+    train(run)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        args = torch.load(run.run_dir / "checkpoints" / "iter_0000002" / "mp_rank_00" / "model_optim_rng.pt",
+                          weights_only=True)["args"]
+    assert (args.train_iters, args.lr, args.params_dtype) == (2, cfg.model.optim.lr, torch.float32)
+    assert args.lr_warmup_iters == cfg.model.optim.sched.warmup_steps and args.seed == cfg.model.seed
+
+
+@pytest.mark.parametrize("version", [1.0, 2.0])
+def test_old_files_give_the_tp_size_as_model_parallel_size(tmp_path, plugins, version):
+    """Megatron-LM before checkpoint_version 3.0 says `model_parallel_size`: its QKV rows
+    are reordered per shard (heads / TP) and both ranks are read."""
+    from mega.interop import find_importer
+    from mega.inference import load_checkpoint_for_inference
+
+    _, model = _gpt(plugins)
+    state = model.state_dict()
+    args = argparse.Namespace(num_layers=2, hidden_size=32, num_attention_heads=4, model_parallel_size=2,
+                              max_position_embeddings=16, seq_length=16)
+    for rank in range(2):
+        shard = {}
+        for k, v in state.items():
+            from mega.plugins.checkpoints.megatron import partition_dim
+
+            dim = partition_dim(k)
+            t = v if dim is None else v.chunk(2, dim=dim)[rank]
+            shard[k] = _to_version(t, version, 2) if "query_key_value" in k and version < 2.0 else t
+        _write(tmp_path / "meg" / "release" / f"mp_rank_{rank:02d}",
+               {"args": args, "checkpoint_version": version, "iteration": 0, "model": nest(shard)})
+    (tmp_path / "meg" / "latest_checkpointed_iteration.txt").write_text("release")
+    find_importer(tmp_path / "meg", plugins).import_run(tmp_path / "meg", tmp_path / "run", {"tokenizer": "bytes"}, plugins)
+    loaded, _, _ = load_checkpoint_for_inference(tmp_path / "run", plugins)
+    tokens = torch.randint(0, 258, (2, 16))
+    torch.testing.assert_close(loaded(tokens)[..., :258], model(tokens)[..., :258], rtol=0, atol=1e-6)
+    single = MegatronFormat().load(tmp_path / "meg" / "release", ParallelState(tp_size=2, tp_rank=1))
+    assert single["sharding"]["tp_size"] == 2

@@ -24,7 +24,7 @@ import torch
 
 import mega
 from mega.errors import CheckpointError
-from mega.plugins.checkpoints.megatron_args import check_supported, load_file, megatron_args
+from mega.plugins.checkpoints.megatron_args import check_supported, load_file, megatron_args, pp_size, tp_size
 
 CHECKPOINT_VERSION = 3.0
 FILE = "model_optim_rng.pt"
@@ -63,11 +63,14 @@ def nest(flat: Dict[str, torch.Tensor]) -> dict:
     return out
 
 
-def _current_name(key: str) -> str:
-    """An encoder key in the pre-2023 spelling mega (and HF's tools) use: `input_norm` ->
-    `input_layernorm` (Megatron-LM since Sep 2023), `attention.` -> `self_attention.` (before 2021)."""
-    key = re.sub(r"(^|\.)(input|post_attention|post_inter_attention|final)_norm\.", r"\1\2_layernorm.", key)
-    return re.sub(r"(^|\.)attention\.", r"\1self_attention.", key)
+def current_name(name: str) -> str:
+    """A legacy Megatron name (flat, or an encoder key) in the pre-2023 spelling mega (and
+    HF's tools) use: `language_model.transformer.` -> `language_model.encoder.` (before
+    2021), `attention.` -> `self_attention.` (before 2021), `input_norm` -> `input_layernorm`
+    (Megatron-LM since Sep 2023). Shared with the nemo importer, whose legacy names are these."""
+    name = re.sub(r"^language_model\.transformer\.", "language_model.encoder.", name)
+    name = re.sub(r"(^|\.)(input|post_attention|post_inter_attention|final)_norm\.", r"\1\2_layernorm.", name)
+    return re.sub(r"(^|\.)attention\.", r"\1self_attention.", name)
 
 
 def flatten(model: dict) -> Dict[str, torch.Tensor]:
@@ -81,7 +84,7 @@ def flatten(model: dict) -> Dict[str, torch.Tensor]:
             flat[f"language_model.embedding.{module}.{key}"] = t
     encoder = lm.get("encoder", lm.get("transformer", {}))
     for key, t in encoder.items():
-        flat[f"language_model.encoder.{_current_name(key)}"] = t
+        flat[current_name(f"language_model.encoder.{key}")] = t
     for module, params in lm.items():
         if module not in ("embedding", "encoder", "transformer") and isinstance(params, dict):
             for key, t in params.items():  # e.g. output_layer of an untied model: refused by name later
@@ -215,8 +218,8 @@ def state_from_raw(raw: dict, name: str, pp_rank: int = 0, parts=("model", "opti
     if "language_model.output_layer.weight" in model:
         raise CheckpointError(f"{name}: has language_model.output_layer (an output layer untied from the word"
                               " embeddings); mega's GPT cannot run this architecture")
-    tp = getattr(args, "tensor_model_parallel_size", 1) if args is not None else 1
-    pp = getattr(args, "pipeline_model_parallel_size", 1) if args is not None else 1
+    tp = tp_size(args) if args is not None else 1
+    pp = pp_size(args) if args is not None else 1
     if version < 2.0:
         if args is None:
             raise CheckpointError(f"{name}: checkpoint_version {version} needs args.num_attention_heads to reorder QKV")

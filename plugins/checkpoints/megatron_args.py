@@ -105,6 +105,7 @@ def megatron_args(config: dict, tp: int, pp: int, vocab_size: Optional[int], mod
         padded = padded_vocab_size(vocab_size, divisible_by, tp)
     trainer = config.get("trainer", {})
     precision = str(trainer.get("precision", "32"))
+    training = _training_fields(config)
     return argparse.Namespace(
         # architecture (what `--use-checkpoint-args` copies and check_checkpoint_args compares)
         num_layers=model.get("num_layers"), hidden_size=hidden,
@@ -128,7 +129,37 @@ def megatron_args(config: dict, tp: int, pp: int, vocab_size: Optional[int], mod
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         micro_batch_size=model.get("micro_batch_size"), global_batch_size=model.get("global_batch_size"),
         seed=model.get("seed"), fp16=precision.startswith("16"), bf16=precision.startswith("bf16"),
+        params_dtype=_DTYPES.get(precision, torch.float32),
+        **training,
     )
+
+
+# trainer.precision -> Megatron's params_dtype (a torch.dtype, which weights_only loading allows)
+_DTYPES = {"32": torch.float32, "16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _training_fields(config: dict) -> dict:
+    """The optimizer, schedule, loss-scaling and data values Megatron-LM keeps in `args`,
+    under its names, from whatever of them the config holds (a key the config lacks is
+    left out rather than guessed)."""
+    trainer, model = config.get("trainer", {}), config.get("model", {})
+    optim = model.get("optim", {}) or {}
+    sched = optim.get("sched", {}) or {}
+    data = model.get("data", {}) or {}
+    fields = {
+        "train_iters": trainer.get("max_steps"), "clip_grad": trainer.get("gradient_clip_val"),
+        "lr": optim.get("lr"), "weight_decay": optim.get("weight_decay"),
+        "min_lr": sched.get("min_lr"), "lr_warmup_iters": sched.get("warmup_steps"),
+        "lr_decay_style": sched.get("name"), "lr_decay_iters": sched.get("decay_steps"),
+        "initial_loss_scale": model.get("native_amp_init_scale"),
+        "loss_scale_window": model.get("native_amp_growth_interval"), "hysteresis": model.get("hysteresis"),
+        "split": data.get("splits_string"), "data_path": list(data["data_prefix"]) if data.get("data_prefix") else None,
+    }
+    if optim.get("name") == "adamw":  # Megatron's `adam` is AdamW (decoupled weight decay)
+        betas = optim.get("betas") or []
+        fields.update(optimizer="adam", adam_eps=optim.get("eps"),
+                      adam_beta1=betas[0] if len(betas) == 2 else None, adam_beta2=betas[1] if len(betas) == 2 else None)
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 # args fields whose values mega's GPT cannot honour: field -> (acceptable values, what it means)
@@ -167,6 +198,21 @@ def check_supported(args, name: str) -> None:
     if kv is not None and hidden and heads and kv != hidden // heads:
         raise CheckpointError(f"{name}: args.kv_channels={kv} differs from hidden_size / num_attention_heads ="
                               f" {hidden // heads}; mega's GPT cannot run it")
+
+
+def tp_size(args) -> int:
+    """The tensor-parallel size an `args` was saved at: `tensor_model_parallel_size`, or
+    `model_parallel_size` in files older than checkpoint_version 3.0 (Megatron-LM before
+    pipeline parallelism named it so), else 1."""
+    for field in ("tensor_model_parallel_size", "model_parallel_size"):
+        value = getattr(args, field, None)
+        if value:
+            return int(value)
+    return 1
+
+
+def pp_size(args) -> int:
+    return int(getattr(args, "pipeline_model_parallel_size", None) or 1)
 
 
 def activation_of(args) -> str:

@@ -38,9 +38,11 @@ from mega.plugins.checkpoints.megatron_args import (
     activation_of,
     load_file,
     megatron_args,
+    pp_size,
+    tp_size,
 )
 from mega.plugins.models.transformer import padded_vocab_size
-from mega.runtime.sharding import renumber
+from mega.runtime.sharding import fit, merge_shards, renumber, to_global
 
 ZIP_MEMBER = "release/mp_rank_00/model_optim_rng.pt"
 _RANK = re.compile(r"^mp_rank_\d{2}(_\d{3})*$")
@@ -114,8 +116,7 @@ class Source:
         self.args = self.first.get("args")
         if self.args is None:
             raise CheckpointError(f"{self.name(0, 0, 1)}: has no 'args'; mega needs them to know the model's shape")
-        self.tp = int(getattr(self.args, "tensor_model_parallel_size", 1) or 1)
-        self.pp = int(getattr(self.args, "pipeline_model_parallel_size", 1) or 1)
+        self.tp, self.pp = tp_size(self.args), pp_size(self.args)
         if (self.zip or self.single) and (self.tp, self.pp) != (1, 1):
             raise CheckpointError(f"{source}: args say tensor/pipeline-parallel sizes ({self.tp}, {self.pp}) but only"
                                   " one rank's file is here; import the iteration directory")
@@ -147,20 +148,16 @@ class Source:
 
 
 def merged_model(src: Source) -> Dict[str, torch.Tensor]:
-    """Every rank's tensors merged into one model under mega's (global) names."""
+    """Every rank's tensors merged into one model under mega's (global) names: the
+    kernel's merge_shards along each tensor's split dimension, then to_global (layer
+    numbers made global, the last stage's copy of the tied word embedding dropped)."""
     full: Dict[str, torch.Tensor] = {}
     for stage in range(src.pp):
         ranks = [state_from_raw(src.first if (r, stage) == (0, 0) else src.read(r, stage),
                                 src.name(r, stage, src.pp), stage, parts=("model",))
                  for r in range(src.tp)]
         sharding = ranks[0]["sharding"]
-        names = list(ranks[0]["model"])
-        for name in names:
-            if name in sharding.get("aliases", {}):
-                continue  # the last stage's copy of the tied word embedding
-            dim = partition_dim(name)
-            parts = [r["model"][name] for r in ranks]
-            full[renumber(name, sharding["layer_offset"])] = parts[0] if dim is None else torch.cat(parts, dim=dim)
+        full.update(to_global(merge_shards([r["model"] for r in ranks], sharding), sharding))
     return full
 
 
@@ -204,7 +201,7 @@ def _divisible_by(args, vocab: int, padded: int) -> int:
     rows at TP=1: Megatron's own multiple (divisible_by x the checkpoint's TP) does when
     args have it; else the largest power of two that does."""
     given = getattr(args, "make_vocab_size_divisible_by", None)
-    tp = int(getattr(args, "tensor_model_parallel_size", 1) or 1)
+    tp = tp_size(args)
     if given and padded_vocab_size(vocab, given * tp) == padded:
         return given * tp
     d = 1
@@ -223,11 +220,9 @@ def _require(args, field: str, fallback=None):
 
 
 def import_run(source: Path, run_dir: Path, options: Mapping[str, str], plugins) -> Path:
-    from mega.interop import write_imported_run
+    from mega.interop import check_options, write_imported_run
 
-    unknown = sorted(set(options) - set(IMPORT_OPTIONS))
-    if unknown:
-        raise ConfigError(f"--option {unknown[0]}: not an option of the megatron importer (known: {', '.join(IMPORT_OPTIONS)})")
+    check_options(options, IMPORT_OPTIONS, "megatron")
     trust = str(options.get("trust_pickle", "false")).lower() in ("1", "true", "yes")
     src = Source(Path(source), trust)
     args = src.args
@@ -248,10 +243,8 @@ def import_run(source: Path, run_dir: Path, options: Mapping[str, str], plugins)
         raise CheckpointError(f"{source}: the tokenizer has {vocab} tokens but the checkpoint only {padded} embedding rows")
     divisible_by = _divisible_by(args, vocab, padded)
     ours = padded_vocab_size(vocab, divisible_by)
-    if word.shape[0] != ours:  # re-pad: keep the real rows, padding rows are zeros (never predicted)
-        rows = word[:min(ours, word.shape[0])]
-        word = torch.cat([rows, rows.new_zeros(ours - rows.shape[0], rows.shape[1])]) if ours > rows.shape[0] else rows
-        state["language_model.embedding.word_embeddings.weight"] = word
+    # re-pad: keep the real rows, padding rows are zeros (never predicted)
+    word = state["language_model.embedding.word_embeddings.weight"] = fit(word, [ours, word.shape[1]])
     hidden = _require(args, "hidden_size", word.shape[1])
     layers = 1 + max(int(m.group(1)) for k in state if (m := re.search(r"\.layers\.(\d+)\.", k)))
     num_layers = _require(args, "num_layers", layers)
@@ -289,11 +282,10 @@ def _int_option(options: Mapping[str, str], key: str) -> int:
 def export_run(checkpoint: Path, destination: Path, options: Mapping[str, str], plugins) -> Path:
     from mega.config import to_dict
     from mega.inference import load_checkpoint_for_inference
+    from mega.interop import check_options
     from mega.training.checkpointing import verify
 
-    unknown = sorted(set(options) - set(EXPORT_OPTIONS))
-    if unknown:
-        raise ConfigError(f"--option {unknown[0]}: not an option of the megatron exporter (known: {', '.join(EXPORT_OPTIONS)})")
+    check_options(options, EXPORT_OPTIONS, "megatron")
     tp, pp = _int_option(options, "tensor_parallel"), _int_option(options, "pipeline_parallel")
     model, tokenizer, config = load_checkpoint_for_inference(checkpoint, plugins)
     mc = config.model
@@ -320,10 +312,7 @@ def export_run(checkpoint: Path, destination: Path, options: Mapping[str, str], 
     args = megatron_args(raw, tp, pp, tokenizer.vocab_size, model_file)
     full = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     word_name = "language_model.embedding.word_embeddings.weight"
-    word = full[word_name][:min(args.padded_vocab_size, full[word_name].shape[0])]
-    if word.shape[0] < args.padded_vocab_size:
-        word = torch.cat([word, word.new_zeros(args.padded_vocab_size - word.shape[0], word.shape[1])])
-    full[word_name] = word
+    full[word_name] = fit(full[word_name], [args.padded_vocab_size, full[word_name].shape[1]])
     per_stage = mc.num_layers // pp
     for stage in range(pp):
         stage_state = _stage(full, stage, per_stage, pp)
