@@ -299,6 +299,7 @@ def test_generate_reads_a_nemo_file_directly(source_gpt, spm_model, tmp_path, ca
 @pytest.mark.parametrize("key,value,why", [
     ("position_embedding_type", "rope", "learned absolute positions only"),
     ("activation", "swiglu", "no gated MLPs"),
+    ("activation", "approx-gelu", "x * sigmoid(1.702 x)"),
     ("normalization", "rmsnorm", "no RMSNorm"),
     ("bias", False, "biases in every linear layer"),
     ("share_embeddings_and_output_weights", False, "ties its output layer"),
@@ -353,3 +354,16 @@ def test_a_pipeline_parallel_nemo_archive_is_renumbered(source_gpt, spm_model, t
             tar.addfile(info, io.BytesIO(data))
     loaded, _, _ = mega.restore_from(nemo, plugins)
     assert torch.equal(_logits(loaded, 60), _logits(model, 60))
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"activation": "gelu"}, "gelu_tanh"),  # NeMo's default bias_activation_fusion: fused bias-GELU, tanh
+    ({"activation": "gelu", "bias_activation_fusion": True}, "gelu_tanh"),
+    ({"activation": "gelu", "bias_activation_fusion": False}, "gelu"),  # F.gelu: exact
+    ({"activation": "gelu", "bias_activation_fusion": False, "openai_gelu": True}, "gelu_tanh"),
+    ({"activation": "fast-gelu", "bias_activation_fusion": False}, "gelu_tanh"),
+])
+def test_nemo_activation_follows_nemos_gelu_semantics(changes, expected):
+    from mega.plugins.checkpoints.nemo import model_config
+
+    assert model_config(_nemo_yaml(**changes))["activation"] == expected

@@ -32,11 +32,18 @@ import torch
 
 import mega
 from mega.errors import CheckpointError, ConfigError
+from mega.plugins.checkpoints.megatron import current_name
 
 SUFFIX = ".nemo"
 CONFIG = "model_config.yaml"
 WEIGHTS = "model_weights.ckpt"
-ACTIVATIONS = {"gelu": "gelu", "fast-gelu": "gelu_tanh", "openai-gelu": "gelu_tanh"}
+# NeMo's `activation` names mega's GPT can run. NeMo (legacy ParallelMLP and megatron-core
+# alike) computes `gelu` with its fused bias-GELU kernel while `bias_activation_fusion` is
+# true (the default), which is the tanh approximation; exact (erf) GELU only with the fusion
+# off; `openai_gelu: true` forces the tanh form. `fast-gelu` / `openai-gelu` are not NeMo's
+# own names but say tanh GELU unambiguously. `approx-gelu` is x * sigmoid(1.702 x) (quick
+# GELU), which mega's GPT does not have: refused.
+ACTIVATIONS = ("gelu", "fast-gelu", "openai-gelu")
 NORMS = ("layernorm", "low_precision_layernorm")
 # yaml keys copied to mega's model table unchanged
 COPIED = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "max_position_embeddings",
@@ -150,6 +157,8 @@ def model_config(cfg: dict, source: Path = Path("model.nemo")) -> dict:
         refuse("target", "only Megatron GPT models are imported")
     if cfg.get("position_embedding_type", "learned_absolute") != "learned_absolute":
         refuse("position_embedding_type", "mega's gpt has learned absolute positions only (no rotary/alibi)")
+    if cfg.get("activation", "gelu") == "approx-gelu":
+        refuse("activation", "NeMo's approx-gelu is x * sigmoid(1.702 x) (quick GELU); mega's gpt runs exact or tanh GELU")
     if cfg.get("activation", "gelu") not in ACTIVATIONS:
         refuse("activation", f"mega's gpt runs {', '.join(ACTIVATIONS)} (no gated MLPs such as swiglu)")
     if cfg.get("normalization", "layernorm") not in NORMS:
@@ -170,9 +179,19 @@ def model_config(cfg: dict, source: Path = Path("model.nemo")) -> dict:
     for key in ("num_layers", "hidden_size", "num_attention_heads", "encoder_seq_length"):
         if not isinstance(cfg.get(key), int):
             refuse(key, "needed, as an integer")
-    table = {"name": "gpt", "seq_length": cfg["encoder_seq_length"], "activation": ACTIVATIONS[cfg.get("activation", "gelu")]}
+    table = {"name": "gpt", "seq_length": cfg["encoder_seq_length"], "activation": activation_of(cfg)}
     table.update({k: cfg[k] for k in COPIED if cfg.get(k) is not None})
     return table
+
+
+def activation_of(cfg: dict) -> str:
+    """mega's activation for a NeMo GPT yaml: `openai_gelu: true`, a tanh name, or `gelu`
+    with `bias_activation_fusion` (default true: NeMo's fused bias-GELU is the tanh
+    approximation) -> "gelu_tanh"; `gelu` with the fusion off -> exact "gelu"."""
+    activation = cfg.get("activation", "gelu")
+    if cfg.get("openai_gelu", False) or activation in ("fast-gelu", "openai-gelu"):
+        return "gelu_tanh"
+    return "gelu_tanh" if cfg.get("bias_activation_fusion", True) else "gelu"
 
 
 def _nemo_path(value) -> str:
@@ -236,15 +255,13 @@ def mega_name(name: str) -> str:
     m = _MCORE_LAYER.match(name)
     if m and m.group(2) in MCORE_LAYER:
         return f"language_model.encoder.layers.{m.group(1)}.{MCORE_LAYER[m.group(2)]}"
-    name = name.replace("language_model.transformer.", "language_model.encoder.")
-    name = re.sub(r"\.attention\.", ".self_attention.", name)
-    return re.sub(r"(input|post_attention|final)_norm\.", r"\1_layernorm.", name)
+    return current_name(name)  # legacy NeMo names are Megatron-LM's: one renaming for both formats
 
 
 def _weights(source: Path, tar, members, cfg: dict, model_table: dict, files, plugins) -> Dict[str, torch.Tensor]:
     from mega.config import config_from_dict
     from mega.runtime.parallel import ParallelState
-    from mega.runtime.sharding import merge_shards, renumber, sharding_of
+    from mega.runtime.sharding import fit, merge_shards, renumber, sharding_of
 
     # mega's model at one process: its names, shapes and tensor-parallel split dimensions
     raw = {"model": {**model_table, "tokenizer": {**model_table["tokenizer"], **{k: str(v) for k, v in files.items()}}}}
@@ -299,9 +316,7 @@ def _weights(source: Path, tar, members, cfg: dict, model_table: dict, files, pl
         if have != want:
             raise CheckpointError(f"{source}: {origin[name]} has shape {list(tensor.shape)}, mega's gpt expects"
                                   f" {list(expected[name].shape)} from {CONFIG}")
-    padded = expected[word].shape[0]
-    w = full[word][: min(rows, padded)]
-    full[word] = torch.cat([w, w.new_zeros(padded - w.shape[0], w.shape[1])]) if w.shape[0] < padded else w.clone()
+    full[word] = fit(full[word], list(expected[word].shape)).clone()
     return full
 
 
