@@ -295,3 +295,16 @@ def test_old_files_give_the_tp_size_as_model_parallel_size(tmp_path, plugins, ve
     torch.testing.assert_close(loaded(tokens)[..., :258], model(tokens)[..., :258], rtol=0, atol=1e-6)
     single = MegatronFormat().load(tmp_path / "meg" / "release", ParallelState(tp_size=2, tp_rank=1))
     assert single["sharding"]["tp_size"] == 2
+
+
+def test_training_checkpoints_name_the_kernels_copies_of_bpe_files(tmp_path):
+    cfg = {"model": {"hidden_size": 32, "num_attention_heads": 4, "num_layers": 2,
+                     "tokenizer": {"library": "huggingface", "vocab_file": "/x/vocab.json", "merges_file": "/x/merges.txt",
+                                   "eos_token": "<|endoftext|>"}}}
+    MegatronFormat().save({"model": {}, "config": cfg, "vocab_size": 300}, tmp_path / ".tmp-iter_0000001")
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        args = torch.load(tmp_path / ".tmp-iter_0000001" / "mp_rank_00" / "model_optim_rng.pt", weights_only=True)["args"]
+    final = tmp_path / "iter_0000001"
+    assert (args.tokenizer_type, args.vocab_file, args.merge_file) == (
+        "GPT2BPETokenizer", str(final / "tokenizer.vocab.json"), str(final / "tokenizer.merges.txt"))
+    assert args.mega_tokenizer == {"eos_token": "<|endoftext|>"}

@@ -276,3 +276,122 @@ def test_sentencepiece_tokenizer_travels_through_args(tmp_path, plugins, corpus)
         assert config.model.tokenizer.library == "sentencepiece" and tokenizer.vocab_size == 60
         tokens = torch.randint(0, 60, (1, 16))
         assert torch.equal(loaded(tokens), model.eval()(tokens))
+
+
+# --- review fixes: GPT-2 BPE tokenizers travel; exports renamed into place ------------------
+
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory):
+    """A tiny byte-level BPE (GPT-2's kind) as vocab.json + merges.txt and as tokenizer.json."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    from mega.testing import write_corpus
+
+    d = tmp_path_factory.mktemp("bpe")
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator(write_corpus(d / "corpus.txt", lines=60).read_text().splitlines(), vocab_size=300,
+                            min_frequency=2, special_tokens=["<|endoftext|>"], show_progress=False)
+    tok.save(str(d / "tokenizer.json"))
+    tok.save_model(str(d))
+    return d
+
+
+def _bpe_run(tmp_path, plugins, bpe, kind):
+    from mega.config import config_from_dict
+
+    tok = ({"library": "huggingface", "tokenizer_file": str(bpe / "tokenizer.json")} if kind == "json" else
+           {"library": "huggingface", "vocab_file": str(bpe / "vocab.json"), "merges_file": str(bpe / "merges.txt")})
+    raw = {"model": dict(MODEL, tokenizer=tok)}
+    mc = config_from_dict(raw, plugins=plugins).model
+    tokenizer = plugins.tokenizers.get("huggingface").factory(mc.tokenizer, [], None)
+    torch.manual_seed(3)
+    model = plugins.models.get("gpt").factory(mc, tokenizer, plugins)
+    write_imported_run(tmp_path / "run", raw, model.state_dict(), plugins)
+    return tmp_path / "run", model.eval(), tokenizer
+
+
+@pytest.mark.parametrize("kind", ["vocab_merges", "json"])
+def test_gpt2_bpe_tokenizer_travels_through_megatron(tmp_path, plugins, bpe, kind):
+    """Export names GPT2BPETokenizer + vocab_file/merge_file (or HuggingFaceTokenizer +
+    tokenizer_model = tokenizer.json) and copies the files; import reads them back, also
+    after the export was moved (by file name beside the tracker)."""
+    run, model, tokenizer = _bpe_run(tmp_path, plugins, bpe, kind)
+    dest = _export(run, tmp_path / "meg", plugins)
+    with torch.serialization.safe_globals(SAFE):
+        args = torch.load(dest / "iter_0000000" / "mp_rank_00" / "model_optim_rng.pt", weights_only=True)["args"]
+    if kind == "vocab_merges":
+        assert (args.tokenizer_type, args.vocab_file, args.merge_file) == (
+            "GPT2BPETokenizer", str(dest / "vocab.json"), str(dest / "merges.txt"))
+        assert (dest / "vocab.json").read_bytes() == (bpe / "vocab.json").read_bytes()
+    else:
+        assert (args.tokenizer_type, args.tokenizer_model) == ("HuggingFaceTokenizer", str(dest / "tokenizer.json"))
+        assert (dest / "tokenizer.json").is_file()
+    moved = tmp_path / "moved"
+    dest.rename(moved)
+    for i, source in enumerate([moved, moved / "iter_0000000"]):
+        find_importer(source, plugins).import_run(source, tmp_path / f"back{i}", {}, plugins)
+        loaded, tok, config = load_checkpoint_for_inference(tmp_path / f"back{i}", plugins)
+        assert config.model.tokenizer.library == "huggingface" and tok.vocab_size == tokenizer.vocab_size
+        assert tok.encode("the model said") == tokenizer.encode("the model said")
+        tokens = torch.randint(0, tokenizer.vocab_size, (1, 16))
+        assert torch.equal(loaded(tokens), model(tokens))
+
+
+def test_hf_written_gpt2_bpe_files_import_with_file_options(tmp_path, plugins, monkeypatch, bpe):
+    """HF's writer says GPT2BPETokenizer and ships no files: the options name them."""
+    from mega.cli import main
+
+    torch.manual_seed(1)
+    vocab = len(__import__("json").loads((bpe / "vocab.json").read_text()))
+    config = GPT2Config(vocab_size=vocab, n_positions=16, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0)
+    hf = GPT2LMHeadModel(config).eval()
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=False)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    args = argparse.Namespace(
+        load_path=str(tmp_path / "hf"), save_path=str(tmp_path / "meg"), megatron_path=str(_stub_megatron(tmp_path)),
+        target_tensor_model_parallel_size=1, target_pipeline_model_parallel_size=1, target_data_parallel_size=1,
+        target_params_dtype="fp32", make_vocab_size_divisible_by=8, use_distributed_optimizer=False,
+        print_checkpoint_structure=False)
+    try:
+        reshaping.convert_checkpoint_from_transformers_to_megatron(args)
+    finally:
+        for name in [m for m in sys.modules if m == "megatron" or m.startswith("megatron.")]:
+            del sys.modules[name]
+    meg = tmp_path / "meg"
+    with pytest.raises(ConfigError, match="--option vocab_file=PATH with --option merges_file=PATH"):
+        find_importer(meg, plugins).import_run(meg, tmp_path / "nope", {}, plugins)
+    assert main(["import", str(meg), str(tmp_path / "run"), "--option", f"vocab_file={bpe / 'vocab.json'}",
+                 "--option", f"merges_file={bpe / 'merges.txt'}"]) == 0
+    assert main(["import", str(meg), str(tmp_path / "run2"), "--option", f"tokenizer_file={bpe / 'tokenizer.json'}"]) == 0
+    for name in ("run", "run2"):
+        loaded, tok, _ = load_checkpoint_for_inference(tmp_path / name, plugins)
+        tokens = torch.randint(0, vocab, (2, 16))
+        with torch.no_grad():
+            delta = (loaded(tokens)[..., :vocab] - hf(tokens).logits).abs().max().item()
+        assert delta < 1e-5 and tok.vocab_size == vocab
+
+
+def test_export_writes_into_a_temporary_directory_renamed_into_place(tmp_path, plugins, monkeypatch):
+    from mega.errors import CheckpointError
+    from mega.plugins.checkpoints import megatron_interop
+
+    run = _mega_run(tmp_path, plugins)
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="already exists"):
+        _export(run, existing, plugins)
+    assert [p.name for p in existing.iterdir()] == ["keep.txt"]
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(megatron_interop, "nest", broken)  # fails after the tokenizer and the first folders
+    with pytest.raises(OSError, match="disk full"):
+        _export(run, tmp_path / "meg", plugins, tp=2)
+    assert not (tmp_path / "meg").exists() and not list(tmp_path.glob(".tmp-*"))
+    monkeypatch.undo()
+    dest = _export(run, tmp_path / "meg", plugins)
+    assert (dest / "latest_checkpointed_iteration.txt").is_file() and not list(tmp_path.glob(".tmp-*"))

@@ -24,7 +24,14 @@ import torch
 
 import mega
 from mega.errors import CheckpointError
-from mega.plugins.checkpoints.megatron_args import check_supported, load_file, megatron_args, pp_size, tp_size
+from mega.plugins.checkpoints.megatron_args import (
+    check_supported,
+    load_file,
+    megatron_args,
+    pp_size,
+    tokenizer_files,
+    tp_size,
+)
 
 CHECKPOINT_VERSION = 3.0
 FILE = "model_optim_rng.pt"
@@ -115,14 +122,15 @@ def _final_directory(directory: Path) -> Path:
     return directory.with_name(directory.name[len(".tmp-"):]) if directory.name.startswith(".tmp-") else directory
 
 
-def _tokenizer_model(config: dict, directory: Path) -> Optional[str]:
-    """The sentencepiece model Megatron-LM should load: the copy the kernel puts into the
-    checkpoint directory (`tokenizer.<file name>`)."""
+def _tokenizer_files(config: dict, directory: Path) -> Dict[str, str]:
+    """Where Megatron-LM should find the tokenizer's files: the copies the kernel puts into
+    the checkpoint directory (`tokenizer.<file name>`), by mega config key."""
     tok = config.get("model", {}).get("tokenizer", {})
-    if tok.get("library") != "sentencepiece":
-        return None
-    name = Path(tok["model"]).name if tok.get("model") else "tokenizer.model"
-    return str((_final_directory(directory) / f"tokenizer.{name}").absolute())
+    found = tokenizer_files(tok)
+    if tok.get("library") == "sentencepiece" and not found:
+        found = {"model": "tokenizer.model"}
+    final = _final_directory(directory)
+    return {key: str((final / f"tokenizer.{Path(value).name}").absolute()) for key, value in found.items()}
 
 
 def find_rank_file(directory: Path, tp_rank: int, pp_rank: int, pp: int) -> Optional[Path]:
@@ -164,7 +172,7 @@ class MegatronFormat:
         trainer = state.get("trainer", {})
         rng = trainer.get("rng", {})
         torch.save({
-            "args": megatron_args(config, tp, pp, vocab, _tokenizer_model(config, directory), padded),
+            "args": megatron_args(config, tp, pp, vocab, padded=padded, files=_tokenizer_files(config, directory)),
             "checkpoint_version": CHECKPOINT_VERSION,
             "iteration": trainer.get("step", 0),
             "model": nest(model),

@@ -77,26 +77,63 @@ def load_file(source, name: str, trust_pickle: bool = False) -> dict:
         raise CheckpointError(f"{name}: cannot be read as a Megatron checkpoint ({type(exc).__name__}: {exc})") from None
 
 
-def tokenizer_fields(tokenizer_config: dict, vocab_size: Optional[int], model_file: Optional[str]) -> dict:
-    """`tokenizer_type` in Megatron-LM's names, the tokenizer file or size Megatron needs,
-    and mega's own library name (`mega_tokenizer_library`)."""
-    library = tokenizer_config.get("library")
-    fields = {"mega_tokenizer_library": library}
+# mega tokenizer keys naming files, and the Megatron-LM `args` field each travels in
+FILE_KEYS = ("model", "tokenizer_file", "vocab_file", "merges_file")
+GPT2_BPE = "GPT2BPETokenizer"
+HF_TOKENIZER = "HuggingFaceTokenizer"
+
+
+def tokenizer_files(tokenizer_config: dict) -> dict:
+    """The tokenizer files a config's tokenizer travels with, by config key, as the
+    tokenizer's `artifacts()` name them: the sentencepiece `model`; for `huggingface` its
+    `tokenizer_file` (which takes precedence) or `vocab_file` + `merges_file`."""
+    tok = tokenizer_config or {}
+    library = tok.get("library")
     if library == "sentencepiece":
-        fields.update(tokenizer_type="GPTSentencePieceTokenizer", tokenizer_model=model_file)
+        return {"model": tok["model"]} if tok.get("model") else {}
+    if library == "huggingface":
+        if tok.get("tokenizer_file"):
+            return {"tokenizer_file": tok["tokenizer_file"]}
+        if tok.get("vocab_file") and tok.get("merges_file"):
+            return {"vocab_file": tok["vocab_file"], "merges_file": tok["merges_file"]}
+    return {}
+
+
+def tokenizer_fields(tokenizer_config: dict, vocab_size: Optional[int], files: Optional[dict] = None) -> dict:
+    """`tokenizer_type` in Megatron-LM's names with the file fields Megatron's tokenizer
+    reads (`files`: where the tokenizer's files are, by mega config key), and mega's own
+    library name (`mega_tokenizer_library`; `mega_tokenizer` keeps the huggingface
+    tokenizer's special-token names)."""
+    library = tokenizer_config.get("library")
+    files = {k: (str(v) if v is not None else None) for k, v in (files or {}).items()}
+    fields: dict = {"mega_tokenizer_library": library}
+    if library == "sentencepiece":
+        fields.update(tokenizer_type="GPTSentencePieceTokenizer", tokenizer_model=files.get("model"))
     elif library == "bytes":
         fields.update(tokenizer_type=NULL_TOKENIZER, vocab_size=(vocab_size - 1) if vocab_size else None)
+    elif library == "huggingface":
+        if files.get("tokenizer_file") or (not files.get("vocab_file") and tokenizer_config.get("tokenizer_file")):
+            fields.update(tokenizer_type=HF_TOKENIZER, tokenizer_model=files.get("tokenizer_file"))
+        else:  # GPT-2's vocab.json + merges.txt: Megatron's GPT2BPETokenizer reads the same two files
+            fields.update(tokenizer_type=GPT2_BPE, vocab_file=files.get("vocab_file"), merge_file=files.get("merges_file"))
+        special = {k: tokenizer_config[k] for k in ("eos_token", "pad_token") if tokenizer_config.get(k) is not None}
+        if special:
+            fields["mega_tokenizer"] = special
     else:
         fields.update(tokenizer_type=library)
     return fields
 
 
 def megatron_args(config: dict, tp: int, pp: int, vocab_size: Optional[int], model_file: Optional[str] = None,
-                  padded: Optional[int] = None) -> argparse.Namespace:
+                  padded: Optional[int] = None, files: Optional[dict] = None) -> argparse.Namespace:
     """Megatron-LM's `args` for a mega GPT experiment (`config` as a plain dict) saved at
     tensor/pipeline-parallel sizes (tp, pp). `vocab_size` is the tokenizer's (written as
     `orig_vocab_size`, so exporters can cut the padding); `padded` is used only when the
-    vocabulary size is unknown."""
+    vocabulary size is unknown. `files`: where the tokenizer's files will be, by mega config
+    key (`model_file` is the sentencepiece model's)."""
+    files = dict(files or {})
+    if model_file is not None:
+        files["model"] = model_file
     model = config.get("model", {})
     hidden, heads = model.get("hidden_size"), model.get("num_attention_heads")
     divisible_by = model.get("make_vocab_size_divisible_by", 128)
@@ -124,7 +161,7 @@ def megatron_args(config: dict, tp: int, pp: int, vocab_size: Optional[int], mod
         init_method_std=model.get("init_method_std"),
         # vocabulary
         padded_vocab_size=padded, orig_vocab_size=vocab_size, make_vocab_size_divisible_by=divisible_by,
-        **tokenizer_fields(model.get("tokenizer", {}), vocab_size, model_file),
+        **tokenizer_fields(model.get("tokenizer", {}), vocab_size, files),
         # parallel layout and training
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         micro_batch_size=model.get("micro_batch_size"), global_batch_size=model.get("global_batch_size"),

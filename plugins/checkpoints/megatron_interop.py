@@ -18,7 +18,7 @@ import re
 import shutil
 import zipfile
 from pathlib import Path
-from typing import Callable, Dict, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -33,6 +33,8 @@ from mega.plugins.checkpoints.megatron import (
     state_from_raw,
 )
 from mega.plugins.checkpoints.megatron_args import (
+    GPT2_BPE,
+    HF_TOKENIZER,
     NULL_TOKENIZER,
     SENTENCEPIECE_TYPES,
     activation_of,
@@ -46,7 +48,7 @@ from mega.runtime.sharding import fit, merge_shards, renumber, to_global
 
 ZIP_MEMBER = "release/mp_rank_00/model_optim_rng.pt"
 _RANK = re.compile(r"^mp_rank_\d{2}(_\d{3})*$")
-IMPORT_OPTIONS = ("tokenizer", "tokenizer_model", "trust_pickle")
+IMPORT_OPTIONS = ("tokenizer", "tokenizer_model", "tokenizer_file", "vocab_file", "merges_file", "trust_pickle")
 EXPORT_OPTIONS = ("tensor_parallel", "pipeline_parallel")
 
 
@@ -123,6 +125,14 @@ class Source:
         if self.step is None:
             self.step = int(self.first.get("iteration", 0) or 0)
 
+    def near(self) -> List[Path]:
+        """The directories a moved checkpoint's tokenizer files may sit in: the iteration
+        directory and the save directory above it (or the file's own folders)."""
+        if self.directory is not None:
+            return [self.directory, self.directory.parent]
+        start = self.zip or self.single
+        return [start.parent, start.parent.parent, start.parent.parent.parent]
+
     def name(self, tp_rank: int, pp_rank: int, pp: int) -> str:
         if self.zip is not None:
             return f"{self.zip}:{ZIP_MEMBER}"
@@ -164,28 +174,72 @@ def merged_model(src: Source) -> Dict[str, torch.Tensor]:
 # --- the config ------------------------------------------------------------------------------
 
 
-def _tokenizer(args, options: Mapping[str, str], source: Path) -> Tuple[dict, Dict[str, Path]]:
-    """The tokenizer table and files: from the options, else from `args`."""
+# the names export gives the tokenizer files beside the tracker, by mega config key
+EXPORT_NAMES = {"model": "tokenizer.model", "tokenizer_file": "tokenizer.json", "vocab_file": "vocab.json",
+                "merges_file": "merges.txt"}
+
+
+def _option_file(options: Mapping[str, str], key: str) -> Path:
+    path = Path(options[key]).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"--option {key}={path}: no such file")
+    return path
+
+
+def _locate(value, near: List[Path]) -> Optional[Path]:
+    """A tokenizer file named in `args`: the path itself when it exists, else a file of
+    that name (or the kernel's `tokenizer.<name>` copy) in the checkpoint's own
+    directories, for a checkpoint moved since it was written."""
+    if not value:
+        return None
+    path = Path(str(value)).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir() and (path / "tokenizer.json").is_file():  # a Hugging Face tokenizer directory
+        return path / "tokenizer.json"
+    for directory in near:
+        for name in (path.name, f"tokenizer.{path.name}"):
+            if (directory / name).is_file():
+                return directory / name
+    return None
+
+
+def _tokenizer(args, options: Mapping[str, str], source: Path, near: List[Path]) -> Tuple[dict, Dict[str, Path]]:
+    """The tokenizer table and files: from the options, else from `args` (its paths, or
+    files of those names in the checkpoint's directories `near`)."""
     if options.get("tokenizer_model"):
-        path = Path(options["tokenizer_model"]).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"--option tokenizer_model={path}: no such file")
-        return {"library": "sentencepiece"}, {"model": path}
+        return {"library": "sentencepiece"}, {"model": _option_file(options, "tokenizer_model")}
+    special = dict(getattr(args, "mega_tokenizer", None) or {})
+    if options.get("tokenizer_file"):
+        return {"library": "huggingface", **special}, {"tokenizer_file": _option_file(options, "tokenizer_file")}
+    if options.get("vocab_file") or options.get("merges_file"):
+        if not (options.get("vocab_file") and options.get("merges_file")):
+            raise ConfigError("--option vocab_file=PATH and --option merges_file=PATH go together (GPT-2's vocab.json"
+                              " and merges.txt)")
+        return {"library": "huggingface", **special}, {"vocab_file": _option_file(options, "vocab_file"),
+                                                        "merges_file": _option_file(options, "merges_file")}
     if options.get("tokenizer"):
         if options["tokenizer"] != "bytes":
             raise ConfigError(f"--option tokenizer={options['tokenizer']}: only 'bytes' is known here; for a"
                               " sentencepiece model give --option tokenizer_model=PATH")
         return {"library": "bytes"}, {}
     kind = getattr(args, "tokenizer_type", None)
-    model_file = getattr(args, "tokenizer_model", None)
-    if kind in SENTENCEPIECE_TYPES and model_file and Path(model_file).is_file():
-        return {"library": "sentencepiece"}, {"model": Path(model_file)}
+    named = {key: getattr(args, key, None) for key in ("tokenizer_model", "vocab_file", "merge_file")}
+    if kind in SENTENCEPIECE_TYPES and (model := _locate(named["tokenizer_model"], near)):
+        return {"library": "sentencepiece"}, {"model": model}
+    if kind == GPT2_BPE:
+        vocab, merges = _locate(named["vocab_file"], near), _locate(named["merge_file"], near)
+        if vocab and merges:
+            return {"library": "huggingface", **special}, {"vocab_file": vocab, "merges_file": merges}
+    if kind == HF_TOKENIZER and (file := _locate(named["tokenizer_model"], near)) and file.suffix == ".json":
+        return {"library": "huggingface", **special}, {"tokenizer_file": file}
     if getattr(args, "mega_tokenizer_library", None) == "bytes" or (
             kind == NULL_TOKENIZER and getattr(args, "vocab_size", None) == 257):
         return {"library": "bytes"}, {}
-    found = f"args.tokenizer_type={kind!r}" + (f", args.tokenizer_model={model_file!r} (not found)" if model_file else "")
+    found = ", ".join([f"args.tokenizer_type={kind!r}"] + [f"args.{k}={v!r} (not found)" for k, v in named.items() if v])
     raise ConfigError(f"{source}: cannot tell which tokenizer this model uses ({found}); give --option"
-                      " tokenizer_model=PATH (a sentencepiece .model file) or --option tokenizer=bytes")
+                      " tokenizer_model=PATH (a sentencepiece .model file), --option vocab_file=PATH with --option"
+                      " merges_file=PATH (GPT-2 BPE), --option tokenizer_file=PATH (a tokenizer.json) or --option tokenizer=bytes")
 
 
 def _vocab_size(tokenizer_table: dict, files: Mapping[str, Path], plugins) -> int:
@@ -232,7 +286,7 @@ def import_run(source: Path, run_dir: Path, options: Mapping[str, str], plugins)
     qkv = state.get("language_model.encoder.layers.0.self_attention.query_key_value.weight")
     if word is None or positions is None or qkv is None:
         raise CheckpointError(f"{source}: holds no GPT language model (word/position embeddings and layers)")
-    tok_table, files = _tokenizer(args, options, source)
+    tok_table, files = _tokenizer(args, options, source, src.near())
     vocab = _vocab_size(tok_table, files, plugins)
     orig = getattr(args, "orig_vocab_size", None)
     if orig is not None and orig != vocab:
@@ -298,33 +352,46 @@ def export_run(checkpoint: Path, destination: Path, options: Mapping[str, str], 
             raise ConfigError(f"model.{what}={value} is not divisible by --option "
                               f"{'tensor_parallel' if by == tp else 'pipeline_parallel'}={by}")
     step = int(verify(checkpoint).get("step", 0))
-    destination = Path(destination).expanduser()
-    iteration = destination / f"iter_{step:07d}"
-    if iteration.exists():
-        raise CheckpointError(f"{iteration}: already exists; export into a new directory")
-    raw = to_dict(config)
-    model_file = None
-    if mc.tokenizer.library == "sentencepiece":
-        spm = Path(tokenizer.artifacts()["model"])
-        destination.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(spm, destination / "tokenizer.model")
-        model_file = str((destination / "tokenizer.model").absolute())
-    args = megatron_args(raw, tp, pp, tokenizer.vocab_size, model_file)
+    destination = Path(destination).expanduser().absolute()
+    if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
+        raise CheckpointError(f"{destination}: already exists; export into a new directory")
+    # Written beside DEST and renamed into place: a failed export leaves nothing behind.
+    tmp = destination.with_name(f".tmp-{destination.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _write_export(tmp, destination, model, tokenizer, to_dict(config), tp, pp, step)
+        if destination.exists():
+            destination.rmdir()  # empty (checked above)
+        tmp.rename(destination)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return destination
+
+
+def _write_export(tmp: Path, destination: Path, model, tokenizer, raw: dict, tp: int, pp: int, step: int) -> None:
+    """Megatron-LM's tree in `tmp`; `args` name the tokenizer files at `destination`, the
+    place `tmp` is renamed to."""
+    files = {}
+    for key, path in tokenizer.artifacts().items():
+        name = EXPORT_NAMES.get(key, Path(path).name)
+        shutil.copyfile(path, tmp / name)
+        files[key] = str(destination / name)
+    args = megatron_args(raw, tp, pp, tokenizer.vocab_size, files=files)
     full = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     word_name = "language_model.embedding.word_embeddings.weight"
     full[word_name] = fit(full[word_name], [args.padded_vocab_size, full[word_name].shape[1]])
-    per_stage = mc.num_layers // pp
+    per_stage = raw["model"]["num_layers"] // pp
     for stage in range(pp):
         stage_state = _stage(full, stage, per_stage, pp)
         for rank in range(tp):
             shard = {k: (t if partition_dim(k) is None else t.chunk(tp, dim=partition_dim(k))[rank]).clone()
                      for k, t in stage_state.items()}
-            folder = iteration / (f"mp_rank_{rank:02d}" + (f"_{stage:03d}" if pp > 1 else ""))
+            folder = tmp / f"iter_{step:07d}" / (f"mp_rank_{rank:02d}" + (f"_{stage:03d}" if pp > 1 else ""))
             folder.mkdir(parents=True, exist_ok=True)
             torch.save({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": step,
                         "model": nest(shard)}, folder / FILE)
-    (destination / TRACKER).write_text(f"{step}\n")
-    return destination
+    (tmp / TRACKER).write_text(f"{step}\n")
 
 
 def _stage(full: Dict[str, torch.Tensor], stage: int, per_stage: int, pp: int) -> Dict[str, torch.Tensor]:
