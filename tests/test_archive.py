@@ -367,3 +367,47 @@ def test_nemo_activation_follows_nemos_gelu_semantics(changes, expected):
     from mega.plugins.checkpoints.nemo import model_config
 
     assert model_config(_nemo_yaml(**changes))["activation"] == expected
+
+
+def test_a_nemo_gpt2_bpe_tokenizer_is_carried_over(tmp_path, plugins):
+    """NeMo's GPT2BPETokenizer (library megatron): vocab_file / merge_file are `nemo:` members."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator(write_corpus(tmp_path / "corpus.txt", lines=60).read_text().splitlines(), vocab_size=300,
+                            min_frequency=2, special_tokens=["<|endoftext|>"], show_progress=False)
+    (tmp_path / "bpe").mkdir()
+    tok.save_model(str(tmp_path / "bpe"))
+    raw = {"model": {"name": "gpt", **NEMO_MODEL, "tokenizer": {"library": "huggingface",
+                     "vocab_file": str(tmp_path / "bpe" / "vocab.json"), "merges_file": str(tmp_path / "bpe" / "merges.txt")}}}
+    from mega.config import config_from_dict
+
+    mc = config_from_dict(raw, plugins=plugins).model
+    hf_tok = plugins.tokenizers.get("huggingface").factory(mc.tokenizer, [], None)
+    torch.manual_seed(2)
+    model = plugins.models.get("gpt").factory(mc, hf_tok, plugins).eval()
+    state = {"model." + k: v.clone() for k, v in model.state_dict().items()}
+    cfg = _nemo_yaml(tokenizer={"library": "megatron", "type": "GPT2BPETokenizer", "model": None,
+                                "vocab_file": "nemo:aa_vocab.json", "merge_file": "nemo:bb_merges.txt"})
+    nemo = tmp_path / "bpe.nemo"
+    with tarfile.open(nemo, "w") as tar:
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        for name, data in {"model_config.yaml": yaml.safe_dump(cfg).encode(), "model_weights.ckpt": buf.getvalue(),
+                           "aa_vocab.json": (tmp_path / "bpe" / "vocab.json").read_bytes(),
+                           "bb_merges.txt": (tmp_path / "bpe" / "merges.txt").read_bytes()}.items():
+            info = tarfile.TarInfo("./" + name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert main(["import", str(nemo), str(tmp_path / "run")]) == 0
+    loaded, tokenizer, config = load_checkpoint_for_inference(tmp_path / "run", plugins)
+    assert config.model.tokenizer.library == "huggingface"
+    assert tokenizer.encode("the model") == hf_tok.encode("the model")
+    assert torch.equal(_logits(loaded, hf_tok.vocab_size), _logits(model, hf_tok.vocab_size))
+
+
+def test_nemo_options_are_checked(source_gpt, spm_model, tmp_path, capsys):
+    model, _ = source_gpt
+    nemo = _write_nemo(tmp_path / "gpt.nemo", _nemo_yaml(), _nemo_shards(model, 1), spm_model)
+    assert main(["import", str(nemo), str(tmp_path / "run"), "--option", "tokenizer.vocab=x"]) == 2
+    assert "--option tokenizer.vocab: not an option of the nemo format" in capsys.readouterr().err

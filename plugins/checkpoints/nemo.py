@@ -198,26 +198,45 @@ def _nemo_path(value) -> str:
     return str(value)[len("nemo:"):] if str(value).startswith("nemo:") else str(value)
 
 
+TOKENIZER_OPTIONS = ("tokenizer.library", "tokenizer.model", "tokenizer.tokenizer_file", "tokenizer.vocab_file",
+                     "tokenizer.merges_file")
+
+
+def _member(source: Path, tar, members, tmp: Path, key: str, value) -> Path:
+    """The archive member a yaml `nemo:<uuid>_<name>` value names, extracted into `tmp`."""
+    name = _nemo_path(value or "")
+    member = members.get(name) or next((m for n, m in members.items() if name and n.endswith(Path(name).name)), None)
+    if member is None:
+        raise CheckpointError(f"{source}: {CONFIG}: tokenizer.{key}={value!r} is not in the archive")
+    target = tmp / Path(member.name).name
+    target.write_bytes(_read(source, tar, member, member.name))
+    return target
+
+
 def _tokenizer(source: Path, tar, members, cfg: dict, tmp: Path, options: Mapping[str, str]):
+    """mega's tokenizer table and files: a sentencepiece model or a GPT-2 BPE vocab.json +
+    merges.txt (NeMo's `GPT2BPETokenizer`, library `megatron` or `huggingface`) taken from
+    the archive; anything else named with `--option tokenizer.KEY=VALUE`."""
+    from mega.interop import check_options
+
+    check_options(options, TOKENIZER_OPTIONS, "nemo")
     tok_cfg = cfg.get("tokenizer") or {}
-    overrides = {}
-    for key, value in options.items():
-        if not key.startswith("tokenizer."):
-            raise ConfigError(f"--option {key}: the nemo format takes tokenizer.KEY=VALUE options only")
-        overrides[key[len("tokenizer."):]] = value
+    overrides = {key[len("tokenizer."):]: value for key, value in options.items()}
     files: Dict[str, Path] = {}
     library = overrides.get("library", tok_cfg.get("library"))
-    if library == "sentencepiece" and "model" not in overrides:
-        name = _nemo_path(tok_cfg.get("model") or "")
-        member = members.get(name) or next((m for n, m in members.items() if name and n.endswith(Path(name).name)), None)
-        if member is None:
-            raise CheckpointError(f"{source}: {CONFIG}: tokenizer.model={tok_cfg.get('model')!r} is not in the archive")
-        target = tmp / Path(member.name).name
-        target.write_bytes(_read(source, tar, member, member.name))
-        files["model"] = target
+    gpt2_bpe = tok_cfg.get("vocab_file") and tok_cfg.get("merge_file") and (
+        tok_cfg.get("type") == "GPT2BPETokenizer" or library in ("megatron", "huggingface"))
+    if "library" not in overrides and gpt2_bpe:
+        library = "huggingface"
+        if not {"vocab_file", "merges_file", "tokenizer_file"} & set(overrides):
+            files["vocab_file"] = _member(source, tar, members, tmp, "vocab_file", tok_cfg["vocab_file"])
+            files["merges_file"] = _member(source, tar, members, tmp, "merge_file", tok_cfg["merge_file"])
+    elif library == "sentencepiece" and "model" not in overrides:
+        files["model"] = _member(source, tar, members, tmp, "model", tok_cfg.get("model"))
     elif library is None or (library != "sentencepiece" and "library" not in overrides):
-        raise CheckpointError(f"{source}: {CONFIG}: tokenizer.library={library!r}: mega maps sentencepiece tokenizers;"
-                              " name one with --option tokenizer.library=NAME (and tokenizer.KEY=PATH for its files)")
+        raise CheckpointError(f"{source}: {CONFIG}: tokenizer.library={library!r}: mega maps sentencepiece and GPT-2 BPE"
+                              " (vocab_file + merge_file) tokenizers; name one with --option tokenizer.library=NAME"
+                              " (and tokenizer.KEY=PATH for its files)")
     tok = {"library": library}
     for key, value in overrides.items():
         if key != "library":
