@@ -308,3 +308,22 @@ def test_training_checkpoints_name_the_kernels_copies_of_bpe_files(tmp_path):
     assert (args.tokenizer_type, args.vocab_file, args.merge_file) == (
         "GPT2BPETokenizer", str(final / "tokenizer.vocab.json"), str(final / "tokenizer.merges.txt"))
     assert args.mega_tokenizer == {"eos_token": "<|endoftext|>"}
+
+
+def test_resuming_with_another_activation_is_refused(tmp_path, corpus, plugins):
+    """The weights fit either GELU; the checkpoint's args say which one it was trained with."""
+    from mega.errors import ConfigError
+
+    fmt = {"exp_manager": {"checkpoint": {"format": "megatron"}}}
+    run = build_run(tiny_config(tmp_path, corpus, plugins, ["model.activation=gelu"],
+                                trainer={"max_steps": 2, "val_check_interval": 0}, **fmt), plugins)
+    train(run)
+    again = build_run(tiny_config(tmp_path, corpus, plugins, ["trainer.max_steps=3", "model.activation=gelu_tanh"],
+                                  trainer={"val_check_interval": 0}, **fmt), plugins)
+    assert again.step == 2
+    with pytest.raises(ConfigError, match=r"activation 'gelu' .* model.activation='gelu_tanh'"):
+        train(again)
+    same = build_run(tiny_config(tmp_path, corpus, plugins, ["trainer.max_steps=3", "model.activation=gelu"],
+                                 trainer={"val_check_interval": 0}, **fmt), plugins)
+    train(same)
+    assert same.step == 3

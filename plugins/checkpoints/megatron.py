@@ -23,8 +23,9 @@ from typing import Dict, Optional
 import torch
 
 import mega
-from mega.errors import CheckpointError
+from mega.errors import CheckpointError, ConfigError
 from mega.plugins.checkpoints.megatron_args import (
+    activation_of,
     check_supported,
     load_file,
     megatron_args,
@@ -248,6 +249,36 @@ def state_from_raw(raw: dict, name: str, pp_rank: int = 0, parts=("model", "opti
         "partition_dims": {k: partition_dim(k) for k in model}, "global_shapes": {},
     }
     return state
+
+
+def _saved_args(checkpoint: Path):
+    """`args` of a checkpoint's first rank file (memory-mapped: the tensors are not read)."""
+    for folder in sorted(checkpoint.glob("mp_rank_*")):
+        for name in (FILE, "model_rng.pt"):
+            if (folder / name).is_file():
+                from mega.plugins.checkpoints.megatron_args import _safe_globals
+
+                with torch.serialization.safe_globals(_safe_globals()):
+                    return torch.load(folder / name, map_location="cpu", weights_only=True, mmap=True).get("args")
+    return None
+
+
+@mega.hookimpl
+def on_train_start(run):
+    """A resumed `megatron` checkpoint must have been trained with the run's activation:
+    the weights load into either GELU, so the kernel's strict load cannot tell. The format's
+    `load` never sees the run's config, so the check sits here, before the first step."""
+    path = getattr(run, "resumed_from", None)
+    if path is None or run.config.exp_manager.checkpoint.format != "megatron":
+        return
+    args = _saved_args(Path(path))
+    if args is None or not hasattr(args, "openai_gelu"):
+        return
+    saved, ours = activation_of(args), run.config.model.activation
+    if saved != ours:
+        raise ConfigError(f"{path}: was trained with activation {saved!r} (args.openai_gelu={args.openai_gelu},"
+                          f" bias_gelu_fusion={getattr(args, 'bias_gelu_fusion', None)}) but model.activation={ours!r};"
+                          f" set model.activation={saved!r} to resume it, or start a new run")
 
 
 @mega.hookimpl
