@@ -214,7 +214,7 @@ def test_exact_gelu_maps_to_gelu(tmp_path, bpe, plugins):
     from safetensors.torch import load_file
 
     assert {t.dtype for t in load_file(tmp_path / "out" / "model.safetensors").values()} == {torch.bfloat16}
-    with pytest.raises(CheckpointError, match="config.json: already exists"):
+    with pytest.raises(CheckpointError, match="out: already exists; export into a new directory"):
         fmt.export_run(tmp_path / "run", tmp_path / "out", {}, plugins)
 
 
@@ -236,6 +236,34 @@ def test_import_refusals_say_what_to_do(tmp_path, bpe, plugins):
         fmt.import_run(tmp_path / "bert", tmp_path / "c", {}, plugins)
     with pytest.raises(CheckpointError, match="use `mega import/export`|does not hold training checkpoints"):
         fmt.save({}, tmp_path)
+
+
+def test_a_failed_export_leaves_nothing_and_an_existing_destination_is_refused_untouched(tmp_path, bpe, plugins,
+                                                                                          monkeypatch):
+    from mega.plugins.checkpoints.huggingface import HuggingFaceFormat
+
+    _, src = _hf_dir(tmp_path, bpe)
+    run_dir = tmp_path / "imported"
+    assert main(["import", str(src), str(run_dir)]) == 0
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="already exists"):
+        HuggingFaceFormat().export_run(run_dir, out, {}, plugins)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+
+    def no_space(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(HuggingFaceFormat, "_write_tokenizer", staticmethod(no_space))  # after the weights are written
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(OSError, match="No space left"):
+        main(["export", str(run_dir), str(tmp_path / "fresh"), "--to", "huggingface"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no DEST, no temporary directory
+    monkeypatch.undo()
+    assert main(["export", str(run_dir), str(tmp_path / "fresh"), "--to", "huggingface"]) == 0
+    assert sorted(p.name for p in (tmp_path / "fresh").iterdir()) == ["config.json", "model.safetensors",
+                                                                       "tokenizer.json", "tokenizer_config.json"]
 
 
 # --- (b) mega -> HF -> mega -----------------------------------------------------------------

@@ -30,6 +30,7 @@ import json
 import logging
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Tuple
 
@@ -321,10 +322,9 @@ class HuggingFaceFormat:
         dtype_name = options.get("dtype", "float32")
         if dtype_name not in DTYPES:
             raise ConfigError(f"--option dtype={dtype_name}: expected one of {', '.join(DTYPES)}")
-        destination = Path(destination).expanduser()
-        for name in ("config.json", "model.safetensors"):
-            if (destination / name).exists():
-                raise CheckpointError(f"{destination / name}: already exists; export into a new directory")
+        destination = Path(destination).expanduser().absolute()
+        if destination.exists() and not (destination.is_dir() and not any(destination.iterdir())):
+            raise CheckpointError(f"{destination}: already exists; export into a new directory")
         model, tokenizer, config = load_checkpoint_for_inference(checkpoint, plugins)
         mc = config.model
         if not isinstance(model, GPTModel):
@@ -338,20 +338,29 @@ class HuggingFaceFormat:
             raise CheckpointError(f"{checkpoint}: model.activation={mc.activation!r} has no GPT-2 activation_function")
         state = mega_to_hf(model.state_dict(), mc.num_layers, mc.num_attention_heads, tokenizer.vocab_size)
         state = {k: v.to(DTYPES[dtype_name]) for k, v in state.items()}
-        destination.mkdir(parents=True, exist_ok=True)
-        from safetensors.torch import save_file
+        # Written beside DEST and renamed into place: a failed export leaves nothing behind.
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{destination.name}-", dir=destination.parent))
+        try:
+            from safetensors.torch import save_file
 
-        save_file(state, str(destination / "model.safetensors"), metadata={"format": "pt"})
-        (destination / "config.json").write_text(json.dumps(gpt2_config(mc, tokenizer, dtype_name), indent=2) + "\n")
-        self._write_tokenizer(tokenizer, mc, destination)
+            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            (tmp / "config.json").write_text(json.dumps(gpt2_config(mc, tokenizer, dtype_name), indent=2) + "\n")
+            if mc.tokenizer.library == "huggingface":
+                self._write_tokenizer(tokenizer, mc, tmp)
+            else:
+                log.warning("model.tokenizer.library=%r: transformers cannot read this tokenizer; %s holds the model"
+                            " without tokenizer files", mc.tokenizer.library, destination)
+            tmp.chmod(0o755)  # mkdtemp makes it private; an export is an ordinary directory
+            if destination.exists():
+                destination.rmdir()  # empty (checked above); rmdir refuses if it no longer is
+            tmp.rename(destination)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         return destination
 
     @staticmethod
     def _write_tokenizer(tokenizer, mc, destination: Path) -> None:
-        if mc.tokenizer.library != "huggingface":
-            log.warning("model.tokenizer.library=%r: transformers cannot read this tokenizer; %s holds the model"
-                        " without tokenizer files", mc.tokenizer.library, destination)
-            return
         for key, path in tokenizer.artifacts().items():
             shutil.copyfile(path, destination / TOKENIZER_FILES[key])
         tok = tokenizer.tokenizer
