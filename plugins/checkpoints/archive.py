@@ -48,9 +48,11 @@ SUFFIX = ".mega"
 
 
 def tokenizer_files(checkpoint: Path, raw_config: dict) -> Dict[str, Path]:
-    """The tokenizer files a checkpoint holds, by the tokenizer config key naming them."""
-    tok = raw_config.get("model", {}).get("tokenizer", {})
-    return {k: checkpoint / v for k, v in tok.items() if isinstance(v, str) and v and (checkpoint / v).is_file()}
+    """The tokenizer files a checkpoint holds, by the tokenizer config key naming them
+    (paths leading outside the checkpoint refused: mega.inference.checkpoint_tokenizer_files)."""
+    from mega.inference import checkpoint_tokenizer_files
+
+    return checkpoint_tokenizer_files(checkpoint, raw_config.get("model", {}).get("tokenizer", {}))
 
 
 class ArchiveFormat:
