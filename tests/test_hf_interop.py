@@ -144,6 +144,22 @@ def test_tokenizer_config_errors_name_the_key(bpe, plugins, tmp_path):
     assert tok.pad_id == tok.tokenizer.token_to_id("a") != tok.eos_id
 
 
+def test_qkv_blocks_and_heads_are_inverse_and_the_vocabulary_is_refitted():
+    from mega.plugins.checkpoints.huggingface import hf_to_mega, qkv_blocks_to_heads, qkv_heads_to_blocks
+
+    heads, dim = 4, 3
+    t = torch.arange(3 * heads * dim * 2, dtype=torch.float32).reshape(3 * heads * dim, 2)
+    per_head = qkv_blocks_to_heads(t, heads)
+    assert torch.equal(per_head.view(heads, 3, dim, 2)[1, 2], t.view(3, heads, dim, 2)[2, 1])  # head 1's v
+    assert torch.equal(qkv_heads_to_blocks(per_head, heads), t)
+    wte = torch.randn(10, 4)
+    for padded in (8, 16):
+        out = hf_to_mega({"wte.weight": wte}, 0, heads, padded, 8, "here")
+        assert out["language_model.embedding.word_embeddings.weight"].shape == (padded, 4)
+        assert torch.equal(out["language_model.embedding.word_embeddings.weight"][:8], wte[:8])
+        assert not out["language_model.embedding.word_embeddings.weight"][10:].any()
+
+
 # --- (a) HF -> mega -> HF -------------------------------------------------------------------
 
 
