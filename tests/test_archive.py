@@ -195,6 +195,40 @@ def test_tokenizer_paths_outside_the_checkpoint_are_refused_naming_the_key(train
         "model": ckpt / "tokenizer.tokenizer.model"}
 
 
+def test_safe_members_refuses_what_unpacking_must_not_write(tmp_path, plugins):
+    from mega.errors import ConfigError
+    from mega.plugins.checkpoints.archive import safe_members
+
+    def tar_of(*entries):
+        path = tmp_path / f"t{len(list(tmp_path.iterdir()))}.tar"
+        with tarfile.open(path, "w") as tar:
+            for name, kind in entries:
+                info = tarfile.TarInfo(name)
+                if kind == "link":
+                    info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+                    tar.addfile(info)
+                elif kind == "dir":
+                    info.type = tarfile.DIRTYPE
+                    tar.addfile(info)
+                else:
+                    info.size = 2
+                    tar.addfile(info, io.BytesIO(b"ok"))
+        return tarfile.open(path)
+
+    with tar_of(("./a", "file"), ("d", "dir"), ("d/b", "file")) as tar:
+        assert sorted(safe_members(tar)) == ["a", "d/b"]
+    for entries, why in [([("x", "link")], "member x is not a plain file"),
+                         ([("../x", "file")], r"member \.\./x: absolute, outside"),
+                         ([("/x", "file")], "member /x: absolute, outside"),
+                         ([("a/b", "file"), ("a//b", "file")], "member a/b: .* repeated"),
+                         ([("a", "file"), ("./a", "file")], "member a: .* repeated")]:
+        with tar_of(*entries) as tar, pytest.raises(CheckpointError, match=why):
+            safe_members(tar, "some.tar")
+    with pytest.raises(ConfigError, match="--option level: not an option of the archive format"):
+        plugins.checkpoint_formats.get("archive").factory().import_run(tmp_path / "x.mega", tmp_path / "r",
+                                                                       {"level": "9"}, plugins)
+
+
 def test_a_failed_export_leaves_the_destination_as_it_was(trained, tmp_path, monkeypatch, plugins):
     run, _ = trained
     dest = tmp_path / "model.mega"

@@ -37,6 +37,7 @@ import torch
 import mega
 from mega.config import load_raw
 from mega.errors import CheckpointError, ConfigError
+from mega.interop import check_options
 from mega.plugins.checkpoints.native import rank_folder
 from mega.runtime.parallel import ParallelState
 from mega.training.checkpointing import MANIFEST, resolve_checkpoint, verify
@@ -83,8 +84,7 @@ class ArchiveFormat:
 
     # --- Exporter ------------------------------------------------------------------------------
     def export_run(self, checkpoint: Path, destination: Path, options: Mapping[str, str], plugins) -> Path:
-        for key in options:
-            raise ConfigError(f"--option {key}: the archive format takes no options")
+        check_options(options, (), self.name)
         checkpoint = resolve_checkpoint(checkpoint)
         manifest = verify(checkpoint)
         destination = Path(destination).expanduser()
@@ -140,8 +140,7 @@ class ArchiveFormat:
         return unpack(Path(source), Path(directory))
 
     def import_run(self, source: Path, run_dir: Path, options: Mapping[str, str], plugins) -> Path:
-        for key in options:
-            raise ConfigError(f"--option {key}: the archive format takes no options")
+        check_options(options, (), self.name)
         from mega.inference import load_checkpoint_for_inference
         from mega.interop import write_imported_run
 
@@ -199,6 +198,32 @@ def _write(path: Path, meta: dict, small: Dict[str, bytes], weight_names, weight
         os.fsync(f.fileno())
 
 
+def safe_members(tar: tarfile.TarFile, source=None) -> Dict[str, tarfile.TarInfo]:
+    """A tar's file members by name (normalised: `./a` is `a`; directories skipped), read
+    through to the end; refuses, naming the member, one that is not a plain file (a link,
+    a device), has an absolute name or a `..` part, or repeats a name, and a truncated or
+    damaged archive. Nothing is extracted: callers read members with `tar.extractfile`."""
+    source = source if source is not None else tar.name
+    members: Dict[str, tarfile.TarInfo] = {}
+    name = None
+    try:
+        for m in tar:
+            name = m.name
+            if m.isdir():
+                continue
+            if not m.isfile():
+                raise CheckpointError(f"{source}: member {name} is not a plain file; refusing the archive")
+            p = PurePosixPath(name)
+            name = p.as_posix()  # "./a", "a//b" and "a/./b" are "a", "a/b": one name each
+            if p.is_absolute() or ".." in p.parts or name == "." or name in members:
+                raise CheckpointError(f"{source}: member {name}: absolute, outside the archive or repeated; refusing it")
+            members[name] = m
+    except tarfile.TarError as exc:  # a member's data runs past the end, or the next header is damaged
+        where = f"member {name} cannot be read (truncated or damaged archive: {exc})" if name else f"damaged archive ({exc})"
+        raise CheckpointError(f"{source}: {where}") from None
+    return members
+
+
 def unpack(source: Path, directory: Path) -> Path:
     """See ArchiveFormat.unpack."""
     try:
@@ -206,21 +231,7 @@ def unpack(source: Path, directory: Path) -> Path:
     except (tarfile.TarError, OSError) as exc:
         raise CheckpointError(f"{source}: not a mega archive ({exc})") from None
     with tar:
-        members, name = {}, None
-        try:
-            for m in tar:
-                name = m.name[2:] if m.name.startswith("./") else m.name
-                if m.isdir():
-                    continue
-                if not m.isfile():
-                    raise CheckpointError(f"{source}: member {name} is not a plain file; refusing the archive")
-                p = PurePosixPath(name)
-                if p.is_absolute() or ".." in p.parts or name in members:
-                    raise CheckpointError(f"{source}: member {name}: absolute, outside the archive or repeated; refusing it")
-                members[name] = m
-        except tarfile.TarError as exc:  # a member's data runs past the end, or the next header is damaged
-            where = f"member {name} cannot be read (truncated or damaged archive: {exc})" if name else f"damaged archive ({exc})"
-            raise CheckpointError(f"{source}: {where}") from None
+        members = safe_members(tar, source)
         if MANIFEST not in members:
             raise CheckpointError(f"{source}: has no {MANIFEST}; not an archive written by `mega export ... --to archive`")
         try:
