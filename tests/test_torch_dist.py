@@ -186,6 +186,21 @@ def test_moments_follow_the_kernels_parameter_order_and_a_misorder_is_refused(tm
     _equal(optimizer_by_name(resharded["optimizer"], optimizer_param_names(fresh)), want, "resharded")
 
 
+def test_mcore_names_go_both_ways_from_one_table():
+    from mega.plugins.checkpoints import mcore_names
+    from mega.plugins.checkpoints.nemo import MCORE_LAYER, MCORE_OTHER
+    from mega.plugins.models.gpt import GPTModel
+
+    for name in GPTModel(_tiny_gpt_cfg(), 50).state_dict():
+        key = mcore_names.mcore_name(name)
+        assert mcore_names.mega_name(key) == name, (name, key)
+    assert mcore_names.mcore_name("language_model.encoder.layers.7.mlp.dense_h_to_4h.bias") == "decoder.layers.7.mlp.linear_fc1.bias"
+    assert mcore_names.mcore_name("language_model.encoder.final_layernorm.weight") == "decoder.final_layernorm.weight"
+    # the table nemo.py writes out by hand (to be replaced by this module) says the same
+    assert {k: v for k, v in mcore_names.LAYER_TO_MEGA.items()} == MCORE_LAYER
+    assert {k: mcore_names.mega_name(k) for k in MCORE_OTHER} == MCORE_OTHER
+
+
 def _load_at_layout(parallel, directory):
     """Build the model at this rank's layout and load the TP=1 checkpoint resharded."""
     from mega.plugins.models.gpt import GPTModel

@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -52,6 +51,7 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 
 import mega
 from mega.errors import CheckpointError
+from mega.plugins.checkpoints.mcore_names import mcore_name
 from mega.runtime.sharding import renumber
 
 log = logging.getLogger("mega.checkpoint")
@@ -61,36 +61,7 @@ METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                  "common_backend": "torch", "common_backend_version": 1}
 CHECKPOINT_VERSION = 3.0
 
-# --- megatron-core names ------------------------------------------------------------------
-
-_LAYER = re.compile(r"^language_model\.encoder\.layers\.(\d+)\.(.+)$")
-_IN_LAYER = {  # mega's (Megatron legacy) names inside a layer -> megatron-core's (TE spec)
-    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
-    "input_layernorm.bias": "self_attention.linear_qkv.layer_norm_bias",
-    "self_attention.query_key_value.weight": "self_attention.linear_qkv.weight",
-    "self_attention.query_key_value.bias": "self_attention.linear_qkv.bias",
-    "self_attention.dense.weight": "self_attention.linear_proj.weight",
-    "self_attention.dense.bias": "self_attention.linear_proj.bias",
-    "post_attention_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
-    "post_attention_layernorm.bias": "mlp.linear_fc1.layer_norm_bias",
-    "mlp.dense_h_to_4h.weight": "mlp.linear_fc1.weight",
-    "mlp.dense_h_to_4h.bias": "mlp.linear_fc1.bias",
-    "mlp.dense_4h_to_h.weight": "mlp.linear_fc2.weight",
-    "mlp.dense_4h_to_h.bias": "mlp.linear_fc2.bias",
-}
-
-
-def mcore_name(global_name: str) -> str:
-    """mega's global (pipeline-independent) state-dict name -> megatron-core's key. QKV rows
-    need no reordering: mega's per-head [q, k, v] blocks are mcore's linear_qkv layout."""
-    m = _LAYER.match(global_name)
-    if m:
-        return f"decoder.layers.{m.group(1)}.{_IN_LAYER.get(m.group(2), m.group(2))}"
-    if global_name.startswith("language_model.encoder.final_layernorm."):
-        return "decoder.final_layernorm." + global_name.rsplit(".", 1)[1]
-    if global_name.startswith("language_model.embedding."):
-        return global_name[len("language_model."):]
-    return global_name
+# megatron-core names: mega.plugins.checkpoints.mcore_names (shared with other mcore formats)
 
 
 def rank_file(tp_rank: int, pp_rank: int) -> str:
