@@ -282,6 +282,34 @@ def test_a_failed_export_leaves_nothing_and_an_existing_destination_is_refused_u
                                                                        "tokenizer.json", "tokenizer_config.json"]
 
 
+def _logits_at_this_layout(parallel, run_dir: str, tokens: torch.Tensor):
+    """(this rank's QKV rows, logits gathered over the vocabulary) of the run loaded at
+    the current layout (resharded from its TP=1 checkpoint)."""
+    model, tokenizer, _ = load_checkpoint_for_inference(run_dir)
+    qkv = model.state_dict()["language_model.encoder.layers.0.self_attention.query_key_value.weight"]
+    with torch.no_grad():
+        return qkv.shape[0], model(tokens)[..., :tokenizer.vocab_size]
+
+
+@pytest.mark.slow
+def test_an_imported_gpt2_gives_hf_logits_at_tensor_parallel_2(tmp_path, bpe):
+    from tests.multiproc import run_ranks
+
+    hf_model, src = _hf_dir(tmp_path, bpe)
+    run_dir = tmp_path / "imported"
+    assert main(["import", str(src), str(run_dir)]) == 0
+    tokens = _tokens(_vocab(bpe))
+    with torch.no_grad():
+        theirs = hf_model(tokens).logits
+    results = run_ranks(_logits_at_this_layout, world=2, tp=2, args=(str(run_dir), tokens), timeout=180)
+    for rank, (qkv_rows, ours) in enumerate(results):
+        assert qkv_rows == 3 * 32 // 2, rank  # really split: half of the fused QKV rows per rank
+        assert ours.shape == theirs.shape
+        diff = float((ours - theirs).abs().max())
+        print(f"TP=2 rank {rank}: HF -> mega max |dlogit| = {diff:.3g}")
+        assert diff < 1e-5, (rank, diff)
+
+
 # --- (b) mega -> HF -> mega -----------------------------------------------------------------
 
 
