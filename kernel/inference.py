@@ -24,7 +24,7 @@ from mega.training.checkpointing import resolve_checkpoint, verify
 def load_checkpoint_for_inference(path, plugins=None, device: str = "cpu") -> Tuple[torch.nn.Module, object, object]:
     """(model in eval mode, tokenizer, config) from a checkpoint directory, a checkpoints
     folder, a run directory (the latest checkpoint is used) or a checkpoint in one file (an
-    archive, `mega export RUN model.mega --to archive`)."""
+    archive, `mega export RUN model.mega`)."""
     if plugins is None:
         from mega.plugin_manager import get_plugins
 

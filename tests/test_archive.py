@@ -73,6 +73,9 @@ def test_export_and_import_on_the_command_line(trained, tmp_path, capsys, plugin
     archive = tmp_path / "out" / "cli.mega"
     assert main(["export", str(run.run_dir), str(archive), "--to", "archive"]) == 0
     assert archive.is_file() and not list(archive.parent.glob(".*tmp*"))
+    assert main(["export", str(run.run_dir), str(tmp_path / "out" / "short.mega")]) == 0  # the suffix says archive
+    with tarfile.open(tmp_path / "out" / "short.mega") as tar:
+        assert json.loads(tar.extractfile("manifest.json").read())["format"] == "archive"
     assert main(["import", str(archive), str(tmp_path / "imported")]) == 0
     assert "(archive)" in capsys.readouterr().out
     model, tokenizer, config = load_checkpoint_for_inference(tmp_path / "imported", plugins)

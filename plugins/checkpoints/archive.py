@@ -1,6 +1,7 @@
 """The `archive` checkpoint format: a whole checkpoint in one file, mega's `.nemo`.
 
-    mega export RUN model.mega --to archive      write one (or mega.save_to(RUN, "model.mega"))
+    mega export RUN model.mega                    write one (--to archive for other names,
+                                                  or mega.save_to(RUN, "model.mega"))
     mega generate model.mega --prompt ...         sample from it directly (or mega.restore_from)
     mega import model.mega RUN_DIR                unpack it into a run directory to train on
 
@@ -63,7 +64,7 @@ class ArchiveFormat:
     def save(self, state: dict, directory: Path, parallel=None) -> None:
         if state.get("optimizer") is not None:
             raise CheckpointError("exp_manager.checkpoint.format='archive' holds model weights only; train with 'native'"
-                                  " and write an archive with `mega export RUN model.mega --to archive`")
+                                  " and write an archive with `mega export RUN model.mega`")
         folder = rank_folder(Path(directory), parallel)
         folder.mkdir(parents=True, exist_ok=True)
         torch.save(_compact(state["model"]), folder / WEIGHTS)
