@@ -9,13 +9,14 @@ from __future__ import annotations
 import atexit
 import shutil
 import tempfile
-from pathlib import Path
-from typing import List, Optional, Tuple
+from pathlib import Path, PurePath
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import attrs
 import torch
 
 from mega.config import config_from_dict, load_raw
+from mega.errors import CheckpointError
 from mega.protocols import Unpacks
 from mega.training.checkpointing import resolve_checkpoint, verify
 
@@ -23,7 +24,7 @@ from mega.training.checkpointing import resolve_checkpoint, verify
 def load_checkpoint_for_inference(path, plugins=None, device: str = "cpu") -> Tuple[torch.nn.Module, object, object]:
     """(model in eval mode, tokenizer, config) from a checkpoint directory, a checkpoints
     folder, a run directory (the latest checkpoint is used) or a checkpoint in one file (an
-    archive, `mega export RUN model.mega --to archive`)."""
+    archive, `mega export RUN model.mega`)."""
     if plugins is None:
         from mega.plugin_manager import get_plugins
 
@@ -34,10 +35,9 @@ def load_checkpoint_for_inference(path, plugins=None, device: str = "cpu") -> Tu
     manifest = verify(ckpt)
     config = config_from_dict(load_raw(ckpt / "config.toml"), plugins=plugins, source=str(ckpt / "config.toml"))
     tok_cfg = config.model.tokenizer
-    for a in attrs.fields(type(tok_cfg)):  # tokenizer files were copied next to the config
-        value = getattr(tok_cfg, a.name)
-        if isinstance(value, str) and (ckpt / value).is_file():
-            setattr(tok_cfg, a.name, str(ckpt / value))
+    files = checkpoint_tokenizer_files(ckpt, {a.name: getattr(tok_cfg, a.name) for a in attrs.fields(type(tok_cfg))})
+    for key, file in files.items():  # tokenizer files were copied next to the config
+        setattr(tok_cfg, key, str(file))
     tokenizer = plugins.tokenizers.get(tok_cfg.library, "model.tokenizer.library").factory(tok_cfg, [], None)
     model = plugins.models.get(config.model.name, "model.name").factory(config.model, tokenizer, plugins)
     fmt = plugins.checkpoint_formats.get(manifest.get("format", "native")).factory()
@@ -46,6 +46,37 @@ def load_checkpoint_for_inference(path, plugins=None, device: str = "cpu") -> Tu
 
     model.load_state_dict(load_resharded(fmt, ckpt, manifest, current(), model)["model"])
     return model.to(device).eval(), tokenizer, config
+
+
+def checkpoint_tokenizer_files(checkpoint: Path, tokenizer: Mapping[str, Any]) -> Dict[str, Path]:
+    """The tokenizer files a checkpoint holds, by the tokenizer config key naming them:
+    `tokenizer` is its config's `model.tokenizer` table, whose file keys name copies
+    beside its config.toml by relative paths (see mega.training.run.checkpoint_files).
+
+    String values that name no file there are not file keys (a token, the library's name).
+    A checkpoint may come from elsewhere (an unpacked archive): a value naming a file by an
+    absolute path, through a `..` part, or through a symbolic link out of `checkpoint` is
+    refused, naming the key, so loading or importing it never reads a file of this machine."""
+    checkpoint = Path(checkpoint)
+    root = checkpoint.resolve()
+    found: Dict[str, Path] = {}
+    for key, value in tokenizer.items():
+        if not isinstance(value, str) or not value:
+            continue
+        rel, path = PurePath(value), checkpoint / value
+        try:
+            if not path.is_file():
+                continue  # not a file name (a token, the library's name)
+        except OSError:  # e.g. a value too long to be a file name
+            continue
+        if rel.is_absolute() or ".." in rel.parts:
+            raise CheckpointError(f"{checkpoint / 'config.toml'}: model.tokenizer.{key}={value!r}: a checkpoint's"
+                                  " tokenizer files are relative paths inside it; refusing a path that leads outside")
+        if not path.resolve().is_relative_to(root):
+            raise CheckpointError(f"{checkpoint / 'config.toml'}: model.tokenizer.{key}={value!r} resolves outside"
+                                  " the checkpoint (a symbolic link); refusing it")
+        found[key] = path
+    return found
 
 
 def _load_file(path: Path, plugins, device: str):

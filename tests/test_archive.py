@@ -73,6 +73,9 @@ def test_export_and_import_on_the_command_line(trained, tmp_path, capsys, plugin
     archive = tmp_path / "out" / "cli.mega"
     assert main(["export", str(run.run_dir), str(archive), "--to", "archive"]) == 0
     assert archive.is_file() and not list(archive.parent.glob(".*tmp*"))
+    assert main(["export", str(run.run_dir), str(tmp_path / "out" / "short.mega")]) == 0  # the suffix says archive
+    with tarfile.open(tmp_path / "out" / "short.mega") as tar:
+        assert json.loads(tar.extractfile("manifest.json").read())["format"] == "archive"
     assert main(["import", str(archive), str(tmp_path / "imported")]) == 0
     assert "(archive)" in capsys.readouterr().out
     model, tokenizer, config = load_checkpoint_for_inference(tmp_path / "imported", plugins)
@@ -140,6 +143,93 @@ def test_a_damaged_archive_is_refused_by_member(trained, tmp_path, plugins):
     truncated.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
     with pytest.raises(CheckpointError, match=r"truncated.mega: member .* (cannot be read|is missing)"):
         mega.restore_from(truncated, plugins)
+
+
+def _with_config(archive: Path, target: Path, change) -> Path:
+    """Copy `archive` to `target` with config.toml passed through `change` (text -> text)
+    and the manifest's entry for it updated: an archive that passes every member check."""
+    import hashlib
+
+    with tarfile.open(archive) as src:
+        members = [(m, src.extractfile(m).read()) for m in src.getmembers()]
+    data = dict((m.name, d) for m, d in members)
+    config = change(data["config.toml"].decode()).encode()
+    manifest = json.loads(data["manifest.json"])
+    manifest["files"]["config.toml"] = {"size": len(config), "sha256": hashlib.sha256(config).hexdigest()}
+    data["config.toml"], data["manifest.json"] = config, json.dumps(manifest).encode()
+    with tarfile.open(target, "w") as dst:
+        for m, _ in members:
+            m.size = len(data[m.name])
+            dst.addfile(m, io.BytesIO(data[m.name]))
+    return target
+
+
+@pytest.mark.parametrize("how", ["absolute", "dotdot", "symlink"])
+def test_tokenizer_paths_outside_the_checkpoint_are_refused_naming_the_key(trained, tmp_path, capsys, plugins, how):
+    """An archive whose config.toml names a file of this machine as its tokenizer (here a
+    real sentencepiece model, so nothing else would fail) neither imports it into the run
+    nor loads it."""
+    run, archive = trained
+    host = tmp_path / "host" / "secret.model"
+    host.parent.mkdir()
+    host.write_bytes((run.run_dir / "checkpoints" / "step_0000002" / "tokenizer.tokenizer.model").read_bytes())
+    value = {"absolute": str(host), "dotdot": "../" * 40 + str(host).lstrip("/"), "symlink": "tokenizer.tokenizer.model"}[how]
+    if how == "symlink":  # a checkpoint directory whose tokenizer file links outside it
+        ckpt = tmp_path / "ckpt"
+        mega.plugins.checkpoints.archive.unpack(archive, ckpt)
+        (ckpt / value).unlink()
+        (ckpt / value).symlink_to(host)
+        with pytest.raises(CheckpointError, match=r"model.tokenizer.model='tokenizer.tokenizer.model' resolves outside"):
+            load_checkpoint_for_inference(ckpt, plugins)
+        return
+    evil = _with_config(archive, tmp_path / "evil.mega",
+                        lambda text: text.replace('model = "tokenizer.tokenizer.model"', f'model = "{value}"'))
+    assert value in tarfile.open(evil).extractfile("config.toml").read().decode()
+    assert main(["import", str(evil), str(tmp_path / "run")]) != 0
+    assert f"model.tokenizer.model={value!r}" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(CheckpointError, match=r"model.tokenizer.model=.*relative paths inside it"):
+        mega.restore_from(evil, plugins)
+    # the checkpoint's own, relative file is what a legitimate config names
+    from mega.inference import checkpoint_tokenizer_files
+
+    ckpt = run.run_dir / "checkpoints" / "step_0000002"
+    assert checkpoint_tokenizer_files(ckpt, {"library": "sentencepiece", "model": "tokenizer.tokenizer.model"}) == {
+        "model": ckpt / "tokenizer.tokenizer.model"}
+
+
+def test_safe_members_refuses_what_unpacking_must_not_write(tmp_path, plugins):
+    from mega.errors import ConfigError
+    from mega.plugins.checkpoints.archive import safe_members
+
+    def tar_of(*entries):
+        path = tmp_path / f"t{len(list(tmp_path.iterdir()))}.tar"
+        with tarfile.open(path, "w") as tar:
+            for name, kind in entries:
+                info = tarfile.TarInfo(name)
+                if kind == "link":
+                    info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+                    tar.addfile(info)
+                elif kind == "dir":
+                    info.type = tarfile.DIRTYPE
+                    tar.addfile(info)
+                else:
+                    info.size = 2
+                    tar.addfile(info, io.BytesIO(b"ok"))
+        return tarfile.open(path)
+
+    with tar_of(("./a", "file"), ("d", "dir"), ("d/b", "file")) as tar:
+        assert sorted(safe_members(tar)) == ["a", "d/b"]
+    for entries, why in [([("x", "link")], "member x is not a plain file"),
+                         ([("../x", "file")], r"member \.\./x: absolute, outside"),
+                         ([("/x", "file")], "member /x: absolute, outside"),
+                         ([("a/b", "file"), ("a//b", "file")], "member a/b: .* repeated"),
+                         ([("a", "file"), ("./a", "file")], "member a: .* repeated")]:
+        with tar_of(*entries) as tar, pytest.raises(CheckpointError, match=why):
+            safe_members(tar, "some.tar")
+    with pytest.raises(ConfigError, match="--option level: not an option of the archive format"):
+        plugins.checkpoint_formats.get("archive").factory().import_run(tmp_path / "x.mega", tmp_path / "r",
+                                                                       {"level": "9"}, plugins)
 
 
 def test_a_failed_export_leaves_the_destination_as_it_was(trained, tmp_path, monkeypatch, plugins):

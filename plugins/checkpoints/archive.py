@@ -1,6 +1,7 @@
 """The `archive` checkpoint format: a whole checkpoint in one file, mega's `.nemo`.
 
-    mega export RUN model.mega --to archive      write one (or mega.save_to(RUN, "model.mega"))
+    mega export RUN model.mega                    write one (--to archive for other names,
+                                                  or mega.save_to(RUN, "model.mega"))
     mega generate model.mega --prompt ...         sample from it directly (or mega.restore_from)
     mega import model.mega RUN_DIR                unpack it into a run directory to train on
 
@@ -37,6 +38,7 @@ import torch
 import mega
 from mega.config import load_raw
 from mega.errors import CheckpointError, ConfigError
+from mega.interop import check_options
 from mega.plugins.checkpoints.native import rank_folder
 from mega.runtime.parallel import ParallelState
 from mega.training.checkpointing import MANIFEST, resolve_checkpoint, verify
@@ -48,9 +50,11 @@ SUFFIX = ".mega"
 
 
 def tokenizer_files(checkpoint: Path, raw_config: dict) -> Dict[str, Path]:
-    """The tokenizer files a checkpoint holds, by the tokenizer config key naming them."""
-    tok = raw_config.get("model", {}).get("tokenizer", {})
-    return {k: checkpoint / v for k, v in tok.items() if isinstance(v, str) and v and (checkpoint / v).is_file()}
+    """The tokenizer files a checkpoint holds, by the tokenizer config key naming them
+    (paths leading outside the checkpoint refused: mega.inference.checkpoint_tokenizer_files)."""
+    from mega.inference import checkpoint_tokenizer_files
+
+    return checkpoint_tokenizer_files(checkpoint, raw_config.get("model", {}).get("tokenizer", {}))
 
 
 class ArchiveFormat:
@@ -60,7 +64,7 @@ class ArchiveFormat:
     def save(self, state: dict, directory: Path, parallel=None) -> None:
         if state.get("optimizer") is not None:
             raise CheckpointError("exp_manager.checkpoint.format='archive' holds model weights only; train with 'native'"
-                                  " and write an archive with `mega export RUN model.mega --to archive`")
+                                  " and write an archive with `mega export RUN model.mega`")
         folder = rank_folder(Path(directory), parallel)
         folder.mkdir(parents=True, exist_ok=True)
         torch.save(_compact(state["model"]), folder / WEIGHTS)
@@ -81,8 +85,7 @@ class ArchiveFormat:
 
     # --- Exporter ------------------------------------------------------------------------------
     def export_run(self, checkpoint: Path, destination: Path, options: Mapping[str, str], plugins) -> Path:
-        for key in options:
-            raise ConfigError(f"--option {key}: the archive format takes no options")
+        check_options(options, (), self.name)
         checkpoint = resolve_checkpoint(checkpoint)
         manifest = verify(checkpoint)
         destination = Path(destination).expanduser()
@@ -138,8 +141,7 @@ class ArchiveFormat:
         return unpack(Path(source), Path(directory))
 
     def import_run(self, source: Path, run_dir: Path, options: Mapping[str, str], plugins) -> Path:
-        for key in options:
-            raise ConfigError(f"--option {key}: the archive format takes no options")
+        check_options(options, (), self.name)
         from mega.inference import load_checkpoint_for_inference
         from mega.interop import write_imported_run
 
@@ -197,6 +199,32 @@ def _write(path: Path, meta: dict, small: Dict[str, bytes], weight_names, weight
         os.fsync(f.fileno())
 
 
+def safe_members(tar: tarfile.TarFile, source=None) -> Dict[str, tarfile.TarInfo]:
+    """A tar's file members by name (normalised: `./a` is `a`; directories skipped), read
+    through to the end; refuses, naming the member, one that is not a plain file (a link,
+    a device), has an absolute name or a `..` part, or repeats a name, and a truncated or
+    damaged archive. Nothing is extracted: callers read members with `tar.extractfile`."""
+    source = source if source is not None else tar.name
+    members: Dict[str, tarfile.TarInfo] = {}
+    name = None
+    try:
+        for m in tar:
+            name = m.name
+            if m.isdir():
+                continue
+            if not m.isfile():
+                raise CheckpointError(f"{source}: member {name} is not a plain file; refusing the archive")
+            p = PurePosixPath(name)
+            name = p.as_posix()  # "./a", "a//b" and "a/./b" are "a", "a/b": one name each
+            if p.is_absolute() or ".." in p.parts or name == "." or name in members:
+                raise CheckpointError(f"{source}: member {name}: absolute, outside the archive or repeated; refusing it")
+            members[name] = m
+    except tarfile.TarError as exc:  # a member's data runs past the end, or the next header is damaged
+        where = f"member {name} cannot be read (truncated or damaged archive: {exc})" if name else f"damaged archive ({exc})"
+        raise CheckpointError(f"{source}: {where}") from None
+    return members
+
+
 def unpack(source: Path, directory: Path) -> Path:
     """See ArchiveFormat.unpack."""
     try:
@@ -204,21 +232,7 @@ def unpack(source: Path, directory: Path) -> Path:
     except (tarfile.TarError, OSError) as exc:
         raise CheckpointError(f"{source}: not a mega archive ({exc})") from None
     with tar:
-        members, name = {}, None
-        try:
-            for m in tar:
-                name = m.name[2:] if m.name.startswith("./") else m.name
-                if m.isdir():
-                    continue
-                if not m.isfile():
-                    raise CheckpointError(f"{source}: member {name} is not a plain file; refusing the archive")
-                p = PurePosixPath(name)
-                if p.is_absolute() or ".." in p.parts or name in members:
-                    raise CheckpointError(f"{source}: member {name}: absolute, outside the archive or repeated; refusing it")
-                members[name] = m
-        except tarfile.TarError as exc:  # a member's data runs past the end, or the next header is damaged
-            where = f"member {name} cannot be read (truncated or damaged archive: {exc})" if name else f"damaged archive ({exc})"
-            raise CheckpointError(f"{source}: {where}") from None
+        members = safe_members(tar, source)
         if MANIFEST not in members:
             raise CheckpointError(f"{source}: has no {MANIFEST}; not an archive written by `mega export ... --to archive`")
         try:

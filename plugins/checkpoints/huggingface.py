@@ -30,6 +30,7 @@ import json
 import logging
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Tuple
 
@@ -37,6 +38,8 @@ import torch
 
 import mega
 from mega.errors import CheckpointError, ConfigError
+from mega.interop import check_options
+from mega.runtime.sharding import fit
 
 log = logging.getLogger("mega.checkpoints.huggingface")
 
@@ -71,9 +74,11 @@ TOKENIZER_FILES = {"tokenizer_file": "tokenizer.json", "vocab_file": "vocab.json
 
 
 def qkv_blocks_to_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
-    """Rows (dim 0) ordered Q block, K block, V block -> per head (q, k, v)."""
-    rest = t.shape[1:]
-    return t.reshape(3, heads, -1, *rest).transpose(0, 1).reshape(t.shape)
+    """Rows (dim 0) ordered Q block, K block, V block -> per head (q, k, v): Megatron's
+    checkpoint_version 0 layout, which GPT-2's c_attn has."""
+    from mega.plugins.checkpoints.megatron import qkv_to_current
+
+    return qkv_to_current(t, 0, heads)
 
 
 def qkv_heads_to_blocks(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -196,11 +201,8 @@ def hf_to_mega(hf_state: Dict[str, torch.Tensor], num_layers: int, heads: int, p
     rows = wte.shape[0]
     if rows < vocab:
         raise CheckpointError(f"{where}: the word embedding has {rows} rows, the tokenizer {vocab} tokens")
-    # rows past the tokenizer's vocabulary are padding either way; keep what fits
-    keep = min(rows, padded_vocab)
-    padded = wte.new_zeros(padded_vocab, wte.shape[1])
-    padded[:keep] = wte[:keep]
-    out[WTE] = padded
+    # rows past the tokenizer's vocabulary are padding either way: cut or zero-filled
+    out[WTE] = fit(wte, [padded_vocab, wte.shape[1]])
     return out
 
 
@@ -245,12 +247,6 @@ def _tokenizer_files(source: Path, options: Mapping[str, str]) -> Dict[str, Path
                           " --option merges_file=PATH (GPT-2 BPE)")
 
 
-def _check_options(options: Mapping[str, str], known, command: str) -> None:
-    for key in options:
-        if key not in known:
-            raise ConfigError(f"{command} --option {key}: not an option of the huggingface format (options: {', '.join(known)})")
-
-
 class HuggingFaceFormat:
     """Hugging Face transformers' GPT-2 directories; an Importer and an Exporter."""
 
@@ -283,7 +279,7 @@ class HuggingFaceFormat:
         from mega.plugins.models.transformer import padded_vocab_size
         from mega.plugins.tokenizers.huggingface import HuggingFaceConfig, HuggingFaceTokenizer, special_tokens
 
-        _check_options(options, IMPORT_OPTIONS, "mega import")
+        check_options(options, IMPORT_OPTIONS, self.name)
         source = Path(source).expanduser()
         where = str(source / "config.json")
         hf = _read_config(source)
@@ -317,14 +313,13 @@ class HuggingFaceFormat:
         from mega.inference import load_checkpoint_for_inference
         from mega.plugins.models.gpt import GPTModel
 
-        _check_options(options, EXPORT_OPTIONS, "mega export")
+        check_options(options, EXPORT_OPTIONS, self.name)
         dtype_name = options.get("dtype", "float32")
         if dtype_name not in DTYPES:
             raise ConfigError(f"--option dtype={dtype_name}: expected one of {', '.join(DTYPES)}")
-        destination = Path(destination).expanduser()
-        for name in ("config.json", "model.safetensors"):
-            if (destination / name).exists():
-                raise CheckpointError(f"{destination / name}: already exists; export into a new directory")
+        destination = Path(destination).expanduser().absolute()
+        if destination.exists() and not (destination.is_dir() and not any(destination.iterdir())):
+            raise CheckpointError(f"{destination}: already exists; export into a new directory")
         model, tokenizer, config = load_checkpoint_for_inference(checkpoint, plugins)
         mc = config.model
         if not isinstance(model, GPTModel):
@@ -338,20 +333,29 @@ class HuggingFaceFormat:
             raise CheckpointError(f"{checkpoint}: model.activation={mc.activation!r} has no GPT-2 activation_function")
         state = mega_to_hf(model.state_dict(), mc.num_layers, mc.num_attention_heads, tokenizer.vocab_size)
         state = {k: v.to(DTYPES[dtype_name]) for k, v in state.items()}
-        destination.mkdir(parents=True, exist_ok=True)
-        from safetensors.torch import save_file
+        # Written beside DEST and renamed into place: a failed export leaves nothing behind.
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{destination.name}-", dir=destination.parent))
+        try:
+            from safetensors.torch import save_file
 
-        save_file(state, str(destination / "model.safetensors"), metadata={"format": "pt"})
-        (destination / "config.json").write_text(json.dumps(gpt2_config(mc, tokenizer, dtype_name), indent=2) + "\n")
-        self._write_tokenizer(tokenizer, mc, destination)
+            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            (tmp / "config.json").write_text(json.dumps(gpt2_config(mc, tokenizer, dtype_name), indent=2) + "\n")
+            if mc.tokenizer.library == "huggingface":
+                self._write_tokenizer(tokenizer, mc, tmp)
+            else:
+                log.warning("model.tokenizer.library=%r: transformers cannot read this tokenizer; %s holds the model"
+                            " without tokenizer files", mc.tokenizer.library, destination)
+            tmp.chmod(0o755)  # mkdtemp makes it private; an export is an ordinary directory
+            if destination.exists():
+                destination.rmdir()  # empty (checked above); rmdir refuses if it no longer is
+            tmp.rename(destination)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         return destination
 
     @staticmethod
     def _write_tokenizer(tokenizer, mc, destination: Path) -> None:
-        if mc.tokenizer.library != "huggingface":
-            log.warning("model.tokenizer.library=%r: transformers cannot read this tokenizer; %s holds the model"
-                        " without tokenizer files", mc.tokenizer.library, destination)
-            return
         for key, path in tokenizer.artifacts().items():
             shutil.copyfile(path, destination / TOKENIZER_FILES[key])
         tok = tokenizer.tokenizer

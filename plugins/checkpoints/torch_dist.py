@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -52,6 +51,7 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 
 import mega
 from mega.errors import CheckpointError
+from mega.plugins.checkpoints.mcore_names import mcore_name
 from mega.runtime.sharding import renumber
 
 log = logging.getLogger("mega.checkpoint")
@@ -61,36 +61,7 @@ METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                  "common_backend": "torch", "common_backend_version": 1}
 CHECKPOINT_VERSION = 3.0
 
-# --- megatron-core names ------------------------------------------------------------------
-
-_LAYER = re.compile(r"^language_model\.encoder\.layers\.(\d+)\.(.+)$")
-_IN_LAYER = {  # mega's (Megatron legacy) names inside a layer -> megatron-core's (TE spec)
-    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
-    "input_layernorm.bias": "self_attention.linear_qkv.layer_norm_bias",
-    "self_attention.query_key_value.weight": "self_attention.linear_qkv.weight",
-    "self_attention.query_key_value.bias": "self_attention.linear_qkv.bias",
-    "self_attention.dense.weight": "self_attention.linear_proj.weight",
-    "self_attention.dense.bias": "self_attention.linear_proj.bias",
-    "post_attention_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
-    "post_attention_layernorm.bias": "mlp.linear_fc1.layer_norm_bias",
-    "mlp.dense_h_to_4h.weight": "mlp.linear_fc1.weight",
-    "mlp.dense_h_to_4h.bias": "mlp.linear_fc1.bias",
-    "mlp.dense_4h_to_h.weight": "mlp.linear_fc2.weight",
-    "mlp.dense_4h_to_h.bias": "mlp.linear_fc2.bias",
-}
-
-
-def mcore_name(global_name: str) -> str:
-    """mega's global (pipeline-independent) state-dict name -> megatron-core's key. QKV rows
-    need no reordering: mega's per-head [q, k, v] blocks are mcore's linear_qkv layout."""
-    m = _LAYER.match(global_name)
-    if m:
-        return f"decoder.layers.{m.group(1)}.{_IN_LAYER.get(m.group(2), m.group(2))}"
-    if global_name.startswith("language_model.encoder.final_layernorm."):
-        return "decoder.final_layernorm." + global_name.rsplit(".", 1)[1]
-    if global_name.startswith("language_model.embedding."):
-        return global_name[len("language_model."):]
-    return global_name
+# megatron-core names: mega.plugins.checkpoints.mcore_names (shared with other mcore formats)
 
 
 def rank_file(tp_rank: int, pp_rank: int) -> str:
@@ -229,7 +200,7 @@ class TorchDistFormat:
                 put(key, model[name], dim)
         extra_optim = {}
         opt = state.get("optimizer")
-        names = _names_from_order(opt, model) if opt is not None else None
+        names = _optimizer_param_names(state) if opt is not None else None
         if opt is not None:
             order = [i for g in opt["param_groups"] for i in g["params"]]
             for pos, i in enumerate(order):
@@ -391,15 +362,50 @@ def _read_rank_file(directory: Path, tp_rank: int, pp_rank: int) -> dict:
     return _load(directory / rank_file(tp_rank, pp_rank))
 
 
-def _names_from_order(opt: dict, model: dict) -> List[str]:
-    """Parameter names in the optimizer's order: mega's param_groups put matrices first,
-    then 1-D tensors (Megatron's no-weight-decay rule), each in module order."""
-    floats = [n for n, t in model.items() if t.is_floating_point()]
-    names = [n for n in floats if model[n].dim() >= 2] + [n for n in floats if model[n].dim() < 2]
-    count = sum(len(g["params"]) for g in opt["param_groups"])
-    if len(names) != count:
-        raise CheckpointError(f"torch_dist: the optimizer has {count} parameters, the model state {len(names)} tensors")
+def _optimizer_param_names(state: dict) -> List[str]:
+    """The parameter names the optimizer's integer ids refer to, in its order: the kernel's
+    `mega.training.run.optimizer_param_names(model)` when the state carries it
+    (`param_names`); else rebuilt from the state by the kernel's rule (its param_groups
+    are the matrices, then the 1-D tensors, each in module order) and checked group by
+    group and moment by moment. Frozen parameters and floating-point buffers are in the
+    model's state but not the optimizer's: when the rebuilt names cannot be told apart
+    from another order, saving is refused rather than moments filed under another tensor."""
+    opt, model = state["optimizer"], state["model"]
+    groups = [list(g["params"]) for g in opt["param_groups"]]
+    count = sum(len(g) for g in groups)
+    names = state.get("param_names")
+    if names is not None:
+        names = list(names)
+        if len(names) != count:
+            raise CheckpointError(f"torch_dist: the optimizer has {count} parameters, the state names {len(names)}")
+        unknown = [n for n in names if n not in model]
+        if unknown:
+            raise CheckpointError(f"torch_dist: optimizer parameters not in the model's state: {', '.join(unknown[:4])}")
+        _check_moments(opt, groups, names, model)
+        return names
+    floats = [n for n, t in model.items() if torch.is_tensor(t) and t.is_floating_point()]
+    by_rule = [[n for n in floats if model[n].dim() >= 2], [n for n in floats if model[n].dim() < 2]]
+    sizes = [len(g) for g in groups]
+    if sizes != [len(g) for g in by_rule]:
+        raise CheckpointError(
+            f"torch_dist: cannot tell which parameter each optimizer entry belongs to: its param_groups hold"
+            f" {sizes} parameters, the model state {[len(g) for g in by_rule]} matrices and 1-D tensors (frozen"
+            " parameters or floating-point buffers?); the state needs 'param_names'"
+            " (mega.training.run.optimizer_param_names)")
+    names = by_rule[0] + by_rule[1]
+    _check_moments(opt, groups, names, model)
     return names
+
+
+def _check_moments(opt: dict, groups: List[list], names: List[str], model: dict) -> None:
+    """Every tensor moment has its parameter's shape (a misordered name list shows here)."""
+    order = [i for g in groups for i in g]
+    for pos, i in enumerate(order):
+        for k, v in opt["state"].get(i, {}).items():
+            if torch.is_tensor(v) and v.dim() > 0 and list(v.shape) != list(model[names[pos]].shape):
+                raise CheckpointError(f"torch_dist: optimizer entry {i} ({k}, shape {list(v.shape)}) does not fit"
+                                      f" {names[pos]} (shape {list(model[names[pos]].shape)}): the parameter order is"
+                                      " not the model's")
 
 
 def _common(state: dict, parallel, sharding: dict) -> dict:
