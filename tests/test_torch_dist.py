@@ -188,7 +188,7 @@ def test_moments_follow_the_kernels_parameter_order_and_a_misorder_is_refused(tm
 
 def test_mcore_names_go_both_ways_from_one_table():
     from mega.plugins.checkpoints import mcore_names
-    from mega.plugins.checkpoints.nemo import MCORE_LAYER, MCORE_OTHER
+    from mega.plugins.checkpoints.nemo import mega_name as nemo_name
     from mega.plugins.models.gpt import GPTModel
 
     for name in GPTModel(_tiny_gpt_cfg(), 50).state_dict():
@@ -196,9 +196,10 @@ def test_mcore_names_go_both_ways_from_one_table():
         assert mcore_names.mega_name(key) == name, (name, key)
     assert mcore_names.mcore_name("language_model.encoder.layers.7.mlp.dense_h_to_4h.bias") == "decoder.layers.7.mlp.linear_fc1.bias"
     assert mcore_names.mcore_name("language_model.encoder.final_layernorm.weight") == "decoder.final_layernorm.weight"
-    # the table nemo.py writes out by hand (to be replaced by this module) says the same
-    assert {k: v for k, v in mcore_names.LAYER_TO_MEGA.items()} == MCORE_LAYER
-    assert {k: mcore_names.mega_name(k) for k in MCORE_OTHER} == MCORE_OTHER
+    # the NeMo importer reads mcore_gpt names through the same table, legacy names through Megatron's
+    assert nemo_name("decoder.layers.3.pre_mlp_layernorm.bias") == "language_model.encoder.layers.3.post_attention_layernorm.bias"
+    assert nemo_name("language_model.transformer.layers.0.attention.dense.weight") == \
+        "language_model.encoder.layers.0.self_attention.dense.weight"
 
 
 def _load_at_layout(parallel, directory):

@@ -73,7 +73,8 @@ class Run:
             trainer["carried_state"] = self._gather_carried_state()
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "trainer": trainer,
                 "sharding": sharding_of(self.model, self.parallel), "config": to_dict(self.config),
-                "vocab_size": self.tokenizer.vocab_size}
+                "vocab_size": self.tokenizer.vocab_size,  # the real vocabulary (formats write it: orig_vocab_size)
+                "param_names": optimizer_param_names(self.model)}  # what the optimizer's integer ids refer to
 
     def load_state(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])

@@ -22,16 +22,17 @@ output layer, grouped-query attention, post-LN blocks) is refused naming the yam
 from __future__ import annotations
 
 import io
-import re
 import tarfile
 import tempfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Dict, List, Mapping
 
 import torch
 
 import mega
 from mega.errors import CheckpointError, ConfigError
+from mega.plugins.checkpoints import mcore_names
+from mega.plugins.checkpoints.archive import safe_members
 from mega.plugins.checkpoints.megatron import current_name
 
 SUFFIX = ".nemo"
@@ -49,32 +50,6 @@ NORMS = ("layernorm", "low_precision_layernorm")
 COPIED = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "max_position_embeddings",
           "layernorm_epsilon", "make_vocab_size_divisible_by", "hidden_dropout", "attention_dropout", "init_method_std",
           "micro_batch_size", "global_batch_size")
-# megatron-core GPT names -> legacy (mega's) names, inside a layer and outside
-MCORE_LAYER = {
-    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
-    "input_layernorm.weight": "input_layernorm.weight",
-    "input_layernorm.bias": "input_layernorm.bias",
-    "self_attention.linear_qkv.weight": "self_attention.query_key_value.weight",
-    "self_attention.linear_qkv.bias": "self_attention.query_key_value.bias",
-    "self_attention.linear_proj.weight": "self_attention.dense.weight",
-    "self_attention.linear_proj.bias": "self_attention.dense.bias",
-    "mlp.linear_fc1.layer_norm_weight": "post_attention_layernorm.weight",
-    "mlp.linear_fc1.layer_norm_bias": "post_attention_layernorm.bias",
-    "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
-    "pre_mlp_layernorm.bias": "post_attention_layernorm.bias",
-    "mlp.linear_fc1.weight": "mlp.dense_h_to_4h.weight",
-    "mlp.linear_fc1.bias": "mlp.dense_h_to_4h.bias",
-    "mlp.linear_fc2.weight": "mlp.dense_4h_to_h.weight",
-    "mlp.linear_fc2.bias": "mlp.dense_4h_to_h.bias",
-}
-MCORE_OTHER = {
-    "embedding.word_embeddings.weight": "language_model.embedding.word_embeddings.weight",
-    "embedding.position_embeddings.weight": "language_model.embedding.position_embeddings.weight",
-    "decoder.final_layernorm.weight": "language_model.encoder.final_layernorm.weight",
-    "decoder.final_layernorm.bias": "language_model.encoder.final_layernorm.bias",
-}
-_MCORE_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 # the last pipeline stage's copy of the tied word embedding (legacy NeMo, Megatron-LM, mcore)
 TIED_COPIES = ("word_embeddings.weight", "word_embeddings_for_head.weight", "output_layer.weight")
 
@@ -116,10 +91,8 @@ def _open(source: Path) -> tarfile.TarFile:
 
 
 def _members(source: Path, tar: tarfile.TarFile) -> Dict[str, tarfile.TarInfo]:
-    try:
-        return {PurePosixPath(m.name).as_posix().removeprefix("./"): m for m in tar.getmembers() if m.isfile()}
-    except tarfile.TarError as exc:
-        raise CheckpointError(f"{source}: damaged archive ({exc})") from None
+    """File members by name, with the archive format's checks (no links, no names outside)."""
+    return safe_members(tar, source)
 
 
 def _read(source: Path, tar: tarfile.TarFile, member: tarfile.TarInfo, name: str) -> bytes:
@@ -269,12 +242,8 @@ def _rank_members(source: Path, members, cfg: dict) -> List[List[str]]:
 def mega_name(name: str) -> str:
     """A NeMo GPT state-dict name (legacy or megatron-core, without the `model.` prefix)
     under mega's (Megatron-LM legacy) naming; unknown names are returned unchanged."""
-    if name in MCORE_OTHER:
-        return MCORE_OTHER[name]
-    m = _MCORE_LAYER.match(name)
-    if m and m.group(2) in MCORE_LAYER:
-        return f"language_model.encoder.layers.{m.group(1)}.{MCORE_LAYER[m.group(2)]}"
-    return current_name(name)  # legacy NeMo names are Megatron-LM's: one renaming for both formats
+    mapped = mcore_names.mega_name(name)  # mcore_gpt's names, from the one table both ways
+    return mapped if mapped != name else current_name(name)  # legacy NeMo names are Megatron-LM's
 
 
 def _weights(source: Path, tar, members, cfg: dict, model_table: dict, files, plugins) -> Dict[str, torch.Tensor]:
