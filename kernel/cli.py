@@ -105,6 +105,7 @@ def cmd_run(args) -> int:
     config = load_config(args.experiment, args.overrides, plugins)  # validate before launching anything
     tr = config.trainer
     if tr.devices * tr.num_nodes > 1 and not launched():
+        _check_layout(config)
         config.model.check(plugins)  # once here, not once per worker
         if tr.num_nodes > 1:
             raise ConfigError(
@@ -115,6 +116,17 @@ def cmd_run(args) -> int:
         return 0
     mega.run(config, plugins)
     return 0
+
+
+def _check_layout(config) -> None:
+    """The parallel layout and batch geometry of N workers, checked once before launching
+    them (each worker would otherwise report the same error)."""
+    from mega.runtime.parallel import layout
+    from mega.training.batches import batch_geometry
+
+    tr, mc = config.trainer, config.model
+    dp = layout(tr.devices * tr.num_nodes, mc.tensor_model_parallel_size, mc.pipeline_model_parallel_size)
+    batch_geometry(mc.micro_batch_size, mc.global_batch_size, tr.accumulate_grad_batches, dp)
 
 
 def cmd_config(args) -> int:

@@ -229,3 +229,23 @@ def test_each_data_parallel_replicas_carried_state_survives_resume(tmp_path, cor
     ckpt = tmp_path / "results" / "resumed" / "checkpoints" / "step_0000002" / "trainer.pt"
     carried = torch.load(ckpt, weights_only=True)["carried_state"]
     assert len(carried) == 2 and not torch.equal(carried[0]["memory"], carried[1]["memory"])
+
+
+def test_a_batch_that_does_not_divide_over_the_workers_fails_once_before_launching(tmp_path, corpus):
+    exp = _exp(tmp_path, corpus, model={"micro_batch_size": 8, "global_batch_size": 8})
+    r = _mega(["run", str(exp), "trainer.devices=2"], tmp_path, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("model.global_batch_size=8: must be a positive multiple of micro_batch_size x data-parallel"
+                          " size = 8 x 2") == 1
+    assert "torch" not in r.stderr.lower() and not (tmp_path / "results").exists()  # no worker was started
+
+
+@pytest.mark.slow
+def test_the_readme_data_parallel_example_runs(tmp_path):
+    """README: `mega run examples/quickstart.toml trainer.devices=2`, shortened."""
+    r = _mega(["run", str(ROOT / "examples" / "quickstart.toml"), "trainer.devices=2", "trainer.max_steps=2",
+               "trainer.val_check_interval=0", "model.num_layers=1", "model.hidden_size=64", "model.seq_length=32",
+               "model.tokenizer.vocab_size=500", f"exp_manager.exp_dir={tmp_path / 'results'}", "trainer.accelerator=cpu"],
+              tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "results" / "quickstart" / "checkpoints" / "step_0000002").is_dir()
