@@ -54,21 +54,48 @@ class Precision(str):
         return cls(norm)
 
 
+class InvalidValue(ValueError):
+    """A value outside its key's range; the strict structuring reports it at `<table>.<key>`."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+def _at_least(bound, strict: bool = False):
+    """An attrs validator: the value must be >= bound (> bound when `strict`); None passes
+    (optional keys). NaN fails."""
+
+    def check(_instance, attribute, value):
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            return  # the type is the structuring's to check
+        ok = value > bound if strict else value >= bound
+        if not ok:
+            raise InvalidValue(attribute.name, f"must be {'>' if strict else '>='} {bound}, got {value!r}")
+
+    return check
+
+
+positive = _at_least(0, strict=True)  # > 0
+non_negative = _at_least(0)  # >= 0
+at_least_one = _at_least(1)  # >= 1 (counts and sizes)
+
+
 @define(kw_only=True)
 class TrainerConfig:
     """`trainer.*`: how long and how to train, when to validate and log."""
 
-    devices: int = 1  # worker processes on this machine
-    num_nodes: int = 1  # machines (torchrun --nnodes)
+    devices: int = field(default=1, validator=at_least_one)  # worker processes on this machine
+    num_nodes: int = field(default=1, validator=at_least_one)  # machines (torchrun --nnodes)
     accelerator: str = "auto"  # "cpu", "gpu" or "auto"
     precision: Precision = Precision("32")  # 32, 16 (fp16 + dynamic loss scaling) or "bf16"
-    max_steps: int = 1000  # optimizer steps
-    val_check_interval: int = 100  # validate every N steps (and at the end); 0 disables
-    limit_val_batches: int = 10  # global batches per validation
-    log_every_n_steps: int = 10  # metrics to every logger each N steps (and at the last)
-    accumulate_grad_batches: int = 1  # micro-batches per step (derived from global_batch_size if set)
-    gradient_clip_val: float = 1.0  # max global grad norm; 0 disables clipping
-    dist_timeout_s: int = 600  # a collective that waits longer (a hung or dead worker) fails the run
+    max_steps: int = field(default=1000, validator=non_negative)  # optimizer steps
+    val_check_interval: int = field(default=100, validator=non_negative)  # validate every N steps (and at the end); 0 disables
+    limit_val_batches: int = field(default=10, validator=non_negative)  # global batches per validation
+    log_every_n_steps: int = field(default=10, validator=at_least_one)  # metrics to every logger each N steps (and at the last)
+    accumulate_grad_batches: int = field(default=1, validator=at_least_one)  # micro-batches per step (derived from global_batch_size if set)
+    gradient_clip_val: float = field(default=1.0, validator=non_negative)  # max global grad norm; 0 disables clipping
+    dist_timeout_s: int = field(default=600, validator=positive)  # a collective that waits longer (a hung or dead worker) fails the run
     enable_progress_bar: Optional[bool] = None  # None: only on a terminal, never under CI/SLURM
 
 
@@ -77,8 +104,8 @@ class CheckpointConfig:
     """`exp_manager.checkpoint.*`: when and how checkpoints are written."""
 
     format: str = "native"  # a registered checkpoint format
-    every_n_train_steps: int = 0  # 0: only at the end of training
-    keep_last_k: int = 3  # older checkpoints are deleted; 0 keeps all
+    every_n_train_steps: int = field(default=0, validator=non_negative)  # 0: only at the end of training
+    keep_last_k: int = field(default=3, validator=non_negative)  # older checkpoints are deleted; 0 keeps all
     save_last: bool = True  # save when training ends
 
 
@@ -89,6 +116,7 @@ class ExpManagerConfig:
     exp_dir: str = "results"
     name: str = "default"  # the run directory is exp_dir/name
     resume_if_exists: bool = True  # resume from the latest good checkpoint in the run directory
+    resume_ignore_config_changes: bool = False  # resume even if keys that cannot resume safely changed (model shape, data, tokenizer)
     loggers: List[str] = field(factory=lambda: ["console", "jsonl", "tensorboard"])
     checkpoint: CheckpointConfig = field(factory=CheckpointConfig)
 
@@ -117,8 +145,8 @@ class SchedConfig:
     """`model.optim.sched.*` base; `name` picks the learning-rate schedule."""
 
     name: str = "cosine"  # a registered learning-rate schedule
-    warmup_steps: int = 0  # linear warmup from lr/warmup_steps to lr
-    min_lr: float = 0.0  # the floor decaying schedules reach
+    warmup_steps: int = field(default=0, validator=non_negative)  # linear warmup from lr/warmup_steps to lr
+    min_lr: float = field(default=0.0, validator=non_negative)  # the floor decaying schedules reach
 
 
 @define(kw_only=True)
@@ -126,8 +154,8 @@ class OptimConfig:
     """`model.optim.*` base; `name` picks the optimizer plugin."""
 
     name: str = "adamw"  # a registered optimizer
-    lr: float = 3e-4  # peak learning rate
-    weight_decay: float = 0.01  # not applied to biases and norm weights
+    lr: float = field(default=3e-4, validator=positive)  # peak learning rate
+    weight_decay: float = field(default=0.01, validator=non_negative)  # not applied to biases and norm weights
     sched: SchedConfig = field(factory=SchedConfig)
 
 
@@ -137,16 +165,16 @@ class ModelConfig:
     class subclasses this one and adds its architecture keys."""
 
     name: str = "gpt"  # a registered model
-    micro_batch_size: int = 4  # samples per forward/backward on each data-parallel rank
-    global_batch_size: Optional[int] = None  # None: micro_batch_size x data-parallel x accumulate
-    seq_length: int = 512  # tokens per sample
+    micro_batch_size: int = field(default=4, validator=at_least_one)  # samples per forward/backward on each data-parallel rank
+    global_batch_size: Optional[int] = field(default=None, validator=at_least_one)  # None: micro_batch_size x data-parallel x accumulate
+    seq_length: int = field(default=512, validator=at_least_one)  # tokens per sample
     seed: int = 1234  # seeds initialisation, dropout and data order
-    tensor_model_parallel_size: int = 1  # ranks that split each layer (TP)
-    pipeline_model_parallel_size: int = 1  # stages the layers are split into (PP)
+    tensor_model_parallel_size: int = field(default=1, validator=at_least_one)  # ranks that split each layer (TP)
+    pipeline_model_parallel_size: int = field(default=1, validator=at_least_one)  # stages the layers are split into (PP)
     # fp16 dynamic loss scaling (trainer.precision=16), NeMo's names
-    native_amp_init_scale: float = 4294967296.0  # initial fp16 loss scale (2**32)
-    native_amp_growth_interval: int = 1000  # clean steps before the scale doubles
-    hysteresis: int = 2  # overflowing steps before the scale halves
+    native_amp_init_scale: float = field(default=4294967296.0, validator=positive)  # initial fp16 loss scale (2**32)
+    native_amp_growth_interval: int = field(default=1000, validator=at_least_one)  # clean steps before the scale doubles
+    hysteresis: int = field(default=2, validator=at_least_one)  # overflowing steps before the scale halves
     tokenizer: TokenizerConfig = field(factory=TokenizerConfig)
     data: DataConfig = field(factory=DataConfig)
     optim: OptimConfig = field(factory=OptimConfig)

@@ -29,7 +29,7 @@ try:
 except NameError:  # Python 3.10: the backport cattrs itself depends on
     from exceptiongroup import BaseExceptionGroup
 
-from mega.config.schema import SLOTS, DataConfig, ExperimentConfig, Precision, Slot
+from mega.config.schema import SLOTS, DataConfig, ExperimentConfig, InvalidValue, Precision, Slot
 from mega.errors import ConfigError, MegaError, PluginError, did_you_mean
 
 
@@ -198,7 +198,7 @@ def _render(exc: BaseException, path: List[str], out: List[str]) -> None:
         known = [a.name for a in attrs.fields(exc.cl)]
         for key in sorted(exc.extra_fields):
             out.append(f"{'.'.join(path + [key])}: unknown key{did_you_mean(key, known)}")
-    elif isinstance(exc, _SlotNameError):
+    elif isinstance(exc, (_SlotNameError, InvalidValue)):  # a component name, or a value out of range
         out.append(f"{'.'.join(path + [exc.key])}: {exc}")
     elif isinstance(exc, (ClassValidationError, IterableValidationError, BaseExceptionGroup)):
         for sub in exc.exceptions:

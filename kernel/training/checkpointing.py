@@ -14,6 +14,7 @@ file is reported by name; auto-resume falls back to the newest checkpoint that v
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -64,6 +65,26 @@ def write_text_atomic(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
+# What a full disk looks like through torch.save's C++ stream writer, which loses the errno.
+_STREAM_FAILURE = re.compile(r"iostream error|file write failed|unexpected pos|No space left", re.I)
+_NEARLY_FULL = 64 << 20  # bytes: a failed stream write with less free than this is a full disk
+
+
+def _disk_full(exc: BaseException, where: Path) -> bool:
+    """Whether a failed write is a full disk: ENOSPC (or EDQUOT), or a C++ stream failure
+    (torch.save says only `basic_ios::clear: iostream error`) with next to no space left."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if isinstance(exc, (RuntimeError, OSError)) and _STREAM_FAILURE.search(str(exc)):
+        if "no space left" in str(exc).lower():
+            return True
+        try:
+            return shutil.disk_usage(where).free < _NEARLY_FULL
+        except OSError:
+            return False
+    return False
+
+
 def step_of(path: Path) -> int:
     m = _STEP_DIR.match(path.name)
     if not m:
@@ -102,8 +123,15 @@ class CheckpointManager:
         except BaseException as exc:
             error = exc
         if parallel.any(error is not None):
+            full = error is not None and _disk_full(error, self.root)  # judged before the partial files are removed
             if parallel.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint stays the latest
+            if full:
+                kept = self._latest_name()
+                raise CheckpointError(
+                    f"no space left on {self.root}: the checkpoint of step {step} was not written"
+                    f" ({'the previous checkpoint ' + kept + ' is kept' if kept else 'there is no earlier checkpoint'});"
+                    f" free some space or move exp_manager.exp_dir, then run the same command again") from error
             raise error or CheckpointError(f"{tmp}: another rank failed to write its part of the checkpoint")
         if parallel.is_main:
             self._commit(tmp, final)
@@ -111,6 +139,12 @@ class CheckpointManager:
                 self.fmt.after_commit(self.root, final, step)
         parallel.barrier()
         return final
+
+    def _latest_name(self) -> Optional[str]:
+        try:
+            return (self.root / LATEST).read_text().strip() or None
+        except OSError:
+            return None
 
     def _commit(self, tmp: Path, final: Path) -> None:
         if final.exists():  # re-saving a step (e.g. a resumed run that ends where it began)

@@ -1,5 +1,11 @@
-"""Assembles a run from a config: plugins -> run dir -> data -> tokenizer -> model ->
-optimizer -> resume, then hands it to the loop.
+"""Assembles a run from a config: plugins -> checks -> run dir -> data -> tokenizer ->
+model -> optimizer -> resume, then hands it to the loop.
+
+Everything that can be checked without writing is checked first, in this order: component
+names, the model's shapes, the batch geometry, the config against the run already in the
+run directory (if any); then rank 0 checks the directory is writable, creates and locks
+it, and opens the data files and builds the tokenizer; config.toml and run.json are
+written only after all of that succeeded.
 
 The order matters for reproducibility: every generator is seeded from `model.seed` right
 before the model is built, and a resumed run then overwrites model, optimizer, loss scaler,
@@ -8,6 +14,7 @@ RNG and data position with the checkpoint's, so it continues bit for bit.
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence
 
@@ -34,7 +41,14 @@ from mega.runtime.rng import rng_state, seed_everything, set_rng_state
 from mega.runtime.tensor_parallel import get_rng_tracker
 from mega.training.batches import batch_geometry
 from mega.training.checkpointing import CheckpointManager, verify
-from mega.training.run_dir import prepare_run_dir
+from mega.training.run_dir import (
+    check_config_unchanged,
+    check_writable,
+    lock_run_dir,
+    prepare_run_dir,
+    run_dir_of,
+    unlock_run_dir,
+)
 
 log = logging.getLogger("mega")
 
@@ -198,12 +212,29 @@ def build_run(config: ExperimentConfig, plugins=None) -> Run:
     for name in config.exp_manager.loggers:
         plugins.loggers.get(name, "exp_manager.loggers")
     mc.check(plugins)  # shapes and wiring, before the run directory is written
+    # A run directory a run already wrote: the config must still describe that run (read only).
+    run_dir = run_dir_of(config)
+    check_config_unchanged(config, run_dir)
 
-    # A shared filesystem across nodes is assumed.
+    # A shared filesystem across nodes is assumed. Rank 0 checks the directory can be
+    # written, creates and locks it, finds the data files and builds the tokenizer, and
+    # writes config.toml and run.json last, once all of that succeeded.
     with parallel.main_rank_first():
-        run_dir = prepare_run_dir(config, plugins, write=parallel.is_main)
-        source = built(data_entry, DataSource, data_entry.factory(mc.data, run_dir))
-        tokenizer = built(tok_entry, Tokenizer, tok_entry.factory(mc.tokenizer, source.files(), run_dir))
+        created = False
+        if parallel.is_main:
+            check_writable(run_dir)
+            created = not run_dir.exists()
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock_run_dir(run_dir)
+        try:
+            source = built(data_entry, DataSource, data_entry.factory(mc.data, run_dir))
+            tokenizer = built(tok_entry, Tokenizer, tok_entry.factory(mc.tokenizer, source.files(), run_dir))
+        except BaseException:
+            if created:  # a run directory this call made holds nothing worth keeping
+                unlock_run_dir(run_dir)
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+        prepare_run_dir(config, plugins, write=parallel.is_main)
 
     seed_everything(mc.seed)  # the same on every tensor- and data-parallel rank (Megatron's rule)
     get_rng_tracker().reset(mc.seed, parallel.tp_rank, device.type)
@@ -294,5 +325,6 @@ def run(config: ExperimentConfig, plugins=None) -> Run:
         r = build_run(config, plugins)
         train(r)
     finally:
+        unlock_run_dir(run_dir_of(config))
         shutdown_parallel()
     return r

@@ -1,24 +1,236 @@
 """The run directory: `exp_manager.exp_dir/<name>/` with the resolved config, run.json
-(versions of mega, torch and every plugin), checkpoints/, tensorboard/, metrics.jsonl."""
+(versions of mega, torch and every plugin), checkpoints/, tensorboard/, metrics.jsonl.
+
+Before anything is written into it, a run directory is checked (`check_run_dir`):
+
+* Re-running into a directory a run already wrote compares the new resolved config with
+  the run's `config.toml`, key by dotted key. Changes a resumed run can take (the keys in
+  `RESUME_SAFE`: more steps, a new learning-rate schedule, logging, checkpoint cadence,
+  devices and the parallel layout) go on with a note; any other change stops with a
+  ConfigError listing `key: old -> new`, before config.toml is overwritten or an old
+  tokenizer is reused. Start a new run with `exp_manager.name=<new>`, or keep going
+  anyway with `exp_manager.resume_ignore_config_changes=true`.
+* The directory (or the nearest folder that exists above it) must be writable, so a
+  read-only location is reported at the start, not at the first checkpoint.
+* `lock_run_dir` holds an exclusive lock on `<run_dir>/.lock` (with the holder's PID
+  written in it) for the life of the process: a second run into the same directory
+  refuses and names the holder.
+"""
 from __future__ import annotations
 
+import errno
 import json
+import logging
+import os
 import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 import torch
 
 import mega
 from mega.config import dump_config
+from mega.errors import ConfigError
 from mega.training.checkpointing import write_text_atomic
+
+log = logging.getLogger("mega")
+
+LOCK = ".lock"
+# Files whose presence alone does not make a run worth protecting: what prepare_run_dir
+# writes before anything trains.
+_BOOKKEEPING = {"config.toml", "run.json", LOCK}
+
+# Keys (dotted; a trailing ".*" covers a whole table) that may change between the run that
+# wrote a run directory and a run that resumes from it: the checkpoint still loads and
+# means the same model, data and tokenizer. The parallel layout reshards on load; the
+# global batch size is checked separately (it must stay what it was).
+RESUME_SAFE = (
+    "trainer.max_steps",
+    "trainer.val_check_interval",
+    "trainer.limit_val_batches",
+    "trainer.log_every_n_steps",
+    "trainer.enable_progress_bar",
+    "trainer.dist_timeout_s",
+    "trainer.accelerator",
+    "trainer.devices",
+    "trainer.num_nodes",
+    "trainer.accumulate_grad_batches",
+    "trainer.precision",
+    "trainer.gradient_clip_val",
+    "model.tensor_model_parallel_size",
+    "model.pipeline_model_parallel_size",
+    "model.micro_batch_size",
+    "model.optim.lr",
+    "model.optim.weight_decay",
+    "model.optim.sched.*",
+    "exp_manager.loggers",
+    "exp_manager.checkpoint.every_n_train_steps",
+    "exp_manager.checkpoint.keep_last_k",
+    "exp_manager.checkpoint.save_last",
+    "exp_manager.resume_ignore_config_changes",
+    # these two name the run directory itself (the same directory may be spelled differently)
+    "exp_manager.exp_dir",
+    "exp_manager.name",
+)
+
+
+def run_dir_of(config) -> Path:
+    return Path(config.exp_manager.exp_dir).expanduser() / config.exp_manager.name
+
+
+def _flatten(table: Any, prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    if isinstance(table, dict):
+        for key, value in table.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    out[prefix[:-1]] = table
+    return out
+
+
+def _safe(key: str) -> bool:
+    return any(key == k or (k.endswith(".*") and key.startswith(k[:-1])) for k in RESUME_SAFE)
+
+
+def _global_batch(flat: Dict[str, Any]) -> int:
+    """The effective global batch size of a flattened config (micro x data-parallel x
+    accumulation when global_batch_size is not set)."""
+    gbs = flat.get("model.global_batch_size")
+    if gbs is not None:
+        return int(gbs)
+    world = int(flat.get("trainer.devices", 1)) * int(flat.get("trainer.num_nodes", 1))
+    model_parallel = int(flat.get("model.tensor_model_parallel_size", 1)) * int(flat.get("model.pipeline_model_parallel_size", 1))
+    dp = max(1, world // max(1, model_parallel))
+    return int(flat.get("model.micro_batch_size", 1)) * dp * int(flat.get("trainer.accumulate_grad_batches", 1))
+
+
+def config_changes(old: dict, new: dict) -> List[Tuple[str, Any, Any]]:
+    """(dotted key, old, new) for every key whose value differs ("(unset)" for a missing one)."""
+    a, b = _flatten(old), _flatten(new)
+    missing = "(unset)"
+    return [(k, a.get(k, missing), b.get(k, missing)) for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]
+
+
+def _has_run_state(run_dir: Path) -> bool:
+    """Whether a run wrote more than its bookkeeping here (checkpoints, a trained
+    tokenizer, metrics, ...): something a changed config would silently reuse."""
+    try:
+        return any(p.name not in _BOOKKEEPING for p in run_dir.iterdir())
+    except OSError:
+        return False
+
+
+def check_config_unchanged(config, run_dir: Path) -> None:
+    """Compare `config` with the config of the run that wrote `run_dir` (nothing is
+    written): safe changes are logged, anything else raises a ConfigError listing them."""
+    path = run_dir / "config.toml"
+    if not path.is_file() or not _has_run_state(run_dir):
+        return
+    try:
+        old = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot read the config of the run in this directory ({exc}); start a new run"
+                          f" with exp_manager.name=<new name>") from None
+    new = tomllib.loads(dump_config(config))
+    changes = config_changes(old, new)
+    unsafe = [c for c in changes if not _safe(c[0])]
+    old_gbs, new_gbs = _global_batch(_flatten(old)), _global_batch(_flatten(new))
+    if old_gbs != new_gbs:
+        unsafe.append(("global batch size (micro_batch_size x data-parallel x accumulate_grad_batches)", old_gbs, new_gbs))
+    shown = [f"{k}: {a!r} -> {b!r}" for k, a, b in changes if _safe(k) and k not in ("exp_manager.exp_dir", "exp_manager.name")]
+    if unsafe and not config.exp_manager.resume_ignore_config_changes:
+        lines = "\n  ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in unsafe)
+        raise ConfigError(
+            f"{run_dir}: this run directory holds a run with another config; {len(unsafe)} change(s) cannot be resumed"
+            f" safely:\n  {lines}\nStart a new run with exp_manager.name=<new name>, or resume anyway with"
+            f" exp_manager.resume_ignore_config_changes=true (a trained tokenizer and the checkpoints are reused as they are)")
+    if unsafe:
+        log.warning("%s: resuming despite config changes (exp_manager.resume_ignore_config_changes=true): %s", run_dir,
+                    "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in unsafe))
+    if shown:
+        log.info("%s: continuing with changed settings: %s", run_dir, "; ".join(shown))
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable(path: Path) -> None:
+    """Raise a ConfigError when `path` (or, if it does not exist yet, the folder that will
+    hold it) cannot be written: checked with os.access and a probe file, so a read-only
+    mount is caught too."""
+    target = _nearest_existing(Path(path))
+    where = f"{target}" if target == Path(path).absolute() else f"{target} (where {path} would be created)"
+    if not target.is_dir():
+        raise ConfigError(f"exp_manager.exp_dir: {target} is not a directory, so the run directory {path} cannot be created")
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise ConfigError(f"exp_manager.exp_dir: {where} is not writable; choose another exp_manager.exp_dir")
+    probe = target / f".mega-write-probe.{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"x")
+    except OSError as exc:
+        what = "no space left on" if exc.errno == errno.ENOSPC else "cannot write to"
+        raise ConfigError(f"exp_manager.exp_dir: {what} {where} ({exc.strerror or exc}); choose another"
+                          f" exp_manager.exp_dir") from None
+    finally:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
+
+
+_LOCKS: Dict[Path, int] = {}  # run directory -> the open lock file this process holds
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """Take `<run_dir>/.lock` for this process (released when it exits, or by
+    `unlock_run_dir`). A second process running into the same directory gets a
+    ConfigError naming the holder's PID. Re-entrant within one process."""
+    import fcntl
+
+    key = Path(run_dir).absolute()
+    if key in _LOCKS:
+        return
+    path = key / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            os.close(fd)
+            raise
+        try:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+        finally:
+            os.close(fd)
+        raise ConfigError(f"{run_dir}: another run is using this run directory (PID {holder}, lock {path}); wait for it"
+                          f" to finish or start a new run with exp_manager.name=<new name>") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _LOCKS[key] = fd
+
+
+def unlock_run_dir(run_dir: Path) -> None:
+    fd = _LOCKS.pop(Path(run_dir).absolute(), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases the flock
 
 
 def prepare_run_dir(config, plugins, write: bool = True) -> Path:
     """The run directory's path; with `write` (rank 0) also create it and write the
     resolved config and run.json."""
-    run_dir = Path(config.exp_manager.exp_dir).expanduser() / config.exp_manager.name
+    run_dir = run_dir_of(config)
     if not write:
         return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)

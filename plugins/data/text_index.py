@@ -87,6 +87,12 @@ class TextMemMapIndex:
     def __len__(self) -> int:
         return len(self.offsets)
 
+    def lines_longer_than(self, limit: int) -> tuple:
+        """(how many lines are longer than `limit` bytes, the longest line's length in bytes):
+        read from the index, without touching the text."""
+        lengths = np.asarray(self.offsets[:, 1] - self.offsets[:, 0])
+        return int((lengths > limit).sum()), int(lengths.max()) if len(lengths) else 0
+
     def __getitem__(self, i: int) -> str:
         start, end = self.offsets[i]
         return self._mm[int(start):int(end)].decode("utf-8", errors="replace").rstrip("\r")

@@ -11,10 +11,11 @@ import os
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from attrs import define
+from attrs import define, field
 
 import mega
 from mega.config import TokenizerConfig
+from mega.config.schema import at_least_one, non_negative, positive
 from mega.errors import ConfigError, DataError
 
 log = logging.getLogger("mega.tokenizer")
@@ -26,10 +27,10 @@ class SentencePieceConfig(TokenizerConfig):
     `model` is not given."""
 
     library: str = "sentencepiece"
-    vocab_size: int = 4000
+    vocab_size: int = field(default=4000, validator=at_least_one)
     model_type: str = "bpe"  # "bpe" or "unigram"
-    character_coverage: float = 1.0
-    input_sentence_size: int = 1_000_000  # lines sampled for training; 0 uses all
+    character_coverage: float = field(default=1.0, validator=positive)
+    input_sentence_size: int = field(default=1_000_000, validator=non_negative)  # lines sampled for training; 0 uses all
     seed: int = 1234
 
 
@@ -60,6 +61,34 @@ class SentencePieceTokenizer:
         return {"model": self.model_file}
 
 
+# sentencepiece skips longer lines when training (a line is one document here); a corpus
+# whose every line is longer fails inside sentencepiece with no word of which file or why.
+MAX_LINE_BYTES = 1 << 16
+
+
+def check_line_lengths(files: List[Path], limit: int = MAX_LINE_BYTES) -> None:
+    """Raise a DataError naming the files when no line of the corpus is short enough to
+    train on; warn, naming the file, about lines that will be skipped."""
+    from mega.plugins.data.text_index import TextMemMapIndex
+
+    usable, report = 0, []
+    for f in files:
+        if os.path.getsize(f) == 0:
+            continue
+        index = TextMemMapIndex(f)
+        too_long, longest = index.lines_longer_than(limit)
+        usable += len(index) - too_long
+        if too_long:
+            report.append(f"{f}: {too_long} of {len(index)} lines longer than {limit} bytes (longest {longest:,} bytes)")
+    if usable == 0:
+        raise DataError(
+            "cannot train a sentencepiece tokenizer: every line (document) of the corpus is longer than its limit of"
+            f" {limit} bytes, and longer lines are skipped: {'; '.join(report)}. Split the text into lines (one document"
+            " per line), or set model.tokenizer.model to a trained tokenizer")
+    for line in report:
+        log.warning("tokenizer training skips too-long lines: %s", line)
+
+
 def train_sentencepiece(files: List[Path], prefix: Path, cfg: SentencePieceConfig) -> Path:
     """Train a model on `files` to `prefix`.model, atomically (temp name, then rename)."""
     import sentencepiece as spm
@@ -67,6 +96,7 @@ def train_sentencepiece(files: List[Path], prefix: Path, cfg: SentencePieceConfi
     total = sum(os.path.getsize(f) for f in files)
     if total == 0:
         raise DataError(f"cannot train a tokenizer: the corpus files are empty ({', '.join(map(str, files))})")
+    check_line_lengths([Path(f) for f in files])
     log.info("training a sentencepiece %s tokenizer (vocab %d) on %.1f MB of text", cfg.model_type, cfg.vocab_size, total / 1e6)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     tmp = prefix.with_name(prefix.name + f".tmp{os.getpid()}")
@@ -80,7 +110,7 @@ def train_sentencepiece(files: List[Path], prefix: Path, cfg: SentencePieceConfi
             character_coverage=cfg.character_coverage,
             input_sentence_size=cfg.input_sentence_size,
             shuffle_input_sentence=True,
-            max_sentence_length=1 << 16,
+            max_sentence_length=MAX_LINE_BYTES,
             pad_id=0, unk_id=1, bos_id=2, eos_id=3,
             num_threads=min(4, os.cpu_count() or 1),
             minloglevel=2,
