@@ -284,7 +284,7 @@ def _dispatch(args) -> int:
         print(f"mega: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except SystemExit as exc:
-        if exc.code == 143:  # preempted by SIGTERM after saving a checkpoint
+        if exc.code in (130, 143):  # stopped by SIGINT / SIGTERM after saving a checkpoint
             print(f"mega: {exc}", file=sys.stderr)
         raise
     except KeyboardInterrupt:

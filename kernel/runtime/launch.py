@@ -6,11 +6,14 @@ local rendezvous. Across machines, start the same command under
 `torchrun --nnodes=K --nproc-per-node=N -m mega run exp.toml ...`; a process that finds
 itself launched (RANK / WORLD_SIZE / LOCAL_RANK in its environment) joins the group
 instead of launching. A worker that fails ends the run: the launcher stops the others and
-we report each failed rank with its error.
+we report each failed rank with its error. SIGTERM or SIGINT to the launching process is
+forwarded to the workers (which finish their step and save a checkpoint); the launcher then
+exits 128 + the signal, like one process.
 """
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import uuid
 from typing import List
@@ -24,6 +27,19 @@ class WorkerFailed(MegaError):
     exit_code = 1
 
 
+class LauncherStopped(SystemExit):
+    """SIGTERM or SIGINT reached the launching process; the workers got it too and stopped
+    after saving a checkpoint. Exit status 128 + the signal (143, 130)."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signum = signum
+
+    def __str__(self) -> str:
+        return (f"{signal.Signals(self.signum).name}: the workers stopped after their current step and saved a checkpoint;"
+                " re-run the same command to resume")
+
+
 def launched() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
 
@@ -31,6 +47,7 @@ def launched() -> bool:
 def launch_local_workers(nproc: int, argv: List[str]) -> None:
     """Run `python -m mega <argv>` in `nproc` workers on this machine; raise WorkerFailed
     naming the failed ranks."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -52,6 +69,8 @@ def launch_local_workers(nproc: int, argv: List[str]) -> None:
             message = str(message or "").strip().splitlines()
             lines.append(f"worker rank {rank} exited with status {failure.exitcode}: {message[0] if message else 'no message'}")
         raise WorkerFailed("; ".join(lines)) from None
+    except SignalException as exc:  # the elastic agent forwarded it and waited for the workers
+        raise LauncherStopped(int(exc.sigval)) from None
 
 
 def record_worker_error(exc: BaseException) -> None:
@@ -60,6 +79,13 @@ def record_worker_error(exc: BaseException) -> None:
     if "TORCHELASTIC_ERROR_FILE" not in os.environ:
         return
     from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+    from mega.runtime.watchdog import WorkerHung, explain_timeout
+
+    hung = explain_timeout(exc)  # a collective timed out: name the rank that hung, not the timeout
+    if hung:
+        print(f"mega: error: {hung}", file=sys.stderr, flush=True)
+        exc = WorkerHung(hung)
 
     try:
         ErrorHandler().record_exception(exc)

@@ -73,6 +73,14 @@ class ParallelState:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
+    def max_int(self, value: int) -> int:
+        """The largest of every rank's `value` (a small non-negative integer), on every rank."""
+        if not self.distributed:
+            return value
+        t = torch.tensor([float(value)], device=_collective_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
@@ -151,11 +159,18 @@ def init_parallel(devices: int, num_nodes: int, timeout_s: int = 600, tp: int = 
         if backend == "nccl":
             torch.cuda.set_device(local)
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    # A new group does not inherit the default group's timeout (gloo's default is 30
+    # minutes): set it on each, so DDP's gradient all-reduce on the data-parallel group
+    # times out too.
+    group_timeout = datetime.timedelta(seconds=timeout_s)
+    from mega.runtime.watchdog import start_watchdog
+
+    start_watchdog(rank, world, timeout_s)  # ends the run, naming the rank, when one hangs anywhere
     tp_rank, dp_rank, pp_rank = rank % tp, (rank // tp) % dp, rank // (tp * dp)
     groups, pp_ranks = {}, ()
     # Every rank creates every group, in the same order (torch.distributed requires it).
     for kind, members in rank_groups(tp, dp, pp):
-        g = dist.new_group(members)
+        g = dist.new_group(members, timeout=group_timeout)
         if rank in members:
             groups[kind] = g
             if kind == "pp":
@@ -168,6 +183,9 @@ def init_parallel(devices: int, num_nodes: int, timeout_s: int = 600, tp: int = 
 
 
 def shutdown_parallel() -> None:
+    from mega.runtime.watchdog import stop_watchdog
+
+    stop_watchdog()
     set_current(ParallelState())
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -20,6 +20,7 @@ from typing import Dict
 import torch
 
 from mega.protocols import CountsFlops
+from mega.runtime import watchdog
 from mega.runtime.device_peaks import peak_flops
 from mega.runtime.grad_norm import clip_grad_norm
 from mega.runtime.pipeline import forward_backward_no_pipelining, forward_backward_pipelining, sum_pipeline_grads
@@ -146,38 +147,83 @@ def attached_loggers(run):
 
 
 class Preempted(SystemExit):
-    """SIGTERM arrived (a scheduler preempting the job): a checkpoint of the last finished
-    step was saved; re-running the same command resumes from it. Exit status 143."""
+    """SIGTERM (a scheduler preempting the job) or SIGINT (Ctrl-C) arrived: a checkpoint of
+    the last finished step was saved; re-running the same command resumes from it. Exit
+    status 128 + the signal: 143 for SIGTERM, 130 for SIGINT."""
 
-    def __init__(self, step: int, path):
-        super().__init__(128 + signal.SIGTERM)
-        self.step, self.path = step, path
+    def __init__(self, step: int, path, signum: int = signal.SIGTERM):
+        super().__init__(128 + signum)
+        self.step, self.path, self.signum = step, path, signum
 
     def __str__(self) -> str:
-        return f"SIGTERM: checkpoint of step {self.step} saved at {self.path}; re-run the same command to resume"
+        name = signal.Signals(self.signum).name
+        return f"{name}: checkpoint of step {self.step} saved at {self.path}; re-run the same command to resume"
+
+
+class StopFlag:
+    """Set by SIGTERM or SIGINT; remembers the first signal (the exit status follows it)."""
+
+    def __init__(self):
+        self._event = threading.Event()
+        self.signum = None
+
+    def set(self, signum: int = signal.SIGTERM) -> None:
+        if self.signum is None:
+            self.signum = signum
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+
+# A launched worker can see one Ctrl-C twice: from the terminal (its process group) and
+# forwarded by the launcher a moment later. A second SIGINT within this many seconds is the
+# same keypress; a later one aborts.
+_DUPLICATE_SIGINT_S = 1.0
 
 
 @contextlib.contextmanager
-def sigterm_flag():
-    """Turn SIGTERM into a flag the loop checks between steps (main thread only)."""
-    flag = threading.Event()
+def stop_flag():
+    """Turn SIGTERM and SIGINT into a flag the loop checks between steps (main thread only):
+    the loop finishes the step, saves a checkpoint and exits 143 (SIGTERM) or 130 (SIGINT).
+    A second SIGINT raises KeyboardInterrupt at once."""
+    flag = StopFlag()
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: flag.set())
+    from mega.runtime.launch import launched
+
+    first_sigint = []
+
+    def on_sigint(signum, frame):
+        now = time.monotonic()
+        if first_sigint:
+            if launched() and now - first_sigint[0] < _DUPLICATE_SIGINT_S:
+                return
+            raise KeyboardInterrupt
+        first_sigint.append(now)
+        log.warning("SIGINT: stopping after this step and saving a checkpoint (Ctrl-C again to abort at once)")
+        flag.set(signal.SIGINT)
+
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: flag.set(signal.SIGTERM)),
+                signal.SIGINT: signal.signal(signal.SIGINT, on_sigint)}
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+sigterm_flag = stop_flag  # the former name
 
 
 def train(run) -> None:
     """Train `run` to `trainer.max_steps` with its loggers attached."""
-    with attached_loggers(run), sigterm_flag() as stop:
+    with attached_loggers(run), stop_flag() as stop:
         _train(run, stop)
 
 
-def _train(run, stop: threading.Event) -> None:
+def _train(run, stop: StopFlag) -> None:
     cfg, tr = run.config, run.config.trainer
     hook = run.plugins.hook
     if run.step >= tr.max_steps:
@@ -192,6 +238,7 @@ def _train(run, stop: threading.Event) -> None:
     try:
         busy, steps_since = 0.0, 0  # time spent in training steps since the last log
         while run.step < tr.max_steps:
+            watchdog.beat(run.step + 1)  # a rank that stops beating while others wait is named by theirs
             t0 = time.perf_counter()
             metrics = train_step(run)
             busy += time.perf_counter() - t0
@@ -218,8 +265,9 @@ def _train(run, stop: threading.Event) -> None:
             saved = None
             if (every_ckpt and run.step % every_ckpt == 0) or (last and cfg.exp_manager.checkpoint.save_last):
                 saved = run.save_checkpoint()
-            if run.parallel.any(stop.is_set()) and not last:  # every rank stops at the same step
-                raise Preempted(run.step, saved or run.save_checkpoint())
+            signum = run.parallel.max_int(stop.signum or 0)  # every rank stops at the same step, for one signal
+            if signum and not last:
+                raise Preempted(run.step, saved or run.save_checkpoint(), signum)
     except BaseException as exc:
         hook.on_exception(run=run, exception=exc)
         raise
