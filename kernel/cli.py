@@ -2,6 +2,7 @@
 
     mega run EXPERIMENT.toml [key=value | +key=value | ++key=value ...]
     mega config EXPERIMENT.toml [overrides ...]     print the resolved configuration
+    mega plan EXPERIMENT.toml [overrides ...]       parameters, memory per rank, FLOPs, step time
     mega plugins [--json]                           list plugins, hooks and components
     mega generate CHECKPOINT --prompt TEXT          sample from a trained model
     mega encode CHECKPOINT --text T --output F      hiddens (z, z_mean, ...) of an encoder-decoder
@@ -61,6 +62,15 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*")
     c.add_argument("--reference", action="store_true", help="print the reference of every key (Markdown)")
 
+    pn = sub.add_parser("plan", help="parameters, memory per rank, FLOPs and step time of an experiment (docs/plan.md)")
+    pn.add_argument("experiment", help="experiment TOML file")
+    pn.add_argument("overrides", nargs="*")
+    pn.add_argument("--devices", type=int, default=None, help="list every TP x PP x DP layout of N devices")
+    pn.add_argument("--tflops", type=float, default=None, help="device speed for the step time (default: measured)")
+    pn.add_argument("--device", choices=["cpu", "cuda"], default=None, help="estimate for this device (default: the run's)")
+    pn.add_argument("--vocab-size", type=int, default=None, help="the tokenizer's size, when its config has none")
+    pn.add_argument("--json", action="store_true", help="machine-readable output")
+
     pl = sub.add_parser("plugins", help="list plugins, their hooks and the components they register")
     pl.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -104,6 +114,10 @@ def cmd_run(args) -> int:
     plugins = get_plugins()
     config = load_config(args.experiment, args.overrides, plugins)  # validate before launching anything
     tr = config.trainer
+    if not launched():  # refuse a run that cannot fit, before anything is allocated (mega.plan)
+        from mega.plan import check_fits
+
+        check_fits(config)
     if tr.devices * tr.num_nodes > 1 and not launched():
         _check_layout(config)
         config.model.check(plugins)  # once here, not once per worker
@@ -127,6 +141,12 @@ def _check_layout(config) -> None:
     tr, mc = config.trainer, config.model
     dp = layout(tr.devices * tr.num_nodes, mc.tensor_model_parallel_size, mc.pipeline_model_parallel_size)
     batch_geometry(mc.micro_batch_size, mc.global_batch_size, tr.accumulate_grad_batches, dp)
+
+
+def cmd_plan(args) -> int:
+    from mega.plan import plan_command
+
+    return plan_command(args)
 
 
 def cmd_config(args) -> int:
@@ -256,7 +276,7 @@ def cmd_export(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "config": cmd_config, "plugins": cmd_plugins, "generate": cmd_generate, "encode": cmd_encode,
-            "import": cmd_import, "export": cmd_export}
+            "import": cmd_import, "export": cmd_export, "plan": cmd_plan}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

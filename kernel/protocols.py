@@ -244,3 +244,26 @@ class Unpacks(Protocol):
 
     def unpack(self, source: Path, directory: Path) -> Path:
         """Write the checkpoint directory under `directory`; return it."""
+
+
+# --- planning ----------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class EstimatesMemory(Protocol):
+    """Optional, on a model's CONFIG class (`model.*`, not the built model): what `mega plan`
+    and the memory check of `mega run` need, computed from the config alone, so nothing is
+    built or allocated. The kernel (`mega.plan`) adds what it owns: weights, gradients and
+    optimizer state by precision and optimizer, data-parallel buckets, and how many
+    micro-batches a pipeline schedule keeps in flight."""
+
+    def memory_per_rank(self, vocab_size: int, micro_batch: int, tp: int, pp: int, precision: str,
+                        device: str) -> Dict[str, object]:
+        """For the tokenizer's `vocab_size`, `micro_batch` samples of the config's own
+        lengths, TP x PP ranks, `precision` ("32", "16", "bf16") and `device` ("cpu",
+        "cuda"): a dict with `params` (the whole model's parameter count),
+        `flops_per_token` (training FLOPs per token, as `CountsFlops`) and `stages`, one
+        dict per pipeline stage for one tensor-parallel rank of it: `params` (held there),
+        `activations` (bytes autograd keeps for one micro-batch's backward), `transient`
+        (bytes alive on top of them around the loss: logits and their gradient) and
+        `grad_transient` (bytes alive on top of all gradients as backward ends)."""

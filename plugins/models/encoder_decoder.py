@@ -73,6 +73,40 @@ class EncoderDecoderConfig(ModelConfig):
         with torch.random.fork_rng(devices=[]):
             _hiddens_module(self, plugins)
 
+    def memory_per_rank(self, vocab_size: int, micro_batch: int, tp: int, pp: int, precision: str,
+                        device: str) -> Dict[str, Any]:
+        """mega.protocols.EstimatesMemory: parameters counted on a model built on the meta
+        device (nothing allocated; the hiddens module included), 2-D weights split over TP;
+        activations per block as GPT's (mega.plugins.models.gpt.block_activation_bytes),
+        the decoder's cross-attention over the encoder output included. One stage only:
+        encoder-decoders do not pipeline."""
+        from mega.plugins.models.gpt import block_activation_bytes, dropout_mask_bytes
+
+        with torch.device("meta"), torch.random.fork_rng(devices=[]):
+            model = EncoderDecoderModel(self, vocab_size)
+        vocab = padded_vocab_size(vocab_size + self.extra_ids, self.make_vocab_size_divisible_by, tp)
+        whole = sum(p.numel() for p in model.parameters())
+        split = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "position" not in n)
+        enc, dec = blocks(self)
+        b, s_enc = micro_batch, self.seq_length
+        s_dec = self.seq_length_dec or self.seq_length
+        e = 4 if str(precision) == "32" else 2
+        h = dec.hidden_size
+        if self.encoder.arch == "perceiver":
+            memory = self.encoder.hidden_steps
+            acts = enc.num_layers * block_activation_bytes(enc, b, memory, memory, tp, precision, device, cross_kv=s_enc)
+        else:
+            memory = s_enc
+            acts = enc.num_layers * block_activation_bytes(enc, b, s_enc, s_enc, tp, precision, device)
+        acts += dec.num_layers * block_activation_bytes(dec, b, s_dec, s_dec, tp, precision, device, cross_kv=memory)
+        mask = dropout_mask_bytes(enc.hidden_dropout, precision, device)
+        n = b * s_dec
+        acts += b * (s_enc + s_dec) * h * mask + 2 * b * memory * h * 4  # embedding dropout; encoder final LayerNorm
+        acts += n * h * (4 + e) + 8 * n + 4 * n * vocab // tp  # decoder final LayerNorm; the loss's fp32 softmax
+        stage = {"params": whole - split + split // tp, "activations": acts,
+                 "transient": (e + 4) * n * vocab // tp, "grad_transient": 8 * vocab * h // tp}
+        return {"params": whole, "flops_per_token": 6.0 * split, "stages": [stage]}
+
     def objective(self) -> DenoisingObjective:
         """The samples this model trains on: "t5" span corruption or "bart" infilling."""
         return DenoisingObjective(name=self.name, seq_length_dec=self.seq_length_dec, extra_ids=self.extra_ids)

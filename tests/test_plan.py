@@ -1,0 +1,165 @@
+"""`mega plan` and the memory check of `mega run`: parameter counts equal the built
+models', the estimated peak of a training step is within 15% of the peak measured on CPU
+(and on a GPU where there is one), a run that cannot fit is refused before anything is
+allocated, and `--devices N` lists the layouts."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mega.cli import main
+from mega.config import config_from_dict
+from mega.plan import estimate
+from mega.plugins.models.encoder_decoder import EncoderDecoderModel, StackConfig, T5Config
+from mega.plugins.models.gpt import GPTConfig, GPTModel
+from mega.testing import tiny_raw
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (micro-batch, vocabulary, model keys): weights-dominated, attention-dominated (CPU's math
+# SDPA path keeps b x heads x s x s probabilities with attention dropout), and the flash path.
+SHAPES = [
+    (2, 8000, dict(seq_length=64, num_layers=4, hidden_size=512, num_attention_heads=8)),
+    (2, 1000, dict(seq_length=1024, num_layers=2, hidden_size=128, num_attention_heads=4)),
+    (4, 4000, dict(seq_length=256, num_layers=2, hidden_size=256, num_attention_heads=4, attention_dropout=0.0)),
+]
+
+# One process measures every shape: a warm-up step first (code pages of torch's kernels
+# are not the run's memory), then per shape the high-water mark is reset (clear_refs 5)
+# and read after two full steps (the second has optimizer state). A fixed mmap threshold
+# makes freed tensors go back to the OS, so one shape's memory does not hide the next's.
+PROBE = r"""
+import gc, json, sys, torch
+from mega.plugins.models.gpt import GPTConfig, GPTModel
+from mega.plugins.optim.adamw import AdamWConfig, build_adamw
+from mega.training.run import param_groups
+torch.set_num_threads(1)
+device = sys.argv[1]
+def vm(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+def peak(b, vocab, keys, measure):
+    cfg = GPTConfig(**keys)
+    tok = torch.randint(0, vocab, (b, cfg.seq_length), device=device)
+    batch = {"tokens": tok, "labels": tok, "loss_mask": torch.ones(b, cfg.seq_length, device=device)}
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
+    else:
+        open("/proc/self/clear_refs", "w").write("5"); base = vm("VmRSS")
+    model = GPTModel(cfg, vocab).to(device).train()
+    opt = build_adamw(AdamWConfig(), param_groups(model, 0.01))
+    for _ in range(2):
+        opt.zero_grad(set_to_none=True)
+        loss = model.training_loss(batch)["loss_sum"] / (b * cfg.seq_length)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(model.parameters()), 1.0)
+        opt.step()
+    out = (torch.cuda.max_memory_allocated() if device == "cuda" else vm("VmHWM")) - base
+    del model, opt, loss
+    gc.collect()
+    return out
+peak(1, 100, dict(seq_length=16, num_layers=1, hidden_size=32, num_attention_heads=2), False)
+peak(1, 100, dict(seq_length=16, num_layers=1, hidden_size=32, num_attention_heads=2, attention_dropout=0.0), False)
+print(json.dumps([peak(b, v, k, True) for b, v, k in json.loads(sys.argv[2])]))
+"""
+
+
+def _measured(device: str) -> list:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    proc = subprocess.run([sys.executable, "-c", PROBE, device, json.dumps(SHAPES)], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _estimated(b: int, vocab: int, keys: dict, device: str) -> int:
+    raw = {"trainer": {"precision": 32}, "model": dict(keys, name="gpt", micro_batch_size=b, global_batch_size=b)}
+    return estimate(config_from_dict(raw), vocab, device=device)["rank"]["peak"]
+
+
+def _compare(device: str) -> None:
+    rows = []
+    for (b, vocab, keys), got in zip(SHAPES, _measured(device)):
+        want = _estimated(b, vocab, keys, device)
+        rows.append((keys, want / 2**20, got / 2**20, want / got - 1))
+    report = "\n".join(f"{k}: estimate {w:.1f} MiB, measured {g:.1f} MiB ({r:+.1%})" for k, w, g, r in rows)
+    print(report)
+    assert all(abs(r) <= 0.15 for *_, r in rows), report
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc peak-RSS reset")
+def test_estimate_within_15_percent_of_measured_peak_on_cpu():
+    _compare("cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_estimate_within_15_percent_of_measured_peak_on_cuda():
+    _compare("cuda")
+
+
+@pytest.mark.parametrize("keys", [dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=32),
+                                  dict(num_layers=3, hidden_size=96, num_attention_heads=3, seq_length=16,
+                                       ffn_hidden_size=200, max_position_embeddings=40, make_vocab_size_divisible_by=64)])
+def test_gpt_parameter_count_is_the_built_models(keys):
+    cfg = GPTConfig(**keys)
+    est = cfg.memory_per_rank(1000, 2, 1, 1, "32", "cpu")
+    n = sum(p.numel() for p in GPTModel(cfg, 1000).parameters())
+    assert est["params"] == est["stages"][0]["params"] == n
+
+
+def test_gpt_splits_over_tensor_and_pipeline_ranks():
+    cfg = GPTConfig(num_layers=4, hidden_size=64, num_attention_heads=4, seq_length=32)
+    whole = cfg.memory_per_rank(1000, 2, 1, 1, "32", "cpu")["stages"][0]
+    tp2 = cfg.memory_per_rank(1000, 2, 2, 1, "32", "cpu")["stages"][0]
+    pp2 = cfg.memory_per_rank(1000, 2, 1, 2, "32", "cpu")["stages"]
+    assert whole["params"] / 2 < tp2["params"] < whole["params"]
+    assert tp2["activations"] < whole["activations"]
+    assert len(pp2) == 2 and all(s["params"] < whole["params"] for s in pp2)
+    assert pp2[0]["transient"] == 0 < pp2[1]["transient"]  # the logits live on the last stage
+
+
+def test_encoder_decoder_parameter_count_is_the_built_models():
+    stack = StackConfig(num_layers=2, hidden_size=64, num_attention_heads=4)
+    cfg = T5Config(encoder=stack, decoder=stack, seq_length=32)
+    est = cfg.memory_per_rank(1000, 2, 1, 1, "32", "cpu")
+    assert est["params"] == sum(p.numel() for p in EncoderDecoderModel(cfg, 1000).parameters())
+    assert est["stages"][0]["activations"] > 0 and est["flops_per_token"] > 0
+
+
+def _write(path: Path, raw: dict) -> Path:
+    import tomli_w
+
+    path.write_text(tomli_w.dumps(raw))
+    return path
+
+
+def test_run_that_cannot_fit_is_refused_before_anything_is_allocated(tmp_path, corpus, capsys):
+    exp = _write(tmp_path / "exp.toml", tiny_raw(tmp_path, corpus))
+    assert main(["run", str(exp), "model.seq_length=100000", "trainer.accelerator=cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "mega: error: the run needs about" in err and "activations" in err and "model.seq_length=100000" in err
+    assert not (tmp_path / "results").exists()  # no run directory, no tokenizer, no model
+
+
+def test_plan_lists_the_layouts_of_4_devices(tmp_path, corpus, capsys):
+    raw = tiny_raw(tmp_path, corpus)
+    raw["model"].update(micro_batch_size=1, global_batch_size=4)
+    exp = _write(tmp_path / "exp.toml", raw)
+    assert main(["plan", str(exp), "--devices", "4", "--tflops", "1", "--vocab-size", "500"]) == 0
+    out = capsys.readouterr().out
+    assert "parameters" in out and "optimizer state" in out and "FLOPs per step" in out and "step time" in out
+    assert main(["plan", str(exp), "--devices", "4", "--tflops", "1", "--vocab-size", "500", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    layouts = {(r["tp"], r["pp"], r["dp"]) for r in doc["layouts"]}
+    assert {(1, 1, 4), (2, 1, 2), (1, 2, 2), (4, 1, 1), (1, 4, 1), (2, 2, 1)} <= layouts
+    assert doc["estimate"]["params"] > 0 and doc["step_time_s"] > 0
