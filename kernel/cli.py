@@ -114,13 +114,18 @@ def cmd_run(args) -> int:
     plugins = get_plugins()
     config = load_config(args.experiment, args.overrides, plugins)  # validate before launching anything
     tr = config.trainer
+    workers = tr.devices * tr.num_nodes > 1 and not launched()
+    if workers:  # what every worker would check, checked once here, before any is started
+        from mega.training.run_dir import check_config_unchanged, run_dir_of
+
+        _check_layout(config)
+        config.model.check(plugins)
+        check_config_unchanged(config, run_dir_of(config))
     if not launched():  # refuse a run that cannot fit, before anything is allocated (mega.plan)
         from mega.plan import check_fits
 
         check_fits(config)
-    if tr.devices * tr.num_nodes > 1 and not launched():
-        _check_layout(config)
-        config.model.check(plugins)  # once here, not once per worker
+    if workers:
         if tr.num_nodes > 1:
             raise ConfigError(
                 f"trainer.num_nodes={tr.num_nodes}: start one launcher per machine, e.g. `torchrun --nnodes={tr.num_nodes}"
