@@ -10,11 +10,12 @@ loads none. `MEGA_PLUGIN_MODULES=pkg.mod,other` also loads importable modules th
 installed as entry points (as PYTEST_PLUGINS does) — handy for a project-local callback,
 and it reaches every launched worker process.
 
-A plugin that fails to import does not stop the others: it is recorded in
+An installed plugin that fails to import does not stop the others: it is recorded in
 `Plugins.broken` (name -> the error, naming the plugin, its distribution and the exception),
 `mega plugins` lists it, other commands warn once, and looking up a name no loaded plugin
 registered names the broken plugins that might have provided it. `MEGA_STRICT_PLUGINS=1`
-(or `load_plugins(strict=True)`) makes an import failure an error instead.
+(or `load_plugins(strict=True)`) makes an import failure an error instead. A module named
+in MEGA_PLUGIN_MODULES was asked for explicitly: its failure is always an error.
 """
 from __future__ import annotations
 
@@ -154,10 +155,9 @@ def load_plugins(extra: Iterable[object] = (), only: Optional[str] = None, entry
     for module_name in filter(None, (m.strip() for m in os.environ.get("MEGA_PLUGIN_MODULES", "").split(","))):
         try:
             module = importlib.import_module(module_name)
-        except Exception as exc:
-            failed(module_name, f"MEGA_PLUGIN_MODULES: plugin module {module_name!r} failed to import:"
-                                f" {type(exc).__name__}: {exc}", exc)
-            continue
+        except Exception as exc:  # asked for by name in this run's environment: always an error
+            raise PluginError(f"MEGA_PLUGIN_MODULES: plugin module {module_name!r} failed to import:"
+                              f" {type(exc).__name__}: {exc}") from exc
         pm.register(module, name=module_name)
         info[module_name] = PluginInfo(module_name, getattr(module, "__version__", None), module_name)
     for obj in extra:

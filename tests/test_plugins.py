@@ -113,12 +113,6 @@ def test_other_commands_warn_once_and_go_on(broken_default, tmp_path, corpus, ca
     assert "broken_plugin  BROKEN" in capsys.readouterr().out
 
 
-def test_a_broken_plugin_module_is_collected_too(monkeypatch):
-    monkeypatch.setenv("MEGA_PLUGIN_MODULES", "no_such_module_here")
-    p = load_plugins()
-    assert "ModuleNotFoundError" in p.broken["no_such_module_here"] and "gpt" in p.info
-
-
 def test_duplicate_names_name_both_plugins(fake_entry_points):
     fake_entry_points("second_gpt", """
         import mega
