@@ -171,21 +171,29 @@ def cmd_config(args) -> int:
 
 
 def cmd_plugins(args) -> int:
-    from mega.plugin_manager import get_plugins
+    """Always works, even with plugins that fail to import: those are listed with their error."""
+    from mega.plugin_manager import get_plugins, load_plugins, strict_plugins
 
-    plugins = get_plugins()
+    # the listing itself names the broken ones; MEGA_STRICT_PLUGINS does not stop it
+    plugins = load_plugins(strict=False) if strict_plugins() else get_plugins(warn=False)
     rows = [
-        {"name": i.name, "version": i.version, "module": i.module, "hooks": i.hooks, "components": i.components}
+        {"name": i.name, "version": i.version, "module": i.module, "hooks": i.hooks, "components": i.components,
+         "error": None}
         for i in sorted(plugins.info.values(), key=lambda i: i.name)
     ]
+    broken = [{"name": name, "version": None, "module": None, "hooks": [], "components": {}, "error": error}
+              for name, error in sorted(plugins.broken.items())]
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows + broken, indent=2))
         return 0
     for row in rows:
         print(f"{row['name']} {row['version'] or ''}  ({row['module']})")
         print(f"    hooks: {', '.join(row['hooks']) or '-'}")
         for kind, names in sorted(row["components"].items()):
             print(f"    {kind}: {', '.join(names)}")
+    for row in broken:
+        print(f"{row['name']}  BROKEN")
+        print(f"    error: {row['error']}")
     return 0
 
 

@@ -9,23 +9,38 @@ We loop over entry points ourselves instead of calling pluggy's
 loads none. `MEGA_PLUGIN_MODULES=pkg.mod,other` also loads importable modules that are not
 installed as entry points (as PYTEST_PLUGINS does) — handy for a project-local callback,
 and it reaches every launched worker process.
+
+An installed plugin that fails to import does not stop the others: it is recorded in
+`Plugins.broken` (name -> the error, naming the plugin, its distribution and the exception),
+`mega plugins` lists it, other commands warn once, and looking up a name no loaded plugin
+registered names the broken plugins that might have provided it. `MEGA_STRICT_PLUGINS=1`
+(or `load_plugins(strict=True)`) makes an import failure an error instead. A module named
+in MEGA_PLUGIN_MODULES was asked for explicitly: its failure is always an error.
 """
 from __future__ import annotations
 
 import functools
 import importlib
 import importlib.metadata
+import logging
 import os
+import sys
 from typing import Dict, Iterable, Optional
 
 import attrs
 import pluggy
 
 from mega import hookspecs
-from mega.errors import PluginError, did_you_mean
+from mega.errors import ConfigError, PluginError, did_you_mean
 from mega.registry import KINDS, Registry
 
 ENTRY_POINT_GROUP = "mega.plugins"
+STRICT_ENV = "MEGA_STRICT_PLUGINS"
+# Set in the environment once the warning about broken plugins was given, so the workers a
+# run launches (which inherit it) do not repeat it.
+_WARNED_ENV = "MEGA_BROKEN_PLUGINS_WARNED"
+
+log = logging.getLogger("mega")
 
 
 @attrs.define
@@ -37,14 +52,40 @@ class PluginInfo:
     components: Dict[str, list] = attrs.field(factory=dict)
 
 
-class Plugins:
-    """The plugin manager plus the registries its registration hooks filled."""
+class _Registry(Registry):
+    """A registry whose unknown-name error also names the plugins that failed to import
+    (one of them may have been meant to provide the name)."""
 
-    def __init__(self, pm: pluggy.PluginManager, registries: Dict[str, Registry], info: Dict[str, PluginInfo]):
+    def __init__(self, kind: str, broken: Dict[str, str]):
+        super().__init__(kind)
+        self.broken = broken
+
+    def get(self, name: str, key: str = ""):
+        try:
+            return super().get(name, key)
+        except ConfigError as exc:
+            if not self.broken:
+                raise
+            raise ConfigError(f"{exc}; {_broken_note(self.broken)} and may have provided it") from None
+
+
+def _broken_note(broken: Dict[str, str]) -> str:
+    if len(broken) == 1:
+        return f"{next(iter(broken.values()))}"
+    return "these plugins failed to import: " + "; ".join(broken.values())
+
+
+class Plugins:
+    """The plugin manager plus the registries its registration hooks filled, and the
+    plugins that failed to import (`broken`: name -> error message)."""
+
+    def __init__(self, pm: pluggy.PluginManager, registries: Dict[str, Registry], info: Dict[str, PluginInfo],
+                 broken: Optional[Dict[str, str]] = None):
         self.pm = pm
         self.hook = pm.hook
         self.registries = registries
         self.info = info
+        self.broken = broken if broken is not None else {}
 
     def __getattr__(self, kind: str) -> Registry:
         try:
@@ -71,15 +112,32 @@ def _selected(eps: list, only: Optional[str]) -> list:
     return [ep for ep in eps if ep.name in wanted]
 
 
-def load_plugins(extra: Iterable[object] = (), only: Optional[str] = None, entry_points: bool = True) -> Plugins:
+def strict_plugins() -> bool:
+    """Whether MEGA_STRICT_PLUGINS asks for an import failure to be an error."""
+    return os.environ.get(STRICT_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def load_plugins(extra: Iterable[object] = (), only: Optional[str] = None, entry_points: bool = True,
+                 strict: Optional[bool] = None) -> Plugins:
     """Load the installed plugins (plus `extra` objects/modules, used by tests) and fill
     every registry.
 
-    `only` defaults to the `MEGA_PLUGINS` environment variable.
+    `only` defaults to the `MEGA_PLUGINS` environment variable. A plugin that fails to
+    import is recorded in `Plugins.broken` and the others load, unless `strict` (default:
+    `MEGA_STRICT_PLUGINS`), which raises `PluginError` instead.
     """
+    if strict is None:
+        strict = strict_plugins()
     pm = pluggy.PluginManager("mega")
     pm.add_hookspecs(hookspecs)
     info: Dict[str, PluginInfo] = {}
+    broken: Dict[str, str] = {}
+
+    def failed(name: str, message: str, exc: BaseException) -> None:
+        if strict:
+            raise PluginError(message) from exc
+        broken[name] = message
+
     if only is None:
         only = os.environ.get("MEGA_PLUGINS")
     if entry_points:
@@ -88,7 +146,8 @@ def load_plugins(extra: Iterable[object] = (), only: Optional[str] = None, entry
                 module = ep.load()
             except Exception as exc:  # report which plugin, never drop it silently
                 dist = f" (from {ep.dist.name})" if ep.dist else ""
-                raise PluginError(f"plugin {ep.name!r}{dist} failed to import {ep.value!r}: {type(exc).__name__}: {exc}") from exc
+                failed(ep.name, f"plugin {ep.name!r}{dist} failed to import {ep.value!r}: {type(exc).__name__}: {exc}", exc)
+                continue
             if pm.is_registered(module):
                 continue
             pm.register(module, name=ep.name)
@@ -96,8 +155,9 @@ def load_plugins(extra: Iterable[object] = (), only: Optional[str] = None, entry
     for module_name in filter(None, (m.strip() for m in os.environ.get("MEGA_PLUGIN_MODULES", "").split(","))):
         try:
             module = importlib.import_module(module_name)
-        except Exception as exc:
-            raise PluginError(f"MEGA_PLUGIN_MODULES: plugin module {module_name!r} failed to import: {type(exc).__name__}: {exc}") from exc
+        except Exception as exc:  # asked for by name in this run's environment: always an error
+            raise PluginError(f"MEGA_PLUGIN_MODULES: plugin module {module_name!r} failed to import:"
+                              f" {type(exc).__name__}: {exc}") from exc
         pm.register(module, name=module_name)
         info[module_name] = PluginInfo(module_name, getattr(module, "__version__", None), module_name)
     for obj in extra:
@@ -113,7 +173,7 @@ def load_plugins(extra: Iterable[object] = (), only: Optional[str] = None, entry
         plugin = pm.get_plugin(name)
         info[name].hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
 
-    registries = {kind: Registry(kind) for kind in KINDS}
+    registries = {kind: _Registry(kind, broken) for kind in KINDS}
     for kind, hook_name in KINDS.items():
         # Each plugin is called on its own so the registry knows who registered what.
         for impl in getattr(pm.hook, hook_name).get_hookimpls():
@@ -124,7 +184,7 @@ def load_plugins(extra: Iterable[object] = (), only: Optional[str] = None, entry
                 raise
             except Exception as exc:
                 raise PluginError(f"plugin {impl.plugin_name!r} failed in {hook_name}: {type(exc).__name__}: {exc}") from exc
-    return Plugins(pm, registries, info)
+    return Plugins(pm, registries, info, broken)
 
 
 def _register(registry: Registry, plugin: str, info: Dict[str, PluginInfo], kind: str, name, factory, config=None):
@@ -138,9 +198,27 @@ def _cached_default() -> Plugins:
     return load_plugins()
 
 
-def get_plugins(fresh: bool = False) -> Plugins:
+def get_plugins(fresh: bool = False, warn: bool = True) -> Plugins:
     """The process-wide plugins (loaded once). `fresh=True` reloads, honouring a changed
-    MEGA_PLUGINS."""
+    MEGA_PLUGINS. With `warn`, plugins that failed to import are named once on stderr
+    (once per process tree: launched workers stay quiet)."""
     if fresh:
         _cached_default.cache_clear()
-    return _cached_default()
+    plugins = _cached_default()
+    if warn:
+        warn_broken(plugins)
+    return plugins
+
+
+def warn_broken(plugins: Plugins) -> None:
+    """Warn once about the plugins that failed to import; the run goes on without them."""
+    if not plugins.broken or os.environ.get(_WARNED_ENV) or os.environ.get("RANK", "0") != "0":
+        return
+    os.environ[_WARNED_ENV] = "1"
+    for message in plugins.broken.values():
+        text = (f"warning: {message}; continuing without it (`mega plugins` lists it;"
+                f" {STRICT_ENV}=1 makes this an error)")
+        if log.handlers:  # the CLI's "[mega] ..." lines
+            log.warning(text)
+        else:
+            print(f"mega: {text}", file=sys.stderr)

@@ -44,10 +44,73 @@ def test_first_party_plugins_load_through_entry_points(plugins):
     assert plugins.models.get("gpt").plugin == "gpt"
 
 
-def test_a_broken_plugin_is_named_with_its_error(fake_entry_points):
+def test_a_broken_plugin_is_named_with_its_error(fake_entry_points, monkeypatch):
     fake_entry_points("broken_plugin", "raise ImportError('needs libfoo')\n")
-    with pytest.raises(PluginError, match=r"plugin 'broken_plugin' failed to import 'broken_plugin': ImportError: needs libfoo"):
+    message = "plugin 'broken_plugin' failed to import 'broken_plugin': ImportError: needs libfoo"
+    p = load_plugins()  # the others load; the broken one is recorded with its error
+    assert p.broken == {"broken_plugin": message} and "gpt" in p.info and "broken_plugin" not in p.info
+    with pytest.raises(PluginError, match=message):
+        load_plugins(strict=True)
+    monkeypatch.setenv("MEGA_STRICT_PLUGINS", "1")
+    with pytest.raises(PluginError, match=message):
         load_plugins()
+
+
+def test_a_missing_name_mentions_the_broken_plugins(fake_entry_points):
+    from mega.errors import ConfigError
+
+    fake_entry_points("fancy_models", "raise ModuleNotFoundError(\"No module named 'flash_attn'\")\n")
+    p = load_plugins()
+    with pytest.raises(ConfigError, match=r"model.name: unknown model 'fancy'.*plugin 'fancy_models' failed to import"
+                                          r" 'fancy_models': ModuleNotFoundError: No module named 'flash_attn'"
+                                          r" and may have provided it"):
+        p.models.get("fancy", "model.name")
+    assert p.models.get("gpt").plugin == "gpt"  # what loaded works
+
+
+@pytest.fixture
+def broken_default(fake_entry_points, monkeypatch):
+    """The process-wide plugins with one broken third-party plugin (restored afterwards)."""
+    fake_entry_points("broken_plugin", "raise ImportError('needs libfoo')\n")
+    monkeypatch.delenv("MEGA_BROKEN_PLUGINS_WARNED", raising=False)
+    monkeypatch.delenv("MEGA_STRICT_PLUGINS", raising=False)
+    pm_module._cached_default.cache_clear()
+    yield
+    pm_module._cached_default.cache_clear()
+
+
+def test_mega_plugins_lists_a_broken_plugin_and_still_works(broken_default, capsys):
+    assert main(["plugins"]) == 0
+    out, err = capsys.readouterr()
+    assert "gpt 0.1.0" in out and "models: gpt" in out
+    assert "broken_plugin  BROKEN" in out and "ImportError: needs libfoo" in out
+    assert err == ""  # listed, not warned about
+    assert main(["plugins", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["broken_plugin"]["error"].endswith("ImportError: needs libfoo") and rows["gpt"]["error"] is None
+
+
+def test_other_commands_warn_once_and_go_on(broken_default, tmp_path, corpus, capsys, monkeypatch):
+    from mega.testing import tiny_raw
+
+    import tomli_w
+
+    exp = tmp_path / "exp.toml"
+    exp.write_text(tomli_w.dumps(tiny_raw(tmp_path, corpus)))
+    assert main(["config", str(exp)]) == 0
+    assert main(["config", str(exp), "trainer.max_steps=3"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("plugin 'broken_plugin'") == 1 and "ImportError: needs libfoo" in err
+    assert "continuing without it" in err and "MEGA_STRICT_PLUGINS=1" in err
+    # a component only the broken plugin could have provided: the error names it
+    assert main(["config", str(exp), "model.name=fancy"]) == 2
+    assert "plugin 'broken_plugin' failed to import" in capsys.readouterr().err
+    monkeypatch.setenv("MEGA_STRICT_PLUGINS", "1")
+    pm_module._cached_default.cache_clear()
+    assert main(["config", str(exp)]) == 2
+    assert "mega: error: plugin 'broken_plugin' failed to import" in capsys.readouterr().err
+    assert main(["plugins"]) == 0  # always works, even strict
+    assert "broken_plugin  BROKEN" in capsys.readouterr().out
 
 
 def test_duplicate_names_name_both_plugins(fake_entry_points):

@@ -1,0 +1,424 @@
+"""Every `mega ...` command the README, docs/*.md and the examples' comments show is run
+here, shortened, so the documentation stays true.
+
+`COMMANDS` below is the explicit table: each command, exactly as the docs write it (its
+trailing `# comment` dropped, spaces collapsed), says how it is shortened (what is appended:
+a tiny model, 2 steps, the test corpus) and what it needs first (a trained run, an archive,
+a Hugging Face directory, ...). A command in the docs that the table does not cover fails
+`test_doc_command` (add a row); a row no document shows any more fails
+`test_the_table_has_no_stale_rows`. Usage lines with placeholders (`mega import SOURCE
+RUN_DIR [--from FORMAT]`) are checked against the parser: the subcommand and every `--flag`
+must exist. `torchrun ... -m mega ...` lines are parsed, not run. A command the docs show
+with its output (`$ mega ...` followed by lines) must print that output (a line ending in
+"..." is a prefix).
+
+Commands run in-process (`mega.cli.main`) in one scratch directory per module, in which
+`examples/` links to the repository's, so the docs' relative paths (`results/quickstart`,
+`model.mega`) mean what they say.
+"""
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import pytest
+
+from mega.cli import _parser, main
+from mega.testing import write_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "examples").glob("*.toml"))]
+
+
+# --- extracting the commands ----------------------------------------------------------------
+
+@dataclass
+class DocCommand:
+    where: str                       # file:line
+    text: str                        # the command, comment dropped, spaces collapsed
+    output: List[str] = field(default_factory=list)  # the lines the docs show after `$ command`
+
+
+def _strip_comment(line: str) -> str:
+    """Drop a trailing shell comment (`#` after whitespace, outside quotes)."""
+    quote = None
+    for i, ch in enumerate(line):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (i == 0 or line[i - 1].isspace()):
+            return line[:i]
+        # a backslash-escaped character needs no care here: the docs have none in commands
+    return line
+
+
+def _normal(text: str) -> str:
+    return " ".join(_strip_comment(text).split())
+
+
+def _is_command(stripped: str) -> bool:
+    return stripped.startswith(("mega ", "$ mega ", "torchrun ")) or stripped == "mega"
+
+
+def _markdown_commands(path: Path) -> List[DocCommand]:
+    lines = path.read_text().splitlines()
+    found: List[DocCommand] = []
+    fence: Optional[str] = None  # the fence's language while inside one
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        stripped = line.strip()
+        if stripped.startswith("```"):
+            fence = None if fence is not None else stripped[3:].strip()
+            i += 1
+            continue
+        in_code = (fence is not None and fence not in ("python", "toml", "py")) or (
+            fence is None and line.startswith("    "))  # an indented code block
+        if not (in_code and _is_command(stripped)):
+            i += 1
+            continue
+        start, indent = i, len(line) - len(line.lstrip())
+        text = stripped
+        # continuation lines: a trailing backslash, or (in a fence) a deeper-indented line
+        while i + 1 < len(lines):
+            nxt = lines[i + 1]
+            if text.endswith("\\"):
+                text = text[:-1] + " " + nxt.strip()
+            elif fence is not None and nxt.strip() and len(nxt) - len(nxt.lstrip()) > indent \
+                    and not _is_command(nxt.strip()):
+                text = text + " " + nxt.strip()
+            else:
+                break
+            i += 1
+        output: List[str] = []
+        if text.startswith("$ "):
+            text = text[2:]
+            while i + 1 < len(lines) and not lines[i + 1].strip().startswith(("$ ", "```")) and lines[i + 1].strip():
+                output.append(lines[i + 1].strip())
+                i += 1
+        found.append(DocCommand(f"{path.relative_to(ROOT)}:{start + 1}", _normal(text), output))
+        i += 1
+    return found
+
+
+def _toml_commands(path: Path) -> List[DocCommand]:
+    found = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        m = re.match(r"#\s+(mega .*)$", line)
+        if m:
+            found.append(DocCommand(f"{path.relative_to(ROOT)}:{n}", _normal(m.group(1))))
+    return found
+
+
+def doc_commands() -> List[DocCommand]:
+    out: List[DocCommand] = []
+    for path in DOCS:
+        out += _toml_commands(path) if path.suffix == ".toml" else _markdown_commands(path)
+    return out
+
+
+# --- how each command is shortened ----------------------------------------------------------
+
+# A tiny GPT for 2 steps on the test corpus, its sentencepiece vocabulary 60 (so the .nemo
+# helpers of test_archive fit it).
+GPT = ("trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "model.num_layers=2",
+       "model.hidden_size=32", "model.num_attention_heads=4", "model.seq_length=16", "model.max_position_embeddings=16",
+       "model.micro_batch_size=2", "model.global_batch_size=4", "model.tokenizer.vocab_size=60",
+       "model.optim.sched.warmup_steps=1")
+DATA = ("model.data.data_prefix=[corpus.txt]",)
+# The MIM / VAE encoder-decoder, as small.
+BART = ("trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "model.micro_batch_size=2",
+        "model.global_batch_size=2", "model.seq_length=32", "model.seq_length_dec=32", "model.encoder.hidden_steps=4",
+        "model.encoder.num_layers=1", "model.encoder.hidden_size=32", "model.encoder.num_attention_heads=2",
+        "model.decoder.num_layers=1", "model.decoder.hidden_size=32", "model.decoder.num_attention_heads=2",
+        "model.hiddens.transform.q_z_given_x.hidden_size=32", "model.tokenizer.vocab_size=60",
+        "model.optim.sched.warmup_steps=1", *DATA)
+FEW_TOKENS = ("--max-new-tokens", "4")
+
+
+@dataclass(frozen=True)
+class Run:
+    """Run the command with `extra` appended, after building `needs` (artifact names, see
+    ARTIFACTS) and removing `fresh` (destinations the command creates); `replace` maps the
+    docs' placeholders to real paths. `expect` checks (out, err, workspace)."""
+    extra: Tuple[str, ...] = ()
+    needs: Tuple[str, ...] = ()
+    fresh: Tuple[str, ...] = ()
+    replace: Tuple[Tuple[str, str], ...] = ()
+    expect: Optional[Callable] = None
+    slow: bool = False
+
+
+SYNOPSIS = "synopsis"  # a usage line with placeholders: the subcommand and its --flags must exist
+LAUNCH = "launch"      # torchrun ... -m mega ARGS: ARGS must parse
+
+
+def _has(*words):
+    def check(out, err, ws):
+        for w in words:
+            assert w in out, f"{w!r} not in the output:\n{out}"
+    return check
+
+
+def _file(name):
+    def check(out, err, ws):
+        assert (ws / name).exists(), f"{name} was not written"
+    return check
+
+
+COMMANDS: Dict[str, object] = {
+    # README.md
+    "mega run experiment.toml [dotted.key=value ...]": SYNOPSIS,
+    "mega run examples/quickstart.toml": Run(GPT + DATA, needs=("corpus.txt",), expect=_file("results/quickstart/checkpoints")),
+    "mega run examples/quickstart.toml trainer.max_steps=50 exp_manager.name=short": Run(GPT + DATA, needs=("corpus.txt",)),
+    "mega run examples/quickstart.toml 'model.data.data_prefix=[0.7,a.txt,0.3,b.txt]'":
+        Run(GPT + ("exp_manager.name=blended",), needs=("a.txt", "b.txt")),
+    "mega run examples/quickstart.toml trainer.devices=2": Run(GPT + DATA + ("exp_manager.name=dp2",), needs=("corpus.txt",),
+                                                               slow=True),
+    "mega config examples/quickstart.toml trainer.precision=bf16": Run(expect=_has('precision = "bf16"')),
+    "mega plugins": Run(expect=_has("gpt", "models: gpt")),
+    'mega generate results/quickstart --prompt "The for statement" --top-k 40 --temperature 0.8':
+        Run(FEW_TOKENS, needs=("results/quickstart",), expect=_has("for statement")),
+    "mega run examples/quickstart.toml model.hiden_size=64": Run(),        # fails as the docs show
+    "mega run exp.toml": Run(needs=("exp.toml",)),                            # idem
+    # docs/checkpoints.md
+    "mega import SOURCE RUN_DIR [--from FORMAT] [--option KEY=VALUE ...]": SYNOPSIS,
+    "mega export RUN_OR_CHECKPOINT DEST [--to FORMAT] [--option KEY=VALUE ...]": SYNOPSIS,
+    "mega import SOURCE RUN_DIR [--from megatron] [--option tokenizer=bytes | --option tokenizer_model=PATH | --option"
+    " vocab_file=PATH --option merges_file=PATH | --option tokenizer_file=PATH] [--option trust_pickle=true]": SYNOPSIS,
+    "mega export RUN_OR_CHECKPOINT DEST --to megatron [--option tensor_parallel=N] [--option pipeline_parallel=M]":
+        SYNOPSIS,
+    "mega import ./gpt2-small results/gpt2": Run(needs=("gpt2-small",), fresh=("results/gpt2",),
+                                                 expect=_has("imported")),
+    "mega import ./gpt2-small results/gpt2 --from huggingface --option tokenizer_file=./tok/tokenizer.json":
+        Run(needs=("gpt2-small", "tok/tokenizer.json"), fresh=("results/gpt2",), expect=_has("imported")),
+    "mega export results/gpt2 ./gpt2-out --to huggingface": Run(needs=("results/gpt2",), fresh=("gpt2-out",),
+                                                                expect=_file("gpt2-out/config.json")),
+    "mega export results/gpt2 ./gpt2-out --to huggingface --option dtype=bfloat16":
+        Run(needs=("results/gpt2",), fresh=("gpt2-out",), expect=_file("gpt2-out/config.json")),
+    "mega export results/gpt model.mega": Run(needs=("results/gpt",), fresh=("model.mega",), expect=_file("model.mega")),
+    "mega export results/gpt model.tar --to archive": Run(needs=("results/gpt",), fresh=("model.tar",),
+                                                          expect=_file("model.tar")),
+    'mega generate model.mega --prompt "Once upon"': Run(FEW_TOKENS, needs=("model.mega",), expect=_has("nce upon")),
+    "mega import model.mega results/gpt-ft": Run(needs=("model.mega",), fresh=("results/gpt-ft",),
+                                                 expect=_has("imported")),
+    "mega import megatron_gpt.nemo results/from-nemo": Run(needs=("megatron_gpt.nemo",), fresh=("results/from-nemo",),
+                                                           expect=_has("imported")),
+    'mega generate megatron_gpt.nemo --prompt "..."': Run(FEW_TOKENS, needs=("megatron_gpt.nemo",)),
+    "mega import gpt.nemo RUN --option tokenizer.library=sentencepiece --option tokenizer.model=/path/spm.model":
+        Run(needs=("gpt.nemo", "spm.model"), replace=(("RUN", "results/nemo-spm"), ("/path/spm.model", "spm.model")),
+            fresh=("results/nemo-spm",), expect=_has("imported")),
+    # docs/hiddens.md
+    "mega run examples/mim.toml": Run(BART, needs=("corpus.txt",), expect=_file("results/megatron_mim/checkpoints")),
+    "mega run examples/vae.toml": Run(BART, needs=("corpus.txt",)),
+    'mega encode results/megatron_mim --text "A lambda expression" --output z.pt':
+        Run(needs=("results/megatron_mim",), fresh=("z.pt",), expect=_has("z_mean")),
+    'mega generate results/megatron_mim --prompt "A lambda expression"': Run(FEW_TOKENS, needs=("results/megatron_mim",)),
+    # docs/parallelism.md
+    "mega run examples/gpt-tp2.toml": Run(GPT + DATA, needs=("corpus.txt",), slow=True),
+    "torchrun --nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 -m mega run exp.toml"
+    " trainer.devices=8 trainer.num_nodes=2": LAUNCH,
+    # examples/*.toml comments
+    "mega run examples/quickstart.toml 'model.data.data_prefix=[\"my_corpus.txt\"]'":
+        Run(GPT + ("exp_manager.name=own",), needs=("my_corpus.txt",)),
+    "mega run examples/mim.toml ++model.hiddens.loss.mim.loss_weight=0.5": Run(BART + ("exp_manager.name=mim_w",),
+                                                                              needs=("corpus.txt",)),
+    "mega run examples/vae.toml ++model.hiddens.loss.vae.min_kl_value=0.1": Run(BART + ("exp_manager.name=vae_kl",),
+                                                                               needs=("corpus.txt",)),
+}
+
+
+# --- what commands need, built on demand in the workspace ------------------------------------
+
+def _run_doc(ws: Path, command: str) -> None:
+    """Run a command of the table (for what another command needs)."""
+    spec = COMMANDS[command]
+    _prepare(ws, spec)
+    assert main(_argv(command, spec)) == 0, command
+
+
+def _gpt2_small(ws: Path) -> None:
+    """A Hugging Face GPT-2 directory: a tiny mega run with a byte-level BPE, exported."""
+    from mega.testing import TinyExperiment
+
+    _need(ws, "tok/tokenizer.json")
+    exp = TinyExperiment(ws / "hf-src", ws / "corpus.txt")
+    run = exp.run(trainer={"max_steps": 1, "val_check_interval": 0},
+                  model={"activation": "gelu_tanh", "tokenizer": {"library": "huggingface",
+                                                                  "tokenizer_file": str(ws / "tok/tokenizer.json")}})
+    assert main(["export", str(run.run_dir), str(ws / "gpt2-small"), "--to", "huggingface"]) == 0
+
+
+def _bpe(ws: Path) -> None:
+    from tokenizers import ByteLevelBPETokenizer
+
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator((ws / "corpus.txt").read_text().splitlines(), vocab_size=300, min_frequency=2,
+                            special_tokens=["<|endoftext|>"], show_progress=False)
+    (ws / "tok").mkdir(exist_ok=True)
+    tok.save(str(ws / "tok/tokenizer.json"))
+
+
+def _nemo(ws: Path) -> None:
+    """A NeMo 1.x Megatron GPT archive holding the quickstart run's weights (NeMo's layout,
+    written by test_archive's independent helpers)."""
+    from mega.inference import load_checkpoint_for_inference
+    from tests.test_archive import _nemo_shards, _nemo_yaml, _write_nemo
+
+    model, _, config = load_checkpoint_for_inference(ws / "results/quickstart")
+    mc = config.model
+    cfg = _nemo_yaml(num_layers=mc.num_layers, hidden_size=mc.hidden_size, ffn_hidden_size=mc.ffn_hidden_size,
+                     num_attention_heads=mc.num_attention_heads, encoder_seq_length=mc.seq_length,
+                     max_position_embeddings=mc.max_position_embeddings)
+    _write_nemo(ws / "megatron_gpt.nemo", cfg, _nemo_shards(model, 1), ws / "results/quickstart/tokenizer.model")
+
+
+ARTIFACTS: Dict[str, Tuple[Tuple[str, ...], Callable[[Path], None]]] = {
+    # name (a path in the workspace): (what it needs, how it is made)
+    "corpus.txt": ((), lambda ws: write_corpus(ws / "corpus.txt")),
+    "a.txt": ((), lambda ws: write_corpus(ws / "a.txt", seed=1)),
+    "b.txt": ((), lambda ws: write_corpus(ws / "b.txt", seed=2)),
+    "my_corpus.txt": ((), lambda ws: write_corpus(ws / "my_corpus.txt", seed=3)),
+    "exp.toml": ((), lambda ws: (ws / "exp.toml").write_text("[model]\nhiden_size = 64\n")),
+    "results/quickstart": (("corpus.txt",), lambda ws: _run_doc(ws, "mega run examples/quickstart.toml")),
+    "results/gpt": (("results/quickstart",), lambda ws: shutil.copytree(ws / "results/quickstart", ws / "results/gpt")),
+    "model.mega": (("results/gpt",), lambda ws: _run_doc(ws, "mega export results/gpt model.mega")),
+    "tok/tokenizer.json": (("corpus.txt",), _bpe),
+    "gpt2-small": (("corpus.txt",), _gpt2_small),
+    "results/gpt2": (("gpt2-small",), lambda ws: _run_doc(ws, "mega import ./gpt2-small results/gpt2")),
+    "megatron_gpt.nemo": (("results/quickstart",), _nemo),
+    "gpt.nemo": (("megatron_gpt.nemo",), lambda ws: shutil.copy(ws / "megatron_gpt.nemo", ws / "gpt.nemo")),
+    "spm.model": (("results/quickstart",), lambda ws: shutil.copy(ws / "results/quickstart/tokenizer.model",
+                                                                 ws / "spm.model")),
+    "results/megatron_mim": (("corpus.txt",), lambda ws: _run_doc(ws, "mega run examples/mim.toml")),
+}
+
+
+def _need(ws: Path, name: str) -> None:
+    if (ws / name).exists():
+        return
+    deps, make = ARTIFACTS[name]
+    for dep in deps:
+        _need(ws, dep)
+    make(ws)
+    assert (ws / name).exists(), f"building {name} did not create it"
+
+
+def _prepare(ws: Path, spec: Run) -> None:
+    for name in spec.needs:
+        _need(ws, name)
+    for name in spec.fresh:
+        target = ws / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+
+
+def _argv(command: str, spec: Run) -> List[str]:
+    for placeholder, real in spec.replace:
+        command = command.replace(placeholder, real)
+    return shlex.split(command)[1:] + list(spec.extra)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    ws = tmp_path_factory.mktemp("docs")
+    (ws / "examples").symlink_to(ROOT / "examples", target_is_directory=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(ws)
+        yield ws
+
+
+# --- the tests ------------------------------------------------------------------------------
+
+DOC_COMMANDS = doc_commands()
+_UNIQUE: Dict[str, DocCommand] = {}
+for _c in DOC_COMMANDS:
+    _UNIQUE.setdefault(_c.text, _c)
+
+
+def _param(c: DocCommand):
+    spec = COMMANDS.get(c.text)
+    marks = [pytest.mark.slow] if isinstance(spec, Run) and spec.slow else []
+    return pytest.param(c, id=f"{c.where}:{c.text[:60]}", marks=marks)
+
+
+def test_the_docs_show_commands():
+    """The extraction itself works (a broken parser would make every other test vacuous)."""
+    texts = {c.text for c in DOC_COMMANDS}
+    assert "mega run examples/quickstart.toml" in texts and "mega plugins" in texts
+    assert any(c.output for c in DOC_COMMANDS), "the README's `$ mega ...` examples with output were not found"
+
+
+def test_the_table_has_no_stale_rows():
+    stale = set(COMMANDS) - set(_UNIQUE)
+    assert not stale, f"COMMANDS rows no document shows any more (remove them): {sorted(stale)}"
+
+
+@pytest.mark.parametrize("doc", [_param(c) for c in _UNIQUE.values()])
+def test_doc_command(doc: DocCommand, workspace, capsys):
+    spec = COMMANDS.get(doc.text)
+    if spec is None:
+        pytest.fail(f"{doc.where}: `{doc.text}` is not in tests/test_docs_commands.py's COMMANDS table: add a row saying"
+                    " how to shorten it and what it needs")
+    words = shlex.split(doc.text)
+    if spec == LAUNCH:
+        args = words[words.index("-m") + 2:]
+        assert words[words.index("-m") + 1] == "mega"
+        _parser().parse_args(args)
+        return
+    if spec == SYNOPSIS:
+        _check_synopsis(doc, words)
+        return
+    _prepare(workspace, spec)
+    capsys.readouterr()
+    status = main(_argv(doc.text, spec))
+    out, err = capsys.readouterr()
+    if doc.output:  # the docs show what it prints: an error, exit 2
+        assert status == 2, f"{doc.where}: expected the error the docs show, got status {status}\n{err}"
+        _check_output(doc, err)
+        return
+    assert status == 0, f"{doc.where}: `{doc.text}` exited {status}:\n{err}"
+    if spec.expect:
+        spec.expect(out, err, workspace)
+
+
+def _check_output(doc: DocCommand, err: str) -> None:
+    shown = [l for l in err.splitlines() if l.strip()]
+    assert len(shown) == len(doc.output), f"{doc.where}: the docs show {doc.output}, it printed {shown}"
+    for want, got in zip(doc.output, shown):
+        if want.endswith("..."):
+            prefix = want[:-3].rstrip()
+            assert got.startswith(prefix), f"{doc.where}: docs: {want!r}\nprinted: {got!r}"
+        else:
+            assert got == want, f"{doc.where}: docs: {want!r}\nprinted: {got!r}"
+
+
+def _check_synopsis(doc: DocCommand, words: List[str]) -> None:
+    parser = _parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    assert words[1] in sub.choices, f"{doc.where}: no command {words[1]!r}"
+    flags = {s for a in sub.choices[words[1]]._actions for s in a.option_strings}
+    used = {w.strip("[]|") for w in words if w.strip("[]|").startswith("--")}
+    assert used <= flags, f"{doc.where}: {sorted(used - flags)} are not options of `mega {words[1]}`"
+
+
+def test_the_docs_cite_nothing_outside_the_repository():
+    """The docs stand on their own: no citations of files the repository does not have."""
+    pattern = re.compile(r"specs/|seeds/|DESIGN\.md")
+    hits = []
+    for top in ("README.md", "docs", "examples", "plugins", "kernel"):
+        path = ROOT / top
+        for f in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
+            if f.suffix not in (".md", ".toml", ".py", ".txt"):
+                continue
+            for n, line in enumerate(f.read_text(errors="replace").splitlines(), 1):
+                if pattern.search(line):
+                    hits.append(f"{f.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert not hits, "\n".join(hits)
