@@ -186,6 +186,10 @@ COMMANDS: Dict[str, object] = {
         Run(FEW_TOKENS, needs=("results/quickstart",), expect=_has("for statement")),
     "mega run examples/quickstart.toml model.hiden_size=64": Run(),        # fails as the docs show
     "mega run exp.toml": Run(needs=("exp.toml",)),                            # idem
+    "mega run examples/quickstart.toml model.optim.lr=-1": Run(),              # idem
+    "mega plan examples/quickstart.toml --devices 4": Run(expect=_has("memory per rank", " TP  PP  DP")),
+    # docs/plan.md
+    "mega run examples/quickstart.toml model.seq_length=100000": Run(),        # refused, as the docs show
     # docs/checkpoints.md
     "mega import SOURCE RUN_DIR [--from FORMAT] [--option KEY=VALUE ...]": SYNOPSIS,
     "mega export RUN_OR_CHECKPOINT DEST [--to FORMAT] [--option KEY=VALUE ...]": SYNOPSIS,
