@@ -200,14 +200,18 @@ def cmd_plugins(args) -> int:
 def cmd_generate(args) -> int:
     from mega.inference import generate, load_checkpoint_for_inference
 
-    model, tokenizer, _ = load_checkpoint_for_inference(args.checkpoint, device=args.device)
+    model, tokenizer, config = load_checkpoint_for_inference(args.checkpoint, device=args.device)
     prompt = tokenizer.encode(args.prompt)
     if isinstance(model, EncoderDecoder):  # encode the prompt, decode from its hiddens
         import torch
 
+        if len(prompt) > config.model.seq_length:  # the encoder's positions, as `mega encode` cuts
+            print(f"mega: warning: the prompt has {len(prompt)} tokens; the encoder reads the first"
+                  f" {config.model.seq_length} (model.seq_length)", file=sys.stderr)
+            prompt = prompt[: config.model.seq_length]
         text_enc = torch.tensor([prompt], device=args.device)
         out = model.greedy_decode(text_enc, torch.ones_like(text_enc), bos_id=tokenizer.pad_id, eos_id=tokenizer.eos_id,
-                                  max_len=args.max_new_tokens + 1)
+                                  max_len=min(args.max_new_tokens + 1, model.max_positions))
         print(tokenizer.decode(out[0, 1:].tolist()))
         return 0
     if not isinstance(model, Generator):

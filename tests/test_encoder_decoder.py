@@ -178,3 +178,19 @@ def test_encoder_decoder_tp2_equals_tp1():
         torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
         assert loss == pytest.approx(ref_loss, rel=1e-5)
         torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_generate_with_a_prompt_longer_than_the_encoder_warns_and_cuts_it(tmp_path, plugins, capsys):
+    from mega.cli import main
+    from mega.interop import write_imported_run
+
+    mc = _cfg(plugins, tokenizer={"library": "bytes"})
+    tok = plugins.tokenizers.get("bytes").factory(mc.tokenizer, [], None)
+    model = plugins.models.get("bart").factory(mc, tok, plugins)
+    raw = {"model": {"name": "bart", "seq_length": SE, "seq_length_dec": SD, "make_vocab_size_divisible_by": 8,
+                     "encoder": {k: getattr(mc.encoder, k) for k in ("num_layers", "hidden_size", "num_attention_heads")},
+                     "decoder": {k: getattr(mc.decoder, k) for k in ("num_layers", "hidden_size", "num_attention_heads")},
+                     "tokenizer": {"library": "bytes"}}}
+    write_imported_run(tmp_path / "bart", raw, model.state_dict(), plugins)
+    assert main(["generate", str(tmp_path / "bart"), "--prompt", "x" * (SE + 40), "--max-new-tokens", "500"]) == 0
+    assert f"the encoder reads the first {SE} (model.seq_length)" in capsys.readouterr().err
