@@ -58,6 +58,7 @@ def launch_local_workers(nproc: int, argv: List[str]) -> None:
         rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
         start_method="spawn",
     )
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         elastic_launch(config, sys.executable)("-m", "mega", *argv)
     except ChildFailedError as err:
@@ -71,6 +72,9 @@ def launch_local_workers(nproc: int, argv: List[str]) -> None:
         raise WorkerFailed("; ".join(lines)) from None
     except SignalException as exc:  # the elastic agent forwarded it and waited for the workers
         raise LauncherStopped(int(exc.sigval)) from None
+    finally:  # the elastic agent installs its own handlers and leaves them; put ours back
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
 
 
 def record_worker_error(exc: BaseException) -> None:
