@@ -165,9 +165,10 @@ def _stub_megatron(tmp_path):
     return root
 
 
-def _hf_to_megatron(tmp_path, monkeypatch, activation="gelu_new", tp=2, pp=1):
+def _hf_to_megatron(tmp_path, monkeypatch, activation="gelu_new", tp=2, pp=1, vocab=VOCAB):
+    """A random GPT2LMHeadModel, written as Megatron-LM files by HF's own HF->Megatron converter."""
     torch.manual_seed(1)
-    config = GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=32, n_layer=2, n_head=4, activation_function=activation,
+    config = GPT2Config(vocab_size=vocab, n_positions=16, n_embd=32, n_layer=2, n_head=4, activation_function=activation,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     hf = GPT2LMHeadModel(config).eval()
     hf.save_pretrained(tmp_path / "hf", safe_serialization=False)
@@ -342,24 +343,8 @@ def test_hf_written_gpt2_bpe_files_import_with_file_options(tmp_path, plugins, m
     """HF's writer says GPT2BPETokenizer and ships no files: the options name them."""
     from mega.cli import main
 
-    torch.manual_seed(1)
     vocab = len(__import__("json").loads((bpe / "vocab.json").read_text()))
-    config = GPT2Config(vocab_size=vocab, n_positions=16, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0)
-    hf = GPT2LMHeadModel(config).eval()
-    hf.save_pretrained(tmp_path / "hf", safe_serialization=False)
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    args = argparse.Namespace(
-        load_path=str(tmp_path / "hf"), save_path=str(tmp_path / "meg"), megatron_path=str(_stub_megatron(tmp_path)),
-        target_tensor_model_parallel_size=1, target_pipeline_model_parallel_size=1, target_data_parallel_size=1,
-        target_params_dtype="fp32", make_vocab_size_divisible_by=8, use_distributed_optimizer=False,
-        print_checkpoint_structure=False)
-    try:
-        reshaping.convert_checkpoint_from_transformers_to_megatron(args)
-    finally:
-        for name in [m for m in sys.modules if m == "megatron" or m.startswith("megatron.")]:
-            del sys.modules[name]
-    meg = tmp_path / "meg"
+    hf, meg = _hf_to_megatron(tmp_path, monkeypatch, tp=1, vocab=vocab)
     with pytest.raises(ConfigError, match="--option vocab_file=PATH with --option merges_file=PATH"):
         find_importer(meg, plugins).import_run(meg, tmp_path / "nope", {}, plugins)
     assert main(["import", str(meg), str(tmp_path / "run"), "--option", f"vocab_file={bpe / 'vocab.json'}",
