@@ -128,35 +128,34 @@ def _named_tables(conv: cattrs.Converter) -> None:
     def factory(t):
         base = named_base(t)
 
+        def each(items, build, note, fail):
+            """build(value) for every (key, value), every failure collected with its path note."""
+            out, errors = [], []
+            for key, value in items:
+                try:
+                    out.append((key, build(value)))
+                except Exception as exc:
+                    exc.__notes__ = [*getattr(exc, "__notes__", []), note(key)]
+                    errors.append(exc)
+            if errors:
+                raise fail(errors)
+            return out
+
         def entries(table):
             if not isinstance(table, dict):
                 raise ValueError(f"expected a table of named tables, got {_describe(table)}")
-            out, errors = {}, []
-            for name, value in table.items():
-                try:
-                    out[name] = conv.structure(value, base)
-                except Exception as exc:
-                    exc.__notes__ = [*getattr(exc, "__notes__", []), AttributeValidationNote(f"entry {name}", name, base)]
-                    errors.append(exc)
-            if errors:
-                raise ClassValidationError(f"While structuring named {base.__name__} tables", errors, base)
-            return out
+            return dict(each(table.items(), lambda v: conv.structure(v, base),
+                             lambda name: AttributeValidationNote(f"entry {name}", name, base),
+                             lambda errs: ClassValidationError(f"While structuring named {base.__name__} tables", errs, base)))
 
         def hook(value, _t):
             if isinstance(value, dict):
                 return entries(value)
             if not isinstance(value, list):
                 raise ValueError(f"expected a table of named tables or an array of such tables, got {_describe(value)}")
-            out, errors = [], []
-            for i, table in enumerate(value):
-                try:
-                    out.append(entries(table))
-                except Exception as exc:
-                    exc.__notes__ = [*getattr(exc, "__notes__", []), IterableValidationNote(f"index {i}", i, dict)]
-                    errors.append(exc)
-            if errors:
-                raise IterableValidationError(f"While structuring an array of named {base.__name__} tables", errors, list)
-            return out
+            return [t for _, t in each(enumerate(value), entries, lambda i: IterableValidationNote(f"index {i}", i, dict),
+                                       lambda errs: IterableValidationError(
+                                           f"While structuring an array of named {base.__name__} tables", errs, list))]
 
         return hook
 
