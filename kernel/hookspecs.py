@@ -56,7 +56,8 @@ def register_tokenizers(register):
     """Register tokenizers.
 
     `factory(config, corpus_files, run_dir) -> mega.protocols.Tokenizer` (`vocab_size`,
-    `eos_id`, `pad_id`, `encode`, `decode`, `artifacts`; optionally `KnowsWordStarts`).
+    `eos_id`, `pad_id`, `encode`, `decode`, `artifacts`; optionally `KnowsWordStarts`,
+    `HasSpecialTokens`).
     `corpus_files` lets it train itself; `run_dir` is where to keep what it trains (None at
     inference). `config` subclasses `mega.config.TokenizerConfig`. Selected by
     `model.tokenizer.library`.

@@ -161,6 +161,16 @@ class KnowsWordStarts(Protocol):
 
 
 @runtime_checkable
+class HasSpecialTokens(Protocol):
+    """Optional: what BERT-style samples need from a tokenizer (WordPiece vocabularies
+    have them): the ids of `[CLS]`, `[SEP]` and `[MASK]` (`pad_id` is the Tokenizer's)."""
+
+    cls_id: int
+    sep_id: int
+    mask_id: int
+
+
+@runtime_checkable
 class DataSource(Protocol):
     """What a `register_datasets` factory returns: the files of `model.data`, ready to be cut."""
 

@@ -98,3 +98,33 @@ def encoder_decoder_sample(enc: List[int], target: List[int], seq_length: int, s
     text_dec, _ = pad([start_id] + target[:-1], seq_length_dec, pad_id)
     return {"text_enc": text_enc, "enc_mask": enc_mask, "text_dec": text_dec, "labels": labels,
             "loss_mask": loss_mask.float()}
+
+
+@attrs.frozen
+class BertObjective(SampleObjective):
+    """A Megatron-BERT model's declared need: sentence-pair samples with masked tokens.
+
+    Each sample is `[CLS] A [SEP] B [SEP]` padded to the sequence length, as Megatron-LM's
+    BertDataset builds it, with these int64 fields:
+
+    | field           | shape | content                                                    |
+    |-----------------|-------|------------------------------------------------------------|
+    | `tokens`        | [s]   | ids, masked positions replaced (80% [MASK], 10% random, 10% kept) |
+    | `tokentype_ids` | [s]   | 0 for `[CLS] A [SEP]`, 1 for `B [SEP]`, 0 on padding        |
+    | `padding_mask`  | [s]   | 1 for real tokens, 0 for padding                            |
+    | `labels`        | [s]   | the original id at masked positions, -1 elsewhere           |
+    | `loss_mask`     | [s]   | 1 at masked positions, else 0                               |
+    | `is_random`     | []    | binary-head label: 1 = B is not A's continuation            |
+    | `truncated`     | []    | 1 when A + B was cut to fit                                 |
+
+    `binary_head` "sop" swaps A and B half the time (Megatron-LM's sentence-order
+    prediction), "nsp" takes B from a random other document half the time (original BERT's
+    next-sentence prediction), None builds single-segment samples (`is_random` = 0)."""
+
+    name: str = "bert"
+    binary_head: Optional[str] = "sop"  # "sop" | "nsp" | None
+    masked_lm_prob: float = 0.15
+    short_seq_prob: float = 0.1
+    max_predictions_per_seq: Optional[int] = None  # None: masked_lm_prob x seq_length (Megatron's)
+    whole_word_masking: bool = True
+    max_ngrams: int = 3
