@@ -252,16 +252,72 @@ def test_sample_map_walked_by_hand():
 
 
 def test_sample_map_equals_the_transcribed_cpp():
-    rnd = random.Random(5)
-    counts = [rnd.randint(0, 9) for _ in range(60)]
-    doc_idx = np.concatenate([[0], np.cumsum(counts)])
-    sizes = np.array([rnd.randint(1, 40) for _ in range(doc_idx[-1])] + [])
-    sizes[7] = 600  # a long sentence: its document is skipped
+    doc_idx, sizes = golden_documents()
     for seed, ssp, min_sent, n in ((1234, 0.1, 2, 500), (7, 0.4, 1, 300), (99, 0.0, 2, 50)):
         ours = build_sample_map(doc_idx, sizes, n, 61, ssp, seed, min_sent)
         assert ours.tolist() == reference_map(list(doc_idx), list(sizes), n, 61, ssp, seed, min_sent)
     short = build_sample_map(doc_idx, sizes, 2000, 61, 0.1, 1234, 2)[:, 2]
     assert 0.05 < (short < 61).mean() < 0.15  # short_seq_prob 0.1
+
+
+# Numbers produced by megatron-core 0.16.1 (its compiled helpers_cpp.build_mapping, and
+# BERTMaskedWordPieceDataset.__getitem__ over the same sentences, vocabulary and map) on
+# the inputs the tests below build. Only the numbers are kept here.
+MCORE_MAP_ROWS = [[139, 142, 61], [180, 184, 61], [169, 171, 61], [54, 57, 61], [72, 75, 61], [213, 216, 61]]
+MCORE_MAP_LENGTHS = {(1234, 0.1, 2, 500): 524, (7, 0.4, 1, 300): 347, (99, 0.0, 2, 50): 74, (1234, 0.1, 2, 5000): 5037}
+MCORE_SAMPLES = [  # (map row, text, types, labels, is_random, truncated) of samples 0, 1, 2
+    ([111, 115, 29],
+     [2, 125, 90, 128, 89, 127, 89, 126, 129, 91, 89, 89, 126, 4, 128, 91, 3, 91, 128, 91, 128, 90, 90, 127, 89, 91, 90,
+      90, 125, 4, 4, 3],
+     [0] * 17 + [1] * 15,
+     [-1] * 13 + [91, 128] + [-1] * 14 + [91, 128, -1], 0, 1),
+    ([80, 82, 29],
+     [2, 60, 128, 61, 4, 4, 61, 126, 4, 129, 3, 61, 125, 59, 128, 61, 125, 59, 128, 61, 128, 61, 128, 60, 61, 129, 3]
+     + [0] * 5,
+     [0] * 11 + [1] * 16 + [0] * 5,
+     [-1, -1, -1, 61, 61, 127, -1, -1, 59] + [-1] * 23, 0, 0),
+    ([103, 105, 29],
+     [2, 4, 4, 4, 82, 82, 128, 82, 126, 4, 3, 81, 125, 80, 126, 82, 125, 81, 127, 82, 127, 81, 125, 129, 3] + [0] * 7,
+     [0] * 11 + [1] * 14 + [0] * 7,
+     [-1, 82, 126, 80, -1, -1, -1, -1, -1, 129] + [-1] * 22, 1, 0),
+]
+MCORE_CHECKSUM = 22748258  # sum over the 337 samples of text.(1..32) + 7 labels.(1..32) + 3 is_random + 5 truncated
+
+
+def golden_documents():
+    rnd = random.Random(5)
+    counts = [rnd.randint(0, 9) for _ in range(60)]
+    doc_idx = np.concatenate([[0], np.cumsum(counts)])
+    sizes = np.array([rnd.randint(1, 40) for _ in range(doc_idx[-1])])
+    sizes[7] = 600  # a long sentence: its document is skipped
+    return doc_idx, sizes
+
+
+def test_sample_map_equals_megatron_core():
+    doc_idx, sizes = golden_documents()
+    for (seed, ssp, min_sent, n), length in MCORE_MAP_LENGTHS.items():
+        table = build_sample_map(doc_idx, sizes, n, 61, ssp, seed, min_sent)
+        assert len(table) == length
+        if (seed, n) == (1234, 500):
+            assert table[:6, :3].tolist() == MCORE_MAP_ROWS
+
+
+def test_samples_equal_megatron_core(tmp_path, tokenizer):
+    """Megatron-core computes padding_mask as `tokens != [PAD]` after masking (a random
+    replacement can be [PAD]); the legacy BertDataset and we use the real length."""
+    _, ds = samples(tmp_path, tokenizer, seq_length=32, num_samples=300)
+    assert len(ds) == 337
+    for idx, (row, text, types, labels, is_random, truncated) in enumerate(MCORE_SAMPLES):
+        s = ds[idx]
+        assert ds.map[idx, :3].tolist() == row
+        assert (s["tokens"].tolist(), s["tokentype_ids"].tolist(), s["labels"].tolist()) == (text, types, labels)
+        assert (int(s["is_random"]), int(s["truncated"])) == (is_random, truncated)
+    weights = torch.arange(1, 33)
+    total = 0
+    for idx in range(len(ds)):
+        s = ds[idx]
+        total += int((s["tokens"] * weights).sum() + 7 * (s["labels"] * weights).sum() + 3 * s["is_random"] + 5 * s["truncated"])
+    assert total == MCORE_CHECKSUM
 
 
 # --- one sample ----------------------------------------------------------------------------------
