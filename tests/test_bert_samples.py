@@ -459,6 +459,11 @@ def test_text_mmap_serves_bert_samples(tmp_path, tokenizer, plugins):
     direct = BertSamples(docs.subset(0, 32), tokenizer, 32, 64, 1234, BertObjective())  # train = the first 32 docs
     assert all(torch.equal(train[i][k], direct[i][k]) for i in range(64) for k in FIELDS)  # Megatron's order
     assert valid[0]["tokens"].shape == (32,)
+    cfg = config_from_dict({"model": {"data": {"data_prefix": [str(corpus)], "splits_string": "35,1,4"}}},
+                           plugins=plugins).model.data
+    assert len(read_documents(TextMemMapIndex(corpus), "line")[35]) == 1  # no sentence pair in the valid split
+    with pytest.raises(DataError, match=r"corpus.txt, valid split \(documents 35 to 35\): no document"):
+        TextMemMapSource(cfg, tmp_path).dataset("valid", tokenizer, 32, 16, 1234, BertObjective())
     with pytest.raises(ConfigError, match="BERT samples need"):
         source.dataset("train", plugins.tokenizers.get("bytes").factory(None, [], None), 32, 8, 1234, BertObjective())
 

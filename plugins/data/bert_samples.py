@@ -189,6 +189,9 @@ class BertSamples:
         if self.binary_head == "nsp" and documents.num_docs < 2:
             raise DataError("binary_head 'nsp' takes B from another document; this split has only one")
         self.special = {tokenizer.cls_id, tokenizer.sep_id}
+        log.info("BERT samples: %d documents, %d sentences -> %d samples (%d asked for), seed %d",
+                 documents.num_docs, int(documents.doc_bounds[-1] - documents.doc_bounds[0]), len(self.map),
+                 num_samples, seed)
 
     def __len__(self) -> int:
         return len(self.map)

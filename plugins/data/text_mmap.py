@@ -18,7 +18,7 @@ from attrs import define
 
 import mega
 from mega.config import DataConfig
-from mega.errors import ConfigError
+from mega.errors import ConfigError, DataError
 from mega.plugins.data.bert_samples import BertSamples
 from mega.plugins.data.blending import BlendedDataset, parse_splits, split_ranges
 from mega.plugins.data.objectives import (
@@ -165,8 +165,11 @@ class TextMemMapSource:
                 if end > start:
                     # Megatron builds each file's map for its share of the samples, with the run's seed
                     share = num_samples if len(self.paths) == 1 else math.ceil(w / sum(self.weights) * num_samples) + 1
-                    parts.append(BertSamples(sentences.subset(start, end), tokenizer, seq_length, share, seed, objective,
-                                             shuffle=self.config.shuffle))
+                    try:
+                        parts.append(BertSamples(sentences.subset(start, end), tokenizer, seq_length, share, seed,
+                                                 objective, shuffle=self.config.shuffle))
+                    except DataError as exc:
+                        raise DataError(f"{path}, {split} split (documents {start} to {end - 1}): {exc}") from None
                     weights.append(w)
                 continue
             start, end = split_ranges(len(index), self.fractions)[SPLITS[split]]
