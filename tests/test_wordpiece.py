@@ -8,6 +8,7 @@ import pytest
 
 from mega.config import config_from_dict
 from mega.errors import ConfigError
+from mega.protocols import HasSpecialTokens, KnowsWordStarts, Tokenizer
 
 CORPUS = """\
 The quick brown fox jumps over the lazy dog. Résumé of a naïve café owner in Zürich.
@@ -80,6 +81,7 @@ def test_ids_equal_transformers_bert_tokenizer(plugins, vocab_file, name, lower)
     assert (ours.pad_id, ours.cls_id, ours.sep_id, ours.mask_id) == (ref.pad_token_id, ref.cls_token_id,
                                                                       ref.sep_token_id, ref.mask_token_id)
     assert ours.eos_id == ours.sep_id
+    assert isinstance(ours, Tokenizer) and isinstance(ours, HasSpecialTokens) and isinstance(ours, KnowsWordStarts)
     for text in AWKWARD + CORPUS.splitlines():
         expected = ref.encode(text, add_special_tokens=False)
         assert ours.encode(text) == expected, text

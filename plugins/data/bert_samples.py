@@ -185,7 +185,6 @@ class BertSamples:
         min_num_sent = 2 if self.binary_head else 1
         self.map = build_sample_map(documents.doc_bounds, documents.sizes, num_samples, seq_length - 3,
                                     objective.short_seq_prob, seed, min_num_sent, shuffle)
-        # documents B can come from under "nsp": any other one
         if self.binary_head == "nsp" and documents.num_docs < 2:
             raise DataError("binary_head 'nsp' takes B from another document; this split has only one")
         self.special = {tokenizer.cls_id, tokenizer.sep_id}
