@@ -54,14 +54,14 @@ class WordConfig(TokenizerConfig):
     counted from the data source's files into the run directory."""
 
     library: str = "word"
-    vocab_file: Optional[str] = None  # a vocabulary to load (one symbol per line, first field); None: count one
+    vocab_file: Optional[str] = None  # a vocabulary to load (a symbol per line: the text before a tab, or the first field); unset: count one
     special: List[str] = field(factory=lambda: [EOS])  # symbols given the first ids, in order
     lower_case: bool = False  # lower-case every line before splitting (WT103: false)
-    delimiter: Optional[str] = None  # None: split on runs of whitespace; "": one symbol per character
+    delimiter: Optional[str] = None  # unset: split on runs of whitespace; "": one symbol per character
     min_freq: int = field(default=0, validator=non_negative)  # drop words counted fewer times
-    max_size: Optional[int] = field(default=None, validator=at_least_one)  # most frequent words kept (None: all)
-    add_eos: bool = True  # each line ends with <eos> (WT103, enwik8 use false)
-    add_double_eos: bool = False  # each line is <S> words <S> (One Billion Word); needs <S> in the vocabulary
+    max_size: Optional[int] = field(default=None, validator=at_least_one)  # most frequent words kept (unset: all)
+    add_eos: bool = True  # each line ends with `<eos>` (WT103: true; enwik8, text8: false)
+    add_double_eos: bool = False  # each line is `<S>` words `<S>` (One Billion Word); needs `<S>` in `special`
 
 
 class WordTokenizer:
