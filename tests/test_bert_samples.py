@@ -459,6 +459,9 @@ def test_text_mmap_serves_bert_samples(tmp_path, tokenizer, plugins):
     direct = BertSamples(docs.subset(0, 32), tokenizer, 32, 64, 1234, BertObjective())  # train = the first 32 docs
     assert all(torch.equal(train[i][k], direct[i][k]) for i in range(64) for k in FIELDS)  # Megatron's order
     assert valid[0]["tokens"].shape == (32,)
+    whole = source.whole_split("valid", tokenizer, 32, 1234, BertObjective())  # `mega evaluate`: one epoch of the map
+    one_epoch = BertSamples(docs.subset(32, 40), tokenizer, 32, None, 1234, BertObjective())
+    assert len(whole) == len(one_epoch) == len(build_sample_map(docs.doc_bounds[32:41], docs.sizes, 1, 29, 0.1, 1234, 2))
     cfg = config_from_dict({"model": {"data": {"data_prefix": [str(corpus)], "splits_string": "35,1,4"}}},
                            plugins=plugins).model.data
     assert len(read_documents(TextMemMapIndex(corpus), "line")[35]) == 1  # no sentence pair in the valid split

@@ -55,10 +55,11 @@ def target_length(gen: MT19937, short_seq_ratio: int, max_len: int) -> int:
     return max_len
 
 
-def build_sample_map(doc_bounds: np.ndarray, sizes: np.ndarray, max_num_samples: int, max_seq_length: int,
+def build_sample_map(doc_bounds: np.ndarray, sizes: np.ndarray, max_num_samples: Optional[int], max_seq_length: int,
                      short_seq_prob: float, seed: int, min_num_sent: int, shuffle: bool = True) -> np.ndarray:
     """[N, 4] int64 rows (first sentence, end sentence (exclusive), target length, document)
-    for at least `max_num_samples` samples (whole epochs), shuffled as Megatron does."""
+    for at least `max_num_samples` samples (whole epochs; None: one epoch), shuffled as
+    Megatron does."""
     # C++ round(): halves away from zero (Python's round would take 2.5 to 2)
     ratio = int(math.floor(1.0 / short_seq_prob + 0.5)) if short_seq_prob > 0 else 0
     gen = MT19937(seed)
@@ -78,7 +79,10 @@ def build_sample_map(doc_bounds: np.ndarray, sizes: np.ndarray, max_num_samples:
         log.info("BERT samples: %d of %d documents skipped (fewer than %d sentences, or a sentence over %d tokens)",
                  skipped, len(usable), min_num_sent, LONG_SENTENCE_LEN)
     rows: List[tuple] = []
-    while len(rows) < max_num_samples:  # Megatron checks between epochs only
+    epochs = 0
+    # Megatron checks between epochs only; None: one epoch (its num_samples=None)
+    while (len(rows) < max_num_samples) if max_num_samples is not None else epochs == 0:
+        epochs += 1
         for d in range(len(bounds) - 1):
             if not usable[d]:
                 continue
@@ -173,7 +177,7 @@ def mask_tokens(tokens: List[int], continues_word: List[bool], special: set, voc
 class BertSamples:
     """Megatron-style BERT samples over TokenizedDocuments (one split of one file)."""
 
-    def __init__(self, documents, tokenizer, seq_length: int, num_samples: int, seed: int, objective,
+    def __init__(self, documents, tokenizer, seq_length: int, num_samples: Optional[int], seed: int, objective,
                  shuffle: bool = True):
         if seq_length < 5:
             raise DataError(f"BERT samples need seq_length >= 5 ([CLS] A [SEP] B [SEP]); got {seq_length}")
@@ -188,7 +192,7 @@ class BertSamples:
         if self.binary_head == "nsp" and documents.num_docs < 2:
             raise DataError("binary_head 'nsp' takes B from another document; this split has only one")
         self.special = {tokenizer.cls_id, tokenizer.sep_id}
-        log.info("BERT samples: %d documents, %d sentences -> %d samples (%d asked for), seed %d",
+        log.info("BERT samples: %d documents, %d sentences -> %d samples (%s asked for), seed %d",
                  documents.num_docs, int(documents.doc_bounds[-1] - documents.doc_bounds[0]), len(self.map),
                  num_samples, seed)
 

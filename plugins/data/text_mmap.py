@@ -140,10 +140,10 @@ class TextMemMapSource:
             self._tokenized[key] = TokenizedDocuments(read_documents(self.indexes[i], self.config.sentence_split), tokenizer)
         return self._tokenized[key]
 
-    def dataset(self, split: str, tokenizer, seq_length: int, num_samples: int, seed: int,
-                objective: SampleObjective = SampleObjective()) -> BlendedDataset:
-        """Samples for the model's objective: "lm" (next token), a DenoisingObjective
-        ("t5" span corruption, "bart" infilling), or a BertObjective ("bert")."""
+    def _parts(self, split: str, tokenizer, seq_length: int, seed: int, objective: SampleObjective,
+               num_samples: Optional[int] = None) -> tuple:
+        """(each file's samples of `split`, their weights) for the model's objective. BERT
+        maps hold `num_samples` (each file its share), or one epoch when None."""
         denoising = isinstance(objective, DenoisingObjective)
         bert = isinstance(objective, BertObjective)
         known = ("t5", "bart") if denoising else ("bert",) if bert else ("lm",)
@@ -164,7 +164,9 @@ class TextMemMapSource:
                 start, end = split_ranges(sentences.num_docs, self.fractions)[SPLITS[split]]
                 if end > start:
                     # Megatron builds each file's map for its share of the samples, with the run's seed
-                    share = num_samples if len(self.paths) == 1 else math.ceil(w / sum(self.weights) * num_samples) + 1
+                    share = num_samples
+                    if num_samples is not None and len(self.paths) > 1:
+                        share = math.ceil(w / sum(self.weights) * num_samples) + 1
                     try:
                         parts.append(BertSamples(sentences.subset(start, end), tokenizer, seq_length, share, seed,
                                                  objective, shuffle=self.config.shuffle))
@@ -186,8 +188,38 @@ class TextMemMapSource:
                 f"model.data.splits_string: the {split} split of {', '.join(map(str, self.paths))} has no documents"
                 f" ({self.config.splits_string!r}); give it a share or more data"
             )
+        return parts, weights
+
+    def dataset(self, split: str, tokenizer, seq_length: int, num_samples: int, seed: int,
+                objective: SampleObjective = SampleObjective()) -> BlendedDataset:
+        """Samples for the model's objective: "lm" (next token), a DenoisingObjective
+        ("t5" span corruption, "bart" infilling), or a BertObjective ("bert")."""
+        parts, weights = self._parts(split, tokenizer, seq_length, seed, objective, num_samples)
         # BERT maps are shuffled already (Megatron's order): sample k of the split is map row k
-        return BlendedDataset(parts, weights, num_samples, seed + 101 * SPLITS[split], shuffle=self.config.shuffle and not bert)
+        shuffle = self.config.shuffle and not isinstance(objective, BertObjective)
+        return BlendedDataset(parts, weights, num_samples, seed + 101 * SPLITS[split], shuffle=shuffle)
+
+    def whole_split(self, split: str, tokenizer, seq_length: int, seed: int,
+                    objective: SampleObjective = SampleObjective()) -> "Concatenated":
+        """Every document of `split` once, file after file (mega.protocols.WholeSplit)."""
+        return Concatenated(self._parts(split, tokenizer, seq_length, seed, objective)[0])
+
+
+class Concatenated:
+    """Datasets one after the other, as one sequence."""
+
+    def __init__(self, parts):
+        self.parts = list(parts)
+        self.ends = np.cumsum([len(p) for p in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        part = int(np.searchsorted(self.ends, i, side="right"))
+        return self.parts[part][i - (int(self.ends[part - 1]) if part else 0)]
 
 
 @mega.hookimpl
