@@ -176,3 +176,19 @@ def test_a_run_trains_on_mmap_data(tmp_path, corpus, plugins):
     train = [m for m in lines if "loss" in m]
     # packed: padding only in the one short window an epoch ends with
     assert all(0.9 * m["tokens_per_sec"] < m["loss_tokens_per_sec"] <= m["tokens_per_sec"] for m in train)
+
+
+def test_mmap_pack_false_is_one_padded_sample_per_document(tmp_path):
+    prefix = tmp_path / "p"
+    docs = [[1, 2, 3, 9], [4, 9], [9], list(range(10, 40)) + [9]]
+    with IndexedDatasetWriter(prefix, np.uint16) as w:
+        for d in docs:
+            w.add_document(d)
+        w.finalize()
+    src = MMapSource(MMapConfig(data_prefix=[1.0, str(prefix)], splits_string="100,0,0", pack=False, shuffle=False), None)
+    ds = src.dataset("train", ByteTokenizer(), 8, 3, seed=0)
+    want = [d[:9] for d in docs if len(d) >= 2]  # a one-token document makes no sample
+    for k, ids in enumerate(want):
+        n = len(ids) - 1
+        assert ds[k]["tokens"][:n].tolist() == ids[:-1] and ds[k]["labels"][:n].tolist() == ids[1:]
+        assert ds[k]["loss_mask"].sum() == n

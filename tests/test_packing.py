@@ -65,12 +65,7 @@ def test_a_shuffled_epoch_uses_every_token_once_without_padding(tmp_path, corpus
         labels = Counter(int(t) for s in samples for t, m in zip(s["labels"], s["loss_mask"]) if m)
         missing = Counter(stream) - labels
         assert sum(missing.values()) == 1 and not labels - Counter(stream)  # all but the stream's first token
-        # a window crossing a document boundary carries its end-of-document id: the text
-        # between two eos ids is always one whole document
-        joined = [int(t) for s in samples for t in s["tokens"][s["loss_mask"] > 0]]
-        pieces = bytes(t for t in joined if t < 256).decode("utf-8", "replace")
-        assert joined.count(TOK.eos_id) >= len(docs) - 1
-        assert pieces  # decoded text exists
+        assert labels[TOK.eos_id] >= len(docs) - 1  # every document ends with its end-of-document id
     e0 = [ds[j]["tokens"].tolist() for j in range(n)]
     e1 = [ds[n + j]["tokens"].tolist() for j in range(n)]
     assert e0 != e1  # a new order each epoch
