@@ -192,3 +192,13 @@ def test_mmap_pack_false_is_one_padded_sample_per_document(tmp_path):
         n = len(ids) - 1
         assert ds[k]["tokens"][:n].tolist() == ids[:-1] and ds[k]["labels"][:n].tolist() == ids[1:]
         assert ds[k]["loss_mask"].sum() == n
+
+
+def test_preprocess_takes_the_tokenizer_of_an_experiment(tmp_path, corpus):
+    from mega.testing import TinyExperiment
+
+    toml = TinyExperiment(tmp_path, corpus).toml()  # model.tokenizer.library = "bytes"
+    assert _preprocess("--input", corpus, "--output-prefix", tmp_path / "e", "--config", toml) == 0
+    assert _preprocess("--input", corpus, "--output-prefix", tmp_path / "k", "--tokenizer", "library=bytes") == 0
+    for ext in ("bin", "idx"):
+        assert (tmp_path / f"e_text_document.{ext}").read_bytes() == (tmp_path / f"k_text_document.{ext}").read_bytes()
