@@ -1,7 +1,10 @@
 """The `text_mmap` dataset: raw text files, one document per line, memory-mapped.
 
-For language models each document becomes one sample: its tokens plus end-of-document,
-truncated to seq_length + 1, shifted into (tokens, labels), right-padded with a loss mask.
+For language models the documents are packed (`pack = true`, the default; see
+`mega.plugins.data.packing`): each is tokenized once, with an end-of-document id, into a
+cache in the run directory, and the split's documents are concatenated and cut into
+seq_length + 1 windows. With `pack = false` each document is one sample instead: its
+tokens plus end-of-document, truncated to seq_length + 1, right-padded with a loss mask.
 For BERT (`BertObjective`) documents are cut into sentences (`sentence_split`, see
 `sentences.py`) and grouped into Megatron-LM's sentence-pair samples (`bert_samples.py`).
 Files are blended by `data_prefix` weights and split by `splits_string`.
@@ -30,8 +33,10 @@ from mega.plugins.data.objectives import (
     t5_span_corruption,
     word_spans_to_tokens,
 )
+from mega.plugins.data.packing import DocumentSpan, PackedSamples
 from mega.plugins.data.quickstart_corpus import write_pydoc_corpus
 from mega.plugins.data.sentences import SENTENCE_SPLITS, TokenizedDocuments, read_documents
+from mega.plugins.data.token_cache import tokenized
 from mega.plugins.data.text_index import TextMemMapIndex
 from mega.protocols import HasSpecialTokens, KnowsWordStarts, SampleObjective
 
@@ -42,6 +47,7 @@ SPLITS = {"train": 0, "valid": 1, "test": 2}
 class TextMemMapConfig(DataConfig):
     data_impl: str = "text_mmap"
     shuffle: bool = True  # shuffle documents each epoch (seeded by model.seed)
+    pack: bool = True  # lm: concatenate documents (with end-of-document ids) into full windows; false: one padded sample per document
     masked_lm_prob: float = 0.15  # t5/bart: share of tokens hidden in noise spans
     mean_noise_span_length: float = 3.0  # t5/bart: mean length of a noise span
     whole_word_masking: bool = False  # t5/bart: noise spans cover whole words
@@ -119,6 +125,7 @@ class TextMemMapSource:
 
     def __init__(self, config: TextMemMapConfig, run_dir: Optional[Path]):
         self.config = config
+        self.cache_dir = Path(run_dir) / "data" if run_dir is not None else None
         prefix = list(config.data_prefix)
         if not prefix:
             if run_dir is None:
@@ -177,7 +184,11 @@ class TextMemMapSource:
             start, end = split_ranges(len(index), self.fractions)[SPLITS[split]]
             if end > start:
                 docs = DocumentRange(index, start, end)
-                if not denoising:
+                if not denoising and self.config.pack:
+                    parts.append(PackedSamples(DocumentSpan(tokenized(index, tokenizer, self.cache_dir), start, end),
+                                               seq_length, tokenizer.pad_id, seed + 101 * SPLITS[split] + 7919 * len(parts),
+                                               shuffle=self.config.shuffle, name=f"the {split} split of {path}"))
+                elif not denoising:
                     parts.append(LMSamples(docs, tokenizer, seq_length))
                 else:
                     parts.append(EncoderDecoderSamples(docs, tokenizer, seq_length, objective, self.config,
