@@ -131,10 +131,17 @@ def build(which: str, a):
     return step, model
 
 
+def non_embedding_params(a) -> int:
+    """The reference's parameters less the position embedding: the tied word embedding,
+    per layer 2 LayerNorms, QKV, the attention output and the MLP (weights and biases),
+    and the final LayerNorm."""
+    d = a.hidden
+    return a.vocab * d + a.layers * (12 * d * d + 13 * d) + 2 * d
+
+
 def flops_per_token(a) -> float:
-    """6 N + 12 L d T, N = the reference's parameters less the position embedding."""
-    n = sum(p.numel() for p in RefGPT(a.layers, a.hidden, a.heads, a.seq, a.vocab).parameters()) - a.seq * a.hidden
-    return 6.0 * n + 12.0 * a.layers * a.hidden * a.seq
+    """6 N + 12 L d T (nanoGPT's estimate_mfu, PaLM appendix B)."""
+    return 6.0 * non_embedding_params(a) + 12.0 * a.layers * a.hidden * a.seq
 
 
 def peak(a):

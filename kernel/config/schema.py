@@ -89,9 +89,7 @@ class TrainerConfig:
     num_nodes: int = field(default=1, validator=at_least_one)  # machines (torchrun --nnodes)
     accelerator: str = "auto"  # "cpu", "gpu" or "auto"
     precision: Precision = Precision("32")  # 32, 16 (fp16 + dynamic loss scaling) or "bf16"
-    # torch.compile the training step: "auto" = on with CUDA, off on the CPU; a failed
-    # compilation is reported in one line and the run continues eagerly
-    compile: Literal[True, False, "auto"] = "auto"
+    compile: Literal[True, False, "auto"] = "auto"  # torch.compile the training step; "auto": with CUDA only (failures fall back to eager)
     max_steps: int = field(default=1000, validator=non_negative)  # optimizer steps
     val_check_interval: int = field(default=100, validator=non_negative)  # validate every N steps (and at the end); 0 disables
     limit_val_batches: int = field(default=10, validator=non_negative)  # global batches per validation

@@ -45,9 +45,7 @@ class GPTConfig(ModelConfig):
     activation: Literal["gelu", "gelu_tanh"] = "gelu"  # exact GELU, or the tanh approximation (GPT-2, Megatron's fused)
     make_vocab_size_divisible_by: int = 128  # vocabulary padded to a multiple of this (x TP)
     mask_padded_vocab: bool = True  # padded ids left out of the loss's softmax (same loss at every TP); false: Megatron-LM's
-    # output layer + cross entropy this many tokens at a time, never holding the fp32 logits of the
-    # whole micro-batch (exact; docs/performance.md); 0: one product and the softmax over all tokens
-    loss_chunk_size: int = 0
+    loss_chunk_size: int = 0  # output layer + loss this many tokens at a time (no whole fp32 logits; exact); 0: all at once
     attention_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"  # SDPA kernel (CPU: auto or math)
 
     def check(self, plugins=None) -> None:
