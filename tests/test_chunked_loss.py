@@ -135,3 +135,19 @@ def test_loss_chunk_size_must_not_be_negative():
 
     with pytest.raises(ConfigError, match="model.loss_chunk_size"):
         config_from_dict({"model": {"loss_chunk_size": -1}}).model.check()
+
+
+def test_mega_plan_counts_one_chunk_of_logits_not_all():
+    """The memory estimate (mega plan) of the last stage: unchunked it holds the fp32 softmax
+    of every token, chunked only one chunk's logits and the two gradients made in forward."""
+    from mega.config import config_from_dict
+
+    def stage(chunk):
+        cfg = config_from_dict({"model": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+                                          "seq_length": 1024, "loss_chunk_size": chunk}}).model
+        return cfg.memory_per_rank(50257, 8, 1, 1, "bf16", "cuda")["stages"][0]
+
+    whole, chunked = stage(0), stage(1024)
+    logits = 8 * 1024 * 50304
+    assert whole["transient"] >= 6 * logits and whole["activations"] >= 4 * logits
+    assert chunked["transient"] == 10 * 1024 * 50304 and chunked["activations"] < whole["activations"] - 3 * logits
