@@ -81,3 +81,12 @@ def test_contrib_plugins_with_tensors_test_on_each_device():
         text = "".join(p.read_text() for p in tests.glob("test_*.py"))
         if "torch." in text:
             assert "mega_device" in text, tests.parent.name
+
+
+@pytest.mark.parametrize("name,peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 NVL", 835e12),
+                                       ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989e12), ("Some GPU", None)])
+def test_mfu_peak_by_device_name(name, peak):
+    """Dense bf16 peaks (torchtitan's table): the NVL and PCIe H100s are not the SXM part."""
+    from mega.runtime.device_peaks import peak_for_name
+
+    assert peak_for_name(name) == peak
