@@ -8,6 +8,7 @@ each measured in a fresh subprocess so neither inherits the other's allocations.
 
     pip install transformers
     python benchmarks/bench_gpt_vs_hf.py                      # 6 layers, 384 hidden, seq 256, batch 8
+    python benchmarks/bench_gpt_vs_hf.py --loss-chunk-size 512  # mega's chunked output layer + loss
     python benchmarks/bench_gpt_vs_hf.py --device cuda --dtype bf16 --layers 12 --hidden 768 --heads 12
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ def build(which: str, a):
         cfg = config_from_dict({"model": {
             "num_layers": a.layers, "hidden_size": a.hidden, "num_attention_heads": a.heads, "seq_length": a.seq,
             "hidden_dropout": a.dropout, "attention_dropout": a.dropout, "make_vocab_size_divisible_by": 128,
+            "loss_chunk_size": a.loss_chunk_size,
             "tokenizer": {"library": "bytes"}}}).model
         model = GPTModel(cfg, a.vocab)
 
@@ -121,6 +123,7 @@ def main():
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--loss-chunk-size", type=int, default=0, help="mega's model.loss_chunk_size (0: unchunked)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
@@ -131,7 +134,8 @@ def main():
         print(json.dumps(memory_child(a.memory_child, a)))
         return
     print(f"shape: {a.layers} layers, hidden {a.hidden}, {a.heads} heads, seq {a.seq}, batch {a.batch}, "
-          f"vocab {a.vocab}, {a.dtype} on {a.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"vocab {a.vocab}, {a.dtype} on {a.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"mega loss_chunk_size {a.loss_chunk_size}")
     s = speed(a)
     mem = {}
     for w in ("mega", "hf"):

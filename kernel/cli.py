@@ -142,6 +142,9 @@ def cmd_run(args) -> int:
     if workers:  # what every worker would check, checked once here, before any is started
         from mega.training.run_dir import check_config_unchanged, run_dir_of
 
+        from mega.runtime.parallel import check_devices
+
+        check_devices(tr.accelerator, tr.devices)  # not "invalid device ordinal" from a worker
         _check_layout(config)
         config.model.check(plugins)
         check_config_unchanged(config, run_dir_of(config))

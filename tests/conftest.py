@@ -8,7 +8,7 @@ import pytest
 
 # The fixtures are normally loaded by the `pytest11` entry point; importing them here keeps
 # this suite working in an environment installed before that entry point existed.
-from mega.testing.pytest_plugin import mega_corpus, mega_experiment, mega_plugin, mega_plugins  # noqa: F401
+from mega.testing.pytest_plugin import mega_corpus, mega_device, mega_experiment, mega_plugin, mega_plugins  # noqa: F401
 
 
 @pytest.fixture(scope="session")

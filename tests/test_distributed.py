@@ -27,7 +27,8 @@ def _mega(args, tmp_path, env_extra=None, timeout=180):
 
 def _exp(tmp_path, corpus, **sections) -> Path:
     no_dropout = {"hidden_dropout": 0.0, "attention_dropout": 0.0}
-    raw = tiny_raw(tmp_path, corpus, trainer={"max_steps": 4, "val_check_interval": 2}, model=no_dropout)
+    # CPU workers with gloo, on a machine with GPUs too (2 workers on 1 GPU would be refused)
+    raw = tiny_raw(tmp_path, corpus, trainer={"max_steps": 4, "val_check_interval": 2, "accelerator": "cpu"}, model=no_dropout)
     from mega.testing import deep_update
 
     deep_update(raw, sections)

@@ -178,8 +178,8 @@ COMMANDS: Dict[str, object] = {
     "mega run examples/quickstart.toml trainer.max_steps=50 exp_manager.name=short": Run(GPT + DATA, needs=("corpus.txt",)),
     "mega run examples/quickstart.toml 'model.data.data_prefix=[0.7,a.txt,0.3,b.txt]'":
         Run(GPT + ("exp_manager.name=blended",), needs=("a.txt", "b.txt")),
-    "mega run examples/quickstart.toml trainer.devices=2": Run(GPT + DATA + ("exp_manager.name=dp2",), needs=("corpus.txt",),
-                                                               slow=True),
+    "mega run examples/quickstart.toml trainer.devices=2 trainer.accelerator=cpu":
+        Run(GPT + DATA + ("exp_manager.name=dp2",), needs=("corpus.txt",), slow=True),
     "mega config examples/quickstart.toml trainer.precision=bf16": Run(expect=_has('precision = "bf16"')),
     "mega plugins": Run(expect=_has("gpt", "models: gpt")),
     'mega generate results/quickstart --prompt "The for statement" --top-k 40 --temperature 0.8':
@@ -232,6 +232,9 @@ COMMANDS: Dict[str, object] = {
         Run(("trainer.accelerator=cpu",), needs=("results/quickstart",), slow=True),
     # docs/parallelism.md
     "mega run examples/gpt-tp2.toml": Run(GPT + DATA, needs=("corpus.txt",), slow=True),
+    # on a machine with one GPU (or none) the 2 workers must be CPU workers
+    "mega run examples/quickstart.toml trainer.devices=2": Run(GPT + DATA + ("exp_manager.name=dp2", "trainer.accelerator=cpu"),
+                                                               needs=("corpus.txt",), slow=True),
     "torchrun --nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 -m mega run exp.toml"
     " trainer.devices=8 trainer.num_nodes=2": LAUNCH,
     # docs/data.md

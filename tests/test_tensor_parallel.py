@@ -190,7 +190,8 @@ def _pp_train(state, steps, micro, d):
         write_corpus(corpus)
     state.barrier()
     cfg = config_from_dict({
-        "trainer": {"devices": state.world_size, "max_steps": steps, "val_check_interval": 0, "gradient_clip_val": 0.5},
+        "trainer": {"devices": state.world_size, "max_steps": steps, "val_check_interval": 0, "gradient_clip_val": 0.5,
+                    "accelerator": "cpu"},
         "exp_manager": {"exp_dir": str(d), "loggers": []},
         "model": {"num_layers": 4, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 16,
                   # 130: 258 byte ids pad to 260 at every TP size, so each layout draws the same initial weights
@@ -234,7 +235,8 @@ def _layout_run(state, d, name, steps, model=None):
         write_corpus(corpus)
     state.barrier()
     cfg = config_from_dict({
-        "trainer": {"devices": state.world_size, "max_steps": steps, "val_check_interval": 100, "limit_val_batches": 2},
+        "trainer": {"devices": state.world_size, "max_steps": steps, "val_check_interval": 100, "limit_val_batches": 2,
+                    "accelerator": "cpu"},
         "exp_manager": {"exp_dir": str(d), "name": name, "loggers": []},
         "model": {"num_layers": 4, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 16,
                   "micro_batch_size": 2, "global_batch_size": 4, "make_vocab_size_divisible_by": 130,

@@ -273,7 +273,7 @@ def test_tp2_checkpoint_resumes_at_tp1_and_pp2_like_an_uninterrupted_run(tmp_pat
     """Saved by 2 tensor-parallel ranks at step 2, resumed at TP=1 (one process) and at
     PP=2 (two stages): steps 3 and 4 match an uninterrupted run (weights and AdamW moments
     carried; 258 byte ids pad to 260 at any TP with this multiple)."""
-    raw = tiny_raw(tmp_path, corpus, trainer={"max_steps": 4, "val_check_interval": 0},
+    raw = tiny_raw(tmp_path, corpus, trainer={"max_steps": 4, "val_check_interval": 0, "accelerator": "cpu"},
                    exp_manager={"checkpoint": {"format": "torch_dist", "every_n_train_steps": 2}},
                    model={"hidden_dropout": 0.0, "attention_dropout": 0.0, "make_vocab_size_divisible_by": 130})
     exp = tmp_path / "exp.toml"

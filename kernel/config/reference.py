@@ -39,7 +39,7 @@ def _type_name(t) -> str:
     if named_base(t) is not None:
         return "table of named tables, or array of such tables"
     if typing.get_origin(t) is typing.Literal:
-        return " or ".join(f"`{a!r}`".replace("'", '"') for a in typing.get_args(t))
+        return " or ".join(f"`{str(a).lower() if isinstance(a, bool) else repr(a)}`".replace("'", '"') for a in typing.get_args(t))
     if isinstance(t, type):
         return {"str": "string", "int": "integer", "float": "number", "bool": "boolean", "Precision": "32, 16 or \"bf16\""}.get(t.__name__, t.__name__)
     args = typing.get_args(t)

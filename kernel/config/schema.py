@@ -25,7 +25,7 @@ array of such tables (order kept), each entry chosen by `cls_name`:
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, TypeVar, Union
+from typing import Any, Dict, List, Literal, Optional, TypeVar, Union
 
 import attrs
 from attrs import define, field
@@ -89,6 +89,7 @@ class TrainerConfig:
     num_nodes: int = field(default=1, validator=at_least_one)  # machines (torchrun --nnodes)
     accelerator: str = "auto"  # "cpu", "gpu" or "auto"
     precision: Precision = Precision("32")  # 32, 16 (fp16 + dynamic loss scaling) or "bf16"
+    compile: Literal[True, False, "auto"] = "auto"  # torch.compile the training step; "auto": with CUDA only (failures fall back to eager)
     max_steps: int = field(default=1000, validator=non_negative)  # optimizer steps
     val_check_interval: int = field(default=100, validator=non_negative)  # validate every N steps (and at the end); 0 disables
     limit_val_batches: int = field(default=10, validator=non_negative)  # global batches per validation

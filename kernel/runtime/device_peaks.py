@@ -10,6 +10,7 @@ import torch
 # substring of torch.cuda.get_device_name() -> dense bf16 peak FLOP/s
 BF16_PEAKS = {
     "H200": 989e12,
+    "H100 NVL": 835e12,
     "H100 PCIe": 756e12,
     "H100": 989e12,  # SXM
     "A100": 312e12,

@@ -143,7 +143,10 @@ def rank_groups(tp: int, dp: int, pp: int) -> list:
     return out
 
 
-def init_parallel(devices: int, num_nodes: int, timeout_s: int = 600, tp: int = 1, pp: int = 1) -> ParallelState:
+def init_parallel(devices: int, num_nodes: int, timeout_s: int = 600, tp: int = 1, pp: int = 1,
+                  accelerator: str = "auto") -> ParallelState:
+    """Join the process group (NCCL when this run's `accelerator` resolves to CUDA, else
+    gloo) and every parallel group of this rank; one process: only the layout check."""
     if not launched():
         if devices * num_nodes != 1:
             raise ConfigError(
@@ -155,7 +158,7 @@ def init_parallel(devices: int, num_nodes: int, timeout_s: int = 600, tp: int = 
     world, rank, local = (int(os.environ[k]) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
     dp = layout(world, tp, pp)
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if accelerator_type(accelerator) == "cuda" else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(local)
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
@@ -191,13 +194,38 @@ def shutdown_parallel() -> None:
         dist.destroy_process_group()
 
 
-def pick_device(accelerator: str, local_rank: int = 0) -> torch.device:
+ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
+
+
+def accelerator_type(accelerator: str) -> str:
+    """`trainer.accelerator` as a torch device type: "cuda" or "cpu"."""
     if accelerator == "cpu":
-        return torch.device("cpu")
+        return "cpu"
     if accelerator in ("gpu", "cuda"):
         if not torch.cuda.is_available():
             raise ConfigError("trainer.accelerator: \"gpu\" asked for, but torch sees no CUDA device")
-        return torch.device("cuda", local_rank)
+        return "cuda"
     if accelerator == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        return "cuda" if torch.cuda.is_available() else "cpu"
     raise ConfigError(f"trainer.accelerator: expected \"cpu\", \"gpu\" or \"auto\", got {accelerator!r}")
+
+
+def check_devices(accelerator: str, devices: int) -> str:
+    """The device type `trainer.devices` workers of this machine will use; a ConfigError,
+    before any worker starts, when they would be CUDA workers and the machine has fewer
+    GPUs than workers (each worker takes the GPU of its local rank)."""
+    kind = accelerator_type(accelerator)
+    if kind == "cuda":
+        found = torch.cuda.device_count()
+        if devices > found:
+            raise ConfigError(
+                f"trainer.devices={devices}: this machine has {found} CUDA device{'s' if found != 1 else ''}"
+                f" (trainer.accelerator={accelerator!r}); use trainer.devices<={found}, or trainer.accelerator=\"cpu\""
+                f" to run {devices} processes on the CPU (gloo)")
+    return kind
+
+
+def pick_device(accelerator: str, local_rank: int = 0) -> torch.device:
+    if accelerator_type(accelerator) == "cuda":
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")

@@ -13,6 +13,8 @@ installed can use them without a conftest:
 * `mega_corpus`: a small text file of random words under the test's `tmp_path`.
 * `mega_experiment`: a `TinyExperiment` on `mega_corpus` under `tmp_path` — a 2-layer
   byte-level GPT that trains in about a second on a CPU.
+* `mega_device`: "cpu", and "cuda" where torch sees a GPU (skipped elsewhere): a test
+  taking it checks a plugin's tensors on the GPU too.
 * `mega_plugin`: `mega_plugin(obj)` registers a plugin object for this test only and
   returns the `Plugins` it is in.
 

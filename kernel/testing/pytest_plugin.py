@@ -8,6 +8,9 @@ the fixtures are there in any project where mega-lm is installed:
         run = mega_experiment.run(plugins=plugins, trainer={"max_steps": 3})
         ...
 
+`mega_device` runs a test once on "cpu" and once on "cuda" (skipped without a GPU), so a
+plugin that builds a tensor on the wrong device fails where it would in a GPU run.
+
 Fixture names start with `mega_` so they cannot clash with a project's own.
 """
 from __future__ import annotations
@@ -46,3 +49,14 @@ def mega_plugin():
     this test only (see `mega.testing.register_plugin`); it is unregistered at teardown."""
     with contextlib.ExitStack() as stack:
         yield lambda plugin, plugins=None, name=None: stack.enter_context(register_plugin(plugin, plugins, name))
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def mega_device(request):
+    """A torch device type: "cpu", then "cuda" when torch sees a GPU (skipped otherwise)."""
+    if request.param == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("no CUDA device")
+    return request.param

@@ -34,8 +34,9 @@ from mega.protocols import (
     Tokenizer,
     missing_members,
 )
-from mega.runtime.parallel import ParallelState, init_parallel, pick_device, shutdown_parallel
+from mega.runtime.parallel import ParallelState, check_devices, init_parallel, pick_device, shutdown_parallel
 from mega.runtime.sharding import merge_shards, reshard_optimizer, shard_for, sharding_of, to_global, to_local
+from mega.runtime.compile import CompiledStep, compile_wanted
 from mega.runtime.precision import DynamicLossScaler
 from mega.runtime.rng import rng_state, seed_everything, set_rng_state
 from mega.runtime.tensor_parallel import get_rng_tracker
@@ -198,8 +199,9 @@ def build_run(config: ExperimentConfig, plugins=None) -> Run:
 
         plugins = get_plugins()
     tr, mc = config.trainer, config.model
+    check_devices(tr.accelerator, tr.devices)  # before joining a group on GPUs that are not there
     parallel = init_parallel(tr.devices, tr.num_nodes, tr.dist_timeout_s,
-                             mc.tensor_model_parallel_size, mc.pipeline_model_parallel_size)
+                             mc.tensor_model_parallel_size, mc.pipeline_model_parallel_size, tr.accelerator)
     device = pick_device(tr.accelerator, parallel.local_rank)
     gbs, n_micro = batch_geometry(mc.micro_batch_size, mc.global_batch_size, tr.accumulate_grad_batches, parallel.dp_size)
     # Resolve every component name before touching the disk, so a typo costs nothing.
@@ -260,6 +262,11 @@ def build_run(config: ExperimentConfig, plugins=None) -> Run:
 
         loss_module = DistributedDataParallel(loss_module, device_ids=[device.index] if device.type == "cuda" else None,
                                               process_group=parallel.dp_group)
+    if compile_wanted(tr.compile, device):
+        if parallel.pp_size > 1:  # the pipeline schedule calls stage_forward, one stage at a time
+            log.info("trainer.compile: not applied under pipeline parallelism; the stages run eagerly")
+        else:
+            loss_module = CompiledStep(loss_module)
     run = Run(
         config=config, plugins=plugins, run_dir=run_dir, device=device, parallel=parallel, tokenizer=tokenizer,
         model=model, optimizer=optimizer, lr_at=lr_at, scaler=scaler, train_data=train_data, valid_data=valid_data,

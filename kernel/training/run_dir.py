@@ -59,6 +59,7 @@ RESUME_SAFE = (
     "trainer.enable_progress_bar",
     "trainer.dist_timeout_s",
     "trainer.accelerator",
+    "trainer.compile",  # how the same step is executed (speed), not what it computes
     "trainer.devices",
     "trainer.num_nodes",
     "trainer.accumulate_grad_batches",
@@ -68,6 +69,8 @@ RESUME_SAFE = (
     "model.tensor_model_parallel_size",
     "model.pipeline_model_parallel_size",
     "model.micro_batch_size",
+    "model.loss_chunk_size",  # the same loss and gradients, computed a chunk at a time
+    "model.attention_backend",  # another kernel for the same attention
     "model.optim.lr",
     "model.optim.weight_decay",
     "model.optim.sched.*",

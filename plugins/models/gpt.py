@@ -21,6 +21,7 @@ from mega.errors import ConfigError
 from mega.plugins.models.transformer import BlockConfig, Embedding, KVCache, TransformerStack, check_shape, padded_vocab_size
 from mega.runtime.parallel import current
 from mega.runtime.tensor_parallel import (
+    chunked_linear_cross_entropy,
     copy_to_tp,
     gather_from_tp,
     mark_replicated,
@@ -44,6 +45,8 @@ class GPTConfig(ModelConfig):
     activation: Literal["gelu", "gelu_tanh"] = "gelu"  # exact GELU, or the tanh approximation (GPT-2, Megatron's fused)
     make_vocab_size_divisible_by: int = 128  # vocabulary padded to a multiple of this (x TP)
     mask_padded_vocab: bool = True  # padded ids left out of the loss's softmax (same loss at every TP); false: Megatron-LM's
+    loss_chunk_size: int = 0  # output layer + loss this many tokens at a time (no whole fp32 logits; exact); 0: all at once
+    attention_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"  # SDPA kernel (CPU: auto or math)
 
     def check(self, plugins=None) -> None:
         check_config(self)
@@ -74,8 +77,12 @@ class GPTConfig(ModelConfig):
             if last:
                 params += 2 * h + (word if pp > 1 else 0)  # final LayerNorm; the tied head's copy
                 real = min(vocab_size, vocab) if self.mask_padded_vocab and tp == 1 else vocab // tp
-                acts += n * h * (4 + e) + 8 * n + 4 * n * real  # final LN in/out; the loss's fp32 softmax
-                transient += (e + 4) * n * vocab // tp  # logits and their gradient around the loss
+                if self.loss_chunk_size:  # gradients of the hidden states and the head, made in forward
+                    acts += n * h * 4 + 8 * n + 4 * n * h + 4 * word
+                    transient += (8 + e) * min(n, self.loss_chunk_size) * vocab // tp  # one chunk's logits
+                else:
+                    acts += n * h * (4 + e) + 8 * n + 4 * n * real  # final LN in/out; the loss's fp32 softmax
+                    transient += (e + 4) * n * vocab // tp  # logits and their gradient around the loss
                 grad_transient += 4 * word  # the output layer's gradient of the tied matrix
             stages.append({"params": params, "activations": acts, "transient": transient, "grad_transient": grad_transient})
         whole = L * block_params(block, 1) + padded_vocab_size(vocab_size, self.make_vocab_size_divisible_by) * h \
@@ -104,6 +111,8 @@ class TransformerLanguageModel(nn.Module):
 def check_config(cfg: GPTConfig) -> None:
     """The blocks' shape (mega.plugins.models.transformer.check_shape) and GPT's own keys."""
     check_shape(BlockConfig.of(cfg), cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size)
+    if cfg.loss_chunk_size < 0:
+        raise ConfigError(f"model.loss_chunk_size: must be >= 0 (0: unchunked), got {cfg.loss_chunk_size}")
     for key in ("seq_length", "make_vocab_size_divisible_by"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"model.{key}: must be at least 1, got {getattr(cfg, key)}")
@@ -180,6 +189,11 @@ class GPTModel(nn.Module):
         hidden = self.language_model.encoder(hidden)
         if not self.post_process:
             return hidden
+        if self.config.loss_chunk_size:  # the same sum without the [tokens, vocab] logits
+            vocab = self.vocab_size if self.config.mask_padded_vocab else None
+            return {"loss_sum": chunked_linear_cross_entropy(
+                copy_to_tp(hidden), self.shared_embedding_or_output_weight(), batch["labels"], batch["loss_mask"],
+                vocab, self.config.loss_chunk_size)}
         logits = F.linear(copy_to_tp(hidden), self.shared_embedding_or_output_weight())
         losses = self.compute_language_model_loss(batch["labels"], logits)
         return {"loss_sum": (losses * batch["loss_mask"]).sum()}

@@ -39,6 +39,7 @@ class BlockConfig:
     layernorm_epsilon: float = 1e-5
     activation: str = "gelu"  # "gelu" (exact, erf) or "gelu_tanh" (Megatron's fused bias-GELU, GPT-2's gelu_new)
     init_method_std: float = 0.02
+    attention_backend: str = "auto"  # the SDPA kernel: "auto" (torch picks), "flash", "cudnn", "efficient", "math"
     where: str = "model"
 
     @classmethod
@@ -80,6 +81,9 @@ def check_shape(cfg: BlockConfig, tp: int = 1, pp: int = 1) -> None:
         raise ConfigError(f"{w}.ffn_hidden_size={cfg.ffn} is not divisible by model.tensor_model_parallel_size={tp}")
     if cfg.activation not in ACTIVATIONS:
         raise ConfigError(f"{w}.activation: expected one of {', '.join(map(repr, ACTIVATIONS))}, got {cfg.activation!r}")
+    if cfg.attention_backend not in ATTENTION_BACKENDS:
+        raise ConfigError(f"{w}.attention_backend: expected one of {', '.join(map(repr, ATTENTION_BACKENDS))},"
+                          f" got {cfg.attention_backend!r}")
     if cfg.num_layers % pp:
         raise ConfigError(f"{w}.num_layers={cfg.num_layers} is not divisible by model.pipeline_model_parallel_size={pp}")
 
@@ -125,6 +129,7 @@ class SelfAttention(nn.Module):
         self.num_heads = cfg.num_attention_heads // current().tp_size  # heads on this rank
         self.head_dim = cfg.head_dim
         self.attention_dropout = cfg.attention_dropout
+        self.attention_backend = cfg.attention_backend
         self.layer_number = layer_number  # index into a KV cache (local to this pipeline stage)
         self.query_key_value = ColumnParallelLinear(cfg.hidden_size, 3 * cfg.hidden_size, cfg.init_method)
         self.dense = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, cfg.output_init_method)
@@ -148,16 +153,36 @@ class SelfAttention(nn.Module):
                 mask = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
             mask = keys if mask is None else mask & keys
         y = attend(q, k, v, mask, self.attention_dropout if self.training else 0.0,
-                   is_causal=causal and mask is None)
+                   is_causal=causal and mask is None, backend=self.attention_backend)
         return self.dense(y.transpose(1, 2).reshape(b, s, -1))
 
 
-def attend(q, k, v, mask, dropout: float, is_causal: bool = False) -> torch.Tensor:
+# model `attention_backend` -> torch's SDPA backend (megatron-core's flash / fused / unfused
+# attention choices, on the kernels torch ships); "auto" lets torch pick per call.
+ATTENTION_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+                      "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
+CPU_ATTENTION_BACKENDS = ("auto", "math")
+
+
+def sdpa_backend(backend: str, device: torch.device):
+    """A context that restricts SDPA to `backend` (a no-op for "auto"). The fused kernels
+    other than math are CUDA kernels: asked for on another device, a ConfigError."""
+    name = ATTENTION_BACKENDS[backend]
+    if name is None:
+        return contextlib.nullcontext()
+    if device.type != "cuda" and backend not in CPU_ATTENTION_BACKENDS:
+        raise ConfigError(f"model.attention_backend={backend!r} needs a CUDA device; on {device.type} use \"auto\" or \"math\"")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(getattr(SDPBackend, name))
+
+
+def attend(q, k, v, mask, dropout: float, is_causal: bool = False, backend: str = "auto") -> torch.Tensor:
     """SDPA with a boolean mask (or SDPA's own causal mask); rows whose keys are all masked
     give zeros, not NaN. Under tensor parallelism this rank's heads draw their own dropout
-    masks (the model-parallel RNG tracker)."""
+    masks (the model-parallel RNG tracker). `backend`: ATTENTION_BACKENDS."""
     rng = get_rng_tracker().fork() if dropout and current().tp_size > 1 else contextlib.nullcontext()
-    with rng:
+    with rng, sdpa_backend(backend, q.device):
         if mask is not None:
             empty = ~mask.any(dim=-1, keepdim=True)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | empty, dropout_p=dropout)
@@ -172,6 +197,7 @@ class CrossAttention(nn.Module):
         super().__init__()
         self.num_heads, self.head_dim = cfg.num_attention_heads // current().tp_size, cfg.head_dim
         self.attention_dropout = cfg.attention_dropout
+        self.attention_backend = cfg.attention_backend
         self.query = ColumnParallelLinear(cfg.hidden_size, cfg.hidden_size, cfg.init_method)
         self.key_value = ColumnParallelLinear(memory_size or cfg.hidden_size, 2 * cfg.hidden_size, cfg.init_method)
         self.dense = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, cfg.output_init_method)
@@ -182,7 +208,7 @@ class CrossAttention(nn.Module):
         kv = self.key_value(memory).view(b, memory.shape[1], self.num_heads, 2, self.head_dim)
         k, v = (t.transpose(1, 2) for t in kv.unbind(dim=3))
         mask = None if memory_mask is None else memory_mask[:, None, None, :].bool()
-        y = attend(q, k, v, mask, self.attention_dropout if self.training else 0.0)
+        y = attend(q, k, v, mask, self.attention_dropout if self.training else 0.0, backend=self.attention_backend)
         return self.dense(y.transpose(1, 2).reshape(b, s, -1))
 
 

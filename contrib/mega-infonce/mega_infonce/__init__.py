@@ -64,9 +64,10 @@ class InfoNCE(HiddenLoss):
         q = F.normalize(inputs[self.query][0], dim=-1)  # [B, H]
         k = F.normalize(inputs[self.key][0], dim=-1)
         logits = q @ k.T / self.temperature
-        per_sample = F.cross_entropy(logits, torch.arange(q.shape[0], device=q.device), reduction="none")
+        own = torch.arange(q.shape[0], device=logits.device)  # on the logits' device (a GPU in a GPU run)
+        per_sample = F.cross_entropy(logits, own, reduction="none")
         s = inputs["hiddens_mask"].shape[1]
-        return {"loss": per_sample[:, None].expand(-1, s), "accuracy": (logits.argmax(-1) == torch.arange(q.shape[0])).float()[:, None].expand(-1, s)}
+        return {"loss": per_sample[:, None].expand(-1, s), "accuracy": (logits.argmax(-1) == own).float()[:, None].expand(-1, s)}
 
 
 @mega.hookimpl

@@ -19,10 +19,11 @@ def test_registered_through_the_entry_point(capsys):
     assert rows["infonce"]["components"] == {"hidden_transforms": ["seq_pool"], "hidden_losses": ["info_nce"]}
 
 
-def test_info_nce_equals_the_formula():
+def test_info_nce_equals_the_formula(mega_device):
+    """On the CPU, and on a GPU where there is one (mega_device from mega-lm's pytest plugin)."""
     g = torch.Generator().manual_seed(0)
-    h = torch.randn(4, 3, 8, generator=g, dtype=torch.float64)
-    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
+    h = torch.randn(4, 3, 8, generator=g, dtype=torch.float64).to(mega_device)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], device=mega_device)
     module = get_hiddens_module({"transform": [{"p": {"cls_name": "seq_pool", "input_name": "hiddens"}}],
                                  "loss": {"nce": {"cls_name": "info_nce", "query": "hiddens_pooled",
                                                   "key": "hiddens_pooled", "temperature": 0.5}}})
@@ -32,6 +33,7 @@ def test_info_nce_equals_the_formula():
     sims = unit @ unit.T / 0.5
     expected = torch.stack([-(sims[b, b] - torch.logsumexp(sims[b], 0)) for b in range(3)])
     torch.testing.assert_close(d["hiddens_nce_loss"], expected)
+    assert d["hiddens_nce_loss"].device.type == mega_device
 
 
 def test_an_experiment_trains_with_it_by_name(tmp_path, mega_corpus):

@@ -1,5 +1,6 @@
 """Tensor parallelism: layers, mappings, vocab-parallel cross entropy, RNG tracker."""
 from mega.runtime.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+from mega.runtime.tensor_parallel.linear_cross_entropy import chunked_linear_cross_entropy
 from mega.runtime.tensor_parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -12,5 +13,6 @@ from mega.runtime.rng import get_rng_tracker  # the RNG tracker lives with the o
 
 __all__ = [
     "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "mark_replicated", "shard", "vocab_parallel_cross_entropy",
+    "chunked_linear_cross_entropy",
     "copy_to_tp", "gather_from_tp", "reduce_from_tp", "scatter_to_tp", "get_rng_tracker",
 ]
