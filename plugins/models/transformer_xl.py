@@ -371,8 +371,8 @@ class TransformerXLModel(nn.Module):
         was = self.training
         self.eval()
         try:
-            return evaluate_ordered(lambda x, y, m: self.segment_nll(x, y, m, settings), stream, settings,
-                                    self.empty_mems(1, stream.device))
+            return finish_metrics(**evaluate_ordered(lambda x, y, m: self.segment_nll(x, y, m, settings), stream,
+                                                     settings, self.empty_mems(1, stream.device)))
         finally:
             self.train(was)
 
@@ -421,6 +421,7 @@ def evaluate_ordered(segment_nll, stream: torch.Tensor, settings: dict, empty_me
 
 
 def finish_metrics(loss_sum: float, tokens: int) -> Dict[str, float]:
+    """loss (token mean), ppl, bpc and the token count from summed NLLs."""
     loss = loss_sum / max(tokens, 1)
     return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "bpc": loss / math.log(2), "tokens": tokens}
 
