@@ -96,8 +96,11 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("checkpoint", help="a checkpoint directory, a checkpoints/ folder or a run directory")
     ex.add_argument("destination")
     ex.add_argument("--to", dest="fmt", default=None,
-                    help="the format to write: huggingface (hf), megatron, archive; default: archive for a .mega destination")
+                    help="the format to write: huggingface (hf), megatron, archive, torchscript; default: archive for a .mega"
+                         " destination")
     ex.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="format option")
+    ex.add_argument("--torchscript", action="store_true",
+                    help="write the model's scripted inference module (torch.jit.load opens it without mega)")
 
     e = sub.add_parser("encode", help="encode texts to their hiddens (and z, z_mean) with an encoder-decoder checkpoint")
     e.add_argument("checkpoint")
@@ -282,7 +285,9 @@ def cmd_export(args) -> int:
     from mega.training.checkpointing import resolve_checkpoint
 
     plugins = get_plugins()
-    name = args.fmt or ("archive" if args.destination.endswith(".mega") else None)
+    if args.torchscript and args.fmt not in (None, "torchscript"):
+        raise ConfigError(f"--torchscript and --to {args.fmt}: give one of them")
+    name = "torchscript" if args.torchscript else args.fmt or ("archive" if args.destination.endswith(".mega") else None)
     if name is None:
         raise ConfigError(f"{args.destination}: say which format to write with --to (huggingface, megatron, archive, ...)")
     fmt = find_exporter(name, plugins)

@@ -64,6 +64,7 @@ class AdaptiveEmbedding(nn.Module):
             for i, (lo, hi) in enumerate(self.bounds):
                 idx = ((flat >= lo) & (flat < hi)).nonzero().squeeze(1)
                 if idx.numel() == 0:
+                    out = out + unused(self.emb_layers[i].weight, self.emb_projs[i])
                     continue
                 emb_i = F.linear(self.emb_layers[i](flat.index_select(0, idx) - lo), self.emb_projs[i])
                 out = out.index_copy(0, idx, emb_i.to(out.dtype))
@@ -144,6 +145,8 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
         for i, (lo, hi) in enumerate(self.bounds):
             idx = ((target >= lo) & (target < hi)).nonzero().squeeze(1)
             if idx.numel() == 0:
+                if i > 0:
+                    nll = nll + unused(*self.bucket(i))
                 continue
             target_i = (target.index_select(0, idx) - lo).unsqueeze(1)
             head_i = head_logprob.index_select(0, idx)
@@ -165,6 +168,15 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
             tail = F.log_softmax(logits(hidden, *self.bucket(i)).to(_at_least_fp32(hidden.dtype)), -1)
             parts.append(head_logprob[:, -i].unsqueeze(1) + tail)
         return torch.cat(parts, 1)
+
+
+def unused(*params: Optional[torch.Tensor]) -> torch.Tensor:
+    """0 x the parameters of a bucket this batch does not reach, so every parameter takes
+    part in each backward (data parallelism expects it; the gradients are zeros, in one
+    process as in several)."""
+    if not torch.is_grad_enabled():
+        return torch.zeros(())
+    return sum(p.sum() for p in params if p is not None) * 0.0
 
 
 def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:

@@ -363,6 +363,48 @@ class TransformerXLModel(nn.Module):
         nll = self.crit.nll(hidden.reshape(-1, self.d_model), targets.reshape(-1)).view_as(targets)
         return nll, new_mems
 
+    def evaluate(self, source, split: str, tokenizer, config, torchscript: bool = False) -> Dict[str, float]:
+        """mega.protocols.Evaluates: the reference's protocol over the whole `split` of an
+        `lm_ordered` source at the eval_* settings, the streams shared out over the
+        data-parallel ranks; with `torchscript`, through the scripted inference module
+        (what `mega export --torchscript` writes), as the reference's `eval.py --type torchscript`."""
+        from mega.runtime.parallel import current
+
+        if not hasattr(source, "token_stream"):
+            raise ConfigError(f"model.data.data_impl={config.model.data.data_impl!r}: transformer_xl evaluates a split"
+                              " read in order; use data_impl = \"lm_ordered\"")
+        stream = source.token_stream(split, tokenizer).to(self.r_w_bias.device)
+        settings = {**self.config.eval_settings(), "batch_size": self.config.eval_batch_size}
+        st = current()
+        if settings["batch_size"] < st.dp_size:
+            raise ConfigError(f"model.eval_batch_size={settings['batch_size']}: fewer streams than the"
+                              f" {st.dp_size} data-parallel ranks")
+        if torchscript:
+            scripted = self.to_torchscript()
+
+            def step(x, y, m):
+                return scripted.nll(x, y, m)
+            empty = scripted.init_mems(1)
+        else:
+            def step(x, y, m):
+                return self.segment_nll(x, y, m, settings)
+            empty = self.empty_mems(1, stream.device)
+        with torch.no_grad():
+            part = evaluate_ordered(step, stream, settings, empty, st.dp_rank, st.dp_size)
+        totals = st.all_reduce_sum(torch.tensor([part["loss_sum"], float(part["tokens"])], dtype=torch.float64,
+                                                device=stream.device))
+        metrics = finish_metrics(float(totals[0]), int(totals[1]))
+        metrics.update({f"eval_{k}": v for k, v in settings.items()})
+        return metrics
+
+    def to_torchscript(self, **overrides):
+        """The scripted inference module (fp32) at the eval_* memory settings (keyword
+        arguments mem_len, clamp_len, same_length override them)."""
+        from mega.plugins.models.transformer_xl_script import script_transformer_xl
+
+        ev = {**self.config.eval_settings(), **overrides}
+        return script_transformer_xl(self, int(ev["mem_len"]), int(ev["clamp_len"]), bool(ev["same_length"]))
+
     @torch.no_grad()
     def evaluate_stream(self, stream: torch.Tensor, **overrides) -> Dict[str, float]:
         """The reference's evaluation of a token stream (see `evaluate_ordered`) with the
