@@ -2,7 +2,6 @@
 `mega export RUN model.pt --torchscript` writes one that a process without mega loads."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -96,4 +95,4 @@ def test_export_writes_a_module_that_loads_without_mega(tmp_path, corpus):
     torch.testing.assert_close(got["mems"], m2, rtol=0, atol=1e-6)
     extra = {"config.toml": ""}
     torch.jit.load(str(out), _extra_files=extra)
-    assert 'name = "transformer_xl"' in extra["config.toml"]
+    assert b'name = "transformer_xl"' in extra["config.toml"]
