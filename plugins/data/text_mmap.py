@@ -125,10 +125,8 @@ class TextMemMapSource:
     def files(self) -> List[Path]:
         return list(self.paths)
 
-    def dataset(self, split: str, tokenizer, seq_length: int, num_samples: int, seed: int,
-                objective: SampleObjective = SampleObjective()) -> BlendedDataset:
-        """Samples for the model's objective: "lm" (next token), or a DenoisingObjective
-        ("t5" span corruption, "bart" infilling)."""
+    def _parts(self, split: str, tokenizer, seq_length: int, seed: int, objective: SampleObjective) -> tuple:
+        """(each file's samples of `split`, their weights) for the model's objective."""
         denoising = isinstance(objective, DenoisingObjective)
         if objective.name not in (("t5", "bart") if denoising else ("lm",)):
             raise ConfigError(f"model.name: text_mmap has no samples for the objective {objective.name!r} (lm, t5, bart)")
@@ -150,7 +148,36 @@ class TextMemMapSource:
                 f"model.data.splits_string: the {split} split of {', '.join(map(str, self.paths))} has no documents"
                 f" ({self.config.splits_string!r}); give it a share or more data"
             )
+        return parts, weights
+
+    def dataset(self, split: str, tokenizer, seq_length: int, num_samples: int, seed: int,
+                objective: SampleObjective = SampleObjective()) -> BlendedDataset:
+        """Samples for the model's objective: "lm" (next token), or a DenoisingObjective
+        ("t5" span corruption, "bart" infilling)."""
+        parts, weights = self._parts(split, tokenizer, seq_length, seed, objective)
         return BlendedDataset(parts, weights, num_samples, seed + 101 * SPLITS[split], shuffle=self.config.shuffle)
+
+    def whole_split(self, split: str, tokenizer, seq_length: int, seed: int,
+                    objective: SampleObjective = SampleObjective()) -> "Concatenated":
+        """Every document of `split` once, file after file (mega.protocols.WholeSplit)."""
+        return Concatenated(self._parts(split, tokenizer, seq_length, seed, objective)[0])
+
+
+class Concatenated:
+    """Datasets one after the other, as one sequence."""
+
+    def __init__(self, parts):
+        self.parts = list(parts)
+        self.ends = np.cumsum([len(p) for p in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        part = int(np.searchsorted(self.ends, i, side="right"))
+        return self.parts[part][i - (int(self.ends[part - 1]) if part else 0)]
 
 
 @mega.hookimpl
