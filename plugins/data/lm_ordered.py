@@ -3,7 +3,8 @@ NVIDIA's Transformer-XL reads it (`LMOrderedIterator`), so a model with memory s
 stream's text continue from one step to the next.
 
 Each line of the split's text becomes its tokens plus end-of-line (`add_eos`, the
-reference's `<eos>` per line, empty lines included). The stream is cut into `streams`
+reference's `<eos>` per line, empty lines included); a tokenizer with its own line rule
+(the `word` tokenizer's `encode_line` / `encode_file`: add_eos, add_double_eos) applies it. The stream is cut into `streams`
 contiguous rows (the global batch size; the tail that does not fill a row is dropped) and
 each row into segments of seq_length tokens. Sample `i` is
 
@@ -58,7 +59,7 @@ class OrderedLMObjective(SampleObjective):
 class LMOrderedConfig(DataConfig):
     data_impl: str = "lm_ordered"
     data_dir: Optional[str] = None  # folder with train.txt, valid.txt, test.txt (or wiki.*.tokens); else data_prefix
-    add_eos: bool = True  # end-of-line token after every line (the reference's <eos>)
+    add_eos: Optional[bool] = None  # end-of-line token after every line; None: the tokenizer's rule (word: its add_eos), else true
     roll: bool = False  # rotate each stream by a seeded random shift every epoch (the reference's --roll)
     streams: Optional[int] = None  # rows the stream is cut into; None: the model's global_batch_size
 
@@ -109,6 +110,13 @@ class LMOrderedSamples:
                 "stream": torch.tensor(row, dtype=torch.long)}
 
 
+def _file_lines(path: Path) -> List[str]:
+    """The lines of a file as iterating over it gives them (split at "\\n" only, unlike
+    str.splitlines), without the line breaks."""
+    lines = path.read_text(encoding="utf-8").split("\n")
+    return lines[:-1] if lines and lines[-1] == "" else lines
+
+
 class LMOrderedSource:
     def __init__(self, config: LMOrderedConfig, run_dir: Optional[Path]):
         self.config, self.run_dir = config, Path(run_dir) if run_dir is not None else None
@@ -142,8 +150,8 @@ class LMOrderedSource:
 
     def _lines(self, split: str) -> List[str]:
         if self.fractions is None:
-            return self.split_files[split].read_text(encoding="utf-8").splitlines()
-        lines = self.paths[0].read_text(encoding="utf-8").splitlines()
+            return _file_lines(self.split_files[split])
+        lines = _file_lines(self.paths[0])
         start, end = split_ranges(len(lines), self.fractions)[SPLITS.index(split)]
         return lines[start:end]
 
@@ -157,13 +165,20 @@ class LMOrderedSource:
         cache = self.run_dir / "data" / f"lm_ordered.{split}.{key}.npy" if self.run_dir is not None else None
         if cache is not None and cache.is_file():
             return torch.from_numpy(np.load(cache).astype(np.int64))
-        ids: List[int] = []
-        eos = [tokenizer.eos_id] if self.config.add_eos else []
-        for line in self._lines(split):
-            ids.extend(tokenizer.encode(line))
-            ids.extend(eos)
+        own_rule = self.config.add_eos is None and hasattr(tokenizer, "encode_line")
         dtype = np.int32 if tokenizer.vocab_size < 2**31 else np.int64
-        arr = np.asarray(ids, dtype=dtype)
+        if own_rule and self.fractions is None and hasattr(tokenizer, "encode_file"):
+            arr = np.asarray(tokenizer.encode_file(source), dtype=dtype)  # the whole file, the tokenizer's fast path
+        else:
+            ids: List[int] = []
+            eos = [tokenizer.eos_id] if self.config.add_eos in (None, True) else []
+            for line in self._lines(split):
+                if own_rule:
+                    ids.extend(tokenizer.encode_line(line))
+                else:
+                    ids.extend(tokenizer.encode(line))
+                    ids.extend(eos)
+            arr = np.asarray(ids, dtype=dtype)
         if cache is not None:
             try:
                 cache.parent.mkdir(parents=True, exist_ok=True)
