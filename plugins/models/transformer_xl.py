@@ -82,6 +82,27 @@ class TransformerXLConfig(ModelConfig):
     def objective(self) -> OrderedLMObjective:
         return OrderedLMObjective(streams=self.global_batch_size)
 
+    def memory_per_rank(self, vocab_size: int, micro_batch: int, tp: int, pp: int, precision: str,
+                        device: str) -> Dict[str, object]:
+        """mega.protocols.EstimatesMemory: parameters counted exactly (the model built on the
+        meta device: nothing is allocated), FLOPs as `flops_per_token`, activations from the
+        tensors each layer keeps for backward over segment + memory (an estimate written
+        from the code, not calibrated against measured peaks)."""
+        with torch.device("meta"):
+            model = TransformerXLModel(self, vocab_size)
+        params = sum(p.numel() for p in model.parameters())
+        b, q, k = micro_batch, self.seq_length, self.seq_length + self.mem_len
+        d, hd, f, n = self.d_model, self.n_head * self.d_head, self.d_inner, self.n_head
+        e = 4 if str(precision) == "32" else 2
+        mask = 0 if not self.dropout else (1 if device == "cuda" else e)
+        per_layer = (b * k * (d + 3 * hd) * e  # memory + segment into qkv_net, its output
+                     + b * q * (6 * 4 * d + 4 * hd * e + f * (2 * e + mask) + 3 * mask * d)  # LNs, q+u, q+v, FF, dropout masks
+                     + 5 * 4 * b * n * q * k)  # content and position scores, their sum, probabilities (fp32)
+        head = model.crit.head()[0].shape[0]
+        stage = {"params": params, "activations": self.n_layer * per_layer + 4 * b * q * d * 3,
+                 "transient": 2 * 4 * b * q * head, "grad_transient": 4 * params}
+        return {"params": params, "flops_per_token": model.flops_per_token(self.seq_length), "stages": [stage]}
+
     def eval_settings(self) -> Dict[str, object]:
         """tgt_len, mem_len, clamp_len, same_length of the evaluation protocol."""
         tgt = self.eval_tgt_len or self.seq_length
