@@ -112,8 +112,8 @@ def _mega(args, cwd):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [["model.tensor_model_parallel_size=2"], ["model.micro_batch_size=5"]],
-                         ids=["tp2", "dp2"])
+@pytest.mark.parametrize("layout", [["model.tensor_model_parallel_size=2"], ["model.micro_batch_size=5"],
+                                    ["model.pipeline_model_parallel_size=2"]], ids=["tp2", "dp2", "pp2"])
 def test_two_workers_give_the_one_process_loss(trained, tmp_path, layout):
     run_dir, corpus = trained
     loss, tokens, _ = direct_valid_loss(run_dir, corpus)

@@ -183,6 +183,18 @@ def test_double_eos_wraps_each_line(tmp_path):
         _word(tmp_path, [train], add_double_eos=True)
 
 
+def test_enwik8_style_characters_without_end_symbols(tmp_path):
+    """enwik8/text8: no specials, no <eos>; the symbols are the file's space-separated ids."""
+    train = tmp_path / "train.txt"
+    train.write_text("104 101 108 108 111\n32 119 111\n")
+    ref = ReferenceVocab(special=[])
+    ref.count_file(train)
+    ref.build()
+    tok = _word(tmp_path, [train], special=[], add_eos=False)
+    assert tok.symbols == ref.idx2sym and tok.eos_id == 0
+    assert tok.encode_file(train).tolist() == [ref.sym2idx[s] for s in "104 101 108 108 111 32 119 111".split()]
+
+
 def test_a_tiny_gpt_trains_on_words_and_its_checkpoint_carries_the_vocabulary(mega_experiment):
     from mega.inference import load_checkpoint_for_inference
 

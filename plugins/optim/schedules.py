@@ -40,8 +40,7 @@ def _style(_instance, attribute, value):
 
 @define(kw_only=True)
 class ConstantConfig(SchedConfig):
-    # "megatron": lr (step+1)/warmup_steps; "transformer_xl": step 0 at lr, then lr step/warmup_steps
-    warmup_style: str = field(default="megatron", validator=_style)
+    warmup_style: str = field(default="megatron", validator=_style)  # "megatron": lr (step+1)/warmup; "transformer_xl": step 0 at lr, then lr step/warmup
 
 
 @define(kw_only=True)
@@ -52,6 +51,12 @@ class DecayConfig(ConstantConfig):
     def __attrs_post_init__(self):
         if self.eta_min is not None and self.min_lr not in (0.0, self.eta_min):
             raise InvalidValue("eta_min", f"{self.eta_min} and min_lr={self.min_lr} are the same setting; give one")
+
+
+@define(kw_only=True)
+class InvSqrtConfig(SchedConfig):
+    """`inv_sqrt` has the common keys only (min_lr is a floor); its own class lists it in
+    the configuration reference."""
 
 
 def _warmup(config: SchedConfig, max_lr: float, step: int) -> Optional[float]:
@@ -124,4 +129,4 @@ def register_lr_schedulers(register):
     register("cosine", _decay(lambda p: 0.5 * (1.0 + math.cos(math.pi * p))), config=DecayConfig)
     register("linear", _decay(lambda p: 1.0 - p), config=DecayConfig)
     register("constant", constant, config=ConstantConfig)
-    register("inv_sqrt", inv_sqrt, config=SchedConfig)
+    register("inv_sqrt", inv_sqrt, config=InvSqrtConfig)

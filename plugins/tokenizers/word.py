@@ -21,7 +21,9 @@ it there; `vocab_file` also loads a vocabulary you give (symbols in file order, 
 field of each line, as the reference's `vocab_file`).
 
 The reference has no padding symbol: `pad_id` is `eos_id` here, so the ids match it;
-padded positions carry `<eos>` with loss mask 0.
+padded positions carry `<eos>` with loss mask 0. A vocabulary without end symbols
+(enwik8's: no specials, `add_eos = false`) has `eos_id = pad_id = 0`, a real symbol, so it
+suits only a data source that appends nothing (Transformer-XL's ordered stream).
 """
 from __future__ import annotations
 
@@ -54,14 +56,14 @@ class WordConfig(TokenizerConfig):
     counted from the data source's files into the run directory."""
 
     library: str = "word"
-    vocab_file: Optional[str] = None  # a vocabulary to load (one symbol per line, first field); None: count one
+    vocab_file: Optional[str] = None  # a vocabulary to load (a symbol per line: the text before a tab, or the first field); unset: count one
     special: List[str] = field(factory=lambda: [EOS])  # symbols given the first ids, in order
     lower_case: bool = False  # lower-case every line before splitting (WT103: false)
-    delimiter: Optional[str] = None  # None: split on runs of whitespace; "": one symbol per character
+    delimiter: Optional[str] = None  # unset: split on runs of whitespace; "": one symbol per character
     min_freq: int = field(default=0, validator=non_negative)  # drop words counted fewer times
-    max_size: Optional[int] = field(default=None, validator=at_least_one)  # most frequent words kept (None: all)
-    add_eos: bool = True  # each line ends with <eos> (WT103, enwik8 use false)
-    add_double_eos: bool = False  # each line is <S> words <S> (One Billion Word); needs <S> in the vocabulary
+    max_size: Optional[int] = field(default=None, validator=at_least_one)  # most frequent words kept (unset: all)
+    add_eos: bool = True  # each line ends with `<eos>` (WT103: true; enwik8, text8: false)
+    add_double_eos: bool = False  # each line is `<S>` words `<S>` (One Billion Word); needs `<S>` in `special`
 
 
 class WordTokenizer:
@@ -76,10 +78,12 @@ class WordTokenizer:
         self.vocab_file = Path(vocab_file)
         self.vocab_size = len(self.symbols)
         end = DOUBLE_EOS if config.add_double_eos else EOS
-        if end not in self.ids:
+        if end not in self.ids and (config.add_eos or config.add_double_eos):
             raise ConfigError(f"model.tokenizer: the vocabulary {vocab_file} has no {end} symbol"
                               f" (add it to model.tokenizer.special)")
-        self.eos_id = self.ids[end]
+        # without end symbols (enwik8: no specials, add_eos = false) eos_id is 0, a real
+        # symbol: only a data source that appends nothing (an ordered stream) fits
+        self.eos_id = self.ids.get(end, 0)
         self.pad_id = self.eos_id  # the reference has no padding symbol (module docstring)
         self.unk_id: Optional[int] = self.ids.get(UNK)
         self._ids_or_unk = _WithDefault(self.ids, self.unk_id) if self.unk_id is not None else None
@@ -123,7 +127,7 @@ class WordTokenizer:
         sep = " " if self.config.delimiter is None else self.config.delimiter
         lines, words = [], []
         for i in ids:
-            if i == self.eos_id and not self.config.add_double_eos:
+            if i == self.eos_id and self.config.add_eos:
                 lines.append(sep.join(words))
                 words = []
             elif 0 <= i < self.vocab_size:
