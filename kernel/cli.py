@@ -108,6 +108,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("overrides", nargs="*", help="key=value: the layout (trainer.devices=2"
                                                  " model.tensor_model_parallel_size=2), the data, the batch size")
     ev.add_argument("--split", choices=["valid", "test", "train"], default="test", help="the split to score (default: test)")
+    ev.add_argument("--torchscript", action="store_true",
+                    help="score through the model's TorchScript inference module (what mega export --torchscript writes)")
     ev.add_argument("--output", default=None, help="where to write the metrics (default: RUN/eval_<split>.json)")
 
     e = sub.add_parser("encode", help="encode texts to their hiddens (and z, z_mean) with an encoder-decoder checkpoint")

@@ -96,3 +96,38 @@ def test_export_writes_a_module_that_loads_without_mega(tmp_path, corpus):
     extra = {"config.toml": ""}
     torch.jit.load(str(out), _extra_files=extra)
     assert b'name = "transformer_xl"' in extra["config.toml"]
+
+
+def test_mega_evaluate_runs_the_protocol_eagerly_and_through_torchscript(tmp_path, corpus):
+    """`mega evaluate` asks the model (Evaluates): the whole test split at the eval_*
+    settings, equal to scoring the split's token stream directly, and the same through the
+    scripted module (--torchscript)."""
+    import json
+
+    import tomli_w
+
+    from mega.cli import main
+    from mega.inference import load_checkpoint_for_inference
+    from mega.plugin_manager import get_plugins
+    from tests.test_txl_training import txl_raw
+
+    raw = txl_raw(tmp_path, corpus, trainer={"max_steps": 2, "val_check_interval": 0},
+                  model={"eval_tgt_len": 8, "eval_mem_len": 24, "eval_clamp_len": 12, "eval_same_length": True,
+                         "eval_batch_size": 3})
+    exp = tmp_path / "txl.toml"
+    exp.write_text(tomli_w.dumps(raw))
+    assert main(["run", str(exp)]) == 0
+    run_dir = tmp_path / "results" / "txl"
+    assert main(["evaluate", str(run_dir), "--split", "test"]) == 0
+    assert main(["evaluate", str(run_dir), "--split", "test", "--torchscript", "--output", str(tmp_path / "ts.json")]) == 0
+    eager = json.loads((run_dir / "eval_test.json").read_text())
+    scripted = json.loads((tmp_path / "ts.json").read_text())
+    model, tokenizer, config = load_checkpoint_for_inference(run_dir)
+    plugins = get_plugins()
+    source = plugins.datasets.get("lm_ordered").factory(config.model.data, run_dir)
+    direct = model.evaluate_stream(source.token_stream("test", tokenizer))
+    assert eager["tokens"] == scripted["tokens"] == direct["tokens"] > 0
+    assert eager["loss"] == pytest.approx(direct["loss"], rel=1e-9)
+    assert scripted["loss"] == pytest.approx(eager["loss"], rel=1e-6)
+    assert eager["perplexity"] == pytest.approx(torch.tensor(eager["loss"]).exp().item(), rel=1e-6)
+    assert (eager["eval_tgt_len"], eager["eval_mem_len"], eager["eval_clamp_len"]) == (8, 24, 12)

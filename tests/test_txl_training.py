@@ -192,4 +192,4 @@ def test_evaluation_follows_the_references_loop_with_warm_up(tmp_path, corpus, p
     torch.set_grad_enabled(True)
     assert got["tokens"] == count == 3 * 22
     assert got["loss"] == pytest.approx(total / count, rel=1e-12)
-    assert got["ppl"] == pytest.approx(math.exp(total / count)) and got["bpc"] == pytest.approx(total / count / math.log(2))
+    assert got["perplexity"] == pytest.approx(math.exp(total / count)) and got["bpc"] == pytest.approx(total / count / math.log(2))

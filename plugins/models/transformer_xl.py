@@ -460,8 +460,9 @@ def evaluate_ordered(segment_nll, stream: torch.Tensor, settings: dict, empty_me
     reference does); each column is preceded by ceil(mem_len / tgt_len) warm-up segments
     taken from the end of the previous column (its true left context) that fill the memory
     and are not scored; then every segment (the last may be shorter) is scored, carrying
-    the memory. Returns the token-weighted mean NLL (`loss`), `ppl` = exp(loss), `bpc` =
-    loss / ln 2 (bits per character for character-level data), and the tokens scored."""
+    the memory. Returns this rank's summed NLL of the scored tokens (`loss_sum`) and their
+    count (`tokens`); `finish_metrics` turns totals into the token-weighted `loss`,
+    `perplexity` and `bpc` (loss / ln 2: bits per character for character-level data)."""
     bsz, tgt_len, mem_len = int(settings["batch_size"]), int(settings["tgt_len"]), int(settings["mem_len"])
     n_step = stream.numel() // bsz
     if n_step < 2:
@@ -486,7 +487,7 @@ def evaluate_ordered(segment_nll, stream: torch.Tensor, settings: dict, empty_me
 def finish_metrics(loss_sum: float, tokens: int) -> Dict[str, float]:
     """loss (token mean), ppl, bpc and the token count from summed NLLs."""
     loss = loss_sum / max(tokens, 1)
-    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "bpc": loss / math.log(2), "tokens": tokens}
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "bpc": loss / math.log(2), "tokens": tokens}
 
 
 # --- initialisation (the reference's weights_init) ------------------------------------------------
