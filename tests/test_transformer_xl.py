@@ -1,7 +1,8 @@
 """Transformer-XL: every formula against a direct (float64) transcription of it — the
 relative scores behind the rel-shift, the masks, memory against recomputing the whole
-context, the adaptive softmax against dense softmaxes — plus the reference's parameter
-counts, state-dict names and initialisation statistics."""
+context, the adaptive softmax against dense softmaxes — the reference's parameter counts,
+state-dict names and initialisation statistics, and the whole model against Hugging
+Face's port of the original code (transformers' deprecated TransfoXL)."""
 from __future__ import annotations
 
 import math
@@ -266,3 +267,66 @@ def test_initialisation_follows_the_reference():
     assert all(float(b.abs().max()) == 0.0 for b in biases + list(model.crit.out_layers_biases) + [model.crit.cluster_bias])
     rb = torch.cat([model.r_w_bias.flatten(), model.r_r_bias.flatten(), model.crit.cluster_weight.flatten()])
     assert float(rb.std()) == pytest.approx(0.02, rel=0.2)
+
+
+# --- against Hugging Face's TransfoXL (the original code's port, in transformers 4.47) ----------------
+
+
+@pytest.mark.parametrize("div_val,d_embed,pre_lnorm,clamp_len", [(1, 16, False, -1), (2, 16, True, 5), (1, 8, False, 4)])
+def test_log_probabilities_and_memory_equal_hugging_faces_transfo_xl(div_val, d_embed, pre_lnorm, clamp_len, monkeypatch):
+    """The same weights in transformers' TransfoXLLMHeadModel (the original code's port;
+    shared r biases: untie_r false; WT103's projection tying) give the same hidden states,
+    log-probabilities and memory over three segments. (Its same_length mask is the
+    original's klen - mem_len, one key fewer than NVIDIA's, so same_length stays off here;
+    the masks test covers NVIDIA's.)"""
+    transfo_xl = pytest.importorskip("transformers.models.deprecated.transfo_xl")
+    type_as = torch.Tensor.type_as  # the deprecated port calls type_as(dtype=...), which torch no longer takes
+
+    def type_as_or_dtype(self, other=None, dtype=None):
+        return self.to(dtype) if other is None else type_as(self, other)
+
+    monkeypatch.setattr(torch.Tensor, "type_as", type_as_or_dtype)
+    cfg = tiny(div_val=div_val, d_embed=d_embed, pre_lnorm=pre_lnorm, clamp_len=clamp_len)
+    model = model_of(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for b in model.crit.out_layers_biases:
+            b.normal_(0, 0.5)
+    hf_cfg = transfo_xl.TransfoXLConfig(
+        vocab_size=100, cutoffs=[20, 50, 80], d_model=16, d_embed=d_embed, n_head=2, d_head=8, d_inner=32, div_val=div_val,
+        pre_lnorm=pre_lnorm, n_layer=2, mem_len=6, clamp_len=clamp_len, same_length=False, proj_share_all_but_first=True,
+        attn_type=0, sample_softmax=-1, adaptive=True, dropout=0.0, dropatt=0.0, untie_r=False, tie_word_embeddings=True)
+    hf = transfo_xl.TransfoXLLMHeadModel(hf_cfg).eval()
+    ours = {}
+    for key in hf.state_dict():
+        if key.endswith(("dec_attn.r_w_bias", "dec_attn.r_r_bias")):  # the shared biases, seen from each layer
+            ours[key] = getattr(model, key.rsplit(".", 1)[1])
+        elif key.startswith("transformer."):
+            ours[key] = model.state_dict()[key[len("transformer."):]]
+        elif key.startswith("crit.out_layers."):
+            i, what = int(key.split(".")[2]), key.split(".")[3]
+            if div_val == 1:
+                ours[key] = model.word_emb.emb_layers[0].weight if what == "weight" else model.crit.out_layers_biases[0]
+            else:
+                ours[key] = model.crit.bucket(i)[0 if what == "weight" else 1]
+        elif key.startswith("crit.out_projs."):
+            ours[key] = model.crit.bucket(int(key.split(".")[2]))[2]
+        elif key.startswith("crit.cluster_"):  # HF's forward reads cluster rows from the front, NVIDIA's from the end
+            ours[key] = model.state_dict()[key].flip(0)
+        else:
+            ours[key] = model.state_dict()[key]
+    hf.load_state_dict({k: v.detach().clone() for k, v in ours.items()})
+    tokens = torch.randint(0, 100, (3, 18))
+    # HF starts from mem_len zero vectors; the reference (and mega) from an empty memory
+    mems, hf_mems = None, [torch.zeros(0, 3, 16) for _ in range(2)]
+    with torch.no_grad():
+        for s in range(3):
+            x = tokens[:, 6 * s: 6 * s + 6]
+            out = hf(input_ids=x, mems=hf_mems)
+            hidden = hf.transformer(input_ids=x, mems=hf_mems).last_hidden_state
+            hf_mems = out.mems
+            h, mems = model.hidden(x.t(), mems)
+            torch.testing.assert_close(h.transpose(0, 1), hidden, rtol=1e-5, atol=1e-5)
+            logp = model.crit.log_prob(h.reshape(-1, 16)).view(6, 3, 100).transpose(0, 1)
+            torch.testing.assert_close(logp, out.prediction_scores, rtol=1e-5, atol=1e-5)
+            for layer in range(2):
+                torch.testing.assert_close(mems[layer], hf_mems[layer], rtol=1e-5, atol=1e-5)
