@@ -22,11 +22,13 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+import attrs
 from attrs import define, field
 from torch import nn
 
 import mega
 from mega.config import ModelConfig
+from mega.config.schema import InvalidValue
 from mega.errors import ConfigError
 from mega.plugins.data.lm_ordered import OrderedLMObjective
 from mega.plugins.models.adaptive_softmax import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax
@@ -73,6 +75,10 @@ class TransformerXLConfig(ModelConfig):
 
     def __attrs_post_init__(self):
         if self.tgt_len is not None:
+            default = attrs.fields(ModelConfig).seq_length.default
+            if self.seq_length not in (default, self.tgt_len):
+                raise InvalidValue("tgt_len", f"{self.tgt_len} and seq_length={self.seq_length} are the same setting;"
+                                              " give one")
             self.seq_length = self.tgt_len
         self.tgt_len = self.seq_length
 
