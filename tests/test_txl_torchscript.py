@@ -112,8 +112,8 @@ def test_mega_evaluate_runs_the_protocol_eagerly_and_through_torchscript(tmp_pat
     from tests.test_txl_training import txl_raw
 
     raw = txl_raw(tmp_path, corpus, trainer={"max_steps": 2, "val_check_interval": 0},
-                  model={"eval_tgt_len": 8, "eval_mem_len": 24, "eval_clamp_len": 12, "eval_same_length": True,
-                         "eval_batch_size": 3})
+                  model={"eval_tgt_len": 16, "eval_mem_len": 40, "eval_clamp_len": 20, "eval_same_length": True,
+                         "eval_batch_size": 8})
     exp = tmp_path / "txl.toml"
     exp.write_text(tomli_w.dumps(raw))
     assert main(["run", str(exp)]) == 0
@@ -130,4 +130,4 @@ def test_mega_evaluate_runs_the_protocol_eagerly_and_through_torchscript(tmp_pat
     assert eager["loss"] == pytest.approx(direct["loss"], rel=1e-9)
     assert scripted["loss"] == pytest.approx(eager["loss"], rel=1e-6)
     assert eager["perplexity"] == pytest.approx(torch.tensor(eager["loss"]).exp().item(), rel=1e-6)
-    assert (eager["eval_tgt_len"], eager["eval_mem_len"], eager["eval_clamp_len"]) == (8, 24, 12)
+    assert (eager["eval_tgt_len"], eager["eval_mem_len"], eager["eval_clamp_len"]) == (16, 40, 20)
