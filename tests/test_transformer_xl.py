@@ -330,3 +330,19 @@ def test_log_probabilities_and_memory_equal_hugging_faces_transfo_xl(div_val, d_
             torch.testing.assert_close(logp, out.prediction_scores, rtol=1e-5, atol=1e-5)
             for layer in range(2):
                 torch.testing.assert_close(mems[layer], hf_mems[layer], rtol=1e-5, atol=1e-5)
+
+
+def test_config_errors_name_the_keys():
+    from mega.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="tensor_model_parallel_size"):
+        tiny(tensor_model_parallel_size=2).check()
+    with pytest.raises(ConfigError, match="global_batch_size"):
+        tiny(global_batch_size=None).check()
+    with pytest.raises(ConfigError, match="cutoffs"):
+        TransformerXLModel(tiny(cutoffs=[20, 50, 120]), 100)
+    with pytest.raises(ConfigError, match="tie_projs"):
+        tiny(tie_projs=[False, True]).check()
+    with pytest.raises(ValueError, match="seq_length=64 are the same setting"):
+        tiny(seq_length=64, tgt_len=32)
+    assert tiny(tgt_len=12).seq_length == 12
