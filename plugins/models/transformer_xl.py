@@ -21,7 +21,6 @@ import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 import attrs
 from attrs import define, field
 from torch import nn
