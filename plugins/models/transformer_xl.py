@@ -20,8 +20,8 @@ from __future__ import annotations
 import math
 from typing import Dict, List, Optional, Tuple
 
-import torch
 import attrs
+import torch
 from attrs import define, field
 from torch import nn
 
