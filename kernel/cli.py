@@ -7,6 +7,7 @@
     mega generate CHECKPOINT --prompt TEXT          sample from a trained model
     mega encode CHECKPOINT --text T --output F      hiddens (z, z_mean, ...) of an encoder-decoder
     mega evaluate RUN_OR_ARCHIVE [--split test] [overrides ...]   loss and perplexity over a whole split
+    mega preprocess --input F --output-prefix P --tokenizer ...   tokenize into Megatron's .bin/.idx
 
 Input errors (config, data, checkpoint, plugin) print one message naming the key or file
 and exit with status 2.
@@ -116,6 +117,21 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint")
     e.add_argument("--text", action="append", required=True, help="a text to encode (repeat for a batch)")
     e.add_argument("--output", required=True, help="file to write the tensors to (torch.save of a dict)")
+
+    pp = sub.add_parser("preprocess", help="tokenize JSONL or text into Megatron-LM's indexed files (data_impl = \"mmap\")")
+    pp.add_argument("--input", required=True, help="a .jsonl file (one JSON object per line) or a text file (one document"
+                                                   " per line)")
+    pp.add_argument("--output-prefix", required=True, help="writes PREFIX_KEY_document.bin and .idx for each json key")
+    pp.add_argument("--json-keys", nargs="+", default=["text"], help="the JSON keys to tokenize (default: text)")
+    pp.add_argument("--config", default=None, help="an experiment TOML: use its model.tokenizer (a tokenizer its run"
+                                                   " trained is read from its run directory)")
+    pp.add_argument("--tokenizer", action="append", default=[], metavar="KEY=VALUE|RUN",
+                    help="a model.tokenizer key (library=bytes, model=spm.model, ...; repeat), or a run directory or"
+                         " checkpoint whose tokenizer to use")
+    pp.add_argument("--workers", type=int, default=1, help="tokenizing processes")
+    pp.add_argument("--append-eod", action="store_true", help="end every document with the end-of-document id")
+    pp.add_argument("--data-impl", default="mmap", help="the data source whose files to write (default: mmap)")
+    pp.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
@@ -313,8 +329,15 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_preprocess(args) -> int:
+    from mega.preprocess import preprocess_command
+
+    return preprocess_command(args)
+
+
 COMMANDS = {"run": cmd_run, "config": cmd_config, "plugins": cmd_plugins, "generate": cmd_generate, "encode": cmd_encode,
-            "import": cmd_import, "export": cmd_export, "plan": cmd_plan, "evaluate": cmd_evaluate}
+            "import": cmd_import, "export": cmd_export, "plan": cmd_plan, "evaluate": cmd_evaluate,
+            "preprocess": cmd_preprocess}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -166,7 +166,9 @@ def on_step_end(run, step, metrics):
     """Called after every `trainer.log_every_n_steps`-th optimizer step (and the last).
 
     `metrics` is a dict of floats: `loss`, every loss term the model reported, `lr`,
-    `grad_norm`, `tokens_per_sec`, `tflops`, `loss_scale` (fp16), `skipped` (fp16 overflow).
+    `grad_norm`, `tokens_per_sec` (every position of the batch), `loss_tokens_per_sec` (only
+    tokens that carry loss: no padding), `data_wait_ms` (mean wait for data per step since
+    the last log), `tflops`, `loss_scale` (fp16), `skipped` (fp16 overflow).
     `loss` and the terms are already reduced over ranks (the same on every rank); the
     timings (`tokens_per_sec`, `tflops`, `mfu`) are measured by each rank.
 

@@ -211,6 +211,17 @@ class WholeSplit(Protocol):
 
 
 @runtime_checkable
+class WritesDocuments(Protocol):
+    """Optional, on a `register_datasets` factory (the class or function registered):
+    `mega preprocess --data-impl NAME` tokenizes text into this data source's own files."""
+
+    def document_writer(self, prefix: Path, vocab_size: int):
+        """A writer of the files `model.data.data_prefix = PREFIX` then reads, for ids below
+        `vocab_size`: `add_document(ids)` once per document in order, `finalize() -> Path`
+        (the files appear only then, whole) and `abort()` (removes what was written)."""
+
+
+@runtime_checkable
 class CheckpointFormat(Protocol):
     """An on-disk layout. The kernel owns atomicity, checksums, `latest` and pruning;
     a format only writes and reads this rank's files inside `directory`."""

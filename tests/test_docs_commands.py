@@ -252,6 +252,14 @@ COMMANDS: Dict[str, object] = {
     "mega run examples/gpt-tp2.toml": Run(GPT + DATA, needs=("corpus.txt",), slow=True),
     "torchrun --nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 -m mega run exp.toml"
     " trainer.devices=8 trainer.num_nodes=2": LAUNCH,
+    # docs/data.md
+    "mega preprocess --input FILE --output-prefix PREFIX [--config EXP.toml] [--tokenizer KEY=VALUE|RUN_DIR ...]"
+    " [--json-keys KEY ...] [--workers N] [--append-eod]": SYNOPSIS,
+    "mega preprocess --input my_corpus.txt --output-prefix data/mine --tokenizer results/quickstart --append-eod --workers 2":
+        Run(("--quiet",), needs=("my_corpus.txt", "results/quickstart"), expect=_file("data/mine_text_document.idx")),
+    "mega run examples/quickstart.toml exp_manager.name=mine model.data.data_impl=mmap"
+    " 'model.data.data_prefix=[data/mine_text_document]' model.tokenizer.model=results/quickstart/tokenizer.model":
+        Run(GPT, needs=("data/mine_text_document.idx",), expect=_file("results/mine/checkpoints")),
     # examples/*.toml comments
     "mega run examples/quickstart.toml 'model.data.data_prefix=[\"my_corpus.txt\"]'":
         Run(GPT + ("exp_manager.name=own",), needs=("my_corpus.txt",)),
@@ -337,6 +345,8 @@ ARTIFACTS: Dict[str, Tuple[Tuple[str, ...], Callable[[Path], None]]] = {
                               for i, s in enumerate(("train", "valid", "test"))]),
     "results/txl-base": (("wt103",), lambda ws: _run_doc(ws, "mega run examples/txl-base.toml trainer.devices=8")),
     "results/txl-large": (("wt103",), lambda ws: _run_doc(ws, "mega run examples/txl-large.toml trainer.devices=8")),
+    "data/mine_text_document.idx": (("my_corpus.txt", "results/quickstart"), lambda ws: _run_doc(
+        ws, "mega preprocess --input my_corpus.txt --output-prefix data/mine --tokenizer results/quickstart --append-eod --workers 2")),
 }
 
 

@@ -22,14 +22,16 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny GPT (no dropout) trained 3 steps on a corpus whose valid split has 21
-    documents, so batches of 4 and 2 x 3 leave a partial last batch."""
+    documents, so batches of 4 and 2 x 3 leave a partial last batch. One padded sample per
+    document (`pack = false`), so the direct computation below is per document; the packed
+    layout has its own test."""
     from mega.testing import TinyExperiment, write_corpus
 
     tmp = tmp_path_factory.mktemp("evaluate")
     corpus = write_corpus(tmp / "corpus.txt", lines=210)
     exp = TinyExperiment(tmp, corpus)
     run = exp.run(trainer={"max_steps": 3, "val_check_interval": 0},
-                  model={"hidden_dropout": 0.0, "attention_dropout": 0.0})
+                  model={"hidden_dropout": 0.0, "attention_dropout": 0.0, "data": {"pack": False}})
     return run.run_dir, corpus
 
 
@@ -67,6 +69,30 @@ def test_the_loss_over_the_whole_split_is_the_direct_one(trained, capsys, batch)
     assert out["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
     saved = json.loads((run_dir / "eval_valid.json").read_text())
     assert saved["loss"] == out["loss"] and saved["checkpoint"] == str(run_dir)
+
+
+def test_packed_windows_cover_the_split_once(trained, capsys):
+    """With packing the split is one stream (each document and its end-of-document id) cut
+    into windows of seq_length + 1 sharing a token: the loss is every stream token's once
+    (unshuffled here, so the stream is in document order)."""
+    from mega.inference import load_checkpoint_for_inference
+    from mega.plugins.data.blending import parse_splits, split_ranges
+
+    run_dir, corpus = trained
+    model, tokenizer, config = load_checkpoint_for_inference(run_dir)
+    docs = [line for line in corpus.read_text().split("\n") if line]
+    start, end = split_ranges(len(docs), parse_splits(config.model.data.splits_string))[1]
+    stream = [i for doc in docs[start:end] for i in tokenizer.encode(doc) + [tokenizer.eos_id]]
+    s, total, windows = config.model.seq_length, 0.0, 0
+    with torch.no_grad():
+        for k in range(0, len(stream) - 1, s):
+            window = stream[k:k + s + 1]
+            logits = model(torch.tensor([window[:-1]]))[0, :, : tokenizer.vocab_size].double()
+            total += float(F.cross_entropy(logits, torch.tensor(window[1:]), reduction="sum"))
+            windows += 1
+    out = _evaluate(capsys, run_dir, "--split", "valid", "model.data.pack=true", "model.data.shuffle=false")
+    assert (out["tokens"], out["samples"]) == (len(stream) - 1, windows)
+    assert out["loss"] == pytest.approx(total / (len(stream) - 1), rel=1e-5)
 
 
 def test_an_archive_evaluates_like_its_run(trained, capsys, tmp_path):

@@ -138,6 +138,7 @@ class DataConfig:
     # weights), or one path. Empty: the quickstart corpus (Python's pydoc topics).
     data_prefix: List[Any] = field(factory=list)
     splits_string: str = "900,50,50"  # train,valid,test proportions of each file's documents
+    prefetch: int = field(default=1, validator=non_negative)  # global batches read ahead in a background thread; 0: when needed
 
 
 @define(kw_only=True)

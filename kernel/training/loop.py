@@ -25,7 +25,7 @@ from mega.runtime.device_peaks import peak_flops
 from mega.runtime.grad_norm import clip_grad_norm
 from mega.runtime.pipeline import forward_backward_no_pipelining, forward_backward_pipelining, sum_pipeline_grads
 from mega.runtime.precision import autocast
-from mega.training.batches import load_micro_batches, micro_batch_positions
+from mega.training.batches import BatchLoader, load_micro_batches, micro_batch_positions
 
 log = logging.getLogger("mega")
 
@@ -69,16 +69,25 @@ def _num_tokens(run, micro_batches) -> torch.Tensor:
     return run.parallel.all_reduce_sum(n).clamp(min=1.0)
 
 
-def train_step(run) -> Dict[str, torch.Tensor]:
+def train_step(run, loader: BatchLoader | None = None) -> Dict[str, torch.Tensor]:
+    """One optimizer step on the global batch of `run.step`, read by `loader` (prefetched)
+    or, without one, here. Besides the metrics, `data_wait_ms` (how long the step waited
+    for its batch) and `loss_tokens` (the global batch's loss-bearing token count)."""
     cfg = run.config
     lr = run.lr_at(run.step)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    positions = micro_batch_positions(run.step, run.global_batch_size, cfg.model.micro_batch_size,
-                                      run.parallel.dp_rank, run.parallel.dp_size)
-    micro_batches = load_micro_batches(run.train_data, positions, run.device)
+    t0 = time.perf_counter()
+    if loader is not None:
+        micro_batches, wait = loader.get(run.step)
+    else:
+        positions = micro_batch_positions(run.step, run.global_batch_size, cfg.model.micro_batch_size,
+                                          run.parallel.dp_rank, run.parallel.dp_size)
+        micro_batches = load_micro_batches(run.train_data, positions, run.device)
+        wait = time.perf_counter() - t0
     run.optimizer.zero_grad(set_to_none=True)
-    loss, terms = _losses(run, micro_batches, _num_tokens(run, micro_batches))
+    num_tokens = _num_tokens(run, micro_batches)
+    loss, terms = _losses(run, micro_batches, num_tokens)
 
     params = [p for p in run.model.parameters() if p.grad is not None]
     skipped = False
@@ -92,7 +101,8 @@ def train_step(run) -> Dict[str, torch.Tensor]:
         clip = cfg.trainer.gradient_clip_val
         grad_norm = clip_grad_norm(params, clip if clip > 0 else float("inf"), run.parallel)
         run.optimizer.step()
-    metrics = {"loss": loss, "lr": torch.tensor(lr), "grad_norm": grad_norm, **terms}
+    metrics = {"loss": loss, "lr": torch.tensor(lr), "grad_norm": grad_norm, **terms,
+               "data_wait_ms": torch.tensor(wait * 1e3), "loss_tokens": num_tokens.detach()}
     if run.scaler is not None:
         metrics["loss_scale"] = torch.tensor(run.scaler.scale)
         metrics["skipped"] = torch.tensor(float(skipped))
@@ -234,14 +244,19 @@ def _train(run, stop: StopFlag) -> None:
     tokens_per_step = run.global_batch_size * cfg.model.seq_length
     peak = peak_flops(run.device, tr.precision)
     run.model.train()
+    loader = BatchLoader(run.train_data, run.global_batch_size, cfg.model.micro_batch_size, run.parallel.dp_rank,
+                         run.parallel.dp_size, run.device, prefetch=cfg.model.data.prefetch, end_step=tr.max_steps)
     hook.on_train_start(run=run)
     try:
         busy, steps_since = 0.0, 0  # time spent in training steps since the last log
+        waited, loss_tokens = 0.0, 0.0  # data wait (ms) and loss-bearing tokens since the last log
         while run.step < tr.max_steps:
             watchdog.beat(run.step + 1)  # a rank that stops beating while others wait is named by theirs
             t0 = time.perf_counter()
-            metrics = train_step(run)
+            metrics = train_step(run, loader)
             busy += time.perf_counter() - t0
+            waited += float(metrics.pop("data_wait_ms"))
+            loss_tokens = loss_tokens + metrics.pop("loss_tokens")  # stays on the device until logged
             run.step += 1
             run.consumed_samples += run.global_batch_size
             steps_since += 1
@@ -251,6 +266,8 @@ def _train(run, stop: StopFlag) -> None:
                 values = {k: float(v) for k, v in metrics.items()}  # waits for the device
                 busy += time.perf_counter() - t0
                 values["tokens_per_sec"] = tokens_per_step * steps_since / busy
+                values["loss_tokens_per_sec"] = float(loss_tokens) / busy  # without padding
+                values["data_wait_ms"] = waited / steps_since  # per step: ~0 when prefetching keeps up
                 if flops_per_token:
                     values["tflops"] = values["tokens_per_sec"] * flops_per_token / 1e12
                     if peak:  # model FLOP/s per device over the device's peak
@@ -259,7 +276,7 @@ def _train(run, stop: StopFlag) -> None:
                     log.warning("step %d: loss is %s", run.step, values["loss"])
                 run.last_metrics = values
                 hook.on_step_end(run=run, step=run.step, metrics=values)
-                busy, steps_since = 0.0, 0
+                busy, steps_since, waited, loss_tokens = 0.0, 0, 0.0, 0.0
             if run.valid_data is not None and (run.step % tr.val_check_interval == 0 or last):
                 hook.on_validation_end(run=run, step=run.step, metrics=validate(run))
             saved = None
@@ -269,6 +286,8 @@ def _train(run, stop: StopFlag) -> None:
             if signum and not last:
                 raise Preempted(run.step, saved or run.save_checkpoint(), signum)
     except BaseException as exc:
+        loader.close()
         hook.on_exception(run=run, exception=exc)
         raise
+    loader.close()
     hook.on_train_end(run=run)

@@ -64,6 +64,7 @@ RESUME_SAFE = (
     "trainer.accumulate_grad_batches",
     "trainer.precision",
     "trainer.gradient_clip_val",
+    "model.data.prefetch",
     "model.tensor_model_parallel_size",
     "model.pipeline_model_parallel_size",
     "model.micro_batch_size",

@@ -73,10 +73,13 @@ def blend_order(weights: Sequence[float], num_samples: int) -> Tuple[np.ndarray,
 
 
 class BlendedDataset:
-    """`num_samples` samples drawn from `datasets` by `weights`, each epoch-shuffled."""
+    """`num_samples` samples drawn from `datasets` by `weights`, each epoch-shuffled (a
+    dataset with `shuffles_epochs = True` takes indices past its length and orders each
+    epoch itself, e.g. packed documents)."""
 
     def __init__(self, datasets: Sequence, weights: Sequence[float], num_samples: int, seed: int, shuffle: bool = True):
-        self.sources = [EpochShuffled(ds, seed + 7919 * d, shuffle) for d, ds in enumerate(datasets)]
+        self.sources = [ds if getattr(ds, "shuffles_epochs", False) else EpochShuffled(ds, seed + 7919 * d, shuffle)
+                        for d, ds in enumerate(datasets)]
         self.dataset_ids, self.sample_ids = blend_order(weights, num_samples)
         self.num_samples = num_samples
 
