@@ -98,14 +98,19 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("checkpoint", help="a checkpoint directory, a checkpoints/ folder or a run directory")
     ex.add_argument("destination")
     ex.add_argument("--to", dest="fmt", default=None,
-                    help="the format to write: huggingface (hf), megatron, archive; default: archive for a .mega destination")
+                    help="the format to write: huggingface (hf), megatron, archive, torchscript; default: archive for a .mega"
+                         " destination")
     ex.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="format option")
+    ex.add_argument("--torchscript", action="store_true",
+                    help="write the model's scripted inference module (torch.jit.load opens it without mega)")
 
     ev = sub.add_parser("evaluate", help="loss and perplexity of a checkpoint over a whole data split")
     ev.add_argument("checkpoint", help="a run directory, a checkpoints/ folder, a checkpoint directory or an archive (.mega)")
     ev.add_argument("overrides", nargs="*", help="key=value: the layout (trainer.devices=2"
                                                  " model.tensor_model_parallel_size=2), the data, the batch size")
     ev.add_argument("--split", choices=["valid", "test", "train"], default="test", help="the split to score (default: test)")
+    ev.add_argument("--torchscript", action="store_true",
+                    help="score through the model's TorchScript inference module (what mega export --torchscript writes)")
     ev.add_argument("--output", default=None, help="where to write the metrics (default: RUN/eval_<split>.json)")
 
     e = sub.add_parser("encode", help="encode texts to their hiddens (and z, z_mean) with an encoder-decoder checkpoint")
@@ -315,7 +320,9 @@ def cmd_export(args) -> int:
     from mega.training.checkpointing import resolve_checkpoint
 
     plugins = get_plugins()
-    name = args.fmt or ("archive" if args.destination.endswith(".mega") else None)
+    if args.torchscript and args.fmt not in (None, "torchscript"):
+        raise ConfigError(f"--torchscript and --to {args.fmt}: give one of them")
+    name = "torchscript" if args.torchscript else args.fmt or ("archive" if args.destination.endswith(".mega") else None)
     if name is None:
         raise ConfigError(f"{args.destination}: say which format to write with --to (huggingface, megatron, archive, ...)")
     fmt = find_exporter(name, plugins)

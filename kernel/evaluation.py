@@ -17,6 +17,7 @@ from elsewhere names its training machine's files: `model.data.data_prefix=[...]
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -88,9 +89,11 @@ def _tokenizer(config: ExperimentConfig, checkpoint: Path, plugins) -> Tokenizer
     return plugins.tokenizers.get(tok_cfg.library, "model.tokenizer.library").factory(tok_cfg, [], None)
 
 
-def evaluate_checkpoint(target: Target, config: ExperimentConfig, split: str, plugins) -> Dict[str, float]:
+def evaluate_checkpoint(target: Target, config: ExperimentConfig, split: str, plugins,
+                        torchscript: bool = False) -> Dict[str, float]:
     """Metrics of `split` on every rank: build, load, score. Joins and leaves the process
-    group of a launched worker."""
+    group of a launched worker. `torchscript`: through the model's scripted inference module
+    (a model whose `evaluate` takes that keyword, see mega.protocols.Evaluates)."""
     from mega.runtime.parallel import init_parallel, pick_device, shutdown_parallel
     from mega.runtime.rng import seed_everything
     from mega.runtime.tensor_parallel import get_rng_tracker
@@ -121,8 +124,13 @@ def evaluate_checkpoint(target: Target, config: ExperimentConfig, split: str, pl
             scratch = data_dir = Path(tempfile.mkdtemp(prefix="mega-eval-"))
         with parallel.main_rank_first():
             source = built(data_entry, DataSource, data_entry.factory(mc.data, data_dir))
+        if torchscript and not (isinstance(model, Evaluates)
+                                and "torchscript" in inspect.signature(model.evaluate).parameters):
+            raise ConfigError(f"--torchscript: model {mc.name!r} cannot evaluate through TorchScript")
         with torch.no_grad():
-            if isinstance(model, Evaluates):
+            if torchscript:
+                metrics = dict(model.evaluate(source, split, tokenizer, config, torchscript=True))
+            elif isinstance(model, Evaluates):
                 metrics = dict(model.evaluate(source, split, tokenizer, config))
             else:
                 metrics = token_loss(model, source, split, tokenizer, config, parallel, device)
@@ -222,7 +230,7 @@ def evaluate_command(args, plugins=None) -> Tuple[int, Optional[dict]]:
             raise ConfigError(f"trainer.num_nodes={tr.num_nodes}: start one launcher per machine (torchrun ... -m mega evaluate ...)")
         launch_local_workers(tr.devices, args.argv)
         return 0, None
-    metrics = evaluate_checkpoint(target, config, args.split, plugins)
+    metrics = evaluate_checkpoint(target, config, args.split, plugins, getattr(args, "torchscript", False))
     record = {"split": args.split, **metrics, "checkpoint": str(args.checkpoint)}
     if os.environ.get("RANK", "0") == "0":
         out = Path(args.output).expanduser() if args.output else results_path(target, args.split)

@@ -135,7 +135,8 @@ class Evaluates(Protocol):
         """Metrics over the whole `split` ("valid", "test") of `source`. Called on every
         rank (a collective) under `torch.no_grad()`; return the same dict everywhere.
         Report `loss` (mean token loss, nats) when there is one: `mega evaluate` adds
-        `perplexity` from it."""
+        `perplexity` from it. A model that can score through its TorchScript module also
+        takes a keyword `torchscript: bool = False` (`mega evaluate --torchscript`)."""
 
 
 # --- what a model trains on ------------------------------------------------------------------

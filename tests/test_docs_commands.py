@@ -139,6 +139,13 @@ BART = ("trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_va
         "model.hiddens.transform.q_z_given_x.hidden_size=32", "model.tokenizer.vocab_size=60",
         "model.optim.sched.warmup_steps=1", *DATA)
 FEW_TOKENS = ("--max-new-tokens", "4")
+# A tiny Transformer-XL for 2 steps, one process, fp32, word vocabulary of the test corpus.
+TXL = ("trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "trainer.devices=1",
+       "trainer.precision=32", "model.n_layer=1", "model.d_model=64", "model.n_head=2", "model.d_head=8",
+       "model.d_inner=32", "model.tgt_len=8", "model.mem_len=8", "model.micro_batch_size=2", "model.global_batch_size=4",
+       "model.cutoffs=[8,14,20]", "model.eval_tgt_len=8", "model.eval_mem_len=8", "model.eval_clamp_len=-1",
+       "model.eval_batch_size=2", "model.optim.sched.warmup_steps=1")
+WT103 = ("model.data.data_dir=wt103",)
 
 
 @dataclass(frozen=True)
@@ -230,6 +237,17 @@ COMMANDS: Dict[str, object] = {
         Run(needs=("results/quickstart",), expect=_file("results/quickstart/eval_test.json")),
     "mega evaluate results/quickstart --split valid trainer.devices=2 model.tensor_model_parallel_size=2":
         Run(("trainer.accelerator=cpu",), needs=("results/quickstart",), slow=True),
+    "mega plan examples/txl-base.toml trainer.devices=8 --vocab-size 267735 --device cuda":
+        Run(expect=_has("191.95M parameters")),
+    "mega export results/txl-quickstart txl.pt --torchscript": Run(needs=("results/txl-quickstart",), fresh=("txl.pt",),
+                                                                   expect=_file("txl.pt")),
+    "mega evaluate results/txl-quickstart --split test --torchscript": Run(needs=("results/txl-quickstart",),
+                                                                           expect=_has("perplexity")),
+    'mega generate results/txl-quickstart --prompt "The for statement" --max-new-tokens 20':
+        Run(FEW_TOKENS, needs=("results/txl-quickstart",)),
+    "mega run examples/txl-base.toml trainer.devices=8": Run(TXL + WT103, needs=("wt103",),
+                                                             expect=_file("results/txl-base/checkpoints")),
+    "mega evaluate results/txl-base --split test": Run(needs=("results/txl-base",), expect=_has("perplexity")),
     # docs/parallelism.md
     "mega run examples/gpt-tp2.toml": Run(GPT + DATA, needs=("corpus.txt",), slow=True),
     # on a machine with one GPU (or none) the 2 workers must be CPU workers
@@ -252,6 +270,13 @@ COMMANDS: Dict[str, object] = {
                                                                               needs=("corpus.txt",)),
     "mega run examples/vae.toml ++model.hiddens.loss.vae.min_kl_value=0.1": Run(BART + ("exp_manager.name=vae_kl",),
                                                                                needs=("corpus.txt",)),
+    "mega run examples/txl-quickstart.toml": Run(TXL + DATA, needs=("corpus.txt",),
+                                                 expect=_file("results/txl-quickstart/checkpoints")),
+    "mega evaluate results/txl-quickstart --split test": Run(needs=("results/txl-quickstart",),
+                                                             expect=_file("results/txl-quickstart/eval_test.json")),
+    "mega run examples/txl-large.toml trainer.devices=8": Run(TXL + WT103, needs=("wt103",),
+                                                              expect=_file("results/txl-large/checkpoints")),
+    "mega evaluate results/txl-large --split test": Run(needs=("results/txl-large",), expect=_has("perplexity")),
 }
 
 
@@ -318,9 +343,19 @@ ARTIFACTS: Dict[str, Tuple[Tuple[str, ...], Callable[[Path], None]]] = {
     "spm.model": (("results/quickstart",), lambda ws: shutil.copy(ws / "results/quickstart/tokenizer.model",
                                                                  ws / "spm.model")),
     "results/megatron_mim": (("corpus.txt",), lambda ws: _run_doc(ws, "mega run examples/mim.toml")),
+    "results/txl-quickstart": (("corpus.txt",), lambda ws: _run_doc(ws, "mega run examples/txl-quickstart.toml")),
+    "wt103": ((), lambda ws: [write_corpus(_mkdir(ws / "wt103") / f"{s}.txt", seed=i)
+                              for i, s in enumerate(("train", "valid", "test"))]),
+    "results/txl-base": (("wt103",), lambda ws: _run_doc(ws, "mega run examples/txl-base.toml trainer.devices=8")),
+    "results/txl-large": (("wt103",), lambda ws: _run_doc(ws, "mega run examples/txl-large.toml trainer.devices=8")),
     "data/mine_text_document.idx": (("my_corpus.txt", "results/quickstart"), lambda ws: _run_doc(
         ws, "mega preprocess --input my_corpus.txt --output-prefix data/mine --tokenizer results/quickstart --append-eod --workers 2")),
 }
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _need(ws: Path, name: str) -> None:

@@ -1,0 +1,192 @@
+"""Adaptive input embeddings and the projected adaptive log-softmax of Transformer-XL.
+
+Large word vocabularies are cut into buckets by frequency (`cutoffs`): frequent words get
+wide embeddings, rare ones narrow ones (`div_val`), each projected to the model width. The
+output side mirrors it: a head softmax over the shortlist (bucket 0) plus one "cluster"
+logit per tail bucket, and a softmax inside each tail bucket, so most tokens never touch
+the big tail matrices. With `tie_weight` the output matrices *are* the embedding tables
+(only the output biases are separate); `tie_projs[i]` shares bucket i's projection too.
+
+Parameter names follow NVIDIA's Transformer-XL (`word_emb.emb_layers.{i}.weight`,
+`word_emb.emb_projs.{i}`, `crit.cluster_weight`, `crit.out_layers_biases.{i}`,
+`crit.out_projs.{i}` for untied projections), so its checkpoints map key for key.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def bucket_bounds(n_token: int, cutoffs: Sequence[int]) -> List[Tuple[int, int]]:
+    """[(start, end)) of every bucket: cutoffs + [n_token], starting at 0."""
+    ends = list(cutoffs) + [n_token]
+    return list(zip([0] + ends[:-1], ends))
+
+
+class AdaptiveEmbedding(nn.Module):
+    """Token ids -> [.., d_proj] embeddings, scaled by sqrt(d_proj) (done here, as the
+    reference does, before any dropout)."""
+
+    def __init__(self, n_token: int, d_embed: int, d_proj: int, cutoffs: Sequence[int], div_val: int = 1):
+        super().__init__()
+        self.n_token, self.d_embed, self.d_proj, self.div_val = n_token, d_embed, d_proj, div_val
+        self.bounds = bucket_bounds(n_token, cutoffs)
+        self.emb_scale = d_proj ** 0.5
+        self.emb_layers = nn.ModuleList()
+        self.emb_projs = nn.ParameterList()
+        if div_val == 1:
+            self.emb_layers.append(nn.Embedding(n_token, d_embed))
+            if d_proj != d_embed:  # one projection, only when the widths differ
+                self.emb_projs.append(nn.Parameter(torch.zeros(d_proj, d_embed)))
+        else:  # every bucket its own width and projection (bucket 0 included)
+            for i, (lo, hi) in enumerate(self.bounds):
+                d_emb_i = d_embed // div_val ** i
+                self.emb_layers.append(nn.Embedding(hi - lo, d_emb_i))
+                self.emb_projs.append(nn.Parameter(torch.zeros(d_proj, d_emb_i)))
+
+    def proj(self, i: int) -> Optional[torch.Tensor]:
+        """Bucket i's input projection [d_proj, d_emb_i] (None: no projection)."""
+        if self.div_val == 1:
+            return self.emb_projs[0] if len(self.emb_projs) else None
+        return self.emb_projs[i]
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.div_val == 1:
+            embed = self.emb_layers[0](tokens)
+            if len(self.emb_projs):
+                embed = F.linear(embed, self.emb_projs[0])
+        else:
+            flat = tokens.reshape(-1)
+            out = torch.zeros(flat.numel(), self.d_proj, dtype=self.emb_projs[0].dtype, device=flat.device)
+            for i, (lo, hi) in enumerate(self.bounds):
+                idx = ((flat >= lo) & (flat < hi)).nonzero().squeeze(1)
+                if idx.numel() == 0:
+                    out = out + unused(self.emb_layers[i].weight, self.emb_projs[i])
+                    continue
+                emb_i = F.linear(self.emb_layers[i](flat.index_select(0, idx) - lo), self.emb_projs[i])
+                out = out.index_copy(0, idx, emb_i.to(out.dtype))
+            embed = out.view(*tokens.shape, self.d_proj)
+        return embed * self.emb_scale
+
+
+class ProjectedAdaptiveLogSoftmax(nn.Module):
+    """Hidden states -> per-token negative log-likelihoods (`nll`) or full log-probabilities
+    (`log_prob`). With `emb` given (tie_weight), bucket weights are read from it."""
+
+    def __init__(self, n_token: int, d_embed: int, d_proj: int, cutoffs: Sequence[int], div_val: int = 1,
+                 tie_projs: Optional[Sequence[bool]] = None, emb: Optional[AdaptiveEmbedding] = None):
+        super().__init__()
+        self.n_token, self.d_embed, self.d_proj, self.div_val = n_token, d_embed, d_proj, div_val
+        self.bounds = bucket_bounds(n_token, cutoffs)
+        self.shortlist = self.bounds[0][1]
+        self.n_clusters = len(cutoffs)
+        tie_projs = list(tie_projs) if tie_projs is not None else [False] * len(self.bounds)
+        # Not registered as a submodule: the tied tensors belong to the embedding (one name each).
+        object.__setattr__(self, "_emb", emb)
+        if self.n_clusters > 0:
+            self.cluster_weight = nn.Parameter(torch.zeros(self.n_clusters, d_embed))
+            self.cluster_bias = nn.Parameter(torch.zeros(self.n_clusters))
+        self.out_layers_weights = nn.ParameterList()
+        self.out_layers_biases = nn.ParameterList()
+        self.out_projs = nn.ParameterDict()  # untied projections only, by bucket index
+        self._tied_proj = []
+        if div_val == 1:
+            if emb is None:
+                self.out_layers_weights.append(nn.Parameter(torch.zeros(n_token, d_embed)))
+            self.out_layers_biases.append(nn.Parameter(torch.zeros(n_token)))
+            for i in range(len(self.bounds)):
+                tied = d_proj != d_embed and tie_projs[i] and emb is not None
+                self._tied_proj.append(tied)
+                if d_proj != d_embed and not tied:
+                    self.out_projs[str(i)] = nn.Parameter(torch.zeros(d_proj, d_embed))
+        else:
+            for i, (lo, hi) in enumerate(self.bounds):
+                d_emb_i = d_embed // div_val ** i
+                if emb is None:
+                    self.out_layers_weights.append(nn.Parameter(torch.zeros(hi - lo, d_emb_i)))
+                self.out_layers_biases.append(nn.Parameter(torch.zeros(hi - lo)))
+                tied = tie_projs[i] and emb is not None
+                self._tied_proj.append(tied)
+                if not tied:
+                    self.out_projs[str(i)] = nn.Parameter(torch.zeros(d_proj, d_emb_i))
+
+    def bucket(self, i: int) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """(weight [V_i, d_emb_i], bias [V_i], projection [d_proj, d_emb_i] or None) of bucket i."""
+        lo, hi = self.bounds[i]
+        if self.div_val == 1:
+            weight = self._emb.emb_layers[0].weight if self._emb is not None else self.out_layers_weights[0]
+            weight, bias = weight[lo:hi], self.out_layers_biases[0][lo:hi]
+        else:
+            weight = self._emb.emb_layers[i].weight if self._emb is not None else self.out_layers_weights[i]
+            bias = self.out_layers_biases[i]
+        if self._tied_proj[i]:
+            proj = self._emb.proj(i)
+        else:
+            proj = self.out_projs[str(i)] if str(i) in self.out_projs else None
+        return weight, bias, proj
+
+    def head(self) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Bucket 0's parameters with the cluster rows appended (shortlist + n_clusters wide)."""
+        weight, bias, proj = self.bucket(0)
+        if self.n_clusters > 0:
+            weight = torch.cat([weight, self.cluster_weight], 0)
+            bias = torch.cat([bias, self.cluster_bias], 0)
+        return weight, bias, proj
+
+    def nll(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """[N] negative log-likelihoods of `target` [N] in token order, in fp32 (or wider)."""
+        head_logprob = F.log_softmax(logits(hidden, *self.head()).to(_at_least_fp32(hidden.dtype)), -1)
+        if self.n_clusters == 0:
+            return -head_logprob.gather(1, target.unsqueeze(1)).squeeze(1)
+        nll = torch.zeros(target.shape[0], dtype=_at_least_fp32(hidden.dtype), device=hidden.device)
+        for i, (lo, hi) in enumerate(self.bounds):
+            idx = ((target >= lo) & (target < hi)).nonzero().squeeze(1)
+            if idx.numel() == 0:
+                if i > 0:
+                    nll = nll + unused(*self.bucket(i))
+                continue
+            target_i = (target.index_select(0, idx) - lo).unsqueeze(1)
+            head_i = head_logprob.index_select(0, idx)
+            if i == 0:
+                logprob_i = head_i.gather(1, target_i).squeeze(1)
+            else:  # the cluster column is counted from the end: bucket 1 is the last one
+                tail = F.log_softmax(logits(hidden.index_select(0, idx), *self.bucket(i)).to(_at_least_fp32(hidden.dtype)), -1)
+                logprob_i = head_i[:, -i] + tail.gather(1, target_i).squeeze(1)
+            nll = nll.index_copy(0, idx, -logprob_i)
+        return nll
+
+    def log_prob(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, n_token] log-probabilities over the whole vocabulary, in fp32 (or wider)."""
+        head_logprob = F.log_softmax(logits(hidden, *self.head()).to(_at_least_fp32(hidden.dtype)), -1)
+        if self.n_clusters == 0:
+            return head_logprob
+        parts = [head_logprob[:, : self.shortlist]]
+        for i in range(1, len(self.bounds)):
+            tail = F.log_softmax(logits(hidden, *self.bucket(i)).to(_at_least_fp32(hidden.dtype)), -1)
+            parts.append(head_logprob[:, -i].unsqueeze(1) + tail)
+        return torch.cat(parts, 1)
+
+
+def unused(*params: Optional[torch.Tensor]) -> torch.Tensor:
+    """0 x the parameters of a bucket this batch does not reach, so every parameter takes
+    part in each backward (data parallelism expects it; the gradients are zeros, in one
+    process as in several)."""
+    if not torch.is_grad_enabled():
+        return torch.zeros(())
+    return sum(p.sum() for p in params if p is not None) * 0.0
+
+
+def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    """Softmaxes run in fp32 under 16-bit autocast (and in fp64 for fp64 tests)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, proj: Optional[torch.Tensor]) -> torch.Tensor:
+    """(hidden @ proj) @ weight^T + bias: the projection maps d_proj -> d_emb_i, the
+    transpose of its use on the input side, so one tensor serves both directions."""
+    if proj is not None:
+        hidden = F.linear(hidden, proj.t())
+    return F.linear(hidden, weight, bias)

@@ -1,0 +1,550 @@
+"""Transformer-XL (Dai et al. 2019) as NVIDIA's PyTorch implementation trains it: relative
+positional attention with biases shared by all layers, segment-level memory, adaptive
+input and adaptive softmax.
+
+Activations are time-major ([len, batch, d_model]) like the reference, so its formulas and
+state-dict keys (`layers.{l}.dec_attn.qkv_net.weight`, `r_w_bias`, `word_emb.*`, `crit.*`)
+carry over unchanged; mega's batch-major samples are transposed on the way in.
+
+The memory (each layer's input over the last `mem_len` positions) is carried from one
+global batch to the next, separately for every micro-batch slot (the reference's
+`batch_chunk`): a slot is named by the data stream its first sample reads (the
+`lm_ordered` data source puts it in the sample), so each slot continues its own text.
+It is never back-propagated through, and it is checkpointed through
+`mega.protocols.StatefulModel`, per data-parallel replica, so a resumed run continues bit
+for bit. Validation inside `mega run` starts from an empty memory each time and leaves
+the training memory alone; `evaluate` runs the reference's evaluation protocol.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Tuple
+
+import attrs
+import torch
+from attrs import define, field
+from torch import nn
+
+import mega
+from mega.config import ModelConfig
+from mega.config.schema import InvalidValue
+from mega.errors import ConfigError
+from mega.plugins.data.lm_ordered import OrderedLMObjective
+from mega.plugins.models.adaptive_softmax import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax
+from mega.runtime.tensor_parallel import mark_replicated
+
+
+@define(kw_only=True)
+class TransformerXLConfig(ModelConfig):
+    """`model.*` keys of the `transformer_xl` model (the reference's names; defaults are its
+    WikiText-103 base model). `seq_length` is the segment length, `tgt_len` its alias."""
+
+    n_layer: int = 16  # layers
+    d_model: int = 512  # model width
+    n_head: int = 8  # attention heads
+    d_head: int = 64  # width of each head (n_head x d_head need not equal d_model)
+    d_inner: int = 2048  # feed-forward width
+    d_embed: Optional[int] = None  # embedding width of the first adaptive bucket; None: d_model
+    dropout: float = 0.1  # on embeddings, positions, attention and FF outputs, the final hidden state
+    dropatt: float = 0.0  # on attention probabilities
+    pre_lnorm: bool = False  # LayerNorm before each sub-block (no final LayerNorm); false: after (the reference's)
+    tgt_len: Optional[int] = None  # tokens per segment, the reference's name; sets seq_length when given
+    mem_len: int = 192  # memory positions carried per layer (0: none)
+    ext_len: int = 0  # extended context (must be 0: no shipped config uses it)
+    same_length: bool = False  # every query sees the same number of keys (mem_len + 1 once the memory is full)
+    clamp_len: int = -1  # relative distances above it use its embedding; <= 0: no clamping
+    adaptive: bool = True  # adaptive input and softmax over `cutoffs`; false: one dense softmax
+    cutoffs: List[int] = field(factory=lambda: [19997, 39997, 199997])  # bucket boundaries (token ids, ascending)
+    div_val: int = 1  # bucket i's embedding width is d_embed // div_val**i
+    tie_weight: bool = True  # output bucket weights are the embedding tables (biases never tied)
+    tie_projs: Optional[List[bool]] = None  # per bucket: share the input projection; None: [false, true, true, ...]
+    init: str = "normal"  # "normal" (N(0, init_std)) or "uniform" (U(-init_range, init_range)) for weights
+    init_range: float = 0.1  # uniform init bound
+    init_std: float = 0.02  # normal init std (also LayerNorm weights: N(1, init_std))
+    proj_init_std: float = 0.01  # std of the adaptive projections
+    emb_init: str = "normal"  # init of the embedding tables: "normal" (init_std) or "uniform" (emb_init_range)
+    emb_init_range: float = 0.01  # uniform bound of the embedding tables
+    # the evaluation protocol (`mega evaluate`); None: the training value (eval_mem_len:
+    # mem_len + tgt_len - eval_tgt_len, keeping the attention span, as the reference does)
+    eval_tgt_len: Optional[int] = None  # segment length when evaluating
+    eval_mem_len: Optional[int] = None  # memory length when evaluating
+    eval_clamp_len: Optional[int] = None  # clamp_len when evaluating (the reference's test: 400 base, 1000 large)
+    eval_same_length: Optional[bool] = None  # same_length when evaluating (the reference's test: true)
+    eval_batch_size: int = 16  # streams the evaluated split is cut into
+
+    def __attrs_post_init__(self):
+        if self.tgt_len is not None:
+            default = attrs.fields(ModelConfig).seq_length.default
+            if self.seq_length not in (default, self.tgt_len):
+                raise InvalidValue("tgt_len", f"{self.tgt_len} and seq_length={self.seq_length} are the same setting;"
+                                              " give one")
+            self.seq_length = self.tgt_len
+        self.tgt_len = self.seq_length
+
+    def check(self, plugins=None) -> None:
+        check_config(self)
+
+    def objective(self) -> OrderedLMObjective:
+        return OrderedLMObjective(streams=self.global_batch_size)
+
+    def memory_per_rank(self, vocab_size: int, micro_batch: int, tp: int, pp: int, precision: str,
+                        device: str) -> Dict[str, object]:
+        """mega.protocols.EstimatesMemory: parameters counted exactly (the model built on the
+        meta device: nothing is allocated), FLOPs as `flops_per_token`, activations from the
+        tensors each layer keeps for backward over segment + memory (an estimate written
+        from the code, not calibrated against measured peaks)."""
+        with torch.device("meta"):
+            model = TransformerXLModel(self, vocab_size)
+        params = sum(p.numel() for p in model.parameters())
+        b, q, k = micro_batch, self.seq_length, self.seq_length + self.mem_len
+        d, hd, f, n = self.d_model, self.n_head * self.d_head, self.d_inner, self.n_head
+        e = 4 if str(precision) == "32" else 2
+        mask = 0 if not self.dropout else (1 if device == "cuda" else e)
+        per_layer = (b * k * (d + 3 * hd) * e  # memory + segment into qkv_net, its output
+                     + b * q * (6 * 4 * d + 4 * hd * e + f * (2 * e + mask) + 3 * mask * d)  # LNs, q+u, q+v, FF, dropout masks
+                     + 5 * 4 * b * n * q * k)  # content and position scores, their sum, probabilities (fp32)
+        head = model.crit.head()[0].shape[0]
+        stage = {"params": params, "activations": self.n_layer * per_layer + 4 * b * q * d * 3,
+                 "transient": 2 * 4 * b * q * head, "grad_transient": 4 * params}
+        return {"params": params, "flops_per_token": model.flops_per_token(self.seq_length), "stages": [stage]}
+
+    def eval_settings(self) -> Dict[str, object]:
+        """tgt_len, mem_len, clamp_len, same_length of the evaluation protocol."""
+        tgt = self.eval_tgt_len or self.seq_length
+        mem = self.eval_mem_len if self.eval_mem_len is not None else max(0, self.mem_len + self.seq_length - tgt)
+        clamp = self.eval_clamp_len if self.eval_clamp_len is not None else self.clamp_len
+        same = self.eval_same_length if self.eval_same_length is not None else self.same_length
+        return {"tgt_len": tgt, "mem_len": mem, "clamp_len": clamp, "same_length": same}
+
+    def resolved_tie_projs(self) -> List[bool]:
+        cutoffs = self.cutoffs if self.adaptive else []
+        return list(self.tie_projs) if self.tie_projs is not None else [False] + [True] * len(cutoffs)
+
+
+def check_config(cfg: TransformerXLConfig, vocab_size: Optional[int] = None) -> None:
+    for key in ("n_layer", "d_model", "n_head", "d_head", "d_inner", "div_val", "eval_batch_size"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"model.{key}: must be at least 1, got {getattr(cfg, key)}")
+    for key in ("dropout", "dropatt"):
+        if not 0.0 <= getattr(cfg, key) < 1.0:
+            raise ConfigError(f"model.{key}: must be in [0, 1), got {getattr(cfg, key)}")
+    if cfg.mem_len < 0:
+        raise ConfigError(f"model.mem_len: must be >= 0, got {cfg.mem_len}")
+    if cfg.ext_len != 0:
+        raise ConfigError(f"model.ext_len={cfg.ext_len}: only 0 is supported (no reference config uses extended context)")
+    for key in ("init", "emb_init"):
+        if getattr(cfg, key) not in ("normal", "uniform"):
+            raise ConfigError(f"model.{key}: \"normal\" or \"uniform\", got {getattr(cfg, key)!r}")
+    if cfg.tensor_model_parallel_size > 1 or cfg.pipeline_model_parallel_size > 1:
+        raise ConfigError("model.tensor_model_parallel_size / model.pipeline_model_parallel_size: transformer_xl"
+                          " trains with data parallelism only; set both to 1")
+    if cfg.global_batch_size is None:
+        raise ConfigError("model.global_batch_size: transformer_xl needs it set (the number of text streams each"
+                          " step reads, the reference's batch_size)")
+    cutoffs = cfg.cutoffs if cfg.adaptive else []
+    if any(b <= a for a, b in zip([0] + cutoffs, cutoffs)):
+        raise ConfigError(f"model.cutoffs={cfg.cutoffs}: must be positive and strictly ascending")
+    if vocab_size is not None and cutoffs and cutoffs[-1] >= vocab_size:
+        raise ConfigError(f"model.cutoffs={cfg.cutoffs}: the last cutoff must be below the vocabulary size {vocab_size}")
+    if len(cfg.resolved_tie_projs()) != len(cutoffs) + 1:
+        raise ConfigError(f"model.tie_projs={cfg.tie_projs}: needs one entry per bucket ({len(cutoffs) + 1})")
+    d_embed = cfg.d_embed or cfg.d_model
+    if cfg.div_val > 1 and d_embed // cfg.div_val ** len(cutoffs) < 1:
+        raise ConfigError(f"model.div_val={cfg.div_val}: the last bucket's width d_embed // div_val**{len(cutoffs)} is 0")
+    ev = cfg.eval_settings()
+    if ev["tgt_len"] < 1 or ev["mem_len"] < 0:
+        raise ConfigError(f"model.eval_tgt_len / eval_mem_len: got {ev['tgt_len']} / {ev['mem_len']}")
+
+
+# --- the reference's building blocks ------------------------------------------------------------
+
+
+def rel_shift(x: torch.Tensor) -> torch.Tensor:
+    """[b, n, q, k] scores against positions ordered by descending distance -> scores where
+    (query i, key j) holds distance mlen + i - j, for every key the causal mask keeps (the
+    masked upper triangle holds leftovers). Pad a zero column left, read the buffer as
+    [k + 1, q], drop its first row, read it back."""
+    b, n, q, k = x.shape
+    padded = torch.cat([x.new_zeros(b, n, q, 1), x], dim=3).view(b, n, k + 1, q)
+    return padded[:, :, 1:].reshape(b, n, q, k)
+
+
+def attn_mask(qlen: int, mlen: int, mem_len: int, same_length: bool, device: torch.device) -> torch.Tensor:
+    """[qlen, klen] bool, True = masked. Query i sees the memory and keys up to itself; with
+    `same_length`, only its last mem_len + 1 keys (NVIDIA's `klen - mem_len - 1`)."""
+    klen = mlen + qlen
+    ones = torch.ones(qlen, klen, dtype=torch.bool, device=device)
+    mask = torch.triu(ones, diagonal=1 + mlen)
+    if same_length:
+        mask_len = klen - mem_len - 1
+        shift = qlen - mask_len if mask_len > 0 else qlen
+        mask = mask | torch.tril(ones, diagonal=-shift)
+    return mask
+
+
+class PositionalEmbedding(nn.Module):
+    """Sinusoids of the relative distances: all sines, then all cosines (not interleaved)."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.register_buffer("inv_freq", 1.0 / (10000 ** (torch.arange(0.0, d_model, 2.0) / d_model)))
+
+    def forward(self, pos_seq: torch.Tensor) -> torch.Tensor:
+        sinusoid = torch.outer(pos_seq, self.inv_freq)
+        return torch.cat([sinusoid.sin(), sinusoid.cos()], dim=-1)[:, None, :]
+
+
+class PositionwiseFF(nn.Module):
+    def __init__(self, d_model: int, d_inner: int, dropout: float, pre_lnorm: bool):
+        super().__init__()
+        self.pre_lnorm = pre_lnorm
+        self.CoreNet = nn.Sequential(nn.Linear(d_model, d_inner), nn.ReLU(inplace=True), nn.Dropout(dropout),
+                                     nn.Linear(d_inner, d_model), nn.Dropout(dropout))
+        self.layer_norm = nn.LayerNorm(d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pre_lnorm:
+            return x + self.CoreNet(self.layer_norm(x))
+        return self.layer_norm(x + self.CoreNet(x))
+
+
+class RelPartialLearnableMultiHeadAttn(nn.Module):
+    """Attention with the paper's terms (a)+(c) as AC (content, bias u = r_w_bias) and
+    (b)+(d) as BD (position, bias v = r_r_bias), over memory + segment."""
+
+    def __init__(self, n_head: int, d_model: int, d_head: int, dropout: float, dropatt: float, pre_lnorm: bool):
+        super().__init__()
+        self.n_head, self.d_head, self.pre_lnorm = n_head, d_head, pre_lnorm
+        self.scale = 1.0 / math.sqrt(d_head)
+        self.qkv_net = nn.Linear(d_model, 3 * n_head * d_head, bias=False)
+        self.r_net = nn.Linear(d_model, n_head * d_head, bias=False)
+        self.o_net = nn.Linear(n_head * d_head, d_model, bias=False)
+        self.drop = nn.Dropout(dropout)
+        self.dropatt = nn.Dropout(dropatt)
+        self.layer_norm = nn.LayerNorm(d_model)
+
+    def forward(self, w: torch.Tensor, r: torch.Tensor, r_w_bias: torch.Tensor, r_r_bias: torch.Tensor,
+                mask: torch.Tensor, mems: torch.Tensor) -> torch.Tensor:
+        qlen, bsz = w.size(0), w.size(1)
+        cat = torch.cat([mems.to(w.dtype), w], 0)
+        w_heads = self.qkv_net(self.layer_norm(cat) if self.pre_lnorm else cat)
+        r_head_k = self.r_net(r).view(r.size(0), self.n_head, self.d_head)
+        q, k, v = torch.chunk(w_heads, 3, dim=-1)
+        klen = k.size(0)
+        q = q[-qlen:].view(qlen, bsz, self.n_head, self.d_head)
+        k = k.view(klen, bsz, self.n_head, self.d_head)
+        v = v.view(klen, bsz, self.n_head, self.d_head)
+        ac = torch.einsum("ibnd,jbnd->bnij", q + r_w_bias, k)
+        bd = rel_shift(torch.einsum("ibnd,jnd->bnij", q + r_r_bias, r_head_k))
+        score = (ac + bd) * self.scale
+        score = score.to(torch.promote_types(score.dtype, torch.float32)).masked_fill(mask[None, None], float("-inf"))
+        prob = self.dropatt(torch.softmax(score, dim=3).to(v.dtype))
+        vec = torch.einsum("bnij,jbnd->ibnd", prob, v).reshape(qlen, bsz, self.n_head * self.d_head)
+        out = self.drop(self.o_net(vec))
+        return w + out if self.pre_lnorm else self.layer_norm(w + out)
+
+
+class RelPartialLearnableDecoderLayer(nn.Module):
+    def __init__(self, n_head: int, d_model: int, d_head: int, d_inner: int, dropout: float, dropatt: float,
+                 pre_lnorm: bool):
+        super().__init__()
+        self.dec_attn = RelPartialLearnableMultiHeadAttn(n_head, d_model, d_head, dropout, dropatt, pre_lnorm)
+        self.pos_ff = PositionwiseFF(d_model, d_inner, dropout, pre_lnorm)
+
+    def forward(self, x: torch.Tensor, r: torch.Tensor, r_w_bias: torch.Tensor, r_r_bias: torch.Tensor,
+                mask: torch.Tensor, mems: torch.Tensor) -> torch.Tensor:
+        return self.pos_ff(self.dec_attn(x, r, r_w_bias, r_r_bias, mask, mems))
+
+
+def update_mems(hids: List[torch.Tensor], mems: torch.Tensor, mem_len: int, ext_len: int = 0) -> torch.Tensor:
+    """The last mem_len positions of (old memory + this segment's layer inputs), leaving out
+    the last ext_len: [n_layer, <= mem_len, bsz, d], detached."""
+    with torch.no_grad():
+        stacked = torch.stack(hids)
+        mlen, qlen = mems.size(1), stacked.size(1)
+        end = mlen + max(0, qlen - ext_len)
+        beg = max(0, end - mem_len)
+        return torch.cat([mems.to(stacked.dtype), stacked], 1)[:, beg:end].detach()
+
+
+class TXLCache:
+    """The memory `mega generate` decodes with: everything seen so far (up to `max_len`
+    positions), so decoding one token at a time equals running the whole text at once."""
+
+    def __init__(self, max_len: int):
+        self.mems: Optional[torch.Tensor] = None
+        self.max_len = max_len
+
+
+# --- the model ------------------------------------------------------------------------------------
+
+
+class TransformerXLModel(nn.Module):
+    """NVIDIA's `MemTransformerLM` (attn_type 0) as a mega model: a LanguageModel that is
+    also a StatefulModel, a Generator and evaluates itself with the reference's protocol."""
+
+    def __init__(self, cfg: TransformerXLConfig, vocab_size: int):
+        super().__init__()
+        check_config(cfg, vocab_size)
+        self.config = cfg
+        self.vocab_size = vocab_size
+        self.max_positions = 1 << 30  # relative positions: no limit but memory
+        self.n_layer, self.d_model = cfg.n_layer, cfg.d_model
+        d_embed = cfg.d_embed or cfg.d_model
+        cutoffs = list(cfg.cutoffs) if cfg.adaptive else []
+        self.word_emb = AdaptiveEmbedding(vocab_size, d_embed, cfg.d_model, cutoffs, cfg.div_val)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(
+            RelPartialLearnableDecoderLayer(cfg.n_head, cfg.d_model, cfg.d_head, cfg.d_inner, cfg.dropout, cfg.dropatt,
+                                            cfg.pre_lnorm) for _ in range(cfg.n_layer))
+        self.pos_emb = PositionalEmbedding(cfg.d_model)
+        self.r_w_bias = nn.Parameter(torch.zeros(cfg.n_head, cfg.d_head))
+        self.r_r_bias = nn.Parameter(torch.zeros(cfg.n_head, cfg.d_head))
+        self.crit = ProjectedAdaptiveLogSoftmax(vocab_size, d_embed, cfg.d_model, cutoffs, cfg.div_val,
+                                                cfg.resolved_tie_projs(), self.word_emb if cfg.tie_weight else None)
+        init_weights(self, cfg)
+        mark_replicated(self)
+        self._train_mems: Dict[int, torch.Tensor] = {}  # carried across steps, by micro-batch slot
+        self._eval_mems: Dict[int, torch.Tensor] = {}  # within one validation pass
+
+    # --- the core ---------------------------------------------------------------------------
+    def empty_mems(self, bsz: int, device=None, dtype=None) -> torch.Tensor:
+        p = self.r_w_bias
+        return torch.zeros(self.n_layer, 0, bsz, self.d_model, device=device or p.device, dtype=dtype or p.dtype)
+
+    def hidden(self, tokens: torch.Tensor, mems: Optional[torch.Tensor] = None, mem_len: Optional[int] = None,
+               clamp_len: Optional[int] = None, same_length: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(hidden states [qlen, bsz, d_model], new memory [n_layer, <= mem_len, bsz, d_model])
+        for time-major `tokens` [qlen, bsz] after `mems` (None: empty). The keyword settings
+        default to the training config."""
+        cfg = self.config
+        mem_len = cfg.mem_len if mem_len is None else mem_len
+        clamp_len = cfg.clamp_len if clamp_len is None else clamp_len
+        same_length = cfg.same_length if same_length is None else same_length
+        qlen, bsz = tokens.shape
+        if mems is None:
+            mems = self.empty_mems(bsz, tokens.device)
+        word_emb = self.word_emb(tokens)
+        mlen = mems.size(1)
+        klen = mlen + qlen
+        mask = attn_mask(qlen, mlen, mem_len, same_length, tokens.device)
+        pos_seq = torch.arange(klen - 1, -1, -1.0, device=tokens.device, dtype=word_emb.dtype)
+        if clamp_len > 0:
+            pos_seq = pos_seq.clamp(max=clamp_len)
+        core_out = self.drop(word_emb)
+        pos_emb = self.drop(self.pos_emb(pos_seq))
+        hids = []
+        for i, layer in enumerate(self.layers):
+            hids.append(core_out.detach())
+            core_out = layer(core_out, pos_emb, self.r_w_bias, self.r_r_bias, mask, mems[i])
+        core_out = self.drop(core_out)
+        return core_out, update_mems(hids, mems, mem_len, 0)
+
+    # --- training ---------------------------------------------------------------------------
+    def training_loss(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The sum of masked token losses of one micro-batch, continuing its slot's memory."""
+        tokens, labels = batch["tokens"].t(), batch["labels"].t()  # [qlen, bsz]
+        store = self._train_mems if self.training else self._eval_mems
+        slot = int(batch["stream"][0]) if "stream" in batch else -1
+        mems = store.get(slot)
+        if mems is not None and mems.size(2) != tokens.size(1):
+            mems = None  # another batch shape: start afresh
+        hidden, new_mems = self.hidden(tokens, mems)
+        if self.config.mem_len > 0:
+            store[slot] = new_mems
+        nll = self.crit.nll(hidden.reshape(-1, self.d_model), labels.reshape(-1)).view_as(labels)
+        return {"loss_sum": (nll * batch["loss_mask"].t()).sum()}
+
+    def train(self, mode: bool = True):
+        if not mode:  # each validation pass starts from an empty memory
+            self._eval_mems = {}
+        return super().train(mode)
+
+    # --- StatefulModel ----------------------------------------------------------------------
+    def carried_state(self) -> Dict[str, torch.Tensor]:
+        return {f"mems.{slot}": m for slot, m in sorted(self._train_mems.items())}
+
+    def load_carried_state(self, state: Dict[str, torch.Tensor]) -> None:
+        self._train_mems = {int(k.split(".", 1)[1]): v.clone() for k, v in state.items() if k.startswith("mems.")}
+
+    # --- Generator --------------------------------------------------------------------------
+    def new_kv_cache(self, batch: int, max_len: int) -> TXLCache:
+        return TXLCache(max_len)
+
+    def forward(self, tokens: torch.Tensor, cache: Optional[TXLCache] = None) -> torch.Tensor:
+        """Log-probabilities [batch, seq, vocab] of the next token after each of `tokens`
+        [batch, seq]; with `cache`, continuing (and extending) its memory."""
+        t = tokens.t()
+        if cache is None:
+            hidden, _ = self.hidden(t, None, mem_len=0)
+        else:
+            hidden, cache.mems = self.hidden(t, cache.mems, mem_len=cache.max_len, same_length=False)
+        logp = self.crit.log_prob(hidden.reshape(-1, self.d_model))
+        return logp.view(t.size(0), t.size(1), -1).transpose(0, 1)
+
+    # --- evaluation -------------------------------------------------------------------------
+    def segment_nll(self, tokens: torch.Tensor, targets: torch.Tensor, mems: torch.Tensor, settings: dict):
+        """(per-token NLL [qlen, bsz], new memory) of one time-major evaluation segment."""
+        hidden, new_mems = self.hidden(tokens, mems, settings["mem_len"], settings["clamp_len"], settings["same_length"])
+        nll = self.crit.nll(hidden.reshape(-1, self.d_model), targets.reshape(-1)).view_as(targets)
+        return nll, new_mems
+
+    def evaluate(self, source, split: str, tokenizer, config, torchscript: bool = False) -> Dict[str, float]:
+        """mega.protocols.Evaluates: the reference's protocol over the whole `split` of an
+        `lm_ordered` source at the eval_* settings, the streams shared out over the
+        data-parallel ranks; with `torchscript`, through the scripted inference module
+        (what `mega export --torchscript` writes), as the reference's `eval.py --type torchscript`."""
+        from mega.runtime.parallel import current
+
+        if not hasattr(source, "token_stream"):
+            raise ConfigError(f"model.data.data_impl={config.model.data.data_impl!r}: transformer_xl evaluates a split"
+                              " read in order; use data_impl = \"lm_ordered\"")
+        stream = source.token_stream(split, tokenizer).to(self.r_w_bias.device)
+        settings = {**self.config.eval_settings(), "batch_size": self.config.eval_batch_size}
+        st = current()
+        if settings["batch_size"] < st.dp_size:
+            raise ConfigError(f"model.eval_batch_size={settings['batch_size']}: fewer streams than the"
+                              f" {st.dp_size} data-parallel ranks")
+        if torchscript:
+            scripted = self.to_torchscript()
+
+            def step(x, y, m):
+                return scripted.nll(x, y, m)
+            empty = scripted.init_mems(1)
+        else:
+            def step(x, y, m):
+                return self.segment_nll(x, y, m, settings)
+            empty = self.empty_mems(1, stream.device)
+        with torch.no_grad():
+            part = evaluate_ordered(step, stream, settings, empty, st.dp_rank, st.dp_size)
+        totals = st.all_reduce_sum(torch.tensor([part["loss_sum"], float(part["tokens"])], dtype=torch.float64,
+                                                device=stream.device))
+        metrics = finish_metrics(float(totals[0]), int(totals[1]))
+        metrics.update({f"eval_{k}": v for k, v in settings.items()})
+        return metrics
+
+    def to_torchscript(self, **overrides):
+        """The scripted inference module (fp32) at the eval_* memory settings (keyword
+        arguments mem_len, clamp_len, same_length override them)."""
+        from mega.plugins.models.transformer_xl_script import script_transformer_xl
+
+        ev = {**self.config.eval_settings(), **overrides}
+        return script_transformer_xl(self, int(ev["mem_len"]), int(ev["clamp_len"]), bool(ev["same_length"]))
+
+    @torch.no_grad()
+    def evaluate_stream(self, stream: torch.Tensor, **overrides) -> Dict[str, float]:
+        """The reference's evaluation of a token stream (see `evaluate_ordered`) with the
+        config's eval_* settings (keyword arguments override them)."""
+        settings = {**self.config.eval_settings(), "batch_size": self.config.eval_batch_size, **overrides}
+        was = self.training
+        self.eval()
+        try:
+            return finish_metrics(**evaluate_ordered(lambda x, y, m: self.segment_nll(x, y, m, settings), stream,
+                                                     settings, self.empty_mems(1, stream.device)))
+        finally:
+            self.train(was)
+
+    # --- FLOPs ------------------------------------------------------------------------------
+    def flops_per_token(self, seq_length: int) -> float:
+        """Training FLOPs per token (3 x forward): 6 x the matmul parameters a token touches
+        (layers and the head softmax; tail buckets left out), the position projection r_net
+        over segment + memory shared by the segment's tokens, and attention over segment +
+        memory (content scores, position scores, values: 3 x 2 x n_head x d_head per key)."""
+        cfg = self.config
+        hd, klen = cfg.n_head * cfg.d_head, seq_length + cfg.mem_len
+        layer = 4 * cfg.d_model * hd + 2 * cfg.d_model * cfg.d_inner
+        head = self.crit.head()[0].numel()
+        r_net = cfg.d_model * hd * klen / seq_length
+        return 6.0 * (cfg.n_layer * (layer + r_net) + head) + 18.0 * cfg.n_layer * hd * klen
+
+
+def evaluate_ordered(segment_nll, stream: torch.Tensor, settings: dict, empty_mems: torch.Tensor,
+                     dp_rank: int = 0, dp_size: int = 1) -> Dict[str, float]:
+    """NVIDIA's evaluation: `stream` (1-D token ids of a whole split) is cut into
+    `batch_size` contiguous columns (the tail that does not fill a row is dropped, as the
+    reference does); each column is preceded by ceil(mem_len / tgt_len) warm-up segments
+    taken from the end of the previous column (its true left context) that fill the memory
+    and are not scored; then every segment (the last may be shorter) is scored, carrying
+    the memory. Returns this rank's summed NLL of the scored tokens (`loss_sum`) and their
+    count (`tokens`); `finish_metrics` turns totals into the token-weighted `loss`,
+    `perplexity` and `bpc` (loss / ln 2: bits per character for character-level data)."""
+    bsz, tgt_len, mem_len = int(settings["batch_size"]), int(settings["tgt_len"]), int(settings["mem_len"])
+    n_step = stream.numel() // bsz
+    if n_step < 2:
+        raise ConfigError(f"model.eval_batch_size={bsz}: the split has only {stream.numel()} tokens")
+    data = stream[: n_step * bsz].view(bsz, n_step).t().contiguous()  # [n_step, bsz]
+    warm_elems = math.ceil(mem_len / tgt_len) * tgt_len if mem_len > 0 else 0
+    warm_elems = min(warm_elems, n_step)
+    if warm_elems:
+        data = torch.cat([data.roll((warm_elems, 1), (0, 1))[:warm_elems], data], 0)
+    cols = data.chunk(dp_size, dim=1)[dp_rank] if dp_size > 1 else data
+    mems = empty_mems.expand(-1, -1, cols.size(1), -1)
+    loss_sum, n_tok = 0.0, 0
+    for i in range(0, cols.size(0) - 1, tgt_len):
+        seq_len = min(tgt_len, cols.size(0) - 1 - i)
+        nll, mems = segment_nll(cols[i:i + seq_len], cols[i + 1:i + 1 + seq_len], mems)
+        if i >= warm_elems:
+            loss_sum += float(nll.double().sum())
+            n_tok += nll.numel()
+    return {"loss_sum": loss_sum, "tokens": n_tok}
+
+
+def finish_metrics(loss_sum: float, tokens: int) -> Dict[str, float]:
+    """loss (token mean), ppl, bpc and the token count from summed NLLs."""
+    loss = loss_sum / max(tokens, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "bpc": loss / math.log(2), "tokens": tokens}
+
+
+# --- initialisation (the reference's weights_init) ------------------------------------------------
+
+
+def init_weights(model: TransformerXLModel, cfg: TransformerXLConfig) -> None:
+    """Linear weights, embedding tables, cluster weights and the relative biases from
+    `init` (N(0, init_std) or U(-init_range, init_range)); projections N(0, proj_init_std);
+    LayerNorm weights N(1, init_std); every bias 0."""
+    def weight(t):
+        if cfg.init == "uniform":
+            nn.init.uniform_(t, -cfg.init_range, cfg.init_range)
+        else:
+            nn.init.normal_(t, 0.0, cfg.init_std)
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                weight(m.weight)
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.normal_(m.weight, 1.0, cfg.init_std)
+                m.bias.zero_()
+            elif isinstance(m, nn.Embedding):
+                if cfg.emb_init == "uniform":
+                    nn.init.uniform_(m.weight, -cfg.emb_init_range, cfg.emb_init_range)
+                else:
+                    nn.init.normal_(m.weight, 0.0, cfg.init_std)
+        for p in model.word_emb.emb_projs:
+            nn.init.normal_(p, 0.0, cfg.proj_init_std)
+        crit = model.crit
+        for p in crit.out_projs.values():
+            nn.init.normal_(p, 0.0, cfg.proj_init_std)
+        for p in crit.out_layers_weights:
+            weight(p)
+        if crit.n_clusters > 0:
+            weight(crit.cluster_weight)
+            crit.cluster_bias.zero_()
+        for p in crit.out_layers_biases:
+            p.zero_()
+        weight(model.r_w_bias)
+        weight(model.r_r_bias)
+
+
+# --- registration ------------------------------------------------------------------------------
+
+
+def build_transformer_xl(config: TransformerXLConfig, tokenizer, plugins=None) -> TransformerXLModel:
+    return TransformerXLModel(config, tokenizer.vocab_size)
+
+
+@mega.hookimpl
+def register_models(register):
+    register("transformer_xl", build_transformer_xl, config=TransformerXLConfig)
