@@ -139,6 +139,11 @@ BART = ("trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_va
         "model.hiddens.transform.q_z_given_x.hidden_size=32", "model.tokenizer.vocab_size=60",
         "model.optim.sched.warmup_steps=1", *DATA)
 FEW_TOKENS = ("--max-new-tokens", "4")
+# A tiny BERT for 2 steps on the quickstart corpus (the default data), a WordPiece vocabulary of 200.
+BERT = ("trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "model.num_layers=2",
+        "model.hidden_size=32", "model.num_attention_heads=4", "model.seq_length=32", "model.max_position_embeddings=32",
+        "model.micro_batch_size=2", "model.global_batch_size=4", "model.tokenizer.vocab_size=200",
+        "model.optim.sched.warmup_steps=1")
 
 
 @dataclass(frozen=True)
@@ -234,7 +239,13 @@ COMMANDS: Dict[str, object] = {
     "mega run examples/gpt-tp2.toml": Run(GPT + DATA, needs=("corpus.txt",), slow=True),
     "torchrun --nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 -m mega run exp.toml"
     " trainer.devices=8 trainer.num_nodes=2": LAUNCH,
+    # docs/bert.md
+    "mega run examples/bert.toml": Run(BERT, expect=_file("results/bert/checkpoints")),
     # examples/*.toml comments
+    "mega run examples/bert.toml trainer.devices=2 model.tensor_model_parallel_size=2 exp_manager.name=bert-tp2":
+        Run(BERT + ("trainer.accelerator=cpu",), slow=True),
+    "mega run examples/bert.toml model.tokenizer.vocab_file=vocab.txt exp_manager.name=bert-vocab":
+        Run(BERT, needs=("vocab.txt",)),
     "mega run examples/quickstart.toml 'model.data.data_prefix=[\"my_corpus.txt\"]'":
         Run(GPT + ("exp_manager.name=own",), needs=("my_corpus.txt",)),
     "mega run examples/mim.toml ++model.hiddens.loss.mim.loss_weight=0.5": Run(BART + ("exp_manager.name=mim_w",),
@@ -307,6 +318,8 @@ ARTIFACTS: Dict[str, Tuple[Tuple[str, ...], Callable[[Path], None]]] = {
     "spm.model": (("results/quickstart",), lambda ws: shutil.copy(ws / "results/quickstart/tokenizer.model",
                                                                  ws / "spm.model")),
     "results/megatron_mim": (("corpus.txt",), lambda ws: _run_doc(ws, "mega run examples/mim.toml")),
+    "results/bert": ((), lambda ws: _run_doc(ws, "mega run examples/bert.toml")),
+    "vocab.txt": (("results/bert",), lambda ws: shutil.copy(ws / "results/bert/vocab.txt", ws / "vocab.txt")),
 }
 
 
