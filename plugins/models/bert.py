@@ -70,8 +70,8 @@ from mega.runtime.tensor_parallel import gather_from_tp, mark_replicated
 
 
 @define(kw_only=True)
-class BertConfig(ModelConfig):
-    """`model.*` keys of the `bert` models (Megatron-LM / NeMo names)."""
+class BertEncoderConfig(ModelConfig):
+    """`model.*` keys every `bert` model has: the encoder (Megatron-LM / NeMo names)."""
 
     name: str = "bert"
     num_layers: int = 24  # transformer layers
@@ -88,38 +88,56 @@ class BertConfig(ModelConfig):
     make_vocab_size_divisible_by: int = 128  # vocabulary padded to a multiple of this (x TP)
     mask_padded_vocab: bool = True  # padded ids left out of the LM loss's softmax (same loss at every TP); false: Megatron-LM's
     num_tokentypes: int = 2  # rows of the token-type table (0: none, Megatron-LM's --bert-no-binary-head)
-    add_binary_head: bool = True  # `bert`: pooler + binary head and sentence-pair samples; false: masked LM only
-    binary_head: Literal["sop", "nsp"] = "sop"  # sentence-order prediction (Megatron-LM) or next-sentence prediction (BERT)
-    masked_lm_prob: float = 0.15  # share of tokens predicted (80% [MASK], 10% random, 10% kept)
-    short_seq_prob: float = 0.1  # share of samples with a shorter random target length
-    max_predictions_per_seq: Optional[int] = None  # cap on predicted tokens; None: masked_lm_prob x seq_length
-    whole_word_masking: bool = True  # mask every piece of a word together
 
     def check(self, plugins=None) -> None:
         check_config(self)
 
+
+@define(kw_only=True)
+class BertConfig(BertEncoderConfig):
+    """`bert`: masked LM + binary head, and the keys of its pretraining samples."""
+
+    name: str = "bert"
+    add_binary_head: bool = True  # pooler + binary head and sentence-pair samples; false: masked LM only, single segments
+    binary_head: Literal["sop", "nsp"] = "sop"  # sentence-order prediction (Megatron-LM) or next-sentence prediction (BERT)
+    masked_lm_prob: float = 0.15  # share of tokens predicted (80% [MASK], 10% random, 10% kept)
+    short_seq_prob: float = 0.1  # share of samples with a shorter random target length
+    max_predictions_per_seq: Optional[int] = None  # cap on predicted tokens; None: masked_lm_prob x target length
+    whole_word_masking: bool = True  # mask every piece of a word together
+
     def objective(self):
         """BertObjective samples: sentence pairs with the binary head, single segments without."""
-        return BertObjective(binary_head=self.binary_head if self.add_binary_head else None,
-                             masked_lm_prob=self.masked_lm_prob, short_seq_prob=self.short_seq_prob,
-                             max_predictions_per_seq=self.max_predictions_per_seq,
+        return self._samples(self.binary_head if self.add_binary_head else None)
+
+    def _samples(self, binary_head):
+        return BertObjective(binary_head=binary_head, masked_lm_prob=self.masked_lm_prob,
+                             short_seq_prob=self.short_seq_prob, max_predictions_per_seq=self.max_predictions_per_seq,
                              whole_word_masking=self.whole_word_masking)
 
 
 @define(kw_only=True)
 class BertMaskedLMConfig(BertConfig):
-    """`bert_masked_lm`: the LM head only, trained on single-segment masked samples."""
+    """`bert_masked_lm`: the LM head only, trained on single-segment masked samples
+    (`add_binary_head` and `binary_head` are not used)."""
 
     name: str = "bert_masked_lm"
 
     def objective(self):
-        return BertObjective(binary_head=None, masked_lm_prob=self.masked_lm_prob, short_seq_prob=self.short_seq_prob,
-                             max_predictions_per_seq=self.max_predictions_per_seq,
-                             whole_word_masking=self.whole_word_masking)
+        return self._samples(None)
 
 
 @define(kw_only=True)
-class BertCausalLMConfig(BertConfig):
+class BertNextSentenceConfig(BertConfig):
+    """`bert_next_sentence`: pooler + binary head only, on sentence pairs (`add_binary_head` not used)."""
+
+    name: str = "bert_next_sentence"
+
+    def objective(self):
+        return self._samples(self.binary_head)
+
+
+@define(kw_only=True)
+class BertCausalLMConfig(BertEncoderConfig):
     """`bert_causal_lm`: the encoder under a causal mask, trained on next-token samples."""
 
     name: str = "bert_causal_lm"
@@ -129,19 +147,7 @@ class BertCausalLMConfig(BertConfig):
 
 
 @define(kw_only=True)
-class BertNextSentenceConfig(BertConfig):
-    """`bert_next_sentence`: pooler + binary head only."""
-
-    name: str = "bert_next_sentence"
-
-    def objective(self):
-        return BertObjective(binary_head=self.binary_head, masked_lm_prob=self.masked_lm_prob,
-                             short_seq_prob=self.short_seq_prob, max_predictions_per_seq=self.max_predictions_per_seq,
-                             whole_word_masking=self.whole_word_masking)
-
-
-@define(kw_only=True)
-class BertSequenceClassificationConfig(BertConfig):
+class BertSequenceClassificationConfig(BertEncoderConfig):
     """`bert_sequence_classification`: pooled output -> dropout -> `classification_head`."""
 
     name: str = "bert_sequence_classification"
@@ -152,7 +158,7 @@ class BertSequenceClassificationConfig(BertConfig):
 
 
 @define(kw_only=True)
-class BertMultipleChoiceConfig(BertConfig):
+class BertMultipleChoiceConfig(BertEncoderConfig):
     """`bert_multiple_choice`: each choice's pooled output -> dropout -> one logit (`multichoice_head`)."""
 
     name: str = "bert_multiple_choice"
@@ -162,7 +168,7 @@ class BertMultipleChoiceConfig(BertConfig):
 
 
 @define(kw_only=True)
-class BertTokenClassificationConfig(BertConfig):
+class BertTokenClassificationConfig(BertEncoderConfig):
     """`bert_token_classification`: each token's hidden state -> dropout -> `token_classification_head`."""
 
     name: str = "bert_token_classification"
@@ -173,7 +179,7 @@ class BertTokenClassificationConfig(BertConfig):
 
 
 @define(kw_only=True)
-class BertQuestionAnsweringConfig(BertConfig):
+class BertQuestionAnsweringConfig(BertEncoderConfig):
     """`bert_question_answering`: start and end logits per token (`qa_head`, [2, hidden])."""
 
     name: str = "bert_question_answering"
@@ -182,7 +188,7 @@ class BertQuestionAnsweringConfig(BertConfig):
         return SampleObjective("question_answering")
 
 
-# task -> (LM head, pooler + binary head, pooler + task head, causal); "pretraining" reads add_binary_head
+# model name -> the task its BertModel is built for
 TASKS = {
     "bert": "pretraining",
     "bert_masked_lm": "masked_lm",
@@ -195,7 +201,7 @@ TASKS = {
 }
 
 
-def check_config(cfg: BertConfig) -> None:
+def check_config(cfg: BertEncoderConfig) -> None:
     """The blocks' shape (mega.plugins.models.transformer.check_shape) and BERT's own keys."""
     check_shape(BlockConfig.of(cfg), cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size)
     for key in ("make_vocab_size_divisible_by", "max_position_embeddings"):
@@ -207,14 +213,15 @@ def check_config(cfg: BertConfig) -> None:
         raise ConfigError(f"model.num_tokentypes: must be at least 0, got {cfg.num_tokentypes}")
     if cfg.lm_head_activation not in ACTIVATIONS:
         raise ConfigError(f"model.lm_head_activation: expected one of {', '.join(map(repr, ACTIVATIONS))}, got {cfg.lm_head_activation!r}")
-    if cfg.binary_head not in ("sop", "nsp"):
-        raise ConfigError(f"model.binary_head: expected 'sop' or 'nsp', got {cfg.binary_head!r}")
-    if not 0.0 < cfg.masked_lm_prob < 1.0:
-        raise ConfigError(f"model.masked_lm_prob: must be in (0, 1), got {cfg.masked_lm_prob}")
-    if not 0.0 <= cfg.short_seq_prob <= 1.0:
-        raise ConfigError(f"model.short_seq_prob: must be in [0, 1], got {cfg.short_seq_prob}")
-    if cfg.max_predictions_per_seq is not None and cfg.max_predictions_per_seq < 1:
-        raise ConfigError(f"model.max_predictions_per_seq: must be at least 1, got {cfg.max_predictions_per_seq}")
+    if isinstance(cfg, BertConfig):  # the pretraining samples' keys
+        if cfg.binary_head not in ("sop", "nsp"):
+            raise ConfigError(f"model.binary_head: expected 'sop' or 'nsp', got {cfg.binary_head!r}")
+        if not 0.0 < cfg.masked_lm_prob < 1.0:
+            raise ConfigError(f"model.masked_lm_prob: must be in (0, 1), got {cfg.masked_lm_prob}")
+        if not 0.0 <= cfg.short_seq_prob <= 1.0:
+            raise ConfigError(f"model.short_seq_prob: must be in [0, 1], got {cfg.short_seq_prob}")
+        if cfg.max_predictions_per_seq is not None and cfg.max_predictions_per_seq < 1:
+            raise ConfigError(f"model.max_predictions_per_seq: must be at least 1, got {cfg.max_predictions_per_seq}")
     if getattr(cfg, "num_labels", 1) < 1:
         raise ConfigError(f"model.num_labels: must be at least 1, got {cfg.num_labels}")
 
@@ -243,7 +250,7 @@ class BertLanguageModel(nn.Module):
     """Megatron's `language_model`: embedding (first pipeline stage), the `encoder` (this
     stage's layers; the final LayerNorm on the last stage) and the `pooler` (last stage)."""
 
-    def __init__(self, cfg: BertConfig, vocab: int, pooler: bool):
+    def __init__(self, cfg: BertEncoderConfig, vocab: int, pooler: bool):
         super().__init__()
         st = current()
         block = BlockConfig.of(cfg)
@@ -262,7 +269,7 @@ class BertLanguageModel(nn.Module):
 class BertModel(nn.Module):
     """The encoder with the heads of `task` (a value of TASKS)."""
 
-    def __init__(self, cfg: BertConfig, vocab_size: int, task: str = "pretraining"):
+    def __init__(self, cfg: BertEncoderConfig, vocab_size: int, task: str = "pretraining"):
         super().__init__()
         check_config(cfg)
         st = current()
@@ -449,7 +456,7 @@ CONFIGS = {
 }
 
 
-def build_bert(config: BertConfig, tokenizer, plugins=None) -> BertModel:
+def build_bert(config: BertEncoderConfig, tokenizer, plugins=None) -> BertModel:
     return BertModel(config, tokenizer.vocab_size, TASKS[config.name])
 
 
