@@ -295,3 +295,17 @@ def test_micro_batching_keeps_the_token_and_sample_means():
             torch.testing.assert_close(terms[k], terms0[k])
         for k in grads0:
             torch.testing.assert_close(grads[k], grads0[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+@pytest.mark.parametrize("name,keys", [("bert", {}), ("bert", {"add_binary_head": False, "num_tokentypes": 0}),
+                                       ("bert_causal_lm", {}), ("bert_sequence_classification", {"num_labels": 3}),
+                                       ("bert_multiple_choice", {}), ("bert_token_classification", {"num_labels": 5}),
+                                       ("bert_question_answering", {}), ("bert_next_sentence", {})])
+def test_memory_estimate_counts_the_built_models_parameters(name, keys):
+    """`mega plan`'s parameter count is exactly what BertModel builds, for every head."""
+    cfg = bert_config(name, **keys)
+    est = cfg.memory_per_rank(VOCAB, 2, 1, 1, "32", "cpu")
+    assert est["params"] == est["stages"][0]["params"] == sum(p.numel() for p in bert_model(name, **keys).parameters())
+    assert est["stages"][0]["activations"] > 0 and est["flops_per_token"] > 0
+    pp2 = cfg.memory_per_rank(VOCAB, 2, 1, 2, "32", "cpu")["stages"]
+    assert len(pp2) == 2 and sum(s["params"] for s in pp2) > est["params"]  # + the last stage's word embedding copy

@@ -43,6 +43,7 @@ positions, the binary-head loss a per-sample mean, and the loss their sum; logge
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, Literal, Optional
 
 import torch
@@ -91,6 +92,56 @@ class BertEncoderConfig(ModelConfig):
 
     def check(self, plugins=None) -> None:
         check_config(self)
+
+    def memory_per_rank(self, vocab_size: int, micro_batch: int, tp: int, pp: int, precision: str,
+                        device: str) -> Dict[str, object]:
+        """mega.protocols.EstimatesMemory, as GPT's (mega.plugins.models.gpt): parameters
+        counted from the keys (exactly what BertModel builds), activations per block, plus
+        the heads on the last stage; the LM head's logits only at the predicted positions
+        (`masked_lm_prob` of the tokens; every token for the causal LM)."""
+        from mega.plugins.models.gpt import block_activation_bytes, block_params, dropout_mask_bytes
+
+        task = TASKS[self.name]
+        block = BlockConfig.of(self)
+        h, L, s, b = self.hidden_size, self.num_layers, self.seq_length, micro_batch
+        vocab = padded_vocab_size(vocab_size, self.make_vocab_size_divisible_by, tp)
+        n = b * s
+        e = 4 if str(precision) == "32" else 2
+        word = vocab * h // tp
+        head_params = 2 * h  # final LayerNorm
+        lm = task in ("pretraining", "masked_lm", "causal_lm")
+        binary = task == "next_sentence" or (task == "pretraining" and self.add_binary_head)
+        if lm:
+            head_params += h * h + h + 2 * h + vocab // tp
+        if binary or task in ("sequence_classification", "multiple_choice"):
+            head_params += h * h + h  # pooler
+        head_params += {"sequence_classification": (h + 1) * getattr(self, "num_labels", 0), "multiple_choice": h + 1,
+                        "token_classification": (h + 1) * getattr(self, "num_labels", 0),
+                        "question_answering": 2 * h + 2}.get(task, 0) + (2 * h + 2 if binary else 0)
+        predicted = n if task == "causal_lm" else math.ceil(n * getattr(self, "masked_lm_prob", 1.0)) if lm else 0
+        per_stage = L // pp
+        stages = []
+        for p in range(pp):
+            first, last = p == 0, p == pp - 1
+            params = per_stage * block_params(block, tp)
+            acts = per_stage * block_activation_bytes(block, b, s, s, tp, precision, device)
+            transient = grad_transient = 0
+            if first:
+                params += word + (self.max_position_embeddings + self.num_tokentypes) * h
+                acts += n * h * dropout_mask_bytes(self.hidden_dropout, precision, device)
+                grad_transient += 4 * word
+            if last:
+                params += head_params + (word if pp > 1 else 0)
+                acts += n * h * (4 + e) + 8 * n  # final LayerNorm in/out
+                if lm:  # the head's dense, GeLU and LayerNorm at the predicted positions; the loss's fp32 softmax
+                    acts += predicted * h * (3 * e + 8) + 4 * predicted * vocab // tp
+                    transient += (e + 4) * predicted * vocab // tp
+                    grad_transient += 4 * word
+            stages.append({"params": params, "activations": acts, "transient": transient, "grad_transient": grad_transient})
+        whole_vocab = padded_vocab_size(vocab_size, self.make_vocab_size_divisible_by)
+        whole = L * block_params(block, 1) + whole_vocab * h + (self.max_position_embeddings + self.num_tokentypes) * h \
+            + head_params - (vocab // tp if lm else 0) + (whole_vocab if lm else 0)
+        return {"params": whole, "flops_per_token": training_flops_per_token(block, vocab, s), "stages": stages}
 
 
 @define(kw_only=True)
