@@ -309,3 +309,24 @@ def test_memory_estimate_counts_the_built_models_parameters(name, keys):
     assert est["stages"][0]["activations"] > 0 and est["flops_per_token"] > 0
     pp2 = cfg.memory_per_rank(VOCAB, 2, 1, 2, "32", "cpu")["stages"]
     assert len(pp2) == 2 and sum(s["params"] for s in pp2) > est["params"]  # + the last stage's word embedding copy
+
+
+def test_a_classifier_without_loss_tokens_is_a_per_sample_mean_under_micro_batching():
+    """No `loss_mask` at all: the loss is the sample mean, whatever the micro-batching."""
+    from mega.runtime.pipeline import forward_backward_no_pipelining
+
+    x = batch(b=4)
+    x = {k: x[k] for k in ("tokens", "tokentype_ids", "padding_mask")}
+    x["label"] = torch.tensor([0, 2, 1, 2])
+    losses = []
+    for n_micro in (1, 4):
+        model = bert_model("bert_sequence_classification", num_labels=3)
+        micro = [{k: v[i::n_micro] for k, v in x.items()} for i in range(n_micro)]
+        loss, terms = forward_backward_no_pipelining(lambda b, h: model.training_loss(b), micro, torch.tensor(1.0),
+                                                     num_samples=torch.tensor(4.0))
+        losses.append(loss)
+        with torch.no_grad():
+            ref = torch.nn.functional.cross_entropy(model.logits(x)["logits"], x["label"])
+        assert float(loss) == pytest.approx(float(ref), abs=1e-6)
+        assert 0 <= float(terms["cls_acc"]) <= 1
+    torch.testing.assert_close(losses[0], losses[1])
