@@ -3,7 +3,8 @@ head) against Hugging Face transformers' MegatronBertForPreTraining of the same 
 
 The same protocol as bench_gpt_vs_hf.py: both models in one process, timed alternately
 (forward, backward, AdamW step) over several repetitions, median tokens/s of each and
-their ratio; peak memory of each in a fresh subprocess. Both train on the same batch:
+their ratio (also per CPU-second of the process, steadier when other jobs share the
+machine); peak memory of each in a fresh subprocess. Both train on the same batch:
 15% of the positions predicted, some samples padded, a binary label per sample; Hugging
 Face gets labels of -100 where nothing is predicted. (MegatronBert in transformers has
 only its eager attention; mega's uses torch's scaled_dot_product_attention, and runs the
@@ -97,14 +98,17 @@ def speed(a) -> dict:
             step(batch)
     sync(a)
     rates = {w: [] for w in steps}
+    cpu_rates = {w: [] for w in steps}  # tokens per CPU-second of this process: steadier on a shared machine
     for _ in range(a.reps):
         for w, (step, _) in steps.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(a.steps):
                 step(batch)
             sync(a)
             rates[w].append(a.batch * a.seq * a.steps / (time.perf_counter() - t0))
-    return {w: {"tokens_per_sec": statistics.median(r), "all": r, "params": steps[w][1]} for w, r in rates.items()}
+            cpu_rates[w].append(a.batch * a.seq * a.steps / (time.process_time() - c0))
+    return {w: {"tokens_per_sec": statistics.median(r), "all": r, "params": steps[w][1],
+                "tokens_per_cpu_sec": statistics.median(cpu_rates[w])} for w, r in rates.items()}
 
 
 def memory_child(which: str, a) -> dict:
@@ -149,6 +153,7 @@ def main():
         print(f"{name:30s} params {s[w]['params'] / 1e6:6.2f}M  median {s[w]['tokens_per_sec']:9,.0f} tokens/s  "
               f"(runs: {', '.join(f'{r:,.0f}' for r in s[w]['all'])})  peak memory {mem[w]:,.0f} MiB")
     print(f"speed ratio mega/HF: {s['mega']['tokens_per_sec'] / s['hf']['tokens_per_sec']:.3f}   "
+          f"(per CPU-second: {s['mega']['tokens_per_cpu_sec'] / s['hf']['tokens_per_cpu_sec']:.3f})   "
           f"memory ratio mega/HF: {mem['mega'] / mem['hf']:.3f}")
 
 
