@@ -241,6 +241,7 @@ COMMANDS: Dict[str, object] = {
     " trainer.devices=8 trainer.num_nodes=2": LAUNCH,
     # docs/bert.md
     "mega run examples/bert.toml": Run(BERT, expect=_file("results/bert/checkpoints")),
+    "mega evaluate results/bert --split valid": Run(needs=("results/bert",), expect=_has('"lm_loss"', '"perplexity"')),
     # examples/*.toml comments
     "mega run examples/bert.toml trainer.devices=2 model.tensor_model_parallel_size=2 exp_manager.name=bert-tp2":
         Run(BERT + ("trainer.accelerator=cpu",), slow=True),
