@@ -6,7 +6,8 @@ the split is read in full: every sample once (`mega.protocols.WholeSplit`), cut 
 micro-batches of `model.micro_batch_size` spread over the data-parallel ranks, the last
 batch padded with samples whose loss mask is zero, so no sample is dropped and none is
 counted twice. The loss is token-weighted (sum of token losses / loss tokens) over the
-whole split; perplexity is its exponential. A model that evaluates its own way
+whole split; perplexity is its exponential. Per-sample losses (a BERT's sentence-order
+head) are left out: BERT is scored by its masked-LM loss. A model that evaluates its own way
 (`mega.protocols.Evaluates`, e.g. Transformer-XL's memory across segments) is asked
 instead.
 
@@ -167,7 +168,12 @@ def token_loss(model, source, split: str, tokenizer, config: ExperimentConfig, p
 
     def forward_step(batch, hidden):
         with autocast(precision, device):
-            return model.stage_forward(batch, hidden) if parallel.pp_size > 1 else model.training_loss(batch)
+            out = model.stage_forward(batch, hidden) if parallel.pp_size > 1 else model.training_loss(batch)
+        if isinstance(out, dict):  # the token loss is scored; per-sample losses (BERT's binary head) are left out
+            if "loss_sum" not in out:
+                raise ConfigError(f"model.name={mc.name!r} has no token loss (only per-sample losses) for mega evaluate to score")
+            out = {k: v for k, v in out.items() if k not in ("sample_loss_sum", "sample_terms")}
+        return out
 
     for b in range(math.ceil(n / per_batch)):
         (positions,) = micro_batch_positions(b, per_batch, mbs, parallel.dp_rank, dp)

@@ -45,7 +45,8 @@ def register_models(register):
 
     The module is a `mega.protocols.LanguageModel` (`training_loss(batch) -> LossOutput`:
     the *sum* of the micro-batch's masked token losses, which the kernel divides by the
-    global batch's token count), and optionally a `PipelineStage`, `Generator`,
+    global batch's token count, and/or `sample_loss_sum`, a sum of per-sample losses it
+    divides by the global batch's sample count), and optionally a `PipelineStage`, `Generator`,
     `EncoderDecoder`, `StatefulModel` or `CountsFlops`. The samples it trains on are its
     config's `objective()` (a `mega.protocols.SampleObjective`, "lm" by default).
     """

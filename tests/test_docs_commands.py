@@ -146,6 +146,11 @@ TXL = ("trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val
        "model.cutoffs=[8,14,20]", "model.eval_tgt_len=8", "model.eval_mem_len=8", "model.eval_clamp_len=-1",
        "model.eval_batch_size=2", "model.optim.sched.warmup_steps=1")
 WT103 = ("model.data.data_dir=wt103",)
+# A tiny BERT for 2 steps on the quickstart corpus (the default data), a WordPiece vocabulary of 200.
+BERT = ("trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "model.num_layers=2",
+        "model.hidden_size=32", "model.num_attention_heads=4", "model.seq_length=32", "model.max_position_embeddings=32",
+        "model.micro_batch_size=2", "model.global_batch_size=4", "model.tokenizer.vocab_size=200",
+        "model.optim.sched.warmup_steps=1")
 
 
 @dataclass(frozen=True)
@@ -263,7 +268,14 @@ COMMANDS: Dict[str, object] = {
     "mega run examples/quickstart.toml exp_manager.name=mine model.data.data_impl=mmap"
     " 'model.data.data_prefix=[data/mine_text_document]' model.tokenizer.model=results/quickstart/tokenizer.model":
         Run(GPT, needs=("data/mine_text_document.idx",), expect=_file("results/mine/checkpoints")),
+    # docs/bert.md
+    "mega run examples/bert.toml": Run(BERT, expect=_file("results/bert/checkpoints")),
+    "mega evaluate results/bert --split valid": Run(needs=("results/bert",), expect=_has('"lm_loss"', '"perplexity"')),
     # examples/*.toml comments
+    "mega run examples/bert.toml trainer.devices=2 model.tensor_model_parallel_size=2 exp_manager.name=bert-tp2":
+        Run(BERT + ("trainer.accelerator=cpu",), slow=True),
+    "mega run examples/bert.toml model.tokenizer.vocab_file=vocab.txt exp_manager.name=bert-vocab":
+        Run(BERT, needs=("vocab.txt",)),
     "mega run examples/quickstart.toml 'model.data.data_prefix=[\"my_corpus.txt\"]'":
         Run(GPT + ("exp_manager.name=own",), needs=("my_corpus.txt",)),
     "mega run examples/mim.toml ++model.hiddens.loss.mim.loss_weight=0.5": Run(BART + ("exp_manager.name=mim_w",),
@@ -350,6 +362,8 @@ ARTIFACTS: Dict[str, Tuple[Tuple[str, ...], Callable[[Path], None]]] = {
     "results/txl-large": (("wt103",), lambda ws: _run_doc(ws, "mega run examples/txl-large.toml trainer.devices=8")),
     "data/mine_text_document.idx": (("my_corpus.txt", "results/quickstart"), lambda ws: _run_doc(
         ws, "mega preprocess --input my_corpus.txt --output-prefix data/mine --tokenizer results/quickstart --append-eod --workers 2")),
+    "results/bert": ((), lambda ws: _run_doc(ws, "mega run examples/bert.toml")),
+    "vocab.txt": (("results/bert",), lambda ws: shutil.copy(ws / "results/bert/vocab.txt", ws / "vocab.txt")),
 }
 
 

@@ -1,0 +1,161 @@
+"""Training-step speed and memory of mega's Megatron-BERT (`bert`: masked LM + sentence-order
+head) against Hugging Face transformers' MegatronBertForPreTraining of the same shape.
+
+The same protocol as bench_gpt_vs_hf.py: both models in one process, timed alternately
+(forward, backward, AdamW step) over several repetitions, median tokens/s of each and
+their ratio (also per CPU-second of the process, steadier when other jobs share the
+machine); peak memory of each in a fresh subprocess. Both train on the same batch:
+15% of the positions predicted, some samples padded, a binary label per sample; Hugging
+Face gets labels of -100 where nothing is predicted. (MegatronBert in transformers has
+only its eager attention; mega's uses torch's scaled_dot_product_attention, and runs the
+LM head only at the predicted positions, which Megatron-LM's loss multiplies by zero
+anyway.)
+
+    pip install transformers
+    python benchmarks/bench_bert_vs_hf.py                     # 6 layers, 384 hidden, seq 128, batch 16
+    python benchmarks/bench_bert_vs_hf.py --layers 12 --hidden 768 --heads 12 --seq 512 --batch 4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_gpt_vs_hf import _status_kib, sync  # noqa: E402  (the GPT benchmark's measuring helpers)
+
+
+def make_batch(a) -> dict:
+    g = torch.Generator().manual_seed(0)
+    b, s = a.batch, a.seq
+    lengths = torch.randint(s * 3 // 4, s + 1, (b,), generator=g)
+    lengths[0] = s
+    padding = (torch.arange(s) < lengths[:, None]).long()
+    tokens = torch.randint(0, a.vocab, (b, s), generator=g) * padding
+    types = (torch.arange(s) >= (lengths[:, None] // 2)).long() * padding
+    loss_mask = (torch.rand(b, s, generator=g) < 0.15).long() * padding
+    labels = torch.where(loss_mask.bool(), torch.randint(0, a.vocab, (b, s), generator=g), -1)
+    batch = {"tokens": tokens, "tokentype_ids": types, "padding_mask": padding, "labels": labels,
+             "loss_mask": loss_mask, "is_random": torch.randint(0, 2, (b,), generator=g)}
+    return {k: v.to(a.device) for k, v in batch.items()}
+
+
+def build(which: str, a):
+    torch.manual_seed(0)
+    if which == "mega":
+        from mega.config import config_from_dict
+        from mega.plugins.models.bert import BertModel
+
+        cfg = config_from_dict({"model": {
+            "name": "bert", "num_layers": a.layers, "hidden_size": a.hidden, "num_attention_heads": a.heads,
+            "seq_length": a.seq, "max_position_embeddings": max(512, a.seq), "hidden_dropout": a.dropout,
+            "attention_dropout": a.dropout, "make_vocab_size_divisible_by": 128, "tokenizer": {"library": "bytes"}}}).model
+        model = BertModel(cfg, a.vocab)
+
+        def loss_fn(batch):
+            out = model.training_loss(batch)
+            return out["loss_sum"] / batch["loss_mask"].sum() + out["sample_loss_sum"] / a.batch
+    else:
+        from transformers import MegatronBertConfig, MegatronBertForPreTraining
+
+        cfg = MegatronBertConfig(vocab_size=a.vocab, hidden_size=a.hidden, num_hidden_layers=a.layers,
+                                 num_attention_heads=a.heads, intermediate_size=4 * a.hidden,
+                                 max_position_embeddings=max(512, a.seq), hidden_dropout_prob=a.dropout,
+                                 attention_probs_dropout_prob=a.dropout, layer_norm_eps=1e-5, hidden_act="gelu")
+        model = MegatronBertForPreTraining(cfg)
+
+        def loss_fn(batch):
+            return model(input_ids=batch["tokens"], attention_mask=batch["padding_mask"],
+                         token_type_ids=batch["tokentype_ids"],
+                         labels=torch.where(batch["loss_mask"].bool(), batch["labels"], -100),
+                         next_sentence_label=batch["is_random"]).loss
+    model = model.to(a.device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    dtype = {"fp32": None, "bf16": torch.bfloat16}[a.dtype]
+
+    def step(batch):
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(a.device, dtype=dtype, enabled=dtype is not None):
+            loss = loss_fn(batch)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step, sum(p.numel() for p in model.parameters())
+
+
+def speed(a) -> dict:
+    batch = make_batch(a)
+    steps = {w: build(w, a) for w in ("mega", "hf")}
+    for step, _ in steps.values():  # warm up
+        for _ in range(a.warmup):
+            step(batch)
+    sync(a)
+    rates = {w: [] for w in steps}
+    cpu_rates = {w: [] for w in steps}  # tokens per CPU-second of this process: steadier on a shared machine
+    for _ in range(a.reps):
+        for w, (step, _) in steps.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(a.steps):
+                step(batch)
+            sync(a)
+            rates[w].append(a.batch * a.seq * a.steps / (time.perf_counter() - t0))
+            cpu_rates[w].append(a.batch * a.seq * a.steps / (time.process_time() - c0))
+    return {w: {"tokens_per_sec": statistics.median(r), "all": r, "params": steps[w][1],
+                "tokens_per_cpu_sec": statistics.median(cpu_rates[w])} for w, r in rates.items()}
+
+
+def memory_child(which: str, a) -> dict:
+    batch = make_batch(a)
+    base = _status_kib("VmRSS")
+    step, _ = build(which, a)
+    for _ in range(3):
+        step(batch)
+    sync(a)
+    if a.device == "cuda":
+        return {"peak_mib": torch.cuda.max_memory_allocated() / 2**20}
+    return {"peak_mib": (_status_kib("VmHWM") - base) / 1024}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--hidden", type=int, default=384)
+    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--vocab", type=int, default=8192)  # a multiple of 128: no padding on either side
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--memory-child", choices=["mega", "hf"], help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.memory_child:
+        print(json.dumps(memory_child(a.memory_child, a)))
+        return
+    print(f"shape: {a.layers} layers, hidden {a.hidden}, {a.heads} heads, seq {a.seq}, batch {a.batch}, "
+          f"vocab {a.vocab}, {a.dtype} on {a.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    s = speed(a)
+    mem = {}
+    for w in ("mega", "hf"):
+        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--memory-child", w], capture_output=True, text=True, check=True)
+        mem[w] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+    for w, name in (("mega", "mega bert"), ("hf", "HF MegatronBertForPreTraining")):
+        print(f"{name:30s} params {s[w]['params'] / 1e6:6.2f}M  median {s[w]['tokens_per_sec']:9,.0f} tokens/s  "
+              f"(runs: {', '.join(f'{r:,.0f}' for r in s[w]['all'])})  peak memory {mem[w]:,.0f} MiB")
+    print(f"speed ratio mega/HF: {s['mega']['tokens_per_sec'] / s['hf']['tokens_per_sec']:.3f}   "
+          f"(per CPU-second: {s['mega']['tokens_per_cpu_sec'] / s['hf']['tokens_per_cpu_sec']:.3f})   "
+          f"memory ratio mega/HF: {mem['mega'] / mem['hf']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
