@@ -91,6 +91,8 @@ def tokenizer_files(tokenizer_config: dict) -> dict:
     library = tok.get("library")
     if library == "sentencepiece":
         return {"model": tok["model"]} if tok.get("model") else {}
+    if library == "wordpiece":
+        return {"vocab_file": tok["vocab_file"]} if tok.get("vocab_file") else {}
     if library == "huggingface":
         if tok.get("tokenizer_file"):
             return {"tokenizer_file": tok["tokenizer_file"]}
@@ -109,6 +111,9 @@ def tokenizer_fields(tokenizer_config: dict, vocab_size: Optional[int], files: O
     fields: dict = {"mega_tokenizer_library": library}
     if library == "sentencepiece":
         fields.update(tokenizer_type="GPTSentencePieceTokenizer", tokenizer_model=files.get("model"))
+    elif library == "wordpiece":  # BERT's vocab.txt, Megatron-LM's BertWordPiece tokenizers
+        fields.update(tokenizer_type="BertWordPieceLowerCase" if tokenizer_config.get("do_lower_case", True)
+                      else "BertWordPieceCase", vocab_file=files.get("vocab_file"))
     elif library == "bytes":
         fields.update(tokenizer_type=NULL_TOKENIZER, vocab_size=(vocab_size - 1) if vocab_size else None)
     elif library == "huggingface":
@@ -143,6 +148,10 @@ def megatron_args(config: dict, tp: int, pp: int, vocab_size: Optional[int], mod
     trainer = config.get("trainer", {})
     precision = str(trainer.get("precision", "32"))
     training = _training_fields(config)
+    if str(model.get("name", "")).startswith("bert"):
+        from mega.plugins.checkpoints.megatron_bert import bert_args
+
+        training.update(bert_args(model))
     return argparse.Namespace(
         # architecture (what `--use-checkpoint-args` copies and check_checkpoint_args compares)
         num_layers=model.get("num_layers"), hidden_size=hidden,
