@@ -80,3 +80,109 @@ def test_unknown_and_untied_tensors_are_refused():
     state["cls.predictions.decoder.weight"] = state["cls.predictions.decoder.weight"] + 1
     with pytest.raises(CheckpointError, match="differs from the word embedding"):
         hfb.hf_to_mega(state, "bert", LAYERS, HEADS, 128, 100, "here")
+
+
+# --- the whole path: mega import of transformers' directories, mega export back -----------------
+
+WORDS = ["the", "a", "model", "reads", "token", "##s", "##ing", "bert", "layer", "norm", "head", "mask", "word",
+         "piece", "cat", "dog", "run", "##ner", ".", ",", "!", "?", "is", "was", "on", "in", "of", "and"]
+
+
+@pytest.fixture(scope="module")
+def vocab_file(tmp_path_factory):
+    """A BERT-style vocab.txt: [PAD], [unused*], [UNK], [CLS], [SEP], [MASK], then words."""
+    path = tmp_path_factory.mktemp("vocab") / "vocab.txt"
+    entries = ["[PAD]"] + [f"[unused{i}]" for i in range(20)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    entries += [f"w{i}" for i in range(100 - len(entries))]
+    path.write_text("\n".join(entries) + "\n")
+    return path
+
+
+VOCAB = 100
+
+
+def _batch(arch: str, vocab: int = VOCAB, seed: int = 3) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    shape = (2, 3, 16) if arch == "MegatronBertForMultipleChoice" else (2, 16)
+    tokens = torch.randint(0, vocab, shape, generator=g)
+    types = torch.zeros(shape, dtype=torch.long)
+    types[..., 9:] = 1
+    padding = torch.ones(shape, dtype=torch.long)
+    padding[1, ..., 12:] = 0  # the second sample ends with padding
+    return {"tokens": tokens, "tokentype_ids": types, "padding_mask": padding}
+
+
+@torch.no_grad()
+def _hf_outputs(model, batch: dict) -> dict:
+    out = model(input_ids=batch["tokens"], token_type_ids=batch["tokentype_ids"], attention_mask=batch["padding_mask"])
+    return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+
+
+# HF output -> mega's logits() key
+OUTPUTS = {"MegatronBertForPreTraining": {"prediction_logits": "prediction_logits",
+                                          "seq_relationship_logits": "seq_relationship_logits"},
+           "MegatronBertForQuestionAnswering": {"start_logits": "start_logits", "end_logits": "end_logits"}}
+
+
+def _max_diff(ours: dict, theirs: dict, arch: str, batch: dict, vocab: int = VOCAB) -> float:
+    """Largest |difference| over the class's outputs, at real (unpadded) positions only
+    (Megatron-LM and HF treat padded query rows differently) and the real vocabulary."""
+    real = batch["padding_mask"].reshape(-1, batch["padding_mask"].shape[-1]).bool()
+    worst = 0.0
+    for hf_key, key in OUTPUTS.get(arch, {"logits": "logits"}).items():
+        a, b = ours[key], theirs[hf_key]
+        if a.dim() == 3 and a.shape[-1] > vocab:
+            a = a[..., :vocab]
+        assert a.shape == b.shape, (hf_key, a.shape, b.shape)
+        if a.dim() >= 2 and a.shape[:2] == real.shape and arch != "MegatronBertForMultipleChoice":
+            a, b = a[real], b[real]
+        worst = max(worst, float((a - b).abs().max()))
+    return worst
+
+
+def _hf_dir(tmp_path, arch: str, vocab_file, lower: bool = True, **extra):
+    model = _hf_model(VOCAB, arch, **extra)
+    out = tmp_path / "hf"
+    model.save_pretrained(out)
+    (out / "vocab.txt").write_bytes(vocab_file.read_bytes())
+    transformers.BertTokenizer(str(vocab_file), do_lower_case=lower).save_pretrained(out)
+    return model, out
+
+
+def _mega_model(run_dir, plugins):
+    from mega.inference import load_checkpoint_for_inference
+
+    model, tokenizer, config = load_checkpoint_for_inference(run_dir, plugins)
+    return model.eval(), tokenizer, config
+
+
+@pytest.mark.parametrize("arch", CLASSES)
+def test_every_class_imports_and_exports_with_equal_logits(tmp_path, plugins, vocab_file, arch):
+    """transformers class -> `mega import` -> mega logits == HF logits; `mega export --to hf`
+    -> from_pretrained of the same class gives back every tensor and the same logits."""
+    from mega.cli import main
+
+    hf, hf_dir = _hf_dir(tmp_path, arch, vocab_file)
+    assert main(["import", str(hf_dir), str(tmp_path / "run")]) == 0
+    model, tokenizer, config = _mega_model(tmp_path / "run", plugins)
+    assert config.model.name == hfb.MODELS[arch] and tokenizer.vocab_size == VOCAB
+    assert config.model.layernorm_epsilon == 1e-5
+    batch = _batch(arch)
+    theirs = _hf_outputs(hf, batch)
+    diff = _max_diff(model.logits(batch), theirs, arch, batch)
+    print(f"{arch}: HF -> mega max |d| {diff:.3g}")
+    assert diff < 1e-5
+
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "back"), "--to", "hf"]) == 0
+    back = getattr(transformers, arch).from_pretrained(tmp_path / "back").eval()
+    cfg = back.config
+    assert cfg.architectures == [arch] and cfg.model_type == "megatron-bert" and cfg.layer_norm_eps == 1e-5
+    assert cfg.vocab_size == VOCAB and cfg.hidden_act == "gelu"
+    if arch in ("MegatronBertForSequenceClassification", "MegatronBertForTokenClassification"):
+        assert cfg.num_labels == hf.config.num_labels and len(cfg.id2label) == hf.config.num_labels
+    expected = hf.state_dict()
+    for k, v in back.state_dict().items():
+        assert torch.equal(v, expected[k]), k
+    assert _max_diff(_hf_outputs(back, batch), theirs, arch, batch) == 0.0
+    tok = transformers.BertTokenizer.from_pretrained(tmp_path / "back")
+    assert tok.do_lower_case and len(tok) == VOCAB

@@ -371,7 +371,9 @@ class HuggingFaceFormat:
 
     def _export_bert(self, model, tokenizer, mc, destination: Path, dtype_name: str, checkpoint: Path) -> Path:
         state = bert.mega_to_hf(model.state_dict(), mc.name, mc.num_layers, mc.num_attention_heads, tokenizer.vocab_size)
-        config = bert.hf_config(mc, mc.name, tokenizer, dtype_name)
+        if "bert.embeddings.token_type_embeddings.weight" not in state:  # num_tokentypes = 0: HF always adds one
+            state["bert.embeddings.token_type_embeddings.weight"] = torch.zeros(1, mc.hidden_size)
+        config = bert.hf_config(mc, tokenizer, dtype_name)
         write_tokenizer = None
         if "vocab_file" in tokenizer.artifacts():
             write_tokenizer = lambda tmp: bert.write_tokenizer(tokenizer, mc, tmp)  # noqa: E731

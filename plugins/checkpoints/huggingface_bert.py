@@ -128,6 +128,14 @@ def _head_map(model_name: str) -> Dict[str, str]:
     return {f"{mine}.weight": f"{theirs}.weight", f"{mine}.bias": f"{theirs}.bias"}
 
 
+def architecture(mc) -> str:
+    """The transformers class a mega BERT config is written as (`bert` without its binary
+    head is a masked LM: it has neither pooler nor binary head)."""
+    if mc.name == "bert" and not getattr(mc, "add_binary_head", True):
+        return "MegatronBertForMaskedLM"
+    return ARCHITECTURES[mc.name]
+
+
 def mega_to_hf(state: Mapping[str, torch.Tensor], model_name: str, num_layers: int, heads: int,
                vocab: int) -> Dict[str, torch.Tensor]:
     """mega's BERT tensors (one process) -> the transformers class's, the word embedding
@@ -235,6 +243,7 @@ def mega_model_config(hf: dict, arch: str, where: str) -> dict:
         "max_position_embeddings": positions, "seq_length": positions,
         "layernorm_epsilon": float(hf.get("layer_norm_eps", 1e-12)),
         "activation": ACTIVATIONS[act],
+        "lm_head_activation": ACTIVATIONS[act],
         "hidden_dropout": float(hf.get("hidden_dropout_prob", 0.1)),
         "attention_dropout": float(hf.get("attention_probs_dropout_prob", 0.1)),
         "init_method_std": float(hf.get("initializer_range", 0.02)),
@@ -251,13 +260,22 @@ def num_labels_of(hf: dict) -> int:
     return int(hf.get("num_labels", 2))
 
 
-def hf_config(mc, model_name: str, tokenizer, dtype_name: str = "float32") -> dict:
+def hf_config(mc, tokenizer, dtype_name: str = "float32") -> dict:
     """config.json (MegatronBertConfig's fields) for mega's BERT config `mc`; the vocabulary
-    is the tokenizer's (mega's padding rows are not written)."""
-    arch = ARCHITECTURES[model_name]
+    is the tokenizer's (mega's padding rows are not written). transformers has one
+    `hidden_act` for the MLP and the LM head: the MLP's is written, with a warning when the
+    LM head's differs (Megatron-LM's fused bias-GeLU default: tanh in the MLP, exact GeLU in
+    the head)."""
+    arch = architecture(mc)
+    model_name = mc.name
     act = getattr(mc, "activation", "gelu")
     if act not in EXPORT_ACTIVATIONS:
         raise CheckpointError(f"model.activation={act!r} has no transformers hidden_act")
+    head_act = getattr(mc, "lm_head_activation", act)
+    if head_act != act and arch in ("MegatronBertForPreTraining", "MegatronBertForMaskedLM", "MegatronBertForCausalLM"):
+        log.warning("model.activation=%r but model.lm_head_activation=%r: transformers' MegatronBert has one hidden_act"
+                    " (%s) for both, so its LM-head outputs will differ slightly from mega's", act, head_act,
+                    EXPORT_ACTIVATIONS[act])
     config = {
         "architectures": [arch],
         "model_type": MODEL_TYPE,
@@ -332,12 +350,23 @@ def write_tokenizer(tokenizer, mc, destination: Path) -> None:
     if "vocab_file" not in files:
         raise CheckpointError(f"model.tokenizer.library={mc.tokenizer.library!r} names no vocab_file to write as vocab.txt")
     (destination / TOKENIZER_FILE).write_bytes(Path(files["vocab_file"]).read_bytes())
-    lower = bool(getattr(mc.tokenizer, "do_lower_case", True))
+    lower = lower_case_of(mc.tokenizer)
     config = {"tokenizer_class": "BertTokenizer", "do_lower_case": lower, "strip_accents": None,
               "tokenize_chinese_chars": True, "unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]",
               "cls_token": "[CLS]", "mask_token": "[MASK]",
               "model_max_length": getattr(mc, "max_position_embeddings", None) or mc.seq_length}
     (destination / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def lower_case_of(tokenizer_config) -> bool:
+    """Whether a wordpiece tokenizer config lower-cases (`do_lower_case`, else as its
+    `tokenizer_name` says)."""
+    from mega.plugins.tokenizers.wordpiece import TOKENIZER_NAMES
+
+    lower = getattr(tokenizer_config, "do_lower_case", None)
+    if lower is not None:
+        return bool(lower)
+    return TOKENIZER_NAMES.get(getattr(tokenizer_config, "tokenizer_name", None), True)
 
 
 def is_bert(model_name: Optional[str]) -> bool:

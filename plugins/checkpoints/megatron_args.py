@@ -112,8 +112,12 @@ def tokenizer_fields(tokenizer_config: dict, vocab_size: Optional[int], files: O
     if library == "sentencepiece":
         fields.update(tokenizer_type="GPTSentencePieceTokenizer", tokenizer_model=files.get("model"))
     elif library == "wordpiece":  # BERT's vocab.txt, Megatron-LM's BertWordPiece tokenizers
-        fields.update(tokenizer_type="BertWordPieceLowerCase" if tokenizer_config.get("do_lower_case", True)
-                      else "BertWordPieceCase", vocab_file=files.get("vocab_file"))
+        from mega.plugins.tokenizers.wordpiece import TOKENIZER_NAMES
+
+        lower = tokenizer_config.get("do_lower_case")
+        lower = TOKENIZER_NAMES.get(tokenizer_config.get("tokenizer_name"), True) if lower is None else lower
+        fields.update(tokenizer_type="BertWordPieceLowerCase" if lower else "BertWordPieceCase",
+                      vocab_file=files.get("vocab_file"))
     elif library == "bytes":
         fields.update(tokenizer_type=NULL_TOKENIZER, vocab_size=(vocab_size - 1) if vocab_size else None)
     elif library == "huggingface":
@@ -148,11 +152,7 @@ def megatron_args(config: dict, tp: int, pp: int, vocab_size: Optional[int], mod
     trainer = config.get("trainer", {})
     precision = str(trainer.get("precision", "32"))
     training = _training_fields(config)
-    if str(model.get("name", "")).startswith("bert"):
-        from mega.plugins.checkpoints.megatron_bert import bert_args
-
-        training.update(bert_args(model))
-    return argparse.Namespace(
+    args = argparse.Namespace(
         # architecture (what `--use-checkpoint-args` copies and check_checkpoint_args compares)
         num_layers=model.get("num_layers"), hidden_size=hidden,
         ffn_hidden_size=model.get("ffn_hidden_size") or (4 * hidden if hidden else None),
@@ -178,6 +178,11 @@ def megatron_args(config: dict, tp: int, pp: int, vocab_size: Optional[int], mod
         params_dtype=_DTYPES.get(precision, torch.float32),
         **training,
     )
+    if str(model.get("name", "")).startswith("bert"):  # Megatron-BERT's own fields (and its GeLU flags)
+        from mega.plugins.checkpoints.megatron_bert import bert_args
+
+        vars(args).update(bert_args(model))
+    return args
 
 
 # trainer.precision -> Megatron's params_dtype (a torch.dtype, which weights_only loading allows)

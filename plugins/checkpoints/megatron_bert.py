@@ -47,6 +47,10 @@ def bert_args(model: dict) -> dict:
     WordPiece `tokenizer_type` and `vocab_file` come with every tokenizer's fields)."""
     fields = {"mega_model": model.get("name"), "bert_binary_head": bool(model.get("add_binary_head", True)),
               "num_tokentypes": model.get("num_tokentypes", 2)}
+    # Megatron-LM's GeLU flags: its fused bias-GeLU is tanh in the MLP only (the LM head
+    # keeps exact GeLU); openai_gelu is tanh in both
+    mlp, head = model.get("activation", "gelu"), model.get("lm_head_activation", "gelu")
+    fields.update(bias_gelu_fusion=mlp == "gelu_tanh" and head == "gelu", openai_gelu=head == "gelu_tanh")
     for key in ("num_labels", "num_choices"):
         if model.get(key) is not None:
             fields[f"mega_{key}"] = model[key]
@@ -90,6 +94,7 @@ def model_table(state: Dict[str, torch.Tensor], args, where: str) -> dict:
         "seq_length": min(getattr(args, "seq_length", None) or max_pos, max_pos),
         "layernorm_epsilon": getattr(args, "layernorm_epsilon", None) or 1e-5,
         "activation": activation_of(args),
+        "lm_head_activation": "gelu_tanh" if getattr(args, "openai_gelu", False) else "gelu",
         "num_tokentypes": tokentypes.shape[0] if tokentypes is not None else 0,
     }
     if name == "bert":
