@@ -325,3 +325,128 @@ def test_import_of_older_checkpoint_versions(tmp_path, plugins, vocab_file, vers
     original, _, _ = _mega_model(run, plugins)
     batch = _batch("MegatronBertForPreTraining")
     assert _max_diff(model.logits(batch), original.logits(batch), "MegatronBertForPreTraining", batch) == 0.0
+
+
+# --- NGC's megatron_bert_345m release -------------------------------------------------------
+
+NGC = {"uncased": (30522, 30592, "BertWordPieceLowerCase"), "cased": (28996, 29056, "BertWordPieceCase")}
+NGC_SHAPE = {"hidden": 16, "heads": 2, "layers": 2, "ffn": 64, "positions": 32}
+
+
+def _google_vocab(path: Path, entries: int) -> Path:
+    """A vocab.txt of Google's BERT shape: [PAD]=0, [unused0..98], [UNK]=100, [CLS]=101,
+    [SEP]=102, [MASK]=103, then word pieces."""
+    head = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    path.write_text("\n".join(head + [f"w{i}" for i in range(entries - len(head))]) + "\n")
+    return path
+
+
+def _ngc_zip(path: Path, kind: str, with_args: bool = True, seed: int = 0) -> Path:
+    """A zip of the NGC release's layout: `release/mp_rank_00/model_optim_rng.pt` (TP=1,
+    the `release` iteration), no checkpoint_version (0: QKV rows as a Q block, a K block, a
+    V block), Megatron-LM's pre-2021 key names (`transformer`, `attention.`), the
+    vocabulary padded to 30592 / 29056 rows, `args` as Megatron-LM of that time saved them.
+    Tiny widths; the tensors are random, built directly (not by mega)."""
+    _, rows, tokenizer_type = NGC[kind]
+    h, f, p, n = NGC_SHAPE["hidden"], NGC_SHAPE["ffn"], NGC_SHAPE["positions"], NGC_SHAPE["layers"]
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=0.1, base=0.0):
+        return torch.randn(*shape, generator=g) * scale + base
+
+    encoder = {}
+    for i in range(n):
+        pre = f"layers.{i}."
+        encoder.update({
+            pre + "input_layernorm.weight": r(h, base=1.0), pre + "input_layernorm.bias": r(h),
+            pre + "attention.query_key_value.weight": r(3 * h, h), pre + "attention.query_key_value.bias": r(3 * h),
+            pre + "attention.dense.weight": r(h, h), pre + "attention.dense.bias": r(h),
+            pre + "post_attention_layernorm.weight": r(h, base=1.0), pre + "post_attention_layernorm.bias": r(h),
+            pre + "mlp.dense_h_to_4h.weight": r(f, h), pre + "mlp.dense_h_to_4h.bias": r(f),
+            pre + "mlp.dense_4h_to_h.weight": r(h, f), pre + "mlp.dense_4h_to_h.bias": r(h),
+        })
+    encoder.update({"final_layernorm.weight": r(h, base=1.0), "final_layernorm.bias": r(h)})
+    model = {
+        "language_model": {
+            "embedding": {"word_embeddings": {"weight": r(rows, h)}, "position_embeddings": {"weight": r(p, h)},
+                          "tokentype_embeddings": {"weight": r(2, h)}},
+            "transformer": encoder,
+            "pooler": {"dense.weight": r(h, h), "dense.bias": r(h)},
+        },
+        "lm_head": {"bias": r(rows), "dense.weight": r(h, h), "dense.bias": r(h), "layernorm.weight": r(h, base=1.0),
+                    "layernorm.bias": r(h)},
+        "binary_head": {"weight": r(2, h), "bias": r(2)},
+    }
+    state = {"model": model, "iteration": 0}
+    if with_args:
+        state["args"] = argparse.Namespace(
+            num_layers=n, hidden_size=h, num_attention_heads=NGC_SHAPE["heads"], max_position_embeddings=p,
+            seq_length=p, model_parallel_size=1, tokenizer_type=tokenizer_type,
+            vocab_file="/workspace/data/bert-vocab.txt", make_vocab_size_divisible_by=128, padded_vocab_size=rows,
+            hidden_dropout=0.1, attention_dropout=0.1, layernorm_epsilon=1e-5, init_method_std=0.02,
+            fp16=True, bert_load=None, load="release", save=None, seed=1234)
+    member = path.parent / "model_optim_rng.pt"
+    torch.save(state, member)
+    with zipfile.ZipFile(path, "w") as z:
+        z.write(member, "release/mp_rank_00/model_optim_rng.pt")
+        z.writestr("latest_checkpointed_iteration.txt", "release")
+    member.unlink()
+    return path
+
+
+def _ngc_reference(archive: Path) -> "transformers.MegatronBertForPreTraining":
+    """What transformers' converter makes of the zip (its main() opens the same member)."""
+    with zipfile.ZipFile(archive) as z, z.open("release/mp_rank_00/model_optim_rng.pt") as f:
+        with torch.serialization.safe_globals(SAFE):
+            sd = torch.load(f, weights_only=True)
+    config = {}
+    if "args" not in sd:  # the converter's main() then takes V from lm_head.bias and the rest from its config
+        config = dict(vocab_size=sd["model"]["lm_head"]["bias"].numel(), hidden_size=NGC_SHAPE["hidden"],
+                      num_hidden_layers=NGC_SHAPE["layers"], num_attention_heads=NGC_SHAPE["heads"],
+                      intermediate_size=NGC_SHAPE["ffn"], max_position_embeddings=NGC_SHAPE["positions"])
+    return _converted(sd, **config)
+
+
+@pytest.mark.parametrize("kind", ["uncased", "cased"])
+def test_ngc_release_zip_imports_with_its_vocab(tmp_path, plugins, kind):
+    from mega.cli import main
+
+    vocab_size, rows, _ = NGC[kind]
+    archive = _ngc_zip(tmp_path / f"megatron_bert_345m_v0_1_{kind}.zip", kind)
+    vocab = _google_vocab(tmp_path / "vocab.txt", vocab_size)
+    assert main(["import", str(archive), str(tmp_path / "run"), "--option", f"vocab_file={vocab}"]) == 0
+    model, tokenizer, config = _mega_model(tmp_path / "run", plugins)
+    mc = config.model
+    assert (mc.name, mc.add_binary_head, mc.num_tokentypes, tokenizer.vocab_size) == ("bert", True, 2, vocab_size)
+    assert model.padded_vocab_size == rows and mc.tokenizer.do_lower_case == (kind == "uncased")
+    assert [tokenizer.cls_id, tokenizer.sep_id, tokenizer.mask_id, tokenizer.pad_id] == [101, 102, 103, 0]
+    batch = _batch("MegatronBertForPreTraining", vocab=vocab_size)
+    hf = _ngc_reference(archive)
+    diff = _max_diff(model.logits(batch), _hf_outputs(hf, batch), "MegatronBertForPreTraining", batch, vocab=rows)
+    print(f"NGC {kind} zip -> mega vs transformers' converter: max |d| {diff:.3g}")
+    assert diff < 1e-5
+
+
+def test_ngc_zip_errors_name_the_option(tmp_path, plugins, vocab_file):
+    from mega.errors import CheckpointError, ConfigError
+    from mega.interop import find_importer
+
+    archive = _ngc_zip(tmp_path / "megatron_bert_345m_v0_1_uncased.zip", "uncased")
+    fmt = find_importer(archive, plugins)
+    assert fmt.name == "megatron"
+    with pytest.raises(ConfigError, match=r"args.vocab_file='/workspace/data/bert-vocab.txt' \(not found\).*--option vocab_file=PATH"):
+        fmt.import_run(archive, tmp_path / "run", {}, plugins)
+    with pytest.raises(CheckpointError, match="the tokenizer has 30600 tokens but the checkpoint only 30592 embedding rows"):
+        big = _google_vocab(tmp_path / "big.txt", 30600)
+        fmt.import_run(archive, tmp_path / "run", {"vocab_file": str(big)}, plugins)
+    assert not (tmp_path / "run").exists()
+    bare = _ngc_zip(tmp_path / "bare.zip", "uncased", with_args=False)
+    vocab = _google_vocab(tmp_path / "vocab.txt", 30522)
+    with pytest.raises(CheckpointError, match="--option num_attention_heads=N"):
+        fmt.import_run(bare, tmp_path / "run", {"vocab_file": str(vocab)}, plugins)
+    fmt.import_run(bare, tmp_path / "run", {"vocab_file": str(vocab), "num_attention_heads": "2"}, plugins)
+    model, _, _ = _mega_model(tmp_path / "run", plugins)
+    batch = _batch("MegatronBertForPreTraining", vocab=30522)
+    diff = _max_diff(model.logits(batch), _hf_outputs(_ngc_reference(bare), batch), "MegatronBertForPreTraining",
+                     batch, vocab=30592)
+    assert diff < 1e-5
