@@ -341,7 +341,7 @@ def _google_vocab(path: Path, entries: int) -> Path:
     return path
 
 
-def _ngc_zip(path: Path, kind: str, with_args: bool = True, seed: int = 0) -> Path:
+def _ngc_zip(path: Path, kind: str, with_args: bool = True, seed: int = 0, **more_args) -> Path:
     """A zip of the NGC release's layout: `release/mp_rank_00/model_optim_rng.pt` (TP=1,
     the `release` iteration), no checkpoint_version (0: QKV rows as a Q block, a K block, a
     V block), Megatron-LM's pre-2021 key names (`transformer`, `attention.`), the
@@ -384,7 +384,7 @@ def _ngc_zip(path: Path, kind: str, with_args: bool = True, seed: int = 0) -> Pa
             seq_length=p, model_parallel_size=1, tokenizer_type=tokenizer_type,
             vocab_file="/workspace/data/bert-vocab.txt", make_vocab_size_divisible_by=128, padded_vocab_size=rows,
             hidden_dropout=0.1, attention_dropout=0.1, layernorm_epsilon=1e-5, init_method_std=0.02,
-            fp16=True, bert_load=None, load="release", save=None, seed=1234)
+            fp16=True, bert_load=None, load="release", save=None, seed=1234, **more_args)
     member = path.parent / "model_optim_rng.pt"
     torch.save(state, member)
     with zipfile.ZipFile(path, "w") as z:
@@ -450,3 +450,35 @@ def test_ngc_zip_errors_name_the_option(tmp_path, plugins, vocab_file):
     diff = _max_diff(model.logits(batch), _hf_outputs(_ngc_reference(bare), batch), "MegatronBertForPreTraining",
                      batch, vocab=30592)
     assert diff < 1e-5
+
+
+def test_megatron_classes_in_args_load_as_stand_ins(tmp_path, plugins, monkeypatch):
+    """Files whose `args` hold Megatron-LM's own objects (an enum member here) import
+    without Megatron-LM installed and without unpickling code: the classes become inert
+    stand-ins."""
+    import enum
+    import sys
+
+    from mega.cli import main
+    from mega.plugins.checkpoints.megatron_args import MegatronStandIn, load_file
+
+    fake = types.ModuleType("megatron.model.enums")
+
+    class AttnMaskType(enum.Enum):
+        padding = 1
+        causal = 2
+
+    AttnMaskType.__module__, AttnMaskType.__qualname__ = "megatron.model.enums", "AttnMaskType"
+    fake.AttnMaskType = AttnMaskType
+    for name, module in (("megatron", types.ModuleType("megatron")), ("megatron.model", types.ModuleType("megatron.model")),
+                         ("megatron.model.enums", fake)):
+        monkeypatch.setitem(sys.modules, name, module)
+    archive = _ngc_zip(tmp_path / "ngc.zip", "uncased", attn_mask_type=AttnMaskType.padding)
+    for name in ("megatron.model.enums", "megatron.model", "megatron"):
+        monkeypatch.delitem(sys.modules, name)
+    with zipfile.ZipFile(archive) as z, z.open("release/mp_rank_00/model_optim_rng.pt") as f:
+        args = load_file(f, "member")["args"]
+    assert isinstance(args.attn_mask_type, MegatronStandIn) and args.attn_mask_type.args == (1,)
+    vocab = _google_vocab(tmp_path / "vocab.txt", 30522)
+    assert main(["import", str(archive), str(tmp_path / "run"), "--option", f"vocab_file={vocab}"]) == 0
+    assert "megatron" not in sys.modules

@@ -69,12 +69,56 @@ def load_file(source, name: str, trust_pickle: bool = False) -> dict:
         unsafe = [g for g in unsafe if g not in allowed]
         if not unsafe:
             raise CheckpointError(f"{name}: cannot be read as a Megatron checkpoint ({exc})") from None
+        if all(g.startswith(MEGATRON_MODULES) for g in unsafe):
+            if hasattr(source, "seek"):
+                source.seek(0)
+            return _load_with_stubs(source, name, unsafe)
         raise CheckpointError(
             f"{name}: holds Python objects that are not plain data ({', '.join(unsafe)}); mega loads Megatron files"
             " with torch.load(weights_only=True) and allows only argparse.Namespace, types.SimpleNamespace, paths and"
             " numpy arrays. If you trust where the file came from, import it with --option trust_pickle=true") from None
     except (OSError, RuntimeError, EOFError) as exc:
         raise CheckpointError(f"{name}: cannot be read as a Megatron checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+# Megatron-LM's own classes that `args` of its older files hold (enums such as
+# megatron.model.enums.AttnMaskType, dataclasses): read as inert stand-ins, never imported
+MEGATRON_MODULES = ("megatron.",)
+
+
+class MegatronStandIn:
+    """Stands for an object of a Megatron-LM class found in `args` (an enum member, a
+    config dataclass): it keeps the pickled value or fields and runs no code of its own.
+    mega reads only plain fields of `args`, so these are never consulted."""
+
+    def __init__(self, *args, **kwargs):
+        self.args = args
+        self.__dict__.update(kwargs)
+
+    def __setstate__(self, state):
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+        else:
+            self.state = state
+
+    def __repr__(self) -> str:
+        return f"<{self.__module__}.{type(self).__qualname__} stand-in {self.__dict__}>"
+
+
+def _load_with_stubs(source, name: str, unsafe: List[str]) -> dict:
+    """weights_only loading with each Megatron-LM class allowed as a stand-in subclass of
+    MegatronStandIn (torch.serialization's `(class, "module.Name")` allow-list entries)."""
+    stubs = []
+    for full in unsafe:
+        module, _, qualname = full.rpartition(".")
+        stubs.append((type(qualname, (MegatronStandIn,), {"__module__": module}), full))
+    try:
+        with torch.serialization.safe_globals(_safe_globals() + stubs):
+            return torch.load(source, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, OSError, RuntimeError, EOFError, TypeError) as exc:
+        raise CheckpointError(f"{name}: holds Megatron-LM objects ({', '.join(unsafe)}) that cannot be read as plain"
+                              f" data ({type(exc).__name__}: {exc}); if you trust where the file came from, import it"
+                              " with --option trust_pickle=true in an environment where megatron is importable") from None
 
 
 # mega tokenizer keys naming files, and the Megatron-LM `args` field each travels in
