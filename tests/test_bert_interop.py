@@ -482,3 +482,31 @@ def test_megatron_classes_in_args_load_as_stand_ins(tmp_path, plugins, monkeypat
     vocab = _google_vocab(tmp_path / "vocab.txt", 30522)
     assert main(["import", str(archive), str(tmp_path / "run"), "--option", f"vocab_file={vocab}"]) == 0
     assert "megatron" not in sys.modules
+
+
+def test_bert_without_binary_head_or_token_types_exports_as_masked_lm(tmp_path, plugins, vocab_file):
+    """Megatron-LM's --bert-no-binary-head model (no pooler, binary head or token types) is
+    transformers' MegatronBertForMaskedLM, with a zero token-type row; both ways it
+    computes the same logits, and Megatron files of it import back."""
+    from mega.cli import main
+
+    run = _mega_run(tmp_path, plugins, vocab_file, add_binary_head=False, num_tokentypes=0)
+    assert main(["export", str(run), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    hf = transformers.MegatronBertForMaskedLM.from_pretrained(tmp_path / "hf").eval()
+    assert hf.config.type_vocab_size == 1 and not hf.bert.embeddings.token_type_embeddings.weight.any()
+    model, _, _ = _mega_model(run, plugins)
+    batch = {k: v for k, v in _batch("MegatronBertForMaskedLM").items() if k != "tokentype_ids"}
+    theirs = _hf_outputs(hf, {**batch, "tokentype_ids": torch.zeros_like(batch["tokens"])})
+    ours = model.logits(batch)  # `bert` names its LM logits as MegatronBertForPreTraining does
+    assert _max_diff({"logits": ours["prediction_logits"]}, theirs, "MegatronBertForMaskedLM", batch) < 1e-5
+    assert main(["import", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
+    _, _, config = _mega_model(tmp_path / "back", plugins)
+    assert config.model.name == "bert_masked_lm"
+
+    dest = _export_megatron(run, tmp_path / "meg")
+    sd = _load(dest / "iter_0000000" / "mp_rank_00" / "model_optim_rng.pt")
+    assert not sd["args"].bert_binary_head and "binary_head" not in sd["model"]
+    assert main(["import", str(dest), str(tmp_path / "back-meg")]) == 0
+    back, _, config = _mega_model(tmp_path / "back-meg", plugins)
+    assert (config.model.name, config.model.add_binary_head, config.model.num_tokentypes) == ("bert", False, 0)
+    assert torch.equal(back.logits(batch)["prediction_logits"][..., :VOCAB], ours["prediction_logits"][..., :VOCAB])
