@@ -341,6 +341,10 @@ def _import_bert(src: Source, state: Dict[str, torch.Tensor], source: Path, run_
     model = megatron_bert.model_table(state, args, str(source))
     model["tokenizer"], files = megatron_bert.tokenizer(args, options, source, src.near())
     vocab = _vocab_size(model["tokenizer"], files, plugins)
+    orig = getattr(args, "orig_vocab_size", None)
+    if orig is not None and orig != vocab:
+        raise CheckpointError(f"{source}: args.orig_vocab_size={orig} but the vocabulary has {vocab} tokens; give the"
+                              " vocab.txt the model was trained with (--option vocab_file=PATH)")
     padded = int(getattr(args, "padded_vocab_size", None) or word.shape[0])
     if vocab > padded:
         raise CheckpointError(f"{source}: the tokenizer has {vocab} tokens but the checkpoint only {padded} embedding"
