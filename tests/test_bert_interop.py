@@ -537,3 +537,28 @@ def test_a_trained_run_in_the_megatron_format_reads_in_transformers_converter(tm
                      vocab=tokenizer.vocab_size)
     print(f"trained run, megatron format -> transformers' converter: max |d| {diff:.3g}")
     assert diff < 1e-5
+
+
+@pytest.mark.parametrize("mlp, head, fusion, openai", [("gelu_tanh", "gelu", True, False),
+                                                       ("gelu_tanh", "gelu_tanh", False, True)])
+def test_the_activation_pair_travels_as_megatron_gelu_flags(tmp_path, plugins, vocab_file, capsys, mlp, head, fusion,
+                                                           openai):
+    """Megatron-LM's fused bias-GeLU (tanh in the MLP, exact in the LM head) and
+    --openai-gelu (tanh in both) are mega's activation pairs; transformers has one
+    hidden_act, so the export warns when the two differ."""
+    from mega.cli import main
+
+    run = _mega_run(tmp_path, plugins, vocab_file, activation=mlp, lm_head_activation=head)
+    dest = _export_megatron(run, tmp_path / "meg")
+    args = _load(dest / "iter_0000000" / "mp_rank_00" / "model_optim_rng.pt")["args"]
+    assert (args.bias_gelu_fusion, args.openai_gelu) == (fusion, openai)
+    assert main(["import", str(dest), str(tmp_path / "back")]) == 0
+    back, _, config = _mega_model(tmp_path / "back", plugins)
+    assert (config.model.activation, config.model.lm_head_activation) == (mlp, head)
+    original, _, _ = _mega_model(run, plugins)
+    batch = _batch("MegatronBertForPreTraining")
+    assert _max_diff(back.logits(batch), original.logits(batch), "MegatronBertForPreTraining", batch) == 0.0
+    capsys.readouterr()
+    assert main(["export", str(run), str(tmp_path / "hf"), "--to", "hf"]) == 0  # the CLI logs to stderr
+    assert ("transformers' MegatronBert has one hidden_act" in capsys.readouterr().err) == (mlp != head)
+    assert transformers.MegatronBertConfig.from_pretrained(tmp_path / "hf").hidden_act == "gelu_new"
