@@ -143,10 +143,10 @@ def _max_diff(ours: dict, theirs: dict, arch: str, batch: dict, vocab: int = VOC
     return worst
 
 
-def _hf_dir(tmp_path, arch: str, vocab_file, lower: bool = True, **extra):
+def _hf_dir(tmp_path, arch: str, vocab_file, lower: bool = True, save=None, **extra):
     model = _hf_model(VOCAB, arch, **extra)
     out = tmp_path / "hf"
-    model.save_pretrained(out)
+    model.save_pretrained(out, **(save or {}))
     (out / "vocab.txt").write_bytes(vocab_file.read_bytes())
     transformers.BertTokenizer(str(vocab_file), do_lower_case=lower).save_pretrained(out)
     return model, out
@@ -165,7 +165,11 @@ def test_every_class_imports_and_exports_with_equal_logits(tmp_path, plugins, vo
     -> from_pretrained of the same class gives back every tensor and the same logits."""
     from mega.cli import main
 
-    hf, hf_dir = _hf_dir(tmp_path, arch, vocab_file)
+    hf, hf_dir = _hf_dir(tmp_path, arch, vocab_file,
+                         save={"safe_serialization": False, "max_shard_size": "20KB"}
+                         if arch == "MegatronBertForTokenClassification" else {})  # sharded pytorch_model-*.bin
+    if arch == "MegatronBertForTokenClassification":
+        assert (hf_dir / "pytorch_model.bin.index.json").is_file()
     assert main(["import", str(hf_dir), str(tmp_path / "run")]) == 0
     model, tokenizer, config = _mega_model(tmp_path / "run", plugins)
     assert config.model.name == hfb.MODELS[arch] and tokenizer.vocab_size == VOCAB
@@ -303,8 +307,18 @@ def _old_names(model: dict) -> dict:
     return {**model, "language_model": lm}
 
 
-@pytest.mark.parametrize("version, tp", [(0, 1), (0, 2), (1.0, 2), (2.0, 1)])
+def _new_names(model: dict) -> dict:
+    """Megatron-LM's spelling since Sep 2023: `*_norm` for `*_layernorm`, `lm_head.norm`."""
+    lm = dict(model["language_model"])
+    lm["encoder"] = {k.replace("layernorm.", "norm."): v for k, v in lm["encoder"].items()}
+    head = {k.replace("layernorm.", "norm."): v for k, v in model["lm_head"].items()}
+    return {**model, "language_model": lm, "lm_head": head}
+
+
+@pytest.mark.parametrize("version, tp", [(0, 1), (0, 2), (1.0, 2), (2.0, 1), (3.0, 2)])
 def test_import_of_older_checkpoint_versions(tmp_path, plugins, vocab_file, version, tp):
+    """QKV row orders of checkpoint_version 0, 1.0, 2.0 per TP shard, with the key names of
+    their time (3.0 here: the post-2023 `*_norm` names)."""
     from mega.cli import main
 
     run = _mega_run(tmp_path, plugins, vocab_file)
@@ -320,6 +334,9 @@ def test_import_of_older_checkpoint_versions(tmp_path, plugins, vocab_file, vers
             sd["model"] = _old_names(sd["model"])
         else:
             sd["checkpoint_version"] = version
+        if version == 3.0:
+            sd["model"] = _new_names(sd["model"])
+            assert "final_norm.weight" in sd["model"]["language_model"]["encoder"]
         torch.save(sd, path)
     assert main(["import", str(dest), str(tmp_path / "back")]) == 0
     model, _, _ = _mega_model(tmp_path / "back", plugins)
