@@ -5,8 +5,9 @@ Import reads a save directory (`latest_checkpointed_iteration.txt` naming an ite
 `release`), an iteration directory, one `model_optim_rng.pt`, or an NGC-style `.zip`
 holding `release/mp_rank_00/model_optim_rng.pt`. The tensor/pipeline layout and the rank
 folders (`mp_rank_XX[_YYY]`) come from the file's `args`; the shards are merged into one
-GPT under mega's names, the config is mapped from `args`, and the run directory is written
-by `mega.interop.write_imported_run`.
+model under mega's names (a GPT, or a BERT when the file has BERT's heads or WordPiece
+tokenizer: megatron_bert.py), the config is mapped from `args`, and the run directory is
+written by `mega.interop.write_imported_run`.
 
 Export loads a mega checkpoint as one process's model and writes Megatron-LM's tree
 (tracker + `iter_XXXXXXX/mp_rank_XX[_YYY]/model_optim_rng.pt`), split for the requested
