@@ -72,6 +72,20 @@ def test_state_dict_mapping_round_trips(arch):
         assert torch.equal(back[k], v), k
 
 
+def test_configs_mega_would_compute_differently_are_refused():
+    from mega.errors import CheckpointError
+
+    hf = _hf_config(100, "MegatronBertForMaskedLM").to_dict()
+    assert hfb.mega_model_config(hf, "MegatronBertForMaskedLM", "here")["name"] == "bert_masked_lm"
+    for change, arch, message in ((dict(is_decoder=True), "MegatronBertForMaskedLM", "is_decoder=true"),
+                                  (dict(is_decoder=False), "MegatronBertForCausalLM", "is_decoder=false"),
+                                  (dict(hidden_act="relu"), "MegatronBertForMaskedLM", "hidden_act 'relu'"),
+                                  (dict(position_embedding_type="relative_key"), "MegatronBertForMaskedLM",
+                                   "position_embedding_type='relative_key'")):
+        with pytest.raises(CheckpointError, match=f"here: {message}"):
+            hfb.mega_model_config({**hf, **change}, arch, "here")
+
+
 def test_unknown_and_untied_tensors_are_refused():
     from mega.errors import CheckpointError
 

@@ -231,6 +231,13 @@ def mega_model_config(hf: dict, arch: str, where: str) -> dict:
     if hf.get("position_embedding_type", "absolute") != "absolute":
         raise CheckpointError(f"{where}: position_embedding_type={hf['position_embedding_type']!r}; mega's BERT has"
                               " learned absolute positions only")
+    causal = arch == "MegatronBertForCausalLM"
+    if bool(hf.get("is_decoder", False)) != causal:
+        raise CheckpointError(f"{where}: is_decoder={str(bool(hf.get('is_decoder', False))).lower()} with {arch}; mega's"
+                              f" {MODELS[arch]} attends {'causally' if causal else 'both ways'} (is_decoder="
+                              f"{str(causal).lower()})")
+    if hf.get("add_cross_attention"):
+        raise CheckpointError(f"{where}: add_cross_attention=true; mega's BERT has no cross-attention")
     try:
         hidden, layers, heads, positions = (int(hf[k]) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                                                   "max_position_embeddings"))
