@@ -24,13 +24,23 @@ Batch = Dict[str, "torch.Tensor"]
 
 
 class LossOutput(TypedDict, total=False):
-    """What a model returns for one micro-batch. `loss_sum` (required) is the *sum* of its
-    masked token losses: the kernel divides by the token count of the whole global batch,
-    so micro-batching and data parallelism never change the numbers. `terms` are extra
-    values to log, summed the same way (each is reported per token of the global batch)."""
+    """What a model returns for one micro-batch. `loss_sum` is the *sum* of its masked
+    token losses: the kernel divides by the token count (`loss_mask` ones) of the whole
+    global batch, so micro-batching and data parallelism never change the numbers. `terms`
+    are extra values to log, summed the same way (each is reported per token of the
+    global batch).
+
+    `sample_loss_sum` is the sum of per-sample losses (a sentence-level head: BERT's
+    next-sentence/sentence-order loss, a classifier), divided by the sample count of the
+    whole global batch; the step's loss is the sum of both means. `sample_terms` are logged
+    per sample the same way (e.g. an accuracy: the micro-batch's count of right answers).
+    At least one of the two sums is required; a model whose batches carry no `loss_mask`
+    returns only `sample_loss_sum`."""
 
     loss_sum: torch.Tensor
     terms: Dict[str, torch.Tensor]
+    sample_loss_sum: torch.Tensor
+    sample_terms: Dict[str, torch.Tensor]
 
 
 def missing_members(obj, proto: type) -> List[str]:

@@ -40,10 +40,12 @@ Losses = Tuple[torch.Tensor, Dict[str, torch.Tensor]]
 
 def forward_backward_no_pipelining(forward_step: ForwardStep, micro_batches: List[Batch], num_tokens: torch.Tensor, *,
                                    loss_scale: float = 1.0, forward_only: bool = False,
-                                   no_sync: Optional[Callable[[], Any]] = None) -> Losses:
+                                   no_sync: Optional[Callable[[], Any]] = None,
+                                   num_samples: Optional[torch.Tensor] = None) -> Losses:
     """Each micro-batch forward then backward, gradients accumulating in `.grad`. `no_sync`
-    (DDP's) is entered around every micro-batch but the last, so gradients are reduced once."""
-    losses = TokenMean(num_tokens)
+    (DDP's) is entered around every micro-batch but the last, so gradients are reduced once.
+    `num_samples`: the global batch's sample count, for models with a per-sample loss."""
+    losses = TokenMean(num_tokens, num_samples)
     for i, batch in enumerate(micro_batches):
         with no_sync() if no_sync is not None and i < len(micro_batches) - 1 else contextlib.nullcontext():
             loss = losses.add(forward_step(batch, None))
@@ -54,13 +56,14 @@ def forward_backward_no_pipelining(forward_step: ForwardStep, micro_batches: Lis
 
 def forward_backward_pipelining(forward_step: ForwardStep, micro_batches: List[Batch], num_tokens: torch.Tensor, *,
                                 parallel: ParallelState, device: torch.device, tensor_shape,
-                                loss_scale: float = 1.0, forward_only: bool = False) -> Losses:
+                                loss_scale: float = 1.0, forward_only: bool = False,
+                                num_samples: Optional[torch.Tensor] = None) -> Losses:
     """1F1B over this rank's pipeline; `tensor_shape` is the shape of the hidden states
     between stages. Every stage returns the last stage's (loss, terms)."""
     st = parallel
     prev = None if st.is_first_stage else st.pp_ranks[st.pp_rank - 1]
     nxt = None if st.is_last_stage else st.pp_ranks[st.pp_rank + 1]
-    losses = TokenMean(num_tokens)
+    losses = TokenMean(num_tokens, num_samples)
 
     def p2p(send: Optional[torch.Tensor] = None, to: Optional[int] = None, recv_from: Optional[int] = None):
         """Send to and/or receive from a neighbour stage in one batch; a None rank (no

@@ -41,7 +41,7 @@ def _forward_step(run):
     return forward_step
 
 
-def _losses(run, micro_batches, num_tokens):
+def _losses(run, micro_batches, num_tokens, num_samples=None):
     """Forward (and backward when training) of one global batch on this rank, through the
     schedule for its pipeline size; the batch's (loss, terms) summed over data-parallel ranks.
 
@@ -54,19 +54,29 @@ def _losses(run, micro_batches, num_tokens):
     if st.pp_size == 1:
         loss, terms = forward_backward_no_pipelining(
             _forward_step(run), micro_batches, num_tokens, loss_scale=st.dp_size * scale, forward_only=not training,
-            no_sync=run.loss_module.no_sync if training and st.dp_size > 1 else None)
+            no_sync=run.loss_module.no_sync if training and st.dp_size > 1 else None, num_samples=num_samples)
     else:
         loss, terms = forward_backward_pipelining(
             _forward_step(run), micro_batches, num_tokens, parallel=st, device=run.device,
-            tensor_shape=run.model.activation_shape(micro_batches[0]), loss_scale=scale, forward_only=not training)
+            tensor_shape=run.model.activation_shape(micro_batches[0]), loss_scale=scale, forward_only=not training,
+            num_samples=num_samples)
         if training:
             sum_pipeline_grads(run.model, st)
     return st.all_reduce_sum(loss), {k: st.all_reduce_sum(v) for k, v in terms.items()}
 
 
 def _num_tokens(run, micro_batches) -> torch.Tensor:
-    n = sum(mb["loss_mask"].sum() for mb in micro_batches)
-    return run.parallel.all_reduce_sum(n).clamp(min=1.0)
+    """Loss-bearing tokens of the global batch (at least 1: a batch without `loss_mask`,
+    e.g. a classifier's, has none and its models return only per-sample losses)."""
+    n = sum((mb["loss_mask"].sum() if "loss_mask" in mb else torch.zeros((), device=run.device))
+            for mb in micro_batches)
+    return run.parallel.all_reduce_sum(torch.as_tensor(n, dtype=torch.float32, device=run.device)).clamp(min=1.0)
+
+
+def _num_samples(run, micro_batches) -> torch.Tensor:
+    """Samples of the global batch: the divisor of per-sample losses (`sample_loss_sum`)."""
+    n = sum(len(next(iter(mb.values()))) for mb in micro_batches)
+    return run.parallel.all_reduce_sum(torch.tensor(float(n), device=run.device))
 
 
 def train_step(run) -> Dict[str, torch.Tensor]:
@@ -78,7 +88,7 @@ def train_step(run) -> Dict[str, torch.Tensor]:
                                       run.parallel.dp_rank, run.parallel.dp_size)
     micro_batches = load_micro_batches(run.train_data, positions, run.device)
     run.optimizer.zero_grad(set_to_none=True)
-    loss, terms = _losses(run, micro_batches, _num_tokens(run, micro_batches))
+    loss, terms = _losses(run, micro_batches, _num_tokens(run, micro_batches), _num_samples(run, micro_batches))
 
     params = [p for p in run.model.parameters() if p.grad is not None]
     skipped = False
@@ -112,7 +122,7 @@ def validate(run) -> Dict[str, float]:
                                               run.parallel.dp_rank, run.parallel.dp_size)
             mbs = load_micro_batches(run.valid_data, positions, run.device)
             n = _num_tokens(run, mbs)
-            loss, terms = _losses(run, mbs, n)
+            loss, terms = _losses(run, mbs, n, _num_samples(run, mbs))
             loss_sum += float(loss) * float(n)
             token_sum += float(n)
             for k, v in terms.items():

@@ -1,0 +1,107 @@
+"""The heads on top of the Megatron-BERT encoder, and the loss each one trains with.
+
+Named as Megatron-LM names them in its checkpoints, so its files map key for key:
+`language_model.pooler.dense`, `lm_head.{dense,layernorm,bias}`, `binary_head`,
+`classification_head` (its Classification model), `multichoice_head` (its MultipleChoice
+model); `token_classification_head` and `qa_head` are ours (Megatron-LM has no such
+models; they play Hugging Face's `classifier` / `qa_outputs`).
+
+Every loss is returned in the kernel's two-divisor form (mega.protocols.LossOutput): token
+losses as a sum over `loss_mask` positions (divided by the global batch's loss tokens),
+sentence-level losses as a sum over samples (divided by its sample count).
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mega.plugins.models.transformer import ACTIVATIONS, BlockConfig
+from mega.runtime.tensor_parallel import copy_to_tp, shard, vocab_parallel_cross_entropy
+
+
+def linear(cfg: BlockConfig, in_features: int, out_features: int) -> nn.Linear:
+    """Megatron's `get_linear_layer`: weight N(0, init_method_std), bias zero (replicated)."""
+    layer = nn.Linear(in_features, out_features)
+    cfg.init_method(layer.weight.data)
+    layer.bias.data.zero_()
+    return layer
+
+
+class Pooler(nn.Module):
+    """tanh(dense(h[:, 0])): the final-LayerNorm output at the first token (`[CLS]`)."""
+
+    def __init__(self, cfg: BlockConfig):
+        super().__init__()
+        self.dense = linear(cfg, cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(h[:, 0]))
+
+
+class BertLMHead(nn.Module):
+    """dense, GeLU, LayerNorm, then the decoder tied to the word embedding, plus a bias
+    over the (padded) vocabulary. Under tensor parallelism each rank holds its slice of the
+    vocabulary (of the tied matrix and of `bias`) and returns its slice of the logits."""
+
+    def __init__(self, cfg: BlockConfig, padded_vocab: int, activation: str):
+        super().__init__()
+        self.dense = linear(cfg, cfg.hidden_size, cfg.hidden_size)
+        self.layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.bias = shard(torch.zeros(padded_vocab), 0)
+        self.approximate = ACTIVATIONS[activation]
+
+    def forward(self, h: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
+        h = self.layernorm(F.gelu(self.dense(h), approximate=self.approximate))
+        return F.linear(copy_to_tp(h), word_embeddings, self.bias)
+
+
+def masked_lm_loss(head: BertLMHead, word_embeddings: torch.Tensor, h: torch.Tensor, labels: torch.Tensor,
+                   loss_mask: torch.Tensor, vocab_size: Optional[int]) -> torch.Tensor:
+    """Sum over `loss_mask` positions of the cross entropy of the LM head's logits (fp32,
+    vocab-parallel). The head runs only on those positions (the 15% a BERT sample
+    predicts, or every target of a causal sample): the others are multiplied by zero in
+    Megatron-LM's loss, so skipping them changes nothing but the time spent."""
+    where = loss_mask.bool()
+    logits = head(h[where], word_embeddings)
+    losses = vocab_parallel_cross_entropy(logits, labels[where], vocab_size)
+    return (losses * loss_mask[where].to(losses.dtype)).sum()
+
+
+def binary_losses(logits: torch.Tensor, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Per-sample cross entropy (fp32; label -1 ignored, Megatron's `ignore_index`) summed,
+    and the count of right answers."""
+    losses = F.cross_entropy(logits.float(), labels, ignore_index=-1, reduction="none")
+    right = ((logits.argmax(-1) == labels) & (labels >= 0)).sum().to(losses.dtype)
+    return {"sum": losses.sum(), "right": right}
+
+
+def classification_losses(logits: torch.Tensor, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Hugging Face's rule for its sequence classifiers (`problem_type` inferred): one
+    label column is regression (squared error), integer labels are single-label
+    classification (cross entropy), float labels of several columns are multi-label
+    (binary cross entropy, averaged over the columns of each sample). Per-sample sums, and
+    the right answers where that means something."""
+    if logits.shape[-1] == 1:
+        losses = (logits.float().squeeze(-1) - labels.float()) ** 2
+        return {"sum": losses.sum()}
+    if labels.is_floating_point():
+        losses = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none").mean(-1)
+        right = ((logits > 0) == (labels > 0.5)).all(-1).sum().to(losses.dtype)
+        return {"sum": losses.sum(), "right": right}
+    return binary_losses(logits, labels)
+
+
+def span_losses(start_logits: torch.Tensor, end_logits: torch.Tensor, start: torch.Tensor,
+                end: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Question answering as Hugging Face's: positions clamped to [0, s], a position of s
+    (outside the sequence) ignored; per sample (start loss + end loss) / 2, summed; right
+    answers are samples with both ends right."""
+    s = start_logits.shape[1]
+    start, end = start.clamp(0, s), end.clamp(0, s)
+    ls = F.cross_entropy(start_logits.float(), start, ignore_index=s, reduction="none")
+    le = F.cross_entropy(end_logits.float(), end, ignore_index=s, reduction="none")
+    right = ((start_logits.argmax(-1) == start) & (end_logits.argmax(-1) == end)).sum().to(ls.dtype)
+    return {"sum": ((ls + le) / 2).sum(), "right": right}
