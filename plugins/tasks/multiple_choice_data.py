@@ -99,7 +99,7 @@ def _ids(text: str, subwords: Subwords) -> List[int]:
 
 def multiple_choice_sample(firsts: Sequence[str], seconds, label: int, subwords: Subwords, max_seq_length: int,
                            first_max: int = MAX_QA_LENGTH) -> Dict[str, torch.Tensor]:
-    """tokens / tokentype_ids / padding_mask [choices, s], `label` [], `loss_mask` [1].
+    """tokens / tokentype_ids / padding_mask [choices, s] and `label` [].
     `seconds` is one string shared by every choice (RACE's article) or one per choice."""
     if isinstance(seconds, str):
         seconds = [seconds] * len(firsts)
@@ -121,5 +121,4 @@ def multiple_choice_sample(firsts: Sequence[str], seconds, label: int, subwords:
         "tokentype_ids": torch.tensor([r[1] for r in rows], dtype=torch.long),
         "padding_mask": torch.tensor([r[2] for r in rows], dtype=torch.long),
         "label": torch.tensor(label, dtype=torch.long),
-        "loss_mask": torch.ones(1, dtype=torch.float),
     }

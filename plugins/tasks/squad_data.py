@@ -53,16 +53,14 @@ class SquadFeature:
     is_impossible: bool = False
 
     def sample(self) -> Dict[str, torch.Tensor]:
-        """The tensors a question-answering head trains on (see `plugins/tasks/README` in
-        docs/downstream.md): ids, token types, padding mask, the answer's positions."""
+        """What `bert_question_answering` trains on: ids, token types, padding mask and the
+        answer's first and last positions ([CLS], 0, when it is not in this window)."""
         return {
             "tokens": torch.tensor(self.input_ids, dtype=torch.long),
             "tokentype_ids": torch.tensor(self.segment_ids, dtype=torch.long),
             "padding_mask": torch.tensor(self.input_mask, dtype=torch.long),
             "start_positions": torch.tensor(self.start_position, dtype=torch.long),
             "end_positions": torch.tensor(self.end_position, dtype=torch.long),
-            "loss_mask": torch.ones(1, dtype=torch.float),  # one example: the loss is a mean over examples
-            "feature_index": torch.tensor(self.unique_id - FIRST_UNIQUE_ID, dtype=torch.long),
         }
 
 

@@ -81,14 +81,13 @@ def pad_sample(ids: Sequence[int], types: Sequence[int], max_seq_length: int, pa
 
 
 def classification_samples(pairs: Sequence[Tuple[str, int]], subwords: Subwords, max_seq_length: int) -> List[Dict[str, torch.Tensor]]:
-    """One sample per example: tokens, tokentype_ids, padding_mask, `label` [] and a
-    one-element `loss_mask` (the loss is a mean over examples)."""
+    """One sample per example: tokens, tokentype_ids, padding_mask and `label` [] (the
+    head's loss is a mean over examples, so there is no `loss_mask`)."""
     out = []
     for text, label in pairs:
         ids, types = encode_single(text, subwords, max_seq_length)
         s = pad_sample(ids, types, max_seq_length, subwords.pad_id)
         s["label"] = torch.tensor(label, dtype=torch.long)
-        s["loss_mask"] = torch.ones(1, dtype=torch.float)
         out.append(s)
     return out
 
