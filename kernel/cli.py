@@ -6,6 +6,7 @@
     mega plugins [--json]                           list plugins, hooks and components
     mega generate CHECKPOINT --prompt TEXT          sample from a trained model
     mega encode CHECKPOINT --text T --output F      hiddens (z, z_mean, ...) of an encoder-decoder
+    mega predict CHECKPOINT --question Q --context C | --text T   ask a fine-tuned task model
 
 Input errors (config, data, checkpoint, plugin) print one message naming the key or file
 and exit with status 2.
@@ -103,6 +104,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint")
     e.add_argument("--text", action="append", required=True, help="a text to encode (repeat for a batch)")
     e.add_argument("--output", required=True, help="file to write the tensors to (torch.save of a dict)")
+    pr = sub.add_parser("predict", help="ask a fine-tuned task model: answer a question, label a text")
+    pr.add_argument("checkpoint", help="a run directory, checkpoint or archive (.mega) of a fine-tuned task")
+    pr.add_argument("--question", help="question answering / multiple choice: the question")
+    pr.add_argument("--context", help="question answering: the passage holding the answer (multiple choice: the article)")
+    pr.add_argument("--text", help="text / token classification, relation extraction: the text")
+    pr.add_argument("--choice", action="append", default=[], dest="choices", help="multiple choice: an option (repeat)")
     return p
 
 
@@ -292,7 +299,21 @@ def cmd_export(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "config": cmd_config, "plugins": cmd_plugins, "generate": cmd_generate, "encode": cmd_encode,
+def cmd_predict(args) -> int:
+    from mega.inference import load_checkpoint_for_inference
+    from mega.plugin_manager import get_plugins
+    from mega.protocols import Predicts
+
+    model, tokenizer, config = load_checkpoint_for_inference(args.checkpoint, get_plugins())
+    if not isinstance(model, Predicts):
+        raise ConfigError(f"{args.checkpoint}: model.name={config.model.name!r} does not answer `mega predict`"
+                          " (fine-tuned tasks do: question_answering, text_classification, ...)")
+    inputs = {k: getattr(args, k) for k in ("question", "context", "text", "choices") if getattr(args, k)}
+    print(json.dumps(model.predict(inputs, tokenizer), indent=2, ensure_ascii=False))
+    return 0
+
+
+COMMANDS = {"predict": cmd_predict, "run": cmd_run, "config": cmd_config, "plugins": cmd_plugins, "generate": cmd_generate, "encode": cmd_encode,
             "import": cmd_import, "export": cmd_export, "plan": cmd_plan}
 
 

@@ -45,7 +45,8 @@ class TaskBase:
         if not value:
             where = self.config.split_key(split)
             shown = "file" if key == "file" else key
-            raise ConfigError(f"{where}.{shown}: no {split} file set (e.g. {where}.{shown}=<path>)")
+            hint = " or trainer.val_check_interval=0 to train without validation" if split == "valid" else ""
+            raise ConfigError(f"{where}.{shown}: no {split} file set (e.g. {where}.{shown}=<path>{hint})")
         return Path(value).expanduser()
 
     def limit(self, split: str, items: Sequence) -> List:

@@ -21,6 +21,7 @@ from attrs import define, field
 
 from mega.config import DataConfig, ModelConfig
 from mega.config.schema import at_least_one
+from mega.errors import ConfigError
 from mega.protocols import SampleObjective
 
 
@@ -49,6 +50,22 @@ class DatasetFiles:
 
     def path(self) -> Optional[str]:
         return self.file or self.file_path
+
+
+_COMMON = {a.name for a in attrs.fields(ModelConfig)}
+
+
+def _task_keys(message: str, has_dataset: bool) -> str:
+    """`model.hidden_size` -> `model.language_model.config.hidden_size` (architecture keys
+    live there in a task's table); `model.seq_length` -> `model.dataset.max_seq_length`."""
+    import re
+
+    def key(m):
+        name = m.group(1)
+        if name == "seq_length" and has_dataset:
+            return "model.dataset.max_seq_length"
+        return m.group(0) if name in _COMMON else f"model.language_model.config.{name}"
+    return re.sub(r"\bmodel\.([a-z_]+)\b(?!\.)", key, message)
 
 
 @attrs.frozen
@@ -107,4 +124,7 @@ class TaskConfig(ModelConfig):
         task = plugins.tasks.get(self.name, "model.name").factory(self)
         entry = plugins.models.get(task.head, f"the head of task {self.name}")
         cfg = head_config(self, task, entry)
-        cfg.check(plugins)
+        try:
+            cfg.check(plugins)
+        except ConfigError as e:  # the head names its own keys: say where they are in a task's table
+            raise ConfigError(_task_keys(str(e), getattr(self, "dataset", None) is not None)) from None
