@@ -116,8 +116,9 @@ class TaskConfig(ModelConfig):
         """Key errors, before anything runs; also resolves what the data decides (a label
         map read from the training files) into this config, so config.toml, checkpoints
         and archives carry it."""
-        from mega.plugins.tasks.encoder import check_language_model, tokenizer_defaults
+        from mega.plugins.tasks.encoder import check_language_model, from_mega_checkpoint, tokenizer_defaults
         check_language_model(self, plugins)
+        from_mega_checkpoint(self)
         tokenizer_defaults(self)
         self.build_task().check()
         from mega.plugins.tasks.finetune import head_config

@@ -16,6 +16,10 @@ A pretrained name also fixes the tokenizer (lower-casing, which public vocab.txt
 are never downloaded: when they are not set, the error says which file to fetch and which
 key to point at it.
 
+A mega run or checkpoint given as `lm_checkpoint` with none of the three describes itself:
+its config.toml gives the architecture, and its vocab.txt the `wordpiece` tokenizer's
+`vocab_file` when that is unset (both recorded in the run's config).
+
 Weights (`model.language_model.lm_checkpoint`) are loaded once, when a fine-tuning run
 starts from step 0: a mega run, checkpoint or `.mega` archive directly; anything `mega
 import` recognises (a Megatron-LM `iter_XXXXXXX` directory with one `mp_rank_XX` per
@@ -119,6 +123,40 @@ def architecture(lm, head_config_class=None) -> Dict[str, Any]:
         raise ConfigError(f"model.language_model.pretrained_model_name={name!r} has no fixed architecture: set "
                           "model.language_model.config_file (Megatron-LM argument names) or model.language_model.config")
     return dict(known.arch) if known is not None else {}
+
+
+ARCH_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "max_position_embeddings",
+             "layernorm_epsilon", "activation", "init_method_std", "num_tokentypes", "make_vocab_size_divisible_by")
+
+
+def from_mega_checkpoint(config) -> None:
+    """A mega run or checkpoint as `lm_checkpoint` with nothing else describing the encoder:
+    its architecture (and, for an unset wordpiece vocab_file, its vocabulary) are taken from
+    the checkpoint's own config.toml and recorded in this config."""
+    from mega.config import load_raw
+    from mega.training.checkpointing import resolve_checkpoint
+
+    lm, tok = config.language_model, config.tokenizer
+    if not lm.lm_checkpoint or lm.config_file or lm.config or PRETRAINED.get(lm.pretrained_model_name or ""):
+        return
+    path = Path(lm.lm_checkpoint).expanduser()
+    if not path.is_dir():
+        return
+    try:
+        ckpt = resolve_checkpoint(path)
+    except CheckpointError:
+        return  # another tool's layout: its importer knows the architecture
+    model = load_raw(ckpt / "config.toml").get("model", {})
+    lm.config = {k: model[k] for k in ARCH_KEYS if k in model}
+    saved_tok = model.get("tokenizer", {})
+    if getattr(tok, "library", None) == saved_tok.get("library") == "wordpiece" and not getattr(tok, "vocab_file", None):
+        vocab = ckpt / str(saved_tok.get("vocab_file", ""))
+        if saved_tok.get("vocab_file") and vocab.is_file():
+            tok.vocab_file = str(vocab)
+            if getattr(tok, "do_lower_case", 0) is None and saved_tok.get("do_lower_case") is not None:
+                tok.do_lower_case = saved_tok["do_lower_case"]
+            if "tokenizer_name" in saved_tok:
+                tok.tokenizer_name = saved_tok["tokenizer_name"]
 
 
 def check_language_model(config, plugins) -> None:
