@@ -8,6 +8,7 @@ import pytest
 
 from mega.config import config_from_dict
 from mega.errors import ConfigError
+from mega.protocols import HasSpecialTokens, KnowsWordStarts, Tokenizer
 
 CORPUS = """\
 The quick brown fox jumps over the lazy dog. Résumé of a naïve café owner in Zürich.
@@ -80,6 +81,7 @@ def test_ids_equal_transformers_bert_tokenizer(plugins, vocab_file, name, lower)
     assert (ours.pad_id, ours.cls_id, ours.sep_id, ours.mask_id) == (ref.pad_token_id, ref.cls_token_id,
                                                                       ref.sep_token_id, ref.mask_token_id)
     assert ours.eos_id == ours.sep_id
+    assert isinstance(ours, Tokenizer) and isinstance(ours, HasSpecialTokens) and isinstance(ours, KnowsWordStarts)
     for text in AWKWARD + CORPUS.splitlines():
         expected = ref.encode(text, add_special_tokens=False)
         assert ours.encode(text) == expected, text
@@ -153,3 +155,28 @@ def test_trains_a_vocab_once_into_the_run_dir(plugins, tmp_path):
     mtime = (run / "vocab.txt").stat().st_mtime_ns
     again = build(cfg, [corpus], run)  # reused, not retrained
     assert (run / "vocab.txt").stat().st_mtime_ns == mtime and again.encode("The fox") == tok.encode("The fox")
+
+
+def test_a_run_trains_its_vocab_and_checkpoints_carry_it(tmp_path, plugins, corpus):
+    """A tiny GPT with a trained WordPiece vocabulary: the checkpoint holds the vocab.txt and
+    its config points at that copy, so inference rebuilds the same tokenizer from it alone."""
+    import shutil
+
+    from mega.inference import load_checkpoint_for_inference
+    from mega.testing import TinyExperiment
+
+    run = TinyExperiment(tmp_path, corpus, plugins).run(
+        trainer={"max_steps": 2, "val_check_interval": 0},
+        exp_manager={"checkpoint": {"every_n_train_steps": 2}},
+        model={"tokenizer": {"library": "wordpiece", "vocab_size": 200}})
+    vocab = run.run_dir / "vocab.txt"
+    assert vocab.is_file() and run.tokenizer.vocab_size == len(vocab.read_text().splitlines())
+    checkpoint = sorted(p for p in (run.run_dir / "checkpoints").iterdir() if p.is_dir())[-1]
+    assert (checkpoint / "tokenizer.vocab.txt").read_text() == vocab.read_text()
+    moved = tmp_path / "moved"
+    shutil.copytree(checkpoint, moved)
+    vocab.unlink()  # the checkpoint stands on its own
+    _, tokenizer, config = load_checkpoint_for_inference(moved, plugins)
+    assert config.model.tokenizer.vocab_file == str(moved / "tokenizer.vocab.txt")
+    text = "the model of the run"
+    assert tokenizer.encode(text) == run.tokenizer.encode(text) and tokenizer.cls_id == run.tokenizer.cls_id

@@ -125,6 +125,6 @@ class BertObjective(SampleObjective):
     binary_head: Optional[str] = "sop"  # "sop" | "nsp" | None
     masked_lm_prob: float = 0.15
     short_seq_prob: float = 0.1
-    max_predictions_per_seq: Optional[int] = None  # None: masked_lm_prob x seq_length (Megatron's)
+    max_predictions_per_seq: Optional[int] = None  # None: masked_lm_prob x the sample's target length (Megatron's: seq_length - 3, or shorter)
     whole_word_masking: bool = True
     max_ngrams: int = 3

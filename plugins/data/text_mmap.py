@@ -2,10 +2,13 @@
 
 For language models each document becomes one sample: its tokens plus end-of-document,
 truncated to seq_length + 1, shifted into (tokens, labels), right-padded with a loss mask.
+For BERT (`BertObjective`) documents are cut into sentences (`sentence_split`, see
+`sentences.py`) and grouped into Megatron-LM's sentence-pair samples (`bert_samples.py`).
 Files are blended by `data_prefix` weights and split by `splits_string`.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -15,9 +18,11 @@ from attrs import define
 
 import mega
 from mega.config import DataConfig
-from mega.errors import ConfigError
+from mega.errors import ConfigError, DataError
+from mega.plugins.data.bert_samples import BertSamples
 from mega.plugins.data.blending import BlendedDataset, parse_splits, split_ranges
 from mega.plugins.data.objectives import (
+    BertObjective,
     DenoisingObjective,
     bart_infilling,
     encoder_decoder_sample,
@@ -26,8 +31,9 @@ from mega.plugins.data.objectives import (
     word_spans_to_tokens,
 )
 from mega.plugins.data.quickstart_corpus import write_pydoc_corpus
+from mega.plugins.data.sentences import SENTENCE_SPLITS, TokenizedDocuments, read_documents
 from mega.plugins.data.text_index import TextMemMapIndex
-from mega.protocols import KnowsWordStarts, SampleObjective
+from mega.protocols import HasSpecialTokens, KnowsWordStarts, SampleObjective
 
 SPLITS = {"train": 0, "valid": 1, "test": 2}
 
@@ -39,6 +45,7 @@ class TextMemMapConfig(DataConfig):
     masked_lm_prob: float = 0.15  # t5/bart: share of tokens hidden in noise spans
     mean_noise_span_length: float = 3.0  # t5/bart: mean length of a noise span
     whole_word_masking: bool = False  # t5/bart: noise spans cover whole words
+    sentence_split: str = "auto"  # bert: "line" (a sentence per line, blank line between documents), "punctuation" (a document per line, cut after .!? before a capital or digit), "auto" (line when the file has blank lines)
 
 
 class DocumentRange:
@@ -121,21 +128,50 @@ class TextMemMapSource:
         self.paths = [Path(p).expanduser() for p in prefix[1::2]]
         self.indexes = [TextMemMapIndex(p) for p in self.paths]
         self.fractions = parse_splits(config.splits_string)
+        self._tokenized: dict = {}
 
     def files(self) -> List[Path]:
         return list(self.paths)
 
+    def _sentences(self, i: int, tokenizer) -> TokenizedDocuments:
+        """File i's documents, cut into sentences and tokenized (once per file and tokenizer)."""
+        key = (i, id(tokenizer))
+        if key not in self._tokenized:
+            self._tokenized[key] = TokenizedDocuments(read_documents(self.indexes[i], self.config.sentence_split), tokenizer)
+        return self._tokenized[key]
+
     def dataset(self, split: str, tokenizer, seq_length: int, num_samples: int, seed: int,
                 objective: SampleObjective = SampleObjective()) -> BlendedDataset:
-        """Samples for the model's objective: "lm" (next token), or a DenoisingObjective
-        ("t5" span corruption, "bart" infilling)."""
+        """Samples for the model's objective: "lm" (next token), a DenoisingObjective
+        ("t5" span corruption, "bart" infilling), or a BertObjective ("bert")."""
         denoising = isinstance(objective, DenoisingObjective)
-        if objective.name not in (("t5", "bart") if denoising else ("lm",)):
-            raise ConfigError(f"model.name: text_mmap has no samples for the objective {objective.name!r} (lm, t5, bart)")
+        bert = isinstance(objective, BertObjective)
+        known = ("t5", "bart") if denoising else ("bert",) if bert else ("lm",)
+        if objective.name not in known:
+            raise ConfigError(f"model.name: text_mmap has no samples for the objective {objective.name!r} (lm, t5, bart, bert)")
         if denoising and self.config.whole_word_masking and not isinstance(tokenizer, KnowsWordStarts):
             raise ConfigError("model.data.whole_word_masking: the tokenizer cannot tell where words start")
+        if bert:
+            if self.config.sentence_split not in SENTENCE_SPLITS:
+                raise ConfigError(f"model.data.sentence_split={self.config.sentence_split!r}: one of {', '.join(SENTENCE_SPLITS)}")
+            if not isinstance(tokenizer, HasSpecialTokens) or not isinstance(tokenizer, KnowsWordStarts):
+                raise ConfigError(f"model.tokenizer.library: BERT samples need [CLS]/[SEP]/[MASK] ids and word starts,"
+                                  f" which {type(tokenizer).__name__} lacks; use the wordpiece tokenizer")
         parts, weights = [], []
-        for w, path, index in zip(self.weights, self.paths, self.indexes):
+        for i, (w, path, index) in enumerate(zip(self.weights, self.paths, self.indexes)):
+            if bert:
+                sentences = self._sentences(i, tokenizer)
+                start, end = split_ranges(sentences.num_docs, self.fractions)[SPLITS[split]]
+                if end > start:
+                    # Megatron builds each file's map for its share of the samples, with the run's seed
+                    share = num_samples if len(self.paths) == 1 else math.ceil(w / sum(self.weights) * num_samples) + 1
+                    try:
+                        parts.append(BertSamples(sentences.subset(start, end), tokenizer, seq_length, share, seed,
+                                                 objective, shuffle=self.config.shuffle))
+                    except DataError as exc:
+                        raise DataError(f"{path}, {split} split (documents {start} to {end - 1}): {exc}") from None
+                    weights.append(w)
+                continue
             start, end = split_ranges(len(index), self.fractions)[SPLITS[split]]
             if end > start:
                 docs = DocumentRange(index, start, end)
@@ -150,7 +186,8 @@ class TextMemMapSource:
                 f"model.data.splits_string: the {split} split of {', '.join(map(str, self.paths))} has no documents"
                 f" ({self.config.splits_string!r}); give it a share or more data"
             )
-        return BlendedDataset(parts, weights, num_samples, seed + 101 * SPLITS[split], shuffle=self.config.shuffle)
+        # BERT maps are shuffled already (Megatron's order): sample k of the split is map row k
+        return BlendedDataset(parts, weights, num_samples, seed + 101 * SPLITS[split], shuffle=self.config.shuffle and not bert)
 
 
 @mega.hookimpl
