@@ -6,6 +6,7 @@
     mega plugins [--json]                           list plugins, hooks and components
     mega generate CHECKPOINT --prompt TEXT          sample from a trained model
     mega encode CHECKPOINT --text T --output F      hiddens (z, z_mean, ...) of an encoder-decoder
+    mega evaluate RUN_OR_ARCHIVE [--split test] [overrides ...]   loss and perplexity over a whole split
     mega predict CHECKPOINT --question Q --context C | --text T   ask a fine-tuned task model
 
 Input errors (config, data, checkpoint, plugin) print one message naming the key or file
@@ -99,6 +100,13 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--to", dest="fmt", default=None,
                     help="the format to write: huggingface (hf), megatron, archive; default: archive for a .mega destination")
     ex.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="format option")
+
+    ev = sub.add_parser("evaluate", help="loss and perplexity of a checkpoint over a whole data split")
+    ev.add_argument("checkpoint", help="a run directory, a checkpoints/ folder, a checkpoint directory or an archive (.mega)")
+    ev.add_argument("overrides", nargs="*", help="key=value: the layout (trainer.devices=2"
+                                                 " model.tensor_model_parallel_size=2), the data, the batch size")
+    ev.add_argument("--split", choices=["valid", "test", "train"], default="test", help="the split to score (default: test)")
+    ev.add_argument("--output", default=None, help="where to write the metrics (default: RUN/eval_<split>.json)")
 
     e = sub.add_parser("encode", help="encode texts to their hiddens (and z, z_mean) with an encoder-decoder checkpoint")
     e.add_argument("checkpoint")
@@ -255,6 +263,12 @@ def cmd_encode(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from mega.evaluation import evaluate_command
+
+    return evaluate_command(args)[0]
+
+
 def _options(pairs: List[str]) -> dict:
     out = {}
     for pair in pairs:
@@ -314,12 +328,17 @@ def cmd_predict(args) -> int:
 
 
 COMMANDS = {"predict": cmd_predict, "run": cmd_run, "config": cmd_config, "plugins": cmd_plugins, "generate": cmd_generate, "encode": cmd_encode,
-            "import": cmd_import, "export": cmd_export, "plan": cmd_plan}
+            "import": cmd_import, "export": cmd_export, "plan": cmd_plan, "evaluate": cmd_evaluate}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = _parser().parse_args(argv)
+    args, extra = _parser().parse_known_args(argv)
+    if extra:  # overrides after an option (`mega evaluate RUN --split valid key=value`)
+        if args.command == "evaluate" and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides += extra
+        else:
+            _parser().parse_args(argv)  # argparse's own error for what it does not know
     args.argv = argv
     _setup_logging(args.verbose)
     try:

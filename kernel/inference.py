@@ -79,11 +79,11 @@ def checkpoint_tokenizer_files(checkpoint: Path, tokenizer: Mapping[str, Any]) -
     return found
 
 
-def _load_file(path: Path, plugins, device: str):
-    """A checkpoint in one file, through the checkpoint format that recognises it (see
-    `mega import`): unpacked into a scratch directory when the format can `unpack(file,
-    directory)`, else imported into a scratch run directory. Once the model is loaded only
-    the tokenizer files stay there (the returned config names them), until this process exits."""
+def unpack_checkpoint_file(path: Path, plugins) -> Tuple[Path, Path]:
+    """(checkpoint directory, scratch directory holding it) for a checkpoint in one file,
+    through the checkpoint format that recognises it (see `mega import`): unpacked when the
+    format can `unpack(file, directory)`, else imported into a scratch run directory. The
+    scratch directory is removed when this process exits."""
     from mega.interop import find_importer
 
     fmt = find_importer(path, plugins)
@@ -92,6 +92,18 @@ def _load_file(path: Path, plugins, device: str):
     try:
         ckpt = (fmt.unpack(path, scratch / "checkpoint") if isinstance(fmt, Unpacks)
                 else fmt.import_run(path, scratch / "run", {}, plugins))
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    return ckpt, scratch
+
+
+def _load_file(path: Path, plugins, device: str):
+    """A checkpoint in one file (`unpack_checkpoint_file`). Once the model is loaded only
+    the tokenizer files stay in the scratch directory (the returned config names them),
+    until this process exits."""
+    ckpt, scratch = unpack_checkpoint_file(path, plugins)
+    try:
         model, tokenizer, config = load_checkpoint_for_inference(ckpt, plugins, device)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)

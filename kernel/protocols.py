@@ -132,6 +132,22 @@ class StatefulModel(Protocol):
         """Restore what `carried_state` returned (on resume)."""
 
 
+@runtime_checkable
+class Evaluates(Protocol):
+    """Optional: a model (or, later, a task) that evaluates a split its own way, which
+    `mega evaluate` then calls instead of its token-loss pass: Transformer-XL carries its
+    memory across segments at its own evaluation lengths; downstream tasks report exact
+    match, F1 or accuracy. The model is built at this process's parallel layout
+    (`mega.runtime.parallel.current()`), loaded and in eval mode; `config` is the
+    ExperimentConfig with the command line's overrides applied."""
+
+    def evaluate(self, source: "DataSource", split: str, tokenizer: "Tokenizer", config) -> Dict[str, float]:
+        """Metrics over the whole `split` ("valid", "test") of `source`. Called on every
+        rank (a collective) under `torch.no_grad()`; return the same dict everywhere.
+        Report `loss` (mean token loss, nats) when there is one: `mega evaluate` adds
+        `perplexity` from it."""
+
+
 # --- what a model trains on ------------------------------------------------------------------
 
 
@@ -191,6 +207,16 @@ class DataSource(Protocol):
                 objective: SampleObjective = SampleObjective()) -> Sequence[Batch]:
         """`num_samples` sample dicts of `split` ("train", "valid", "test"); sample `i` is a
         pure function of `i` and `seed` (resume relies on it)."""
+
+
+@runtime_checkable
+class WholeSplit(Protocol):
+    """Optional for a data source: every sample of a split exactly once, in a fixed order
+    (no epochs, shuffling or blending weights), which `mega evaluate` scores in full."""
+
+    def whole_split(self, split: str, tokenizer: Tokenizer, seq_length: int, seed: int,
+                    objective: SampleObjective = SampleObjective()) -> Sequence[Batch]:
+        """The samples of `split`, as `dataset` cuts them, each once."""
 
 
 @runtime_checkable

@@ -188,6 +188,7 @@ COMMANDS: Dict[str, object] = {
     "mega run exp.toml": Run(needs=("exp.toml",)),                            # idem
     "mega run examples/quickstart.toml model.optim.lr=-1": Run(),              # idem
     "mega plan examples/quickstart.toml --devices 4": Run(expect=_has("memory per rank", " TP  PP  DP")),
+    "mega evaluate results/quickstart --split test": Run(needs=("results/quickstart",), expect=_has('"perplexity"')),
     # docs/plan.md
     "mega run examples/quickstart.toml model.seq_length=100000": Run(),        # refused, as the docs show
     # docs/checkpoints.md
@@ -223,6 +224,12 @@ COMMANDS: Dict[str, object] = {
     'mega encode results/megatron_mim --text "A lambda expression" --output z.pt':
         Run(needs=("results/megatron_mim",), fresh=("z.pt",), expect=_has("z_mean")),
     'mega generate results/megatron_mim --prompt "A lambda expression"': Run(FEW_TOKENS, needs=("results/megatron_mim",)),
+    # docs/transformer-xl.md
+    "mega evaluate RUN_OR_ARCHIVE [--split valid|test|train] [--output FILE] [dotted.key=value ...]": SYNOPSIS,
+    "mega evaluate results/quickstart --split test model.micro_batch_size=4":
+        Run(needs=("results/quickstart",), expect=_file("results/quickstart/eval_test.json")),
+    "mega evaluate results/quickstart --split valid trainer.devices=2 model.tensor_model_parallel_size=2":
+        Run(("trainer.accelerator=cpu",), needs=("results/quickstart",), slow=True),
     # docs/parallelism.md
     "mega run examples/gpt-tp2.toml": Run(GPT + DATA, needs=("corpus.txt",), slow=True),
     "torchrun --nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 -m mega run exp.toml"

@@ -175,7 +175,7 @@ def test_registered_config_must_subclass_the_base(fake_entry_points, plugins):
 def test_mega_plugins_command(capsys):
     assert main(["plugins", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
-    assert rows["schedules"]["components"] == {"lr_schedulers": ["cosine", "linear", "constant"]}
+    assert rows["schedules"]["components"] == {"lr_schedulers": ["cosine", "linear", "constant", "inv_sqrt"]}
     assert rows["console"]["hooks"] == ["register_loggers"]
     assert main(["plugins"]) == 0
     text = capsys.readouterr().out

@@ -140,10 +140,11 @@ class TextMemMapSource:
             self._tokenized[key] = TokenizedDocuments(read_documents(self.indexes[i], self.config.sentence_split), tokenizer)
         return self._tokenized[key]
 
-    def dataset(self, split: str, tokenizer, seq_length: int, num_samples: int, seed: int,
-                objective: SampleObjective = SampleObjective()) -> BlendedDataset:
-        """Samples for the model's objective: "lm" (next token), a DenoisingObjective
-        ("t5" span corruption, "bart" infilling), or a BertObjective ("bert")."""
+    def _parts(self, split: str, tokenizer, seq_length: int, seed: int, objective: SampleObjective,
+               num_samples: int = 0) -> tuple:
+        """(each file's samples of `split`, their weights) for the model's objective: "lm"
+        (next token), a DenoisingObjective ("t5" span corruption, "bart" infilling), or a
+        BertObjective ("bert", whose sample maps are sized by `num_samples`)."""
         denoising = isinstance(objective, DenoisingObjective)
         bert = isinstance(objective, BertObjective)
         known = ("t5", "bart") if denoising else ("bert",) if bert else ("lm",)
@@ -186,8 +187,37 @@ class TextMemMapSource:
                 f"model.data.splits_string: the {split} split of {', '.join(map(str, self.paths))} has no documents"
                 f" ({self.config.splits_string!r}); give it a share or more data"
             )
+        return parts, weights
+
+    def dataset(self, split: str, tokenizer, seq_length: int, num_samples: int, seed: int,
+                objective: SampleObjective = SampleObjective()) -> BlendedDataset:
+        """Samples for the model's objective (see `_parts`)."""
+        parts, weights = self._parts(split, tokenizer, seq_length, seed, objective, num_samples)
         # BERT maps are shuffled already (Megatron's order): sample k of the split is map row k
+        bert = isinstance(objective, BertObjective)
         return BlendedDataset(parts, weights, num_samples, seed + 101 * SPLITS[split], shuffle=self.config.shuffle and not bert)
+
+    def whole_split(self, split: str, tokenizer, seq_length: int, seed: int,
+                    objective: SampleObjective = SampleObjective()) -> "Concatenated":
+        """Every document of `split` once, file after file (mega.protocols.WholeSplit)."""
+        return Concatenated(self._parts(split, tokenizer, seq_length, seed, objective)[0])
+
+
+class Concatenated:
+    """Datasets one after the other, as one sequence."""
+
+    def __init__(self, parts):
+        self.parts = list(parts)
+        self.ends = np.cumsum([len(p) for p in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        part = int(np.searchsorted(self.ends, i, side="right"))
+        return self.parts[part][i - (int(self.ends[part - 1]) if part else 0)]
 
 
 @mega.hookimpl

@@ -1,0 +1,232 @@
+"""`mega evaluate`: a trained model's loss over a whole split.
+
+The model is rebuilt from a checkpoint (a run directory, a checkpoint directory or a
+one-file archive) at this process's parallel layout, resharded as `mega run` resumes, and
+the split is read in full: every sample once (`mega.protocols.WholeSplit`), cut into
+micro-batches of `model.micro_batch_size` spread over the data-parallel ranks, the last
+batch padded with samples whose loss mask is zero, so no sample is dropped and none is
+counted twice. The loss is token-weighted (sum of token losses / loss tokens) over the
+whole split; perplexity is its exponential. A model that evaluates its own way
+(`mega.protocols.Evaluates`, e.g. Transformer-XL's memory across segments) is asked
+instead.
+
+The layout is one process unless the command line says otherwise
+(`trainer.devices=2 model.tensor_model_parallel_size=2`): the training run's layout does
+not matter, checkpoints reshard on load. Data keys can be overridden too (a checkpoint
+from elsewhere names its training machine's files: `model.data.data_prefix=[...]`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Tuple
+
+import attrs
+import torch
+
+from mega.config import ExperimentConfig, config_from_dict, load_raw
+from mega.errors import ConfigError
+from mega.protocols import DataSource, Evaluates, LanguageModel, PipelineStage, Tokenizer, WholeSplit
+
+log = logging.getLogger("mega")
+
+SPLITS = ("train", "valid", "test")
+# A checkpoint's config keeps the layout it was trained at; evaluation starts from one process.
+ONE_PROCESS = ("trainer.devices=1", "trainer.num_nodes=1", "model.tensor_model_parallel_size=1",
+               "model.pipeline_model_parallel_size=1")
+
+
+@attrs.define
+class Target:
+    """What `mega evaluate` was pointed at, resolved."""
+
+    checkpoint: Path  # the checkpoint directory (an archive's unpacked copy)
+    run_dir: Optional[Path] = None  # the run directory, when there is one (its data/ holds generated corpora)
+    archive: Optional[Path] = None  # the one-file checkpoint given, if it was one
+
+
+def resolve_target(path, plugins) -> Target:
+    """A run directory, a checkpoints/ folder, a checkpoint directory or an archive file."""
+    from mega.training.checkpointing import resolve_checkpoint
+
+    given = Path(path).expanduser()
+    if given.is_file():
+        from mega.inference import unpack_checkpoint_file
+
+        ckpt, _ = unpack_checkpoint_file(given, plugins)
+        return Target(ckpt, archive=given)
+    ckpt = resolve_checkpoint(given)
+    return Target(ckpt, run_dir=ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None)
+
+
+def evaluation_config(target: Target, overrides: Sequence[str], plugins) -> ExperimentConfig:
+    """The checkpoint's config with one process as the layout, then the overrides."""
+    source = str(target.checkpoint / "config.toml")
+    return config_from_dict(load_raw(source), [*ONE_PROCESS, *overrides], plugins, source=source)
+
+
+def results_path(target: Target, split: str) -> Path:
+    """RUN/eval_<split>.json; beside an archive, model.mega -> model.eval_<split>.json;
+    in a checkpoint directory outside a run, there."""
+    if target.archive is not None:
+        return target.archive.with_name(f"{target.archive.stem}.eval_{split}.json")
+    return (target.run_dir or target.checkpoint) / f"eval_{split}.json"
+
+
+def _tokenizer(config: ExperimentConfig, checkpoint: Path, plugins) -> Tokenizer:
+    from mega.inference import checkpoint_tokenizer_files
+
+    tok_cfg = config.model.tokenizer
+    files = checkpoint_tokenizer_files(checkpoint, {a.name: getattr(tok_cfg, a.name) for a in attrs.fields(type(tok_cfg))})
+    for key, file in files.items():  # tokenizer files travel beside the checkpoint's config
+        setattr(tok_cfg, key, str(file))
+    return plugins.tokenizers.get(tok_cfg.library, "model.tokenizer.library").factory(tok_cfg, [], None)
+
+
+def evaluate_checkpoint(target: Target, config: ExperimentConfig, split: str, plugins) -> Dict[str, float]:
+    """Metrics of `split` on every rank: build, load, score. Joins and leaves the process
+    group of a launched worker."""
+    from mega.runtime.parallel import init_parallel, pick_device, shutdown_parallel
+    from mega.runtime.rng import seed_everything
+    from mega.runtime.tensor_parallel import get_rng_tracker
+    from mega.training.checkpointing import verify
+    from mega.training.run import built, load_resharded
+
+    tr, mc = config.trainer, config.model
+    if split not in SPLITS:
+        raise ConfigError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
+    data_entry = plugins.datasets.get(mc.data.data_impl, "model.data.data_impl")
+    model_entry = plugins.models.get(mc.name, "model.name")
+    parallel = init_parallel(tr.devices, tr.num_nodes, tr.dist_timeout_s, mc.tensor_model_parallel_size,
+                             mc.pipeline_model_parallel_size)
+    scratch = None
+    try:
+        device = pick_device(tr.accelerator, parallel.local_rank)
+        manifest = verify(target.checkpoint)
+        tokenizer = _tokenizer(config, target.checkpoint, plugins)
+        seed_everything(mc.seed)
+        get_rng_tracker().reset(mc.seed, parallel.tp_rank, device.type)
+        model = built(model_entry, PipelineStage if parallel.pp_size > 1 else LanguageModel,
+                      model_entry.factory(mc, tokenizer, plugins))
+        fmt = plugins.checkpoint_formats.get(manifest.get("format", "native")).factory()
+        model.load_state_dict(load_resharded(fmt, target.checkpoint, manifest, parallel, model)["model"])
+        model.to(device).eval()
+        data_dir = target.run_dir
+        if data_dir is None:  # a generated corpus (the quickstart's) needs somewhere to be written
+            scratch = data_dir = Path(tempfile.mkdtemp(prefix="mega-eval-"))
+        with parallel.main_rank_first():
+            source = built(data_entry, DataSource, data_entry.factory(mc.data, data_dir))
+        with torch.no_grad():
+            if isinstance(model, Evaluates):
+                metrics = dict(model.evaluate(source, split, tokenizer, config))
+            else:
+                metrics = token_loss(model, source, split, tokenizer, config, parallel, device)
+    finally:
+        shutdown_parallel()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    if "loss" in metrics and "perplexity" not in metrics:
+        metrics["perplexity"] = math.exp(min(metrics["loss"], 700.0))
+    return metrics
+
+
+def token_loss(model, source, split: str, tokenizer, config: ExperimentConfig, parallel, device) -> Dict[str, float]:
+    """Token-weighted loss (and the model's extra terms) over every sample of `split`."""
+    from mega.runtime.pipeline import forward_backward_pipelining
+    from mega.runtime.precision import autocast
+    from mega.training.batches import collate, micro_batch_positions
+
+    mc = config.model
+    if not isinstance(source, WholeSplit):
+        raise ConfigError(f"model.data.data_impl={mc.data.data_impl!r}: this data source cannot list a whole split"
+                          " (mega.protocols.WholeSplit), so mega evaluate cannot score it")
+    samples = source.whole_split(split, tokenizer, mc.seq_length, mc.seed, mc.objective())
+    n = len(samples)
+    if n == 0:
+        raise ConfigError(f"the {split} split has no samples")
+    mbs, dp = mc.micro_batch_size, parallel.dp_size
+    per_batch = mbs * dp
+    padding = None
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    tokens = torch.zeros((), dtype=torch.float64, device=device)
+    term_sums: Dict[str, torch.Tensor] = {}
+    precision = config.trainer.precision
+
+    def forward_step(batch, hidden):
+        with autocast(precision, device):
+            return model.stage_forward(batch, hidden) if parallel.pp_size > 1 else model.training_loss(batch)
+
+    for b in range(math.ceil(n / per_batch)):
+        (positions,) = micro_batch_positions(b, per_batch, mbs, parallel.dp_rank, dp)
+        picked = []
+        for i in positions:
+            if i < n:
+                picked.append(samples[i])
+            else:  # past the end: a sample that counts for nothing keeps every batch the same shape
+                if padding is None:
+                    padding = dict(samples[0])
+                    padding["loss_mask"] = torch.zeros_like(padding["loss_mask"])
+                picked.append(padding)
+        batch = {k: v.to(device) for k, v in collate(picked).items()}
+        if parallel.pp_size > 1:
+            one = torch.ones((), device=device)
+            loss, terms = forward_backward_pipelining(forward_step, [batch], one, parallel=parallel, device=device,
+                                                      tensor_shape=model.activation_shape(batch), forward_only=True)
+        else:
+            out = forward_step(batch, None)
+            loss, terms = out["loss_sum"], out.get("terms", {})
+        loss_sum += loss.detach().double()
+        for k, v in terms.items():
+            term_sums[k] = term_sums.get(k, 0.0) + v.detach().double()
+        tokens += batch["loss_mask"].double().sum()
+    totals = torch.stack([loss_sum, tokens, *term_sums.values()])
+    totals = parallel.all_reduce_sum(totals)
+    count = float(totals[1])
+    if count == 0:
+        raise ConfigError(f"the {split} split has no tokens to score")
+    metrics = {"loss": float(totals[0]) / count, "tokens": int(count), "samples": n}
+    metrics.update({k: float(v) / count for k, v in zip(term_sums, totals[2:])})
+    return metrics
+
+
+def write_results(path: Path, record: dict) -> None:
+    """JSON, written to a temporary name and renamed into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def evaluate_command(args, plugins=None) -> Tuple[int, Optional[dict]]:
+    """`mega evaluate`: launch workers when the layout has several processes, else
+    evaluate here; rank 0 prints the metrics and writes them. Returns (status, record)."""
+    from mega.runtime.launch import launch_local_workers, launched
+
+    if plugins is None:
+        from mega.plugin_manager import get_plugins
+
+        plugins = get_plugins()
+    target = resolve_target(args.checkpoint, plugins)
+    config = evaluation_config(target, args.overrides, plugins)
+    tr, mc = config.trainer, config.model
+    if tr.devices * tr.num_nodes > 1 and not launched():
+        from mega.runtime.parallel import layout
+
+        layout(tr.devices * tr.num_nodes, mc.tensor_model_parallel_size, mc.pipeline_model_parallel_size)
+        if tr.num_nodes > 1:
+            raise ConfigError(f"trainer.num_nodes={tr.num_nodes}: start one launcher per machine (torchrun ... -m mega evaluate ...)")
+        launch_local_workers(tr.devices, args.argv)
+        return 0, None
+    metrics = evaluate_checkpoint(target, config, args.split, plugins)
+    record = {"split": args.split, **metrics, "checkpoint": str(args.checkpoint)}
+    if os.environ.get("RANK", "0") == "0":
+        out = Path(args.output).expanduser() if args.output else results_path(target, args.split)
+        write_results(out, record)
+        print(json.dumps({k: v for k, v in record.items() if k != "checkpoint"}))
+        log.info("wrote %s", out)
+    return 0, record
