@@ -218,6 +218,22 @@ COMMANDS: Dict[str, object] = {
     "mega import gpt.nemo RUN --option tokenizer.library=sentencepiece --option tokenizer.model=/path/spm.model":
         Run(needs=("gpt.nemo", "spm.model"), replace=(("RUN", "results/nemo-spm"), ("/path/spm.model", "spm.model")),
             fresh=("results/nemo-spm",), expect=_has("imported")),
+    # docs/bert.md (Converting)
+    "mega export results/my-bert ./bert-hf --to hf": Run(needs=("results/my-bert",), fresh=("bert-hf",),
+                                                         expect=_file("bert-hf/vocab.txt")),
+    "mega import ./bert-hf results/my-bert-back": Run(needs=("bert-hf",), fresh=("results/my-bert-back",),
+                                                      expect=_has("imported")),
+    "mega export results/my-bert ./bert-megatron --to megatron --option tensor_parallel=2":
+        Run(needs=("results/my-bert",), fresh=("bert-megatron",), expect=_file("bert-megatron/iter_0000000/mp_rank_01")),
+    "mega import ./bert-megatron results/my-bert-from-megatron":
+        Run(needs=("bert-megatron",), fresh=("results/my-bert-from-megatron",), expect=_has("imported")),
+    "mega import megatron_bert_345m_v0_1_uncased.zip results/bert-345m --option vocab_file=bert-large-uncased-vocab.txt":
+        Run(needs=("megatron_bert_345m_v0_1_uncased.zip", "bert-large-uncased-vocab.txt"), fresh=("results/bert-345m",),
+            expect=_has("imported")),
+    "mega import megatron_bert_345m_v0_1_cased.zip results/bert-345m-cased --option"
+    " vocab_file=bert-large-cased-vocab.txt --option do_lower_case=false":
+        Run(needs=("megatron_bert_345m_v0_1_cased.zip", "bert-large-cased-vocab.txt"),
+            fresh=("results/bert-345m-cased",), expect=_has("imported")),
     # docs/hiddens.md
     "mega run examples/mim.toml": Run(BART, needs=("corpus.txt",), expect=_file("results/megatron_mim/checkpoints")),
     "mega run examples/vae.toml": Run(BART, needs=("corpus.txt",)),
@@ -289,6 +305,39 @@ def _nemo(ws: Path) -> None:
     _write_nemo(ws / "megatron_gpt.nemo", cfg, _nemo_shards(model, 1), ws / "results/quickstart/tokenizer.model")
 
 
+def _my_bert(ws: Path) -> None:
+    """A tiny random mega BERT run with a Google-shaped vocab.txt (what pretraining leaves)."""
+    from mega.interop import write_imported_run
+    from mega.plugin_manager import get_plugins
+    from tests.test_bert_interop import MEGA_BERT, _google_vocab
+
+    vocab = _google_vocab(ws / "my-bert-vocab.txt", 200)
+    raw = {"model": {"name": "bert", **MEGA_BERT, "tokenizer": {"library": "wordpiece", "vocab_file": str(vocab)}}}
+    plugins = get_plugins()
+    from mega.config import config_from_dict
+
+    mc = config_from_dict(raw, plugins=plugins).model
+    model = plugins.models.get("bert").factory(mc, plugins.tokenizers.get("wordpiece").factory(mc.tokenizer, [], None),
+                                               plugins)
+    write_imported_run(ws / "results/my-bert", raw, model.state_dict(), plugins)
+
+
+def _ngc(kind: str):
+    def make(ws: Path) -> None:
+        from tests.test_bert_interop import _ngc_zip
+
+        _ngc_zip(ws / f"megatron_bert_345m_v0_1_{kind}.zip", kind)
+    return make
+
+
+def _google(kind: str, entries: int):
+    def make(ws: Path) -> None:
+        from tests.test_bert_interop import _google_vocab
+
+        _google_vocab(ws / f"bert-large-{kind}-vocab.txt", entries)
+    return make
+
+
 ARTIFACTS: Dict[str, Tuple[Tuple[str, ...], Callable[[Path], None]]] = {
     # name (a path in the workspace): (what it needs, how it is made)
     "corpus.txt": ((), lambda ws: write_corpus(ws / "corpus.txt")),
@@ -307,6 +356,14 @@ ARTIFACTS: Dict[str, Tuple[Tuple[str, ...], Callable[[Path], None]]] = {
     "spm.model": (("results/quickstart",), lambda ws: shutil.copy(ws / "results/quickstart/tokenizer.model",
                                                                  ws / "spm.model")),
     "results/megatron_mim": (("corpus.txt",), lambda ws: _run_doc(ws, "mega run examples/mim.toml")),
+    "results/my-bert": ((), _my_bert),
+    "bert-hf": (("results/my-bert",), lambda ws: _run_doc(ws, "mega export results/my-bert ./bert-hf --to hf")),
+    "bert-megatron": (("results/my-bert",), lambda ws: _run_doc(
+        ws, "mega export results/my-bert ./bert-megatron --to megatron --option tensor_parallel=2")),
+    "megatron_bert_345m_v0_1_uncased.zip": ((), _ngc("uncased")),
+    "megatron_bert_345m_v0_1_cased.zip": ((), _ngc("cased")),
+    "bert-large-uncased-vocab.txt": ((), _google("uncased", 30522)),
+    "bert-large-cased-vocab.txt": ((), _google("cased", 28996)),
 }
 
 

@@ -1,5 +1,8 @@
-"""The `huggingface` checkpoint format: GPT-2 model directories of Hugging Face
-transformers, read by `mega import` and written by `mega export --to huggingface`.
+"""The `huggingface` checkpoint format: GPT-2 and Megatron-BERT model directories of
+Hugging Face transformers, read by `mega import` and written by `mega export --to
+huggingface` (or `--to hf`). Megatron-BERT (`model_type = "megatron-bert"`, mega's `bert*`
+models, the eight MegatronBert* classes) has its mapping in huggingface_bert.py; the rest
+of this docstring is GPT-2's.
 
 A model directory is `config.json` (`model_type = "gpt2"`) with its weights in
 `model.safetensors`, sharded safetensors with `model.safetensors.index.json`, or
@@ -39,6 +42,7 @@ import torch
 import mega
 from mega.errors import CheckpointError, ConfigError
 from mega.interop import check_options
+from mega.plugins.checkpoints import huggingface_bert as bert
 from mega.runtime.sharding import fit
 
 log = logging.getLogger("mega.checkpoints.huggingface")
@@ -269,7 +273,7 @@ class HuggingFaceFormat:
             model_type = json.loads((source / "config.json").read_text()).get("model_type")
         except (OSError, ValueError, AttributeError):
             return False
-        if model_type != "gpt2":
+        if model_type not in ("gpt2", "megatron-bert"):
             return False
         return any((source / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json",
                                                    "pytorch_model.bin", "pytorch_model.bin.index.json"))
@@ -283,8 +287,11 @@ class HuggingFaceFormat:
         source = Path(source).expanduser()
         where = str(source / "config.json")
         hf = _read_config(source)
+        if hf.get("model_type") == "megatron-bert":
+            return self._import_bert(source, run_dir, options, plugins, hf)
         if hf.get("model_type") != "gpt2":
-            raise CheckpointError(f"{where}: model_type {hf.get('model_type')!r}; the huggingface format imports gpt2 models")
+            raise CheckpointError(f"{where}: model_type {hf.get('model_type')!r}; the huggingface format imports gpt2"
+                                  " and megatron-bert models")
         model = mega_model_config(hf, where)
         if options.get("seq_length"):
             model["seq_length"] = int(options["seq_length"])
@@ -322,6 +329,8 @@ class HuggingFaceFormat:
             raise CheckpointError(f"{destination}: already exists; export into a new directory")
         model, tokenizer, config = load_checkpoint_for_inference(checkpoint, plugins)
         mc = config.model
+        if bert.is_bert(mc.name):
+            return self._export_bert(model, tokenizer, mc, destination, dtype_name, checkpoint)
         if not isinstance(model, GPTModel):
             raise CheckpointError(f"{checkpoint}: model {mc.name!r} cannot be written as GPT2LMHeadModel"
                                   " (only mega's gpt model maps onto GPT-2)")
@@ -332,27 +341,46 @@ class HuggingFaceFormat:
         if mc.activation not in EXPORT_ACTIVATIONS:
             raise CheckpointError(f"{checkpoint}: model.activation={mc.activation!r} has no GPT-2 activation_function")
         state = mega_to_hf(model.state_dict(), mc.num_layers, mc.num_attention_heads, tokenizer.vocab_size)
-        state = {k: v.to(DTYPES[dtype_name]) for k, v in state.items()}
-        # Written beside DEST and renamed into place: a failed export leaves nothing behind.
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{destination.name}-", dir=destination.parent))
-        try:
-            from safetensors.torch import save_file
+        if mc.tokenizer.library == "huggingface":
+            write_tokenizer = lambda tmp: self._write_tokenizer(tokenizer, mc, tmp)  # noqa: E731
+        else:
+            write_tokenizer = None
+            log.warning("model.tokenizer.library=%r: transformers cannot read this tokenizer; %s holds the model"
+                        " without tokenizer files", mc.tokenizer.library, destination)
+        return _write_model_directory(destination, state, gpt2_config(mc, tokenizer, dtype_name), dtype_name,
+                                      write_tokenizer)
 
-            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            (tmp / "config.json").write_text(json.dumps(gpt2_config(mc, tokenizer, dtype_name), indent=2) + "\n")
-            if mc.tokenizer.library == "huggingface":
-                self._write_tokenizer(tokenizer, mc, tmp)
-            else:
-                log.warning("model.tokenizer.library=%r: transformers cannot read this tokenizer; %s holds the model"
-                            " without tokenizer files", mc.tokenizer.library, destination)
-            tmp.chmod(0o755)  # mkdtemp makes it private; an export is an ordinary directory
-            if destination.exists():
-                destination.rmdir()  # empty (checked above); rmdir refuses if it no longer is
-            tmp.rename(destination)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return destination
+    # --- Megatron-BERT (huggingface_bert.py holds the mapping) ------------------------------
+    def _import_bert(self, source: Path, run_dir: Path, options: Mapping[str, str], plugins, hf: dict) -> Path:
+        from mega.interop import write_imported_run
+        from mega.plugins.models.transformer import padded_vocab_size
+
+        check_options(options, bert.IMPORT_OPTIONS, self.name)
+        where = str(source / "config.json")
+        arch = bert.architecture_of(hf, where)
+        model = bert.mega_model_config(hf, arch, where)
+        if options.get("seq_length"):
+            model["seq_length"] = int(options["seq_length"])
+        model["make_vocab_size_divisible_by"] = int(options.get("make_vocab_size_divisible_by", 128))
+        model["tokenizer"], files = bert.tokenizer_table(source, options)
+        vocab = _vocab_size(model, files, plugins)
+        padded = padded_vocab_size(vocab, model["make_vocab_size_divisible_by"])
+        state = bert.hf_to_mega(_read_weights(source), model["name"], model["num_layers"],
+                                model["num_attention_heads"], padded, vocab, str(source))
+        return write_imported_run(Path(run_dir), {"model": model}, state, plugins, files=files)
+
+    def _export_bert(self, model, tokenizer, mc, destination: Path, dtype_name: str, checkpoint: Path) -> Path:
+        state = bert.mega_to_hf(model.state_dict(), mc.name, mc.num_layers, mc.num_attention_heads, tokenizer.vocab_size)
+        if "bert.embeddings.token_type_embeddings.weight" not in state:  # num_tokentypes = 0: HF always adds one
+            state["bert.embeddings.token_type_embeddings.weight"] = torch.zeros(1, mc.hidden_size)
+        config = bert.hf_config(mc, tokenizer, dtype_name)
+        write_tokenizer = None
+        if "vocab_file" in tokenizer.artifacts():
+            write_tokenizer = lambda tmp: bert.write_tokenizer(tokenizer, mc, tmp)  # noqa: E731
+        else:
+            log.warning("model.tokenizer.library=%r: not a WordPiece vocabulary; %s holds the model without"
+                        " tokenizer files", mc.tokenizer.library, destination)
+        return _write_model_directory(destination, state, config, dtype_name, write_tokenizer)
 
     @staticmethod
     def _write_tokenizer(tokenizer, mc, destination: Path) -> None:
@@ -365,6 +393,38 @@ class HuggingFaceFormat:
         if tokenizer.pad_id != tokenizer.eos_id:
             tokenizer_config["pad_token"] = pad
         (destination / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+
+
+def _vocab_size(model: dict, files: Mapping[str, Path], plugins) -> int:
+    """The vocabulary size of the tokenizer a model table names, built from its files."""
+    from mega.config import config_from_dict
+
+    mc = config_from_dict({"model": {"name": model["name"], "tokenizer": {
+        **model["tokenizer"], **{k: str(v) for k, v in files.items()}}}}, plugins=plugins).model
+    return plugins.tokenizers.get(mc.tokenizer.library, "model.tokenizer.library").factory(mc.tokenizer, [], None).vocab_size
+
+
+def _write_model_directory(destination: Path, state: Dict[str, torch.Tensor], config: dict, dtype_name: str,
+                           write_tokenizer) -> Path:
+    """model.safetensors + config.json (+ the tokenizer's files), written beside
+    `destination` and renamed into place: a failed export leaves nothing behind."""
+    state = {k: v.to(DTYPES[dtype_name]) for k, v in state.items()}
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{destination.name}-", dir=destination.parent))
+    try:
+        from safetensors.torch import save_file
+
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if write_tokenizer is not None:
+            write_tokenizer(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; an export is an ordinary directory
+        if destination.exists():
+            destination.rmdir()  # empty (checked above); rmdir refuses if it no longer is
+        tmp.rename(destination)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return destination
 
 
 def gpt2_config(mc, tokenizer, dtype_name: str = "float32") -> dict:

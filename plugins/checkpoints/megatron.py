@@ -40,7 +40,7 @@ TRACKER = "latest_checkpointed_iteration.txt"
 # Tensor-parallel split of Megatron's parameters (Megatron-LM's legacy layout)
 COLUMN = ("self_attention.query_key_value.weight", "self_attention.query_key_value.bias",
           "mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.bias", "word_embeddings.weight",
-          "word_embeddings_for_head.weight")
+          "word_embeddings_for_head.weight", "lm_head.bias")  # BERT's LM-head bias is vocabulary-parallel
 ROW = ("self_attention.dense.weight", "mlp.dense_4h_to_h.weight")
 
 
@@ -68,6 +68,12 @@ def nest(flat: Dict[str, torch.Tensor]) -> dict:
             out.setdefault("language_model", {}).setdefault(parts[1], {})[".".join(parts[2:])] = t
         else:  # e.g. word_embeddings_for_head.weight on the last pipeline stage
             out.setdefault(parts[0], {})[".".join(parts[1:])] = t
+    encoder = out.get("language_model", {}).get("encoder")
+    if encoder:  # the layers first, in order: Hugging Face's converters stop at the first other key
+        def layer(key):
+            m = re.match(r"layers\.(\d+)\.", key)
+            return (0, int(m.group(1))) if m else (1, 0)
+        out["language_model"]["encoder"] = dict(sorted(encoder.items(), key=lambda kv: layer(kv[0])))
     return out
 
 
@@ -100,6 +106,8 @@ def flatten(model: dict) -> Dict[str, torch.Tensor]:
     for key, value in model.items():
         if key != "language_model" and isinstance(value, dict):
             for sub, t in value.items():
+                if key == "lm_head":  # BERT's LM head says `norm` since Sep 2023 too
+                    sub = re.sub(r"^norm\.", "layernorm.", sub)
                 flat[f"{key}.{sub}"] = t
     return flat
 

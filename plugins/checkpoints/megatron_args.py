@@ -69,12 +69,56 @@ def load_file(source, name: str, trust_pickle: bool = False) -> dict:
         unsafe = [g for g in unsafe if g not in allowed]
         if not unsafe:
             raise CheckpointError(f"{name}: cannot be read as a Megatron checkpoint ({exc})") from None
+        if all(g.startswith(MEGATRON_MODULES) for g in unsafe):
+            if hasattr(source, "seek"):
+                source.seek(0)
+            return _load_with_stubs(source, name, unsafe)
         raise CheckpointError(
             f"{name}: holds Python objects that are not plain data ({', '.join(unsafe)}); mega loads Megatron files"
             " with torch.load(weights_only=True) and allows only argparse.Namespace, types.SimpleNamespace, paths and"
             " numpy arrays. If you trust where the file came from, import it with --option trust_pickle=true") from None
     except (OSError, RuntimeError, EOFError) as exc:
         raise CheckpointError(f"{name}: cannot be read as a Megatron checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+# Megatron-LM's own classes that `args` of its older files hold (enums such as
+# megatron.model.enums.AttnMaskType, dataclasses): read as inert stand-ins, never imported
+MEGATRON_MODULES = ("megatron.",)
+
+
+class MegatronStandIn:
+    """Stands for an object of a Megatron-LM class found in `args` (an enum member, a
+    config dataclass): it keeps the pickled value or fields and runs no code of its own.
+    mega reads only plain fields of `args`, so these are never consulted."""
+
+    def __init__(self, *args, **kwargs):
+        self.args = args
+        self.__dict__.update(kwargs)
+
+    def __setstate__(self, state):
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+        else:
+            self.state = state
+
+    def __repr__(self) -> str:
+        return f"<{self.__module__}.{type(self).__qualname__} stand-in {self.__dict__}>"
+
+
+def _load_with_stubs(source, name: str, unsafe: List[str]) -> dict:
+    """weights_only loading with each Megatron-LM class allowed as a stand-in subclass of
+    MegatronStandIn (torch.serialization's `(class, "module.Name")` allow-list entries)."""
+    stubs = []
+    for full in unsafe:
+        module, _, qualname = full.rpartition(".")
+        stubs.append((type(qualname, (MegatronStandIn,), {"__module__": module}), full))
+    try:
+        with torch.serialization.safe_globals(_safe_globals() + stubs):
+            return torch.load(source, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, OSError, RuntimeError, EOFError, TypeError) as exc:
+        raise CheckpointError(f"{name}: holds Megatron-LM objects ({', '.join(unsafe)}) that cannot be read as plain"
+                              f" data ({type(exc).__name__}: {exc}); if you trust where the file came from, import it"
+                              " with --option trust_pickle=true in an environment where megatron is importable") from None
 
 
 # mega tokenizer keys naming files, and the Megatron-LM `args` field each travels in
@@ -91,6 +135,8 @@ def tokenizer_files(tokenizer_config: dict) -> dict:
     library = tok.get("library")
     if library == "sentencepiece":
         return {"model": tok["model"]} if tok.get("model") else {}
+    if library == "wordpiece":
+        return {"vocab_file": tok["vocab_file"]} if tok.get("vocab_file") else {}
     if library == "huggingface":
         if tok.get("tokenizer_file"):
             return {"tokenizer_file": tok["tokenizer_file"]}
@@ -109,6 +155,13 @@ def tokenizer_fields(tokenizer_config: dict, vocab_size: Optional[int], files: O
     fields: dict = {"mega_tokenizer_library": library}
     if library == "sentencepiece":
         fields.update(tokenizer_type="GPTSentencePieceTokenizer", tokenizer_model=files.get("model"))
+    elif library == "wordpiece":  # BERT's vocab.txt, Megatron-LM's BertWordPiece tokenizers
+        from mega.plugins.tokenizers.wordpiece import TOKENIZER_NAMES
+
+        lower = tokenizer_config.get("do_lower_case")
+        lower = TOKENIZER_NAMES.get(tokenizer_config.get("tokenizer_name"), True) if lower is None else lower
+        fields.update(tokenizer_type="BertWordPieceLowerCase" if lower else "BertWordPieceCase",
+                      vocab_file=files.get("vocab_file"))
     elif library == "bytes":
         fields.update(tokenizer_type=NULL_TOKENIZER, vocab_size=(vocab_size - 1) if vocab_size else None)
     elif library == "huggingface":
@@ -143,7 +196,7 @@ def megatron_args(config: dict, tp: int, pp: int, vocab_size: Optional[int], mod
     trainer = config.get("trainer", {})
     precision = str(trainer.get("precision", "32"))
     training = _training_fields(config)
-    return argparse.Namespace(
+    args = argparse.Namespace(
         # architecture (what `--use-checkpoint-args` copies and check_checkpoint_args compares)
         num_layers=model.get("num_layers"), hidden_size=hidden,
         ffn_hidden_size=model.get("ffn_hidden_size") or (4 * hidden if hidden else None),
@@ -169,6 +222,11 @@ def megatron_args(config: dict, tp: int, pp: int, vocab_size: Optional[int], mod
         params_dtype=_DTYPES.get(precision, torch.float32),
         **training,
     )
+    if str(model.get("name", "")).startswith("bert"):  # Megatron-BERT's own fields (and its GeLU flags)
+        from mega.plugins.checkpoints.megatron_bert import bert_args
+
+        vars(args).update(bert_args(model))
+    return args
 
 
 # trainer.precision -> Megatron's params_dtype (a torch.dtype, which weights_only loading allows)

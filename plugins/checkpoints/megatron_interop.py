@@ -32,6 +32,7 @@ from mega.plugins.checkpoints.megatron import (
     partition_dim,
     state_from_raw,
 )
+from mega.plugins.checkpoints import megatron_bert
 from mega.plugins.checkpoints.megatron_args import (
     GPT2_BPE,
     HF_TOKENIZER,
@@ -48,7 +49,8 @@ from mega.runtime.sharding import fit, merge_shards, renumber, to_global
 
 ZIP_MEMBER = "release/mp_rank_00/model_optim_rng.pt"
 _RANK = re.compile(r"^mp_rank_\d{2}(_\d{3})*$")
-IMPORT_OPTIONS = ("tokenizer", "tokenizer_model", "tokenizer_file", "vocab_file", "merges_file", "trust_pickle")
+IMPORT_OPTIONS = ("tokenizer", "tokenizer_model", "tokenizer_file", "vocab_file", "merges_file", "trust_pickle",
+                  "do_lower_case", "num_attention_heads")
 EXPORT_OPTIONS = ("tensor_parallel", "pipeline_parallel")
 
 
@@ -92,7 +94,7 @@ def iteration_directory(source: Path) -> Tuple[Path, int]:
 class Source:
     """A Megatron-LM checkpoint's rank files: `read(tp_rank, pp_rank)` -> the loaded dict."""
 
-    def __init__(self, source: Path, trust_pickle: bool = False):
+    def __init__(self, source: Path, trust_pickle: bool = False, fallback_args=None):
         source = Path(source)
         self.trust = trust_pickle
         self.step: Optional[int] = None
@@ -116,8 +118,11 @@ class Source:
             self.step = 0
         self.first = self.read(0, 0, pp=1)
         self.args = self.first.get("args")
+        if self.args is None and fallback_args is not None and (self.zip or self.single):
+            self.args = self.first["args"] = fallback_args  # a file saved without args: one rank, TP=1
         if self.args is None:
-            raise CheckpointError(f"{self.name(0, 0, 1)}: has no 'args'; mega needs them to know the model's shape")
+            raise CheckpointError(f"{self.name(0, 0, 1)}: has no 'args'; mega needs them to know the model's shape"
+                                  " (a BERT file without args imports with --option num_attention_heads=N)")
         self.tp, self.pp = tp_size(self.args), pp_size(self.args)
         if (self.zip or self.single) and (self.tp, self.pp) != (1, 1):
             raise CheckpointError(f"{source}: args say tensor/pipeline-parallel sizes ({self.tp}, {self.pp}) but only"
@@ -278,9 +283,11 @@ def import_run(source: Path, run_dir: Path, options: Mapping[str, str], plugins)
 
     check_options(options, IMPORT_OPTIONS, "megatron")
     trust = str(options.get("trust_pickle", "false")).lower() in ("1", "true", "yes")
-    src = Source(Path(source), trust)
+    src = Source(Path(source), trust, fallback_args=megatron_bert.fallback_args(options))
     args = src.args
     state = merged_model(src)
+    if megatron_bert.is_bert(state, args):
+        return _import_bert(src, state, Path(source), Path(run_dir), options, plugins)
     word = state.get("language_model.embedding.word_embeddings.weight")
     positions = state.get("language_model.embedding.position_embeddings.weight")
     qkv = state.get("language_model.encoder.layers.0.self_attention.query_key_value.weight")
@@ -320,6 +327,36 @@ def import_run(source: Path, run_dir: Path, options: Mapping[str, str], plugins)
     return write_imported_run(Path(run_dir), {"model": model}, state, plugins, files=files, step=src.step or 0)
 
 
+def _import_bert(src: Source, state: Dict[str, torch.Tensor], source: Path, run_dir: Path,
+                 options: Mapping[str, str], plugins) -> Path:
+    """A Megatron-BERT checkpoint (or one of its fine-tuning heads) into a mega BERT run:
+    the vocabulary-sized tensors (word embedding, LM-head bias) keep the file's padded
+    rows, re-padded with zeros to mega's rule when that differs."""
+    from mega.interop import write_imported_run
+
+    args = src.args
+    word = state.get("language_model.embedding.word_embeddings.weight")
+    if word is None or not any(k.startswith("language_model.encoder.layers.") for k in state):
+        raise CheckpointError(f"{source}: holds no BERT language model (word embeddings and layers)")
+    model = megatron_bert.model_table(state, args, str(source))
+    model["tokenizer"], files = megatron_bert.tokenizer(args, options, source, src.near())
+    vocab = _vocab_size(model["tokenizer"], files, plugins)
+    orig = getattr(args, "orig_vocab_size", None)
+    if orig is not None and orig != vocab:
+        raise CheckpointError(f"{source}: args.orig_vocab_size={orig} but the vocabulary has {vocab} tokens; give the"
+                              " vocab.txt the model was trained with (--option vocab_file=PATH)")
+    padded = int(getattr(args, "padded_vocab_size", None) or word.shape[0])
+    if vocab > padded:
+        raise CheckpointError(f"{source}: the tokenizer has {vocab} tokens but the checkpoint only {padded} embedding"
+                              " rows; is --option vocab_file the model's vocabulary?")
+    model["make_vocab_size_divisible_by"] = _divisible_by(args, vocab, padded)
+    ours = padded_vocab_size(vocab, model["make_vocab_size_divisible_by"])
+    state["language_model.embedding.word_embeddings.weight"] = fit(word, [ours, word.shape[1]])
+    if "lm_head.bias" in state:
+        state["lm_head.bias"] = fit(state["lm_head.bias"], [ours])
+    return write_imported_run(run_dir, {"model": model}, state, plugins, files=files, step=src.step or 0)
+
+
 # --- export ----------------------------------------------------------------------------------
 
 
@@ -343,8 +380,8 @@ def export_run(checkpoint: Path, destination: Path, options: Mapping[str, str], 
     tp, pp = _int_option(options, "tensor_parallel"), _int_option(options, "pipeline_parallel")
     model, tokenizer, config = load_checkpoint_for_inference(checkpoint, plugins)
     mc = config.model
-    if mc.name != "gpt":
-        raise ConfigError(f"{checkpoint}: model {mc.name!r}; the megatron exporter writes GPT models")
+    if mc.name != "gpt" and not mc.name.startswith("bert"):
+        raise ConfigError(f"{checkpoint}: model {mc.name!r}; the megatron exporter writes GPT and BERT models")
     ffn = mc.ffn_hidden_size or 4 * mc.hidden_size
     for what, value, by in (("num_attention_heads", mc.num_attention_heads, tp), ("ffn_hidden_size", ffn, tp),
                             ("num_layers", mc.num_layers, pp)):
@@ -374,13 +411,16 @@ def _write_export(tmp: Path, destination: Path, model, tokenizer, raw: dict, tp:
     place `tmp` is renamed to."""
     files = {}
     for key, path in tokenizer.artifacts().items():
-        name = EXPORT_NAMES.get(key, Path(path).name)
+        name = "vocab.txt" if raw["model"].get("tokenizer", {}).get("library") == "wordpiece" else \
+            EXPORT_NAMES.get(key, Path(path).name)
         shutil.copyfile(path, tmp / name)
         files[key] = str(destination / name)
     args = megatron_args(raw, tp, pp, tokenizer.vocab_size, files=files)
     full = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     word_name = "language_model.embedding.word_embeddings.weight"
     full[word_name] = fit(full[word_name], [args.padded_vocab_size, full[word_name].shape[1]])
+    if "lm_head.bias" in full:  # BERT's LM-head bias spans the vocabulary too
+        full["lm_head.bias"] = fit(full["lm_head.bias"], [args.padded_vocab_size])
     per_stage = raw["model"]["num_layers"] // pp
     for stage in range(pp):
         stage_state = _stage(full, stage, per_stage, pp)
