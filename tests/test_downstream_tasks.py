@@ -74,7 +74,7 @@ def _raw(d: Path, tmp: Path, name: str, model: dict, steps: int = 40) -> dict:
     }
 
 
-def _train(plugins, d, tmp, name, model, steps=40):
+def _train(plugins, d, tmp, name, model, steps=30):
     cfg = config_from_dict(_raw(d, tmp, name, model, steps), [], plugins)
     return mega.run(cfg, plugins), cfg
 
@@ -85,6 +85,7 @@ def _predict(capsys, *args) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
+@pytest.mark.slow
 def test_question_answering(plugins, data, tmp_path, capsys):
     d = data["dir"]
     run, cfg = _train(plugins, d, tmp_path, "qa", {
@@ -151,6 +152,7 @@ def test_relation_extraction(plugins, data, tmp_path, capsys):
     assert out["label"] in ("CPR:4", "CPR:3", "False") and set(out["probabilities"]) == {"CPR:4", "CPR:3", "False"}
 
 
+@pytest.mark.slow
 def test_multiple_choice(plugins, data, tmp_path, capsys):
     d = data["dir"]
     run, cfg = _train(plugins, d, tmp_path, "mc", {
