@@ -265,3 +265,23 @@ def test_swag_csv(tmp_path, sw):
     assert qs == [(["the cat sat"] * 4, ["it ran", "it sat", "it played", "it won"], 2)]
     s = mc.multiple_choice_sample(*qs[0], sw, 10)
     assert s["tokens"].shape == (4, 10) and int(s["label"]) == 2
+
+
+def test_toy_tasks_are_valid_files_of_each_format(tmp_path, sw):
+    from mega.plugins.tasks.toy_tasks import write_tasks
+    out = write_tasks(tmp_path / "tasks", train=30, dev=10)
+    data = squad_data.load_squad_json(out / "squad_dev.json")
+    for p in data["data"][0]["paragraphs"]:
+        qa = p["qas"][0]
+        a = qa["answers"][0]
+        assert p["context"][a["answer_start"]:a["answer_start"] + len(a["text"])] == a["text"]
+        assert qa["question"] == f"what comes after {p['context'][:a['answer_start']].split()[-1]} ?"
+    pairs = tc.read_text_classification(out / "sentences_train.tsv", num_classes=2)
+    assert len(pairs) == 30 and {l for _, l in pairs} == {0, 1}
+    sents = tok.read_token_classification(out / "ner" / "text_dev.txt", out / "ner" / "labels_dev.txt")
+    assert len(sents) == 10
+    rel = tc.read_text_classification(out / "relations_dev.tsv", num_classes=3)
+    assert all("<@CHEMICAL$>" in t and "<@GENE$>" in t for t, _ in rel)
+    assert re_data.read_label_mapping(out / "label_mapping.tsv") == {0: "CPR:3", 1: "CPR:4", 2: "False"}
+    qs = mc.read_swag(out / "swag_dev.csv")
+    assert len(qs) == 10 and all(len(q[1]) == 4 and 0 <= q[2] < 4 for q in qs)
