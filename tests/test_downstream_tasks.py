@@ -274,3 +274,31 @@ def test_tensor_parallel_fine_tuning_equals_one_process(data, tmp_path):
              "model.tensor_model_parallel_size=2")
     double = json.loads((tmp_path / "results" / "tp1" / "eval_valid.json").read_text())
     assert double["exact_match"] == single["exact_match"] and double["f1"] == pytest.approx(single["f1"])
+
+
+def test_encoder_weights_from_a_megatron_checkpoint(plugins, data, tmp_path):
+    """A BERT in Megatron-LM's layout (`mega export --to megatron` of a `bert` model) as
+    `lm_checkpoint`: the fine-tuning run starts from its encoder."""
+    from mega.interop import save_model_checkpoint
+
+    d = data["dir"]
+    raw = _raw(d, tmp_path, "pre", {"name": "bert", "seq_length": 32, "num_layers": 2, "hidden_size": 32,
+                                    "num_attention_heads": 4, "max_position_embeddings": 64})
+    del raw["model"]["language_model"]  # a plain BERT's table has no encoder section
+    cfg = config_from_dict(raw, [], plugins)
+    tokenizer = plugins.tokenizers.get("wordpiece").factory(cfg.model.tokenizer, [], None)
+    bert = plugins.models.get("bert").factory(cfg.model, tokenizer, plugins)
+    save_model_checkpoint(tmp_path / "pre", cfg, bert, tokenizer, plugins)
+    assert main(["export", str(tmp_path / "pre"), str(tmp_path / "megatron"), "--to", "megatron"]) == 0
+    raw = _raw(d, tmp_path, "ft", {"name": "text_classification", "train_ds": str(d / "sentiment.tsv"),
+                                   "dataset": {"num_classes": 2, "max_seq_length": 16},
+                                   "language_model": {**_raw(d, tmp_path, "", {})["model"]["language_model"],
+                                                      "lm_checkpoint": str(tmp_path / "megatron")}}, steps=1)
+    raw["model"]["optim"]["lr"] = 1e-9
+    raw["trainer"]["val_check_interval"] = 0
+    run = mega.run(config_from_dict(raw, [], plugins), plugins)
+    mine, theirs = run.model.state_dict(), bert.state_dict()
+    encoder = [k for k in theirs if k.startswith("language_model.encoder.") or k.startswith("language_model.embedding.")]
+    assert encoder
+    for k in encoder:
+        torch.testing.assert_close(mine[k], theirs[k], atol=1e-6, rtol=0)

@@ -195,7 +195,7 @@ def _megatron_file(path: Path) -> Optional[Path]:
     return None
 
 
-def encoder_state(source, plugins) -> Dict[str, torch.Tensor]:
+def encoder_state(source, plugins, vocab_file: Optional[str] = None) -> Dict[str, torch.Tensor]:
     """The `language_model.*` tensors of `source` at this process's tensor-parallel layout."""
     from mega.inference import load_checkpoint_for_inference
     from mega.interop import find_importer
@@ -221,7 +221,10 @@ def encoder_state(source, plugins) -> Dict[str, torch.Tensor]:
             except Exception:  # noqa: BLE001 - say what was tried
                 raise CheckpointError(f"model.language_model.lm_checkpoint: {source} is neither a mega run, checkpoint or "
                                       f"archive ({first}) nor a format `mega import` recognises") from None
-            ckpt = fmt.import_run(target, scratch / "run", {}, plugins)
+            # a Megatron-LM / NGC checkpoint names its vocabulary by a path of the machine it was
+            # written on: the run's own vocab.txt stands in for it
+            options = {"vocab_file": str(vocab_file)} if vocab_file and getattr(fmt, "name", "") == "megatron" else {}
+            ckpt = fmt.import_run(target, scratch / "run", options, plugins)
             model, _, _ = load_checkpoint_for_inference(ckpt, plugins)
         state = {k: v for k, v in model.state_dict().items() if k.startswith("language_model.")}
     finally:
@@ -233,10 +236,10 @@ def encoder_state(source, plugins) -> Dict[str, torch.Tensor]:
     return state
 
 
-def load_encoder(model: torch.nn.Module, source, plugins) -> None:
+def load_encoder(model: torch.nn.Module, source, plugins, vocab_file: Optional[str] = None) -> None:
     """Copy the encoder weights of `source` into `model` (every language_model.* tensor of
     the model must be there with its shape; the pooler may be absent)."""
-    state = encoder_state(source, plugins)
+    state = encoder_state(source, plugins, vocab_file)
     own = {k: v for k, v in model.state_dict().items() if k.startswith("language_model.")}
     missing = [k for k in own if k not in state and ".pooler." not in k]
     if missing:

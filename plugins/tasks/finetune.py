@@ -178,4 +178,4 @@ def on_train_start(run):
     """A fine-tuning run from step 0 starts from the pretrained encoder."""
     mc = run.config.model
     if isinstance(mc, TaskConfig) and run.step == 0 and mc.language_model.lm_checkpoint:
-        load_encoder(run.model, mc.language_model.lm_checkpoint, run.plugins)
+        load_encoder(run.model, mc.language_model.lm_checkpoint, run.plugins, getattr(mc.tokenizer, "vocab_file", None))
