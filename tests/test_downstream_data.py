@@ -285,3 +285,16 @@ def test_toy_tasks_are_valid_files_of_each_format(tmp_path, sw):
     assert re_data.read_label_mapping(out / "label_mapping.tsv") == {0: "CPR:3", 1: "CPR:4", 2: "False"}
     qs = mc.read_swag(out / "swag_dev.csv")
     assert len(qs) == 10 and all(len(q[1]) == 4 and 0 <= q[2] < 4 for q in qs)
+
+
+def test_epoch_order_is_a_function_of_index_and_seed():
+    from mega.plugins.tasks.finetune import EpochOrder
+    samples = list(range(7))
+    a, b, c = EpochOrder(samples, 30, seed=3), EpochOrder(samples, 30, seed=3), EpochOrder(samples, 30, seed=4)
+    assert [a[i] for i in range(30)] == [b[i] for i in reversed(range(30))][::-1]  # any access order
+    for epoch in range(4):  # every epoch is a permutation of all the samples
+        assert sorted(a[i] for i in range(epoch * 7, min(epoch * 7 + 7, 30))) == (samples if epoch < 4 else samples[:2])
+    assert [a[i] for i in range(7)] != [c[i] for i in range(7)]
+    assert [EpochOrder(samples, 9, seed=3, shuffle=False)[i] for i in range(9)] == samples + samples[:2]
+    with pytest.raises(IndexError):
+        a[30]
