@@ -16,7 +16,6 @@ import torch
 import mega
 from mega.cli import main
 from mega.config import config_from_dict
-from mega.errors import ConfigError
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "?", "<", ">", "@", "$", "the", "a", "bridge", "was",
          "built", "in", "1895", "who", "when", "john", "smith", "played", "denver", "paris", "mary", "jones", "lives",

@@ -120,9 +120,9 @@ class TaskConfig(ModelConfig):
         check_language_model(self, plugins)
         from_mega_checkpoint(self)
         tokenizer_defaults(self)
-        self.build_task().check()
         from mega.plugins.tasks.finetune import head_config
         task = plugins.tasks.get(self.name, "model.name").factory(self)
+        task.check()
         entry = plugins.models.get(task.head, f"the head of task {self.name}")
         cfg = head_config(self, task, entry)
         try:

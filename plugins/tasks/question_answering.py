@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional
 
 from attrs import define, field
 
 import mega
-from mega.config.schema import at_least_one, non_negative
+from mega.config.schema import at_least_one
 from mega.plugins.tasks.base import TaskBase, need
 from mega.plugins.tasks.config import TaskConfig
 from mega.plugins.tasks.finetune import build_task_model

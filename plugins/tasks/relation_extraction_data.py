@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from mega.errors import DataError
 from mega.plugins.tasks.metrics.classification_report import METRIC_EPS

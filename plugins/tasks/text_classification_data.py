@@ -53,21 +53,13 @@ def read_label_names(path) -> Dict[int, str]:
     return dict(enumerate(names))
 
 
-def encode_single(text: str, subwords: Subwords, max_seq_length: int, text_b: Optional[str] = None):
-    """ids and token types of `[CLS] text [SEP]` (or `[CLS] a [SEP] b [SEP]`), head kept."""
+def encode_single(text: str, subwords: Subwords, max_seq_length: int):
+    """ids and token types of `[CLS] text [SEP]`, the head of the text kept."""
     toks = []
     for word in text.split():
         toks.extend(subwords.tokenize(word))
     ids = [subwords.cls_id] + subwords.to_ids(toks)[:max_seq_length - 2] + [subwords.sep_id]
-    types = [0] * len(ids)
-    if text_b is not None:
-        b = subwords.to_ids([t for w in text_b.split() for t in subwords.tokenize(w)])
-        room = max_seq_length - len(ids) - 1
-        b = b[:max(room, 0)]
-        ids += b + [subwords.sep_id]
-        types += [1] * (len(b) + 1)
-        ids, types = ids[:max_seq_length], types[:max_seq_length]
-    return ids, types
+    return ids, [0] * len(ids)
 
 
 def pad_sample(ids: Sequence[int], types: Sequence[int], max_seq_length: int, pad_id: int) -> Dict[str, torch.Tensor]:

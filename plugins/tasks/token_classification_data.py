@@ -110,8 +110,3 @@ def token_classification_sample(words: Sequence[str], labels: Optional[Sequence[
         "subtokens_mask": torch.tensor(sub_mask + [0] * padn, dtype=torch.long),
     }
 
-
-def effective_max_seq_length(sentences, subwords: Subwords, max_seq_length: int) -> int:
-    """NeMo: min(the configured length, the longest encoded sentence of the data)."""
-    longest = max(2 + sum(len(subwords.tokenize(w) or [1]) for w in words) for words, _ in sentences)
-    return min(max_seq_length, longest)
