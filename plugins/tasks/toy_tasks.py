@@ -7,7 +7,7 @@ no download:
 | files | task | what is learnt | trivial baseline |
 |---|---|---|---|
 | `squad_{train,dev}.json` | question_answering (SQuAD v1.1) | "what comes after W ?" -> the word after W in the context | the context's first word |
-| `sentences_{train,dev}.tsv` | text_classification | 1: a real sentence, 0: the same words shuffled | 50% |
+| `sentences_{train,dev}.tsv` | text_classification | 1: the sentence names a statement keyword (if, for, return, class, ...), else 0 | the majority class |
 | `ner/{text,labels}_{train,dev}.txt` | token_classification (BIO) | Python keywords (KW), built-in names (BUILTIN), two-word operators `not in` / `is not` (OP) | entity F1 0 (all `O`) |
 | `relations_{train,dev}.tsv`, `label_mapping.tsv` | relation_extraction | `<@CHEMICAL$>` ... `<@GENE$>` at most 3 words apart: `CPR:3` (chemical first) / `CPR:4` (gene first); farther: `False` | the majority class |
 | `swag_{train,dev}.csv` | multiple_choice (SWAG) | which of 4 endings continues the sentence | 25% |
@@ -68,17 +68,13 @@ def squad(sents, rng) -> dict:
     return {"version": "1.1", "data": [{"title": "pydoc", "paragraphs": paragraphs}]}
 
 
-def shuffled(sents, rng) -> str:
-    lines = []
-    for words in sents:
-        if rng.random() < 0.5:
-            lines.append(f"{' '.join(words)}\t1")
-        else:
-            w = list(words)
-            while w == words:
-                rng.shuffle(w)
-            lines.append(f"{' '.join(w)}\t0")
-    return "sentence\tlabel\n" + "\n".join(lines) + "\n"
+STATEMENTS = {"if", "else", "for", "while", "return", "yield", "import", "class", "def", "lambda", "try", "except",
+              "raise", "with"}
+
+
+def statements(sents) -> str:
+    """1 when the sentence names one of Python's statement keywords (about half do)."""
+    return "sentence\tlabel\n" + "".join(f"{' '.join(w)}\t{int(any(x in STATEMENTS for x in w))}\n" for w in sents)
 
 
 def ner(sents):
@@ -132,14 +128,15 @@ def write_tasks(out: Path, train: int = 1500, dev: int = 200, seed: int = 0) -> 
     sents = sentences(train + dev)
     parts = {"train": sents[:train], "dev": sents[train:train + dev]}
     for split, ss in parts.items():
-        rng = random.Random(f"{seed}-{split}")
-        _write(out / f"squad_{split}.json", json.dumps(squad(ss, rng)))
-        _write(out / f"sentences_{split}.tsv", shuffled(ss, rng))
+        def rng(task):  # one stream per task: changing one task never changes another's file
+            return random.Random(f"{seed}-{split}-{task}")
+        _write(out / f"squad_{split}.json", json.dumps(squad(ss, random.Random(f"{seed}-{split}"))))
+        _write(out / f"sentences_{split}.tsv", statements(ss))
         text, labels = ner(ss)
         _write(out / "ner" / f"text_{split}.txt", text)
         _write(out / "ner" / f"labels_{split}.txt", labels)
-        _write(out / f"relations_{split}.tsv", relations(ss, rng))
-        _write(out / f"swag_{split}.csv", swag(ss, rng))
+        _write(out / f"relations_{split}.tsv", relations(ss, rng("relations")))
+        _write(out / f"swag_{split}.csv", swag(ss, rng("swag")))
     _write(out / "label_mapping.tsv", "".join(f"{k}\t{v}\n" for k, v in RELATIONS.items()))
     return out
 
