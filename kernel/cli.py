@@ -8,6 +8,7 @@
     mega encode CHECKPOINT --text T --output F      hiddens (z, z_mean, ...) of an encoder-decoder
     mega evaluate RUN_OR_ARCHIVE [--split test] [overrides ...]   loss and perplexity over a whole split
     mega preprocess --input F --output-prefix P --tokenizer ...   tokenize into Megatron's .bin/.idx
+    mega predict CHECKPOINT --question Q --context C | --text T   ask a fine-tuned task model
 
 Input errors (config, data, checkpoint, plugin) print one message naming the key or file
 and exit with status 2.
@@ -132,6 +133,13 @@ def _parser() -> argparse.ArgumentParser:
     pp.add_argument("--append-eod", action="store_true", help="end every document with the end-of-document id")
     pp.add_argument("--data-impl", default="mmap", help="the data source whose files to write (default: mmap)")
     pp.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    pr = sub.add_parser("predict", help="ask a fine-tuned task model: answer a question, label a text")
+    pr.add_argument("checkpoint", help="a run directory, checkpoint or archive (.mega) of a fine-tuned task")
+    pr.add_argument("--question", help="question answering / multiple choice: the question")
+    pr.add_argument("--context", help="question answering: the passage holding the answer (multiple choice: the article)")
+    pr.add_argument("--text", help="text / token classification, relation extraction: the text")
+    pr.add_argument("--choice", action="append", default=[], dest="choices", help="multiple choice: an option (repeat)")
     return p
 
 
@@ -338,9 +346,23 @@ def cmd_preprocess(args) -> int:
     return preprocess_command(args)
 
 
+def cmd_predict(args) -> int:
+    from mega.inference import load_checkpoint_for_inference
+    from mega.plugin_manager import get_plugins
+    from mega.protocols import Predicts
+
+    model, tokenizer, config = load_checkpoint_for_inference(args.checkpoint, get_plugins())
+    if not isinstance(model, Predicts):
+        raise ConfigError(f"{args.checkpoint}: model.name={config.model.name!r} does not answer `mega predict`"
+                          " (fine-tuned tasks do: question_answering, text_classification, ...)")
+    inputs = {k: getattr(args, k) for k in ("question", "context", "text", "choices") if getattr(args, k)}
+    print(json.dumps(model.predict(inputs, tokenizer), indent=2, ensure_ascii=False))
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "config": cmd_config, "plugins": cmd_plugins, "generate": cmd_generate, "encode": cmd_encode,
             "import": cmd_import, "export": cmd_export, "plan": cmd_plan, "evaluate": cmd_evaluate,
-            "preprocess": cmd_preprocess}
+            "preprocess": cmd_preprocess, "predict": cmd_predict}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -146,7 +146,15 @@ def register_hidden_losses(register):
 
 @hookspec
 def register_tasks(register):
-    """Register downstream tasks (fine-tuning and evaluation recipes)."""
+    """Register downstream tasks (fine-tuning and evaluation recipes).
+
+    `factory(config) -> mega.protocols.Task`; `config` is the run's `model` table, whose
+    attrs class (passed as `config=`) subclasses `mega.config.ModelConfig` with the task's
+    keys. A task is trained as a model of the same name: register that name with
+    `register_models` too (the first-party tasks use
+    `mega.plugins.tasks.finetune.build_task_model`, which builds the task's `head` model),
+    so `model.name = "<task>"` selects both. Selected by `model.name`.
+    """
 
 
 # --- lifecycle hooks ---------------------------------------------------------------------

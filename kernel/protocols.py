@@ -304,6 +304,51 @@ class Unpacks(Protocol):
         """Write the checkpoint directory under `directory`; return it."""
 
 
+# --- downstream tasks ---------------------------------------------------------------------------
+
+
+@runtime_checkable
+class Task(Protocol):
+    """What a `register_tasks` factory returns: a fine-tuning recipe on top of a head model
+    (question answering, text or token classification, ...). `factory(config) -> Task`,
+    `config` being the run's `model` table (a `ModelConfig` subclass with the task's keys);
+    the task's name is also a model name whose factory builds `head` with `head_options()`.
+
+    A task reads its files into samples for the head, and turns the head's outputs back
+    into the metrics people publish and into answers for `mega predict`."""
+
+    head: str  # the registered model name of the head it fine-tunes (e.g. "bert_question_answering")
+
+    def check(self) -> None:
+        """Raise a ConfigError naming the key for what is wrong before anything runs; may
+        record what the data decides (a label map) into the config, so checkpoints carry it."""
+
+    def head_options(self) -> Dict[str, object]:
+        """Head config keys the task fixes (e.g. {"num_labels": 9})."""
+
+    def samples(self, split: str, tokenizer: Tokenizer) -> Sequence[Batch]:
+        """Every example of `split` ("train", "valid", "test") as a sample dict of the
+        head's batch keys, fixed shapes; built once per task object."""
+
+    def evaluate(self, split: str, outputs: Sequence[Dict[str, "torch.Tensor"]], directory: Optional[Path]) -> Dict[str, float]:
+        """The split's metrics from the head's outputs (its `logits(batch)` entries, one
+        dict per sample of `samples(split, ...)`, in order); writes prediction files (SQuAD's
+        predictions.json, ...) into `directory` when given."""
+
+    def predict(self, inputs: Mapping[str, object], tokenizer: Tokenizer, infer) -> Dict[str, object]:
+        """Answer one request (`question`/`context`, `text`, `choices`); `infer(samples)`
+        returns the head's outputs for a list of samples."""
+
+
+@runtime_checkable
+class Predicts(Protocol):
+    """Optional for a model: `mega predict CHECKPOINT --question ... --context ...` (or
+    `--text ...`) asks it directly (fine-tuned task heads)."""
+
+    def predict(self, inputs: Mapping[str, object], tokenizer: Tokenizer) -> Dict[str, object]:
+        """A JSON-serialisable answer for the command line's inputs."""
+
+
 # --- planning ----------------------------------------------------------------------------------
 
 

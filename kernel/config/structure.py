@@ -172,7 +172,11 @@ def _table_check(conv: cattrs.Converter) -> None:
     def factory(t):
         inner = make_dict_structure_fn(t, conv, _cattrs_forbid_extra_keys=True, _cattrs_detailed_validation=True)
 
+        shorthand = getattr(t, "__mega_shorthand__", None)  # a bare string stands for this key of the table
+
         def hook(value, _t):
+            if shorthand is not None and isinstance(value, str):
+                value = {shorthand: value}
             if not isinstance(value, dict):
                 raise ValueError(f"expected a table, got {_describe(value)}")
             return inner(value, _t)
@@ -253,8 +257,18 @@ def _with_tables(raw: Any, cls: type, plugins) -> Any:
     for a in attrs.fields(cls):
         t = hints.get(a.name, a.type)
         if attrs.has(t):
-            out[a.name] = _with_tables(out.get(a.name, {}), t, plugins)
+            out[a.name] = _with_tables(out[a.name] if a.name in out else _default_table(a, t), t, plugins)
     return out
+
+
+def _default_table(a: attrs.Attribute, t: type) -> dict:
+    """The table a missing component table stands for: the component its field's default
+    names (a fine-tuning task's `model.data` defaults to its own data source, not the base
+    class's), else empty."""
+    slot = next((s for s in SLOTS if s.base is t), None)
+    if slot is None or not isinstance(a.default, attrs.Factory) or a.default.takes_self:
+        return {}
+    return {slot.key: getattr(a.default.factory(), slot.key)}
 
 
 def _validate_data_prefix(data: DataConfig, source: str) -> None:

@@ -1,0 +1,257 @@
+"""The encoder under a task head: pretrained names, architecture keys, and its weights.
+
+Architecture, in NeMo 1.x's order of precedence:
+
+1. `model.language_model.config_file`: a JSON of Megatron-LM argument names
+   (`"hidden-size"`, `"num-attention-heads"`, `"num-layers"`, `"max-seq-length"`, ...;
+   dashes or underscores); `max-seq-length` is the position table's size, `vocab-size` is
+   ignored (the tokenizer fixes it), keys that are not architecture are ignored;
+2. else `model.language_model.config`: the head model's own keys (`hidden_size`,
+   `num_layers`, `num_attention_heads`, `max_position_embeddings`, `ffn_hidden_size`, ...);
+3. else the architecture a pretrained name fixes (`megatron-bert-345m-uncased`: 24 layers,
+   hidden 1024, 16 heads, 512 positions).
+
+`megatron-bert-uncased` / `megatron-bert-cased` (and unnamed encoders) take it from 1 or 2.
+A pretrained name also fixes the tokenizer (lower-casing, which public vocab.txt); its files
+are never downloaded: when they are not set, the error says which file to fetch and which
+key to point at it.
+
+A mega run or checkpoint given as `lm_checkpoint` with none of the three describes itself:
+its config.toml gives the architecture, and its vocab.txt the `wordpiece` tokenizer's
+`vocab_file` when that is unset (both recorded in the run's config).
+
+Weights (`model.language_model.lm_checkpoint`) are loaded once, when a fine-tuning run
+starts from step 0: a mega run, checkpoint or `.mega` archive directly; anything `mega
+import` recognises (a Megatron-LM `iter_XXXXXXX` directory with one `mp_rank_XX` per
+tensor-parallel rank, an NGC zip, a Hugging Face MegatronBert directory) through its
+importer. Only the encoder (`language_model.*`) is taken; the task head starts fresh.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import attrs
+import torch
+
+from mega.errors import CheckpointError, ConfigError
+
+log = logging.getLogger("mega")
+
+NGC = "https://api.ngc.nvidia.com/v2/models/nvidia"
+HF_VOCAB = "https://s3.amazonaws.com/models.huggingface.co/bert"
+ARCH_345M = {"hidden_size": 1024, "num_attention_heads": 16, "num_layers": 24, "max_position_embeddings": 512}
+
+
+@attrs.frozen
+class Pretrained:
+    arch: Optional[Dict[str, int]]  # None: the user supplies it (config_file / config)
+    checkpoint_url: Optional[str]
+    vocab_url: str
+    do_lower_case: bool
+    tokenizer_name: str
+
+
+PRETRAINED = {
+    "megatron-bert-345m-uncased": Pretrained(
+        ARCH_345M, f"{NGC}/megatron_bert_345m/versions/v0.0/files/release/mp_rank_00/model_optim_rng.pt",
+        f"{HF_VOCAB}/bert-large-uncased-vocab.txt", True, "bert-large-uncased"),
+    "megatron-bert-345m-cased": Pretrained(
+        ARCH_345M, f"{NGC}/megatron_bert_345m/versions/v0.1_cased/files/release/mp_rank_00/model_optim_rng.pt",
+        f"{HF_VOCAB}/bert-large-cased-vocab.txt", False, "bert-large-cased"),
+    "megatron-bert-uncased": Pretrained(None, None, f"{HF_VOCAB}/bert-large-uncased-vocab.txt", True, "bert-large-uncased"),
+    "megatron-bert-cased": Pretrained(None, None, f"{HF_VOCAB}/bert-large-cased-vocab.txt", False, "bert-large-cased"),
+    "biomegatron-bert-345m-uncased": Pretrained(
+        ARCH_345M, f"{NGC}/biomegatron345muncased/versions/0/files/MegatronBERT.pt",
+        f"{NGC}/biomegatron345muncased/versions/0/files/vocab.txt", True, "bert-large-uncased"),
+    "biomegatron-bert-345m-cased": Pretrained(
+        ARCH_345M, f"{NGC}/biomegatron345mcased/versions/0/files/MegatronBERT.pt",
+        f"{NGC}/biomegatron345mcased/versions/0/files/vocab.txt", False, "bert-large-cased"),
+}
+
+# Megatron-LM argument (dashes as underscores) -> head model key
+MEGATRON_ARGS = {
+    "hidden_size": "hidden_size", "num_attention_heads": "num_attention_heads", "num_layers": "num_layers",
+    "max_seq_length": "max_position_embeddings", "max_position_embeddings": "max_position_embeddings",
+    "ffn_hidden_size": "ffn_hidden_size", "hidden_dropout": "hidden_dropout", "attention_dropout": "attention_dropout",
+    "init_method_std": "init_method_std", "layernorm_epsilon": "layernorm_epsilon",
+    "make_vocab_size_divisible_by": "make_vocab_size_divisible_by", "num_tokentypes": "num_tokentypes",
+}
+
+
+def read_config_file(path) -> Dict[str, Any]:
+    """Architecture keys of a Megatron-style JSON (`model.language_model.config_file`)."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"model.language_model.config_file: {path} not found") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"model.language_model.config_file: {path} is not JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"model.language_model.config_file: {path} must hold a JSON object")
+    out = {}
+    for key, value in raw.items():
+        name = MEGATRON_ARGS.get(key.replace("-", "_"))
+        if name is not None:
+            out[name] = value
+    return out
+
+
+def architecture(lm, head_config_class=None) -> Dict[str, Any]:
+    """The encoder keys for the head model, by NeMo's precedence (module docstring)."""
+    name = lm.pretrained_model_name
+    known = PRETRAINED.get(name) if name else None
+    if name and known is None and not (lm.config_file or lm.config):
+        raise ConfigError(f"model.language_model.pretrained_model_name: unknown name {name!r} (known: "
+                          f"{', '.join(PRETRAINED)}); or describe the encoder with model.language_model.config_file / config")
+    if lm.config_file:
+        return read_config_file(lm.config_file)
+    if lm.config:
+        if head_config_class is not None:
+            fields = {a.name for a in attrs.fields(head_config_class)}
+            for key in lm.config:
+                if key not in fields:
+                    from mega.errors import did_you_mean
+                    raise ConfigError(f"model.language_model.config.{key}: not a key of the encoder{did_you_mean(key, fields)}")
+        return dict(lm.config)
+    if known is not None and known.arch is None:
+        raise ConfigError(f"model.language_model.pretrained_model_name={name!r} has no fixed architecture: set "
+                          "model.language_model.config_file (Megatron-LM argument names) or model.language_model.config")
+    return dict(known.arch) if known is not None else {}
+
+
+ARCH_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "max_position_embeddings",
+             "layernorm_epsilon", "activation", "init_method_std", "num_tokentypes", "make_vocab_size_divisible_by")
+
+
+def from_mega_checkpoint(config) -> None:
+    """A mega run or checkpoint as `lm_checkpoint` with nothing else describing the encoder:
+    its architecture (and, for an unset wordpiece vocab_file, its vocabulary) are taken from
+    the checkpoint's own config.toml and recorded in this config."""
+    from mega.config import load_raw
+    from mega.training.checkpointing import resolve_checkpoint
+
+    lm, tok = config.language_model, config.tokenizer
+    if not lm.lm_checkpoint or lm.config_file or lm.config or PRETRAINED.get(lm.pretrained_model_name or ""):
+        return
+    path = Path(lm.lm_checkpoint).expanduser()
+    if not path.is_dir():
+        return
+    try:
+        ckpt = resolve_checkpoint(path)
+    except CheckpointError:
+        return  # another tool's layout: its importer knows the architecture
+    model = load_raw(ckpt / "config.toml").get("model", {})
+    lm.config = {k: model[k] for k in ARCH_KEYS if k in model}
+    saved_tok = model.get("tokenizer", {})
+    if getattr(tok, "library", None) == saved_tok.get("library") == "wordpiece" and not getattr(tok, "vocab_file", None):
+        vocab = ckpt / str(saved_tok.get("vocab_file", ""))
+        if saved_tok.get("vocab_file") and vocab.is_file():
+            tok.vocab_file = str(vocab)
+            if getattr(tok, "do_lower_case", 0) is None and saved_tok.get("do_lower_case") is not None:
+                tok.do_lower_case = saved_tok["do_lower_case"]
+            if "tokenizer_name" in saved_tok:
+                tok.tokenizer_name = saved_tok["tokenizer_name"]
+
+
+def check_language_model(config, plugins) -> None:
+    """Errors a user can fix before anything runs: a pretrained name's missing files, each
+    naming what to fetch and which key to set."""
+    lm, tok = config.language_model, config.tokenizer
+    known = PRETRAINED.get(lm.pretrained_model_name or "")
+    if known is not None and getattr(tok, "library", None) == "wordpiece" and not getattr(tok, "vocab_file", None):
+        raise ConfigError(f"model.tokenizer.vocab_file: {lm.pretrained_model_name} uses the vocabulary at {known.vocab_url}; "
+                          "download it (nothing is downloaded for you) and set model.tokenizer.vocab_file=<path to it>")
+    if known is not None and known.checkpoint_url and not lm.lm_checkpoint:
+        raise ConfigError(f"model.language_model.lm_checkpoint: {lm.pretrained_model_name}'s weights are at "
+                          f"{known.checkpoint_url}; download them and set model.language_model.lm_checkpoint=<the file, "
+                          "or its iter_XXXXXXX / release directory>")
+    if lm.lm_checkpoint and not Path(lm.lm_checkpoint).expanduser().exists():
+        hint = f" (the weights of {lm.pretrained_model_name} are at {known.checkpoint_url})" if known and known.checkpoint_url else ""
+        raise ConfigError(f"model.language_model.lm_checkpoint: {lm.lm_checkpoint} does not exist{hint}")
+
+
+def tokenizer_defaults(config) -> None:
+    """A pretrained name's lower-casing for a wordpiece tokenizer left at its defaults."""
+    known = PRETRAINED.get(config.language_model.pretrained_model_name or "")
+    tok = config.tokenizer
+    if known is not None and getattr(tok, "library", None) == "wordpiece" and getattr(tok, "do_lower_case", 0) is None:
+        tok.do_lower_case = known.do_lower_case
+
+
+# --- weights ------------------------------------------------------------------------------------
+
+
+def _megatron_file(path: Path) -> Optional[Path]:
+    """A bare Megatron `model_optim_rng.pt` (or NGC `MegatronBERT.pt`) wrapped into the
+    `release/mp_rank_00/` layout Megatron importers read."""
+    if path.is_file() and path.suffix == ".pt":
+        return path
+    return None
+
+
+def encoder_state(source, plugins, vocab_file: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """The `language_model.*` tensors of `source` at this process's tensor-parallel layout."""
+    from mega.inference import load_checkpoint_for_inference
+    from mega.interop import find_importer
+
+    source = Path(source).expanduser()
+    scratch = None
+    try:
+        try:
+            model, _, _ = load_checkpoint_for_inference(source, plugins)
+        except (CheckpointError, ConfigError, FileNotFoundError) as first:
+            # not a mega checkpoint: through the importer that recognises it
+            scratch = Path(tempfile.mkdtemp(prefix="mega-lm-checkpoint-"))
+            target = source
+            bare = _megatron_file(source)
+            if bare is not None:  # release/mp_rank_00/model_optim_rng.pt, as Megatron-LM writes it
+                target = scratch / "megatron" / "release"
+                (target / "mp_rank_00").mkdir(parents=True)
+                (target / "mp_rank_00" / "model_optim_rng.pt").symlink_to(bare.resolve())
+                (scratch / "megatron" / "latest_checkpointed_iteration.txt").write_text("release")
+                target = scratch / "megatron"
+            try:
+                fmt = find_importer(target, plugins)
+            except Exception:  # noqa: BLE001 - say what was tried
+                raise CheckpointError(f"model.language_model.lm_checkpoint: {source} is neither a mega run, checkpoint or "
+                                      f"archive ({first}) nor a format `mega import` recognises") from None
+            # a Megatron-LM / NGC checkpoint names its vocabulary by a path of the machine it was
+            # written on: the run's own vocab.txt stands in for it
+            options = {"vocab_file": str(vocab_file)} if vocab_file and getattr(fmt, "name", "") == "megatron" else {}
+            ckpt = fmt.import_run(target, scratch / "run", options, plugins)
+            model, _, _ = load_checkpoint_for_inference(ckpt, plugins)
+        state = {k: v for k, v in model.state_dict().items() if k.startswith("language_model.")}
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    if not state:
+        raise CheckpointError(f"model.language_model.lm_checkpoint: {source} holds no language_model.* weights "
+                              "(is it a BERT checkpoint?)")
+    return state
+
+
+def load_encoder(model: torch.nn.Module, source, plugins, vocab_file: Optional[str] = None) -> None:
+    """Copy the encoder weights of `source` into `model` (every language_model.* tensor of
+    the model must be there with its shape; the pooler may be absent)."""
+    state = encoder_state(source, plugins, vocab_file)
+    own = {k: v for k, v in model.state_dict().items() if k.startswith("language_model.")}
+    missing = [k for k in own if k not in state and ".pooler." not in k]
+    if missing:
+        raise CheckpointError(f"model.language_model.lm_checkpoint: {source} lacks {', '.join(missing[:4])}"
+                              f"{' ...' if len(missing) > 4 else ''}")
+    wrong = [f"{k} {tuple(state[k].shape)} (model {tuple(v.shape)})" for k, v in own.items()
+             if k in state and state[k].shape != v.shape]
+    if wrong:
+        raise CheckpointError(f"model.language_model.lm_checkpoint: {source} has other shapes: {'; '.join(wrong[:3])}"
+                              " (does model.language_model describe the same encoder?)")
+    with torch.no_grad():
+        for k, v in own.items():
+            if k in state:
+                v.copy_(state[k].to(v.dtype))
+    log.info("encoder weights loaded from %s (%d tensors)", source, sum(1 for k in own if k in state))

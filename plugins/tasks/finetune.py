@@ -1,0 +1,181 @@
+"""Fine-tuning runs: the head model a task trains, the `task` data source, and the encoder
+weights loaded when a run starts.
+
+* Model: a task's registered model name (`model.name = "question_answering"`) builds the
+  head model the task names (`bert_question_answering`, ...) from the task config's
+  `language_model` keys, with the task's head options (number of labels). Its parameters keep
+  the head model's names, so the head's checkpoints, converters and resharding apply as
+  they are. The built model also answers `mega evaluate` (`evaluate`: the task's metrics)
+  and `mega predict` (`predict`); those two methods are added to the head model's class
+  (a subclass made once per head class, as torch's parametrizations do) rather than by
+  wrapping it, which would rename every parameter.
+* Data (`model.data.data_impl = "task"`, the default of every task config): each split's
+  samples are the task's; training cycles through them in a new order each epoch, sample
+  `i` a pure function of `i` and the seed.
+* Encoder weights: `on_train_start` of a run at step 0 copies the encoder of
+  `model.language_model.lm_checkpoint` into the model (a resumed run has them in its own
+  checkpoint).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+import attrs
+import torch
+
+import mega
+from mega.config import DataConfig, ModelConfig
+from mega.errors import ConfigError
+from mega.plugins.tasks.config import TaskConfig, TaskObjective
+from mega.plugins.tasks.encoder import architecture, load_encoder
+
+log = logging.getLogger("mega")
+
+OUTPUT_KEYS = ("logits", "start_logits", "end_logits")
+
+
+# --- the model -------------------------------------------------------------------------------
+
+
+def head_config(config: TaskConfig, task, entry):
+    """The head model's config: the run's common model keys, the encoder's architecture,
+    the task's head options."""
+    cls = entry.config or ModelConfig
+    common = {a.name: getattr(config, a.name) for a in attrs.fields(ModelConfig) if a.name != "name"}
+    values = {**common, **architecture(config.language_model, cls), **task.head_options(), "name": task.head}
+    names = {a.name for a in attrs.fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def run_head(model, samples: Sequence[Dict[str, torch.Tensor]], batch_size: int) -> List[Dict[str, torch.Tensor]]:
+    """The head's outputs (`logits`, `start_logits`/`end_logits`) for each sample, on the CPU."""
+    from mega.training.batches import collate
+
+    device = next(model.parameters()).device
+    out: List[Dict[str, torch.Tensor]] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for i in range(0, len(samples), batch_size):
+                batch = {k: v.to(device) for k, v in collate(samples[i:i + batch_size]).items()}
+                res = model.logits(batch)
+                keys = [k for k in OUTPUT_KEYS if k in res]
+                for j in range(len(batch["tokens"])):
+                    out.append({k: res[k][j].float().cpu() for k in keys})
+    finally:
+        model.train(was_training)
+    return out
+
+
+def predictions_dir(config, split: str) -> Path:
+    base = config.model.predictions_dir or str(Path(config.exp_manager.exp_dir) / config.exp_manager.name / "predictions")
+    return Path(base).expanduser() / split
+
+
+class TaskModel:
+    """What a fine-tuned head adds: `evaluate` (mega.protocols.Evaluates) and `predict`
+    (mega.protocols.Predicts), both through its task."""
+
+    downstream_task: Any  # (the head model may use `task` for its own head kind)
+
+    def evaluate(self, source, split: str, tokenizer, config) -> Dict[str, float]:
+        from mega.runtime.parallel import current
+
+        samples = self.downstream_task.samples(split, tokenizer)
+        outputs = run_head(self, samples, config.model.micro_batch_size)
+        directory = predictions_dir(config, split) if current().is_main else None
+        metrics = self.downstream_task.evaluate(split, outputs, directory)
+        if directory is not None:
+            log.info("%s predictions written to %s", split, directory)
+        return metrics
+
+    def predict(self, inputs: Dict[str, Any], tokenizer) -> Dict[str, Any]:
+        return self.downstream_task.predict(inputs, tokenizer, lambda samples: run_head(self, samples, 8))
+
+
+_CLASSES: Dict[type, type] = {}
+
+
+def _with_task(model: torch.nn.Module, task) -> torch.nn.Module:
+    base = type(model)
+    if base not in _CLASSES:
+        _CLASSES[base] = type(f"{base.__name__}ForTask", (TaskModel, base), {"__module__": __name__})
+    model.__class__ = _CLASSES[base]
+    model.downstream_task = task
+    return model
+
+
+def build_task_model(config: TaskConfig, tokenizer, plugins):
+    """The model factory of every task: the task's head on the configured encoder."""
+    task = plugins.tasks.get(config.name, "model.name").factory(config)
+    entry = plugins.models.get(task.head, f"the head of task {config.name}")
+    head = entry.factory(head_config(config, task, entry), tokenizer, plugins)
+    return _with_task(head, task)
+
+
+# --- the data ------------------------------------------------------------------------------------
+
+
+class EpochOrder:
+    """`num_samples` samples drawn epoch by epoch from `samples`, each epoch in its own
+    seeded permutation (sample i depends only on i and the seed)."""
+
+    def __init__(self, samples: Sequence, num_samples: int, seed: int, shuffle: bool = True):
+        if not samples:
+            raise ConfigError("the task produced no samples for this split")
+        self.samples, self.num_samples, self.seed, self.shuffle = samples, num_samples, seed, shuffle
+        self._perms: Dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < self.num_samples:
+            raise IndexError(i)
+        n = len(self.samples)
+        epoch, k = divmod(int(i), n)
+        if not self.shuffle:
+            return self.samples[k]
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
+            self._perms[epoch] = torch.randperm(n, generator=g)
+        return self.samples[int(self._perms[epoch][k])]
+
+
+class TaskData:
+    """The `task` data source: a task's own files, read through the task."""
+
+    def __init__(self, config: DataConfig, run_dir):
+        self.config = config
+
+    def files(self) -> List[Path]:
+        return []  # a task trains no tokenizer: set model.tokenizer.vocab_file (the encoder's vocabulary)
+
+    def _task(self, objective):
+        if not isinstance(objective, TaskObjective) or objective.config is None:
+            raise ConfigError(f"model.data.data_impl='task' serves fine-tuning tasks (model.name = question_answering, "
+                              f"text_classification, ...); this model needs {getattr(objective, 'name', objective)!r} samples")
+        return objective.config.build_task()
+
+    def dataset(self, split, tokenizer, seq_length, num_samples, seed, objective=None):
+        task = self._task(objective)
+        return EpochOrder(task.samples(split, tokenizer), num_samples, seed, shuffle=(split == "train"))
+
+    def whole_split(self, split, tokenizer, seq_length, seed, objective=None):
+        return self._task(objective).samples(split, tokenizer)
+
+
+@mega.hookimpl
+def register_datasets(register):
+    register("task", TaskData, config=DataConfig)
+
+
+@mega.hookimpl
+def on_train_start(run):
+    """A fine-tuning run from step 0 starts from the pretrained encoder."""
+    mc = run.config.model
+    if isinstance(mc, TaskConfig) and run.step == 0 and mc.language_model.lm_checkpoint:
+        load_encoder(run.model, mc.language_model.lm_checkpoint, run.plugins, getattr(mc.tokenizer, "vocab_file", None))

@@ -1,0 +1,140 @@
+"""The `text_classification` task: NeMo's `sentence<TAB>label` files on
+`bert_sequence_classification`.
+
+Files: `model.train_ds.file_path`, `model.validation_ds.file_path`, `model.test_ds.file_path`
+(`file` is accepted too). `model.dataset.num_classes` is required, as in NeMo. Label names
+(`model.class_labels.class_labels_file`, one per line in id order) are read when the run
+starts and recorded in `model.class_labels.names`, so checkpoints and archives carry them.
+Evaluation reports NeMo's ClassificationReport: accuracy and micro/macro/weighted precision,
+recall and F1 (percent), and writes `predictions.tsv` (`text<TAB>predicted<TAB>label`).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from attrs import define, field
+
+import mega
+from mega.config.schema import at_least_one
+from mega.errors import ConfigError
+from mega.plugins.tasks.base import TaskBase, need, softmax
+from mega.plugins.tasks.config import TaskConfig
+from mega.plugins.tasks.finetune import build_task_model
+from mega.plugins.tasks.metrics.classification_report import ClassificationReport
+from mega.plugins.tasks.text_classification_data import (
+    classification_samples,
+    encode_single,
+    pad_sample,
+    read_label_names,
+    read_text_classification,
+)
+
+
+@define(kw_only=True)
+class TextClassificationDatasetConfig:
+    """`model.dataset.*` of text classification."""
+
+    num_classes: Optional[int] = field(default=None, validator=at_least_one)  # required: labels are 0..num_classes-1
+    max_seq_length: int = field(default=256, validator=at_least_one)  # [CLS] text [SEP]; longer texts keep their head
+
+
+@define(kw_only=True)
+class ClassLabelsConfig:
+    """`model.class_labels.*`: names for the label ids."""
+
+    class_labels_file: Optional[str] = None  # one name per line, in id order (read when the run starts)
+    names: List[str] = field(factory=list)  # the names by id (filled from class_labels_file; empty: the ids)
+
+
+@define(kw_only=True)
+class TextClassificationConfig(TaskConfig):
+    name: str = "text_classification"
+    dataset: TextClassificationDatasetConfig = field(factory=TextClassificationDatasetConfig)
+    class_labels: ClassLabelsConfig = field(factory=ClassLabelsConfig)
+
+
+def write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class TextClassificationTask(TaskBase):
+    head = "bert_sequence_classification"
+    report_mode = "micro"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.pairs: Dict[str, list] = {}
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.dataset.num_classes
+
+    def check(self) -> None:
+        if self.config.dataset.num_classes is None:
+            raise ConfigError(f"model.dataset.num_classes: required (the labels of {self.config.name} files are 0..num_classes-1)")
+        labels = self.config.class_labels
+        if labels.class_labels_file and not labels.names:
+            labels.names = [read_label_names(labels.class_labels_file)[i] for i in sorted(read_label_names(labels.class_labels_file))]
+        if labels.names and len(labels.names) != self.num_classes:
+            raise ConfigError(f"model.class_labels: {len(labels.names)} names for model.dataset.num_classes={self.num_classes}")
+
+    def head_options(self) -> Dict[str, Any]:
+        return {"num_labels": self.num_classes}
+
+    def label_name(self, i: int) -> str:
+        names = self.config.class_labels.names
+        return names[i] if i < len(names) else str(i)
+
+    def read(self, split):
+        return read_text_classification(self.split_path(split), self.num_classes)
+
+    def build_samples(self, split, tokenizer):
+        self.pairs[split] = self.limit(split, self.read(split))
+        return classification_samples(self.pairs[split], self.subwords(tokenizer), self.max_seq_length)
+
+    def report(self, split, outputs):
+        preds = [int(o["logits"].argmax()) for o in outputs]
+        gold = [label for _, label in self.pairs[split]]
+        rep = ClassificationReport(self.num_classes, {self.label_name(i): i for i in range(self.num_classes)},
+                                   mode=self.report_mode)
+        rep.update(preds, gold)
+        return rep, preds
+
+    def evaluate(self, split, outputs, directory: Optional[Path]) -> Dict[str, float]:
+        rep, preds = self.report(split, outputs)
+        if directory is not None:
+            write_text(Path(directory) / "predictions.tsv", "".join(
+                f"{text}\t{self.label_name(p)}\t{self.label_name(g)}\n" for (text, g), p in zip(self.pairs[split], preds)))
+            write_text(Path(directory) / "report.txt", rep.report() + "\n")
+        metrics = rep.metrics()
+        p, r, f = rep.compute(self.report_mode)
+        metrics.update({"precision": p, "recall": r, "f1": f})
+        return metrics
+
+    def predict(self, inputs, tokenizer, infer) -> Dict[str, Any]:
+        need(inputs, "text")
+        sw = self.subwords(tokenizer)
+        ids, types = encode_single(" ".join(inputs["text"].split()), sw, self.max_seq_length)
+        logits = infer([pad_sample(ids, types, self.max_seq_length, sw.pad_id)])[0]["logits"]
+        probs = softmax(logits)
+        best = max(range(len(probs)), key=probs.__getitem__)
+        return {"label": self.label_name(best), "label_id": best,
+                "probabilities": {self.label_name(i): p for i, p in enumerate(probs)}}
+
+
+TextClassificationConfig.task_class = TextClassificationTask
+
+
+@mega.hookimpl
+def register_tasks(register):
+    register("text_classification", TextClassificationTask, config=TextClassificationConfig)
+
+
+@mega.hookimpl
+def register_models(register):
+    register("text_classification", build_task_model, config=TextClassificationConfig)

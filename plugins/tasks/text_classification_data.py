@@ -1,0 +1,94 @@
+"""NeMo's text classification files -> `[CLS] text [SEP]` samples.
+
+A file has one example per line, `words ... <TAB> label`, the label an integer
+`0 .. num_classes-1`. A line is split on any whitespace and its last field must parse as an
+int, otherwise the line is skipped; that is how a header line such as `sentence\\tlabel` is
+ignored. The text is re-joined from the words, so whitespace inside it does not matter.
+Relation extraction uses the same files (entity markers are ordinary words of the text).
+
+Truncation keeps the head: at most `max_seq_length - 1` tokens then `[SEP]` (NeMo 1.19's
+rule), padded to `max_seq_length`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from mega.errors import DataError
+from mega.plugins.tasks.subwords import Subwords
+
+
+def read_text_classification(path, num_classes: Optional[int] = None) -> List[Tuple[str, int]]:
+    """(text, label) pairs of a `sentence<TAB>label` file; a label outside `num_classes` is an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: text classification file not found")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            fields = line.split()
+            if len(fields) < 2:
+                continue
+            try:
+                label = int(fields[-1])
+            except ValueError:
+                continue  # a header line, as NeMo skips it
+            if label < 0 or (num_classes is not None and label >= num_classes):
+                raise DataError(f"{path}:{lineno}: label {label} is outside 0..{(num_classes or 1) - 1} "
+                                f"(model.dataset.num_classes = {num_classes})")
+            out.append((" ".join(fields[:-1]), label))
+    if not out:
+        raise DataError(f"{path}: no `text<TAB>label` lines (the last field of a line must be an integer label)")
+    return out
+
+
+def read_label_names(path) -> Dict[int, str]:
+    """`class_labels_file`: one label name per line, in id order."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: class labels file not found")
+    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return dict(enumerate(names))
+
+
+def encode_single(text: str, subwords: Subwords, max_seq_length: int):
+    """ids and token types of `[CLS] text [SEP]`, the head of the text kept."""
+    toks = []
+    for word in text.split():
+        toks.extend(subwords.tokenize(word))
+    ids = [subwords.cls_id] + subwords.to_ids(toks)[:max_seq_length - 2] + [subwords.sep_id]
+    return ids, [0] * len(ids)
+
+
+def pad_sample(ids: Sequence[int], types: Sequence[int], max_seq_length: int, pad_id: int) -> Dict[str, torch.Tensor]:
+    n = len(ids)
+    pad = max_seq_length - n
+    return {
+        "tokens": torch.tensor(list(ids) + [pad_id] * pad, dtype=torch.long),
+        "tokentype_ids": torch.tensor(list(types) + [0] * pad, dtype=torch.long),
+        "padding_mask": torch.tensor([1] * n + [0] * pad, dtype=torch.long),
+    }
+
+
+def classification_samples(pairs: Sequence[Tuple[str, int]], subwords: Subwords, max_seq_length: int) -> List[Dict[str, torch.Tensor]]:
+    """One sample per example: tokens, tokentype_ids, padding_mask and `label` [] (the
+    head's loss is a mean over examples, so there is no `loss_mask`)."""
+    out = []
+    for text, label in pairs:
+        ids, types = encode_single(text, subwords, max_seq_length)
+        s = pad_sample(ids, types, max_seq_length, subwords.pad_id)
+        s["label"] = torch.tensor(label, dtype=torch.long)
+        out.append(s)
+    return out
+
+
+def class_weights(labels: Sequence[int], num_classes: int) -> List[float]:
+    """`class_balancing = "weighted_loss"`: NeMo's frequency weights, total / (number of
+    classes present x count) per class; a class absent from the training data gets 0."""
+    counts = [0] * num_classes
+    for label in labels:
+        counts[label] += 1
+    total, present = sum(counts), sum(1 for c in counts if c)
+    return [total / (present * c) if c else 0.0 for c in counts]

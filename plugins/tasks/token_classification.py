@@ -1,0 +1,154 @@
+"""The `token_classification` task (NER): NeMo's `text_*.txt` + `labels_*.txt` on
+`bert_token_classification`.
+
+Files: `model.dataset.data_dir` with `text_train.txt`/`labels_train.txt` (training) and
+`text_dev.txt`/`labels_dev.txt` (validation and test), or other names in
+`model.{train,validation,test}_ds.text_file`/`labels_file` (relative to `data_dir`, or
+absolute). The label map (`pad_label` = 0, then the training labels sorted) is computed from
+the training labels when the run starts and recorded in `model.dataset.label_ids`, so
+checkpoints and archives carry it; `label_ids.csv` (one label per line, in id order) is
+written beside the predictions.
+
+Evaluation reads one prediction per word (the first sub-token's) and reports entity-level
+precision, recall and F1 (seqeval's default, conlleval-compatible rules: `precision`,
+`recall`, `f1`, micro over entity types, as fractions x 100), token accuracy
+(`token_accuracy`), and NeMo's token-level ClassificationReport (macro, `label_*`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from attrs import define, field
+
+import mega
+from mega.config.schema import at_least_one
+from mega.errors import ConfigError
+from mega.plugins.tasks.base import TaskBase, need
+from mega.plugins.tasks.config import TaskConfig
+from mega.plugins.tasks.finetune import build_task_model
+from mega.plugins.tasks.metrics import seqeval
+from mega.plugins.tasks.metrics.classification_report import ClassificationReport
+from mega.plugins.tasks.text_classification import write_text
+from mega.plugins.tasks.token_classification_data import (
+    build_label_ids,
+    read_token_classification,
+    token_classification_sample,
+)
+
+DEFAULT_FILES = {"train": ("text_train.txt", "labels_train.txt"), "valid": ("text_dev.txt", "labels_dev.txt"),
+                 "test": ("text_dev.txt", "labels_dev.txt")}
+
+
+@define(kw_only=True)
+class TokenDatasetConfig:
+    """`model.dataset.*` of token classification."""
+
+    data_dir: Optional[str] = None  # where the text_*.txt / labels_*.txt files are
+    max_seq_length: int = field(default=128, validator=at_least_one)  # longer sentences keep [CLS] and their tail
+    pad_label: str = "O"  # label id 0: [CLS], [SEP] and padding
+    ignore_extra_tokens: bool = False  # true: a word's 2nd, 3rd... sub-tokens carry no loss
+    ignore_start_end: bool = False  # true: [CLS] and [SEP] carry no loss
+    label_ids: List[str] = field(factory=list)  # labels by id; empty: pad_label, then the training labels sorted
+
+
+@define(kw_only=True)
+class TokenClassificationConfig(TaskConfig):
+    name: str = "token_classification"
+    dataset: TokenDatasetConfig = field(factory=TokenDatasetConfig)
+
+
+class TokenClassificationTask(TaskBase):
+    head = "bert_token_classification"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.sentences: Dict[str, list] = {}
+
+    def files(self, split: str):
+        ds = self.config.split_files(split)
+        default_text, default_labels = DEFAULT_FILES["train" if split == "train" else "valid"]
+        base = Path(self.config.dataset.data_dir or ".").expanduser()
+        text = ds.text_file or ds.file or default_text
+        labels = ds.labels_file or default_labels
+        return base / text, base / labels
+
+    def check(self) -> None:
+        d = self.config.dataset
+        if not d.label_ids:
+            text, labels = self.files("train")
+            if not labels.is_file():
+                raise ConfigError(f"model.dataset.data_dir / model.train_ds.labels_file: {labels} not found "
+                                  "(the label map is read from the training labels)")
+            sentences = read_token_classification(text, labels)
+            d.label_ids = list(build_label_ids([l for _, l in sentences], d.pad_label))
+        if d.label_ids[0] != d.pad_label:
+            raise ConfigError(f"model.dataset.label_ids: the first label (id 0) must be pad_label {d.pad_label!r}")
+
+    @property
+    def label_map(self) -> Dict[str, int]:
+        return {name: i for i, name in enumerate(self.config.dataset.label_ids)}
+
+    def head_options(self) -> Dict[str, Any]:
+        return {"num_labels": len(self.config.dataset.label_ids)}
+
+    def _sample(self, words, labels, tokenizer, where=""):
+        d = self.config.dataset
+        return token_classification_sample(words, labels, self.subwords(tokenizer), self.label_map, self.max_seq_length,
+                                           d.pad_label, d.ignore_extra_tokens, d.ignore_start_end, where)
+
+    def build_samples(self, split, tokenizer):
+        text, labels = self.files(split)
+        self.sentences[split] = self.limit(split, read_token_classification(text, labels))
+        return [self._sample(w, l, tokenizer, str(labels)) for w, l in self.sentences[split]]
+
+    def word_predictions(self, sample, output) -> List[int]:
+        first = sample["subtokens_mask"].bool()
+        return output["logits"][first].argmax(-1).tolist()
+
+    def evaluate(self, split, outputs, directory: Optional[Path]) -> Dict[str, float]:
+        names = self.config.dataset.label_ids
+        samples = self._cache[split]  # built by samples() before the outputs were computed
+        report = ClassificationReport(len(names), self.label_map, mode="macro")
+        y_true, y_pred = [], []
+        for sample, output in zip(samples, outputs):
+            first = sample["subtokens_mask"].bool()
+            pred = self.word_predictions(sample, output)
+            gold = sample["labels"][first].tolist()
+            report.update(pred, gold)
+            y_true.append([names[i] for i in gold])
+            y_pred.append([names[i] for i in pred])
+        p, r, f = seqeval.precision_recall_f1(y_true, y_pred, zero_division=0)
+        metrics = {"precision": 100 * p, "recall": 100 * r, "f1": 100 * f,
+                   "token_accuracy": 100 * seqeval.accuracy_score(y_true, y_pred)}
+        lp, lr, lf = report.compute("macro")
+        metrics.update({"label_macro_precision": lp, "label_macro_recall": lr, "label_macro_f1": lf})
+        if directory is not None:
+            write_text(Path(directory) / "predictions.txt", "".join(" ".join(s) + "\n" for s in y_pred))
+            write_text(Path(directory) / "label_ids.csv", "".join(f"{n}\n" for n in names))
+            write_text(Path(directory) / "report.txt", report.report() + "\n")
+        return metrics
+
+    def predict(self, inputs, tokenizer, infer) -> Dict[str, Any]:
+        need(inputs, "text")
+        words = inputs["text"].split()
+        sample = self._sample(words, None, tokenizer)
+        pred = self.word_predictions(sample, infer([sample])[0])
+        names = self.config.dataset.label_ids
+        labels = [names[i] for i in pred]
+        kept = words[len(words) - len(labels):]  # a sentence longer than max_seq_length keeps its tail
+        entities = [{"type": t, "text": " ".join(kept[s:e + 1])} for t, s, e in seqeval.get_entities(labels)]
+        return {"words": kept, "labels": labels, "entities": entities}
+
+
+TokenClassificationConfig.task_class = TokenClassificationTask
+
+
+@mega.hookimpl
+def register_tasks(register):
+    register("token_classification", TokenClassificationTask, config=TokenClassificationConfig)
+
+
+@mega.hookimpl
+def register_models(register):
+    register("token_classification", build_task_model, config=TokenClassificationConfig)
