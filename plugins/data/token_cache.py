@@ -31,7 +31,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
     for key, path in sorted(tokenizer.artifacts().items()):
         h.update(key.encode())
         h.update(Path(path).read_bytes())
-    h.update(repr(list(tokenizer.encode(PROBE))).encode())
+    try:  # tokenizers without artifacts (bytes) or options the files don't show
+        probe = repr(list(tokenizer.encode(PROBE)))
+    except Exception as exc:  # a closed vocabulary without <unk> (the word tokenizer) cannot encode it
+        probe = f"cannot encode the probe: {type(exc).__name__}"
+    h.update(probe.encode())
     return h.hexdigest()
 
 
