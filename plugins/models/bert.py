@@ -64,10 +64,18 @@ from mega.plugins.models.bert_heads import (
     span_losses,
 )
 from mega.plugins.models.gpt import training_flops_per_token
-from mega.plugins.models.transformer import ACTIVATIONS, BlockConfig, Embedding, TransformerStack, check_shape, padded_vocab_size
+from mega.plugins.models.transformer import (
+    ACTIVATIONS,
+    BlockConfig,
+    Embedding,
+    TiedWordEmbeddingStages,
+    TransformerStack,
+    check_shape,
+    padded_vocab_size,
+)
 from mega.protocols import SampleObjective
 from mega.runtime.parallel import current
-from mega.runtime.tensor_parallel import gather_from_tp, mark_replicated
+from mega.runtime.tensor_parallel import gather_from_tp
 
 
 @define(kw_only=True)
@@ -317,7 +325,7 @@ class BertLanguageModel(nn.Module):
         self.pooler = pool if st.is_last_stage else None
 
 
-class BertModel(nn.Module):
+class BertModel(TiedWordEmbeddingStages, nn.Module):
     """The encoder with the heads of `task` (a value of TASKS)."""
 
     def __init__(self, cfg: BertEncoderConfig, vocab_size: int, task: str = "pretraining"):
@@ -351,27 +359,11 @@ class BertModel(nn.Module):
         for name, module in heads.items():
             setattr(self, name, module if self.post_process else None)
         self.classifier_dropout = nn.Dropout(cfg.hidden_dropout)
-        if self.post_process and not self.pre_process:
-            # Megatron's `word_embeddings_for_head`: the last stage's copy of the word
-            # embedding (the tied LM decoder), gradients summed over the two stages. Heads
-            # without a decoder keep it too, so every pipeline has the same tied pair.
-            self.word_embeddings_for_head = nn.Module()
-            self.word_embeddings_for_head.weight = nn.Parameter(self.language_model.head_weight_init.clone())
-            self.word_embeddings_for_head.weight.partition_dim = 0
-            self.word_embeddings_for_head.weight.shared_embedding_copy = True
-        self.language_model.head_weight_init = None
-        mark_replicated(self)
-        # For resharding across pipeline sizes (mega.runtime.sharding):
-        self.pipeline_layer_offset = self.language_model.encoder.layer_offset
-        self.state_aliases = ({"word_embeddings_for_head.weight": "language_model.embedding.word_embeddings.weight"}
-                              if hasattr(self, "word_embeddings_for_head") else {})
+        # Heads without a decoder keep the last stage's copy of the word embedding too, so
+        # every pipeline has the same tied pair.
+        self.finish_stages()
 
-    # --- pieces ----------------------------------------------------------------------------
-    def shared_embedding_or_output_weight(self) -> torch.Tensor:
-        if self.pre_process:
-            return self.language_model.embedding.word_embeddings.weight
-        return self.word_embeddings_for_head.weight
-
+    # --- pieces (shared_embedding_or_output_weight: TiedWordEmbeddingStages) -----------------
     def _flat(self, batch: Dict[str, torch.Tensor], key: str) -> Optional[torch.Tensor]:
         """`batch[key]` as [samples, seq] (multiple choice flattens [b, choices, s])."""
         t = batch.get(key)

@@ -18,13 +18,20 @@ from torch import nn
 import mega
 from mega.config import ModelConfig
 from mega.errors import ConfigError
-from mega.plugins.models.transformer import BlockConfig, Embedding, KVCache, TransformerStack, check_shape, padded_vocab_size
+from mega.plugins.models.transformer import (
+    BlockConfig,
+    Embedding,
+    KVCache,
+    TiedWordEmbeddingStages,
+    TransformerStack,
+    check_shape,
+    padded_vocab_size,
+)
 from mega.runtime.parallel import current
 from mega.runtime.tensor_parallel import (
     chunked_linear_cross_entropy,
     copy_to_tp,
     gather_from_tp,
-    mark_replicated,
     vocab_parallel_cross_entropy,
 )
 
@@ -120,7 +127,7 @@ def check_config(cfg: GPTConfig) -> None:
         raise ConfigError(f"model.max_position_embeddings={cfg.max_position_embeddings} is smaller than model.seq_length={cfg.seq_length}")
 
 
-class GPTModel(nn.Module):
+class GPTModel(TiedWordEmbeddingStages, nn.Module):
     def __init__(self, cfg: GPTConfig, vocab_size: int):
         super().__init__()
         check_config(cfg)
@@ -131,26 +138,9 @@ class GPTModel(nn.Module):
         st = current()
         self.pre_process, self.post_process = st.is_first_stage, st.is_last_stage
         self.language_model = TransformerLanguageModel(cfg, self.padded_vocab_size)
-        if self.post_process and not self.pre_process:
-            # Megatron's `word_embeddings_for_head`: the output layer of the last stage, tied
-            # to the first stage's word embedding (gradients summed over the two).
-            self.word_embeddings_for_head = nn.Module()
-            self.word_embeddings_for_head.weight = nn.Parameter(self.language_model.head_weight_init.clone())
-            self.word_embeddings_for_head.weight.partition_dim = 0
-            self.word_embeddings_for_head.weight.shared_embedding_copy = True
-        self.language_model.head_weight_init = None
-        mark_replicated(self)
-        # For resharding across pipeline sizes (mega.runtime.sharding):
-        self.pipeline_layer_offset = self.language_model.encoder.layer_offset
-        self.state_aliases = ({"word_embeddings_for_head.weight": "language_model.embedding.word_embeddings.weight"}
-                              if hasattr(self, "word_embeddings_for_head") else {})
+        self.finish_stages()  # the last stage's copy of the tied word embedding, resharding aliases
 
-    # --- the LanguageModule contract ------------------------------------------------------
-    def shared_embedding_or_output_weight(self) -> torch.Tensor:
-        if self.pre_process:
-            return self.language_model.embedding.word_embeddings.weight
-        return self.word_embeddings_for_head.weight
-
+    # --- the LanguageModule contract (shared_embedding_or_output_weight: TiedWordEmbeddingStages) ---
     def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Cross entropy over the vocabulary in fp32: [batch, seq] losses. `logits` are this
         rank's vocabulary slice under tensor parallelism (never gathered). Padded ids are

@@ -20,7 +20,13 @@ from torch import nn
 
 from mega.errors import ConfigError
 from mega.runtime.parallel import current
-from mega.runtime.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, get_rng_tracker
+from mega.runtime.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    get_rng_tracker,
+    mark_replicated,
+)
 
 
 @attrs.frozen(kw_only=True)
@@ -280,3 +286,32 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int =
     """Pad the vocabulary to a multiple of divisible_by x TP, as Megatron does."""
     multiple = divisible_by * tensor_parallel
     return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+class TiedWordEmbeddingStages:
+    """Megatron's tied word embedding across pipeline stages, for models whose
+    `language_model` holds the `embedding` on the first stage (and, elsewhere, a
+    `head_weight_init` copy of its initial values) and whose output layer reuses it.
+
+    On a last stage without the embedding, `word_embeddings_for_head` is that stage's copy
+    (Megatron's name; the kernel sums its gradient with the first stage's). `finish_stages`
+    also marks replicated parameters and sets what resharding across pipeline sizes reads
+    (`pipeline_layer_offset`, `state_aliases`)."""
+
+    def finish_stages(self) -> None:
+        if self.post_process and not self.pre_process:
+            self.word_embeddings_for_head = nn.Module()
+            self.word_embeddings_for_head.weight = nn.Parameter(self.language_model.head_weight_init.clone())
+            self.word_embeddings_for_head.weight.partition_dim = 0
+            self.word_embeddings_for_head.weight.shared_embedding_copy = True
+        self.language_model.head_weight_init = None
+        mark_replicated(self)
+        self.pipeline_layer_offset = self.language_model.encoder.layer_offset
+        self.state_aliases = ({"word_embeddings_for_head.weight": "language_model.embedding.word_embeddings.weight"}
+                              if hasattr(self, "word_embeddings_for_head") else {})
+
+    def shared_embedding_or_output_weight(self) -> torch.Tensor:
+        """The word-embedding matrix that also produces the logits (megatron-core's name)."""
+        if self.pre_process:
+            return self.language_model.embedding.word_embeddings.weight
+        return self.word_embeddings_for_head.weight
