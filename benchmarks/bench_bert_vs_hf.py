@@ -19,16 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gpt_vs_hf import _status_kib, sync  # noqa: E402  (the GPT benchmark's measuring helpers)
+from bench_gpt_vs_hf import adamw_step, alternate, peak_memory  # noqa: E402  (the GPT benchmark's measuring helpers)
 
 
 def make_batch(a) -> dict:
@@ -75,52 +73,15 @@ def build(which: str, a):
                          token_type_ids=batch["tokentype_ids"],
                          labels=torch.where(batch["loss_mask"].bool(), batch["labels"], -100),
                          next_sentence_label=batch["is_random"]).loss
-    model = model.to(a.device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
-    dtype = {"fp32": None, "bf16": torch.bfloat16}[a.dtype]
-
-    def step(batch):
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(a.device, dtype=dtype, enabled=dtype is not None):
-            loss = loss_fn(batch)
-        loss.backward()
-        opt.step()
-        return loss
-
-    return step, sum(p.numel() for p in model.parameters())
+    return adamw_step(model, loss_fn, a)
 
 
 def speed(a) -> dict:
-    batch = make_batch(a)
-    steps = {w: build(w, a) for w in ("mega", "hf")}
-    for step, _ in steps.values():  # warm up
-        for _ in range(a.warmup):
-            step(batch)
-    sync(a)
-    rates = {w: [] for w in steps}
-    cpu_rates = {w: [] for w in steps}  # tokens per CPU-second of this process: steadier on a shared machine
-    for _ in range(a.reps):
-        for w, (step, _) in steps.items():
-            t0, c0 = time.perf_counter(), time.process_time()
-            for _ in range(a.steps):
-                step(batch)
-            sync(a)
-            rates[w].append(a.batch * a.seq * a.steps / (time.perf_counter() - t0))
-            cpu_rates[w].append(a.batch * a.seq * a.steps / (time.process_time() - c0))
-    return {w: {"tokens_per_sec": statistics.median(r), "all": r, "params": steps[w][1],
-                "tokens_per_cpu_sec": statistics.median(cpu_rates[w])} for w, r in rates.items()}
+    return alternate({w: build(w, a) for w in ("mega", "hf")}, make_batch(a), a)
 
 
 def memory_child(which: str, a) -> dict:
-    batch = make_batch(a)
-    base = _status_kib("VmRSS")
-    step, _ = build(which, a)
-    for _ in range(3):
-        step(batch)
-    sync(a)
-    if a.device == "cuda":
-        return {"peak_mib": torch.cuda.max_memory_allocated() / 2**20}
-    return {"peak_mib": (_status_kib("VmHWM") - base) / 1024}
+    return peak_memory(lambda: build(which, a), make_batch(a), a)
 
 
 def main():

@@ -50,20 +50,25 @@ def build(which: str, a):
 
         def loss_fn(tokens):
             return model(input_ids=tokens[:, :-1], labels=tokens[:, :-1]).loss
+    return adamw_step(model, loss_fn, a)
+
+
+def adamw_step(model, loss_fn, a):
+    """(one training step: forward under autocast, backward, AdamW; parameter count), the
+    same for both sides of every benchmark here."""
     model = model.to(a.device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
     dtype = {"fp32": None, "bf16": torch.bfloat16}[a.dtype]
 
-    def step(tokens):
+    def step(batch):
         opt.zero_grad(set_to_none=True)
         with torch.autocast(a.device, dtype=dtype, enabled=dtype is not None):
-            loss = loss_fn(tokens)
+            loss = loss_fn(batch)
         loss.backward()
         opt.step()
         return loss
 
-    n_params = sum(p.numel() for p in model.parameters())
-    return step, n_params
+    return step, sum(p.numel() for p in model.parameters())
 
 
 def sync(a):
@@ -71,32 +76,46 @@ def sync(a):
         torch.cuda.synchronize()
 
 
-def speed(a) -> dict:
+def make_tokens(a) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, a.vocab, (a.batch, a.seq + 1), generator=g).to(a.device)
-    steps = {w: build(w, a) for w in ("mega", "hf")}
-    for w, (step, _) in steps.items():  # warm up
+    return torch.randint(0, a.vocab, (a.batch, a.seq + 1), generator=g).to(a.device)
+
+
+def speed(a) -> dict:
+    return alternate({w: build(w, a) for w in ("mega", "hf")}, make_tokens(a), a)
+
+
+def alternate(steps: dict, batch, a) -> dict:
+    """Each side's steps timed in turn, `a.reps` times; the medians of tokens per second
+    and per CPU-second of this process (steadier on a shared machine)."""
+    for step, _ in steps.values():  # warm up
         for _ in range(a.warmup):
-            step(tokens)
+            step(batch)
     sync(a)
     rates = {w: [] for w in steps}
+    cpu_rates = {w: [] for w in steps}
     for _ in range(a.reps):
         for w, (step, _) in steps.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(a.steps):
-                step(tokens)
+                step(batch)
             sync(a)
             rates[w].append(a.batch * a.seq * a.steps / (time.perf_counter() - t0))
-    return {w: {"tokens_per_sec": statistics.median(r), "all": r, "params": steps[w][1]} for w, r in rates.items()}
+            cpu_rates[w].append(a.batch * a.seq * a.steps / (time.process_time() - c0))
+    return {w: {"tokens_per_sec": statistics.median(r), "all": r, "params": steps[w][1],
+                "tokens_per_cpu_sec": statistics.median(cpu_rates[w])} for w, r in rates.items()}
 
 
 def memory_child(which: str, a) -> dict:
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, a.vocab, (a.batch, a.seq + 1), generator=g).to(a.device)
+    return peak_memory(lambda: build(which, a), make_tokens(a), a)
+
+
+def peak_memory(build_step, batch, a) -> dict:
+    """Peak memory of building a model and taking 3 steps (this process: run it alone)."""
     base = _status_kib("VmRSS")
-    step, _ = build(which, a)
+    step, _ = build_step()
     for _ in range(3):
-        step(tokens)
+        step(batch)
     sync(a)
     if a.device == "cuda":
         return {"peak_mib": torch.cuda.max_memory_allocated() / 2**20}
