@@ -330,3 +330,38 @@ def test_a_classifier_without_loss_tokens_is_a_per_sample_mean_under_micro_batch
         assert float(loss) == pytest.approx(float(ref), abs=1e-6)
         assert 0 <= float(terms["cls_acc"]) <= 1
     torch.testing.assert_close(losses[0], losses[1])
+
+
+@pytest.mark.slow  # ~120 small steps: seconds on an idle machine
+def test_binary_head_learns_a_label_it_can_see():
+    """The sentence-level path trains: with the label written into segment B (one token, at
+    a random position after padding-free [CLS]), the pooler on token 0 of the final
+    LayerNorm, the binary head, the kernel's per-sample mean next to the token mean, the
+    optimizer's parameter groups and dropout together reach full accuracy. A broken link
+    (no gradient to the head, a label misaligned with its sample, the head left out of the
+    optimizer) leaves `binary_acc` at chance, as the pretraining runs would."""
+    from mega.runtime.pipeline import forward_backward_no_pipelining
+    from mega.training.run import param_groups
+
+    torch.manual_seed(0)
+    model = bert_model("bert", hidden_dropout=0.1, attention_dropout=0.1).train()
+    optimizer = torch.optim.AdamW(param_groups(model, 0.01), lr=2e-3)
+    b, s = 32, SEQ
+    acc = []
+    for _ in range(120):
+        label = torch.randint(0, 2, (b,))
+        tokens = torch.randint(10, VOCAB, (b, s))
+        tokens[:, 0] = 2
+        tokens[torch.arange(b), torch.randint(s // 2, s - 2, (b,))] = 5 + label  # the label, in segment B
+        padding = (torch.arange(s) < torch.randint(s - 2, s + 1, (b, 1))).long()
+        loss_mask = torch.zeros(b, s, dtype=torch.long)
+        loss_mask[:, 3:5] = 1
+        x = {"tokens": tokens * padding, "tokentype_ids": (torch.arange(s) >= s // 2).long() * padding,
+             "padding_mask": padding, "labels": torch.where(loss_mask.bool(), tokens, -1), "loss_mask": loss_mask,
+             "is_random": label}
+        optimizer.zero_grad()
+        _, terms = forward_backward_no_pipelining(lambda mb, h: model.training_loss(mb), [x], loss_mask.sum(),
+                                                  num_samples=torch.tensor(float(b)))
+        optimizer.step()
+        acc.append(float(terms["binary_acc"]))
+    assert sum(acc[:10]) / 10 < 0.75 and sum(acc[-10:]) / 10 > 0.95, acc
