@@ -65,3 +65,20 @@ def run_ranks(fn, world: int, tp: int = 1, pp: int = 1, args=(), timeout: float 
         if errors:
             raise RuntimeError("\n".join(errors))
         return results
+
+
+def full_grads(model, state) -> dict:
+    """Each parameter's gradient as one process would hold it: tensor-parallel shards
+    gathered along their partition dimension (for TP == one-process comparisons)."""
+    import torch
+    import torch.distributed as dist
+
+    grads = {}
+    for name, p in model.named_parameters():
+        grad = p.grad
+        if p.partition_dim is not None and state.tp_size > 1:
+            parts = [torch.empty_like(grad) for _ in range(state.tp_size)]
+            dist.all_gather(parts, grad.contiguous(), group=state.tp_group)
+            grad = torch.cat(parts, dim=p.partition_dim)
+        grads[name] = grad
+    return grads

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from mega.runtime.tensor_parallel import chunked_linear_cross_entropy, vocab_parallel_cross_entropy
-from tests.multiproc import run_ranks
+from tests.multiproc import full_grads, run_ranks
 
 
 def _data(n_tokens=37, hidden=24, vocab=80, seed=0):
@@ -90,8 +90,6 @@ def _gpt(chunk: int, vocab: int = 50):
 
 def _gpt_loss_and_grads(state, chunk: int):
     """Loss sum and the full (gathered) gradients of a GPT on fixed data at this layout."""
-    import torch.distributed as dist
-
     model = _gpt(chunk)
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, 50, (2, 16), generator=g)
@@ -99,14 +97,7 @@ def _gpt_loss_and_grads(state, chunk: int):
     mask = (torch.rand(2, 16, generator=g) > 0.25).float()
     out = model.training_loss({"tokens": tokens, "labels": labels, "loss_mask": mask})
     out["loss_sum"].backward()
-    grads = {}
-    for name, p in model.named_parameters():
-        grad = p.grad
-        if p.partition_dim is not None and state.tp_size > 1:
-            parts = [torch.empty_like(grad) for _ in range(state.tp_size)]
-            dist.all_gather(parts, grad.contiguous(), group=state.tp_group)
-            grad = torch.cat(parts, dim=p.partition_dim)
-        grads[name] = grad
+    grads = full_grads(model, state)
     return out["loss_sum"].item(), grads
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.multiproc import run_ranks
+from tests.multiproc import full_grads, run_ranks
 
 
 def _gpt(vocab=50, dropout=0.0):
@@ -21,10 +21,6 @@ def _gpt(vocab=50, dropout=0.0):
 
 def _tp_gpt_forward_backward(state):
     """Logits, loss and the full (gathered) gradients of a TP model on fixed data."""
-    import torch.distributed as dist
-
-    from mega.runtime.tensor_parallel import gather_from_tp
-
     model = _gpt()
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, 50, (2, 16), generator=g)
@@ -33,14 +29,7 @@ def _tp_gpt_forward_backward(state):
     logits = model(tokens)
     out = model.training_loss({"tokens": tokens, "labels": labels, "loss_mask": mask})
     out["loss_sum"].backward()
-    grads = {}
-    for name, p in model.named_parameters():
-        grad = p.grad
-        if p.partition_dim is not None and state.tp_size > 1:
-            parts = [torch.empty_like(grad) for _ in range(state.tp_size)]
-            dist.all_gather(parts, grad.contiguous(), group=state.tp_group)
-            grad = torch.cat(parts, dim=p.partition_dim)
-        grads[name] = grad
+    grads = full_grads(model, state)
     return logits.detach(), out["loss_sum"].item(), grads
 
 
