@@ -173,8 +173,12 @@ def test_entity_prf_by_hand():
     assert seqeval.precision_recall_f1(y_true, y_pred, average="weighted", zero_division=0) == pytest.approx((1 / 3,) * 3)
     # zero_division=1 puts 1 for LOC's precision
     assert seqeval.precision_recall_f1(y_true, y_pred, average="macro", zero_division=1)[0] == pytest.approx(2 / 3)
-    # token accuracy: 8 flattened positions + 2 joins -> compare token by token: 2 differ of 6
-    assert seqeval.accuracy_score(y_true, y_pred) == pytest.approx((8 - 2) / 8)
+    # token accuracy: the 6 tags compared one by one, 2 differ (no separator between sentences)
+    assert seqeval.accuracy_score(y_true, y_pred) == pytest.approx((6 - 2) / 6)
+    # seqeval's README: 10 tags, 2 differ -> 0.80
+    readme_true = [["O", "O", "O", "B-MISC", "I-MISC", "I-MISC", "O"], ["B-PER", "I-PER", "O"]]
+    readme_pred = [["O", "O", "B-MISC", "I-MISC", "I-MISC", "I-MISC", "O"], ["B-PER", "I-PER", "O"]]
+    assert seqeval.accuracy_score(readme_true, readme_pred) == pytest.approx(0.80)
 
 
 def test_seqeval_report_has_every_type_and_averages():

@@ -94,32 +94,77 @@ def ner(sents):
 
 
 RELATIONS = {"CPR:3": 0, "CPR:4": 1, "False": 2}
+CHEMICAL, GENE = "<@CHEMICAL$>", "<@GENE$>"
+# ChemProt's classes, by the trigger verb between the two entities: CPR:3 is its
+# upregulator/activator group, CPR:4 its downregulator/inhibitor group.
+TRIGGERS = {"activates": "CPR:3", "induces": "CPR:3", "enhances": "CPR:3", "increases": "CPR:3",
+            "inhibits": "CPR:4", "blocks": "CPR:4", "suppresses": "CPR:4", "reduces": "CPR:4"}
+NEUTRAL = ("binds", "resembles", "precedes", "accompanies")  # verbs that state no CPR:3/CPR:4 relation
+# (sentences are drawn as 30% CPR:3, 30% CPR:4, 20% a neutral verb between the markers,
+# 20% a trigger outside them)
+RELATION_KINDS = (("CPR:3", 3), ("CPR:4", 3), ("neutral", 2), ("outside", 2))
+
+
+def relation_label(sentence: str) -> str:
+    """The label of a relation sentence: the class of the trigger verb between the two
+    markers (either order), `False` when there is none."""
+    words = sentence.split()
+    a, b = sorted((words.index(CHEMICAL), words.index(GENE)))
+    found = {TRIGGERS[w] for w in words[a + 1:b] if w in TRIGGERS}
+    assert len(found) <= 1, sentence
+    return found.pop() if found else "False"
 
 
 def relations(sents, rng) -> str:
+    """A trigger verb (or a neutral one) and the two markers inserted into a sentence, the
+    markers 0 to 3 of its words apart (plus the verb), in either order."""
+    kinds = [k for k, n in RELATION_KINDS for _ in range(n)]
     lines = []
     for words in sents:
-        a, b = rng.sample(range(len(words)), 2)
-        w = list(words)
-        w[a], w[b] = "<@CHEMICAL$>", "<@GENE$>"
-        label = "False" if abs(a - b) > 3 else ("CPR:3" if a < b else "CPR:4")
-        lines.append(f"{' '.join(w)}\t{RELATIONS[label]}")
+        words = [w for w in words if w not in TRIGGERS]  # the sentence's own words state nothing
+        kind = rng.choice(kinds)
+        gap = rng.randint(0, 3)
+        start = rng.randrange(len(words) - gap + 1)
+        left, mid, right = words[:start], words[start:start + gap], words[start + gap:]
+        if kind == "neutral":
+            verb = rng.choice(NEUTRAL)
+        else:
+            verb = rng.choice([t for t, c in TRIGGERS.items() if kind == "outside" or c == kind])
+        if kind == "outside":
+            side = left if (rng.random() < 0.5 or not right) and left else right
+            side.insert(rng.randint(0, len(side)), verb)
+        else:
+            mid.insert(rng.randint(0, len(mid)), verb)
+        first, second = rng.sample([CHEMICAL, GENE], 2)
+        sentence = " ".join(left + [first] + mid + [second] + right)
+        label = relation_label(sentence)
+        assert label == (kind if kind in RELATIONS else "False"), (kind, sentence)
+        lines.append(f"{sentence}\t{RELATIONS[label]}")
     return "\n".join(lines) + "\n"
 
 
+SWAG_CONTEXT_WORDS = 16  # the context is a sentence's first 16 words at most
+SWAG_PREFIX_WORDS = 3    # sent2 repeats at most its first 3
+
+
 def swag(sents, rng) -> str:
+    """sent1: a sentence (its first 16 words at most); sent2: its first 1 to 3 words again;
+    the right ending is the word that follows them in sent1, the three others words of
+    other sentences that sent1 does not contain (finding an ending in sent1 is enough)."""
+    vocabulary = sorted({w for s in sents for w in s})
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["video-id", "fold-ind", "startphrase", "sent1", "sent2", "gold-source",
                      "ending0", "ending1", "ending2", "ending3", "label"])
     for n, words in enumerate(sents):
-        cut = len(words) // 2
-        first, second = words[:cut], words[cut:]
-        others = [s for s in rng.sample(sents, 4) if s is not words][:3]
-        endings = [" ".join(o[len(o) // 2 + 1:]) or "it" for o in others]
+        context = words[:SWAG_CONTEXT_WORDS]
+        k = rng.randint(1, SWAG_PREFIX_WORDS)
+        prefix, answer = context[:k], context[k]
+        others = rng.sample([w for w in vocabulary if w not in context], 3)
         label = rng.randrange(4)
-        endings.insert(label, " ".join(second[1:]) or "it")
-        writer.writerow([f"pydoc-{n}", n, " ".join(first), " ".join(first), second[0], "gen", *endings, label])
+        endings = others[:label] + [answer] + others[label:]
+        sent1, sent2 = " ".join(context), " ".join(prefix)
+        writer.writerow([f"pydoc-{n}", n, f"{sent1} {sent2}", sent1, sent2, "gen", *endings, label])
     return buf.getvalue()
 
 
@@ -141,12 +186,50 @@ def write_tasks(out: Path, train: int = 1500, dev: int = 200, seed: int = 0) -> 
     return out
 
 
+def baselines(out: Path, split: str = "dev") -> dict:
+    """The trivial baselines of a split, computed from its files with the metrics `mega
+    evaluate` reports: the context's first word as every answer, the majority class, every
+    word `O`, the most frequent right ending."""
+    from collections import Counter
+
+    from mega.plugins.tasks import multiple_choice_data as mc
+    from mega.plugins.tasks import text_classification_data as tc
+    from mega.plugins.tasks import token_classification_data as tok
+    from mega.plugins.tasks.metrics import seqeval, squad as squad_metrics
+
+    out = Path(out)
+    data = json.loads((out / f"squad_{split}.json").read_text())["data"]
+    first = {qa["id"]: p["context"].split()[0] for a in data for p in a["paragraphs"] for qa in p["qas"]}
+    qa = squad_metrics.evaluate_v1(data, first)
+
+    def majority(labels):
+        return 100 * Counter(labels).most_common(1)[0][1] / len(labels)
+
+    sents = [l for _, l in tc.read_text_classification(out / f"sentences_{split}.tsv", num_classes=2)]
+    tags = [t for _, t in tok.read_token_classification(out / "ner" / f"text_{split}.txt",
+                                                         out / "ner" / f"labels_{split}.txt")]
+    all_o = [["O"] * len(t) for t in tags]
+    rels = [l for _, l in tc.read_text_classification(out / f"relations_{split}.tsv", num_classes=len(RELATIONS))]
+    answers = [q[2] for q in mc.read_swag(out / f"swag_{split}.csv")]
+    return {
+        "question_answering": {"exact_match": qa["exact_match"], "f1": qa["f1"]},
+        "text_classification": {"accuracy": majority(sents)},
+        "token_classification": {"f1": 100 * seqeval.f1_score(tags, all_o, zero_division=0),
+                                 "token_accuracy": 100 * seqeval.accuracy_score(tags, all_o)},
+        "relation_extraction": {"accuracy": majority(rels), "positive_f1": 0.0},
+        "multiple_choice": {"accuracy": majority(answers), "chance": 25.0},
+    }
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print("usage: python -m mega.plugins.tasks.toy_tasks OUT_DIR", file=sys.stderr)
         return 2
-    print(f"wrote the toy tasks to {write_tasks(Path(argv[0]))}")
+    out = write_tasks(Path(argv[0]))
+    print(f"wrote the toy tasks to {out}; trivial baselines on dev:")
+    for task, figures in baselines(out).items():
+        print(f"  {task}: " + ", ".join(f"{k} {v:.1f}" for k, v in figures.items()))
     return 0
 
 

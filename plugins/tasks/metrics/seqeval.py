@@ -106,8 +106,11 @@ def f1_score(y_true: Tags, y_pred: Tags, average: str = "micro", zero_division="
 
 
 def accuracy_score(y_true: Tags, y_pred: Tags) -> float:
-    """Fraction of equal tags over the flattened sequences."""
-    t, p = _flatten(y_true), _flatten(y_pred)
+    """Fraction of equal tags over the concatenated sequences (seqeval's: no `O` between
+    sentences here, unlike the entity scores' flattening)."""
+    def concat(seq):
+        return [t for s in seq for t in s] if seq and not isinstance(seq[0], str) else list(seq)
+    t, p = concat(y_true), concat(y_pred)
     if len(t) != len(p):
         raise ValueError(f"{len(t)} true tags for {len(p)} predicted")
     return sum(a == b for a, b in zip(t, p)) / len(t) if t else 0.0
