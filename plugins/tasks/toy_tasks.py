@@ -9,10 +9,11 @@ no download:
 | `squad_{train,dev}.json` | question_answering (SQuAD v1.1) | "what comes after W ?" -> the word after W in the context | the context's first word |
 | `sentences_{train,dev}.tsv` | text_classification | 1: the sentence names a statement keyword (if, for, return, class, ...), else 0 | the majority class |
 | `ner/{text,labels}_{train,dev}.txt` | token_classification (BIO) | Python keywords (KW), built-in names (BUILTIN), two-word operators `not in` / `is not` (OP) | entity F1 0 (all `O`) |
-| `relations_{train,dev}.tsv`, `label_mapping.tsv` | relation_extraction | `<@CHEMICAL$>` ... `<@GENE$>` at most 3 words apart: `CPR:3` (chemical first) / `CPR:4` (gene first); farther: `False` | the majority class |
-| `swag_{train,dev}.csv` | multiple_choice (SWAG) | which of 4 endings continues the sentence | 25% |
+| `relations_{train,dev}.tsv`, `label_mapping.tsv` | relation_extraction | the verb between `<@CHEMICAL$>` and `<@GENE$>` (either order): `inhibits` / `blocks` / `suppresses` / `reduces` -> `CPR:4`, `activates` / `induces` / `enhances` / `increases` -> `CPR:3`; a neutral verb (`binds`, ...) between them, or a trigger outside them -> `False` | the majority class |
+| `swag_{train,dev}.csv` | multiple_choice (SWAG) | the ending that continues `sent2` (the first k = 1 to 3 words of `sent1`) as `sent1` does; the other three are the (k+1)-th words of other sentences, absent from `sent1` | the most frequent right ending |
 
-Everything is a pure function of `seed`.
+Everything is a pure function of `seed`; `baselines(OUT_DIR)` computes the trivial
+baselines from the dev files (the command prints them).
 """
 from __future__ import annotations
 
@@ -148,10 +149,10 @@ SWAG_PREFIX_WORDS = 3    # sent2 repeats at most its first 3
 
 
 def swag(sents, rng) -> str:
-    """sent1: a sentence (its first 16 words at most); sent2: its first 1 to 3 words again;
-    the right ending is the word that follows them in sent1, the three others words of
-    other sentences that sent1 does not contain (finding an ending in sent1 is enough)."""
-    vocabulary = sorted({w for s in sents for w in s})
+    """sent1: a sentence (its first 16 words at most); sent2: its first k = 1 to 3 words
+    again; the right ending is the word that follows them in sent1, the three others the
+    (k+1)-th words of other sentences, words sent1 does not contain: every ending is as
+    likely a word there, so only sent1 tells the right one."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["video-id", "fold-ind", "startphrase", "sent1", "sent2", "gold-source",
@@ -160,7 +161,11 @@ def swag(sents, rng) -> str:
         context = words[:SWAG_CONTEXT_WORDS]
         k = rng.randint(1, SWAG_PREFIX_WORDS)
         prefix, answer = context[:k], context[k]
-        others = rng.sample([w for w in vocabulary if w not in context], 3)
+        others: List[str] = []
+        while len(others) < 3:
+            w = rng.choice(sents)[k]
+            if w not in context and w not in others:
+                others.append(w)
         label = rng.randrange(4)
         endings = others[:label] + [answer] + others[label:]
         sent1, sent2 = " ".join(context), " ".join(prefix)
