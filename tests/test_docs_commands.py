@@ -147,15 +147,13 @@ TXL = ("trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val
        "model.cutoffs=[8,14,20]", "model.eval_tgt_len=8", "model.eval_mem_len=8", "model.eval_clamp_len=-1",
        "model.eval_batch_size=2", "model.optim.sched.warmup_steps=1")
 WT103 = ("model.data.data_dir=wt103",)
-# A tiny BERT for 2 steps on the quickstart corpus (the default data), a WordPiece vocabulary of 200.
+# A tiny BERT for 2 steps on the quickstart corpus (the default data), a WordPiece vocabulary of 200;
+# 64 positions, so the downstream tasks (sequences up to 64) fine-tune it.
 BERT = ("trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "model.num_layers=2",
-        "model.hidden_size=32", "model.num_attention_heads=4", "model.seq_length=32", "model.max_position_embeddings=32",
+        "model.hidden_size=32", "model.num_attention_heads=4", "model.seq_length=32", "model.max_position_embeddings=64",
         "model.micro_batch_size=2", "model.global_batch_size=4", "model.tokenizer.vocab_size=200",
         "model.optim.sched.warmup_steps=1")
-# A one-layer BERT for 2 steps on the quickstart corpus, and the downstream tasks on top of it.
-BERT_TINY = ("trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
-             "model.num_layers=1", "model.hidden_size=32", "model.num_attention_heads=2", "model.micro_batch_size=4",
-             "model.seq_length=32", "model.max_position_embeddings=64", "model.tokenizer.vocab_size=300")
+# The downstream tasks, 2 steps on top of the BERT above (results/bert).
 TASK = ("trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "model.micro_batch_size=4")
 
 
@@ -294,31 +292,32 @@ COMMANDS: Dict[str, object] = {
     "mega run examples/bert.toml": Run(BERT, expect=_file("results/bert/checkpoints")),
     "mega evaluate results/bert --split valid": Run(needs=("results/bert",), expect=_has('"lm_loss"', '"perplexity"')),
     # docs/downstream.md
-    "mega run examples/bert_tiny.toml": Run(BERT_TINY, expect=_file("results/bert_tiny/checkpoints")),
-    "mega run examples/squad.toml": Run(TASK, needs=("tasks", "results/bert_tiny"), fresh=("results/squad",),
+    "mega run examples/squad.toml": Run(TASK, needs=("tasks", "results/bert"), fresh=("results/squad",),
                                         expect=_file("results/squad/checkpoints")),
     "mega run examples/squad.toml model.train_ds.file=train.json model.validation_ds.file=dev.json"
     " model.language_model.pretrained_model_name=megatron-bert-345m-uncased": Run(),  # fails as the docs show
     "mega evaluate results/squad --split valid": Run(needs=("results/squad",), expect=_has('"exact_match"', '"f1"')),
     'mega predict results/squad --question "what comes after lambda ?" --context "a lambda expression yields a function'
     ' object"': Run(needs=("results/squad",), expect=_has('"answer"', '"nbest"')),
-    "mega run examples/text_classification.toml": Run(TASK, needs=("tasks", "results/bert_tiny"),
+    "mega run examples/text_classification.toml": Run(TASK, needs=("tasks", "results/bert"),
                                                       fresh=("results/text_classification",)),
     "mega evaluate results/text_classification --split valid": Run(needs=("results/text_classification",),
                                                                    expect=_has('"accuracy"', '"macro_f1"')),
     'mega predict results/text_classification --text "the statement is executed when the loop ends"':
         Run(needs=("results/text_classification",), expect=_has('"label"', '"probabilities"')),
-    "mega run examples/token_classification.toml": Run(TASK, needs=("tasks", "results/bert_tiny"),
+    "mega run examples/token_classification.toml": Run(TASK, needs=("tasks", "results/bert"),
                                                        fresh=("results/token_classification",)),
     "mega evaluate results/token_classification --split valid": Run(needs=("results/token_classification",),
                                                                     expect=_has('"f1"', '"token_accuracy"')),
     'mega predict results/token_classification --text "the result is not none if the key is not in the dict"':
         Run(needs=("results/token_classification",), expect=_has('"entities"')),
-    "mega run examples/relation_extraction.toml": Run(TASK, needs=("tasks", "results/bert_tiny"),
+    "mega run examples/relation_extraction.toml": Run(TASK, needs=("tasks", "results/bert"),
                                                       fresh=("results/relation_extraction",)),
     "mega evaluate results/relation_extraction --split valid": Run(needs=("results/relation_extraction",),
                                                                    expect=_has('"positive_f1"')),
-    "mega run examples/multiple_choice.toml": Run(TASK, needs=("tasks", "results/bert_tiny"),
+    "mega predict results/relation_extraction --text 'the <@CHEMICAL$> inhibits the <@GENE$> in the loop'":
+        Run(needs=("results/relation_extraction",), expect=_has('"label"', '"probabilities"')),
+    "mega run examples/multiple_choice.toml": Run(TASK, needs=("tasks", "results/bert"),
                                                   fresh=("results/multiple_choice",)),
     "mega evaluate results/multiple_choice --split valid": Run(needs=("results/multiple_choice",),
                                                                expect=_has('"accuracy"')),
@@ -452,15 +451,14 @@ ARTIFACTS: Dict[str, Tuple[Tuple[str, ...], Callable[[Path], None]]] = {
     "results/bert": ((), lambda ws: _run_doc(ws, "mega run examples/bert.toml")),
     "vocab.txt": (("results/bert",), lambda ws: shutil.copy(ws / "results/bert/vocab.txt", ws / "vocab.txt")),
     "tasks": ((), lambda ws: write_tasks(ws / "tasks", train=40, dev=10)),
-    "results/bert_tiny": ((), lambda ws: _run_doc(ws, "mega run examples/bert_tiny.toml")),
-    "results/squad": (("tasks", "results/bert_tiny"), lambda ws: _run_doc(ws, "mega run examples/squad.toml")),
-    "results/text_classification": (("tasks", "results/bert_tiny"),
+    "results/squad": (("tasks", "results/bert"), lambda ws: _run_doc(ws, "mega run examples/squad.toml")),
+    "results/text_classification": (("tasks", "results/bert"),
                                     lambda ws: _run_doc(ws, "mega run examples/text_classification.toml")),
-    "results/token_classification": (("tasks", "results/bert_tiny"),
+    "results/token_classification": (("tasks", "results/bert"),
                                      lambda ws: _run_doc(ws, "mega run examples/token_classification.toml")),
-    "results/relation_extraction": (("tasks", "results/bert_tiny"),
+    "results/relation_extraction": (("tasks", "results/bert"),
                                     lambda ws: _run_doc(ws, "mega run examples/relation_extraction.toml")),
-    "results/multiple_choice": (("tasks", "results/bert_tiny"),
+    "results/multiple_choice": (("tasks", "results/bert"),
                                 lambda ws: _run_doc(ws, "mega run examples/multiple_choice.toml")),
     "squad.mega": (("results/squad",), lambda ws: _run_doc(ws, "mega export results/squad squad.mega")),
     "results/my-bert": ((), _my_bert),

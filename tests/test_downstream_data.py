@@ -284,7 +284,7 @@ def test_toy_tasks_are_valid_files_of_each_format(tmp_path, sw):
     assert all("<@CHEMICAL$>" in t and "<@GENE$>" in t for t, _ in rel)
     assert re_data.read_label_mapping(out / "label_mapping.tsv") == {0: "CPR:3", 1: "CPR:4", 2: "False"}
     qs = mc.read_swag(out / "swag_dev.csv")
-    assert len(qs) == 10 and all(len(q[1]) == 4 and 0 <= q[2] < 4 for q in qs)
+    assert 0 < len(qs) <= 10 and all(len(q[1]) == 4 and 0 <= q[2] < 4 for q in qs)  # sentences naming no Python name are left out
 
 
 def test_epoch_order_is_a_function_of_index_and_seed():

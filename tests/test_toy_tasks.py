@@ -30,14 +30,14 @@ def _tsv(path):
     return [line.rsplit("\t", 1) for line in path.read_text().splitlines()]
 
 
-def test_question_answering_asks_for_the_word_after_w(tasks):
+def test_question_answering_asks_for_the_word_after_a_python_name(tasks):
     for split in ("train", "dev"):
         for p in json.loads((tasks / f"squad_{split}.json").read_text())["data"][0]["paragraphs"]:
             words, qa = p["context"].split(), p["qas"][0]
             w = re.fullmatch(r"what comes after (\w+) \?", qa["question"]).group(1)
-            assert words.count(w) == 1
+            assert words.count(w) == 1 and (keyword.iskeyword(w) or (w.islower() and hasattr(builtins, w)))
             answer = qa["answers"][0]
-            assert answer["text"] == words[words.index(w) + 1]
+            assert answer["text"] == words[words.index(w) + 1] and answer["text"] not in ("a", "an", "the")
             assert p["context"][answer["answer_start"]:].startswith(answer["text"] + " ") or \
                 p["context"][answer["answer_start"]:] == answer["text"]
 
@@ -94,16 +94,20 @@ def test_relation_is_the_trigger_verb_between_the_markers(tasks):
     assert {("CPR:3", False), ("CPR:4", False), ("False", False), ("False", True)} <= set(kinds)
 
 
-def test_multiple_choice_right_ending_continues_sent2_as_in_sent1(tasks):
+def test_multiple_choice_right_ending_is_the_statement_keyword_sent1_names(tasks):
     with open(tasks / "swag_train.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     for row in rows:
-        context, prefix = row["sent1"].split(), row["sent2"].split()
+        context = row["sent1"].split()
         endings, label = [row[f"ending{i}"] for i in range(4)], int(row["label"])
-        assert context[:len(prefix)] == prefix
-        assert endings[label] == context[len(prefix)]
-        assert all(e not in context for i, e in enumerate(endings) if i != label)
+        assert row["sent2"] == "it uses" and len(context) <= 16 and set(endings) <= STATEMENT_WORDS
+        assert [e in context for e in endings] == [i == label for i in range(4)]
     assert len({row["label"] for row in rows}) == 4
+    # the right ending is as common a word as the others: it is not the more frequent name
+    count = Counter(w for row in rows for w in row["sent1"].split())
+    right = sum(count[row[f"ending{row['label']}"]] > max(count[row[f"ending{i}"]] for i in range(4)
+                                                            if i != int(row["label"])) for row in rows)
+    assert right / len(rows) < 0.4
 
 
 def test_baselines_are_the_trivial_predictions_of_the_dev_files(tasks):

@@ -6,11 +6,11 @@ no download:
 
 | files | task | what is learnt | trivial baseline |
 |---|---|---|---|
-| `squad_{train,dev}.json` | question_answering (SQuAD v1.1) | "what comes after W ?" -> the word after W in the context | the context's first word |
+| `squad_{train,dev}.json` | question_answering (SQuAD v1.1) | "what comes after W ?" -> the word after W in the context, W a Python keyword or built-in name it has once, followed by a word that is not an article (sentences with none are left out) | the context's first word; the most frequent answer |
 | `sentences_{train,dev}.tsv` | text_classification | 1: the sentence names a statement keyword (if, for, return, class, ...), else 0 | the majority class |
 | `ner/{text,labels}_{train,dev}.txt` | token_classification (BIO) | Python keywords (KW), built-in names (BUILTIN), two-word operators `not in` / `is not` (OP) | entity F1 0 (all `O`) |
 | `relations_{train,dev}.tsv`, `label_mapping.tsv` | relation_extraction | the verb between `<@CHEMICAL$>` and `<@GENE$>` (either order): `inhibits` / `blocks` / `suppresses` / `reduces` -> `CPR:4`, `activates` / `induces` / `enhances` / `increases` -> `CPR:3`; a neutral verb (`binds`, ...) between them, or a trigger outside them -> `False` | the majority class |
-| `swag_{train,dev}.csv` | multiple_choice (SWAG) | the ending that continues `sent2` (the first k = 1 to 3 words of `sent1`) as `sent1` does; the other three are the (k+1)-th words of other sentences, absent from `sent1` | the most frequent right ending |
+| `swag_{train,dev}.csv` | multiple_choice (SWAG) | "`sent1` it uses _": the one ending that is a statement keyword (`if`, `for`, `return`, ...) `sent1` names; the other three are statement keywords it does not name, drawn by corpus frequency (sentences naming none are left out) | the most frequent right ending; the most frequent word of the four |
 
 Everything is a pure function of `seed`; `baselines(OUT_DIR)` computes the trivial
 baselines from the dev files (the command prints them).
@@ -55,11 +55,18 @@ def _write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+QUESTION_WORDS = KEYWORDS | BUILTINS  # W of "what comes after W ?": a Python name
+ARTICLES = ("a", "an", "the")  # never an answer: the SQuAD scripts' normalisation deletes them
+
+
 def squad(sents, rng) -> dict:
+    """"what comes after W ?", W a Python keyword or built-in name the context has once, the
+    answer the next word, not an article (sentences with no such W are left out)."""
     paragraphs = []
     for n, words in enumerate(sents):
         context = " ".join(words)
-        unique = [i for i in range(len(words) - 1) if words.count(words[i]) == 1]
+        unique = [i for i in range(len(words) - 1) if words.count(words[i]) == 1 and words[i] in QUESTION_WORDS
+                  and words[i + 1] not in ARTICLES]
         if not unique:
             continue
         i = rng.choice(unique)
@@ -145,30 +152,32 @@ def relations(sents, rng) -> str:
 
 
 SWAG_CONTEXT_WORDS = 16  # the context is a sentence's first 16 words at most
-SWAG_PREFIX_WORDS = 3    # sent2 repeats at most its first 3
 
 
 def swag(sents, rng) -> str:
-    """sent1: a sentence (its first 16 words at most); sent2: its first k = 1 to 3 words
-    again; the right ending is the word that follows them in sent1, the three others the
-    (k+1)-th words of other sentences, words sent1 does not contain: every ending is as
-    likely a word there, so only sent1 tells the right one."""
+    """sent1: a sentence (its first 16 words at most) that names a statement keyword, sent2
+    "it uses"; the right ending is one of the keywords sent1 names, the three others
+    keywords it does not name, drawn as often as they occur in the corpus (a keyword's
+    frequency tells little: sent1 does). Sentences without one are left out."""
+    occurrences = [w for s in sents for w in s[:SWAG_CONTEXT_WORDS] if w in STATEMENTS]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["video-id", "fold-ind", "startphrase", "sent1", "sent2", "gold-source",
                      "ending0", "ending1", "ending2", "ending3", "label"])
     for n, words in enumerate(sents):
         context = words[:SWAG_CONTEXT_WORDS]
-        k = rng.randint(1, SWAG_PREFIX_WORDS)
-        prefix, answer = context[:k], context[k]
+        used = [w for w in context if w in STATEMENTS]
+        if not used:
+            continue
+        answer = rng.choice(used)
         others: List[str] = []
         while len(others) < 3:
-            w = rng.choice(sents)[k]
+            w = rng.choice(occurrences)
             if w not in context and w not in others:
                 others.append(w)
         label = rng.randrange(4)
         endings = others[:label] + [answer] + others[label:]
-        sent1, sent2 = " ".join(context), " ".join(prefix)
+        sent1, sent2 = " ".join(context), "it uses"
         writer.writerow([f"pydoc-{n}", n, f"{sent1} {sent2}", sent1, sent2, "gen", *endings, label])
     return buf.getvalue()
 
@@ -206,6 +215,8 @@ def baselines(out: Path, split: str = "dev") -> dict:
     data = json.loads((out / f"squad_{split}.json").read_text())["data"]
     first = {qa["id"]: p["context"].split()[0] for a in data for p in a["paragraphs"] for qa in p["qas"]}
     qa = squad_metrics.evaluate_v1(data, first)
+    frequent = Counter(q["answers"][0]["text"] for a in data for p in a["paragraphs"] for q in p["qas"])
+    frequent_qa = squad_metrics.evaluate_v1(data, {qid: frequent.most_common(1)[0][0] for qid in first})
 
     def majority(labels):
         return 100 * Counter(labels).most_common(1)[0][1] / len(labels)
@@ -215,14 +226,21 @@ def baselines(out: Path, split: str = "dev") -> dict:
                                                          out / "ner" / f"labels_{split}.txt")]
     all_o = [["O"] * len(t) for t in tags]
     rels = [l for _, l in tc.read_text_classification(out / f"relations_{split}.tsv", num_classes=len(RELATIONS))]
-    answers = [q[2] for q in mc.read_swag(out / f"swag_{split}.csv")]
+    questions = mc.read_swag(out / f"swag_{split}.csv")
+    answers = [q[2] for q in questions]
+    # the ending that is the most frequent word of the training contexts: what word frequency alone gets
+    counts = Counter(w for q in mc.read_swag(out / "swag_train.csv") for w in q[0][0].split())
+    frequent = [max(range(4), key=lambda i: counts[q[1][i].split()[-1]]) == q[2] for q in questions]
     return {
-        "question_answering": {"exact_match": qa["exact_match"], "f1": qa["f1"]},
+        "question_answering": {"exact_match": qa["exact_match"], "f1": qa["f1"],
+                               "most_frequent_answer_exact_match": frequent_qa["exact_match"],
+                               "most_frequent_answer_f1": frequent_qa["f1"]},
         "text_classification": {"accuracy": majority(sents)},
         "token_classification": {"f1": 100 * seqeval.f1_score(tags, all_o, zero_division=0),
                                  "token_accuracy": 100 * seqeval.accuracy_score(tags, all_o)},
         "relation_extraction": {"accuracy": majority(rels), "positive_f1": 0.0},
-        "multiple_choice": {"accuracy": majority(answers), "chance": 25.0},
+        "multiple_choice": {"accuracy": majority(answers), "chance": 25.0,
+                            "most_frequent_word": 100 * sum(frequent) / len(frequent)},
     }
 
 
