@@ -22,7 +22,7 @@ One registered model per Hugging Face class, all on the same encoder:
 | `bert_masked_lm`               | MegatronBertForMaskedLM                  | the same, single segment; `is_random` unused |
 | `bert_causal_lm`               | MegatronBertForCausalLM                  | next-token samples ("lm"): `tokens`, `labels`, `loss_mask` |
 | `bert_next_sentence`           | MegatronBertForNextSentencePrediction    | BertObjective samples; label `is_random`    |
-| `bert_sequence_classification` | MegatronBertForSequenceClassification    | `tokens`, `tokentype_ids`, `padding_mask` [b, s]; `label` [b] (int64 class, float for regression when num_labels = 1, float multi-hot [b, num_labels] for multi-label) |
+| `bert_sequence_classification` | MegatronBertForSequenceClassification    | `tokens`, `tokentype_ids`, `padding_mask` [b, s]; `label` [b] (int64 class, float for regression when num_labels = 1, float multi-hot [b, num_labels] for multi-label); optional `loss_mask` [b]: per-sample class weights (a weighted mean) |
 | `bert_multiple_choice`         | MegatronBertForMultipleChoice            | `tokens`, `tokentype_ids`, `padding_mask` [b, choices, s]; `label` [b] in [0, choices) |
 | `bert_token_classification`    | MegatronBertForTokenClassification       | `tokens`, `tokentype_ids`, `padding_mask` [b, s]; `labels` [b, s] with `loss_mask` [b, s] (1 where a label counts) |
 | `bert_question_answering`      | MegatronBertForQuestionAnswering         | `tokens`, `tokentype_ids`, `padding_mask` [b, s]; `start_positions`, `end_positions` [b] (a position >= s is ignored) |
@@ -62,6 +62,7 @@ from mega.plugins.models.bert_heads import (
     linear,
     masked_lm_loss,
     span_losses,
+    weighted_losses,
 )
 from mega.plugins.models.gpt import training_flops_per_token
 from mega.plugins.models.transformer import (
@@ -456,7 +457,12 @@ class BertModel(TiedWordEmbeddingStages, nn.Module):
             b = binary_losses(out["binary_logits"], batch["is_random"])
             loss["sample_loss_sum"] = b["sum"]
             loss["sample_terms"].update({f"{self.config.binary_head}_loss": b["sum"].detach(), "binary_acc": b["right"]})
-        if self.task in ("sequence_classification", "multiple_choice"):
+        if self.task == "sequence_classification" and "loss_mask" in batch:  # class weights (bert_heads docstring)
+            c = weighted_losses(out["logits"], batch["label"], batch["loss_mask"])
+            loss["loss_sum"] = c["sum"]
+            loss["terms"]["cls_loss"] = c["sum"].detach()
+            loss["sample_terms"]["cls_acc"] = c["right"]
+        elif self.task in ("sequence_classification", "multiple_choice"):
             c = classification_losses(out["logits"], batch["label"])
             loss["sample_loss_sum"] = c["sum"]
             loss["sample_terms"].update({"cls_loss": c["sum"].detach(), **({"cls_acc": c["right"]} if "right" in c else {})})
