@@ -7,6 +7,7 @@ missing or differs from the checkpoint's is an error naming the key."""
 from __future__ import annotations
 
 import shutil
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from mega.cli import main
 from mega.config import config_from_dict
 from mega.errors import CheckpointError, ConfigError
 from mega.inference import load_checkpoint_for_inference
+from mega.plugins.tasks.encoder import encoder_state
 from mega.training.batches import collate
 from tests.test_downstream_tasks import WORDS, _files, _raw
 
@@ -116,8 +118,15 @@ def test_ngc_zip(data, tmp_path):
         _finetune(data, tmp_path, "ngc-none", {"lm_checkpoint": str(archive)}, vocab=vocab, run=False).model.check(
             mega.plugin_manager.get_plugins())
     run = _finetune(data, tmp_path, "ngc", {"lm_checkpoint": str(archive), "config": arch}, vocab=vocab)
-    diff = _same_encoder(run.model.state_dict(), _imported(archive, tmp_path / "imported", "--option", f"vocab_file={vocab}"))
+    reference = _imported(archive, tmp_path / "imported", "--option", f"vocab_file={vocab}")
+    diff = _same_encoder(run.model.state_dict(), reference)
+    print(f"NGC zip -> fine-tuning encoder vs mega import: max |d| {diff:.3g}")
     assert diff < 1e-6, diff
+    # the zip's one file on its own (NGC's BioMegatron ships a bare MegatronBERT.pt)
+    with zipfile.ZipFile(archive) as z:
+        (tmp_path / "MegatronBERT.pt").write_bytes(z.read("release/mp_rank_00/model_optim_rng.pt"))
+    state, _ = encoder_state(tmp_path / "MegatronBERT.pt", mega.plugin_manager.get_plugins(), str(vocab))
+    assert _same_encoder(state, reference) == 0.0
     wrong = {**arch, "num_layers": 1}
     with pytest.raises(CheckpointError, match=r"model\.language_model\.config\.num_layers=1 but the checkpoint has 2"):
         _finetune(data, tmp_path, "ngc-wrong", {"lm_checkpoint": str(archive), "config": wrong}, vocab=vocab)
