@@ -37,6 +37,13 @@ def _cli(tmp_path, *args):
     return out
 
 
+def _restored_logits(state, archive, batch):
+    model, _, _ = mega.restore_from(archive)
+    qkv = model.language_model.encoder.layers[0].self_attention.query_key_value.weight
+    assert qkv.shape[0] == 3 * 32 // state.tp_size  # this rank's half of the heads
+    return model.logits(batch)["logits"]
+
+
 @pytest.mark.slow
 def test_tp2_archive_restores_at_any_tensor_parallel_size(plugins, tmp_path, capsys):
     import tomli_w
@@ -85,6 +92,14 @@ def test_tp2_archive_restores_at_any_tensor_parallel_size(plugins, tmp_path, cap
     print(f"restore_from(x.mega) vs the run: max |logit diff| {float((a - b).abs().max()):.3g}")
     torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     assert int((a.argmax(-1) == batch["label"]).sum()) == len(samples)  # it learned the toy task
+
+    # mega.restore_from in a TP=2 process group: each rank holds half the encoder, the logits are the same
+    from tests.multiproc import run_ranks
+
+    ranks = run_ranks(_restored_logits, world=2, tp=2, args=(str(archive), batch), timeout=240)
+    for r, logits in enumerate(ranks):
+        print(f"restore_from(x.mega) at TP=2, rank {r}: max |logit diff| {float((logits - a).abs().max()):.3g}")
+        torch.testing.assert_close(logits, a, atol=1e-5, rtol=0)
 
     # mega evaluate of the archive: the same metrics in one process and at TP=2
     assert main(["evaluate", str(archive), "--split", "valid"]) == 0
