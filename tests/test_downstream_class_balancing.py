@@ -72,6 +72,8 @@ def test_text_classification_weighted_loss_is_torchs_weighted_mean(plugins, data
     unweighted = F.cross_entropy(logits.double(), batch["label"])
     assert abs(float(reference) - float(unweighted)) > 1e-3  # the weights change the number
     for mbs, (r, _) in runs.items():
+        print(f"text classification, micro-batch {mbs}: logged loss {_first_loss(r):.7f}, torch weighted CE "
+              f"{float(reference):.7f} (unweighted {float(unweighted):.7f})")
         assert _first_loss(r) == pytest.approx(float(reference), rel=1e-5), mbs
 
     # without class_balancing: the plain mean, as before
@@ -97,6 +99,7 @@ def test_token_classification_weighted_loss_is_torchs_weighted_mean(plugins, dat
     logits = run.model.logits(batch)["logits"]
     real = batch["padding_mask"].bool()  # [CLS], every sub-token and [SEP] carry a label by default
     reference = F.cross_entropy(logits[real].double(), batch["labels"][real], weight=torch.tensor(w, dtype=torch.float64))
+    print(f"token classification: logged loss {_first_loss(run):.7f}, torch weighted CE {float(reference):.7f}")
     assert _first_loss(run) == pytest.approx(float(reference), rel=1e-5)
 
 
@@ -136,4 +139,5 @@ def test_data_parallel_weighted_loss_equals_one_process(data, tmp_path):
                              timeout=300, cwd=tmp_path, env=env)
         assert out.returncode == 0, out.stderr[-3000:]
     one, two = (read_metrics(tmp_path / "results" / n)[0]["loss"] for n in ("dp1", "dp2"))
+    print(f"weighted loss, one process {one:.7f}, two data-parallel workers {two:.7f}")
     assert two == pytest.approx(one, rel=1e-5)
