@@ -16,15 +16,20 @@ A pretrained name also fixes the tokenizer (lower-casing, which public vocab.txt
 are never downloaded: when they are not set, the error says which file to fetch and which
 key to point at it.
 
-A mega run or checkpoint given as `lm_checkpoint` with none of the three describes itself:
-its config.toml gives the architecture, and its vocab.txt the `wordpiece` tokenizer's
-`vocab_file` when that is unset (both recorded in the run's config).
+With none of the three, an `lm_checkpoint` that describes itself gives the architecture
+(recorded in the run's config): a mega run or checkpoint (its config.toml; its vocab.txt
+becomes an unset `wordpiece` vocab_file), a `.mega` archive (its config.toml member), a
+Hugging Face MegatronBert directory (its config.json, vocab.txt and lower-casing). A
+Megatron-LM checkpoint or NGC zip does not (its `args` are read only with its weights):
+as in NeMo, one of the three must say it, and the error names the keys.
 
 Weights (`model.language_model.lm_checkpoint`) are loaded once, when a fine-tuning run
 starts from step 0: a mega run, checkpoint or `.mega` archive directly; anything `mega
 import` recognises (a Megatron-LM `iter_XXXXXXX` directory with one `mp_rank_XX` per
-tensor-parallel rank, an NGC zip, a Hugging Face MegatronBert directory) through its
-importer. Only the encoder (`language_model.*`) is taken; the task head starts fresh.
+tensor-parallel rank, an NGC zip or bare `.pt`, a Hugging Face MegatronBert directory)
+through its importer, resharded to the run's tensor-parallel layout. Only the encoder
+(`language_model.*`) is taken; the task head starts fresh. The configured encoder must be
+the checkpoint's: each architecture key that differs is named in the error.
 """
 from __future__ import annotations
 
@@ -182,9 +187,12 @@ def _from_mega_run(path: Path, lm, tok) -> bool:
 
 def _arch_of(model: Dict[str, Any]) -> Dict[str, Any]:
     """The encoder keys of a saved `model` table: a pretrained BERT's own keys, or a
-    fine-tuned task's `language_model` (its config, else its pretrained name's)."""
+    fine-tuned task's `language_model` (its config_file when still there, else its
+    config, else its pretrained name's)."""
     lm = model.get("language_model")
     if isinstance(lm, dict):
+        if lm.get("config_file") and Path(lm["config_file"]).expanduser().is_file():
+            return {k: v for k, v in read_config_file(Path(lm["config_file"]).expanduser()).items() if k in ARCH_KEYS}
         arch = {k: v for k, v in (lm.get("config") or {}).items() if k in ARCH_KEYS}
         known = PRETRAINED.get(lm.get("pretrained_model_name") or "")
         return arch or (dict(known.arch) if known is not None and known.arch else {})
