@@ -457,7 +457,8 @@ class BertModel(TiedWordEmbeddingStages, nn.Module):
             b = binary_losses(out["binary_logits"], batch["is_random"])
             loss["sample_loss_sum"] = b["sum"]
             loss["sample_terms"].update({f"{self.config.binary_head}_loss": b["sum"].detach(), "binary_acc": b["right"]})
-        if self.task == "sequence_classification" and "loss_mask" in batch:  # class weights (bert_heads docstring)
+        weights = batch.get("loss_mask") if self.task == "sequence_classification" else None
+        if weights is not None and weights.dim() == 1:  # per-sample class weights (bert_heads docstring)
             c = weighted_losses(out["logits"], batch["label"], batch["loss_mask"])
             loss["loss_sum"] = c["sum"]
             loss["terms"]["cls_loss"] = c["sum"].detach()
