@@ -388,8 +388,9 @@ def load_encoder(model: torch.nn.Module, source, plugins, vocab_file: Optional[s
     wrong = [f"{k} {tuple(state[k].shape)} (model {tuple(v.shape)})" for k, v in own.items()
              if k in state and state[k].shape != v.shape]
     if wrong:
-        hint = (" (the word embedding's rows follow the vocabulary: is model.tokenizer.vocab_file the checkpoint's, and "
-                "model.language_model.config.make_vocab_size_divisible_by its padding?)"
+        hint = (" (the word embedding's rows follow the vocabulary: is model.tokenizer.vocab_file the checkpoint's? its "
+                "padding is model.language_model.config.make_vocab_size_divisible_by="
+                f"{getattr(source_config, 'make_vocab_size_divisible_by', '?')} x the tensor-parallel size)"
                 if any("word_embeddings" in w for w in wrong) else " (does model.language_model describe the same encoder?)")
         raise CheckpointError(f"model.language_model.lm_checkpoint: {source} has other shapes: {'; '.join(wrong[:3])}{hint}")
     with torch.no_grad():
