@@ -5,8 +5,9 @@ weights loaded when a run starts.
   head model the task names (`bert_question_answering`, ...) from the task config's
   `language_model` keys, with the task's head options (number of labels). Its parameters keep
   the head model's names, so the head's checkpoints, converters and resharding apply as
-  they are. The built model also answers `mega evaluate` (`evaluate`: the task's metrics)
-  and `mega predict` (`predict`); those two methods are added to the head model's class
+  they are. The built model also answers `mega evaluate` (`evaluate`: the task's metrics),
+  each validation of the run (`validation_metrics`: the same metrics, logged as
+  `val_<name>`) and `mega predict` (`predict`); those methods are added to the head model's class
   (a subclass made once per head class, as torch's parametrizations do) rather than by
   wrapping it, which would rename every parameter.
 * Data (`model.data.data_impl = "task"`, the default of every task config): each split's
@@ -145,7 +146,8 @@ class TaskModel:
         as `mega evaluate --split valid` reports them, without writing prediction files.
         The split is the task's (`model.validation_ds.num_samples` keeps its first N
         examples); `trainer.limit_val_batches` bounds only the loss pass, which cuts the
-        split into global batches (a task's QA metrics need every window of a question)."""
+        split into global batches where a metric may need more (SQuAD scores a question
+        from all of its windows)."""
         samples = self.downstream_task.samples("valid", run.tokenizer)
         outputs = run_head(self, samples, run.config.model.micro_batch_size, run.parallel)
         return dict(self.downstream_task.evaluate("valid", outputs, None))
