@@ -175,3 +175,17 @@ def _run_mega(*args) -> str:
                          timeout=400, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
+
+
+def test_a_head_that_cannot_run_by_stage_is_refused_naming_the_key():
+    """A third-party head without `stage_logits` at PP>1: a ConfigError with the way out."""
+    import torch
+
+    from mega.errors import ConfigError
+    from mega.plugins.tasks.finetune import run_head
+    from mega.runtime.parallel import ParallelState
+
+    head = torch.nn.Linear(4, 2)
+    samples = [{"tokens": torch.zeros(4, dtype=torch.long)}]
+    with pytest.raises(ConfigError, match=r"model\.pipeline_model_parallel_size=2: .*pipeline_model_parallel_size=1"):
+        run_head(head, samples, 1, ParallelState(world_size=2, pp_size=2, pp_ranks=(0, 1)))

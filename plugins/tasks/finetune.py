@@ -108,6 +108,10 @@ def _pipelined_logits(model, batch, st, device):
     None elsewhere."""
     import torch.distributed as dist
 
+    if not callable(getattr(model, "stage_logits", None)):
+        raise ConfigError(f"model.pipeline_model_parallel_size={st.pp_size}: the head {type(model).__name__} has no "
+                          "stage_logits(batch, hidden) to run its outputs stage by stage; evaluate it at "
+                          "model.pipeline_model_parallel_size=1 (mega evaluate's default, the checkpoint reshards)")
     hidden = None
     if not st.is_first_stage:
         hidden = torch.empty(model.activation_shape(batch), device=device, dtype=torch.float32)
