@@ -1,5 +1,6 @@
 """Fine-tuning under the parallel runtime (gloo, CPU): task heads on an encoder loaded from
-an `lm_checkpoint` train at PP=2, TP=2 x PP=2, TP=2 and DP=2 like one process (the same
+an `lm_checkpoint` (sequence classification, question answering, token classification,
+multiple choice) train at PP=2, TP=2 x PP=2, TP=2 and DP=2 like one process (the same
 per-step loss and clipped gradient norm over three steps) and report the same validation
 metrics; a run trained at PP=2 is evaluated and asked by `mega evaluate` / `mega predict`
 at one process and at PP=2.
@@ -13,6 +14,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.multiproc import run_ranks
 from tests.test_downstream_tasks import _files, _raw
@@ -28,10 +30,13 @@ TASKS = {
         "dataset": {"max_seq_length": 32, "doc_stride": 8, "max_query_length": 8}},
     "token_classification": lambda d: {
         "name": "token_classification", "dataset": {"data_dir": str(d / "ner"), "max_seq_length": 16}},
+    "multiple_choice": lambda d: {
+        "name": "multiple_choice", "train_ds": str(d / "swag.csv"), "validation_ds": str(d / "swag.csv"),
+        "dataset": {"max_seq_length": 12}},
 }
 # the metrics each task must report at validation (beside val_loss)
 PUBLISHED = {"text_classification": ("accuracy", "macro_f1"), "question_answering": ("exact_match", "f1"),
-             "token_classification": ("f1", "token_accuracy")}
+             "token_classification": ("f1", "token_accuracy"), "multiple_choice": ("accuracy",)}
 
 
 def _task_raw(d: Path, out: Path, task: str, lm_checkpoint: Path, tp: int = 1, pp: int = 1, devices: int = 1) -> dict:
@@ -85,6 +90,7 @@ def pretrained(tmp_path_factory, plugins):
     del raw["model"]["language_model"]
     cfg = config_from_dict(raw, [], plugins)
     tokenizer = plugins.tokenizers.get("wordpiece").factory(cfg.model.tokenizer, [], None)
+    torch.manual_seed(7)
     bert = plugins.models.get("bert").factory(cfg.model, tokenizer, plugins)
     save_model_checkpoint(root / "pre", cfg, bert, tokenizer, plugins)
     return root, d, root / "pre"
@@ -96,9 +102,9 @@ def one_process(pretrained):
     return run_ranks(_finetune, world=1, args=(d, lm, root, list(TASKS)), timeout=240)[0]
 
 
-def _same(ref: dict, got: dict, where) -> None:
+def _same(ref: dict, got: dict, where, later_steps_rel: float = 1e-5) -> None:
     for s, (a, b) in enumerate(zip(ref["steps"], got["steps"])):
-        assert b == pytest.approx(a, rel=1e-5), (where, "step", s + 1)
+        assert b == pytest.approx(a, rel=1e-5 if s == 0 else later_steps_rel), (where, "step", s + 1)
     assert set(got["valid"]) == set(ref["valid"]), where
     for k, v in ref["valid"].items():
         assert got["valid"][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (where, k)
@@ -123,7 +129,13 @@ def test_fine_tuning_trains_and_validates_like_one_process(one_process, pretrain
     for rank, res in enumerate(run_ranks(_finetune, world=world, tp=tp, pp=pp, args=(d, lm, tmp_path, tasks),
                                          timeout=400)):
         for task in tasks:
-            _same(one_process[task], res[task], (task, f"rank {rank}"))
+            # Multiple choice's gradient is a difference between nearly equal choices (loss ~ln 4),
+            # and its head's bias has a true gradient of 0 (a softmax over the choices ignores a
+            # common shift): tensor parallelism's other summation order changes that rounding
+            # noise, which Adam's per-element scaling turns into steps of up to lr. Its first step
+            # agrees to 1e-7; the later ones drift to ~3e-4 (pipelines keep the order: 1e-5).
+            loose = 1e-3 if task == "multiple_choice" and tp > 1 else 1e-5
+            _same(one_process[task], res[task], (task, f"rank {rank}"), loose)
 
 
 def _cli(capsys, *args) -> dict:
@@ -179,8 +191,6 @@ def _run_mega(*args) -> str:
 
 def test_a_head_that_cannot_run_by_stage_is_refused_naming_the_key():
     """A third-party head without `stage_logits` at PP>1: a ConfigError with the way out."""
-    import torch
-
     from mega.errors import ConfigError
     from mega.plugins.tasks.finetune import run_head
     from mega.runtime.parallel import ParallelState
