@@ -1,6 +1,6 @@
 """Fine-tuning under the parallel runtime (gloo, CPU): task heads on an encoder loaded from
 an `lm_checkpoint` (sequence classification, question answering, token classification,
-multiple choice) train at PP=2, TP=2 x PP=2, TP=2 and DP=2 like one process (the same
+multiple choice) train at PP=2, TP=2 x PP=2, TP=2 and DP=2 x PP=2 like one process (the same
 per-step loss and clipped gradient norm over three steps) and report the same validation
 metrics; a run trained at PP=2 is evaluated and asked by `mega evaluate` / `mega predict`
 at one process and at PP=2.
@@ -120,7 +120,7 @@ def test_one_process_reports_the_published_metrics_at_validation(one_process):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world,tp,pp", [(2, 1, 2), (4, 2, 2), (2, 2, 1), (2, 1, 1)], ids=["pp2", "tp2pp2", "tp2", "dp2"])
+@pytest.mark.parametrize("world,tp,pp", [(2, 1, 2), (4, 2, 2), (2, 2, 1), (4, 1, 2)], ids=["pp2", "tp2pp2", "tp2", "dp2pp2"])
 def test_fine_tuning_trains_and_validates_like_one_process(one_process, pretrained, tmp_path, world, tp, pp):
     """Losses and gradient norms of three steps, then val_loss and the task metrics, at
     every rank, against one process (encoder from lm_checkpoint at every layout)."""
