@@ -12,8 +12,9 @@ head) are left out: BERT is scored by its masked-LM loss. A model that evaluates
 instead.
 
 The layout is one process unless the command line says otherwise
-(`trainer.devices=2 model.tensor_model_parallel_size=2`): the training run's layout does
-not matter, checkpoints reshard on load. Data keys can be overridden too (a checkpoint
+(`trainer.devices=2 model.tensor_model_parallel_size=2`, or
+`model.pipeline_model_parallel_size=2`): the training run's layout does not matter,
+checkpoints reshard on load. Data keys can be overridden too (a checkpoint
 from elsewhere names its training machine's files: `model.data.data_prefix=[...]`).
 """
 from __future__ import annotations

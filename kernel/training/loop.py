@@ -19,7 +19,7 @@ from typing import Dict
 
 import torch
 
-from mega.protocols import CountsFlops
+from mega.protocols import CountsFlops, ValidationMetrics
 from mega.runtime import watchdog
 from mega.runtime.device_peaks import peak_flops
 from mega.runtime.grad_norm import clip_grad_norm
@@ -122,7 +122,8 @@ def train_step(run, loader: BatchLoader | None = None) -> Dict[str, torch.Tensor
 @torch.no_grad()
 def validate(run) -> Dict[str, float]:
     """Mean token loss over the first `limit_val_batches` global batches of the valid split
-    (the same batches every time, so values are comparable across steps)."""
+    (the same batches every time, so values are comparable across steps), then what a
+    `ValidationMetrics` model reports, each as `val_<name>`."""
     cfg = run.config
     run.model.eval()
     loss_sum, token_sum, term_sums = 0.0, 0.0, {}
@@ -137,10 +138,13 @@ def validate(run) -> Dict[str, float]:
             token_sum += float(n)
             for k, v in terms.items():
                 term_sums[k] = term_sums.get(k, 0.0) + float(v) * float(n)
+        metrics = {"val_loss": loss_sum / token_sum}
+        metrics.update({f"val_{k}": v / token_sum for k, v in term_sums.items()})
+        if isinstance(run.model, ValidationMetrics):
+            extra = run.model.validation_metrics(run)
+            metrics.update({f"val_{k}": float(v) for k, v in extra.items() if f"val_{k}" not in metrics})
     finally:
         run.model.train()
-    metrics = {"val_loss": loss_sum / token_sum}
-    metrics.update({f"val_{k}": v / token_sum for k, v in term_sums.items()})
     return metrics
 
 

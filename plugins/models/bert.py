@@ -415,10 +415,22 @@ class BertModel(TiedWordEmbeddingStages, nn.Module):
         """What the matching Hugging Face MegatronBert* class returns (prediction_logits and
         seq_relationship_logits; logits; start_logits and end_logits), plus
         `last_hidden_state` and `pooler_output`. Vocabulary logits are gathered over
-        tensor-parallel ranks and cover the padded vocabulary. Needs the whole model."""
+        tensor-parallel ranks and cover the padded vocabulary. Needs the whole model (under
+        pipeline parallelism each stage runs `stage_logits`)."""
         if not (self.pre_process and self.post_process):
-            raise ValueError("logits() needs the whole model; under pipeline parallelism use stage_forward()")
-        out = self._outputs(batch, self._encode(batch, None), full_logits=True)
+            raise ValueError("logits() needs the whole model; under pipeline parallelism use stage_logits()")
+        return self.stage_logits(batch, None)
+
+    @torch.no_grad()
+    def stage_logits(self, batch: Dict[str, torch.Tensor], hidden: Optional[torch.Tensor]):
+        """This pipeline stage's part of `logits`, for inference under pipeline parallelism
+        (as `stage_forward` is for training): embed (first stage) or take `hidden`, run the
+        local layers; the last stage returns the outputs of `logits`, the others the hidden
+        states for the next stage."""
+        h = self._encode(batch, hidden)
+        if not self.post_process:
+            return h
+        out = self._outputs(batch, h, full_logits=True)
         lm = out.pop("lm_logits", None)
         binary = out.pop("binary_logits", None)
         if self.task == "pretraining":
