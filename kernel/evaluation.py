@@ -68,9 +68,21 @@ def resolve_target(path, plugins) -> Target:
 
 
 def evaluation_config(target: Target, overrides: Sequence[str], plugins) -> ExperimentConfig:
-    """The checkpoint's config with one process as the layout, then the overrides."""
+    """The checkpoint's config with one process as the layout, then the overrides. What the
+    evaluation writes (a task's prediction files) goes into the run directory given, or
+    beside an archive (model.mega -> model/), not into the training machine's `exp_dir`."""
     source = str(target.checkpoint / "config.toml")
-    return config_from_dict(load_raw(source), [*ONE_PROCESS, *overrides], plugins, source=source)
+    return config_from_dict(load_raw(source), [*ONE_PROCESS, *_output_place(target), *overrides], plugins, source=source)
+
+
+def _output_place(target: Target) -> Tuple[str, ...]:
+    if target.archive is not None:
+        home = target.archive.with_name(target.archive.stem)
+    elif target.run_dir is not None:
+        home = target.run_dir
+    else:
+        return ()
+    return (f"exp_manager.exp_dir={json.dumps(str(home.parent.resolve()))}", f"exp_manager.name={json.dumps(home.name)}")
 
 
 def results_path(target: Target, split: str) -> Path:
