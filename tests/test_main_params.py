@@ -249,25 +249,30 @@ def _compare(tmp_path, a_name, b_name, loss_rel, weight_atol):
 def test_data_parallel_2_equals_one_process(tmp_path, corpus):
     """(d) The same 4 micro-batches of 2 per step, in one process or split over 2 ranks:
     the bf16 micro-batch gradients are the same; only the order of the fp32 sums differs
-    (the fp32 all-reduce), so metrics agree within 1e-4 relative (measured: see the
-    docs) and weights within 1e-5."""
+    (the fp32 all-reduce). Measured: step 1 and 2 losses identical, metrics within 1.4e-4
+    relative after that. Weights within 2 x lr: the key bias's gradient is zero in exact
+    arithmetic, so it is bf16 rounding noise (~1e-5, above AdamW's eps) that Adam turns
+    into steps of up to lr in either direction (measured 4.8e-4; fp32 training: 2e-7)."""
     exp = _exp(tmp_path, corpus, micro_batch_size=2, global_batch_size=8)
     one = _mega(["run", str(exp), "exp_manager.name=one"], tmp_path)
     assert one.returncode == 0, one.stderr
     two = _mega(["run", str(exp), "exp_manager.name=two", "trainer.devices=2"], tmp_path)
     assert two.returncode == 0, two.stderr
-    print("DP=2 vs 1 (max relative metric diff, max weight diff):", _compare(tmp_path, "one", "two", 1e-4, 1e-5))
+    print("DP=2 vs 1 (max relative metric diff, max weight diff):", _compare(tmp_path, "one", "two", 1e-3, 2e-3))
 
 
 @pytest.mark.slow
 def test_tensor_parallel_2_trains_like_one_process(tmp_path, corpus):
-    """(e) TP=2: each rank's bf16 matmuls sum over its half of the inner dimension, then
-    the halves are added in bf16 by the all-reduce, so bf16 roundings differ from one
-    process: metrics within 1e-2 relative, weights within 1e-3 after 4 steps at lr 1e-3."""
+    """(e) TP=2: each rank's bf16 matmuls sum over its half of the inner dimension and the
+    halves are added by a bf16 all-reduce, so bf16 roundings differ from one process.
+    Measured: losses within 1.1e-5 relative, grad norms 4.2e-4. Weights within 4 x lr
+    (measured 3.0e-3 at lr 1e-3 after 4 steps): elements whose gradient is as small as the
+    rounding noise (the key bias, whose exact gradient is zero) take AdamW steps of up to
+    lr in either direction."""
     exp = _exp(tmp_path, corpus, make_vocab_size_divisible_by=130)
     one = _mega(["run", str(exp), "exp_manager.name=one"], tmp_path)
     assert one.returncode == 0, one.stderr
     two = _mega(["run", str(exp), "exp_manager.name=tp2", "trainer.devices=2", "model.tensor_model_parallel_size=2"],
                 tmp_path)
     assert two.returncode == 0, two.stderr
-    print("TP=2 vs 1 (max relative metric diff, max weight diff):", _compare(tmp_path, "one", "tp2", 1e-2, 1e-3))
+    print("TP=2 vs 1 (max relative metric diff, max weight diff):", _compare(tmp_path, "one", "tp2", 1e-2, 4e-3))
