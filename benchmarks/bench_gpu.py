@@ -180,7 +180,7 @@ def state_bytes(model, opt, main=None) -> dict:
         out["main grads"] = size([main.grad_buffer])
     out["optimizer"] = size(t for st in opt.state.values() for t in st.values() if torch.is_tensor(t) and t.dim() > 0)
     out["total"] = sum(out.values())
-    return out
+    return out  # "step peak" (CUDA): added by time_steps
 
 
 def non_embedding_params(a) -> int:
@@ -222,6 +222,12 @@ def time_steps(a, rows):
         print(f"  {name}: built and warmed up in {time.perf_counter() - t0:.1f}s", flush=True)
         if name.startswith("mega"):
             STATE_BYTES[name] = state_bytes(*steps[name].state)
+            if a.device == "cuda":  # what one step allocates on top of the state (activations, casts)
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                steps[name](tokens, labels)
+                sync(a)
+                STATE_BYTES[name]["step peak"] = torch.cuda.max_memory_allocated() - base
     rates = {n: [] for n in rows}
     for _ in range(a.reps):
         for name in rows:
@@ -327,6 +333,7 @@ def main(argv=None):
         print(f"{label if name == 'reference' else name:24s} {r:12,.0f} {mfu} {r / ref:12.3f}x")
     if STATE_BYTES:
         keys = ["params", "grads", "main params", "main grads", "optimizer", "total"]
+        keys += ["step peak"] if a.device == "cuda" else []
         print(f"\ntraining state after a step, MiB ({a.dtype} autocast rows: fp32 parameters)")
         print(f"{'':24s}" + "".join(f"{k:>13s}" for k in keys))
         for name, b in STATE_BYTES.items():

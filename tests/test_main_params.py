@@ -276,3 +276,21 @@ def test_tensor_parallel_2_trains_like_one_process(tmp_path, corpus):
                 tmp_path)
     assert two.returncode == 0, two.stderr
     print("TP=2 vs 1 (max relative metric diff, max weight diff):", _compare(tmp_path, "one", "tp2", 1e-2, 4e-3))
+
+
+@pytest.mark.slow
+def test_bench_gpu_times_and_counts_the_layout():
+    """benchmarks/bench_gpu.py --layout both on the CPU: the O2 rows run, and the training
+    state is 18 bytes per parameter against the fp32 layout's 16 (bf16 parameter, fp32
+    main weight and gradient, two fp32 AdamW moments)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "benchmarks" / "bench_gpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rates = bench.main(["--device", "cpu", "--tiny", "--layout", "both", "--no-run", "--reps", "1"])
+    assert set(rates) == {"reference", "mega eager", "mega O2 eager"}
+    assert all(math.isfinite(r) and r > 0 for r in rates.values()), rates
+    fp32, o2 = bench.STATE_BYTES["mega eager"], bench.STATE_BYTES["mega O2 eager"]
+    assert o2["grads"] == 0 and o2["main grads"] == o2["main params"] == 2 * o2["params"] == fp32["params"]
+    assert o2["total"] / fp32["total"] == pytest.approx(18 / 16)
