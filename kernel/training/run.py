@@ -23,7 +23,7 @@ import attrs
 import torch
 
 from mega.config import ExperimentConfig, dump_config, to_dict
-from mega.errors import CheckpointError, PluginError
+from mega.errors import CheckpointError, ConfigError, PluginError
 from mega.protocols import (
     Batch,
     CheckpointFormat,
@@ -183,7 +183,14 @@ class LowPrecisionLossModule(LossModule):
 
     def forward(self, batch):
         with torch.autocast(next(self.model.parameters()).device.type, enabled=False):
-            return self.model.training_loss(batch)
+            try:
+                return self.model.training_loss(batch)
+            except RuntimeError as exc:  # e.g. an fp32 buffer meets a bf16 weight in a matmul
+                if "dtype" not in str(exc) and "Half" not in str(exc) and "BFloat16" not in str(exc):
+                    raise
+                raise ConfigError(f"model.megatron_amp_O2 = true: this model ({type(self.model).__name__}) does not run"
+                                  f" with bf16 parameters outside autocast ({exc}); use trainer.precision = \"bf16\""
+                                  " without model.megatron_amp_O2") from exc
 
 
 def _grouped_names(model: torch.nn.Module) -> tuple:
