@@ -102,7 +102,9 @@ class MainParams:
             self.grad_buffer.div_(self.dp_size)
         stepped = []
         for low, p in zip(self.params, self.main):
-            p.grad = low.main_grad if low.main_grad_used else None
+            # data-parallel replicas step every parameter (as DDP needs every one used), so
+            # a parameter one replica's data missed cannot make the replicas diverge
+            p.grad = low.main_grad if low.main_grad_used or self.dp_size > 1 else None
             if p.grad is not None:
                 stepped.append(p)
         return stepped
