@@ -183,6 +183,16 @@ def test_the_switch_needs_bf16_and_no_pipeline(tmp_path, corpus, plugins):
         build_run(_o2(tmp_path, corpus, plugins, model={"pipeline_model_parallel_size": 2}), plugins)
 
 
+def test_a_model_that_needs_autocast_fails_with_a_config_error(tmp_path, corpus, plugins):
+    """Transformer-XL's fp32 sinusoid buffer meets its bf16 weights outside autocast: the
+    first step names the key instead of a bare dtype error."""
+    from tests.test_txl_training import txl_config
+
+    cfg = txl_config(tmp_path, corpus, plugins, ["trainer.precision=bf16", "model.megatron_amp_O2=true"])
+    with pytest.raises(ConfigError, match="model.megatron_amp_O2"):
+        train(build_run(cfg, plugins))
+
+
 def test_an_fp32_checkpoint_resumes_under_the_layout_and_back(tmp_path, corpus, plugins):
     """The checkpoints of both layouts are the same fp32 state: a run can switch."""
     base = dict(trainer={"max_steps": 2, "val_check_interval": 0, "accelerator": "cpu", "precision": "bf16"},
