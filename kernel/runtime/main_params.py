@@ -25,6 +25,11 @@ checkpoint of this layout is an fp32 checkpoint: exports, converters and a run w
 the switch read it as they read any other, and a resumed run rounds the same bf16
 parameters from it, bit for bit.
 
+With `trainer.precision = 16` the parameters are fp16 instead and the fp16 loss scaler
+works as in the autocast layout, on the fp32 main gradients: the scaled loss's fp16
+gradients accumulate in fp32, then are unscaled and checked for inf/nan there; a skipped
+step leaves main weights and parameters alone.
+
 The conversion happens at the first training step (`prepare`), after resuming and after
 `on_train_start` hooks (a fine-tuning task loads its pretrained encoder there), so
 whatever was loaded into the fp32 model becomes the main weights. Model buffers (rotary
@@ -155,9 +160,9 @@ def check_main_params(config) -> None:
     mc, tr = config.model, config.trainer
     if not getattr(mc, "megatron_amp_O2", False):
         return
-    if str(tr.precision) != "bf16":
-        raise ConfigError(f"model.megatron_amp_O2 = true needs trainer.precision = \"bf16\" (got {str(tr.precision)!r}):"
-                          " the model's parameters are held in bf16")
+    if str(tr.precision) not in DTYPES:
+        raise ConfigError(f"model.megatron_amp_O2 = true needs trainer.precision = \"bf16\" or 16 (got {str(tr.precision)!r}):"
+                          " the model's parameters are held in that dtype")
     if mc.pipeline_model_parallel_size > 1:
         raise ConfigError("model.megatron_amp_O2 = true does not support model.pipeline_model_parallel_size > 1 yet"
-                          f" (got {mc.pipeline_model_parallel_size}); use trainer.precision = \"bf16\" alone")
+                          f" (got {mc.pipeline_model_parallel_size}); use trainer.precision alone")

@@ -38,7 +38,7 @@ from mega.protocols import (
 from mega.runtime.parallel import ParallelState, check_devices, init_parallel, pick_device, shutdown_parallel
 from mega.runtime.sharding import merge_shards, reshard_optimizer, shard_for, sharding_of, to_global, to_local
 from mega.runtime.compile import CompiledStep, compile_wanted
-from mega.runtime.main_params import MainParams, check_main_params
+from mega.runtime.main_params import DTYPES as MAIN_PARAMS_DTYPES, MainParams, check_main_params
 from mega.runtime.precision import DynamicLossScaler
 from mega.runtime.rng import rng_state, seed_everything, set_rng_state
 from mega.runtime.tensor_parallel import get_rng_tracker
@@ -178,8 +178,8 @@ class LossModule(torch.nn.Module):
 
 
 class LowPrecisionLossModule(LossModule):
-    """`model.training_loss` of a model that holds bf16 parameters (model.megatron_amp_O2):
-    outside autocast, so no weight or activation is cast for the matmuls."""
+    """`model.training_loss` of a model that holds bf16 or fp16 parameters
+    (model.megatron_amp_O2): outside autocast, so no weight or activation is cast."""
 
     def forward(self, batch):
         with torch.autocast(next(self.model.parameters()).device.type, enabled=False):
@@ -189,8 +189,8 @@ class LowPrecisionLossModule(LossModule):
                 if "dtype" not in str(exc) and "Half" not in str(exc) and "BFloat16" not in str(exc):
                     raise
                 raise ConfigError(f"model.megatron_amp_O2 = true: this model ({type(self.model).__name__}) does not run"
-                                  f" with bf16 parameters outside autocast ({exc}); use trainer.precision = \"bf16\""
-                                  " without model.megatron_amp_O2") from exc
+                                  f" with 16-bit parameters outside autocast ({exc}); train it without"
+                                  " model.megatron_amp_O2 (trainer.precision alone)") from exc
 
 
 def _grouped_names(model: torch.nn.Module) -> tuple:
@@ -292,7 +292,7 @@ def build_run(config: ExperimentConfig, plugins=None) -> Run:
     main_params = None
     loss_module = LossModule(model)
     if mc.megatron_amp_O2:  # converted at the first step, after resuming and on_train_start hooks
-        main_params = MainParams(model, torch.bfloat16, parallel.dp_group, parallel.dp_size)
+        main_params = MainParams(model, MAIN_PARAMS_DTYPES[str(tr.precision)], parallel.dp_group, parallel.dp_size)
         loss_module = LowPrecisionLossModule(model)
     elif parallel.dp_size > 1 and parallel.pp_size == 1:  # pipelines all-reduce their own gradients
         from torch.nn.parallel import DistributedDataParallel
