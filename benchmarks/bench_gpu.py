@@ -11,6 +11,7 @@ counts), against the device's dense bf16 peak (H100 SXM and H200: 989.5 TFLOP/s)
     python benchmarks/bench_gpu.py --batch 32 --loss-chunk-size 4096
     python benchmarks/bench_gpu.py --layers 24 --hidden 1024 --heads 16   # 350M
     python benchmarks/bench_gpu.py --device cpu --tiny      # the plumbing, in seconds (what the tests run)
+    python benchmarks/bench_gpu.py --layout both            # autocast rows and model.megatron_amp_O2 rows
 
 Rows: `reference` is a nanoGPT-style model written here (pre-LN blocks, fused QKV, SDPA
 causal attention, tanh GELU, tied embeddings, cross entropy on the full logits), always
@@ -18,6 +19,13 @@ compiled when compilation is on; `mega eager` and `mega compiled` are GPTModel's
 `training_loss` under the same autocast with the same fused AdamW; `mega run` is a
 subprocess `mega run` of the same shape (bytes tokenizer, its vocabulary padded to the same
 size), tokens/s read from its metrics after the compile steps.
+
+`--layout o2` (or `both`) adds `mega O2 eager` / `mega O2 compiled` / `mega run O2`:
+Megatron's mixed-precision layout (`model.megatron_amp_O2`), bf16 parameters without
+autocast, fp32 main weights stepped by the same AdamW, gradients accumulated in an fp32
+buffer. Every mega row also reports the bytes its training state holds after a step
+(parameters, gradients, main weights and buffers, optimizer state), counted tensor by
+tensor, so the figure is exact on any device.
 """
 from __future__ import annotations
 
@@ -37,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
+STATE_BYTES = {}  # row -> state_bytes() after its warm-up steps
 PEAKS = {"H200": 989.5e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989.5e12, "A100": 312e12}
 
 
@@ -102,6 +111,7 @@ def build(which: str, a):
     else:
         sys.path.insert(0, str(ROOT))
         from mega.config import config_from_dict
+        from mega.runtime.main_params import MainParams
         from mega.plugins.models.gpt import GPTModel
 
         cfg = config_from_dict({"model": {
@@ -114,11 +124,26 @@ def build(which: str, a):
         def loss(tokens, labels):
             mask = torch.ones_like(labels, dtype=torch.float32)
             return model.training_loss({"tokens": tokens, "labels": labels, "loss_mask": mask})["loss_sum"] / mask.sum()
-    compiled = which == "reference" and a.compile or which == "mega compiled"
+    compiled = which == "reference" and a.compile or which.startswith("mega") and which.endswith("compiled")
     loss_fn = torch.compile(loss) if compiled else loss
     model.train()
     opt = _optimizer(model, a.device)
     dtype = {"fp32": None, "bf16": torch.bfloat16}[a.dtype]
+    if "O2" in which:  # bf16 parameters (converted at the first step), fp32 main weights and gradients
+        main = MainParams(model, torch.bfloat16)
+
+        def step(tokens, labels):
+            opt.zero_grad(set_to_none=True)
+            main.prepare()
+            out = loss_fn(tokens, labels)
+            out.backward()
+            main.reduce_grads()
+            opt.step()
+            main.copy_to_model()
+            return out
+
+        step.state = (model, opt, main)
+        return step, model
 
     def step(tokens, labels):
         opt.zero_grad(set_to_none=True)
@@ -128,7 +153,34 @@ def build(which: str, a):
         opt.step()
         return out
 
+    step.state = (model, opt, None)
     return step, model
+
+
+def state_bytes(model, opt, main=None) -> dict:
+    """Bytes of the training state after a step, each storage counted once: the model's
+    parameters, their gradients, (O2) the fp32 main weights and gradient buffer, and the
+    optimizer state."""
+    seen = set()
+
+    def size(tensors):
+        n = 0
+        for t in tensors:
+            if t is None:
+                continue
+            key = (t.untyped_storage().data_ptr(), t.device)
+            if key not in seen:
+                seen.add(key)
+                n += t.untyped_storage().nbytes()
+        return n
+
+    out = {"params": size(model.parameters()), "grads": size(p.grad for p in model.parameters())}
+    if main is not None:
+        out["main params"] = size(main.main)
+        out["main grads"] = size([main.grad_buffer])
+    out["optimizer"] = size(t for st in opt.state.values() for t in st.values() if torch.is_tensor(t) and t.dim() > 0)
+    out["total"] = sum(out.values())
+    return out  # "step peak" (CUDA): added by time_steps
 
 
 def non_embedding_params(a) -> int:
@@ -164,10 +216,18 @@ def time_steps(a, rows):
     for name in rows:
         t0 = time.perf_counter()
         steps[name] = build(name, a)[0]
-        for _ in range(a.warmup):  # includes compilation
+        for _ in range(max(1, a.warmup)):  # includes compilation
             steps[name](tokens, labels)
         sync(a)
         print(f"  {name}: built and warmed up in {time.perf_counter() - t0:.1f}s", flush=True)
+        if name.startswith("mega"):
+            STATE_BYTES[name] = state_bytes(*steps[name].state)
+            if a.device == "cuda":  # what one step allocates on top of the state (activations, casts)
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                steps[name](tokens, labels)
+                sync(a)
+                STATE_BYTES[name]["step peak"] = torch.cuda.max_memory_allocated() - base
     rates = {n: [] for n in rows}
     for _ in range(a.reps):
         for name in rows:
@@ -180,9 +240,9 @@ def time_steps(a, rows):
     return {n: statistics.median(r) for n, r in rates.items()}
 
 
-def mega_run(a) -> float:
-    """tokens/s of `mega run` at this shape: the median of the logged intervals after the
-    first (which holds compilation)."""
+def mega_run(a, o2: bool = False) -> float:
+    """tokens/s of `mega run` at this shape (with `model.megatron_amp_O2` when `o2`): the
+    median of the logged intervals after the first (which holds compilation)."""
     log_every = max(1, a.steps)
     steps = log_every * (a.reps + 1)
     with tempfile.TemporaryDirectory() as d:
@@ -203,6 +263,8 @@ def mega_run(a) -> float:
             f"model.loss_chunk_size={a.loss_chunk_size}", f"model.attention_backend={a.attention_backend}",
             "model.tokenizer.library=bytes", f"model.data.data_prefix=[{corpus}]", "model.data.splits_string=100,0,0",
         ]
+        if o2:
+            overrides += ["trainer.precision=bf16", "model.megatron_amp_O2=true"]
         exp = Path(d) / "exp.toml"
         exp.write_text("")
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -235,6 +297,9 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=10, help="steps per timed block")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--no-run", action="store_true", help="skip the end-to-end `mega run` row")
+    p.add_argument("--layout", choices=["autocast", "o2", "both"], default="autocast",
+                   help="mega rows: fp32 parameters under autocast (--dtype), Megatron's bf16 parameters with fp32 main"
+                        " weights (model.megatron_amp_O2), or both")
     a = p.parse_args(argv)
     if a.tiny:
         a.layers, a.hidden, a.heads, a.seq, a.vocab, a.batch = 2, 64, 4, 64, 512, 4
@@ -249,16 +314,30 @@ def main(argv=None):
     print(f"shape: {a.layers} layers, hidden {a.hidden}, {a.heads} heads, seq {a.seq}, vocab {a.vocab}, batch {a.batch},"
           f" {a.dtype}; {where}; torch {torch.__version__}; compile {'on' if a.compile else 'off'};"
           f" loss_chunk_size {a.loss_chunk_size}; {fpt / 1e6:.0f} MFLOP/token; peak {pk / 1e12 if pk else 'n/a'} TFLOP/s")
-    rows = ["reference", "mega eager"] + (["mega compiled"] if a.compile else [])
+    rows = ["reference"]
+    if a.layout in ("autocast", "both"):
+        rows += ["mega eager"] + (["mega compiled"] if a.compile else [])
+    if a.layout in ("o2", "both"):
+        rows += ["mega O2 eager"] + (["mega O2 compiled"] if a.compile else [])
     rates = time_steps(a, rows)
     if not a.no_run:
-        rates["mega run"] = mega_run(a)
+        if a.layout in ("autocast", "both"):
+            rates["mega run"] = mega_run(a)
+        if a.layout in ("o2", "both"):
+            rates["mega run O2"] = mega_run(a, o2=True)
     ref = rates["reference"]
     label = "reference (compiled)" if a.compile else "reference (eager)"
     print(f"{'':24s} {'tokens/s':>12s} {'MFU':>7s} {'vs reference':>13s}")
     for name, r in rates.items():
         mfu = f"{100 * r * fpt / pk:6.1f}%" if pk and r == r else "    n/a"
         print(f"{label if name == 'reference' else name:24s} {r:12,.0f} {mfu} {r / ref:12.3f}x")
+    if STATE_BYTES:
+        keys = ["params", "grads", "main params", "main grads", "optimizer", "total"]
+        keys += ["step peak"] if a.device == "cuda" else []
+        print(f"\ntraining state after a step, MiB ({a.dtype} autocast rows: fp32 parameters)")
+        print(f"{'':24s}" + "".join(f"{k:>13s}" for k in keys))
+        for name, b in STATE_BYTES.items():
+            print(f"{name:24s}" + "".join(f"{b.get(k, 0) / 2**20:13.2f}" for k in keys))
     return rates
 
 

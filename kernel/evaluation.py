@@ -12,8 +12,9 @@ head) are left out: BERT is scored by its masked-LM loss. A model that evaluates
 instead.
 
 The layout is one process unless the command line says otherwise
-(`trainer.devices=2 model.tensor_model_parallel_size=2`): the training run's layout does
-not matter, checkpoints reshard on load. Data keys can be overridden too (a checkpoint
+(`trainer.devices=2 model.tensor_model_parallel_size=2`, or
+`model.pipeline_model_parallel_size=2`): the training run's layout does not matter,
+checkpoints reshard on load. Data keys can be overridden too (a checkpoint
 from elsewhere names its training machine's files: `model.data.data_prefix=[...]`).
 """
 from __future__ import annotations
@@ -67,9 +68,21 @@ def resolve_target(path, plugins) -> Target:
 
 
 def evaluation_config(target: Target, overrides: Sequence[str], plugins) -> ExperimentConfig:
-    """The checkpoint's config with one process as the layout, then the overrides."""
+    """The checkpoint's config with one process as the layout, then the overrides. What the
+    evaluation writes (a task's prediction files) goes into the run directory given, or
+    beside an archive (model.mega -> model/), not into the training machine's `exp_dir`."""
     source = str(target.checkpoint / "config.toml")
-    return config_from_dict(load_raw(source), [*ONE_PROCESS, *overrides], plugins, source=source)
+    return config_from_dict(load_raw(source), [*ONE_PROCESS, *_output_place(target), *overrides], plugins, source=source)
+
+
+def _output_place(target: Target) -> Tuple[str, ...]:
+    if target.archive is not None:
+        home = target.archive.with_name(target.archive.stem)
+    elif target.run_dir is not None:
+        home = target.run_dir
+    else:
+        return ()
+    return (f"exp_manager.exp_dir={json.dumps(str(home.parent.resolve()))}", f"exp_manager.name={json.dumps(home.name)}")
 
 
 def results_path(target: Target, split: str) -> Path:

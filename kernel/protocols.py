@@ -149,6 +149,21 @@ class Evaluates(Protocol):
         takes a keyword `torchscript: bool = False` (`mega evaluate --torchscript`)."""
 
 
+@runtime_checkable
+class ValidationMetrics(Protocol):
+    """Optional: metrics a model reports at each validation of a training run besides its
+    loss (a fine-tuned task's accuracy, F1 or exact match), which the loop logs as
+    `val_<name>` beside `val_loss` to every logger."""
+
+    def validation_metrics(self, run) -> Dict[str, float]:
+        """Metrics over the run's validation samples, the same ones at every validation
+        (so values compare across steps). Called on every rank (a collective) under
+        `torch.no_grad()` with the model in eval mode, after the loss pass; return the same
+        dict everywhere. Keep it cheap and write no files: it runs every
+        `trainer.val_check_interval` steps. `run` has `config`, `tokenizer`, `parallel`,
+        `device` and `valid_data`."""
+
+
 # --- what a model trains on ------------------------------------------------------------------
 
 

@@ -324,6 +324,9 @@ COMMANDS: Dict[str, object] = {
     "mega export results/squad squad.mega": Run(needs=("results/squad",), fresh=("squad.mega",), expect=_file("squad.mega")),
     'mega predict squad.mega --question "what comes after lambda ?" --context "a lambda expression yields a function'
     ' object"': Run(needs=("squad.mega",), expect=_has('"answer"')),
+    "mega evaluate squad.mega --split valid": Run(needs=("squad.mega",), expect=_has('"exact_match"', '"f1"')),
+    "mega evaluate squad.mega --split valid trainer.devices=2 model.tensor_model_parallel_size=2 trainer.accelerator=cpu":
+        Run(needs=("squad.mega",), slow=True),
     # examples/*.toml comments
     "mega run examples/bert.toml trainer.devices=2 model.tensor_model_parallel_size=2 exp_manager.name=bert-tp2":
         Run(BERT + ("trainer.accelerator=cpu",), slow=True),

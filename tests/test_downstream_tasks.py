@@ -103,6 +103,11 @@ def test_question_answering(plugins, data, tmp_path, capsys):
     assert main(["export", str(run.run_dir), str(tmp_path / "qa.mega")]) == 0
     again = _predict(capsys, tmp_path / "qa.mega", "--question", "who played in denver ?", "--context", CONTEXT)
     assert again["answer"] == out["answer"] and again["nbest"][0]["start_logit"] == pytest.approx(out["nbest"][0]["start_logit"])
+    # evaluating the archive writes beside it, not into the training run's directory
+    shutil.rmtree(pred_dir)
+    assert main(["evaluate", str(tmp_path / "qa.mega"), "--split", "valid"]) == 0
+    assert json.loads((tmp_path / "qa" / "predictions" / "valid" / "predictions.json").read_text()) == preds
+    assert (tmp_path / "qa.eval_valid.json").is_file() and not pred_dir.exists()
 
 
 def test_text_classification_with_label_names(plugins, data, tmp_path, capsys):

@@ -177,6 +177,8 @@ class ModelConfig:
     native_amp_init_scale: float = field(default=4294967296.0, validator=positive)  # initial fp16 loss scale (2**32)
     native_amp_growth_interval: int = field(default=1000, validator=at_least_one)  # clean steps before the scale doubles
     hysteresis: int = field(default=2, validator=at_least_one)  # overflowing steps before the scale halves
+    # Megatron's mixed-precision layout under NeMo's name for it (docs/performance.md)
+    megatron_amp_O2: bool = False  # with trainer.precision="bf16" (or 16): parameters in that dtype without autocast, fp32 main weights stepped by the optimizer, gradients accumulated and all-reduced in fp32
     tokenizer: TokenizerConfig = field(factory=TokenizerConfig)
     data: DataConfig = field(factory=DataConfig)
     optim: OptimConfig = field(factory=OptimConfig)

@@ -1,7 +1,8 @@
 """Mixed precision: autocast contexts and Megatron's dynamic loss scaler for fp16.
 
 Parameters and optimizer state stay fp32; matmuls run in bf16/fp16 under
-`torch.autocast`. fp16 gradients can overflow, so the loss is multiplied by a scale before
+`torch.autocast`. (`model.megatron_amp_O2` holds bf16 parameters instead, with fp32 main
+weights and gradients: `mega.runtime.main_params`.) fp16 gradients can overflow, so the loss is multiplied by a scale before
 backward; a step whose unscaled gradients hold inf/nan is skipped and the scale backs off
 (after `hysteresis` such steps), and it grows again after `growth_interval` clean steps.
 """

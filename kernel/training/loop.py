@@ -19,7 +19,7 @@ from typing import Dict
 
 import torch
 
-from mega.protocols import CountsFlops
+from mega.protocols import CountsFlops, ValidationMetrics
 from mega.runtime import watchdog
 from mega.runtime.device_peaks import peak_flops
 from mega.runtime.grad_norm import clip_grad_norm
@@ -96,10 +96,16 @@ def train_step(run, loader: BatchLoader | None = None) -> Dict[str, torch.Tensor
         micro_batches = load_micro_batches(run.train_data, positions, run.device)
         wait = time.perf_counter() - t0
     run.optimizer.zero_grad(set_to_none=True)
+    main = run.main_params  # model.megatron_amp_O2: bf16 model, fp32 main weights and gradients
+    if main is not None:
+        main.prepare()
     num_tokens = _num_tokens(run, micro_batches)
     loss, terms = _losses(run, micro_batches, num_tokens, _num_samples(run, micro_batches))
 
-    params = [p for p in run.model.parameters() if p.grad is not None]
+    if main is not None:
+        params = main.reduce_grads()  # the fp32 main weights, their gradients all-reduced in fp32
+    else:
+        params = [p for p in run.model.parameters() if p.grad is not None]
     skipped = False
     if run.scaler is not None:
         skipped = run.parallel.any(run.scaler.unscale_and_check(params))  # every stage skips together
@@ -111,6 +117,8 @@ def train_step(run, loader: BatchLoader | None = None) -> Dict[str, torch.Tensor
         clip = cfg.trainer.gradient_clip_val
         grad_norm = clip_grad_norm(params, clip if clip > 0 else float("inf"), run.parallel)
         run.optimizer.step()
+        if main is not None:
+            main.copy_to_model()
     metrics = {"loss": loss, "lr": torch.tensor(lr), "grad_norm": grad_norm, **terms,
                "data_wait_ms": torch.tensor(wait * 1e3), "loss_tokens": num_tokens.detach()}
     if run.scaler is not None:
@@ -122,7 +130,8 @@ def train_step(run, loader: BatchLoader | None = None) -> Dict[str, torch.Tensor
 @torch.no_grad()
 def validate(run) -> Dict[str, float]:
     """Mean token loss over the first `limit_val_batches` global batches of the valid split
-    (the same batches every time, so values are comparable across steps)."""
+    (the same batches every time, so values are comparable across steps), then what a
+    `ValidationMetrics` model reports, each as `val_<name>`."""
     cfg = run.config
     run.model.eval()
     loss_sum, token_sum, term_sums = 0.0, 0.0, {}
@@ -137,10 +146,13 @@ def validate(run) -> Dict[str, float]:
             token_sum += float(n)
             for k, v in terms.items():
                 term_sums[k] = term_sums.get(k, 0.0) + float(v) * float(n)
+        metrics = {"val_loss": loss_sum / token_sum}
+        metrics.update({f"val_{k}": v / token_sum for k, v in term_sums.items()})
+        if isinstance(run.model, ValidationMetrics):
+            extra = run.model.validation_metrics(run)
+            metrics.update({f"val_{k}": float(v) for k, v in extra.items() if f"val_{k}" not in metrics})
     finally:
         run.model.train()
-    metrics = {"val_loss": loss_sum / token_sum}
-    metrics.update({f"val_{k}": v / token_sum for k, v in term_sums.items()})
     return metrics
 
 

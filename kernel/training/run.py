@@ -13,6 +13,7 @@ RNG and data position with the checkpoint's, so it continues bit for bit.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 from pathlib import Path
@@ -22,7 +23,7 @@ import attrs
 import torch
 
 from mega.config import ExperimentConfig, dump_config, to_dict
-from mega.errors import CheckpointError, PluginError
+from mega.errors import CheckpointError, ConfigError, PluginError
 from mega.protocols import (
     Batch,
     CheckpointFormat,
@@ -37,6 +38,7 @@ from mega.protocols import (
 from mega.runtime.parallel import ParallelState, check_devices, init_parallel, pick_device, shutdown_parallel
 from mega.runtime.sharding import merge_shards, reshard_optimizer, shard_for, sharding_of, to_global, to_local
 from mega.runtime.compile import CompiledStep, compile_wanted
+from mega.runtime.main_params import DTYPES as MAIN_PARAMS_DTYPES, MainParams, check_main_params
 from mega.runtime.precision import DynamicLossScaler
 from mega.runtime.rng import rng_state, seed_everything, set_rng_state
 from mega.runtime.tensor_parallel import get_rng_tracker
@@ -78,6 +80,12 @@ class Run:
     consumed_samples: int = 0
     resumed_from: Optional[Path] = None
     last_metrics: Dict[str, float] = attrs.field(factory=dict)
+    main_params: Optional[MainParams] = None  # model.megatron_amp_O2: fp32 main weights and gradients
+
+    def model_state_dict(self) -> dict:
+        """The model's weights as checkpoints hold them: fp32 (the main weights under
+        model.megatron_amp_O2, whose model holds bf16 copies)."""
+        return self.main_params.state_dict() if self.main_params is not None else self.model.state_dict()
 
     # --- checkpoint state -------------------------------------------------------------------
     def state(self) -> dict:
@@ -86,13 +94,16 @@ class Run:
             trainer["loss_scaler"] = self.scaler.state_dict()
         if isinstance(self.model, StatefulModel):
             trainer["carried_state"] = self._gather_carried_state()
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "trainer": trainer,
+        return {"model": self.model_state_dict(), "optimizer": self.optimizer.state_dict(), "trainer": trainer,
                 "sharding": sharding_of(self.model, self.parallel), "config": to_dict(self.config),
                 "vocab_size": self.tokenizer.vocab_size,  # the real vocabulary (formats write it: orig_vocab_size)
                 "param_names": optimizer_param_names(self.model)}  # what the optimizer's integer ids refer to
 
     def load_state(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+        if self.main_params is not None:
+            self.main_params.load_state_dict(state["model"])
+        else:
+            self.model.load_state_dict(state["model"])
         if "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
         trainer = state.get("trainer", {})
@@ -160,6 +171,27 @@ class LossModule(torch.nn.Module):
     def forward(self, batch):
         return self.model.training_loss(batch)
 
+    def no_sync(self):
+        """Without DDP (model.megatron_amp_O2 reduces its fp32 gradients itself) there is
+        nothing to hold back between micro-batches."""
+        return contextlib.nullcontext()
+
+
+class LowPrecisionLossModule(LossModule):
+    """`model.training_loss` of a model that holds bf16 or fp16 parameters
+    (model.megatron_amp_O2): outside autocast, so no weight or activation is cast."""
+
+    def forward(self, batch):
+        with torch.autocast(next(self.model.parameters()).device.type, enabled=False):
+            try:
+                return self.model.training_loss(batch)
+            except RuntimeError as exc:  # e.g. an fp32 buffer meets a bf16 weight in a matmul
+                if "dtype" not in str(exc) and "Half" not in str(exc) and "BFloat16" not in str(exc):
+                    raise
+                raise ConfigError(f"model.megatron_amp_O2 = true: this model ({type(self.model).__name__}) does not run"
+                                  f" with 16-bit parameters outside autocast ({exc}); train it without"
+                                  " model.megatron_amp_O2 (trainer.precision alone)") from exc
+
 
 def _grouped_names(model: torch.nn.Module) -> tuple:
     """Megatron's rule: no weight decay on biases and norm weights (1-D parameters)."""
@@ -214,6 +246,7 @@ def build_run(config: ExperimentConfig, plugins=None) -> Run:
     for name in config.exp_manager.loggers:
         plugins.loggers.get(name, "exp_manager.loggers")
     mc.check(plugins)  # shapes and wiring, before the run directory is written
+    check_main_params(config)
     # A run directory a run already wrote: the config must still describe that run (read only).
     run_dir = run_dir_of(config)
     check_config_unchanged(config, run_dir)
@@ -256,8 +289,12 @@ def build_run(config: ExperimentConfig, plugins=None) -> Run:
     if tr.val_check_interval > 0 and tr.limit_val_batches > 0:
         valid_data = source.dataset("valid", tokenizer, mc.seq_length, tr.limit_val_batches * gbs, mc.seed, objective)
 
+    main_params = None
     loss_module = LossModule(model)
-    if parallel.dp_size > 1 and parallel.pp_size == 1:  # pipelines all-reduce their own gradients
+    if mc.megatron_amp_O2:  # converted at the first step, after resuming and on_train_start hooks
+        main_params = MainParams(model, MAIN_PARAMS_DTYPES[str(tr.precision)], parallel.dp_group, parallel.dp_size)
+        loss_module = LowPrecisionLossModule(model)
+    elif parallel.dp_size > 1 and parallel.pp_size == 1:  # pipelines all-reduce their own gradients
         from torch.nn.parallel import DistributedDataParallel
 
         loss_module = DistributedDataParallel(loss_module, device_ids=[device.index] if device.type == "cuda" else None,
@@ -272,7 +309,7 @@ def build_run(config: ExperimentConfig, plugins=None) -> Run:
         model=model, optimizer=optimizer, lr_at=lr_at, scaler=scaler, train_data=train_data, valid_data=valid_data,
         checkpoints=CheckpointManager(run_dir / "checkpoints", built(fmt_entry, CheckpointFormat, fmt_entry.factory()),
                                       config.exp_manager.checkpoint.keep_last_k),
-        global_batch_size=gbs, num_micro_batches=n_micro, loss_module=loss_module,
+        global_batch_size=gbs, num_micro_batches=n_micro, loss_module=loss_module, main_params=main_params,
     )
     if config.exp_manager.resume_if_exists:
         resume(run, plugins)

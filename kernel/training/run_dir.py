@@ -71,6 +71,7 @@ RESUME_SAFE = (
     "model.micro_batch_size",
     "model.loss_chunk_size",  # the same loss and gradients, computed a chunk at a time
     "model.attention_backend",  # another kernel for the same attention
+    "model.megatron_amp_O2",  # checkpoints of both layouts hold fp32 weights and the same optimizer state
     "model.optim.lr",
     "model.optim.weight_decay",
     "model.optim.sched.*",

@@ -22,7 +22,7 @@ One registered model per Hugging Face class, all on the same encoder:
 | `bert_masked_lm`               | MegatronBertForMaskedLM                  | the same, single segment; `is_random` unused |
 | `bert_causal_lm`               | MegatronBertForCausalLM                  | next-token samples ("lm"): `tokens`, `labels`, `loss_mask` |
 | `bert_next_sentence`           | MegatronBertForNextSentencePrediction    | BertObjective samples; label `is_random`    |
-| `bert_sequence_classification` | MegatronBertForSequenceClassification    | `tokens`, `tokentype_ids`, `padding_mask` [b, s]; `label` [b] (int64 class, float for regression when num_labels = 1, float multi-hot [b, num_labels] for multi-label) |
+| `bert_sequence_classification` | MegatronBertForSequenceClassification    | `tokens`, `tokentype_ids`, `padding_mask` [b, s]; `label` [b] (int64 class, float for regression when num_labels = 1, float multi-hot [b, num_labels] for multi-label); optional `loss_mask` [b]: per-sample class weights (a weighted mean) |
 | `bert_multiple_choice`         | MegatronBertForMultipleChoice            | `tokens`, `tokentype_ids`, `padding_mask` [b, choices, s]; `label` [b] in [0, choices) |
 | `bert_token_classification`    | MegatronBertForTokenClassification       | `tokens`, `tokentype_ids`, `padding_mask` [b, s]; `labels` [b, s] with `loss_mask` [b, s] (1 where a label counts) |
 | `bert_question_answering`      | MegatronBertForQuestionAnswering         | `tokens`, `tokentype_ids`, `padding_mask` [b, s]; `start_positions`, `end_positions` [b] (a position >= s is ignored) |
@@ -62,6 +62,7 @@ from mega.plugins.models.bert_heads import (
     linear,
     masked_lm_loss,
     span_losses,
+    weighted_losses,
 )
 from mega.plugins.models.gpt import training_flops_per_token
 from mega.plugins.models.transformer import (
@@ -414,10 +415,22 @@ class BertModel(TiedWordEmbeddingStages, nn.Module):
         """What the matching Hugging Face MegatronBert* class returns (prediction_logits and
         seq_relationship_logits; logits; start_logits and end_logits), plus
         `last_hidden_state` and `pooler_output`. Vocabulary logits are gathered over
-        tensor-parallel ranks and cover the padded vocabulary. Needs the whole model."""
+        tensor-parallel ranks and cover the padded vocabulary. Needs the whole model (under
+        pipeline parallelism each stage runs `stage_logits`)."""
         if not (self.pre_process and self.post_process):
-            raise ValueError("logits() needs the whole model; under pipeline parallelism use stage_forward()")
-        out = self._outputs(batch, self._encode(batch, None), full_logits=True)
+            raise ValueError("logits() needs the whole model; under pipeline parallelism use stage_logits()")
+        return self.stage_logits(batch, None)
+
+    @torch.no_grad()
+    def stage_logits(self, batch: Dict[str, torch.Tensor], hidden: Optional[torch.Tensor]):
+        """This pipeline stage's part of `logits`, for inference under pipeline parallelism
+        (as `stage_forward` is for training): embed (first stage) or take `hidden`, run the
+        local layers; the last stage returns the outputs of `logits`, the others the hidden
+        states for the next stage."""
+        h = self._encode(batch, hidden)
+        if not self.post_process:
+            return h
+        out = self._outputs(batch, h, full_logits=True)
         lm = out.pop("lm_logits", None)
         binary = out.pop("binary_logits", None)
         if self.task == "pretraining":
@@ -456,7 +469,13 @@ class BertModel(TiedWordEmbeddingStages, nn.Module):
             b = binary_losses(out["binary_logits"], batch["is_random"])
             loss["sample_loss_sum"] = b["sum"]
             loss["sample_terms"].update({f"{self.config.binary_head}_loss": b["sum"].detach(), "binary_acc": b["right"]})
-        if self.task in ("sequence_classification", "multiple_choice"):
+        weights = batch.get("loss_mask") if self.task == "sequence_classification" else None
+        if weights is not None and weights.dim() == 1:  # per-sample class weights (bert_heads docstring)
+            c = weighted_losses(out["logits"], batch["label"], batch["loss_mask"])
+            loss["loss_sum"] = c["sum"]
+            loss["terms"]["cls_loss"] = c["sum"].detach()
+            loss["sample_terms"]["cls_acc"] = c["right"]
+        elif self.task in ("sequence_classification", "multiple_choice"):
             c = classification_losses(out["logits"], batch["label"])
             loss["sample_loss_sum"] = c["sum"]
             loss["sample_terms"].update({"cls_loss": c["sum"].detach(), **({"cls_acc": c["right"]} if "right" in c else {})})

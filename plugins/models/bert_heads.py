@@ -9,6 +9,15 @@ models; they play Hugging Face's `classifier` / `qa_outputs`).
 Every loss is returned in the kernel's two-divisor form (mega.protocols.LossOutput): token
 losses as a sum over `loss_mask` positions (divided by the global batch's loss tokens),
 sentence-level losses as a sum over samples (divided by its sample count).
+
+Class-weighted cross entropy (NeMo's `class_balancing = "weighted_loss"`) is the weighted
+mean sum(w[y] * loss) / sum(w[y]) over the global batch. Its divisor must be known before
+any micro-batch runs, so the weights travel in the batch as `loss_mask` (w[y] at each
+labelled position, or per sample for a sequence classifier): the head returns the
+weighted sum as a token loss (`loss_sum`) and the kernel divides by the global sum of
+`loss_mask`. One micro-batch on one process gives exactly
+`F.cross_entropy(logits, labels, weight=w)`; any micro-batching or data parallelism gives
+that same value for the whole global batch.
 """
 from __future__ import annotations
 
@@ -76,6 +85,17 @@ def binary_losses(logits: torch.Tensor, labels: torch.Tensor) -> Dict[str, torch
     losses = F.cross_entropy(logits.float(), labels, ignore_index=-1, reduction="none")
     right = ((logits.argmax(-1) == labels) & (labels >= 0)).sum().to(losses.dtype)
     return {"sum": losses.sum(), "right": right}
+
+
+def weighted_losses(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Single-label classification with a weight per sample (`loss_mask`, its class's
+    weight): sum(w * cross entropy) in fp32 (a token-form loss, divided by the global sum
+    of the weights), and the count of right answers (unweighted)."""
+    if logits.shape[-1] == 1 or labels.is_floating_point():
+        raise ValueError("per-sample weights (loss_mask) need integer class labels over at least 2 classes")
+    losses = F.cross_entropy(logits.float(), labels, reduction="none")
+    right = (logits.argmax(-1) == labels).sum().to(losses.dtype)
+    return {"sum": (losses * weights.to(losses.dtype)).sum(), "right": right}
 
 
 def classification_losses(logits: torch.Tensor, labels: torch.Tensor) -> Dict[str, torch.Tensor]:

@@ -90,7 +90,7 @@ class TaskConfig(ModelConfig):
     validation_ds: DatasetFiles = field(factory=DatasetFiles)
     test_ds: DatasetFiles = field(factory=DatasetFiles)
     data: DataConfig = field(factory=lambda: DataConfig(data_impl="task"))  # the task's own files, not a corpus
-    predictions_dir: Optional[str] = None  # where evaluation writes predictions; None: <exp_dir>/<name>/predictions/<split>
+    predictions_dir: Optional[str] = None  # where evaluation writes predictions; None: the run's predictions/<split> (beside an archive: <stem>/predictions/<split>)
 
     def __attrs_post_init__(self):
         # NeMo's key for the padded length is model.dataset.max_seq_length; model.seq_length follows it

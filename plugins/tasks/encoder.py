@@ -16,15 +16,20 @@ A pretrained name also fixes the tokenizer (lower-casing, which public vocab.txt
 are never downloaded: when they are not set, the error says which file to fetch and which
 key to point at it.
 
-A mega run or checkpoint given as `lm_checkpoint` with none of the three describes itself:
-its config.toml gives the architecture, and its vocab.txt the `wordpiece` tokenizer's
-`vocab_file` when that is unset (both recorded in the run's config).
+With none of the three, an `lm_checkpoint` that describes itself gives the architecture
+(recorded in the run's config): a mega run or checkpoint (its config.toml; its vocab.txt
+becomes an unset `wordpiece` vocab_file), a `.mega` archive (its config.toml member), a
+Hugging Face MegatronBert directory (its config.json, vocab.txt and lower-casing). A
+Megatron-LM checkpoint or NGC zip does not (its `args` are read only with its weights):
+as in NeMo, one of the three must say it, and the error names the keys.
 
 Weights (`model.language_model.lm_checkpoint`) are loaded once, when a fine-tuning run
 starts from step 0: a mega run, checkpoint or `.mega` archive directly; anything `mega
 import` recognises (a Megatron-LM `iter_XXXXXXX` directory with one `mp_rank_XX` per
-tensor-parallel rank, an NGC zip, a Hugging Face MegatronBert directory) through its
-importer. Only the encoder (`language_model.*`) is taken; the task head starts fresh.
+tensor-parallel rank, an NGC zip or bare `.pt`, a Hugging Face MegatronBert directory)
+through its importer, resharded to the run's tensor-parallel layout. Only the encoder
+(`language_model.*`) is taken; the task head starts fresh. The configured encoder must be
+the checkpoint's: each architecture key that differs is named in the error.
 """
 from __future__ import annotations
 
@@ -130,24 +135,44 @@ ARCH_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_siz
 
 
 def from_mega_checkpoint(config) -> None:
-    """A mega run or checkpoint as `lm_checkpoint` with nothing else describing the encoder:
-    its architecture (and, for an unset wordpiece vocab_file, its vocabulary) are taken from
-    the checkpoint's own config.toml and recorded in this config."""
-    from mega.config import load_raw
-    from mega.training.checkpointing import resolve_checkpoint
+    """`lm_checkpoint` with nothing else describing the encoder (no pretrained name with an
+    architecture, no config_file, no config): a source that describes itself gives the
+    architecture, recorded in this config's `model.language_model.config` --
 
+    * a mega run or checkpoint: its config.toml, and its vocab.txt as the `wordpiece`
+      tokenizer's `vocab_file` when that is unset;
+    * a `.mega` archive: its config.toml member;
+    * a Hugging Face MegatronBert directory: its config.json (and vocab.txt, lower-casing
+      from tokenizer_config.json, when the vocabulary is unset).
+
+    A Megatron-LM checkpoint or NGC zip cannot be read before its weights are loaded, so
+    it needs the architecture said, as NeMo needs it: a ConfigError names the keys."""
     lm, tok = config.language_model, config.tokenizer
     if not lm.lm_checkpoint or lm.config_file or lm.config or PRETRAINED.get(lm.pretrained_model_name or ""):
         return
     path = Path(lm.lm_checkpoint).expanduser()
+    for describe in (_from_mega_run, _from_archive, _from_huggingface):
+        if describe(path, lm, tok):
+            return
+    raise ConfigError(f"model.language_model.config: {lm.lm_checkpoint} does not describe its encoder (a Megatron-LM "
+                      "checkpoint or NGC zip); set model.language_model.config_file=<a JSON of its Megatron arguments: "
+                      "hidden-size, num-layers, num-attention-heads, max-seq-length, ...> or model.language_model.config."
+                      "{num_layers,hidden_size,num_attention_heads,ffn_hidden_size,max_position_embeddings}, or "
+                      "model.language_model.pretrained_model_name (megatron-bert-345m-uncased, ...)")
+
+
+def _from_mega_run(path: Path, lm, tok) -> bool:
+    from mega.config import load_raw
+    from mega.training.checkpointing import resolve_checkpoint
+
     if not path.is_dir():
-        return
+        return False
     try:
         ckpt = resolve_checkpoint(path)
     except CheckpointError:
-        return  # another tool's layout: its importer knows the architecture
+        return False  # another tool's layout
     model = load_raw(ckpt / "config.toml").get("model", {})
-    lm.config = {k: model[k] for k in ARCH_KEYS if k in model}
+    lm.config = _arch_of(model)
     saved_tok = model.get("tokenizer", {})
     if getattr(tok, "library", None) == saved_tok.get("library") == "wordpiece" and not getattr(tok, "vocab_file", None):
         vocab = ckpt / str(saved_tok.get("vocab_file", ""))
@@ -157,6 +182,67 @@ def from_mega_checkpoint(config) -> None:
                 tok.do_lower_case = saved_tok["do_lower_case"]
             if "tokenizer_name" in saved_tok:
                 tok.tokenizer_name = saved_tok["tokenizer_name"]
+    return True
+
+
+def _arch_of(model: Dict[str, Any]) -> Dict[str, Any]:
+    """The encoder keys of a saved `model` table: a pretrained BERT's own keys, or a
+    fine-tuned task's `language_model` (its config_file when still there, else its
+    config, else its pretrained name's)."""
+    lm = model.get("language_model")
+    if isinstance(lm, dict):
+        if lm.get("config_file") and Path(lm["config_file"]).expanduser().is_file():
+            return {k: v for k, v in read_config_file(Path(lm["config_file"]).expanduser()).items() if k in ARCH_KEYS}
+        arch = {k: v for k, v in (lm.get("config") or {}).items() if k in ARCH_KEYS}
+        known = PRETRAINED.get(lm.get("pretrained_model_name") or "")
+        return arch or (dict(known.arch) if known is not None and known.arch else {})
+    return {k: model[k] for k in ARCH_KEYS if k in model}
+
+
+def _from_archive(path: Path, lm, tok) -> bool:
+    """A `.mega` archive's config.toml member (read without unpacking the weights); its
+    vocabulary is a member too, so the tokenizer's vocab_file must be set (the error of an
+    unset one names the key)."""
+    import tarfile
+    import tomllib
+
+    if not path.is_file():
+        return False
+    try:
+        with tarfile.open(path, "r:") as tar:
+            member = tar.extractfile("config.toml")
+            raw = tomllib.loads(member.read().decode("utf-8")) if member is not None else None
+    except (tarfile.TarError, OSError, KeyError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return False
+    if raw is None:
+        return False
+    lm.config = _arch_of(raw.get("model", {}))
+    return True
+
+
+def _from_huggingface(path: Path, lm, tok) -> bool:
+    from mega.plugins.checkpoints.huggingface_bert import MODEL_TYPE, architecture_of, mega_model_config, tokenizer_table
+
+    hf = _hf_config(path)
+    if hf is None or hf.get("model_type") != MODEL_TYPE:
+        return False
+    where = str(path / "config.json")
+    model = mega_model_config(hf, architecture_of(hf, where), where)
+    lm.config = {k: model[k] for k in ARCH_KEYS if k in model}
+    if getattr(tok, "library", None) == "wordpiece" and not getattr(tok, "vocab_file", None) and (path / "vocab.txt").is_file():
+        table, files = tokenizer_table(path, {})
+        tok.vocab_file = str(files["vocab_file"])
+        if getattr(tok, "do_lower_case", 0) is None:
+            tok.do_lower_case = table["do_lower_case"]
+    return True
+
+
+def _hf_config(path: Path) -> Optional[dict]:
+    try:
+        raw = json.loads((path / "config.json").read_text(encoding="utf-8")) if path.is_dir() else None
+    except (OSError, ValueError):
+        return None
+    return raw if isinstance(raw, dict) else None
 
 
 def check_language_model(config, plugins) -> None:
@@ -195,8 +281,9 @@ def _megatron_file(path: Path) -> Optional[Path]:
     return None
 
 
-def encoder_state(source, plugins, vocab_file: Optional[str] = None) -> Dict[str, torch.Tensor]:
-    """The `language_model.*` tensors of `source` at this process's tensor-parallel layout."""
+def encoder_state(source, plugins, vocab_file: Optional[str] = None):
+    """(the `language_model.*` tensors of `source` at this process's tensor-parallel
+    layout, the `model` config they were loaded with)."""
     from mega.inference import load_checkpoint_for_inference
     from mega.interop import find_importer
 
@@ -204,7 +291,7 @@ def encoder_state(source, plugins, vocab_file: Optional[str] = None) -> Dict[str
     scratch = None
     try:
         try:
-            model, _, _ = load_checkpoint_for_inference(source, plugins)
+            model, _, config = load_checkpoint_for_inference(source, plugins)
         except (CheckpointError, ConfigError, FileNotFoundError) as first:
             # not a mega checkpoint: through the importer that recognises it
             scratch = Path(tempfile.mkdtemp(prefix="mega-lm-checkpoint-"))
@@ -225,7 +312,7 @@ def encoder_state(source, plugins, vocab_file: Optional[str] = None) -> Dict[str
             # written on: the run's own vocab.txt stands in for it
             options = {"vocab_file": str(vocab_file)} if vocab_file and getattr(fmt, "name", "") == "megatron" else {}
             ckpt = fmt.import_run(target, scratch / "run", options, plugins)
-            model, _, _ = load_checkpoint_for_inference(ckpt, plugins)
+            model, _, config = load_checkpoint_for_inference(ckpt, plugins)
         state = {k: v for k, v in model.state_dict().items() if k.startswith("language_model.")}
     finally:
         if scratch is not None:
@@ -233,14 +320,67 @@ def encoder_state(source, plugins, vocab_file: Optional[str] = None) -> Dict[str
     if not state:
         raise CheckpointError(f"model.language_model.lm_checkpoint: {source} holds no language_model.* weights "
                               "(is it a BERT checkpoint?)")
-    return state
+    return state, model.config
+
+
+# the encoder keys that must agree with the checkpoint's (shapes, and what changes the outputs)
+MATCHING_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "max_position_embeddings",
+                 "num_tokentypes", "layernorm_epsilon", "activation")
+
+
+def _value(cfg, key):
+    value = getattr(cfg, key, None)
+    if key == "ffn_hidden_size" and value is None:
+        return 4 * cfg.hidden_size
+    return value
+
+
+def check_architecture(mine, theirs, source) -> None:
+    """A CheckpointError naming each `model.language_model.config` key whose value differs
+    from the checkpoint's."""
+    wrong = [(k, _value(mine, k), _value(theirs, k)) for k in MATCHING_KEYS
+             if hasattr(theirs, k) and _value(theirs, k) is not None and _value(mine, k) != _value(theirs, k)]
+    if wrong:
+        said = "; ".join(f"model.language_model.config.{k}={a!r} but the checkpoint has {b!r}" for k, a, b in wrong)
+        raise CheckpointError(f"model.language_model.lm_checkpoint: {source} is another encoder: {said} (set those keys, "
+                              "or model.language_model.config_file, to the checkpoint's values)")
+
+
+WORD_EMBEDDINGS = "language_model.embedding.word_embeddings.weight"
+
+
+def _fit_vocabulary_padding(model, own, state) -> None:
+    """Megatron-LM pads the vocabulary to a multiple of make_vocab_size_divisible_by x its
+    tensor-parallel size, so a checkpoint saved at TP=2 has more padding rows than a TP=1
+    fine-tuning run's table (256 against 128 rows for a small vocabulary). The rows past the
+    tokenizer's vocabulary are never looked up: in one process the checkpoint's rows are
+    taken as far as both tables go (the real ones among them), the rest made zeros.
+    Sharded across ranks the rows of each rank differ, so there the shapes must agree
+    (the error says which key sets the padding)."""
+    from mega.runtime.parallel import current
+
+    mine, theirs = own.get(WORD_EMBEDDINGS), state.get(WORD_EMBEDDINGS)
+    if mine is None or theirs is None or mine.shape == theirs.shape or mine.shape[1:] != theirs.shape[1:]:
+        return
+    vocab = getattr(model, "vocab_size", None)
+    if current().tp_size != 1 or vocab is None or min(mine.shape[0], theirs.shape[0]) < vocab:
+        return
+    rows = min(mine.shape[0], theirs.shape[0])
+    fitted = torch.zeros_like(mine)
+    fitted[:rows] = theirs[:rows]
+    state[WORD_EMBEDDINGS] = fitted
+    log.info("%s: the checkpoint's %d rows (vocabulary %d plus padding) fitted to this run's %d",
+             WORD_EMBEDDINGS, theirs.shape[0], vocab, mine.shape[0])
 
 
 def load_encoder(model: torch.nn.Module, source, plugins, vocab_file: Optional[str] = None) -> None:
-    """Copy the encoder weights of `source` into `model` (every language_model.* tensor of
-    the model must be there with its shape; the pooler may be absent)."""
-    state = encoder_state(source, plugins, vocab_file)
+    """Copy the encoder weights of `source` into `model` (the architecture must be the
+    checkpoint's, and every language_model.* tensor of the model must be there with its
+    shape; the pooler may be absent)."""
+    state, source_config = encoder_state(source, plugins, vocab_file)
+    check_architecture(model.config, source_config, source)
     own = {k: v for k, v in model.state_dict().items() if k.startswith("language_model.")}
+    _fit_vocabulary_padding(model, own, state)
     missing = [k for k in own if k not in state and ".pooler." not in k]
     if missing:
         raise CheckpointError(f"model.language_model.lm_checkpoint: {source} lacks {', '.join(missing[:4])}"
@@ -248,8 +388,11 @@ def load_encoder(model: torch.nn.Module, source, plugins, vocab_file: Optional[s
     wrong = [f"{k} {tuple(state[k].shape)} (model {tuple(v.shape)})" for k, v in own.items()
              if k in state and state[k].shape != v.shape]
     if wrong:
-        raise CheckpointError(f"model.language_model.lm_checkpoint: {source} has other shapes: {'; '.join(wrong[:3])}"
-                              " (does model.language_model describe the same encoder?)")
+        hint = (" (the word embedding's rows follow the vocabulary: is model.tokenizer.vocab_file the checkpoint's? its "
+                "padding is model.language_model.config.make_vocab_size_divisible_by="
+                f"{getattr(source_config, 'make_vocab_size_divisible_by', '?')} x the tensor-parallel size)"
+                if any("word_embeddings" in w for w in wrong) else " (does model.language_model describe the same encoder?)")
+        raise CheckpointError(f"model.language_model.lm_checkpoint: {source} has other shapes: {'; '.join(wrong[:3])}{hint}")
     with torch.no_grad():
         for k, v in own.items():
             if k in state:

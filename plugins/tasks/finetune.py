@@ -5,8 +5,9 @@ weights loaded when a run starts.
   head model the task names (`bert_question_answering`, ...) from the task config's
   `language_model` keys, with the task's head options (number of labels). Its parameters keep
   the head model's names, so the head's checkpoints, converters and resharding apply as
-  they are. The built model also answers `mega evaluate` (`evaluate`: the task's metrics)
-  and `mega predict` (`predict`); those two methods are added to the head model's class
+  they are. The built model also answers `mega evaluate` (`evaluate`: the task's metrics),
+  each validation of the run (`validation_metrics`: the same metrics, logged as
+  `val_<name>`) and `mega predict` (`predict`); those methods are added to the head model's class
   (a subclass made once per head class, as torch's parametrizations do) rather than by
   wrapping it, which would rename every parameter.
 * Data (`model.data.data_impl = "task"`, the default of every task config): each split's
@@ -49,25 +50,77 @@ def head_config(config: TaskConfig, task, entry):
     return cls(**{k: v for k, v in values.items() if k in names})
 
 
-def run_head(model, samples: Sequence[Dict[str, torch.Tensor]], batch_size: int) -> List[Dict[str, torch.Tensor]]:
-    """The head's outputs (`logits`, `start_logits`/`end_logits`) for each sample, on the CPU."""
-    from mega.training.batches import collate
+def run_head(model, samples: Sequence[Dict[str, torch.Tensor]], batch_size: int,
+             parallel=None) -> List[Dict[str, torch.Tensor]]:
+    """The head's outputs (`logits`, `start_logits`/`end_logits`) for each sample, on the CPU,
+    the same list on every rank of `parallel` (default: this process's layout; a collective).
 
-    device = next(model.parameters()).device
-    out: List[Dict[str, torch.Tensor]] = []
+    Data-parallel ranks each run one contiguous share of `samples` and gather the others'
+    outputs, so a larger data-parallel size costs less time, not more. Under pipeline
+    parallelism the hidden states pass stage to stage (`stage_logits`) and the last stage's
+    outputs are broadcast to the pipeline; tensor-parallel ranks compute the same outputs."""
+    from mega.runtime.parallel import current
+
+    st = parallel if parallel is not None else current()
+    share = -(-len(samples) // st.dp_size)
+    mine = list(samples[st.dp_rank * share:(st.dp_rank + 1) * share])
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for i in range(0, len(samples), batch_size):
-                batch = {k: v.to(device) for k, v in collate(samples[i:i + batch_size]).items()}
-                res = model.logits(batch)
-                keys = [k for k in OUTPUT_KEYS if k in res]
-                for j in range(len(batch["tokens"])):
-                    out.append({k: res[k][j].float().cpu() for k in keys})
+            out = _head_outputs(model, mine, batch_size, st)
     finally:
         model.train(was_training)
+    if st.dp_size > 1:
+        import torch.distributed as dist
+
+        shares: List[Any] = [None] * st.dp_size
+        dist.all_gather_object(shares, out, group=st.dp_group)
+        out = [o for part in shares for o in part]
     return out
+
+
+def _head_outputs(model, samples, batch_size: int, st) -> List[Dict[str, torch.Tensor]]:
+    """This data-parallel rank's outputs (see run_head), micro-batch by micro-batch."""
+    from mega.training.batches import collate
+
+    device = next(model.parameters()).device
+    out: List[Dict[str, torch.Tensor]] = []
+    for i in range(0, len(samples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(samples[i:i + batch_size]).items()}
+        res = model.logits(batch) if st.pp_size == 1 else _pipelined_logits(model, batch, st, device)
+        if res is not None:
+            keys = [k for k in OUTPUT_KEYS if k in res]
+            for j in range(len(batch["tokens"])):
+                out.append({k: res[k][j].float().cpu() for k in keys})
+    if st.pp_size > 1:  # only the last stage has them
+        import torch.distributed as dist
+
+        box = [out if st.is_last_stage else None]
+        dist.broadcast_object_list(box, src=st.pp_ranks[-1], group=st.pp_group)
+        out = box[0]
+    return out
+
+
+def _pipelined_logits(model, batch, st, device):
+    """One micro-batch through this pipeline stage: receive the previous stage's hidden
+    states, run `stage_logits`, send the result on; the head outputs on the last stage,
+    None elsewhere."""
+    import torch.distributed as dist
+
+    if not callable(getattr(model, "stage_logits", None)):
+        raise ConfigError(f"model.pipeline_model_parallel_size={st.pp_size}: the head {type(model).__name__} has no "
+                          "stage_logits(batch, hidden) to run its outputs stage by stage; evaluate it at "
+                          "model.pipeline_model_parallel_size=1 (mega evaluate's default, the checkpoint reshards)")
+    hidden = None
+    if not st.is_first_stage:
+        hidden = torch.empty(model.activation_shape(batch), device=device, dtype=torch.float32)
+        dist.recv(hidden, st.pp_ranks[st.pp_rank - 1])
+    res = model.stage_logits(batch, hidden)
+    if st.is_last_stage:
+        return res
+    dist.send(res.float().contiguous(), st.pp_ranks[st.pp_rank + 1])
+    return None
 
 
 def predictions_dir(config, split: str) -> Path:
@@ -91,6 +144,17 @@ class TaskModel:
         if directory is not None:
             log.info("%s predictions written to %s", split, directory)
         return metrics
+
+    def validation_metrics(self, run) -> Dict[str, float]:
+        """The task's metrics over the whole valid split (mega.protocols.ValidationMetrics),
+        as `mega evaluate --split valid` reports them, without writing prediction files.
+        The split is the task's (`model.validation_ds.num_samples` keeps its first N
+        examples); `trainer.limit_val_batches` bounds only the loss pass, which cuts the
+        split into global batches where a metric may need more (SQuAD scores a question
+        from all of its windows)."""
+        samples = self.downstream_task.samples("valid", run.tokenizer)
+        outputs = run_head(self, samples, run.config.model.micro_batch_size, run.parallel)
+        return dict(self.downstream_task.evaluate("valid", outputs, None))
 
     def predict(self, inputs: Dict[str, Any], tokenizer) -> Dict[str, Any]:
         return self.downstream_task.predict(inputs, tokenizer, lambda samples: run_head(self, samples, 8))

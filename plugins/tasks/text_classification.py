@@ -7,6 +7,11 @@ Files: `model.train_ds.file_path`, `model.validation_ds.file_path`, `model.test_
 starts and recorded in `model.class_labels.names`, so checkpoints and archives carry them.
 Evaluation reports NeMo's ClassificationReport: accuracy and micro/macro/weighted precision,
 recall and F1 (percent), and writes `predictions.tsv` (`text<TAB>predicted<TAB>label`).
+
+`model.dataset.class_balancing = "weighted_loss"` trains with NeMo's class-weighted cross
+entropy: the weights (`model.dataset.class_weights`, computed from the training labels when
+the run starts and recorded there) ride on each sample as its `loss_mask`, so the loss of a
+global batch is sum(w * loss) / sum(w) over all of it, whatever the micro-batching.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from mega.plugins.tasks.text_classification_data import (
     pad_sample,
     read_label_names,
     read_text_classification,
+    resolve_class_weights,
 )
 
 
@@ -38,6 +44,8 @@ class TextClassificationDatasetConfig:
 
     num_classes: Optional[int] = field(default=None, validator=at_least_one)  # required: labels are 0..num_classes-1
     max_seq_length: int = field(default=256, validator=at_least_one)  # [CLS] text [SEP]; longer texts keep their head
+    class_balancing: Optional[str] = None  # "weighted_loss": cross entropy weighted by class_weights (NeMo's); null: unweighted
+    class_weights: List[float] = field(factory=list)  # by label id; empty: NeMo's total / (classes present x count) from the training labels
 
 
 @define(kw_only=True)
@@ -82,6 +90,13 @@ class TextClassificationTask(TaskBase):
             labels.names = [read_label_names(labels.class_labels_file)[i] for i in sorted(read_label_names(labels.class_labels_file))]
         if labels.names and len(labels.names) != self.num_classes:
             raise ConfigError(f"model.class_labels: {len(labels.names)} names for model.dataset.num_classes={self.num_classes}")
+        self.class_weights()
+
+    def class_weights(self) -> Optional[List[float]]:
+        """`model.dataset.class_weights` when `class_balancing = "weighted_loss"` (computed
+        from the training file once, then read from the config), else None."""
+        return resolve_class_weights(self.config.dataset, self.num_classes,
+                                     lambda: [label for _, label in self.read("train")])
 
     def head_options(self) -> Dict[str, Any]:
         return {"num_labels": self.num_classes}
@@ -95,7 +110,8 @@ class TextClassificationTask(TaskBase):
 
     def build_samples(self, split, tokenizer):
         self.pairs[split] = self.limit(split, self.read(split))
-        return classification_samples(self.pairs[split], self.subwords(tokenizer), self.max_seq_length)
+        return classification_samples(self.pairs[split], self.subwords(tokenizer), self.max_seq_length,
+                                      self.class_weights())
 
     def report(self, split, outputs):
         preds = [int(o["logits"].argmax()) for o in outputs]

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from mega.errors import DataError
+from mega.errors import ConfigError, DataError
 from mega.plugins.tasks.subwords import Subwords
 
 
@@ -72,23 +72,53 @@ def pad_sample(ids: Sequence[int], types: Sequence[int], max_seq_length: int, pa
     }
 
 
-def classification_samples(pairs: Sequence[Tuple[str, int]], subwords: Subwords, max_seq_length: int) -> List[Dict[str, torch.Tensor]]:
-    """One sample per example: tokens, tokentype_ids, padding_mask and `label` [] (the
-    head's loss is a mean over examples, so there is no `loss_mask`)."""
+def classification_samples(pairs: Sequence[Tuple[str, int]], subwords: Subwords, max_seq_length: int,
+                           weights: Optional[Sequence[float]] = None) -> List[Dict[str, torch.Tensor]]:
+    """One sample per example: tokens, tokentype_ids, padding_mask and `label` [].
+
+    Without `weights` the head's loss is a mean over examples (no `loss_mask`). With class
+    weights (`class_balancing = "weighted_loss"`) each sample carries `loss_mask` [] = the
+    weight of its label: the head's loss is then sum(w * loss) and the kernel divides by the
+    global batch's sum of `loss_mask`, i.e. NeMo's weighted mean sum(w * loss) / sum(w)."""
     out = []
     for text, label in pairs:
         ids, types = encode_single(text, subwords, max_seq_length)
         s = pad_sample(ids, types, max_seq_length, subwords.pad_id)
         s["label"] = torch.tensor(label, dtype=torch.long)
+        if weights is not None:
+            s["loss_mask"] = torch.tensor(float(weights[label]), dtype=torch.float)
         out.append(s)
     return out
 
 
 def class_weights(labels: Sequence[int], num_classes: int) -> List[float]:
     """`class_balancing = "weighted_loss"`: NeMo's frequency weights, total / (number of
-    classes present x count) per class; a class absent from the training data gets 0."""
+    classes present x count) per class; a class absent from the training data gets 0.
+    (Over the training set the weights of its labels sum to its size: the weighted mean
+    of a whole epoch keeps the unweighted loss's scale.)"""
     counts = [0] * num_classes
     for label in labels:
         counts[label] += 1
     total, present = sum(counts), sum(1 for c in counts if c)
     return [total / (present * c) if c else 0.0 for c in counts]
+
+
+BALANCING = (None, "weighted_loss")
+
+
+def resolve_class_weights(dataset, num_classes: int, training_labels) -> Optional[List[float]]:
+    """The class weights a run trains with, recorded in `dataset.class_weights` so that
+    config.toml, checkpoints and archives carry them (a restored model needs no training
+    file): None without `class_balancing`; else the recorded weights, or NeMo's computed
+    from `training_labels()` (the label id of every training example / labelled word)."""
+    if dataset.class_balancing not in BALANCING:
+        raise ConfigError(f"model.dataset.class_balancing: expected null or 'weighted_loss', got {dataset.class_balancing!r}")
+    if dataset.class_balancing is None:
+        return None
+    if not dataset.class_weights:
+        dataset.class_weights = class_weights(list(training_labels()), num_classes)
+    if len(dataset.class_weights) != num_classes:
+        raise ConfigError(f"model.dataset.class_weights: {len(dataset.class_weights)} weights for {num_classes} classes")
+    if any(w < 0 for w in dataset.class_weights):
+        raise ConfigError("model.dataset.class_weights: weights must not be negative")
+    return list(dataset.class_weights)

@@ -13,12 +13,20 @@ Evaluation reads one prediction per word (the first sub-token's) and reports ent
 precision, recall and F1 (seqeval's default, conlleval-compatible rules: `precision`,
 `recall`, `f1`, micro over entity types, as fractions x 100), token accuracy
 (`token_accuracy`), and NeMo's token-level ClassificationReport (macro, `label_*`).
+
+`model.dataset.class_balancing = "weighted_loss"` trains with NeMo's class-weighted cross
+entropy: each labelled position's `loss_mask` is its label's weight
+(`model.dataset.class_weights`, computed from the training labels when the run starts and
+recorded there), and the kernel divides the loss by the global batch's sum of `loss_mask`:
+sum(w * loss) / sum(w), NeMo's weighted mean, at any micro-batching. The logged `tok_acc`
+is weighted the same way.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import torch
 from attrs import define, field
 
 import mega
@@ -30,6 +38,7 @@ from mega.plugins.tasks.finetune import build_task_model
 from mega.plugins.tasks.metrics import seqeval
 from mega.plugins.tasks.metrics.classification_report import ClassificationReport
 from mega.plugins.tasks.text_classification import write_text
+from mega.plugins.tasks.text_classification_data import resolve_class_weights
 from mega.plugins.tasks.token_classification_data import (
     build_label_ids,
     read_token_classification,
@@ -50,6 +59,8 @@ class TokenDatasetConfig:
     ignore_extra_tokens: bool = False  # true: a word's 2nd, 3rd... sub-tokens carry no loss
     ignore_start_end: bool = False  # true: [CLS] and [SEP] carry no loss
     label_ids: List[str] = field(factory=list)  # labels by id; empty: pad_label, then the training labels sorted
+    class_balancing: Optional[str] = None  # "weighted_loss": cross entropy weighted by class_weights (NeMo's); null: unweighted
+    class_weights: List[float] = field(factory=list)  # by label id; empty: NeMo's total / (labels present x count) over the training words
 
 
 @define(kw_only=True)
@@ -84,6 +95,17 @@ class TokenClassificationTask(TaskBase):
             d.label_ids = list(build_label_ids([l for _, l in sentences], d.pad_label))
         if d.label_ids[0] != d.pad_label:
             raise ConfigError(f"model.dataset.label_ids: the first label (id 0) must be pad_label {d.pad_label!r}")
+        self.class_weights()
+
+    def class_weights(self) -> Optional[List[float]]:
+        """`model.dataset.class_weights` when `class_balancing = "weighted_loss"`: NeMo's
+        weights from the label of every word of the training labels file (pad_label's
+        words included), computed once and recorded; else None."""
+        def training_labels():
+            ids = self.label_map
+            return [ids[label] for _, labels in read_token_classification(*self.files("train")) for label in labels
+                    if label in ids]
+        return resolve_class_weights(self.config.dataset, len(self.config.dataset.label_ids), training_labels)
 
     @property
     def label_map(self) -> Dict[str, int]:
@@ -94,8 +116,12 @@ class TokenClassificationTask(TaskBase):
 
     def _sample(self, words, labels, tokenizer, where=""):
         d = self.config.dataset
-        return token_classification_sample(words, labels, self.subwords(tokenizer), self.label_map, self.max_seq_length,
-                                           d.pad_label, d.ignore_extra_tokens, d.ignore_start_end, where)
+        sample = token_classification_sample(words, labels, self.subwords(tokenizer), self.label_map, self.max_seq_length,
+                                             d.pad_label, d.ignore_extra_tokens, d.ignore_start_end, where)
+        weights = self.class_weights() if labels is not None else None
+        if weights is not None:  # each labelled position weighs its label's weight (see the module docstring)
+            sample["loss_mask"] = sample["loss_mask"] * torch.tensor(weights, dtype=torch.float)[sample["labels"]]
+        return sample
 
     def build_samples(self, split, tokenizer):
         text, labels = self.files(split)
