@@ -84,6 +84,21 @@ def _predict(capsys, *args) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
+def _same_from_archive(capsys, run_dir: Path, tmp_path: Path, answer: dict, *args) -> None:
+    """Saved into one `.mega` and restored from it, the fine-tuned model answers the same."""
+    archive = tmp_path / f"{run_dir.name}.mega"
+    assert main(["export", str(run_dir), str(archive)]) == 0
+    again = _predict(capsys, archive, *args)
+    assert again.keys() == answer.keys()
+    for key, value in answer.items():
+        if key == "probabilities":
+            assert list(again[key]) == list(value)
+            assert list(again[key].values() if isinstance(value, dict) else again[key]) == pytest.approx(
+                list(value.values() if isinstance(value, dict) else value), abs=1e-6)
+        else:
+            assert again[key] == value, key
+
+
 @pytest.mark.slow
 def test_question_answering(plugins, data, tmp_path, capsys):
     d = data["dir"]
@@ -140,6 +155,7 @@ def test_token_classification(plugins, data, tmp_path, capsys):
     out = _predict(capsys, run.run_dir, "--text", "john smith lives in paris")
     assert out["labels"] == ["B-PER", "I-PER", "O", "O", "B-LOC"]
     assert out["entities"] == [{"type": "PER", "text": "john smith"}, {"type": "LOC", "text": "paris"}]
+    _same_from_archive(capsys, run.run_dir, tmp_path, out, "--text", "john smith lives in paris")
 
 
 def test_relation_extraction(plugins, data, tmp_path, capsys):
@@ -154,6 +170,7 @@ def test_relation_extraction(plugins, data, tmp_path, capsys):
     assert {"positive_precision", "positive_recall", "positive_f1", "micro_f1"} <= set(m)
     out = _predict(capsys, run.run_dir, "--text", "<@CHEMICAL$> inhibits <@GENE$> .")
     assert out["label"] in ("CPR:4", "CPR:3", "False") and set(out["probabilities"]) == {"CPR:4", "CPR:3", "False"}
+    _same_from_archive(capsys, run.run_dir, tmp_path, out, "--text", "<@CHEMICAL$> inhibits <@GENE$> .")
 
 
 @pytest.mark.slow
@@ -169,6 +186,8 @@ def test_multiple_choice(plugins, data, tmp_path, capsys):
     out = _predict(capsys, run.run_dir, "--question", "the dog", *sum((["--choice", c] for c in
                                                                        ("meowed", "barked", "built")), []))
     assert out["text"] in ("meowed", "barked", "built") and len(out["probabilities"]) == 3
+    _same_from_archive(capsys, run.run_dir, tmp_path, out, "--question", "the dog",
+                       *sum((["--choice", c] for c in ("meowed", "barked", "built")), []))
 
 
 def test_encoder_weights_come_from_lm_checkpoint(plugins, data, tmp_path):
