@@ -38,16 +38,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import (
-    ChunkStorageMetadata,
-    MetadataIndex,
-    TensorProperties,
-    TensorStorageMetadata,
-)
-from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
-from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 import mega
 from mega.errors import CheckpointError
@@ -87,47 +77,6 @@ def _offsets(shape: Sequence[int], dim: Optional[int], tp_rank: int) -> List[int
     if dim is not None:
         offsets[dim] = tp_rank * shape[dim]
     return offsets
-
-
-class _ChunkSavePlanner(DefaultSavePlanner):
-    """DCP's default planner, told where each local tensor sits in its global tensor."""
-
-    def __init__(self, placement: Dict[str, Tuple[List[int], List[int]]]):
-        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
-        self.placement = placement  # key -> (offsets, global size)
-
-    def create_local_plan(self) -> SavePlan:
-        items = []
-        for key, t in self.state_dict.items():
-            offsets, size = self.placement[key]
-            chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=t.size())
-            items.append(WriteItem(index=MetadataIndex(key, torch.Size(offsets)), type=WriteItemType.SHARD,
-                                   tensor_data=TensorWriteData(chunk=chunk, properties=TensorProperties.create_from_tensor(t),
-                                                               size=torch.Size(size))))
-        self.plan = SavePlan(items)
-        return self.plan
-
-    def lookup_object(self, index: MetadataIndex):
-        return self.state_dict[index.fqn]
-
-
-class _ChunkLoadPlanner(DefaultLoadPlanner):
-    """Reads, for each destination tensor, the chunk at its offsets from whatever saved
-    chunks overlap it (DCP's resharding)."""
-
-    def __init__(self, offsets: Dict[str, List[int]]):
-        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
-        self.offsets = offsets
-
-    def create_local_plan(self) -> LoadPlan:
-        requests = []
-        for key, t in self.state_dict.items():
-            chunk = ChunkStorageMetadata(offsets=torch.Size(self.offsets[key]), sizes=t.size())
-            requests += create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [chunk])
-        return LoadPlan(requests)
-
-    def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
-        return self.state_dict[index.fqn]
 
 
 def _group_kwargs(parallel, saving: bool) -> dict:
@@ -226,8 +175,12 @@ class TorchDistFormat:
         if parallel is None or parallel.is_main:
             (directory / "metadata.json").write_text(json.dumps(METADATA_JSON))
             torch.save(_common(state, parallel, sharding), directory / "common.pt")
+        import torch.distributed.checkpoint as dcp  # ~1 s to import: only when a checkpoint is written
+
+        from mega.plugins.checkpoints.torch_dist_planners import ChunkSavePlanner
+
         with _one_process_is_fine():
-            dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(directory)), planner=_ChunkSavePlanner(placement),
+            dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(directory)), planner=ChunkSavePlanner(placement),
                      **_group_kwargs(parallel, saving=True))
 
     def load(self, directory: Path, parallel=None, parts: Sequence[str] = PARTS) -> dict:
@@ -273,6 +226,11 @@ class TorchDistFormat:
     # --- reading -------------------------------------------------------------------------------
     def _read(self, directory: Path, parallel, sharding: dict, shapes: Dict[str, List[int]],
               param_names: Optional[List[str]], param_groups: Optional[list], extra: dict) -> dict:
+        import torch.distributed.checkpoint as dcp  # ~1 s to import: only when a checkpoint is read
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        from mega.plugins.checkpoints.torch_dist_planners import ChunkLoadPlanner
+
         tp_size, tp_rank, _, _ = _layout(parallel)
         try:
             metadata = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
@@ -330,7 +288,7 @@ class TorchDistFormat:
                 log.warning("%s: no optimizer state for this model's parameters; its moments start afresh", directory)
         try:
             with _one_process_is_fine():
-                dcp.load(targets, storage_reader=dcp.FileSystemReader(str(directory)), planner=_ChunkLoadPlanner(offsets),
+                dcp.load(targets, storage_reader=dcp.FileSystemReader(str(directory)), planner=ChunkLoadPlanner(offsets),
                          **_group_kwargs(parallel, saving=False))
         except CheckpointError:
             raise
