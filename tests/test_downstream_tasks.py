@@ -254,54 +254,6 @@ def test_megatron_config_file_sets_the_architecture(plugins, data, tmp_path):
     assert (c.hidden_size, c.num_attention_heads, c.num_layers, c.max_position_embeddings) == (16, 2, 1, 40)
 
 
-@pytest.mark.slow
-def test_tensor_parallel_fine_tuning_equals_one_process(data, tmp_path):
-    """QA at TP=2 (two gloo workers) follows the one-process losses, and `mega evaluate`
-    at TP=2 of the TP=1 run reports the same metrics."""
-    import os
-    import subprocess
-    import sys
-
-    import tomli_w
-
-    from mega.testing import read_metrics
-
-    d = data["dir"]
-    raw = _raw(d, tmp_path, "tp1", {"name": "question_answering", "train_ds": str(d / "squad.json"),
-                                    "validation_ds": str(d / "squad.json"), "micro_batch_size": 2,
-                                    "dataset": {"max_seq_length": 32, "doc_stride": 8, "max_query_length": 8}}, steps=4)
-    raw["trainer"].update({"val_check_interval": 2, "log_every_n_steps": 1})
-    # the same padded vocabulary at both sizes (54 ids: a multiple of 1 and of 1 x 2), so both
-    # draw the same initial embedding
-    raw["model"]["language_model"]["config"]["make_vocab_size_divisible_by"] = 1
-    exp = tmp_path / "qa.toml"
-    exp.write_text(tomli_w.dumps(raw))
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    env.pop("RANK", None)
-
-    def mega_cli(*args):
-        out = subprocess.run([sys.executable, "-m", "mega", *args], capture_output=True, text=True, timeout=400,
-                             cwd=tmp_path, env=env)
-        assert out.returncode == 0, out.stderr[-3000:]
-        return out
-
-    mega_cli("run", str(exp))
-    mega_cli("run", str(exp), "exp_manager.name=tp2", "trainer.devices=2", "model.tensor_model_parallel_size=2")
-    one, two = read_metrics(tmp_path / "results" / "tp1"), read_metrics(tmp_path / "results" / "tp2")
-    assert [m["step"] for m in one] == [m["step"] for m in two]
-    for a, b in zip(one, two):
-        for key in ("loss", "val_loss"):
-            if key in a:
-                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)
-    mega_cli("evaluate", str(tmp_path / "results" / "tp1"), "--split", "valid")
-    single = json.loads((tmp_path / "results" / "tp1" / "eval_valid.json").read_text())
-    mega_cli("evaluate", str(tmp_path / "results" / "tp1"), "--split", "valid", "trainer.devices=2",
-             "model.tensor_model_parallel_size=2")
-    double = json.loads((tmp_path / "results" / "tp1" / "eval_valid.json").read_text())
-    assert double["exact_match"] == single["exact_match"] and double["f1"] == pytest.approx(single["f1"])
-
-
 def test_encoder_weights_from_a_megatron_checkpoint(plugins, data, tmp_path):
     """A BERT in Megatron-LM's layout (`mega export --to megatron` of a `bert` model) as
     `lm_checkpoint`: the fine-tuning run starts from its encoder."""
