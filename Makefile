@@ -23,7 +23,7 @@ quickstart: $(VENV)/.installed
 	$(VENV)/bin/mega run examples/quickstart.toml
 
 test: $(VENV)/.installed
-	$(PY) -m pytest tests contrib
+	$(PY) -m pytest tests contrib --durations=25
 
 clean:
 	rm -rf $(VENV) results build *.egg-info
