@@ -56,7 +56,7 @@ for what in "$@"; do
     tests)
       install
       nvidia-smi -L | tee -a "$OUT/summary.txt"
-      part tests 330 $py -m pytest tests contrib -q -n 8 -p no:cacheprovider --timeout 240 -rfE ;;
+      part tests 330 $py -m pytest tests contrib -q -n 8 --dist loadfile -p no:cacheprovider --timeout 240 -rfE ;;
     bench)
       install
       part bench124m 300 $py benchmarks/bench_gpu.py --reps 3 --steps 10 ;;
