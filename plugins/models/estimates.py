@@ -83,7 +83,8 @@ def block_activation_bytes(block: BlockConfig, b: int, s: int, s_kv: int, tp: in
     inputs (the residual stream) and outputs, Q/K/V, the attention output, both MLP
     activations, per-token LayerNorm statistics and the SDPA log-sum-exp; with attention
     dropout on CPU, SDPA takes its math path and keeps probabilities, mask and dropped
-    probabilities (3 tensors of b x heads x s x s_kv). Bytes per element: activation_bytes.
+    probabilities (3 fp32 tensors of b x heads x s x s_kv). Bytes per element:
+    activation_bytes.
     `cross_kv` adds a cross-attention sublayer over that many memory positions (the
     decoder's inter-attention)."""
     h, f, a = block.hidden_size, block.ffn, block.num_attention_heads // tp
@@ -101,6 +102,9 @@ def block_activation_bytes(block: BlockConfig, b: int, s: int, s_kv: int, tp: in
 
 
 def _attention_bytes(block: BlockConfig, b: int, s: int, s_kv: int, heads: int, e: int, device: str) -> int:
-    if block.attention_dropout and device != "cuda":  # SDPA's math path on CPU
-        return 3 * e * b * heads * s * s_kv
+    if block.attention_dropout and device != "cuda":
+        # SDPA's math path on CPU computes in fp32 whatever the inputs' dtype: it keeps
+        # three fp32 b x heads x s x s_kv tensors and, for 16-bit inputs, fp32 copies of Q, K, V
+        upcast = 4 * b * heads * (s + 2 * s_kv) * block.head_dim if e == 2 else 0
+        return 3 * 4 * b * heads * s * s_kv + upcast
     return 4 * b * heads * s  # the fused kernels' log-sum-exp
