@@ -160,27 +160,11 @@ def build(which: str, a):
 def state_bytes(model, opt, main=None) -> dict:
     """Bytes of the training state after a step, each storage counted once: the model's
     parameters, their gradients, (O2) the fp32 main weights and gradient buffer, and the
-    optimizer state."""
-    seen = set()
+    optimizer state. The kernel's count (mega.plan.counted_state_bytes), the one
+    `mega plan`'s state figure is tested against."""
+    from mega.plan import counted_state_bytes
 
-    def size(tensors):
-        n = 0
-        for t in tensors:
-            if t is None:
-                continue
-            key = (t.untyped_storage().data_ptr(), t.device)
-            if key not in seen:
-                seen.add(key)
-                n += t.untyped_storage().nbytes()
-        return n
-
-    out = {"params": size(model.parameters()), "grads": size(p.grad for p in model.parameters())}
-    if main is not None:
-        out["main params"] = size(main.main)
-        out["main grads"] = size([main.grad_buffer])
-    out["optimizer"] = size(t for st in opt.state.values() for t in st.values() if torch.is_tensor(t) and t.dim() > 0)
-    out["total"] = sum(out.values())
-    return out  # "step peak" (CUDA): added by time_steps
+    return counted_state_bytes(model, opt, main)  # "step peak" (CUDA): added by time_steps
 
 
 def non_embedding_params(a) -> int:

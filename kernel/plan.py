@@ -8,21 +8,31 @@ instead of being killed by the kernel's OOM killer minutes later.
 
 The kernel stays generic: a model plugin's config class implements
 `mega.protocols.EstimatesMemory` (parameters and activations per pipeline stage, FLOPs per
-token); this module adds what the kernel itself decides:
+token); this module adds what the kernel itself decides, per parameter by the precision
+layout (`Layout`: fp32, bf16/fp16 autocast, or `model.megatron_amp_O2`):
 
-* weights: fp32 parameters (mixed precision keeps fp32 masters; autocast also caches a
-  16-bit copy of each weight for the backward);
-* gradients: fp32, one per parameter; DistributedDataParallel keeps a second copy in its
-  buckets when data-parallel without pipelining;
+* weights: the model's parameters (fp32; 16-bit under O2) and, under O2, the fp32 main
+  weights the optimizer steps;
+* 16-bit copies: autocast casts every matmul weight to 16 bits in the forward and keeps
+  the copy for the backward (2 bytes per matmul parameter, while a step runs);
+* gradients: fp32, one per parameter (O2: the flat main-gradient buffer, which lives
+  through the forward too); DistributedDataParallel keeps a second copy in its buckets
+  when data-parallel without pipelining (O2 reduces its buffer itself, without DDP);
 * optimizer state: `state_bytes_per_param` of the optimizer's config when it has one,
   else AdamW's two fp32 moments (8 bytes);
 * activations: one micro-batch's, times the micro-batches a stage holds at once under the
-  1F1B schedule (stage p of P: min(P - p, micro-batches)).
+  1F1B schedule (stage p of P: min(P - p, micro-batches)). The model sizes them by the
+  layout: the config it is asked carries `megatron_amp_O2`.
 
-The peak of a step is the larger of two moments: the end of the forward (weights,
-optimizer state, activations, the logits around the loss) and the end of the backward
-(weights, optimizer state, every gradient). Gradients are freed before each forward
-(zero_grad(set_to_none=True)), so the two never add up.
+The state a step leaves behind (weights, gradients, optimizer) is exact: 16 bytes per
+parameter with AdamW in fp32 and under autocast, 18 under O2; `counted_state_bytes`
+counts it tensor by tensor on a built model, and tests/test_plan.py holds the two equal.
+
+The peak of a step is the larger of two moments: the end of the forward (weights, 16-bit
+copies, optimizer state, activations, the logits around the loss; O2's gradient buffer)
+and the end of the backward (weights, optimizer state, every gradient). Gradients are
+freed before each forward (zero_grad(set_to_none=True)), so outside O2 the two never add
+up.
 """
 from __future__ import annotations
 
@@ -60,9 +70,39 @@ def optimizer_state_bytes(optim_config) -> tuple:
     return 8.0, f"{optim_config.name}: assumed like AdamW (8 bytes per parameter)"
 
 
+@attrs.frozen
+class Layout:
+    """Bytes per parameter of a precision layout, besides the optimizer's state."""
+
+    name: str
+    param: int  # the model's parameter
+    main: int  # the fp32 main weight the optimizer steps (model.megatron_amp_O2), else 0
+    grad: int  # the gradient the optimizer steps with
+    cast: int  # autocast's 16-bit copy of a matmul parameter, alive while a step runs
+    grads_kept: bool  # the gradients live through the forward (O2's buffer), else freed by zero_grad
+    ddp: bool  # data parallelism through DDP, whose buckets hold a second copy of the gradients
+
+
+def layout_of(precision: str, o2: bool) -> Layout:
+    """The layout `mega run` trains in with `trainer.precision` and `model.megatron_amp_O2`
+    (mega.runtime.precision, mega.runtime.main_params)."""
+    precision = str(precision)
+    if o2:
+        return Layout(f"{precision} megatron_amp_O2",
+                      param=2, main=4, grad=4, cast=0, grads_kept=True, ddp=False)
+    if precision == "32":
+        return Layout("fp32", param=4, main=0, grad=4, cast=0, grads_kept=False, ddp=True)
+    return Layout(f"{precision} autocast", param=4, main=0, grad=4, cast=2, grads_kept=False, ddp=True)
+
+
 def estimate(config, vocab_size: int, *, tp: Optional[int] = None, pp: Optional[int] = None, dp: Optional[int] = None,
-             device: str = "cpu", precision: Optional[str] = None, micro_batch: Optional[int] = None) -> Optional[Dict[str, Any]]:
-    """Memory per rank and FLOPs of one step, or None when the model plugin gives no estimate."""
+             device: str = "cpu", precision: Optional[str] = None, micro_batch: Optional[int] = None,
+             o2: Optional[bool] = None) -> Optional[Dict[str, Any]]:
+    """Memory per rank and FLOPs of one step, or None when the model plugin gives no
+    estimate. `precision` and `o2` (model.megatron_amp_O2) override the config's; a
+    layout `mega run` refuses raises its ConfigError."""
+    from mega.runtime.main_params import check_main_params
+
     mc, tr = config.model, config.trainer
     if not isinstance(mc, EstimatesMemory):
         return None
@@ -70,6 +110,11 @@ def estimate(config, vocab_size: int, *, tp: Optional[int] = None, pp: Optional[
     pp = pp or mc.pipeline_model_parallel_size
     dp = dp or max(1, (tr.devices * tr.num_nodes) // (tp * pp))
     precision = str(precision or tr.precision)
+    o2 = bool(getattr(mc, "megatron_amp_O2", False)) if o2 is None else o2
+    if o2 or getattr(mc, "megatron_amp_O2", False):  # the model sizes its activations by its config's key
+        mc = attrs.evolve(mc, megatron_amp_O2=o2, pipeline_model_parallel_size=pp)
+        check_main_params(attrs.evolve(config, model=mc, trainer=attrs.evolve(tr, precision=precision)))
+    layout = layout_of(precision, o2)
     b = micro_batch or mc.micro_batch_size
     model = mc.memory_per_rank(vocab_size, b, tp, pp, precision, device)
     from mega.training.batches import batch_geometry
@@ -77,30 +122,69 @@ def estimate(config, vocab_size: int, *, tp: Optional[int] = None, pp: Optional[
     gbs = mc.global_batch_size if micro_batch is None else None
     gbs, n_micro = batch_geometry(b, gbs, tr.accumulate_grad_batches, dp)
     opt_bytes, opt_note = optimizer_state_bytes(mc.optim)
-    mixed = precision != "32"
-    stages = []
-    for p, st in enumerate(model["stages"]):
-        n = st["params"]
-        in_flight = min(pp - p, n_micro)
-        weights = 4 * n + (2 * n if mixed else 0)  # fp32 masters (+ autocast's 16-bit copies)
-        grads = 4 * n * (2 if dp > 1 and pp == 1 else 1)  # + DDP's buckets
-        optim = opt_bytes * n
-        acts = in_flight * st["activations"]
-        forward_end = weights + optim + acts + st["transient"]
-        backward_end = 4 * n + optim + grads + st["grad_transient"]
-        stages.append({"stage": p, "params": n, "weights": weights, "grads": grads, "optimizer": optim,
-                       "activations": acts, "activations_per_micro_batch": st["activations"],
-                       "micro_batches_in_flight": in_flight, "transient": st["transient"],
-                       "peak": max(forward_end, backward_end),
-                       "sum": weights + grads + optim + acts + st["transient"]})
+    stages = [stage_memory(p, st, layout, opt_bytes, pp, dp, n_micro) for p, st in enumerate(model["stages"])]
     worst = max(stages, key=lambda s: s["peak"])
     tokens = gbs * mc.seq_length
     flops = model["flops_per_token"] * tokens
-    return {"model": mc.name, "tp": tp, "pp": pp, "dp": dp, "precision": precision, "device": device,
+    return {"model": mc.name, "tp": tp, "pp": pp, "dp": dp, "precision": precision, "megatron_amp_O2": o2,
+            "layout": layout.name, "device": device,
             "micro_batch_size": b, "global_batch_size": gbs, "micro_batches": n_micro, "seq_length": mc.seq_length,
             "vocab_size": vocab_size, "params": model["params"], "optimizer": opt_note,
+            "state_bytes_per_param": layout.param + layout.main + layout.grad + opt_bytes,
             "rank": worst, "stages": stages, "tokens_per_step": tokens, "flops_per_step": flops,
             "flops_per_rank": flops / (tp * pp * dp), "pipeline_bubble": (pp - 1) / (n_micro + pp - 1)}
+
+
+def stage_memory(p: int, st: Dict[str, Any], layout: Layout, opt_bytes: float, pp: int, dp: int,
+                 n_micro: int) -> Dict[str, Any]:
+    """Bytes of pipeline stage `p` (the model's dict `st`) in `layout`: what a step leaves
+    behind (`state`) and the larger of the end of the forward and of the backward (`peak`)."""
+    n = st["params"]
+    in_flight = min(pp - p, n_micro)
+    weights = (layout.param + layout.main) * n
+    casts = layout.cast * st.get("matmul_params", n)
+    grads = layout.grad * n
+    buckets = grads if layout.ddp and dp > 1 and pp == 1 else 0  # DDP's copy
+    optim = opt_bytes * n
+    acts = in_flight * st["activations"]
+    forward_end = weights + casts + optim + acts + st["transient"] + (grads + buckets if layout.grads_kept else 0)
+    backward_end = weights + optim + grads + buckets + st["grad_transient"]
+    return {"stage": p, "params": n, "weights": weights, "casts": casts, "grads": grads + buckets, "ddp_buckets": buckets,
+            "optimizer": optim,
+            "activations": acts, "activations_per_micro_batch": st["activations"],
+            "micro_batches_in_flight": in_flight, "transient": st["transient"],
+            "state": weights + grads + optim, "peak": max(forward_end, backward_end),
+            "sum": weights + casts + grads + buckets + optim + acts + st["transient"]}
+
+
+def counted_state_bytes(model, optimizer, main_params=None) -> Dict[str, int]:
+    """The training state a step left behind, counted tensor by tensor (each storage
+    once): the model's parameters and their gradients, the fp32 main weights and gradient
+    buffer of model.megatron_amp_O2 (`main_params`, a MainParams) and the optimizer's
+    state tensors (not its scalar step counts). What `estimate`'s `state` predicts, and
+    what benchmarks/bench_gpu.py reports per row."""
+    import torch
+
+    seen = set()
+
+    def size(tensors) -> int:
+        total = 0
+        for t in tensors:
+            if t is None:
+                continue
+            key = (t.untyped_storage().data_ptr(), t.device)
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
+        return total
+
+    out = {"params": size(model.parameters()), "grads": size(p.grad for p in model.parameters())}
+    if main_params is not None:
+        out["main params"] = size(main_params.main)
+        out["main grads"] = size([main_params.grad_buffer])
+    out["optimizer"] = size(t for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t) and t.dim() > 0)
+    out["total"] = sum(out.values())
+    return out
 
 
 def step_time(est: Dict[str, Any], flops_per_s: float) -> float:
@@ -140,8 +224,16 @@ def variants(config, vocab_size: int, device: str) -> List[Dict[str, Any]]:
             rows.append({"option": label, "peak": est["rank"]["peak"]})
 
     add("as configured", config)
-    other = "bf16" if str(tr.precision) == "32" else "32"
-    add(f"trainer.precision={other}", config, precision=other)
+    precision, o2 = str(tr.precision), bool(getattr(mc, "megatron_amp_O2", False))
+    if precision == "32":
+        add("trainer.precision=bf16", config, precision="bf16")
+        add("  + model.megatron_amp_O2=true", config, precision="bf16", o2=True)
+    elif o2:
+        add("model.megatron_amp_O2=false", config, o2=False)
+        add("  + trainer.precision=32", config, precision="32", o2=False)
+    else:
+        add("trainer.precision=32", config, precision="32")
+        add("model.megatron_amp_O2=true", config, o2=True)
     if mc.micro_batch_size > 1:
         add("model.micro_batch_size=1", config, micro_batch=1)
     for key in ("attention_dropout", "hidden_dropout"):
@@ -223,7 +315,7 @@ def check_fits(config) -> Optional[Dict[str, Any]]:
         r = est["rank"]
         raise ConfigError(
             f"the run needs about {_gib(need)} per {'machine' if workers > 1 else 'device'} and {device} has {_gib(free)}"
-            f" free: weights {_gib(r['weights'])}, gradients {_gib(r['grads'])}, optimizer {_gib(r['optimizer'])},"
+            f" free: weights {_gib(r['weights'] + r['casts'])}, gradients {_gib(r['grads'])}, optimizer {_gib(r['optimizer'])},"
             f" activations {_gib(r['activations'])} (model.micro_batch_size={est['micro_batch_size']},"
             f" model.seq_length={est['seq_length']}){f' x {workers} workers' if workers > 1 else ''}."
             f" Lower model.seq_length or model.micro_batch_size, or split the model over more devices"
@@ -251,21 +343,36 @@ def _seconds(t: float) -> str:
     return f"{t * 1e3:.1f} ms" if t < 1 else f"{t:.2f} s"
 
 
+def _weights_note(est: Dict[str, Any]) -> str:
+    if est["megatron_amp_O2"]:
+        return f"{est['precision']} parameters 2 B + fp32 main weights 4 B per parameter"
+    return "fp32, 4 B per parameter"
+
+
+def _grads_note(est: Dict[str, Any]) -> str:
+    if est["megatron_amp_O2"]:
+        return "fp32 main gradients, kept through the forward"
+    return "fp32" + (", twice: DistributedDataParallel's buckets" if est["rank"]["ddp_buckets"] else "")
+
+
 def format_plan(est: Dict[str, Any], vocab_note: str, speed: Optional[float], speed_note: str,
                 rows: List[Dict[str, Any]], table: Optional[List[Dict[str, Any]]], capacity: Optional[int]) -> str:
     r = est["rank"]
     out = [f"model {est['model']}: {_count(est['params'])} parameters (vocabulary {est['vocab_size']}, {vocab_note})",
-           f"layout TP={est['tp']} PP={est['pp']} DP={est['dp']}, precision {est['precision']}, device {est['device']},"
+           f"layout TP={est['tp']} PP={est['pp']} DP={est['dp']}, precision {est['layout']}, device {est['device']},"
            f" micro-batch {est['micro_batch_size']} x {est['seq_length']} tokens, {est['micro_batches']} per step",
            "",
            f"memory per rank (pipeline stage {r['stage']}, the fullest):",
            f"  parameters        {_count(r['params']):>12}",
-           f"  weights           {_gib(r['weights']):>12}",
-           f"  gradients         {_gib(r['grads']):>12}",
+           f"  weights           {_gib(r['weights']):>12}   ({_weights_note(est)})"]
+    if r["casts"]:
+        out.append(f"  16-bit copies     {_gib(r['casts']):>12}   (autocast's cast of each matmul weight, during a step)")
+    out += [f"  gradients         {_gib(r['grads']):>12}   ({_grads_note(est)})",
            f"  optimizer state   {_gib(r['optimizer']):>12}   ({est['optimizer']})",
            f"  activations       {_gib(r['activations']):>12}   ({r['micro_batches_in_flight']} micro-batch(es) x"
            f" {_gib(r['activations_per_micro_batch'])})",
            f"  logits (transient){_gib(r['transient']):>12}",
+           f"  state after step  {_gib(r['state']):>12}   ({est['state_bytes_per_param']:g} bytes per parameter)",
            f"  peak              {_gib(r['peak']):>12}   (all at once: {_gib(r['sum'])})"]
     if capacity is not None:
         out.append(f"  {est['device']} free now   {_gib(capacity):>12}   -> {'fits' if r['peak'] <= capacity else 'DOES NOT FIT'}")

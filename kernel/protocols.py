@@ -383,5 +383,9 @@ class EstimatesMemory(Protocol):
         `flops_per_token` (training FLOPs per token, as `CountsFlops`) and `stages`, one
         dict per pipeline stage for one tensor-parallel rank of it: `params` (held there),
         `activations` (bytes autograd keeps for one micro-batch's backward), `transient`
-        (bytes alive on top of them around the loss: logits and their gradient) and
-        `grad_transient` (bytes alive on top of all gradients as backward ends)."""
+        (bytes alive on top of them around the loss: logits and their gradient),
+        `grad_transient` (bytes alive on top of all gradients as backward ends) and,
+        optionally, `matmul_params` (the parameters autocast casts to 16 bits; default:
+        all). With the config's own `megatron_amp_O2` set, the model runs in 16 bits
+        outside autocast: its residual stream and gradients are 16-bit. Weights, fp32
+        gradients and optimizer state per layout are the kernel's to add."""

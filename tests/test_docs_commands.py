@@ -207,6 +207,8 @@ COMMANDS: Dict[str, object] = {
     "mega evaluate results/quickstart --split test": Run(needs=("results/quickstart",), expect=_has('"perplexity"')),
     # docs/plan.md
     "mega run examples/quickstart.toml model.seq_length=100000": Run(),        # refused, as the docs show
+    "mega plan examples/quickstart.toml trainer.precision=bf16 model.megatron_amp_O2=true":
+        Run(expect=_has("precision bf16 megatron_amp_O2", "18 bytes per parameter")),
     # docs/checkpoints.md
     "mega import SOURCE RUN_DIR [--from FORMAT] [--option KEY=VALUE ...]": SYNOPSIS,
     "mega export RUN_OR_CHECKPOINT DEST [--to FORMAT] [--option KEY=VALUE ...]": SYNOPSIS,

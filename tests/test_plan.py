@@ -1,5 +1,8 @@
 """`mega plan` and the memory check of `mega run`: parameter counts equal the built
-models', the estimated peak of a training step is within 15% of the peak measured on CPU
+models', the state a training step leaves behind (weights, gradients, optimizer) equals the
+tensors counted after a real step in every precision layout (fp32, bf16/fp16 autocast,
+model.megatron_amp_O2), autocast's 16-bit weight copies equal the casts a real forward
+makes, the estimated peak of a training step is within 15% of the peak measured on CPU
 (and on a GPU where there is one), a run that cannot fit is refused before anything is
 allocated, and `--devices N` lists the layouts."""
 from __future__ import annotations
@@ -15,10 +18,14 @@ import torch
 
 from mega.cli import main
 from mega.config import config_from_dict
-from mega.plan import estimate
+from mega.errors import ConfigError
+from mega.plan import counted_state_bytes, estimate
+from mega.plugins.models.bert import TASKS, BertConfig, BertModel
 from mega.plugins.models.encoder_decoder import EncoderDecoderModel, StackConfig, T5Config
 from mega.plugins.models.gpt import GPTConfig, GPTModel
-from mega.testing import tiny_raw
+from mega.testing import tiny_config, tiny_raw
+from mega.training.loop import train_step
+from mega.training.run import build_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,6 +141,88 @@ def test_encoder_decoder_parameter_count_is_the_built_models():
     est = cfg.memory_per_rank(1000, 2, 1, 1, "32", "cpu")
     assert est["params"] == sum(p.numel() for p in EncoderDecoderModel(cfg, 1000).parameters())
     assert est["stages"][0]["activations"] > 0 and est["flops_per_token"] > 0
+
+
+# (trainer.precision, model.megatron_amp_O2): fp32, autocast, Megatron's layout
+LAYOUTS = [("32", False), ("bf16", False), ("16", False), ("bf16", True), ("16", True)]
+
+
+@pytest.mark.parametrize("precision,o2", LAYOUTS)
+def test_state_after_a_step_is_the_counted_tensors(tmp_path, corpus, plugins, precision, o2):
+    """Weights (+ O2's fp32 main weights), gradients (O2: the fp32 main-gradient buffer)
+    and AdamW's moments after one real training step, counted tensor by tensor, are
+    exactly what the plan says: 16 bytes per parameter, 18 under O2."""
+    cfg = tiny_config(tmp_path, corpus, plugins, model={
+        "megatron_amp_O2": o2, "hidden_dropout": 0.0, "attention_dropout": 0.0, "micro_batch_size": 2,
+        "global_batch_size": 4, "native_amp_init_scale": 1024.0},  # fp16: a first step that is not skipped
+        trainer={"precision": precision, "accelerator": "cpu"})
+    run = build_run(cfg, plugins)
+    train_step(run)
+    counted = counted_state_bytes(run.model, run.optimizer, run.main_params)
+    est = estimate(cfg, run.model.vocab_size)
+    r = est["rank"]
+    n = sum(p.numel() for p in run.model.parameters())
+    assert r["params"] == n and counted["optimizer"] > 0
+    assert r["weights"] == counted["params"] + counted.get("main params", 0)
+    assert r["grads"] == counted["grads"] + counted.get("main grads", 0)
+    assert r["optimizer"] == counted["optimizer"]
+    assert r["state"] == counted["total"] == est["state_bytes_per_param"] * n
+    assert est["state_bytes_per_param"] == (18 if o2 else 16)
+
+
+class _Casts(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the parameter elements autocast copies to bf16 (each tensor once)."""
+
+    def __init__(self, params):
+        super().__init__()
+        self.numel = {p.untyped_storage().data_ptr(): p.numel() for p in params}
+        self.cast = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16:
+            ptr = args[0].untyped_storage().data_ptr()
+            if ptr in self.numel:
+                self.cast[ptr] = self.numel[ptr]
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["gpt", "bert"])
+def test_autocast_copies_are_the_casts_of_a_real_forward(name):
+    """The plan's 16-bit copies under autocast: 2 bytes for every parameter element a
+    bf16 autocast forward casts (matmul weights and column-parallel biases; not the
+    LayerNorms, embeddings or row-parallel biases)."""
+    keys = dict(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16)
+    tok = torch.randint(0, 100, (2, 16))
+    batch = {"tokens": tok, "labels": tok, "loss_mask": torch.ones(2, 16)}
+    if name == "gpt":
+        model = GPTModel(GPTConfig(**keys), 100)
+    else:  # pretraining: masked LM (tied decoder with its bias) + pooler + binary head
+        model = BertModel(BertConfig(**keys), 100, TASKS["bert"])
+        batch.update(tokentype_ids=torch.zeros_like(tok), padding_mask=torch.ones_like(tok),
+                     is_random=torch.zeros(2, dtype=torch.long))
+    with torch.autocast("cpu", torch.bfloat16), _Casts(list(model.parameters())) as casts:
+        model.training_loss(batch)
+    raw = {"trainer": {"precision": "bf16"}, "model": dict(keys, name=name, micro_batch_size=2, global_batch_size=2)}
+    r = estimate(config_from_dict(raw), 100)["rank"]
+    assert r["casts"] == 2 * sum(casts.cast.values()) > 0
+
+
+def test_megatron_amp_o2_in_the_plan():
+    """O2: 16-bit residual stream, so fewer activation bytes than autocast; the gradient
+    buffer lives through the forward; refused with fp32 and with pipelining, as `mega run`
+    refuses them."""
+    keys = dict(name="gpt", num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=32, micro_batch_size=2,
+                global_batch_size=2)
+    cfg = config_from_dict({"trainer": {"precision": "bf16"}, "model": keys})
+    autocast, o2 = estimate(cfg, 1000), estimate(cfg, 1000, o2=True)
+    assert o2["rank"]["activations"] < autocast["rank"]["activations"]
+    assert o2["rank"]["casts"] == 0 < autocast["rank"]["casts"]
+    assert o2["rank"]["weights"] == 6 * o2["params"] and o2["rank"]["grads"] == 4 * o2["params"]
+    with pytest.raises(ConfigError, match="megatron_amp_O2"):
+        estimate(cfg, 1000, o2=True, precision="32")
+    with pytest.raises(ConfigError, match="pipeline"):
+        estimate(cfg, 1000, o2=True, pp=2)
 
 
 def _write(path: Path, raw: dict) -> Path:

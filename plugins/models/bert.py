@@ -64,6 +64,15 @@ from mega.plugins.models.bert_heads import (
     span_losses,
     weighted_losses,
 )
+from mega.plugins.models.estimates import (
+    activation_bytes,
+    block_activation_bytes,
+    block_matmul_params,
+    block_params,
+    dropout_mask_bytes,
+    param_bytes,
+    pipeline_stages,
+)
 from mega.plugins.models.gpt import training_flops_per_token
 from mega.plugins.models.transformer import (
     ACTIVATIONS,
@@ -108,14 +117,14 @@ class BertEncoderConfig(ModelConfig):
         counted from the keys (exactly what BertModel builds), activations per block, plus
         the heads on the last stage; the LM head's logits only at the predicted positions
         (`masked_lm_prob` of the tokens; every token for the causal LM)."""
-        from mega.plugins.models.gpt import block_activation_bytes, block_params, dropout_mask_bytes
-
         task = TASKS[self.name]
         block = BlockConfig.of(self)
         h, L, s, b = self.hidden_size, self.num_layers, self.seq_length, micro_batch
         vocab = padded_vocab_size(vocab_size, self.make_vocab_size_divisible_by, tp)
         n = b * s
-        e = 4 if str(precision) == "32" else 2
+        o2 = self.megatron_amp_O2
+        e, r = activation_bytes(precision, o2)  # a matmul's saved input; the residual stream
+        g = param_bytes(precision, o2)  # a gradient as autograd makes it
         word = vocab * h // tp
         head_params = 2 * h  # final LayerNorm
         lm = task in ("pretraining", "masked_lm", "causal_lm")
@@ -128,25 +137,20 @@ class BertEncoderConfig(ModelConfig):
                         "token_classification": (h + 1) * getattr(self, "num_labels", 0),
                         "question_answering": 2 * h + 2}.get(task, 0) + (2 * h + 2 if binary else 0)
         predicted = n if task == "causal_lm" else math.ceil(n * getattr(self, "masked_lm_prob", 1.0)) if lm else 0
-        per_stage = L // pp
-        stages = []
-        for p in range(pp):
-            first, last = p == 0, p == pp - 1
-            params = per_stage * block_params(block, tp)
-            acts = per_stage * block_activation_bytes(block, b, s, s, tp, precision, device)
-            transient = grad_transient = 0
-            if first:
-                params += word + (self.max_position_embeddings + self.num_tokentypes) * h
-                acts += n * h * dropout_mask_bytes(self.hidden_dropout, precision, device)
-                grad_transient += 4 * word
-            if last:
-                params += head_params + (word if pp > 1 else 0)
-                acts += n * h * (4 + e) + 8 * n  # final LayerNorm in/out
-                if lm:  # the head's dense, GeLU and LayerNorm at the predicted positions; the loss's fp32 softmax
-                    acts += predicted * h * (3 * e + 8) + 4 * predicted * vocab // tp
-                    transient += (e + 4) * predicted * vocab // tp
-                    grad_transient += 4 * word
-            stages.append({"params": params, "activations": acts, "transient": transient, "grad_transient": grad_transient})
+        layer = {"params": block_params(block, tp), "matmul_params": block_matmul_params(block, tp),
+                 "activations": block_activation_bytes(block, b, s, s, tp, precision, device, o2=o2)}
+        first = {"params": word + (self.max_position_embeddings + self.num_tokentypes) * h,
+                 "activations": n * h * dropout_mask_bytes(self.hidden_dropout, precision, device),
+                 "grad_transient": g * word}
+        last = {"params": head_params + (word if pp > 1 else 0),
+                # everything but the LayerNorms (the final one, the LM head's); the tied decoder
+                "matmul_params": head_params - 2 * h - (2 * h - word if lm else 0),
+                "activations": n * h * (r + e) + 8 * n}  # final LayerNorm in/out
+        if lm:  # the head's dense, GeLU and LayerNorm at the predicted positions; the loss's fp32 softmax
+            last["activations"] += predicted * h * (3 * e + 8) + 4 * predicted * vocab // tp
+            last["transient"] = (e + 4) * predicted * vocab // tp
+            last["grad_transient"] = g * word
+        stages = pipeline_stages(pp, L, layer, first, last)
         whole_vocab = padded_vocab_size(vocab_size, self.make_vocab_size_divisible_by)
         whole = L * block_params(block, 1) + whole_vocab * h + (self.max_position_embeddings + self.num_tokentypes) * h \
             + head_params - (vocab // tp if lm else 0) + (whole_vocab if lm else 0)

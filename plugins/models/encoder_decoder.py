@@ -80,7 +80,7 @@ class EncoderDecoderConfig(ModelConfig):
         activations per block as GPT's (mega.plugins.models.gpt.block_activation_bytes),
         the decoder's cross-attention over the encoder output included. One stage only:
         encoder-decoders do not pipeline."""
-        from mega.plugins.models.gpt import block_activation_bytes, dropout_mask_bytes
+        from mega.plugins.models.estimates import activation_bytes, block_activation_bytes, dropout_mask_bytes, param_bytes
 
         with torch.device("meta"), torch.random.fork_rng(devices=[]):
             model = EncoderDecoderModel(self, vocab_size)
@@ -90,21 +90,24 @@ class EncoderDecoderConfig(ModelConfig):
         enc, dec = blocks(self)
         b, s_enc = micro_batch, self.seq_length
         s_dec = self.seq_length_dec or self.seq_length
-        e = 4 if str(precision) == "32" else 2
+        o2 = self.megatron_amp_O2
+        e, r = activation_bytes(precision, o2)  # a matmul's saved input; the residual stream
         h = dec.hidden_size
         if self.encoder.arch == "perceiver":
             memory = self.encoder.hidden_steps
-            acts = enc.num_layers * block_activation_bytes(enc, b, memory, memory, tp, precision, device, cross_kv=s_enc)
+            acts = enc.num_layers * block_activation_bytes(enc, b, memory, memory, tp, precision, device, cross_kv=s_enc,
+                                                           o2=o2)
         else:
             memory = s_enc
-            acts = enc.num_layers * block_activation_bytes(enc, b, s_enc, s_enc, tp, precision, device)
-        acts += dec.num_layers * block_activation_bytes(dec, b, s_dec, s_dec, tp, precision, device, cross_kv=memory)
+            acts = enc.num_layers * block_activation_bytes(enc, b, s_enc, s_enc, tp, precision, device, o2=o2)
+        acts += dec.num_layers * block_activation_bytes(dec, b, s_dec, s_dec, tp, precision, device, cross_kv=memory,
+                                                        o2=o2)
         mask = dropout_mask_bytes(enc.hidden_dropout, precision, device)
         n = b * s_dec
-        acts += b * (s_enc + s_dec) * h * mask + 2 * b * memory * h * 4  # embedding dropout; encoder final LayerNorm
-        acts += n * h * (4 + e) + 8 * n + 4 * n * vocab // tp  # decoder final LayerNorm; the loss's fp32 softmax
-        stage = {"params": whole - split + split // tp, "activations": acts,
-                 "transient": (e + 4) * n * vocab // tp, "grad_transient": 8 * vocab * h // tp}
+        acts += b * (s_enc + s_dec) * h * mask + 2 * b * memory * h * r  # embedding dropout; encoder final LayerNorm
+        acts += n * h * (r + e) + 8 * n + 4 * n * vocab // tp  # decoder final LayerNorm; the loss's fp32 softmax
+        stage = {"params": whole - split + split // tp, "matmul_params": split // tp, "activations": acts,
+                 "transient": (e + 4) * n * vocab // tp, "grad_transient": 2 * param_bytes(precision, o2) * vocab * h // tp}
         return {"params": whole, "flops_per_token": 6.0 * split, "stages": [stage]}
 
     def objective(self) -> DenoisingObjective:

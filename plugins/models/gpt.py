@@ -18,6 +18,15 @@ from torch import nn
 import mega
 from mega.config import ModelConfig
 from mega.errors import ConfigError
+from mega.plugins.models.estimates import (
+    activation_bytes,
+    block_activation_bytes,
+    block_matmul_params,
+    block_params,
+    dropout_mask_bytes,
+    param_bytes,
+    pipeline_stages,
+)
 from mega.plugins.models.transformer import (
     BlockConfig,
     Embedding,
@@ -67,31 +76,27 @@ class GPTConfig(ModelConfig):
         h, L, s, b = self.hidden_size, self.num_layers, self.seq_length, micro_batch
         vocab = padded_vocab_size(vocab_size, self.make_vocab_size_divisible_by, tp)
         positions = self.max_position_embeddings or s
-        per_stage = L // pp
         n = b * s  # tokens of one micro-batch
-        e = 4 if str(precision) == "32" else 2  # bytes of a matmul's saved input
+        o2 = self.megatron_amp_O2
+        e, r = activation_bytes(precision, o2)  # a matmul's saved input; the residual stream
+        g = param_bytes(precision, o2)  # a gradient as autograd makes it
         word = vocab * h // tp
-        stages = []
-        for p in range(pp):
-            first, last = p == 0, p == pp - 1
-            params = per_stage * block_params(block, tp)
-            acts = per_stage * block_activation_bytes(block, b, s, s, tp, precision, device)
-            transient = grad_transient = 0
-            if first:
-                params += word + positions * h
-                acts += n * h * dropout_mask_bytes(self.hidden_dropout, precision, device)
-                grad_transient += 4 * word  # the embedding's dense gradient before it is accumulated
-            if last:
-                params += 2 * h + (word if pp > 1 else 0)  # final LayerNorm; the tied head's copy
-                real = min(vocab_size, vocab) if self.mask_padded_vocab and tp == 1 else vocab // tp
-                if self.loss_chunk_size:  # gradients of the hidden states and the head, made in forward
-                    acts += n * h * 4 + 8 * n + 4 * n * h + 4 * word
-                    transient += (8 + e) * min(n, self.loss_chunk_size) * vocab // tp  # one chunk's logits
-                else:
-                    acts += n * h * (4 + e) + 8 * n + 4 * n * real  # final LN in/out; the loss's fp32 softmax
-                    transient += (e + 4) * n * vocab // tp  # logits and their gradient around the loss
-                grad_transient += 4 * word  # the output layer's gradient of the tied matrix
-            stages.append({"params": params, "activations": acts, "transient": transient, "grad_transient": grad_transient})
+        layer = {"params": block_params(block, tp), "matmul_params": block_matmul_params(block, tp),
+                 "activations": block_activation_bytes(block, b, s, s, tp, precision, device, o2=o2)}
+        first = {"params": word + positions * h,
+                 "activations": n * h * dropout_mask_bytes(self.hidden_dropout, precision, device),
+                 "grad_transient": g * word}  # the embedding's dense gradient before it is accumulated
+        last = {"params": 2 * h + (word if pp > 1 else 0),  # final LayerNorm; the tied head's copy
+                "matmul_params": word,  # the tied head, cast once (also the embedding without pipelining)
+                "grad_transient": g * word}  # the output layer's gradient of the tied matrix
+        real = min(vocab_size, vocab) if self.mask_padded_vocab and tp == 1 else vocab // tp
+        if self.loss_chunk_size:  # final LN input; gradients of the hidden states and the head, made in forward
+            last["activations"] = n * h * r + 8 * n + 4 * n * h + 4 * word
+            last["transient"] = (8 + e) * min(n, self.loss_chunk_size) * vocab // tp  # one chunk's logits
+        else:  # final LN in/out; the loss's fp32 softmax; logits and their gradient around the loss
+            last["activations"] = n * h * (r + e) + 8 * n + 4 * n * real
+            last["transient"] = (e + 4) * n * vocab // tp
+        stages = pipeline_stages(pp, L, layer, first, last)
         whole = L * block_params(block, 1) + padded_vocab_size(vocab_size, self.make_vocab_size_divisible_by) * h \
             + positions * h + 2 * h
         return {"params": whole, "flops_per_token": training_flops_per_token(block, vocab, s), "stages": stages}
@@ -212,55 +217,6 @@ def training_flops_per_token(block: BlockConfig, padded_vocab: int, seq_length: 
     h, L = block.hidden_size, block.num_layers
     matmul_params = L * (4 * h * h + 2 * h * block.ffn) + padded_vocab * h
     return 6.0 * matmul_params + 12.0 * L * h * seq_length
-
-
-# --- memory estimates (mega plan), shared with the encoder-decoder -------------------------------
-
-
-def block_params(block: BlockConfig, tp: int) -> int:
-    """Parameters of one TransformerLayer on one tensor-parallel rank: column-parallel
-    weights and biases split, row-parallel weights split (their biases and the LayerNorms
-    replicated)."""
-    h, f = block.hidden_size, block.ffn
-    return 4 * h + (3 * h * h + 3 * h) // tp + h * h // tp + h + (h * f + f) // tp + f * h // tp + h
-
-
-def dropout_mask_bytes(p: float, precision: str, device: str) -> int:
-    """Bytes per element of a saved dropout mask: none without dropout; CUDA keeps a bool
-    mask, CPU multiplies by a mask of the tensor's own dtype."""
-    if not p:
-        return 0
-    return 1 if device == "cuda" else (4 if str(precision) == "32" else 2)
-
-
-def block_activation_bytes(block: BlockConfig, b: int, s: int, s_kv: int, tp: int, precision: str, device: str,
-                           cross_kv: int = 0) -> int:
-    """What autograd keeps for one TransformerLayer (pre-LN, SDPA, GELU MLP) at micro-batch
-    `b`, `s` queries over `s_kv` keys, on one of `tp` ranks. Measured on CPU in fp32: LayerNorm
-    inputs (the fp32 residual stream) and outputs, Q/K/V, the attention output, both MLP
-    activations, per-token LayerNorm statistics and the SDPA log-sum-exp; with attention
-    dropout on CPU, SDPA takes its math path and keeps probabilities, mask and dropped
-    probabilities (3 tensors of b x heads x s x s_kv). Under bf16/fp16 autocast the matmul
-    inputs are 16-bit. `cross_kv` adds a cross-attention sublayer over that many memory
-    positions (the decoder's inter-attention)."""
-    h, f, a = block.hidden_size, block.ffn, block.num_attention_heads // tp
-    e = 4 if str(precision) == "32" else 2
-    n = b * s
-    mask = dropout_mask_bytes(block.hidden_dropout, precision, device)
-    out = 2 * 4 * n * h + 2 * e * n * h  # LayerNorm inputs (fp32 residual) and the linears' inputs
-    out += (3 * e * n * h + e * n * h) // tp + 2 * e * n * f // tp  # Q, K, V; attention output; MLP
-    out += 2 * mask * n * h + 16 * n  # residual dropout masks; LayerNorm mean and rstd
-    out += _attention_bytes(block, b, s, s_kv, a, e, device)
-    if cross_kv:
-        out += 4 * n * h + e * n * h + e * n * h // tp + 2 * e * b * cross_kv * h // tp + e * n * h // tp + mask * n * h + 8 * n
-        out += _attention_bytes(block, b, s, cross_kv, a, e, device)
-    return out
-
-
-def _attention_bytes(block: BlockConfig, b: int, s: int, s_kv: int, heads: int, e: int, device: str) -> int:
-    if block.attention_dropout and device != "cuda":  # SDPA's math path on CPU
-        return 3 * e * b * heads * s * s_kv
-    return 4 * b * heads * s  # the fused kernels' log-sum-exp
 
 
 # --- registration ------------------------------------------------------------------------------
