@@ -203,11 +203,9 @@ def test_fp16_parameters_with_the_loss_scaler(tmp_path, corpus, plugins):
     assert rel < 1e-3, rel
 
 
-def test_the_switch_needs_16_bit_precision_and_no_pipeline(tmp_path, corpus, plugins):
+def test_the_switch_needs_16_bit_precision(tmp_path, corpus, plugins):
     with pytest.raises(ConfigError, match="trainer.precision"):
         build_run(tiny_config(tmp_path, corpus, plugins, model={"megatron_amp_O2": True}), plugins)
-    with pytest.raises(ConfigError, match="pipeline_model_parallel_size"):
-        build_run(_o2(tmp_path, corpus, plugins, model={"pipeline_model_parallel_size": 2}), plugins)
 
 
 def test_a_model_that_needs_autocast_fails_with_a_config_error(tmp_path, corpus, plugins):
@@ -282,20 +280,125 @@ def _compare(tmp_path, a_name, b_name, loss_rel, weight_atol):
     return worst, wdiff
 
 
+STEPS = 4
+LAYOUT = {"micro_batch_size": 2, "global_batch_size": 8}  # 4 micro-batches a step (2 per replica at DP=2)
+
+
+def _parallel_config(d, corpus, name, *overrides, devices=1, **model):
+    from mega.plugin_manager import load_plugins
+
+    plugins = load_plugins()
+    cfg = tiny_config(d, corpus, plugins, [f"exp_manager.name={name}", *overrides],
+                      model={"megatron_amp_O2": True, **NO_DROPOUT, **LAYOUT, **model},
+                      trainer={"precision": "bf16", "accelerator": "cpu", "devices": devices, "max_steps": STEPS,
+                               "val_check_interval": 0})
+    return cfg, plugins
+
+
+def _train_steps(run, steps=STEPS, overflow_at=None, overflow_here=True):
+    """`steps` optimizer steps; per step (loss, grad_norm, skipped). At step `overflow_at`
+    this rank's unscale check reports inf/nan (if `overflow_here`), as an overflowing fp16
+    gradient would: every rank must skip that step with it."""
+    out = []
+    for _ in range(steps):
+        if run.step == overflow_at and overflow_here:
+            check = run.scaler.unscale_and_check
+            run.scaler.unscale_and_check = lambda params: check(params) or True
+        m = train_step(run)
+        if run.scaler is not None:
+            run.scaler.__dict__.pop("unscale_and_check", None)
+        run.step += 1
+        out.append((float(m["loss"]), float(m["grad_norm"]), float(m.get("skipped", 0.0))))
+    return out
+
+
+def _global_weights(run):
+    """The fp32 main weights under one-process names, and this stage's copy of the tied
+    word embedding, if it holds one."""
+    from mega.runtime.sharding import sharding_of, to_global
+
+    state = run.model_state_dict()
+    return to_global(state, sharding_of(run.model, run.parallel)), state.get("word_embeddings_for_head.weight")
+
+
+def _parallel_runs(state, d, corpus):
+    """One launch of 2 gloo workers, several runs in turn (each builds its own groups):
+    PP=2 in bf16; PP=2 in fp16 with an overflow only the last stage sees at step 2; DP=2
+    with one all-reduce, and with small buckets and an unused parameter."""
+    from mega.runtime.parallel import current
+
+    out = {}
+    cfg, plugins = _parallel_config(d, corpus, "pp2", devices=2, pipeline_model_parallel_size=2)
+    run = build_run(cfg, plugins)
+    out["pp2"] = _train_steps(run), _global_weights(run)
+    cfg, plugins = _parallel_config(d, corpus, "pp2_fp16", "trainer.precision=16", "model.native_amp_init_scale=65536",
+                                    devices=2, pipeline_model_parallel_size=2)
+    run = build_run(cfg, plugins)
+    out["pp2_fp16"] = _train_steps(run, 3, overflow_at=1, overflow_here=current().is_last_stage)
+    for name, bucket in (("dp2", 0), ("dp2_buckets", 4096)):
+        cfg, plugins = _parallel_config(d, corpus, name, f"model.grad_reduce_bucket_size={bucket}", devices=2)
+        run = build_run(cfg, plugins)
+        run.model.register_parameter("unused", torch.nn.Parameter(torch.ones(3)))  # no gradient, ever
+        started = []
+        _start = run.main_params._start
+        run.main_params._start = lambda b: (started.append(run.main_params._syncing and not b.pending), _start(b))
+        steps = _train_steps(run)
+        out[name] = steps, _global_weights(run)[0], len(run.main_params.buckets), started.count(True) // STEPS
+    return out
+
+
 @pytest.mark.slow
-def test_data_parallel_2_equals_one_process(tmp_path, corpus):
-    """(d) The same 4 micro-batches of 2 per step, in one process or split over 2 ranks:
-    the bf16 micro-batch gradients are the same; only the order of the fp32 sums differs
-    (the fp32 all-reduce). Measured: step 1 and 2 losses identical, metrics within 1.4e-4
-    relative after that. Weights within 2 x lr: the key bias's gradient is zero in exact
-    arithmetic, so it is bf16 rounding noise (~1e-5, above AdamW's eps) that Adam turns
-    into steps of up to lr in either direction (measured 4.8e-4; fp32 training: 2e-7)."""
-    exp = _exp(tmp_path, corpus, micro_batch_size=2, global_batch_size=8)
-    one = _mega(["run", str(exp), "exp_manager.name=one"], tmp_path)
-    assert one.returncode == 0, one.stderr
-    two = _mega(["run", str(exp), "exp_manager.name=two", "trainer.devices=2"], tmp_path)
-    assert two.returncode == 0, two.stderr
-    print("DP=2 vs 1 (max relative metric diff, max weight diff):", _compare(tmp_path, "one", "two", 1e-3, 2e-3))
+def test_pipeline_and_data_parallel_equal_one_process(tmp_path, corpus):
+    """One launch of 2 workers (gloo) against one process, 4 steps of 4 micro-batches:
+
+    * PP=2: the hidden states travel between stages in bf16, the tied word embedding's
+      fp32 main gradients are summed over the two stages, clipping is global (the grad
+      norm ~1.8 is clipped to 1.0). One process sums the embedding's two bf16 gradients
+      of a micro-batch in bf16 inside autograd before they reach fp32, two stages sum
+      them in fp32: the only difference, bf16 rounding noise in one tensor's gradient.
+      Measured: losses within 3e-7 relative... (see the print); weights within lr.
+    * PP=2, fp16: an inf only the last stage sees makes both stages skip the step.
+    * DP=2 with 4096-element buckets started during the backward equals one all-reduce
+      after it bit for bit (a sum of two addends is the same in any order), with an
+      unused parameter whose bucket (the last) starts after the backward; against one
+      process the fp32 sums differ in order only (measured 1.4e-4 relative, weights
+      4.8e-4: AdamW turns the key bias's bf16 noise into steps of up to lr)."""
+    from tests.multiproc import run_ranks
+
+    cfg, plugins = _parallel_config(tmp_path, corpus, "one")
+    one = build_run(cfg, plugins)
+    one_steps, one_weights = _train_steps(one), one.model_state_dict()
+    cfg, plugins = _parallel_config(tmp_path, corpus, "one_fp16", "trainer.precision=16",
+                                    "model.native_amp_init_scale=65536")
+    one_fp16 = _train_steps(build_run(cfg, plugins), 3, overflow_at=1)
+
+    ranks = run_ranks(_parallel_runs, world=2, args=(tmp_path, corpus), timeout=400)
+
+    def rel(a, b):
+        return max(abs(x - y) / abs(x) for sa, sb in zip(a, b) for x, y in zip(sa[:2], sb[:2]))
+
+    def wdiff(a, b):
+        return max(float((a[k].double() - b[k].double()).abs().max()) for k in b)
+
+    # PP=2 vs PP=1
+    (steps0, (w0, _)), (steps1, (w1, head)) = ranks[0]["pp2"], ranks[1]["pp2"]
+    assert steps0 == steps1 and all(s[1] > 1.0 for s in one_steps)  # every stage logs the same; clipping took part
+    pp_weights = {**w0, **w1}
+    assert pp_weights.keys() == one_weights.keys() and torch.equal(head, w0["language_model.embedding.word_embeddings.weight"])
+    assert all(v.dtype == torch.float32 for v in pp_weights.values() if v.is_floating_point())
+    pp_rel, pp_w = rel(one_steps, steps0), wdiff(one_weights, pp_weights)
+    # PP=2 fp16 with a one-stage overflow vs one process with the same overflow
+    assert [s[2] for s in ranks[0]["pp2_fp16"]] == [s[2] for s in ranks[1]["pp2_fp16"]] == [0.0, 1.0, 0.0]
+    fp16_rel = rel(one_fp16, ranks[0]["pp2_fp16"])
+    # DP=2: buckets vs one all-reduce vs one process
+    (dp, dp_w, one_bucket, _), (bk, bk_w, n_buckets, early) = ranks[0]["dp2"], ranks[0]["dp2_buckets"]
+    assert ranks[1]["dp2"][0] == dp and ranks[1]["dp2_buckets"][0] == bk
+    assert one_bucket == 1 and n_buckets >= 4 and early == n_buckets - 1, (one_bucket, n_buckets, early)
+    assert bk == dp and all(torch.equal(dp_w[k], bk_w[k]) for k in dp_w)
+    dp_rel, dp_wd = rel(one_steps, dp), wdiff(one_weights, {k: v for k, v in dp_w.items() if k != "unused"})
+    print(f"PP=2 vs 1: metrics {pp_rel:.3g} rel, weights {pp_w:.3g}; fp16 PP=2 vs 1: {fp16_rel:.3g} rel;"
+          f" DP=2 vs 1: metrics {dp_rel:.3g}, weights {dp_wd:.3g}; {n_buckets} buckets, {early} started in the backward")
+    assert pp_rel < 1e-3 and pp_w < 2e-3 and fp16_rel < 1e-3 and dp_rel < 1e-3 and dp_wd < 2e-3
 
 
 @pytest.mark.slow
