@@ -53,7 +53,7 @@ def _losses(run, micro_batches, num_tokens, num_samples=None):
     data-parallel size to make them the gradient of the global token mean; pipelines sum
     their gradients themselves (`sum_pipeline_grads`). Under model.megatron_amp_O2 the
     fp32 main gradients are averaged by `MainParams.reduce_grads`, pipelined or not, and
-    the hidden states between stages travel in the parameters' dtype when training.
+    the hidden states between stages travel in the parameters' dtype.
     """
     st, training = run.parallel, torch.is_grad_enabled()
     main = run.main_params
@@ -67,7 +67,8 @@ def _losses(run, micro_batches, num_tokens, num_samples=None):
         loss, terms = forward_backward_pipelining(
             _forward_step(run), micro_batches, num_tokens, parallel=st, device=run.device,
             tensor_shape=run.model.activation_shape(micro_batches[0]), loss_scale=(st.dp_size if low else 1) * scale,
-            forward_only=not training, num_samples=num_samples, dtype=main.dtype if low else torch.float32,
+            forward_only=not training, num_samples=num_samples,
+            dtype=main.dtype if main is not None and main.converted else torch.float32,
             no_sync=main.no_sync if low and st.dp_size > 1 else None)
         if training and main is None:
             sum_pipeline_grads(run.model, st)
