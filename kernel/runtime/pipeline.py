@@ -17,7 +17,9 @@ come back through batched isend/irecv pairs (deadlock-free on gloo and NCCL alik
 A model that supports pipelining is a `mega.protocols.PipelineStage`; the word embedding
 its first and last stage share (`shared_embedding_or_output_weight()`) gets its gradient
 added up over the two by `sum_pipeline_grads`, as Megatron-LM's
-`setup_embeddings_and_output_layer` arranges.
+`setup_embeddings_and_output_layer` arranges (under `model.megatron_amp_O2`,
+`mega.runtime.main_params` does that on its fp32 main gradients instead, and the hidden
+states travel in the parameters' 16-bit dtype).
 """
 from __future__ import annotations
 
