@@ -245,4 +245,3 @@ def check_main_params(config) -> None:
     if str(tr.precision) not in DTYPES:
         raise ConfigError(f"model.megatron_amp_O2 = true needs trainer.precision = \"bf16\" or 16 (got {str(tr.precision)!r}):"
                           " the model's parameters are held in that dtype")
-
