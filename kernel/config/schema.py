@@ -179,6 +179,7 @@ class ModelConfig:
     hysteresis: int = field(default=2, validator=at_least_one)  # overflowing steps before the scale halves
     # Megatron's mixed-precision layout under NeMo's name for it (docs/performance.md)
     megatron_amp_O2: bool = False  # with trainer.precision="bf16" (or 16): parameters in that dtype without autocast, fp32 main weights stepped by the optimizer, gradients accumulated and all-reduced in fp32
+    grad_reduce_bucket_size: int = field(default=40_000_000, validator=non_negative)  # with megatron_amp_O2 and data parallelism: fp32 gradient elements per all-reduce bucket, each started while the last micro-batch's backward goes on; 0: one all-reduce after the backward
     tokenizer: TokenizerConfig = field(factory=TokenizerConfig)
     data: DataConfig = field(factory=DataConfig)
     optim: OptimConfig = field(factory=OptimConfig)

@@ -17,7 +17,9 @@ come back through batched isend/irecv pairs (deadlock-free on gloo and NCCL alik
 A model that supports pipelining is a `mega.protocols.PipelineStage`; the word embedding
 its first and last stage share (`shared_embedding_or_output_weight()`) gets its gradient
 added up over the two by `sum_pipeline_grads`, as Megatron-LM's
-`setup_embeddings_and_output_layer` arranges.
+`setup_embeddings_and_output_layer` arranges (under `model.megatron_amp_O2`,
+`mega.runtime.main_params` does that on its fp32 main gradients instead, and the hidden
+states travel in the parameters' 16-bit dtype).
 """
 from __future__ import annotations
 
@@ -57,9 +59,14 @@ def forward_backward_no_pipelining(forward_step: ForwardStep, micro_batches: Lis
 def forward_backward_pipelining(forward_step: ForwardStep, micro_batches: List[Batch], num_tokens: torch.Tensor, *,
                                 parallel: ParallelState, device: torch.device, tensor_shape,
                                 loss_scale: float = 1.0, forward_only: bool = False,
-                                num_samples: Optional[torch.Tensor] = None) -> Losses:
-    """1F1B over this rank's pipeline; `tensor_shape` is the shape of the hidden states
-    between stages. Every stage returns the last stage's (loss, terms)."""
+                                num_samples: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32,
+                                no_sync: Optional[Callable[[], Any]] = None) -> Losses:
+    """1F1B over this rank's pipeline; `tensor_shape` and `dtype` are the shape and dtype
+    of the hidden states (and their gradients) between stages: fp32 by default, the
+    parameters' dtype for a model that holds 16-bit parameters (Megatron's
+    `pipeline_dtype`). `no_sync` is entered around every backward but the last (of the
+    last micro-batch), so a gradient all-reduce can overlap that one.
+    Every stage returns the last stage's (loss, terms)."""
     st = parallel
     prev = None if st.is_first_stage else st.pp_ranks[st.pp_rank - 1]
     nxt = None if st.is_last_stage else st.pp_ranks[st.pp_rank + 1]
@@ -72,7 +79,7 @@ def forward_backward_pipelining(forward_step: ForwardStep, micro_batches: List[B
         if to is not None:
             ops.append(dist.P2POp(dist.isend, send.detach().contiguous(), to))
         if recv_from is not None:
-            buf = torch.empty(tensor_shape, device=device, dtype=torch.float32)
+            buf = torch.empty(tensor_shape, device=device, dtype=dtype)
             ops.append(dist.P2POp(dist.irecv, buf, recv_from))
         for req in dist.batch_isend_irecv(ops) if ops else ():
             req.wait()
@@ -82,13 +89,17 @@ def forward_backward_pipelining(forward_step: ForwardStep, micro_batches: List[B
         if hidden is not None:  # received from the previous stage; backward needs its gradient
             hidden.requires_grad_(not forward_only)
         out = forward_step(micro_batches[i], hidden)
-        return losses.add(out) * loss_scale if st.is_last_stage else out.float()
-
-    def backward(inp, out, grad_out):
-        torch.autograd.backward(out, grad_tensors=grad_out)
-        return None if inp is None else inp.grad
+        return losses.add(out) * loss_scale if st.is_last_stage else out.to(dtype)
 
     m = len(micro_batches)
+    backwards = [0]
+
+    def backward(inp, out, grad_out):
+        backwards[0] += 1
+        with no_sync() if no_sync is not None and backwards[0] < m else contextlib.nullcontext():
+            torch.autograd.backward(out, grad_tensors=grad_out)
+        return None if inp is None else inp.grad
+
     if forward_only:
         for i in range(m):
             p2p(forward(i, p2p(recv_from=prev)), to=nxt)

@@ -32,12 +32,16 @@ log = logging.getLogger("mega")
 
 def _forward_step(run):
     """One micro-batch through this rank's part of the model under the run's autocast:
-    `stage_forward` when pipelined, else `training_loss` (through DDP's wrapper when training)."""
+    `stage_forward` when pipelined, else `training_loss`; when training, through the loss
+    module (DDP's wrapper, or model.megatron_amp_O2's, which leaves autocast)."""
     def forward_step(batch, hidden):
+        training = torch.is_grad_enabled()
         with autocast(run.config.trainer.precision, run.device):
             if run.parallel.pp_size > 1:
+                if training and run.main_params is not None:
+                    return run.loss_module.stage_forward(batch, hidden)
                 return run.model.stage_forward(batch, hidden)
-            return run.loss_module(batch) if torch.is_grad_enabled() else run.model.training_loss(batch)
+            return run.loss_module(batch) if training else run.model.training_loss(batch)
     return forward_step
 
 
@@ -47,20 +51,26 @@ def _losses(run, micro_batches, num_tokens, num_samples=None):
 
     Without pipelining, DDP averages gradients over ranks, so the loss is multiplied by the
     data-parallel size to make them the gradient of the global token mean; pipelines sum
-    their gradients themselves (`sum_pipeline_grads`).
+    their gradients themselves (`sum_pipeline_grads`). Under model.megatron_amp_O2 the
+    fp32 main gradients are averaged by `MainParams.reduce_grads`, pipelined or not, and
+    the hidden states between stages travel in the parameters' dtype.
     """
     st, training = run.parallel, torch.is_grad_enabled()
+    main = run.main_params
     scale = run.scaler.scale if run.scaler is not None else 1.0
     if st.pp_size == 1:
         loss, terms = forward_backward_no_pipelining(
             _forward_step(run), micro_batches, num_tokens, loss_scale=st.dp_size * scale, forward_only=not training,
             no_sync=run.loss_module.no_sync if training and st.dp_size > 1 else None, num_samples=num_samples)
     else:
+        low = training and main is not None
         loss, terms = forward_backward_pipelining(
             _forward_step(run), micro_batches, num_tokens, parallel=st, device=run.device,
-            tensor_shape=run.model.activation_shape(micro_batches[0]), loss_scale=scale, forward_only=not training,
-            num_samples=num_samples)
-        if training:
+            tensor_shape=run.model.activation_shape(micro_batches[0]), loss_scale=(st.dp_size if low else 1) * scale,
+            forward_only=not training, num_samples=num_samples,
+            dtype=main.dtype if main is not None and main.converted else torch.float32,
+            no_sync=main.no_sync if low and st.dp_size > 1 else None)
+        if training and main is None:
             sum_pipeline_grads(run.model, st)
     return st.all_reduce_sum(loss), {k: st.all_reduce_sum(v) for k, v in terms.items()}
 

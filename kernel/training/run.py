@@ -172,19 +172,37 @@ class LossModule(torch.nn.Module):
         return self.model.training_loss(batch)
 
     def no_sync(self):
-        """Without DDP (model.megatron_amp_O2 reduces its fp32 gradients itself) there is
-        nothing to hold back between micro-batches."""
+        """Without DDP there is nothing to hold back between micro-batches."""
         return contextlib.nullcontext()
+
+    def stage_forward(self, batch, hidden):
+        """This pipeline stage's part of a training micro-batch (`PipelineStage`)."""
+        return self.model.stage_forward(batch, hidden)
 
 
 class LowPrecisionLossModule(LossModule):
-    """`model.training_loss` of a model that holds bf16 or fp16 parameters
-    (model.megatron_amp_O2): outside autocast, so no weight or activation is cast."""
+    """`model.training_loss` (or a pipeline stage's `stage_forward`) of a model that holds
+    bf16 or fp16 parameters (model.megatron_amp_O2): outside autocast, so no weight or
+    activation is cast. `main_params` reduces the fp32 gradients: its `no_sync` holds the
+    all-reduce back until the last micro-batch, as DDP's does."""
+
+    def __init__(self, model: torch.nn.Module, main_params: Optional[MainParams] = None):
+        super().__init__(model)
+        self.main_params = main_params
+
+    def no_sync(self):
+        return self.main_params.no_sync() if self.main_params is not None else contextlib.nullcontext()
 
     def forward(self, batch):
+        return self._low_precision(self.model.training_loss, batch)
+
+    def stage_forward(self, batch, hidden):
+        return self._low_precision(self.model.stage_forward, batch, hidden)
+
+    def _low_precision(self, fn, *args):
         with torch.autocast(next(self.model.parameters()).device.type, enabled=False):
             try:
-                return self.model.training_loss(batch)
+                return fn(*args)
             except RuntimeError as exc:  # e.g. an fp32 buffer meets a bf16 weight in a matmul
                 if "dtype" not in str(exc) and "Half" not in str(exc) and "BFloat16" not in str(exc):
                     raise
@@ -292,8 +310,9 @@ def build_run(config: ExperimentConfig, plugins=None) -> Run:
     main_params = None
     loss_module = LossModule(model)
     if mc.megatron_amp_O2:  # converted at the first step, after resuming and on_train_start hooks
-        main_params = MainParams(model, MAIN_PARAMS_DTYPES[str(tr.precision)], parallel.dp_group, parallel.dp_size)
-        loss_module = LowPrecisionLossModule(model)
+        main_params = MainParams(model, MAIN_PARAMS_DTYPES[str(tr.precision)], parallel.dp_group, parallel.dp_size,
+                                 mc.grad_reduce_bucket_size, parallel.embedding_group)
+        loss_module = LowPrecisionLossModule(model, main_params)
     elif parallel.dp_size > 1 and parallel.pp_size == 1:  # pipelines all-reduce their own gradients
         from torch.nn.parallel import DistributedDataParallel
 

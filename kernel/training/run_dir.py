@@ -72,6 +72,7 @@ RESUME_SAFE = (
     "model.loss_chunk_size",  # the same loss and gradients, computed a chunk at a time
     "model.attention_backend",  # another kernel for the same attention
     "model.megatron_amp_O2",  # checkpoints of both layouts hold fp32 weights and the same optimizer state
+    "model.grad_reduce_bucket_size",  # how the same all-reduce is split (speed)
     "model.optim.lr",
     "model.optim.weight_decay",
     "model.optim.sched.*",
