@@ -328,11 +328,13 @@ class TransformerXLModel(nn.Module):
         mlen = mems.size(1)
         klen = mlen + qlen
         mask = attn_mask(qlen, mlen, mem_len, same_length, tokens.device)
-        pos_seq = torch.arange(klen - 1, -1, -1.0, device=tokens.device, dtype=word_emb.dtype)
+        # distances and sinusoids in fp32 (a bf16 distance is inexact above 256), then in the
+        # weights' dtype: bf16 under model.megatron_amp_O2, where no autocast casts them
+        pos_seq = torch.arange(klen - 1, -1, -1.0, device=tokens.device, dtype=torch.float32)
         if clamp_len > 0:
             pos_seq = pos_seq.clamp(max=clamp_len)
         core_out = self.drop(word_emb)
-        pos_emb = self.drop(self.pos_emb(pos_seq))
+        pos_emb = self.drop(self.pos_emb(pos_seq).to(word_emb.dtype))
         hids = []
         for i, layer in enumerate(self.layers):
             hids.append(core_out.detach())
