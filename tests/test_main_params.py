@@ -278,13 +278,19 @@ def test_buckets_start_in_order_during_the_last_backward(monkeypatch):
 
 
 def test_a_model_that_needs_autocast_fails_with_a_config_error(tmp_path, corpus, plugins):
-    """Transformer-XL's fp32 sinusoid buffer meets its bf16 weights outside autocast: the
-    first step names the key instead of a bare dtype error."""
-    from tests.test_txl_training import txl_config
+    """A model whose fp32 buffer meets its bf16 weights outside autocast (as Transformer-XL's
+    sinusoids did before they took the weights' dtype): the first step names the key
+    instead of a bare dtype error."""
+    run = build_run(_o2(tmp_path, corpus, plugins, trainer={"max_steps": 1, "val_check_interval": 0}), plugins)
+    fp32_buffer = torch.ones(2, 2)
 
-    cfg = txl_config(tmp_path, corpus, plugins, ["trainer.precision=bf16", "model.megatron_amp_O2=true"])
+    def training_loss(batch):
+        weight = next(run.model.parameters())
+        return {"loss_sum": (fp32_buffer @ weight[:2, :2]).sum()}
+
+    run.model.training_loss = training_loss
     with pytest.raises(ConfigError, match="model.megatron_amp_O2"):
-        train(build_run(cfg, plugins))
+        train(run)
 
 
 def test_an_fp32_checkpoint_resumes_under_the_layout_and_back(tmp_path, corpus, plugins):
