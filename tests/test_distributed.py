@@ -138,21 +138,38 @@ def _full_weights(run_dir: Path) -> dict:
     return merge_shards(states, torch.load(folders[0] / "sharding.pt", weights_only=True))
 
 
-@pytest.mark.slow
-def test_tensor_parallel_2_trains_like_one_process(tmp_path, corpus):
-    # 258 byte ids pad to 260 at TP=1 and TP=2 alike with this multiple, so both layouts draw
-    # the same initial weights (the word embedding is initialised at its padded size)
-    exp = _exp(tmp_path, corpus, model={"make_vocab_size_divisible_by": 130, "micro_batch_size": 4})
-    one = _mega(["run", str(exp), "exp_manager.name=one"], tmp_path)
+# 258 byte ids pad to 260 at TP=1 and TP=2 alike with this multiple, so both layouts draw
+# the same initial weights (the word embedding is initialised at its padded size)
+TP_EQUAL = {"model": {"make_vocab_size_divisible_by": 130, "micro_batch_size": 4},
+            "exp_manager": {"checkpoint": {"every_n_train_steps": 2}}}
+
+
+@pytest.fixture(scope="module")
+def tp2_straight(tmp_path_factory):
+    """One process and TP=2 (two launched workers), 4 steps each with a checkpoint every 2:
+    the TP=2 run is both the one compared with one process and the uninterrupted run the
+    TP=2 resume is compared with. Returns the directory and its experiment file."""
+    from mega.testing import write_corpus
+
+    d = tmp_path_factory.mktemp("tp2")
+    exp = _exp(d, write_corpus(d / "corpus.txt"), **TP_EQUAL)
+    one = _mega(["run", str(exp), "exp_manager.name=one"], d)
     assert one.returncode == 0, one.stderr
-    two = _mega(["run", str(exp), "exp_manager.name=tp2", "trainer.devices=2", "model.tensor_model_parallel_size=2"], tmp_path)
+    two = _mega(["run", str(exp), "exp_manager.name=straight", "trainer.devices=2", "model.tensor_model_parallel_size=2"], d)
     assert two.returncode == 0, two.stderr
-    a, b = read_metrics(tmp_path / "results" / "one"), read_metrics(tmp_path / "results" / "tp2")
+    return d, exp
+
+
+@pytest.mark.slow
+def test_tensor_parallel_2_trains_like_one_process(tp2_straight):
+    d, _ = tp2_straight
+    a, b = read_metrics(d / "results" / "one"), read_metrics(d / "results" / "straight")
+    assert [m["step"] for m in a] == [m["step"] for m in b] and any("val_loss" in m for m in a)
     for x, y in zip(a, b):
         for key in ("loss", "val_loss", "grad_norm"):
             if key in x:
                 assert y[key] == pytest.approx(x[key], rel=1e-5), (x["step"], key)
-    wa, wb = _full_weights(tmp_path / "results" / "one"), _full_weights(tmp_path / "results" / "tp2")
+    wa, wb = _full_weights(d / "results" / "one"), _full_weights(d / "results" / "straight")
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=k)
@@ -199,16 +216,23 @@ def test_tp1_checkpoint_resumed_at_tp2_continues_like_tp1(tmp_path, corpus):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", [["model.tensor_model_parallel_size=2"], ["model.pipeline_model_parallel_size=2"]])
-def test_resume_under_model_parallelism_equals_uninterrupted(tmp_path, corpus, layout):
-    exp = _exp(tmp_path, corpus, exp_manager={"checkpoint": {"every_n_train_steps": 2}}, trainer={"max_steps": 4})
+def test_resume_under_model_parallelism_equals_uninterrupted(tmp_path, corpus, layout, request):
     common = ["trainer.devices=2", *layout]
-    assert _mega(["run", str(exp), "exp_manager.name=straight", *common], tmp_path).returncode == 0
-    first = _mega(["run", str(exp), "exp_manager.name=resumed", "trainer.max_steps=2", *common], tmp_path)
+    if layout == ["model.tensor_model_parallel_size=2"]:  # its uninterrupted run is tp2_straight's
+        d, exp = request.getfixturevalue("tp2_straight")
+        straight = d / "results" / "straight"
+    else:
+        d, exp = tmp_path, _exp(tmp_path, corpus, **TP_EQUAL)
+        straight_run = _mega(["run", str(exp), "exp_manager.name=straight", *common], d)
+        assert straight_run.returncode == 0, straight_run.stderr
+        straight = d / "results" / "straight"
+    first = _mega(["run", str(exp), "exp_manager.name=resumed", "trainer.max_steps=2", *common], d)
     assert first.returncode == 0, first.stderr
-    second = _mega(["run", str(exp), "exp_manager.name=resumed", *common], tmp_path)  # continues from step 2
+    second = _mega(["run", str(exp), "exp_manager.name=resumed", *common], d)  # continues from step 2
     assert second.returncode == 0 and "resumed from" in second.stderr, second.stderr
-    a = read_metrics(tmp_path / "results" / "straight")
-    b = read_metrics(tmp_path / "results" / "resumed")
+    a = read_metrics(straight)
+    b = read_metrics(d / "results" / "resumed")
+    assert [m["step"] for m in a if "loss" in m] == [1, 2, 3, 4]
     assert [(m["step"], m.get("loss")) for m in a if "loss" in m] == [(m["step"], m.get("loss")) for m in b if "loss" in m]
 
 
