@@ -4,6 +4,8 @@ ends the run with its rank and error. Each subprocess has a timeout."""
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -77,7 +79,10 @@ def test_a_failing_worker_fails_the_run_with_its_rank_and_error(tmp_path, corpus
     """)
     proc = _mega(["run", str(_exp(tmp_path, corpus)), "trainer.devices=2", "model.micro_batch_size=2"], tmp_path, env)
     assert proc.returncode == 1
-    assert "worker rank 1 exited with status 1: RuntimeError: boom on rank one" in proc.stderr
+    # rank 1's own status is 1, or -15 when the launcher's SIGTERM reaches it while it is still
+    # exiting, after rank 0 failed on the closed connection (seen under load): the rank and its
+    # error are what the launcher must name
+    assert re.search(r"worker rank 1 exited with status (1|-15): RuntimeError: boom on rank one", proc.stderr), proc.stderr
 
 
 @pytest.mark.slow
@@ -133,21 +138,38 @@ def _full_weights(run_dir: Path) -> dict:
     return merge_shards(states, torch.load(folders[0] / "sharding.pt", weights_only=True))
 
 
-@pytest.mark.slow
-def test_tensor_parallel_2_trains_like_one_process(tmp_path, corpus):
-    # 258 byte ids pad to 260 at TP=1 and TP=2 alike with this multiple, so both layouts draw
-    # the same initial weights (the word embedding is initialised at its padded size)
-    exp = _exp(tmp_path, corpus, model={"make_vocab_size_divisible_by": 130, "micro_batch_size": 4})
-    one = _mega(["run", str(exp), "exp_manager.name=one"], tmp_path)
+# 258 byte ids pad to 260 at TP=1 and TP=2 alike with this multiple, so both layouts draw
+# the same initial weights (the word embedding is initialised at its padded size)
+TP_EQUAL = {"model": {"make_vocab_size_divisible_by": 130, "micro_batch_size": 4},
+            "exp_manager": {"checkpoint": {"every_n_train_steps": 2}}}
+
+
+@pytest.fixture(scope="module")
+def tp2_straight(tmp_path_factory):
+    """One process and TP=2 (two launched workers), 4 steps each with a checkpoint every 2:
+    the TP=2 run is both the one compared with one process and the uninterrupted run the
+    TP=2 resume is compared with. Returns the directory and its experiment file."""
+    from mega.testing import write_corpus
+
+    d = tmp_path_factory.mktemp("tp2")
+    exp = _exp(d, write_corpus(d / "corpus.txt"), **TP_EQUAL)
+    one = _mega(["run", str(exp), "exp_manager.name=one"], d)
     assert one.returncode == 0, one.stderr
-    two = _mega(["run", str(exp), "exp_manager.name=tp2", "trainer.devices=2", "model.tensor_model_parallel_size=2"], tmp_path)
+    two = _mega(["run", str(exp), "exp_manager.name=straight", "trainer.devices=2", "model.tensor_model_parallel_size=2"], d)
     assert two.returncode == 0, two.stderr
-    a, b = read_metrics(tmp_path / "results" / "one"), read_metrics(tmp_path / "results" / "tp2")
+    return d, exp
+
+
+@pytest.mark.slow
+def test_tensor_parallel_2_trains_like_one_process(tp2_straight):
+    d, _ = tp2_straight
+    a, b = read_metrics(d / "results" / "one"), read_metrics(d / "results" / "straight")
+    assert [m["step"] for m in a] == [m["step"] for m in b] and any("val_loss" in m for m in a)
     for x, y in zip(a, b):
         for key in ("loss", "val_loss", "grad_norm"):
             if key in x:
                 assert y[key] == pytest.approx(x[key], rel=1e-5), (x["step"], key)
-    wa, wb = _full_weights(tmp_path / "results" / "one"), _full_weights(tmp_path / "results" / "tp2")
+    wa, wb = _full_weights(d / "results" / "one"), _full_weights(d / "results" / "straight")
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=k)
@@ -178,8 +200,9 @@ def test_tp1_checkpoint_resumed_at_tp2_continues_like_tp1(tmp_path, corpus):
     """Weights and AdamW moments are resharded: steps after the switch match TP=1 (the
     padding zero-filled from 264 to 272 rows is out of the loss, so it changes nothing)."""
     exp = _exp(tmp_path, corpus, trainer={"max_steps": 3})
-    for name in ("stay", "switch"):
-        assert _mega(["run", str(exp), f"exp_manager.name={name}"], tmp_path).returncode == 0
+    first = _mega(["run", str(exp), "exp_manager.name=stay"], tmp_path)
+    assert first.returncode == 0, first.stderr
+    shutil.copytree(tmp_path / "results" / "stay", tmp_path / "results" / "switch")  # the same 3 steps, run once
     stay = _mega(["run", str(exp), "exp_manager.name=stay", "trainer.max_steps=5"], tmp_path)
     switch = _mega(["run", str(exp), "exp_manager.name=switch", "trainer.max_steps=5", "trainer.devices=2",
                     "model.tensor_model_parallel_size=2"], tmp_path)
@@ -193,16 +216,23 @@ def test_tp1_checkpoint_resumed_at_tp2_continues_like_tp1(tmp_path, corpus):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", [["model.tensor_model_parallel_size=2"], ["model.pipeline_model_parallel_size=2"]])
-def test_resume_under_model_parallelism_equals_uninterrupted(tmp_path, corpus, layout):
-    exp = _exp(tmp_path, corpus, exp_manager={"checkpoint": {"every_n_train_steps": 2}}, trainer={"max_steps": 4})
+def test_resume_under_model_parallelism_equals_uninterrupted(tmp_path, corpus, layout, request):
     common = ["trainer.devices=2", *layout]
-    assert _mega(["run", str(exp), "exp_manager.name=straight", *common], tmp_path).returncode == 0
-    first = _mega(["run", str(exp), "exp_manager.name=resumed", "trainer.max_steps=2", *common], tmp_path)
+    if layout == ["model.tensor_model_parallel_size=2"]:  # its uninterrupted run is tp2_straight's
+        d, exp = request.getfixturevalue("tp2_straight")
+        straight = d / "results" / "straight"
+    else:
+        d, exp = tmp_path, _exp(tmp_path, corpus, **TP_EQUAL)
+        straight_run = _mega(["run", str(exp), "exp_manager.name=straight", *common], d)
+        assert straight_run.returncode == 0, straight_run.stderr
+        straight = d / "results" / "straight"
+    first = _mega(["run", str(exp), "exp_manager.name=resumed", "trainer.max_steps=2", *common], d)
     assert first.returncode == 0, first.stderr
-    second = _mega(["run", str(exp), "exp_manager.name=resumed", *common], tmp_path)  # continues from step 2
+    second = _mega(["run", str(exp), "exp_manager.name=resumed", *common], d)  # continues from step 2
     assert second.returncode == 0 and "resumed from" in second.stderr, second.stderr
-    a = read_metrics(tmp_path / "results" / "straight")
-    b = read_metrics(tmp_path / "results" / "resumed")
+    a = read_metrics(straight)
+    b = read_metrics(d / "results" / "resumed")
+    assert [m["step"] for m in a if "loss" in m] == [1, 2, 3, 4]
     assert [(m["step"], m.get("loss")) for m in a if "loss" in m] == [(m["step"], m.get("loss")) for m in b if "loss" in m]
 
 
@@ -243,14 +273,3 @@ def test_a_batch_that_does_not_divide_over_the_workers_fails_once_before_launchi
     assert r.stderr.count("model.global_batch_size=8: must be a positive multiple of micro_batch_size x data-parallel"
                           " size = 8 x 2") == 1
     assert "torch" not in r.stderr.lower() and not (tmp_path / "results").exists()  # no worker was started
-
-
-@pytest.mark.slow
-def test_the_readme_data_parallel_example_runs(tmp_path):
-    """README: `mega run examples/quickstart.toml trainer.devices=2`, shortened."""
-    r = _mega(["run", str(ROOT / "examples" / "quickstart.toml"), "trainer.devices=2", "trainer.max_steps=2",
-               "trainer.val_check_interval=0", "model.num_layers=1", "model.hidden_size=64", "model.seq_length=32",
-               "model.tokenizer.vocab_size=500", f"exp_manager.exp_dir={tmp_path / 'results'}", "trainer.accelerator=cpu"],
-              tmp_path, timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert (tmp_path / "results" / "quickstart" / "checkpoints" / "step_0000002").is_dir()

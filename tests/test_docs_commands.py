@@ -194,8 +194,9 @@ COMMANDS: Dict[str, object] = {
     "mega run examples/quickstart.toml trainer.max_steps=50 exp_manager.name=short": Run(GPT + DATA, needs=("corpus.txt",)),
     "mega run examples/quickstart.toml 'model.data.data_prefix=[0.7,a.txt,0.3,b.txt]'":
         Run(GPT + ("exp_manager.name=blended",), needs=("a.txt", "b.txt")),
-    "mega run examples/quickstart.toml trainer.devices=2 trainer.accelerator=cpu":
-        Run(GPT + DATA + ("exp_manager.name=dp2",), needs=("corpus.txt",), slow=True),
+    "mega run examples/quickstart.toml trainer.devices=2 trainer.accelerator=cpu":  # (the only README DP=2 test)
+        Run(GPT + DATA + ("exp_manager.name=dp2",), needs=("corpus.txt",), slow=True,
+            expect=_file("results/dp2/checkpoints/step_0000002")),
     "mega config examples/quickstart.toml trainer.precision=bf16": Run(expect=_has('precision = "bf16"')),
     "mega plugins": Run(expect=_has("gpt", "models: gpt")),
     'mega generate results/quickstart --prompt "The for statement" --top-k 40 --temperature 0.8':

@@ -121,13 +121,17 @@ def test_one_process_reports_the_published_metrics_at_validation(one_process):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world,tp,pp", [(2, 1, 2), (4, 2, 2), (2, 2, 1), (4, 1, 2)], ids=["pp2", "tp2pp2", "tp2", "dp2pp2"])
-def test_fine_tuning_trains_and_validates_like_one_process(one_process, pretrained, tmp_path, world, tp, pp):
+def test_fine_tuning_trains_and_validates_like_one_process(request, one_process, pretrained, tmp_path, world, tp, pp):
     """Losses and gradient norms of three steps, then val_loss and the task metrics, at
     every rank, against one process (encoder from lm_checkpoint at every layout)."""
     _, d, lm = pretrained
     tasks = list(TASKS) if world == 2 else ["text_classification", "question_answering"]  # 4 ranks: keep it short
-    for rank, res in enumerate(run_ranks(_finetune, world=world, tp=tp, pp=pp, args=(d, lm, tmp_path, tasks),
-                                         timeout=400)):
+    if (world, tp, pp) == (2, 1, 2):
+        ranks = request.getfixturevalue("pp2_finetuned")  # the launch test_evaluate_and_predict_... reads too
+    else:
+        ranks = run_ranks(_finetune, world=world, tp=tp, pp=pp, args=(d, lm, tmp_path, tasks), timeout=400)
+    assert len(ranks) == world
+    for rank, res in enumerate(ranks):
         for task in tasks:
             # Multiple choice's gradient is a difference between nearly equal choices (loss ~ln 4),
             # and its head's bias has a true gradient of 0 (a softmax over the choices ignores a
@@ -146,14 +150,22 @@ def _cli(capsys, *args) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
+@pytest.fixture(scope="module")
+def pp2_finetuned(pretrained, tmp_path_factory):
+    """One PP=2 launch fine-tuning every task and saving each run's last step: its steps
+    and metrics are compared with one process, its checkpoints evaluated and asked."""
+    _, d, lm = pretrained
+    out = tmp_path_factory.mktemp("pp2")
+    return run_ranks(_finetune, world=2, pp=2, args=(d, lm, out, list(TASKS), True), timeout=400)
+
+
 @pytest.mark.slow
-def test_evaluate_and_predict_a_run_trained_at_pp2(pretrained, tmp_path, capsys):
+def test_evaluate_and_predict_a_run_trained_at_pp2(pp2_finetuned, tmp_path, capsys):
     """A PP=2 checkpoint: `mega evaluate` at one process (resharded on load) and at PP=2
     (two launched workers) reports what validation reported during training; `mega predict`
     answers at one process."""
-    _, d, lm = pretrained
     tasks = ["text_classification", "question_answering"]
-    res = run_ranks(_finetune, world=2, pp=2, args=(d, lm, tmp_path, tasks, True), timeout=400)[0]
+    res = pp2_finetuned[0]
     for task in tasks:
         run_dir = Path(res[task]["run_dir"])
         valid = res[task]["valid"]

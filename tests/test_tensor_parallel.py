@@ -35,7 +35,7 @@ def _tp_gpt_forward_backward(state):
 
 @pytest.mark.slow
 def test_gpt_tp2_equals_tp1():
-    ref_logits, ref_loss, ref_grads = run_ranks(_tp_gpt_forward_backward, world=1)[0]
+    ref_logits, ref_loss, ref_grads = _in_process(_tp_gpt_forward_backward)
     results = run_ranks(_tp_gpt_forward_backward, world=2, tp=2)
     for logits, loss, grads in results:
         torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
@@ -136,10 +136,11 @@ def _rank_layout(state):
     return (state.rank, state.tp_rank, state.dp_rank, state.pp_rank, state.pp_ranks)
 
 
-def test_rank_order_is_megatrons():
+def test_rank_order_is_megatrons(tp2_pp2_training):
     """TP ranks adjacent, then DP, then PP (world 8 would be too many processes for CI:
-    4 ranks at TP=2, PP=2)."""
-    layouts = run_ranks(_rank_layout, world=4, tp=2, pp=2)
+    4 ranks at TP=2, PP=2; read from the TP=2 x PP=2 training launch, which records each
+    rank's layout before it trains)."""
+    layouts = [layout for layout, _ in tp2_pp2_training]
     assert layouts == [(0, 0, 0, 0, (0, 2)), (1, 1, 0, 0, (1, 3)), (2, 0, 0, 1, (0, 2)), (3, 1, 0, 1, (1, 3))]
 
 
@@ -172,7 +173,7 @@ def _pp_train(state, steps, micro, d):
     from mega.training.run import build_run
     from mega.testing import write_corpus
 
-    d = d / f"world{state.world_size}"
+    d = d / f"world{state.world_size}tp{state.tp_size}pp{state.pp_size}"
     corpus = d / "c.txt"
     if state.rank == 0:
         d.mkdir()
@@ -189,22 +190,57 @@ def _pp_train(state, steps, micro, d):
                   "tensor_model_parallel_size": state.tp_size, "pipeline_model_parallel_size": state.pp_size,
                   "tokenizer": {"library": "bytes"}, "data": {"data_prefix": [str(corpus)]}},
     })
+    from mega.training.run_dir import unlock_run_dir
+
     run = build_run(cfg)
     losses = []
     for _ in range(steps):
         m = train_step(run)
         run.step += 1
         losses.append((float(m["loss"]), float(m["grad_norm"])))
+    unlock_run_dir(run.run_dir)
     return losses
+
+
+def _layout_and_pp_train(state, steps, micro, d):
+    return _rank_layout(state), _pp_train(state, steps, micro, d)
+
+
+@pytest.fixture(scope="module")
+def pp_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("pp")
+
+
+@pytest.fixture(scope="module")
+def one_process_pp_reference(pp_dir):
+    """The one-process losses every layout is compared with, computed once in this process
+    (the same code at one rank; each parameter of the layout test used to start a process
+    for it)."""
+    from mega.runtime.parallel import current
+
+    assert current().world_size == 1
+    return _pp_train(current(), 4, 4, pp_dir)
+
+
+@pytest.fixture(scope="module")
+def tp2_pp2_training(pp_dir):
+    """One launch of 4 ranks at TP=2 x PP=2: (layout, losses) of each rank."""
+    return run_ranks(_layout_and_pp_train, world=4, tp=2, pp=2, args=(4, 4, pp_dir), timeout=240)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world,tp,pp", [(2, 1, 2), (4, 2, 2), (4, 1, 2)])
-def test_pipeline_parallel_trains_like_one_process(tmp_path, world, tp, pp):
+def test_pipeline_parallel_trains_like_one_process(request, pp_dir, one_process_pp_reference, world, tp, pp):
     """PP=2 (micro-batches through 1F1B), TP=2 x PP=2 and DP=2 x PP=2 give one process's per-step
     losses and clipped grad norms."""
-    ref = run_ranks(_pp_train, world=1, args=(4, 4, tmp_path))[0]
-    for losses in run_ranks(_pp_train, world=world, tp=tp, pp=pp, args=(4, 4, tmp_path), timeout=240):
+    ref = one_process_pp_reference
+    if (world, tp, pp) == (4, 2, 2):
+        results = [losses for _, losses in request.getfixturevalue("tp2_pp2_training")]
+    else:
+        results = run_ranks(_pp_train, world=world, tp=tp, pp=pp, args=(4, 4, pp_dir), timeout=240)
+    assert len(results) == world
+    for losses in results:
+        assert len(losses) == len(ref) == 4
         for (l0, g0), (l1, g1) in zip(ref, losses):
             assert l1 == pytest.approx(l0, rel=1e-5) and g1 == pytest.approx(g0, rel=1e-4)
 
@@ -234,22 +270,44 @@ def _layout_run(state, d, name, steps, model=None):
                   "tokenizer": {"library": "bytes"}, "data": {"data_prefix": [str(corpus)], "splits_string": "80,20,0"},
                   **(model or {})},
     })
+    from mega.training.run_dir import unlock_run_dir
+
     run = build_run(cfg)
-    train(run)
-    return validate(run)["val_loss"]
+    try:
+        train(run)
+        return validate(run)["val_loss"]
+    finally:  # as the end of a process would: the next run of this directory may be in this one
+        unlock_run_dir(run.run_dir)
+
+
+def _layout_runs(state, d, jobs):
+    """_layout_run for each (name, steps, model) in turn, in one launch of this layout."""
+    return [_layout_run(state, d, *job) for job in jobs]
+
+
+def _in_process(fn, *args):
+    """fn(parallel state, *args) at one rank in this process (no process to start): the
+    one-process reference is the same code at world size 1."""
+    from mega.runtime.parallel import current
+
+    assert current().world_size == 1
+    return fn(current(), *args)
 
 
 @pytest.mark.slow
 def test_checkpoints_load_across_tensor_and_pipeline_sizes(tmp_path):
     """Save at TP=2 x PP=2 and load at TP=1 x PP=1, and the reverse: the same validation
-    loss (every logit of the valid batches enters it)."""
-    single = run_ranks(_layout_run, world=1, args=(tmp_path, "single", 2))[0]
-    split = run_ranks(_layout_run, world=4, tp=2, pp=2, args=(tmp_path, "split", 2), timeout=240)
+    loss (every logit of the valid batches enters it). One 4-rank launch trains its own
+    run and then loads the one-process checkpoint."""
+    single = _in_process(_layout_run, tmp_path, "single", 2)
+    split, from_single = zip(*run_ranks(_layout_runs, world=4, tp=2, pp=2,
+                                        args=(tmp_path, [("split", 2), ("single", 2)]), timeout=240))
     assert split[0] == pytest.approx(single, rel=1e-4)  # trained at either layout: the same model
     # TP=2 x PP=2 checkpoint -> one process
-    assert run_ranks(_layout_run, world=1, args=(tmp_path, "split", 2))[0] == pytest.approx(split[0], rel=1e-6)
+    assert _in_process(_layout_run, tmp_path, "split", 2) == pytest.approx(split[0], rel=1e-6)
     # one-process checkpoint -> TP=2 x PP=2
-    for value in run_ranks(_layout_run, world=4, tp=2, pp=2, args=(tmp_path, "single", 2), timeout=240):
+    assert len(from_single) == 4
+    for value in from_single:
         assert value == pytest.approx(single, rel=1e-6)
     from mega.inference import load_checkpoint_for_inference
 
@@ -262,12 +320,16 @@ def test_tp2_checkpoint_loads_at_tp1_with_the_default_vocabulary_multiple(tmp_pa
     """make_vocab_size_divisible_by = 128 (the default): 258 byte ids pad to 512 at TP=2 and
     to 384 at TP=1, so loading cuts 128 padded rows. The padded ids are out of the loss's
     softmax, so the validation loss does not move; with model.mask_padded_vocab = false
-    (Megatron-LM's loss, padded logits in the softmax) it moves, by 0.29 nats here."""
-    for mask, name in ((True, "masked"), (False, "megatron")):
-        model = {"make_vocab_size_divisible_by": 128, "mask_padded_vocab": mask}
-        split = run_ranks(_layout_run, world=2, tp=2, args=(tmp_path, name, 2, model), timeout=240)
+    (Megatron-LM's loss, padded logits in the softmax) it moves, by 0.29 nats here.
+    Both TP=2 runs share one launch."""
+    cases = [(True, "masked"), (False, "megatron")]
+    models = {name: {"make_vocab_size_divisible_by": 128, "mask_padded_vocab": mask} for mask, name in cases}
+    ranks = run_ranks(_layout_runs, world=2, tp=2, args=(tmp_path, [(name, 2, models[name]) for _, name in cases]),
+                      timeout=240)
+    for i, (mask, name) in enumerate(cases):
+        split = [values[i] for values in ranks]
         assert split[0] == split[1]
-        one = run_ranks(_layout_run, world=1, args=(tmp_path, name, 2, model))[0]
+        one = _in_process(_layout_run, tmp_path, name, 2, models[name])
         if mask:
             assert one == pytest.approx(split[0], rel=1e-5, abs=1e-5)
         else:

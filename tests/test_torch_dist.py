@@ -279,7 +279,13 @@ def test_tp2_checkpoint_resumes_at_tp1_and_pp2_like_an_uninterrupted_run(tmp_pat
     exp = tmp_path / "exp.toml"
     exp.write_text(tomli_w.dumps(raw))
     results = tmp_path / "results"
-    _mega([str(exp), "exp_manager.name=straight"], tmp_path)
+    from mega.config import config_from_dict
+    from mega.plugin_manager import get_plugins
+    from mega.training.run import run as train
+
+    # the one-process reference in this process (the runs under test are the launched ones below)
+    train(config_from_dict({**raw, "exp_manager": {**raw["exp_manager"], "name": "straight"}}, [], get_plugins()),
+          get_plugins())
     _mega([str(exp), "exp_manager.name=tp1", "trainer.max_steps=2", "trainer.devices=2",
            "model.tensor_model_parallel_size=2"], tmp_path)
     assert (_latest(results / "tp1") / ".metadata").is_file()
