@@ -3,6 +3,7 @@ file, fallback to the last good checkpoint, pruning."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,3 +111,32 @@ def test_training_refuses_when_no_checkpoint_verifies(tmp_path, corpus, plugins)
     (run.checkpoints.checkpoints()[0] / "model.pt").write_bytes(b"x")
     with pytest.raises(CheckpointError, match="none verifies"):
         build_run(cfg, plugins)
+
+
+class _SlowSecondRank(NativeFormat):
+    """Each model-parallel rank writes its own part; rank 1 writes half, pauses, then the
+    rest. A manifest listed while it pauses would record half a file."""
+
+    def save(self, state, directory, parallel=None):
+        import time
+
+        with (directory / f"part{parallel.rank}.bin").open("wb") as f:
+            f.write(b"x" * 1000)
+            if parallel.rank == 1:
+                f.flush()
+                time.sleep(1.0)
+                f.write(b"x" * 1000)
+
+
+def _save_and_verify(parallel, root):
+    path = CheckpointManager(Path(root), _SlowSecondRank()).save(1, {}, {}, parallel=parallel)
+    return verify(path)["files"]
+
+
+def test_the_manifest_waits_for_every_ranks_part(tmp_path):
+    """Rank 0 writes the manifest only when every rank's part is whole on disk (seen
+    under load: a TP=2 checkpoint whose manifest had rank 1's optimizer.pt half written)."""
+    from tests.multiproc import run_ranks
+
+    files = run_ranks(_save_and_verify, world=2, tp=2, args=(str(tmp_path / "checkpoints"),))
+    assert files[0]["part1.bin"]["size"] == 2000 and files[0]["part0.bin"]["size"] == 1000

@@ -118,10 +118,14 @@ class CheckpointManager:
         try:
             if parallel.dp_rank == 0:
                 self.fmt.save(state, tmp, parallel)
-            if parallel.is_main:
-                self._write(tmp, step, extra_files, meta)
         except BaseException as exc:
             error = exc
+        # every rank's part is whole on disk before rank 0 lists sizes and hashes in the manifest
+        if not parallel.any(error is not None) and parallel.is_main:
+            try:
+                self._write(tmp, step, extra_files, meta)
+            except BaseException as exc:
+                error = exc
         if parallel.any(error is not None):
             full = error is not None and _disk_full(error, self.root)  # judged before the partial files are removed
             if parallel.is_main:
