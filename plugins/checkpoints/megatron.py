@@ -8,7 +8,8 @@ built for Megatron-LM checkpoints read ours and we read theirs.
 `model_optim_rng.pt` holds `args` (an argparse.Namespace), `checkpoint_version` (3.0),
 `iteration`, `model` (`language_model` -> `embedding` / `encoder` with Megatron's key
 names), `optimizer`, `opt_param_scheduler` and `rng_state`; mega's own resume state rides
-along under `mega`. Reading converts the fused QKV rows of checkpoint versions 0 and 1.0
+along under `mega`. Under `model.optim.use_distributed_optimizer` the optimizer's state goes
+into Megatron's `distrib_optim.pt` beside it (megatron_distrib_optim.py). Reading converts the fused QKV rows of checkpoint versions 0 and 1.0
 to the per-head [heads, 3, head_dim] order used since 2.0, reads the files Hugging Face's
 converter writes, and refuses architectures mega's GPT cannot run (megatron_args.py).
 `mega import` / `mega export` of Megatron-LM checkpoints live in megatron_interop.py.
@@ -178,19 +179,26 @@ class MegatronFormat:
             padded = word.shape[0] * tp if word is not None else None
         trainer = state.get("trainer", {})
         rng = trainer.get("rng", {})
+        optimizer, ours = state.get("optimizer"), {"trainer": trainer, "sharding": state.get("sharding")}
+        record = state.get("distributed_optimizer")
+        if record is not None and optimizer is not None:  # Megatron's distrib_optim.pt beside this file
+            from mega.plugins.checkpoints.megatron_distrib_optim import save_distrib_optim
+
+            optimizer = save_distrib_optim(folder, state, record)
+            ours["distributed_optimizer"] = record
         torch.save({
             "args": megatron_args(config, tp, pp, vocab, padded=padded, files=_tokenizer_files(config, directory)),
             "checkpoint_version": CHECKPOINT_VERSION,
             "iteration": trainer.get("step", 0),
             "model": nest(model),
-            "optimizer": state.get("optimizer"),
+            "optimizer": optimizer,
             "opt_param_scheduler": {"num_steps": trainer.get("consumed_samples", 0)},
             "rng_state": [{
                 "random_rng_state": rng.get("python"), "np_rng_state": rng.get("numpy"),
                 "torch_rng_state": rng.get("torch"), "cuda_rng_state": rng.get("cuda"),
                 "rng_tracker_states": rng.get("rng_tracker_states"),
             }],
-            "mega": {"trainer": trainer, "sharding": state.get("sharding")},
+            "mega": ours,
         }, folder / FILE)
 
     def load(self, directory: Path, parallel=None, parts=("model", "optimizer", "trainer", "sharding")) -> dict:
@@ -199,7 +207,13 @@ class MegatronFormat:
         if path is None:
             raise CheckpointError(f"{rank_folder(directory, parallel) / FILE}: missing from the checkpoint")
         raw = load_file(path, str(path))
-        return state_from_raw(raw, str(path), pp_rank, parts)
+        state = state_from_raw(raw, str(path), pp_rank, parts)
+        record = (raw.get("mega") or {}).get("distributed_optimizer")
+        if record is not None and "optimizer" in parts:  # the shards' state lives in distrib_optim.pt
+            from mega.plugins.checkpoints.megatron_distrib_optim import FILE as DISTRIB, read_distrib_optim
+
+            state["optimizer"] = read_distrib_optim(path.parent / DISTRIB, record, raw.get("optimizer"))
+        return state
 
     # --- mega import / mega export ---------------------------------------------------------
     def can_import(self, source: Path) -> bool:
