@@ -181,14 +181,18 @@ class DistributedMainParams(MainParams):
         self._index_of_bucket = {id(b): i for i, b in enumerate(self.buckets)}
         for p in params:
             p.register_post_accumulate_grad_hook(self._grad_ready)
+        # Parameters held by the model itself (a pipeline's last stage's copy of the tied
+        # embedding) are used in `training_loss`/`stage_forward`, which runs no module hook
+        # of the model: their buckets are gathered at the first hook of a step.
+        self._root_buckets = [self._bucket_of[id(p)] for p in self.model.parameters(recurse=False) if id(p) in self._bucket_of]
         if self.overlap_param_sync and self.dp_size > 1:
             for module in self.model.modules():
                 if any(id(p) in self._bucket_of for p in module.parameters(recurse=False)):
                     self._hooks.append(module.register_forward_pre_hook(self._before_forward))
         if self.embedding_group is not None:
             self.shared = self.model.shared_embedding_or_output_weight()
-        self._build_optimizer()
         self.converted = True
+        self._build_optimizer()
 
     def _build_optimizer(self) -> None:
         by_name = {self.names[o.index]: shard for o, shard in zip(self.owned, self.main)}
@@ -286,6 +290,9 @@ class DistributedMainParams(MainParams):
     def _before_forward(self, module, args) -> None:
         if self._gather_next < 0 and not any(b.stale for b in self.buckets):
             return
+        for b in self._root_buckets:
+            if b.stale:
+                self._finish_gather(b)
         for p in module.parameters(recurse=False):
             b = self._bucket_of.get(id(p))
             if b is not None and b.stale:

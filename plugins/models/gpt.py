@@ -22,6 +22,7 @@ from mega.plugins.models.estimates import (
     activation_bytes,
     block_activation_bytes,
     block_matmul_params,
+    block_param_numels,
     block_params,
     dropout_mask_bytes,
     param_bytes,
@@ -82,11 +83,13 @@ class GPTConfig(ModelConfig):
         g = param_bytes(precision, o2)  # a gradient as autograd makes it
         word = vocab * h // tp
         layer = {"params": block_params(block, tp), "matmul_params": block_matmul_params(block, tp),
-                 "activations": block_activation_bytes(block, b, s, s, tp, precision, device, o2=o2)}
-        first = {"params": word + positions * h,
+                 "activations": block_activation_bytes(block, b, s, s, tp, precision, device, o2=o2),
+                 "param_numels": block_param_numels(block, tp)}
+        first = {"params": word + positions * h, "param_numels": [word, positions * h],
                  "activations": n * h * dropout_mask_bytes(self.hidden_dropout, precision, device),
                  "grad_transient": g * word}  # the embedding's dense gradient before it is accumulated
         last = {"params": 2 * h + (word if pp > 1 else 0),  # final LayerNorm; the tied head's copy
+                "param_numels": [h, h] + ([word] if pp > 1 else []),
                 "matmul_params": word,  # the tied head, cast once (also the embedding without pipelining)
                 "grad_transient": g * word}  # the output layer's gradient of the tied matrix
         real = min(vocab_size, vocab) if self.mask_padded_vocab and tp == 1 else vocab // tp

@@ -124,7 +124,8 @@ class Lamb(torch.optim.Optimizer):
             w_sq = torch.stack([n.float() for n in torch._foreach_norm(flat_p)]).pow(2)
             a_sq = torch.stack([n.float() for n in torch._foreach_norm(flat_u)]).pow(2)
             table.index_add_(0, index, torch.stack([w_sq, a_sq], dim=1))
-        torch.distributed.all_reduce(table, group=shards.dp_group)
+        if shards.dp_size > 1:
+            torch.distributed.all_reduce(table, group=shards.dp_group)
         from mega.runtime.parallel import current
 
         state = current()
