@@ -203,10 +203,10 @@ def main(argv=None) -> dict:
     else:
         print(f"GPT {args.layers} x {args.hidden}, seq {args.seq}, micro-batch {args.micro_batch}, TP={args.tp} x DP={args.dp},"
               f" {args.device}, {'model.megatron_amp_O2 bf16' if args.precision != '32' else 'fp32'}; per rank (the fullest):")
-        print(f"  {'variant':<24} {'state':>13} {'plan':>13} {'ratio':>6}   {'peak':>13} {'ratio':>6}")
+        print(f"  {'variant':<24} {'state':>13} {'plan':>13} {'ratio':>6}   {'peak':>13} {'plan':>13} {'ratio':>6}")
         for name, r in rows.items():
             print(f"  {name:<24} {_mib(r['state'])} {_mib(r['plan_state'])} {r['state_ratio']:6.3f}   {_mib(r['peak'])}"
-                  f" {r['peak_ratio']:6.3f}")
+                  f" {_mib(r['plan_peak'])} {r['peak_ratio']:6.3f}")
     return rows
 
 

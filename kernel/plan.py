@@ -167,7 +167,8 @@ def estimate(config, vocab_size: int, *, tp: Optional[int] = None, pp: Optional[
     gbs = mc.global_batch_size if micro_batch is None else None
     gbs, n_micro = batch_geometry(b, gbs, tr.accumulate_grad_batches, dp)
     opt_bytes, opt_note = optimizer_state_bytes(mc.optim)
-    stages = [stage_memory(p, st, layout, opt_bytes, pp, dp, n_micro, bucket_size) for p, st in enumerate(model["stages"])]
+    stages = [stage_memory(p, st, layout, opt_bytes, pp, dp, n_micro, bucket_size, device)
+              for p, st in enumerate(model["stages"])]
     worst = max(stages, key=lambda s: s["peak"])
     per_param = layout.param + layout.main + layout.grad + opt_bytes
     if shard:  # padded buffers, and main weights and state of the owned elements: ~ param + grad + (main + state) / d
@@ -184,17 +185,22 @@ def estimate(config, vocab_size: int, *, tp: Optional[int] = None, pp: Optional[
 
 
 def stage_memory(p: int, st: Dict[str, Any], layout: Layout, opt_bytes: float, pp: int, dp: int,
-                 n_micro: int, bucket_size: Optional[int] = None) -> Dict[str, Any]:
+                 n_micro: int, bucket_size: Optional[int] = None, device: str = "cpu") -> Dict[str, Any]:
     """Bytes of pipeline stage `p` (the model's dict `st`) in `layout`: what a step leaves
     behind (`state`) and the larger of the end of the forward and of the backward (`peak`).
     Under the distributed optimizer (`layout.shard`) the buffers hold N_buf padded elements
-    and this rank N_own of them (`sharded_numels`; `bucket_size`: its buckets, None for one)."""
+    and this rank N_own of them (`sharded_numels`; `bucket_size`: its buckets, None for one);
+    on the CPU, gloo's reduce-scatter copies the bucket it reduces and keeps the copy until
+    the collective is waited for, after the backward: one fp32 copy of the whole buffer at
+    the end of the backward, whatever the bucket size (measured; NCCL reduces in place)."""
     n = st["params"]
     in_flight = min(pp - p, n_micro)
     n_buf = n_own = n
-    exact = True
+    exact, comm = True, 0
     if layout.shard:
         n_buf, n_own, exact = sharded_numels(st, dp, bucket_size, p == 0, p == pp - 1, pp)
+        if dp > 1 and device == "cpu":
+            comm = 4 * n_buf
     weights = layout.param * n_buf + layout.main * n_own
     casts = layout.cast * st.get("matmul_params", n)
     grads = layout.grad * n_buf
@@ -202,9 +208,9 @@ def stage_memory(p: int, st: Dict[str, Any], layout: Layout, opt_bytes: float, p
     optim = opt_bytes * n_own
     acts = in_flight * st["activations"]
     forward_end = weights + casts + optim + acts + st["transient"] + (grads + buckets if layout.grads_kept else 0)
-    backward_end = weights + optim + grads + buckets + st["grad_transient"]
+    backward_end = weights + optim + grads + buckets + st["grad_transient"] + comm
     return {"stage": p, "params": n, "weights": weights, "casts": casts, "grads": grads + buckets, "ddp_buckets": buckets,
-            "optimizer": optim, "buffer_numel": n_buf, "owned_numel": n_own, "exact": exact,
+            "optimizer": optim, "buffer_numel": n_buf, "owned_numel": n_own, "exact": exact, "collective_copy": comm,
             "activations": acts, "activations_per_micro_batch": st["activations"],
             "micro_batches_in_flight": in_flight, "transient": st["transient"],
             "state": weights + grads + optim, "peak": max(forward_end, backward_end),

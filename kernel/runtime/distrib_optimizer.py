@@ -126,38 +126,46 @@ class DistributedMainParams(MainParams):
         layout = compute_layout([p.numel() for p in params], self.bucket_size, self.dp_size, shared)
         self.layout = layout
         device = params[0].device if params else torch.device("cpu")
-        self.grad_buffer = torch.zeros(layout.numel, dtype=torch.float32, device=device)
         self.param_buffer = torch.zeros(layout.numel, dtype=self.dtype, device=device)
         self.owned = layout.owned(self.dp_rank)
+        owned_by_param: Dict[int, List[int]] = {}
+        for k, o in enumerate(self.owned):
+            owned_by_param.setdefault(o.index, []).append(k)
         low_precision = self.dtype != torch.float32
-        mains = []
+        self._template_groups = [{k: v for k, v in g.items() if k != "params"} for g in self.template.param_groups]
+        self.template = None  # it holds the original parameters, which are freed one by one below
+        holders: Dict[int, list] = {}  # id(original) -> [(module, name)]: tied weights have several
+        if low_precision:
+            for module in self.model.modules():
+                for name, p in module._parameters.items():
+                    if p is not None:
+                        holders.setdefault(id(p), []).append((module, name))
+        mains: List[Optional[torch.Tensor]] = [None] * len(self.owned)
         with torch.no_grad():
-            if low_precision:  # fp32 clones of the owned ranges, before the originals go
-                for o in self.owned:
-                    mains.append(params[o.index].detach().reshape(-1)[o.param_start:o.param_end].clone())
-            replacement = {}
-            for p, (start, end, _) in zip(params, layout.param_index_map):
+            for i, (start, end, _) in enumerate(layout.param_index_map):
+                p = params[i]
                 view = self.param_buffer[start:end].view_as(p)
                 view.copy_(p)
+                if not low_precision:
+                    p.data = view  # fp32: the parameter is its place in the buffer; the main shards are views
+                    continue
+                for k in owned_by_param.get(i, []):  # O2: fp32 clones of the owned range, before the original goes
+                    o = self.owned[k]
+                    mains[k] = p.detach().reshape(-1)[o.param_start:o.param_end].clone()
                 # `.data =`: the parameter points into the buffer but keeps its own version
                 # counter, so an all-gather into the buffer during a forward
                 # (overlap_param_sync) does not invalidate tensors autograd saved
-                if low_precision:
-                    low = torch.nn.Parameter(torch.empty(0, dtype=self.dtype, device=device), requires_grad=True)
-                    low.data = view
-                    low.__dict__.update(p.__dict__)  # partition_dim, shared_embedding_copy, ...
-                    replacement[id(p)] = low
-                else:
-                    p.data = view
-            if low_precision:
-                for module in self.model.modules():  # tied weights: every holder gets the same replacement
-                    for name, p in list(module._parameters.items()):
-                        if p is not None and id(p) in replacement:
-                            module._parameters[name] = replacement[id(p)]
-                params = [replacement[id(p)] for p in params]
-                replacement.clear()
-            else:
+                low = torch.nn.Parameter(torch.empty(0, dtype=self.dtype, device=device), requires_grad=True)
+                low.data = view
+                low.__dict__.update(p.__dict__)  # partition_dim, shared_embedding_copy, ...
+                for module, name in holders.pop(id(p), []):
+                    module._parameters[name] = low
+                params[i] = low  # the last reference to the fp32 original: freed here, not after the loop
+                del p, low
+            if not low_precision:
                 mains = [self.param_buffer[o.buffer_start:o.buffer_end] for o in self.owned]
+        # allocated only now: at no time do the fp32 originals and both buffers coexist
+        self.grad_buffer = torch.zeros(layout.numel, dtype=torch.float32, device=device)
         self.params = params
         self.main = []
         for o, t in zip(self.owned, mains):
@@ -196,7 +204,7 @@ class DistributedMainParams(MainParams):
 
     def _build_optimizer(self) -> None:
         by_name = {self.names[o.index]: shard for o, shard in zip(self.owned, self.main)}
-        template_groups = self.template.param_groups
+        template_groups = self._template_groups
         groups = []
         for names, tg in zip((self.decay_names, self.no_decay_names), template_groups):
             group = {k: v for k, v in tg.items() if k != "params"}
@@ -206,7 +214,6 @@ class DistributedMainParams(MainParams):
         for g, tg in zip(self.optimizer.param_groups, groups):  # the template's values (the lr of this step)
             g.update({k: v for k, v in tg.items() if k != "params"})
         self.optimizer.dp_shards = self  # sharded optimizers (LAMB) find the data-parallel group here
-        self.template = None  # it held the original fp32 parameters
         if self.pending is not None:
             pending, self.pending = self.pending, None
             self.load_optimizer_state(pending)

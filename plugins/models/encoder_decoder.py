@@ -106,7 +106,9 @@ class EncoderDecoderConfig(ModelConfig):
         n = b * s_dec
         acts += b * (s_enc + s_dec) * h * mask + 2 * b * memory * h * r  # embedding dropout; encoder final LayerNorm
         acts += n * h * (r + e) + 8 * n + 4 * n * vocab // tp  # decoder final LayerNorm; the loss's fp32 softmax
+        numels = [p.numel() // tp if p.dim() == 2 and "position" not in n else p.numel() for n, p in model.named_parameters()]
         stage = {"params": whole - split + split // tp, "matmul_params": split // tp, "activations": acts,
+                 "param_numels": numels,  # registration order: the distributed optimizer's buffer layout
                  "transient": (e + 4) * n * vocab // tp, "grad_transient": 2 * param_bytes(precision, o2) * vocab * h // tp}
         return {"params": whole, "flops_per_token": 6.0 * split, "stages": [stage]}
 
