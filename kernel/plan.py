@@ -459,7 +459,8 @@ def format_plan(est: Dict[str, Any], vocab_note: str, speed: Optional[float], sp
     if capacity is not None:
         out.append(f"  {est['device']} free now   {_gib(capacity):>12}   -> {'fits' if r['peak'] <= capacity else 'DOES NOT FIT'}")
     out += ["", "peak per rank with the options that change it:"]
-    out += [f"  {row['option']:<32} {_gib(row['peak']):>12}" for row in rows]
+    width = max([32] + [len(row["option"]) + 1 for row in rows])
+    out += [f"  {row['option']:<{width}} {_gib(row['peak']):>12}" for row in rows]
     out += ["", f"FLOPs per step    {est['flops_per_step']:.3e}  ({est['tokens_per_step']} tokens)"]
     if speed:
         out.append(f"step time         {_seconds(step_time(est, speed)):>12}   at {speed / 1e12:.3g} TFLOP/s per device"
