@@ -103,11 +103,12 @@ def test_every_element_is_owned_once_and_only_d_dividing_128_keep_the_layout(d):
 # --- one process ------------------------------------------------------------------------------------
 
 
-def _experiment(tmp_path, corpus, plugins, name, *overrides, o2=False, devices=1, steps=4, **model):
+def _experiment(tmp_path, corpus, plugins, name, *overrides, o2=False, devices=1, steps=4, precision=None, **model):
     return config_from_dict(tiny_raw(
         tmp_path, corpus, model={"megatron_amp_O2": o2, **NO_DROPOUT, "micro_batch_size": 2, "global_batch_size": 8,
-                                 "make_vocab_size_divisible_by": 130, **model},
-        trainer={"precision": "bf16" if o2 else "32", "accelerator": "cpu", "devices": devices, "max_steps": steps,
+                                 "make_vocab_size_divisible_by": 130, "native_amp_init_scale": 65536.0, **model},
+        trainer={"precision": precision or ("bf16" if o2 else "32"), "accelerator": "cpu", "devices": devices,
+                 "max_steps": steps,
                  "val_check_interval": 0, "gradient_clip_val": 0.0, "dist_timeout_s": 120},
         exp_manager={"name": name}), list(overrides), plugins)
 
@@ -140,19 +141,21 @@ def _moments_diff(a, b):
     return max(float((a[n][k].double() - b[n][k].double()).abs().max()) for n in a for k in a[n] if torch.is_tensor(a[n][k]))
 
 
-@pytest.mark.parametrize("o2", [False, True], ids=["fp32", "O2"])
+@pytest.mark.parametrize("precision,o2", [("32", False), ("bf16", True), ("bf16", False), ("16", True)],
+                         ids=["fp32", "O2", "autocast", "O2-fp16"])
 def test_one_rank_is_the_plain_optimizer_bit_for_bit_and_the_plan_counts_its_tensors(tmp_path, corpus, plugins, o2,
-                                                                                    monkeypatch):
-    """d = 1, 3 steps of 4 micro-batches, buckets of 4096 elements, no clipping: losses,
-    weights and moments equal the plain optimizer's bit for bit (grad norms within 1e-6) (each shard is its whole parameter,
+                                                                                    precision, monkeypatch):
+    """d = 1, 3 steps of 4 micro-batches, buckets of 4096 elements, no clipping, in fp32,
+    O2 (bf16 and fp16 with its loss scaler), and bf16 autocast: losses, weights and moments
+    equal the plain optimizer's bit for bit (grad norms within 1e-6) (each shard is its whole parameter,
     stepped by the same kernel); the state after a step, counted tensor by tensor, is what
     `mega plan` says to the byte (padding included); under O2 the original fp32 weights
     are gone (only the shards' clones remain). Negative control: main shards cut one
     element off their place in the buffers no longer match."""
     keys = ["model.grad_reduce_bucket_size=4096"]
-    plain = build_run(_experiment(tmp_path, corpus, plugins, "plain", *keys, o2=o2), plugins)
+    plain = build_run(_experiment(tmp_path, corpus, plugins, "plain", *keys, o2=o2, precision=precision), plugins)
     a = _steps(plain, 3)
-    dist = build_run(_experiment(tmp_path, corpus, plugins, "dist", DIST, *keys, o2=o2), plugins)
+    dist = build_run(_experiment(tmp_path, corpus, plugins, "dist", DIST, *keys, o2=o2, precision=precision), plugins)
     original = weakref.ref(next(dist.model.parameters()))
     b = _steps(dist, 3)
     assert [x[0] for x in a] == [x[0] for x in b]  # losses bit for bit
@@ -180,7 +183,7 @@ def test_one_rank_is_the_plain_optimizer_bit_for_bit_and_the_plan_counts_its_ten
                                    first.param_start, first.param_end)] + rest
 
     monkeypatch.setattr(param_layout.ParamLayout, "owned", shifted)
-    wrong = build_run(_experiment(tmp_path, corpus, plugins, "wrong", DIST, *keys, o2=o2), plugins)
+    wrong = build_run(_experiment(tmp_path, corpus, plugins, "wrong", DIST, *keys, o2=o2, precision=precision), plugins)
     _steps(wrong, 3)
     monkeypatch.undo()
     assert _max_diff(wa, _model_space(wrong)[0]) > 0

@@ -368,6 +368,15 @@ class DistributedMainParams(MainParams):
             out.append(full)
         return out
 
+    def tensors(self):
+        """Every tensor this layout adds to the model's: main shards (O2; fp32's are views),
+        the gradient and the parameter buffers."""
+        if self.dtype != torch.float32:
+            yield from self.main
+        for t in (self.grad_buffer, self.param_buffer):
+            if t is not None:
+                yield t
+
     # --- optimizer state: model space, shards, bucket space ---------------------------------
     def state_keys(self) -> List[str]:
         """The optimizer's per-element state keys (tensors shaped like a parameter)."""
