@@ -648,3 +648,21 @@ def test_data_parallel_runs_equal_the_plain_optimizer_and_resume_at_any_size(tmp
     report.append("state per rank (bytes): " + ", ".join(f"d={k}: {v} ({v / counted[1]:.3f})" for k, v in counted.items()))
     print("\n".join(report))
     assert counted == planned and counted[4] < counted[2] < counted[1]
+
+
+def test_the_fit_check_of_mega_run_uses_the_sharded_figures(tmp_path, corpus, plugins, monkeypatch):
+    """`mega run`'s refusal (mega.plan.check_fits) estimates with the distributed optimizer's
+    figures: with free memory between the two peaks, the plain layout is refused and the
+    sharded one accepted."""
+    from mega import plan
+
+    keys = ["trainer.devices=4", "model.num_layers=4", "model.hidden_size=256"]
+    plain = _experiment(tmp_path, corpus, plugins, "fit", *keys, o2=True)
+    sharded = _experiment(tmp_path, corpus, plugins, "fit", *keys, DIST, o2=True)
+    vocab = plan.vocab_size_of(plain)[0]
+    a, b = plan.estimate(plain, vocab)["rank"]["peak"], plan.estimate(sharded, vocab)["rank"]["peak"]
+    assert b < a
+    monkeypatch.setattr(plan, "available_memory", lambda device: 4 * (a + b) // 2)  # 4 local workers share the RAM
+    with pytest.raises(ConfigError, match="the run needs about"):
+        plan.check_fits(plain)
+    assert plan.check_fits(sharded)["distributed_optimizer"]
