@@ -54,8 +54,6 @@ shards get `OptimizerShards` (`shards()`) and may hand back `BucketSpace`.
 """
 from __future__ import annotations
 
-import contextlib
-import logging
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -64,8 +62,6 @@ import torch.distributed as dist
 from mega.runtime.bucket_space import PARAM_KEY, BucketSpace, OptimizerShards, merge_groups
 from mega.runtime.main_params import MainParams, _Bucket
 from mega.runtime.param_layout import Owned, ParamLayout, compute_layout
-
-log = logging.getLogger("mega")
 
 SHARDABLE = ("elementwise", "per_tensor_norms")
 
@@ -186,7 +182,6 @@ class DistributedMainParams(MainParams):
             self.buckets.append(_DistBucket(self.grad_buffer[start:end], members, self.param_buffer[start:end],
                                             self.grad_buffer[lo:hi], self.param_buffer[lo:hi]))
         self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
-        self._index_of_bucket = {id(b): i for i, b in enumerate(self.buckets)}
         for p in params:
             p.register_post_accumulate_grad_hook(self._grad_ready)
         # Parameters held by the model itself (a pipeline's last stage's copy of the tied
