@@ -184,10 +184,13 @@ class DistributedMainParams(MainParams):
         self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
         for p in params:
             p.register_post_accumulate_grad_hook(self._grad_ready)
-        # Parameters held by the model itself (a pipeline's last stage's copy of the tied
-        # embedding) are used in `training_loss`/`stage_forward`, which runs no module hook
-        # of the model: their buckets are gathered at the first hook of a step.
-        self._root_buckets = [self._bucket_of[id(p)] for p in self.model.parameters(recurse=False) if id(p) in self._bucket_of]
+        # Parameters no module forward reaches — the model's own (training_loss/stage_forward
+        # run no hook of the model) and those of holders without a forward (a pipeline's last
+        # stage keeps the tied head's copy in a bare nn.Module, used through F.linear) — have
+        # their buckets gathered at the first hook of a step.
+        unhooked = [m for m in self.model.modules() if m is self.model or type(m).forward is torch.nn.Module.forward]
+        self._root_buckets = list({id(self._bucket_of[id(p)]): self._bucket_of[id(p)] for m in unhooked
+                                   for p in m.parameters(recurse=False) if id(p) in self._bucket_of}.values())
         if self.overlap_param_sync and self.dp_size > 1:
             for module in self.model.modules():
                 if any(id(p) in self._bucket_of for p in module.parameters(recurse=False)):
