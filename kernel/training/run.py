@@ -3,9 +3,13 @@ model -> optimizer -> resume, then hands it to the loop.
 
 Everything that can be checked without writing is checked first, in this order: component
 names, the model's shapes, the batch geometry, the config against the run already in the
-run directory (if any); then rank 0 checks the directory is writable, creates and locks
-it, and opens the data files and builds the tokenizer; config.toml and run.json are
-written only after all of that succeeded.
+run directory (if any); then rank 0 checks the directory (and its checkpoints/) is
+writable, creates and locks it, and opens the data files and builds the tokenizer (which
+may train into it); then the model, the optimizer, the train and validation data (an
+empty split fails here) and the resumed checkpoint. config.toml and run.json are written
+only after all of that succeeded, and not at all by a run that is already finished (it
+has nothing to do, and its files stay as they are). A start that fails leaves no
+config.toml behind, and removes a run directory it created.
 
 The order matters for reproducibility: every generator is seeded from `model.seed` right
 before the model is built, and a resumed run then overwrites model, optimizer, loss scaler,
@@ -270,25 +274,37 @@ def build_run(config: ExperimentConfig, plugins=None) -> Run:
     check_config_unchanged(config, run_dir)
 
     # A shared filesystem across nodes is assumed. Rank 0 checks the directory can be
-    # written, creates and locks it, finds the data files and builds the tokenizer, and
-    # writes config.toml and run.json last, once all of that succeeded.
-    with parallel.main_rank_first():
-        created = False
-        if parallel.is_main:
-            check_writable(run_dir)
-            created = not run_dir.exists()
-            run_dir.mkdir(parents=True, exist_ok=True)
-            lock_run_dir(run_dir)
-        try:
+    # written, creates and locks it, finds the data files and builds the tokenizer; every
+    # rank then builds its part; config.toml and run.json are written last.
+    created = False
+    try:
+        with parallel.main_rank_first():
+            if parallel.is_main:
+                check_writable(run_dir)
+                created = not run_dir.exists()
+                run_dir.mkdir(parents=True, exist_ok=True)
+                lock_run_dir(run_dir)
             source = built(data_entry, DataSource, data_entry.factory(mc.data, run_dir))
             tokenizer = built(tok_entry, Tokenizer, tok_entry.factory(mc.tokenizer, source.files(), run_dir))
-        except BaseException:
-            if created:  # a run directory this call made holds nothing worth keeping
-                unlock_run_dir(run_dir)
-                shutil.rmtree(run_dir, ignore_errors=True)
-            raise
+        run = _assemble(config, plugins, run_dir, parallel, device, source, tokenizer, gbs, n_micro,
+                        model_entry, optim_entry, sched_entry, fmt_entry)
+        if config.exp_manager.resume_if_exists:
+            resume(run, plugins)
+    except BaseException:
+        if created:  # a run directory this call made holds nothing worth keeping
+            unlock_run_dir(run_dir)
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    if run.resumed_from is None or run.step < tr.max_steps:  # a finished run has nothing to do: its files stay
         prepare_run_dir(config, plugins, write=parallel.is_main)
+    return run
 
+
+def _assemble(config: ExperimentConfig, plugins, run_dir: Path, parallel: ParallelState, device: torch.device,
+              source: DataSource, tokenizer: Tokenizer, gbs: int, n_micro: int, model_entry, optim_entry, sched_entry,
+              fmt_entry) -> Run:
+    """The model, optimizer, schedule, loss scaler and data of a run, before resuming."""
+    tr, mc = config.trainer, config.model
     seed_everything(mc.seed)  # the same on every tensor- and data-parallel rank (Megatron's rule)
     get_rng_tracker().reset(mc.seed, parallel.tp_rank, device.type)
     model = built(model_entry, PipelineStage if parallel.pp_size > 1 else LanguageModel,
@@ -323,16 +339,13 @@ def build_run(config: ExperimentConfig, plugins=None) -> Run:
             log.info("trainer.compile: not applied under pipeline parallelism; the stages run eagerly")
         else:
             loss_module = CompiledStep(loss_module)
-    run = Run(
+    return Run(
         config=config, plugins=plugins, run_dir=run_dir, device=device, parallel=parallel, tokenizer=tokenizer,
         model=model, optimizer=optimizer, lr_at=lr_at, scaler=scaler, train_data=train_data, valid_data=valid_data,
         checkpoints=CheckpointManager(run_dir / "checkpoints", built(fmt_entry, CheckpointFormat, fmt_entry.factory()),
                                       config.exp_manager.checkpoint.keep_last_k),
         global_batch_size=gbs, num_micro_batches=n_micro, loss_module=loss_module, main_params=main_params,
     )
-    if config.exp_manager.resume_if_exists:
-        resume(run, plugins)
-    return run
 
 
 def resume(run: Run, plugins) -> None:

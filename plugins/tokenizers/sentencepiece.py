@@ -2,7 +2,8 @@
 
 With no `model` given, a tokenizer is trained on the training corpus into the run
 directory (`tokenizer.model`) once; a resumed run reuses it, so token ids never change
-under a checkpoint.
+under a checkpoint. One trained from other files or options is trained again unless
+checkpoints depend on it (`mega.trained_files`).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Dict, List, Optional
 from attrs import define, field
 
 import mega
+from mega import trained_files
 from mega.config import TokenizerConfig
 from mega.config.schema import at_least_one, non_negative, positive
 from mega.errors import ConfigError, DataError
@@ -132,8 +134,12 @@ def build(config: SentencePieceConfig, corpus_files: List[Path], run_dir: Option
     if run_dir is None:
         raise ConfigError("model.tokenizer.model: not set, and there is no run directory to train a tokenizer into")
     trained = Path(run_dir) / "tokenizer.model"
-    if not trained.is_file():
-        train_sentencepiece(list(corpus_files), trained.with_suffix(""), config)
+    files = [Path(f) for f in corpus_files]
+    options = {k: getattr(config, k) for k in ("vocab_size", "model_type", "character_coverage", "input_sentence_size", "seed")}
+    stamp = trained_files.stamp(files, options)
+    if not trained_files.reusable(trained, stamp, "the sentencepiece tokenizer"):
+        train_sentencepiece(files, trained.with_suffix(""), config)
+        trained_files.write_stamp(trained, stamp)
     return SentencePieceTokenizer(trained)
 
 
