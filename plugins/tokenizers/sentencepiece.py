@@ -7,6 +7,7 @@ checkpoints depend on it (`mega.trained_files`).
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 from pathlib import Path
@@ -91,8 +92,16 @@ def check_line_lengths(files: List[Path], limit: int = MAX_LINE_BYTES) -> None:
         log.warning("tokenizer training skips too-long lines: %s", line)
 
 
+# Sentencepiece's unigram trainer splits its work by thread, and the split is part of the
+# result: a fixed count gives the same tokenizer on every machine, whatever its cores.
+TRAINER_THREADS = 4
+
+
 def train_sentencepiece(files: List[Path], prefix: Path, cfg: SentencePieceConfig) -> Path:
-    """Train a model on `files` to `prefix`.model, atomically (temp name, then rename)."""
+    """Train a model on `files` to `prefix`.model (and its pieces and scores to
+    `prefix`.vocab), atomically (temp name, then rename). The same files and options give
+    the same bytes in every process: the model comes back in memory, so no temporary path
+    is recorded in it, and the thread count is fixed (TRAINER_THREADS)."""
     import sentencepiece as spm
 
     total = sum(os.path.getsize(f) for f in files)
@@ -101,12 +110,12 @@ def train_sentencepiece(files: List[Path], prefix: Path, cfg: SentencePieceConfi
     check_line_lengths([Path(f) for f in files])
     log.info("training a sentencepiece %s tokenizer (vocab %d) on %.1f MB of text", cfg.model_type, cfg.vocab_size, total / 1e6)
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    tmp = prefix.with_name(prefix.name + f".tmp{os.getpid()}")
     spm.set_random_generator_seed(cfg.seed)
+    model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
             input=",".join(str(f) for f in files),
-            model_prefix=str(tmp),
+            model_writer=model,
             vocab_size=cfg.vocab_size,
             model_type=cfg.model_type,
             character_coverage=cfg.character_coverage,
@@ -114,14 +123,18 @@ def train_sentencepiece(files: List[Path], prefix: Path, cfg: SentencePieceConfi
             shuffle_input_sentence=True,
             max_sentence_length=MAX_LINE_BYTES,
             pad_id=0, unk_id=1, bos_id=2, eos_id=3,
-            num_threads=min(4, os.cpu_count() or 1),
+            num_threads=TRAINER_THREADS,
             minloglevel=2,
         )
     except RuntimeError as exc:
         raise ConfigError(f"model.tokenizer: sentencepiece training failed: {exc}") from None
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    pieces = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
     final = prefix.with_suffix(".model")
-    os.replace(f"{tmp}.model", final)
-    os.replace(f"{tmp}.vocab", prefix.with_suffix(".vocab"))
+    for path, data in ((prefix.with_suffix(".vocab"), pieces.encode("utf-8")), (final, model.getvalue())):
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
     return final
 
 
