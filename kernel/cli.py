@@ -238,8 +238,12 @@ def cmd_plugins(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from mega.inference import generate, load_checkpoint_for_inference
+    from mega.inference import check_sampling, generate, load_checkpoint_for_inference
 
+    # the flags first: a bad value is reported before the checkpoint is loaded
+    check_sampling(args.max_new_tokens, greedy=args.greedy, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, names={k: f"--{k.replace('_', '-')}" for k in
+                                            ("max_new_tokens", "temperature", "top_k", "top_p")})
     model, tokenizer, config = load_checkpoint_for_inference(args.checkpoint, device=args.device)
     prompt = tokenizer.encode(args.prompt)
     if isinstance(model, EncoderDecoder):  # encode the prompt, decode from its hiddens

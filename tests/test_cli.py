@@ -64,6 +64,24 @@ def test_run_then_generate(tmp_path, corpus, capsys):
                  "--top-k", "5", "--top-p", "0.9", "--temperature", "0.8", "--seed", "1"]) == 0
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--top-p", "2"], "--top-p: must be in (0, 1]"),
+    (["--top-p", "0"], "--top-p: must be in (0, 1]"),  # no token would be left to sample
+    (["--top-k", "-1"], "--top-k: must be >= 0"),
+    (["--temperature", "0"], "--temperature: must be positive"),
+    (["--max-new-tokens", "-1"], "--max-new-tokens: must be >= 0"),
+])
+def test_generate_refuses_sampling_settings_out_of_range(tmp_path, corpus, capsys, flags, message):
+    """Issue 20: `mega generate --top-p 2` sampled anyway; each setting out of range exits 2
+    naming the flag, before the checkpoint is loaded."""
+    exp = _write_toml(tmp_path / "exp.toml", tiny_raw(tmp_path, corpus, trainer={"max_steps": 1, "val_check_interval": 0}))
+    assert main(["run", str(exp)]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "results" / "tiny"), "--prompt", "the", "--seed", "1", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mega: error: {message}") and "Traceback" not in err
+
+
 def test_generate_with_a_trained_sentencepiece_tokenizer(tmp_path, corpus, capsys):
     """The tokenizer trained into the run dir travels inside the checkpoint."""
     raw = tiny_raw(tmp_path, corpus, trainer={"max_steps": 2, "val_check_interval": 0},
