@@ -86,7 +86,8 @@ def unpack_checkpoint_file(path: Path, plugins) -> Tuple[Path, Path]:
     scratch directory is removed when this process exits."""
     from mega.interop import find_importer
 
-    fmt = find_importer(path, plugins)
+    fmt = find_importer(path, plugins, hint=f"give a run directory, a checkpoint directory or an archive (.mega, .nemo),"
+                                            f" or convert it first with `mega import {path} RUN_DIR --from FORMAT`")
     scratch = Path(tempfile.mkdtemp(prefix="mega-checkpoint-"))
     atexit.register(shutil.rmtree, scratch, True)
     try:

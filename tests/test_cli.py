@@ -45,6 +45,29 @@ def test_input_errors_exit_2(tmp_path, capsys, args, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [["evaluate", "{file}"], ["generate", "{file}", "--prompt", "x"],
+                                     ["predict", "{file}", "--text", "x"], ["encode", "{file}", "--text", "x", "--output", "o"],
+                                     ["import", "{file}", "{tmp}/run"]])
+def test_an_unrecognised_checkpoint_file_suggests_only_flags_the_command_has(tmp_path, capsys, command):
+    """Issue 20: `mega evaluate FILE` told the user to name a format with --from, a flag
+    only `mega import` has. Every --flag an error suggests must be one of its command."""
+    import re
+
+    from mega.cli import _parser
+
+    junk = tmp_path / "model.bin"
+    junk.write_bytes(b"not a checkpoint")
+    assert main([a.format(file=junk, tmp=tmp_path) for a in command]) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint format recognises it" in err
+    sub = next(a for a in _parser()._actions if a.__class__.__name__ == "_SubParsersAction").choices[command[0]]
+    flags = {s for a in sub._actions for s in a.option_strings}
+    # flags of the command itself, or of a command the message tells to run (`mega import ... --from`)
+    suggested = {f for f in re.findall(r"(?<![\w`])--[a-z][a-z-]*", err) if f not in flags}
+    shown_with_import = set(re.findall(r"`mega import [^`]*?(--[a-z-]+)", err))
+    assert suggested <= shown_with_import, f"mega {command[0]} suggests {sorted(suggested)}: {err}"
+
+
 def test_config_prints_the_resolved_toml(tmp_path, corpus, capsys):
     exp = _write_toml(tmp_path / "exp.toml", tiny_raw(tmp_path, corpus))
     assert main(["config", str(exp), "trainer.max_steps=9", "++model.optim.sched.min_lr=1e-5"]) == 0
