@@ -140,3 +140,46 @@ def test_examples_validate(plugins):
 
     for exp in (ROOT / "examples").glob("*.toml"):
         load_config(exp, plugins=plugins)
+
+
+class _RunsCode:
+    """Unpickling this calls print: what weights_only loading exists to refuse."""
+
+    def __reduce__(self):
+        return (print, ("code from a checkpoint ran",))
+
+
+def _unsafe_file(path):
+    import torch
+
+    torch.save({"weight": _RunsCode()}, path)
+    return path
+
+
+def test_an_unsafe_checkpoint_is_refused_without_torchs_advice_to_load_it_unsafely(tmp_path):
+    """Issue 20: the refusal repeated torch's "Re-running torch.load with weights_only set
+    to False will likely succeed": advice mega never follows. The message names what the
+    file holds and says it is refused; a file that is not a torch file says so."""
+    from mega.errors import CheckpointError
+    from mega.plugins.checkpoints.huggingface import _read_weights
+    from mega.plugins.checkpoints.megatron_args import load_file
+    from mega.plugins.checkpoints.native import NativeFormat
+
+    _unsafe_file(tmp_path / "model.pt")
+    _unsafe_file(tmp_path / "model_optim_rng.pt")
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    _unsafe_file(hf / "pytorch_model.bin")
+    messages = []
+    for load in (lambda: NativeFormat().load(tmp_path), lambda: _read_weights(hf),
+                 lambda: load_file(tmp_path / "model_optim_rng.pt", "model_optim_rng.pt")):
+        with pytest.raises(CheckpointError) as info:
+            load()
+        messages.append(str(info.value))
+    for message in messages:
+        assert "print" in message and "torch.load(weights_only=True)" in message, message
+        assert "weights_only` set to `False" not in message and "will likely succeed" not in message, message
+        assert "add_safe_globals" not in message and "\n" not in message.strip(), message
+    (tmp_path / "model.pt").write_bytes(b"\x80\x02garbage" * 8)
+    with pytest.raises(CheckpointError, match=r"model.pt: cannot be read: not a file torch.save wrote, or a damaged one"):
+        NativeFormat().load(tmp_path)
