@@ -153,7 +153,7 @@ def cmd_run(args) -> int:
     tr = config.trainer
     workers = tr.devices * tr.num_nodes > 1 and not launched()
     if workers:  # what every worker would check, checked once here, before any is started
-        from mega.training.run_dir import check_config_unchanged, run_dir_of
+        from mega.training.run_dir import check_config_unchanged, check_writable, run_dir_of
 
         from mega.runtime.parallel import check_devices
 
@@ -161,6 +161,7 @@ def cmd_run(args) -> int:
         _check_layout(config)
         config.model.check(plugins)
         check_config_unchanged(config, run_dir_of(config))
+        check_writable(run_dir_of(config))  # a read-only run directory or checkpoints/, before any worker starts
     if not launched():  # refuse a run that cannot fit, before anything is allocated (mega.plan)
         from mega.plan import check_fits
 

@@ -252,6 +252,17 @@ def build_run(config: ExperimentConfig, plugins=None) -> Run:
         from mega.plugin_manager import get_plugins
 
         plugins = get_plugins()
+    created: list = []  # [run_dir] once _build_run made the run directory
+    try:
+        return _build_run(config, plugins, created)
+    except BaseException:
+        for run_dir in created:  # a run directory this call made holds nothing worth keeping
+            unlock_run_dir(run_dir)
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _build_run(config: ExperimentConfig, plugins, created: list) -> Run:
     tr, mc = config.trainer, config.model
     check_devices(tr.accelerator, tr.devices)  # before joining a group on GPUs that are not there
     parallel = init_parallel(tr.devices, tr.num_nodes, tr.dist_timeout_s,
@@ -273,38 +284,20 @@ def build_run(config: ExperimentConfig, plugins=None) -> Run:
     run_dir = run_dir_of(config)
     check_config_unchanged(config, run_dir)
 
-    # A shared filesystem across nodes is assumed. Rank 0 checks the directory can be
-    # written, creates and locks it, finds the data files and builds the tokenizer; every
-    # rank then builds its part; config.toml and run.json are written last.
-    created = False
-    try:
-        with parallel.main_rank_first():
-            if parallel.is_main:
-                check_writable(run_dir)
-                created = not run_dir.exists()
-                run_dir.mkdir(parents=True, exist_ok=True)
-                lock_run_dir(run_dir)
-            source = built(data_entry, DataSource, data_entry.factory(mc.data, run_dir))
-            tokenizer = built(tok_entry, Tokenizer, tok_entry.factory(mc.tokenizer, source.files(), run_dir))
-        run = _assemble(config, plugins, run_dir, parallel, device, source, tokenizer, gbs, n_micro,
-                        model_entry, optim_entry, sched_entry, fmt_entry)
-        if config.exp_manager.resume_if_exists:
-            resume(run, plugins)
-    except BaseException:
-        if created:  # a run directory this call made holds nothing worth keeping
-            unlock_run_dir(run_dir)
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    if run.resumed_from is None or run.step < tr.max_steps:  # a finished run has nothing to do: its files stay
-        prepare_run_dir(config, plugins, write=parallel.is_main)
-    return run
+    # A shared filesystem across nodes is assumed. Rank 0 checks the directory (and its
+    # checkpoints/) can be written, creates and locks it, finds the data files and builds
+    # the tokenizer; config.toml and run.json are written last, once the model, the data
+    # and the resumed checkpoint are in place.
+    with parallel.main_rank_first():
+        if parallel.is_main:
+            check_writable(run_dir)
+            if not run_dir.exists():
+                created.append(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock_run_dir(run_dir)
+        source = built(data_entry, DataSource, data_entry.factory(mc.data, run_dir))
+        tokenizer = built(tok_entry, Tokenizer, tok_entry.factory(mc.tokenizer, source.files(), run_dir))
 
-
-def _assemble(config: ExperimentConfig, plugins, run_dir: Path, parallel: ParallelState, device: torch.device,
-              source: DataSource, tokenizer: Tokenizer, gbs: int, n_micro: int, model_entry, optim_entry, sched_entry,
-              fmt_entry) -> Run:
-    """The model, optimizer, schedule, loss scaler and data of a run, before resuming."""
-    tr, mc = config.trainer, config.model
     seed_everything(mc.seed)  # the same on every tensor- and data-parallel rank (Megatron's rule)
     get_rng_tracker().reset(mc.seed, parallel.tp_rank, device.type)
     model = built(model_entry, PipelineStage if parallel.pp_size > 1 else LanguageModel,
@@ -339,13 +332,18 @@ def _assemble(config: ExperimentConfig, plugins, run_dir: Path, parallel: Parall
             log.info("trainer.compile: not applied under pipeline parallelism; the stages run eagerly")
         else:
             loss_module = CompiledStep(loss_module)
-    return Run(
+    run = Run(
         config=config, plugins=plugins, run_dir=run_dir, device=device, parallel=parallel, tokenizer=tokenizer,
         model=model, optimizer=optimizer, lr_at=lr_at, scaler=scaler, train_data=train_data, valid_data=valid_data,
         checkpoints=CheckpointManager(run_dir / "checkpoints", built(fmt_entry, CheckpointFormat, fmt_entry.factory()),
                                       config.exp_manager.checkpoint.keep_last_k),
         global_batch_size=gbs, num_micro_batches=n_micro, loss_module=loss_module, main_params=main_params,
     )
+    if config.exp_manager.resume_if_exists:
+        resume(run, plugins)
+    if run.resumed_from is None or run.step < tr.max_steps:  # a finished run has nothing to do: its files stay
+        prepare_run_dir(config, plugins, write=parallel.is_main)
+    return run
 
 
 def resume(run: Run, plugins) -> None:
