@@ -78,12 +78,16 @@ def reusable(path: Path, new: dict, what: str) -> bool:
 
     False when there is none, or when it came from other inputs and no checkpoint in the
     run directory (`path`'s folder) depends on it: the caller trains it again. A file
-    checkpoints depend on is always kept, with a warning when its inputs changed."""
+    checkpoints depend on is always kept, with a warning when its inputs changed. A caller
+    that names no corpus files (`mega preprocess --config`: it reads the run's trained file
+    and has nothing to train one from) gets the file as it is."""
     from mega.training.run_dir import holds_checkpoint
 
     path = Path(path)
     if not path.is_file():
         return False
+    if not new["files"]:
+        return True
     old = _read(path)
     if old == new:
         return True

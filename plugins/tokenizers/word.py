@@ -279,9 +279,9 @@ def build(config: WordConfig, corpus_files: List[Path], run_dir: Optional[Path])
     if run_dir is None:
         raise ConfigError("model.tokenizer.vocab_file: not set, and there is no run directory to count a vocabulary into")
     files = [Path(f) for f in corpus_files]
-    if not files:
-        raise ConfigError("model.tokenizer: the word library counts its vocabulary from the data files, and there are none")
     path = Path(run_dir) / VOCAB_NAME
+    if not files and not path.is_file():  # with none, the run's counted vocabulary is used as it is
+        raise ConfigError("model.tokenizer: the word library counts its vocabulary from the data files, and there are none")
     options = {k: getattr(config, k) for k in ("special", "lower_case", "delimiter", "min_freq", "max_size")}
     stamp = trained_files.stamp(files, options)
     if not trained_files.reusable(path, stamp, "the word vocabulary"):
