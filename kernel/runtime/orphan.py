@@ -31,9 +31,11 @@ def launcher_gone() -> bool:
 
 def watch_launcher(interval_s: float = 0.5) -> None:
     """Watch this worker's launcher from a daemon thread (idempotent); SIGTERM this process
-    when it is gone."""
+    when it is gone. Only under torch's elastic agent (`mega run`'s launcher, torchrun),
+    whose workers are its children: a worker started some other way may outlive its
+    parent by design."""
     global _PARENT, _STOP
-    if _PARENT is not None:
+    if _PARENT is not None or "TORCHELASTIC_RUN_ID" not in os.environ:
         return
     _PARENT, _STOP = os.getppid(), threading.Event()
     threading.Thread(target=_watch, args=(_PARENT, _STOP, interval_s), name="mega-launcher-watch", daemon=True).start()
