@@ -57,7 +57,7 @@ class TransformerXLConfig(ModelConfig):
     cutoffs: List[int] = field(factory=lambda: [19997, 39997, 199997])  # bucket boundaries (token ids, ascending)
     div_val: int = 1  # bucket i's embedding width is d_embed // div_val**i
     tie_weight: bool = True  # output bucket weights are the embedding tables (biases never tied)
-    tie_projs: Optional[List[bool]] = None  # per bucket: share the input projection; None: [false, true, true, ...]
+    tie_projs: Optional[List[bool]] = None  # per bucket: share the input projection (tie_weight or not); None: [false, true, true, ...]
     init: str = "normal"  # "normal" (N(0, init_std)) or "uniform" (U(-init_range, init_range)) for weights
     init_range: float = 0.1  # uniform init bound
     init_std: float = 0.02  # normal init std (also LayerNorm weights: N(1, init_std))
@@ -301,7 +301,7 @@ class TransformerXLModel(nn.Module):
         self.r_w_bias = nn.Parameter(torch.zeros(cfg.n_head, cfg.d_head))
         self.r_r_bias = nn.Parameter(torch.zeros(cfg.n_head, cfg.d_head))
         self.crit = ProjectedAdaptiveLogSoftmax(vocab_size, d_embed, cfg.d_model, cutoffs, cfg.div_val,
-                                                cfg.resolved_tie_projs(), self.word_emb if cfg.tie_weight else None)
+                                                cfg.resolved_tie_projs(), self.word_emb, cfg.tie_weight)
         init_weights(self, cfg)
         mark_replicated(self)
         self._train_mems: Dict[int, torch.Tensor] = {}  # carried across steps, by micro-batch slot
