@@ -193,3 +193,28 @@ def test_evaluation_follows_the_references_loop_with_warm_up(tmp_path, corpus, p
     assert got["tokens"] == count == 3 * 22
     assert got["loss"] == pytest.approx(total / count, rel=1e-12)
     assert got["perplexity"] == pytest.approx(math.exp(total / count)) and got["bpc"] == pytest.approx(total / count / math.log(2))
+
+
+def test_evaluation_memory_defaults_are_the_references(tmp_path):
+    """The reference's train.py: a model trained without memory (mem_len 0) is evaluated
+    without one (not with tgt_len - eval_tgt_len positions), and an eval_tgt_len longer than
+    tgt_len + mem_len is refused (its memory would be negative) unless eval_mem_len is given."""
+    from mega.errors import ConfigError
+    from mega.plugins.models.transformer_xl import TransformerXLConfig, TransformerXLModel
+
+    base = dict(n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=32, dropout=0.0, cutoffs=[40], global_batch_size=2,
+                eval_batch_size=3)
+    no_mem = TransformerXLConfig(tgt_len=16, mem_len=0, eval_tgt_len=8, **base)
+    assert no_mem.eval_settings()["mem_len"] == 0
+    assert TransformerXLConfig(tgt_len=16, mem_len=4, eval_tgt_len=8, **base).eval_settings()["mem_len"] == 12
+    torch.manual_seed(0)
+    model = TransformerXLModel(no_mem, 60).double()
+    stream = torch.randint(0, 60, (3 * 30,))
+    got = model.evaluate_stream(stream)
+    assert got == model.evaluate_stream(stream, mem_len=0)
+    assert got["loss"] != model.evaluate_stream(stream, mem_len=8)["loss"]
+    for mem_len in (0, 4):
+        with pytest.raises(ConfigError, match=rf"eval_tgt_len=21: must be at most tgt_len \+ mem_len = 16 \+ {mem_len}"):
+            TransformerXLConfig(tgt_len=16, mem_len=mem_len, eval_tgt_len=21, **base).check()
+    TransformerXLConfig(tgt_len=16, mem_len=4, eval_tgt_len=20, **base).check()
+    TransformerXLConfig(tgt_len=16, mem_len=0, eval_tgt_len=21, eval_mem_len=0, **base).check()

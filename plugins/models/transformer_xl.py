@@ -64,8 +64,8 @@ class TransformerXLConfig(ModelConfig):
     proj_init_std: float = 0.01  # std of the adaptive projections
     emb_init: str = "normal"  # init of the embedding tables: "normal" (init_std) or "uniform" (emb_init_range)
     emb_init_range: float = 0.01  # uniform bound of the embedding tables
-    # the evaluation protocol (`mega evaluate`); None: the training value (eval_mem_len:
-    # mem_len + tgt_len - eval_tgt_len, keeping the attention span, as the reference does)
+    # the evaluation protocol (`mega evaluate`); None: the training value (eval_mem_len: 0 when
+    # mem_len is 0, else mem_len + tgt_len - eval_tgt_len, keeping the attention span, as the reference does)
     eval_tgt_len: Optional[int] = None  # segment length when evaluating
     eval_mem_len: Optional[int] = None  # memory length when evaluating
     eval_clamp_len: Optional[int] = None  # clamp_len when evaluating (the reference's test: 400 base, 1000 large)
@@ -109,9 +109,17 @@ class TransformerXLConfig(ModelConfig):
         return {"params": params, "flops_per_token": model.flops_per_token(self.seq_length), "stages": [stage]}
 
     def eval_settings(self) -> Dict[str, object]:
-        """tgt_len, mem_len, clamp_len, same_length of the evaluation protocol."""
+        """tgt_len, mem_len, clamp_len, same_length of the evaluation protocol. The memory,
+        unless given, is the reference's: none for a model trained without one (mem_len 0),
+        else mem_len + tgt_len - eval_tgt_len (the same attention span as in training;
+        `check_config` refuses an eval_tgt_len that leaves it negative, as the reference does)."""
         tgt = self.eval_tgt_len or self.seq_length
-        mem = self.eval_mem_len if self.eval_mem_len is not None else max(0, self.mem_len + self.seq_length - tgt)
+        if self.eval_mem_len is not None:
+            mem = self.eval_mem_len
+        elif self.mem_len == 0:
+            mem = 0
+        else:
+            mem = max(0, self.mem_len + self.seq_length - tgt)
         clamp = self.eval_clamp_len if self.eval_clamp_len is not None else self.clamp_len
         same = self.eval_same_length if self.eval_same_length is not None else self.same_length
         return {"tgt_len": tgt, "mem_len": mem, "clamp_len": clamp, "same_length": same}
@@ -152,6 +160,10 @@ def check_config(cfg: TransformerXLConfig, vocab_size: Optional[int] = None) -> 
     if cfg.div_val > 1 and d_embed // cfg.div_val ** len(cutoffs) < 1:
         raise ConfigError(f"model.div_val={cfg.div_val}: the last bucket's width d_embed // div_val**{len(cutoffs)} is 0")
     ev = cfg.eval_settings()
+    if cfg.eval_mem_len is None and ev["tgt_len"] > cfg.seq_length + cfg.mem_len:
+        raise ConfigError(f"model.eval_tgt_len={ev['tgt_len']}: must be at most tgt_len + mem_len ="
+                          f" {cfg.seq_length} + {cfg.mem_len} (the evaluation memory is mem_len + tgt_len -"
+                          " eval_tgt_len); shorten it or set model.eval_mem_len")
     if ev["tgt_len"] < 1 or ev["mem_len"] < 0:
         raise ConfigError(f"model.eval_tgt_len / eval_mem_len: got {ev['tgt_len']} / {ev['mem_len']}")
 
