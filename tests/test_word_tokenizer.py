@@ -130,6 +130,23 @@ def test_unknown_words_map_to_unk_only_when_the_vocabulary_has_it(tmp_path):
         tok.encode("y zzz")
 
 
+def test_a_vocab_file_with_upper_case_unk_maps_unknown_words_to_it_as_the_reference(tmp_path):
+    """One Billion Word's vocabulary file holds <UNK>; the reference's vocab_file loading
+    maps every unknown word to it (line by line and whole files, with <S> or <eos> ends)."""
+    vocab = tmp_path / "1b_word_vocab.txt"
+    vocab.write_text("<S>\n<UNK>\nthe\nof\n")
+    data = tmp_path / "valid.txt"
+    data.write_text("the zebra of\nquokka\n")
+    tok = _word(tmp_path, [], run_dir=None, vocab_file=str(vocab), special=[], add_eos=False, add_double_eos=True)
+    s, unk, the, of = 0, 1, 2, 3
+    assert tok.unk_id == unk
+    assert tok.encode_file(data).tolist() == [s, the, unk, of, s, s, unk, s]
+    assert tok.encode("the zebra") == [s, the, unk]  # a line without its final end symbol
+    vocab.write_text("<eos>\n<unk>\n<UNK>\nthe\nof\n")  # both spellings: <UNK>, as the reference's vocab_file
+    tok = _word(tmp_path, [], run_dir=None, vocab_file=str(vocab))
+    assert tok.unk_id == 2 and tok.encode_file(data).tolist() == [3, 2, 4, 0, 2, 0]
+
+
 def test_the_vocabulary_is_counted_once_and_recounted_when_files_or_options_change(tmp_path, monkeypatch):
     from mega.plugins.tokenizers import word
 
