@@ -212,6 +212,38 @@ def test_enwik8_style_characters_without_end_symbols(tmp_path):
     assert tok.encode_file(train).tolist() == [ref.sym2idx[s] for s in "104 101 108 108 111 32 119 111".split()]
 
 
+def test_enwik8_style_vocabulary_is_counted_over_train_valid_and_test_with_vocab_splits(tmp_path):
+    """The reference counts enwik8's, text8's (and PTB's, WT2's) vocabulary over train,
+    valid and test, in that order; `model.data.vocab_splits` says so (the default is
+    WT103's train file only), and the ids and streams then equal the reference's."""
+    from mega.plugins.data.lm_ordered import LMOrderedConfig, LMOrderedSource
+
+    root = tmp_path / "enwik8"
+    root.mkdir()
+    texts = {"train": "1 2 2 3\n", "valid": "4 3 3\n4\n", "test": "5 4\n"}
+    for split, text in texts.items():
+        (root / f"{split}.txt").write_text(text)
+    ref = ReferenceVocab(special=[])
+    for split in ("train", "valid", "test"):
+        ref.count_file(root / f"{split}.txt")
+    ref.build()
+    src = LMOrderedSource(LMOrderedConfig(data_dir=str(root), vocab_splits=["train", "valid", "test"]), tmp_path / "run")
+    tok = _word(tmp_path, src.files(), special=[], add_eos=False)
+    assert tok.symbols == ref.idx2sym == ["3", "4", "2", "1", "5"]
+    for split, text in texts.items():
+        assert src.token_stream(split, tok).tolist() == [ref.sym2idx[w] for w in text.split()]
+    default = LMOrderedSource(LMOrderedConfig(data_dir=str(root)), tmp_path / "run2")
+    assert default.files() == [root / "train.txt"]
+    train_only = _word(tmp_path, default.files(), run_dir="run2", special=[], add_eos=False)
+    assert train_only.symbols == ["2", "1", "3"]
+    with pytest.raises(DataError, match="'4' is not in the vocabulary"):
+        default.token_stream("valid", train_only)
+    with pytest.raises(ConfigError, match="vocab_splits"):
+        LMOrderedSource(LMOrderedConfig(data_dir=str(root), vocab_splits=["train", "dev"]), tmp_path / "run3")
+    with pytest.raises(ConfigError, match="vocab_splits"):
+        LMOrderedSource(LMOrderedConfig(data_prefix=[str(root / "train.txt")], vocab_splits=["train"]), tmp_path / "r4")
+
+
 def test_a_tiny_gpt_trains_on_words_and_its_checkpoint_carries_the_vocabulary(mega_experiment):
     from mega.inference import load_checkpoint_for_inference
 

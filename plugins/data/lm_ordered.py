@@ -20,7 +20,9 @@ reference's `--roll`).
 Files: `data_dir` holding the reference's `train.txt`, `valid.txt`, `test.txt` (WikiText's
 `wiki.{split}.tokens` are accepted too), or one file in `data_prefix` (empty: Python's
 pydoc topics) cut into splits by lines with `splits_string`. Encoded streams are cached
-as .npy files in the run directory.
+as .npy files in the run directory. A word vocabulary is counted over `files()`:
+data_dir's train file (WT103's rule) or the splits `vocab_splits` names (enwik8, text8:
+train, valid and test, as the reference counts them), or data_prefix's whole file.
 """
 from __future__ import annotations
 
@@ -62,6 +64,7 @@ class LMOrderedConfig(DataConfig):
     add_eos: Optional[bool] = None  # end-of-line token after every line; None: the tokenizer's rule (word: its add_eos), else true
     roll: bool = False  # rotate each stream by a seeded random shift every epoch (the reference's --roll)
     streams: Optional[int] = None  # rows the stream is cut into; None: the model's global_batch_size
+    vocab_splits: Optional[List[str]] = None  # data_dir's splits a counted vocabulary comes from, in order; None: ["train"] (WT103); enwik8, text8: ["train", "valid", "test"]
 
 
 class LMOrderedSamples:
@@ -117,6 +120,16 @@ def _file_lines(path: Path) -> List[str]:
     return lines[:-1] if lines and lines[-1] == "" else lines
 
 
+def _vocab_splits(splits: Optional[List[str]]) -> List[str]:
+    """The splits to count a vocabulary over, checked: the reference counts WT103's train
+    file only and enwik8's, text8's, PTB's and WT2's train, valid and test files."""
+    if splits is None:
+        return ["train"]
+    if not splits or any(s not in SPLITS for s in splits) or len(set(splits)) != len(splits):
+        raise ConfigError(f"model.data.vocab_splits={list(splits)}: a list of distinct splits out of {list(SPLITS)}")
+    return list(splits)
+
+
 class LMOrderedSource:
     def __init__(self, config: LMOrderedConfig, run_dir: Optional[Path]):
         self.config, self.run_dir = config, Path(run_dir) if run_dir is not None else None
@@ -129,9 +142,12 @@ class LMOrderedSource:
                 if found is None:
                     raise DataError(f"model.data.data_dir={config.data_dir}: no {candidates[0].name} (or {candidates[1].name})")
                 self.split_files[split] = found
-            self.paths = [self.split_files["train"]]
+            self.paths = [self.split_files[s] for s in _vocab_splits(config.vocab_splits)]
             self.fractions = None
         else:
+            if config.vocab_splits is not None:
+                raise ConfigError(f"model.data.vocab_splits={config.vocab_splits}: applies to data_dir's split files;"
+                                  " data_prefix's one file is counted whole (every split's lines)")
             prefix = list(config.data_prefix)
             if not prefix:
                 if run_dir is None:
@@ -146,6 +162,8 @@ class LMOrderedSource:
             self.fractions = parse_splits(config.splits_string)
 
     def files(self) -> List[Path]:
+        """What a word vocabulary is counted over: data_dir's `vocab_splits` files, or the
+        one data_prefix file (all its splits)."""
         return list(self.paths)
 
     def _lines(self, split: str) -> List[str]:

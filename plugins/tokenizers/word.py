@@ -4,7 +4,8 @@ WikiText-103 comes already tokenised into words, so its "tokenizer" is a vocabul
 
 * a line is split on whitespace (or on `delimiter`; "" splits into characters), after
   `strip()` and, with `lower_case`, lower-casing;
-* counting runs over the training files only, without end-of-line symbols;
+* counting runs over the files the data source names (lm_ordered: data_dir's train file,
+  or its `vocab_splits`), in order, without end-of-line symbols;
 * ids: the `special` symbols first (`<eos>` is id 0 by default), then the counted words
   by decreasing count, ties in order of first occurrence (Python's `Counter.most_common`),
   at most `max_size` of them, stopping at the first count below `min_freq`;
