@@ -306,6 +306,27 @@ def test_initialisation_follows_the_reference():
     assert float(rb.std()) == pytest.approx(0.02, rel=0.2)
 
 
+@torch.no_grad()
+def test_uniform_init_covers_the_embedding_tables_unless_emb_init_says_otherwise():
+    """The reference's weights_init draws nn.Embedding weights from `init` (its --emb_init
+    is parsed but never read): init = "uniform" makes the tables U(-init_range, init_range)
+    too. mega's emb_init, when set, still picks their own rule."""
+    cfg = dict(n_layer=1, d_model=64, n_head=2, d_head=32, d_inner=64, cutoffs=[1000, 2000], div_val=2,
+               global_batch_size=2, init="uniform", init_range=0.1)
+    torch.manual_seed(0)
+    model = TransformerXLModel(TransformerXLConfig(**cfg), 5000)
+    for table in model.word_emb.emb_layers:
+        w = table.weight
+        assert float(w.abs().max()) <= 0.1 and float(w.abs().max()) > 0.099
+        assert float(w.std()) == pytest.approx(0.1 / math.sqrt(3), rel=0.05)
+    linears = torch.cat([m.weight.flatten() for m in model.modules() if isinstance(m, torch.nn.Linear)])
+    assert float(linears.abs().max()) <= 0.1
+    normal = TransformerXLModel(TransformerXLConfig(**cfg, emb_init="normal", init_std=0.02), 5000)
+    assert float(normal.word_emb.emb_layers[0].weight.std()) == pytest.approx(0.02, rel=0.05)
+    small = TransformerXLModel(TransformerXLConfig(**cfg, emb_init="uniform", emb_init_range=0.01), 5000)
+    assert float(small.word_emb.emb_layers[0].weight.abs().max()) <= 0.01
+
+
 # --- against Hugging Face's TransfoXL (the original code's port, in transformers 4.47) ----------------
 
 

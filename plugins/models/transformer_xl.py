@@ -62,8 +62,8 @@ class TransformerXLConfig(ModelConfig):
     init_range: float = 0.1  # uniform init bound
     init_std: float = 0.02  # normal init std (also LayerNorm weights: N(1, init_std))
     proj_init_std: float = 0.01  # std of the adaptive projections
-    emb_init: str = "normal"  # init of the embedding tables: "normal" (init_std) or "uniform" (emb_init_range)
-    emb_init_range: float = 0.01  # uniform bound of the embedding tables
+    emb_init: Optional[str] = None  # embedding tables: None: as `init` (the reference, which never reads its --emb_init); "normal" (init_std) or "uniform" (emb_init_range)
+    emb_init_range: float = 0.01  # uniform bound of the embedding tables under emb_init = "uniform"
     # the evaluation protocol (`mega evaluate`); None: the training value (eval_mem_len: 0 when
     # mem_len is 0, else mem_len + tgt_len - eval_tgt_len, keeping the attention span, as the reference does)
     eval_tgt_len: Optional[int] = None  # segment length when evaluating
@@ -141,7 +141,7 @@ def check_config(cfg: TransformerXLConfig, vocab_size: Optional[int] = None) -> 
     if cfg.ext_len != 0:
         raise ConfigError(f"model.ext_len={cfg.ext_len}: only 0 is supported (no reference config uses extended context)")
     for key in ("init", "emb_init"):
-        if getattr(cfg, key) not in ("normal", "uniform"):
+        if getattr(cfg, key) not in ("normal", "uniform") and not (key == "emb_init" and cfg.emb_init is None):
             raise ConfigError(f"model.{key}: \"normal\" or \"uniform\", got {getattr(cfg, key)!r}")
     if cfg.tensor_model_parallel_size > 1 or cfg.pipeline_model_parallel_size > 1:
         raise ConfigError("model.tensor_model_parallel_size / model.pipeline_model_parallel_size: transformer_xl"
@@ -514,8 +514,9 @@ def finish_metrics(loss_sum: float, tokens: int) -> Dict[str, float]:
 
 def init_weights(model: TransformerXLModel, cfg: TransformerXLConfig) -> None:
     """Linear weights, embedding tables, cluster weights and the relative biases from
-    `init` (N(0, init_std) or U(-init_range, init_range)); projections N(0, proj_init_std);
-    LayerNorm weights N(1, init_std); every bias 0."""
+    `init` (N(0, init_std) or U(-init_range, init_range)); the tables from `emb_init`
+    instead when it is set (mega's option: the reference parses --emb_init but never reads
+    it); projections N(0, proj_init_std); LayerNorm weights N(1, init_std); every bias 0."""
     def weight(t):
         if cfg.init == "uniform":
             nn.init.uniform_(t, -cfg.init_range, cfg.init_range)
@@ -534,8 +535,10 @@ def init_weights(model: TransformerXLModel, cfg: TransformerXLConfig) -> None:
             elif isinstance(m, nn.Embedding):
                 if cfg.emb_init == "uniform":
                     nn.init.uniform_(m.weight, -cfg.emb_init_range, cfg.emb_init_range)
-                else:
+                elif cfg.emb_init == "normal":
                     nn.init.normal_(m.weight, 0.0, cfg.init_std)
+                else:  # unset: as every other weight, as the reference does
+                    weight(m.weight)
         for p in model.word_emb.emb_projs:
             nn.init.normal_(p, 0.0, cfg.proj_init_std)
         crit = model.crit
