@@ -50,6 +50,11 @@ class AdaptiveEmbedding(nn.Module):
                 d_emb_i = d_embed // div_val ** i
                 self.emb_layers.append(nn.Embedding(hi - lo, d_emb_i))
                 self.emb_projs.append(nn.Parameter(torch.zeros(d_proj, d_emb_i)))
+        self.reached = [False] * len(self.emb_layers)  # tables a forward with gradients looked up (see `unused`)
+
+    def bucket_params(self, i: int) -> List[torch.Tensor]:
+        """Table i and its projection (div_val 1: the one table, and its projection if any)."""
+        return [self.emb_layers[i].weight] + ([self.proj(i)] if self.proj(i) is not None else [])
 
     def proj(self, i: int) -> Optional[torch.Tensor]:
         """Bucket i's input projection [d_proj, d_emb_i] (None: no projection)."""
@@ -58,7 +63,10 @@ class AdaptiveEmbedding(nn.Module):
         return self.emb_projs[i]
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        track = torch.is_grad_enabled()
         if self.div_val == 1:
+            if track:
+                self.reached[0] = True
             embed = self.emb_layers[0](tokens)
             if len(self.emb_projs):
                 embed = F.linear(embed, self.emb_projs[0])
@@ -70,6 +78,8 @@ class AdaptiveEmbedding(nn.Module):
                 if idx.numel() == 0:
                     out = out + unused(self.emb_layers[i].weight, self.emb_projs[i])
                     continue
+                if track:
+                    self.reached[i] = True
                 emb_i = F.linear(self.emb_layers[i](flat.index_select(0, idx) - lo), self.emb_projs[i])
                 out = out.index_copy(0, idx, emb_i.to(out.dtype))
             embed = out.view(*tokens.shape, self.d_proj)
@@ -120,6 +130,7 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
                 self._tied_proj.append(tied)
                 if not tied:
                     self.out_projs[str(i)] = nn.Parameter(torch.zeros(d_proj, d_emb_i))
+        self.reached = [False] * len(self.bounds)  # buckets a forward with gradients computed (see `unused`)
         self._register_load_state_dict_pre_hook(self._refuse_separate_tied_projections)
 
     def _refuse_separate_tied_projections(self, state_dict, prefix, *args) -> None:
@@ -177,6 +188,9 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
 
     def nll(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """[N] negative log-likelihoods of `target` [N] in token order, in fp32 (or wider)."""
+        track = torch.is_grad_enabled()
+        if track:
+            self.reached[0] = True
         head_logprob = F.log_softmax(logits(hidden, *self.head()).to(_at_least_fp32(hidden.dtype)), -1)
         if self.n_clusters == 0:
             return -head_logprob.gather(1, target.unsqueeze(1)).squeeze(1)
@@ -187,6 +201,8 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
                 if i > 0:
                     nll = nll + unused(*self.bucket(i))
                 continue
+            if track:
+                self.reached[i] = True
             target_i = (target.index_select(0, idx) - lo).unsqueeze(1)
             head_i = head_logprob.index_select(0, idx)
             if i == 0:
@@ -199,6 +215,8 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
 
     def log_prob(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, n_token] log-probabilities over the whole vocabulary, in fp32 (or wider)."""
+        if torch.is_grad_enabled():
+            self.reached = [True] * len(self.bounds)
         head_logprob = F.log_softmax(logits(hidden, *self.head()).to(_at_least_fp32(hidden.dtype)), -1)
         if self.n_clusters == 0:
             return head_logprob
@@ -212,7 +230,10 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
 def unused(*params: Optional[torch.Tensor]) -> torch.Tensor:
     """0 x the parameters of a bucket this batch does not reach, so every parameter takes
     part in each backward (data parallelism expects it; the gradients are zeros, in one
-    process as in several)."""
+    process as in several). The modules' `reached` flags record which buckets were really
+    computed, so the training loop can drop the zero gradients of those no micro-batch
+    reached (`mega.protocols.SparselyReached`): the reference's optimizer never sees a
+    gradient for them and leaves them alone."""
     if not torch.is_grad_enabled():
         return torch.zeros(())
     return sum(p.sum() for p in params if p is not None) * 0.0

@@ -374,6 +374,38 @@ class TransformerXLModel(nn.Module):
             self._eval_mems = {}
         return super().train(mode)
 
+    # --- SparselyReached ---------------------------------------------------------------------
+    def _parts(self) -> List[Tuple[List[torch.Tensor], bool, bool]]:
+        """(parameters, reached since the last take, reached by every forward) of each
+        adaptive part: the embedding's tables (one table with div_val 1, always looked up)
+        and the softmax's buckets (the head, bucket 0, always computed)."""
+        emb, crit = self.word_emb, self.crit
+        parts = [(emb.bucket_params(i), emb.reached[i], emb.div_val == 1) for i in range(len(emb.emb_layers))]
+        parts += [(crit.bucket_params(i), crit.reached[i], i == 0) for i in range(len(crit.bounds))]
+        return parts
+
+    def sparse_parameters(self) -> List[torch.Tensor]:
+        """The tables, projections, output weights and biases of the buckets a batch can miss
+        (a tensor shared with an always-computed part is always reached)."""
+        parts = self._parts()
+        always = {id(p) for params, _, every in parts if every for p in params}
+        out, seen = [], set(always)
+        for params, _, every in parts:
+            for p in params:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    def take_reached(self) -> List[bool]:
+        parts = self._parts()
+        recorded = self.crit.reached[0]  # every training forward computes the head
+        reached = {id(p) for params, hit, _ in parts if hit for p in params}
+        flags = [not recorded or id(p) in reached for p in self.sparse_parameters()]
+        self.word_emb.reached = [False] * len(self.word_emb.reached)
+        self.crit.reached = [False] * len(self.crit.reached)
+        return flags
+
     # --- StatefulModel ----------------------------------------------------------------------
     def carried_state(self) -> Dict[str, torch.Tensor]:
         return {f"mems.{slot}": m for slot, m in sorted(self._train_mems.items())}
