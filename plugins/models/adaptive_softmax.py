@@ -144,7 +144,8 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
                 raise CheckpointError(
                     f"{key}: the checkpoint holds its own output projection for bucket {i}, which model.tie_projs"
                     f" shares with the input embedding (mega before tie_projs applied with tie_weight = false wrote"
-                    f" such checkpoints); load it as it was trained with model.tie_projs={_toml_list(untied)}")
+                    f" such checkpoints); load it as it was trained with model.tie_projs={_toml_list(untied)}"
+                    " (to resume its run, add exp_manager.resume_ignore_config_changes=true)")
 
     def bucket_params(self, i: int) -> List[torch.Tensor]:
         """The parameters bucket i's logits read (whole tensors, not slices; bucket 0 with
