@@ -70,9 +70,12 @@ def _samples(vocab: int, low: int, seq: int = 16):
     return out
 
 
-@pytest.mark.parametrize("o2", [False, True])
-def test_a_bucket_the_step_does_not_reach_keeps_its_weights_and_lamb_state(tmp_path, corpus, plugins, o2):
-    extra = ["trainer.precision=bf16", "model.megatron_amp_O2=true"] if o2 else []
+@pytest.mark.parametrize("layout", ["fp32", "o2", pytest.param("compiled", marks=pytest.mark.slow)])
+def test_a_bucket_the_step_does_not_reach_keeps_its_weights_and_lamb_state(tmp_path, corpus, plugins, layout):
+    """Also under torch.compile (the default on CUDA), whose traced forwards must still
+    record the buckets they compute."""
+    extra = {"fp32": [], "o2": ["trainer.precision=bf16", "model.megatron_amp_O2=true"],
+             "compiled": ["trainer.compile=true"]}[layout]
     run = build_run(txl_config(tmp_path, corpus, plugins, ["model.dropout=0.0", "model.dropatt=0.0"] + extra), plugins)
     run.train_data = _samples(run.tokenizer.vocab_size, 64)  # cutoffs 64, 128: step 1 stays in bucket 0
     run.step = 0
@@ -92,6 +95,8 @@ def test_a_bucket_the_step_does_not_reach_keeps_its_weights_and_lamb_state(tmp_p
         assert moved == (name not in unreached), name
         for k, v in run.optimizer.state[p].items():
             assert torch.equal(v, state[name][k]) == (name in unreached), (name, k)
+    if layout == "compiled":
+        assert not run.loss_module.fallen_back  # the steps ran compiled, not eagerly
 
 
 def _two_ranks(parallel, reach_on):
