@@ -133,6 +133,26 @@ class StatefulModel(Protocol):
 
 
 @runtime_checkable
+class SparselyReached(Protocol):
+    """Optional: a model some of whose parameters a training step may not reach
+    (Transformer-XL's adaptive-input and adaptive-softmax buckets that no token of the step
+    falls in). It may still give them zero gradients, so that DDP sees every parameter;
+    after each step's backward the kernel asks which were reached, on any data-parallel
+    rank, and drops the gradients of the others before clipping and the optimizer step. A
+    tensor no step reached therefore keeps its weights and optimizer state, as in plain
+    PyTorch, where its `.grad` stays None and optimizers skip it (a zero gradient would
+    still move it by momentum)."""
+
+    def sparse_parameters(self) -> List["torch.nn.Parameter"]:
+        """The parameters a step may not reach, in the same order on every rank."""
+
+    def take_reached(self) -> List[bool]:
+        """For each of `sparse_parameters()`, whether a forward with gradients reached it
+        since the last call; the record then starts afresh. True for all when nothing was
+        recorded (nothing is dropped then)."""
+
+
+@runtime_checkable
 class Evaluates(Protocol):
     """Optional: a model (or, later, a task) that evaluates a split its own way, which
     `mega evaluate` then calls instead of its token-loss pass: Transformer-XL carries its
@@ -291,7 +311,7 @@ class Importer(Protocol):
     """Optional for a checkpoint format: `mega import SOURCE RUN_DIR` turns another tool's
     files (a Hugging Face model directory, a Megatron-LM checkpoint, an archive) into a mega
     run directory that `mega generate` and `mega run` open directly. Write it with
-    `mega.interop.write_imported_run`."""
+    `mega.checkpoint.write_imported_run`."""
 
     def can_import(self, source: Path) -> bool:
         """Whether `source` is in this format (cheap: look at file names, not weights)."""
@@ -304,7 +324,7 @@ class Importer(Protocol):
 @runtime_checkable
 class Exporter(Protocol):
     """Optional for a checkpoint format: `mega export RUN DEST --to NAME` writes a mega
-    checkpoint in this format. Read it with `mega.inference.load_checkpoint_for_inference`."""
+    checkpoint in this format. Read it with `mega.checkpoint.restore`."""
 
     def export_run(self, checkpoint: Path, destination: Path, options: Mapping[str, str], plugins) -> Path:
         """Write `destination`; return it."""

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Sequence
 
@@ -105,7 +104,6 @@ def reusable(path: Path, new: dict, what: str) -> bool:
 
 def write_stamp(path: Path, new: dict) -> None:
     """Record that the file at `path` was trained from `new` (written after the file)."""
-    target = stamp_path(path)
-    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(new, indent=1), encoding="utf-8")
-    os.replace(tmp, target)
+    from mega.checkpoint.atomic import atomic_write_text
+
+    atomic_write_text(stamp_path(path), json.dumps(new, indent=1))

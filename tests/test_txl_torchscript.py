@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("kw", [dict(div_val=1), dict(div_val=2, d_embed=16, tie_projs=[False, True, True, True]),
-                                dict(adaptive=False, pre_lnorm=True), dict(div_val=1, d_embed=8, tie_weight=False)])
+                                dict(adaptive=False, pre_lnorm=True), dict(div_val=1, d_embed=8, tie_weight=False),
+                                dict(div_val=2, d_embed=16, tie_weight=False)])  # separate tables, shared projections
 def test_scripted_module_equals_eager_across_segments(kw):
     torch.manual_seed(0)
     cfg = TransformerXLConfig(n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=32, dropout=0.1, cutoffs=[20, 50, 80],
@@ -47,7 +48,7 @@ def test_export_writes_a_module_that_loads_without_mega(tmp_path, corpus):
     import tomli_w
 
     from mega.cli import main
-    from mega.inference import load_checkpoint_for_inference
+    from mega.checkpoint import restore
 
     exp = tmp_path / "txl.toml"
     exp.write_text(tomli_w.dumps(txl_raw(tmp_path, corpus, trainer={"max_steps": 2, "val_check_interval": 0})))
@@ -55,7 +56,7 @@ def test_export_writes_a_module_that_loads_without_mega(tmp_path, corpus):
     run_dir = tmp_path / "results" / "txl"
     out = tmp_path / "txl.pt"
     assert main(["export", str(run_dir), str(out), "--torchscript"]) == 0
-    model, _, config = load_checkpoint_for_inference(run_dir)
+    model, _, config = restore(run_dir)
     tokens = torch.randint(0, 258, (16, 2))
     torch.save(tokens, tmp_path / "tokens.pt")
     script = textwrap.dedent(f"""
@@ -107,7 +108,7 @@ def test_mega_evaluate_runs_the_protocol_eagerly_and_through_torchscript(tmp_pat
     import tomli_w
 
     from mega.cli import main
-    from mega.inference import load_checkpoint_for_inference
+    from mega.checkpoint import restore
     from mega.plugin_manager import get_plugins
     from tests.test_txl_training import txl_raw
 
@@ -122,7 +123,7 @@ def test_mega_evaluate_runs_the_protocol_eagerly_and_through_torchscript(tmp_pat
     assert main(["evaluate", str(run_dir), "--split", "test", "--torchscript", "--output", str(tmp_path / "ts.json")]) == 0
     eager = json.loads((run_dir / "eval_test.json").read_text())
     scripted = json.loads((tmp_path / "ts.json").read_text())
-    model, tokenizer, config = load_checkpoint_for_inference(run_dir)
+    model, tokenizer, config = restore(run_dir)
     plugins = get_plugins()
     source = plugins.datasets.get("lm_ordered").factory(config.model.data, run_dir)
     direct = model.evaluate_stream(source.token_stream("test", tokenizer))

@@ -163,7 +163,7 @@ def from_mega_checkpoint(config) -> None:
 
 def _from_mega_run(path: Path, lm, tok) -> bool:
     from mega.config import load_raw
-    from mega.training.checkpointing import resolve_checkpoint
+    from mega.checkpoint import resolve_checkpoint
 
     if not path.is_dir():
         return False
@@ -284,14 +284,14 @@ def _megatron_file(path: Path) -> Optional[Path]:
 def encoder_state(source, plugins, vocab_file: Optional[str] = None):
     """(the `language_model.*` tensors of `source` at this process's tensor-parallel
     layout, the `model` config they were loaded with)."""
-    from mega.inference import load_checkpoint_for_inference
-    from mega.interop import find_importer
+    from mega.checkpoint import restore
+    from mega.checkpoint import find_importer
 
     source = Path(source).expanduser()
     scratch = None
     try:
         try:
-            model, _, config = load_checkpoint_for_inference(source, plugins)
+            model, _, config = restore(source, plugins)
         except (CheckpointError, ConfigError, FileNotFoundError) as first:
             # not a mega checkpoint: through the importer that recognises it
             scratch = Path(tempfile.mkdtemp(prefix="mega-lm-checkpoint-"))
@@ -312,7 +312,7 @@ def encoder_state(source, plugins, vocab_file: Optional[str] = None):
             # written on: the run's own vocab.txt stands in for it
             options = {"vocab_file": str(vocab_file)} if vocab_file and getattr(fmt, "name", "") == "megatron" else {}
             ckpt = fmt.import_run(target, scratch / "run", options, plugins)
-            model, _, config = load_checkpoint_for_inference(ckpt, plugins)
+            model, _, config = restore(ckpt, plugins)
         state = {k: v for k, v in model.state_dict().items() if k.startswith("language_model.")}
     finally:
         if scratch is not None:

@@ -17,6 +17,7 @@ from attrs import define, field
 
 import mega
 from mega import trained_files
+from mega.checkpoint.atomic import atomic_write_bytes, atomic_write_text
 from mega.config import TokenizerConfig
 from mega.config.schema import at_least_one, non_negative, positive
 from mega.errors import ConfigError, DataError
@@ -130,12 +131,8 @@ def train_sentencepiece(files: List[Path], prefix: Path, cfg: SentencePieceConfi
         raise ConfigError(f"model.tokenizer: sentencepiece training failed: {exc}") from None
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
     pieces = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
-    final = prefix.with_suffix(".model")
-    for path, data in ((prefix.with_suffix(".vocab"), pieces.encode("utf-8")), (final, model.getvalue())):
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    return final
+    atomic_write_text(prefix.with_suffix(".vocab"), pieces)
+    return atomic_write_bytes(prefix.with_suffix(".model"), model.getvalue())
 
 
 def build(config: SentencePieceConfig, corpus_files: List[Path], run_dir: Optional[Path]) -> SentencePieceTokenizer:
