@@ -143,16 +143,21 @@ def check_config_unchanged(config, run_dir: Path) -> None:
     path = run_dir / "config.toml"
     if not path.is_file():
         return
-    if not holds_checkpoint(run_dir):
-        log.info("%s: no checkpoint here, so nothing to resume: this run starts afresh with its own config", run_dir)
-        return
+    checkpointed = holds_checkpoint(run_dir)
     try:
         old = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
+        if not checkpointed:
+            return  # nothing to resume: the new config replaces it
         raise ConfigError(f"{path}: cannot read the config of the run in this directory ({exc}); start a new run"
                           f" with exp_manager.name=<new name>") from None
     new = tomllib.loads(dump_config(config))
     changes = config_changes(old, new)
+    if not checkpointed:
+        if changes:
+            log.info("%s: no checkpoint here, so nothing to resume: the run starts afresh with this config (%s)",
+                     run_dir, "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes))
+        return
     unsafe = [c for c in changes if not _safe(c[0])]
     old_gbs, new_gbs = _global_batch(_flatten(old)), _global_batch(_flatten(new))
     if old_gbs != new_gbs:
