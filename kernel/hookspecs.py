@@ -146,14 +146,16 @@ def register_hidden_losses(register):
 
 @hookspec
 def register_tasks(register):
-    """Register downstream tasks (fine-tuning and evaluation recipes).
+    """Register downstream tasks (fine-tuning and evaluation recipes):
+    `register(name, factory, config=AttrsClass)`.
 
     `factory(config) -> mega.protocols.Task`; `config` is the run's `model` table, whose
     attrs class (passed as `config=`) subclasses `mega.config.ModelConfig` with the task's
-    keys. A task is trained as a model of the same name: register that name with
-    `register_models` too (the first-party tasks use
-    `mega.plugins.tasks.finetune.build_task_model`, which builds the task's `head` model),
-    so `model.name = "<task>"` selects both. Selected by `model.name`.
+    keys. This one call declares everything: the kernel also makes `name` a model (same
+    config class, same plugin) whose factory builds the task and returns
+    `task.model(tokenizer, plugins)`, so `model.name = "<task>"` trains, evaluates and
+    predicts with it. Do not register the name with `register_models` as well (a
+    PluginError names both plugins). Selected by `model.name`.
     """
 
 

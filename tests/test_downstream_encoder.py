@@ -84,7 +84,7 @@ def test_huggingface_directory_describes_itself_and_loads(data, hf_dir, tmp_path
     assert diff < 1e-6, diff
     # against transformers itself: the encoder's last hidden states at the real positions
     model = run.model.eval()
-    batch = collate(run.config.model.build_task().samples("train", run.tokenizer)[:4])
+    batch = collate(run.model.downstream_task.samples("train", run.tokenizer)[:4])
     mine = model.logits(batch)["last_hidden_state"]
     with torch.no_grad():
         theirs = hf.bert(input_ids=batch["tokens"], attention_mask=batch["padding_mask"],

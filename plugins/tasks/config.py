@@ -9,8 +9,10 @@ keys are the usual ones) and adds
 * `model.train_ds`, `model.validation_ds`, `model.test_ds`: the task's files;
 * `model.dataset.*`: the task's options (`max_seq_length`, `doc_stride`, `num_classes`, ...).
 
-Each task subclass names its `Task` class (`task_class`), so the data source and the model
-build the same task from the config alone.
+A task's registration (`register_tasks`: name, Task class, config class) is all there is:
+the kernel makes the name a model too, whose factory builds the task and asks it for its
+model (`TaskBase.model`); that model holds the task, and the `task` data source serves the
+samples of the task the run's model holds (`TaskObjective`).
 """
 from __future__ import annotations
 
@@ -70,18 +72,16 @@ def _task_keys(message: str, has_dataset: bool) -> str:
 
 @attrs.frozen
 class TaskObjective(SampleObjective):
-    """A fine-tuning run's declared need: the examples of its task, built from `config`
-    by the `task` data source."""
+    """A fine-tuning model's declared need (mega.protocols.DeclaresObjective): the samples
+    of the task it holds, which the `task` data source serves."""
 
     name: str = "task"
-    config: Any = attrs.field(default=None, eq=False, repr=False)
+    task: Any = attrs.field(default=None, eq=False, repr=False)
 
 
 @define(kw_only=True)
 class TaskConfig(ModelConfig):
     """Base of every task's `model` table."""
-
-    task_class: ClassVar[type]  # the Task a config of this class builds (set by each task module)
 
     name: str = "task"
     seq_length: int = field(default=128, validator=at_least_one)  # the padded length of every sample
@@ -105,12 +105,6 @@ class TaskConfig(ModelConfig):
     def split_key(self, split: str) -> str:
         return {"train": "model.train_ds", "valid": "model.validation_ds", "validation": "model.validation_ds",
                 "test": "model.test_ds"}[split]
-
-    def build_task(self):
-        return type(self).task_class(self)
-
-    def objective(self) -> SampleObjective:
-        return TaskObjective(config=self)
 
     def check(self, plugins) -> None:
         """Key errors, before anything runs; also resolves what the data decides (a label

@@ -19,7 +19,6 @@ import mega
 from mega.config.schema import at_least_one
 from mega.plugins.tasks.base import TaskBase, need
 from mega.plugins.tasks.config import TaskConfig
-from mega.plugins.tasks.finetune import build_task_model
 from mega.plugins.tasks.metrics import squad as squad_metrics
 from mega.plugins.tasks.squad_data import convert_examples_to_features, load_squad_json, read_examples
 from mega.plugins.tasks.squad_predictions import get_predictions, write_prediction_files
@@ -49,10 +48,6 @@ class QuestionAnsweringConfig(TaskConfig):
 class QuestionAnsweringTask(TaskBase):
     head = "bert_question_answering"
 
-    def __init__(self, config):
-        super().__init__(config)
-        self.kept: Dict[str, tuple] = {}  # split -> (data, examples, features)
-
     def build_samples(self, split, tokenizer):
         d = self.config.dataset
         path = self.split_path(split)
@@ -60,7 +55,7 @@ class QuestionAnsweringTask(TaskBase):
         examples = self.limit(split, read_examples(data, "train" if split == "train" else "eval", path))
         features = convert_examples_to_features(examples, self.subwords(tokenizer), d.max_seq_length, d.doc_stride,
                                                 d.max_query_length, has_groundtruth=True)
-        self.kept[split] = (data, examples, features)
+        self.examples[split] = (data, examples, features)
         return [f.sample() for f in features]
 
     def _predict(self, examples, features, outputs):
@@ -70,7 +65,7 @@ class QuestionAnsweringTask(TaskBase):
                                d.version_2_with_negative, d.null_score_diff_threshold, d.do_lower_case)
 
     def evaluate(self, split, outputs, directory: Optional[Path]) -> Dict[str, float]:
-        data, examples, features = self.kept[split]
+        data, examples, features = self.examples[split]
         preds, nbest, null_odds = self._predict(examples, features, outputs)
         if directory is not None:
             write_prediction_files(directory, preds, nbest, null_odds)
@@ -97,14 +92,8 @@ class QuestionAnsweringTask(TaskBase):
         return out
 
 
-QuestionAnsweringConfig.task_class = QuestionAnsweringTask
-
 
 @mega.hookimpl
 def register_tasks(register):
     register("question_answering", QuestionAnsweringTask, config=QuestionAnsweringConfig)
 
-
-@mega.hookimpl
-def register_models(register):
-    register("question_answering", build_task_model, config=QuestionAnsweringConfig)

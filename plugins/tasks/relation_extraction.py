@@ -18,7 +18,6 @@ from attrs import define, field
 import mega
 from mega.errors import ConfigError
 from mega.plugins.tasks.config import TaskConfig
-from mega.plugins.tasks.finetune import build_task_model
 from mega.plugins.tasks.relation_extraction_data import micro_without, read_label_mapping
 from mega.plugins.tasks.text_classification import (
     ClassLabelsConfig,
@@ -68,14 +67,8 @@ class RelationExtractionTask(TextClassificationTask):
         return metrics
 
 
-RelationExtractionConfig.task_class = RelationExtractionTask
-
 
 @mega.hookimpl
 def register_tasks(register):
     register("relation_extraction", RelationExtractionTask, config=RelationExtractionConfig)
 
-
-@mega.hookimpl
-def register_models(register):
-    register("relation_extraction", build_task_model, config=RelationExtractionConfig)

@@ -26,7 +26,6 @@ from mega.config.schema import at_least_one
 from mega.errors import ConfigError
 from mega.plugins.tasks.base import TaskBase, need, softmax
 from mega.plugins.tasks.config import TaskConfig
-from mega.plugins.tasks.finetune import build_task_model
 from mega.plugins.tasks.metrics.classification_report import ClassificationReport
 from mega.plugins.tasks.text_classification_data import (
     classification_samples,
@@ -74,10 +73,6 @@ class TextClassificationTask(TaskBase):
     head = "bert_sequence_classification"
     report_mode = "micro"
 
-    def __init__(self, config):
-        super().__init__(config)
-        self.pairs: Dict[str, list] = {}
-
     @property
     def num_classes(self) -> int:
         return self.config.dataset.num_classes
@@ -109,13 +104,13 @@ class TextClassificationTask(TaskBase):
         return read_text_classification(self.split_path(split), self.num_classes)
 
     def build_samples(self, split, tokenizer):
-        self.pairs[split] = self.limit(split, self.read(split))
-        return classification_samples(self.pairs[split], self.subwords(tokenizer), self.max_seq_length,
+        self.examples[split] = self.limit(split, self.read(split))
+        return classification_samples(self.examples[split], self.subwords(tokenizer), self.max_seq_length,
                                       self.class_weights())
 
     def report(self, split, outputs):
         preds = [int(o["logits"].argmax()) for o in outputs]
-        gold = [label for _, label in self.pairs[split]]
+        gold = [label for _, label in self.examples[split]]
         rep = ClassificationReport(self.num_classes, {self.label_name(i): i for i in range(self.num_classes)},
                                    mode=self.report_mode)
         rep.update(preds, gold)
@@ -125,7 +120,7 @@ class TextClassificationTask(TaskBase):
         rep, preds = self.report(split, outputs)
         if directory is not None:
             write_text(Path(directory) / "predictions.tsv", "".join(
-                f"{text}\t{self.label_name(p)}\t{self.label_name(g)}\n" for (text, g), p in zip(self.pairs[split], preds)))
+                f"{text}\t{self.label_name(p)}\t{self.label_name(g)}\n" for (text, g), p in zip(self.examples[split], preds)))
             write_text(Path(directory) / "report.txt", rep.report() + "\n")
         metrics = rep.metrics()
         p, r, f = rep.compute(self.report_mode)
@@ -143,14 +138,8 @@ class TextClassificationTask(TaskBase):
                 "probabilities": {self.label_name(i): p for i, p in enumerate(probs)}}
 
 
-TextClassificationConfig.task_class = TextClassificationTask
-
 
 @mega.hookimpl
 def register_tasks(register):
     register("text_classification", TextClassificationTask, config=TextClassificationConfig)
 
-
-@mega.hookimpl
-def register_models(register):
-    register("text_classification", build_task_model, config=TextClassificationConfig)

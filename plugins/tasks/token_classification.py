@@ -34,7 +34,6 @@ from mega.config.schema import at_least_one
 from mega.errors import ConfigError
 from mega.plugins.tasks.base import TaskBase, need
 from mega.plugins.tasks.config import TaskConfig
-from mega.plugins.tasks.finetune import build_task_model
 from mega.plugins.tasks.metrics import seqeval
 from mega.plugins.tasks.metrics.classification_report import ClassificationReport
 from mega.plugins.tasks.text_classification import write_text
@@ -71,10 +70,6 @@ class TokenClassificationConfig(TaskConfig):
 
 class TokenClassificationTask(TaskBase):
     head = "bert_token_classification"
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.sentences: Dict[str, list] = {}
 
     def files(self, split: str):
         ds = self.config.split_files(split)
@@ -125,8 +120,8 @@ class TokenClassificationTask(TaskBase):
 
     def build_samples(self, split, tokenizer):
         text, labels = self.files(split)
-        self.sentences[split] = self.limit(split, read_token_classification(text, labels))
-        return [self._sample(w, l, tokenizer, str(labels)) for w, l in self.sentences[split]]
+        self.examples[split] = self.limit(split, read_token_classification(text, labels))
+        return [self._sample(w, l, tokenizer, str(labels)) for w, l in self.examples[split]]
 
     def word_predictions(self, sample, output) -> List[int]:
         first = sample["subtokens_mask"].bool()
@@ -167,14 +162,8 @@ class TokenClassificationTask(TaskBase):
         return {"words": kept, "labels": labels, "entities": entities}
 
 
-TokenClassificationConfig.task_class = TokenClassificationTask
-
 
 @mega.hookimpl
 def register_tasks(register):
     register("token_classification", TokenClassificationTask, config=TokenClassificationConfig)
 
-
-@mega.hookimpl
-def register_models(register):
-    register("token_classification", build_task_model, config=TokenClassificationConfig)
