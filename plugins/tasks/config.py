@@ -112,7 +112,7 @@ class TaskConfig(ModelConfig):
         and archives carry it."""
         from mega.plugins.tasks.encoder import check_language_model, from_mega_checkpoint, tokenizer_defaults
         check_language_model(self, plugins)
-        from_mega_checkpoint(self)
+        from_mega_checkpoint(self, plugins)
         tokenizer_defaults(self)
         from mega.plugins.tasks.finetune import head_config
         task = plugins.tasks.get(self.name, "model.name").factory(self)

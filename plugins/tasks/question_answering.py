@@ -2,14 +2,15 @@
 
 Files: `model.train_ds.file`, `model.validation_ds.file`, `model.test_ds.file` (SQuAD
 JSON). Options (`model.dataset.*`) are NeMo's, with its defaults. Evaluation writes
-`predictions.json`, `nbest_predictions.json` and, for v2.0, `null_odds.json` (the official
-script's `--na-prob-file` input once turned into probabilities), and reports the official
-script's numbers: v1.1 `exact_match` and `f1`; v2.0 `exact`, `f1`, the `HasAns_*`/`NoAns_*`
-split and `best_exact`/`best_f1` (no-answer probability = sigmoid of the null score margin).
+`predictions.json`, `nbest_predictions.json` and, for v2.0, `null_odds.json` (each
+question's null score margin, BERT's file: the official script's `--na-prob-file`), and
+reports the official script's numbers: v1.1 `exact_match` and `f1`; v2.0 `exact`, `f1` and
+the `HasAns_*`/`NoAns_*` split of `predictions.json`, and `best_exact`/`best_f1` with their
+thresholds as `--na-prob-file null_odds.json` gives them (in margin units: a threshold is a
+`null_score_diff_threshold`).
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -17,6 +18,7 @@ from attrs import define, field
 
 import mega
 from mega.config.schema import at_least_one
+from mega.errors import ConfigError
 from mega.plugins.tasks.base import TaskBase, need
 from mega.plugins.tasks.config import TaskConfig
 from mega.plugins.tasks.metrics import squad as squad_metrics
@@ -53,6 +55,11 @@ class QuestionAnsweringTask(TaskBase):
         path = self.split_path(split)
         data = load_squad_json(path)
         examples = self.limit(split, read_examples(data, "train" if split == "train" else "eval", path))
+        unanswerable = [e.qas_id for e in examples if e.is_impossible]
+        if unanswerable and not d.version_2_with_negative:  # v1.1 scoring has no gold answer for them
+            raise ConfigError(f"model.dataset.version_2_with_negative: {path} has {len(unanswerable)} question(s) without "
+                              f"an answer (SQuAD v2.0; the first: {unanswerable[0]!r}); set "
+                              "model.dataset.version_2_with_negative=true to train and score them")
         features = convert_examples_to_features(examples, self.subwords(tokenizer), d.max_seq_length, d.doc_stride,
                                                 d.max_query_length, has_groundtruth=True)
         self.examples[split] = (data, examples, features)
@@ -73,8 +80,7 @@ class QuestionAnsweringTask(TaskBase):
         gold = [{**a, "paragraphs": [{**p, "qas": [q for q in p["qas"] if str(q["id"]) in asked]} for p in a["paragraphs"]]}
                 for a in data["data"]]
         if self.config.dataset.version_2_with_negative:
-            na = {q: 1.0 / (1.0 + math.exp(-max(min(o, 50.0), -50.0))) for q, o in null_odds.items()}
-            return squad_metrics.evaluate_v2(gold, preds, na_probs=na)
+            return {**squad_metrics.evaluate_v2(gold, preds), **squad_metrics.best_thresholds(gold, preds, null_odds)}
         return squad_metrics.evaluate_v1(gold, preds)
 
     def predict(self, inputs, tokenizer, infer) -> Dict[str, Any]:
