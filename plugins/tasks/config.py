@@ -24,7 +24,10 @@ from attrs import define, field
 from mega.config import DataConfig, ModelConfig
 from mega.config.schema import at_least_one
 from mega.errors import ConfigError
+from mega.plugins.tasks.nemo_keys import BATCH, LOADER, nemo_key, note_unused
 from mega.protocols import SampleObjective
+
+PREDICTIONS = "mega writes predictions.json and nbest_predictions.json into model.predictions_dir"
 
 
 @define(kw_only=True)
@@ -49,6 +52,13 @@ class DatasetFiles:
     text_file: Optional[str] = None  # token classification: one sentence per line (relative to dataset.data_dir)
     labels_file: Optional[str] = None  # token classification: one label per word (relative to dataset.data_dir)
     num_samples: int = -1  # use the first N examples; -1: all
+    shuffle: Optional[bool] = None  # a new order of the split's samples each epoch; unset: the training split only (NeMo's defaults)
+    batch_size: Optional[int] = nemo_key(BATCH)  # NeMo's per-GPU batch: accepted, not used (model.micro_batch_size)
+    num_workers: Optional[int] = nemo_key(LOADER)  # NeMo's DataLoader option: accepted, not used
+    pin_memory: Optional[bool] = nemo_key(LOADER, same=False)  # NeMo's DataLoader option: accepted, not used
+    drop_last: Optional[bool] = nemo_key(LOADER, same=False)  # NeMo's DataLoader option: accepted, not used
+    output_prediction_file: Optional[str] = nemo_key(PREDICTIONS)  # NeMo's: accepted, not used (predictions.json in model.predictions_dir)
+    output_nbest_file: Optional[str] = nemo_key(PREDICTIONS)  # NeMo's: accepted, not used (nbest_predictions.json beside it)
 
     def path(self) -> Optional[str]:
         return self.file or self.file_path
@@ -91,6 +101,7 @@ class TaskConfig(ModelConfig):
     test_ds: DatasetFiles = field(factory=DatasetFiles)
     data: DataConfig = field(factory=lambda: DataConfig(data_impl="task"))  # the task's own files, not a corpus
     predictions_dir: Optional[str] = None  # where evaluation writes predictions; None: the run's predictions/<split> (beside an archive: <stem>/predictions/<split>)
+    nemo_path: Optional[str] = nemo_key("mega export RUN PATH writes mega's archive")  # NeMo's .nemo written after training: accepted, not used (mega export RUN PATH)
 
     def __attrs_post_init__(self):
         # NeMo's key for the padded length is model.dataset.max_seq_length; model.seq_length follows it
@@ -117,6 +128,7 @@ class TaskConfig(ModelConfig):
         from mega.plugins.tasks.finetune import head_config
         task = plugins.tasks.get(self.name, "model.name").factory(self)
         task.check()
+        note_unused(self)
         entry = plugins.models.get(task.head, f"the head of task {self.name}")
         cfg = head_config(self, task, entry)
         try:

@@ -231,7 +231,9 @@ class TaskData:
 
     def dataset(self, split, tokenizer, seq_length, num_samples, seed, objective=None):
         task = self._task(objective)
-        return EpochOrder(task.samples(split, tokenizer), num_samples, seed, shuffle=(split == "train"))
+        shuffle = task.config.split_files(split).shuffle  # NeMo's `<split>_ds.shuffle`
+        return EpochOrder(task.samples(split, tokenizer), num_samples, seed,
+                          shuffle=(split == "train") if shuffle is None else shuffle)
 
     def whole_split(self, split, tokenizer, seq_length, seed, objective=None):
         return self._task(objective).samples(split, tokenizer)

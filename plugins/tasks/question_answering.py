@@ -22,6 +22,7 @@ from mega.errors import ConfigError
 from mega.plugins.tasks.base import TaskBase, need
 from mega.plugins.tasks.config import TaskConfig
 from mega.plugins.tasks.metrics import squad as squad_metrics
+from mega.plugins.tasks.nemo_keys import CACHE, HEAD, LOADER, QuestionAnsweringHead, nemo_key
 from mega.plugins.tasks.squad_data import convert_examples_to_features, load_squad_json, read_examples
 from mega.plugins.tasks.squad_predictions import get_predictions, write_prediction_files
 
@@ -38,13 +39,17 @@ class SquadDatasetConfig:
     n_best_size: int = field(default=20, validator=at_least_one)  # candidates per question kept in nbest_predictions.json
     null_score_diff_threshold: float = 0.0  # v2.0: answer "" when the null score beats the best span by more
     do_lower_case: bool = True  # how answers are projected back to the context's text (match the tokenizer)
-    use_cache: bool = False  # accepted for NeMo configs; features are rebuilt each run (seconds)
+    use_cache: Optional[bool] = nemo_key(CACHE, same=False)  # NeMo's feature cache: accepted, not used (features are rebuilt, seconds)
+    num_workers: Optional[int] = nemo_key(LOADER)  # NeMo's DataLoader option: accepted, not used
+    pin_memory: Optional[bool] = nemo_key(LOADER, same=False)  # NeMo's DataLoader option: accepted, not used
+    drop_last: Optional[bool] = nemo_key(LOADER, same=False)  # NeMo's DataLoader option: accepted, not used
 
 
 @define(kw_only=True)
 class QuestionAnsweringConfig(TaskConfig):
     name: str = "question_answering"
     dataset: SquadDatasetConfig = field(factory=SquadDatasetConfig)
+    token_classifier: Optional[QuestionAnsweringHead] = nemo_key(HEAD)  # NeMo's head section: accepted, not built
 
 
 class QuestionAnsweringTask(TaskBase):

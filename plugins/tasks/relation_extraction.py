@@ -17,10 +17,9 @@ from attrs import define, field
 
 import mega
 from mega.errors import ConfigError
-from mega.plugins.tasks.config import TaskConfig
 from mega.plugins.tasks.relation_extraction_data import micro_without, read_label_mapping
 from mega.plugins.tasks.text_classification import (
-    ClassLabelsConfig,
+    TextClassificationConfig,
     TextClassificationDatasetConfig,
     TextClassificationTask,
 )
@@ -35,10 +34,9 @@ class RelationDatasetConfig(TextClassificationDatasetConfig):
 
 
 @define(kw_only=True)
-class RelationExtractionConfig(TaskConfig):
+class RelationExtractionConfig(TextClassificationConfig):
     name: str = "relation_extraction"
     dataset: RelationDatasetConfig = field(factory=RelationDatasetConfig)
-    class_labels: ClassLabelsConfig = field(factory=ClassLabelsConfig)
 
 
 class RelationExtractionTask(TextClassificationTask):

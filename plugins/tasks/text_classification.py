@@ -27,6 +27,7 @@ from mega.errors import ConfigError
 from mega.plugins.tasks.base import TaskBase, need, softmax
 from mega.plugins.tasks.config import TaskConfig
 from mega.plugins.tasks.metrics.classification_report import ClassificationReport
+from mega.plugins.tasks.nemo_keys import CACHE, HEAD, LOWER_CASE, SequenceClassifierHead, nemo_key
 from mega.plugins.tasks.text_classification_data import (
     classification_samples,
     encode_single,
@@ -45,6 +46,8 @@ class TextClassificationDatasetConfig:
     max_seq_length: int = field(default=256, validator=at_least_one)  # [CLS] text [SEP]; longer texts keep their head
     class_balancing: Optional[str] = None  # "weighted_loss": cross entropy weighted by class_weights (NeMo's); null: unweighted
     class_weights: List[float] = field(factory=list)  # by label id; empty: NeMo's total / (classes present x count) from the training labels
+    use_cache: Optional[bool] = nemo_key(CACHE, same=False)  # NeMo's feature cache: accepted, not used
+    do_lower_case: Optional[bool] = nemo_key(LOWER_CASE)  # NeMo's: accepted, not used (model.tokenizer.do_lower_case decides)
 
 
 @define(kw_only=True)
@@ -60,6 +63,8 @@ class TextClassificationConfig(TaskConfig):
     name: str = "text_classification"
     dataset: TextClassificationDatasetConfig = field(factory=TextClassificationDatasetConfig)
     class_labels: ClassLabelsConfig = field(factory=ClassLabelsConfig)
+    classifier_head: Optional[SequenceClassifierHead] = nemo_key(HEAD)  # NeMo's head section: accepted, not built
+    infer_samples: Optional[List[str]] = nemo_key("mega predict RUN --text answers a query")  # NeMo's post-training queries: accepted, not used
 
 
 def write_text(path: Path, text: str) -> None:
