@@ -48,7 +48,9 @@ def register_models(register):
     global batch's token count, and/or `sample_loss_sum`, a sum of per-sample losses it
     divides by the global batch's sample count), and optionally a `PipelineStage`, `Generator`,
     `EncoderDecoder`, `StatefulModel` or `CountsFlops`. The samples it trains on are its
-    config's `objective()` (a `mega.protocols.SampleObjective`, "lm" by default).
+    config's `objective()` (a `mega.protocols.SampleObjective`, "lm" by default), or the
+    built model's own `objective()` when it has one (`DeclaresObjective`: a task's model,
+    whose samples come from the task it holds).
     """
 
 
