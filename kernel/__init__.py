@@ -3,6 +3,8 @@
 Public API for plugin authors and scripts:
 
 * `mega.hookimpl` marks a plugin's hook implementations (see `mega.hookspecs`).
+* `mega.get_plugins()` is every installed plugin, loaded once per process (the registries
+  a plugin looks other components up in).
 * `mega.load_config(path, overrides)` reads and validates an experiment.
 * `mega.run(config)` trains it.
 * `mega.save_to(run_or_checkpoint, "model.mega")` packs a checkpoint into one file, and
@@ -10,11 +12,30 @@ Public API for plugin authors and scripts:
 """
 from __future__ import annotations
 
+from importlib import metadata
+
 import pluggy
 
-__version__ = "0.1.0"
+try:  # one source of truth: the installed distribution's metadata (pyproject.toml)
+    __version__ = metadata.version("mega-lm")
+except metadata.PackageNotFoundError:  # pragma: no cover - the source tree without an install
+    __version__ = "0+unknown"
 
 hookimpl = pluggy.HookimplMarker("mega")
+
+# The kernel modules a plugin may import (each with its submodules; "mega" itself means
+# the names of this module). Training, the commands and the plugin manager are the
+# kernel's own: a plugin that reached into them would break when they change. The rule is
+# a test (tests/test_import_rules.py) and is stated in docs/plugins.md.
+PLUGIN_API = ("mega", "mega.errors", "mega.protocols", "mega.config", "mega.runtime", "mega.checkpoint", "mega.testing")
+
+
+def get_plugins():
+    """Every installed plugin, loaded once per process (`mega.plugin_manager.Plugins`:
+    one registry per kind, e.g. `get_plugins().models.get("gpt")`)."""
+    from mega.plugin_manager import get_plugins as _get
+
+    return _get()
 
 
 def load_config(path, overrides=(), plugins=None):
@@ -34,9 +55,9 @@ def run(config, plugins=None):
 def restore_from(path, plugins=None, device: str = "cpu"):
     """(model in eval mode, tokenizer, config) from an archive (`save_to`), a checkpoint
     directory or a run directory, resharded to this process's parallel layout."""
-    from mega.inference import load_checkpoint_for_inference
+    from mega.checkpoint import restore
 
-    return load_checkpoint_for_inference(path, plugins, device)
+    return tuple(restore(path, plugins, device=device))
 
 
 def save_to(checkpoint, path, plugins=None):
@@ -45,13 +66,10 @@ def save_to(checkpoint, path, plugins=None):
     archive`); returns the path."""
     from pathlib import Path
 
-    from mega.interop import find_exporter
+    from mega.checkpoint import find_exporter
 
-    if plugins is None:
-        from mega.plugin_manager import get_plugins
-
-        plugins = get_plugins()
+    plugins = plugins if plugins is not None else get_plugins()
     return find_exporter("archive", plugins).export_run(Path(checkpoint), Path(path), {}, plugins)
 
 
-__all__ = ["hookimpl", "load_config", "run", "restore_from", "save_to", "__version__"]
+__all__ = ["PLUGIN_API", "get_plugins", "hookimpl", "load_config", "run", "restore_from", "save_to", "__version__"]

@@ -238,9 +238,10 @@ def cmd_plugins(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from mega.inference import generate, load_checkpoint_for_inference
+    from mega.checkpoint import restore
+    from mega.inference import generate
 
-    model, tokenizer, config = load_checkpoint_for_inference(args.checkpoint, device=args.device)
+    model, tokenizer, config = restore(args.checkpoint, device=args.device)
     prompt = tokenizer.encode(args.prompt)
     if isinstance(model, EncoderDecoder):  # encode the prompt, decode from its hiddens
         import torch
@@ -267,9 +268,9 @@ def cmd_generate(args) -> int:
 def cmd_encode(args) -> int:
     import torch
 
-    from mega.inference import load_checkpoint_for_inference
+    from mega.checkpoint import restore
 
-    model, tokenizer, config = load_checkpoint_for_inference(args.checkpoint)
+    model, tokenizer, config = restore(args.checkpoint)
     if not isinstance(model, EncoderDecoder):
         raise ConfigError(f"{args.checkpoint}: model {config.model.name!r} has no encoder")
     ids = [tokenizer.encode(t)[: config.model.seq_length] for t in args.text]
@@ -307,7 +308,7 @@ def _options(pairs: List[str]) -> dict:
 def cmd_import(args) -> int:
     from pathlib import Path
 
-    from mega.interop import find_importer
+    from mega.checkpoint import find_importer
     from mega.plugin_manager import get_plugins
 
     plugins = get_plugins()
@@ -323,9 +324,8 @@ def cmd_import(args) -> int:
 def cmd_export(args) -> int:
     from pathlib import Path
 
-    from mega.interop import find_exporter
+    from mega.checkpoint import find_exporter, resolve_checkpoint
     from mega.plugin_manager import get_plugins
-    from mega.training.checkpointing import resolve_checkpoint
 
     plugins = get_plugins()
     if args.torchscript and args.fmt not in (None, "torchscript"):
@@ -347,11 +347,10 @@ def cmd_preprocess(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from mega.inference import load_checkpoint_for_inference
-    from mega.plugin_manager import get_plugins
+    from mega.checkpoint import restore
     from mega.protocols import Predicts
 
-    model, tokenizer, config = load_checkpoint_for_inference(args.checkpoint, get_plugins())
+    model, tokenizer, config = restore(args.checkpoint)
     if not isinstance(model, Predicts):
         raise ConfigError(f"{args.checkpoint}: model.name={config.model.name!r} does not answer `mega predict`"
                           " (fine-tuned tasks do: question_answering, text_classification, ...)")

@@ -29,12 +29,14 @@ import tempfile
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
-import attrs
 import torch
 
-from mega.config import ExperimentConfig, config_from_dict, load_raw
+from mega.checkpoint import Opened, open_checkpoint, restore
+from mega.checkpoint.atomic import atomic_write_text
+from mega.config import ExperimentConfig
 from mega.errors import ConfigError
-from mega.protocols import DataSource, Evaluates, LanguageModel, PipelineStage, Tokenizer, WholeSplit
+from mega.protocols import DataSource, Evaluates, WholeSplit
+from mega.registry import built
 
 log = logging.getLogger("mega")
 
@@ -44,38 +46,20 @@ ONE_PROCESS = ("trainer.devices=1", "trainer.num_nodes=1", "model.tensor_model_p
                "model.pipeline_model_parallel_size=1")
 
 
-@attrs.define
-class Target:
-    """What `mega evaluate` was pointed at, resolved."""
-
-    checkpoint: Path  # the checkpoint directory (an archive's unpacked copy)
-    run_dir: Optional[Path] = None  # the run directory, when there is one (its data/ holds generated corpora)
-    archive: Optional[Path] = None  # the one-file checkpoint given, if it was one
+def resolve_target(path, plugins) -> Opened:
+    """A run directory, a checkpoints/ folder, a checkpoint directory or an archive file,
+    opened and verified (`mega.checkpoint.open_checkpoint`)."""
+    return open_checkpoint(path, plugins)
 
 
-def resolve_target(path, plugins) -> Target:
-    """A run directory, a checkpoints/ folder, a checkpoint directory or an archive file."""
-    from mega.training.checkpointing import resolve_checkpoint
-
-    given = Path(path).expanduser()
-    if given.is_file():
-        from mega.inference import unpack_checkpoint_file
-
-        ckpt, _ = unpack_checkpoint_file(given, plugins)
-        return Target(ckpt, archive=given)
-    ckpt = resolve_checkpoint(given)
-    return Target(ckpt, run_dir=ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None)
-
-
-def evaluation_config(target: Target, overrides: Sequence[str], plugins) -> ExperimentConfig:
+def evaluation_config(target: Opened, overrides: Sequence[str], plugins) -> ExperimentConfig:
     """The checkpoint's config with one process as the layout, then the overrides. What the
     evaluation writes (a task's prediction files) goes into the run directory given, or
     beside an archive (model.mega -> model/), not into the training machine's `exp_dir`."""
-    source = str(target.checkpoint / "config.toml")
-    return config_from_dict(load_raw(source), [*ONE_PROCESS, *_output_place(target), *overrides], plugins, source=source)
+    return target.config(plugins, [*ONE_PROCESS, *_output_place(target), *overrides])
 
 
-def _output_place(target: Target) -> Tuple[str, ...]:
+def _output_place(target: Opened) -> Tuple[str, ...]:
     if target.archive is not None:
         home = target.archive.with_name(target.archive.stem)
     elif target.run_dir is not None:
@@ -85,7 +69,7 @@ def _output_place(target: Target) -> Tuple[str, ...]:
     return (f"exp_manager.exp_dir={json.dumps(str(home.parent.resolve()))}", f"exp_manager.name={json.dumps(home.name)}")
 
 
-def results_path(target: Target, split: str) -> Path:
+def results_path(target: Opened, split: str) -> Path:
     """RUN/eval_<split>.json; beside an archive, model.mega -> model.eval_<split>.json;
     in a checkpoint directory outside a run, there."""
     if target.archive is not None:
@@ -93,46 +77,24 @@ def results_path(target: Target, split: str) -> Path:
     return (target.run_dir or target.checkpoint) / f"eval_{split}.json"
 
 
-def _tokenizer(config: ExperimentConfig, checkpoint: Path, plugins) -> Tokenizer:
-    from mega.inference import checkpoint_tokenizer_files
-
-    tok_cfg = config.model.tokenizer
-    files = checkpoint_tokenizer_files(checkpoint, {a.name: getattr(tok_cfg, a.name) for a in attrs.fields(type(tok_cfg))})
-    for key, file in files.items():  # tokenizer files travel beside the checkpoint's config
-        setattr(tok_cfg, key, str(file))
-    return plugins.tokenizers.get(tok_cfg.library, "model.tokenizer.library").factory(tok_cfg, [], None)
-
-
-def evaluate_checkpoint(target: Target, config: ExperimentConfig, split: str, plugins,
+def evaluate_checkpoint(target: Opened, config: ExperimentConfig, split: str, plugins,
                         torchscript: bool = False) -> Dict[str, float]:
     """Metrics of `split` on every rank: build, load, score. Joins and leaves the process
     group of a launched worker. `torchscript`: through the model's scripted inference module
     (a model whose `evaluate` takes that keyword, see mega.protocols.Evaluates)."""
     from mega.runtime.parallel import init_parallel, pick_device, shutdown_parallel
-    from mega.runtime.rng import seed_everything
-    from mega.runtime.tensor_parallel import get_rng_tracker
-    from mega.training.checkpointing import verify
-    from mega.training.run import built, load_resharded
 
     tr, mc = config.trainer, config.model
     if split not in SPLITS:
         raise ConfigError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
     data_entry = plugins.datasets.get(mc.data.data_impl, "model.data.data_impl")
-    model_entry = plugins.models.get(mc.name, "model.name")
+    plugins.models.get(mc.name, "model.name")
     parallel = init_parallel(tr.devices, tr.num_nodes, tr.dist_timeout_s, mc.tensor_model_parallel_size,
                              mc.pipeline_model_parallel_size)
     scratch = None
     try:
         device = pick_device(tr.accelerator, parallel.local_rank)
-        manifest = verify(target.checkpoint)
-        tokenizer = _tokenizer(config, target.checkpoint, plugins)
-        seed_everything(mc.seed)
-        get_rng_tracker().reset(mc.seed, parallel.tp_rank, device.type)
-        model = built(model_entry, PipelineStage if parallel.pp_size > 1 else LanguageModel,
-                      model_entry.factory(mc, tokenizer, plugins))
-        fmt = plugins.checkpoint_formats.get(manifest.get("format", "native")).factory()
-        model.load_state_dict(load_resharded(fmt, target.checkpoint, manifest, parallel, model)["model"])
-        model.to(device).eval()
+        model, tokenizer, _ = restore(target, plugins, config=config, parallel=parallel, device=device)
         data_dir = target.run_dir
         if data_dir is None:  # a generated corpus (the quickstart's) needs somewhere to be written
             scratch = data_dir = Path(tempfile.mkdtemp(prefix="mega-eval-"))
@@ -161,7 +123,8 @@ def token_loss(model, source, split: str, tokenizer, config: ExperimentConfig, p
     """Token-weighted loss (and the model's extra terms) over every sample of `split`."""
     from mega.runtime.pipeline import forward_backward_pipelining
     from mega.runtime.precision import autocast
-    from mega.training.batches import collate, micro_batch_positions
+    from mega.runtime.collate import collate
+    from mega.training.batches import micro_batch_positions
     from mega.training.run import objective_of
 
     mc = config.model
@@ -225,9 +188,7 @@ def token_loss(model, source, split: str, tokenizer, config: ExperimentConfig, p
 def write_results(path: Path, record: dict) -> None:
     """JSON, written to a temporary name and renamed into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
 
 
 def evaluate_command(args, plugins=None) -> Tuple[int, Optional[dict]]:

@@ -1,4 +1,5 @@
-"""Loading a checkpoint for inference, and sampling text with a KV cache.
+"""Sampling text with a KV cache (`mega generate`); the model comes from
+`mega.checkpoint.restore`.
 
 A model that supports generation is a `mega.protocols.Generator`: `forward(tokens,
 cache=None) -> logits`, `new_kv_cache(batch, max_len)`, `vocab_size` (logits past it are
@@ -6,112 +7,9 @@ vocabulary padding) and `max_positions`.
 """
 from __future__ import annotations
 
-import atexit
-import shutil
-import tempfile
-from pathlib import Path, PurePath
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import List, Optional
 
-import attrs
 import torch
-
-from mega.config import config_from_dict, load_raw
-from mega.errors import CheckpointError
-from mega.protocols import Unpacks
-from mega.training.checkpointing import resolve_checkpoint, verify
-
-
-def load_checkpoint_for_inference(path, plugins=None, device: str = "cpu") -> Tuple[torch.nn.Module, object, object]:
-    """(model in eval mode, tokenizer, config) from a checkpoint directory, a checkpoints
-    folder, a run directory (the latest checkpoint is used) or a checkpoint in one file (an
-    archive, `mega export RUN model.mega`)."""
-    if plugins is None:
-        from mega.plugin_manager import get_plugins
-
-        plugins = get_plugins()
-    if Path(path).expanduser().is_file():
-        return _load_file(Path(path).expanduser(), plugins, device)
-    ckpt = resolve_checkpoint(path)
-    manifest = verify(ckpt)
-    config = config_from_dict(load_raw(ckpt / "config.toml"), plugins=plugins, source=str(ckpt / "config.toml"))
-    tok_cfg = config.model.tokenizer
-    files = checkpoint_tokenizer_files(ckpt, {a.name: getattr(tok_cfg, a.name) for a in attrs.fields(type(tok_cfg))})
-    for key, file in files.items():  # tokenizer files were copied next to the config
-        setattr(tok_cfg, key, str(file))
-    tokenizer = plugins.tokenizers.get(tok_cfg.library, "model.tokenizer.library").factory(tok_cfg, [], None)
-    model = plugins.models.get(config.model.name, "model.name").factory(config.model, tokenizer, plugins)
-    fmt = plugins.checkpoint_formats.get(manifest.get("format", "native")).factory()
-    from mega.runtime.parallel import current
-    from mega.training.run import load_resharded
-
-    model.load_state_dict(load_resharded(fmt, ckpt, manifest, current(), model)["model"])
-    return model.to(device).eval(), tokenizer, config
-
-
-def checkpoint_tokenizer_files(checkpoint: Path, tokenizer: Mapping[str, Any]) -> Dict[str, Path]:
-    """The tokenizer files a checkpoint holds, by the tokenizer config key naming them:
-    `tokenizer` is its config's `model.tokenizer` table, whose file keys name copies
-    beside its config.toml by relative paths (see mega.training.run.checkpoint_files).
-
-    String values that name no file there are not file keys (a token, the library's name).
-    A checkpoint may come from elsewhere (an unpacked archive): a value naming a file by an
-    absolute path, through a `..` part, or through a symbolic link out of `checkpoint` is
-    refused, naming the key, so loading or importing it never reads a file of this machine."""
-    checkpoint = Path(checkpoint)
-    root = checkpoint.resolve()
-    found: Dict[str, Path] = {}
-    for key, value in tokenizer.items():
-        if not isinstance(value, str) or not value:
-            continue
-        rel, path = PurePath(value), checkpoint / value
-        try:
-            if not path.is_file():
-                continue  # not a file name (a token, the library's name)
-        except OSError:  # e.g. a value too long to be a file name
-            continue
-        if rel.is_absolute() or ".." in rel.parts:
-            raise CheckpointError(f"{checkpoint / 'config.toml'}: model.tokenizer.{key}={value!r}: a checkpoint's"
-                                  " tokenizer files are relative paths inside it; refusing a path that leads outside")
-        if not path.resolve().is_relative_to(root):
-            raise CheckpointError(f"{checkpoint / 'config.toml'}: model.tokenizer.{key}={value!r} resolves outside"
-                                  " the checkpoint (a symbolic link); refusing it")
-        found[key] = path
-    return found
-
-
-def unpack_checkpoint_file(path: Path, plugins) -> Tuple[Path, Path]:
-    """(checkpoint directory, scratch directory holding it) for a checkpoint in one file,
-    through the checkpoint format that recognises it (see `mega import`): unpacked when the
-    format can `unpack(file, directory)`, else imported into a scratch run directory. The
-    scratch directory is removed when this process exits."""
-    from mega.interop import find_importer
-
-    fmt = find_importer(path, plugins)
-    scratch = Path(tempfile.mkdtemp(prefix="mega-checkpoint-"))
-    atexit.register(shutil.rmtree, scratch, True)
-    try:
-        ckpt = (fmt.unpack(path, scratch / "checkpoint") if isinstance(fmt, Unpacks)
-                else fmt.import_run(path, scratch / "run", {}, plugins))
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
-    return ckpt, scratch
-
-
-def _load_file(path: Path, plugins, device: str):
-    """A checkpoint in one file (`unpack_checkpoint_file`). Once the model is loaded only
-    the tokenizer files stay in the scratch directory (the returned config names them),
-    until this process exits."""
-    ckpt, scratch = unpack_checkpoint_file(path, plugins)
-    try:
-        model, tokenizer, config = load_checkpoint_for_inference(ckpt, plugins, device)
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
-    keep = {str(v) for v in attrs.asdict(config.model.tokenizer).values() if isinstance(v, str)}
-    for f in [p for p in scratch.rglob("*") if p.is_file() and str(p) not in keep]:
-        f.unlink()
-    return model, tokenizer, config
 
 
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
-import os
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -58,9 +57,8 @@ def tokenizer_config(config_path: Optional[str], pairs: Sequence[str], plugins):
 def tokenizer_config_of_checkpoint(path: str, plugins):
     """The `model.tokenizer` config of a run directory or checkpoint, its files pointing
     at the copies the checkpoint holds."""
+    from mega.checkpoint import checkpoint_tokenizer_files, resolve_checkpoint
     from mega.config import config_from_dict, load_raw
-    from mega.inference import checkpoint_tokenizer_files
-    from mega.training.checkpointing import resolve_checkpoint
 
     ckpt = resolve_checkpoint(path)
     config = config_from_dict(load_raw(ckpt / "config.toml"), plugins=plugins, source=str(ckpt / "config.toml"))

@@ -301,7 +301,7 @@ class Importer(Protocol):
     """Optional for a checkpoint format: `mega import SOURCE RUN_DIR` turns another tool's
     files (a Hugging Face model directory, a Megatron-LM checkpoint, an archive) into a mega
     run directory that `mega generate` and `mega run` open directly. Write it with
-    `mega.interop.write_imported_run`."""
+    `mega.checkpoint.write_imported_run`."""
 
     def can_import(self, source: Path) -> bool:
         """Whether `source` is in this format (cheap: look at file names, not weights)."""
@@ -314,7 +314,7 @@ class Importer(Protocol):
 @runtime_checkable
 class Exporter(Protocol):
     """Optional for a checkpoint format: `mega export RUN DEST --to NAME` writes a mega
-    checkpoint in this format. Read it with `mega.inference.load_checkpoint_for_inference`."""
+    checkpoint in this format. Read it with `mega.checkpoint.restore`."""
 
     def export_run(self, checkpoint: Path, destination: Path, options: Mapping[str, str], plugins) -> Path:
         """Write `destination`; return it."""

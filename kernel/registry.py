@@ -10,6 +10,7 @@ from typing import Any, Callable, Dict, Optional
 import attrs
 
 from mega.errors import ConfigError, PluginError, did_you_mean
+from mega.protocols import missing_members
 
 # kind -> the registration hook that fills it
 KINDS = {
@@ -32,6 +33,16 @@ class Entry:
     factory: Callable[..., Any]
     config: Optional[type]
     plugin: str
+
+
+def built(entry: Entry, proto: type, obj):
+    """`obj`, made by `entry`'s factory, checked against the protocol the kernel will use
+    it through: a PluginError names the plugin and what is missing, before any step runs."""
+    missing = missing_members(obj, proto)
+    if missing:
+        raise PluginError(f"plugin {entry.plugin!r}: {entry.name!r} built a {type(obj).__name__}, which is not a"
+                          f" mega.protocols.{proto.__name__} (missing: {', '.join(missing)})")
+    return obj
 
 
 class Registry:

@@ -20,7 +20,7 @@ import yaml
 import mega
 from mega.cli import main
 from mega.errors import CheckpointError
-from mega.inference import load_checkpoint_for_inference
+from mega.checkpoint import restore
 from mega.testing import TinyExperiment, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +78,7 @@ def test_export_and_import_on_the_command_line(trained, tmp_path, capsys, plugin
         assert json.loads(tar.extractfile("manifest.json").read())["format"] == "archive"
     assert main(["import", str(archive), str(tmp_path / "imported")]) == 0
     assert "(archive)" in capsys.readouterr().out
-    model, tokenizer, config = load_checkpoint_for_inference(tmp_path / "imported", plugins)
+    model, tokenizer, config = restore(tmp_path / "imported", plugins)
     assert config.exp_manager.name == "imported"
     assert torch.equal(_logits(model, tokenizer.vocab_size), _logits(run.model, tokenizer.vocab_size))
 
@@ -180,7 +180,7 @@ def test_tokenizer_paths_outside_the_checkpoint_are_refused_naming_the_key(train
         (ckpt / value).unlink()
         (ckpt / value).symlink_to(host)
         with pytest.raises(CheckpointError, match=r"model.tokenizer.model='tokenizer.tokenizer.model' resolves outside"):
-            load_checkpoint_for_inference(ckpt, plugins)
+            restore(ckpt, plugins)
         return
     evil = _with_config(archive, tmp_path / "evil.mega",
                         lambda text: text.replace('model = "tokenizer.tokenizer.model"', f'model = "{value}"'))
@@ -191,7 +191,7 @@ def test_tokenizer_paths_outside_the_checkpoint_are_refused_naming_the_key(train
     with pytest.raises(CheckpointError, match=r"model.tokenizer.model=.*relative paths inside it"):
         mega.restore_from(evil, plugins)
     # the checkpoint's own, relative file is what a legitimate config names
-    from mega.inference import checkpoint_tokenizer_files
+    from mega.checkpoint import checkpoint_tokenizer_files
 
     ckpt = run.run_dir / "checkpoints" / "step_0000002"
     assert checkpoint_tokenizer_files(ckpt, {"library": "sentencepiece", "model": "tokenizer.tokenizer.model"}) == {
@@ -266,7 +266,7 @@ def test_a_model_parallel_run_restores_from_its_archive_in_one_process(tmp_path,
         names = set(tar.getnames())
     assert {f"{f}/{m}" for f in folders for m in ("model_weights.ckpt", "sharding.json")} <= names
     # the run's model: its two shards merged (by the kernel's resharding, tested elsewhere)
-    reference, tokenizer, _ = load_checkpoint_for_inference(exp.run_dir(), plugins)
+    reference, tokenizer, _ = restore(exp.run_dir(), plugins)
     model, _, _ = mega.restore_from(archive, plugins)
     # 258 byte ids pad to 272 at TP=2 and to 264 at TP=1: compare the real vocabulary
     torch.testing.assert_close(_logits(model, 258), _logits(reference, 258), rtol=0, atol=1e-5)
@@ -370,7 +370,7 @@ def test_a_nemo_archive_imports_with_equal_logits(source_gpt, spm_model, tmp_pat
     cfg = _nemo_yaml(tensor_model_parallel_size=tp, mcore_gpt=mcore)
     nemo = _write_nemo(tmp_path / "gpt.nemo", cfg, _nemo_shards(model, tp, mcore), spm_model, mode)
     assert main(["import", str(nemo), str(tmp_path / "run")]) == 0
-    loaded, tokenizer, config = load_checkpoint_for_inference(tmp_path / "run", plugins)
+    loaded, tokenizer, config = restore(tmp_path / "run", plugins)
     assert (config.model.activation, config.model.ffn_hidden_size, config.model.seq_length) == ("gelu_tanh", 64, 16)
     assert tokenizer.encode("the model") == tok.encode("the model")
     assert torch.equal(_logits(loaded, 60), _logits(model, 60))
@@ -490,7 +490,7 @@ def test_a_nemo_gpt2_bpe_tokenizer_is_carried_over(tmp_path, plugins):
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     assert main(["import", str(nemo), str(tmp_path / "run")]) == 0
-    loaded, tokenizer, config = load_checkpoint_for_inference(tmp_path / "run", plugins)
+    loaded, tokenizer, config = restore(tmp_path / "run", plugins)
     assert config.model.tokenizer.library == "huggingface"
     assert tokenizer.encode("the model") == hf_tok.encode("the model")
     assert torch.equal(_logits(loaded, hf_tok.vocab_size), _logits(model, hf_tok.vocab_size))

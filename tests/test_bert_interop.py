@@ -167,9 +167,9 @@ def _hf_dir(tmp_path, arch: str, vocab_file, lower: bool = True, save=None, **ex
 
 
 def _mega_model(run_dir, plugins):
-    from mega.inference import load_checkpoint_for_inference
+    from mega.checkpoint import restore
 
-    model, tokenizer, config = load_checkpoint_for_inference(run_dir, plugins)
+    model, tokenizer, config = restore(run_dir, plugins)
     return model.eval(), tokenizer, config
 
 
@@ -204,7 +204,10 @@ def test_every_class_imports_and_exports_with_equal_logits(tmp_path, plugins, vo
     expected = hf.state_dict()
     for k, v in back.state_dict().items():
         assert torch.equal(v, expected[k]), k
-    assert _max_diff(_hf_outputs(back, batch), theirs, arch, batch) == 0.0
+    # bit for bit against the original loaded the same way (a model fresh from its constructor and the
+    # same weights from_pretrained can differ by an ulp: 1.5e-8 for MegatronBertForMultipleChoice)
+    original = getattr(transformers, arch).from_pretrained(hf_dir).eval()
+    assert _max_diff(_hf_outputs(back, batch), _hf_outputs(original, batch), arch, batch) == 0.0
     tok = transformers.BertTokenizer.from_pretrained(tmp_path / "back")
     assert tok.do_lower_case and len(tok) == VOCAB
 
@@ -227,7 +230,7 @@ def _mega_run(tmp_path, plugins, vocab_file, name="bert", seed=0, **keys):
     """A mega run directory holding a random BERT (what training would leave), LayerNorms
     and biases moved off 1 / 0 so a mapping mistake shows."""
     from mega.config import config_from_dict
-    from mega.interop import write_imported_run
+    from mega.checkpoint import write_imported_run
 
     raw = {"model": {"name": name, **MEGA_BERT, **keys,
                      "tokenizer": {"library": "wordpiece", "vocab_file": str(vocab_file), "do_lower_case": True}}}
@@ -462,7 +465,7 @@ def test_ngc_release_zip_imports_with_its_vocab(tmp_path, plugins, kind):
 
 def test_ngc_zip_errors_name_the_option(tmp_path, plugins, vocab_file):
     from mega.errors import CheckpointError, ConfigError
-    from mega.interop import find_importer
+    from mega.checkpoint import find_importer
 
     archive = _ngc_zip(tmp_path / "megatron_bert_345m_v0_1_uncased.zip", "uncased")
     fmt = find_importer(archive, plugins)

@@ -10,7 +10,7 @@ import torch
 
 from mega.errors import CheckpointError
 from mega.plugins.checkpoints.native import NativeFormat
-from mega.training.checkpointing import CheckpointManager, resolve_checkpoint, verify
+from mega.checkpoint import CheckpointManager, resolve_checkpoint, verify
 
 
 def _state(x: float) -> dict:

@@ -74,9 +74,10 @@ def test_generate_with_a_trained_sentencepiece_tokenizer(tmp_path, corpus, capsy
     (tmp_path / "results" / "tiny" / "tokenizer.model").unlink()  # the checkpoint must not need it
     capsys.readouterr()
     assert main(["generate", str(ckpt), "--prompt", "the model", "--max-new-tokens", "6", "--greedy"]) == 0
-    from mega.inference import generate, load_checkpoint_for_inference
+    from mega.checkpoint import restore
+    from mega.inference import generate
 
-    model, tok, _ = load_checkpoint_for_inference(ckpt)
+    model, tok, _ = restore(ckpt)
     prompt = tok.encode("the model")
     expected = tok.decode(prompt + generate(model, prompt, 6, greedy=True, eos_id=tok.eos_id))
     assert capsys.readouterr().out == expected + "\n"

@@ -183,9 +183,9 @@ def test_tp2_checkpoint_resumes_and_generates_at_tp1(tmp_path, corpus):
     two = _mega(["run", str(exp), "exp_manager.name=r", "trainer.devices=2", "model.tensor_model_parallel_size=2"], tmp_path)
     assert two.returncode == 0, two.stderr
     run_dir = tmp_path / "results" / "r"
-    from mega.inference import load_checkpoint_for_inference
+    from mega.checkpoint import restore
 
-    model, _, _ = load_checkpoint_for_inference(run_dir)
+    model, _, _ = restore(run_dir)
     full = _full_weights(run_dir)
     for name, value in model.state_dict().items():
         assert torch.equal(value, full[name][tuple(slice(n) for n in value.shape)]), name

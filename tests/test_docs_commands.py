@@ -386,10 +386,10 @@ def _bpe(ws: Path) -> None:
 def _nemo(ws: Path) -> None:
     """A NeMo 1.x Megatron GPT archive holding the quickstart run's weights (NeMo's layout,
     written by test_archive's independent helpers)."""
-    from mega.inference import load_checkpoint_for_inference
+    from mega.checkpoint import restore
     from tests.test_archive import _nemo_shards, _nemo_yaml, _write_nemo
 
-    model, _, config = load_checkpoint_for_inference(ws / "results/quickstart")
+    model, _, config = restore(ws / "results/quickstart")
     mc = config.model
     cfg = _nemo_yaml(num_layers=mc.num_layers, hidden_size=mc.hidden_size, ffn_hidden_size=mc.ffn_hidden_size,
                      num_attention_heads=mc.num_attention_heads, encoder_seq_length=mc.seq_length,
@@ -399,7 +399,7 @@ def _nemo(ws: Path) -> None:
 
 def _my_bert(ws: Path) -> None:
     """A tiny random mega BERT run with a Google-shaped vocab.txt (what pretraining leaves)."""
-    from mega.interop import write_imported_run
+    from mega.checkpoint import write_imported_run
     from mega.plugin_manager import get_plugins
     from tests.test_bert_interop import MEGA_BERT, _google_vocab
 

@@ -22,7 +22,7 @@ import torch
 import mega
 from mega.cli import main
 import tomllib
-from mega.training.batches import collate
+from mega.runtime.collate import collate
 from tests.test_downstream_tasks import _files, _predict, _raw
 
 ROOT = Path(__file__).resolve().parents[1]

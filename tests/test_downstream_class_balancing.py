@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import mega
 from mega.config import config_from_dict, load_raw
 from mega.testing import read_metrics
-from mega.training.batches import collate
+from mega.runtime.collate import collate
 from tests.test_downstream_tasks import _files, _raw
 
 

@@ -17,9 +17,9 @@ import mega
 from mega.cli import main
 from mega.config import config_from_dict
 from mega.errors import CheckpointError, ConfigError
-from mega.inference import load_checkpoint_for_inference
+from mega.checkpoint import restore
 from mega.plugins.tasks.encoder import encoder_state
-from mega.training.batches import collate
+from mega.runtime.collate import collate
 from tests.test_downstream_tasks import WORDS, _files, _raw
 
 ENCODER = ("language_model.embedding.", "language_model.encoder.")
@@ -53,7 +53,7 @@ def _same_encoder(mine: dict, theirs: dict) -> float:
 
 def _imported(source, tmp: Path, *options) -> dict:
     assert main(["import", str(source), str(tmp), *options]) == 0
-    model, _, _ = load_checkpoint_for_inference(tmp)
+    model, _, _ = restore(tmp)
     return model.state_dict()
 
 
@@ -136,7 +136,7 @@ def test_ngc_zip(data, tmp_path):
 
 
 def test_megatron_iteration_directory_with_two_shards(data, tmp_path):
-    from mega.interop import save_model_checkpoint
+    from mega.checkpoint import save_model_checkpoint
     from mega.plugin_manager import get_plugins
 
     plugins = get_plugins()
@@ -184,7 +184,7 @@ def test_ngc_zip_without_args_takes_the_runs_head_count(data, tmp_path):
 
 
 def _gpt_run(tmp_path: Path) -> Path:
-    from mega.interop import save_model_checkpoint
+    from mega.checkpoint import save_model_checkpoint
     from mega.plugin_manager import get_plugins
 
     plugins = get_plugins()

@@ -80,7 +80,7 @@ def _finetune(state, d: Path, lm_checkpoint: Path, out: Path, tasks, save: bool 
 def pretrained(tmp_path_factory, plugins):
     """The task files and a tiny pretrained `bert` (its own random weights) as lm_checkpoint."""
     from mega.config import config_from_dict
-    from mega.interop import save_model_checkpoint
+    from mega.checkpoint import save_model_checkpoint
 
     root = tmp_path_factory.mktemp("downstream_parallel")
     d = _files(root / "data")["dir"]

@@ -257,7 +257,7 @@ def test_megatron_config_file_sets_the_architecture(plugins, data, tmp_path):
 def test_encoder_weights_from_a_megatron_checkpoint(plugins, data, tmp_path):
     """A BERT in Megatron-LM's layout (`mega export --to megatron` of a `bert` model) as
     `lm_checkpoint`: the fine-tuning run starts from its encoder."""
-    from mega.interop import save_model_checkpoint
+    from mega.checkpoint import save_model_checkpoint
 
     d = data["dir"]
     raw = _raw(d, tmp_path, "pre", {"name": "bert", "seq_length": 32, "num_layers": 2, "hidden_size": 32,

@@ -182,7 +182,7 @@ def test_encoder_decoder_tp2_equals_tp1():
 
 def test_generate_with_a_prompt_longer_than_the_encoder_warns_and_cuts_it(tmp_path, plugins, capsys):
     from mega.cli import main
-    from mega.interop import write_imported_run
+    from mega.checkpoint import write_imported_run
 
     mc = _cfg(plugins, tokenizer={"library": "bytes"})
     tok = plugins.tokenizers.get("bytes").factory(mc.tokenizer, [], None)

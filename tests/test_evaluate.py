@@ -37,10 +37,10 @@ def trained(tmp_path_factory):
 
 def direct_valid_loss(run_dir: Path, corpus: Path) -> tuple:
     """(token-mean loss, tokens): each valid document once, through the model's logits."""
-    from mega.inference import load_checkpoint_for_inference
+    from mega.checkpoint import restore
     from mega.plugins.data.blending import parse_splits, split_ranges
 
-    model, tokenizer, config = load_checkpoint_for_inference(run_dir)
+    model, tokenizer, config = restore(run_dir)
     docs = [line for line in corpus.read_text().split("\n") if line]
     start, end = split_ranges(len(docs), parse_splits(config.model.data.splits_string))[1]
     total, count = 0.0, 0
@@ -75,11 +75,11 @@ def test_packed_windows_cover_the_split_once(trained, capsys):
     """With packing the split is one stream (each document and its end-of-document id) cut
     into windows of seq_length + 1 sharing a token: the loss is every stream token's once
     (unshuffled here, so the stream is in document order)."""
-    from mega.inference import load_checkpoint_for_inference
+    from mega.checkpoint import restore
     from mega.plugins.data.blending import parse_splits, split_ranges
 
     run_dir, corpus = trained
-    model, tokenizer, config = load_checkpoint_for_inference(run_dir)
+    model, tokenizer, config = restore(run_dir)
     docs = [line for line in corpus.read_text().split("\n") if line]
     start, end = split_ranges(len(docs), parse_splits(config.model.data.splits_string))[1]
     stream = [i for doc in docs[start:end] for i in tokenizer.encode(doc) + [tokenizer.eos_id]]

@@ -16,7 +16,7 @@ import torch
 
 from mega.cli import main
 from mega.errors import CheckpointError, ConfigError
-from mega.inference import load_checkpoint_for_inference
+from mega.checkpoint import restore
 from mega.testing import WORDS, write_corpus
 
 transformers = pytest.importorskip("transformers")
@@ -169,7 +169,7 @@ def test_hf_to_mega_to_hf_keeps_the_logits(tmp_path, bpe, plugins, capsys):
     run_dir = tmp_path / "imported"
     assert main(["import", str(src), str(run_dir)]) == 0
     assert "(huggingface)" in capsys.readouterr().out
-    model, tokenizer, config = load_checkpoint_for_inference(run_dir, plugins)
+    model, tokenizer, config = restore(run_dir, plugins)
     mc = config.model
     assert (mc.num_layers, mc.hidden_size, mc.num_attention_heads, mc.ffn_hidden_size) == (2, 32, 4, 48)
     assert (mc.activation, mc.seq_length, mc.max_position_embeddings) == ("gelu_tanh", 32, 32)
@@ -210,7 +210,7 @@ def test_import_reads_bin_sharded_and_bpe_directories(tmp_path, bpe, plugins, ki
     fmt = plugins.checkpoint_formats.get("huggingface").factory()
     assert fmt.can_import(src)
     fmt.import_run(src, tmp_path / "run", {"make_vocab_size_divisible_by": "8"}, plugins)
-    model, tokenizer, config = load_checkpoint_for_inference(tmp_path / "run", plugins)
+    model, tokenizer, config = restore(tmp_path / "run", plugins)
     assert model.padded_vocab_size == 320 + (-320 % 8)
     assert _max_diff(model, hf_model, _tokens(tokenizer.vocab_size)) < 1e-5
     if kind == "vocab_merges":
@@ -222,7 +222,7 @@ def test_exact_gelu_maps_to_gelu(tmp_path, bpe, plugins):
     hf_model.save_pretrained(tmp_path / "hf")
     fmt = plugins.checkpoint_formats.get("huggingface").factory()
     fmt.import_run(tmp_path / "hf", tmp_path / "run", {"tokenizer_file": str(bpe / "tokenizer.json")}, plugins)
-    model, tokenizer, config = load_checkpoint_for_inference(tmp_path / "run", plugins)
+    model, tokenizer, config = restore(tmp_path / "run", plugins)
     assert config.model.activation == "gelu"
     assert _max_diff(model, hf_model, _tokens(tokenizer.vocab_size)) < 1e-5
     fmt.export_run(tmp_path / "run", tmp_path / "out", {"dtype": "bfloat16"}, plugins)
@@ -285,7 +285,7 @@ def test_a_failed_export_leaves_nothing_and_an_existing_destination_is_refused_u
 def _logits_at_this_layout(parallel, run_dir: str, tokens: torch.Tensor):
     """(this rank's QKV rows, logits gathered over the vocabulary) of the run loaded at
     the current layout (resharded from its TP=1 checkpoint)."""
-    model, tokenizer, _ = load_checkpoint_for_inference(run_dir)
+    model, tokenizer, _ = restore(run_dir)
     qkv = model.state_dict()["language_model.encoder.layers.0.self_attention.query_key_value.weight"]
     with torch.no_grad():
         return qkv.shape[0], model(tokens)[..., :tokenizer.vocab_size]
@@ -326,7 +326,7 @@ def _mega_experiment(tmp_path: Path, bpe_dir: Path) -> Path:
 
 
 def _mega_to_hf_to_mega(tmp_path: Path, run_dir: Path, plugins) -> tuple:
-    model, tokenizer, _ = load_checkpoint_for_inference(run_dir, plugins)
+    model, tokenizer, _ = restore(run_dir, plugins)
     out = tmp_path / "hf"
     assert main(["export", str(run_dir), str(out), "--to", "huggingface"]) == 0
     assert (out / "tokenizer.json").is_file() and not (out / "pytorch_model.bin").exists()
@@ -334,7 +334,7 @@ def _mega_to_hf_to_mega(tmp_path: Path, run_dir: Path, plugins) -> tuple:
     tokens = _tokens(tokenizer.vocab_size, seed=2)
     to_hf = _max_diff(model, hf_model, tokens)
     assert main(["import", str(out), str(tmp_path / "back")]) == 0
-    again, tok2, config = load_checkpoint_for_inference(tmp_path / "back", plugins)
+    again, tok2, config = restore(tmp_path / "back", plugins)
     with torch.no_grad():
         a, b = model(tokens)[..., :tokenizer.vocab_size], again(tokens)[..., :tokenizer.vocab_size]
     back = float((a - b).abs().max())
@@ -368,7 +368,7 @@ def test_mega_to_hf_to_mega_from_tensor_parallel_2(tmp_path, bpe, plugins):
 
 def test_export_refuses_models_gpt2_cannot_hold(tmp_path, plugins):
     from mega.config import config_from_dict
-    from mega.interop import save_model_checkpoint
+    from mega.checkpoint import save_model_checkpoint
 
     stack = {"num_layers": 1, "hidden_size": 16, "num_attention_heads": 4}
     config = config_from_dict({"model": {"name": "bart", "seq_length": 8, "seq_length_dec": 8, "encoder": dict(stack),

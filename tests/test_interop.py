@@ -7,8 +7,8 @@ import torch
 
 import mega
 from mega.errors import CheckpointError, ConfigError
-from mega.inference import load_checkpoint_for_inference
-from mega.interop import find_exporter, find_importer, write_imported_run
+from mega.checkpoint import restore
+from mega.checkpoint import find_exporter, find_importer, write_imported_run
 from mega.plugin_manager import load_plugins
 
 MODEL = {"name": "gpt", "num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 16,
@@ -30,7 +30,7 @@ def test_an_imported_model_loads_like_a_trained_one(tmp_path, plugins):
     model, state = _converted_state(plugins)
     ckpt = write_imported_run(tmp_path / "imported", {"model": dict(MODEL)}, state, plugins)
     assert (tmp_path / "imported" / "config.toml").is_file() and ckpt.parent.name == "checkpoints"
-    loaded, tokenizer, config = load_checkpoint_for_inference(tmp_path / "imported", plugins)
+    loaded, tokenizer, config = restore(tmp_path / "imported", plugins)
     tokens = torch.randint(0, 256, (2, 16))
     model.eval()
     assert torch.equal(loaded(tokens), model(tokens))

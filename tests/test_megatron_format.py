@@ -271,8 +271,8 @@ def test_a_training_checkpoint_writes_the_run_config_values(tmp_path, corpus, pl
 def test_old_files_give_the_tp_size_as_model_parallel_size(tmp_path, plugins, version):
     """Megatron-LM before checkpoint_version 3.0 says `model_parallel_size`: its QKV rows
     are reordered per shard (heads / TP) and both ranks are read."""
-    from mega.interop import find_importer
-    from mega.inference import load_checkpoint_for_inference
+    from mega.checkpoint import find_importer
+    from mega.checkpoint import restore
 
     _, model = _gpt(plugins)
     state = model.state_dict()
@@ -290,7 +290,7 @@ def test_old_files_give_the_tp_size_as_model_parallel_size(tmp_path, plugins, ve
                {"args": args, "checkpoint_version": version, "iteration": 0, "model": nest(shard)})
     (tmp_path / "meg" / "latest_checkpointed_iteration.txt").write_text("release")
     find_importer(tmp_path / "meg", plugins).import_run(tmp_path / "meg", tmp_path / "run", {"tokenizer": "bytes"}, plugins)
-    loaded, _, _ = load_checkpoint_for_inference(tmp_path / "run", plugins)
+    loaded, _, _ = restore(tmp_path / "run", plugins)
     tokens = torch.randint(0, 258, (2, 16))
     torch.testing.assert_close(loaded(tokens)[..., :258], model(tokens)[..., :258], rtol=0, atol=1e-6)
     single = MegatronFormat().load(tmp_path / "meg" / "release", ParallelState(tp_size=2, tp_rank=1))

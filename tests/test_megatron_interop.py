@@ -20,8 +20,8 @@ from transformers.models.megatron_gpt2 import checkpoint_reshaping_and_interoper
 from transformers.models.megatron_gpt2 import convert_megatron_gpt2_checkpoint as convert_gpt2  # noqa: E402
 
 from mega.errors import ConfigError  # noqa: E402
-from mega.inference import load_checkpoint_for_inference  # noqa: E402
-from mega.interop import find_exporter, find_importer, write_imported_run  # noqa: E402
+from mega.checkpoint import restore  # noqa: E402
+from mega.checkpoint import find_exporter, find_importer, write_imported_run  # noqa: E402
 
 VOCAB = 258  # the bytes tokenizer
 MODEL = {"name": "gpt", "num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 16,
@@ -52,7 +52,7 @@ def _mega_run(tmp_path, plugins, activation="gelu_tanh", seed=0):
 
 
 def _mega_logits(run_dir, plugins):
-    model, _, _ = load_checkpoint_for_inference(run_dir, plugins)
+    model, _, _ = restore(run_dir, plugins)
     with torch.no_grad():
         return model(_tokens())[..., :VOCAB]
 
@@ -71,7 +71,7 @@ def _close(a, b, what):
 
 
 def _export(run_dir, dest, plugins, tp=1, pp=1):
-    from mega.training.checkpointing import resolve_checkpoint
+    from mega.checkpoint import resolve_checkpoint
 
     return find_exporter("megatron", plugins).export_run(
         resolve_checkpoint(run_dir), dest, {"tensor_parallel": str(tp), "pipeline_parallel": str(pp)}, plugins)
@@ -198,7 +198,7 @@ def test_import_of_hf_written_megatron_files(tmp_path, plugins, monkeypatch, act
     fmt = find_importer(meg, plugins)
     assert fmt.name == "megatron"
     fmt.import_run(meg, tmp_path / "run", {"tokenizer": "bytes"}, plugins)
-    _, _, config = load_checkpoint_for_inference(tmp_path / "run", plugins)
+    _, _, config = restore(tmp_path / "run", plugins)
     assert config.model.activation == ("gelu" if activation == "gelu" else "gelu_tanh")
     assert config.model.make_vocab_size_divisible_by == 8 * tp  # mega's padded size is the checkpoint's at TP=1
     _close(_hf_logits(hf), _mega_logits(tmp_path / "run", plugins),
@@ -227,7 +227,7 @@ def test_export_then_import_gives_the_same_model(tmp_path, plugins, tp, pp):
     assert main(["export", str(run), str(dest), "--to", "megatron", "--option", f"tensor_parallel={tp}",
                  "--option", f"pipeline_parallel={pp}"]) == 0
     find_importer(dest, plugins).import_run(dest, tmp_path / "back", {}, plugins)  # the tokenizer from args
-    _, _, config = load_checkpoint_for_inference(tmp_path / "back", plugins)
+    _, _, config = restore(tmp_path / "back", plugins)
     assert config.model.activation == "gelu"
     assert torch.equal(_mega_logits(tmp_path / "back", plugins), _mega_logits(run, plugins))
 
@@ -256,7 +256,7 @@ def test_sentencepiece_tokenizer_travels_through_args(tmp_path, plugins, corpus)
     """Export names Megatron's GPTSentencePieceTokenizer and a copy of the model file;
     import finds it there, or takes --option tokenizer_model=PATH."""
     from mega.config import config_from_dict
-    from mega.training.checkpointing import resolve_checkpoint
+    from mega.checkpoint import resolve_checkpoint
 
     tok_cfg = config_from_dict({"model": {"tokenizer": {"vocab_size": 60}}}, plugins=plugins).model.tokenizer
     tok = plugins.tokenizers.get("sentencepiece").factory(tok_cfg, [corpus], tmp_path)
@@ -273,7 +273,7 @@ def test_sentencepiece_tokenizer_travels_through_args(tmp_path, plugins, corpus)
     importer.import_run(dest, tmp_path / "a", {}, plugins)
     importer.import_run(dest, tmp_path / "b", {"tokenizer_model": str(tmp_path / "tokenizer.model")}, plugins)
     for name in ("a", "b"):
-        loaded, tokenizer, config = load_checkpoint_for_inference(tmp_path / name, plugins)
+        loaded, tokenizer, config = restore(tmp_path / name, plugins)
         assert config.model.tokenizer.library == "sentencepiece" and tokenizer.vocab_size == 60
         tokens = torch.randint(0, 60, (1, 16))
         assert torch.equal(loaded(tokens), model.eval()(tokens))
@@ -332,7 +332,7 @@ def test_gpt2_bpe_tokenizer_travels_through_megatron(tmp_path, plugins, bpe, kin
     dest.rename(moved)
     for i, source in enumerate([moved, moved / "iter_0000000"]):
         find_importer(source, plugins).import_run(source, tmp_path / f"back{i}", {}, plugins)
-        loaded, tok, config = load_checkpoint_for_inference(tmp_path / f"back{i}", plugins)
+        loaded, tok, config = restore(tmp_path / f"back{i}", plugins)
         assert config.model.tokenizer.library == "huggingface" and tok.vocab_size == tokenizer.vocab_size
         assert tok.encode("the model said") == tokenizer.encode("the model said")
         tokens = torch.randint(0, tokenizer.vocab_size, (1, 16))
@@ -351,7 +351,7 @@ def test_hf_written_gpt2_bpe_files_import_with_file_options(tmp_path, plugins, m
                  "--option", f"merges_file={bpe / 'merges.txt'}"]) == 0
     assert main(["import", str(meg), str(tmp_path / "run2"), "--option", f"tokenizer_file={bpe / 'tokenizer.json'}"]) == 0
     for name in ("run", "run2"):
-        loaded, tok, _ = load_checkpoint_for_inference(tmp_path / name, plugins)
+        loaded, tok, _ = restore(tmp_path / name, plugins)
         tokens = torch.randint(0, vocab, (2, 16))
         with torch.no_grad():
             delta = (loaded(tokens)[..., :vocab] - hf(tokens).logits).abs().max().item()

@@ -16,7 +16,7 @@ from mega.errors import CheckpointError, ConfigError, DataError
 from mega.plugins.checkpoints.native import NativeFormat
 from mega.testing import tiny_config
 from mega.training import run_dir as run_dir_mod
-from mega.training.checkpointing import CheckpointManager
+from mega.checkpoint import CheckpointManager
 from mega.training.loop import train
 from mega.training.run import build_run, run as run_experiment
 
@@ -142,7 +142,7 @@ def test_full_disk_is_named_and_the_old_checkpoint_kept(tmp_path, monkeypatch, f
 
     good = CheckpointManager(tmp_path / "checkpoints", NativeFormat())
     good.save(1, {"model": {}, "trainer": {"step": 1}}, {})
-    monkeypatch.setattr("mega.training.checkpointing.shutil.disk_usage", lambda p: SimpleNamespace(total=100, used=100, free=0))
+    monkeypatch.setattr("mega.checkpoint.store.shutil.disk_usage", lambda p: SimpleNamespace(total=100, used=100, free=0))
     with pytest.raises(CheckpointError, match=r"no space left on .*checkpoints.*step_0000001 is kept"):
         CheckpointManager(good.root, Full()).save(2, {"model": {}, "trainer": {"step": 2}}, {})
     assert good.latest_good().name == "step_0000001"

@@ -309,9 +309,9 @@ def test_checkpoints_load_across_tensor_and_pipeline_sizes(tmp_path):
     assert len(from_single) == 4
     for value in from_single:
         assert value == pytest.approx(single, rel=1e-6)
-    from mega.inference import load_checkpoint_for_inference
+    from mega.checkpoint import restore
 
-    model, _, _ = load_checkpoint_for_inference(tmp_path / "split")  # mega generate's path
+    model, _, _ = restore(tmp_path / "split")  # mega generate's path
     assert model.language_model.embedding is not None and len(model.language_model.encoder.layers) == 4
 
 

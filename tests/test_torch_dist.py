@@ -46,7 +46,7 @@ def _latest(run_dir: Path) -> Path:
 
 def test_single_process_round_trip_is_bit_exact_and_resume_equals_uninterrupted(tmp_path, corpus, plugins):
     from mega.config import config_from_dict
-    from mega.training.checkpointing import verify
+    from mega.checkpoint import verify
     from mega.training.run import run as train
 
     def config(name, steps):
@@ -151,7 +151,8 @@ def test_moments_follow_the_kernels_parameter_order_and_a_misorder_is_refused(tm
     from mega.errors import CheckpointError
     from mega.runtime.parallel import ParallelState
     from mega.runtime.sharding import optimizer_by_name, sharding_of
-    from mega.training.run import optimizer_param_names, param_groups
+    from mega.checkpoint import optimizer_param_names
+    from mega.training.run import param_groups
 
     torch.manual_seed(0)
     model = GPTModel(_tiny_gpt_cfg(), 50)
@@ -207,7 +208,8 @@ def _load_at_layout(parallel, directory):
     from mega.plugins.models.gpt import GPTModel
     from mega.plugins.checkpoints.torch_dist import TorchDistFormat
     from mega.runtime.sharding import optimizer_by_name
-    from mega.training.run import load_resharded, optimizer_param_names, param_groups
+    from mega.checkpoint import load_resharded, optimizer_param_names
+    from mega.training.run import param_groups
 
     torch.manual_seed(123)  # other initial values: everything must come from the checkpoint
     model = GPTModel(_tiny_gpt_cfg(), 50)
@@ -224,7 +226,7 @@ def _load_at_layout(parallel, directory):
 @pytest.mark.slow
 def test_tp1_checkpoint_loads_at_tp2_and_pp2_reading_only_each_ranks_slices(tmp_path):
     from mega.runtime.sharding import optimizer_by_name
-    from mega.training.run import optimizer_param_names
+    from mega.checkpoint import optimizer_param_names
 
     model, opt = _trained_tp1(str(tmp_path))
     full = model.state_dict()

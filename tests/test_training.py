@@ -8,6 +8,7 @@ import torch
 import mega
 from mega.plugin_manager import load_plugins
 from mega.testing import read_metrics, tiny_config
+from mega.training.batches import batch_geometry
 from mega.training.run import build_run
 from mega.training.loop import train
 
@@ -73,7 +74,7 @@ def test_accumulated_micro_batches_equal_one_big_batch(tmp_path, corpus, plugins
                              model={"micro_batch_size": 8, "global_batch_size": 8, **no_dropout}), plugins)
     acc = _train(tiny_config(tmp_path, corpus, plugins, ["exp_manager.name=acc"], trainer={"max_steps": 4},
                              model={"micro_batch_size": 2, "global_batch_size": 8, **no_dropout}), plugins)
-    assert acc.num_micro_batches == 4
+    assert batch_geometry(2, 8, 1, acc.parallel.dp_size) == (8, 4)  # 4 micro-batches a step
     la = [m["loss"] for m in read_metrics(big.run_dir) if "loss" in m]
     lb = [m["loss"] for m in read_metrics(acc.run_dir) if "loss" in m]
     assert la == pytest.approx(lb, rel=1e-5, abs=1e-6)
@@ -84,7 +85,8 @@ def test_accumulated_micro_batches_equal_one_big_batch(tmp_path, corpus, plugins
 def test_accumulate_grad_batches_sets_the_global_batch(tmp_path, corpus, plugins):
     run = build_run(tiny_config(tmp_path, corpus, plugins, trainer={"accumulate_grad_batches": 3},
                                 model={"micro_batch_size": 2}), plugins)
-    assert (run.global_batch_size, run.num_micro_batches) == (6, 3)
+    assert run.global_batch_size == 6
+    assert batch_geometry(2, run.config.model.global_batch_size, 3, 1) == (6, 3)
 
 
 def test_inconsistent_batch_settings_are_a_config_error(tmp_path, corpus, plugins):

@@ -47,7 +47,7 @@ def test_export_writes_a_module_that_loads_without_mega(tmp_path, corpus):
     import tomli_w
 
     from mega.cli import main
-    from mega.inference import load_checkpoint_for_inference
+    from mega.checkpoint import restore
 
     exp = tmp_path / "txl.toml"
     exp.write_text(tomli_w.dumps(txl_raw(tmp_path, corpus, trainer={"max_steps": 2, "val_check_interval": 0})))
@@ -55,7 +55,7 @@ def test_export_writes_a_module_that_loads_without_mega(tmp_path, corpus):
     run_dir = tmp_path / "results" / "txl"
     out = tmp_path / "txl.pt"
     assert main(["export", str(run_dir), str(out), "--torchscript"]) == 0
-    model, _, config = load_checkpoint_for_inference(run_dir)
+    model, _, config = restore(run_dir)
     tokens = torch.randint(0, 258, (16, 2))
     torch.save(tokens, tmp_path / "tokens.pt")
     script = textwrap.dedent(f"""
@@ -107,7 +107,7 @@ def test_mega_evaluate_runs_the_protocol_eagerly_and_through_torchscript(tmp_pat
     import tomli_w
 
     from mega.cli import main
-    from mega.inference import load_checkpoint_for_inference
+    from mega.checkpoint import restore
     from mega.plugin_manager import get_plugins
     from tests.test_txl_training import txl_raw
 
@@ -122,7 +122,7 @@ def test_mega_evaluate_runs_the_protocol_eagerly_and_through_torchscript(tmp_pat
     assert main(["evaluate", str(run_dir), "--split", "test", "--torchscript", "--output", str(tmp_path / "ts.json")]) == 0
     eager = json.loads((run_dir / "eval_test.json").read_text())
     scripted = json.loads((tmp_path / "ts.json").read_text())
-    model, tokenizer, config = load_checkpoint_for_inference(run_dir)
+    model, tokenizer, config = restore(run_dir)
     plugins = get_plugins()
     source = plugins.datasets.get("lm_ordered").factory(config.model.data, run_dir)
     direct = model.evaluate_stream(source.token_stream("test", tokenizer))

@@ -196,12 +196,12 @@ def test_enwik8_style_characters_without_end_symbols(tmp_path):
 
 
 def test_a_tiny_gpt_trains_on_words_and_its_checkpoint_carries_the_vocabulary(mega_experiment):
-    from mega.inference import load_checkpoint_for_inference
+    from mega.checkpoint import restore
 
     run = mega_experiment.run(model={"tokenizer": {"library": "word"}},
                               trainer={"max_steps": 2, "val_check_interval": 0})
     assert (run.run_dir / "tokenizer.vocab").is_file()
-    model, tokenizer, config = load_checkpoint_for_inference(run.run_dir)
+    model, tokenizer, config = restore(run.run_dir)
     assert tokenizer.symbols == run.tokenizer.symbols
     assert Path(config.model.tokenizer.vocab_file).name == "tokenizer.tokenizer.vocab"
     line = mega_experiment.corpus.read_text().splitlines()[0]

@@ -191,7 +191,7 @@ def test_a_run_trains_its_vocab_and_checkpoints_carry_it(tmp_path, plugins, corp
     its config points at that copy, so inference rebuilds the same tokenizer from it alone."""
     import shutil
 
-    from mega.inference import load_checkpoint_for_inference
+    from mega.checkpoint import restore
     from mega.testing import TinyExperiment
 
     run = TinyExperiment(tmp_path, corpus, plugins).run(
@@ -205,7 +205,7 @@ def test_a_run_trains_its_vocab_and_checkpoints_carry_it(tmp_path, plugins, corp
     moved = tmp_path / "moved"
     shutil.copytree(checkpoint, moved)
     vocab.unlink()  # the checkpoint stands on its own
-    _, tokenizer, config = load_checkpoint_for_inference(moved, plugins)
+    _, tokenizer, config = restore(moved, plugins)
     assert config.model.tokenizer.vocab_file == str(moved / "tokenizer.vocab.txt")
     text = "the model of the run"
     assert tokenizer.encode(text) == run.tokenizer.encode(text) and tokenizer.cls_id == run.tokenizer.cls_id

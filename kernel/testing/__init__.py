@@ -41,6 +41,7 @@ __all__ = [
     "deep_update",
     "read_metrics",
     "register_plugin",
+    "run_cli",
     "tiny_config",
     "tiny_raw",
     "write_corpus",
@@ -58,6 +59,14 @@ def write_corpus(path: Path, lines: int = 200, seed: int = 0) -> Path:
     path = Path(path)
     path.write_text(text + "\n")
     return path
+
+
+def run_cli(argv: Sequence[str]) -> int:
+    """`mega ARGV...` in this process (e.g. `run_cli(["run", "exp.toml"])`); returns its
+    exit status (errors print one line on stderr and return 2, as the command does)."""
+    from mega.cli import main
+
+    return main([str(a) for a in argv])
 
 
 def deep_update(dst: dict, src: dict) -> dict:

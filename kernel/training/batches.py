@@ -14,9 +14,11 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
+
+from mega.runtime.collate import collate
 
 from mega.errors import ConfigError
 
@@ -48,10 +50,6 @@ def micro_batch_positions(step: int, global_batch_size: int, micro_batch_size: i
     per_rank = global_batch_size // dp_size
     first = step * global_batch_size + dp_rank * per_rank
     return [range(first + i, first + i + micro_batch_size) for i in range(0, per_rank, micro_batch_size)]
-
-
-def collate(samples: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
 
 
 def load_micro_batches(dataset, positions: List[range], device: torch.device) -> List[Dict[str, torch.Tensor]]:

@@ -22,8 +22,10 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import attrs
 import torch
 
-from mega.config import ExperimentConfig, dump_config, to_dict
-from mega.errors import CheckpointError, ConfigError, PluginError
+from mega.checkpoint import CheckpointManager, checkpoint_files, load_state, open_checkpoint, optimizer_param_names
+from mega.checkpoint.reshard import decay_groups
+from mega.config import ExperimentConfig, to_dict
+from mega.errors import CheckpointError, ConfigError
 from mega.protocols import (
     Batch,
     CheckpointFormat,
@@ -31,21 +33,19 @@ from mega.protocols import (
     DeclaresObjective,
     LanguageModel,
     PipelineStage,
-    ReshardsItself,
     SampleObjective,
     StatefulModel,
     Tokenizer,
-    missing_members,
 )
+from mega.registry import built
 from mega.runtime.parallel import ParallelState, check_devices, init_parallel, pick_device, shutdown_parallel
-from mega.runtime.sharding import merge_shards, reshard_optimizer, shard_for, sharding_of, to_global, to_local
+from mega.runtime.sharding import sharding_of
 from mega.runtime.compile import CompiledStep, compile_wanted
 from mega.runtime.main_params import DTYPES as MAIN_PARAMS_DTYPES, MainParams, check_main_params
 from mega.runtime.precision import DynamicLossScaler
 from mega.runtime.rng import rng_state, seed_everything, set_rng_state
 from mega.runtime.tensor_parallel import get_rng_tracker
 from mega.training.batches import batch_geometry
-from mega.training.checkpointing import CheckpointManager, verify
 from mega.training.run_dir import (
     check_config_unchanged,
     check_writable,
@@ -76,7 +76,6 @@ class Run:
     valid_data: Optional[Sequence[Batch]]
     checkpoints: CheckpointManager
     global_batch_size: int
-    num_micro_batches: int
     loss_module: torch.nn.Module  # model.training_loss as a module; DDP-wrapped when data-parallel
     step: int = 0
     consumed_samples: int = 0
@@ -151,18 +150,6 @@ class Run:
         return self.checkpoints.save(self.step, self.state(), extra, meta=meta, parallel=self.parallel)
 
 
-def checkpoint_files(config: ExperimentConfig, tokenizer: Tokenizer) -> Dict[str, Any]:
-    """The files that travel with every checkpoint: the tokenizer's, and the config with
-    its tokenizer keys pointing at those copies (so a checkpoint stands on its own)."""
-    extra: Dict[str, Any] = {}
-    for key, path in tokenizer.artifacts().items():
-        name = f"tokenizer.{Path(path).name}"
-        extra[name] = Path(path)
-        config = attrs.evolve(config, model=attrs.evolve(config.model, tokenizer=attrs.evolve(config.model.tokenizer, **{key: name})))
-    extra["config.toml"] = dump_config(config)
-    return extra
-
-
 class LossModule(torch.nn.Module):
     """`model.training_loss` as a forward, so DistributedDataParallel's hooks see it."""
 
@@ -213,36 +200,11 @@ class LowPrecisionLossModule(LossModule):
                                   " model.megatron_amp_O2 (trainer.precision alone)") from exc
 
 
-def _grouped_names(model: torch.nn.Module) -> tuple:
-    """Megatron's rule: no weight decay on biases and norm weights (1-D parameters)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.dim() < 2 else decay).append(name)
-    return decay, no_decay
-
-
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
     params = dict(model.named_parameters())
-    decay, no_decay = _grouped_names(model)
+    decay, no_decay = decay_groups(model)
     return [{"params": [params[n] for n in decay], "weight_decay": weight_decay},
             {"params": [params[n] for n in no_decay], "weight_decay": 0.0}]
-
-
-def optimizer_param_names(model: torch.nn.Module) -> list:
-    """Parameter names in the optimizer's order (what its integer ids refer to)."""
-    decay, no_decay = _grouped_names(model)
-    return decay + no_decay
-
-
-def built(entry, proto: type, obj):
-    """`obj`, made by `entry`'s factory, checked against the protocol the kernel will use
-    it through: a PluginError names the plugin and what is missing, before any step runs."""
-    missing = missing_members(obj, proto)
-    if missing:
-        raise PluginError(f"plugin {entry.plugin!r}: {entry.name!r} built a {type(obj).__name__}, which is not a"
-                          f" mega.protocols.{proto.__name__} (missing: {', '.join(missing)})")
-    return obj
 
 
 def objective_of(model, config) -> SampleObjective:
@@ -263,7 +225,7 @@ def build_run(config: ExperimentConfig, plugins=None) -> Run:
     parallel = init_parallel(tr.devices, tr.num_nodes, tr.dist_timeout_s,
                              mc.tensor_model_parallel_size, mc.pipeline_model_parallel_size, tr.accelerator)
     device = pick_device(tr.accelerator, parallel.local_rank)
-    gbs, n_micro = batch_geometry(mc.micro_batch_size, mc.global_batch_size, tr.accumulate_grad_batches, parallel.dp_size)
+    gbs, _ = batch_geometry(mc.micro_batch_size, mc.global_batch_size, tr.accumulate_grad_batches, parallel.dp_size)
     # Resolve every component name before touching the disk, so a typo costs nothing.
     data_entry = plugins.datasets.get(mc.data.data_impl, "model.data.data_impl")
     tok_entry = plugins.tokenizers.get(mc.tokenizer.library, "model.tokenizer.library")
@@ -338,7 +300,7 @@ def build_run(config: ExperimentConfig, plugins=None) -> Run:
         model=model, optimizer=optimizer, lr_at=lr_at, scaler=scaler, train_data=train_data, valid_data=valid_data,
         checkpoints=CheckpointManager(run_dir / "checkpoints", built(fmt_entry, CheckpointFormat, fmt_entry.factory()),
                                       config.exp_manager.checkpoint.keep_last_k),
-        global_batch_size=gbs, num_micro_batches=n_micro, loss_module=loss_module, main_params=main_params,
+        global_batch_size=gbs, loss_module=loss_module, main_params=main_params,
     )
     if config.exp_manager.resume_if_exists:
         resume(run, plugins)
@@ -346,49 +308,17 @@ def build_run(config: ExperimentConfig, plugins=None) -> Run:
 
 
 def resume(run: Run, plugins) -> None:
+    """Continue from the run directory's latest checkpoint that verifies (nothing when it
+    has none), through the checkpoint floor's one loading path."""
     path = run.checkpoints.latest_good()
     if path is None:
         if run.checkpoints.checkpoints():
             raise CheckpointError(f"{run.checkpoints.root}: checkpoints exist but none verifies; move them aside to start afresh")
         return
-    manifest = verify(path)
-    fmt = plugins.checkpoint_formats.get(manifest.get("format", "native"), f"{path}/manifest.json format").factory()
-    run.load_state(load_resharded(fmt, path, manifest, run.parallel, run.model, run.optimizer))
+    opened = open_checkpoint(path, plugins)
+    run.load_state(load_state(opened, run.parallel, run.model, plugins, run.optimizer))
     run.resumed_from = path
     log.info("resumed from %s (step %d, %d samples consumed)", path, run.step, run.consumed_samples)
-
-
-def load_resharded(fmt, path: Path, manifest: dict, parallel: ParallelState, model, optimizer=None) -> dict:
-    """This rank's checkpoint state, resharded when the checkpoint was saved at another
-    tensor-parallel size: model weights and optimizer moments are merged from every saved
-    rank and re-cut for this one (RNG states are not carried across layouts)."""
-    saved_tp = manifest.get("tensor_model_parallel_size", 1)
-    saved_pp = manifest.get("pipeline_model_parallel_size", 1)
-    if (saved_tp, saved_pp) == (parallel.tp_size, parallel.pp_size):
-        return fmt.load(path, parallel)
-    log.info("resharding %s from tensor/pipeline-parallel sizes (%d, %d) to (%d, %d)", path, saved_tp, saved_pp,
-             parallel.tp_size, parallel.pp_size)
-    if isinstance(fmt, ReshardsItself):  # each rank reads only its slices; no full model in one process
-        return fmt.load_resharded(path, parallel, model, optimizer)
-    full, stages = {}, []
-    for stage in range(saved_pp):
-        ranks = [fmt.load(path, ParallelState(tp_size=saved_tp, tp_rank=r, pp_size=saved_pp, pp_rank=stage))
-                 for r in range(saved_tp)]
-        sharding = ranks[0].get("sharding")
-        if sharding is None:
-            raise CheckpointError(f"{path}: has no sharding record, so it cannot be loaded at another parallel layout")
-        full.update(to_global(merge_shards([r["model"] for r in ranks], sharding), sharding))
-        stages.append((ranks, sharding))
-    state = {"model": shard_for(model, to_local(model, full), parallel)}
-    if optimizer is not None and saved_pp == 1 and parallel.pp_size == 1 and all("optimizer" in r for r in stages[0][0]):
-        ranks, sharding = stages[0]
-        state["optimizer"] = reshard_optimizer([r["optimizer"] for r in ranks], optimizer_param_names(model), sharding,
-                                               model, parallel, optimizer.state_dict())
-    elif optimizer is not None:
-        log.warning("optimizer state is not carried across pipeline sizes; its moments start afresh")
-    if "trainer" in stages[0][0][0]:
-        state["trainer"] = {k: v for k, v in stages[0][0][0]["trainer"].items() if k != "rng"}
-    return state
 
 
 def run(config: ExperimentConfig, plugins=None) -> Run:

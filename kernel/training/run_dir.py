@@ -24,6 +24,7 @@ import logging
 import os
 import platform
 import sys
+from importlib import metadata
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
@@ -35,10 +36,9 @@ else:  # pragma: no cover
 
 import torch
 
-import mega
+from mega.checkpoint.atomic import atomic_write_text
 from mega.config import dump_config
 from mega.errors import ConfigError
-from mega.training.checkpointing import write_text_atomic
 
 log = logging.getLogger("mega")
 
@@ -240,14 +240,14 @@ def prepare_run_dir(config, plugins, write: bool = True) -> Path:
     if not write:
         return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / "config.toml", dump_config(config))
+    atomic_write_text(run_dir / "config.toml", dump_config(config))
     info = {
-        "mega": mega.__version__,
+        "mega": metadata.version("mega-lm"),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "command": sys.argv,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "plugins": {name: {"version": p.version, "module": p.module} for name, p in plugins.info.items()},
     }
-    write_text_atomic(run_dir / "run.json", json.dumps(info, indent=1))
+    atomic_write_text(run_dir / "run.json", json.dumps(info, indent=1))
     return run_dir

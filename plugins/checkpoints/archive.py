@@ -36,12 +36,11 @@ from typing import Dict, Mapping
 import torch
 
 import mega
+from mega.checkpoint import MANIFEST, atomic_path, check_options, resolve_checkpoint, verify
 from mega.config import load_raw
 from mega.errors import CheckpointError, ConfigError
-from mega.interop import check_options
 from mega.plugins.checkpoints.native import rank_folder
 from mega.runtime.parallel import ParallelState
-from mega.training.checkpointing import MANIFEST, resolve_checkpoint, verify
 
 FORMAT_VERSION = 1
 WEIGHTS = "model_weights.ckpt"
@@ -51,8 +50,8 @@ SUFFIX = ".mega"
 
 def tokenizer_files(checkpoint: Path, raw_config: dict) -> Dict[str, Path]:
     """The tokenizer files a checkpoint holds, by the tokenizer config key naming them
-    (paths leading outside the checkpoint refused: mega.inference.checkpoint_tokenizer_files)."""
-    from mega.inference import checkpoint_tokenizer_files
+    (paths leading outside the checkpoint refused: mega.checkpoint.checkpoint_tokenizer_files)."""
+    from mega.checkpoint import checkpoint_tokenizer_files
 
     return checkpoint_tokenizer_files(checkpoint, raw_config.get("model", {}).get("tokenizer", {}))
 
@@ -104,13 +103,8 @@ class ArchiveFormat:
                 "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
                 "consumed_samples": manifest.get("consumed_samples", 0)}
         destination.parent.mkdir(parents=True, exist_ok=True)
-        tmp = destination.with_name(f".{destination.name}.tmp{os.getpid()}")
-        try:
+        with atomic_path(destination) as tmp:  # whatever was at `destination` stays until the archive is whole
             _write(tmp, meta, small, names, lambda i: self._rank(source, checkpoint, ranks[i]))
-            os.replace(tmp, destination)
-        except BaseException:
-            tmp.unlink(missing_ok=True)  # whatever was at `destination` stays as it was
-            raise
         return destination
 
     def _rank(self, source, checkpoint: Path, parallel: ParallelState):
@@ -142,13 +136,13 @@ class ArchiveFormat:
 
     def import_run(self, source: Path, run_dir: Path, options: Mapping[str, str], plugins) -> Path:
         check_options(options, (), self.name)
-        from mega.inference import load_checkpoint_for_inference
-        from mega.interop import write_imported_run
+        from mega.checkpoint import restore
+        from mega.checkpoint import write_imported_run
 
         with tempfile.TemporaryDirectory(prefix="mega-unpack-") as tmp:
             ckpt = unpack(Path(source), Path(tmp) / "checkpoint")
             step = json.loads((ckpt / MANIFEST).read_text()).get("step", 0)
-            model, _, _ = load_checkpoint_for_inference(ckpt, plugins)  # resharded to this process: one rank
+            model, _, _ = restore(ckpt, plugins)  # resharded to this process: one rank
             raw = load_raw(ckpt / "config.toml")
             return write_imported_run(run_dir, raw, model.state_dict(), plugins, files=tokenizer_files(ckpt, raw), step=step)
 

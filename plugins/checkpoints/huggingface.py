@@ -33,15 +33,14 @@ import json
 import logging
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
 import mega
+from mega.checkpoint import atomic_directory, check_options
 from mega.errors import CheckpointError, ConfigError
-from mega.interop import check_options
 from mega.plugins.checkpoints import huggingface_bert as bert
 from mega.runtime.sharding import fit
 
@@ -279,7 +278,7 @@ class HuggingFaceFormat:
                                                    "pytorch_model.bin", "pytorch_model.bin.index.json"))
 
     def import_run(self, source: Path, run_dir: Path, options: Mapping[str, str], plugins) -> Path:
-        from mega.interop import write_imported_run
+        from mega.checkpoint import write_imported_run
         from mega.plugins.models.transformer import padded_vocab_size
         from mega.plugins.tokenizers.huggingface import HuggingFaceConfig, HuggingFaceTokenizer, special_tokens
 
@@ -317,7 +316,7 @@ class HuggingFaceFormat:
 
     # --- export ----------------------------------------------------------------------------
     def export_run(self, checkpoint: Path, destination: Path, options: Mapping[str, str], plugins) -> Path:
-        from mega.inference import load_checkpoint_for_inference
+        from mega.checkpoint import restore
         from mega.plugins.models.gpt import GPTModel
 
         check_options(options, EXPORT_OPTIONS, self.name)
@@ -327,7 +326,7 @@ class HuggingFaceFormat:
         destination = Path(destination).expanduser().absolute()
         if destination.exists() and not (destination.is_dir() and not any(destination.iterdir())):
             raise CheckpointError(f"{destination}: already exists; export into a new directory")
-        model, tokenizer, config = load_checkpoint_for_inference(checkpoint, plugins)
+        model, tokenizer, config = restore(checkpoint, plugins)
         mc = config.model
         if bert.is_bert(mc.name):
             return self._export_bert(model, tokenizer, mc, destination, dtype_name, checkpoint)
@@ -352,7 +351,7 @@ class HuggingFaceFormat:
 
     # --- Megatron-BERT (huggingface_bert.py holds the mapping) ------------------------------
     def _import_bert(self, source: Path, run_dir: Path, options: Mapping[str, str], plugins, hf: dict) -> Path:
-        from mega.interop import write_imported_run
+        from mega.checkpoint import write_imported_run
         from mega.plugins.models.transformer import padded_vocab_size
 
         check_options(options, bert.IMPORT_OPTIONS, self.name)
@@ -409,21 +408,13 @@ def _write_model_directory(destination: Path, state: Dict[str, torch.Tensor], co
     """model.safetensors + config.json (+ the tokenizer's files), written beside
     `destination` and renamed into place: a failed export leaves nothing behind."""
     state = {k: v.to(DTYPES[dtype_name]) for k, v in state.items()}
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{destination.name}-", dir=destination.parent))
-    try:
+    with atomic_directory(destination) as tmp:
         from safetensors.torch import save_file
 
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if write_tokenizer is not None:
             write_tokenizer(tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it private; an export is an ordinary directory
-        if destination.exists():
-            destination.rmdir()  # empty (checked above); rmdir refuses if it no longer is
-        tmp.rename(destination)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return destination
 
 

@@ -15,7 +15,6 @@ converter writes, and refuses architectures mega's GPT cannot run (megatron_args
 """
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Dict, Optional
@@ -23,6 +22,7 @@ from typing import Dict, Optional
 import torch
 
 import mega
+from mega.checkpoint import atomic_write_text
 from mega.errors import CheckpointError, ConfigError
 from mega.plugins.checkpoints.megatron_args import (
     activation_of,
@@ -163,9 +163,7 @@ class MegatronFormat:
         return f"iter_{step:07d}"
 
     def after_commit(self, root: Path, final: Path, step: int) -> None:
-        tmp = root / f".{TRACKER}.tmp{os.getpid()}"
-        tmp.write_text(f"{step}\n")
-        os.replace(tmp, root / TRACKER)
+        atomic_write_text(root / TRACKER, f"{step}\n")
 
     def save(self, state: dict, directory: Path, parallel=None) -> None:
         folder = rank_folder(directory, parallel)

@@ -7,7 +7,7 @@ holding `release/mp_rank_00/model_optim_rng.pt`. The tensor/pipeline layout and 
 folders (`mp_rank_XX[_YYY]`) come from the file's `args`; the shards are merged into one
 model under mega's names (a GPT, or a BERT when the file has BERT's heads or WordPiece
 tokenizer: megatron_bert.py), the config is mapped from `args`, and the run directory is
-written by `mega.interop.write_imported_run`.
+written by `mega.checkpoint.write_imported_run`.
 
 Export loads a mega checkpoint as one process's model and writes Megatron-LM's tree
 (tracker + `iter_XXXXXXX/mp_rank_XX[_YYY]/model_optim_rng.pt`), split for the requested
@@ -23,6 +23,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
+from mega.checkpoint import atomic_directory
 from mega.errors import CheckpointError, ConfigError
 from mega.plugins.checkpoints.megatron import (
     CHECKPOINT_VERSION,
@@ -280,7 +281,7 @@ def _require(args, field: str, fallback=None):
 
 
 def import_run(source: Path, run_dir: Path, options: Mapping[str, str], plugins) -> Path:
-    from mega.interop import check_options, write_imported_run
+    from mega.checkpoint import check_options, write_imported_run
 
     check_options(options, IMPORT_OPTIONS, "megatron")
     trust = str(options.get("trust_pickle", "false")).lower() in ("1", "true", "yes")
@@ -333,7 +334,7 @@ def _import_bert(src: Source, state: Dict[str, torch.Tensor], source: Path, run_
     """A Megatron-BERT checkpoint (or one of its fine-tuning heads) into a mega BERT run:
     the vocabulary-sized tensors (word embedding, LM-head bias) keep the file's padded
     rows, re-padded with zeros to mega's rule when that differs."""
-    from mega.interop import write_imported_run
+    from mega.checkpoint import write_imported_run
 
     args = src.args
     word = state.get("language_model.embedding.word_embeddings.weight")
@@ -373,13 +374,11 @@ def _int_option(options: Mapping[str, str], key: str) -> int:
 
 def export_run(checkpoint: Path, destination: Path, options: Mapping[str, str], plugins) -> Path:
     from mega.config import to_dict
-    from mega.inference import load_checkpoint_for_inference
-    from mega.interop import check_options
-    from mega.training.checkpointing import verify
+    from mega.checkpoint import check_options, restore, verify
 
     check_options(options, EXPORT_OPTIONS, "megatron")
     tp, pp = _int_option(options, "tensor_parallel"), _int_option(options, "pipeline_parallel")
-    model, tokenizer, config = load_checkpoint_for_inference(checkpoint, plugins)
+    model, tokenizer, config = restore(checkpoint, plugins)
     mc = config.model
     if mc.name != "gpt" and not mc.name.startswith("bert"):
         raise ConfigError(f"{checkpoint}: model {mc.name!r}; the megatron exporter writes GPT and BERT models")
@@ -394,16 +393,8 @@ def export_run(checkpoint: Path, destination: Path, options: Mapping[str, str], 
     if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
         raise CheckpointError(f"{destination}: already exists; export into a new directory")
     # Written beside DEST and renamed into place: a failed export leaves nothing behind.
-    tmp = destination.with_name(f".tmp-{destination.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(destination) as tmp:
         _write_export(tmp, destination, model, tokenizer, to_dict(config), tp, pp, step)
-        if destination.exists():
-            destination.rmdir()  # empty (checked above)
-        tmp.rename(destination)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return destination
 
 

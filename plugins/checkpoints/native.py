@@ -10,7 +10,7 @@ names Megatron-LM uses.
 
 All are plain tensors and containers, loaded with `weights_only=True`: opening a
 checkpoint never runs code from it. Atomic writes, checksums and the `latest` pointer are
-the kernel's (mega.training.checkpointing).
+the kernel's (mega.checkpoint).
 """
 from __future__ import annotations
 

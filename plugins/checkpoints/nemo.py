@@ -78,7 +78,7 @@ class NemoFormat:
             tok, files = _tokenizer(source, tar, members, cfg, Path(tmp), options)
             model_table["tokenizer"] = tok
             state = _weights(source, tar, members, cfg, model_table, files, plugins)
-            from mega.interop import write_imported_run
+            from mega.checkpoint import write_imported_run
 
             return write_imported_run(run_dir, {"model": model_table}, state, plugins, files=files)
 
@@ -190,7 +190,7 @@ def _tokenizer(source: Path, tar, members, cfg: dict, tmp: Path, options: Mappin
     """mega's tokenizer table and files: a sentencepiece model or a GPT-2 BPE vocab.json +
     merges.txt (NeMo's `GPT2BPETokenizer`, library `megatron` or `huggingface`) taken from
     the archive; anything else named with `--option tokenizer.KEY=VALUE`."""
-    from mega.interop import check_options
+    from mega.checkpoint import check_options
 
     check_options(options, TOKENIZER_OPTIONS, "nemo")
     tok_cfg = cfg.get("tokenizer") or {}

@@ -207,7 +207,7 @@ class TorchDistFormat:
         """This rank's state for `model` (built at the current layout): every rank reads only
         the chunks it holds. RNG states are not carried across layouts."""
         from mega.runtime.sharding import sharding_of
-        from mega.training.run import optimizer_param_names
+        from mega.checkpoint import optimizer_param_names
 
         directory = Path(directory)
         sharding = sharding_of(model, parallel)
@@ -322,7 +322,7 @@ def _read_rank_file(directory: Path, tp_rank: int, pp_rank: int) -> dict:
 
 def _optimizer_param_names(state: dict) -> List[str]:
     """The parameter names the optimizer's integer ids refer to, in its order: the kernel's
-    `mega.training.run.optimizer_param_names(model)` when the state carries it
+    `mega.checkpoint.optimizer_param_names(model)` when the state carries it
     (`param_names`); else rebuilt from the state by the kernel's rule (its param_groups
     are the matrices, then the 1-D tensors, each in module order) and checked group by
     group and moment by moment. Frozen parameters and floating-point buffers are in the
@@ -349,7 +349,7 @@ def _optimizer_param_names(state: dict) -> List[str]:
             f"torch_dist: cannot tell which parameter each optimizer entry belongs to: its param_groups hold"
             f" {sizes} parameters, the model state {[len(g) for g in by_rule]} matrices and 1-D tensors (frozen"
             " parameters or floating-point buffers?); the state needs 'param_names'"
-            " (mega.training.run.optimizer_param_names)")
+            " (mega.checkpoint.optimizer_param_names)")
     names = by_rule[0] + by_rule[1]
     _check_moments(opt, groups, names, model)
     return names

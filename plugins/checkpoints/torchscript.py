@@ -11,13 +11,13 @@ is not a training checkpoint.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Mapping
 
 import torch
 
 import mega
+from mega.checkpoint import atomic_path
 from mega.errors import CheckpointError, ConfigError
 
 
@@ -42,14 +42,14 @@ class TorchScriptFormat:
         raise CheckpointError(f"{directory}: a TorchScript file is not a mega checkpoint; open it with torch.jit.load")
 
     def export_run(self, checkpoint: Path, destination: Path, options: Mapping[str, str], plugins) -> Path:
-        from mega.inference import load_checkpoint_for_inference
-        from mega.training.checkpointing import resolve_checkpoint
+        from mega.checkpoint import restore
+        from mega.checkpoint import resolve_checkpoint
 
         checkpoint = resolve_checkpoint(checkpoint)
         destination = Path(destination).expanduser()
         if destination.is_dir():
             raise ConfigError(f"{destination}: is a directory; give the file name (e.g. model.pt)")
-        model, _, config = load_checkpoint_for_inference(checkpoint, plugins)
+        model, _, config = restore(checkpoint, plugins)
         if not hasattr(model, "to_torchscript"):
             raise ConfigError(f"--torchscript: model {config.model.name!r} has no TorchScript inference module"
                               " (a model offers one with a to_torchscript() method)")
@@ -58,13 +58,8 @@ class TorchScriptFormat:
         except TypeError as exc:
             raise ConfigError(f"--option: {exc}") from None
         destination.parent.mkdir(parents=True, exist_ok=True)
-        tmp = destination.with_name(f".{destination.name}.tmp{os.getpid()}")
-        try:
+        with atomic_path(destination) as tmp:
             torch.jit.save(scripted, str(tmp), _extra_files={"config.toml": (checkpoint / "config.toml").read_bytes()})
-            os.replace(tmp, destination)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         return destination
 
 

@@ -7,10 +7,11 @@ split holding only the alphabetically last ones.
 """
 from __future__ import annotations
 
-import os
 import random
 import re
 from pathlib import Path
+
+from mega.checkpoint.atomic import atomic_write_text
 
 
 def write_pydoc_corpus(path: Path, line_chars: int = 450) -> Path:
@@ -32,7 +33,5 @@ def write_pydoc_corpus(path: Path, line_chars: int = 450) -> Path:
         lines.append(current)
     random.Random(1234).shuffle(lines)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return path

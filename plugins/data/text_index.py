@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mega.checkpoint.atomic import atomic_path, atomic_write_text
 from mega.errors import DataError
 
 log = logging.getLogger("mega.data")
@@ -76,10 +77,9 @@ class TextMemMapIndex:
         log.info("indexing lines of %s (%.1f MB)", self.path, stamp["size"] / 1e6)
         offsets = build_line_offsets(self.path)
         try:
-            tmp = self.index_path.with_name(self.index_path.name + f".tmp{os.getpid()}.npy")
-            np.save(tmp, offsets)
-            os.replace(tmp, self.index_path)
-            self.stamp_path.write_text(json.dumps(stamp))
+            with atomic_path(self.index_path, suffix=".npy") as tmp:  # np.save keeps a name ending in .npy
+                np.save(tmp, offsets)
+            atomic_write_text(self.stamp_path, json.dumps(stamp))
         except OSError as exc:
             log.warning("cannot cache the line index beside %s (%s); keeping it in memory", self.path, exc)
         return offsets

@@ -9,7 +9,7 @@ class. `get_hiddens_module` also accepts a raw table (NeMo's API) and structures
 same way first.
 
 Registries: a model builds its module from the plugins of its run (`plugins=`); without
-one, the process-wide plugins (`mega.plugin_manager.get_plugins()`) are used. The Python
+one, the process-wide plugins (`mega.get_plugins()`) are used. The Python
 registration functions add to those process-wide registries, so `mega run` / `mega.run`
 in the same process see the names; a manager made by `load_plugins()` sees only what hooks
 registered.
@@ -36,9 +36,9 @@ _CHECKED = (bool, int, float, str)
 
 def _plugins(plugins):
     if plugins is None:
-        from mega.plugin_manager import get_plugins
+        import mega
 
-        return get_plugins()
+        return mega.get_plugins()
     return plugins
 
 

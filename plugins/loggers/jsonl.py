@@ -7,9 +7,9 @@ run) are dropped, so the file always describes the trajectory the weights came f
 from __future__ import annotations
 
 import json
-import os
 
 import mega
+from mega.checkpoint.atomic import atomic_write_text
 
 
 class JsonlLogger:
@@ -27,9 +27,7 @@ class JsonlLogger:
                         kept.append(line)
                 except ValueError:
                     pass  # a line torn by a crash
-            tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
-            tmp.write_text("".join(k + "\n" for k in kept))
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, "".join(k + "\n" for k in kept))
         self.file = self.path.open("a", encoding="utf-8")
 
     def _write(self, record: dict) -> None:

@@ -187,7 +187,7 @@ def from_mega_checkpoint(config, plugins=None) -> None:
 
 def _from_mega_run(path: Path, lm, tok, plugins=None) -> bool:
     from mega.config import load_raw
-    from mega.training.checkpointing import resolve_checkpoint
+    from mega.checkpoint import resolve_checkpoint
 
     if not path.is_dir():
         return False
@@ -312,14 +312,14 @@ def encoder_state(source, plugins, vocab_file: Optional[str] = None, num_attenti
     layout, the `model` config they were loaded with). A Megatron-LM / NGC file saved
     without `args` (NVIDIA's released 345M zips) takes the run's `num_attention_heads`, the
     one shape its tensors do not tell, as `mega import --option num_attention_heads=N` does."""
-    from mega.inference import load_checkpoint_for_inference
-    from mega.interop import find_importer
+    from mega.checkpoint import restore
+    from mega.checkpoint import find_importer
 
     source = Path(source).expanduser()
     scratch = None
     try:
         try:
-            model, _, config = load_checkpoint_for_inference(source, plugins)
+            model, _, config = restore(source, plugins)
         except (CheckpointError, ConfigError, FileNotFoundError) as first:
             # not a mega checkpoint: through the importer that recognises it
             scratch = Path(tempfile.mkdtemp(prefix="mega-lm-checkpoint-"))
@@ -342,7 +342,7 @@ def encoder_state(source, plugins, vocab_file: Optional[str] = None, num_attenti
             if getattr(fmt, "name", "") == "megatron":
                 options = {k: str(v) for k, v in (("vocab_file", vocab_file), ("num_attention_heads", num_attention_heads)) if v}
             ckpt = fmt.import_run(target, scratch / "run", options, plugins)
-            model, _, config = load_checkpoint_for_inference(ckpt, plugins)
+            model, _, config = restore(ckpt, plugins)
         require_encoder(model.config.name, type(model.config), source)
         state = {k: v for k, v in model.state_dict().items() if k.startswith("language_model.")}
     finally:

@@ -84,7 +84,7 @@ def run_head(model, samples: Sequence[Dict[str, torch.Tensor]], batch_size: int,
 
 def _head_outputs(model, samples, batch_size: int, st) -> List[Dict[str, torch.Tensor]]:
     """This data-parallel rank's outputs (see run_head), micro-batch by micro-batch."""
-    from mega.training.batches import collate
+    from mega.runtime.collate import collate
 
     device = next(model.parameters()).device
     out: List[Dict[str, torch.Tensor]] = []

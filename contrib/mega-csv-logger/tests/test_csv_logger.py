@@ -5,11 +5,11 @@ from __future__ import annotations
 import csv
 import json
 
-from mega.cli import main
+from mega.testing import run_cli
 
 
 def test_mega_plugins_lists_the_installed_package(capsys):
-    assert main(["plugins", "--json"]) == 0
+    assert run_cli(["plugins", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["csv_logger"]["version"] == "0.1.0"
     assert rows["csv_logger"]["components"] == {"loggers": ["csv"]}
@@ -20,7 +20,7 @@ def test_an_experiment_uses_the_csv_logger_by_name(mega_experiment):
     # generated corpus, written to a TOML file here and run by name like a user would.
     exp = mega_experiment.toml(trainer={"max_steps": 3, "val_check_interval": 3, "limit_val_batches": 1},
                                exp_manager={"name": "csv", "loggers": ["csv"]})
-    assert main(["run", str(exp)]) == 0
+    assert run_cli(["run", str(exp)]) == 0
     rows = list(csv.DictReader((mega_experiment.run_dir("csv") / "metrics.csv").open()))
     assert [r["step"] for r in rows if r["name"] == "loss"] == ["1", "2", "3"]
     assert [(r["split"], r["step"]) for r in rows if r["name"] == "val_loss"] == [("valid", "3")]

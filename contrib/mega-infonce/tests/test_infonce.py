@@ -7,14 +7,14 @@ import math
 
 import torch
 
-from mega.cli import main
+from mega.testing import run_cli
 from mega.plugins.hiddens import get_hiddens_module, get_registered_hiddens
 
 
 def test_registered_through_the_entry_point(capsys):
     names = get_registered_hiddens()
     assert "seq_pool" in names["transform"] and "info_nce" in names["loss"]
-    assert main(["plugins", "--json"]) == 0
+    assert run_cli(["plugins", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["infonce"]["components"] == {"hidden_transforms": ["seq_pool"], "hidden_losses": ["info_nce"]}
 
@@ -78,6 +78,6 @@ pool_h = {{ cls_name = "seq_pool", input_name = "hiddens" }}
 cls_name = "info_nce"
 loss_weight = 0.1
 """)
-    assert main(["run", str(exp)]) == 0
+    assert run_cli(["run", str(exp)]) == 0
     lines = [json.loads(l) for l in (tmp_path / "nce" / "metrics.jsonl").read_text().splitlines()]
     assert all("hiddens_nce_loss" in l and math.isfinite(l["hiddens_nce_loss"]) for l in lines if "loss" in l)

@@ -1,69 +1,30 @@
-"""Moving checkpoints between mega and other tools: the kernel's half of `mega import` and
-`mega export`. Formats that can read another tool's files (`mega.protocols.Importer`) or
-write them (`Exporter`) are plugins; this module picks one and gives importers one way to
-write a run directory, so every imported run looks like a trained one: `config.toml`, the
-tokenizer files, and a verified checkpoint with a sharding record (so it loads, and
-reshards, at any tensor/pipeline size).
-"""
+"""A run directory written from weights converted elsewhere (`mega import`, a format
+plugin's `import_run`), so every imported run looks like a trained one: `config.toml`,
+the tokenizer files, and a verified native checkpoint with a sharding record (so it
+loads, and reshards, at any tensor/pipeline size)."""
 from __future__ import annotations
 
-import logging
 import shutil
 from pathlib import Path
-from typing import Dict, Mapping, Optional
+from typing import Dict, Mapping
 
 import attrs
 import torch
 
+from mega.checkpoint.atomic import atomic_directory
+from mega.checkpoint.files import checkpoint_files
+from mega.checkpoint.store import LATEST, CheckpointManager
 from mega.config import ExperimentConfig, config_from_dict, dump_config
-from mega.errors import CheckpointError, ConfigError
-from mega.protocols import Exporter, Importer
+from mega.errors import CheckpointError
+from mega.protocols import CheckpointFormat, LanguageModel, Tokenizer
+from mega.registry import built
 from mega.runtime.parallel import ParallelState
 from mega.runtime.sharding import sharding_of
-from mega.training.checkpointing import CheckpointManager
-from mega.training.run import checkpoint_files
-
-log = logging.getLogger("mega.interop")
-
-
-def find_importer(source: Path, plugins, name: Optional[str] = None):
-    """The checkpoint format that reads `source`: `name` when given, else the first whose
-    `can_import(source)` says yes."""
-    if name is not None:
-        fmt = plugins.checkpoint_formats.get(name, "--from").factory()
-        if not isinstance(fmt, Importer):
-            raise ConfigError(f"--from {name}: this checkpoint format cannot import (formats that can: {_able(plugins, Importer)})")
-        return fmt
-    for entry in plugins.checkpoint_formats.entries():
-        fmt = entry.factory()
-        if isinstance(fmt, Importer) and fmt.can_import(source):
-            return fmt
-    raise CheckpointError(f"{source}: no checkpoint format recognises it (formats that import: {_able(plugins, Importer)};"
-                          " name one with --from)")
-
-
-def find_exporter(name: str, plugins):
-    fmt = plugins.checkpoint_formats.get(name, "--to").factory()
-    if not isinstance(fmt, Exporter):
-        raise ConfigError(f"--to {name}: this checkpoint format cannot export (formats that can: {_able(plugins, Exporter)})")
-    return fmt
-
-
-def _able(plugins, proto) -> str:
-    return ", ".join(e.name for e in plugins.checkpoint_formats.entries() if isinstance(e.factory(), proto)) or "none"
-
-
-def check_options(options: Mapping[str, str], known, fmt: str) -> None:
-    """Refuse `--option` keys this format does not know, naming the ones it does."""
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise ConfigError(f"--option {', '.join(unknown)}: not an option of the {fmt} format"
-                          f" (its options: {', '.join(sorted(known)) or 'none'})")
 
 
 def write_imported_run(run_dir: Path, raw_config: dict, model_state: Dict[str, torch.Tensor], plugins,
                        files: Mapping[str, Path] = (), step: int = 0) -> Path:
-    """Write a run directory from a converted model.
+    """Write a run directory from a converted model; returns its checkpoint.
 
     `raw_config` is an experiment as a dict (at least its `model` table, with the tokenizer;
     `exp_manager` is set here); `model_state` holds the whole model's tensors under mega's
@@ -76,17 +37,9 @@ def write_imported_run(run_dir: Path, raw_config: dict, model_state: Dict[str, t
     run_dir = Path(run_dir).expanduser().absolute()
     if run_dir.exists() and any(run_dir.iterdir()):
         raise CheckpointError(f"{run_dir}: exists and is not empty; import into a new directory")
-    tmp = run_dir.with_name(f".tmp-{run_dir.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(run_dir) as tmp:
         _write_run(tmp, run_dir, raw_config, model_state, plugins, files, step)
-        if run_dir.exists():
-            run_dir.rmdir()  # empty (checked above)
-        tmp.rename(run_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    return run_dir / "checkpoints" / (run_dir / "checkpoints" / LATEST).read_text().strip()
 
 
 def _write_run(tmp: Path, run_dir: Path, raw_config: dict, model_state, plugins, files, step: int) -> None:
@@ -100,9 +53,11 @@ def _write_run(tmp: Path, run_dir: Path, raw_config: dict, model_state, plugins,
     mc = config.model
     mc.check(plugins)
     tok_cfg = attrs.evolve(mc.tokenizer, **{k: str(tmp / Path(p).name) for k, p in dict(files).items()})
-    tokenizer = plugins.tokenizers.get(mc.tokenizer.library, "model.tokenizer.library").factory(tok_cfg, [], tmp)
+    tok_entry = plugins.tokenizers.get(mc.tokenizer.library, "model.tokenizer.library")
+    tokenizer = built(tok_entry, Tokenizer, tok_entry.factory(tok_cfg, [], tmp))
+    model_entry = plugins.models.get(mc.name, "model.name")
     with torch.random.fork_rng(devices=[]):
-        model = plugins.models.get(mc.name, "model.name").factory(mc, tokenizer, plugins)
+        model = built(model_entry, LanguageModel, model_entry.factory(mc, tokenizer, plugins))
     try:
         missing, unexpected = model.load_state_dict(model_state, strict=False)
     except RuntimeError as exc:  # shapes that do not match the mapped config
@@ -122,7 +77,8 @@ def save_model_checkpoint(run_dir: Path, config: ExperimentConfig, model: torch.
     the training loop writes them."""
     single = ParallelState()
     extra = checkpoint_files(config, tokenizer)
-    fmt = plugins.checkpoint_formats.get("native").factory()
+    entry = plugins.checkpoint_formats.get("native")
+    fmt = built(entry, CheckpointFormat, entry.factory())
     state = {"model": model.state_dict(), "trainer": {"step": step, "consumed_samples": 0},
              "sharding": sharding_of(model, single)}
     meta = {"consumed_samples": 0, "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1}

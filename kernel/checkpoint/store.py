@@ -1,4 +1,4 @@
-"""Checkpoint mechanics: atomic directories, checksums, the `latest` pointer, pruning.
+"""The checkpoint store: atomic directories, checksums, the `latest` pointer, pruning.
 
 Layout under `<run_dir>/checkpoints/`:
 
@@ -24,6 +24,7 @@ import shutil
 from pathlib import Path
 from typing import Dict, List, Optional, Union
 
+from mega.checkpoint.atomic import atomic_write_text, fsync_dir
 from mega.errors import CheckpointError
 from mega.protocols import CheckpointFormat, CommitHook, NamesDirectories
 from mega.runtime.parallel import ParallelState
@@ -40,29 +41,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 # What a full disk looks like through torch.save's C++ stream writer, which loses the errno.
@@ -158,8 +136,8 @@ class CheckpointManager:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync_dir(self.root)
-        write_text_atomic(self.root / LATEST, final.name + "\n")
+        fsync_dir(self.root)
+        atomic_write_text(self.root / LATEST, final.name + "\n")
         self._prune(keep=final)
 
     def _write(self, tmp: Path, step: int, extra_files, meta) -> None:
@@ -176,8 +154,8 @@ class CheckpointManager:
                     os.fsync(f.fileno())
                 files[str(p.relative_to(tmp))] = {"size": p.stat().st_size, "sha256": _sha256(p)}
         manifest = {"step": step, "format": self.fmt.name, "files": files, **(meta or {})}
-        write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
-        _fsync_dir(tmp)
+        atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
+        fsync_dir(tmp)
 
     def _prune(self, keep: Path) -> None:
         if self.keep_last_k <= 0:
