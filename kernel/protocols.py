@@ -197,6 +197,16 @@ class SampleObjective:
     name: str = "lm"
 
 
+@runtime_checkable
+class DeclaresObjective(Protocol):
+    """Optional for a built model: the samples it trains on, when they come from an object
+    the model holds rather than from its config alone (a fine-tuning task's model holds the
+    task that reads the task's files). The kernel asks the model first, then
+    `config.objective()` (`mega.training.run.objective_of`)."""
+
+    def objective(self) -> SampleObjective: ...
+
+
 # --- components the kernel drives ----------------------------------------------------------
 
 
@@ -347,12 +357,18 @@ class Task(Protocol):
     """What a `register_tasks` factory returns: a fine-tuning recipe on top of a head model
     (question answering, text or token classification, ...). `factory(config) -> Task`,
     `config` being the run's `model` table (a `ModelConfig` subclass with the task's keys);
-    the task's name is also a model name whose factory builds `head` with `head_options()`.
+    the task's name is also a model name (the kernel adds it) whose factory builds the task
+    and returns its `model(tokenizer, plugins)`.
 
     A task reads its files into samples for the head, and turns the head's outputs back
     into the metrics people publish and into answers for `mega predict`."""
 
     head: str  # the registered model name of the head it fine-tunes (e.g. "bert_question_answering")
+
+    def model(self, tokenizer: Tokenizer, plugins) -> "torch.nn.Module":
+        """The model `model.name = "<task>"` trains: `head` (built with `head_options()`)
+        holding this task object, so its data (`DeclaresObjective`), validation metrics,
+        `mega evaluate` and `mega predict` all read this one task."""
 
     def check(self) -> None:
         """Raise a ConfigError naming the key for what is wrong before anything runs; may
