@@ -3,6 +3,7 @@ traceback: a changed config in an existing run directory, a read-only or full di
 out-of-range numbers, an untrainable corpus, two runs in one directory."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import subprocess
@@ -13,7 +14,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from mega.errors import CheckpointError, ConfigError, DataError
+import mega
+from mega.errors import CheckpointError, ConfigError, DataError, MegaError
 from mega.plugins.checkpoints.native import NativeFormat
 from mega.testing import tiny_config, write_corpus
 from mega.training import run_dir as run_dir_mod
@@ -326,22 +328,40 @@ def _fails_at_step_1(tmp_path, plugins, model: dict):
     return config_from_dict(raw, [], plugins)
 
 
-@pytest.mark.parametrize("case", ["swag file failing at step 1", "corrupt lm_checkpoint"])
+class _FailsAtStep1:
+    """A start that fails once training started, before its first checkpoint, whatever the
+    cause (a record the reader let through, a loss that cannot be computed): the hook
+    raises at the first step it sees (a logged one) while `armed`."""
+
+    armed = True
+
+    @mega.hookimpl
+    def on_step_end(self, run, step, metrics):
+        if self.armed:
+            raise DataError(f"a record of the training file cannot be used (simulated at step {step})")
+
+
+@pytest.mark.parametrize("case", ["swag label out of range", "swag file failing at step 1", "corrupt lm_checkpoint"])
 def test_a_run_that_failed_before_its_first_checkpoint_takes_the_corrected_config(tmp_path, plugins, case):
-    """These fail once training started (the first step, on_train_start): config.toml is
-    written, no checkpoint. Re-running with the corrected input into the same directory
-    trains: with no checkpoint there is nothing to resume, and no config to protect."""
+    """The issue's multiple-choice starts: a SWAG file with a label out of range (refused
+    when the file is read), one that fails in the first step, and a corrupt lm_checkpoint
+    (refused by on_train_start). The last two have written config.toml but no checkpoint.
+    Re-running with the corrected input into the same directory trains: with no checkpoint
+    there is nothing to resume, and no config to protect."""
     from mega.config import config_from_dict
+    from mega.testing import register_plugin
     from tests.test_downstream_tasks import _files, _raw
 
     d = _files(tmp_path / "data")["dir"]
     good = {"name": "multiple_choice", "train_ds": {"file": str(d / "swag.csv")},
             "dataset": {"format": "swag", "max_seq_length": 16}}
-    if case == "swag file failing at step 1":
-        bad_file = d / "bad_swag.csv"
+    bad_file = d / "bad_swag.csv"
+    if case == "swag label out of range":
         bad_file.write_text((d / "swag.csv").read_text().replace(",0\n", ",9\n"))  # label 9 of 4 endings
-        bad = {**good, "train_ds": {"file": str(bad_file)}}
     else:
+        bad_file.write_text((d / "swag.csv").read_text())
+    bad = {**good, "train_ds": {"file": str(bad_file)}}
+    if case == "corrupt lm_checkpoint":
         encoder_raw = _raw(d, tmp_path, "encoder", {"name": "text_classification", "train_ds": str(d / "sentiment.tsv"),
                                                     "dataset": {"num_classes": 2, "max_seq_length": 16}}, 1)
         encoder_raw["trainer"]["val_check_interval"] = 0
@@ -350,13 +370,16 @@ def test_a_run_that_failed_before_its_first_checkpoint_takes_the_corrected_confi
         language_model = _raw(d, tmp_path, "", {})["model"]["language_model"]
         bad = {**good, "language_model": {**language_model, "lm_checkpoint": str(d / "corrupt.pt")}}
         good = {**good, "language_model": {**language_model, "lm_checkpoint": str(encoder.run_dir)}}
-    with pytest.raises(Exception):
-        run_experiment(_fails_at_step_1(tmp_path, plugins, bad), plugins)
-    run_dir = tmp_path / "results" / "mc"
-    assert not list(run_dir.glob("checkpoints/step_*"))  # it never saved
-    r = run_experiment(_fails_at_step_1(tmp_path, plugins, good), plugins)
-    assert r.step == 2 and "corrupt.pt" not in (run_dir / "config.toml").read_text()
-    assert "bad_swag" not in (run_dir / "config.toml").read_text()
+    step1 = _FailsAtStep1()
+    with register_plugin(step1, plugins) if case == "swag file failing at step 1" else contextlib.nullcontext():
+        with pytest.raises(MegaError):
+            run_experiment(_fails_at_step_1(tmp_path, plugins, bad), plugins)
+        step1.armed = False
+        run_dir = tmp_path / "results" / "mc"
+        assert not list(run_dir.glob("checkpoints/step_*"))  # it never saved
+        r = run_experiment(_fails_at_step_1(tmp_path, plugins, good), plugins)
+    written = (run_dir / "config.toml").read_text()
+    assert r.step == 2 and "corrupt.pt" not in written and "bad_swag" not in written
 
 
 # --- issue 20, item 3: re-running a finished run leaves its files alone ---------------------
