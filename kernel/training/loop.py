@@ -263,7 +263,13 @@ sigterm_flag = stop_flag  # the former name
 
 
 def train(run) -> None:
-    """Train `run` to `trainer.max_steps` with its loggers attached."""
+    """Train `run` to `trainer.max_steps` with its loggers attached. A run already there
+    has nothing to do: no logger is attached, so its files (metrics, event files) stay as
+    they are."""
+    if run.step >= run.config.trainer.max_steps:
+        log.info("nothing to do: the run is already at step %d of trainer.max_steps=%d", run.step,
+                 run.config.trainer.max_steps)
+        return
     with attached_loggers(run), stop_flag() as stop:
         _train(run, stop)
 
@@ -271,9 +277,6 @@ def train(run) -> None:
 def _train(run, stop: StopFlag) -> None:
     cfg, tr = run.config, run.config.trainer
     hook = run.plugins.hook
-    if run.step >= tr.max_steps:
-        log.info("nothing to do: the run is already at step %d of trainer.max_steps=%d", run.step, tr.max_steps)
-        return
     every_ckpt = cfg.exp_manager.checkpoint.every_n_train_steps
     flops_per_token = _flops_per_token(run)
     tokens_per_step = run.global_batch_size * cfg.model.seq_length

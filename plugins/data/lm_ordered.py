@@ -22,7 +22,8 @@ reference's `--roll`).
 Files: `data_dir` holding the reference's `train.txt`, `valid.txt`, `test.txt` (WikiText's
 `wiki.{split}.tokens` are accepted too), or one file in `data_prefix` (empty: Python's
 pydoc topics) cut into splits by lines with `splits_string`. Encoded streams are cached
-as .npy files in the run directory. A word vocabulary is counted over `files()`:
+as .npy files in the run directory, keyed by the file (path, size, modification time), the
+split and the tokenizer (its files' contents). A word vocabulary is counted over `files()`:
 data_dir's train file (WT103's rule) or the splits `vocab_splits` names (enwik8, text8:
 train, valid and test, as the reference counts them), or data_prefix's whole file.
 """
@@ -44,6 +45,7 @@ from mega.config import DataConfig
 from mega.errors import ConfigError, DataError
 from mega.plugins.data.blending import parse_splits, split_ranges
 from mega.plugins.data.quickstart_corpus import write_pydoc_corpus
+from mega.plugins.data.token_cache import tokenizer_fingerprint
 from mega.protocols import SampleObjective
 
 log = logging.getLogger("mega.data")
@@ -188,9 +190,10 @@ class LMOrderedSource:
         """The whole split as one 1-D LongTensor (cached in the run directory)."""
         source = self.split_files.get(split, self.paths[0])
         st = source.stat()
+        # the tokenizer by its files' contents, not their paths: a vocabulary counted again
+        # into the same run directory must not meet the stream encoded with the old one
         key = hashlib.sha256(repr((str(source.resolve()), st.st_size, st.st_mtime_ns, split, self.config.splits_string,
-                                   self.config.add_eos, type(tokenizer).__name__, tokenizer.vocab_size,
-                                   sorted((k, str(v)) for k, v in tokenizer.artifacts().items()))).encode()).hexdigest()[:16]
+                                   self.config.add_eos, tokenizer_fingerprint(tokenizer))).encode()).hexdigest()[:16]
         cache = self.run_dir / "data" / f"lm_ordered.{split}.{key}.npy" if self.run_dir is not None else None
         if cache is not None and cache.is_file():
             return torch.from_numpy(np.load(cache).astype(np.int64))
