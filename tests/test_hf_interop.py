@@ -145,7 +145,7 @@ def test_tokenizer_config_errors_name_the_key(bpe, plugins, tmp_path):
 
 
 def test_qkv_blocks_and_heads_are_inverse_and_the_vocabulary_is_refitted():
-    from mega.plugins.checkpoints.huggingface import hf_to_mega, qkv_blocks_to_heads, qkv_heads_to_blocks
+    from mega.plugins.models.gpt_interop.huggingface import hf_to_mega, qkv_blocks_to_heads, qkv_heads_to_blocks
 
     heads, dim = 4, 3
     t = torch.arange(3 * heads * dim * 2, dtype=torch.float32).reshape(3 * heads * dim, 2)

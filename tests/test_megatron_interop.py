@@ -360,7 +360,7 @@ def test_hf_written_gpt2_bpe_files_import_with_file_options(tmp_path, plugins, m
 
 def test_export_writes_into_a_temporary_directory_renamed_into_place(tmp_path, plugins, monkeypatch):
     from mega.errors import CheckpointError
-    from mega.plugins.checkpoints import megatron_interop
+    from mega.plugins.checkpoints.megatron import interop as megatron_interop
 
     run = _mega_run(tmp_path, plugins)
     existing = tmp_path / "existing"

@@ -40,3 +40,11 @@ class ByteTokenizer:
 @mega.hookimpl
 def register_tokenizers(register):
     register("bytes", lambda config, corpus_files, run_dir: ByteTokenizer(), config=BytesConfig)
+
+
+@mega.hookimpl
+def register_tokenizer_converters(register):
+    """Megatron-LM's NullTokenizer in args."""
+    from mega.plugins.tokenizers.bytes_interop import BytesInterop
+
+    register("bytes", BytesInterop)

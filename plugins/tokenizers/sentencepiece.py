@@ -140,3 +140,11 @@ def build(config: SentencePieceConfig, corpus_files: List[Path], run_dir: Option
 @mega.hookimpl
 def register_tokenizers(register):
     register("sentencepiece", build, config=SentencePieceConfig)
+
+
+@mega.hookimpl
+def register_tokenizer_converters(register):
+    """Its .model file in Hugging Face directories, Megatron-LM's args and NeMo archives."""
+    from mega.plugins.tokenizers.sentencepiece_interop import SentencePieceInterop
+
+    register("sentencepiece", SentencePieceInterop)
