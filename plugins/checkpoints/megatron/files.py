@@ -26,15 +26,17 @@ from mega.errors import CheckpointError
 
 @contextlib.contextmanager
 def allowed_globals(extra: List[Any]) -> Iterator[None]:
-    """`extra` allowed for weights_only loading inside the block; the process's allow-list
-    afterwards exactly as it was before (what the caller had allowed stays allowed)."""
-    before = list(torch.serialization.get_safe_globals())
-    torch.serialization.add_safe_globals(extra)
+    """`extra` allowed for weights_only loading inside the block; afterwards only what this
+    block added is taken away again: what the caller had allowed stays allowed, and so does
+    what anything else allowed meanwhile (a torch module registering its types on import)."""
+    added = [g for g in extra if g not in torch.serialization.get_safe_globals()]
+    torch.serialization.add_safe_globals(added)
     try:
         yield
     finally:
+        keep = [g for g in torch.serialization.get_safe_globals() if g not in added]
         torch.serialization.clear_safe_globals()
-        torch.serialization.add_safe_globals(before)
+        torch.serialization.add_safe_globals(keep)
 
 
 def safe_globals() -> list:
