@@ -535,3 +535,17 @@ def test_a_family_without_converters_is_refused_naming_those_that_have(tmp_path,
     with pytest.raises(CheckpointError, match=r"cannot be written as GPT2LMHeadModel, MegatronBertForCausalLM"):
         plugins.checkpoint_formats.get("huggingface").factory().export_run(tmp_path / "bart", tmp_path / "h", {}, plugins)
     assert not (tmp_path / "m").exists() and not (tmp_path / "h").exists()
+
+
+def test_two_families_sure_of_one_file_is_a_refusal_not_a_guess():
+    from mega.errors import CheckpointError
+    from mega.plugins.checkpoints.converters import surest
+    from mega.protocols import Match
+
+    fits, marked, marked_too = object(), object(), object()
+    judge = {id(fits): Match.FITS, id(marked): Match.MARKED, id(marked_too): Match.MARKED}
+    pick = lambda candidates: surest(candidates, lambda conv: judge[id(conv)], "ckpt")  # noqa: E731
+    assert pick([(["gpt"], fits), (["bert"], marked)]) is marked  # the family the file marks wins over one it fits
+    assert pick([(["gpt"], fits)]) is fits and pick([]) is None
+    with pytest.raises(CheckpointError, match="ckpt: the converters of bert and llama both recognise it"):
+        pick([(["gpt"], fits), (["bert"], marked), (["llama"], marked_too)])

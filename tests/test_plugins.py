@@ -181,6 +181,7 @@ def test_mega_plugins_command(capsys):
     assert main(["plugins"]) == 0
     text = capsys.readouterr().out
     assert "gpt 0.1.0" in text and "models: gpt" in text
+    assert "model_converters: gpt" in text and "tokenizer_converters: sentencepiece" in text  # who owns its interop
 
 
 # --- one test per hook (datasette's rule): documented, and exercised by some test ---------

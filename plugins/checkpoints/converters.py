@@ -20,13 +20,14 @@ from mega.errors import CheckpointError
 from mega.protocols import Match
 
 
+def _registered(registry, name: str, ability: type):
+    converter = registry.get(name).factory() if name in registry else None
+    return converter if isinstance(converter, ability) else None
+
+
 def model_converter(plugins, model_name: str, ability: type):
     """The converter registered for `model_name` if it has `ability`, else None."""
-    registry = plugins.model_converters
-    if model_name not in registry:
-        return None
-    converter = registry.get(model_name).factory()
-    return converter if isinstance(converter, ability) else None
+    return _registered(plugins.model_converters, model_name, ability)
 
 
 def model_converters(plugins, ability: type) -> List[Tuple[List[str], object]]:
@@ -61,21 +62,13 @@ def tokenizer_converters(plugins, ability: type, order: Sequence[str] = ()) -> L
     `order` (a family's `tokenizers`) and only those when it is given, else all by name."""
     registry = plugins.tokenizer_converters
     names = [n for n in order if n in registry] if order else registry.names()
-    out = []
-    for name in names:
-        converter = registry.get(name).factory()
-        if isinstance(converter, ability):
-            out.append((name, converter))
-    return out
+    found = [(name, _registered(registry, name, ability)) for name in names]
+    return [(name, converter) for name, converter in found if converter is not None]
 
 
 def tokenizer_converter(plugins, library: str, ability: type):
     """The converter of the tokenizer library `library` if it has `ability`, else None."""
-    registry = plugins.tokenizer_converters
-    if library not in registry:
-        return None
-    converter = registry.get(library).factory()
-    return converter if isinstance(converter, ability) else None
+    return _registered(plugins.tokenizer_converters, library, ability)
 
 
 def options_of(converters: Sequence[Tuple[str, object]], attribute: str) -> Tuple[str, ...]:

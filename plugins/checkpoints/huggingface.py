@@ -31,15 +31,7 @@ import mega
 from mega.checkpoint import atomic_directory, check_options
 from mega.errors import CheckpointError, ConfigError
 from mega.protocols import HuggingFaceModelConverter, HuggingFaceTokenizerConverter
-from mega.plugins.checkpoints.converters import (
-    first_answer,
-    model_converter,
-    model_converters,
-    options_of,
-    tokenizer_converter,
-    tokenizer_converters,
-    vocab_size_of,
-)
+from mega.plugins.checkpoints import converters
 
 log = logging.getLogger("mega.checkpoints.huggingface")
 
@@ -100,17 +92,18 @@ def read_config(source: Path) -> dict:
 
 def _model_types(plugins) -> Dict[str, object]:
     """config.json `model_type` -> the model converter that reads it."""
-    return {t: conv for _, conv in model_converters(plugins, HuggingFaceModelConverter) for t in conv.hf_model_types}
+    readers = converters.model_converters(plugins, HuggingFaceModelConverter)
+    return {model_type: conv for _, conv in readers for model_type in conv.hf_model_types}
 
 
 def _tokenizers(family, plugins):
-    return tokenizer_converters(plugins, HuggingFaceTokenizerConverter, getattr(family, "tokenizers", ()))
+    return converters.tokenizer_converters(plugins, HuggingFaceTokenizerConverter, getattr(family, "tokenizers", ()))
 
 
 def _tokenizer(source: Path, options: Mapping[str, str], hf: dict, tokenizers) -> tuple:
     """The tokenizer table and files of a model directory, from the first tokenizer
     converter that recognises the options' files, else the directory's."""
-    found = first_answer(tokenizers, lambda conv, only_options: conv.from_hf(source, options, hf, only_options))
+    found = converters.first_answer(tokenizers, lambda conv, only_options: conv.from_hf(source, options, hf, only_options))
     if found is None:
         hints = " or ".join(conv.hf_hint for _, conv in tokenizers)
         raise CheckpointError(f"{source}: has no tokenizer files mega reads ({', '.join(n for n, _ in tokenizers)});"
@@ -158,14 +151,14 @@ class HuggingFaceFormat:
             raise CheckpointError(f"{where}: model_type {hf.get('model_type')!r}; the huggingface format imports"
                                   f" {', '.join(readers) or 'none'} (the model types mega's model converters read)")
         tokenizers = _tokenizers(family, plugins)
-        check_options(options, MODEL_OPTIONS + options_of(tokenizers, "hf_options"), self.name)
+        check_options(options, MODEL_OPTIONS + converters.options_of(tokenizers, "hf_options"), self.name)
         model = family.hf_model_table(hf, where)
         if options.get("seq_length"):
             model["seq_length"] = int(options["seq_length"])
         if options.get("make_vocab_size_divisible_by"):
             model["make_vocab_size_divisible_by"] = int(options["make_vocab_size_divisible_by"])
         model["tokenizer"], files = _tokenizer(source, options, hf, tokenizers)
-        vocab = vocab_size_of(model, files, plugins)
+        vocab = converters.vocab_size_of(model, files, plugins)
         state = family.from_hf(read_weights(source), model, vocab, str(source))
         return write_imported_run(Path(run_dir), {"model": model}, state, plugins, files=files)
 
@@ -182,9 +175,9 @@ class HuggingFaceFormat:
             raise CheckpointError(f"{destination}: already exists; export into a new directory")
         model, tokenizer, config = restore(checkpoint, plugins)
         mc = config.model
-        family = model_converter(plugins, mc.name, HuggingFaceModelConverter)
+        family = converters.model_converter(plugins, mc.name, HuggingFaceModelConverter)
         if family is None:
-            classes = sorted({a for _, conv in model_converters(plugins, HuggingFaceModelConverter)
+            classes = sorted({a for _, conv in converters.model_converters(plugins, HuggingFaceModelConverter)
                               for a in conv.hf_architectures})
             raise CheckpointError(f"{checkpoint}: model {mc.name!r} cannot be written as {', '.join(classes) or 'any'}"
                                   " transformers class (no model converter of it writes Hugging Face directories)")
@@ -193,7 +186,7 @@ class HuggingFaceFormat:
             hf_config = family.hf_config(mc, tokenizer, dtype_name)
         except CheckpointError as exc:
             raise CheckpointError(f"{checkpoint}: {exc}") from None
-        files = tokenizer_converter(plugins, mc.tokenizer.library, HuggingFaceTokenizerConverter)
+        files = converters.tokenizer_converter(plugins, mc.tokenizer.library, HuggingFaceTokenizerConverter)
         if files is None:
             log.warning("model.tokenizer.library=%r: no converter writes it for transformers; %s holds the model"
                         " without tokenizer files", mc.tokenizer.library, destination)

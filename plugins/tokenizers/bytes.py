@@ -11,6 +11,7 @@ from attrs import define
 
 import mega
 from mega.config import TokenizerConfig
+from mega.plugins.tokenizers.bytes_interop import register_tokenizer_converters  # noqa: F401 (its converters)
 
 
 @define(kw_only=True)
@@ -40,11 +41,3 @@ class ByteTokenizer:
 @mega.hookimpl
 def register_tokenizers(register):
     register("bytes", lambda config, corpus_files, run_dir: ByteTokenizer(), config=BytesConfig)
-
-
-@mega.hookimpl
-def register_tokenizer_converters(register):
-    """Megatron-LM's NullTokenizer in args."""
-    from mega.plugins.tokenizers.bytes_interop import BytesInterop
-
-    register("bytes", BytesInterop)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Dict, Mapping, Optional
 
+import mega
 from mega.errors import ConfigError
 
 LIBRARY = "bytes"
@@ -36,3 +37,10 @@ class BytesInterop:
                 getattr(args, "tokenizer_type", None) == NULL_TOKENIZER and getattr(args, "vocab_size", None) == 257):
             return {"library": LIBRARY}, {}
         return None
+
+
+@mega.hookimpl
+def register_tokenizer_converters(register):
+    """Megatron-LM's NullTokenizer in args.
+    Registered through `mega.plugins.tokenizers.bytes`, which imports this hook."""
+    register("bytes", BytesInterop)

@@ -28,6 +28,7 @@ from attrs import define
 import mega
 from mega.config import TokenizerConfig
 from mega.errors import ConfigError
+from mega.plugins.tokenizers.huggingface_interop import register_tokenizer_converters  # noqa: F401 (its converters)
 
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>")
 
@@ -129,11 +130,3 @@ def build(config: HuggingFaceConfig, corpus_files, run_dir) -> HuggingFaceTokeni
 @mega.hookimpl
 def register_tokenizers(register):
     register("huggingface", build, config=HuggingFaceConfig)
-
-
-@mega.hookimpl
-def register_tokenizer_converters(register):
-    """Its files in Hugging Face directories, Megatron-LM's args and NeMo archives."""
-    from mega.plugins.tokenizers.huggingface_interop import HuggingFaceTokenizerInterop
-
-    register("huggingface", HuggingFaceTokenizerInterop)

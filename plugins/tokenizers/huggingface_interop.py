@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Dict, Mapping, Optional
 
+import mega
 from mega.errors import ConfigError
 from mega.plugins.tokenizers.interop import option_file
 
@@ -81,9 +82,11 @@ def _vocabulary(files: Mapping[str, Path]) -> Dict[str, int]:
 class HuggingFaceTokenizerInterop:
     file_names = FILE_NAMES
     hf_options = ("tokenizer_file", "vocab_file", "merges_file", "eos_token")
-    hf_hint = "--option tokenizer_file=PATH (a tokenizer.json), or --option vocab_file=PATH --option merges_file=PATH (GPT-2 BPE)"
+    hf_hint = ("--option tokenizer_file=PATH (a tokenizer.json), or --option vocab_file=PATH --option merges_file=PATH"
+               " (GPT-2 BPE)")
     megatron_options = ("tokenizer_file", "vocab_file", "merges_file")
-    megatron_hint = "--option vocab_file=PATH with --option merges_file=PATH (GPT-2 BPE), --option tokenizer_file=PATH (a tokenizer.json)"
+    megatron_hint = ("--option vocab_file=PATH with --option merges_file=PATH (GPT-2 BPE), --option tokenizer_file=PATH"
+                     " (a tokenizer.json)")
     nemo_hint = "GPT-2 BPE (vocab_file + merge_file)"
 
     # --- Hugging Face ------------------------------------------------------------------------
@@ -130,7 +133,8 @@ class HuggingFaceTokenizerInterop:
         if files.get("tokenizer_file") or (not files.get("vocab_file") and table.get("tokenizer_file")):
             fields = {"tokenizer_type": HF_TOKENIZER, "tokenizer_model": files.get("tokenizer_file")}
         else:  # GPT-2's vocab.json + merges.txt: Megatron's GPT2BPETokenizer reads the same two files
-            fields = {"tokenizer_type": GPT2_BPE, "vocab_file": files.get("vocab_file"), "merge_file": files.get("merges_file")}
+            fields = {"tokenizer_type": GPT2_BPE, "vocab_file": files.get("vocab_file"),
+                      "merge_file": files.get("merges_file")}
         special = {k: table[k] for k in ("eos_token", "pad_token") if table.get(k) is not None}
         if special:
             fields["mega_tokenizer"] = special
@@ -161,3 +165,10 @@ class HuggingFaceTokenizerInterop:
                 cfg.get("type") == GPT2_BPE or cfg.get("library") in ("megatron", LIBRARY)):
             return {"vocab_file": "vocab_file", "merges_file": "merge_file"}
         return None
+
+
+@mega.hookimpl
+def register_tokenizer_converters(register):
+    """Its files in Hugging Face directories, Megatron-LM's args and NeMo archives.
+    Registered through `mega.plugins.tokenizers.huggingface`, which imports this hook."""
+    register("huggingface", HuggingFaceTokenizerInterop)

@@ -17,6 +17,7 @@ import mega
 from mega.config import TokenizerConfig
 from mega.config.schema import at_least_one, non_negative, positive
 from mega.errors import ConfigError, DataError
+from mega.plugins.tokenizers.sentencepiece_interop import register_tokenizer_converters  # noqa: F401 (its converters)
 
 log = logging.getLogger("mega.tokenizer")
 
@@ -140,11 +141,3 @@ def build(config: SentencePieceConfig, corpus_files: List[Path], run_dir: Option
 @mega.hookimpl
 def register_tokenizers(register):
     register("sentencepiece", build, config=SentencePieceConfig)
-
-
-@mega.hookimpl
-def register_tokenizer_converters(register):
-    """Its .model file in Hugging Face directories, Megatron-LM's args and NeMo archives."""
-    from mega.plugins.tokenizers.sentencepiece_interop import SentencePieceInterop
-
-    register("sentencepiece", SentencePieceInterop)

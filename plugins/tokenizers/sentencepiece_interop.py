@@ -27,6 +27,7 @@ import shutil
 from pathlib import Path
 from typing import Dict, Mapping, Optional
 
+import mega
 from mega.errors import ConfigError
 from mega.plugins.tokenizers.interop import option_file
 
@@ -145,3 +146,10 @@ class SentencePieceInterop:
     # --- NeMo --------------------------------------------------------------------------------
     def from_nemo(self, tokenizer_config: dict) -> Optional[Dict[str, str]]:
         return {"model": "model"} if tokenizer_config.get("library") == LIBRARY else None
+
+
+@mega.hookimpl
+def register_tokenizer_converters(register):
+    """Its .model file in Hugging Face directories, Megatron-LM's args and NeMo archives.
+    Registered through `mega.plugins.tokenizers.sentencepiece`, which imports this hook."""
+    register("sentencepiece", SentencePieceInterop)

@@ -37,7 +37,8 @@ import mega
 from mega.config import TokenizerConfig
 from mega.config.schema import at_least_one
 from mega.errors import ConfigError, DataError
-from mega.plugins.tokenizers.wordpiece_interop import TOKENIZER_NAMES, WordPieceInterop
+from mega.plugins.tokenizers.wordpiece_interop import TOKENIZER_NAMES
+from mega.plugins.tokenizers.wordpiece_interop import register_tokenizer_converters  # noqa: F401 (its converters)
 
 log = logging.getLogger("mega.tokenizer")
 
@@ -205,9 +206,3 @@ def build(config: WordPieceConfig, corpus_files, run_dir: Optional[Path]) -> Wor
 @mega.hookimpl
 def register_tokenizers(register):
     register("wordpiece", build, config=WordPieceConfig)
-
-
-@mega.hookimpl
-def register_tokenizer_converters(register):
-    """Its vocab.txt in Hugging Face directories and Megatron-LM's args."""
-    register("wordpiece", WordPieceInterop)

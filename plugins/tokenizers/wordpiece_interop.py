@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Dict, Mapping, Optional
 
+import mega
 from mega.plugins.tokenizers.interop import option_file, parse_bool
 
 LIBRARY = "wordpiece"
@@ -113,3 +114,10 @@ def tokenizer_table(source: Path, options: Mapping[str, str]):
     if found is None:
         raise CheckpointError(f"{source}: no vocab.txt; name BERT's WordPiece vocabulary with --option vocab_file=PATH")
     return found
+
+
+@mega.hookimpl
+def register_tokenizer_converters(register):
+    """Its vocab.txt in Hugging Face directories and Megatron-LM's args.
+    Registered through `mega.plugins.tokenizers.wordpiece`, which imports this hook."""
+    register("wordpiece", WordPieceInterop)

@@ -25,15 +25,7 @@ import torch
 from mega.checkpoint import atomic_directory
 from mega.errors import CheckpointError, ConfigError
 from mega.protocols import MegatronModelConverter, MegatronTokenizerConverter
-from mega.plugins.checkpoints.converters import (
-    first_answer,
-    model_converter,
-    model_converters,
-    options_of,
-    tokenizer_converter,
-    tokenizer_converters,
-    vocab_size_of,
-)
+from mega.plugins.checkpoints import converters
 from mega.plugins.checkpoints.megatron.args import megatron_args
 from mega.plugins.checkpoints.megatron.family import family_of
 from mega.plugins.checkpoints.megatron.layout import CHECKPOINT_VERSION, FILE, TRACKER, nest, tp_size
@@ -71,7 +63,8 @@ def locate(value, near: List[Path]) -> Optional[Path]:
 def _tokenizer(tokenizers, args, options: Mapping[str, str], source: Path, near: List[Path]):
     """The tokenizer table and files: the first converter recognising the options' files,
     else `args` (their paths, or files of those names in the checkpoint's directories)."""
-    found = first_answer(tokenizers, lambda conv, only: conv.from_megatron(args, options, lambda v: locate(v, near), only))
+    found = converters.first_answer(
+        tokenizers, lambda conv, only: conv.from_megatron(args, options, lambda value: locate(value, near), only))
     if found is not None:
         return found
     said = [f"args.tokenizer_type={getattr(args, 'tokenizer_type', None)!r}"] + [
@@ -99,8 +92,8 @@ def _divisible_by(args, vocab: int, padded: int) -> int:
 
 
 def _import_options(plugins) -> tuple:
-    every = [(n, c) for n, c in tokenizer_converters(plugins, MegatronTokenizerConverter)]
-    return FORMAT_OPTIONS + options_of(every, "megatron_options")
+    every = [(n, c) for n, c in converters.tokenizer_converters(plugins, MegatronTokenizerConverter)]
+    return FORMAT_OPTIONS + converters.options_of(every, "megatron_options")
 
 
 def import_run(source: Path, run_dir: Path, options: Mapping[str, str], plugins) -> Path:
@@ -114,9 +107,9 @@ def import_run(source: Path, run_dir: Path, options: Mapping[str, str], plugins)
     family = family_of(plugins, state, args, str(source))
     family.megatron_check(state, args, str(source))
     model = family.megatron_model_table(state, args, str(source))
-    tokenizers = tokenizer_converters(plugins, MegatronTokenizerConverter, getattr(family, "tokenizers", ()))
+    tokenizers = converters.tokenizer_converters(plugins, MegatronTokenizerConverter, getattr(family, "tokenizers", ()))
     model["tokenizer"], files = _tokenizer(tokenizers, args, options, Path(source), src.near())
-    vocab = vocab_size_of(model, files, plugins)
+    vocab = converters.vocab_size_of(model, files, plugins)
     orig = getattr(args, "orig_vocab_size", None)
     if orig is not None and orig != vocab:
         raise CheckpointError(f"{source}: args.orig_vocab_size={orig} but the tokenizer has {vocab} tokens; give the"
@@ -155,9 +148,9 @@ def export_run(checkpoint: Path, destination: Path, options: Mapping[str, str], 
     tp, pp = _int_option(options, "tensor_parallel"), _int_option(options, "pipeline_parallel")
     model, tokenizer, config = restore(checkpoint, plugins)
     mc = config.model
-    family = model_converter(plugins, mc.name, MegatronModelConverter)
+    family = converters.model_converter(plugins, mc.name, MegatronModelConverter)
     if family is None:
-        writers = ", ".join(names[0] for names, _ in model_converters(plugins, MegatronModelConverter)) or "none"
+        writers = ", ".join(names[0] for names, _ in converters.model_converters(plugins, MegatronModelConverter)) or "none"
         raise ConfigError(f"{checkpoint}: model {mc.name!r}; no model converter writes it as Megatron-LM files"
                           f" (families that do: {writers})")
     ffn = getattr(mc, "ffn_hidden_size", None) or 4 * getattr(mc, "hidden_size", 0)
@@ -185,7 +178,8 @@ def _write_export(tmp: Path, destination: Path, model, tokenizer, raw: dict, tp:
 
     files = {}
     library = raw["model"].get("tokenizer", {}).get("library")
-    names = getattr(tokenizer_converter(plugins, library, MegatronTokenizerConverter), "file_names", {}) if library else {}
+    converter = converters.tokenizer_converter(plugins, library, MegatronTokenizerConverter) if library else None
+    names = getattr(converter, "file_names", {})  # the names an export gives its files
     for key, path in tokenizer.artifacts().items():
         name = names.get(key, Path(path).name)
         shutil.copyfile(path, tmp / name)

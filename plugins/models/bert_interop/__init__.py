@@ -16,7 +16,7 @@ import torch
 from mega.protocols import Match
 from mega.plugins.models.bert_interop import huggingface, megatron
 from mega.plugins.models.gpt_interop import mcore
-from mega.plugins.models.gpt_interop.megatron import check_tensors_and_args
+from mega.plugins.models.gpt_interop.megatron import architecture_args, check_tensors_and_args
 from mega.plugins.models.transformer import padded_vocab_size
 
 DIVISIBLE_BY = 128  # BertConfig's make_vocab_size_divisible_by, when an import leaves it unset
@@ -57,8 +57,6 @@ class BertInterop:
         return megatron.model_table(dict(state), args, where)
 
     def megatron_args(self, model: dict) -> dict:
-        from mega.plugins.models.gpt_interop.megatron import architecture_args
-
         return {**architecture_args(model), **megatron.bert_args(model)}
 
     # --- megatron-core names: the encoder's are GPT's ----------------------------------------
