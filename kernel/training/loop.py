@@ -25,6 +25,7 @@ from mega.runtime.device_peaks import peak_flops
 from mega.runtime.grad_norm import clip_grad_norm
 from mega.runtime.pipeline import forward_backward_no_pipelining, forward_backward_pipelining, sum_pipeline_grads
 from mega.runtime.precision import autocast
+from mega.runtime.unreached import drop_gradients, unreached_parameters
 from mega.training.batches import BatchLoader, load_micro_batches, micro_batch_positions
 
 log = logging.getLogger("mega")
@@ -112,10 +113,12 @@ def train_step(run, loader: BatchLoader | None = None) -> Dict[str, torch.Tensor
     num_tokens = _num_tokens(run, micro_batches)
     loss, terms = _losses(run, micro_batches, num_tokens, _num_samples(run, micro_batches))
 
+    unreached = unreached_parameters(run.model, run.parallel, run.device)  # zero gradients no step should apply
     if main is not None:
         params = main.reduce_grads()  # the fp32 main weights, their gradients all-reduced in fp32
+        params = drop_gradients(params, [main.to_main[id(p)] for p in unreached])
     else:
-        params = [p for p in run.model.parameters() if p.grad is not None]
+        params = drop_gradients([p for p in run.model.parameters() if p.grad is not None], unreached)
     skipped = False
     if run.scaler is not None:
         skipped = run.parallel.any(run.scaler.unscale_and_check(params))  # every stage skips together

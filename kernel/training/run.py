@@ -30,8 +30,10 @@ from mega.protocols import (
     Batch,
     CheckpointFormat,
     DataSource,
+    DeclaresObjective,
     LanguageModel,
     PipelineStage,
+    SampleObjective,
     StatefulModel,
     Tokenizer,
 )
@@ -205,6 +207,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
             {"params": [params[n] for n in no_decay], "weight_decay": 0.0}]
 
 
+def objective_of(model, config) -> SampleObjective:
+    """The samples `model` trains on: its own declaration (mega.protocols.DeclaresObjective)
+    when it has one, else its config's `objective()`."""
+    if isinstance(model, DeclaresObjective):
+        return model.objective()
+    return config.objective()
+
+
 def build_run(config: ExperimentConfig, plugins=None) -> Run:
     if plugins is None:
         from mega.plugin_manager import get_plugins
@@ -263,7 +273,7 @@ def build_run(config: ExperimentConfig, plugins=None) -> Run:
     if str(tr.precision) == "16":
         scaler = DynamicLossScaler(mc.native_amp_init_scale, mc.native_amp_growth_interval, mc.hysteresis)
 
-    objective = mc.objective()  # the model's declared need: next-token samples, span corruption, ...
+    objective = objective_of(model, mc)  # the model's declared need: next-token samples, span corruption, a task's ...
     train_data = source.dataset("train", tokenizer, mc.seq_length, tr.max_steps * gbs, mc.seed, objective)
     valid_data = None
     if tr.val_check_interval > 0 and tr.limit_val_batches > 0:

@@ -4,14 +4,18 @@ WikiText-103 comes already tokenised into words, so its "tokenizer" is a vocabul
 
 * a line is split on whitespace (or on `delimiter`; "" splits into characters), after
   `strip()` and, with `lower_case`, lower-casing;
-* counting runs over the training files only, without end-of-line symbols;
+* counting runs over the files the data source names (lm_ordered: data_dir's train file,
+  or its `vocab_splits`), in order, without end-of-line symbols;
 * ids: the `special` symbols first (`<eos>` is id 0 by default), then the counted words
   by decreasing count, ties in order of first occurrence (Python's `Counter.most_common`),
   at most `max_size` of them, stopping at the first count below `min_freq`;
 * encoding a file turns every line, empty lines included, into its words plus `<eos>`
   (`add_eos`), or `<S>` words `<S>` (`add_double_eos`, the One Billion Word setting);
-* a word the vocabulary lacks becomes `<unk>` when the vocabulary has that symbol (WT103
-  has it as an ordinary word), and is an error otherwise (the reference asserts).
+* a word the vocabulary lacks becomes `<UNK>` when the vocabulary has that symbol (One
+  Billion Word's vocabulary file: the reference maps unknown words of a vocab_file to it),
+  else `<unk>` when it has that one (WT103 has it as an ordinary word), and is an error
+  otherwise (the reference asserts). The rule reads only the symbols, so a counted
+  vocabulary maps the same when a checkpoint loads it back as a vocab_file.
 
 The vocabulary is built once, from the files the data source names, into the run
 directory (`tokenizer.vocab`, one `symbol<TAB>count` per line, plus a stamp of the files
@@ -45,6 +49,7 @@ from mega.errors import ConfigError, DataError
 log = logging.getLogger("mega.tokenizer")
 
 EOS, DOUBLE_EOS, UNK = "<eos>", "<S>", "<unk>"
+UNKNOWN_SYMBOLS = ("<UNK>", UNK)  # what an unknown word becomes: the first of these the vocabulary has
 VOCAB_NAME = "tokenizer.vocab"
 STAMP_VERSION = 1
 LINES_PER_CHUNK = 1 << 16  # lines counted or encoded at once (bounded memory, C-speed inner loops)
@@ -85,7 +90,7 @@ class WordTokenizer:
         # symbol: only a data source that appends nothing (an ordered stream) fits
         self.eos_id = self.ids.get(end, 0)
         self.pad_id = self.eos_id  # the reference has no padding symbol (module docstring)
-        self.unk_id: Optional[int] = self.ids.get(UNK)
+        self.unk_id: Optional[int] = next((self.ids[u] for u in UNKNOWN_SYMBOLS if u in self.ids), None)
         self._ids_or_unk = _WithDefault(self.ids, self.unk_id) if self.unk_id is not None else None
 
     # --- the reference's tokenize -----------------------------------------------------------
@@ -100,8 +105,8 @@ class WordTokenizer:
         try:
             return [ids[w] for w in words]
         except KeyError as exc:
-            raise DataError(f"word {exc.args[0]!r} is not in the vocabulary {self.vocab_file}, which has no {UNK}"
-                            " symbol to stand for unknown words") from None
+            raise DataError(f"word {exc.args[0]!r} is not in the vocabulary {self.vocab_file}, which has no"
+                            f" {' or '.join(UNKNOWN_SYMBOLS)} symbol to stand for unknown words") from None
 
     def encode_line(self, line: str) -> List[int]:
         """One line as the reference encodes it: words + <eos> (or <S> words <S>)."""

@@ -1,7 +1,8 @@
 """The `wordpiece` tokenizer: BERT's WordPiece from a `vocab.txt`, or trained on the corpus.
 
 Built from the `tokenizers` library's parts, assembled to give the ids of transformers'
-`BertTokenizer` (the slow, Python one) on the same vocab.txt:
+`BertTokenizerFast` on NFC-composed text (and of the slow `BertTokenizer`, except on
+unassigned code points, which the slow one deletes) on the same vocab.txt:
 
 * normalizer: drop NUL, U+FFFD and control/format characters (zero-width spaces too), map
   whitespace to a space, put spaces around CJK ideographs; then Unicode NFC (as
