@@ -530,3 +530,13 @@ def build_bert(config: BertEncoderConfig, tokenizer, plugins=None) -> BertModel:
 def register_models(register):
     for name, config in CONFIGS.items():
         register(name, build_bert, config=config)
+
+
+@mega.hookimpl
+def register_model_converters(register):
+    """Megatron-BERT's Hugging Face (MegatronBert*), Megatron-LM and megatron-core mappings
+    (mega.plugins.models.bert_interop), for every BERT model name."""
+    from mega.plugins.models.bert_interop import BertInterop
+
+    for name in CONFIGS:
+        register(name, BertInterop)

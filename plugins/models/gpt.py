@@ -229,3 +229,12 @@ def build_gpt(config: GPTConfig, tokenizer, plugins=None) -> GPTModel:
 @mega.hookimpl
 def register_models(register):
     register("gpt", build_gpt, config=GPTConfig)
+
+
+@mega.hookimpl
+def register_model_converters(register):
+    """GPT's Hugging Face (GPT-2), Megatron-LM, megatron-core and NeMo mappings
+    (mega.plugins.models.gpt_interop)."""
+    from mega.plugins.models.gpt_interop import GPTInterop
+
+    register("gpt", GPTInterop)
