@@ -27,6 +27,13 @@ from mega.plugins.models.estimates import (
     param_bytes,
     pipeline_stages,
 )
+from mega.plugins.models.scaling import (
+    RecomputeKeys,
+    SequenceParallelKey,
+    check_recompute,
+    check_sequence_parallel,
+    eager_reason,
+)
 from mega.plugins.models.transformer import (
     BlockConfig,
     Embedding,
@@ -34,6 +41,8 @@ from mega.plugins.models.transformer import (
     TiedWordEmbeddingStages,
     TransformerStack,
     check_shape,
+    output_layer_input,
+    output_logits,
     padded_vocab_size,
 )
 from mega.runtime.parallel import current
@@ -41,12 +50,13 @@ from mega.runtime.tensor_parallel import (
     chunked_linear_cross_entropy,
     copy_to_tp,
     gather_from_tp,
+    sequence_parallel_region,
     vocab_parallel_cross_entropy,
 )
 
 
 @define(kw_only=True)
-class GPTConfig(ModelConfig):
+class GPTConfig(RecomputeKeys, SequenceParallelKey, ModelConfig):
     """`model.*` keys of the `gpt` model (Megatron-LM / NeMo names)."""
 
     num_layers: int = 12  # transformer layers
@@ -130,6 +140,8 @@ def check_config(cfg: GPTConfig) -> None:
             raise ConfigError(f"model.{key}: must be at least 1, got {getattr(cfg, key)}")
     if cfg.max_position_embeddings is not None and cfg.max_position_embeddings < cfg.seq_length:
         raise ConfigError(f"model.max_position_embeddings={cfg.max_position_embeddings} is smaller than model.seq_length={cfg.seq_length}")
+    check_recompute(cfg, "model", cfg.num_layers // cfg.pipeline_model_parallel_size)
+    check_sequence_parallel(cfg, {"model.seq_length": cfg.seq_length})
 
 
 class GPTModel(TiedWordEmbeddingStages, nn.Module):
@@ -143,6 +155,7 @@ class GPTModel(TiedWordEmbeddingStages, nn.Module):
         st = current()
         self.pre_process, self.post_process = st.is_first_stage, st.is_last_stage
         self.language_model = TransformerLanguageModel(cfg, self.padded_vocab_size)
+        self.eager_reason = eager_reason(cfg)  # trainer.compile leaves the step eager with these keys on
         self.finish_stages()  # the last stage's copy of the tied word embedding, resharding aliases
 
     # --- the LanguageModule contract (shared_embedding_or_output_weight: TiedWordEmbeddingStages) ---
@@ -176,7 +189,13 @@ class GPTModel(TiedWordEmbeddingStages, nn.Module):
 
     def stage_forward(self, batch: Dict[str, torch.Tensor], hidden: Optional[torch.Tensor]):
         """This pipeline stage's part: embed (first stage) or take `hidden`, run the local
-        layers, and on the last stage return the loss dict; else the hidden states."""
+        layers, and on the last stage return the loss dict; else the hidden states (this
+        rank's slice of the sequence under `model.sequence_parallel`)."""
+        with sequence_parallel_region(self.config.sequence_parallel):
+            return self._stage_forward(batch, hidden)
+
+    def _stage_forward(self, batch, hidden):
+        sp = self.config.sequence_parallel
         if self.pre_process:
             tokens = batch["tokens"]
             positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
@@ -187,15 +206,18 @@ class GPTModel(TiedWordEmbeddingStages, nn.Module):
         if self.config.loss_chunk_size:  # the same sum without the [tokens, vocab] logits
             vocab = self.vocab_size if self.config.mask_padded_vocab else None
             return {"loss_sum": chunked_linear_cross_entropy(
-                copy_to_tp(hidden), self.shared_embedding_or_output_weight(), batch["labels"], batch["loss_mask"],
-                vocab, self.config.loss_chunk_size)}
-        logits = F.linear(copy_to_tp(hidden), self.shared_embedding_or_output_weight())
+                output_layer_input(hidden, sp), self.shared_embedding_or_output_weight(), batch["labels"],
+                batch["loss_mask"], vocab, self.config.loss_chunk_size)}
+        logits = output_logits(hidden, self.shared_embedding_or_output_weight(), sp)
         losses = self.compute_language_model_loss(batch["labels"], logits)
         return {"loss_sum": (losses * batch["loss_mask"]).sum()}
 
     def activation_shape(self, batch: Dict[str, torch.Tensor]) -> tuple:
-        """Shape of the hidden states passed between pipeline stages."""
+        """Shape of the hidden states passed between pipeline stages: [b, s / TP, h] under
+        sequence parallelism (Megatron's [s / TP, b, h])."""
         b, s = batch["tokens"].shape
+        if self.config.sequence_parallel:
+            s //= current().tp_size
         return (b, s, self.config.hidden_size)
 
     def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
