@@ -108,8 +108,8 @@ class RNGTracker:
             self._set(saved)
 
     def snapshot(self) -> tuple:
-        """The tracker as it is now (copies of the states, the forks entered), for `restore`."""
-        return {k: v.clone() for k, v in self.states.items()}, list(self.forked)
+        """The tracker as it is now (its states, the forks entered), for `restore`."""
+        return dict(self.states), list(self.forked)  # states are replaced, never written in place
 
     @contextlib.contextmanager
     def restore(self, snap: tuple):
@@ -117,7 +117,7 @@ class RNGTracker:
         now: a recomputed region draws the masks of its forward and leaves the streams where
         they were (Megatron's CheckpointFunction sets and restores the tracker's states)."""
         now = self.states, self.forked
-        self.states, self.forked = {k: v.clone() for k, v in snap[0].items()}, list(snap[1])
+        self.states, self.forked = dict(snap[0]), list(snap[1])
         try:
             yield
         finally:

@@ -20,12 +20,12 @@ from mega.config import ModelConfig
 from mega.errors import ConfigError
 from mega.plugins.models.estimates import (
     activation_bytes,
-    block_activation_bytes,
     block_matmul_params,
     block_params,
     dropout_mask_bytes,
     param_bytes,
     pipeline_stages,
+    stack_activation_bytes,
 )
 from mega.plugins.models.scaling import (
     RecomputeKeys,
@@ -80,10 +80,13 @@ class GPTConfig(RecomputeKeys, SequenceParallelKey, ModelConfig):
     def memory_per_rank(self, vocab_size: int, micro_batch: int, tp: int, pp: int, precision: str,
                         device: str) -> Dict[str, object]:
         """mega.protocols.EstimatesMemory: parameters counted from the keys (exactly what
-        GPTModel builds), activations from what autograd keeps in each block (calibrated
-        against measured peaks on CPU, tests/test_plan.py)."""
+        GPTModel builds), activations from what autograd keeps in each block, per
+        recomputation mode and with sequence parallelism (equal to the tensors a forward
+        keeps and within 15% of measured peaks on CPU, tests/test_plan.py)."""
         block = BlockConfig.of(self)
         h, L, s, b = self.hidden_size, self.num_layers, self.seq_length, micro_batch
+        sp = self.sequence_parallel and tp > 1
+        u = tp if sp else 1  # sequence parallelism splits the embedding's and the final LayerNorm's tokens
         vocab = padded_vocab_size(vocab_size, self.make_vocab_size_divisible_by, tp)
         positions = self.max_position_embeddings or s
         n = b * s  # tokens of one micro-batch
@@ -91,22 +94,23 @@ class GPTConfig(RecomputeKeys, SequenceParallelKey, ModelConfig):
         e, r = activation_bytes(precision, o2)  # a matmul's saved input; the residual stream
         g = param_bytes(precision, o2)  # a gradient as autograd makes it
         word = vocab * h // tp
-        layer = {"params": block_params(block, tp), "matmul_params": block_matmul_params(block, tp),
-                 "activations": block_activation_bytes(block, b, s, s, tp, precision, device, o2=o2)}
+        layer = {"params": block_params(block, tp), "matmul_params": block_matmul_params(block, tp)}
+        kept, rebuilt = stack_activation_bytes(block, L // pp, b, s, s, tp, precision, device, o2=o2, sp=sp)
+        stack = {"activations": kept, "recompute_transient": rebuilt}
         first = {"params": word + positions * h,
-                 "activations": n * h * dropout_mask_bytes(self.hidden_dropout, precision, device),
+                 "activations": n * h * dropout_mask_bytes(self.hidden_dropout, precision, device, o2) // u,
                  "grad_transient": g * word}  # the embedding's dense gradient before it is accumulated
         last = {"params": 2 * h + (word if pp > 1 else 0),  # final LayerNorm; the tied head's copy
                 "matmul_params": word,  # the tied head, cast once (also the embedding without pipelining)
                 "grad_transient": g * word}  # the output layer's gradient of the tied matrix
         real = min(vocab_size, vocab) if self.mask_padded_vocab and tp == 1 else vocab // tp
         if self.loss_chunk_size:  # final LN input; gradients of the hidden states and the head, made in forward
-            last["activations"] = n * h * r + 8 * n + 4 * n * h + 4 * word
+            last["activations"] = (n * h * r + 8 * n) // u + 4 * n * h + 4 * word
             last["transient"] = (8 + e) * min(n, self.loss_chunk_size) * vocab // tp  # one chunk's logits
-        else:  # final LN in/out; the loss's fp32 softmax; logits and their gradient around the loss
-            last["activations"] = n * h * (r + e) + 8 * n + 4 * n * real
+        else:  # final LN in/out (the output layer's saved input); the loss's fp32 softmax; logits and their gradient
+            last["activations"] = (n * h * (r + e) + 8 * n) // u + 4 * n * real
             last["transient"] = (e + 4) * n * vocab // tp
-        stages = pipeline_stages(pp, L, layer, first, last)
+        stages = pipeline_stages(pp, L, layer, first, last, stack)
         whole = L * block_params(block, 1) + padded_vocab_size(vocab_size, self.make_vocab_size_divisible_by) * h \
             + positions * h + 2 * h
         return {"params": whole, "flops_per_token": training_flops_per_token(block, vocab, s), "stages": stages}

@@ -24,6 +24,7 @@ What lives here:
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Iterable, Optional
 
 import torch
@@ -82,8 +83,11 @@ def sequence_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: Option
         total = total.to(dtype)
         local = local.to(dtype)
 
+    whole = weakref.ref(total)  # autograd keeps the hooks with what they saved: not the gathered input
+
     def pack(t: torch.Tensor):
-        if t is total or t._base is total:
+        gathered = whole()
+        if gathered is not None and (t is gathered or t._base is gathered):
             return _LocalInput(local, t.shape)
         return t
 
