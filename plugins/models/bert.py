@@ -66,12 +66,12 @@ from mega.plugins.models.bert_heads import (
 )
 from mega.plugins.models.estimates import (
     activation_bytes,
-    block_activation_bytes,
     block_matmul_params,
     block_params,
     dropout_mask_bytes,
     param_bytes,
     pipeline_stages,
+    stack_activation_bytes,
 )
 from mega.plugins.models.gpt import training_flops_per_token
 from mega.plugins.models.scaling import (
@@ -149,20 +149,23 @@ class BertEncoderConfig(RecomputeKeys, SequenceParallelKey, ModelConfig):
                         "token_classification": (h + 1) * getattr(self, "num_labels", 0),
                         "question_answering": 2 * h + 2}.get(task, 0) + (2 * h + 2 if binary else 0)
         predicted = n if task == "causal_lm" else math.ceil(n * getattr(self, "masked_lm_prob", 1.0)) if lm else 0
-        layer = {"params": block_params(block, tp), "matmul_params": block_matmul_params(block, tp),
-                 "activations": block_activation_bytes(block, b, s, s, tp, precision, device, o2=o2)}
+        sp = self.sequence_parallel and tp > 1
+        u = tp if sp else 1  # sequence parallelism splits the embedding's and the final LayerNorm's tokens
+        layer = {"params": block_params(block, tp), "matmul_params": block_matmul_params(block, tp)}
+        kept, rebuilt = stack_activation_bytes(block, L // pp, b, s, s, tp, precision, device, o2=o2, sp=sp)
+        stack = {"activations": kept, "recompute_transient": rebuilt}
         first = {"params": word + (self.max_position_embeddings + self.num_tokentypes) * h,
-                 "activations": n * h * dropout_mask_bytes(self.hidden_dropout, precision, device),
+                 "activations": n * h * dropout_mask_bytes(self.hidden_dropout, precision, device, o2) // u,
                  "grad_transient": g * word}
         last = {"params": head_params + (word if pp > 1 else 0),
                 # everything but the LayerNorms (the final one, the LM head's); the tied decoder
                 "matmul_params": head_params - 2 * h - (2 * h - word if lm else 0),
-                "activations": n * h * (r + e) + 8 * n}  # final LayerNorm in/out
+                "activations": (n * h * r + 8 * n) // u + n * h * e}  # final LayerNorm in (a slice under SP) and out
         if lm:  # the head's dense, GeLU and LayerNorm at the predicted positions; the loss's fp32 softmax
             last["activations"] += predicted * h * (3 * e + 8) + 4 * predicted * vocab // tp
             last["transient"] = (e + 4) * predicted * vocab // tp
             last["grad_transient"] = g * word
-        stages = pipeline_stages(pp, L, layer, first, last)
+        stages = pipeline_stages(pp, L, layer, first, last, stack)
         whole_vocab = padded_vocab_size(vocab_size, self.make_vocab_size_divisible_by)
         whole = L * block_params(block, 1) + whole_vocab * h + (self.max_position_embeddings + self.num_tokentypes) * h \
             + head_params - (vocab // tp if lm else 0) + (whole_vocab if lm else 0)

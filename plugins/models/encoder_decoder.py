@@ -99,7 +99,7 @@ class EncoderDecoderConfig(SequenceParallelKey, ModelConfig):
         activations per block as GPT's (mega.plugins.models.gpt.block_activation_bytes),
         the decoder's cross-attention over the encoder output included. One stage only:
         encoder-decoders do not pipeline."""
-        from mega.plugins.models.estimates import activation_bytes, block_activation_bytes, dropout_mask_bytes, param_bytes
+        from mega.plugins.models.estimates import activation_bytes, dropout_mask_bytes, param_bytes, stack_activation_bytes
 
         with torch.device("meta"), torch.random.fork_rng(devices=[]):
             model = EncoderDecoderModel(self, vocab_size)
@@ -112,21 +112,27 @@ class EncoderDecoderConfig(SequenceParallelKey, ModelConfig):
         o2 = self.megatron_amp_O2
         e, r = activation_bytes(precision, o2)  # a matmul's saved input; the residual stream
         h = dec.hidden_size
+        sp = self.sequence_parallel and tp > 1
+        u = tp if sp else 1  # sequence parallelism splits the embeddings' and the final LayerNorms' tokens
         if self.encoder.arch == "perceiver":
             memory = self.encoder.hidden_steps
-            acts = enc.num_layers * block_activation_bytes(enc, b, memory, memory, tp, precision, device, cross_kv=s_enc,
-                                                           o2=o2)
+            acts, enc_rebuilt = stack_activation_bytes(enc, enc.num_layers, b, memory, memory, tp, precision, device,
+                                                       cross_kv=s_enc, o2=o2)
         else:
             memory = s_enc
-            acts = enc.num_layers * block_activation_bytes(enc, b, s_enc, s_enc, tp, precision, device, o2=o2)
-        acts += dec.num_layers * block_activation_bytes(dec, b, s_dec, s_dec, tp, precision, device, cross_kv=memory,
-                                                        o2=o2)
-        mask = dropout_mask_bytes(enc.hidden_dropout, precision, device)
+            acts, enc_rebuilt = stack_activation_bytes(enc, enc.num_layers, b, s_enc, s_enc, tp, precision, device, o2=o2,
+                                                       sp=sp)
+        dec_acts, dec_rebuilt = stack_activation_bytes(dec, dec.num_layers, b, s_dec, s_dec, tp, precision, device,
+                                                       cross_kv=memory, o2=o2, sp=sp)
+        acts += dec_acts
+        mask = dropout_mask_bytes(enc.hidden_dropout, precision, device, o2)
         n = b * s_dec
-        acts += b * (s_enc + s_dec) * h * mask + 2 * b * memory * h * r  # embedding dropout; encoder final LayerNorm
-        acts += n * h * (r + e) + 8 * n + 4 * n * vocab // tp  # decoder final LayerNorm; the loss's fp32 softmax
+        # embedding dropout; the encoder's final LayerNorm input and output (the memory, whole on every rank)
+        acts += b * (s_enc + s_dec) * h * mask // u + b * memory * h * r // u + b * memory * h * r
+        acts += (n * h * (r + e) + 8 * n) // u + 4 * n * vocab // tp  # decoder final LayerNorm; the loss's fp32 softmax
         stage = {"params": whole - split + split // tp, "matmul_params": split // tp, "activations": acts,
-                 "transient": (e + 4) * n * vocab // tp, "grad_transient": 2 * param_bytes(precision, o2) * vocab * h // tp}
+                 "transient": (e + 4) * n * vocab // tp, "grad_transient": 2 * param_bytes(precision, o2) * vocab * h // tp,
+                 "recompute_transient": max(enc_rebuilt, dec_rebuilt)}
         return {"params": whole, "flops_per_token": 6.0 * split, "stages": [stage]}
 
     def objective(self) -> DenoisingObjective:

@@ -107,8 +107,16 @@ class TransformerXLConfig(RecomputeKeys, SequenceParallelKey, ModelConfig):
                      + b * q * (6 * 4 * d + 4 * hd * e + f * (2 * e + mask) + 3 * mask * d)  # LNs, q+u, q+v, FF, dropout masks
                      + 5 * 4 * b * n * q * k)  # content and position scores, their sum, probabilities (fp32)
         head = model.crit.head()[0].shape[0]
-        stage = {"params": params, "activations": self.n_layer * per_layer + 4 * b * q * d * 3,
-                 "transient": 2 * 4 * b * q * head, "grad_transient": 4 * params}
+        layers, rebuilt = self.n_layer * per_layer, 0
+        if self.activations_checkpoint_granularity == "full":  # a chunk keeps its input (the residual stream)
+            k = min(self.activations_checkpoint_num_layers or 1, self.n_layer)
+            r = 2 if self.megatron_amp_O2 and e == 2 else 4
+            if self.activations_checkpoint_method == "uniform":
+                layers, rebuilt = math.ceil(self.n_layer / k) * b * q * d * r, k * per_layer
+            else:
+                layers, rebuilt = k * b * q * d * r + (self.n_layer - k) * per_layer, per_layer
+        stage = {"params": params, "activations": layers + 4 * b * q * d * 3,
+                 "transient": 2 * 4 * b * q * head, "grad_transient": 4 * params, "recompute_transient": rebuilt}
         return {"params": params, "flops_per_token": model.flops_per_token(self.seq_length), "stages": [stage]}
 
     def eval_settings(self) -> Dict[str, object]:

@@ -18,7 +18,7 @@ between those layers along the sequence, mega's dim 1 of [batch, seq, hidden]:
     reduce_scatter_to_sp  forward: reduce-scatter the sequence     backward: all-gather
 
 The collectives run on [seq, batch, hidden] copies (the first dimension is what torch's
-all_gather_into_tensor / reduce_scatter_tensor split), so rank r holds tokens
+all_gather_single / reduce_scatter_single split), so rank r holds tokens
 [r * s/t, (r+1) * s/t). An all-gather then a reduce-scatter move what one all-reduce
 moves; a reduce-scatter of two ranks gives each rank exactly its slice of the all-reduce.
 """
@@ -129,7 +129,7 @@ def _gather_seq(x: torch.Tensor) -> torch.Tensor:
     state = current()
     local = x.transpose(0, SEQ_DIM).contiguous()
     out = torch.empty((local.shape[0] * state.tp_size, *local.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, local, group=state.tp_group)
+    dist.all_gather_single(out, local, group=state.tp_group)
     return out.transpose(0, SEQ_DIM).contiguous()
 
 
@@ -140,7 +140,7 @@ def _reduce_scatter_seq(x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"sequence parallelism: a sequence of {full.shape[0]} tokens does not split over"
                          f" {state.tp_size} tensor-parallel ranks (model.sequence_parallel)")
     out = torch.empty((full.shape[0] // state.tp_size, *full.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_tensor(out, full, group=state.tp_group)
+    dist.reduce_scatter_single(out, full, group=state.tp_group)
     return out.transpose(0, SEQ_DIM).contiguous()
 
 
