@@ -30,9 +30,11 @@ counts it tensor by tensor on a built model, and tests/test_plan.py holds the tw
 
 The peak of a step is the larger of two moments: the end of the forward (weights, 16-bit
 copies, optimizer state, activations, the logits around the loss; O2's gradient buffer)
-and the end of the backward (weights, optimizer state, every gradient, and what activation
-recomputation rebuilds at once: the model's `recompute_transient`). Gradients are freed
-before each forward (zero_grad(set_to_none=True)), so outside O2 the two never add up.
+and the end of the backward (weights, optimizer state, every gradient), and with activation
+recomputation the start of the backward, when what the forward kept meets what the first
+recomputed region rebuilds (the model's `recompute_transient`, also added to the end of
+the backward). Gradients are freed before each forward (zero_grad(set_to_none=True)), so
+outside O2 forward and gradients never add up.
 The model sizes activations by its own keys (recomputation, sequence parallelism), and
 `variants` lists the peak with each of them switched on.
 """
@@ -150,13 +152,18 @@ def stage_memory(p: int, st: Dict[str, Any], layout: Layout, opt_bytes: float, p
     optim = opt_bytes * n
     acts = in_flight * st["activations"]
     forward_end = weights + casts + optim + acts + st["transient"] + (grads + buckets if layout.grads_kept else 0)
-    backward_end = weights + optim + grads + buckets + st["grad_transient"] + st.get("recompute_transient", 0)
+    rebuilt = st.get("recompute_transient", 0)
+    backward_end = weights + optim + grads + buckets + st["grad_transient"] + rebuilt
+    # activation recomputation: its first region (the last layers) is rebuilt while every
+    # activation the forward kept is still there
+    recompute_start = weights + casts + optim + acts + rebuilt + st["grad_transient"] \
+        + (grads + buckets if layout.grads_kept else 0) if rebuilt else 0
     return {"stage": p, "params": n, "weights": weights, "casts": casts, "grads": grads + buckets, "ddp_buckets": buckets,
             "optimizer": optim,
             "activations": acts, "activations_per_micro_batch": st["activations"],
             "micro_batches_in_flight": in_flight, "transient": st["transient"],
             "recompute_transient": st.get("recompute_transient", 0),
-            "state": weights + grads + optim, "peak": max(forward_end, backward_end),
+            "state": weights + grads + optim, "peak": max(forward_end, backward_end, recompute_start),
             "sum": weights + casts + grads + buckets + optim + acts + st["transient"]}
 
 

@@ -69,6 +69,7 @@ from mega.plugins.models.estimates import (
     block_matmul_params,
     block_params,
     dropout_mask_bytes,
+    layernorm_stats_bytes,
     param_bytes,
     pipeline_stages,
     stack_activation_bytes,
@@ -137,6 +138,7 @@ class BertEncoderConfig(RecomputeKeys, SequenceParallelKey, ModelConfig):
         o2 = self.megatron_amp_O2
         e, r = activation_bytes(precision, o2)  # a matmul's saved input; the residual stream
         g = param_bytes(precision, o2)  # a gradient as autograd makes it
+        stats = layernorm_stats_bytes(precision, device, o2)  # the final LayerNorm's mean and rstd, per token
         word = vocab * h // tp
         head_params = 2 * h  # final LayerNorm
         lm = task in ("pretraining", "masked_lm", "causal_lm")
@@ -160,7 +162,7 @@ class BertEncoderConfig(RecomputeKeys, SequenceParallelKey, ModelConfig):
         last = {"params": head_params + (word if pp > 1 else 0),
                 # everything but the LayerNorms (the final one, the LM head's); the tied decoder
                 "matmul_params": head_params - 2 * h - (2 * h - word if lm else 0),
-                "activations": (n * h * r + 8 * n) // u + n * h * e}  # final LayerNorm in (a slice under SP) and out
+                "activations": (n * h * r + stats * n) // u + n * h * e}  # final LayerNorm in (a slice under SP) and out
         if lm:  # the head's dense, GeLU and LayerNorm at the predicted positions; the loss's fp32 softmax
             last["activations"] += predicted * h * (3 * e + 8) + 4 * predicted * vocab // tp
             last["transient"] = (e + 4) * predicted * vocab // tp

@@ -99,7 +99,13 @@ class EncoderDecoderConfig(SequenceParallelKey, ModelConfig):
         activations per block as GPT's (mega.plugins.models.gpt.block_activation_bytes),
         the decoder's cross-attention over the encoder output included. One stage only:
         encoder-decoders do not pipeline."""
-        from mega.plugins.models.estimates import activation_bytes, dropout_mask_bytes, param_bytes, stack_activation_bytes
+        from mega.plugins.models.estimates import (
+            activation_bytes,
+            dropout_mask_bytes,
+            layernorm_stats_bytes,
+            param_bytes,
+            stack_activation_bytes,
+        )
 
         with torch.device("meta"), torch.random.fork_rng(devices=[]):
             model = EncoderDecoderModel(self, vocab_size)
@@ -126,10 +132,11 @@ class EncoderDecoderConfig(SequenceParallelKey, ModelConfig):
                                                        cross_kv=memory, o2=o2, sp=sp)
         acts += dec_acts
         mask = dropout_mask_bytes(enc.hidden_dropout, precision, device, o2)
+        stats = layernorm_stats_bytes(precision, device, o2)
         n = b * s_dec
         # embedding dropout; the encoder's final LayerNorm input and output (the memory, whole on every rank)
         acts += b * (s_enc + s_dec) * h * mask // u + b * memory * h * r // u + b * memory * h * r
-        acts += (n * h * (r + e) + 8 * n) // u + 4 * n * vocab // tp  # decoder final LayerNorm; the loss's fp32 softmax
+        acts += (n * h * (r + e) + stats * n) // u + 4 * n * vocab // tp  # decoder final LayerNorm; the loss's fp32 softmax
         stage = {"params": whole - split + split // tp, "matmul_params": split // tp, "activations": acts,
                  "transient": (e + 4) * n * vocab // tp, "grad_transient": 2 * param_bytes(precision, o2) * vocab * h // tp,
                  "recompute_transient": max(enc_rebuilt, dec_rebuilt)}

@@ -77,6 +77,12 @@ def block_matmul_params(block: BlockConfig, tp: int) -> int:
     return block_params(block, tp) - 6 * block.hidden_size
 
 
+def layernorm_stats_bytes(precision: str, device: str, o2: bool = False) -> int:
+    """Bytes a LayerNorm keeps per token for its backward: mean and rstd, fp32 on CUDA, in
+    the input's dtype on the CPU (16-bit under model.megatron_amp_O2)."""
+    return 2 * (4 if device == "cuda" else activation_bytes(precision, o2)[1])
+
+
 def dropout_mask_bytes(p: float, precision: str, device: str, o2: bool = False) -> int:
     """Bytes per element of a saved dropout mask of the residual stream: none without
     dropout; CUDA keeps a bool mask, CPU multiplies by a mask of the tensor's own dtype,
@@ -107,12 +113,13 @@ def block_activation_bytes(block: BlockConfig, b: int, s: int, s_kv: int, tp: in
     mask = dropout_mask_bytes(block.hidden_dropout, precision, device, o2)
     # LayerNorm inputs (the residual stream) and the linears' inputs; residual dropout masks;
     # LayerNorm mean and rstd
-    out = (2 * r * n * h + 2 * e * n * h + 2 * mask * n * h + 16 * n) // u
+    stats = layernorm_stats_bytes(precision, device, o2)
+    out = (2 * r * n * h + 2 * e * n * h + 2 * mask * n * h + 2 * stats * n) // u
     keep = _keeps_qkv(block, e, device)
     out += (keep * 3 * e * n * h + e * n * h) // tp + 2 * e * n * f // tp  # Q, K, V; attention output; MLP
     out += _attention_bytes(block, b, s, s_kv, a, e, device)
     if cross_kv:  # LayerNorm in/out, query input, dropout mask, statistics; Q, K, V; attention output
-        out += (r * n * h + e * n * h + mask * n * h + 8 * n) // u
+        out += (r * n * h + e * n * h + mask * n * h + stats * n) // u
         out += keep * (e * n * h // tp + 2 * e * b * cross_kv * h // tp) + e * n * h // tp
         out += _attention_bytes(block, b, s, cross_kv, a, e, device)
     return out
@@ -154,10 +161,14 @@ def stack_activation_bytes(block: BlockConfig, layers: int, b: int, s: int, s_kv
       recomputed at a time."""
     act = block_activation_bytes(block, b, s, s_kv, tp, precision, device, cross_kv, o2, sp)
     granularity = block.activations_checkpoint_granularity
+    # the backward of a recomputed attention core holds the gradient of its probabilities
+    # beside them (the CPU math path's, b x heads x s x s_kv in fp32)
+    core_grad = 4 * b * (block.num_attention_heads // tp) * s * s_kv \
+        if block.attention_dropout and device != "cuda" else 0
     if granularity == "selective":
         savings = recompute_savings(block, b, s, s_kv, tp, precision, device, cross_kv, o2, sp)
-        saved = [savings[m] for m in block.recompute_modules if m in savings]
-        return layers * (act - sum(saved)), max(saved, default=0)
+        saved = [savings[m] + (core_grad if m == "core_attn" else 0) for m in block.recompute_modules if m in savings]
+        return layers * (act - sum(savings[m] for m in block.recompute_modules if m in savings)), max(saved, default=0)
     method, k = block.full_recompute
     if method is None:
         return layers * act, 0
@@ -165,9 +176,12 @@ def stack_activation_bytes(block: BlockConfig, layers: int, b: int, s: int, s_kv
     n, h, u = b * s, block.hidden_size, (tp if sp else 1)
     whole_inputs = (2 + (1 if cross_kv else 0)) * e * n * h * (u - 1) // u if sp else 0  # gathered, not sliced
     k = min(k, layers)
+    # the last layer of the region: its MLP's GeLU tensors are freed before its attention's
+    # backward holds the gradient of the probabilities
+    late = max(0, core_grad - 2 * e * n * block.ffn // tp)
     if method == "uniform":
-        return math.ceil(layers / k) * r * n * h // u, k * (act + whole_inputs)
-    return k * r * n * h // u + (layers - k) * act, act + whole_inputs
+        return math.ceil(layers / k) * r * n * h // u, k * (act + whole_inputs) + late
+    return k * r * n * h // u + (layers - k) * act, act + whole_inputs + late
 
 
 def _keeps_qkv(block: BlockConfig, e: int, device: str) -> int:

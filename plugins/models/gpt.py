@@ -23,6 +23,7 @@ from mega.plugins.models.estimates import (
     block_matmul_params,
     block_params,
     dropout_mask_bytes,
+    layernorm_stats_bytes,
     param_bytes,
     pipeline_stages,
     stack_activation_bytes,
@@ -93,6 +94,7 @@ class GPTConfig(RecomputeKeys, SequenceParallelKey, ModelConfig):
         o2 = self.megatron_amp_O2
         e, r = activation_bytes(precision, o2)  # a matmul's saved input; the residual stream
         g = param_bytes(precision, o2)  # a gradient as autograd makes it
+        stats = layernorm_stats_bytes(precision, device, o2)  # the final LayerNorm's mean and rstd, per token
         word = vocab * h // tp
         layer = {"params": block_params(block, tp), "matmul_params": block_matmul_params(block, tp)}
         kept, rebuilt = stack_activation_bytes(block, L // pp, b, s, s, tp, precision, device, o2=o2, sp=sp)
@@ -105,10 +107,10 @@ class GPTConfig(RecomputeKeys, SequenceParallelKey, ModelConfig):
                 "grad_transient": g * word}  # the output layer's gradient of the tied matrix
         real = min(vocab_size, vocab) if self.mask_padded_vocab and tp == 1 else vocab // tp
         if self.loss_chunk_size:  # final LN input; gradients of the hidden states and the head, made in forward
-            last["activations"] = (n * h * r + 8 * n) // u + 4 * n * h + 4 * word
+            last["activations"] = (n * h * r + stats * n) // u + 4 * n * h + 4 * word
             last["transient"] = (8 + e) * min(n, self.loss_chunk_size) * vocab // tp  # one chunk's logits
         else:  # final LN in/out (the output layer's saved input); the loss's fp32 softmax; logits and their gradient
-            last["activations"] = (n * h * (r + e) + 8 * n) // u + 4 * n * real
+            last["activations"] = (n * h * (r + e) + stats * n) // u + 4 * n * real
             last["transient"] = (e + 4) * n * vocab // tp
         stages = pipeline_stages(pp, L, layer, first, last, stack)
         whole = L * block_params(block, 1) + padded_vocab_size(vocab_size, self.make_vocab_size_divisible_by) * h \
