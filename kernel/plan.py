@@ -268,7 +268,7 @@ def _memory_options(mc) -> List[tuple]:
         out.append(("model.activations_checkpoint_granularity=selective",
                     {"activations_checkpoint_granularity": "selective", "activations_checkpoint_method": None,
                      "activations_checkpoint_num_layers": None}))
-        out.append(("  full, uniform, 1 layer", {"activations_checkpoint_granularity": "full",
+        out.append(("  or full (uniform, 1 layer)", {"activations_checkpoint_granularity": "full",
                                                  "activations_checkpoint_method": "uniform",
                                                  "activations_checkpoint_num_layers": 1}))
     if getattr(mc, "sequence_parallel", None) is False and mc.tensor_model_parallel_size > 1:

@@ -20,7 +20,7 @@ TP=2 (2 ranks):
 TP=2 x PP=2 (4 ranks), the real training loop: recomputation (full block under dropout,
 full uniform with SP) trains bit for bit like the same layout without it; TP=2 x PP=2 + SP
 (hidden states of [b, s/2, h] between stages) trains like TP=2 x PP=2 to 1e-6 and like one
-process to 1e-5. `_train_layout` takes any layout and model keys, so a launch with data
+process to 1e-5, and under model.megatron_amp_O2 (bf16) like TP=2 x PP=2 O2 to 1e-5. `_train_layout` takes any layout and model keys, so a launch with data
 parallelism and the distributed optimizer can reuse it.
 """
 from __future__ import annotations
@@ -355,10 +355,11 @@ def test_bert_and_encoder_decoder_with_sequence_parallelism_equal_one_process(tp
 # --- the TP=2 x PP=2 launch: the real training loop ----------------------------------------------
 
 
-def _train_layout(state, d, name: str, model: dict, steps: int = 3):
+def _train_layout(state, d, name: str, model: dict, steps: int = 3, trainer: dict = None):
     """Train `steps` steps of a 4-layer GPT through `mega run`'s loop at this process's
-    layout (model keys over the defaults here): per-step (loss, grad norm) and this rank's
-    weights. 130: 258 byte ids pad to 260 at TP=1 and TP=2, so every layout starts alike."""
+    layout (model and trainer keys over the defaults here): per-step (loss, grad norm) and
+    this rank's fp32 weights. 130: 258 byte ids pad to 260 at TP=1 and TP=2, so every
+    layout starts alike."""
     from mega.config import config_from_dict
     from mega.testing import write_corpus
     from mega.training.loop import train_step
@@ -371,7 +372,7 @@ def _train_layout(state, d, name: str, model: dict, steps: int = 3):
     state.barrier()
     cfg = config_from_dict({
         "trainer": {"devices": state.world_size, "max_steps": steps, "val_check_interval": 0, "gradient_clip_val": 0.0,
-                    "accelerator": "cpu"},
+                    "accelerator": "cpu", **(trainer or {})},
         "exp_manager": {"exp_dir": str(d), "name": f"{name}-{state.world_size}", "loggers": []},
         "model": {"num_layers": 4, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 16, "micro_batch_size": 2,
                   "global_batch_size": 8, "make_vocab_size_divisible_by": 130,
@@ -400,11 +401,15 @@ LAYOUT_RUNS = {
     "dropout+sp+full_uniform": dict(DROPOUT, sequence_parallel=True, **FULL_UNIFORM_1),
     "plain": NO_DROPOUT,
     "sp": dict(NO_DROPOUT, sequence_parallel=True),
+    "o2": dict(NO_DROPOUT, megatron_amp_O2=True),
+    "o2+sp": dict(NO_DROPOUT, megatron_amp_O2=True, sequence_parallel=True),
 }
+BF16 = {"precision": "bf16"}
 
 
 def _layout_runs(state, d):
-    return {name: _train_layout(state, d, name, keys) for name, keys in LAYOUT_RUNS.items()}
+    return {name: _train_layout(state, d, name, keys, trainer=BF16 if keys.get("megatron_amp_O2") else None)
+            for name, keys in LAYOUT_RUNS.items()}
 
 
 @pytest.mark.slow
@@ -421,3 +426,6 @@ def test_tp2_pp2_recomputation_and_sequence_parallelism_train_like_their_referen
             assert l1 == pytest.approx(lo, rel=1e-5) and g1 == pytest.approx(go, rel=1e-4)
         for k, w in plain[1].items():
             torch.testing.assert_close(sp[1][k], w, rtol=0, atol=1e-6, msg=k)
+        # model.megatron_amp_O2: the tagged parameters' fp32 main gradients summed over TP
+        for (l1, _), (l0, _) in zip(runs["o2+sp"][0], runs["o2"][0]):
+            assert l1 == pytest.approx(l0, rel=1e-5)
