@@ -48,7 +48,9 @@ def register_models(register):
     global batch's token count, and/or `sample_loss_sum`, a sum of per-sample losses it
     divides by the global batch's sample count), and optionally a `PipelineStage`, `Generator`,
     `EncoderDecoder`, `StatefulModel` or `CountsFlops`. The samples it trains on are its
-    config's `objective()` (a `mega.protocols.SampleObjective`, "lm" by default).
+    config's `objective()` (a `mega.protocols.SampleObjective`, "lm" by default), or the
+    built model's own `objective()` when it has one (`DeclaresObjective`: a task's model,
+    whose samples come from the task it holds).
     """
 
 
@@ -146,14 +148,16 @@ def register_hidden_losses(register):
 
 @hookspec
 def register_tasks(register):
-    """Register downstream tasks (fine-tuning and evaluation recipes).
+    """Register downstream tasks (fine-tuning and evaluation recipes):
+    `register(name, factory, config=AttrsClass)`.
 
     `factory(config) -> mega.protocols.Task`; `config` is the run's `model` table, whose
     attrs class (passed as `config=`) subclasses `mega.config.ModelConfig` with the task's
-    keys. A task is trained as a model of the same name: register that name with
-    `register_models` too (the first-party tasks use
-    `mega.plugins.tasks.finetune.build_task_model`, which builds the task's `head` model),
-    so `model.name = "<task>"` selects both. Selected by `model.name`.
+    keys. This one call declares everything: the kernel also makes `name` a model (same
+    config class, same plugin) whose factory builds the task and returns
+    `task.model(tokenizer, plugins)`, so `model.name = "<task>"` trains, evaluates and
+    predicts with it. Do not register the name with `register_models` as well (a
+    PluginError names both plugins). Selected by `model.name`.
     """
 
 

@@ -133,6 +133,26 @@ class StatefulModel(Protocol):
 
 
 @runtime_checkable
+class SparselyReached(Protocol):
+    """Optional: a model some of whose parameters a training step may not reach
+    (Transformer-XL's adaptive-input and adaptive-softmax buckets that no token of the step
+    falls in). It may still give them zero gradients, so that DDP sees every parameter;
+    after each step's backward the kernel asks which were reached, on any data-parallel
+    rank, and drops the gradients of the others before clipping and the optimizer step. A
+    tensor no step reached therefore keeps its weights and optimizer state, as in plain
+    PyTorch, where its `.grad` stays None and optimizers skip it (a zero gradient would
+    still move it by momentum)."""
+
+    def sparse_parameters(self) -> List["torch.nn.Parameter"]:
+        """The parameters a step may not reach, in the same order on every rank."""
+
+    def take_reached(self) -> List[bool]:
+        """For each of `sparse_parameters()`, whether a forward with gradients reached it
+        since the last call; the record then starts afresh. True for all when nothing was
+        recorded (nothing is dropped then)."""
+
+
+@runtime_checkable
 class Evaluates(Protocol):
     """Optional: a model (or, later, a task) that evaluates a split its own way, which
     `mega evaluate` then calls instead of its token-loss pass: Transformer-XL carries its
@@ -175,6 +195,16 @@ class SampleObjective:
     span corruption's decoder length), and data sources refuse objectives they don't know."""
 
     name: str = "lm"
+
+
+@runtime_checkable
+class DeclaresObjective(Protocol):
+    """Optional for a built model: the samples it trains on, when they come from an object
+    the model holds rather than from its config alone (a fine-tuning task's model holds the
+    task that reads the task's files). The kernel asks the model first, then
+    `config.objective()` (`mega.training.run.objective_of`)."""
+
+    def objective(self) -> SampleObjective: ...
 
 
 # --- components the kernel drives ----------------------------------------------------------
@@ -327,12 +357,18 @@ class Task(Protocol):
     """What a `register_tasks` factory returns: a fine-tuning recipe on top of a head model
     (question answering, text or token classification, ...). `factory(config) -> Task`,
     `config` being the run's `model` table (a `ModelConfig` subclass with the task's keys);
-    the task's name is also a model name whose factory builds `head` with `head_options()`.
+    the task's name is also a model name (the kernel adds it) whose factory builds the task
+    and returns its `model(tokenizer, plugins)`.
 
     A task reads its files into samples for the head, and turns the head's outputs back
     into the metrics people publish and into answers for `mega predict`."""
 
     head: str  # the registered model name of the head it fine-tunes (e.g. "bert_question_answering")
+
+    def model(self, tokenizer: Tokenizer, plugins) -> "torch.nn.Module":
+        """The model `model.name = "<task>"` trains: `head` (built with `head_options()`)
+        holding this task object, so its data (`DeclaresObjective`), validation metrics,
+        `mega evaluate` and `mega predict` all read this one task."""
 
     def check(self) -> None:
         """Raise a ConfigError naming the key for what is wrong before anything runs; may

@@ -86,7 +86,7 @@ def test_tp2_archive_restores_at_any_tensor_parallel_size(plugins, tmp_path, cap
     # mega.restore_from: the same logits as the run restored directly
     model, tokenizer, cfg = mega.restore_from(archive, plugins)
     direct, _, _ = mega.restore_from(run_dir, plugins)
-    samples = cfg.model.build_task().samples("valid", tokenizer)
+    samples = model.downstream_task.samples("valid", tokenizer)
     batch = collate(samples)
     a, b = model.logits(batch)["logits"], direct.logits(batch)["logits"]
     print(f"restore_from(x.mega) vs the run: max |logit diff| {float((a - b).abs().max()):.3g}")

@@ -41,6 +41,7 @@ import torch
 import mega
 from mega.checkpoint import atomic_directory, check_options
 from mega.errors import CheckpointError, ConfigError
+from mega.load_errors import describe
 from mega.plugins.checkpoints import huggingface_bert as bert
 from mega.runtime.sharding import fit
 
@@ -126,7 +127,7 @@ def _read_weights(source: Path) -> Dict[str, torch.Tensor]:
             else:
                 part = torch.load(f, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise CheckpointError(f"{f}: cannot be read ({type(exc).__name__}: {exc})") from None
+            raise CheckpointError(f"{f}: cannot be read: {describe(exc)}") from None
         state.update(part)
     return state
 

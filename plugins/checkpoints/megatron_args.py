@@ -19,6 +19,7 @@ from typing import Any, List, Optional
 import torch
 
 from mega.errors import CheckpointError
+from mega.load_errors import describe
 from mega.plugins.models.transformer import padded_vocab_size
 
 # Megatron-LM's tokenizer names for mega's tokenizer libraries. `bytes` maps to Megatron's
@@ -68,7 +69,7 @@ def load_file(source, name: str, trust_pickle: bool = False) -> dict:
         allowed = {f"{g.__module__}.{g.__qualname__}" for g in _safe_globals()}
         unsafe = [g for g in unsafe if g not in allowed]
         if not unsafe:
-            raise CheckpointError(f"{name}: cannot be read as a Megatron checkpoint ({exc})") from None
+            raise CheckpointError(f"{name}: cannot be read as a Megatron checkpoint: {describe(exc)}") from None
         if all(g.startswith(MEGATRON_MODULES) for g in unsafe):
             if hasattr(source, "seek"):
                 source.seek(0)
@@ -78,7 +79,7 @@ def load_file(source, name: str, trust_pickle: bool = False) -> dict:
             " with torch.load(weights_only=True) and allows only argparse.Namespace, types.SimpleNamespace, paths and"
             " numpy arrays. If you trust where the file came from, import it with --option trust_pickle=true") from None
     except (OSError, RuntimeError, EOFError) as exc:
-        raise CheckpointError(f"{name}: cannot be read as a Megatron checkpoint ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(f"{name}: cannot be read as a Megatron checkpoint: {describe(exc)}") from None
 
 
 # Megatron-LM's own classes that `args` of its older files hold (enums such as
@@ -117,7 +118,7 @@ def _load_with_stubs(source, name: str, unsafe: List[str]) -> dict:
             return torch.load(source, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, OSError, RuntimeError, EOFError, TypeError) as exc:
         raise CheckpointError(f"{name}: holds Megatron-LM objects ({', '.join(unsafe)}) that cannot be read as plain"
-                              f" data ({type(exc).__name__}: {exc}); if you trust where the file came from, import it"
+                              f" data ({describe(exc)}); if you trust where the file came from, import it"
                               " with --option trust_pickle=true in an environment where megatron is importable") from None
 
 

@@ -31,6 +31,7 @@ import torch
 
 import mega
 from mega.errors import CheckpointError, ConfigError
+from mega.load_errors import describe
 from mega.plugins.checkpoints import mcore_names
 from mega.plugins.checkpoints.archive import safe_members
 from mega.plugins.checkpoints.megatron import current_name
@@ -272,8 +273,7 @@ def _weights(source: Path, tar, members, cfg: dict, model_table: dict, files, pl
             except CheckpointError:
                 raise
             except Exception as exc:
-                raise CheckpointError(f"{source}: member {name} cannot be read as plain tensors"
-                                      f" ({type(exc).__name__}: {exc})") from None
+                raise CheckpointError(f"{source}: member {name} cannot be read as plain tensors: {describe(exc)}") from None
             state = {}
             for key, tensor in raw_state.items():
                 short = key.removeprefix("model.module.").removeprefix("model.")

@@ -41,6 +41,7 @@ import torch.distributed as dist
 
 import mega
 from mega.errors import CheckpointError
+from mega.load_errors import describe
 from mega.plugins.checkpoints.mcore_names import mcore_name
 from mega.runtime.sharding import renumber
 
@@ -313,7 +314,7 @@ def _load(path: Path) -> dict:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing from the checkpoint") from None
     except Exception as exc:
-        raise CheckpointError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(f"{path}: cannot be read: {describe(exc)}") from None
 
 
 def _read_rank_file(directory: Path, tp_rank: int, pp_rank: int) -> dict:
