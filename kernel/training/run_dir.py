@@ -12,7 +12,7 @@ Before anything is written into it, a run directory is checked (`check_run_dir`)
   anyway with `exp_manager.resume_ignore_config_changes=true`. A directory with no
   checkpoint (a start that failed before its first save) holds nothing to resume: it
   takes the new config, and what was trained there from the corpus is checked against
-  the new inputs (`mega.trained_files`).
+  the new inputs (`mega.checkpoint.trained_files`).
 * The directory (or the nearest folder that exists above it) must be writable, and so
   must its `checkpoints/` folder when there is one, so a read-only location is reported
   at the start, not at the first checkpoint.
@@ -41,6 +41,7 @@ else:  # pragma: no cover
 import torch
 
 from mega.checkpoint.atomic import atomic_write_text
+from mega.checkpoint.store import holds_checkpoint
 from mega.config import dump_config
 from mega.errors import ConfigError
 
@@ -129,16 +130,6 @@ def config_changes(old: dict, new: dict) -> List[Tuple[str, Any, Any]]:
     a, b = _flatten(old), _flatten(new)
     missing = "(unset)"
     return [(k, a.get(k, missing), b.get(k, missing)) for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]
-
-
-def holds_checkpoint(run_dir: Path) -> bool:
-    """Whether `run_dir/checkpoints/` holds a checkpoint directory (finished or not: a
-    corrupt one is reported when resuming, never silently replaced). Without one there is
-    nothing to resume, and the run directory belongs to whichever config starts in it."""
-    try:
-        return any(p.is_dir() and not p.name.startswith(".") for p in (Path(run_dir) / CHECKPOINTS).iterdir())
-    except OSError:
-        return False
 
 
 def check_config_unchanged(config, run_dir: Path) -> None:

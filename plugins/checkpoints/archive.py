@@ -39,7 +39,7 @@ import mega
 from mega.checkpoint import MANIFEST, atomic_path, check_options, resolve_checkpoint, verify
 from mega.config import load_raw
 from mega.errors import CheckpointError, ConfigError
-from mega.load_errors import describe
+from mega.checkpoint.load_errors import describe
 from mega.plugins.checkpoints.native import rank_folder
 from mega.runtime.parallel import ParallelState
 

@@ -41,7 +41,7 @@ import torch
 import mega
 from mega.checkpoint import atomic_directory, check_options
 from mega.errors import CheckpointError, ConfigError
-from mega.load_errors import describe
+from mega.checkpoint.load_errors import describe
 from mega.plugins.checkpoints import huggingface_bert as bert
 from mega.runtime.sharding import fit
 

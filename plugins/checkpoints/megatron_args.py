@@ -19,7 +19,7 @@ from typing import Any, List, Optional
 import torch
 
 from mega.errors import CheckpointError
-from mega.load_errors import describe
+from mega.checkpoint.load_errors import describe
 from mega.plugins.models.transformer import padded_vocab_size
 
 # Megatron-LM's tokenizer names for mega's tokenizer libraries. `bytes` maps to Megatron's

@@ -20,7 +20,7 @@ import torch
 
 import mega
 from mega.errors import CheckpointError
-from mega.load_errors import describe
+from mega.checkpoint.load_errors import describe
 
 PARTS = ("model", "optimizer", "trainer", "sharding")
 

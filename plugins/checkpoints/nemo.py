@@ -31,7 +31,7 @@ import torch
 
 import mega
 from mega.errors import CheckpointError, ConfigError
-from mega.load_errors import describe
+from mega.checkpoint.load_errors import describe
 from mega.plugins.checkpoints import mcore_names
 from mega.plugins.checkpoints.archive import safe_members
 from mega.plugins.checkpoints.megatron import current_name

@@ -41,7 +41,7 @@ import torch.distributed as dist
 
 import mega
 from mega.errors import CheckpointError
-from mega.load_errors import describe
+from mega.checkpoint.load_errors import describe
 from mega.plugins.checkpoints.mcore_names import mcore_name
 from mega.runtime.sharding import renumber
 

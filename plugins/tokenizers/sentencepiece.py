@@ -3,7 +3,7 @@
 With no `model` given, a tokenizer is trained on the training corpus into the run
 directory (`tokenizer.model`) once; a resumed run reuses it, so token ids never change
 under a checkpoint. One trained from other files or options is trained again unless
-checkpoints depend on it (`mega.trained_files`).
+checkpoints depend on it (`mega.checkpoint.trained_files`).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 from attrs import define, field
 
 import mega
-from mega import trained_files
+from mega.checkpoint import trained_files
 from mega.checkpoint.atomic import atomic_write_bytes, atomic_write_text
 from mega.config import TokenizerConfig
 from mega.config.schema import at_least_one, non_negative, positive

@@ -20,7 +20,7 @@ WikiText-103 comes already tokenised into words, so its "tokenizer" is a vocabul
 The vocabulary is built once, from the files the data source names, into the run
 directory (`tokenizer.vocab`, one `symbol<TAB>count` per line, plus a stamp of the files
 and options it came from). A second run reuses it; a change of files or options rebuilds
-it, unless checkpoints depend on it (`mega.trained_files`). It is the tokenizer's
+it, unless checkpoints depend on it (`mega.checkpoint.trained_files`). It is the tokenizer's
 artifact, so checkpoints carry a copy and `vocab_file` points at it there; `vocab_file`
 also loads a vocabulary you give (symbols in file order, the first field of each line, as
 the reference's `vocab_file`).
@@ -42,7 +42,7 @@ import numpy as np
 from attrs import define, field
 
 import mega
-from mega import trained_files
+from mega.checkpoint import trained_files
 from mega.config import TokenizerConfig
 from mega.config.schema import at_least_one, non_negative
 from mega.errors import ConfigError, DataError

@@ -22,7 +22,7 @@ with the library's WordPieceTrainer (same normalizer and pre-tokenizer, the five
 tokens first) into `<run dir>/vocab.txt`, once; a resumed run reuses it, and checkpoints
 carry it (`artifacts()`), so token ids never change under a checkpoint. A vocab.txt
 trained from other files or options is trained again unless checkpoints depend on it
-(`mega.trained_files`).
+(`mega.checkpoint.trained_files`).
 
 Training is deterministic: the same corpus and options give the same vocab.txt in every
 process. The library alone does not: it numbers the `##` continuation characters in the
@@ -42,7 +42,7 @@ import numpy as np
 from attrs import define, field
 
 import mega
-from mega import trained_files
+from mega.checkpoint import trained_files
 from mega.config import TokenizerConfig
 from mega.config.schema import at_least_one
 from mega.errors import ConfigError, DataError

@@ -80,7 +80,7 @@ def reusable(path: Path, new: dict, what: str) -> bool:
     checkpoints depend on is always kept, with a warning when its inputs changed. A caller
     that names no corpus files (`mega preprocess --config`: it reads the run's trained file
     and has nothing to train one from) gets the file as it is."""
-    from mega.training.run_dir import holds_checkpoint
+    from mega.checkpoint.store import holds_checkpoint
 
     path = Path(path)
     if not path.is_file():
