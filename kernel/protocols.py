@@ -610,6 +610,7 @@ class EstimatesMemory(Protocol):
         (bytes alive on top of them around the loss: logits and their gradient),
         `grad_transient` (bytes alive on top of all gradients as backward ends) and,
         optionally, `matmul_params` (the parameters autocast casts to 16 bits; default:
-        all). With the config's own `megatron_amp_O2` set, the model runs in 16 bits
+        all) and `recompute_transient` (bytes activation recomputation rebuilds at once in
+        the backward, on top of the kept activations; default 0). With the config's own `megatron_amp_O2` set, the model runs in 16 bits
         outside autocast: its residual stream and gradients are 16-bit. Weights, fp32
         gradients and optimizer state per layout are the kernel's to add."""
