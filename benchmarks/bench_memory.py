@@ -1,215 +1,226 @@
-"""Per-rank memory of a GPT training step with and without each memory-scaling feature,
-as ratios against the same run without it, in one launch (docs/parallelism.md).
+"""Memory of a GPT training step per rank, with and without each memory feature
+(recomputation, sequence parallelism, the distributed optimizer), and the step-time cost of
+each: every row in one run, reported as ratios against the baseline row.
 
-One launch of TP x DP workers (gloo on CPU, NCCL on GPUs) trains the same GPT once per
-variant, one after the other, and each rank reports for each:
+    python benchmarks/bench_memory.py                  # CPU: 4 gloo processes, DP=2 x TP=2
+    python benchmarks/bench_memory.py --device cuda    # NCCL, one GPU per rank: DP=2 x TP=2 on 4 GPUs,
+                                                       # TP=2 on 2, TP=1 on 1 (no sequence-parallel rows)
+    python benchmarks/bench_memory.py --tiny           # the plumbing, in seconds
+    python benchmarks/bench_memory.py --out results.json
+
+Each rank builds every row's run (mega's own `build_run`: DDP, the sequence-parallel
+gradient sum, clipping, AdamW) on the same data, takes a warm-up step, then measures:
 
 * `state`: the bytes the training state holds after a step (parameters, gradients, main
-  weights and buffers, optimizer state), counted tensor by tensor (`mega.plan.
-  counted_state_bytes`), and `mega plan`'s figure for the same layout;
-* `peak`: the high-water mark of the step on the device: CUDA's max_memory_allocated, or on
-  CPU the process's peak resident memory (Linux's VmHWM, reset before each variant;
-  a fixed mmap threshold returns freed tensors to the OS so one variant does not hide
-  the next), above the memory held before the run was built.
+  weights and buffers, optimizer state), counted tensor by tensor
+  (mega.plan.counted_state_bytes), next to `mega plan`'s figure: what the distributed
+  optimizer shrinks;
+* `kept`: the bytes of the tensors one training forward leaves for the backward (the
+  activations), counted storage by storage (mega.runtime.tensor_bytes), next to
+  `mega plan`'s activations for the same row;
+* `peak`: the most bytes alive at once during one whole step (forward, backward, optimizer)
+  beyond what existed before it: the tensor count on CPU, torch.cuda.max_memory_allocated
+  on a GPU. The weights and optimizer state of a step before are not in it;
+* `step`: seconds per training step, the median over repetitions; the rows are timed
+  alternately, a block of steps each per repetition, so drift hits every row alike.
 
-Rows are the fullest rank's figures and their ratios to the baseline (`model.megatron_amp_O2`
-bf16, or fp32 with `--precision 32`, plain optimizer). Variants (`VARIANTS`) add config
-overrides one feature at a time.
-
-    python benchmarks/bench_memory.py                         # GPT 8 x 512, TP=2 x DP=2 on CPU (4 processes)
-    python benchmarks/bench_memory.py --device cuda --tp 1 --dp 8 --layers 24 --hidden 2048   # one node of GPUs
-    python benchmarks/bench_memory.py --tiny --tp 1 --dp 2   # the plumbing, in seconds (what the tests run)
+Ratios are against `baseline` (the same layout without any feature). Per-rank figures are
+the largest over ranks (the TP ranks of a layout hold the same shapes; DP ranks the same).
 """
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
+import socket
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import torch
+import torch.multiprocessing as mp
 
-# name -> config overrides, each measured against "baseline"
-VARIANTS = {
-    "baseline": [],
-    "distributed optimizer": ["model.optim.use_distributed_optimizer=true"],
+FULL = {"activations_checkpoint_granularity": "full", "activations_checkpoint_method": "uniform",
+        "activations_checkpoint_num_layers": 1}
+SELECTIVE = {"activations_checkpoint_granularity": "selective"}
+SELECTIVE_BOTH = {"activations_checkpoint_granularity": "selective", "recompute_modules": ["core_attn", "mlp"]}
+ROWS = {
+    "baseline": {},
+    "selective (core_attn)": SELECTIVE,
+    "selective (core_attn, mlp)": SELECTIVE_BOTH,
+    "full (uniform, 1)": FULL,
+    "sequence parallel": {"sequence_parallel": True},
+    "sequence parallel + selective": dict(SELECTIVE, sequence_parallel=True),
+    "sequence parallel + full": dict(FULL, sequence_parallel=True),
+    "distributed optimizer": {"optim": {"use_distributed_optimizer": True}},
+    "dist. optimizer + SP + selective": dict(SELECTIVE, sequence_parallel=True, optim={"use_distributed_optimizer": True}),
 }
 
 
-def _vm(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _reset_peak(device: str) -> int:
-    import torch
-
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _vm("VmRSS")
-
-
-def _peak(device: str, base: int) -> int:
-    import torch
-
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() - base
-    return _vm("VmHWM") - base
-
-
-def experiment(args, name: str, overrides, world: int) -> "object":
+def _config(args, work: Path, world: int, tp: int, keys: dict, name: str):
     from mega.config import config_from_dict
-    from mega.testing import tiny_raw
 
-    raw = tiny_raw(Path(args.dir), Path(args.dir) / "corpus.txt", trainer={
-        "devices": world, "accelerator": "gpu" if args.device == "cuda" else "cpu", "precision": args.precision,
-        "max_steps": args.steps + 1, "val_check_interval": 0, "log_every_n_steps": 1000, "dist_timeout_s": 600},
-        exp_manager={"name": name.replace(" ", "_"), "loggers": [], "checkpoint": {"save_last": False}},
-        model={"num_layers": args.layers, "hidden_size": args.hidden, "num_attention_heads": args.heads,
-               "seq_length": args.seq, "micro_batch_size": args.micro_batch, "global_batch_size": args.micro_batch * args.dp,
-               "hidden_dropout": 0.0, "attention_dropout": 0.0, "make_vocab_size_divisible_by": 128,
-               "megatron_amp_O2": args.precision != "32", "tensor_model_parallel_size": args.tp,
-               "tokenizer": {"library": "bytes"}})
-    return config_from_dict(raw, list(overrides))
+    shape = (dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=64, micro_batch_size=2)
+             if args.tiny else dict(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
+                                    seq_length=args.seq, micro_batch_size=args.micro_batch))
+    dp = world // tp
+    return config_from_dict({
+        "trainer": {"devices": world, "max_steps": 1000, "val_check_interval": 0, "accelerator": args.device,
+                    "precision": args.precision, "log_every_n_steps": 1000},
+        "exp_manager": {"exp_dir": str(work), "name": name, "loggers": [], "resume_if_exists": False},
+        "model": {**shape, "global_batch_size": shape["micro_batch_size"] * dp * 2, "tensor_model_parallel_size": tp,
+                  "hidden_dropout": 0.1, "attention_dropout": 0.1, "tokenizer": {"library": "bytes"},
+                  "data": {"data_prefix": [str(work / "corpus.txt")]}, **keys},
+    })
 
 
-def _worker(args, world):
-    import torch
+def _kept(run) -> int:
+    """Bytes one training forward of the run's first micro-batch leaves alive."""
+    from mega.runtime.precision import autocast
+    from mega.runtime.tensor_bytes import TensorBytes
+    from mega.training.batches import load_micro_batches, micro_batch_positions
 
-    from mega.plan import counted_state_bytes, estimate
-    from mega.plugin_manager import load_plugins
+    cfg = run.config
+    positions = micro_batch_positions(0, run.global_batch_size, cfg.model.micro_batch_size, run.parallel.dp_rank,
+                                      run.parallel.dp_size)
+    batch = load_micro_batches(run.train_data, positions, run.device)[0]
+    with TensorBytes() as counted, autocast(cfg.trainer.precision, run.device):
+        out = run.model.training_loss(batch)
+        kept = counted.live
+    del out
+    return kept
+
+
+def _peak(run) -> int:
+    """The most bytes alive at once during one step, beyond what existed before it."""
+    from mega.runtime.tensor_bytes import TensorBytes
     from mega.training.loop import train_step
-    from mega.training.run import build_run
 
-    plugins = load_plugins()
-    out = {}
-    # a first, unmeasured pass: what a process allocates once (kernels' code pages, caches,
-    # the data index) is not any variant's memory
-    for name, overrides in [("warm-up", [])] + list(VARIANTS.items()):
-        cfg = experiment(args, name, overrides, world)
-        base = _reset_peak(args.device)
-        run = build_run(cfg, plugins)
-        for _ in range(args.steps):
-            train_step(run)
-            run.step += 1
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        est = estimate(cfg, run.model.vocab_size, device=args.device)
-        if name == "warm-up":
-            del run
-            gc.collect()
-            continue
-        out[name] = {"state": counted_state_bytes(run.model, run.optimizer, run.main_params)["total"],
-                     "plan_state": est["rank"]["state"], "plan_peak": est["rank"]["peak"],
-                     "peak": _peak(args.device, base), "params": sum(p.numel() for p in run.model.parameters())}
-        del run
-        gc.collect()
-    return out
+    if run.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        train_step(run)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    with TensorBytes() as counted:
+        train_step(run)
+    return counted.peak
 
 
-def _spawned(rank, world, init_file, out_dir, args):
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
-    import pickle
-
-    import torch
+def _worker(rank: int, world: int, tp: int, port: int, args, work: str, rows: dict, out: str):
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    if args.device == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     import torch.distributed as dist
 
-    torch.set_num_threads(max(1, args.threads))
-    if args.device == "cuda":
-        torch.cuda.set_device(rank)
-    dist.init_process_group("nccl" if args.device == "cuda" else "gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
-    result = _worker(args, world)
-    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
-        pickle.dump(result, f)
+    from mega.plan import counted_state_bytes, estimate
+    from mega.training.loop import train_step
+    from mega.training.run import build_run
+    from mega.training.run_dir import unlock_run_dir
+
+    runs, result = {}, {}
+    for name, keys in rows.items():
+        cfg = _config(args, Path(work), world, tp, keys, name.replace(" ", "_").replace(",", "").replace("(", "")
+                      .replace(")", "").replace("+", "and"))
+        run = build_run(cfg)
+        train_step(run)  # warm-up: optimizer state, kernels, allocator
+        run.step += 1
+        planned = estimate(cfg, run.tokenizer.vocab_size, device=run.device.type)["rank"]
+        result[name] = {"kept": _kept(run), "peak": _peak(run), "planned_kept": planned["activations_per_micro_batch"],
+                        "planned_peak": planned["peak"], "times": [],
+                        "state": counted_state_bytes(run.model, run.optimizer, run.main_params)["total"],
+                        "planned_state": planned["state"]}
+        run.step += 1
+        runs[name] = run
+    for _ in range(args.reps):
+        for name, run in runs.items():
+            if run.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(args.block):
+                train_step(run)
+                run.step += 1
+            if run.device.type == "cuda":
+                torch.cuda.synchronize()
+            result[name]["times"].append((time.perf_counter() - t0) / args.block)
+    for run in runs.values():
+        unlock_run_dir(run.run_dir)
+    gathered = [None] * world
+    dist.all_gather_object(gathered, result)
+    if rank == 0:
+        Path(out).write_text(json.dumps(gathered))
+    dist.barrier()
     dist.destroy_process_group()
 
 
-def run(args) -> dict:
-    import pickle
-
-    import torch.multiprocessing as mp
-
-    from mega.testing import write_corpus
-
-    world = args.tp * args.dp
-    if args.device == "cuda":
-        import torch
-
-        if torch.cuda.device_count() < world:
-            raise SystemExit(f"--tp {args.tp} x --dp {args.dp} needs {world} GPUs, this machine has"
-                             f" {torch.cuda.device_count()}: lower them (e.g. --tp 1 --dp {torch.cuda.device_count()})")
-    write_corpus(Path(args.dir) / "corpus.txt", lines=400)
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")  # freed tensors go back to the OS: per-variant peaks
-    with tempfile.TemporaryDirectory() as tmp:
-        init = os.path.join(tmp, "rendezvous")
-        mp.start_processes(_spawned, args=(world, init, tmp, args), nprocs=world, join=True, start_method="spawn")
-        ranks = []
-        for r in range(world):
-            with open(os.path.join(tmp, f"rank{r}.pkl"), "rb") as f:
-                ranks.append(pickle.load(f))
-    rows = {}
-    for name in VARIANTS:
-        fullest = max(range(world), key=lambda r: ranks[r][name]["state"])
-        rows[name] = {"state": max(r[name]["state"] for r in ranks), "plan_state": ranks[fullest][name]["plan_state"],
-                      "peak": max(r[name]["peak"] for r in ranks), "plan_peak": ranks[fullest][name]["plan_peak"],
-                      "params_per_rank": ranks[0][name]["params"]}
-    base = rows["baseline"]
-    for row in rows.values():
-        row["state_ratio"] = row["state"] / base["state"]
-        row["peak_ratio"] = row["peak"] / base["peak"]
-    return rows
-
-
-def _mib(n: float) -> str:
-    return f"{n / 2 ** 20:9.1f} MiB"
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--tp", type=int, default=2)
-    p.add_argument("--dp", type=int, default=2)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--precision", default=None, help="trainer.precision (default: 32 on CPU, bf16 on a GPU)")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--seq", type=int, default=512)
     p.add_argument("--micro-batch", type=int, default=2)
-    p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--precision", default="bf16", help="bf16 (model.megatron_amp_O2) or 32")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per CPU worker")
-    p.add_argument("--tiny", action="store_true", help="a 2 x 64 model: the plumbing, in seconds")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--dir", default=None, help="where the runs write (default: a temporary directory)")
+    p.add_argument("--reps", type=int, default=3, help="repetitions of the alternating timed blocks")
+    p.add_argument("--block", type=int, default=2, help="timed steps per row per repetition")
+    p.add_argument("--tiny", action="store_true", help="a 2-layer model, 1 repetition of 1 step: the plumbing only")
+    p.add_argument("--out", help="write the table as JSON here")
     args = p.parse_args(argv)
+    args.precision = args.precision or ("32" if args.device == "cpu" else "bf16")
     if args.tiny:
-        args.layers, args.hidden, args.heads, args.seq = 2, 64, 4, 32
-    with tempfile.TemporaryDirectory() as tmp:
-        args.dir = args.dir or tmp
-        rows = run(args)
-    if args.json:
-        print(json.dumps(rows, indent=1))
-    else:
-        print(f"GPT {args.layers} x {args.hidden}, seq {args.seq}, micro-batch {args.micro_batch}, TP={args.tp} x DP={args.dp},"
-              f" {args.device}, {'model.megatron_amp_O2 bf16' if args.precision != '32' else 'fp32'}; per rank (the fullest):")
-        print(f"  {'variant':<24} {'state':>13} {'plan':>13} {'ratio':>6}   {'peak':>13} {'plan':>13} {'ratio':>6}")
-        for name, r in rows.items():
-            print(f"  {name:<24} {_mib(r['state'])} {_mib(r['plan_state'])} {r['state_ratio']:6.3f}   {_mib(r['peak'])}"
-                  f" {_mib(r['plan_peak'])} {r['peak_ratio']:6.3f}")
-    return rows
+        args.reps, args.block = 1, 1
+    world = 4 if args.device == "cpu" else min(4, torch.cuda.device_count())
+    if world < 1:
+        raise SystemExit("--device cuda: torch sees no GPU")
+    tp = 2 if world >= 2 else 1
+    rows = {k: v for k, v in ROWS.items() if tp > 1 or not v.get("sequence_parallel")}
+    from mega.testing import write_corpus
+
+    with tempfile.TemporaryDirectory() as work:
+        write_corpus(Path(work) / "corpus.txt", lines=2000)
+        out = Path(work) / "result.json"
+        mp.spawn(_worker, args=(world, tp, _free_port(), args, work, rows, str(out)), nprocs=world, join=True)
+        ranks = json.loads(out.read_text())
+    table = {}
+    for name in rows:
+        per = [r[name] for r in ranks]
+        table[name] = {"state": max(x["state"] for x in per), "planned_state": max(x["planned_state"] for x in per),
+                       "kept": max(x["kept"] for x in per), "planned_kept": max(x["planned_kept"] for x in per),
+                       "peak": max(x["peak"] for x in per), "planned_peak": max(x["planned_peak"] for x in per),
+                       "step_s": statistics.median(t for x in per for t in x["times"])}
+    base = table["baseline"]
+    for row in table.values():
+        row["state_ratio"] = row["state"] / base["state"]
+        row["kept_ratio"] = row["kept"] / base["kept"]
+        row["peak_ratio"] = row["peak"] / base["peak"]
+        row["step_ratio"] = row["step_s"] / base["step_s"]
+    device = torch.cuda.get_device_name(0) if args.device == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    dp = world // tp
+    print(f"GPT {2 if args.tiny else args.layers} layers, DP={dp} x TP={tp} on {device}, precision {args.precision};"
+          f" per-rank bytes (largest rank), ratios against the baseline")
+    print(f"{'row':<32} {'state MiB':>9} {'plan MiB':>9} {'x base':>7} {'kept MiB':>9} {'plan MiB':>9} {'x base':>7}"
+          f" {'peak MiB':>9} {'x base':>7} {'step s':>8} {'x base':>7}")
+    mib = 2 ** 20
+    for name, r in table.items():
+        print(f"{name:<32} {r['state'] / mib:>9.1f} {r['planned_state'] / mib:>9.1f} {r['state_ratio']:>7.2f}"
+              f" {r['kept'] / mib:>9.1f} {r['planned_kept'] / mib:>9.1f} {r['kept_ratio']:>7.2f}"
+              f" {r['peak'] / mib:>9.1f} {r['peak_ratio']:>7.2f} {r['step_s']:>8.3f} {r['step_ratio']:>7.2f}")
+    doc = {"layout": {"dp": dp, "tp": tp}, "device": device, "precision": args.precision, "rows": table}
+    if args.out:
+        Path(args.out).write_text(json.dumps(doc, indent=2))
+    return doc
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
-    main()
+    sys.exit(0 if main() else 1)

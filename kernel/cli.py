@@ -153,7 +153,7 @@ def cmd_run(args) -> int:
     tr = config.trainer
     workers = tr.devices * tr.num_nodes > 1 and not launched()
     if workers:  # what every worker would check, checked once here, before any is started
-        from mega.training.run_dir import check_config_unchanged, run_dir_of
+        from mega.training.run_dir import check_config_unchanged, check_writable, run_dir_of
 
         from mega.runtime.parallel import check_devices
 
@@ -161,6 +161,7 @@ def cmd_run(args) -> int:
         _check_layout(config)
         config.model.check(plugins)
         check_config_unchanged(config, run_dir_of(config))
+        check_writable(run_dir_of(config))  # a read-only run directory or checkpoints/, before any worker starts
     if not launched():  # refuse a run that cannot fit, before anything is allocated (mega.plan)
         from mega.plan import check_fits
 
@@ -239,8 +240,12 @@ def cmd_plugins(args) -> int:
 
 def cmd_generate(args) -> int:
     from mega.checkpoint import restore
-    from mega.inference import generate
+    from mega.inference import check_sampling, generate
 
+    # the flags first: a bad value is reported before the checkpoint is loaded
+    check_sampling(args.max_new_tokens, greedy=args.greedy, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, names={k: f"--{k.replace('_', '-')}" for k in
+                                            ("max_new_tokens", "temperature", "top_k", "top_p")})
     model, tokenizer, config = restore(args.checkpoint, device=args.device)
     prompt = tokenizer.encode(args.prompt)
     if isinstance(model, EncoderDecoder):  # encode the prompt, decode from its hiddens

@@ -125,12 +125,13 @@ def token_loss(model, source, split: str, tokenizer, config: ExperimentConfig, p
     from mega.runtime.precision import autocast
     from mega.runtime.collate import collate
     from mega.training.batches import micro_batch_positions
+    from mega.training.run import objective_of
 
     mc = config.model
     if not isinstance(source, WholeSplit):
         raise ConfigError(f"model.data.data_impl={mc.data.data_impl!r}: this data source cannot list a whole split"
                           " (mega.protocols.WholeSplit), so mega evaluate cannot score it")
-    samples = source.whole_split(split, tokenizer, mc.seq_length, mc.seed, mc.objective())
+    samples = source.whole_split(split, tokenizer, mc.seq_length, mc.seed, objective_of(model, mc))
     n = len(samples)
     if n == 0:
         raise ConfigError(f"the {split} split has no samples")

@@ -48,7 +48,9 @@ def register_models(register):
     global batch's token count, and/or `sample_loss_sum`, a sum of per-sample losses it
     divides by the global batch's sample count), and optionally a `PipelineStage`, `Generator`,
     `EncoderDecoder`, `StatefulModel` or `CountsFlops`. The samples it trains on are its
-    config's `objective()` (a `mega.protocols.SampleObjective`, "lm" by default).
+    config's `objective()` (a `mega.protocols.SampleObjective`, "lm" by default), or the
+    built model's own `objective()` when it has one (`DeclaresObjective`: a task's model,
+    whose samples come from the task it holds).
     """
 
 
@@ -146,14 +148,47 @@ def register_hidden_losses(register):
 
 @hookspec
 def register_tasks(register):
-    """Register downstream tasks (fine-tuning and evaluation recipes).
+    """Register downstream tasks (fine-tuning and evaluation recipes):
+    `register(name, factory, config=AttrsClass)`.
 
     `factory(config) -> mega.protocols.Task`; `config` is the run's `model` table, whose
     attrs class (passed as `config=`) subclasses `mega.config.ModelConfig` with the task's
-    keys. A task is trained as a model of the same name: register that name with
-    `register_models` too (the first-party tasks use
-    `mega.plugins.tasks.finetune.build_task_model`, which builds the task's `head` model),
-    so `model.name = "<task>"` selects both. Selected by `model.name`.
+    keys. This one call declares everything: the kernel also makes `name` a model (same
+    config class, same plugin) whose factory builds the task and returns
+    `task.model(tokenizer, plugins)`, so `model.name = "<task>"` trains, evaluates and
+    predicts with it. Do not register the name with `register_models` as well (a
+    PluginError names both plugins). Selected by `model.name`.
+    """
+
+
+@hookspec
+def register_model_converters(register):
+    """Register how a model family's files map to other tools': `register(model_name,
+    factory)`, once for each registered model name the converter handles.
+
+    `factory() -> object` implementing any of `mega.protocols.HuggingFaceModelConverter`
+    (config.json and the state dict of a transformers class), `MegatronModelConverter`
+    (Megatron-LM's `args` and legacy checkpoints), `MegatronCoreNames` (megatron-core's
+    keys: `torch_dist`, NeMo mcore) and `NemoModelConverter` (`.nemo` archives), and
+    optionally `tokenizers`, the tokenizer libraries the family's files come with, in the
+    order to try on import. The `huggingface`, `megatron`, `nemo` and `torch_dist`
+    checkpoint formats keep the file I/O and dispatch through these: selected by the run's
+    `model.name` on export, by what a file says (config.json's `model_type`, `args`,
+    `model_config.yaml`) on import. No `config=`.
+    """
+
+
+@hookspec
+def register_tokenizer_converters(register):
+    """Register how a tokenizer's files map to other tools': `register(library, factory)`,
+    `library` being its `model.tokenizer.library` name.
+
+    `factory() -> object` implementing any of
+    `mega.protocols.HuggingFaceTokenizerConverter` (files `AutoTokenizer` loads, and
+    reading them back), `MegatronTokenizerConverter` (Megatron-LM's `tokenizer_type` and
+    file fields) and `NemoTokenizerConverter` (NeMo's tokenizer section). Selected by the
+    run's `model.tokenizer.library` on export; on import each candidate is asked in turn.
+    No `config=`.
     """
 
 

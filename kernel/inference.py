@@ -7,7 +7,7 @@ vocabulary padding) and `max_positions`.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Mapping, Optional
 
 import torch
 
@@ -26,6 +26,24 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
     return logits
 
 
+def check_sampling(max_new_tokens: int, *, greedy: bool = False, temperature: float = 1.0, top_k: int = 0,
+                   top_p: float = 1.0, names: Optional[Mapping[str, str]] = None) -> None:
+    """Raise a ValueError naming the first setting out of range (`names` maps a parameter
+    to how the caller spells it, e.g. "top_p" -> "--top-p"): top_p is a probability mass
+    in (0, 1] (at 0 no token would be left to sample), top_k a count (0: all tokens),
+    temperature positive unless greedy."""
+    name = dict(names or {}).get
+    if max_new_tokens < 0:
+        raise ValueError(f"{name('max_new_tokens', 'max_new_tokens')}: must be >= 0, got {max_new_tokens}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"{name('top_p', 'top_p')}: must be in (0, 1] (the probability mass sampled from; 1: all"
+                         f" tokens), got {top_p:g}")
+    if top_k < 0:
+        raise ValueError(f"{name('top_k', 'top_k')}: must be >= 0 (0: all tokens), got {top_k}")
+    if not greedy and not temperature > 0:
+        raise ValueError(f"{name('temperature', 'temperature')}: must be positive (or use greedy), got {temperature:g}")
+
+
 @torch.no_grad()
 def generate(model, prompt: List[int], max_new_tokens: int, *, greedy: bool = False, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, eos_id: Optional[int] = None, seed: Optional[int] = None,
@@ -39,8 +57,7 @@ def generate(model, prompt: List[int], max_new_tokens: int, *, greedy: bool = Fa
     """
     if not prompt:
         raise ValueError("the prompt is empty")
-    if temperature <= 0 and not greedy:
-        raise ValueError("temperature must be positive (or use greedy)")
+    check_sampling(max_new_tokens, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p)
     device = next(model.parameters()).device
     total = min(len(prompt) + max_new_tokens, model.max_positions)
     if len(prompt) >= model.max_positions:

@@ -32,7 +32,7 @@ import pluggy
 
 from mega import hookspecs
 from mega.errors import ConfigError, PluginError, did_you_mean
-from mega.registry import KINDS, Registry
+from mega.registry import KINDS, Registry, add_task_models
 
 ENTRY_POINT_GROUP = "mega.plugins"
 STRICT_ENV = "MEGA_STRICT_PLUGINS"
@@ -184,6 +184,7 @@ def load_plugins(extra: Iterable[object] = (), only: Optional[str] = None, entry
                 raise
             except Exception as exc:
                 raise PluginError(f"plugin {impl.plugin_name!r} failed in {hook_name}: {type(exc).__name__}: {exc}") from exc
+    add_task_models(registries["models"], registries["tasks"])
     return Plugins(pm, registries, info, broken)
 
 

@@ -24,6 +24,8 @@ KINDS = {
     "hidden_transforms": "register_hidden_transforms",
     "hidden_losses": "register_hidden_losses",
     "tasks": "register_tasks",
+    "model_converters": "register_model_converters",
+    "tokenizer_converters": "register_tokenizer_converters",
 }
 
 
@@ -95,3 +97,29 @@ class Registry:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+@attrs.frozen
+class TaskModelFactory:
+    """The model entry a task's registration implies: `model.name = "<task>"` builds the
+    task from the run's `model` table with the task's registered factory, and the task
+    builds the model that trains and evaluates it (`Task.model`), holding that same task
+    object (its samples, metrics and predictions)."""
+
+    task: Callable[..., Any]
+
+    def __call__(self, config, tokenizer, plugins):
+        return self.task(config).model(tokenizer, plugins)
+
+
+def add_task_models(models: Registry, tasks: Registry) -> None:
+    """Each registered task is also the model of its name (same config class, same plugin):
+    one `register_tasks` call declares both. A model registered under a task's name is a
+    PluginError naming both plugins."""
+    for entry in tasks.entries():
+        if entry.name in models:
+            other = models.get(entry.name).plugin
+            raise PluginError(f"task {entry.name!r} (plugin {entry.plugin!r}) is also registered as a model by plugin "
+                              f"{other!r}: a task's model entry follows from its register_tasks call alone; drop the "
+                              "register_models entry")
+        models.add(entry.name, TaskModelFactory(entry.factory), entry.config, entry.plugin)

@@ -53,6 +53,34 @@ def test_mega_run_refuses_before_launching(monkeypatch, tmp_path, corpus, capsys
     assert not (tmp_path / "results").exists()
 
 
+def test_mega_run_finds_a_read_only_checkpoints_folder_before_launching(monkeypatch, tmp_path, corpus, capsys):
+    """Issue 20, item 2, with workers: the launcher reports a read-only checkpoints/ (exit 2,
+    one line) before starting any worker."""
+    import errno
+
+    import tomli_w
+
+    from mega.runtime import launch
+    from mega.testing import tiny_raw
+    from mega.training import run_dir as run_dir_mod
+
+    exp = tmp_path / "exp.toml"
+    exp.write_text(tomli_w.dumps(tiny_raw(tmp_path, corpus, trainer={"accelerator": "cpu"})))
+    (tmp_path / "results" / "tiny" / "checkpoints").mkdir(parents=True)
+    real_open = open
+
+    def read_only_checkpoints(path, *args, **kwargs):  # tests run as root, where chmod does not stop writes
+        if ".mega-write-probe" in str(path) and "checkpoints" in str(path):
+            raise PermissionError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(run_dir_mod, "open", read_only_checkpoints, raising=False)
+    monkeypatch.setattr(launch, "launch_local_workers", lambda *a, **k: pytest.fail("workers were started"))
+    assert main(["run", str(exp), "trainer.devices=2"]) == 2
+    err = capsys.readouterr().err
+    assert "tiny/checkpoints (Read-only file system); checkpoints could not be saved" in err and "Traceback" not in err
+
+
 def test_every_multi_process_test_pins_the_cpu():
     """A test file that starts several workers (trainer.devices > 1 or run_ranks with
     build_run) must say `accelerator` = cpu somewhere, else on a GPU machine its workers

@@ -269,8 +269,8 @@ def test_megatron_layout_is_distrib_optim_pt(tmp_path, corpus, plugins):
     `numel_unpadded`, fp32 `param` = the main weights), `model_optim_rng.pt`'s optimizer
     holds only param_groups with the step; a file built by hand from the §2.2 example
     (Megatron-LM's args, no layout record) unflattens to each parameter's tensors."""
-    from mega.plugins.checkpoints.megatron_args import load_file
-    from mega.plugins.checkpoints.megatron_distrib_optim import layout_from_args
+    from mega.plugins.checkpoints.megatron.files import load_file
+    from mega.plugins.checkpoints.megatron.distrib_optim import layout_from_args
 
     from mega.training.loop import train
 
@@ -556,7 +556,7 @@ def test_data_parallel_runs_equal_the_plain_optimizer_and_resume_at_any_size(tmp
     * torch_dist: every data-parallel rank wrote its own chunk of each bucket tensor.
     * the state each layout leaves, counted tensor by tensor, is `mega plan`'s."""
     from mega.plugin_manager import load_plugins
-    from tests.multiproc import run_ranks
+    from mega.testing import run_ranks
 
     d = tmp_path
     _write_family_files(d)

@@ -192,10 +192,10 @@ COMMANDS: Dict[str, object] = {
     "mega run experiment.toml [dotted.key=value ...]": SYNOPSIS,
     "mega run examples/quickstart.toml": Run(GPT + DATA, needs=("corpus.txt",), expect=_file("results/quickstart/checkpoints")),
     "mega run examples/quickstart.toml trainer.max_steps=50 exp_manager.name=short": Run(GPT + DATA, needs=("corpus.txt",)),
-    "mega run examples/quickstart.toml 'model.data.data_prefix=[0.7,a.txt,0.3,b.txt]'":
-        Run(GPT + ("exp_manager.name=blended",), needs=("a.txt", "b.txt")),
-    "mega run examples/quickstart.toml trainer.devices=2 trainer.accelerator=cpu":  # (the only README DP=2 test)
-        Run(GPT + DATA + ("exp_manager.name=dp2",), needs=("corpus.txt",), slow=True,
+    "mega run examples/quickstart.toml 'model.data.data_prefix=[0.7,a.txt,0.3,b.txt]' exp_manager.name=blended":
+        Run(GPT, needs=("a.txt", "b.txt"), expect=_file("results/blended/checkpoints/step_0000002")),
+    "mega run examples/quickstart.toml trainer.devices=2 trainer.accelerator=cpu exp_manager.name=dp2":
+        Run(GPT + DATA, needs=("corpus.txt",), slow=True,  # (the only README DP=2 test)
             expect=_file("results/dp2/checkpoints/step_0000002")),
     "mega config examples/quickstart.toml trainer.precision=bf16": Run(expect=_has('precision = "bf16"')),
     "mega plugins": Run(expect=_has("gpt", "models: gpt")),
@@ -232,6 +232,10 @@ COMMANDS: Dict[str, object] = {
                                                                 expect=_file("gpt2-out/config.json")),
     "mega export results/gpt2 ./gpt2-out --to huggingface --option dtype=bfloat16":
         Run(needs=("results/gpt2",), fresh=("gpt2-out",), expect=_file("gpt2-out/config.json")),
+    "mega export results/quickstart ./quickstart-hf --to huggingface":
+        Run(needs=("results/quickstart",), fresh=("quickstart-hf",), expect=_file("quickstart-hf/tokenizer.json")),
+    "mega import ./quickstart-hf results/quickstart-back": Run(needs=("quickstart-hf",), fresh=("results/quickstart-back",),
+                                                               expect=_has("imported")),
     "mega export results/gpt model.mega": Run(needs=("results/gpt",), fresh=("model.mega",), expect=_file("model.mega")),
     "mega export results/gpt model.tar --to archive": Run(needs=("results/gpt",), fresh=("model.tar",),
                                                           expect=_file("model.tar")),
@@ -253,11 +257,12 @@ COMMANDS: Dict[str, object] = {
         Run(needs=("results/my-bert",), fresh=("bert-megatron",), expect=_file("bert-megatron/iter_0000000/mp_rank_01")),
     "mega import ./bert-megatron results/my-bert-from-megatron":
         Run(needs=("bert-megatron",), fresh=("results/my-bert-from-megatron",), expect=_has("imported")),
-    "mega import megatron_bert_345m_v0_1_uncased.zip results/bert-345m --option vocab_file=bert-large-uncased-vocab.txt":
+    "mega import megatron_bert_345m_v0_1_uncased.zip results/bert-345m --option vocab_file=bert-large-uncased-vocab.txt"
+    " --option num_attention_heads=16":
         Run(needs=("megatron_bert_345m_v0_1_uncased.zip", "bert-large-uncased-vocab.txt"), fresh=("results/bert-345m",),
             expect=_has("imported")),
     "mega import megatron_bert_345m_v0_1_cased.zip results/bert-345m-cased --option"
-    " vocab_file=bert-large-cased-vocab.txt --option do_lower_case=false":
+    " vocab_file=bert-large-cased-vocab.txt --option do_lower_case=false --option num_attention_heads=16":
         Run(needs=("megatron_bert_345m_v0_1_cased.zip", "bert-large-cased-vocab.txt"),
             fresh=("results/bert-345m-cased",), expect=_has("imported")),
     # docs/hiddens.md
@@ -286,8 +291,8 @@ COMMANDS: Dict[str, object] = {
     # docs/parallelism.md
     "mega run examples/gpt-tp2.toml": Run(GPT + DATA, needs=("corpus.txt",), slow=True),
     # on a machine with one GPU (or none) the 2 workers must be CPU workers
-    "mega run examples/quickstart.toml trainer.devices=2": Run(GPT + DATA + ("exp_manager.name=dp2", "trainer.accelerator=cpu"),
-                                                               needs=("corpus.txt",), slow=True),
+    "mega run examples/quickstart.toml trainer.devices=2 exp_manager.name=dp2":
+        Run(GPT + DATA + ("trainer.accelerator=cpu",), needs=("corpus.txt",), slow=True),
     "torchrun --nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 -m mega run exp.toml"
     " trainer.devices=8 trainer.num_nodes=2": LAUNCH,
     # docs/data.md
@@ -342,12 +347,12 @@ COMMANDS: Dict[str, object] = {
         Run(BERT + ("trainer.accelerator=cpu",), slow=True),
     "mega run examples/bert.toml model.tokenizer.vocab_file=vocab.txt exp_manager.name=bert-vocab":
         Run(BERT, needs=("vocab.txt",)),
-    "mega run examples/quickstart.toml 'model.data.data_prefix=[\"my_corpus.txt\"]'":
-        Run(GPT + ("exp_manager.name=own",), needs=("my_corpus.txt",)),
-    "mega run examples/mim.toml ++model.hiddens.loss.mim.loss_weight=0.5": Run(BART + ("exp_manager.name=mim_w",),
-                                                                              needs=("corpus.txt",)),
-    "mega run examples/vae.toml ++model.hiddens.loss.vae.min_kl_value=0.1": Run(BART + ("exp_manager.name=vae_kl",),
-                                                                               needs=("corpus.txt",)),
+    "mega run examples/quickstart.toml 'model.data.data_prefix=[\"my_corpus.txt\"]' exp_manager.name=my_corpus":
+        Run(GPT, needs=("my_corpus.txt",), expect=_file("results/my_corpus/checkpoints/step_0000002")),
+    "mega run examples/mim.toml ++model.hiddens.loss.mim.loss_weight=0.5 exp_manager.name=mim_w":
+        Run(BART, needs=("corpus.txt",)),
+    "mega run examples/vae.toml ++model.hiddens.loss.vae.min_kl_value=0.1 exp_manager.name=vae_kl":
+        Run(BART, needs=("corpus.txt",)),
     "mega run examples/txl-quickstart.toml": Run(TXL + DATA, needs=("corpus.txt",),
                                                  expect=_file("results/txl-quickstart/checkpoints")),
     "mega evaluate results/txl-quickstart --split test": Run(needs=("results/txl-quickstart",),
@@ -424,7 +429,7 @@ def _ngc(kind: str):
     def make(ws: Path) -> None:
         from tests.test_bert_interop import _ngc_zip
 
-        _ngc_zip(ws / f"megatron_bert_345m_v0_1_{kind}.zip", kind)
+        _ngc_zip(ws / f"megatron_bert_345m_v0_1_{kind}.zip", kind, with_args=False)  # as NVIDIA released them
     return make
 
 
@@ -446,6 +451,8 @@ ARTIFACTS: Dict[str, Tuple[Tuple[str, ...], Callable[[Path], None]]] = {
     "results/quickstart": (("corpus.txt",), lambda ws: _run_doc(ws, "mega run examples/quickstart.toml")),
     "results/gpt": (("results/quickstart",), lambda ws: shutil.copytree(ws / "results/quickstart", ws / "results/gpt")),
     "model.mega": (("results/gpt",), lambda ws: _run_doc(ws, "mega export results/gpt model.mega")),
+    "quickstart-hf": (("results/quickstart",),
+                      lambda ws: _run_doc(ws, "mega export results/quickstart ./quickstart-hf --to huggingface")),
     "tok/tokenizer.json": (("corpus.txt",), _bpe),
     "gpt2-small": (("corpus.txt",), _gpt2_small),
     "results/gpt2": (("gpt2-small",), lambda ws: _run_doc(ws, "mega import ./gpt2-small results/gpt2")),
@@ -598,6 +605,22 @@ def _check_synopsis(doc: DocCommand, words: List[str]) -> None:
     flags = {s for a in sub.choices[words[1]]._actions for s in a.option_strings}
     used = {w.strip("[]|") for w in words if w.strip("[]|").startswith("--")}
     assert used <= flags, f"{doc.where}: {sorted(used - flags)} are not options of `mega {words[1]}`"
+
+
+def test_a_variant_of_a_documented_run_names_its_own_run():
+    """Issue 20, item 3: a `mega run examples/X.toml key=value ...` line, where the docs also
+    show `mega run examples/X.toml` itself, sets its own exp_manager.name. Without one it
+    would land in the first run's directory: a finished run there has nothing to do (the
+    line would show nothing), and a changed model or data is refused."""
+    bare = {c.text for c in DOC_COMMANDS if re.fullmatch(r"mega run examples/\S+\.toml", c.text)}
+    unnamed = []
+    for c in DOC_COMMANDS:
+        words = shlex.split(c.text)
+        if c.output or len(words) < 4 or " ".join(words[:3]) not in bare:
+            continue
+        if not any(w.startswith("exp_manager.name=") for w in words[3:]):
+            unnamed.append(f"{c.where}: {c.text}")
+    assert bare and not unnamed, "these lines would resume (or be refused by) the run of the bare command:\n" + "\n".join(unnamed)
 
 
 def test_the_docs_cite_nothing_outside_the_repository():

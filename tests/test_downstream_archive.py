@@ -86,7 +86,7 @@ def test_tp2_archive_restores_at_any_tensor_parallel_size(plugins, tmp_path, cap
     # mega.restore_from: the same logits as the run restored directly
     model, tokenizer, cfg = mega.restore_from(archive, plugins)
     direct, _, _ = mega.restore_from(run_dir, plugins)
-    samples = cfg.model.build_task().samples("valid", tokenizer)
+    samples = model.downstream_task.samples("valid", tokenizer)
     batch = collate(samples)
     a, b = model.logits(batch)["logits"], direct.logits(batch)["logits"]
     print(f"restore_from(x.mega) vs the run: max |logit diff| {float((a - b).abs().max()):.3g}")
@@ -94,7 +94,7 @@ def test_tp2_archive_restores_at_any_tensor_parallel_size(plugins, tmp_path, cap
     assert int((a.argmax(-1) == batch["label"]).sum()) == len(samples)  # it learned the toy task
 
     # mega.restore_from in a TP=2 process group: each rank holds half the encoder, the logits are the same
-    from tests.multiproc import run_ranks
+    from mega.testing import run_ranks
 
     ranks = run_ranks(_restored_logits, world=2, tp=2, args=(str(archive), batch), timeout=240)
     for r, logits in enumerate(ranks):

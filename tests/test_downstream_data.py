@@ -298,3 +298,149 @@ def test_epoch_order_is_a_function_of_index_and_seed():
     assert [EpochOrder(samples, 9, seed=3, shuffle=False)[i] for i in range(9)] == samples + samples[:2]
     with pytest.raises(IndexError):
         a[30]
+
+
+# --- what a reader leaves out, and what stops it (issue 20: 5, 7) ---------------------------
+
+
+def test_squad_missing_keys_name_the_file_and_the_question(tmp_path):
+    data = _squad()
+    del data["data"][0]["paragraphs"][0]["qas"][1]["question"]
+    with pytest.raises(DataError, match=r"train\.json: question 'q2' has no 'question'"):
+        squad_data.read_examples(data, "train", tmp_path / "train.json")
+    data = _squad()
+    del data["data"][0]["paragraphs"][0]["context"]
+    with pytest.raises(DataError, match=r"dev\.json: article 0, paragraph 0 has no 'context'"):
+        squad_data.read_examples(data, "eval", tmp_path / "dev.json")
+    data = _squad()
+    del data["data"][0]["paragraphs"][0]["qas"][2]["answers"][0]["answer_start"]
+    with pytest.raises(DataError, match=r"question 'q3': an answer has no 'answer_start'"):
+        squad_data.read_examples(data, "train", tmp_path / "train.json")
+
+
+def test_squad_training_answer_not_at_its_offset_is_skipped_as_bert_and_hf_skip_it(bert_tok, sw, caplog):
+    """BERT's run_squad and transformers' SQuAD features drop a training answer whose text
+    is not where answer_start points ("Could not find answer"); so does mega, naming it."""
+    from transformers.data.processors import squad as hf
+
+    data = _squad()
+    qas = data["data"][0]["paragraphs"][0]["qas"]
+    qas[0]["answers"][0]["answer_start"] = data["data"][0]["paragraphs"][0]["context"].index("Denver")  # not "1895"
+    with caplog.at_level("WARNING", logger="mega"):
+        train = squad_data.read_examples(data, "train", "train.json")
+    assert [e.qas_id for e in train] == ["q2", "q3"]
+    assert "train.json: question 'q1': could not find answer '1895' at answer_start" in caplog.text
+    assert "train.json: 1 of 3 questions skipped" in caplog.text
+    hf_examples = hf.SquadV1Processor()._create_examples(data["data"], "train")
+    theirs = hf.squad_convert_examples_to_features(hf_examples, bert_tok, 64, 16, 6, is_training=True, threads=1,
+                                                   tqdm_enabled=False)
+    ours = squad_data.convert_examples_to_features(train, sw, 64, 16, 6)
+    assert [f.input_ids for f in ours] == [f.input_ids for f in theirs]
+    # evaluation keeps every question: the official scores read the gold texts only
+    assert [e.qas_id for e in squad_data.read_examples(data, "eval")] == ["q1", "q2", "q3"]
+
+
+def test_text_classification_lines_without_their_label_are_reported(tmp_path, caplog):
+    path = tmp_path / "train.tsv"
+    path.write_text("sentence\tlabel\n"  # a header: skipped without a word, as NeMo skips it
+                    "the movie was good\t1\n"
+                    "the movie was bad\n"  # no label
+                    "a good movie\t1\tpositive\n"  # a column after the label
+                    "\n"
+                    "0\n"  # a label and no text
+                    "very bad\t0\n")
+    with caplog.at_level("WARNING", logger="mega"):
+        pairs = tc.read_text_classification(path, num_classes=2)
+    assert pairs == [("the movie was good", 1), ("very bad", 0)]
+    assert f"{path}:3: the last field 'bad' is not an integer label" in caplog.text
+    assert f"{path}:4: the last field 'positive' is not an integer label" in caplog.text
+    assert f"{path}:6: label 0 with no text" in caplog.text
+    assert f"{path}: 3 of 5 lines skipped" in caplog.text and ":1:" not in caplog.text
+
+
+SWAG_HEADER = "video-id,fold-ind,startphrase,sent1,sent2,gold-source,ending0,ending1,ending2,ending3,label\n"
+
+
+def test_swag_rows_that_cannot_be_read_name_their_line(tmp_path, caplog):
+    path = tmp_path / "swag.csv"
+    path.write_text(SWAG_HEADER + "v,0,x,the cat sat,it,gold,ran,sat,played,won,2\nv,0,x,the cat,it,gold,ran,sat,played,1\n")
+    with pytest.raises(DataError, match=r"swag\.csv:3: 10 fields for the header's 11"):  # one field short
+        mc.read_swag(path)
+    path.write_text(SWAG_HEADER.replace(",ending3", "") + "v,0,x,the cat sat,it,gold,ran,sat,played,2\n")
+    with pytest.raises(DataError, match=r"swag\.csv: the SWAG header lacks ending3"):
+        mc.read_swag(path)
+    path.write_text(SWAG_HEADER + "v,0,x,the cat sat,it,gold,ran,sat,played,won,4\n")
+    with pytest.raises(DataError, match=r"swag\.csv:2: label 4 names none of the 4 endings"):
+        mc.read_swag(path)
+    path.write_text(SWAG_HEADER + "v,0,x,the cat sat,it,gold,ran,,played,won,2\nv,0,x,a dog,it,gold,ran,sat,played,won,0\n")
+    with caplog.at_level("WARNING", logger="mega"):
+        qs = mc.read_swag(path)
+    assert qs == [(["a dog"] * 4, ["it ran", "it sat", "it played", "it won"], 0)]
+    assert f"{path}:2: ending1 empty; skipped" in caplog.text and f"{path}: 1 of 2 rows skipped" in caplog.text
+
+
+# --- SQuAD v2.0's best threshold (issue 20: 10) -------------------------------------------
+
+
+def _v2_task(plugins, tmp_path, threshold):
+    from mega.config import config_from_dict
+
+    ctx = "Smith built the bridge in 1895."
+    data = {"version": "v2.0", "data": [{"title": "T", "paragraphs": [{"context": ctx, "qas": [
+        {"id": "a", "question": "When was the bridge built?", "answers": [{"text": "1895", "answer_start": ctx.index("1895")}]},
+        {"id": "b", "question": "Who won?", "answers": [], "is_impossible": True}]}]}]}
+    (tmp_path / "dev.json").write_text(json.dumps(data))
+    (tmp_path / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    cfg = config_from_dict({"model": {
+        "name": "question_answering", "validation_ds": str(tmp_path / "dev.json"),
+        "tokenizer": {"library": "wordpiece", "vocab_file": str(tmp_path / "vocab.txt")},
+        "dataset": {"version_2_with_negative": True, "null_score_diff_threshold": threshold, "max_seq_length": 32}}},
+        [], plugins)
+    return plugins.tasks.get("question_answering").factory(cfg.model), data
+
+
+def _confident_null_outputs(task, tokenizer):
+    """Both questions' [CLS] scores beat their best span by far (margins 58 and 55);
+    question a's best span is its right answer."""
+    samples = task.samples("valid", tokenizer)
+    _, examples, features = task.examples["valid"]
+    outputs = []
+    for f in features:
+        start, end = torch.zeros(32), torch.zeros(32)
+        if examples[f.example_index].qas_id == "a":
+            start[0] = end[0] = 30.0
+            i = next(i for i in f.token_to_orig_map if f.tokens[i] == "1895")
+            start[i] = end[i] = 1.0
+        else:
+            start[0] = end[0] = 27.5
+        outputs.append({"start_logits": start, "end_logits": end})
+    assert len(outputs) == len(samples) == 2
+    return outputs
+
+
+def test_v2_best_threshold_is_the_official_scripts_on_null_odds_and_reusable(plugins, bert_tok, tmp_path):
+    """`best_*` is what evaluate-v2.0.py prints with `--na-prob-file null_odds.json` (here:
+    transformers' implementation of it): the sweep over the raw margins, whose threshold is a
+    null_score_diff_threshold that achieves the score. (A sigmoid of the margins ties both
+    questions at 1.0 and credits answering a but not b: 100, which no threshold gives.)"""
+    from transformers.data.metrics import squad_metrics as hfm
+    from transformers.data.processors import squad as hf
+
+    task, data = _v2_task(plugins, tmp_path, threshold=100.0)  # answer everything
+    metrics = task.evaluate("valid", _confident_null_outputs(task, bert_tok), tmp_path / "out")
+    preds = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    null_odds = json.loads((tmp_path / "out" / "null_odds.json").read_text())
+    assert preds == {"a": "1895", "b": "Smith"} and null_odds == pytest.approx({"a": 58.0, "b": 55.0})
+    theirs = hfm.squad_evaluate(hf.SquadV2Processor()._create_examples(data["data"], "dev"), preds,
+                                no_answer_probs=null_odds)
+    examples = hf.SquadV2Processor()._create_examples(data["data"], "dev")
+    script = hfm.squad_evaluate(examples, preds)  # without --na-prob-file: predictions.json's own scores
+    with_odds = hfm.squad_evaluate(examples, preds, no_answer_probs=null_odds)
+    for key in ("exact", "f1", "HasAns_exact", "NoAns_exact"):
+        assert metrics[key] == pytest.approx(script[key]), key
+    for key in ("best_exact", "best_exact_thresh", "best_f1", "best_f1_thresh"):
+        assert metrics[key] == pytest.approx(with_odds[key]), key
+    assert metrics["best_exact"] == 50.0 and metrics["exact"] == 50.0
+    # the threshold reproduces the best score when set as null_score_diff_threshold
+    again, _ = _v2_task(plugins, tmp_path, threshold=metrics["best_f1_thresh"])
+    assert again.evaluate("valid", _confident_null_outputs(again, bert_tok), None)["f1"] == metrics["best_f1"]

@@ -84,7 +84,7 @@ def test_huggingface_directory_describes_itself_and_loads(data, hf_dir, tmp_path
     assert diff < 1e-6, diff
     # against transformers itself: the encoder's last hidden states at the real positions
     model = run.model.eval()
-    batch = collate(run.config.model.build_task().samples("train", run.tokenizer)[:4])
+    batch = collate(run.model.downstream_task.samples("train", run.tokenizer)[:4])
     mine = model.logits(batch)["last_hidden_state"]
     with torch.no_grad():
         theirs = hf.bert(input_ids=batch["tokens"], attention_mask=batch["padding_mask"],
@@ -162,3 +162,47 @@ def test_megatron_iteration_directory_with_two_shards(data, tmp_path):
     with pytest.raises(CheckpointError, match=r"model\.language_model\.config\.hidden_size=64 but the checkpoint has 32"):
         _finetune(data, tmp_path, "ft-wrong", {"lm_checkpoint": str(iteration), "config": {**arch, "hidden_size": 64}},
                   vocab=data / "vocab.txt")
+
+
+# --- what lm_checkpoint may not be, and what it need not say (issue 20: 8, 9) ---------------
+
+
+def test_ngc_zip_without_args_takes_the_runs_head_count(data, tmp_path):
+    """NVIDIA's released 345M zips were saved without `args`: the head count, the one shape
+    the tensors do not tell, comes from the run's architecture, as `mega import` takes it
+    from `--option num_attention_heads`."""
+    from tests.test_bert_interop import NGC_SHAPE, _google_vocab, _ngc_zip
+
+    archive = _ngc_zip(tmp_path / "megatron_bert_345m_v0_1_uncased.zip", "uncased", with_args=False)
+    vocab = _google_vocab(tmp_path / "vocab.txt", 30522)
+    arch = {"num_layers": NGC_SHAPE["layers"], "hidden_size": NGC_SHAPE["hidden"], "num_attention_heads": NGC_SHAPE["heads"],
+            "ffn_hidden_size": NGC_SHAPE["ffn"], "max_position_embeddings": NGC_SHAPE["positions"]}
+    run = _finetune(data, tmp_path, "ngc-no-args", {"lm_checkpoint": str(archive), "config": arch}, vocab=vocab)
+    reference = _imported(archive, tmp_path / "imported", "--option", f"vocab_file={vocab}",
+                          "--option", f"num_attention_heads={NGC_SHAPE['heads']}")
+    assert _same_encoder(run.model.state_dict(), reference) < 1e-6
+
+
+def _gpt_run(tmp_path: Path) -> Path:
+    from mega.checkpoint import save_model_checkpoint
+    from mega.plugin_manager import get_plugins
+
+    plugins = get_plugins()
+    cfg = config_from_dict({"model": {"name": "gpt", "num_layers": 1, "hidden_size": 32, "num_attention_heads": 4,
+                                      "seq_length": 16, "max_position_embeddings": 64, "tokenizer": {"library": "bytes"}}},
+                           [], plugins)
+    tokenizer = plugins.tokenizers.get("bytes").factory(cfg.model.tokenizer, [], None)
+    gpt = plugins.models.get("gpt").factory(cfg.model, tokenizer, plugins)
+    save_model_checkpoint(tmp_path / "gpt", cfg, gpt, tokenizer, plugins)
+    return tmp_path / "gpt"
+
+
+@pytest.mark.parametrize("described", [False, True], ids=["by-itself", "architecture-given"])
+def test_a_gpt_run_as_lm_checkpoint_is_named(data, tmp_path, described):
+    gpt = _gpt_run(tmp_path)
+    lm = {"lm_checkpoint": str(gpt)}
+    if described:
+        lm["config"] = {"num_layers": 1, "hidden_size": 32, "num_attention_heads": 4, "max_position_embeddings": 64}
+    with pytest.raises(CheckpointError, match=r"model\.language_model\.lm_checkpoint: .*gpt holds a 'gpt' model .*not a "
+                                              r"BERT encoder"):
+        _finetune(data, tmp_path, "from-gpt", lm, vocab=data / "vocab.txt" if described else None)

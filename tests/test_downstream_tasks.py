@@ -280,3 +280,28 @@ def test_encoder_weights_from_a_megatron_checkpoint(plugins, data, tmp_path):
     assert encoder
     for k in encoder:
         torch.testing.assert_close(mine[k], theirs[k], atol=1e-6, rtol=0)
+
+
+def test_a_squad_v2_file_without_version_2_with_negative_stops_naming_the_key(plugins, data, tmp_path, capsys):
+    """Unanswerable questions under the default `version_2_with_negative = false` stop the
+    run when the file is read (exit 2, the key named), not at the first validation."""
+    d = data["dir"]
+    squad = json.loads((d / "squad.json").read_text())
+    squad["data"][0]["paragraphs"][0]["qas"].append(
+        {"id": "q3", "question": "who won ?", "answers": [], "is_impossible": True})
+    v2 = tmp_path / "v2.json"
+    v2.write_text(json.dumps(squad))
+    raw = _raw(d, tmp_path, "v2", {"name": "question_answering", "train_ds": str(v2), "validation_ds": str(v2),
+                                   "dataset": {"max_seq_length": 32}}, steps=2)
+    with pytest.raises(mega.errors.ConfigError, match=r"model\.dataset\.version_2_with_negative: .*v2\.json has 1 "
+                                                      r"question\(s\) without an answer .*'q3'"):
+        mega.run(config_from_dict(raw, [], plugins), plugins)
+    raw["model"]["dataset"]["version_2_with_negative"] = True
+    mega.run(config_from_dict(raw, [], plugins), plugins)  # trains and validates
+    # mega evaluate of a v1.1 run on the v2.0 file
+    run, _ = _train(plugins, d, tmp_path, "v1", {"name": "question_answering", "train_ds": str(d / "squad.json"),
+                                                "validation_ds": str(d / "squad.json"),
+                                                "dataset": {"max_seq_length": 32}}, steps=1)
+    capsys.readouterr()
+    assert main(["evaluate", str(run.run_dir), "--split", "valid", f"model.validation_ds.file={v2}"]) == 2
+    assert "model.dataset.version_2_with_negative" in capsys.readouterr().err

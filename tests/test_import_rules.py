@@ -51,15 +51,35 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _is_module(name: str) -> bool:
+    """Whether a dotted mega name is a module or package of this tree (not an attribute)."""
+    parts = name.split(".")
+    if parts[0] != "mega":
+        return False
+    base = ROOT / "plugins" if parts[1:2] == ["plugins"] else ROOT / "kernel"
+    rel = parts[2:] if parts[1:2] == ["plugins"] else parts[1:]
+    target = base.joinpath(*rel) if rel else base
+    return target.with_suffix(".py").is_file() or (target / "__init__.py").is_file()
+
+
 def imports(path: Path) -> Iterator[Tuple[str, int]]:
     """(imported module, line) for every import in a file, at any depth. For `from X import
-    Y` both X and X.Y are given: Y may be a submodule."""
+    Y` it is X.Y when that is a module of this tree (`from mega import trained_files`),
+    else X."""
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 yield alias.name, node.lineno
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            yield node.module, node.lineno
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                yield (sub if _is_module(sub) else node.module), node.lineno
+
+
+def test_a_submodule_imported_from_its_package_is_seen():
+    """`from mega import training` is an import of mega.training, not of the façade."""
+    assert _is_module("mega.training") and _is_module("mega.checkpoint.store") and _is_module("mega.plugins.models.gpt")
+    assert not _is_module("mega.hookimpl") and not _is_module("mega.checkpoint.restore_from")
 
 
 def test_the_layers_are_known():

@@ -202,3 +202,25 @@ def test_preprocess_takes_the_tokenizer_of_an_experiment(tmp_path, corpus):
     assert _preprocess("--input", corpus, "--output-prefix", tmp_path / "k", "--tokenizer", "library=bytes") == 0
     for ext in ("bin", "idx"):
         assert (tmp_path / f"e_text_document.{ext}").read_bytes() == (tmp_path / f"k_text_document.{ext}").read_bytes()
+
+
+def test_preprocess_takes_the_tokenizer_an_experiment_trained(tmp_path, corpus, caplog):
+    """`--config` of a run that trained its tokenizer uses that tokenizer as it is, with or
+    without checkpoints in the run directory (it names no corpus, so there is nothing to
+    compare the tokenizer's stamp with, and nothing to train it again from)."""
+    from mega.testing import TinyExperiment
+
+    exp = TinyExperiment(tmp_path, corpus)
+    sections = dict(trainer={"max_steps": 1, "val_check_interval": 0}, exp_manager={"checkpoint": {"save_last": False}},
+                    model={"tokenizer": {"library": "sentencepiece", "vocab_size": 60}})
+    run = exp.run(**sections)  # no checkpoint saved
+    toml = exp.toml(**sections)
+    model = run.run_dir / "tokenizer.model"
+    before = model.read_bytes()
+    with caplog.at_level("WARNING", logger="mega"):
+        assert _preprocess("--input", corpus, "--output-prefix", tmp_path / "e", "--config", toml) == 0
+    assert "trained from other inputs" not in caplog.text and model.read_bytes() == before
+    assert _preprocess("--input", corpus, "--output-prefix", tmp_path / "k", "--tokenizer", "library=sentencepiece",
+                       "--tokenizer", f"model={model}") == 0
+    for ext in ("bin", "idx"):
+        assert (tmp_path / f"e_text_document.{ext}").read_bytes() == (tmp_path / f"k_text_document.{ext}").read_bytes()

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import textwrap
 import time
 
 import pytest
 
 from mega.testing import read_metrics
-from tests.test_distributed import _exp, _mega, _plugin
+from tests.test_distributed import ROOT, _exp, _mega, _plugin
 
 
 def test_sigint_sets_the_stop_flag_and_a_second_one_aborts():
@@ -63,6 +65,34 @@ def test_the_watchdog_names_a_frozen_rank_and_one_left_behind():
     assert "rank 1 hung: no heartbeat" in hung[0] and "rank 2 hung: still at step 1" in hung[0]
 
 
+def test_the_heartbeat_carries_the_step_a_rank_is_in_not_the_one_of_its_last_tick():
+    """Issue 20: the hung-worker message named the step of a frozen rank's last periodic
+    heartbeat (up to `interval` seconds of steps old). A started step is published at once,
+    so a rank that freezes mid-step is named at that step."""
+    import json
+
+    from mega.runtime.watchdog import Watchdog
+
+    class Store(dict):
+        def set(self, k, v):
+            self[k] = v
+
+    store = Store()
+    w = Watchdog(store, 1, 2, timeout_s=600, interval_s=30)  # ticks far apart, as on a long timeout
+    w.beat(1)
+    w.start()
+    try:
+        for step in range(2, 6):  # fast steps, well inside one tick
+            w.beat(step)
+            time.sleep(0.01)
+        deadline = time.monotonic() + 5
+        while json.loads(store[w._key(1)])["step"] != 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert json.loads(store[w._key(1)])["step"] == 5
+    finally:
+        w._stop.set(), w._wake.set()
+
+
 @pytest.mark.slow
 def test_sigint_saves_the_finished_step_exits_130_and_the_rerun_resumes(tmp_path, corpus):
     env = _plugin(tmp_path, "sigint_at_2", """
@@ -99,6 +129,44 @@ def test_sigterm_to_the_launcher_saves_and_exits_143_without_a_traceback(tmp_pat
     assert "SIGTERM: the workers stopped" in proc.stderr
     latest = (tmp_path / "results" / "tiny" / "checkpoints" / "latest").read_text().strip()
     assert "step_0000002" <= latest < "step_0000008", latest  # stopped mid-run (the signal takes a step or two)
+
+
+@pytest.mark.slow
+def test_workers_stop_with_a_checkpoint_when_their_launcher_is_killed(tmp_path, corpus):
+    """Issue 20: SIGKILL cannot be forwarded, and the workers of a killed launcher trained on
+    to the end, each heartbeat to the dead rendezvous store printing a C++ stack trace. They
+    now notice, stop after their step with a checkpoint, and say so in a few lines."""
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    env = _plugin(tmp_path, "kill_launcher", f"""
+        import os, signal, time, mega
+        @mega.hookimpl
+        def on_train_start(run):
+            open(os.path.join({str(pids)!r}, os.environ["RANK"]), "w").write(str(os.getpid()))
+        @mega.hookimpl
+        def on_step_end(run, step, metrics):
+            if step == 2 and os.environ["RANK"] == "0":
+                os.kill(os.getppid(), signal.SIGKILL)  # the launching process: nothing is forwarded
+            time.sleep(0.02)  # steps of a few ms: the run would otherwise end before anyone notices
+    """)
+    exp = _exp(tmp_path, corpus, trainer={"max_steps": 3000, "val_check_interval": 0, "log_every_n_steps": 1})
+    proc = subprocess.Popen([sys.executable, "-m", "mega", "run", str(exp), "trainer.devices=2", "model.micro_batch_size=2"],
+                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}", **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = proc.communicate(timeout=150)  # the pipes close when the workers have exited too
+    finally:
+        for f in pids.iterdir():  # never leave a worker behind
+            try:
+                os.kill(int(f.read_text()), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    latest = (tmp_path / "results" / "tiny" / "checkpoints" / "latest").read_text().strip()
+    assert "step_0000002" <= latest < "step_0003000", latest  # stopped soon after, with a checkpoint
+    assert "the launching process" in err and "is gone" in err, err
+    assert "frame #" not in err and "Traceback" not in err and len(err.splitlines()) < 12, err
 
 
 @pytest.mark.slow
@@ -146,5 +214,6 @@ def test_a_rank_stopped_inside_backward_ends_the_run_within_the_timeout_naming_i
     assert pid_file.exists(), proc.stderr  # rank 1 did stop inside backward
     assert proc.returncode == 1, proc.stderr
     assert "rank 1 hung: no heartbeat" in proc.stderr, proc.stderr
+    assert "last at step 2)" in proc.stderr, proc.stderr  # the step it froze in
     print(f"hung run ended after {took:.1f} s (dist_timeout_s={timeout_s})")
     assert took < 60 + timeout_s, took  # start-up included; without the watchdog it waits for 30 min

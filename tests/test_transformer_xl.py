@@ -249,6 +249,43 @@ def test_state_dict_names_are_the_references():
     torch.testing.assert_close(inv, torch.tensor([10000 ** (-2 * k / 16) for k in range(8)], dtype=inv.dtype))
 
 
+def test_untied_weights_still_share_the_projections_tie_projs_names():
+    """tie_weight = false leaves the output tables separate but, as the reference hands the
+    embedding's projections to the softmax whatever tie_weight is, bucket i's projection is
+    the input's when tie_projs[i]: WT103-large untied has the reference's 322,088,218
+    parameters (not 344,064 more) and no crit.out_projs.1..3."""
+    with torch.device("meta"):
+        large = TransformerXLModel(TransformerXLConfig(global_batch_size=256, n_layer=18, d_model=1024, n_head=16,
+                                                       d_head=64, d_inner=4096, div_val=4, tie_weight=False), 267_735)
+    assert sum(p.numel() for p in large.parameters()) == 322_088_218
+    model = model_of(tiny(div_val=2, d_embed=16, tie_weight=False, tie_projs=[False, True, True, True]))
+    keys = set(model.state_dict())
+    assert {k for k in keys if k.startswith("crit.out_projs.")} == {"crit.out_projs.0"}
+    assert {f"crit.out_layers_weights.{i}" for i in range(4)} <= keys
+    for i in (1, 2, 3):
+        assert model.crit.bucket(i)[2] is model.word_emb.emb_projs[i]
+        assert model.crit.bucket(i)[0] is model.crit.out_layers_weights[i]
+    # div_val 1 with a projection: every tied bucket reads the one input projection
+    one = model_of(tiny(d_embed=8, tie_weight=False, tie_projs=[False, True, True, True]))
+    assert all(one.crit.bucket(i)[2] is one.word_emb.emb_projs[0] for i in (1, 2, 3))
+    assert one.crit.bucket(0)[2] is one.crit.out_projs["0"]
+
+
+def test_a_checkpoint_with_separate_tied_projections_is_refused_with_the_setting_that_loads_it():
+    """mega used to ignore tie_projs when tie_weight = false: its checkpoints hold
+    crit.out_projs.1..3 of their own. Loading one (strictly or not) names the key and the
+    tie_projs that reproduces the model it was trained as, which then loads it."""
+    from mega.errors import CheckpointError
+
+    old = model_of(tiny(div_val=2, d_embed=16, tie_weight=False, tie_projs=[False, False, False, False]))
+    state = old.state_dict()
+    new = model_of(tiny(div_val=2, d_embed=16, tie_weight=False, tie_projs=[False, True, True, True]))
+    for strict in (True, False):
+        with pytest.raises(CheckpointError, match=r"crit\.out_projs\.1: .*model\.tie_projs=\[false,false,false,false\]"):
+            new.load_state_dict(state, strict=strict)
+    model_of(tiny(div_val=2, d_embed=16, tie_weight=False, tie_projs=[False, False, False, False])).load_state_dict(state)
+
+
 @torch.no_grad()
 def test_initialisation_follows_the_reference():
     torch.manual_seed(0)
@@ -267,6 +304,27 @@ def test_initialisation_follows_the_reference():
     assert all(float(b.abs().max()) == 0.0 for b in biases + list(model.crit.out_layers_biases) + [model.crit.cluster_bias])
     rb = torch.cat([model.r_w_bias.flatten(), model.r_r_bias.flatten(), model.crit.cluster_weight.flatten()])
     assert float(rb.std()) == pytest.approx(0.02, rel=0.2)
+
+
+@torch.no_grad()
+def test_uniform_init_covers_the_embedding_tables_unless_emb_init_says_otherwise():
+    """The reference's weights_init draws nn.Embedding weights from `init` (its --emb_init
+    is parsed but never read): init = "uniform" makes the tables U(-init_range, init_range)
+    too. mega's emb_init, when set, still picks their own rule."""
+    cfg = dict(n_layer=1, d_model=64, n_head=2, d_head=32, d_inner=64, cutoffs=[1000, 2000], div_val=2,
+               global_batch_size=2, init="uniform", init_range=0.1)
+    torch.manual_seed(0)
+    model = TransformerXLModel(TransformerXLConfig(**cfg), 5000)
+    for table in model.word_emb.emb_layers:
+        w = table.weight
+        assert float(w.abs().max()) <= 0.1 and float(w.abs().max()) > 0.099
+        assert float(w.std()) == pytest.approx(0.1 / math.sqrt(3), rel=0.05)
+    linears = torch.cat([m.weight.flatten() for m in model.modules() if isinstance(m, torch.nn.Linear)])
+    assert float(linears.abs().max()) <= 0.1
+    normal = TransformerXLModel(TransformerXLConfig(**cfg, emb_init="normal", init_std=0.02), 5000)
+    assert float(normal.word_emb.emb_layers[0].weight.std()) == pytest.approx(0.02, rel=0.05)
+    small = TransformerXLModel(TransformerXLConfig(**cfg, emb_init="uniform", emb_init_range=0.01), 5000)
+    assert float(small.word_emb.emb_layers[0].weight.abs().max()) <= 0.01
 
 
 # --- against Hugging Face's TransfoXL (the original code's port, in transformers 4.47) ----------------

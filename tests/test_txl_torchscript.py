@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("kw", [dict(div_val=1), dict(div_val=2, d_embed=16, tie_projs=[False, True, True, True]),
-                                dict(adaptive=False, pre_lnorm=True), dict(div_val=1, d_embed=8, tie_weight=False)])
+                                dict(adaptive=False, pre_lnorm=True), dict(div_val=1, d_embed=8, tie_weight=False),
+                                dict(div_val=2, d_embed=16, tie_weight=False)])  # separate tables, shared projections
 def test_scripted_module_equals_eager_across_segments(kw):
     torch.manual_seed(0)
     cfg = TransformerXLConfig(n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=32, dropout=0.1, cutoffs=[20, 50, 80],

@@ -85,6 +85,57 @@ def test_roll_rotates_each_stream_per_epoch_and_keeps_segments_consecutive_withi
     assert data._shift(0, 0) != data._shift(1, 0) or data._shift(0, 1) != data._shift(1, 1)
 
 
+@pytest.mark.parametrize("roll", [False, True])
+def test_each_epoch_ends_with_the_shorter_last_segment_as_the_references_iterator(roll):
+    """NVIDIA's LMOrderedIterator yields range(0, n_step - 1, tgt_len) with seq_len =
+    min(tgt_len, n_step - 1 - i): a row of 43 tokens in segments of 5 gives 8 segments and
+    a ninth of 2. Every epoch therefore reads the whole row (inputs row[:-1], targets
+    row[1:]); drop_last leaves the short one out."""
+    stream = torch.arange(3 * 43)
+    rows = stream.view(3, 43)
+    data = LMOrderedSamples(stream, 3, 5, num_samples=3 * 9 * 2, seed=1, roll=roll)
+    assert data.segments == 9
+    for epoch in range(2):
+        for j in range(3):
+            samples = [data[(epoch * 9 + seg) * 3 + j] for seg in range(9)]
+            assert [len(s["tokens"]) for s in samples] == [5] * 8 + [2]
+            assert [int(s["loss_mask"].sum()) for s in samples] == [5] * 8 + [2]
+            row = torch.roll(rows[j], data._shift(epoch, j))
+            assert torch.equal(torch.cat([s["tokens"] for s in samples]), row[:-1])
+            assert torch.equal(torch.cat([s["labels"] for s in samples]), row[1:])
+    dropped = LMOrderedSamples(stream, 3, 5, num_samples=3 * 16, seed=1, roll=roll, drop_last=True)
+    assert dropped.segments == 8 and all(len(dropped[i]["tokens"]) == 5 for i in range(3 * 16))
+    assert LMOrderedSamples(torch.arange(3 * 4), 3, 5, num_samples=3, seed=0).segments == 1  # one short segment
+    with pytest.raises(Exception, match="fewer than 3 x \\(5 \\+ 1\\)"):
+        LMOrderedSamples(torch.arange(3 * 4), 3, 5, num_samples=3, seed=0, drop_last=True)
+
+
+def test_a_step_on_the_short_last_segment_trains_on_its_tokens(tmp_path, plugins):
+    """Through the kernel: the step that reads each stream's short last segment runs (the
+    memory carried on), its loss averages its own tokens, and the next epoch starts over."""
+    corpus = tmp_path / "short.txt"
+    corpus.write_text("".join(f"line {i} of a small text\n" for i in range(13)))
+    run = build_run(txl_config(tmp_path, corpus, plugins, ["trainer.max_steps=8", "trainer.val_check_interval=0",
+                                                           "model.data.splits_string=100,0,0"]), plugins)
+    data = run.train_data
+    per_epoch = data.segments
+    short = data.n_step - 1 - (per_epoch - 1) * data.seq_length
+    assert 0 < short < data.seq_length and per_epoch < 8
+    seen, real = [], run.model.training_loss
+
+    def recording(batch):
+        seen.append((int(batch["stream"][0]), batch["tokens"].shape[1], int(batch["loss_mask"].sum())))
+        return real(batch)
+
+    run.model.training_loss = recording
+    train(run)
+    lengths = [n for _, n, _ in seen]  # two micro-batches a step
+    assert lengths[: 2 * (per_epoch + 1)] == [16] * 2 * (per_epoch - 1) + [short] * 2 + [16] * 2
+    assert all(mask == 2 * n for _, n, mask in seen)
+    assert sorted(run.model.carried_state()) == ["mems.0", "mems.2"]
+    assert all(math.isfinite(m["loss"]) for m in read_metrics(run.run_dir) if "loss" in m)
+
+
 def test_the_stream_has_every_line_and_an_eos_after_each(tmp_path, plugins):
     from mega.plugins.data.lm_ordered import LMOrderedConfig, LMOrderedSource
     from mega.plugins.tokenizers.bytes import ByteTokenizer
@@ -193,3 +244,28 @@ def test_evaluation_follows_the_references_loop_with_warm_up(tmp_path, corpus, p
     assert got["tokens"] == count == 3 * 22
     assert got["loss"] == pytest.approx(total / count, rel=1e-12)
     assert got["perplexity"] == pytest.approx(math.exp(total / count)) and got["bpc"] == pytest.approx(total / count / math.log(2))
+
+
+def test_evaluation_memory_defaults_are_the_references(tmp_path):
+    """The reference's train.py: a model trained without memory (mem_len 0) is evaluated
+    without one (not with tgt_len - eval_tgt_len positions), and an eval_tgt_len longer than
+    tgt_len + mem_len is refused (its memory would be negative) unless eval_mem_len is given."""
+    from mega.errors import ConfigError
+    from mega.plugins.models.transformer_xl import TransformerXLConfig, TransformerXLModel
+
+    base = dict(n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=32, dropout=0.0, cutoffs=[40], global_batch_size=2,
+                eval_batch_size=3)
+    no_mem = TransformerXLConfig(tgt_len=16, mem_len=0, eval_tgt_len=8, **base)
+    assert no_mem.eval_settings()["mem_len"] == 0
+    assert TransformerXLConfig(tgt_len=16, mem_len=4, eval_tgt_len=8, **base).eval_settings()["mem_len"] == 12
+    torch.manual_seed(0)
+    model = TransformerXLModel(no_mem, 60).double()
+    stream = torch.randint(0, 60, (3 * 30,))
+    got = model.evaluate_stream(stream)
+    assert got == model.evaluate_stream(stream, mem_len=0)
+    assert got["loss"] != model.evaluate_stream(stream, mem_len=8)["loss"]
+    for mem_len in (0, 4):
+        with pytest.raises(ConfigError, match=rf"eval_tgt_len=21: must be at most tgt_len \+ mem_len = 16 \+ {mem_len}"):
+            TransformerXLConfig(tgt_len=16, mem_len=mem_len, eval_tgt_len=21, **base).check()
+    TransformerXLConfig(tgt_len=16, mem_len=4, eval_tgt_len=20, **base).check()
+    TransformerXLConfig(tgt_len=16, mem_len=0, eval_tgt_len=21, eval_mem_len=0, **base).check()

@@ -130,6 +130,23 @@ def test_unknown_words_map_to_unk_only_when_the_vocabulary_has_it(tmp_path):
         tok.encode("y zzz")
 
 
+def test_a_vocab_file_with_upper_case_unk_maps_unknown_words_to_it_as_the_reference(tmp_path):
+    """One Billion Word's vocabulary file holds <UNK>; the reference's vocab_file loading
+    maps every unknown word to it (line by line and whole files, with <S> or <eos> ends)."""
+    vocab = tmp_path / "1b_word_vocab.txt"
+    vocab.write_text("<S>\n<UNK>\nthe\nof\n")
+    data = tmp_path / "valid.txt"
+    data.write_text("the zebra of\nquokka\n")
+    tok = _word(tmp_path, [], run_dir=None, vocab_file=str(vocab), special=[], add_eos=False, add_double_eos=True)
+    s, unk, the, of = 0, 1, 2, 3
+    assert tok.unk_id == unk
+    assert tok.encode_file(data).tolist() == [s, the, unk, of, s, s, unk, s]
+    assert tok.encode("the zebra") == [s, the, unk]  # a line without its final end symbol
+    vocab.write_text("<eos>\n<unk>\n<UNK>\nthe\nof\n")  # both spellings: <UNK>, as the reference's vocab_file
+    tok = _word(tmp_path, [], run_dir=None, vocab_file=str(vocab))
+    assert tok.unk_id == 2 and tok.encode_file(data).tolist() == [3, 2, 4, 0, 2, 0]
+
+
 def test_the_vocabulary_is_counted_once_and_recounted_when_files_or_options_change(tmp_path, monkeypatch):
     from mega.plugins.tokenizers import word
 
@@ -193,6 +210,38 @@ def test_enwik8_style_characters_without_end_symbols(tmp_path):
     tok = _word(tmp_path, [train], special=[], add_eos=False)
     assert tok.symbols == ref.idx2sym and tok.eos_id == 0
     assert tok.encode_file(train).tolist() == [ref.sym2idx[s] for s in "104 101 108 108 111 32 119 111".split()]
+
+
+def test_enwik8_style_vocabulary_is_counted_over_train_valid_and_test_with_vocab_splits(tmp_path):
+    """The reference counts enwik8's, text8's (and PTB's, WT2's) vocabulary over train,
+    valid and test, in that order; `model.data.vocab_splits` says so (the default is
+    WT103's train file only), and the ids and streams then equal the reference's."""
+    from mega.plugins.data.lm_ordered import LMOrderedConfig, LMOrderedSource
+
+    root = tmp_path / "enwik8"
+    root.mkdir()
+    texts = {"train": "1 2 2 3\n", "valid": "4 3 3\n4\n", "test": "5 4\n"}
+    for split, text in texts.items():
+        (root / f"{split}.txt").write_text(text)
+    ref = ReferenceVocab(special=[])
+    for split in ("train", "valid", "test"):
+        ref.count_file(root / f"{split}.txt")
+    ref.build()
+    src = LMOrderedSource(LMOrderedConfig(data_dir=str(root), vocab_splits=["train", "valid", "test"]), tmp_path / "run")
+    tok = _word(tmp_path, src.files(), special=[], add_eos=False)
+    assert tok.symbols == ref.idx2sym == ["3", "4", "2", "1", "5"]
+    for split, text in texts.items():
+        assert src.token_stream(split, tok).tolist() == [ref.sym2idx[w] for w in text.split()]
+    default = LMOrderedSource(LMOrderedConfig(data_dir=str(root)), tmp_path / "run2")
+    assert default.files() == [root / "train.txt"]
+    train_only = _word(tmp_path, default.files(), run_dir="run2", special=[], add_eos=False)
+    assert train_only.symbols == ["2", "1", "3"]
+    with pytest.raises(DataError, match="'4' is not in the vocabulary"):
+        default.token_stream("valid", train_only)
+    with pytest.raises(ConfigError, match="vocab_splits"):
+        LMOrderedSource(LMOrderedConfig(data_dir=str(root), vocab_splits=["train", "dev"]), tmp_path / "run3")
+    with pytest.raises(ConfigError, match="vocab_splits"):
+        LMOrderedSource(LMOrderedConfig(data_prefix=[str(root / "train.txt")], vocab_splits=["train"]), tmp_path / "r4")
 
 
 def test_a_tiny_gpt_trains_on_words_and_its_checkpoint_carries_the_vocabulary(mega_experiment):

@@ -16,9 +16,13 @@ def format_of(manifest: dict, plugins, where: str = "manifest.json"):
     return plugins.checkpoint_formats.get(manifest.get("format", "native"), f"{where} format").factory()
 
 
-def find_importer(source: Path, plugins, name: Optional[str] = None):
+IMPORT_HINT = "name one with --from"
+
+
+def find_importer(source: Path, plugins, name: Optional[str] = None, hint: str = IMPORT_HINT):
     """The checkpoint format that reads `source`: `name` when given, else the first whose
-    `can_import(source)` says yes."""
+    `can_import(source)` says yes. `hint` ends the error when none does: what the calling
+    command offers (`mega import` has --from; `mega evaluate` and `generate` do not)."""
     if name is not None:
         fmt = plugins.checkpoint_formats.get(name, "--from").factory()
         if not isinstance(fmt, Importer):
@@ -29,7 +33,7 @@ def find_importer(source: Path, plugins, name: Optional[str] = None):
         if isinstance(fmt, Importer) and fmt.can_import(source):
             return fmt
     raise CheckpointError(f"{source}: no checkpoint format recognises it (formats that import: {_able(plugins, Importer)};"
-                          " name one with --from)")
+                          f" {hint})")
 
 
 def find_exporter(name: str, plugins):

@@ -85,7 +85,8 @@ def unpack_checkpoint_file(path: Path, plugins) -> Tuple[Path, Path]:
     through the checkpoint format that recognises it (see `mega import`): unpacked when the
     format can `unpack(file, directory)`, else imported into a scratch run directory. The
     scratch directory is removed when this process exits."""
-    fmt = find_importer(path, plugins)
+    fmt = find_importer(path, plugins, hint=f"give a run directory, a checkpoint directory or an archive (.mega, .nemo),"
+                                            f" or convert it first with `mega import {path} RUN_DIR --from FORMAT`")
     scratch = Path(tempfile.mkdtemp(prefix="mega-checkpoint-"))
     atexit.register(shutil.rmtree, scratch, True)
     try:

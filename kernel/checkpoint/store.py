@@ -32,6 +32,7 @@ from mega.runtime.parallel import ParallelState
 
 log = logging.getLogger("mega.checkpoint")
 MANIFEST = "manifest.json"
+RUN_CHECKPOINTS = "checkpoints"  # the folder of a run directory that holds its checkpoints
 LATEST = "latest"
 _STEP_DIR = re.compile(r"^(?:step|iter)_(\d{7,})$")  # "iter_" is Megatron-LM's naming
 
@@ -217,6 +218,16 @@ def verify(path: Path) -> dict:
         if _sha256(f) != info["sha256"]:
             raise CheckpointError(f"{f}: corrupt (sha256 does not match the manifest)")
     return manifest
+
+
+def holds_checkpoint(run_dir: Path) -> bool:
+    """Whether `run_dir/checkpoints/` holds a checkpoint directory (finished or not: a
+    corrupt one is reported when resuming, never silently replaced). Without one there is
+    nothing to resume, and the run directory belongs to whichever config starts in it."""
+    try:
+        return any(p.is_dir() and not p.name.startswith(".") for p in (Path(run_dir) / RUN_CHECKPOINTS).iterdir())
+    except OSError:
+        return False
 
 
 def resolve_checkpoint(path: Union[str, Path]) -> Path:

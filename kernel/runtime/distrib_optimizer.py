@@ -259,6 +259,13 @@ class DistributedMainParams(MainParams):
                 stepped.append(shard)
         return stepped
 
+    def mains_of(self, params) -> List[torch.nn.Parameter]:
+        """This rank's main shards of these model parameters (none for a parameter it owns
+        no part of)."""
+        index = {id(p): i for i, p in enumerate(self.params)}
+        wanted = {index[id(p)] for p in params}
+        return [shard for o, shard in zip(self.owned, self.main) if o.index in wanted]
+
     @torch.no_grad()
     def copy_to_model(self) -> None:
         """Round the stepped main shards into the parameter buffer (O2), then all-gather

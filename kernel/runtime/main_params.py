@@ -207,6 +207,10 @@ class MainParams:
     def sync_params(self) -> None:
         """Nothing is pending here: the model holds its parameters as soon as a step ends."""
 
+    def mains_of(self, params: Iterable[torch.nn.Parameter]) -> List[torch.nn.Parameter]:
+        """The main weights the optimizer steps for these model parameters."""
+        return [self.to_main[id(p)] for p in params]
+
     # --- checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """The model's state dict with the fp32 main weights in place of its parameters."""

@@ -166,8 +166,10 @@ def init_parallel(devices: int, num_nodes: int, timeout_s: int = 600, tp: int = 
     # minutes): set it on each, so DDP's gradient all-reduce on the data-parallel group
     # times out too.
     group_timeout = datetime.timedelta(seconds=timeout_s)
+    from mega.runtime.orphan import watch_launcher
     from mega.runtime.watchdog import start_watchdog
 
+    watch_launcher()  # a launcher killed outright cannot forward a signal: its workers stop on their own
     start_watchdog(rank, world, timeout_s)  # ends the run, naming the rank, when one hangs anywhere
     tp_rank, dp_rank, pp_rank = rank % tp, (rank // tp) % dp, rank // (tp * dp)
     groups, pp_ranks = {}, ()
@@ -186,9 +188,11 @@ def init_parallel(devices: int, num_nodes: int, timeout_s: int = 600, tp: int = 
 
 
 def shutdown_parallel() -> None:
+    from mega.runtime.orphan import stop_watching
     from mega.runtime.watchdog import stop_watchdog
 
     stop_watchdog()
+    stop_watching()
     set_current(ParallelState())
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -5,7 +5,9 @@ backward, a group created without one, a rank stopped by SIGSTOP or a dead machi
 keeps its sockets open), so each launched rank also runs a thread that
 
 - publishes a heartbeat (a counter it bumps every `interval` seconds, with the step the
-  main thread last started) in the rendezvous store, and
+  main thread last started) in the rendezvous store, and again as soon as the main thread
+  starts a step, so the step a frozen rank is named at is the one it froze in, not the
+  one of its last periodic heartbeat; and
 - watches its own main thread: when it has not started a new step for
   `trainer.dist_timeout_s`, it reads the other ranks' heartbeats and, if some rank is the
   cause, ends this process (exit 1) with a message naming it:
@@ -53,6 +55,7 @@ class Watchdog:
         self._progress_at = time.monotonic()
         self._beats = 0
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set by beat(): publish the new step now
         self._seen: Dict[int, tuple] = {}  # peer -> (beats, step, done, first seen with these beats at)
         self._where: Dict[int, tuple] = {}  # peer -> (host, pid)
         self._thread = threading.Thread(target=self._run, name="mega-watchdog", daemon=True)
@@ -63,18 +66,25 @@ class Watchdog:
         return self
 
     def beat(self, step: int) -> None:
-        """The main thread started `step` (called by the training loop)."""
+        """The main thread started `step` (called by the training loop); the watchdog thread
+        publishes it right away (beats of fast steps coalesce into one write)."""
         self.step = step
         self._progress_at = time.monotonic()
+        self._wake.set()
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         self._publish(done=True)  # a rank that finished is not a hung one
 
     def _key(self, rank: int) -> str:
         return f"mega/watchdog/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{rank}"
 
     def _publish(self, done: bool = False) -> None:
+        from mega.runtime.orphan import launcher_gone
+
+        if launcher_gone():  # the store lived in the launcher: every write would fail with a C++ stack trace
+            return
         self._beats += 1
         try:
             self.store.set(self._key(self.rank), json.dumps({"beats": self._beats, "step": self.step, "done": done,
@@ -100,8 +110,14 @@ class Watchdog:
         return True
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        while True:
+            woken = self._wake.wait(self.interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             self._publish()
+            if woken:  # a new step: nothing is stuck
+                continue
             now = time.monotonic()
             stuck_s = now - self._progress_at
             if stuck_s < self.timeout_s / 2:

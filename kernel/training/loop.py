@@ -25,6 +25,8 @@ from mega.runtime.device_peaks import peak_flops
 from mega.runtime.grad_norm import clip_grad_norm
 from mega.runtime.pipeline import forward_backward_no_pipelining, forward_backward_pipelining, sum_pipeline_grads
 from mega.runtime.precision import autocast
+from mega.runtime.tensor_parallel import sum_sequence_parallel_grads
+from mega.runtime.unreached import drop_gradients, unreached_parameters
 from mega.training.batches import BatchLoader, load_micro_batches, micro_batch_positions
 
 log = logging.getLogger("mega")
@@ -112,10 +114,13 @@ def train_step(run, loader: BatchLoader | None = None) -> Dict[str, torch.Tensor
     num_tokens = _num_tokens(run, micro_batches)
     loss, terms = _losses(run, micro_batches, num_tokens, _num_samples(run, micro_batches))
 
+    unreached = unreached_parameters(run.model, run.parallel, run.device)  # zero gradients no step should apply
     if main is not None:
         params = main.reduce_grads()  # the fp32 main weights, their gradients all-reduced in fp32
+        params = drop_gradients(params, main.mains_of(unreached))
     else:
-        params = [p for p in run.model.parameters() if p.grad is not None]
+        params = drop_gradients([p for p in run.model.parameters() if p.grad is not None], unreached)
+    sum_sequence_parallel_grads(params, run.parallel)  # model.sequence_parallel: LayerNorms saw this rank's tokens
     skipped = False
     if run.scaler is not None:
         skipped = run.parallel.any(run.scaler.unscale_and_check(params))  # every stage skips together
@@ -263,7 +268,13 @@ sigterm_flag = stop_flag  # the former name
 
 
 def train(run) -> None:
-    """Train `run` to `trainer.max_steps` with its loggers attached."""
+    """Train `run` to `trainer.max_steps` with its loggers attached. A run already there
+    has nothing to do: no logger is attached, so its files (metrics, event files) stay as
+    they are."""
+    if run.step >= run.config.trainer.max_steps:
+        log.info("nothing to do: the run is already at step %d of trainer.max_steps=%d", run.step,
+                 run.config.trainer.max_steps)
+        return
     with attached_loggers(run), stop_flag() as stop:
         _train(run, stop)
 
@@ -271,9 +282,6 @@ def train(run) -> None:
 def _train(run, stop: StopFlag) -> None:
     cfg, tr = run.config, run.config.trainer
     hook = run.plugins.hook
-    if run.step >= tr.max_steps:
-        log.info("nothing to do: the run is already at step %d of trainer.max_steps=%d", run.step, tr.max_steps)
-        return
     every_ckpt = cfg.exp_manager.checkpoint.every_n_train_steps
     flops_per_token = _flops_per_token(run)
     tokens_per_step = run.global_batch_size * cfg.model.seq_length

@@ -3,9 +3,13 @@ model -> optimizer -> resume, then hands it to the loop.
 
 Everything that can be checked without writing is checked first, in this order: component
 names, the model's shapes, the batch geometry, the config against the run already in the
-run directory (if any); then rank 0 checks the directory is writable, creates and locks
-it, and opens the data files and builds the tokenizer; config.toml and run.json are
-written only after all of that succeeded.
+run directory (if any); then rank 0 checks the directory (and its checkpoints/) is
+writable, creates and locks it, and opens the data files and builds the tokenizer (which
+may train into it); then the model, the optimizer, the train and validation data (an
+empty split fails here) and the resumed checkpoint. config.toml and run.json are written
+only after all of that succeeded, and not at all by a run that is already finished (it
+has nothing to do, and its files stay as they are). A start that fails leaves no
+config.toml behind, and removes a run directory it created.
 
 The order matters for reproducibility: every generator is seeded from `model.seed` right
 before the model is built, and a resumed run then overwrites model, optimizer, loss scaler,
@@ -30,8 +34,10 @@ from mega.protocols import (
     Batch,
     CheckpointFormat,
     DataSource,
+    DeclaresObjective,
     LanguageModel,
     PipelineStage,
+    SampleObjective,
     SavesOptimizerShards,
     StatefulModel,
     Tokenizer,
@@ -232,11 +238,30 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
             {"params": [params[n] for n in no_decay], "weight_decay": 0.0}]
 
 
+def objective_of(model, config) -> SampleObjective:
+    """The samples `model` trains on: its own declaration (mega.protocols.DeclaresObjective)
+    when it has one, else its config's `objective()`."""
+    if isinstance(model, DeclaresObjective):
+        return model.objective()
+    return config.objective()
+
+
 def build_run(config: ExperimentConfig, plugins=None) -> Run:
     if plugins is None:
         from mega.plugin_manager import get_plugins
 
         plugins = get_plugins()
+    created: list = []  # [run_dir] once _build_run made the run directory
+    try:
+        return _build_run(config, plugins, created)
+    except BaseException:
+        for run_dir in created:  # a run directory this call made holds nothing worth keeping
+            unlock_run_dir(run_dir)
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _build_run(config: ExperimentConfig, plugins, created: list) -> Run:
     tr, mc = config.trainer, config.model
     check_devices(tr.accelerator, tr.devices)  # before joining a group on GPUs that are not there
     parallel = init_parallel(tr.devices, tr.num_nodes, tr.dist_timeout_s,
@@ -258,25 +283,19 @@ def build_run(config: ExperimentConfig, plugins=None) -> Run:
     run_dir = run_dir_of(config)
     check_config_unchanged(config, run_dir)
 
-    # A shared filesystem across nodes is assumed. Rank 0 checks the directory can be
-    # written, creates and locks it, finds the data files and builds the tokenizer, and
-    # writes config.toml and run.json last, once all of that succeeded.
+    # A shared filesystem across nodes is assumed. Rank 0 checks the directory (and its
+    # checkpoints/) can be written, creates and locks it, finds the data files and builds
+    # the tokenizer; config.toml and run.json are written last, once the model, the data
+    # and the resumed checkpoint are in place.
     with parallel.main_rank_first():
-        created = False
         if parallel.is_main:
             check_writable(run_dir)
-            created = not run_dir.exists()
+            if not run_dir.exists():
+                created.append(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
             lock_run_dir(run_dir)
-        try:
-            source = built(data_entry, DataSource, data_entry.factory(mc.data, run_dir))
-            tokenizer = built(tok_entry, Tokenizer, tok_entry.factory(mc.tokenizer, source.files(), run_dir))
-        except BaseException:
-            if created:  # a run directory this call made holds nothing worth keeping
-                unlock_run_dir(run_dir)
-                shutil.rmtree(run_dir, ignore_errors=True)
-            raise
-        prepare_run_dir(config, plugins, write=parallel.is_main)
+        source = built(data_entry, DataSource, data_entry.factory(mc.data, run_dir))
+        tokenizer = built(tok_entry, Tokenizer, tok_entry.factory(mc.tokenizer, source.files(), run_dir))
 
     seed_everything(mc.seed)  # the same on every tensor- and data-parallel rank (Megatron's rule)
     get_rng_tracker().reset(mc.seed, parallel.tp_rank, device.type)
@@ -290,7 +309,7 @@ def build_run(config: ExperimentConfig, plugins=None) -> Run:
     if str(tr.precision) == "16":
         scaler = DynamicLossScaler(mc.native_amp_init_scale, mc.native_amp_growth_interval, mc.hysteresis)
 
-    objective = mc.objective()  # the model's declared need: next-token samples, span corruption, ...
+    objective = objective_of(model, mc)  # the model's declared need: next-token samples, span corruption, a task's ...
     train_data = source.dataset("train", tokenizer, mc.seq_length, tr.max_steps * gbs, mc.seed, objective)
     valid_data = None
     if tr.val_check_interval > 0 and tr.limit_val_batches > 0:
@@ -320,6 +339,8 @@ def build_run(config: ExperimentConfig, plugins=None) -> Run:
     if compile_wanted(tr.compile, device):
         if parallel.pp_size > 1:  # the pipeline schedule calls stage_forward, one stage at a time
             log.info("trainer.compile: not applied under pipeline parallelism; the stages run eagerly")
+        elif getattr(model, "eager_reason", None):  # what the model does that torch.compile is not tested with
+            log.info("trainer.compile: not applied with %s; the step runs eagerly", model.eager_reason)
         else:
             loss_module = CompiledStep(loss_module)
     run = Run(
@@ -331,6 +352,8 @@ def build_run(config: ExperimentConfig, plugins=None) -> Run:
     )
     if config.exp_manager.resume_if_exists:
         resume(run, plugins)
+    if run.resumed_from is None or run.step < tr.max_steps:  # a finished run has nothing to do: its files stay
+        prepare_run_dir(config, plugins, write=parallel.is_main)
     return run
 
 

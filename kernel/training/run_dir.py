@@ -3,15 +3,19 @@
 
 Before anything is written into it, a run directory is checked (`check_run_dir`):
 
-* Re-running into a directory a run already wrote compares the new resolved config with
-  the run's `config.toml`, key by dotted key. Changes a resumed run can take (the keys in
-  `RESUME_SAFE`: more steps, a new learning-rate schedule, logging, checkpoint cadence,
-  devices and the parallel layout) go on with a note; any other change stops with a
-  ConfigError listing `key: old -> new`, before config.toml is overwritten or an old
+* Re-running into a directory that holds a checkpoint compares the new resolved config
+  with the run's `config.toml`, key by dotted key. Changes a resumed run can take (the
+  keys in `RESUME_SAFE`: more steps, a new learning-rate schedule, logging, checkpoint
+  cadence, devices and the parallel layout) go on with a note; any other change stops with
+  a ConfigError listing `key: old -> new`, before config.toml is overwritten or an old
   tokenizer is reused. Start a new run with `exp_manager.name=<new>`, or keep going
-  anyway with `exp_manager.resume_ignore_config_changes=true`.
-* The directory (or the nearest folder that exists above it) must be writable, so a
-  read-only location is reported at the start, not at the first checkpoint.
+  anyway with `exp_manager.resume_ignore_config_changes=true`. A directory with no
+  checkpoint (a start that failed before its first save) holds nothing to resume: it
+  takes the new config, and what was trained there from the corpus is checked against
+  the new inputs (`mega.checkpoint.trained_files`).
+* The directory (or the nearest folder that exists above it) must be writable, and so
+  must its `checkpoints/` folder when there is one, so a read-only location is reported
+  at the start, not at the first checkpoint.
 * `lock_run_dir` holds an exclusive lock on `<run_dir>/.lock` (with the holder's PID
   written in it) for the life of the process: a second run into the same directory
   refuses and names the holder.
@@ -37,15 +41,14 @@ else:  # pragma: no cover
 import torch
 
 from mega.checkpoint.atomic import atomic_write_text
+from mega.checkpoint.store import holds_checkpoint
 from mega.config import dump_config
 from mega.errors import ConfigError
 
 log = logging.getLogger("mega")
 
 LOCK = ".lock"
-# Files whose presence alone does not make a run worth protecting: what prepare_run_dir
-# writes before anything trains.
-_BOOKKEEPING = {"config.toml", "run.json", LOCK}
+CHECKPOINTS = "checkpoints"
 
 # Keys (dotted; a trailing ".*" covers a whole table) that may change between the run that
 # wrote a run directory and a run that resumes from it: the checkpoint still loads and
@@ -76,6 +79,11 @@ RESUME_SAFE = (
     "model.optim.use_distributed_optimizer",  # checkpoints hold the same state with or without sharding
     "model.optim.overlap_grad_sync",  # when the same reduction runs (speed)
     "model.optim.overlap_param_sync",
+    "model.sequence_parallel",  # the same parameters and loss; the activations split along the sequence
+    # activation recomputation: the same ops and random streams, run again in backward
+    *(f"{table}.{key}" for table in ("model", "model.encoder", "model.decoder")
+      for key in ("activations_checkpoint_granularity", "activations_checkpoint_method",
+                  "activations_checkpoint_num_layers", "recompute_modules", "distribute_saved_activations")),
     "model.optim.lr",
     "model.optim.weight_decay",
     "model.optim.sched.*",
@@ -136,28 +144,28 @@ def config_changes(old: dict, new: dict) -> List[Tuple[str, Any, Any]]:
     return [(k, a.get(k, missing), b.get(k, missing)) for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]
 
 
-def _has_run_state(run_dir: Path) -> bool:
-    """Whether a run wrote more than its bookkeeping here (checkpoints, a trained
-    tokenizer, metrics, ...): something a changed config would silently reuse."""
-    try:
-        return any(p.name not in _BOOKKEEPING for p in run_dir.iterdir())
-    except OSError:
-        return False
-
-
 def check_config_unchanged(config, run_dir: Path) -> None:
     """Compare `config` with the config of the run that wrote `run_dir` (nothing is
-    written): safe changes are logged, anything else raises a ConfigError listing them."""
+    written): safe changes are logged, anything else raises a ConfigError listing them.
+    A run directory without a checkpoint takes the new config (with a note)."""
     path = run_dir / "config.toml"
-    if not path.is_file() or not _has_run_state(run_dir):
+    if not path.is_file():
         return
+    checkpointed = holds_checkpoint(run_dir)
     try:
         old = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
+        if not checkpointed:
+            return  # nothing to resume: the new config replaces it
         raise ConfigError(f"{path}: cannot read the config of the run in this directory ({exc}); start a new run"
                           f" with exp_manager.name=<new name>") from None
     new = tomllib.loads(dump_config(config))
     changes = config_changes(old, new)
+    if not checkpointed:
+        if changes:
+            log.info("%s: no checkpoint here, so nothing to resume: the run starts afresh with this config (%s)",
+                     run_dir, "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes))
+        return
     unsafe = [c for c in changes if not _safe(*c)]
     old_gbs, new_gbs = _global_batch(_flatten(old)), _global_batch(_flatten(new))
     if old_gbs != new_gbs:
@@ -186,21 +194,29 @@ def _nearest_existing(path: Path) -> Path:
 def check_writable(path: Path) -> None:
     """Raise a ConfigError when `path` (or, if it does not exist yet, the folder that will
     hold it) cannot be written: checked with os.access and a probe file, so a read-only
-    mount is caught too."""
-    target = _nearest_existing(Path(path))
-    where = f"{target}" if target == Path(path).absolute() else f"{target} (where {path} would be created)"
+    mount is caught too. `path` is a run directory; its `checkpoints/` folder, when there
+    is one, is checked too (a read-only one would otherwise fail at the first save)."""
+    path = Path(path)
+    _check_writable(path, "choose another exp_manager.exp_dir")
+    if (path / CHECKPOINTS).exists():
+        _check_writable(path / CHECKPOINTS, "checkpoints could not be saved; make it writable, or start a new run"
+                                             " with exp_manager.name=<new name>")
+
+
+def _check_writable(path: Path, advice: str) -> None:
+    target = _nearest_existing(path)
+    where = f"{target}" if target == path.absolute() else f"{target} (where {path} would be created)"
     if not target.is_dir():
-        raise ConfigError(f"exp_manager.exp_dir: {target} is not a directory, so the run directory {path} cannot be created")
+        raise ConfigError(f"exp_manager.exp_dir: {target} is not a directory, so {path} cannot be created")
     if not os.access(target, os.W_OK | os.X_OK):
-        raise ConfigError(f"exp_manager.exp_dir: {where} is not writable; choose another exp_manager.exp_dir")
+        raise ConfigError(f"exp_manager.exp_dir: {where} is not writable; {advice}")
     probe = target / f".mega-write-probe.{os.getpid()}"
     try:
         with open(probe, "wb") as f:
             f.write(b"x")
     except OSError as exc:
         what = "no space left on" if exc.errno == errno.ENOSPC else "cannot write to"
-        raise ConfigError(f"exp_manager.exp_dir: {what} {where} ({exc.strerror or exc}); choose another"
-                          f" exp_manager.exp_dir") from None
+        raise ConfigError(f"exp_manager.exp_dir: {what} {where} ({exc.strerror or exc}); {advice}") from None
     finally:
         try:
             probe.unlink()

@@ -39,6 +39,7 @@ import mega
 from mega.checkpoint import MANIFEST, atomic_path, check_options, resolve_checkpoint, verify
 from mega.config import load_raw
 from mega.errors import CheckpointError, ConfigError
+from mega.checkpoint.load_errors import describe
 from mega.plugins.checkpoints.native import rank_folder
 from mega.runtime.parallel import ParallelState
 
@@ -79,7 +80,7 @@ class ArchiveFormat:
             if (folder / SHARDING).is_file():
                 state["sharding"] = json.loads((folder / SHARDING).read_text())
         except Exception as exc:
-            raise CheckpointError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from None
+            raise CheckpointError(f"{path}: cannot be read: {describe(exc)}") from None
         return state
 
     # --- Exporter ------------------------------------------------------------------------------

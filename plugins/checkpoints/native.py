@@ -20,6 +20,7 @@ import torch
 
 import mega
 from mega.errors import CheckpointError
+from mega.checkpoint.load_errors import describe
 
 PARTS = ("model", "optimizer", "trainer", "sharding")
 
@@ -55,7 +56,7 @@ class NativeFormat:
             try:
                 state[part] = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as exc:
-                raise CheckpointError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from None
+                raise CheckpointError(f"{path}: cannot be read: {describe(exc)}") from None
         return state
 
 

@@ -6,7 +6,9 @@ Each line of the split's text becomes its tokens plus end-of-line (`add_eos`, th
 reference's `<eos>` per line, empty lines included); a tokenizer with its own line rule
 (the `word` tokenizer's `encode_line` / `encode_file`: add_eos, add_double_eos) applies it. The stream is cut into `streams`
 contiguous rows (the global batch size; the tail that does not fill a row is dropped) and
-each row into segments of seq_length tokens. Sample `i` is
+each row into segments of seq_length tokens, the last one shorter when the row does not
+divide evenly (the reference's iterator yields it; `drop_last` leaves it out, for fixed
+shapes). Sample `i` is
 
     stream = i % streams,  segment = i // streams  (mod the segments per row: epochs)
 
@@ -20,7 +22,10 @@ reference's `--roll`).
 Files: `data_dir` holding the reference's `train.txt`, `valid.txt`, `test.txt` (WikiText's
 `wiki.{split}.tokens` are accepted too), or one file in `data_prefix` (empty: Python's
 pydoc topics) cut into splits by lines with `splits_string`. Encoded streams are cached
-as .npy files in the run directory.
+as .npy files in the run directory, keyed by the file (path, size, modification time), the
+split and the tokenizer (its files' contents). A word vocabulary is counted over `files()`:
+data_dir's train file (WT103's rule) or the splits `vocab_splits` names (enwik8, text8:
+train, valid and test, as the reference counts them), or data_prefix's whole file.
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ from mega.config import DataConfig
 from mega.errors import ConfigError, DataError
 from mega.plugins.data.blending import parse_splits, split_ranges
 from mega.plugins.data.quickstart_corpus import write_pydoc_corpus
+from mega.plugins.data.token_cache import tokenizer_fingerprint
 from mega.protocols import SampleObjective
 
 log = logging.getLogger("mega.data")
@@ -62,21 +68,30 @@ class LMOrderedConfig(DataConfig):
     add_eos: Optional[bool] = None  # end-of-line token after every line; None: the tokenizer's rule (word: its add_eos), else true
     roll: bool = False  # rotate each stream by a seeded random shift every epoch (the reference's --roll)
     streams: Optional[int] = None  # rows the stream is cut into; None: the model's global_batch_size
+    drop_last: bool = False  # leave out each stream's last, shorter segment (false: keep it, as the reference does)
+    vocab_splits: Optional[List[str]] = None  # data_dir's splits a counted vocabulary comes from, in order; None: ["train"] (WT103); enwik8, text8: ["train", "valid", "test"]
 
 
 class LMOrderedSamples:
     """Sample i = (stream i % streams, segment i // streams) of one split's token stream."""
 
     def __init__(self, stream: torch.Tensor, streams: int, seq_length: int, num_samples: int, seed: int,
-                 roll: bool = False, split: str = "train"):
+                 roll: bool = False, split: str = "train", drop_last: bool = False):
         self.stream, self.streams, self.seq_length, self.num_samples = stream, streams, seq_length, num_samples
         self.seed, self.roll = seed, roll
         self.n_step = stream.numel() // streams
         self.rows = stream[: self.n_step * streams].view(streams, self.n_step)
-        self.segments = (self.n_step - 1) // seq_length  # full segments per row (inputs + next token)
+        # segments per row (inputs + next token); the last may be shorter, as the reference's
+        # range(0, n_step - 1, tgt_len) with seq_len = min(tgt_len, n_step - 1 - i)
+        if drop_last:
+            self.segments = (self.n_step - 1) // seq_length
+            need = f"{streams} x ({seq_length} + 1)"
+        else:
+            self.segments = -(-(self.n_step - 1) // seq_length) if self.n_step > 1 else 0
+            need = f"{streams} x 2"
         if self.segments < 1:
             raise ConfigError(f"model.seq_length={seq_length}, model.global_batch_size={streams}: the {split} split has"
-                              f" {stream.numel()} tokens, fewer than {streams} x ({seq_length} + 1); use fewer streams,"
+                              f" {stream.numel()} tokens, fewer than {need}; use fewer streams,"
                               " shorter segments or more text")
         self._shifts: Dict[int, np.ndarray] = {}
 
@@ -100,13 +115,14 @@ class LMOrderedSamples:
             raise IndexError(i)
         row, epoch, seg = self.position(i)
         start = seg * self.seq_length
-        idx = torch.arange(start, start + self.seq_length + 1)
+        length = min(self.seq_length, self.n_step - 1 - start)
+        idx = torch.arange(start, start + length + 1)
         shift = self._shift(epoch, row)
         if shift:  # torch.roll(row, shift)[k] == row[(k - shift) % n]
             idx = (idx - shift) % self.n_step
         ids = self.rows[row, idx]
         return {"tokens": ids[:-1].clone(), "labels": ids[1:].clone(),
-                "loss_mask": torch.ones(self.seq_length, dtype=torch.float32),
+                "loss_mask": torch.ones(length, dtype=torch.float32),
                 "stream": torch.tensor(row, dtype=torch.long)}
 
 
@@ -115,6 +131,16 @@ def _file_lines(path: Path) -> List[str]:
     str.splitlines), without the line breaks."""
     lines = path.read_text(encoding="utf-8").split("\n")
     return lines[:-1] if lines and lines[-1] == "" else lines
+
+
+def _vocab_splits(splits: Optional[List[str]]) -> List[str]:
+    """The splits to count a vocabulary over, checked: the reference counts WT103's train
+    file only and enwik8's, text8's, PTB's and WT2's train, valid and test files."""
+    if splits is None:
+        return ["train"]
+    if not splits or any(s not in SPLITS for s in splits) or len(set(splits)) != len(splits):
+        raise ConfigError(f"model.data.vocab_splits={list(splits)}: a list of distinct splits out of {list(SPLITS)}")
+    return list(splits)
 
 
 class LMOrderedSource:
@@ -129,9 +155,12 @@ class LMOrderedSource:
                 if found is None:
                     raise DataError(f"model.data.data_dir={config.data_dir}: no {candidates[0].name} (or {candidates[1].name})")
                 self.split_files[split] = found
-            self.paths = [self.split_files["train"]]
+            self.paths = [self.split_files[s] for s in _vocab_splits(config.vocab_splits)]
             self.fractions = None
         else:
+            if config.vocab_splits is not None:
+                raise ConfigError(f"model.data.vocab_splits={config.vocab_splits}: applies to data_dir's split files;"
+                                  " data_prefix's one file is counted whole (every split's lines)")
             prefix = list(config.data_prefix)
             if not prefix:
                 if run_dir is None:
@@ -146,6 +175,8 @@ class LMOrderedSource:
             self.fractions = parse_splits(config.splits_string)
 
     def files(self) -> List[Path]:
+        """What a word vocabulary is counted over: data_dir's `vocab_splits` files, or the
+        one data_prefix file (all its splits)."""
         return list(self.paths)
 
     def _lines(self, split: str) -> List[str]:
@@ -159,9 +190,10 @@ class LMOrderedSource:
         """The whole split as one 1-D LongTensor (cached in the run directory)."""
         source = self.split_files.get(split, self.paths[0])
         st = source.stat()
+        # the tokenizer by its files' contents, not their paths: a vocabulary counted again
+        # into the same run directory must not meet the stream encoded with the old one
         key = hashlib.sha256(repr((str(source.resolve()), st.st_size, st.st_mtime_ns, split, self.config.splits_string,
-                                   self.config.add_eos, type(tokenizer).__name__, tokenizer.vocab_size,
-                                   sorted((k, str(v)) for k, v in tokenizer.artifacts().items()))).encode()).hexdigest()[:16]
+                                   self.config.add_eos, tokenizer_fingerprint(tokenizer))).encode()).hexdigest()[:16]
         cache = self.run_dir / "data" / f"lm_ordered.{split}.{key}.npy" if self.run_dir is not None else None
         if cache is not None and cache.is_file():
             return torch.from_numpy(np.load(cache).astype(np.int64))
@@ -199,7 +231,7 @@ class LMOrderedSource:
                               " it, e.g. transformer_xl with model.global_batch_size)")
         stream = self.token_stream(split, tokenizer)
         return LMOrderedSamples(stream, streams, seq_length, num_samples, seed + 7919 * SPLITS.index(split),
-                                self.config.roll and split == "train", split)
+                                self.config.roll and split == "train", split, self.config.drop_last)
 
 
 @mega.hookimpl

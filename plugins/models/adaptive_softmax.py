@@ -5,7 +5,9 @@ wide embeddings, rare ones narrow ones (`div_val`), each projected to the model 
 output side mirrors it: a head softmax over the shortlist (bucket 0) plus one "cluster"
 logit per tail bucket, and a softmax inside each tail bucket, so most tokens never touch
 the big tail matrices. With `tie_weight` the output matrices *are* the embedding tables
-(only the output biases are separate); `tie_projs[i]` shares bucket i's projection too.
+(only the output biases are separate). `tie_projs[i]` shares bucket i's projection with
+the embedding whether or not the weights are tied, as NVIDIA's code does (it hands the
+embedding's projections to the softmax unconditionally).
 
 Parameter names follow NVIDIA's Transformer-XL (`word_emb.emb_layers.{i}.weight`,
 `word_emb.emb_projs.{i}`, `crit.cluster_weight`, `crit.out_layers_biases.{i}`,
@@ -18,6 +20,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mega.errors import CheckpointError
 
 
 def bucket_bounds(n_token: int, cutoffs: Sequence[int]) -> List[Tuple[int, int]]:
@@ -46,6 +50,11 @@ class AdaptiveEmbedding(nn.Module):
                 d_emb_i = d_embed // div_val ** i
                 self.emb_layers.append(nn.Embedding(hi - lo, d_emb_i))
                 self.emb_projs.append(nn.Parameter(torch.zeros(d_proj, d_emb_i)))
+        self.reached = [False] * len(self.emb_layers)  # tables a forward with gradients looked up (see `unused`)
+
+    def bucket_params(self, i: int) -> List[torch.Tensor]:
+        """Table i and its projection (div_val 1: the one table, and its projection if any)."""
+        return [self.emb_layers[i].weight] + ([self.proj(i)] if self.proj(i) is not None else [])
 
     def proj(self, i: int) -> Optional[torch.Tensor]:
         """Bucket i's input projection [d_proj, d_emb_i] (None: no projection)."""
@@ -54,7 +63,10 @@ class AdaptiveEmbedding(nn.Module):
         return self.emb_projs[i]
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        track = torch.is_grad_enabled()
         if self.div_val == 1:
+            if track:
+                self.reached[0] = True
             embed = self.emb_layers[0](tokens)
             if len(self.emb_projs):
                 embed = F.linear(embed, self.emb_projs[0])
@@ -66,6 +78,8 @@ class AdaptiveEmbedding(nn.Module):
                 if idx.numel() == 0:
                     out = out + unused(self.emb_layers[i].weight, self.emb_projs[i])
                     continue
+                if track:
+                    self.reached[i] = True
                 emb_i = F.linear(self.emb_layers[i](flat.index_select(0, idx) - lo), self.emb_projs[i])
                 out = out.index_copy(0, idx, emb_i.to(out.dtype))
             embed = out.view(*tokens.shape, self.d_proj)
@@ -74,10 +88,12 @@ class AdaptiveEmbedding(nn.Module):
 
 class ProjectedAdaptiveLogSoftmax(nn.Module):
     """Hidden states -> per-token negative log-likelihoods (`nll`) or full log-probabilities
-    (`log_prob`). With `emb` given (tie_weight), bucket weights are read from it."""
+    (`log_prob`). With `emb` given, the buckets whose `tie_projs` entry is true read their
+    projection from it, and with `tie_weight` every bucket reads its weight from it."""
 
     def __init__(self, n_token: int, d_embed: int, d_proj: int, cutoffs: Sequence[int], div_val: int = 1,
-                 tie_projs: Optional[Sequence[bool]] = None, emb: Optional[AdaptiveEmbedding] = None):
+                 tie_projs: Optional[Sequence[bool]] = None, emb: Optional[AdaptiveEmbedding] = None,
+                 tie_weight: bool = True):
         super().__init__()
         self.n_token, self.d_embed, self.d_proj, self.div_val = n_token, d_embed, d_proj, div_val
         self.bounds = bucket_bounds(n_token, cutoffs)
@@ -86,6 +102,8 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
         tie_projs = list(tie_projs) if tie_projs is not None else [False] * len(self.bounds)
         # Not registered as a submodule: the tied tensors belong to the embedding (one name each).
         object.__setattr__(self, "_emb", emb)
+        self.tie_weight = tie_weight and emb is not None
+        tie_weight = self.tie_weight
         if self.n_clusters > 0:
             self.cluster_weight = nn.Parameter(torch.zeros(self.n_clusters, d_embed))
             self.cluster_bias = nn.Parameter(torch.zeros(self.n_clusters))
@@ -94,7 +112,7 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
         self.out_projs = nn.ParameterDict()  # untied projections only, by bucket index
         self._tied_proj = []
         if div_val == 1:
-            if emb is None:
+            if not tie_weight:
                 self.out_layers_weights.append(nn.Parameter(torch.zeros(n_token, d_embed)))
             self.out_layers_biases.append(nn.Parameter(torch.zeros(n_token)))
             for i in range(len(self.bounds)):
@@ -105,22 +123,55 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
         else:
             for i, (lo, hi) in enumerate(self.bounds):
                 d_emb_i = d_embed // div_val ** i
-                if emb is None:
+                if not tie_weight:
                     self.out_layers_weights.append(nn.Parameter(torch.zeros(hi - lo, d_emb_i)))
                 self.out_layers_biases.append(nn.Parameter(torch.zeros(hi - lo)))
                 tied = tie_projs[i] and emb is not None
                 self._tied_proj.append(tied)
                 if not tied:
                     self.out_projs[str(i)] = nn.Parameter(torch.zeros(d_proj, d_emb_i))
+        self.reached = [False] * len(self.bounds)  # buckets a forward with gradients computed (see `unused`)
+        self._register_load_state_dict_pre_hook(self._refuse_separate_tied_projections)
+
+    def _refuse_separate_tied_projections(self, state_dict, prefix, *args) -> None:
+        """A state dict with its own projection for a bucket this module ties is one mega
+        wrote before tie_projs applied to untied weights (it ignored tie_projs then): its
+        projections are not the embedding's, so it loads only as it was trained."""
+        for i, tied in enumerate(self._tied_proj):
+            key = f"{prefix}out_projs.{i}"
+            if tied and key in state_dict:
+                untied = [False] * len(self._tied_proj)
+                raise CheckpointError(
+                    f"{key}: the checkpoint holds its own output projection for bucket {i}, which model.tie_projs"
+                    f" shares with the input embedding (mega before tie_projs applied with tie_weight = false wrote"
+                    f" such checkpoints); load it as it was trained with model.tie_projs={_toml_list(untied)}"
+                    " (to resume its run, add exp_manager.resume_ignore_config_changes=true)")
+
+    def bucket_params(self, i: int) -> List[torch.Tensor]:
+        """The parameters bucket i's logits read (whole tensors, not slices; bucket 0 with
+        the cluster rows, as `head` uses it)."""
+        if self.div_val == 1:
+            weight = self._emb.emb_layers[0].weight if self.tie_weight else self.out_layers_weights[0]
+            bias = self.out_layers_biases[0]
+        else:
+            weight = self._emb.emb_layers[i].weight if self.tie_weight else self.out_layers_weights[i]
+            bias = self.out_layers_biases[i]
+        out = [weight, bias]
+        proj = self.bucket(i)[2]
+        if proj is not None:
+            out.append(proj)
+        if i == 0 and self.n_clusters > 0:
+            out += [self.cluster_weight, self.cluster_bias]
+        return out
 
     def bucket(self, i: int) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """(weight [V_i, d_emb_i], bias [V_i], projection [d_proj, d_emb_i] or None) of bucket i."""
         lo, hi = self.bounds[i]
         if self.div_val == 1:
-            weight = self._emb.emb_layers[0].weight if self._emb is not None else self.out_layers_weights[0]
+            weight = self._emb.emb_layers[0].weight if self.tie_weight else self.out_layers_weights[0]
             weight, bias = weight[lo:hi], self.out_layers_biases[0][lo:hi]
         else:
-            weight = self._emb.emb_layers[i].weight if self._emb is not None else self.out_layers_weights[i]
+            weight = self._emb.emb_layers[i].weight if self.tie_weight else self.out_layers_weights[i]
             bias = self.out_layers_biases[i]
         if self._tied_proj[i]:
             proj = self._emb.proj(i)
@@ -138,6 +189,9 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
 
     def nll(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """[N] negative log-likelihoods of `target` [N] in token order, in fp32 (or wider)."""
+        track = torch.is_grad_enabled()
+        if track:
+            self.reached[0] = True
         head_logprob = F.log_softmax(logits(hidden, *self.head()).to(_at_least_fp32(hidden.dtype)), -1)
         if self.n_clusters == 0:
             return -head_logprob.gather(1, target.unsqueeze(1)).squeeze(1)
@@ -148,6 +202,8 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
                 if i > 0:
                     nll = nll + unused(*self.bucket(i))
                 continue
+            if track:
+                self.reached[i] = True
             target_i = (target.index_select(0, idx) - lo).unsqueeze(1)
             head_i = head_logprob.index_select(0, idx)
             if i == 0:
@@ -160,6 +216,8 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
 
     def log_prob(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, n_token] log-probabilities over the whole vocabulary, in fp32 (or wider)."""
+        if torch.is_grad_enabled():
+            self.reached = [True] * len(self.bounds)
         head_logprob = F.log_softmax(logits(hidden, *self.head()).to(_at_least_fp32(hidden.dtype)), -1)
         if self.n_clusters == 0:
             return head_logprob
@@ -173,10 +231,17 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
 def unused(*params: Optional[torch.Tensor]) -> torch.Tensor:
     """0 x the parameters of a bucket this batch does not reach, so every parameter takes
     part in each backward (data parallelism expects it; the gradients are zeros, in one
-    process as in several)."""
+    process as in several). The modules' `reached` flags record which buckets were really
+    computed, so the training loop can drop the zero gradients of those no micro-batch
+    reached (`mega.protocols.SparselyReached`): the reference's optimizer never sees a
+    gradient for them and leaves them alone."""
     if not torch.is_grad_enabled():
         return torch.zeros(())
     return sum(p.sum() for p in params if p is not None) * 0.0
+
+
+def _toml_list(flags: Sequence[bool]) -> str:
+    return "[" + ",".join("true" if f else "false" for f in flags) + "]"
 
 
 def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:

@@ -17,6 +17,7 @@ the training memory alone; `evaluate` runs the reference's evaluation protocol.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Dict, List, Optional, Tuple
 
@@ -31,11 +32,13 @@ from mega.config.schema import InvalidValue
 from mega.errors import ConfigError
 from mega.plugins.data.lm_ordered import OrderedLMObjective
 from mega.plugins.models.adaptive_softmax import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax
+from mega.plugins.models.scaling import RecomputeKeys, SequenceParallelKey, check_recompute, check_sequence_parallel
+from mega.runtime import recompute
 from mega.runtime.tensor_parallel import mark_replicated
 
 
 @define(kw_only=True)
-class TransformerXLConfig(ModelConfig):
+class TransformerXLConfig(RecomputeKeys, SequenceParallelKey, ModelConfig):
     """`model.*` keys of the `transformer_xl` model (the reference's names; defaults are its
     WikiText-103 base model). `seq_length` is the segment length, `tgt_len` its alias."""
 
@@ -57,15 +60,15 @@ class TransformerXLConfig(ModelConfig):
     cutoffs: List[int] = field(factory=lambda: [19997, 39997, 199997])  # bucket boundaries (token ids, ascending)
     div_val: int = 1  # bucket i's embedding width is d_embed // div_val**i
     tie_weight: bool = True  # output bucket weights are the embedding tables (biases never tied)
-    tie_projs: Optional[List[bool]] = None  # per bucket: share the input projection; None: [false, true, true, ...]
+    tie_projs: Optional[List[bool]] = None  # per bucket: share the input projection (tie_weight or not); None: [false, true, true, ...]
     init: str = "normal"  # "normal" (N(0, init_std)) or "uniform" (U(-init_range, init_range)) for weights
     init_range: float = 0.1  # uniform init bound
     init_std: float = 0.02  # normal init std (also LayerNorm weights: N(1, init_std))
     proj_init_std: float = 0.01  # std of the adaptive projections
-    emb_init: str = "normal"  # init of the embedding tables: "normal" (init_std) or "uniform" (emb_init_range)
-    emb_init_range: float = 0.01  # uniform bound of the embedding tables
-    # the evaluation protocol (`mega evaluate`); None: the training value (eval_mem_len:
-    # mem_len + tgt_len - eval_tgt_len, keeping the attention span, as the reference does)
+    emb_init: Optional[str] = None  # embedding tables: None: as `init` (the reference, which never reads its --emb_init); "normal" (init_std) or "uniform" (emb_init_range)
+    emb_init_range: float = 0.01  # uniform bound of the embedding tables under emb_init = "uniform"
+    # the evaluation protocol (`mega evaluate`); None: the training value (eval_mem_len: 0 when
+    # mem_len is 0, else mem_len + tgt_len - eval_tgt_len, keeping the attention span, as the reference does)
     eval_tgt_len: Optional[int] = None  # segment length when evaluating
     eval_mem_len: Optional[int] = None  # memory length when evaluating
     eval_clamp_len: Optional[int] = None  # clamp_len when evaluating (the reference's test: 400 base, 1000 large)
@@ -104,14 +107,30 @@ class TransformerXLConfig(ModelConfig):
                      + b * q * (6 * 4 * d + 4 * hd * e + f * (2 * e + mask) + 3 * mask * d)  # LNs, q+u, q+v, FF, dropout masks
                      + 5 * 4 * b * n * q * k)  # content and position scores, their sum, probabilities (fp32)
         head = model.crit.head()[0].shape[0]
-        stage = {"params": params, "activations": self.n_layer * per_layer + 4 * b * q * d * 3,
-                 "transient": 2 * 4 * b * q * head, "grad_transient": 4 * params}
+        layers, rebuilt = self.n_layer * per_layer, 0
+        if self.activations_checkpoint_granularity == "full":  # a chunk keeps its input (the residual stream)
+            k = min(self.activations_checkpoint_num_layers or 1, self.n_layer)
+            r = 2 if self.megatron_amp_O2 and e == 2 else 4
+            if self.activations_checkpoint_method == "uniform":
+                layers, rebuilt = math.ceil(self.n_layer / k) * b * q * d * r, k * per_layer
+            else:
+                layers, rebuilt = k * b * q * d * r + (self.n_layer - k) * per_layer, per_layer
+        stage = {"params": params, "activations": layers + 4 * b * q * d * 3,
+                 "transient": 2 * 4 * b * q * head, "grad_transient": 4 * params, "recompute_transient": rebuilt}
         return {"params": params, "flops_per_token": model.flops_per_token(self.seq_length), "stages": [stage]}
 
     def eval_settings(self) -> Dict[str, object]:
-        """tgt_len, mem_len, clamp_len, same_length of the evaluation protocol."""
+        """tgt_len, mem_len, clamp_len, same_length of the evaluation protocol. The memory,
+        unless given, is the reference's: none for a model trained without one (mem_len 0),
+        else mem_len + tgt_len - eval_tgt_len (the same attention span as in training;
+        `check_config` refuses an eval_tgt_len that leaves it negative, as the reference does)."""
         tgt = self.eval_tgt_len or self.seq_length
-        mem = self.eval_mem_len if self.eval_mem_len is not None else max(0, self.mem_len + self.seq_length - tgt)
+        if self.eval_mem_len is not None:
+            mem = self.eval_mem_len
+        elif self.mem_len == 0:
+            mem = 0
+        else:
+            mem = max(0, self.mem_len + self.seq_length - tgt)
         clamp = self.eval_clamp_len if self.eval_clamp_len is not None else self.clamp_len
         same = self.eval_same_length if self.eval_same_length is not None else self.same_length
         return {"tgt_len": tgt, "mem_len": mem, "clamp_len": clamp, "same_length": same}
@@ -133,8 +152,12 @@ def check_config(cfg: TransformerXLConfig, vocab_size: Optional[int] = None) -> 
     if cfg.ext_len != 0:
         raise ConfigError(f"model.ext_len={cfg.ext_len}: only 0 is supported (no reference config uses extended context)")
     for key in ("init", "emb_init"):
-        if getattr(cfg, key) not in ("normal", "uniform"):
+        if getattr(cfg, key) not in ("normal", "uniform") and not (key == "emb_init" and cfg.emb_init is None):
             raise ConfigError(f"model.{key}: \"normal\" or \"uniform\", got {getattr(cfg, key)!r}")
+    # activation memory: whole layers recomputed (full); no sequence split of the segment + memory
+    check_recompute(cfg, "model", cfg.n_layer, full_only=True)
+    check_sequence_parallel(cfg, {}, supported="transformer_xl attends over its segment memory with relative positions;"
+                                               " it is not split along the sequence")
     if cfg.tensor_model_parallel_size > 1 or cfg.pipeline_model_parallel_size > 1:
         raise ConfigError("model.tensor_model_parallel_size / model.pipeline_model_parallel_size: transformer_xl"
                           " trains with data parallelism only; set both to 1")
@@ -152,6 +175,10 @@ def check_config(cfg: TransformerXLConfig, vocab_size: Optional[int] = None) -> 
     if cfg.div_val > 1 and d_embed // cfg.div_val ** len(cutoffs) < 1:
         raise ConfigError(f"model.div_val={cfg.div_val}: the last bucket's width d_embed // div_val**{len(cutoffs)} is 0")
     ev = cfg.eval_settings()
+    if cfg.eval_mem_len is None and ev["tgt_len"] > cfg.seq_length + cfg.mem_len:
+        raise ConfigError(f"model.eval_tgt_len={ev['tgt_len']}: must be at most tgt_len + mem_len ="
+                          f" {cfg.seq_length} + {cfg.mem_len} (the evaluation memory is mem_len + tgt_len -"
+                          " eval_tgt_len); shorten it or set model.eval_mem_len")
     if ev["tgt_len"] < 1 or ev["mem_len"] < 0:
         raise ConfigError(f"model.eval_tgt_len / eval_mem_len: got {ev['tgt_len']} / {ev['mem_len']}")
 
@@ -301,9 +328,10 @@ class TransformerXLModel(nn.Module):
         self.r_w_bias = nn.Parameter(torch.zeros(cfg.n_head, cfg.d_head))
         self.r_r_bias = nn.Parameter(torch.zeros(cfg.n_head, cfg.d_head))
         self.crit = ProjectedAdaptiveLogSoftmax(vocab_size, d_embed, cfg.d_model, cutoffs, cfg.div_val,
-                                                cfg.resolved_tie_projs(), self.word_emb if cfg.tie_weight else None)
+                                                cfg.resolved_tie_projs(), self.word_emb, cfg.tie_weight)
         init_weights(self, cfg)
         mark_replicated(self)
+        self.eager_reason = "model.activations_checkpoint_granularity" if cfg.activations_checkpoint_granularity else None
         self._train_mems: Dict[int, torch.Tensor] = {}  # carried across steps, by micro-batch slot
         self._eval_mems: Dict[int, torch.Tensor] = {}  # within one validation pass
 
@@ -335,12 +363,38 @@ class TransformerXLModel(nn.Module):
             pos_seq = pos_seq.clamp(max=clamp_len)
         core_out = self.drop(word_emb)
         pos_emb = self.drop(self.pos_emb(pos_seq).to(word_emb.dtype))
-        hids = []
-        for i, layer in enumerate(self.layers):
-            hids.append(core_out.detach())
-            core_out = layer(core_out, pos_emb, self.r_w_bias, self.r_r_bias, mask, mems[i])
+        core_out, hids = self._layers(core_out, pos_emb, mask, mems)
         core_out = self.drop(core_out)
         return core_out, update_mems(hids, mems, mem_len, 0)
+
+    def _layers(self, x: torch.Tensor, pos_emb: torch.Tensor, mask: torch.Tensor, mems: torch.Tensor):
+        """(output, every layer's input) of the layers, each over its memory; with
+        `model.activations_checkpoint_granularity = "full"`, chunks of layers recomputed in
+        backward (mega.runtime.recompute: "uniform" chunks of num_layers, or the first
+        num_layers layers one by one for "block"). A chunk returns its layers' outputs, so
+        the inputs the memory keeps come out of it."""
+        cfg = self.config
+        method = cfg.activations_checkpoint_method if cfg.activations_checkpoint_granularity == "full" \
+            and recompute.wanted(self) else None
+        k = cfg.activations_checkpoint_num_layers or 1
+        size = k if method == "uniform" else 1
+        hids = []
+        for start in range(0, self.n_layer, size):
+            chunk = range(start, min(start + size, self.n_layer))
+            run = functools.partial(self._chunk, chunk, pos_emb, mask)
+            layer_mems = [mems[i] for i in chunk]
+            outs = recompute.checkpoint(run, x, *layer_mems) if method == "uniform" or (method == "block" and start < k) \
+                else run(x, *layer_mems)
+            hids += [x.detach()] + [o.detach() for o in outs[:-1]]
+            x = outs[-1]
+        return x, hids
+
+    def _chunk(self, chunk: range, pos_emb, mask, x, *layer_mems) -> tuple:
+        outs = []
+        for i, m in zip(chunk, layer_mems):
+            x = self.layers[i](x, pos_emb, self.r_w_bias, self.r_r_bias, mask, m)
+            outs.append(x)
+        return tuple(outs)
 
     # --- training ---------------------------------------------------------------------------
     def training_loss(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -361,6 +415,38 @@ class TransformerXLModel(nn.Module):
         if not mode:  # each validation pass starts from an empty memory
             self._eval_mems = {}
         return super().train(mode)
+
+    # --- SparselyReached ---------------------------------------------------------------------
+    def _parts(self) -> List[Tuple[List[torch.Tensor], bool, bool]]:
+        """(parameters, reached since the last take, reached by every forward) of each
+        adaptive part: the embedding's tables (one table with div_val 1, always looked up)
+        and the softmax's buckets (the head, bucket 0, always computed)."""
+        emb, crit = self.word_emb, self.crit
+        parts = [(emb.bucket_params(i), emb.reached[i], emb.div_val == 1) for i in range(len(emb.emb_layers))]
+        parts += [(crit.bucket_params(i), crit.reached[i], i == 0) for i in range(len(crit.bounds))]
+        return parts
+
+    def sparse_parameters(self) -> List[torch.Tensor]:
+        """The tables, projections, output weights and biases of the buckets a batch can miss
+        (a tensor shared with an always-computed part is always reached)."""
+        parts = self._parts()
+        always = {id(p) for params, _, every in parts if every for p in params}
+        out, seen = [], set(always)
+        for params, _, every in parts:
+            for p in params:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    def take_reached(self) -> List[bool]:
+        parts = self._parts()
+        recorded = self.crit.reached[0]  # every training forward computes the head
+        reached = {id(p) for params, hit, _ in parts if hit for p in params}
+        flags = [not recorded or id(p) in reached for p in self.sparse_parameters()]
+        self.word_emb.reached = [False] * len(self.word_emb.reached)
+        self.crit.reached = [False] * len(self.crit.reached)
+        return flags
 
     # --- StatefulModel ----------------------------------------------------------------------
     def carried_state(self) -> Dict[str, torch.Tensor]:
@@ -502,8 +588,9 @@ def finish_metrics(loss_sum: float, tokens: int) -> Dict[str, float]:
 
 def init_weights(model: TransformerXLModel, cfg: TransformerXLConfig) -> None:
     """Linear weights, embedding tables, cluster weights and the relative biases from
-    `init` (N(0, init_std) or U(-init_range, init_range)); projections N(0, proj_init_std);
-    LayerNorm weights N(1, init_std); every bias 0."""
+    `init` (N(0, init_std) or U(-init_range, init_range)); the tables from `emb_init`
+    instead when it is set (mega's option: the reference parses --emb_init but never reads
+    it); projections N(0, proj_init_std); LayerNorm weights N(1, init_std); every bias 0."""
     def weight(t):
         if cfg.init == "uniform":
             nn.init.uniform_(t, -cfg.init_range, cfg.init_range)
@@ -522,8 +609,10 @@ def init_weights(model: TransformerXLModel, cfg: TransformerXLConfig) -> None:
             elif isinstance(m, nn.Embedding):
                 if cfg.emb_init == "uniform":
                     nn.init.uniform_(m.weight, -cfg.emb_init_range, cfg.emb_init_range)
-                else:
+                elif cfg.emb_init == "normal":
                     nn.init.normal_(m.weight, 0.0, cfg.init_std)
+                else:  # unset: as every other weight, as the reference does
+                    weight(m.weight)
         for p in model.word_emb.emb_projs:
             nn.init.normal_(p, 0.0, cfg.proj_init_std)
         crit = model.crit

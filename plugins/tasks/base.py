@@ -3,8 +3,10 @@ seen as sub-words, per-split sample caches, and the head it fine-tunes.
 
 A task (`mega.protocols.Task`) turns files into samples for its head, and the head's
 outputs back into the metrics people publish and into answers for `mega predict`. The
-samples of a split are built once per task object; `evaluate` reads what `samples` kept
-(SQuAD's windows, the words each token-classification prediction belongs to).
+samples of a split are built once per task object; `evaluate` reads what `build_samples`
+kept in `examples[split]` (SQuAD's windows, the words each token-classification
+prediction belongs to). One task object serves a whole run: the model it builds
+(`model()`) holds it, and the run's data comes from that model's task.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ class TaskBase:
 
     def __init__(self, config):
         self.config = config
+        self.examples: Dict[str, Any] = {}  # split -> what its samples were built from (build_samples keeps it)
         self._cache: Dict[str, List[Dict[str, torch.Tensor]]] = {}
         self._subwords: Optional[Subwords] = None
 
@@ -54,6 +57,13 @@ class TaskBase:
         return list(items) if n is None or n < 0 else list(items)[:n]
 
     # --- the contract ----------------------------------------------------------------------------
+    def model(self, tokenizer, plugins):
+        """The model `model.name = "<task>"` trains: this task's head on the configured
+        encoder, holding this task (mega.plugins.tasks.finetune.task_model)."""
+        from mega.plugins.tasks.finetune import task_model
+
+        return task_model(self, tokenizer, plugins)
+
     def check(self) -> None:
         """Key errors found from the config alone (files are read when samples are built)."""
 

@@ -9,8 +9,10 @@ keys are the usual ones) and adds
 * `model.train_ds`, `model.validation_ds`, `model.test_ds`: the task's files;
 * `model.dataset.*`: the task's options (`max_seq_length`, `doc_stride`, `num_classes`, ...).
 
-Each task subclass names its `Task` class (`task_class`), so the data source and the model
-build the same task from the config alone.
+A task's registration (`register_tasks`: name, Task class, config class) is all there is:
+the kernel makes the name a model too, whose factory builds the task and asks it for its
+model (`TaskBase.model`); that model holds the task, and the `task` data source serves the
+samples of the task the run's model holds (`TaskObjective`).
 """
 from __future__ import annotations
 
@@ -22,7 +24,10 @@ from attrs import define, field
 from mega.config import DataConfig, ModelConfig
 from mega.config.schema import at_least_one
 from mega.errors import ConfigError
+from mega.plugins.tasks.nemo_keys import BATCH, LOADER, nemo_key, note_unused
 from mega.protocols import SampleObjective
+
+PREDICTIONS = "mega writes predictions.json and nbest_predictions.json into model.predictions_dir"
 
 
 @define(kw_only=True)
@@ -47,6 +52,13 @@ class DatasetFiles:
     text_file: Optional[str] = None  # token classification: one sentence per line (relative to dataset.data_dir)
     labels_file: Optional[str] = None  # token classification: one label per word (relative to dataset.data_dir)
     num_samples: int = -1  # use the first N examples; -1: all
+    shuffle: Optional[bool] = None  # a new order of the split's samples each epoch; unset: the training split only (NeMo's defaults)
+    batch_size: Optional[int] = nemo_key(BATCH)  # NeMo's per-GPU batch: accepted, not used (model.micro_batch_size)
+    num_workers: Optional[int] = nemo_key(LOADER)  # NeMo's DataLoader option: accepted, not used
+    pin_memory: Optional[bool] = nemo_key(LOADER, same=False)  # NeMo's DataLoader option: accepted, not used
+    drop_last: Optional[bool] = nemo_key(LOADER, same=False)  # NeMo's DataLoader option: accepted, not used
+    output_prediction_file: Optional[str] = nemo_key(PREDICTIONS)  # NeMo's: accepted, not used (predictions.json in model.predictions_dir)
+    output_nbest_file: Optional[str] = nemo_key(PREDICTIONS)  # NeMo's: accepted, not used (nbest_predictions.json beside it)
 
     def path(self) -> Optional[str]:
         return self.file or self.file_path
@@ -70,18 +82,16 @@ def _task_keys(message: str, has_dataset: bool) -> str:
 
 @attrs.frozen
 class TaskObjective(SampleObjective):
-    """A fine-tuning run's declared need: the examples of its task, built from `config`
-    by the `task` data source."""
+    """A fine-tuning model's declared need (mega.protocols.DeclaresObjective): the samples
+    of the task it holds, which the `task` data source serves."""
 
     name: str = "task"
-    config: Any = attrs.field(default=None, eq=False, repr=False)
+    task: Any = attrs.field(default=None, eq=False, repr=False)
 
 
 @define(kw_only=True)
 class TaskConfig(ModelConfig):
     """Base of every task's `model` table."""
-
-    task_class: ClassVar[type]  # the Task a config of this class builds (set by each task module)
 
     name: str = "task"
     seq_length: int = field(default=128, validator=at_least_one)  # the padded length of every sample
@@ -91,6 +101,7 @@ class TaskConfig(ModelConfig):
     test_ds: DatasetFiles = field(factory=DatasetFiles)
     data: DataConfig = field(factory=lambda: DataConfig(data_impl="task"))  # the task's own files, not a corpus
     predictions_dir: Optional[str] = None  # where evaluation writes predictions; None: the run's predictions/<split> (beside an archive: <stem>/predictions/<split>)
+    nemo_path: Optional[str] = nemo_key("mega export RUN PATH writes mega's archive")  # NeMo's .nemo written after training: accepted, not used (mega export RUN PATH)
 
     def __attrs_post_init__(self):
         # NeMo's key for the padded length is model.dataset.max_seq_length; model.seq_length follows it
@@ -106,23 +117,18 @@ class TaskConfig(ModelConfig):
         return {"train": "model.train_ds", "valid": "model.validation_ds", "validation": "model.validation_ds",
                 "test": "model.test_ds"}[split]
 
-    def build_task(self):
-        return type(self).task_class(self)
-
-    def objective(self) -> SampleObjective:
-        return TaskObjective(config=self)
-
     def check(self, plugins) -> None:
         """Key errors, before anything runs; also resolves what the data decides (a label
         map read from the training files) into this config, so config.toml, checkpoints
         and archives carry it."""
         from mega.plugins.tasks.encoder import check_language_model, from_mega_checkpoint, tokenizer_defaults
         check_language_model(self, plugins)
-        from_mega_checkpoint(self)
+        from_mega_checkpoint(self, plugins)
         tokenizer_defaults(self)
         from mega.plugins.tasks.finetune import head_config
         task = plugins.tasks.get(self.name, "model.name").factory(self)
         task.check()
+        note_unused(self)
         entry = plugins.models.get(task.head, f"the head of task {self.name}")
         cfg = head_config(self, task, entry)
         try:

@@ -134,7 +134,31 @@ ARCH_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_siz
              "layernorm_epsilon", "activation", "init_method_std", "num_tokentypes", "make_vocab_size_divisible_by")
 
 
-def from_mega_checkpoint(config) -> None:
+def require_encoder(name, config_class, source) -> None:
+    """A CheckpointError unless `name` (a saved `model.name`, its config class when known)
+    is a Megatron-BERT a task head can sit on: a `bert*` model or a fine-tuned task."""
+    from mega.plugins.models.bert import BertEncoderConfig
+    from mega.plugins.tasks.config import TaskConfig
+
+    if config_class is not None and issubclass(config_class, (BertEncoderConfig, TaskConfig)):
+        return
+    if config_class is None and str(name).startswith("bert"):
+        return
+    raise CheckpointError(f"model.language_model.lm_checkpoint: {source} holds a {name!r} model (its config.toml's "
+                          "model.name), not a BERT encoder; a task fine-tunes Megatron-BERT: point lm_checkpoint at a "
+                          "bert / bert_masked_lm / ... run, a fine-tuned task, a Megatron-LM BERT or NGC checkpoint, or "
+                          "a Hugging Face MegatronBert directory")
+
+
+def _saved_model(model: Dict[str, Any], source, plugins) -> None:
+    """require_encoder for a saved `model` table (the config class from `plugins` when the
+    name is registered)."""
+    name = model.get("name", "gpt")
+    entry = plugins.models.get(name) if plugins is not None and name in plugins.models else None
+    require_encoder(name, entry.config if entry is not None else None, source)
+
+
+def from_mega_checkpoint(config, plugins=None) -> None:
     """`lm_checkpoint` with nothing else describing the encoder (no pretrained name with an
     architecture, no config_file, no config): a source that describes itself gives the
     architecture, recorded in this config's `model.language_model.config` --
@@ -152,7 +176,7 @@ def from_mega_checkpoint(config) -> None:
         return
     path = Path(lm.lm_checkpoint).expanduser()
     for describe in (_from_mega_run, _from_archive, _from_huggingface):
-        if describe(path, lm, tok):
+        if describe(path, lm, tok, plugins):
             return
     raise ConfigError(f"model.language_model.config: {lm.lm_checkpoint} does not describe its encoder (a Megatron-LM "
                       "checkpoint or NGC zip); set model.language_model.config_file=<a JSON of its Megatron arguments: "
@@ -161,7 +185,7 @@ def from_mega_checkpoint(config) -> None:
                       "model.language_model.pretrained_model_name (megatron-bert-345m-uncased, ...)")
 
 
-def _from_mega_run(path: Path, lm, tok) -> bool:
+def _from_mega_run(path: Path, lm, tok, plugins=None) -> bool:
     from mega.config import load_raw
     from mega.checkpoint import resolve_checkpoint
 
@@ -172,6 +196,7 @@ def _from_mega_run(path: Path, lm, tok) -> bool:
     except CheckpointError:
         return False  # another tool's layout
     model = load_raw(ckpt / "config.toml").get("model", {})
+    _saved_model(model, lm.lm_checkpoint, plugins)
     lm.config = _arch_of(model)
     saved_tok = model.get("tokenizer", {})
     if getattr(tok, "library", None) == saved_tok.get("library") == "wordpiece" and not getattr(tok, "vocab_file", None):
@@ -199,7 +224,7 @@ def _arch_of(model: Dict[str, Any]) -> Dict[str, Any]:
     return {k: model[k] for k in ARCH_KEYS if k in model}
 
 
-def _from_archive(path: Path, lm, tok) -> bool:
+def _from_archive(path: Path, lm, tok, plugins=None) -> bool:
     """A `.mega` archive's config.toml member (read without unpacking the weights); its
     vocabulary is a member too, so the tokenizer's vocab_file must be set (the error of an
     unset one names the key)."""
@@ -216,12 +241,14 @@ def _from_archive(path: Path, lm, tok) -> bool:
         return False
     if raw is None:
         return False
+    _saved_model(raw.get("model", {}), lm.lm_checkpoint, plugins)
     lm.config = _arch_of(raw.get("model", {}))
     return True
 
 
-def _from_huggingface(path: Path, lm, tok) -> bool:
-    from mega.plugins.checkpoints.huggingface_bert import MODEL_TYPE, architecture_of, mega_model_config, tokenizer_table
+def _from_huggingface(path: Path, lm, tok, plugins=None) -> bool:
+    from mega.plugins.models.bert_interop.huggingface import MODEL_TYPE, architecture_of, mega_model_config
+    from mega.plugins.tokenizers.wordpiece_interop import tokenizer_table
 
     hf = _hf_config(path)
     if hf is None or hf.get("model_type") != MODEL_TYPE:
@@ -281,9 +308,11 @@ def _megatron_file(path: Path) -> Optional[Path]:
     return None
 
 
-def encoder_state(source, plugins, vocab_file: Optional[str] = None):
+def encoder_state(source, plugins, vocab_file: Optional[str] = None, num_attention_heads: Optional[int] = None):
     """(the `language_model.*` tensors of `source` at this process's tensor-parallel
-    layout, the `model` config they were loaded with)."""
+    layout, the `model` config they were loaded with). A Megatron-LM / NGC file saved
+    without `args` (NVIDIA's released 345M zips) takes the run's `num_attention_heads`, the
+    one shape its tensors do not tell, as `mega import --option num_attention_heads=N` does."""
     from mega.checkpoint import restore
     from mega.checkpoint import find_importer
 
@@ -310,9 +339,12 @@ def encoder_state(source, plugins, vocab_file: Optional[str] = None):
                                       f"archive ({first}) nor a format `mega import` recognises") from None
             # a Megatron-LM / NGC checkpoint names its vocabulary by a path of the machine it was
             # written on: the run's own vocab.txt stands in for it
-            options = {"vocab_file": str(vocab_file)} if vocab_file and getattr(fmt, "name", "") == "megatron" else {}
+            options = {}
+            if getattr(fmt, "name", "") == "megatron":
+                options = {k: str(v) for k, v in (("vocab_file", vocab_file), ("num_attention_heads", num_attention_heads)) if v}
             ckpt = fmt.import_run(target, scratch / "run", options, plugins)
             model, _, config = restore(ckpt, plugins)
+        require_encoder(model.config.name, type(model.config), source)
         state = {k: v for k, v in model.state_dict().items() if k.startswith("language_model.")}
     finally:
         if scratch is not None:
@@ -377,7 +409,7 @@ def load_encoder(model: torch.nn.Module, source, plugins, vocab_file: Optional[s
     """Copy the encoder weights of `source` into `model` (the architecture must be the
     checkpoint's, and every language_model.* tensor of the model must be there with its
     shape; the pooler may be absent)."""
-    state, source_config = encoder_state(source, plugins, vocab_file)
+    state, source_config = encoder_state(source, plugins, vocab_file, getattr(model.config, "num_attention_heads", None))
     check_architecture(model.config, source_config, source)
     own = {k: v for k, v in model.state_dict().items() if k.startswith("language_model.")}
     _fit_vocabulary_padding(model, own, state)

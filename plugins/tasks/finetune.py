@@ -1,18 +1,20 @@
 """Fine-tuning runs: the head model a task trains, the `task` data source, and the encoder
 weights loaded when a run starts.
 
-* Model: a task's registered model name (`model.name = "question_answering"`) builds the
-  head model the task names (`bert_question_answering`, ...) from the task config's
-  `language_model` keys, with the task's head options (number of labels). Its parameters keep
-  the head model's names, so the head's checkpoints, converters and resharding apply as
-  they are. The built model also answers `mega evaluate` (`evaluate`: the task's metrics),
-  each validation of the run (`validation_metrics`: the same metrics, logged as
-  `val_<name>`) and `mega predict` (`predict`); those methods are added to the head model's class
-  (a subclass made once per head class, as torch's parametrizations do) rather than by
-  wrapping it, which would rename every parameter.
+* Model: `model.name = "question_answering"` (a task's name, a model because the task is
+  registered) builds the task, whose `model()` is `task_model`: the head model the task
+  names (`bert_question_answering`, ...) from the task config's `language_model` keys, with
+  the task's head options (number of labels). Its parameters keep the head model's names,
+  so the head's checkpoints, converters and resharding apply as they are. The built model
+  holds the task and answers `mega evaluate` (`evaluate`: the task's metrics), each
+  validation of the run (`validation_metrics`: the same metrics, logged as `val_<name>`),
+  `mega predict` (`predict`) and the data source (`objective`: the task's samples); those
+  methods are added to the head model's class (a subclass made once per head class, as
+  torch's parametrizations do) rather than by wrapping it, which would rename every parameter.
 * Data (`model.data.data_impl = "task"`, the default of every task config): each split's
-  samples are the task's; training cycles through them in a new order each epoch, sample
-  `i` a pure function of `i` and the seed.
+  samples are those of the task the run's model holds (built once, shared with its
+  validation metrics); training cycles through them in a new order each epoch, sample `i`
+  a pure function of `i` and the seed.
 * Encoder weights: `on_train_start` of a run at step 0 copies the encoder of
   `model.language_model.lm_checkpoint` into the model (a resumed run has them in its own
   checkpoint).
@@ -159,6 +161,10 @@ class TaskModel:
     def predict(self, inputs: Dict[str, Any], tokenizer) -> Dict[str, Any]:
         return self.downstream_task.predict(inputs, tokenizer, lambda samples: run_head(self, samples, 8))
 
+    def objective(self) -> TaskObjective:
+        """The samples this model trains on: its task's (mega.protocols.DeclaresObjective)."""
+        return TaskObjective(task=self.downstream_task)
+
 
 _CLASSES: Dict[type, type] = {}
 
@@ -172,11 +178,10 @@ def _with_task(model: torch.nn.Module, task) -> torch.nn.Module:
     return model
 
 
-def build_task_model(config: TaskConfig, tokenizer, plugins):
-    """The model factory of every task: the task's head on the configured encoder."""
-    task = plugins.tasks.get(config.name, "model.name").factory(config)
-    entry = plugins.models.get(task.head, f"the head of task {config.name}")
-    head = entry.factory(head_config(config, task, entry), tokenizer, plugins)
+def task_model(task, tokenizer, plugins):
+    """`task`'s model (`TaskBase.model`): its head on the configured encoder, holding `task`."""
+    entry = plugins.models.get(task.head, f"the head of task {task.config.name}")
+    head = entry.factory(head_config(task.config, task, entry), tokenizer, plugins)
     return _with_task(head, task)
 
 
@@ -219,14 +224,16 @@ class TaskData:
         return []  # a task trains no tokenizer: set model.tokenizer.vocab_file (the encoder's vocabulary)
 
     def _task(self, objective):
-        if not isinstance(objective, TaskObjective) or objective.config is None:
+        if not isinstance(objective, TaskObjective) or objective.task is None:
             raise ConfigError(f"model.data.data_impl='task' serves fine-tuning tasks (model.name = question_answering, "
                               f"text_classification, ...); this model needs {getattr(objective, 'name', objective)!r} samples")
-        return objective.config.build_task()
+        return objective.task
 
     def dataset(self, split, tokenizer, seq_length, num_samples, seed, objective=None):
         task = self._task(objective)
-        return EpochOrder(task.samples(split, tokenizer), num_samples, seed, shuffle=(split == "train"))
+        shuffle = task.config.split_files(split).shuffle  # NeMo's `<split>_ds.shuffle`
+        return EpochOrder(task.samples(split, tokenizer), num_samples, seed,
+                          shuffle=(split == "train") if shuffle is None else shuffle)
 
     def whole_split(self, split, tokenizer, seq_length, seed, objective=None):
         return self._task(objective).samples(split, tokenizer)

@@ -19,7 +19,6 @@ from mega.config.schema import at_least_one
 from mega.errors import ConfigError, DataError
 from mega.plugins.tasks.base import TaskBase, need, softmax
 from mega.plugins.tasks.config import TaskConfig
-from mega.plugins.tasks.finetune import build_task_model
 from mega.plugins.tasks.multiple_choice_data import clean_text, multiple_choice_sample, read_race, read_swag
 from mega.plugins.tasks.text_classification import write_text
 
@@ -42,10 +41,6 @@ class MultipleChoiceConfig(TaskConfig):
 class MultipleChoiceTask(TaskBase):
     head = "bert_multiple_choice"
 
-    def __init__(self, config):
-        super().__init__(config)
-        self.questions: Dict[str, list] = {}
-
     def check(self) -> None:
         if self.config.dataset.format not in ("auto", "race", "swag"):
             raise ConfigError(f"model.dataset.format: expected 'auto', 'race' or 'swag', got {self.config.dataset.format!r}")
@@ -62,14 +57,14 @@ class MultipleChoiceTask(TaskBase):
         if len({len(q[0]) for q in qs}) > 1:
             raise DataError(f"{path}: questions have different numbers of options ({sorted({len(q[0]) for q in qs})}); "
                             "a batch needs one number")
-        self.questions[split] = qs
+        self.examples[split] = qs
         sw = self.subwords(tokenizer)
         return [multiple_choice_sample(f, s, label, sw, self.max_seq_length, self.config.dataset.max_qa_length)
                 for f, s, label in qs]
 
     def evaluate(self, split, outputs, directory: Optional[Path]) -> Dict[str, float]:
         preds = [int(o["logits"].argmax()) for o in outputs]
-        gold = [q[2] for q in self.questions[split]]
+        gold = [q[2] for q in self.examples[split]]
         if directory is not None:
             write_text(Path(directory) / "predictions.tsv", "".join(f"{i}\t{p}\t{g}\n" for i, (p, g) in enumerate(zip(preds, gold))))
         right = sum(p == g for p, g in zip(preds, gold))
@@ -86,14 +81,8 @@ class MultipleChoiceTask(TaskBase):
         return {"choice": best, "text": options[best], "probabilities": probs}
 
 
-MultipleChoiceConfig.task_class = MultipleChoiceTask
-
 
 @mega.hookimpl
 def register_tasks(register):
     register("multiple_choice", MultipleChoiceTask, config=MultipleChoiceConfig)
 
-
-@mega.hookimpl
-def register_models(register):
-    register("multiple_choice", build_task_model, config=MultipleChoiceConfig)

@@ -8,7 +8,8 @@
   question has a blank, else `question + " " + option`, cleaned and cut to 128 tokens.
   A row is `[CLS] qa [SEP] article [SEP]` (token types 0 then 1), cut to the sequence length.
 * **SWAG** (CSV with a header): columns `sent1`, `sent2`, `ending0..ending3`, `label`
-  (others ignored). A row is `[CLS] sent1 [SEP] sent2 ending_i [SEP]`, the second part cut.
+  (others ignored). A row is `[CLS] sent1 [SEP] sent2 ending_i [SEP]`, the second part cut;
+  a row with an empty ending is skipped and reported.
 
 The label is the correct option's index; the metric is accuracy of the argmax over choices.
 """
@@ -22,6 +23,7 @@ from typing import Dict, List, Sequence, Tuple, Union
 import torch
 
 from mega.errors import DataError
+from mega.plugins.tasks.skipped import Skipped
 from mega.plugins.tasks.subwords import Subwords
 
 MAX_QA_LENGTH = 128
@@ -69,25 +71,47 @@ def read_race(path) -> List[MCExample]:
     return out
 
 
+SWAG_ENDINGS = ("ending0", "ending1", "ending2", "ending3")
+
+
 def read_swag(path) -> List[MCExample]:
-    """([sent1 per option], ["sent2 ending_i" per option], label) per row."""
+    """([sent1 per option], ["sent2 ending_i" per option], label) per row.
+
+    The header must name `sent1`, `sent2`, `ending0`..`ending3` and `label`; a row with
+    another number of fields than the header, or a label that is not an integer naming one
+    of the endings, is a DataError naming its line. A row with an empty ending is skipped
+    and reported (mega.plugins.tasks.skipped): it is not a four-way question."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: SWAG csv not found")
     out = []
+    skipped = Skipped(path, "rows")
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        need = {"sent1", "sent2", "ending0", "label"}
-        if reader.fieldnames is None or not need <= set(reader.fieldnames):
-            raise DataError(f"{path}: SWAG csv needs the columns sent1, sent2, ending0..ending3, label")
-        endings = sorted((c for c in reader.fieldnames if c.startswith("ending")), key=lambda c: int(c[6:]))
-        for n, row in enumerate(reader, 2):
+        header = reader.fieldnames or []
+        missing = [c for c in ("sent1", "sent2", *SWAG_ENDINGS, "label") if c not in header]
+        if missing:
+            raise DataError(f"{path}: the SWAG header lacks {', '.join(missing)} (it needs sent1, sent2, "
+                            f"ending0..ending3 and label; it has {', '.join(header) or 'nothing'})")
+        endings = sorted((c for c in header if c.startswith("ending") and c[6:].isdigit()), key=lambda c: int(c[6:]))
+        for row in reader:
+            n = reader.line_num
+            if None in row or None in row.values():  # csv puts a long row's extra fields under None, a short row's gaps as None
+                fields = len(header) + len(row.get(None) or []) - sum(v is None for v in row.values())
+                raise DataError(f"{path}:{n}: {fields} fields for the header's {len(header)}")
             try:
                 label = int(row["label"])
             except ValueError:
                 raise DataError(f"{path}:{n}: label {row['label']!r} is not an integer") from None
+            if not 0 <= label < len(endings):
+                raise DataError(f"{path}:{n}: label {label} names none of the {len(endings)} endings")
+            empty = [e for e in endings if not row[e].strip()]
+            if empty:
+                skipped.add(f"{path}:{n}", f"{' and '.join(empty)} empty")
+                continue
             seconds = [f"{row['sent2']} {row[e]}" for e in endings]
             out.append(([row["sent1"]] * len(endings), seconds, label))
+    skipped.report(len(out))
     if not out:
         raise DataError(f"{path}: no SWAG rows")
     return out

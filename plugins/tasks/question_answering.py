@@ -2,14 +2,15 @@
 
 Files: `model.train_ds.file`, `model.validation_ds.file`, `model.test_ds.file` (SQuAD
 JSON). Options (`model.dataset.*`) are NeMo's, with its defaults. Evaluation writes
-`predictions.json`, `nbest_predictions.json` and, for v2.0, `null_odds.json` (the official
-script's `--na-prob-file` input once turned into probabilities), and reports the official
-script's numbers: v1.1 `exact_match` and `f1`; v2.0 `exact`, `f1`, the `HasAns_*`/`NoAns_*`
-split and `best_exact`/`best_f1` (no-answer probability = sigmoid of the null score margin).
+`predictions.json`, `nbest_predictions.json` and, for v2.0, `null_odds.json` (each
+question's null score margin, BERT's file: the official script's `--na-prob-file`), and
+reports the official script's numbers: v1.1 `exact_match` and `f1`; v2.0 `exact`, `f1` and
+the `HasAns_*`/`NoAns_*` split of `predictions.json`, and `best_exact`/`best_f1` with their
+thresholds as `--na-prob-file null_odds.json` gives them (in margin units: a threshold is a
+`null_score_diff_threshold`).
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -17,10 +18,11 @@ from attrs import define, field
 
 import mega
 from mega.config.schema import at_least_one
+from mega.errors import ConfigError
 from mega.plugins.tasks.base import TaskBase, need
 from mega.plugins.tasks.config import TaskConfig
-from mega.plugins.tasks.finetune import build_task_model
 from mega.plugins.tasks.metrics import squad as squad_metrics
+from mega.plugins.tasks.nemo_keys import CACHE, HEAD, LOADER, QuestionAnsweringHead, nemo_key
 from mega.plugins.tasks.squad_data import convert_examples_to_features, load_squad_json, read_examples
 from mega.plugins.tasks.squad_predictions import get_predictions, write_prediction_files
 
@@ -37,30 +39,35 @@ class SquadDatasetConfig:
     n_best_size: int = field(default=20, validator=at_least_one)  # candidates per question kept in nbest_predictions.json
     null_score_diff_threshold: float = 0.0  # v2.0: answer "" when the null score beats the best span by more
     do_lower_case: bool = True  # how answers are projected back to the context's text (match the tokenizer)
-    use_cache: bool = False  # accepted for NeMo configs; features are rebuilt each run (seconds)
+    use_cache: Optional[bool] = nemo_key(CACHE, same=False)  # NeMo's feature cache: accepted, not used (features are rebuilt, seconds)
+    num_workers: Optional[int] = nemo_key(LOADER)  # NeMo's DataLoader option: accepted, not used
+    pin_memory: Optional[bool] = nemo_key(LOADER, same=False)  # NeMo's DataLoader option: accepted, not used
+    drop_last: Optional[bool] = nemo_key(LOADER, same=False)  # NeMo's DataLoader option: accepted, not used
 
 
 @define(kw_only=True)
 class QuestionAnsweringConfig(TaskConfig):
     name: str = "question_answering"
     dataset: SquadDatasetConfig = field(factory=SquadDatasetConfig)
+    token_classifier: Optional[QuestionAnsweringHead] = nemo_key(HEAD)  # NeMo's head section: accepted, not built
 
 
 class QuestionAnsweringTask(TaskBase):
     head = "bert_question_answering"
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.kept: Dict[str, tuple] = {}  # split -> (data, examples, features)
 
     def build_samples(self, split, tokenizer):
         d = self.config.dataset
         path = self.split_path(split)
         data = load_squad_json(path)
         examples = self.limit(split, read_examples(data, "train" if split == "train" else "eval", path))
+        unanswerable = [e.qas_id for e in examples if e.is_impossible]
+        if unanswerable and not d.version_2_with_negative:  # v1.1 scoring has no gold answer for them
+            raise ConfigError(f"model.dataset.version_2_with_negative: {path} has {len(unanswerable)} question(s) without "
+                              f"an answer (SQuAD v2.0; the first: {unanswerable[0]!r}); set "
+                              "model.dataset.version_2_with_negative=true to train and score them")
         features = convert_examples_to_features(examples, self.subwords(tokenizer), d.max_seq_length, d.doc_stride,
                                                 d.max_query_length, has_groundtruth=True)
-        self.kept[split] = (data, examples, features)
+        self.examples[split] = (data, examples, features)
         return [f.sample() for f in features]
 
     def _predict(self, examples, features, outputs):
@@ -70,7 +77,7 @@ class QuestionAnsweringTask(TaskBase):
                                d.version_2_with_negative, d.null_score_diff_threshold, d.do_lower_case)
 
     def evaluate(self, split, outputs, directory: Optional[Path]) -> Dict[str, float]:
-        data, examples, features = self.kept[split]
+        data, examples, features = self.examples[split]
         preds, nbest, null_odds = self._predict(examples, features, outputs)
         if directory is not None:
             write_prediction_files(directory, preds, nbest, null_odds)
@@ -78,8 +85,7 @@ class QuestionAnsweringTask(TaskBase):
         gold = [{**a, "paragraphs": [{**p, "qas": [q for q in p["qas"] if str(q["id"]) in asked]} for p in a["paragraphs"]]}
                 for a in data["data"]]
         if self.config.dataset.version_2_with_negative:
-            na = {q: 1.0 / (1.0 + math.exp(-max(min(o, 50.0), -50.0))) for q, o in null_odds.items()}
-            return squad_metrics.evaluate_v2(gold, preds, na_probs=na)
+            return {**squad_metrics.evaluate_v2(gold, preds), **squad_metrics.best_thresholds(gold, preds, null_odds)}
         return squad_metrics.evaluate_v1(gold, preds)
 
     def predict(self, inputs, tokenizer, infer) -> Dict[str, Any]:
@@ -97,14 +103,8 @@ class QuestionAnsweringTask(TaskBase):
         return out
 
 
-QuestionAnsweringConfig.task_class = QuestionAnsweringTask
-
 
 @mega.hookimpl
 def register_tasks(register):
     register("question_answering", QuestionAnsweringTask, config=QuestionAnsweringConfig)
 
-
-@mega.hookimpl
-def register_models(register):
-    register("question_answering", build_task_model, config=QuestionAnsweringConfig)

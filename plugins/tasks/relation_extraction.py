@@ -17,11 +17,9 @@ from attrs import define, field
 
 import mega
 from mega.errors import ConfigError
-from mega.plugins.tasks.config import TaskConfig
-from mega.plugins.tasks.finetune import build_task_model
 from mega.plugins.tasks.relation_extraction_data import micro_without, read_label_mapping
 from mega.plugins.tasks.text_classification import (
-    ClassLabelsConfig,
+    TextClassificationConfig,
     TextClassificationDatasetConfig,
     TextClassificationTask,
 )
@@ -36,10 +34,9 @@ class RelationDatasetConfig(TextClassificationDatasetConfig):
 
 
 @define(kw_only=True)
-class RelationExtractionConfig(TaskConfig):
+class RelationExtractionConfig(TextClassificationConfig):
     name: str = "relation_extraction"
     dataset: RelationDatasetConfig = field(factory=RelationDatasetConfig)
-    class_labels: ClassLabelsConfig = field(factory=ClassLabelsConfig)
 
 
 class RelationExtractionTask(TextClassificationTask):
@@ -68,14 +65,8 @@ class RelationExtractionTask(TextClassificationTask):
         return metrics
 
 
-RelationExtractionConfig.task_class = RelationExtractionTask
-
 
 @mega.hookimpl
 def register_tasks(register):
     register("relation_extraction", RelationExtractionTask, config=RelationExtractionConfig)
 
-
-@mega.hookimpl
-def register_models(register):
-    register("relation_extraction", build_task_model, config=RelationExtractionConfig)

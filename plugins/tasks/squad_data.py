@@ -20,6 +20,7 @@ import attrs
 import torch
 
 from mega.errors import DataError
+from mega.plugins.tasks.skipped import Skipped
 from mega.plugins.tasks.subwords import Subwords
 
 FIRST_UNIQUE_ID = 1000000000
@@ -101,31 +102,66 @@ def load_squad_json(path) -> dict:
     return data
 
 
+_KEYS = {"paragraphs": "articles hold `paragraphs`", "context": "paragraphs hold `context` and `qas`",
+         "id": "questions hold `id`, `question` and `answers`", "question": "questions hold `id`, `question` and `answers`",
+         "text": "answers hold `text` and `answer_start`", "answer_start": "answers hold `text` and `answer_start`"}
+
+
+def _need(record: dict, key: str, path, what: str):
+    """`record[key]`, or a DataError naming the file, the record and the key."""
+    if not isinstance(record, dict) or key not in record:
+        raise DataError(f"{path}: {what} has no {key!r} (a SQuAD file's {_KEYS[key]})")
+    return record[key]
+
+
+def answer_found(doc_tokens: Sequence[str], start: int, end: int, answer_text: str) -> bool:
+    """BERT's training check: the context words the answer's offsets cover contain the
+    answer's text (whitespace-normalised); when they do not, `answer_start` does not point
+    at `text` (an offset in another encoding, a shifted answer) and the example would train
+    on the wrong span."""
+    return " ".join(doc_tokens[start:end + 1]).find(" ".join(answer_text.split())) != -1
+
+
 def read_examples(data: dict, mode: str = "train", path="<squad>") -> List[SquadExample]:
     """One example per question. `mode` is "train" (answers[0] is the target), "eval"
-    (also keeps every gold answer) or "infer" (answers are not read)."""
+    (also keeps every gold answer) or "infer" (answers are not read).
+
+    A missing key is a DataError naming the file and the question (or article and
+    paragraph). In "train" mode a question whose answer text is not where its
+    `answer_start` points is skipped, as BERT's and NeMo's readers skip it ("Could not find
+    answer"), and reported (mega.plugins.tasks.skipped); evaluation keeps every question,
+    its score reads only the gold texts."""
     examples = []
-    for article in data["data"]:
-        for paragraph in article.get("paragraphs", []):
-            context = paragraph["context"]
+    skipped = Skipped(path, "questions")
+    for a, article in enumerate(data["data"]):
+        for n, paragraph in enumerate(_need(article, "paragraphs", path, f"article {a}")):
+            context = _need(paragraph, "context", path, f"article {a}, paragraph {n}")
             doc_tokens, char_to_word = split_context(context)
-            for qa in paragraph.get("qas", []):
-                ex = SquadExample(qas_id=str(qa["id"]), question_text=qa["question"], doc_tokens=doc_tokens)
+            for q, qa in enumerate(paragraph.get("qas", [])):
+                qid = str(_need(qa, "id", path, f"article {a}, paragraph {n}, question {q}"))
+                where = f"question {qid!r}"
+                ex = SquadExample(qas_id=qid, question_text=_need(qa, "question", path, where), doc_tokens=doc_tokens)
                 if mode != "infer":
                     ex.is_impossible = bool(qa.get("is_impossible", False))
                     answers = qa.get("answers", [])
-                    ex.answers = [a["text"] for a in answers]
+                    ex.answers = [_need(ans, "text", path, f"{where}: an answer") for ans in answers]
                     if not ex.is_impossible:
                         if not answers:
-                            raise DataError(f"{path}: question {qa['id']!r} has no answers and is not is_impossible")
+                            raise DataError(f"{path}: question {qid!r} has no answers and is not is_impossible")
                         ans = answers[0]
                         ex.answer_text = ans["text"]
-                        start = int(ans["answer_start"])
+                        start = int(_need(ans, "answer_start", path, f"{where}: an answer"))
                         if not 0 <= start < len(context):
-                            raise DataError(f"{path}: question {qa['id']!r}: answer_start {start} is outside its context")
+                            raise DataError(f"{path}: question {qid!r}: answer_start {start} is outside its context")
                         ex.start_position = char_to_word[start]
                         ex.end_position = char_to_word[min(start + len(ex.answer_text) - 1, len(context) - 1)]
+                        if mode == "train" and not answer_found(doc_tokens, ex.start_position, ex.end_position,
+                                                                ex.answer_text):
+                            skipped.add(f"{path}: {where}", f"could not find answer {ex.answer_text!r} at answer_start "
+                                        f"{start} (the context there reads {context[start:start + len(ex.answer_text)]!r})")
+                            continue
                 examples.append(ex)
+    skipped.report(len(examples))
     return examples
 
 

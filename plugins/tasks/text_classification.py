@@ -26,8 +26,8 @@ from mega.config.schema import at_least_one
 from mega.errors import ConfigError
 from mega.plugins.tasks.base import TaskBase, need, softmax
 from mega.plugins.tasks.config import TaskConfig
-from mega.plugins.tasks.finetune import build_task_model
 from mega.plugins.tasks.metrics.classification_report import ClassificationReport
+from mega.plugins.tasks.nemo_keys import CACHE, HEAD, LOWER_CASE, SequenceClassifierHead, nemo_key
 from mega.plugins.tasks.text_classification_data import (
     classification_samples,
     encode_single,
@@ -46,6 +46,8 @@ class TextClassificationDatasetConfig:
     max_seq_length: int = field(default=256, validator=at_least_one)  # [CLS] text [SEP]; longer texts keep their head
     class_balancing: Optional[str] = None  # "weighted_loss": cross entropy weighted by class_weights (NeMo's); null: unweighted
     class_weights: List[float] = field(factory=list)  # by label id; empty: NeMo's total / (classes present x count) from the training labels
+    use_cache: Optional[bool] = nemo_key(CACHE, same=False)  # NeMo's feature cache: accepted, not used
+    do_lower_case: Optional[bool] = nemo_key(LOWER_CASE)  # NeMo's: accepted, not used (model.tokenizer.do_lower_case decides)
 
 
 @define(kw_only=True)
@@ -61,6 +63,8 @@ class TextClassificationConfig(TaskConfig):
     name: str = "text_classification"
     dataset: TextClassificationDatasetConfig = field(factory=TextClassificationDatasetConfig)
     class_labels: ClassLabelsConfig = field(factory=ClassLabelsConfig)
+    classifier_head: Optional[SequenceClassifierHead] = nemo_key(HEAD)  # NeMo's head section: accepted, not built
+    infer_samples: Optional[List[str]] = nemo_key("mega predict RUN --text answers a query")  # NeMo's post-training queries: accepted, not used
 
 
 def write_text(path: Path, text: str) -> None:
@@ -73,10 +77,6 @@ def write_text(path: Path, text: str) -> None:
 class TextClassificationTask(TaskBase):
     head = "bert_sequence_classification"
     report_mode = "micro"
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.pairs: Dict[str, list] = {}
 
     @property
     def num_classes(self) -> int:
@@ -109,13 +109,13 @@ class TextClassificationTask(TaskBase):
         return read_text_classification(self.split_path(split), self.num_classes)
 
     def build_samples(self, split, tokenizer):
-        self.pairs[split] = self.limit(split, self.read(split))
-        return classification_samples(self.pairs[split], self.subwords(tokenizer), self.max_seq_length,
+        self.examples[split] = self.limit(split, self.read(split))
+        return classification_samples(self.examples[split], self.subwords(tokenizer), self.max_seq_length,
                                       self.class_weights())
 
     def report(self, split, outputs):
         preds = [int(o["logits"].argmax()) for o in outputs]
-        gold = [label for _, label in self.pairs[split]]
+        gold = [label for _, label in self.examples[split]]
         rep = ClassificationReport(self.num_classes, {self.label_name(i): i for i in range(self.num_classes)},
                                    mode=self.report_mode)
         rep.update(preds, gold)
@@ -125,7 +125,7 @@ class TextClassificationTask(TaskBase):
         rep, preds = self.report(split, outputs)
         if directory is not None:
             write_text(Path(directory) / "predictions.tsv", "".join(
-                f"{text}\t{self.label_name(p)}\t{self.label_name(g)}\n" for (text, g), p in zip(self.pairs[split], preds)))
+                f"{text}\t{self.label_name(p)}\t{self.label_name(g)}\n" for (text, g), p in zip(self.examples[split], preds)))
             write_text(Path(directory) / "report.txt", rep.report() + "\n")
         metrics = rep.metrics()
         p, r, f = rep.compute(self.report_mode)
@@ -143,14 +143,8 @@ class TextClassificationTask(TaskBase):
                 "probabilities": {self.label_name(i): p for i, p in enumerate(probs)}}
 
 
-TextClassificationConfig.task_class = TextClassificationTask
-
 
 @mega.hookimpl
 def register_tasks(register):
     register("text_classification", TextClassificationTask, config=TextClassificationConfig)
 
-
-@mega.hookimpl
-def register_models(register):
-    register("text_classification", build_task_model, config=TextClassificationConfig)

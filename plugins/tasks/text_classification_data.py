@@ -2,9 +2,12 @@
 
 A file has one example per line, `words ... <TAB> label`, the label an integer
 `0 .. num_classes-1`. A line is split on any whitespace and its last field must parse as an
-int, otherwise the line is skipped; that is how a header line such as `sentence\\tlabel` is
-ignored. The text is re-joined from the words, so whitespace inside it does not matter.
-Relation extraction uses the same files (entity markers are ordinary words of the text).
+int, otherwise the line is skipped (NeMo's rule); that is how a header line such as
+`sentence\\tlabel` is ignored. Any other line skipped so -- one without its label, one with
+a column after it, one with a label and no text -- is named in the log with its line and
+counted (mega.plugins.tasks.skipped). The text is re-joined from the words, so whitespace
+inside it does not matter. Relation extraction uses the same files (entity markers are
+ordinary words of the text).
 
 Truncation keeps the head: at most `max_seq_length - 1` tokens then `[SEP]` (NeMo 1.19's
 rule), padded to `max_seq_length`.
@@ -17,6 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from mega.errors import ConfigError, DataError
+from mega.plugins.tasks.skipped import Skipped
 from mega.plugins.tasks.subwords import Subwords
 
 
@@ -26,22 +30,42 @@ def read_text_classification(path, num_classes: Optional[int] = None) -> List[Tu
     if not path.is_file():
         raise DataError(f"{path}: text classification file not found")
     out = []
+    skipped = Skipped(path)
+    header = True  # the first line may be a header (`sentence<TAB>label`), skipped without a word
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             fields = line.split()
-            if len(fields) < 2:
+            if not fields:
+                continue  # a blank line holds no example
+            label = _int(fields[-1])
+            first, header = header, False
+            if label is None:
+                if not first:
+                    skipped.add(f"{path}:{lineno}", f"the last field {_shown(fields[-1])} is not an integer label "
+                                "(a line without its label, or with a column after it)")
                 continue
-            try:
-                label = int(fields[-1])
-            except ValueError:
-                continue  # a header line, as NeMo skips it
+            if len(fields) < 2:
+                skipped.add(f"{path}:{lineno}", f"label {label} with no text")
+                continue
             if label < 0 or (num_classes is not None and label >= num_classes):
                 raise DataError(f"{path}:{lineno}: label {label} is outside 0..{(num_classes or 1) - 1} "
                                 f"(model.dataset.num_classes = {num_classes})")
             out.append((" ".join(fields[:-1]), label))
+    skipped.report(len(out))
     if not out:
         raise DataError(f"{path}: no `text<TAB>label` lines (the last field of a line must be an integer label)")
     return out
+
+
+def _int(field: str) -> Optional[int]:
+    try:
+        return int(field)
+    except ValueError:
+        return None
+
+
+def _shown(field: str) -> str:
+    return repr(field if len(field) <= 30 else field[:27] + "...")
 
 
 def read_label_names(path) -> Dict[int, str]:

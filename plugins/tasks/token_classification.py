@@ -6,8 +6,9 @@ Files: `model.dataset.data_dir` with `text_train.txt`/`labels_train.txt` (traini
 `model.{train,validation,test}_ds.text_file`/`labels_file` (relative to `data_dir`, or
 absolute). The label map (`pad_label` = 0, then the training labels sorted) is computed from
 the training labels when the run starts and recorded in `model.dataset.label_ids`, so
-checkpoints and archives carry it; `label_ids.csv` (one label per line, in id order) is
-written beside the predictions.
+checkpoints and archives carry it (NeMo's `model.label_ids`, {label: id}, sets it too);
+`label_ids.csv` (one label per line, in id order; NeMo's `model.class_labels.class_labels_file`
+names it) is written beside the predictions.
 
 Evaluation reads one prediction per word (the first sub-token's) and reports entity-level
 precision, recall and F1 (seqeval's default, conlleval-compatible rules: `precision`,
@@ -34,9 +35,9 @@ from mega.config.schema import at_least_one
 from mega.errors import ConfigError
 from mega.plugins.tasks.base import TaskBase, need
 from mega.plugins.tasks.config import TaskConfig
-from mega.plugins.tasks.finetune import build_task_model
 from mega.plugins.tasks.metrics import seqeval
 from mega.plugins.tasks.metrics.classification_report import ClassificationReport
+from mega.plugins.tasks.nemo_keys import CACHE, HEAD, LOADER, LOWER_CASE, TokenClassifierHead, nemo_key
 from mega.plugins.tasks.text_classification import write_text
 from mega.plugins.tasks.text_classification_data import resolve_class_weights
 from mega.plugins.tasks.token_classification_data import (
@@ -44,6 +45,13 @@ from mega.plugins.tasks.token_classification_data import (
     read_token_classification,
     token_classification_sample,
 )
+
+def nemo_label_ids(label_ids: Dict[str, int]) -> List[str]:
+    """NeMo's `model.label_ids` ({label: id}) as mega's list of labels by id."""
+    if sorted(label_ids.values()) != list(range(len(label_ids))):
+        raise ConfigError(f"model.label_ids: the ids {sorted(label_ids.values())} must be 0..{len(label_ids) - 1}, each once")
+    return [label for label, _ in sorted(label_ids.items(), key=lambda kv: kv[1])]
+
 
 DEFAULT_FILES = {"train": ("text_train.txt", "labels_train.txt"), "valid": ("text_dev.txt", "labels_dev.txt"),
                  "test": ("text_dev.txt", "labels_dev.txt")}
@@ -61,20 +69,31 @@ class TokenDatasetConfig:
     label_ids: List[str] = field(factory=list)  # labels by id; empty: pad_label, then the training labels sorted
     class_balancing: Optional[str] = None  # "weighted_loss": cross entropy weighted by class_weights (NeMo's); null: unweighted
     class_weights: List[float] = field(factory=list)  # by label id; empty: NeMo's total / (labels present x count) over the training words
+    use_cache: Optional[bool] = nemo_key(CACHE, same=False)  # NeMo's feature cache: accepted, not used
+    do_lower_case: Optional[bool] = nemo_key(LOWER_CASE)  # NeMo's: accepted, not used (model.tokenizer.do_lower_case decides)
+    num_workers: Optional[int] = nemo_key(LOADER)  # NeMo's DataLoader option: accepted, not used
+    pin_memory: Optional[bool] = nemo_key(LOADER, same=False)  # NeMo's DataLoader option: accepted, not used
+    drop_last: Optional[bool] = nemo_key(LOADER, same=False)  # NeMo's DataLoader option: accepted, not used
+
+
+@define(kw_only=True)
+class TokenLabelsConfig:
+    """`model.class_labels.*` of token classification (NeMo's)."""
+
+    class_labels_file: str = "label_ids.csv"  # the label map (one label per line, in id order) written beside the predictions under this name
 
 
 @define(kw_only=True)
 class TokenClassificationConfig(TaskConfig):
     name: str = "token_classification"
     dataset: TokenDatasetConfig = field(factory=TokenDatasetConfig)
+    label_ids: Optional[Dict[str, int]] = None  # NeMo's label -> id map (model.label_ids); given, it is model.dataset.label_ids
+    class_labels: TokenLabelsConfig = field(factory=TokenLabelsConfig)
+    head: Optional[TokenClassifierHead] = nemo_key(HEAD)  # NeMo's head section: accepted, not built
 
 
 class TokenClassificationTask(TaskBase):
     head = "bert_token_classification"
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.sentences: Dict[str, list] = {}
 
     def files(self, split: str):
         ds = self.config.split_files(split)
@@ -86,6 +105,12 @@ class TokenClassificationTask(TaskBase):
 
     def check(self) -> None:
         d = self.config.dataset
+        if self.config.label_ids:
+            given = nemo_label_ids(self.config.label_ids)
+            if d.label_ids and list(d.label_ids) != given:
+                raise ConfigError(f"model.label_ids {self.config.label_ids} and model.dataset.label_ids {d.label_ids} "
+                                  "differ; set one of them")
+            d.label_ids = given
         if not d.label_ids:
             text, labels = self.files("train")
             if not labels.is_file():
@@ -125,8 +150,8 @@ class TokenClassificationTask(TaskBase):
 
     def build_samples(self, split, tokenizer):
         text, labels = self.files(split)
-        self.sentences[split] = self.limit(split, read_token_classification(text, labels))
-        return [self._sample(w, l, tokenizer, str(labels)) for w, l in self.sentences[split]]
+        self.examples[split] = self.limit(split, read_token_classification(text, labels))
+        return [self._sample(w, l, tokenizer, str(labels)) for w, l in self.examples[split]]
 
     def word_predictions(self, sample, output) -> List[int]:
         first = sample["subtokens_mask"].bool()
@@ -151,7 +176,8 @@ class TokenClassificationTask(TaskBase):
         metrics.update({"label_macro_precision": lp, "label_macro_recall": lr, "label_macro_f1": lf})
         if directory is not None:
             write_text(Path(directory) / "predictions.txt", "".join(" ".join(s) + "\n" for s in y_pred))
-            write_text(Path(directory) / "label_ids.csv", "".join(f"{n}\n" for n in names))
+            write_text(Path(directory) / Path(self.config.class_labels.class_labels_file).name,
+                       "".join(f"{n}\n" for n in names))
             write_text(Path(directory) / "report.txt", report.report() + "\n")
         return metrics
 
@@ -167,14 +193,8 @@ class TokenClassificationTask(TaskBase):
         return {"words": kept, "labels": labels, "entities": entities}
 
 
-TokenClassificationConfig.task_class = TokenClassificationTask
-
 
 @mega.hookimpl
 def register_tasks(register):
     register("token_classification", TokenClassificationTask, config=TokenClassificationConfig)
 
-
-@mega.hookimpl
-def register_models(register):
-    register("token_classification", build_task_model, config=TokenClassificationConfig)

@@ -2,10 +2,12 @@
 
 With no `model` given, a tokenizer is trained on the training corpus into the run
 directory (`tokenizer.model`) once; a resumed run reuses it, so token ids never change
-under a checkpoint.
+under a checkpoint. One trained from other files or options is trained again unless
+checkpoints depend on it (`mega.checkpoint.trained_files`).
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 from pathlib import Path
@@ -14,9 +16,12 @@ from typing import Dict, List, Optional
 from attrs import define, field
 
 import mega
+from mega.checkpoint import trained_files
+from mega.checkpoint.atomic import atomic_write_bytes, atomic_write_text
 from mega.config import TokenizerConfig
 from mega.config.schema import at_least_one, non_negative, positive
 from mega.errors import ConfigError, DataError
+from mega.plugins.tokenizers.sentencepiece_interop import register_tokenizer_converters  # noqa: F401 (its converters)
 
 log = logging.getLogger("mega.tokenizer")
 
@@ -89,8 +94,16 @@ def check_line_lengths(files: List[Path], limit: int = MAX_LINE_BYTES) -> None:
         log.warning("tokenizer training skips too-long lines: %s", line)
 
 
+# Sentencepiece's unigram trainer splits its work by thread, and the split is part of the
+# result: a fixed count gives the same tokenizer on every machine, whatever its cores.
+TRAINER_THREADS = 4
+
+
 def train_sentencepiece(files: List[Path], prefix: Path, cfg: SentencePieceConfig) -> Path:
-    """Train a model on `files` to `prefix`.model, atomically (temp name, then rename)."""
+    """Train a model on `files` to `prefix`.model (and its pieces and scores to
+    `prefix`.vocab), atomically (temp name, then rename). The same files and options give
+    the same bytes in every process: the model comes back in memory, so no temporary path
+    is recorded in it, and the thread count is fixed (TRAINER_THREADS)."""
     import sentencepiece as spm
 
     total = sum(os.path.getsize(f) for f in files)
@@ -99,12 +112,12 @@ def train_sentencepiece(files: List[Path], prefix: Path, cfg: SentencePieceConfi
     check_line_lengths([Path(f) for f in files])
     log.info("training a sentencepiece %s tokenizer (vocab %d) on %.1f MB of text", cfg.model_type, cfg.vocab_size, total / 1e6)
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    tmp = prefix.with_name(prefix.name + f".tmp{os.getpid()}")
     spm.set_random_generator_seed(cfg.seed)
+    model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
             input=",".join(str(f) for f in files),
-            model_prefix=str(tmp),
+            model_writer=model,
             vocab_size=cfg.vocab_size,
             model_type=cfg.model_type,
             character_coverage=cfg.character_coverage,
@@ -112,15 +125,15 @@ def train_sentencepiece(files: List[Path], prefix: Path, cfg: SentencePieceConfi
             shuffle_input_sentence=True,
             max_sentence_length=MAX_LINE_BYTES,
             pad_id=0, unk_id=1, bos_id=2, eos_id=3,
-            num_threads=min(4, os.cpu_count() or 1),
+            num_threads=TRAINER_THREADS,
             minloglevel=2,
         )
     except RuntimeError as exc:
         raise ConfigError(f"model.tokenizer: sentencepiece training failed: {exc}") from None
-    final = prefix.with_suffix(".model")
-    os.replace(f"{tmp}.model", final)
-    os.replace(f"{tmp}.vocab", prefix.with_suffix(".vocab"))
-    return final
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    pieces = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
+    atomic_write_text(prefix.with_suffix(".vocab"), pieces)
+    return atomic_write_bytes(prefix.with_suffix(".model"), model.getvalue())
 
 
 def build(config: SentencePieceConfig, corpus_files: List[Path], run_dir: Optional[Path]) -> SentencePieceTokenizer:
@@ -132,8 +145,12 @@ def build(config: SentencePieceConfig, corpus_files: List[Path], run_dir: Option
     if run_dir is None:
         raise ConfigError("model.tokenizer.model: not set, and there is no run directory to train a tokenizer into")
     trained = Path(run_dir) / "tokenizer.model"
-    if not trained.is_file():
-        train_sentencepiece(list(corpus_files), trained.with_suffix(""), config)
+    files = [Path(f) for f in corpus_files]
+    options = {k: getattr(config, k) for k in ("vocab_size", "model_type", "character_coverage", "input_sentence_size", "seed")}
+    stamp = trained_files.stamp(files, options)
+    if not trained_files.reusable(trained, stamp, "the sentencepiece tokenizer"):
+        train_sentencepiece(files, trained.with_suffix(""), config)
+        trained_files.write_stamp(trained, stamp)
     return SentencePieceTokenizer(trained)
 
 

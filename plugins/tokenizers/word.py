@@ -4,21 +4,26 @@ WikiText-103 comes already tokenised into words, so its "tokenizer" is a vocabul
 
 * a line is split on whitespace (or on `delimiter`; "" splits into characters), after
   `strip()` and, with `lower_case`, lower-casing;
-* counting runs over the training files only, without end-of-line symbols;
+* counting runs over the files the data source names (lm_ordered: data_dir's train file,
+  or its `vocab_splits`), in order, without end-of-line symbols;
 * ids: the `special` symbols first (`<eos>` is id 0 by default), then the counted words
   by decreasing count, ties in order of first occurrence (Python's `Counter.most_common`),
   at most `max_size` of them, stopping at the first count below `min_freq`;
 * encoding a file turns every line, empty lines included, into its words plus `<eos>`
   (`add_eos`), or `<S>` words `<S>` (`add_double_eos`, the One Billion Word setting);
-* a word the vocabulary lacks becomes `<unk>` when the vocabulary has that symbol (WT103
-  has it as an ordinary word), and is an error otherwise (the reference asserts).
+* a word the vocabulary lacks becomes `<UNK>` when the vocabulary has that symbol (One
+  Billion Word's vocabulary file: the reference maps unknown words of a vocab_file to it),
+  else `<unk>` when it has that one (WT103 has it as an ordinary word), and is an error
+  otherwise (the reference asserts). The rule reads only the symbols, so a counted
+  vocabulary maps the same when a checkpoint loads it back as a vocab_file.
 
 The vocabulary is built once, from the files the data source names, into the run
 directory (`tokenizer.vocab`, one `symbol<TAB>count` per line, plus a stamp of the files
 and options it came from). A second run reuses it; a change of files or options rebuilds
-it. It is the tokenizer's artifact, so checkpoints carry a copy and `vocab_file` points at
-it there; `vocab_file` also loads a vocabulary you give (symbols in file order, the first
-field of each line, as the reference's `vocab_file`).
+it, unless checkpoints depend on it (`mega.checkpoint.trained_files`). It is the tokenizer's
+artifact, so checkpoints carry a copy and `vocab_file` points at it there; `vocab_file`
+also loads a vocabulary you give (symbols in file order, the first field of each line, as
+the reference's `vocab_file`).
 
 The reference has no padding symbol: `pad_id` is `eos_id` here, so the ids match it;
 padded positions carry `<eos>` with loss mask 0. A vocabulary without end symbols
@@ -27,7 +32,6 @@ suits only a data source that appends nothing (Transformer-XL's ordered stream).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import Counter
@@ -38,6 +42,7 @@ import numpy as np
 from attrs import define, field
 
 import mega
+from mega.checkpoint import trained_files
 from mega.config import TokenizerConfig
 from mega.config.schema import at_least_one, non_negative
 from mega.errors import ConfigError, DataError
@@ -45,8 +50,8 @@ from mega.errors import ConfigError, DataError
 log = logging.getLogger("mega.tokenizer")
 
 EOS, DOUBLE_EOS, UNK = "<eos>", "<S>", "<unk>"
+UNKNOWN_SYMBOLS = ("<UNK>", UNK)  # what an unknown word becomes: the first of these the vocabulary has
 VOCAB_NAME = "tokenizer.vocab"
-STAMP_VERSION = 1
 LINES_PER_CHUNK = 1 << 16  # lines counted or encoded at once (bounded memory, C-speed inner loops)
 
 
@@ -85,7 +90,7 @@ class WordTokenizer:
         # symbol: only a data source that appends nothing (an ordered stream) fits
         self.eos_id = self.ids.get(end, 0)
         self.pad_id = self.eos_id  # the reference has no padding symbol (module docstring)
-        self.unk_id: Optional[int] = self.ids.get(UNK)
+        self.unk_id: Optional[int] = next((self.ids[u] for u in UNKNOWN_SYMBOLS if u in self.ids), None)
         self._ids_or_unk = _WithDefault(self.ids, self.unk_id) if self.unk_id is not None else None
 
     # --- the reference's tokenize -----------------------------------------------------------
@@ -100,8 +105,8 @@ class WordTokenizer:
         try:
             return [ids[w] for w in words]
         except KeyError as exc:
-            raise DataError(f"word {exc.args[0]!r} is not in the vocabulary {self.vocab_file}, which has no {UNK}"
-                            " symbol to stand for unknown words") from None
+            raise DataError(f"word {exc.args[0]!r} is not in the vocabulary {self.vocab_file}, which has no"
+                            f" {' or '.join(UNKNOWN_SYMBOLS)} symbol to stand for unknown words") from None
 
     def encode_line(self, line: str) -> List[int]:
         """One line as the reference encodes it: words + <eos> (or <S> words <S>)."""
@@ -266,16 +271,6 @@ def read_vocab(path: Path) -> List[str]:
     return symbols
 
 
-def _stamp(files: Sequence[Path], config: WordConfig) -> dict:
-    """What the vocabulary was counted from: the files (path, size, mtime) and options."""
-    entries = []
-    for f in files:
-        st = Path(f).stat()
-        entries.append({"path": str(Path(f).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
-    options = {k: getattr(config, k) for k in ("special", "lower_case", "delimiter", "min_freq", "max_size")}
-    return {"version": STAMP_VERSION, "files": entries, "options": options}
-
-
 def build(config: WordConfig, corpus_files: List[Path], run_dir: Optional[Path]) -> WordTokenizer:
     if config.add_eos and config.add_double_eos:
         raise ConfigError("model.tokenizer.add_double_eos: set add_eos = false with it (a line ends one way)")
@@ -289,18 +284,12 @@ def build(config: WordConfig, corpus_files: List[Path], run_dir: Optional[Path])
     if run_dir is None:
         raise ConfigError("model.tokenizer.vocab_file: not set, and there is no run directory to count a vocabulary into")
     files = [Path(f) for f in corpus_files]
-    if not files:
-        raise ConfigError("model.tokenizer: the word library counts its vocabulary from the data files, and there are none")
     path = Path(run_dir) / VOCAB_NAME
-    stamp_path = path.with_name(path.name + ".json")
-    stamp = _stamp(files, config)
-    try:
-        cached = path.is_file() and json.loads(stamp_path.read_text()) == stamp
-    except (OSError, ValueError):
-        cached = False
-    if not cached:
-        if path.is_file():
-            log.warning("the word vocabulary in %s was counted from other files or options; counting it again", path)
+    if not files and not path.is_file():  # with none, the run's counted vocabulary is used as it is
+        raise ConfigError("model.tokenizer: the word library counts its vocabulary from the data files, and there are none")
+    options = {k: getattr(config, k) for k in ("special", "lower_case", "delimiter", "min_freq", "max_size")}
+    stamp = trained_files.stamp(files, options)
+    if not trained_files.reusable(path, stamp, "the word vocabulary"):
         total = sum(f.stat().st_size for f in files)
         log.info("counting a word vocabulary over %.1f MB of text", total / 1e6)
         counter = count_words(files, config)
@@ -309,9 +298,7 @@ def build(config: WordConfig, corpus_files: List[Path], run_dir: Optional[Path])
             raise DataError(f"cannot build a word vocabulary: no words in {', '.join(map(str, files))}")
         path.parent.mkdir(parents=True, exist_ok=True)
         write_vocab(path, symbols)
-        tmp = stamp_path.with_name(f"{stamp_path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(stamp))
-        os.replace(tmp, stamp_path)
+        trained_files.write_stamp(path, stamp)
         log.info("word vocabulary: %d symbols from %d distinct words", len(symbols), len(counter))
     return WordTokenizer(read_vocab(path), config, path)
 

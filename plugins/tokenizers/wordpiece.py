@@ -1,7 +1,8 @@
 """The `wordpiece` tokenizer: BERT's WordPiece from a `vocab.txt`, or trained on the corpus.
 
 Built from the `tokenizers` library's parts, assembled to give the ids of transformers'
-`BertTokenizer` (the slow, Python one) on the same vocab.txt:
+`BertTokenizerFast` on NFC-composed text (and of the slow `BertTokenizer`, except on
+unassigned code points, which the slow one deletes) on the same vocab.txt:
 
 * normalizer: drop NUL, U+FFFD and control/format characters (zero-width spaces too), map
   whitespace to a space, put spaces around CJK ideographs; then Unicode NFC (as
@@ -19,9 +20,16 @@ with it ends the way BERT's inputs do.
 With no `vocab_file`, a vocabulary of up to `vocab_size` entries is trained on the corpus
 with the library's WordPieceTrainer (same normalizer and pre-tokenizer, the five special
 tokens first) into `<run dir>/vocab.txt`, once; a resumed run reuses it, and checkpoints
-carry it (`artifacts()`), so token ids never change under a checkpoint. (Training twice
-need not give the same file: the library breaks ties between equally frequent merges in
-hash order.)
+carry it (`artifacts()`), so token ids never change under a checkpoint. A vocab.txt
+trained from other files or options is trained again unless checkpoints depend on it
+(`mega.checkpoint.trained_files`).
+
+Training is deterministic: the same corpus and options give the same vocab.txt in every
+process. The library alone does not: it numbers the `##` continuation characters in the
+order its hash map of words yields them (random per process), and breaks ties between
+equally frequent merges by those numbers, so both the pieces and their order vary. A
+first pass (no merges) finds the continuation characters; the second pass trains with
+them declared right after the special tokens, sorted, which fixes every number.
 """
 from __future__ import annotations
 
@@ -34,30 +42,18 @@ import numpy as np
 from attrs import define, field
 
 import mega
+from mega.checkpoint import trained_files
 from mega.config import TokenizerConfig
 from mega.config.schema import at_least_one
 from mega.errors import ConfigError, DataError
+from mega.plugins.tokenizers.wordpiece_interop import TOKENIZER_NAMES
+from mega.plugins.tokenizers.wordpiece_interop import register_tokenizer_converters  # noqa: F401 (its converters)
 
 log = logging.getLogger("mega.tokenizer")
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
            (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
-
-# tokenizer_name -> lower-case (and strip accents). Megatron-LM's --tokenizer-type names and
-# the Hugging Face model names of the public BERT vocabularies are accepted as well.
-TOKENIZER_NAMES = {
-    "megatron-bert-uncased": True,
-    "megatron-bert-cased": False,
-    "BertWordPieceLowerCase": True,
-    "BertWordPieceCase": False,
-    "bert-base-uncased": True,
-    "bert-large-uncased": True,
-    "bert-base-cased": False,
-    "bert-large-cased": False,
-    "bert-base-multilingual-cased": False,
-}
-
 
 @define(kw_only=True)
 class WordPieceConfig(TokenizerConfig):
@@ -170,24 +166,34 @@ class WordPieceTokenizer:
         return {"vocab_file": self.vocab_file}
 
 
-def train_vocab(files: List[Path], destination: Path, config: WordPieceConfig, lower: bool) -> Path:
-    """A WordPiece vocabulary trained on `files`, written atomically to `destination`."""
+def _train(files: List[Path], config: WordPieceConfig, lower: bool, first: Sequence[str], vocab_size: int) -> Dict[str, int]:
+    """token -> id of one run of the library's WordPieceTrainer with `first` as its
+    leading (special) tokens."""
     from tokenizers import Tokenizer, trainers
     from tokenizers.models import WordPiece
 
+    tok = Tokenizer(WordPiece(unk_token="[UNK]", continuing_subword_prefix="##",
+                              max_input_chars_per_word=config.max_input_chars_per_word))
+    tok.normalizer, tok.pre_tokenizer = _pipeline(lower)
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=config.min_frequency,
+                                        special_tokens=list(first), continuing_subword_prefix="##",
+                                        show_progress=False)
+    tok.train([str(f) for f in files], trainer)
+    return tok.get_vocab(with_added_tokens=True)
+
+
+def train_vocab(files: List[Path], destination: Path, config: WordPieceConfig, lower: bool) -> Path:
+    """A WordPiece vocabulary trained on `files`, written atomically to `destination`: the
+    same file for the same corpus and options in every process (module docstring)."""
     files = [Path(f) for f in files]
     if not files or sum(os.path.getsize(f) for f in files) == 0:
         raise DataError(f"cannot train a WordPiece vocabulary: the corpus files are empty ({', '.join(map(str, files))})")
     log.info("training a WordPiece vocabulary (up to %d entries) on %.1f MB of text", config.vocab_size,
              sum(os.path.getsize(f) for f in files) / 1e6)
-    tok = Tokenizer(WordPiece(unk_token="[UNK]", continuing_subword_prefix="##",
-                              max_input_chars_per_word=config.max_input_chars_per_word))
-    tok.normalizer, tok.pre_tokenizer = _pipeline(lower)
-    trainer = trainers.WordPieceTrainer(vocab_size=config.vocab_size, min_frequency=config.min_frequency,
-                                        special_tokens=list(SPECIAL_TOKENS), continuing_subword_prefix="##",
-                                        show_progress=False)
-    tok.train([str(f) for f in files], trainer)
-    vocab = tok.get_vocab(with_added_tokens=True)
+    # pass 1, no merges (vocab_size 1): the alphabet and every character's `##` continuation
+    alphabet = _train(files, config, lower, SPECIAL_TOKENS, 1)
+    continuations = sorted(t for t in alphabet if t.startswith("##") and t not in SPECIAL_TOKENS)
+    vocab = _train(files, config, lower, SPECIAL_TOKENS + tuple(continuations), config.vocab_size)
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
     destination.parent.mkdir(parents=True, exist_ok=True)
     tmp = destination.with_name(destination.name + f".tmp{os.getpid()}")
@@ -211,8 +217,12 @@ def build(config: WordPieceConfig, corpus_files, run_dir: Optional[Path]) -> Wor
     if run_dir is None:
         raise ConfigError("model.tokenizer.vocab_file: not set, and there is no run directory to train a vocabulary into")
     trained = Path(run_dir) / "vocab.txt"
-    if not trained.is_file():
-        train_vocab(list(corpus_files), trained, config, lower)
+    files = [Path(f) for f in corpus_files]
+    stamp = trained_files.stamp(files, {"lower_case": lower, "vocab_size": config.vocab_size,
+                                        "min_frequency": config.min_frequency})
+    if not trained_files.reusable(trained, stamp, "the WordPiece vocabulary"):
+        train_vocab(files, trained, config, lower)
+        trained_files.write_stamp(trained, stamp)
     return WordPieceTokenizer(trained, lower, config.max_input_chars_per_word)
 
 

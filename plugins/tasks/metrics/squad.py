@@ -8,11 +8,13 @@ over its gold answers. They differ where it matters for reported numbers, so bot
   by every question of the dataset (a missing prediction scores 0).
 * v2.0 scores an empty-vs-empty pair as 1 (a correctly abstained no-answer question),
   averages over the questions that have a prediction, splits the scores into HasAns/NoAns,
-  and, given no-answer probabilities, reports the best threshold (`best_exact`, `best_f1`).
+  and, given no-answer scores (`--na-prob-file`), reports the best threshold (`best_exact`,
+  `best_f1`). The script only sorts those scores, so BERT's raw null score margins
+  (`null_odds.json`) serve, and the threshold comes out in their unit (`best_thresholds`).
 
 NeMo 1.x reports `best_exact`/`best_f1` computed with all-zero no-answer probabilities as
 its EM/F1; for v2.0 that can exceed the true `exact`. We report `exact`/`f1` as the official
-script does, and `best_*` only from real probabilities.
+script does, and `best_*` only from real no-answer scores.
 """
 from __future__ import annotations
 
@@ -156,6 +158,25 @@ def evaluate_v2(dataset: Iterable[Mapping], predictions: Mapping[str, str],
     if na_probs is not None:
         out["best_exact"], out["best_exact_thresh"] = _best_threshold(predictions, exact_raw, probs, qid_to_has_ans)
         out["best_f1"], out["best_f1_thresh"] = _best_threshold(predictions, f1_raw, probs, qid_to_has_ans)
+    return out
+
+
+def best_thresholds(dataset: Iterable[Mapping], predictions: Mapping[str, str],
+                    null_odds: Mapping[str, float]) -> Dict[str, float]:
+    """`best_exact`, `best_exact_thresh`, `best_f1`, `best_f1_thresh` of the v2.0 script run
+    with `--na-prob-file null_odds.json`: the sweep over the raw null score margins (BERT's
+    `null_odds.json`, which the script only sorts), so a threshold is in the margin's unit
+    and is a `null_score_diff_threshold` that achieves the score. (Squashing the margins
+    into probabilities first, e.g. by a sigmoid, ties every confident margin at 1.0, and
+    the sweep then credits a cut between tied questions that no threshold makes.) As in
+    the script, the threshold is 0.0 when abstaining on every question scores best."""
+    dataset = list(dataset)
+    has_ans = {qid: bool(answers) for qid, answers in gold_answers(dataset).items()}
+    exact_raw, f1_raw = raw_scores_v2(dataset, predictions)
+    probs = {qid: float(null_odds[qid]) for qid in has_ans if qid in null_odds}
+    out = {}
+    out["best_exact"], out["best_exact_thresh"] = _best_threshold(predictions, exact_raw, probs, has_ans)
+    out["best_f1"], out["best_f1_thresh"] = _best_threshold(predictions, f1_raw, probs, has_ans)
     return out
 
 
