@@ -91,16 +91,29 @@ class BucketSpace:
             out[name] = {k: next(tensors).view(shape) for k in keys}
         return out
 
+    def scalars_of(self, index: int) -> Optional[dict]:
+        """The scalar state (the step) of the parameter at `index` of the layout, None when
+        it had no state; the record's per-parameter values when it has them (mega writes
+        them), else the one step of the file (Megatron keeps one per group)."""
+        per_param = self.record.get("param_scalars")
+        if per_param is not None:
+            return per_param[index]
+        return dict(self.scalars)
+
     def to_model_space(self, names: Sequence[str], template_groups: list) -> dict:
         """The state dict a non-distributed optimizer over parameters `names` (its order)
         loads: moments per parameter, the scalar step, the saved hyperparameters over
         `template_groups` (the receiving optimizer's groups, whose `params` are kept)."""
         per_param = self.per_parameter()
+        index = {n: i for i, n in enumerate(self.record["names"])}
         state = {}
         for pos, name in enumerate(names):
             if name not in per_param:
                 continue
-            entry = {k: torch.tensor(v) if isinstance(v, (int, float)) else v for k, v in self.scalars.items()}
+            scalars = self.scalars_of(index[name])
+            if scalars is None:  # no step reached it: no state, as a plain optimizer's
+                continue
+            entry = {k: torch.tensor(v, dtype=torch.float32) if isinstance(v, (int, float)) else v for k, v in scalars.items()}
             entry.update(per_param[name])
             state[pos] = entry
         return {"state": state, "param_groups": merge_groups(template_groups, self.param_groups)}

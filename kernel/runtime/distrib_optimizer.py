@@ -390,20 +390,35 @@ class DistributedMainParams(MainParams):
         return []
 
     def _agreed_keys(self) -> List[str]:
-        """The state keys as data-parallel rank 0 has them (a rank whose slices are all
-        padding holds no state of its own, yet takes part in every gather)."""
-        keys = [self.state_keys()]
-        dist.broadcast_object_list(keys, group_src=0, group=self.dp_group)
-        return keys[0]
+        """The per-element state keys as any rank has them (a rank whose slices are all
+        padding, or whose shards no step has reached, holds none, yet takes part in every
+        gather)."""
+        keys = [None] * self.dp_size
+        dist.all_gather_object(keys, self.state_keys(), group=self.dp_group)
+        return next((k for k in keys if k), [])
 
-    def _scalars(self) -> dict:
-        """Per-parameter scalar state (the step), from this rank's first shard with state."""
-        for shard in self.main:
+    def param_scalars(self) -> List[Optional[dict]]:
+        """Per buffer parameter: its scalar state ({"step": float}), or None when no step
+        has reached it yet (a parameter whose gradient is dropped, Transformer-XL's
+        unreached adaptive clusters, keeps none and is skipped). Every rank's shards of a
+        parameter agree; the table is reduced over the data-parallel group (a collective)."""
+        keys = sorted({k for st in self.optimizer.state.values() for k, v in st.items()
+                       if not (torch.is_tensor(v) and v.dim() > 0)})
+        if self.dp_size > 1:
+            gathered = [None] * self.dp_size
+            dist.all_gather_object(gathered, keys, group=self.dp_group)
+            keys = sorted({k for ks in gathered for k in ks})
+        table = torch.full((len(self.params), 1 + len(keys)), -1.0, dtype=torch.float64, device=self.device)
+        for o, shard in zip(self.owned, self.main):
             st = self.optimizer.state.get(shard)
             if st:
-                return {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()
-                        if not (torch.is_tensor(v) and v.dim() > 0)}
-        return {}
+                table[o.index, 0] = 1.0
+                for j, k in enumerate(keys):
+                    table[o.index, 1 + j] = float(st[k])
+        if self.dp_size > 1:
+            dist.all_reduce(table, op=dist.ReduceOp.MAX, group=self.dp_group)
+        rows = table.cpu().tolist()
+        return [None if row[0] < 0 else {k: row[1 + j] for j, k in enumerate(keys)} for row in rows]
 
     def optimizer_state_dict(self) -> dict:
         """Model space (a collective: the moments are gathered to data-parallel rank 0,
@@ -433,21 +448,28 @@ class DistributedMainParams(MainParams):
                                   for k, v in st.items()}
             return {"state": state, "param_groups": groups}
         keys = self._agreed_keys()
+        scalars = self.param_scalars()
         if not keys:  # no step yet
             return {"state": {}, "param_groups": groups}
-        flats = self.gather_flat([[self.optimizer.state[s][k] for s in self.main] for k in keys])
-        scalars = self._scalars()
+        flats = self.gather_flat([[self._moment(s, k) for s in self.main] for k in keys])
         state = {}
         if self.dp_rank == 0:
             index_of = {n: i for i, n in enumerate(self.names)}
             for pos, name in enumerate(names):
                 i = index_of[name]
+                if scalars[i] is None:  # no step reached it: no state, as a plain optimizer's
+                    continue
                 start_, end, _ = self.layout.param_index_map[i]
-                entry = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in scalars.items()}
+                entry = {k: torch.tensor(v, dtype=torch.float32) for k, v in scalars[i].items()}
                 for k, flat in zip(keys, flats):
                     entry[k] = flat[start_:end].view_as(self.params[i]).clone()
                 state[pos] = entry
         return {"state": state, "param_groups": groups}
+
+    def _moment(self, shard: torch.Tensor, key: str) -> torch.Tensor:
+        """A shard's per-element state `key`, zeros for a shard no step has reached."""
+        st = self.optimizer.state.get(shard)
+        return st[key] if st and key in st else torch.zeros_like(shard, dtype=torch.float32)
 
     def _pending_model_space(self) -> dict:
         pending = self.pending
@@ -456,8 +478,9 @@ class DistributedMainParams(MainParams):
         return pending
 
     def shards(self) -> OptimizerShards:
-        """This rank's shards, for a format that saves them as they are (no gather)."""
-        keys = self.state_keys()
+        """This rank's shards, for a format that saves them as they are (no gather of
+        tensors; a collective for the layout record's per-parameter steps)."""
+        keys = self._agreed_keys() if self.dp_size > 1 else self.state_keys()
         tensors = {}
         for bi, b in enumerate(self.buckets):
             lo = self.layout.shard_start(bi, self.dp_rank)
@@ -466,21 +489,25 @@ class DistributedMainParams(MainParams):
                 local = torch.zeros(b.grad_shard.numel(), dtype=torch.float32)
                 for o, shard in zip(self.owned, self.main):
                     if o.bucket == bi:
-                        t = shard if k == PARAM_KEY else self.optimizer.state[shard][k]
+                        t = shard if k == PARAM_KEY else self._moment(shard, k)
                         local[o.buffer_start - lo:o.buffer_end - lo] = t.detach().reshape(-1).float().cpu()
                 per_key[k] = local
             tensors[bi] = per_key
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.state_dict()["param_groups"]]
-        return OptimizerShards(record=self.layout_record(keys), dp_rank=self.dp_rank, tensors=tensors,
-                               scalars={k: float(v) if torch.is_tensor(v) else v for k, v in self._scalars().items()},
-                               param_groups=groups)
+        record = self.layout_record(keys)
+        steps = [ps for ps in record["param_scalars"] if ps]
+        scalars = {k: max(ps[k] for ps in steps) for k in steps[0]} if steps else {}  # Megatron keeps one step
+        return OptimizerShards(record=record, dp_rank=self.dp_rank, tensors=tensors, scalars=scalars, param_groups=groups)
 
     def layout_record(self, keys: Optional[List[str]] = None) -> dict:
         """The layout record checkpoints keep (param_layout.ParamLayout.record, plus the
-        bucket size, the optimizer's state keys and the buffer's (param, grad) dtypes)."""
+        bucket size, the optimizer's state keys, the buffer's (param, grad) dtypes and each
+        parameter's scalar state, `param_scalars`). A collective over the data-parallel group."""
+        if keys is None:
+            keys = self._agreed_keys() if self.dp_size > 1 else self.state_keys()
         record = self.layout.record(self.names, [list(p.shape) for p in self.params])
-        record.update(bucket_size=self.bucket_size or None, state_keys=list(keys if keys is not None else self.state_keys()),
-                      dtype=[str(self.dtype), str(torch.float32)])
+        record.update(bucket_size=self.bucket_size or None, state_keys=list(keys),
+                      dtype=[str(self.dtype), str(torch.float32)], param_scalars=self.param_scalars())
         return record
 
     def load_optimizer_state(self, state) -> None:
@@ -533,14 +560,17 @@ class DistributedMainParams(MainParams):
         tensors = iter(space.read(requests))
         state = {}
         for o, shard in zip(self.owned, self.main):
-            entry = {k: (torch.tensor(v) if isinstance(v, (int, float)) else v) for k, v in space.scalars.items()}
+            scalars = space.scalars_of(o.index)
+            entry = {k: torch.tensor(v, dtype=torch.float32) if isinstance(v, (int, float)) else v
+                     for k, v in (scalars or {}).items()}
             for k in wanted:
                 t = next(tensors)
                 if k == PARAM_KEY:
                     shard.copy_(t)
                 else:
                     entry[k] = t
-            state[shard_id[id(shard)]] = entry
+            if scalars is not None:  # a parameter no step reached keeps no state
+                state[shard_id[id(shard)]] = entry
         return state
 
 
