@@ -7,6 +7,8 @@ each: every row in one run, reported as ratios against the baseline row.
                                                        # TP=2 on 2, TP=1 on 1 (no sequence-parallel rows)
     python benchmarks/bench_memory.py --tiny           # the plumbing, in seconds
     python benchmarks/bench_memory.py --out results.json
+    python benchmarks/bench_memory.py --layers 8 --hidden 512 --seq 128 --precision bf16 --megatron-amp-O2 \
+        --only "distributed optimizer"                 # a state-dominated shape: the distributed optimizer's row
 
 Each rank builds every row's run (mega's own `build_run`: DDP, the sequence-parallel
 gradient sum, clipping, AdamW) on the same data, takes a warm-up step, then measures:
@@ -72,7 +74,7 @@ def _config(args, work: Path, world: int, tp: int, keys: dict, name: str):
         "exp_manager": {"exp_dir": str(work), "name": name, "loggers": [], "resume_if_exists": False},
         "model": {**shape, "global_batch_size": shape["micro_batch_size"] * dp * 2, "tensor_model_parallel_size": tp,
                   "hidden_dropout": 0.1, "attention_dropout": 0.1, "tokenizer": {"library": "bytes"},
-                  "data": {"data_prefix": [str(work / "corpus.txt")]}, **keys},
+                  "data": {"data_prefix": [str(work / "corpus.txt")]}, "megatron_amp_O2": args.megatron_amp_O2, **keys},
     })
 
 
@@ -167,6 +169,9 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--precision", default=None, help="trainer.precision (default: 32 on CPU, bf16 on a GPU)")
+    p.add_argument("--megatron-amp-O2", dest="megatron_amp_O2", action="store_true",
+                   help="model.megatron_amp_O2 (with --precision bf16 or 16): 18 bytes of state per parameter, 6 + 12/d sharded")
+    p.add_argument("--only", action="append", default=[], help="measure only these rows (and the baseline); repeat")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--heads", type=int, default=8)
@@ -184,7 +189,8 @@ def main(argv=None) -> dict:
     if world < 1:
         raise SystemExit("--device cuda: torch sees no GPU")
     tp = 2 if world >= 2 else 1
-    rows = {k: v for k, v in ROWS.items() if tp > 1 or not v.get("sequence_parallel")}
+    rows = {k: v for k, v in ROWS.items() if (tp > 1 or not v.get("sequence_parallel"))
+            and (not args.only or k == "baseline" or k in args.only)}
     from mega.testing import write_corpus
 
     with tempfile.TemporaryDirectory() as work:
@@ -207,7 +213,8 @@ def main(argv=None) -> dict:
         row["step_ratio"] = row["step_s"] / base["step_s"]
     device = torch.cuda.get_device_name(0) if args.device == "cuda" else f"cpu ({os.cpu_count()} cores)"
     dp = world // tp
-    print(f"GPT {2 if args.tiny else args.layers} layers, DP={dp} x TP={tp} on {device}, precision {args.precision};"
+    print(f"GPT {2 if args.tiny else args.layers} layers, DP={dp} x TP={tp} on {device}, precision {args.precision}"
+          f"{' megatron_amp_O2' if args.megatron_amp_O2 else ''};"
           f" per-rank bytes (largest rank), ratios against the baseline")
     print(f"{'row':<32} {'state MiB':>9} {'plan MiB':>9} {'x base':>7} {'kept MiB':>9} {'plan MiB':>9} {'x base':>7}"
           f" {'peak MiB':>9} {'x base':>7} {'step s':>8} {'x base':>7}")
