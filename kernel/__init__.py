@@ -27,7 +27,8 @@ hookimpl = pluggy.HookimplMarker("mega")
 # the names of this module). Training, the commands and the plugin manager are the
 # kernel's own: a plugin that reached into them would break when they change. The rule is
 # a test (tests/test_import_rules.py) and is stated in docs/plugins.md.
-PLUGIN_API = ("mega", "mega.errors", "mega.protocols", "mega.config", "mega.runtime", "mega.checkpoint", "mega.testing")
+PLUGIN_API = ("mega", "mega.errors", "mega.protocols", "mega.config", "mega.runtime", "mega.checkpoint", "mega.documents",
+              "mega.testing")
 
 
 def get_plugins():

@@ -139,7 +139,7 @@ class TrainerConfig:
     accumulate_grad_batches: int = field(default=1, validator=at_least_one)  # micro-batches per step (derived from global_batch_size if set)
     gradient_clip_val: float = field(default=1.0, validator=non_negative)  # max global grad norm; 0 disables clipping
     dist_timeout_s: int = field(default=600, validator=positive)  # a collective that waits longer (a hung or dead worker) fails the run
-    max_time: Optional[Duration] = None  # "DD:HH:MM:SS": stop with a checkpoint once training (summed over resumes) has run this long
+    max_time: Optional[Duration] = None  # stop with a checkpoint once training (summed over resumes) has run this long
     enable_progress_bar: Optional[bool] = None  # None: only on a terminal, never under CI/SLURM
 
 
@@ -163,7 +163,7 @@ class ExpManagerConfig:
     resume_ignore_config_changes: bool = False  # resume even if keys that cannot resume safely changed (model shape, data, tokenizer)
     loggers: List[str] = field(factory=lambda: ["console", "jsonl", "tensorboard"])
     checkpoint: CheckpointConfig = field(factory=CheckpointConfig)
-    max_time_per_run: Optional[Duration] = None  # "DD:HH:MM:SS": stop with a checkpoint once this start of the run has trained this long (under a job time limit)
+    max_time_per_run: Optional[Duration] = None  # stop with a checkpoint once this start of the run has trained this long (under a job time limit)
 
 
 @define(kw_only=True)

@@ -340,6 +340,7 @@ def _train(run, stop: StopFlag) -> None:
                 busy, steps_since, waited, loss_tokens = 0.0, 0, 0.0, 0.0
             if run.valid_data is not None and (run.step % tr.val_check_interval == 0 or last):
                 hook.on_validation_end(run=run, step=run.step, metrics=validate(run))
+            run.mark_step_time()  # what a checkpoint of this step records, and trainer.max_time is checked against
             saved = None
             if (every_ckpt and run.step % every_ckpt == 0) or (last and cfg.exp_manager.checkpoint.save_last):
                 saved = run.save_checkpoint()

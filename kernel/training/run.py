@@ -87,11 +87,14 @@ class Run:
     last_metrics: Dict[str, float] = attrs.field(factory=dict)
     main_params: Optional[MainParams] = None  # model.megatron_amp_O2: fp32 main weights and gradients
     time_before_s: float = 0.0  # training time of the starts this one resumed (trainer.max_time counts it)
+    time_elapsed_s: float = 0.0  # training time up to the end of the last finished step, over every start (checkpoints hold it)
     started_at: Optional[float] = None  # time.monotonic() when this start began training
 
-    def training_time(self) -> float:
-        """Seconds spent training, summed over every start of this run (Lightning's Timer)."""
-        return self.time_before_s + self.time_this_start()
+    def mark_step_time(self) -> float:
+        """Record the training time at the end of a step (Lightning's Timer: summed over every
+        start of the run); what checkpoints save and trainer.max_time is checked against."""
+        self.time_elapsed_s = self.time_before_s + self.time_this_start()
+        return self.time_elapsed_s
 
     def time_this_start(self) -> float:
         """Seconds this start has trained (exp_manager.max_time_per_run counts these)."""
@@ -107,7 +110,7 @@ class Run:
     # --- checkpoint state -------------------------------------------------------------------
     def state(self) -> dict:
         trainer = {"step": self.step, "consumed_samples": self.consumed_samples, "rng": rng_state(),
-                   "time_elapsed_s": self.training_time()}
+                   "time_elapsed_s": self.time_elapsed_s}
         if self.scaler is not None:
             trainer["loss_scaler"] = self.scaler.state_dict()
         if isinstance(self.model, StatefulModel):
@@ -127,7 +130,7 @@ class Run:
         trainer = state.get("trainer", {})
         self.step = int(trainer.get("step", 0))
         self.consumed_samples = int(trainer.get("consumed_samples", self.step * self.global_batch_size))
-        self.time_before_s = float(trainer.get("time_elapsed_s", 0.0))
+        self.time_before_s = self.time_elapsed_s = float(trainer.get("time_elapsed_s", 0.0))
         if self.scaler is not None and "loss_scaler" in trainer:
             self.scaler.load_state_dict(trainer["loss_scaler"])
         if "rng" in trainer:

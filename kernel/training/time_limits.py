@@ -39,7 +39,7 @@ def budget_spent(run) -> Optional[str]:
 def limit_reached(run) -> Optional[str]:
     """The key whose limit this rank's clock has reached (None: none)."""
     tr, em = run.config.trainer, run.config.exp_manager
-    if tr.max_time is not None and run.training_time() >= tr.max_time.seconds:
+    if tr.max_time is not None and run.time_elapsed_s >= tr.max_time.seconds:
         return "trainer.max_time"
     if em.max_time_per_run is not None and run.time_this_start() >= em.max_time_per_run.seconds:
         return "exp_manager.max_time_per_run"
@@ -58,5 +58,5 @@ def stopped_message(run, key: Optional[str], path) -> str:
     else:
         then = "re-run the same command to resume"
         limit = em.max_time_per_run
-    return (f"{key}={limit} reached after step {run.step} (trained {_hms(run.training_time())} in all,"
+    return (f"{key}={limit} reached after step {run.step} (trained {_hms(run.time_elapsed_s)} in all,"
             f" {_hms(run.time_this_start())} in this start): checkpoint saved at {path}; {then}")
