@@ -16,6 +16,11 @@ from importlib import metadata
 
 import pluggy
 
+from mega.environment import check_torch
+
+check_torch()  # a clear error when torch is older than mega-lm needs (mega.environment.MIN_TORCH)
+__mega_lm__ = True  # this `mega` is mega-lm's, not PyPI's unrelated `mega` (see mega.environment)
+
 try:  # one source of truth: the installed distribution's metadata (pyproject.toml)
     __version__ = metadata.version("mega-lm")
 except metadata.PackageNotFoundError:  # pragma: no cover - the source tree without an install

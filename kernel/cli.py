@@ -23,8 +23,12 @@ import sys
 from typing import List, Optional
 
 import mega
-from mega.errors import ConfigError, MegaError
-from mega.protocols import EncoderDecoder, Generator
+from mega.environment import check_own_package
+
+check_own_package()  # `python -m mega` with PyPI's `mega` over mega-lm's __init__.py: say so, naming both
+
+from mega.errors import ConfigError, MegaError  # noqa: E402
+from mega.protocols import EncoderDecoder, Generator  # noqa: E402
 
 
 class _BarSafeHandler(logging.Handler):
@@ -374,6 +378,17 @@ COMMANDS = {"run": cmd_run, "config": cmd_config, "plugins": cmd_plugins, "gener
             "preprocess": cmd_preprocess, "predict": cmd_predict}
 
 
+def _warn_foreign_mega() -> None:
+    from mega.environment import foreign_mega_distribution
+
+    version = foreign_mega_distribution()
+    if version is not None:
+        logging.getLogger("mega").warning(
+            "PyPI's unrelated `mega` %s is installed in this environment too: it shares the top-level `mega` package"
+            " with mega-lm, so uninstalling either deletes the other's mega/__init__.py; keep them in separate"
+            " environments (README: the name `mega`)", version)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args, extra = _parser().parse_known_args(argv)
@@ -384,6 +399,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             _parser().parse_args(argv)  # argparse's own error for what it does not know
     args.argv = argv
     _setup_logging(args.verbose)
+    _warn_foreign_mega()
     try:
         return _dispatch(args)
     except BaseException as exc:
