@@ -30,9 +30,13 @@ counts it tensor by tensor on a built model, and tests/test_plan.py holds the tw
 
 The peak of a step is the larger of two moments: the end of the forward (weights, 16-bit
 copies, optimizer state, activations, the logits around the loss; O2's gradient buffer)
-and the end of the backward (weights, optimizer state, every gradient). Gradients are
-freed before each forward (zero_grad(set_to_none=True)), so outside O2 the two never add
-up.
+and the end of the backward (weights, optimizer state, every gradient), and with activation
+recomputation the start of the backward, when what the forward kept meets what the first
+recomputed region rebuilds (the model's `recompute_transient`, also added to the end of
+the backward). Gradients are freed before each forward (zero_grad(set_to_none=True)), so
+outside O2 forward and gradients never add up.
+The model sizes activations by its own keys (recomputation, sequence parallelism), and
+`variants` lists the peak with each of them switched on.
 """
 from __future__ import annotations
 
@@ -148,12 +152,18 @@ def stage_memory(p: int, st: Dict[str, Any], layout: Layout, opt_bytes: float, p
     optim = opt_bytes * n
     acts = in_flight * st["activations"]
     forward_end = weights + casts + optim + acts + st["transient"] + (grads + buckets if layout.grads_kept else 0)
-    backward_end = weights + optim + grads + buckets + st["grad_transient"]
+    rebuilt = st.get("recompute_transient", 0)
+    backward_end = weights + optim + grads + buckets + st["grad_transient"] + rebuilt
+    # activation recomputation: its first region (the last layers) is rebuilt while every
+    # activation the forward kept is still there
+    recompute_start = weights + casts + optim + acts + rebuilt + st["grad_transient"] \
+        + (grads + buckets if layout.grads_kept else 0) if rebuilt else 0
     return {"stage": p, "params": n, "weights": weights, "casts": casts, "grads": grads + buckets, "ddp_buckets": buckets,
             "optimizer": optim,
             "activations": acts, "activations_per_micro_batch": st["activations"],
             "micro_batches_in_flight": in_flight, "transient": st["transient"],
-            "state": weights + grads + optim, "peak": max(forward_end, backward_end),
+            "recompute_transient": st.get("recompute_transient", 0),
+            "state": weights + grads + optim, "peak": max(forward_end, backward_end, recompute_start),
             "sum": weights + casts + grads + buckets + optim + acts + st["transient"]}
 
 
@@ -239,7 +249,31 @@ def variants(config, vocab_size: int, device: str) -> List[Dict[str, Any]]:
     for key in ("attention_dropout", "hidden_dropout"):
         if getattr(mc, key, 0):
             add(f"model.{key}=0", attrs.evolve(config, model=attrs.evolve(mc, **{key: 0.0})))
+    for label, keys in _memory_options(mc):
+        option = attrs.evolve(config, model=attrs.evolve(mc, **keys))
+        try:
+            option.model.check(None)  # a combination this model refuses is not an option
+        except ConfigError:
+            continue
+        add(label, option)
     return rows
+
+
+def _memory_options(mc) -> List[tuple]:
+    """(label, model keys) of the activation-memory options this model has and does not
+    use yet: selective and full recomputation, and sequence parallelism under TP (keys of
+    mega.plugins.models.scaling, found by name so any model that declares them is covered)."""
+    out = []
+    if getattr(mc, "activations_checkpoint_granularity", "unset") is None:
+        out.append(("model.activations_checkpoint_granularity=selective",
+                    {"activations_checkpoint_granularity": "selective", "activations_checkpoint_method": None,
+                     "activations_checkpoint_num_layers": None}))
+        out.append(("  or full (uniform, 1 layer)", {"activations_checkpoint_granularity": "full",
+                                                 "activations_checkpoint_method": "uniform",
+                                                 "activations_checkpoint_num_layers": 1}))
+    if getattr(mc, "sequence_parallel", None) is False and mc.tensor_model_parallel_size > 1:
+        out.append(("model.sequence_parallel=true", {"sequence_parallel": True}))
+    return out
 
 
 def layouts(config, devices: int, vocab_size: int, device: str) -> List[Dict[str, Any]]:

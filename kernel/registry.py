@@ -24,6 +24,8 @@ KINDS = {
     "hidden_transforms": "register_hidden_transforms",
     "hidden_losses": "register_hidden_losses",
     "tasks": "register_tasks",
+    "model_converters": "register_model_converters",
+    "tokenizer_converters": "register_tokenizer_converters",
 }
 
 

@@ -225,6 +225,10 @@ COMMANDS: Dict[str, object] = {
                                                                 expect=_file("gpt2-out/config.json")),
     "mega export results/gpt2 ./gpt2-out --to huggingface --option dtype=bfloat16":
         Run(needs=("results/gpt2",), fresh=("gpt2-out",), expect=_file("gpt2-out/config.json")),
+    "mega export results/quickstart ./quickstart-hf --to huggingface":
+        Run(needs=("results/quickstart",), fresh=("quickstart-hf",), expect=_file("quickstart-hf/tokenizer.json")),
+    "mega import ./quickstart-hf results/quickstart-back": Run(needs=("quickstart-hf",), fresh=("results/quickstart-back",),
+                                                               expect=_has("imported")),
     "mega export results/gpt model.mega": Run(needs=("results/gpt",), fresh=("model.mega",), expect=_file("model.mega")),
     "mega export results/gpt model.tar --to archive": Run(needs=("results/gpt",), fresh=("model.tar",),
                                                           expect=_file("model.tar")),
@@ -441,6 +445,8 @@ ARTIFACTS: Dict[str, Tuple[Tuple[str, ...], Callable[[Path], None]]] = {
     "results/quickstart": (("corpus.txt",), lambda ws: _run_doc(ws, "mega run examples/quickstart.toml")),
     "results/gpt": (("results/quickstart",), lambda ws: shutil.copytree(ws / "results/quickstart", ws / "results/gpt")),
     "model.mega": (("results/gpt",), lambda ws: _run_doc(ws, "mega export results/gpt model.mega")),
+    "quickstart-hf": (("results/quickstart",),
+                      lambda ws: _run_doc(ws, "mega export results/quickstart ./quickstart-hf --to huggingface")),
     "tok/tokenizer.json": (("corpus.txt",), _bpe),
     "gpt2-small": (("corpus.txt",), _gpt2_small),
     "results/gpt2": (("gpt2-small",), lambda ws: _run_doc(ws, "mega import ./gpt2-small results/gpt2")),

@@ -50,7 +50,7 @@ def test_max_time_on_the_command_line(tmp_path, corpus):
 def test_ranks_take_the_time_decision_together():
     """One all-reduce carries the stop signal and the time decision: a rank whose clock is
     past the limit stops every rank."""
-    from tests.multiproc import run_ranks
+    from mega.testing import run_ranks
 
     assert run_ranks(_decide, 2) == [(0, 1), (0, 1)]
 

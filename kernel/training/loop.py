@@ -25,6 +25,7 @@ from mega.runtime.device_peaks import peak_flops
 from mega.runtime.grad_norm import clip_grad_norm
 from mega.runtime.pipeline import forward_backward_no_pipelining, forward_backward_pipelining, sum_pipeline_grads
 from mega.runtime.precision import autocast
+from mega.runtime.tensor_parallel import sum_sequence_parallel_grads
 from mega.runtime.unreached import drop_gradients, unreached_parameters
 from mega.training import time_limits
 from mega.training.batches import BatchLoader, load_micro_batches, micro_batch_positions
@@ -120,6 +121,7 @@ def train_step(run, loader: BatchLoader | None = None) -> Dict[str, torch.Tensor
         params = drop_gradients(params, [main.to_main[id(p)] for p in unreached])
     else:
         params = drop_gradients([p for p in run.model.parameters() if p.grad is not None], unreached)
+    sum_sequence_parallel_grads(params, run.parallel)  # model.sequence_parallel: LayerNorms saw this rank's tokens
     skipped = False
     if run.scaler is not None:
         skipped = run.parallel.any(run.scaler.unscale_and_check(params))  # every stage skips together

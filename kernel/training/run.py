@@ -319,6 +319,8 @@ def _build_run(config: ExperimentConfig, plugins, created: list) -> Run:
     if compile_wanted(tr.compile, device):
         if parallel.pp_size > 1:  # the pipeline schedule calls stage_forward, one stage at a time
             log.info("trainer.compile: not applied under pipeline parallelism; the stages run eagerly")
+        elif getattr(model, "eager_reason", None):  # what the model does that torch.compile is not tested with
+            log.info("trainer.compile: not applied with %s; the step runs eagerly", model.eager_reason)
         else:
             loss_module = CompiledStep(loss_module)
     run = Run(

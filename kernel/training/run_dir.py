@@ -78,6 +78,11 @@ RESUME_SAFE = (
     "model.attention_backend",  # another kernel for the same attention
     "model.megatron_amp_O2",  # checkpoints of both layouts hold fp32 weights and the same optimizer state
     "model.grad_reduce_bucket_size",  # how the same all-reduce is split (speed)
+    "model.sequence_parallel",  # the same parameters and loss; the activations split along the sequence
+    # activation recomputation: the same ops and random streams, run again in backward
+    *(f"{table}.{key}" for table in ("model", "model.encoder", "model.decoder")
+      for key in ("activations_checkpoint_granularity", "activations_checkpoint_method",
+                  "activations_checkpoint_num_layers", "recompute_modules", "distribute_saved_activations")),
     "model.optim.lr",
     "model.optim.weight_decay",
     "model.optim.sched.*",

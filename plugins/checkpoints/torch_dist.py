@@ -11,8 +11,11 @@ written and read with `torch.distributed.checkpoint` (DCP), every rank in parall
 
 Tensors are stored as GLOBAL tensors under megatron-core's names with global layer numbers
 (`embedding.word_embeddings.weight`, `decoder.layers.{i}.self_attention.linear_qkv.weight`,
-`decoder.layers.{i}.mlp.linear_fc1.layer_norm_weight`, `decoder.final_layernorm.bias`, ...);
-names mega does not know how to translate keep mega's global name. Each rank writes only
+`decoder.layers.{i}.mlp.linear_fc1.layer_norm_weight`, `decoder.final_layernorm.bias`, ...):
+the model family's converter names them (`mega.protocols.MegatronCoreNames`; a family
+without one, and names it does not know, keep mega's global name). The keys written are
+recorded in every rank's file, so loading needs no converter; a checkpoint without the
+record (written before it was kept) is read under the naming whose keys it holds. Each rank writes only
 its own chunk: a tensor-parallel tensor at the offset `tp_rank * local size` along its
 `partition_dim`, a replicated tensor by tensor-parallel rank 0 only (megatron-core's
 replica_id rule). The tied output layer of the last pipeline stage
@@ -34,7 +37,7 @@ import json
 import logging
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -42,7 +45,8 @@ import torch.distributed as dist
 import mega
 from mega.errors import CheckpointError
 from mega.checkpoint.load_errors import describe
-from mega.plugins.checkpoints.mcore_names import mcore_name
+from mega.protocols import MegatronCoreNames
+from mega.plugins.checkpoints.converters import model_converter, model_converters
 from mega.runtime.sharding import renumber
 
 log = logging.getLogger("mega.checkpoint")
@@ -52,7 +56,29 @@ METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                  "common_backend": "torch", "common_backend_version": 1}
 CHECKPOINT_VERSION = 3.0
 
-# megatron-core names: mega.plugins.checkpoints.mcore_names (shared with other mcore formats)
+
+
+def _same(name: str) -> str:
+    return name
+
+
+def _namer(state: dict) -> Callable[[str], str]:
+    """mega's global name -> checkpoint key, by the family of the model being saved (the
+    process's plugins: the kernel hands a format none)."""
+    name = (state.get("config") or {}).get("model", {}).get("name")
+    family = model_converter(mega.get_plugins(), name, MegatronCoreNames) if name else None
+    return family.mcore_name if family is not None else _same
+
+
+def _recorded(keys: Dict[str, str]) -> Callable[[str], str]:
+    return lambda name: keys.get(name, name)
+
+
+def _namer_for(stored, wanted: Sequence[str]) -> Callable[[str], str]:
+    """For a checkpoint without a key record: the naming (a family's megatron-core names, or
+    mega's own) under which every tensor `wanted` is among the `stored` keys."""
+    namings = [conv.mcore_name for _, conv in model_converters(mega.get_plugins(), MegatronCoreNames)] + [_same]
+    return next((n for n in namings if all(n(w) in stored for w in wanted)), _same)
 
 
 def rank_file(tp_rank: int, pp_rank: int) -> str:
@@ -62,15 +88,19 @@ def rank_file(tp_rank: int, pp_rank: int) -> str:
 # --- what each rank holds: a chunk of a global tensor ----------------------------------------
 
 
-def _entries(sharding: dict, tp_size: int, tp_rank: int) -> List[Tuple[str, str, Optional[int], List[int]]]:
+def _sources(sharding: dict) -> Dict[str, str]:
+    """local name -> the global name of the tensor it holds (aliases, the tied head, their source's)."""
+    offset, aliases = sharding.get("layer_offset", 0), sharding.get("aliases", {})
+    return {name: aliases.get(name, renumber(name, offset)) for name in sharding["partition_dims"]}
+
+
+def _entries(sharding: dict, tp_size: int, tp_rank: int,
+             key_of: Callable[[str], str]) -> List[Tuple[str, str, Optional[int], List[int]]]:
     """(local name, checkpoint key, partition dim, global shape) for every tensor a rank
     of this layout holds; aliases (the tied head) name their source's key."""
-    offset, aliases = sharding.get("layer_offset", 0), sharding.get("aliases", {})
-    out = []
-    for name, dim in sharding["partition_dims"].items():
-        source = aliases.get(name, renumber(name, offset))
-        out.append((name, mcore_name(source), dim, list(sharding["global_shapes"][name])))
-    return out
+    sources = _sources(sharding)
+    return [(name, key_of(sources[name]), dim, list(sharding["global_shapes"][name]))
+            for name, dim in sharding["partition_dims"].items()]
 
 
 def _offsets(shape: Sequence[int], dim: Optional[int], tp_rank: int) -> List[int]:
@@ -128,7 +158,8 @@ class TorchDistFormat:
         sharding = state.get("sharding")
         if sharding is None:
             raise CheckpointError("torch_dist: the state has no sharding record")
-        entries = _entries(sharding, tp_size, tp_rank)
+        key_of = _namer(state)
+        entries = _entries(sharding, tp_size, tp_rank, key_of)
         aliases = sharding.get("aliases", {})
         tensors, placement = {}, {}
 
@@ -169,7 +200,8 @@ class TorchDistFormat:
                         extra_optim.setdefault(key, {})[k] = v
         # Small per-rank state first: when dcp.save returns on rank 0, every file is complete.
         own = {"trainer": state.get("trainer", {}), "sharding": sharding,
-               "layout": {"tp_size": tp_size, "tp_rank": tp_rank, "pp_size": pp_size, "pp_rank": pp_rank}}
+               "layout": {"tp_size": tp_size, "tp_rank": tp_rank, "pp_size": pp_size, "pp_rank": pp_rank},
+               "keys": {source: key_of(source) for source in _sources(sharding).values()}}
         if opt is not None:
             own["optimizer"] = {"param_groups": opt["param_groups"], "param_names": list(names), "extra": extra_optim}
         torch.save(own, directory / rank_file(tp_rank, pp_rank))
@@ -197,7 +229,7 @@ class TorchDistFormat:
         optim = own.get("optimizer") if "optimizer" in parts else None
         state = self._read(Path(directory), parallel, sharding, shapes,
                            optim["param_names"] if optim else None, optim["param_groups"] if optim else None,
-                           optim["extra"] if optim else {})
+                           optim["extra"] if optim else {}, own.get("keys"))
         if "trainer" in parts:
             state["trainer"] = own.get("trainer", {})
         if "sharding" in parts:
@@ -215,18 +247,23 @@ class TorchDistFormat:
         shapes = {n: list(t.shape) for n, t in model.state_dict().items()}
         names = groups = None
         extra: dict = {}
+        owns = [_load(f) for f in sorted(directory.glob("mega_rank_*.pt"))]
+        records = [own.get("keys") for own in owns]
+        keys = None if not records or None in records else {k: v for r in records for k, v in r.items()}
+        for own in owns if optimizer is not None else ():
+            extra.update((own.get("optimizer") or {}).get("extra", {}))
         if optimizer is not None:
             names, groups = optimizer_param_names(model), optimizer.state_dict()["param_groups"]
-            for f in sorted(directory.glob("mega_rank_*.pt")):
-                extra.update((_load(f).get("optimizer") or {}).get("extra", {}))
-        state = self._read(directory, parallel, sharding, shapes, names, groups, extra)
+        state = self._read(directory, parallel, sharding, shapes, names, groups, extra, keys)
         first = _read_rank_file(directory, 0, 0)
         state["trainer"] = {k: v for k, v in first.get("trainer", {}).items() if k != "rng"}
         return state
 
     # --- reading -------------------------------------------------------------------------------
     def _read(self, directory: Path, parallel, sharding: dict, shapes: Dict[str, List[int]],
-              param_names: Optional[List[str]], param_groups: Optional[list], extra: dict) -> dict:
+              param_names: Optional[List[str]], param_groups: Optional[list], extra: dict,
+              keys: Optional[Dict[str, str]]) -> dict:
+        """`keys`: the recorded global name -> key map (None: a checkpoint without one)."""
         import torch.distributed.checkpoint as dcp  # ~1 s to import: only when a checkpoint is read
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -237,6 +274,7 @@ class TorchDistFormat:
             metadata = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
         except Exception as exc:
             raise CheckpointError(f"{directory}/.metadata: cannot be read ({type(exc).__name__}: {exc})") from None
+        key_of = _recorded(keys) if keys is not None else _namer_for(metadata, sorted(set(_sources(sharding).values())))
         targets: Dict[str, torch.Tensor] = {}  # DCP key -> destination (a view of a local tensor)
         offsets: Dict[str, List[int]] = {}
         copies: List[Tuple[torch.Tensor, str]] = []  # (tensor, key) for a key wanted twice (tied head)
@@ -263,11 +301,11 @@ class TorchDistFormat:
             return local
 
         model = {}
-        for name, key, dim, _ in _entries(sharding, tp_size, tp_rank):
+        for name, key, dim, _ in _entries(sharding, tp_size, tp_rank, key_of):
             model[name] = want(key, shapes[name], dim)
         state: dict = {"model": model}
         if param_names is not None:
-            by_name = {name: (key, dim) for name, key, dim, _ in _entries(sharding, tp_size, tp_rank)}
+            by_name = {name: (key, dim) for name, key, dim, _ in _entries(sharding, tp_size, tp_rank, key_of)}
             prefix = "optimizer.state."
             opt_state = {}
             for pos, name in enumerate(param_names):
@@ -369,7 +407,7 @@ def _check_moments(opt: dict, groups: List[list], names: List[str], model: dict)
 
 def _common(state: dict, parallel, sharding: dict) -> dict:
     """megatron's common (non-sharded) state: what its loader reads besides the tensors."""
-    from mega.plugins.checkpoints.megatron_args import megatron_args
+    from mega.plugins.checkpoints.megatron.args import megatron_args
 
     word = next((s for n, s in sharding["global_shapes"].items() if n.endswith("embedding.word_embeddings.weight")), None)
     trainer = state.get("trainer", {})
