@@ -27,6 +27,9 @@ TORCH_APIS = {
     "torch.serialization.safe_globals": ("2.5", "reading Megatron-LM's `args` with weights_only=True"),
     "torch.serialization.get_unsafe_globals_in_checkpoint": ("2.6", "naming the classes a refused checkpoint holds,"
                                                              " and loading Megatron-LM's own classes as stand-ins"),
+    "torch.serialization.add_safe_globals": ("2.4", "allow-listing Megatron-LM's classes while reading its files"),
+    "torch.serialization.get_safe_globals": ("2.4", "restoring the allow-list afterwards"),
+    "torch.serialization.clear_safe_globals": ("2.4", "restoring the allow-list afterwards"),
     "torch.get_autocast_dtype": ("2.4", "the fused output layer's loss under autocast"),
     "torch.nn.attention.sdpa_kernel": ("2.3", "model.attention_backend"),
 }

@@ -87,7 +87,6 @@ def test_every_torch_serialization_and_autocast_api_the_code_calls_is_in_the_tab
     """The version-sensitive families (weights_only loading, autocast queries, attention
     kernels): a new call among them must state the release that introduced it."""
     used = set(re.findall(r"torch\.serialization\.([a-z_]+)", _source_text()))
-    used -= {"add_safe_globals"}  # 2.4, below every entry of the table
     assert {f"torch.serialization.{u}" for u in used} <= set(environment.TORCH_APIS), used
     for name in re.findall(r"torch\.(get_autocast_[a-z_]+)", _source_text()):
         assert f"torch.{name}" in environment.TORCH_APIS, name
