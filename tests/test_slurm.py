@@ -69,8 +69,11 @@ def test_the_batch_script_and_interactive_jobs_are_not_srun_tasks():
 
 @pytest.fixture
 def slurm_env(monkeypatch):
+    import mega.runtime.slurm as slurm
+
     for k in TORCH_VARS:
         monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(slurm, "_ADOPTED", False)
 
     def set_env(**env):
         for k, v in env.items():
@@ -97,9 +100,10 @@ def test_one_task_or_torchrun_inside_the_task_is_left_alone(slurm_env):
     slurm_env(**_task_env(0, 1, 0))  # one task: `mega run trainer.devices=N` launches N local workers itself
     assert not adopt_srun_task(devices=4, num_nodes=1)
     assert "RANK" not in os.environ
-    slurm_env(**_task_env(1, 2, 1), RANK="7", WORLD_SIZE="16", LOCAL_RANK="3")  # torchrun's worker inside a task
-    assert not adopt_srun_task(devices=8, num_nodes=2)
-    assert os.environ["RANK"] == "7"
+    # `srun --ntasks-per-node=1 torchrun ...`: a worker torchrun started, whatever its RANK (here equal to SLURM_PROCID)
+    slurm_env(**_task_env(0, 2, 0, nodes=2), RANK="0", WORLD_SIZE="16", LOCAL_RANK="0", TORCHELASTIC_RUN_ID="x")
+    assert not adopt_srun_task(devices=8, num_nodes=2)  # no ConfigError for 8 x 2 != SLURM_NTASKS=2
+    assert os.environ["WORLD_SIZE"] == "16"
 
 
 @pytest.mark.parametrize("env, devices, nodes, names", [

@@ -40,6 +40,7 @@ NODELIST_VARIABLES = ("SLURM_STEP_NODELIST", "SLURM_NODELIST", "SLURM_JOB_NODELI
 NUM_NODES_VARIABLES = ("SLURM_STEP_NUM_NODES", "SLURM_NNODES", "SLURM_JOB_NUM_NODES")
 PORT_BASE = 15000  # + the last four digits of SLURM_JOB_ID (Lightning's rule)
 DEFAULT_PORT = 12910  # without a job id (Lightning's default)
+_ADOPTED = False  # this process set RANK & co. from its srun task
 
 
 @attrs.frozen
@@ -165,16 +166,18 @@ def adopt_srun_task(devices: int, num_nodes: int) -> bool:
     the SLURM variables (what torch.distributed's env:// rendezvous reads). True when this
     process is such a task. Idempotent; a process launched otherwise (torchrun inside the
     job: RANK already set) is left alone."""
+    global _ADOPTED
+    if "RANK" in os.environ:  # adopted already, or started by a launcher inside the task (torchrun): its variables rule
+        return _ADOPTED
     task = srun_task()
     if task is None or task.world_size < 2:
         return False  # one task: `mega run` launches trainer.devices local workers itself, as without SLURM
-    if "RANK" in os.environ and os.environ["RANK"] != str(task.rank):
-        return False  # started by another launcher inside the task (torchrun): its variables rule
     check_task(task, devices, num_nodes)
     os.environ.update({"RANK": str(task.rank), "WORLD_SIZE": str(task.world_size), "LOCAL_RANK": str(task.local_rank),
                        "LOCAL_WORLD_SIZE": str(devices)})
     os.environ.setdefault("MASTER_ADDR", task.master_addr)
     os.environ.setdefault("MASTER_PORT", str(task.master_port))
+    _ADOPTED = True
     return True
 
 
