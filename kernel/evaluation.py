@@ -203,6 +203,9 @@ def evaluate_command(args, plugins=None) -> Tuple[int, Optional[dict]]:
     target = resolve_target(args.checkpoint, plugins)
     config = evaluation_config(target, args.overrides, plugins)
     tr, mc = config.trainer, config.model
+    from mega.runtime.slurm import adopt_srun_task
+
+    adopt_srun_task(tr.devices, tr.num_nodes)  # under srun each task is one worker
     if tr.devices * tr.num_nodes > 1 and not launched():
         from mega.runtime.parallel import layout
 

@@ -8,7 +8,7 @@ a Hugging Face directory, ...). A command in the docs that the table does not co
 `test_doc_command` (add a row); a row no document shows any more fails
 `test_the_table_has_no_stale_rows`. Usage lines with placeholders (`mega import SOURCE
 RUN_DIR [--from FORMAT]`) are checked against the parser: the subcommand and every `--flag`
-must exist. `torchrun ... -m mega ...` lines are parsed, not run. A command the docs show
+must exist. `torchrun ... -m mega ...` and `srun mega ...` lines are parsed, not run. A command the docs show
 with its output (`$ mega ...` followed by lines) must print that output (a line ending in
 "..." is a prefix).
 
@@ -63,7 +63,7 @@ def _normal(text: str) -> str:
 
 
 def _is_command(stripped: str) -> bool:
-    return stripped.startswith(("mega ", "$ mega ", "torchrun ")) or stripped == "mega"
+    return stripped.startswith(("mega ", "$ mega ", "torchrun ", "srun mega ")) or stripped == "mega"
 
 
 def _markdown_commands(path: Path) -> List[DocCommand]:
@@ -295,6 +295,7 @@ COMMANDS: Dict[str, object] = {
         Run(GPT + DATA + ("trainer.accelerator=cpu",), needs=("corpus.txt",), slow=True),
     "torchrun --nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 -m mega run exp.toml"
     " trainer.devices=8 trainer.num_nodes=2": LAUNCH,
+    "srun mega run exp.toml trainer.devices=8 trainer.num_nodes=2": LAUNCH,  # the sbatch example (tests/test_slurm.py)
     # docs/data.md
     "mega preprocess --input FILE --output-prefix PREFIX [--config EXP.toml] [--tokenizer KEY=VALUE|RUN_DIR ...]"
     " [--json-keys KEY ...] [--workers N] [--append-eod]": SYNOPSIS,
@@ -567,8 +568,11 @@ def test_doc_command(doc: DocCommand, workspace, capsys):
                     " how to shorten it and what it needs")
     words = shlex.split(doc.text)
     if spec == LAUNCH:
-        args = words[words.index("-m") + 2:]
-        assert words[words.index("-m") + 1] == "mega"
+        if words[0] == "srun":  # srun [options] mega ARGS
+            args = words[words.index("mega") + 1:]
+        else:
+            args = words[words.index("-m") + 2:]
+            assert words[words.index("-m") + 1] == "mega"
         _parser().parse_args(args)
         return
     if spec == SYNOPSIS:

@@ -54,6 +54,48 @@ class Precision(str):
         return cls(norm)
 
 
+class Duration(str):
+    """A length of time, normalised to Lightning's and NeMo's "DD:HH:MM:SS".
+
+    Accepts that string (days may have more digits: "1:00:00:00"), or a table of
+    `datetime.timedelta`'s fields as Lightning's Timer does ({hours = 3, minutes = 55}:
+    weeks, days, hours, minutes, seconds)."""
+
+    FIELDS = ("weeks", "days", "hours", "minutes", "seconds")
+
+    @classmethod
+    def parse(cls, value) -> "Duration":
+        import datetime
+        import re
+
+        if isinstance(value, str):
+            match = re.fullmatch(r"(\d+):(\d\d):(\d\d):(\d\d)", value.strip())
+            if not match:
+                raise ValueError(f"expected \"DD:HH:MM:SS\" (days:hours:minutes:seconds), got {value!r}")
+            days, hours, minutes, seconds = (int(g) for g in match.groups())
+            if hours > 23 or minutes > 59 or seconds > 59:
+                raise ValueError(f"expected \"DD:HH:MM:SS\" with hours < 24, minutes and seconds < 60, got {value!r}")
+            delta = datetime.timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+        elif isinstance(value, dict):
+            unknown = sorted(set(value) - set(cls.FIELDS))
+            bad = [k for k, v in value.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0]
+            if unknown or bad or not value:
+                raise ValueError(f"expected a table of {', '.join(cls.FIELDS)} (non-negative numbers), got {value!r}")
+            delta = datetime.timedelta(**value)
+        else:
+            raise ValueError(f"expected \"DD:HH:MM:SS\" or a table such as {{hours = 3, minutes = 55}}, got {value!r}")
+        total = int(delta.total_seconds())
+        if total <= 0:
+            raise ValueError(f"must be longer than 0 seconds, got {value!r}")
+        days, rest = divmod(total, 86400)
+        return cls(f"{days:02d}:{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}")
+
+    @property
+    def seconds(self) -> int:
+        days, hours, minutes, seconds = (int(x) for x in self.split(":"))
+        return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
 class InvalidValue(ValueError):
     """A value outside its key's range; the strict structuring reports it at `<table>.<key>`."""
 
@@ -108,6 +150,7 @@ class TrainerConfig:
     accumulate_grad_batches: int = field(default=1, validator=at_least_one)  # micro-batches per step (derived from global_batch_size if set)
     gradient_clip_val: float = field(default=1.0, validator=non_negative)  # max global grad norm; 0 disables clipping
     dist_timeout_s: int = field(default=600, validator=positive)  # a collective that waits longer (a hung or dead worker) fails the run
+    max_time: Optional[Duration] = None  # stop with a checkpoint once training (summed over resumes) has run this long
     enable_progress_bar: Optional[bool] = None  # None: only on a terminal, never under CI/SLURM
 
 
@@ -131,6 +174,7 @@ class ExpManagerConfig:
     resume_ignore_config_changes: bool = False  # resume even if keys that cannot resume safely changed (model shape, data, tokenizer)
     loggers: List[str] = field(factory=lambda: ["console", "jsonl", "tensorboard"])
     checkpoint: CheckpointConfig = field(factory=CheckpointConfig)
+    max_time_per_run: Optional[Duration] = None  # stop with a checkpoint once this start of the run has trained this long (under a job time limit)
 
 
 @define(kw_only=True)

@@ -61,6 +61,8 @@ RESUME_SAFE = (
     "trainer.log_every_n_steps",
     "trainer.enable_progress_bar",
     "trainer.dist_timeout_s",
+    "trainer.max_time",  # when to stop, not what a step computes
+    "exp_manager.max_time_per_run",
     "trainer.accelerator",
     "trainer.compile",  # how the same step is executed (speed), not what it computes
     "trainer.devices",
