@@ -117,7 +117,14 @@ def register_loggers(register):
 
     `factory(run) -> object` whose methods are lifecycle hook implementations
     (`on_step_end`, `on_validation_end`, ...). The kernel registers the object with the
-    plugin manager for the duration of the run. Selected by `exp_manager.loggers`.
+    plugin manager for the duration of the run. Selected by `exp_manager.loggers` (and
+    NeMo's `exp_manager.create_wandb_logger` / `create_mlflow_logger`, which add `wandb` /
+    `mlflow`).
+
+    A factory may have `check(config)`: called on every rank before the run directory is
+    written, it raises a `mega.errors.ConfigError` for a logger that cannot run with this
+    config (its optional package is not installed, its settings are wrong), so the run
+    stops before any work instead of after the model is built.
     """
 
 
