@@ -168,6 +168,21 @@ def register_tasks(register):
     """
 
 
+@hookspec
+def register_evaluation_harnesses(register):
+    """Register evaluation harnesses that `mega evaluate RUN --harness TASKS` runs a
+    checkpoint through (the first-party one: `lm_eval`, EleutherAI's lm-evaluation-harness):
+    `register(name, run)`.
+
+    `run(checkpoint, tasks, options, plugins) -> dict` scores the checkpoint (a path a user
+    gave: run directory, checkpoint directory or archive; open it with
+    `mega.checkpoint.restore`) on `tasks` (a list of the harness's task names) and returns
+    the harness's results (JSON-serialisable; `results` maps each task to its metrics).
+    `options`: include_path, num_fewshot, limit, batch_size, device, overrides (checkpoint
+    config overrides), log_samples. Input errors raise a `mega.errors.ConfigError`.
+    """
+
+
 # --- lifecycle hooks ---------------------------------------------------------------------
 
 
