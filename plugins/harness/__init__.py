@@ -29,13 +29,13 @@ def run_lm_eval(checkpoint: str, tasks: List[str], options: Mapping, plugins=Non
 
     from mega.plugins.harness.lm_eval_model import MegaLM
 
-    model = MegaLM(run=str(checkpoint), batch_size=options.get("batch_size") or 1, device=options.get("device"),
-                   overrides=";".join(options.get("overrides") or ()))
     manager = TaskManager(include_path=options.get("include_path"))
     unknown = [t for t in tasks if not manager.match_tasks([t])]
-    if unknown:
+    if unknown:  # before the model is built
         raise ConfigError(f"--harness: unknown lm-eval task(s) {', '.join(unknown)}"
                           f"{'' if options.get('include_path') else ' (a task of your own: --include-path DIR)'}")
+    model = MegaLM(run=str(checkpoint), batch_size=options.get("batch_size") or 1, device=options.get("device"),
+                   overrides=";".join(options.get("overrides") or ()))
     results = lm_eval.simple_evaluate(model=model, tasks=list(tasks), num_fewshot=options.get("num_fewshot"),
                                       limit=options.get("limit"), task_manager=manager,
                                       log_samples=bool(options.get("log_samples")))
