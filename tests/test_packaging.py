@@ -24,3 +24,6 @@ def test_wheel_contains_every_module_and_entry_point(tmp_path):
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "[mega.plugins]" in text and "gpt = mega.plugins.models.gpt" in text and "mega = mega.cli:main" in text
+    # the start-up hook that lets `lm_eval --model mega` find mega's model, at the top of site-packages
+    pth = zipfile.ZipFile(wheel).read("mega-lm-eval.pth").decode()
+    assert pth.startswith("import sys; exec(") and pth.count("\n") == 1 and "LmEvalModelsHook" in pth
