@@ -72,16 +72,17 @@ metric_list:
 """
 
 
-def write_tasks(directory: Path) -> Path:
-    """Three local tasks (multiple choice, rolling log-likelihood, generation) over JSONL
-    files of the corpus's words; returns the folder to pass as the include path."""
+def write_tasks(directory: Path, choice_words: int = 4) -> Path:
+    """Three local tasks (multiple choice with answers of up to `choice_words` words,
+    rolling log-likelihood, generation) over JSONL files of the corpus's words; returns the
+    folder to pass as the include path."""
     rng = random.Random(7)
     directory.mkdir(parents=True, exist_ok=True)
 
     def phrase(n):
         return " ".join(rng.choice(WORDS) for _ in range(n))
 
-    choice = [{"question": phrase(rng.randint(3, 12)), "choices": [phrase(rng.randint(1, 4)) for _ in range(4)],
+    choice = [{"question": phrase(rng.randint(3, 12)), "choices": [phrase(rng.randint(1, choice_words)) for _ in range(4)],
                "answer": rng.randint(0, 3)} for _ in range(16)]
     rolling = [{"text": phrase(n)} for n in (5, 20, 90, 160)]  # the long ones span several 64-token windows
     generate = [{"prompt": phrase(rng.randint(2, 10)), "target": phrase(2)} for _ in range(6)]
@@ -223,6 +224,8 @@ def test_harness_errors_name_what_to_fix(setup, monkeypatch, capsys):
         MegaLM(run=run, pretrained="gpt2")
     with pytest.raises(Exception, match="give the checkpoint as run=RUN_DIR"):
         MegaLM()
+    with pytest.raises(Exception, match="a continuation of 3 tokens does not fit the model's 2 positions"):
+        MegaLM(run=run, max_length=2)._loglikelihood_tokens([(("a", "bcd"), [1], [2, 3, 4])])
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
     assert main(["evaluate", run, "--harness", "mega_toy_choice"]) == 2
     assert "pip install 'mega-lm[lm_eval]'" in capsys.readouterr().err

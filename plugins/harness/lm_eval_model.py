@@ -144,6 +144,9 @@ class MegaLM(TemplateLM):
             for _, context, continuation in chunk:
                 if not context or not continuation:
                     raise ValueError("a loglikelihood request needs a context token and a continuation token")
+                if len(continuation) > self.max_length:  # lm-eval's hf backend refuses it too
+                    raise ConfigError(f"a continuation of {len(continuation)} tokens does not fit the model's"
+                                      f" {self.max_length} positions (max_length)")
                 row = (context + continuation)[-(self.max_length + 1):][:-1]
                 rows.append(row)
                 spans.append((len(row) - len(continuation), len(row), continuation))
