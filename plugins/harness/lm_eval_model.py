@@ -121,7 +121,8 @@ class MegaLM(TemplateLM):
         ids = list(self.tokenizer.encode(string))
         return ids[-left_truncate_len:] if left_truncate_len else ids
 
-    def tok_decode(self, tokens) -> str:
+    def tok_decode(self, tokens, skip_special_tokens: bool = False) -> str:
+        """Text of token ids; the end-of-document token never reaches a generation (it stops it)."""
         return self.tokenizer.decode([tokens] if isinstance(tokens, int) else list(tokens))
 
     def get_model_info(self) -> dict:
