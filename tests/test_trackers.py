@@ -252,3 +252,16 @@ def test_the_settings_are_structured_strictly():
 
     with pytest.raises(ConfigError, match=r"exp_manager.mlflow_logger_kwargs.save_dir: expected a string"):
         read_settings(Config(), "mlflow", MlflowSettings)
+
+
+def test_a_tracker_can_be_added_when_a_run_resumes(exp, file_store):
+    """Switching a tracker on is a change a resumed run takes (exp_manager's logging keys
+    are resume-safe): the run goes on from its checkpoint and logs from there."""
+    from mlflow.tracking import MlflowClient
+
+    exp.run(trainer={**TRAIN, "max_steps": 2})
+    em = {"create_mlflow_logger": True, "mlflow_logger_kwargs": {"tracking_uri": file_store}}
+    resumed = exp.run(trainer=TRAIN, exp_manager=em)
+    assert resumed.resumed_from is not None
+    run_id = json.loads((resumed.run_dir / "trackers.json").read_text())["mlflow"]["run_id"]
+    assert [m.step for m in MlflowClient(tracking_uri=file_store).get_metric_history(run_id, "train/loss")] == [3, 4]
