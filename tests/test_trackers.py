@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import struct
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -100,10 +101,27 @@ def wandb_records(path: Path):
             yield record
 
 
+def finished_records(path: Path, timeout: float = 60.0) -> list:
+    """The records of a run file once W&B has written all of it. `run.finish()` hands the
+    run's end to W&B's service process, which writes the file on its own time (at exit,
+    the W&B library waits for it); the `exit` record is its last."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            records = list(wandb_records(path))
+            if any(r.WhichOneof("record_type") == "exit" for r in records):
+                return records
+        except Exception:  # a record still being written
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path}: W&B did not finish writing the run within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
 def wandb_run(path: Path) -> dict:
     """What one offline run file holds: its id, name, project, config and history rows."""
     out = {"history": [], "config": {}}
-    for rec in wandb_records(path):
+    for rec in finished_records(path):
         kind = rec.WhichOneof("record_type")
         if kind == "run":
             out.update(id=rec.run.run_id, name=rec.run.display_name, project=rec.run.project)
