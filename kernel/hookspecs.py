@@ -183,6 +183,37 @@ def register_evaluation_harnesses(register):
     """
 
 
+@hookspec
+def register_model_converters(register):
+    """Register how a model family's files map to other tools': `register(model_name,
+    factory)`, once for each registered model name the converter handles.
+
+    `factory() -> object` implementing any of `mega.protocols.HuggingFaceModelConverter`
+    (config.json and the state dict of a transformers class), `MegatronModelConverter`
+    (Megatron-LM's `args` and legacy checkpoints), `MegatronCoreNames` (megatron-core's
+    keys: `torch_dist`, NeMo mcore) and `NemoModelConverter` (`.nemo` archives), and
+    optionally `tokenizers`, the tokenizer libraries the family's files come with, in the
+    order to try on import. The `huggingface`, `megatron`, `nemo` and `torch_dist`
+    checkpoint formats keep the file I/O and dispatch through these: selected by the run's
+    `model.name` on export, by what a file says (config.json's `model_type`, `args`,
+    `model_config.yaml`) on import. No `config=`.
+    """
+
+
+@hookspec
+def register_tokenizer_converters(register):
+    """Register how a tokenizer's files map to other tools': `register(library, factory)`,
+    `library` being its `model.tokenizer.library` name.
+
+    `factory() -> object` implementing any of
+    `mega.protocols.HuggingFaceTokenizerConverter` (files `AutoTokenizer` loads, and
+    reading them back), `MegatronTokenizerConverter` (Megatron-LM's `tokenizer_type` and
+    file fields) and `NemoTokenizerConverter` (NeMo's tokenizer section). Selected by the
+    run's `model.tokenizer.library` on export; on import each candidate is asked in turn.
+    No `config=`.
+    """
+
+
 # --- lifecycle hooks ---------------------------------------------------------------------
 
 

@@ -12,8 +12,10 @@ start). Checking one is cheap: it looks up attribute names, nothing is called.
 """
 from __future__ import annotations
 
+from enum import IntEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple, TypedDict, Union, runtime_checkable
+from typing import (TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple, TypedDict, Union,
+                    runtime_checkable)
 
 import attrs
 
@@ -310,6 +312,19 @@ class ReshardsItself(Protocol):
 
 
 @runtime_checkable
+class SavesOptimizerShards(Protocol):
+    """Optional: a format that stores a distributed optimizer's state as each data-parallel
+    rank holds it (Megatron's `dp_reshardable` bucket space: no gather, no rank holds more
+    than its shard). Under `model.optim.use_distributed_optimizer` the kernel then puts
+    this rank's `mega.runtime.bucket_space.OptimizerShards` in the state's `optimizer` and
+    calls `save` on EVERY rank, not only on data-parallel replica 0: the format writes the
+    model and trainer parts on replica 0 and each rank's shards everywhere. Reading, it may
+    hand back a `mega.runtime.bucket_space.BucketSpace` as `optimizer`."""
+
+    saves_optimizer_shards: bool
+
+
+@runtime_checkable
 class CommitHook(Protocol):
     """Optional: runs once a checkpoint directory is in place (Megatron's tracker file)."""
 
@@ -347,6 +362,192 @@ class Unpacks(Protocol):
 
     def unpack(self, source: Path, directory: Path) -> Path:
         """Write the checkpoint directory under `directory`; return it."""
+
+
+# --- converters: a model family's and a tokenizer's mapping to other tools' files ---------------
+#
+# The `huggingface`, `megatron`, `nemo` and `torch_dist` checkpoint formats read and write
+# files; what the tensors, config keys and tokenizer files of one model family or one
+# tokenizer are called in another tool is declared next to that family or tokenizer and
+# registered with `register_model_converters` (by mega model name) and
+# `register_tokenizer_converters` (by tokenizer library). A format asks the registries,
+# so it names no family and no tokenizer, and a new family brings its own interop (the
+# shape of torchtitan's per-model `StateDictAdapter`, whose model owns its `to_hf`/`from_hf`).
+#
+# A converter object implements the abilities below it has; each is optional and tested
+# with `isinstance`. Tensors cross in mega's global names at one process (tensor and
+# pipeline parallel merged) and in the other tool's names as its files hold them.
+
+TokenizerFiles = Tuple[Dict[str, object], Dict[str, Path]]  # (mega's model.tokenizer table, {config key: file})
+
+
+class Match(IntEnum):
+    """How sure a converter is that a file holds its family (`megatron_recognises`,
+    `nemo_recognises`): a format picks the surest, and refuses a tie."""
+
+    NO = 0  # not this family
+    FITS = 1  # the tensors (or keys) are ones this family has; nothing says it is another
+    MARKED = 2  # the file carries something only this family has (a head, a class name, its tokenizer type)
+
+
+@runtime_checkable
+class HuggingFaceModelConverter(Protocol):
+    """Optional on a model converter: Hugging Face transformers model directories
+    (`config.json` and weights) of this family, for `mega import` and `mega export --to
+    huggingface`. The format reads and writes the files (safetensors, `.bin`, shards,
+    atomic directories); this maps config.json and the state dict."""
+
+    hf_model_types: Sequence[str]  # config.json `model_type`s it reads (e.g. "gpt2")
+    hf_architectures: Sequence[str]  # the transformers classes it writes, named in messages
+
+    def hf_model_table(self, hf_config: dict, where: str) -> dict:
+        """mega's `model` table (with `name`; the format adds the tokenizer,
+        `seq_length` and `make_vocab_size_divisible_by` options) for `hf_config`, the
+        parsed config.json; refuse what the family computes differently with a
+        CheckpointError naming `where` and the config.json field."""
+
+    def from_hf(self, hf_state: Mapping[str, "torch.Tensor"], model: dict, vocab_size: int,
+                where: str) -> Dict[str, "torch.Tensor"]:
+        """The transformers state dict -> mega's tensors for `model` (the table above,
+        completed): vocabulary-sized tensors fitted from the tokenizer's `vocab_size` rows
+        to the family's padded vocabulary. Refuse unknown or missing tensors by name."""
+
+    def hf_config(self, model_config, tokenizer: Tokenizer, dtype: str) -> dict:
+        """config.json for the run's `model` config (its vocabulary the tokenizer's,
+        `torch_dtype` = `dtype`); refuse what transformers' class cannot compute."""
+
+    def to_hf(self, state: Mapping[str, "torch.Tensor"], model_config, vocab_size: int) -> Dict[str, "torch.Tensor"]:
+        """mega's tensors (one process) -> the transformers class's, cut to the
+        tokenizer's `vocab_size`; refuse, by name, a tensor the class cannot hold."""
+
+
+@runtime_checkable
+class MegatronModelConverter(Protocol):
+    """Optional on a model converter: Megatron-LM's legacy checkpoints of this family
+    (`mega import`, `mega export --to megatron`, and the `megatron` training format's
+    `args`). The format owns the files (iter_/mp_rank_ folders, safe unpickling, merging
+    and splitting tensor/pipeline shards, the tokenizer and vocabulary fields of `args`);
+    mega's names are Megatron-LM's legacy ones, so tensors need no renaming here."""
+
+    vocab_tensors: Sequence[str]  # tensors whose first dimension is the padded vocabulary
+
+    def megatron_recognises(self, state: Mapping[str, "torch.Tensor"], args) -> Match:
+        """Whether a checkpoint (its tensors merged under mega's names, and its `args`,
+        possibly None) is of this family. Asked only when `args.mega_model` does not name
+        a model (files mega writes say it)."""
+
+    def megatron_check(self, state: Mapping[str, "torch.Tensor"], args, where: str) -> None:
+        """Refuse with a CheckpointError naming the `args` field or tensor what this family
+        would compute differently (an MLP, a normalization, an untied output layer)."""
+
+    def megatron_model_table(self, state: Mapping[str, "torch.Tensor"], args, where: str) -> dict:
+        """mega's `model` table (with `name`; the format adds the tokenizer and the
+        vocabulary padding) for the merged tensors and `args`."""
+
+    def megatron_args(self, model: dict) -> dict:
+        """The `args` fields Megatron-LM keeps for this family's architecture, for the
+        `model` table of a run (a plain dict); the format adds the vocabulary, tokenizer,
+        parallel layout and training fields."""
+
+
+@runtime_checkable
+class ChecksMegatronResume(Protocol):
+    """Optional on a `MegatronModelConverter`: what a training run resumed from a
+    `megatron` checkpoint must agree with that the weights cannot show (an activation
+    both GELUs load into)."""
+
+    def megatron_check_resume(self, args, model_config, where: str) -> None:
+        """Raise a ConfigError naming the config key when the run's `model` config
+        differs from what the checkpoint's `args` say it was trained with."""
+
+
+@runtime_checkable
+class MegatronCoreNames(Protocol):
+    """Optional on a model converter: megatron-core's state-dict keys for this family's
+    tensors (the `torch_dist` format, NeMo's mcore archives). Both ways; a name the
+    family does not know is returned unchanged."""
+
+    def mcore_name(self, name: str) -> str:
+        """mega's global name -> megatron-core's key."""
+
+    def mega_name(self, key: str) -> str:
+        """megatron-core's key -> mega's global name."""
+
+
+@runtime_checkable
+class NemoModelConverter(Protocol):
+    """Optional on a model converter: NeMo 1.x `.nemo` archives of this family (`mega
+    import`). The format owns the tar, the rank members, merging the shards and the
+    tokenizer files."""
+
+    def nemo_recognises(self, nemo_config: dict) -> Match:
+        """Whether `model_config.yaml` (parsed) is of this family (e.g. by its `target`)."""
+
+    def nemo_model_table(self, nemo_config: dict, where: str) -> dict:
+        """mega's `model` table (with `name`, no tokenizer); refuse what the family cannot
+        run with a CheckpointError naming `where` and the yaml key."""
+
+    def nemo_mega_name(self, name: str) -> Optional[str]:
+        """A weight's name (without NeMo's `model.` prefix) under mega's names; None for a
+        tensor that is not a weight of its own (the last stage's tied copy)."""
+
+
+@runtime_checkable
+class HuggingFaceTokenizerConverter(Protocol):
+    """Optional on a tokenizer converter: its files in a Hugging Face model directory."""
+
+    hf_options: Sequence[str]  # `mega import --option` keys it reads
+    hf_hint: str  # how to name its files with options, for the error when none is found
+    file_names: Mapping[str, str]  # config key -> the file name it gets in an exported directory
+
+    def from_hf(self, source: Path, options: Mapping[str, str], hf_config: dict,
+                only_options: bool) -> Optional[TokenizerFiles]:
+        """The tokenizer table and files of the model directory `source` (`hf_config` its
+        parsed config.json): from the files `options` name when they name this tokenizer's;
+        else, unless `only_options`, from the directory's own files; None when neither is
+        this tokenizer's. The format asks every candidate with `only_options` first, so a
+        file named on the command line wins over one in the directory."""
+
+    def to_hf(self, tokenizer: Tokenizer, tokenizer_config, destination: Path, model_max_length: int) -> None:
+        """Write files `transformers.AutoTokenizer.from_pretrained(destination)` loads,
+        giving this tokenizer's ids."""
+
+
+@runtime_checkable
+class MegatronTokenizerConverter(Protocol):
+    """Optional on a tokenizer converter: Megatron-LM's `tokenizer_type` and file fields
+    of `args`, both ways."""
+
+    megatron_options: Sequence[str]  # `mega import --option` keys it reads
+    megatron_hint: str  # how to name its files with options, for the error when none is found
+    file_names: Mapping[str, str]  # config key -> the file name it gets in an exported directory
+
+    def megatron_files(self, tokenizer_table: dict) -> Dict[str, str]:
+        """The config keys naming its files, and their values, in a run's tokenizer table
+        (as `artifacts()` will name them: a model trained into the run directory too)."""
+
+    def megatron_fields(self, tokenizer_table: dict, vocab_size: Optional[int], files: Mapping[str, str]) -> dict:
+        """`tokenizer_type` and the file fields Megatron-LM's tokenizer reads (`files`:
+        where its files are, by config key), and anything mega needs to read it back."""
+
+    def from_megatron(self, args, options: Mapping[str, str], locate: Callable[[object], Optional[Path]],
+                      only_options: bool) -> Optional[TokenizerFiles]:
+        """The tokenizer table and files of a checkpoint whose `args` are given: from the
+        files `options` name when they name this tokenizer's; else, unless `only_options`,
+        when `args` say it is this tokenizer and its files are found (`locate(value)`: the
+        file an `args` path names, where it was or beside the checkpoint); None otherwise.
+        Asked with `only_options` first, as `from_hf`."""
+
+
+@runtime_checkable
+class NemoTokenizerConverter(Protocol):
+    """Optional on a tokenizer converter: NeMo's `tokenizer` section of model_config.yaml."""
+
+    nemo_hint: str  # what it reads, for the error when no tokenizer converter does
+
+    def from_nemo(self, tokenizer_config: dict) -> Optional[Dict[str, str]]:
+        """{mega config key: the yaml key whose value names the archive member} when the
+        section is this tokenizer's (by NeMo's `library` and `type`), else None."""
 
 
 # --- downstream tasks ---------------------------------------------------------------------------
@@ -422,6 +623,7 @@ class EstimatesMemory(Protocol):
         (bytes alive on top of them around the loss: logits and their gradient),
         `grad_transient` (bytes alive on top of all gradients as backward ends) and,
         optionally, `matmul_params` (the parameters autocast casts to 16 bits; default:
-        all). With the config's own `megatron_amp_O2` set, the model runs in 16 bits
+        all) and `recompute_transient` (bytes activation recomputation rebuilds at once in
+        the backward, on top of the kept activations; default 0). With the config's own `megatron_amp_O2` set, the model runs in 16 bits
         outside autocast: its residual stream and gradients are 16-bit. Weights, fp32
         gradients and optimizer state per layout are the kernel's to add."""

@@ -25,6 +25,8 @@ KINDS = {
     "hidden_losses": "register_hidden_losses",
     "tasks": "register_tasks",
     "evaluation_harnesses": "register_evaluation_harnesses",
+    "model_converters": "register_model_converters",
+    "tokenizer_converters": "register_tokenizer_converters",
 }
 
 

@@ -454,7 +454,7 @@ def test_a_pipeline_parallel_nemo_archive_is_renumbered(source_gpt, spm_model, t
     ({"activation": "fast-gelu", "bias_activation_fusion": False}, "gelu_tanh"),
 ])
 def test_nemo_activation_follows_nemos_gelu_semantics(changes, expected):
-    from mega.plugins.checkpoints.nemo import model_config
+    from mega.plugins.models.gpt_interop.nemo import model_config
 
     assert model_config(_nemo_yaml(**changes))["activation"] == expected
 

@@ -12,7 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import MegatronBertConfig  # noqa: E402
 
-from mega.plugins.checkpoints import huggingface_bert as hfb  # noqa: E402
+from mega.plugins.models.bert_interop import huggingface as hfb  # noqa: E402
 
 HEADS, HIDDEN, LAYERS = 4, 32, 2
 CLASSES = list(hfb.ARCHITECTURES.values())
@@ -496,7 +496,7 @@ def test_megatron_classes_in_args_load_as_stand_ins(tmp_path, plugins, monkeypat
     import sys
 
     from mega.cli import main
-    from mega.plugins.checkpoints.megatron_args import MegatronStandIn, load_file
+    from mega.plugins.checkpoints.megatron.files import MegatronStandIn, load_file
 
     fake = types.ModuleType("megatron.model.enums")
 

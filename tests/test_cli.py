@@ -162,8 +162,8 @@ def test_an_unsafe_checkpoint_is_refused_without_torchs_advice_to_load_it_unsafe
     to False will likely succeed": advice mega never follows. The message names what the
     file holds and says it is refused; a file that is not a torch file says so."""
     from mega.errors import CheckpointError
-    from mega.plugins.checkpoints.huggingface import _read_weights
-    from mega.plugins.checkpoints.megatron_args import load_file
+    from mega.plugins.checkpoints.huggingface import read_weights as _read_weights
+    from mega.plugins.checkpoints.megatron.files import load_file
     from mega.plugins.checkpoints.native import NativeFormat
 
     _unsafe_file(tmp_path / "model.pt")

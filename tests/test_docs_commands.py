@@ -210,6 +210,13 @@ COMMANDS: Dict[str, object] = {
     "mega run examples/quickstart.toml model.seq_length=100000": Run(),        # refused, as the docs show
     "mega plan examples/quickstart.toml trainer.precision=bf16 model.megatron_amp_O2=true":
         Run(expect=_has("precision bf16 megatron_amp_O2", "18 bytes per parameter")),
+    # docs/distributed-optimizer.md, examples/gpt-1.3b.toml
+    "mega plan examples/gpt-1.3b.toml trainer.devices=8 --vocab-size 50257 --device cuda":
+        Run(expect=_has("1.32B parameters", "megatron_amp_O2 + distributed optimizer", "7.5 bytes per parameter",
+                        "model.optim.use_distributed_optimizer=false")),
+    "mega plan examples/gpt-1.3b.toml trainer.devices=64 model.num_layers=44 model.hidden_size=6144"
+    " model.num_attention_heads=64 model.tensor_model_parallel_size=8 --vocab-size 50257 --device cuda":
+        Run(expect=_has("20.26B parameters", "TP=8 PP=1 DP=8", "state after step     17.78 GiB")),
     # docs/checkpoints.md
     "mega import SOURCE RUN_DIR [--from FORMAT] [--option KEY=VALUE ...]": SYNOPSIS,
     "mega export RUN_OR_CHECKPOINT DEST [--to FORMAT] [--option KEY=VALUE ...]": SYNOPSIS,
@@ -225,6 +232,10 @@ COMMANDS: Dict[str, object] = {
                                                                 expect=_file("gpt2-out/config.json")),
     "mega export results/gpt2 ./gpt2-out --to huggingface --option dtype=bfloat16":
         Run(needs=("results/gpt2",), fresh=("gpt2-out",), expect=_file("gpt2-out/config.json")),
+    "mega export results/quickstart ./quickstart-hf --to huggingface":
+        Run(needs=("results/quickstart",), fresh=("quickstart-hf",), expect=_file("quickstart-hf/tokenizer.json")),
+    "mega import ./quickstart-hf results/quickstart-back": Run(needs=("quickstart-hf",), fresh=("results/quickstart-back",),
+                                                               expect=_has("imported")),
     "mega export results/gpt model.mega": Run(needs=("results/gpt",), fresh=("model.mega",), expect=_file("model.mega")),
     "mega export results/gpt model.tar --to archive": Run(needs=("results/gpt",), fresh=("model.tar",),
                                                           expect=_file("model.tar")),
@@ -457,6 +468,8 @@ ARTIFACTS: Dict[str, Tuple[Tuple[str, ...], Callable[[Path], None]]] = {
     "results/quickstart": (("corpus.txt",), lambda ws: _run_doc(ws, "mega run examples/quickstart.toml")),
     "results/gpt": (("results/quickstart",), lambda ws: shutil.copytree(ws / "results/quickstart", ws / "results/gpt")),
     "model.mega": (("results/gpt",), lambda ws: _run_doc(ws, "mega export results/gpt model.mega")),
+    "quickstart-hf": (("results/quickstart",),
+                      lambda ws: _run_doc(ws, "mega export results/quickstart ./quickstart-hf --to huggingface")),
     "tok/tokenizer.json": (("corpus.txt",), _bpe),
     "gpt2-small": (("corpus.txt",), _gpt2_small),
     "results/gpt2": (("gpt2-small",), lambda ws: _run_doc(ws, "mega import ./gpt2-small results/gpt2")),

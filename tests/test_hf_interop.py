@@ -145,7 +145,7 @@ def test_tokenizer_config_errors_name_the_key(bpe, plugins, tmp_path):
 
 
 def test_qkv_blocks_and_heads_are_inverse_and_the_vocabulary_is_refitted():
-    from mega.plugins.checkpoints.huggingface import hf_to_mega, qkv_blocks_to_heads, qkv_heads_to_blocks
+    from mega.plugins.models.gpt_interop.huggingface import hf_to_mega, qkv_blocks_to_heads, qkv_heads_to_blocks
 
     heads, dim = 4, 3
     t = torch.arange(3 * heads * dim * 2, dtype=torch.float32).reshape(3 * heads * dim, 2)
@@ -293,7 +293,7 @@ def _logits_at_this_layout(parallel, run_dir: str, tokens: torch.Tensor):
 
 @pytest.mark.slow
 def test_an_imported_gpt2_gives_hf_logits_at_tensor_parallel_2(tmp_path, bpe):
-    from tests.multiproc import run_ranks
+    from mega.testing import run_ranks
 
     hf_model, src = _hf_dir(tmp_path, bpe)
     run_dir = tmp_path / "imported"
@@ -381,3 +381,76 @@ def test_export_refuses_models_gpt2_cannot_hold(tmp_path, plugins):
     with pytest.raises(CheckpointError, match="model 'bart' cannot be written as GPT2LMHeadModel"):
         fmt.export_run(tmp_path / "bart", tmp_path / "out", {}, plugins)
     assert not (tmp_path / "out").exists()
+
+
+# --- (d) the quickstart model: a sentencepiece tokenizer mega trains, to Hugging Face and back ----
+
+SPM_AWKWARD = [t for t in AWKWARD if EOT not in t] + [
+    "ﬁ ligature ① ＦＵＬＬＷＩＤＴＨ ½ ™ ㍻",  # NFKC (sentencepiece's nmt_nfkc table)
+    "x\u0301\u0302 combining, \u200bzero\u200cwidth\ufeff",
+    "def f(x):\n    return x ** 2  # squares\t\t",
+    "    ",
+    "\x00\x07 control \x1b[0m",
+]
+
+
+def test_the_quickstart_model_goes_to_hugging_face_and_back(tmp_path, plugins):
+    """Issue 20, item 19: a sentencepiece run (the quickstart's tokenizer, trained by mega)
+    exported to Hugging Face wrote no tokenizer, and `mega import` had no option for one.
+    Now AutoTokenizer loads the exported directory and gives the ids of mega's tokenizer,
+    GPT2LMHeadModel gives mega's logits, and `mega import` of the directory gives back the
+    very tokenizer (its sentencepiece model) and logits."""
+    overrides = ["trainer.max_steps=2", "trainer.val_check_interval=0", "model.num_layers=2", "model.hidden_size=64",
+                 "model.seq_length=32", "model.micro_batch_size=2", "model.global_batch_size=2",
+                 f"exp_manager.exp_dir={tmp_path / 'results'}"]
+    assert main(["run", str(ROOT / "examples" / "quickstart.toml"), *overrides]) == 0
+    run_dir = tmp_path / "results" / "quickstart"
+    model, tokenizer, config = restore(run_dir, plugins)
+    assert config.model.tokenizer.library == "sentencepiece" and tokenizer.vocab_size == 4000
+
+    out = tmp_path / "hf"
+    assert main(["export", str(run_dir), str(out), "--to", "huggingface"]) == 0
+    assert {"tokenizer.json", "tokenizer.model", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    assert len(theirs) == tokenizer.vocab_size
+    assert (theirs.eos_token_id, theirs.pad_token_id) == (tokenizer.eos_id, tokenizer.pad_id)
+    unk = tokenizer.sp.unk_id()
+    for text in SPM_AWKWARD:
+        ids = tokenizer.encode(text)
+        assert theirs.encode(text) == ids, text
+        if unk not in ids:  # sentencepiece writes an unknown piece as " ⁇ ", transformers as "<unk>"
+            assert theirs.decode(ids) == tokenizer.decode(ids), text
+    hf_model = GPT2LMHeadModel.from_pretrained(out).eval()
+    tokens = torch.tensor([tokenizer.encode(SPM_AWKWARD[0] + " " + SPM_AWKWARD[-3])[:32]])
+    with torch.no_grad():
+        ours = model(tokens)[..., :tokenizer.vocab_size]
+        assert float((ours - hf_model(tokens).logits).abs().max()) < 1e-5
+
+    assert main(["import", str(out), str(tmp_path / "back")]) == 0
+    again, tok2, config2 = restore(tmp_path / "back", plugins)
+    assert config2.model.tokenizer.library == "sentencepiece"
+    assert (tmp_path / "back" / "checkpoints").is_dir() and tok2.sp.serialized_model_proto() == tokenizer.sp.serialized_model_proto()
+    for text in SPM_AWKWARD:
+        assert tok2.encode(text) == tokenizer.encode(text), text
+    with torch.no_grad():
+        assert torch.equal(again(tokens)[..., :tokenizer.vocab_size], ours)
+
+
+def test_a_sentencepiece_model_is_named_with_an_option_on_import(tmp_path, plugins):
+    """`--option tokenizer_model=PATH` names a sentencepiece model for a directory that has
+    none (or to use instead of its own)."""
+    from mega.plugins.tokenizers.sentencepiece import SentencePieceConfig, train_sentencepiece
+
+    corpus = write_corpus(tmp_path / "corpus.txt", lines=200)
+    spm = train_sentencepiece([corpus], tmp_path / "spm" / "tok", SentencePieceConfig(vocab_size=200))
+    hf_model = _hf_model(200)
+    hf_model.save_pretrained(tmp_path / "hf")
+    fmt = plugins.checkpoint_formats.get("huggingface").factory()
+    with pytest.raises(CheckpointError, match=r"has no tokenizer files mega reads.*--option tokenizer_model=PATH"):
+        fmt.import_run(tmp_path / "hf", tmp_path / "nope", {}, plugins)
+    with pytest.raises(ConfigError, match="--option tokenizer_model=.*: no such file"):
+        fmt.import_run(tmp_path / "hf", tmp_path / "nope", {"tokenizer_model": str(tmp_path / "missing.model")}, plugins)
+    fmt.import_run(tmp_path / "hf", tmp_path / "run", {"tokenizer_model": str(spm)}, plugins)
+    model, tokenizer, config = restore(tmp_path / "run", plugins)
+    assert config.model.tokenizer.library == "sentencepiece" and tokenizer.vocab_size == 200
+    assert _max_diff(model, hf_model, _tokens(200)) < 1e-5

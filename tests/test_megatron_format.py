@@ -143,7 +143,7 @@ def test_args_carry_what_megatron_and_hf_read_on_every_rank(tmp_path, plugins):
 
 
 def test_args_name_megatrons_sentencepiece_tokenizer(tmp_path):
-    from mega.plugins.checkpoints.megatron_args import megatron_args
+    from mega.plugins.checkpoints.megatron.args import megatron_args
 
     args = megatron_args({"model": {"hidden_size": 32, "num_attention_heads": 4, "make_vocab_size_divisible_by": 8,
                                     "tokenizer": {"library": "sentencepiece", "model": "/x/sp.model"}}}, 1, 1, 500,
@@ -220,7 +220,7 @@ def test_unsafe_pickles_are_named_and_need_an_explicit_opt_in(tmp_path, plugins)
     import datetime
 
     from mega.errors import CheckpointError
-    from mega.plugins.checkpoints.megatron_args import load_file
+    from mega.plugins.checkpoints.megatron.files import load_file
 
     _, model = _gpt(plugins)
     payload = {"args": argparse.Namespace(num_layers=2, started=datetime.date(2020, 1, 1)),
@@ -235,7 +235,7 @@ def test_unsafe_pickles_are_named_and_need_an_explicit_opt_in(tmp_path, plugins)
 
 
 def test_args_carry_the_training_values_the_config_knows():
-    from mega.plugins.checkpoints.megatron_args import megatron_args
+    from mega.plugins.checkpoints.megatron.args import megatron_args
 
     config = {"trainer": {"precision": "bf16", "max_steps": 500, "gradient_clip_val": 0.5},
               "model": {"hidden_size": 32, "num_attention_heads": 4, "micro_batch_size": 2, "global_batch_size": 16,
@@ -281,7 +281,7 @@ def test_old_files_give_the_tp_size_as_model_parallel_size(tmp_path, plugins, ve
     for rank in range(2):
         shard = {}
         for k, v in state.items():
-            from mega.plugins.checkpoints.megatron import partition_dim
+            from mega.plugins.checkpoints.megatron.layout import partition_dim
 
             dim = partition_dim(k)
             t = v if dim is None else v.chunk(2, dim=dim)[rank]

@@ -104,10 +104,11 @@ class _Captured(Exception):
     pass
 
 
-def _hf_from_megatron(iter_dir, tmp_path, monkeypatch):
+def _hf_from_megatron(iter_dir, tmp_path, monkeypatch, allow=True):
     """checkpoint_reshaping_and_interoperability's Megatron->HF direction, in-process and
     offline. Its 4.47.1 save step looks tensors up in the Megatron dict (KeyError), so the
-    converted state dict is taken where it is handed to the sharding helper."""
+    converted state dict is taken where it is handed to the sharding helper. `allow`: with
+    its own allow-list for `args` (else the caller's)."""
     captured = {}
 
     def capture(state_dict, **kwargs):
@@ -125,7 +126,7 @@ def _hf_from_megatron(iter_dir, tmp_path, monkeypatch):
     save.mkdir()
     args = argparse.Namespace(load_path=str(iter_dir), save_path=str(save), print_checkpoint_structure=False,
                               tokenizer_name=None, max_shard_size="10GB")
-    with torch.serialization.safe_globals(SAFE), pytest.raises(_Captured):
+    with torch.serialization.safe_globals(SAFE if allow else []), pytest.raises(_Captured):
         reshaping.convert_checkpoint_from_megatron_to_transformers(args)
     config = GPT2Config.from_pretrained(save)
     config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.0
@@ -360,7 +361,7 @@ def test_hf_written_gpt2_bpe_files_import_with_file_options(tmp_path, plugins, m
 
 def test_export_writes_into_a_temporary_directory_renamed_into_place(tmp_path, plugins, monkeypatch):
     from mega.errors import CheckpointError
-    from mega.plugins.checkpoints import megatron_interop
+    from mega.plugins.checkpoints.megatron import interop as megatron_interop
 
     run = _mega_run(tmp_path, plugins)
     existing = tmp_path / "existing"
@@ -380,3 +381,23 @@ def test_export_writes_into_a_temporary_directory_renamed_into_place(tmp_path, p
     monkeypatch.undo()
     dest = _export(run, tmp_path / "meg", plugins)
     assert (dest / "latest_checkpointed_iteration.txt").is_file() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_reading_megatron_files_leaves_the_callers_safe_globals_as_they_were(tmp_path, plugins, monkeypatch):
+    """Issue 20, item 18: torch's `safe_globals` context manager removes on exit every
+    global it added, even one the caller had allowed before; mega's reader used it, so a
+    script that allowed argparse.Namespace, imported a Megatron checkpoint and then ran Hugging
+    Face's converter in the same process had the converter's torch.load refused."""
+    import pathlib
+
+    run = _mega_run(tmp_path, plugins)
+    dest = _export(run, tmp_path / "meg", plugins)
+    assert argparse.Namespace not in torch.serialization.get_safe_globals()
+    with torch.serialization.safe_globals(SAFE):  # the caller's own allow-list
+        find_importer(dest, plugins).import_run(dest, tmp_path / "imported", {}, plugins)
+        now = torch.serialization.get_safe_globals()
+        assert set(SAFE) <= set(now) and pathlib.PosixPath not in now  # the caller's kept; mega's own taken back
+        sd = torch.load(dest / "iter_0000000" / "mp_rank_00" / "model_optim_rng.pt", weights_only=True)
+        hf, _ = _hf_from_megatron(dest / "iter_0000000", tmp_path, monkeypatch, allow=False)  # HF's converter
+    assert sd["args"].mega_model == "gpt" and argparse.Namespace not in torch.serialization.get_safe_globals()
+    _close(_hf_logits(hf), _mega_logits(tmp_path / "imported", plugins), "mega->megatron->HF after a mega import")

@@ -38,9 +38,11 @@ def fake_entry_points(tmp_path, monkeypatch):
 
 def test_first_party_plugins_load_through_entry_points(plugins):
     assert {"gpt", "sentencepiece", "bytes", "text_mmap", "adamw", "native_checkpoint"} <= set(plugins.info)
-    assert plugins.info["gpt"].components == {"models": ["gpt"]}
+    assert plugins.info["gpt"].components == {"models": ["gpt"], "model_converters": ["gpt"]}  # GPT owns its interop
     assert plugins.info["gpt"].version == mega.__version__
-    assert plugins.models.get("gpt").plugin == "gpt"
+    assert plugins.models.get("gpt").plugin == "gpt" and plugins.model_converters.get("gpt").plugin == "gpt"
+    assert plugins.info["sentencepiece"].components == {"tokenizers": ["sentencepiece"],
+                                                         "tokenizer_converters": ["sentencepiece"]}
 
 
 def test_a_broken_plugin_is_named_with_its_error(fake_entry_points, monkeypatch):
@@ -179,6 +181,7 @@ def test_mega_plugins_command(capsys):
     assert main(["plugins"]) == 0
     text = capsys.readouterr().out
     assert "gpt 0.1.0" in text and "models: gpt" in text
+    assert "model_converters: gpt" in text and "tokenizer_converters: sentencepiece" in text  # who owns its interop
 
 
 # --- one test per hook (datasette's rule): documented, and exercised by some test ---------

@@ -9,6 +9,13 @@ tensor-parallel region (attention probabilities of this rank's heads) must diffe
 ranks: it runs under `tracker.fork()`, which swaps in a generator seeded with
 seed + 2718 + tp_rank. With one rank nothing is forked, so the single-process random
 stream is untouched.
+
+A fork is re-entrant: under sequence parallelism the whole transformer stack runs inside
+one fork (each rank's tokens draw their own residual-dropout masks, Megatron's rule), and
+the attention dropout's own fork inside it must keep drawing from the same stream rather
+than restart it from the state saved at the outer fork's entry. `snapshot()` and
+`restore()` let activation recomputation (mega.runtime.recompute) replay a region with the
+tracker exactly as it was in the forward.
 """
 from __future__ import annotations
 
@@ -64,6 +71,7 @@ class RNGTracker:
     def __init__(self):
         self.states = {}
         self.device_type = "cpu"
+        self.forked = []  # names of the forks entered and not yet left, innermost last
 
     def _get(self):
         return torch.cuda.get_rng_state() if self.device_type == "cuda" else torch.get_rng_state()
@@ -74,6 +82,7 @@ class RNGTracker:
     def reset(self, seed: int, tp_rank: int, device_type: str) -> None:
         self.device_type = device_type
         self.states = {}
+        self.forked = []
         saved = self._get()
         (torch.cuda.manual_seed if device_type == "cuda" else torch.manual_seed)(seed + 2718 + tp_rank)
         self.states[MODEL_PARALLEL] = self._get()
@@ -81,15 +90,38 @@ class RNGTracker:
 
     @contextlib.contextmanager
     def fork(self, name: str = MODEL_PARALLEL):
+        """Draw from the `name` stream inside the block. Inside a fork of the same name it
+        is a no-op: the generator already is that stream."""
         if name not in self.states:
             raise RuntimeError(f"RNG tracker has no state {name!r}; call reset() first")
+        if name in self.forked:
+            yield
+            return
         saved = self._get()
         self._set(self.states[name])
+        self.forked.append(name)
         try:
             yield
         finally:
+            self.forked.pop()
             self.states[name] = self._get()
             self._set(saved)
+
+    def snapshot(self) -> tuple:
+        """The tracker as it is now (its states, the forks entered), for `restore`."""
+        return dict(self.states), list(self.forked)  # states are replaced, never written in place
+
+    @contextlib.contextmanager
+    def restore(self, snap: tuple):
+        """Run the block with the tracker as `snap` recorded it, then put back what it is
+        now: a recomputed region draws the masks of its forward and leaves the streams where
+        they were (Megatron's CheckpointFunction sets and restores the tracker's states)."""
+        now = self.states, self.forked
+        self.states, self.forked = dict(snap[0]), list(snap[1])
+        try:
+            yield
+        finally:
+            self.states, self.forked = now
 
     def state_dict(self) -> dict:
         return {"device_type": self.device_type, "states": dict(self.states)}

@@ -9,10 +9,17 @@ written and read with `torch.distributed.checkpoint` (DCP), every rank in parall
       mega_rank_TT_PPP.pt     per model-parallel rank: trainer state (RNG, step, loss
                               scaler), the sharding record, optimizer param_groups
 
+Under `model.optim.use_distributed_optimizer` the optimizer's state is megatron-core's
+`dp_reshardable` bucket space instead, each data-parallel rank writing its own shard
+(torch_dist_optimizer.py).
+
 Tensors are stored as GLOBAL tensors under megatron-core's names with global layer numbers
 (`embedding.word_embeddings.weight`, `decoder.layers.{i}.self_attention.linear_qkv.weight`,
-`decoder.layers.{i}.mlp.linear_fc1.layer_norm_weight`, `decoder.final_layernorm.bias`, ...);
-names mega does not know how to translate keep mega's global name. Each rank writes only
+`decoder.layers.{i}.mlp.linear_fc1.layer_norm_weight`, `decoder.final_layernorm.bias`, ...):
+the model family's converter names them (`mega.protocols.MegatronCoreNames`; a family
+without one, and names it does not know, keep mega's global name). The keys written are
+recorded in every rank's file, so loading needs no converter; a checkpoint without the
+record (written before it was kept) is read under the naming whose keys it holds. Each rank writes only
 its own chunk: a tensor-parallel tensor at the offset `tp_rank * local size` along its
 `partition_dim`, a replicated tensor by tensor-parallel rank 0 only (megatron-core's
 replica_id rule). The tied output layer of the last pipeline stage
@@ -34,7 +41,7 @@ import json
 import logging
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -42,7 +49,16 @@ import torch.distributed as dist
 import mega
 from mega.errors import CheckpointError
 from mega.checkpoint.load_errors import describe
-from mega.plugins.checkpoints.mcore_names import mcore_name
+from mega.protocols import MegatronCoreNames
+from mega.plugins.checkpoints.converters import model_converter, model_converters
+from mega.plugins.checkpoints.torch_dist_optimizer import (
+    CONTENT_METADATA,
+    bucket_space,
+    model_parallel_index,
+    rank_entry,
+    shard_tensors,
+)
+from mega.runtime.bucket_space import OptimizerShards
 from mega.runtime.sharding import renumber
 
 log = logging.getLogger("mega.checkpoint")
@@ -52,7 +68,29 @@ METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                  "common_backend": "torch", "common_backend_version": 1}
 CHECKPOINT_VERSION = 3.0
 
-# megatron-core names: mega.plugins.checkpoints.mcore_names (shared with other mcore formats)
+
+
+def _same(name: str) -> str:
+    return name
+
+
+def _namer(state: dict) -> Callable[[str], str]:
+    """mega's global name -> checkpoint key, by the family of the model being saved (the
+    process's plugins: the kernel hands a format none)."""
+    name = (state.get("config") or {}).get("model", {}).get("name")
+    family = model_converter(mega.get_plugins(), name, MegatronCoreNames) if name else None
+    return family.mcore_name if family is not None else _same
+
+
+def _recorded(keys: Dict[str, str]) -> Callable[[str], str]:
+    return lambda name: keys.get(name, name)
+
+
+def _namer_for(stored, wanted: Sequence[str]) -> Callable[[str], str]:
+    """For a checkpoint without a key record: the naming (a family's megatron-core names, or
+    mega's own) under which every tensor `wanted` is among the `stored` keys."""
+    namings = [conv.mcore_name for _, conv in model_converters(mega.get_plugins(), MegatronCoreNames)] + [_same]
+    return next((n for n in namings if all(n(w) in stored for w in wanted)), _same)
 
 
 def rank_file(tp_rank: int, pp_rank: int) -> str:
@@ -62,15 +100,19 @@ def rank_file(tp_rank: int, pp_rank: int) -> str:
 # --- what each rank holds: a chunk of a global tensor ----------------------------------------
 
 
-def _entries(sharding: dict, tp_size: int, tp_rank: int) -> List[Tuple[str, str, Optional[int], List[int]]]:
+def _sources(sharding: dict) -> Dict[str, str]:
+    """local name -> the global name of the tensor it holds (aliases, the tied head, their source's)."""
+    offset, aliases = sharding.get("layer_offset", 0), sharding.get("aliases", {})
+    return {name: aliases.get(name, renumber(name, offset)) for name in sharding["partition_dims"]}
+
+
+def _entries(sharding: dict, tp_size: int, tp_rank: int,
+             key_of: Callable[[str], str]) -> List[Tuple[str, str, Optional[int], List[int]]]:
     """(local name, checkpoint key, partition dim, global shape) for every tensor a rank
     of this layout holds; aliases (the tied head) name their source's key."""
-    offset, aliases = sharding.get("layer_offset", 0), sharding.get("aliases", {})
-    out = []
-    for name, dim in sharding["partition_dims"].items():
-        source = aliases.get(name, renumber(name, offset))
-        out.append((name, mcore_name(source), dim, list(sharding["global_shapes"][name])))
-    return out
+    sources = _sources(sharding)
+    return [(name, key_of(sources[name]), dim, list(sharding["global_shapes"][name]))
+            for name, dim in sharding["partition_dims"].items()]
 
 
 def _offsets(shape: Sequence[int], dim: Optional[int], tp_rank: int) -> List[int]:
@@ -82,7 +124,8 @@ def _offsets(shape: Sequence[int], dim: Optional[int], tp_rank: int) -> List[int
 
 def _group_kwargs(parallel, saving: bool) -> dict:
     """DCP's process group: every rank that calls save/load together. The kernel saves on
-    the model-parallel ranks of data-parallel replica 0 and loads on every rank."""
+    the model-parallel ranks of data-parallel replica 0 (`saving`; on every rank when it
+    saves the distributed optimizer's shards) and loads on every rank."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return {"no_dist": True}
     if parallel is None or not parallel.distributed:
@@ -121,6 +164,7 @@ def _optimizer_keys(state_key: str, key: str) -> str:
 
 class TorchDistFormat:
     name = "torch_dist"
+    saves_optimizer_shards = True  # the distributed optimizer's bucket space, each rank its own (torch_dist_optimizer.py)
 
     def save(self, state: dict, directory: Path, parallel=None) -> None:
         tp_size, tp_rank, pp_size, pp_rank = _layout(parallel)
@@ -128,7 +172,8 @@ class TorchDistFormat:
         sharding = state.get("sharding")
         if sharding is None:
             raise CheckpointError("torch_dist: the state has no sharding record")
-        entries = _entries(sharding, tp_size, tp_rank)
+        key_of = _namer(state)
+        entries = _entries(sharding, tp_size, tp_rank, key_of)
         aliases = sharding.get("aliases", {})
         tensors, placement = {}, {}
 
@@ -142,14 +187,20 @@ class TorchDistFormat:
             tensors[key] = t.detach().cpu() if t.device.type != "cpu" else t.detach()
             placement[key] = (offsets, size)
 
+        opt = state.get("optimizer")
+        shards = opt if isinstance(opt, OptimizerShards) else None  # every data-parallel rank saves its own
+        if shards is not None:
+            opt = None
+            for key, (t, offsets, size) in shard_tensors(shards, model_parallel_index(parallel)).items():
+                tensors[key], placement[key] = t, (offsets, size)
+        replica0 = parallel is None or parallel.dp_rank == 0  # writes the model, its rank file and the common files
         model = state["model"]
         by_name = {}
         for name, key, dim, _ in entries:
             by_name[name] = (key, dim)
-            if name not in aliases:  # the tied head is a replica of the embedding
+            if name not in aliases and replica0:  # the tied head is a replica of the embedding
                 put(key, model[name], dim)
         extra_optim = {}
-        opt = state.get("optimizer")
         names = _optimizer_param_names(state) if opt is not None else None
         if opt is not None:
             order = [i for g in opt["param_groups"] for i in g["params"]]
@@ -169,20 +220,27 @@ class TorchDistFormat:
                         extra_optim.setdefault(key, {})[k] = v
         # Small per-rank state first: when dcp.save returns on rank 0, every file is complete.
         own = {"trainer": state.get("trainer", {}), "sharding": sharding,
-               "layout": {"tp_size": tp_size, "tp_rank": tp_rank, "pp_size": pp_size, "pp_rank": pp_rank}}
+               "layout": {"tp_size": tp_size, "tp_rank": tp_rank, "pp_size": pp_size, "pp_rank": pp_rank},
+               "keys": {source: key_of(source) for source in _sources(sharding).values()}}
         if opt is not None:
             own["optimizer"] = {"param_groups": opt["param_groups"], "param_names": list(names), "extra": extra_optim}
-        torch.save(own, directory / rank_file(tp_rank, pp_rank))
+        if shards is not None:
+            own["optimizer"] = rank_entry(shards)
+        if replica0:
+            torch.save(own, directory / rank_file(tp_rank, pp_rank))
         if parallel is None or parallel.is_main:
             (directory / "metadata.json").write_text(json.dumps(METADATA_JSON))
-            torch.save(_common(state, parallel, sharding), directory / "common.pt")
+            common = _common(state, parallel, sharding)
+            if shards is not None:
+                common["content_metadata"] = dict(CONTENT_METADATA)
+            torch.save(common, directory / "common.pt")
         import torch.distributed.checkpoint as dcp  # ~1 s to import: only when a checkpoint is written
 
         from mega.plugins.checkpoints.torch_dist_planners import ChunkSavePlanner
 
         with _one_process_is_fine():
             dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(directory)), planner=ChunkSavePlanner(placement),
-                     **_group_kwargs(parallel, saving=True))
+                     **_group_kwargs(parallel, saving=shards is None))
 
     def load(self, directory: Path, parallel=None, parts: Sequence[str] = PARTS) -> dict:
         """This rank's state at the layout it was saved with."""
@@ -195,9 +253,14 @@ class TorchDistFormat:
         sharding = own["sharding"]
         shapes = {n: _local_shape(sharding["global_shapes"][n], d, tp_size) for n, d in sharding["partition_dims"].items()}
         optim = own.get("optimizer") if "optimizer" in parts else None
+        buckets = optim if optim and "distributed" in optim else None  # the distributed optimizer's bucket space
+        if buckets is not None:
+            optim = None
         state = self._read(Path(directory), parallel, sharding, shapes,
                            optim["param_names"] if optim else None, optim["param_groups"] if optim else None,
-                           optim["extra"] if optim else {})
+                           optim["extra"] if optim else {}, own.get("keys"))
+        if buckets is not None:
+            state["optimizer"] = bucket_space(Path(directory), buckets, pp_rank * tp_size + tp_rank)
         if "trainer" in parts:
             state["trainer"] = own.get("trainer", {})
         if "sharding" in parts:
@@ -215,18 +278,26 @@ class TorchDistFormat:
         shapes = {n: list(t.shape) for n, t in model.state_dict().items()}
         names = groups = None
         extra: dict = {}
-        if optimizer is not None:
-            names, groups = optimizer_param_names(model), optimizer.state_dict()["param_groups"]
-            for f in sorted(directory.glob("mega_rank_*.pt")):
-                extra.update((_load(f).get("optimizer") or {}).get("extra", {}))
-        state = self._read(directory, parallel, sharding, shapes, names, groups, extra)
+        owns = [_load(f) for f in sorted(directory.glob("mega_rank_*.pt"))]
+        records = [own.get("keys") for own in owns]
+        keys = None if not records or None in records else {k: v for r in records for k, v in r.items()}
         first = _read_rank_file(directory, 0, 0)
+        buckets = "distributed" in (first.get("optimizer") or {})  # saved by the distributed optimizer
+        if optimizer is not None and not buckets:
+            for own in owns:
+                extra.update((own.get("optimizer") or {}).get("extra", {}))
+            names, groups = optimizer_param_names(model), optimizer.state_dict()["param_groups"]
+        state = self._read(directory, parallel, sharding, shapes, names, groups, extra, keys)
+        if optimizer is not None and buckets:
+            state.update(_resharded_buckets(directory, first, parallel, model, optimizer))
         state["trainer"] = {k: v for k, v in first.get("trainer", {}).items() if k != "rng"}
         return state
 
     # --- reading -------------------------------------------------------------------------------
     def _read(self, directory: Path, parallel, sharding: dict, shapes: Dict[str, List[int]],
-              param_names: Optional[List[str]], param_groups: Optional[list], extra: dict) -> dict:
+              param_names: Optional[List[str]], param_groups: Optional[list], extra: dict,
+              keys: Optional[Dict[str, str]]) -> dict:
+        """`keys`: the recorded global name -> key map (None: a checkpoint without one)."""
         import torch.distributed.checkpoint as dcp  # ~1 s to import: only when a checkpoint is read
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -237,6 +308,7 @@ class TorchDistFormat:
             metadata = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
         except Exception as exc:
             raise CheckpointError(f"{directory}/.metadata: cannot be read ({type(exc).__name__}: {exc})") from None
+        key_of = _recorded(keys) if keys is not None else _namer_for(metadata, sorted(set(_sources(sharding).values())))
         targets: Dict[str, torch.Tensor] = {}  # DCP key -> destination (a view of a local tensor)
         offsets: Dict[str, List[int]] = {}
         copies: List[Tuple[torch.Tensor, str]] = []  # (tensor, key) for a key wanted twice (tied head)
@@ -263,11 +335,11 @@ class TorchDistFormat:
             return local
 
         model = {}
-        for name, key, dim, _ in _entries(sharding, tp_size, tp_rank):
+        for name, key, dim, _ in _entries(sharding, tp_size, tp_rank, key_of):
             model[name] = want(key, shapes[name], dim)
         state: dict = {"model": model}
         if param_names is not None:
-            by_name = {name: (key, dim) for name, key, dim, _ in _entries(sharding, tp_size, tp_rank)}
+            by_name = {name: (key, dim) for name, key, dim, _ in _entries(sharding, tp_size, tp_rank, key_of)}
             prefix = "optimizer.state."
             opt_state = {}
             for pos, name in enumerate(param_names):
@@ -299,6 +371,24 @@ class TorchDistFormat:
             src = targets[key]
             local[tuple(slice(0, n) for n in src.shape)].copy_(src)
         return state
+
+
+def _resharded_buckets(directory: Path, first: dict, parallel, model, optimizer) -> dict:
+    """The optimizer state of a distributed optimizer's checkpoint saved at another tensor
+    size: every saved tensor-parallel rank's buckets unflattened into model space, merged
+    and re-cut for this rank (one pipeline stage, as the kernel's resharding does)."""
+    from mega.checkpoint import optimizer_param_names
+    from mega.runtime.sharding import reshard_optimizer
+
+    saved = first["layout"]
+    pp_size = parallel.pp_size if parallel is not None else 1
+    if saved["pp_size"] != 1 or pp_size != 1:
+        log.warning("%s: optimizer state is not carried across pipeline sizes; its moments start afresh", directory)
+        return {}
+    names, template = optimizer_param_names(model), optimizer.state_dict()
+    per_rank = [bucket_space(directory, _read_rank_file(directory, r, 0)["optimizer"], r).to_model_space(names, template["param_groups"])
+                for r in range(saved["tp_size"])]
+    return {"optimizer": reshard_optimizer(per_rank, names, first["sharding"], model, parallel, template)}
 
 
 def _local_shape(global_shape: Sequence[int], dim: Optional[int], tp_size: int) -> List[int]:
@@ -369,7 +459,7 @@ def _check_moments(opt: dict, groups: List[list], names: List[str], model: dict)
 
 def _common(state: dict, parallel, sharding: dict) -> dict:
     """megatron's common (non-sharded) state: what its loader reads besides the tensors."""
-    from mega.plugins.checkpoints.megatron_args import megatron_args
+    from mega.plugins.checkpoints.megatron.args import megatron_args
 
     word = next((s for n, s in sharding["global_shapes"].items() if n.endswith("embedding.word_embeddings.weight")), None)
     trainer = state.get("trainer", {})

@@ -66,14 +66,22 @@ from mega.plugins.models.bert_heads import (
 )
 from mega.plugins.models.estimates import (
     activation_bytes,
-    block_activation_bytes,
     block_matmul_params,
     block_params,
     dropout_mask_bytes,
+    layernorm_stats_bytes,
     param_bytes,
     pipeline_stages,
+    stack_activation_bytes,
 )
 from mega.plugins.models.gpt import training_flops_per_token
+from mega.plugins.models.scaling import (
+    RecomputeKeys,
+    SequenceParallelKey,
+    check_recompute,
+    check_sequence_parallel,
+    eager_reason,
+)
 from mega.plugins.models.transformer import (
     ACTIVATIONS,
     BlockConfig,
@@ -85,11 +93,16 @@ from mega.plugins.models.transformer import (
 )
 from mega.protocols import SampleObjective
 from mega.runtime.parallel import current
-from mega.runtime.tensor_parallel import gather_from_tp
+from mega.runtime.tensor_parallel import (
+    gather_from_sp,
+    gather_from_tp,
+    sequence_parallel_active,
+    sequence_parallel_region,
+)
 
 
 @define(kw_only=True)
-class BertEncoderConfig(ModelConfig):
+class BertEncoderConfig(RecomputeKeys, SequenceParallelKey, ModelConfig):
     """`model.*` keys every `bert` model has: the encoder (Megatron-LM / NeMo names)."""
 
     name: str = "bert"
@@ -125,6 +138,7 @@ class BertEncoderConfig(ModelConfig):
         o2 = self.megatron_amp_O2
         e, r = activation_bytes(precision, o2)  # a matmul's saved input; the residual stream
         g = param_bytes(precision, o2)  # a gradient as autograd makes it
+        stats = layernorm_stats_bytes(precision, device, o2)  # the final LayerNorm's mean and rstd, per token
         word = vocab * h // tp
         head_params = 2 * h  # final LayerNorm
         lm = task in ("pretraining", "masked_lm", "causal_lm")
@@ -137,20 +151,23 @@ class BertEncoderConfig(ModelConfig):
                         "token_classification": (h + 1) * getattr(self, "num_labels", 0),
                         "question_answering": 2 * h + 2}.get(task, 0) + (2 * h + 2 if binary else 0)
         predicted = n if task == "causal_lm" else math.ceil(n * getattr(self, "masked_lm_prob", 1.0)) if lm else 0
-        layer = {"params": block_params(block, tp), "matmul_params": block_matmul_params(block, tp),
-                 "activations": block_activation_bytes(block, b, s, s, tp, precision, device, o2=o2)}
+        sp = self.sequence_parallel and tp > 1
+        u = tp if sp else 1  # sequence parallelism splits the embedding's and the final LayerNorm's tokens
+        layer = {"params": block_params(block, tp), "matmul_params": block_matmul_params(block, tp)}
+        kept, rebuilt = stack_activation_bytes(block, L // pp, b, s, s, tp, precision, device, o2=o2, sp=sp)
+        stack = {"activations": kept, "recompute_transient": rebuilt}
         first = {"params": word + (self.max_position_embeddings + self.num_tokentypes) * h,
-                 "activations": n * h * dropout_mask_bytes(self.hidden_dropout, precision, device),
+                 "activations": n * h * dropout_mask_bytes(self.hidden_dropout, precision, device, o2) // u,
                  "grad_transient": g * word}
         last = {"params": head_params + (word if pp > 1 else 0),
                 # everything but the LayerNorms (the final one, the LM head's); the tied decoder
                 "matmul_params": head_params - 2 * h - (2 * h - word if lm else 0),
-                "activations": n * h * (r + e) + 8 * n}  # final LayerNorm in/out
+                "activations": (n * h * r + stats * n) // u + n * h * e}  # final LayerNorm in (a slice under SP) and out
         if lm:  # the head's dense, GeLU and LayerNorm at the predicted positions; the loss's fp32 softmax
             last["activations"] += predicted * h * (3 * e + 8) + 4 * predicted * vocab // tp
             last["transient"] = (e + 4) * predicted * vocab // tp
             last["grad_transient"] = g * word
-        stages = pipeline_stages(pp, L, layer, first, last)
+        stages = pipeline_stages(pp, L, layer, first, last, stack)
         whole_vocab = padded_vocab_size(vocab_size, self.make_vocab_size_divisible_by)
         whole = L * block_params(block, 1) + whole_vocab * h + (self.max_position_embeddings + self.num_tokentypes) * h \
             + head_params - (vocab // tp if lm else 0) + (whole_vocab if lm else 0)
@@ -288,6 +305,8 @@ def check_config(cfg: BertEncoderConfig) -> None:
             raise ConfigError(f"model.max_predictions_per_seq: must be at least 1, got {cfg.max_predictions_per_seq}")
     if getattr(cfg, "num_labels", 1) < 1:
         raise ConfigError(f"model.num_labels: must be at least 1, got {cfg.num_labels}")
+    check_recompute(cfg, "model", cfg.num_layers // cfg.pipeline_model_parallel_size)
+    check_sequence_parallel(cfg, {"model.seq_length": cfg.seq_length})
 
 
 class BertEmbedding(Embedding):
@@ -307,7 +326,7 @@ class BertEmbedding(Embedding):
         if self.tokentype_embeddings is not None:
             x = x + (self.tokentype_embeddings(tokentype_ids) if tokentype_ids is not None
                      else self.tokentype_embeddings.weight[0])
-        return self.embedding_dropout(x)
+        return self.dropout_out(x)
 
 
 class BertLanguageModel(nn.Module):
@@ -364,6 +383,7 @@ class BertModel(TiedWordEmbeddingStages, nn.Module):
         for name, module in heads.items():
             setattr(self, name, module if self.post_process else None)
         self.classifier_dropout = nn.Dropout(cfg.hidden_dropout)
+        self.eager_reason = eager_reason(cfg)  # trainer.compile leaves the step eager with these keys on
         # Heads without a decoder keep the last stage's copy of the word embedding too, so
         # every pipeline has the same tied pair.
         self.finish_stages()
@@ -387,9 +407,14 @@ class BertModel(TiedWordEmbeddingStages, nn.Module):
         return self.language_model.embedding(tokens, positions, self._flat(batch, "tokentype_ids"))
 
     def _encode(self, batch, hidden: Optional[torch.Tensor]) -> torch.Tensor:
+        """This stage's layers; on the last stage the whole sequence (gathered from the
+        sequence-parallel slices, once, before the heads, which every rank runs whole)."""
         if self.pre_process:
             hidden = self._embed(batch)
-        return self.language_model.encoder(hidden, key_mask=self._key_mask(batch), causal=self.causal)
+        h = self.language_model.encoder(hidden, key_mask=self._key_mask(batch), causal=self.causal)
+        if self.post_process and sequence_parallel_active(self.config.sequence_parallel):
+            h = gather_from_sp(h, reduce_grads=False)  # the heads' gradient is whole on every rank
+        return h
 
     def _outputs(self, batch, h: torch.Tensor, full_logits: bool) -> Dict[str, torch.Tensor]:
         """Head outputs from the final hidden states `h` [samples, s, H]; the LM logits only
@@ -423,14 +448,18 @@ class BertModel(TiedWordEmbeddingStages, nn.Module):
         pipeline parallelism each stage runs `stage_logits`)."""
         if not (self.pre_process and self.post_process):
             raise ValueError("logits() needs the whole model; under pipeline parallelism use stage_logits()")
-        return self.stage_logits(batch, None)
+        return self._stage_logits(batch, None)
 
     @torch.no_grad()
     def stage_logits(self, batch: Dict[str, torch.Tensor], hidden: Optional[torch.Tensor]):
         """This pipeline stage's part of `logits`, for inference under pipeline parallelism
         (as `stage_forward` is for training): embed (first stage) or take `hidden`, run the
         local layers; the last stage returns the outputs of `logits`, the others the hidden
-        states for the next stage."""
+        states for the next stage (a sequence-parallel slice, as `activation_shape` says)."""
+        with sequence_parallel_region(self.config.sequence_parallel):
+            return self._stage_logits(batch, hidden)
+
+    def _stage_logits(self, batch, hidden):
         h = self._encode(batch, hidden)
         if not self.post_process:
             return h
@@ -458,7 +487,12 @@ class BertModel(TiedWordEmbeddingStages, nn.Module):
 
     def stage_forward(self, batch: Dict[str, torch.Tensor], hidden: Optional[torch.Tensor]):
         """This pipeline stage's part: embed (first stage) or take `hidden`, run the local
-        layers, and on the last stage return the loss dict; else the hidden states."""
+        layers, and on the last stage return the loss dict; else the hidden states (this
+        rank's slice of the sequence under `model.sequence_parallel`)."""
+        with sequence_parallel_region(self.config.sequence_parallel):
+            return self._stage_forward(batch, hidden)
+
+    def _stage_forward(self, batch, hidden):
         h = self._encode(batch, hidden)
         if not self.post_process:
             return h
@@ -497,9 +531,11 @@ class BertModel(TiedWordEmbeddingStages, nn.Module):
         return loss
 
     def activation_shape(self, batch: Dict[str, torch.Tensor]) -> tuple:
-        """Shape of the hidden states passed between pipeline stages."""
+        """Shape of the hidden states passed between pipeline stages ([b, s / TP, h] under
+        sequence parallelism)."""
         tokens = batch["tokens"]
-        return (tokens[..., 0].numel(), tokens.shape[-1], self.config.hidden_size)
+        s = tokens.shape[-1] // (current().tp_size if self.config.sequence_parallel else 1)
+        return (tokens[..., 0].numel(), s, self.config.hidden_size)
 
     def flops_per_token(self, seq_length: int) -> float:
         """Training FLOPs per token as GPT counts them (6 x matmul parameters including the
@@ -530,3 +566,13 @@ def build_bert(config: BertEncoderConfig, tokenizer, plugins=None) -> BertModel:
 def register_models(register):
     for name, config in CONFIGS.items():
         register(name, build_bert, config=config)
+
+
+@mega.hookimpl
+def register_model_converters(register):
+    """Megatron-BERT's Hugging Face (MegatronBert*), Megatron-LM and megatron-core mappings
+    (mega.plugins.models.bert_interop), for every BERT model name."""
+    from mega.plugins.models.bert_interop import BertInterop
+
+    for name in CONFIGS:
+        register(name, BertInterop)

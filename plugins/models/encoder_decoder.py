@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from typing import Any, Dict, Literal, Optional, Tuple
 
+import contextlib
+
 import torch
-import torch.nn.functional as F
 from attrs import define, field
 from torch import nn
 
@@ -22,6 +23,13 @@ from mega.config import ModelConfig
 from mega.errors import ConfigError
 from mega.plugins.data.objectives import DenoisingObjective
 from mega.plugins.hiddens import HiddensConfig, get_hiddens_module
+from mega.plugins.models.scaling import (
+    RecomputeKeys,
+    SequenceParallelKey,
+    check_recompute,
+    check_sequence_parallel,
+    eager_reason,
+)
 from mega.plugins.models.transformer import (
     MLP,
     BlockConfig,
@@ -31,14 +39,25 @@ from mega.plugins.models.transformer import (
     TransformerLayer,
     TransformerStack,
     check_shape,
+    layer_norm,
+    output_logits,
     padded_vocab_size,
 )
+from mega.runtime import recompute
 from mega.runtime.parallel import current
-from mega.runtime.tensor_parallel import copy_to_tp, gather_from_tp, mark_replicated, vocab_parallel_cross_entropy
+from mega.runtime.tensor_parallel import (
+    gather_from_sp,
+    gather_from_tp,
+    get_rng_tracker,
+    mark_replicated,
+    sequence_parallel_active,
+    sequence_parallel_region,
+    vocab_parallel_cross_entropy,
+)
 
 
 @define(kw_only=True)
-class StackConfig:
+class StackConfig(RecomputeKeys):
     """`model.encoder.*` / `model.decoder.*`."""
 
     arch: str = "transformer"  # encoder: "transformer" or "perceiver"
@@ -54,7 +73,7 @@ class StackConfig:
 
 
 @define(kw_only=True)
-class EncoderDecoderConfig(ModelConfig):
+class EncoderDecoderConfig(SequenceParallelKey, ModelConfig):
     name: str = "t5"
     encoder: StackConfig = field(factory=StackConfig)
     decoder: StackConfig = field(factory=StackConfig)
@@ -80,7 +99,13 @@ class EncoderDecoderConfig(ModelConfig):
         activations per block as GPT's (mega.plugins.models.gpt.block_activation_bytes),
         the decoder's cross-attention over the encoder output included. One stage only:
         encoder-decoders do not pipeline."""
-        from mega.plugins.models.estimates import activation_bytes, block_activation_bytes, dropout_mask_bytes, param_bytes
+        from mega.plugins.models.estimates import (
+            activation_bytes,
+            dropout_mask_bytes,
+            layernorm_stats_bytes,
+            param_bytes,
+            stack_activation_bytes,
+        )
 
         with torch.device("meta"), torch.random.fork_rng(devices=[]):
             model = EncoderDecoderModel(self, vocab_size)
@@ -93,21 +118,30 @@ class EncoderDecoderConfig(ModelConfig):
         o2 = self.megatron_amp_O2
         e, r = activation_bytes(precision, o2)  # a matmul's saved input; the residual stream
         h = dec.hidden_size
+        sp = self.sequence_parallel and tp > 1
+        u = tp if sp else 1  # sequence parallelism splits the embeddings' and the final LayerNorms' tokens
         if self.encoder.arch == "perceiver":
             memory = self.encoder.hidden_steps
-            acts = enc.num_layers * block_activation_bytes(enc, b, memory, memory, tp, precision, device, cross_kv=s_enc,
-                                                           o2=o2)
+            acts, enc_rebuilt = stack_activation_bytes(enc, enc.num_layers, b, memory, memory, tp, precision, device,
+                                                       cross_kv=s_enc, o2=o2)
         else:
             memory = s_enc
-            acts = enc.num_layers * block_activation_bytes(enc, b, s_enc, s_enc, tp, precision, device, o2=o2)
-        acts += dec.num_layers * block_activation_bytes(dec, b, s_dec, s_dec, tp, precision, device, cross_kv=memory,
-                                                        o2=o2)
-        mask = dropout_mask_bytes(enc.hidden_dropout, precision, device)
+            acts, enc_rebuilt = stack_activation_bytes(enc, enc.num_layers, b, s_enc, s_enc, tp, precision, device, o2=o2,
+                                                       sp=sp)
+        dec_acts, dec_rebuilt = stack_activation_bytes(dec, dec.num_layers, b, s_dec, s_dec, tp, precision, device,
+                                                       cross_kv=memory, o2=o2, sp=sp)
+        acts += dec_acts
+        mask = dropout_mask_bytes(enc.hidden_dropout, precision, device, o2)
+        stats = layernorm_stats_bytes(precision, device, o2)
         n = b * s_dec
-        acts += b * (s_enc + s_dec) * h * mask + 2 * b * memory * h * r  # embedding dropout; encoder final LayerNorm
-        acts += n * h * (r + e) + 8 * n + 4 * n * vocab // tp  # decoder final LayerNorm; the loss's fp32 softmax
+        # embedding dropout; the encoder's final LayerNorm input and output (the memory, whole on every rank)
+        acts += b * (s_enc + s_dec) * h * mask // u + b * memory * h * r // u + b * memory * h * r
+        acts += (n * h * (r + e) + stats * n) // u + 4 * n * vocab // tp  # decoder final LayerNorm; the loss's fp32 softmax
+        numels = [p.numel() // tp if p.dim() == 2 and "position" not in k else p.numel() for k, p in model.named_parameters()]
         stage = {"params": whole - split + split // tp, "matmul_params": split // tp, "activations": acts,
-                 "transient": (e + 4) * n * vocab // tp, "grad_transient": 2 * param_bytes(precision, o2) * vocab * h // tp}
+                 "param_numels": numels,  # registration order: the distributed optimizer's buffer layout
+                 "transient": (e + 4) * n * vocab // tp, "grad_transient": 2 * param_bytes(precision, o2) * vocab * h // tp,
+                 "recompute_transient": max(enc_rebuilt, dec_rebuilt)}
         return {"params": whole, "flops_per_token": 6.0 * split, "stages": [stage]}
 
     def objective(self) -> DenoisingObjective:
@@ -120,11 +154,11 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, c: BlockConfig, layer_number: int):
         super().__init__()
-        self.input_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layernorm_epsilon)
+        self.input_layernorm = layer_norm(c)
         self.self_attention = SelfAttention(c, layer_number)
-        self.post_attention_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layernorm_epsilon)
+        self.post_attention_layernorm = layer_norm(c)
         self.inter_attention = CrossAttention(c)
-        self.post_inter_attention_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layernorm_epsilon)
+        self.post_inter_attention_layernorm = layer_norm(c)
         self.mlp = MLP(c)
         self.hidden_dropout = nn.Dropout(c.hidden_dropout)
 
@@ -155,17 +189,19 @@ class PerceiverEncoder(nn.Module):
         self.init_hidden = nn.Parameter(c.init_method(torch.empty(hidden_steps, c.hidden_size)))
         self.layers = nn.ModuleList(PerceiverLayer(c, i) for i in range(c.num_layers))
         self.final_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layernorm_epsilon)
+        self.full_recompute = c.full_recompute
 
     def forward(self, x, mask):
         latents = self.init_hidden.unsqueeze(0).expand(x.shape[0], -1, -1)
-        for layer in self.layers:
-            latents = layer(latents, x, mask)
+        method, k = self.full_recompute if recompute.wanted(self) else (None, None)
+        latents = recompute.run_layers(self.layers, latents, x, mask, method=method, num_layers=k)
         return self.final_layernorm(latents)
 
 
 def blocks(cfg: EncoderDecoderConfig) -> Tuple[BlockConfig, BlockConfig]:
     """The encoder's and the decoder's block configs."""
-    return tuple(BlockConfig.of(getattr(cfg, side), init_method_std=cfg.init_method_std, where=f"model.{side}")
+    return tuple(BlockConfig.of(getattr(cfg, side), init_method_std=cfg.init_method_std, where=f"model.{side}",
+                                sequence_parallel=cfg.sequence_parallel)
                  for side in ("encoder", "decoder"))
 
 
@@ -181,6 +217,14 @@ def check_config(cfg: EncoderDecoderConfig) -> None:
         raise ConfigError("model.pipeline_model_parallel_size: encoder-decoder models do not support pipeline parallelism yet")
     for block in blocks(cfg):
         check_shape(block, cfg.tensor_model_parallel_size)
+    for side in ("encoder", "decoder"):
+        stack = getattr(cfg, side)
+        check_recompute(stack, f"model.{side}", stack.num_layers)
+    perceiver = cfg.encoder.arch == "perceiver"
+    check_sequence_parallel(cfg, {"model.seq_length": cfg.seq_length,
+                                  "model.seq_length_dec": cfg.seq_length_dec or cfg.seq_length},
+                            supported="not with model.encoder.arch = \"perceiver\" (its latents cross-attend to the"
+                                      " whole input)" if perceiver else None)
 
 
 def _hiddens_module(cfg: EncoderDecoderConfig, plugins):
@@ -206,8 +250,12 @@ class EncoderDecoderModel(nn.Module):
         else:
             self.encoder = TransformerStack(enc)
         self.decoder = nn.ModuleList(DecoderLayer(dec, i) for i in range(dec.num_layers))
-        self.decoder_final_layernorm = nn.LayerNorm(dec.hidden_size, eps=dec.layernorm_epsilon)
+        self.decoder_final_layernorm = layer_norm(dec)
+        self.decoder_recompute = dec.full_recompute
         self.hiddens_module = _hiddens_module(cfg, plugins)
+        self.eager_reason = " and ".join(filter(None, [eager_reason(cfg.encoder, "model.encoder"),
+                                                       eager_reason(cfg.decoder, "model.decoder"),
+                                                       "model.sequence_parallel" if cfg.sequence_parallel else None])) or None
         mark_replicated(self)
 
     def shared_embedding_or_output_weight(self) -> torch.Tensor:
@@ -218,13 +266,17 @@ class EncoderDecoderModel(nn.Module):
 
     def encode(self, text_enc: torch.Tensor, enc_mask: torch.Tensor, batch_data=None) -> Dict[str, torch.Tensor]:
         """Encoder output and every hiddens output; hiddens are sequence-first [S, B, H] as in
-        NeMo, `hiddens_mask` is [B, S] (all ones for a Perceiver)."""
+        NeMo, `hiddens_mask` is [B, S] (all ones for a Perceiver). Under sequence
+        parallelism the encoder output is gathered to the whole sequence once: the hiddens
+        module and every decoder layer's key/value projection read it whole."""
         x = self._embed(text_enc)
         if isinstance(self.encoder, PerceiverEncoder):
             h = self.encoder(x, enc_mask)
             mask = torch.ones(h.shape[:2], dtype=enc_mask.dtype, device=h.device)
         else:
             h, mask = self.encoder(x, key_mask=enc_mask, causal=False), enc_mask
+            if sequence_parallel_active(self.config.sequence_parallel):
+                h = gather_from_sp(h, reduce_grads=False)  # its consumers' gradient is whole on every rank
         out = {"hiddens": h.transpose(0, 1), "hiddens_mask": mask}
         if self.hiddens_module is None:
             out["enc_output"] = out["hiddens"]
@@ -235,9 +287,12 @@ class EncoderDecoderModel(nn.Module):
         """Logits [B, S_dec, V] (this rank's vocabulary slice with `parallel_output`);
         `memory` is [B, S, H]."""
         x = self._embed(text_dec)
-        for layer in self.decoder:
-            x = layer(x, memory, memory_mask, dec_mask)
-        logits = F.linear(copy_to_tp(self.decoder_final_layernorm(x)), self.shared_embedding_or_output_weight())
+        sp = sequence_parallel_active(self.config.sequence_parallel)
+        method, k = self.decoder_recompute if recompute.wanted(self) else (None, None)
+        with get_rng_tracker().fork() if sp else contextlib.nullcontext():  # as TransformerStack
+            x = recompute.run_layers(self.decoder, x, memory, memory_mask, dec_mask, method=method, num_layers=k)
+            x = self.decoder_final_layernorm(x)
+        logits = output_logits(x, self.shared_embedding_or_output_weight(), self.config.sequence_parallel)
         return logits if parallel_output else gather_from_tp(logits)
 
     def training_loss(self, batch: Dict[str, torch.Tensor]) -> Dict[str, Any]:
@@ -246,6 +301,10 @@ class EncoderDecoderModel(nn.Module):
         NeMo's joint loss) is returned per token of this micro-batch: hidden terms are
         multiplied by its token count n. With one micro-batch the result is NeMo's loss
         exactly; with several, micro-batches are weighted by tokens instead of equally."""
+        with sequence_parallel_region(self.config.sequence_parallel):
+            return self._training_loss(batch)
+
+    def _training_loss(self, batch: Dict[str, torch.Tensor]) -> Dict[str, Any]:
         enc = self.encode(batch["text_enc"], batch["enc_mask"], batch_data=batch)
         logits = self.decode(batch["text_dec"], enc["enc_output"].transpose(0, 1), enc["hiddens_mask"],
                              batch.get("dec_mask"), parallel_output=True)

@@ -12,14 +12,22 @@ Bytes of an activation follow the precision layout (`activation_bytes`): fp32 ev
 under bf16/fp16 autocast the matmul inputs are 16-bit but the residual stream and the
 LayerNorms stay fp32; under `model.megatron_amp_O2` the model runs in 16 bits outside
 autocast, so the residual stream and the LayerNorm inputs are 16-bit too.
+
+`stack_activation_bytes` counts a stage's layers under the activation-memory keys
+(mega.plugins.models.scaling): what each recomputation mode keeps and the transient its
+backward recomputes, and the 1/TP of sequence parallelism on the terms TP leaves
+replicated. tests/test_plan.py holds them equal to the tensors a real forward keeps.
 """
 from __future__ import annotations
 
-from typing import Dict, List
+import math
+from typing import Dict, List, Optional, Tuple
 
 from mega.plugins.models.transformer import BlockConfig
 
-STAGE_KEYS = ("params", "matmul_params", "activations", "transient", "grad_transient")
+# recompute_transient: what a backward recomputes at once (one checkpointed region's
+# activations), on top of the end of the backward (mega.plan.stage_memory)
+STAGE_KEYS = ("params", "matmul_params", "activations", "transient", "grad_transient", "recompute_transient")
 
 
 def activation_bytes(precision: str, o2: bool = False) -> tuple:
@@ -36,19 +44,26 @@ def param_bytes(precision: str, o2: bool = False) -> int:
 
 
 def pipeline_stages(pp: int, layers: int, layer: Dict[str, int], first: Dict[str, int],
-                    last: Dict[str, int]) -> List[Dict[str, int]]:
+                    last: Dict[str, int], stack: Optional[Dict[str, int]] = None) -> List[Dict[str, int]]:
     """EstimatesMemory's per-stage dicts for `layers` equal layers split evenly over `pp`
     pipeline stages, each layer contributing `layer`, plus the embedding's `first` on
     stage 0 and the head's `last` on stage pp - 1 (both on the one stage without
-    pipelining). Keys: STAGE_KEYS (a missing key counts 0)."""
+    pipelining), and `stack` (what a stage's layers add together: stack_activation_bytes)
+    on every stage. Keys: STAGE_KEYS (a missing key counts 0), and `param_numels` (each
+    parameter tensor's size in registration order) when `layer`, `first` and `last` all
+    list theirs."""
     per_stage = layers // pp
     stages = []
+    lists = all("param_numels" in part for part in (layer, first, last))
     for p in range(pp):
-        stage = {k: per_stage * layer.get(k, 0) for k in STAGE_KEYS}
+        stage = {k: per_stage * layer.get(k, 0) + (stack or {}).get(k, 0) for k in STAGE_KEYS}
         for part, here in ((first, p == 0), (last, p == pp - 1)):
             if here:
                 for k in STAGE_KEYS:
                     stage[k] += part.get(k, 0)
+        if lists:  # registration order: embedding, this stage's layers, final LayerNorm and head
+            stage["param_numels"] = ((first["param_numels"] if p == 0 else []) + layer["param_numels"] * per_stage
+                                     + (last["param_numels"] if p == pp - 1 else []))
         stages.append(stage)
     return stages
 
@@ -61,6 +76,13 @@ def block_params(block: BlockConfig, tp: int) -> int:
     return 4 * h + (3 * h * h + 3 * h) // tp + h * h // tp + h + (h * f + f) // tp + f * h // tp + h
 
 
+def block_param_numels(block: BlockConfig, tp: int) -> List[int]:
+    """block_params, one entry per parameter tensor in the order TransformerLayer registers
+    them (what the distributed optimizer lays out: mega.runtime.param_layout)."""
+    h, f = block.hidden_size, block.ffn
+    return [h, h, 3 * h * h // tp, 3 * h // tp, h * h // tp, h, h, h, h * f // tp, f // tp, f * h // tp, h]
+
+
 def block_matmul_params(block: BlockConfig, tp: int) -> int:
     """The parameters of one TransformerLayer that autocast casts to 16 bits: what goes
     into an F.linear (weights, the column-parallel biases); not the LayerNorms nor the
@@ -68,16 +90,23 @@ def block_matmul_params(block: BlockConfig, tp: int) -> int:
     return block_params(block, tp) - 6 * block.hidden_size
 
 
-def dropout_mask_bytes(p: float, precision: str, device: str) -> int:
-    """Bytes per element of a saved dropout mask: none without dropout; CUDA keeps a bool
-    mask, CPU multiplies by a mask of the tensor's own dtype."""
+def layernorm_stats_bytes(precision: str, device: str, o2: bool = False) -> int:
+    """Bytes a LayerNorm keeps per token for its backward: mean and rstd, fp32 on CUDA, in
+    the input's dtype on the CPU (16-bit under model.megatron_amp_O2)."""
+    return 2 * (4 if device == "cuda" else activation_bytes(precision, o2)[1])
+
+
+def dropout_mask_bytes(p: float, precision: str, device: str, o2: bool = False) -> int:
+    """Bytes per element of a saved dropout mask of the residual stream: none without
+    dropout; CUDA keeps a bool mask, CPU multiplies by a mask of the tensor's own dtype,
+    the residual stream's (fp32 under autocast, whose dropouts act after the bias add)."""
     if not p:
         return 0
-    return 1 if device == "cuda" else (4 if str(precision) == "32" else 2)
+    return 1 if device == "cuda" else activation_bytes(precision, o2)[1]
 
 
 def block_activation_bytes(block: BlockConfig, b: int, s: int, s_kv: int, tp: int, precision: str, device: str,
-                           cross_kv: int = 0, o2: bool = False) -> int:
+                           cross_kv: int = 0, o2: bool = False, sp: bool = False) -> int:
     """What autograd keeps for one TransformerLayer (pre-LN, SDPA, GELU MLP) at micro-batch
     `b`, `s` queries over `s_kv` keys, on one of `tp` ranks. Measured on CPU in fp32: LayerNorm
     inputs (the residual stream) and outputs, Q/K/V, the attention output, both MLP
@@ -86,19 +115,93 @@ def block_activation_bytes(block: BlockConfig, b: int, s: int, s_kv: int, tp: in
     probabilities (3 fp32 tensors of b x heads x s x s_kv). Bytes per element:
     activation_bytes.
     `cross_kv` adds a cross-attention sublayer over that many memory positions (the
-    decoder's inter-attention)."""
+    decoder's inter-attention).
+    `sp` (sequence parallelism): what TP leaves replicated (LayerNorm inputs, outputs and
+    statistics, the residual dropout masks; the linears' saved inputs, which the
+    sequence-parallel linear keeps as this rank's slice) is split over the `tp` ranks."""
     h, f, a = block.hidden_size, block.ffn, block.num_attention_heads // tp
     e, r = activation_bytes(precision, o2)
     n = b * s
-    mask = dropout_mask_bytes(block.hidden_dropout, precision, device)
-    out = 2 * r * n * h + 2 * e * n * h  # LayerNorm inputs (the residual stream) and the linears' inputs
-    out += (3 * e * n * h + e * n * h) // tp + 2 * e * n * f // tp  # Q, K, V; attention output; MLP
-    out += 2 * mask * n * h + 16 * n  # residual dropout masks; LayerNorm mean and rstd
+    u = tp if sp else 1
+    mask = dropout_mask_bytes(block.hidden_dropout, precision, device, o2)
+    # LayerNorm inputs (the residual stream) and the linears' inputs; residual dropout masks;
+    # LayerNorm mean and rstd
+    stats = layernorm_stats_bytes(precision, device, o2)
+    out = (2 * r * n * h + 2 * e * n * h + 2 * mask * n * h + 2 * stats * n) // u
+    keep = _keeps_qkv(block, e, device)
+    out += (keep * 3 * e * n * h + e * n * h) // tp + 2 * e * n * f // tp  # Q, K, V; attention output; MLP
     out += _attention_bytes(block, b, s, s_kv, a, e, device)
-    if cross_kv:
-        out += r * n * h + e * n * h + e * n * h // tp + 2 * e * b * cross_kv * h // tp + e * n * h // tp + mask * n * h + 8 * n
+    if cross_kv:  # LayerNorm in/out, query input, dropout mask, statistics; Q, K, V; attention output
+        out += (r * n * h + e * n * h + mask * n * h + stats * n) // u
+        out += keep * (e * n * h // tp + 2 * e * b * cross_kv * h // tp) + e * n * h // tp
         out += _attention_bytes(block, b, s, cross_kv, a, e, device)
     return out
+
+
+def recompute_savings(block: BlockConfig, b: int, s: int, s_kv: int, tp: int, precision: str, device: str,
+                      cross_kv: int = 0, o2: bool = False, sp: bool = False) -> Dict[str, int]:
+    """Bytes of one layer that selective recomputation of each module does not keep: the
+    core attention's scores, probabilities and dropout (`_attention_bytes`, self- and
+    cross-attention), the MLP's GeLU input and output. The checkpointed MLP keeps its input
+    as the LayerNorm made it (the residual stream's dtype) where fc1 kept its 16-bit cast."""
+    h, f, a = block.hidden_size, block.ffn, block.num_attention_heads // tp
+    e, r = activation_bytes(precision, o2)
+    n = b * s
+    u = tp if sp else 1
+    # the checkpointed core keeps its inputs Q, K, V, which the CPU math path with 16-bit
+    # inputs otherwise drops for its fp32 copies
+    kept_inputs = 0 if _keeps_qkv(block, e, device) else 3 * e * n * h // tp
+    core = _attention_bytes(block, b, s, s_kv, a, e, device) - kept_inputs
+    if cross_kv:
+        core += _attention_bytes(block, b, s, cross_kv, a, e, device)
+        if kept_inputs:
+            core -= e * n * h // tp + 2 * e * b * cross_kv * h // tp
+    return {"core_attn": core, "mlp": 2 * e * n * f // tp - (r - e) * n * h // u}
+
+
+def stack_activation_bytes(block: BlockConfig, layers: int, b: int, s: int, s_kv: int, tp: int, precision: str,
+                           device: str, cross_kv: int = 0, o2: bool = False, sp: bool = False) -> Tuple[int, int]:
+    """(bytes `layers` layers of one pipeline stage keep for one micro-batch, bytes their
+    backward recomputes at once) under the block's recomputation keys:
+
+    * none: every layer's block_activation_bytes; nothing recomputed;
+    * selective: each layer without its modules' recompute_savings; the largest module
+      of one layer recomputed at a time;
+    * full, uniform k: the input of each chunk of k layers (the residual stream, this
+      rank's slice under SP); one chunk recomputed at a time, whose linears keep the
+      gathered input under SP (inside a checkpointed region nothing is saved cleverly);
+    * full, block k: the inputs of the first k layers, everything of the others; one layer
+      recomputed at a time."""
+    act = block_activation_bytes(block, b, s, s_kv, tp, precision, device, cross_kv, o2, sp)
+    granularity = block.activations_checkpoint_granularity
+    # the backward of a recomputed attention core holds the gradient of its probabilities
+    # beside them (the CPU math path's, b x heads x s x s_kv in fp32)
+    core_grad = 4 * b * (block.num_attention_heads // tp) * s * s_kv \
+        if block.attention_dropout and device != "cuda" else 0
+    if granularity == "selective":
+        savings = recompute_savings(block, b, s, s_kv, tp, precision, device, cross_kv, o2, sp)
+        saved = [savings[m] + (core_grad if m == "core_attn" else 0) for m in block.recompute_modules if m in savings]
+        return layers * (act - sum(savings[m] for m in block.recompute_modules if m in savings)), max(saved, default=0)
+    method, k = block.full_recompute
+    if method is None:
+        return layers * act, 0
+    e, r = activation_bytes(precision, o2)
+    n, h, u = b * s, block.hidden_size, (tp if sp else 1)
+    whole_inputs = (2 + (1 if cross_kv else 0)) * e * n * h * (u - 1) // u if sp else 0  # gathered, not sliced
+    k = min(k, layers)
+    # the last layer of the region: its MLP's GeLU tensors are freed before its attention's
+    # backward holds the gradient of the probabilities
+    late = max(0, core_grad - 2 * e * n * block.ffn // tp)
+    if method == "uniform":
+        return math.ceil(layers / k) * r * n * h // u, k * (act + whole_inputs) + late
+    return k * r * n * h // u + (layers - k) * act, act + whole_inputs + late
+
+
+def _keeps_qkv(block: BlockConfig, e: int, device: str) -> int:
+    """1 when the attention keeps Q, K, V as its linears made them; 0 on the CPU math path
+    (attention dropout) with 16-bit inputs, which keeps fp32 copies instead (counted in
+    _attention_bytes)."""
+    return 0 if block.attention_dropout and device != "cuda" and e == 2 else 1
 
 
 def _attention_bytes(block: BlockConfig, b: int, s: int, s_kv: int, heads: int, e: int, device: str) -> int:

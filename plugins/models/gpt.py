@@ -20,12 +20,21 @@ from mega.config import ModelConfig
 from mega.errors import ConfigError
 from mega.plugins.models.estimates import (
     activation_bytes,
-    block_activation_bytes,
     block_matmul_params,
+    block_param_numels,
     block_params,
     dropout_mask_bytes,
+    layernorm_stats_bytes,
     param_bytes,
     pipeline_stages,
+    stack_activation_bytes,
+)
+from mega.plugins.models.scaling import (
+    RecomputeKeys,
+    SequenceParallelKey,
+    check_recompute,
+    check_sequence_parallel,
+    eager_reason,
 )
 from mega.plugins.models.transformer import (
     BlockConfig,
@@ -34,6 +43,8 @@ from mega.plugins.models.transformer import (
     TiedWordEmbeddingStages,
     TransformerStack,
     check_shape,
+    output_layer_input,
+    output_logits,
     padded_vocab_size,
 )
 from mega.runtime.parallel import current
@@ -41,12 +52,13 @@ from mega.runtime.tensor_parallel import (
     chunked_linear_cross_entropy,
     copy_to_tp,
     gather_from_tp,
+    sequence_parallel_region,
     vocab_parallel_cross_entropy,
 )
 
 
 @define(kw_only=True)
-class GPTConfig(ModelConfig):
+class GPTConfig(RecomputeKeys, SequenceParallelKey, ModelConfig):
     """`model.*` keys of the `gpt` model (Megatron-LM / NeMo names)."""
 
     num_layers: int = 12  # transformer layers
@@ -70,33 +82,40 @@ class GPTConfig(ModelConfig):
     def memory_per_rank(self, vocab_size: int, micro_batch: int, tp: int, pp: int, precision: str,
                         device: str) -> Dict[str, object]:
         """mega.protocols.EstimatesMemory: parameters counted from the keys (exactly what
-        GPTModel builds), activations from what autograd keeps in each block (calibrated
-        against measured peaks on CPU, tests/test_plan.py)."""
+        GPTModel builds), activations from what autograd keeps in each block, per
+        recomputation mode and with sequence parallelism (equal to the tensors a forward
+        keeps and within 15% of measured peaks on CPU, tests/test_plan.py)."""
         block = BlockConfig.of(self)
         h, L, s, b = self.hidden_size, self.num_layers, self.seq_length, micro_batch
+        sp = self.sequence_parallel and tp > 1
+        u = tp if sp else 1  # sequence parallelism splits the embedding's and the final LayerNorm's tokens
         vocab = padded_vocab_size(vocab_size, self.make_vocab_size_divisible_by, tp)
         positions = self.max_position_embeddings or s
         n = b * s  # tokens of one micro-batch
         o2 = self.megatron_amp_O2
         e, r = activation_bytes(precision, o2)  # a matmul's saved input; the residual stream
         g = param_bytes(precision, o2)  # a gradient as autograd makes it
+        stats = layernorm_stats_bytes(precision, device, o2)  # the final LayerNorm's mean and rstd, per token
         word = vocab * h // tp
         layer = {"params": block_params(block, tp), "matmul_params": block_matmul_params(block, tp),
-                 "activations": block_activation_bytes(block, b, s, s, tp, precision, device, o2=o2)}
-        first = {"params": word + positions * h,
-                 "activations": n * h * dropout_mask_bytes(self.hidden_dropout, precision, device),
+                 "param_numels": block_param_numels(block, tp)}
+        kept, rebuilt = stack_activation_bytes(block, L // pp, b, s, s, tp, precision, device, o2=o2, sp=sp)
+        stack = {"activations": kept, "recompute_transient": rebuilt}
+        first = {"params": word + positions * h, "param_numels": [word, positions * h],
+                 "activations": n * h * dropout_mask_bytes(self.hidden_dropout, precision, device, o2) // u,
                  "grad_transient": g * word}  # the embedding's dense gradient before it is accumulated
         last = {"params": 2 * h + (word if pp > 1 else 0),  # final LayerNorm; the tied head's copy
+                "param_numels": [h, h] + ([word] if pp > 1 else []),
                 "matmul_params": word,  # the tied head, cast once (also the embedding without pipelining)
                 "grad_transient": g * word}  # the output layer's gradient of the tied matrix
         real = min(vocab_size, vocab) if self.mask_padded_vocab and tp == 1 else vocab // tp
         if self.loss_chunk_size:  # final LN input; gradients of the hidden states and the head, made in forward
-            last["activations"] = n * h * r + 8 * n + 4 * n * h + 4 * word
+            last["activations"] = (n * h * r + stats * n) // u + 4 * n * h + 4 * word
             last["transient"] = (8 + e) * min(n, self.loss_chunk_size) * vocab // tp  # one chunk's logits
-        else:  # final LN in/out; the loss's fp32 softmax; logits and their gradient around the loss
-            last["activations"] = n * h * (r + e) + 8 * n + 4 * n * real
+        else:  # final LN in/out (the output layer's saved input); the loss's fp32 softmax; logits and their gradient
+            last["activations"] = (n * h * (r + e) + stats * n) // u + 4 * n * real
             last["transient"] = (e + 4) * n * vocab // tp
-        stages = pipeline_stages(pp, L, layer, first, last)
+        stages = pipeline_stages(pp, L, layer, first, last, stack)
         whole = L * block_params(block, 1) + padded_vocab_size(vocab_size, self.make_vocab_size_divisible_by) * h \
             + positions * h + 2 * h
         return {"params": whole, "flops_per_token": training_flops_per_token(block, vocab, s), "stages": stages}
@@ -130,6 +149,8 @@ def check_config(cfg: GPTConfig) -> None:
             raise ConfigError(f"model.{key}: must be at least 1, got {getattr(cfg, key)}")
     if cfg.max_position_embeddings is not None and cfg.max_position_embeddings < cfg.seq_length:
         raise ConfigError(f"model.max_position_embeddings={cfg.max_position_embeddings} is smaller than model.seq_length={cfg.seq_length}")
+    check_recompute(cfg, "model", cfg.num_layers // cfg.pipeline_model_parallel_size)
+    check_sequence_parallel(cfg, {"model.seq_length": cfg.seq_length})
 
 
 class GPTModel(TiedWordEmbeddingStages, nn.Module):
@@ -143,6 +164,7 @@ class GPTModel(TiedWordEmbeddingStages, nn.Module):
         st = current()
         self.pre_process, self.post_process = st.is_first_stage, st.is_last_stage
         self.language_model = TransformerLanguageModel(cfg, self.padded_vocab_size)
+        self.eager_reason = eager_reason(cfg)  # trainer.compile leaves the step eager with these keys on
         self.finish_stages()  # the last stage's copy of the tied word embedding, resharding aliases
 
     # --- the LanguageModule contract (shared_embedding_or_output_weight: TiedWordEmbeddingStages) ---
@@ -176,7 +198,13 @@ class GPTModel(TiedWordEmbeddingStages, nn.Module):
 
     def stage_forward(self, batch: Dict[str, torch.Tensor], hidden: Optional[torch.Tensor]):
         """This pipeline stage's part: embed (first stage) or take `hidden`, run the local
-        layers, and on the last stage return the loss dict; else the hidden states."""
+        layers, and on the last stage return the loss dict; else the hidden states (this
+        rank's slice of the sequence under `model.sequence_parallel`)."""
+        with sequence_parallel_region(self.config.sequence_parallel):
+            return self._stage_forward(batch, hidden)
+
+    def _stage_forward(self, batch, hidden):
+        sp = self.config.sequence_parallel
         if self.pre_process:
             tokens = batch["tokens"]
             positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
@@ -187,15 +215,18 @@ class GPTModel(TiedWordEmbeddingStages, nn.Module):
         if self.config.loss_chunk_size:  # the same sum without the [tokens, vocab] logits
             vocab = self.vocab_size if self.config.mask_padded_vocab else None
             return {"loss_sum": chunked_linear_cross_entropy(
-                copy_to_tp(hidden), self.shared_embedding_or_output_weight(), batch["labels"], batch["loss_mask"],
-                vocab, self.config.loss_chunk_size)}
-        logits = F.linear(copy_to_tp(hidden), self.shared_embedding_or_output_weight())
+                output_layer_input(hidden, sp), self.shared_embedding_or_output_weight(), batch["labels"],
+                batch["loss_mask"], vocab, self.config.loss_chunk_size)}
+        logits = output_logits(hidden, self.shared_embedding_or_output_weight(), sp)
         losses = self.compute_language_model_loss(batch["labels"], logits)
         return {"loss_sum": (losses * batch["loss_mask"]).sum()}
 
     def activation_shape(self, batch: Dict[str, torch.Tensor]) -> tuple:
-        """Shape of the hidden states passed between pipeline stages."""
+        """Shape of the hidden states passed between pipeline stages: [b, s / TP, h] under
+        sequence parallelism (Megatron's [s / TP, b, h])."""
         b, s = batch["tokens"].shape
+        if self.config.sequence_parallel:
+            s //= current().tp_size
         return (b, s, self.config.hidden_size)
 
     def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
@@ -229,3 +260,12 @@ def build_gpt(config: GPTConfig, tokenizer, plugins=None) -> GPTModel:
 @mega.hookimpl
 def register_models(register):
     register("gpt", build_gpt, config=GPTConfig)
+
+
+@mega.hookimpl
+def register_model_converters(register):
+    """GPT's Hugging Face (GPT-2), Megatron-LM, megatron-core and NeMo mappings
+    (mega.plugins.models.gpt_interop)."""
+    from mega.plugins.models.gpt_interop import GPTInterop
+
+    register("gpt", GPTInterop)

@@ -6,12 +6,22 @@ Parameter names follow Megatron-LM's legacy layout (`self_attention.query_key_va
 fused QKV weight is stored per head as [num_heads, 3, head_dim] rows (checkpoint_version
 >= 2.0), which is also what a column-parallel split by heads needs: each rank holds whole
 heads with their Q, K and V.
+
+Activation memory (docs/parallelism.md): `full` recomputation runs the stack's layers through
+`mega.runtime.recompute.run_layers`; `selective` recomputation checkpoints the core
+attention (`core_attn`) and the MLP (`mlp`) inside the modules themselves. With
+`sequence_parallel`, the residual stream between the column- and row-parallel linears is
+this rank's slice of the sequence inside the sequence-parallel region (the models' training
+forwards), the LayerNorms are tagged `sequence_parallel` (their gradients are summed over
+the TP group) and the stack draws its dropout masks under the model-parallel RNG fork, as
+Megatron-core's TransformerBlock does; attention still sees the whole sequence.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import attrs
 import torch
@@ -19,13 +29,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from mega.errors import ConfigError
+from mega.runtime import recompute
 from mega.runtime.parallel import current
 from mega.runtime.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    copy_to_tp,
+    gather_from_sp,
     get_rng_tracker,
     mark_replicated,
+    scatter_to_sp,
+    sequence_parallel_active,
+    sequence_parallel_linear,
+    tag_sequence_parallel,
 )
 
 
@@ -46,6 +63,12 @@ class BlockConfig:
     activation: str = "gelu"  # "gelu" (exact, erf) or "gelu_tanh" (Megatron's fused bias-GELU, GPT-2's gelu_new)
     init_method_std: float = 0.02
     attention_backend: str = "auto"  # the SDPA kernel: "auto" (torch picks), "flash", "cudnn", "efficient", "math"
+    # activation memory (mega.plugins.models.scaling: the keys and their checks)
+    activations_checkpoint_granularity: Optional[str] = None  # "selective", "full" or None
+    activations_checkpoint_method: Optional[str] = None  # "uniform" or "block" (full)
+    activations_checkpoint_num_layers: Optional[int] = None
+    recompute_modules: Tuple[str, ...] = attrs.field(default=("core_attn",), converter=tuple)
+    sequence_parallel: bool = False
     where: str = "model"
 
     @classmethod
@@ -61,6 +84,17 @@ class BlockConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    def recomputes(self, module: str) -> bool:
+        """Selective recomputation of `module` ("core_attn", "mlp") is on."""
+        return self.activations_checkpoint_granularity == "selective" and module in self.recompute_modules
+
+    @property
+    def full_recompute(self) -> Tuple[Optional[str], Optional[int]]:
+        """(method, number of layers) of `full` recomputation; (None, None) without it."""
+        if self.activations_checkpoint_granularity != "full":
+            return None, None
+        return self.activations_checkpoint_method, self.activations_checkpoint_num_layers
 
     def init_method(self, t: torch.Tensor) -> torch.Tensor:
         return nn.init.normal_(t, 0.0, self.init_method_std)
@@ -104,9 +138,19 @@ class Embedding(nn.Module):
         self.position_embeddings = nn.Embedding(max_positions, cfg.hidden_size)
         cfg.init_method(self.position_embeddings.weight.data)
         self.embedding_dropout = nn.Dropout(cfg.hidden_dropout)
+        self.sequence_parallel = cfg.sequence_parallel
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        return self.embedding_dropout(self.word_embeddings(tokens) + self.position_embeddings(position_ids))
+        return self.dropout_out(self.word_embeddings(tokens) + self.position_embeddings(position_ids))
+
+    def dropout_out(self, x: torch.Tensor) -> torch.Tensor:
+        """The embeddings' sum through the embedding dropout; in the sequence-parallel
+        region first cut to this rank's slice of the sequence, whose mask comes from the
+        model-parallel stream (each rank's tokens their own, Megatron's rule)."""
+        if sequence_parallel_active(self.sequence_parallel):
+            with get_rng_tracker().fork():
+                return self.embedding_dropout(scatter_to_sp(x))
+        return self.embedding_dropout(x)
 
 
 class KVCache:
@@ -137,14 +181,20 @@ class SelfAttention(nn.Module):
         self.attention_dropout = cfg.attention_dropout
         self.attention_backend = cfg.attention_backend
         self.layer_number = layer_number  # index into a KV cache (local to this pipeline stage)
-        self.query_key_value = ColumnParallelLinear(cfg.hidden_size, 3 * cfg.hidden_size, cfg.init_method)
-        self.dense = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, cfg.output_init_method)
+        self.recompute_core = cfg.recomputes("core_attn")
+        self.query_key_value = ColumnParallelLinear(cfg.hidden_size, 3 * cfg.hidden_size, cfg.init_method,
+                                                    sequence_parallel=cfg.sequence_parallel)
+        self.dense = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, cfg.output_init_method,
+                                       sequence_parallel=cfg.sequence_parallel)
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, key_mask: Optional[torch.Tensor] = None,
                 causal: bool = True) -> torch.Tensor:
-        """`key_mask` [b, s] (True = attend) masks padded keys; `causal=False` for encoders."""
-        b, s, _ = x.shape
-        qkv = self.query_key_value(x).view(b, s, self.num_heads, 3, self.head_dim)
+        """`key_mask` [b, s] (True = attend) masks padded keys; `causal=False` for encoders.
+        Under sequence parallelism `x` is this rank's slice of the sequence and the QKV
+        linear gathers the whole of it."""
+        qkv = self.query_key_value(x)
+        b, s = qkv.shape[:2]
+        qkv = qkv.view(b, s, self.num_heads, 3, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=3))  # each [b, heads, s, head_dim]
         past = 0
         if cache is not None:
@@ -158,8 +208,10 @@ class SelfAttention(nn.Module):
             if causal and mask is None:
                 mask = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
             mask = keys if mask is None else mask & keys
-        y = attend(q, k, v, mask, self.attention_dropout if self.training else 0.0,
-                   is_causal=causal and mask is None, backend=self.attention_backend)
+        core = functools.partial(attend, dropout=self.attention_dropout if self.training else 0.0,
+                                 is_causal=causal and mask is None, backend=self.attention_backend)
+        y = recompute.checkpoint(core, q, k, v, mask) if self.recompute_core and recompute.wanted(self) \
+            else core(q, k, v, mask)
         return self.dense(y.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -186,7 +238,8 @@ def sdpa_backend(backend: str, device: torch.device):
 def attend(q, k, v, mask, dropout: float, is_causal: bool = False, backend: str = "auto") -> torch.Tensor:
     """SDPA with a boolean mask (or SDPA's own causal mask); rows whose keys are all masked
     give zeros, not NaN. Under tensor parallelism this rank's heads draw their own dropout
-    masks (the model-parallel RNG tracker). `backend`: ATTENTION_BACKENDS."""
+    masks (the model-parallel RNG tracker; inside the stack's fork under sequence
+    parallelism, the same stream). `backend`: ATTENTION_BACKENDS."""
     rng = get_rng_tracker().fork() if dropout and current().tp_size > 1 else contextlib.nullcontext()
     with rng, sdpa_backend(backend, q.device):
         if mask is not None:
@@ -204,17 +257,25 @@ class CrossAttention(nn.Module):
         self.num_heads, self.head_dim = cfg.num_attention_heads // current().tp_size, cfg.head_dim
         self.attention_dropout = cfg.attention_dropout
         self.attention_backend = cfg.attention_backend
-        self.query = ColumnParallelLinear(cfg.hidden_size, cfg.hidden_size, cfg.init_method)
+        self.recompute_core = cfg.recomputes("core_attn")
+        # under sequence parallelism x is this rank's slice; the memory is whole on every rank
+        self.query = ColumnParallelLinear(cfg.hidden_size, cfg.hidden_size, cfg.init_method,
+                                          sequence_parallel=cfg.sequence_parallel)
         self.key_value = ColumnParallelLinear(memory_size or cfg.hidden_size, 2 * cfg.hidden_size, cfg.init_method)
-        self.dense = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, cfg.output_init_method)
+        self.dense = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, cfg.output_init_method,
+                                       sequence_parallel=cfg.sequence_parallel)
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor, memory_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        b, s, _ = x.shape
-        q = self.query(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        q = self.query(x)
+        b, s = q.shape[:2]
+        q = q.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         kv = self.key_value(memory).view(b, memory.shape[1], self.num_heads, 2, self.head_dim)
         k, v = (t.transpose(1, 2) for t in kv.unbind(dim=3))
         mask = None if memory_mask is None else memory_mask[:, None, None, :].bool()
-        y = attend(q, k, v, mask, self.attention_dropout if self.training else 0.0, backend=self.attention_backend)
+        core = functools.partial(attend, dropout=self.attention_dropout if self.training else 0.0,
+                                 backend=self.attention_backend)
+        y = recompute.checkpoint(core, q, k, v, mask) if self.recompute_core and recompute.wanted(self) \
+            else core(q, k, v, mask)
         return self.dense(y.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -230,11 +291,26 @@ class MLP(nn.Module):
     def __init__(self, cfg: BlockConfig):
         super().__init__()
         self.approximate = ACTIVATIONS[cfg.activation]
-        self.dense_h_to_4h = ColumnParallelLinear(cfg.hidden_size, cfg.ffn, cfg.init_method)
-        self.dense_4h_to_h = RowParallelLinear(cfg.ffn, cfg.hidden_size, cfg.output_init_method)
+        self.recompute = cfg.recomputes("mlp")
+        self.dense_h_to_4h = ColumnParallelLinear(cfg.hidden_size, cfg.ffn, cfg.init_method,
+                                                  sequence_parallel=cfg.sequence_parallel)
+        self.dense_4h_to_h = RowParallelLinear(cfg.ffn, cfg.hidden_size, cfg.output_init_method,
+                                               sequence_parallel=cfg.sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.recompute and recompute.wanted(self):  # keeps only x, the LayerNorm's output
+            return recompute.checkpoint(self._forward, x)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate=self.approximate))
+
+
+def layer_norm(cfg: BlockConfig) -> nn.LayerNorm:
+    """A LayerNorm of the residual stream; under sequence parallelism it sees this rank's
+    tokens only, so its parameters are tagged for the TP sum of their gradients."""
+    norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+    return tag_sequence_parallel(norm) if cfg.sequence_parallel else norm
 
 
 class TransformerLayer(nn.Module):
@@ -242,9 +318,9 @@ class TransformerLayer(nn.Module):
 
     def __init__(self, cfg: BlockConfig, layer_number: int):
         super().__init__()
-        self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.input_layernorm = layer_norm(cfg)
         self.self_attention = SelfAttention(cfg, layer_number)
-        self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.post_attention_layernorm = layer_norm(cfg)
         self.mlp = MLP(cfg)
         self.hidden_dropout = nn.Dropout(cfg.hidden_dropout)
 
@@ -265,21 +341,44 @@ class TransformerStack(nn.Module):
         super().__init__()
         keep = range(cfg.num_layers) if keep is None else keep
         self.layer_offset = keep.start
+        self.full_recompute = cfg.full_recompute
+        self.sequence_parallel = cfg.sequence_parallel
         layers = []
         for i in range(cfg.num_layers):  # build each layer, keep this stage's (memory: one at a time)
             layer = TransformerLayer(cfg, i - keep.start)
             if i in keep:
                 layers.append(layer)
         self.layers = nn.ModuleList(layers)
-        self.final_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon) if final_layernorm else None
+        self.final_layernorm = layer_norm(cfg) if final_layernorm else None
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, key_mask: Optional[torch.Tensor] = None,
                 causal: bool = True) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x, cache, key_mask, causal)
-        if cache is not None:
-            cache.length += x.shape[1]
-        return self.final_layernorm(x) if self.final_layernorm is not None else x
+        """Under sequence parallelism `x` is this rank's slice of the sequence, and so is
+        the output; the stack draws from the model-parallel RNG stream (module docstring)."""
+        fork = get_rng_tracker().fork() if sequence_parallel_active(self.sequence_parallel) else contextlib.nullcontext()
+        method, k = self.full_recompute if cache is None and recompute.wanted(self) else (None, None)
+        with fork:
+            x = recompute.run_layers(self.layers, x, cache, key_mask, causal, method=method, num_layers=k)
+            if cache is not None:
+                cache.length += x.shape[1]
+            return self.final_layernorm(x) if self.final_layernorm is not None else x
+
+
+def output_logits(hidden: torch.Tensor, weight: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+    """The output layer, column-parallel over the vocabulary: this rank's logits slice for
+    every token. Under sequence parallelism `hidden` is this rank's slice of the sequence,
+    gathered by the linear (which saves only the slice)."""
+    if sequence_parallel_active(sequence_parallel):
+        return sequence_parallel_linear(hidden, weight)
+    return F.linear(copy_to_tp(hidden), weight)
+
+
+def output_layer_input(hidden: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+    """`hidden` as a column-parallel layer over the whole sequence takes it (the chunked
+    loss's input): gathered from the sequence-parallel slices, or as is (copy_to_tp)."""
+    if sequence_parallel_active(sequence_parallel):
+        return gather_from_sp(hidden)
+    return copy_to_tp(hidden)
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int = 1) -> int:

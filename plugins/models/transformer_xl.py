@@ -17,6 +17,7 @@ the training memory alone; `evaluate` runs the reference's evaluation protocol.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Dict, List, Optional, Tuple
 
@@ -31,11 +32,13 @@ from mega.config.schema import InvalidValue
 from mega.errors import ConfigError
 from mega.plugins.data.lm_ordered import OrderedLMObjective
 from mega.plugins.models.adaptive_softmax import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax
+from mega.plugins.models.scaling import RecomputeKeys, SequenceParallelKey, check_recompute, check_sequence_parallel
+from mega.runtime import recompute
 from mega.runtime.tensor_parallel import mark_replicated
 
 
 @define(kw_only=True)
-class TransformerXLConfig(ModelConfig):
+class TransformerXLConfig(RecomputeKeys, SequenceParallelKey, ModelConfig):
     """`model.*` keys of the `transformer_xl` model (the reference's names; defaults are its
     WikiText-103 base model). `seq_length` is the segment length, `tgt_len` its alias."""
 
@@ -104,8 +107,16 @@ class TransformerXLConfig(ModelConfig):
                      + b * q * (6 * 4 * d + 4 * hd * e + f * (2 * e + mask) + 3 * mask * d)  # LNs, q+u, q+v, FF, dropout masks
                      + 5 * 4 * b * n * q * k)  # content and position scores, their sum, probabilities (fp32)
         head = model.crit.head()[0].shape[0]
-        stage = {"params": params, "activations": self.n_layer * per_layer + 4 * b * q * d * 3,
-                 "transient": 2 * 4 * b * q * head, "grad_transient": 4 * params}
+        layers, rebuilt = self.n_layer * per_layer, 0
+        if self.activations_checkpoint_granularity == "full":  # a chunk keeps its input (the residual stream)
+            k = min(self.activations_checkpoint_num_layers or 1, self.n_layer)
+            r = 2 if self.megatron_amp_O2 and e == 2 else 4
+            if self.activations_checkpoint_method == "uniform":
+                layers, rebuilt = math.ceil(self.n_layer / k) * b * q * d * r, k * per_layer
+            else:
+                layers, rebuilt = k * b * q * d * r + (self.n_layer - k) * per_layer, per_layer
+        stage = {"params": params, "activations": layers + 4 * b * q * d * 3,
+                 "transient": 2 * 4 * b * q * head, "grad_transient": 4 * params, "recompute_transient": rebuilt}
         return {"params": params, "flops_per_token": model.flops_per_token(self.seq_length), "stages": [stage]}
 
     def eval_settings(self) -> Dict[str, object]:
@@ -143,6 +154,10 @@ def check_config(cfg: TransformerXLConfig, vocab_size: Optional[int] = None) -> 
     for key in ("init", "emb_init"):
         if getattr(cfg, key) not in ("normal", "uniform") and not (key == "emb_init" and cfg.emb_init is None):
             raise ConfigError(f"model.{key}: \"normal\" or \"uniform\", got {getattr(cfg, key)!r}")
+    # activation memory: whole layers recomputed (full); no sequence split of the segment + memory
+    check_recompute(cfg, "model", cfg.n_layer, full_only=True)
+    check_sequence_parallel(cfg, {}, supported="transformer_xl attends over its segment memory with relative positions;"
+                                               " it is not split along the sequence")
     if cfg.tensor_model_parallel_size > 1 or cfg.pipeline_model_parallel_size > 1:
         raise ConfigError("model.tensor_model_parallel_size / model.pipeline_model_parallel_size: transformer_xl"
                           " trains with data parallelism only; set both to 1")
@@ -316,6 +331,7 @@ class TransformerXLModel(nn.Module):
                                                 cfg.resolved_tie_projs(), self.word_emb, cfg.tie_weight)
         init_weights(self, cfg)
         mark_replicated(self)
+        self.eager_reason = "model.activations_checkpoint_granularity" if cfg.activations_checkpoint_granularity else None
         self._train_mems: Dict[int, torch.Tensor] = {}  # carried across steps, by micro-batch slot
         self._eval_mems: Dict[int, torch.Tensor] = {}  # within one validation pass
 
@@ -347,12 +363,38 @@ class TransformerXLModel(nn.Module):
             pos_seq = pos_seq.clamp(max=clamp_len)
         core_out = self.drop(word_emb)
         pos_emb = self.drop(self.pos_emb(pos_seq).to(word_emb.dtype))
-        hids = []
-        for i, layer in enumerate(self.layers):
-            hids.append(core_out.detach())
-            core_out = layer(core_out, pos_emb, self.r_w_bias, self.r_r_bias, mask, mems[i])
+        core_out, hids = self._layers(core_out, pos_emb, mask, mems)
         core_out = self.drop(core_out)
         return core_out, update_mems(hids, mems, mem_len, 0)
+
+    def _layers(self, x: torch.Tensor, pos_emb: torch.Tensor, mask: torch.Tensor, mems: torch.Tensor):
+        """(output, every layer's input) of the layers, each over its memory; with
+        `model.activations_checkpoint_granularity = "full"`, chunks of layers recomputed in
+        backward (mega.runtime.recompute: "uniform" chunks of num_layers, or the first
+        num_layers layers one by one for "block"). A chunk returns its layers' outputs, so
+        the inputs the memory keeps come out of it."""
+        cfg = self.config
+        method = cfg.activations_checkpoint_method if cfg.activations_checkpoint_granularity == "full" \
+            and recompute.wanted(self) else None
+        k = cfg.activations_checkpoint_num_layers or 1
+        size = k if method == "uniform" else 1
+        hids = []
+        for start in range(0, self.n_layer, size):
+            chunk = range(start, min(start + size, self.n_layer))
+            run = functools.partial(self._chunk, chunk, pos_emb, mask)
+            layer_mems = [mems[i] for i in chunk]
+            outs = recompute.checkpoint(run, x, *layer_mems) if method == "uniform" or (method == "block" and start < k) \
+                else run(x, *layer_mems)
+            hids += [x.detach()] + [o.detach() for o in outs[:-1]]
+            x = outs[-1]
+        return x, hids
+
+    def _chunk(self, chunk: range, pos_emb, mask, x, *layer_mems) -> tuple:
+        outs = []
+        for i, m in zip(chunk, layer_mems):
+            x = self.layers[i](x, pos_emb, self.r_w_bias, self.r_r_bias, mask, m)
+            outs.append(x)
+        return tuple(outs)
 
     # --- training ---------------------------------------------------------------------------
     def training_loss(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

@@ -247,7 +247,8 @@ def _from_archive(path: Path, lm, tok, plugins=None) -> bool:
 
 
 def _from_huggingface(path: Path, lm, tok, plugins=None) -> bool:
-    from mega.plugins.checkpoints.huggingface_bert import MODEL_TYPE, architecture_of, mega_model_config, tokenizer_table
+    from mega.plugins.models.bert_interop.huggingface import MODEL_TYPE, architecture_of, mega_model_config
+    from mega.plugins.tokenizers.wordpiece_interop import tokenizer_table
 
     hf = _hf_config(path)
     if hf is None or hf.get("model_type") != MODEL_TYPE:

@@ -11,6 +11,7 @@ from attrs import define
 
 import mega
 from mega.config import TokenizerConfig
+from mega.plugins.tokenizers.bytes_interop import register_tokenizer_converters  # noqa: F401 (its converters)
 
 
 @define(kw_only=True)

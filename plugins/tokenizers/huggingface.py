@@ -20,7 +20,6 @@ run stands on its own.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -29,6 +28,7 @@ from attrs import define
 import mega
 from mega.config import TokenizerConfig
 from mega.errors import ConfigError
+from mega.plugins.tokenizers.huggingface_interop import register_tokenizer_converters  # noqa: F401 (its converters)
 
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>")
 
@@ -121,27 +121,6 @@ class HuggingFaceTokenizer:
 
     def artifacts(self) -> Dict[str, Path]:
         return dict(self.files)
-
-
-def special_tokens(path: Path) -> Dict[str, str]:
-    """`eos_token` / `pad_token` named in a Hugging Face model directory's
-    special_tokens_map.json or tokenizer_config.json (absent ones left out)."""
-    found: Dict[str, str] = {}
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        file = Path(path) / name
-        if not file.is_file():
-            continue
-        try:
-            data = json.loads(file.read_text())
-        except (OSError, ValueError):
-            continue
-        for key in ("eos_token", "pad_token"):
-            value = data.get(key)
-            if isinstance(value, dict):  # an AddedToken written out
-                value = value.get("content")
-            if isinstance(value, str):
-                found[key] = value
-    return found
 
 
 def build(config: HuggingFaceConfig, corpus_files, run_dir) -> HuggingFaceTokenizer:

@@ -21,6 +21,7 @@ from mega.checkpoint.atomic import atomic_write_bytes, atomic_write_text
 from mega.config import TokenizerConfig
 from mega.config.schema import at_least_one, non_negative, positive
 from mega.errors import ConfigError, DataError
+from mega.plugins.tokenizers.sentencepiece_interop import register_tokenizer_converters  # noqa: F401 (its converters)
 
 log = logging.getLogger("mega.tokenizer")
 

@@ -46,27 +46,14 @@ from mega.checkpoint import trained_files
 from mega.config import TokenizerConfig
 from mega.config.schema import at_least_one
 from mega.errors import ConfigError, DataError
+from mega.plugins.tokenizers.wordpiece_interop import TOKENIZER_NAMES
+from mega.plugins.tokenizers.wordpiece_interop import register_tokenizer_converters  # noqa: F401 (its converters)
 
 log = logging.getLogger("mega.tokenizer")
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
            (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
-
-# tokenizer_name -> lower-case (and strip accents). Megatron-LM's --tokenizer-type names and
-# the Hugging Face model names of the public BERT vocabularies are accepted as well.
-TOKENIZER_NAMES = {
-    "megatron-bert-uncased": True,
-    "megatron-bert-cased": False,
-    "BertWordPieceLowerCase": True,
-    "BertWordPieceCase": False,
-    "bert-base-uncased": True,
-    "bert-large-uncased": True,
-    "bert-base-cased": False,
-    "bert-large-cased": False,
-    "bert-base-multilingual-cased": False,
-}
-
 
 @define(kw_only=True)
 class WordPieceConfig(TokenizerConfig):

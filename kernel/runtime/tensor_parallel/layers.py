@@ -5,6 +5,11 @@ its own slice, so a model built at any tensor-parallel size starts from exactly 
 weights of the single-process model with the same seed. Every parameter carries
 `partition_dim`: the dimension split across tensor-parallel ranks (None: replicated),
 which the grad-norm and checkpoint resharding code read.
+
+Built with `sequence_parallel=True`, a column-parallel layer takes this rank's slice of the
+sequence and gathers it, and a row-parallel layer reduce-scatters its output to such a
+slice (its bias, added after, then sees only this rank's tokens: tagged
+`sequence_parallel`), inside the sequence-parallel region only (`sequence_parallel.py`).
 """
 from __future__ import annotations
 
@@ -15,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mega.runtime.parallel import current
-from mega.runtime.tensor_parallel.mappings import copy_to_tp, gather_from_tp, reduce_from_tp
+from mega.runtime.tensor_parallel.mappings import copy_to_tp, gather_from_tp, reduce_from_tp, reduce_scatter_to_sp
+from mega.runtime.tensor_parallel.sequence_parallel import sequence_parallel_active, sequence_parallel_linear
 
 InitMethod = Callable[[torch.Tensor], torch.Tensor]
 
@@ -49,15 +55,19 @@ class ColumnParallelLinear(nn.Module):
     """y = x A^T + b with A split by output rows: each rank computes its slice of y."""
 
     def __init__(self, in_features: int, out_features: int, init_method: InitMethod, bias: bool = True,
-                 gather_output: bool = False):
+                 gather_output: bool = False, sequence_parallel: bool = False):
         super().__init__()
         _divide(out_features, "output features")
         self.gather_output = gather_output
+        self.sequence_parallel = sequence_parallel  # its input is the sequence-split stream
         self.weight = shard(init_method(torch.empty(out_features, in_features)), 0)
         self.bias = shard(torch.zeros(out_features), 0) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(copy_to_tp(x), self.weight, self.bias)
+        if sequence_parallel_active(self.sequence_parallel):
+            y = sequence_parallel_linear(x, self.weight, self.bias)
+        else:
+            y = F.linear(copy_to_tp(x), self.weight, self.bias)
         return gather_from_tp(y) if self.gather_output else y
 
 
@@ -65,14 +75,19 @@ class RowParallelLinear(nn.Module):
     """y = x A^T + b with A split by input columns: each rank holds a slice of x (the
     output of a column-parallel layer), partial products are summed across ranks."""
 
-    def __init__(self, in_features: int, out_features: int, init_method: InitMethod, bias: bool = True):
+    def __init__(self, in_features: int, out_features: int, init_method: InitMethod, bias: bool = True,
+                 sequence_parallel: bool = False):
         super().__init__()
         _divide(in_features, "input features")
+        self.sequence_parallel = sequence_parallel  # its output is the sequence-split stream
         self.weight = shard(init_method(torch.empty(out_features, in_features)), 1)
         self.bias = shard(torch.zeros(out_features), None) if bias else None
+        if self.bias is not None and sequence_parallel:
+            self.bias.sequence_parallel = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = reduce_from_tp(F.linear(x, self.weight))
+        y = F.linear(x, self.weight)
+        y = reduce_scatter_to_sp(y) if sequence_parallel_active(self.sequence_parallel) else reduce_from_tp(y)
         return y + self.bias if self.bias is not None else y
 
 

@@ -1,17 +1,10 @@
-"""The `megatron` checkpoint format: Megatron-LM's legacy ("torch") layout, so tools
-built for Megatron-LM checkpoints read ours and we read theirs.
+"""Megatron-LM's legacy checkpoint layout, whatever the model: where each rank's file is,
+how its nested `model` dict reads under mega's flat (Megatron-LM legacy) names, and the
+older spellings and QKV orders of earlier checkpoint versions.
 
     <checkpoints>/latest_checkpointed_iteration.txt      the iteration, as text
     <checkpoints>/iter_0000100/mp_rank_00/model_optim_rng.pt        (TP rank 0)
     <checkpoints>/iter_0000100/mp_rank_01_002/model_optim_rng.pt    (TP 1, PP stage 2)
-
-`model_optim_rng.pt` holds `args` (an argparse.Namespace), `checkpoint_version` (3.0),
-`iteration`, `model` (`language_model` -> `embedding` / `encoder` with Megatron's key
-names), `optimizer`, `opt_param_scheduler` and `rng_state`; mega's own resume state rides
-along under `mega`. Reading converts the fused QKV rows of checkpoint versions 0 and 1.0
-to the per-head [heads, 3, head_dim] order used since 2.0, reads the files Hugging Face's
-converter writes, and refuses architectures mega's GPT cannot run (megatron_args.py).
-`mega import` / `mega export` of Megatron-LM checkpoints live in megatron_interop.py.
 """
 from __future__ import annotations
 
@@ -21,18 +14,7 @@ from typing import Dict, Optional
 
 import torch
 
-import mega
-from mega.checkpoint import atomic_write_text
-from mega.errors import CheckpointError, ConfigError
-from mega.plugins.checkpoints.megatron_args import (
-    activation_of,
-    check_supported,
-    load_file,
-    megatron_args,
-    pp_size,
-    tokenizer_files,
-    tp_size,
-)
+from mega.errors import CheckpointError
 
 CHECKPOINT_VERSION = 3.0
 FILE = "model_optim_rng.pt"
@@ -40,7 +22,7 @@ TRACKER = "latest_checkpointed_iteration.txt"
 # Tensor-parallel split of Megatron's parameters (Megatron-LM's legacy layout)
 COLUMN = ("self_attention.query_key_value.weight", "self_attention.query_key_value.bias",
           "mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.bias", "word_embeddings.weight",
-          "word_embeddings_for_head.weight", "lm_head.bias")  # BERT's LM-head bias is vocabulary-parallel
+          "word_embeddings_for_head.weight", "lm_head.bias")  # Megatron's LM-head bias is vocabulary-parallel
 ROW = ("self_attention.dense.weight", "mlp.dense_4h_to_h.weight")
 
 
@@ -106,7 +88,7 @@ def flatten(model: dict) -> Dict[str, torch.Tensor]:
     for key, value in model.items():
         if key != "language_model" and isinstance(value, dict):
             for sub, t in value.items():
-                if key == "lm_head":  # BERT's LM head says `norm` since Sep 2023 too
+                if key == "lm_head":  # an LM head says `norm` since Sep 2023 too
                     sub = re.sub(r"^norm\.", "layernorm.", sub)
                 flat[f"{key}.{sub}"] = t
     return flat
@@ -125,21 +107,10 @@ def qkv_to_current(t: torch.Tensor, version: float, heads: int) -> torch.Tensor:
     return t.reshape(3 * heads * head_dim, *rest).contiguous()
 
 
-def _final_directory(directory: Path) -> Path:
+def final_directory(directory: Path) -> Path:
     """Where the checkpoint being written will live (the kernel writes into `.tmp-<name>`
     and renames it into place)."""
     return directory.with_name(directory.name[len(".tmp-"):]) if directory.name.startswith(".tmp-") else directory
-
-
-def _tokenizer_files(config: dict, directory: Path) -> Dict[str, str]:
-    """Where Megatron-LM should find the tokenizer's files: the copies the kernel puts into
-    the checkpoint directory (`tokenizer.<file name>`), by mega config key."""
-    tok = config.get("model", {}).get("tokenizer", {})
-    found = tokenizer_files(tok)
-    if tok.get("library") == "sentencepiece" and not found:
-        found = {"model": "tokenizer.model"}
-    final = _final_directory(directory)
-    return {key: str((final / f"tokenizer.{Path(value).name}").absolute()) for key, value in found.items()}
 
 
 def find_rank_file(directory: Path, tp_rank: int, pp_rank: int, pp: int) -> Optional[Path]:
@@ -156,83 +127,33 @@ def find_rank_file(directory: Path, tp_rank: int, pp_rank: int, pp: int) -> Opti
     return None
 
 
-class MegatronFormat:
-    name = "megatron"
+def tp_size(args) -> int:
+    """The tensor-parallel size an `args` was saved at: `tensor_model_parallel_size`, or
+    `model_parallel_size` in files older than checkpoint_version 3.0 (Megatron-LM before
+    pipeline parallelism named it so), else 1."""
+    for field in ("tensor_model_parallel_size", "model_parallel_size"):
+        value = getattr(args, field, None)
+        if value:
+            return int(value)
+    return 1
 
-    def directory_name(self, step: int) -> str:
-        return f"iter_{step:07d}"
 
-    def after_commit(self, root: Path, final: Path, step: int) -> None:
-        atomic_write_text(root / TRACKER, f"{step}\n")
-
-    def save(self, state: dict, directory: Path, parallel=None) -> None:
-        folder = rank_folder(directory, parallel)
-        folder.mkdir(parents=True, exist_ok=True)
-        model = state["model"]
-        config = state.get("config", {})
-        tp, pp = (parallel.tp_size, parallel.pp_size) if parallel else (1, 1)
-        vocab = state.get("vocab_size")
-        padded = None
-        if vocab is None:  # a caller that does not say the vocabulary size: the padded rows
-            word = next((t for k, t in model.items() if k.endswith("word_embeddings.weight")), None)
-            padded = word.shape[0] * tp if word is not None else None
-        trainer = state.get("trainer", {})
-        rng = trainer.get("rng", {})
-        torch.save({
-            "args": megatron_args(config, tp, pp, vocab, padded=padded, files=_tokenizer_files(config, directory)),
-            "checkpoint_version": CHECKPOINT_VERSION,
-            "iteration": trainer.get("step", 0),
-            "model": nest(model),
-            "optimizer": state.get("optimizer"),
-            "opt_param_scheduler": {"num_steps": trainer.get("consumed_samples", 0)},
-            "rng_state": [{
-                "random_rng_state": rng.get("python"), "np_rng_state": rng.get("numpy"),
-                "torch_rng_state": rng.get("torch"), "cuda_rng_state": rng.get("cuda"),
-                "rng_tracker_states": rng.get("rng_tracker_states"),
-            }],
-            "mega": {"trainer": trainer, "sharding": state.get("sharding")},
-        }, folder / FILE)
-
-    def load(self, directory: Path, parallel=None, parts=("model", "optimizer", "trainer", "sharding")) -> dict:
-        tp_rank, pp_rank, pp = (parallel.tp_rank, parallel.pp_rank, parallel.pp_size) if parallel else (0, 0, 1)
-        path = find_rank_file(directory, tp_rank, pp_rank, pp)
-        if path is None:
-            raise CheckpointError(f"{rank_folder(directory, parallel) / FILE}: missing from the checkpoint")
-        raw = load_file(path, str(path))
-        return state_from_raw(raw, str(path), pp_rank, parts)
-
-    # --- mega import / mega export ---------------------------------------------------------
-    def can_import(self, source: Path) -> bool:
-        from mega.plugins.checkpoints.megatron_interop import can_import
-
-        return can_import(source)
-
-    def import_run(self, source: Path, run_dir: Path, options, plugins) -> Path:
-        from mega.plugins.checkpoints.megatron_interop import import_run
-
-        return import_run(source, run_dir, options, plugins)
-
-    def export_run(self, checkpoint: Path, destination: Path, options, plugins) -> Path:
-        from mega.plugins.checkpoints.megatron_interop import export_run
-
-        return export_run(checkpoint, destination, options, plugins)
+def pp_size(args) -> int:
+    return int(getattr(args, "pipeline_model_parallel_size", None) or 1)
 
 
 def state_from_raw(raw: dict, name: str, pp_rank: int = 0, parts=("model", "optimizer", "trainer", "sharding")) -> dict:
     """One rank's file as the kernel's checkpoint state: the model under mega's names
     (QKV rows of checkpoint versions < 2.0 reordered), the trainer step, and a sharding
-    record built from `args` when mega did not write one."""
+    record built from `args` when mega did not write one. What a model family cannot run
+    is its converter's to refuse (`family.family_of`), not this layout's."""
     if not isinstance(raw, dict) or "model" not in raw:
         if isinstance(raw, dict) and any(k.startswith("model") and k[5:].isdigit() for k in raw):
             raise CheckpointError(f"{name}: holds virtual-pipeline chunks (model0, model1, ...); mega cannot load them")
         raise CheckpointError(f"{name}: has no 'model' entry; not a Megatron-LM checkpoint")
     args = raw.get("args")
-    check_supported(args, name)
     version = float(raw.get("checkpoint_version", 0))
     model = flatten(raw["model"])
-    if "language_model.output_layer.weight" in model:
-        raise CheckpointError(f"{name}: has language_model.output_layer (an output layer untied from the word"
-                              " embeddings); mega's GPT cannot run this architecture")
     tp = tp_size(args) if args is not None else 1
     pp = pp_size(args) if args is not None else 1
     if version < 2.0:
@@ -255,38 +176,3 @@ def state_from_raw(raw: dict, name: str, pp_rank: int = 0, parts=("model", "opti
         "partition_dims": {k: partition_dim(k) for k in model}, "global_shapes": {},
     }
     return state
-
-
-def _saved_args(checkpoint: Path):
-    """`args` of a checkpoint's first rank file (memory-mapped: the tensors are not read)."""
-    for folder in sorted(checkpoint.glob("mp_rank_*")):
-        for name in (FILE, "model_rng.pt"):
-            if (folder / name).is_file():
-                from mega.plugins.checkpoints.megatron_args import _safe_globals
-
-                with torch.serialization.safe_globals(_safe_globals()):
-                    return torch.load(folder / name, map_location="cpu", weights_only=True, mmap=True).get("args")
-    return None
-
-
-@mega.hookimpl
-def on_train_start(run):
-    """A resumed `megatron` checkpoint must have been trained with the run's activation:
-    the weights load into either GELU, so the kernel's strict load cannot tell. The format's
-    `load` never sees the run's config, so the check sits here, before the first step."""
-    path = getattr(run, "resumed_from", None)
-    if path is None or run.config.exp_manager.checkpoint.format != "megatron":
-        return
-    args = _saved_args(Path(path))
-    if args is None or not hasattr(args, "openai_gelu"):
-        return
-    saved, ours = activation_of(args), run.config.model.activation
-    if saved != ours:
-        raise ConfigError(f"{path}: was trained with activation {saved!r} (args.openai_gelu={args.openai_gelu},"
-                          f" bias_gelu_fusion={getattr(args, 'bias_gelu_fusion', None)}) but model.activation={ours!r};"
-                          f" set model.activation={saved!r} to resume it, or start a new run")
-
-
-@mega.hookimpl
-def register_checkpoint_formats(register):
-    register("megatron", MegatronFormat)

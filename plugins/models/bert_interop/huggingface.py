@@ -1,6 +1,5 @@
-"""Megatron-BERT in Hugging Face transformers' `MegatronBert*` directories: the BERT half
-of the `huggingface` checkpoint format (huggingface.py dispatches here on
-`model_type = "megatron-bert"` and on mega's BERT model names).
+"""Megatron-BERT as Hugging Face transformers' `MegatronBert*` classes (`model_type =
+"megatron-bert"`): config.json and the state dict, both ways.
 
 transformers' MegatronBert is Megatron-LM's pre-LayerNorm BERT, so the mapping is exact,
 name for name (`N` a layer):
@@ -25,20 +24,19 @@ split is a view, no arithmetic. Both sides store Linear weights [out, in]: no tr
 The word embedding and the LM-head bias are cut to the tokenizer's vocabulary on export
 and padded (zeros: never predicted) to mega's vocabulary rule on import. HF's config gets
 the run's LayerNorm epsilon (Megatron's 1e-5, where HF's default is 1e-12), its
-activation, dropouts and, for classifier heads, `num_labels` / `id2label`; the tokenizer
-travels as `vocab.txt` + `tokenizer_config.json` (`do_lower_case`).
+activation, dropouts and, for classifier heads, `num_labels` / `id2label`. The tokenizer
+is the tokenizer's own converter's (mega.plugins.tokenizers.wordpiece_interop: `vocab.txt`
+with `do_lower_case`).
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
-from pathlib import Path
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Tuple
 
 import torch
 
-from mega.errors import CheckpointError, ConfigError
+from mega.errors import CheckpointError
 from mega.runtime.sharding import fit
 
 log = logging.getLogger("mega.checkpoints.huggingface")
@@ -65,8 +63,6 @@ CLASSIFIER = {"MegatronBertForSequenceClassification": "classifier", "MegatronBe
 # the classifier's mega name in each head model (Megatron-LM's names where it has the head)
 HEAD_NAMES = {"bert_sequence_classification": "classification_head", "bert_multiple_choice": "multichoice_head",
               "bert_token_classification": "token_classification_head", "bert_question_answering": "qa_head"}
-IMPORT_OPTIONS = ("vocab_file", "do_lower_case", "make_vocab_size_divisible_by", "seq_length")
-TOKENIZER_FILE = "vocab.txt"
 
 WORD = "language_model.embedding.word_embeddings.weight"
 LM_BIAS = "lm_head.bias"
@@ -317,64 +313,10 @@ def hf_config(mc, tokenizer, dtype_name: str = "float32") -> dict:
     return config
 
 
-# --- the tokenizer --------------------------------------------------------------------------
-
-
-def tokenizer_table(source: Path, options: Mapping[str, str]) -> Tuple[dict, Dict[str, Path]]:
-    """The wordpiece tokenizer of a Hugging Face BERT directory (or the options):
-    `vocab.txt`, and `do_lower_case` from tokenizer_config.json (True when unsaid, as
-    BertTokenizer defaults)."""
-    if options.get("vocab_file"):
-        vocab = Path(options["vocab_file"]).expanduser()
-        if not vocab.is_file():
-            raise ConfigError(f"--option vocab_file={vocab}: no such file")
-    elif (source / TOKENIZER_FILE).is_file():
-        vocab = source / TOKENIZER_FILE
-    else:
-        raise CheckpointError(f"{source}: no vocab.txt; name BERT's WordPiece vocabulary with --option vocab_file=PATH")
-    lower = True
-    try:
-        lower = bool(json.loads((source / "tokenizer_config.json").read_text()).get("do_lower_case", True))
-    except (OSError, ValueError, AttributeError):
-        pass
-    if options.get("do_lower_case") is not None:
-        lower = parse_bool(options["do_lower_case"], "do_lower_case")
-    return {"library": "wordpiece", "do_lower_case": lower}, {"vocab_file": vocab}
-
-
-def parse_bool(value: str, key: str) -> bool:
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes"):
-        return True
-    if text in ("0", "false", "no"):
-        return False
-    raise ConfigError(f"--option {key}={value}: expected true or false")
-
-
-def write_tokenizer(tokenizer, mc, destination: Path) -> None:
-    """vocab.txt and tokenizer_config.json, what BertTokenizer(Fast).from_pretrained reads."""
-    files = tokenizer.artifacts()
-    if "vocab_file" not in files:
-        raise CheckpointError(f"model.tokenizer.library={mc.tokenizer.library!r} names no vocab_file to write as vocab.txt")
-    (destination / TOKENIZER_FILE).write_bytes(Path(files["vocab_file"]).read_bytes())
-    lower = lower_case_of(mc.tokenizer)
-    config = {"tokenizer_class": "BertTokenizer", "do_lower_case": lower, "strip_accents": None,
-              "tokenize_chinese_chars": True, "unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]",
-              "cls_token": "[CLS]", "mask_token": "[MASK]",
-              "model_max_length": getattr(mc, "max_position_embeddings", None) or mc.seq_length}
-    (destination / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-
-
-def lower_case_of(tokenizer_config) -> bool:
-    """Whether a wordpiece tokenizer config lower-cases (`do_lower_case`, else as its
-    `tokenizer_name` says)."""
-    from mega.plugins.tokenizers.wordpiece import TOKENIZER_NAMES
-
-    lower = getattr(tokenizer_config, "do_lower_case", None)
-    if lower is not None:
-        return bool(lower)
-    return TOKENIZER_NAMES.get(getattr(tokenizer_config, "tokenizer_name", None), True)
-
-
-def is_bert(model_name: Optional[str]) -> bool:
-    return model_name in ARCHITECTURES
+def checked_mega_to_hf(state: Mapping[str, torch.Tensor], mc, vocab: int) -> Dict[str, torch.Tensor]:
+    """`mega_to_hf` for a run's config `mc`, with the token-type embedding transformers
+    always has (one zero row when the model has none)."""
+    out = mega_to_hf(state, mc.name, mc.num_layers, mc.num_attention_heads, vocab)
+    if "bert.embeddings.token_type_embeddings.weight" not in out:  # num_tokentypes = 0: HF always adds one
+        out["bert.embeddings.token_type_embeddings.weight"] = torch.zeros(1, mc.hidden_size)
+    return out

@@ -1,4 +1,5 @@
-"""megatron-core's GPT state-dict names and mega's (Megatron-LM legacy) names, both ways.
+"""GPT's megatron-core state-dict keys and mega's (Megatron-LM legacy) names, both ways:
+the `torch_dist` format's keys and NeMo's mcore archives.
 
 One table, written once: mega's names inside a transformer layer -> megatron-core's with
 Transformer Engine's fused layer norms (`linear_qkv.layer_norm_weight`, the TE spec that

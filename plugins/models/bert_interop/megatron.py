@@ -1,5 +1,5 @@
-"""Megatron-LM's legacy BERT checkpoints for `mega import` / `mega export --to megatron`
-(megatron_interop.py calls these when the model is a BERT).
+"""Megatron-BERT in Megatron-LM's legacy checkpoints: recognising one, its `args`, and the
+model table an imported one gets.
 
 Megatron-BERT's files hold, beside the GPT-shaped `language_model`, the token-type
 embedding (`language_model.embedding.tokentype_embeddings`), the pooler
@@ -7,25 +7,25 @@ embedding (`language_model.embedding.tokentype_embeddings`), the pooler
 bias) and the binary (NSP/SOP) head (`binary_head`); Megatron's fine-tuning models add
 `classification_head` or `multichoice_head`. mega's BERT parameters carry exactly these
 names, so the tensors map key for key; what this module adds is the `args` Megatron's BERT
-has (`bert_binary_head`, the WordPiece `tokenizer_type` and `vocab_file`) and the model
-table an imported BERT gets from them.
+has (`bert_binary_head`, its GeLU flags, the head sizes; the WordPiece `tokenizer_type` and
+`vocab_file` are the tokenizer's converter's) and the model table an imported BERT gets.
 
 Files from NGC's `megatron_bert_345m` release (a zip holding
 `release/mp_rank_00/model_optim_rng.pt`, checkpoint_version 0, vocabulary padded to 30592 /
 29056 rows) may lack `args`; then the shape comes from the tensors and the head count from
-`--option num_attention_heads=N`.
+`--option num_attention_heads=N` (the `megatron` format's).
 """
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, Mapping
 
 import torch
 
-from mega.errors import CheckpointError, ConfigError
+from mega.errors import CheckpointError
+from mega.plugins.models.gpt_interop.megatron import activation_of
 
-BERT_TYPES = {"BertWordPieceLowerCase": True, "BertWordPieceCase": False}
+# Megatron-LM's BERT tokenizers: a checkpoint whose args name one is a BERT
+BERT_TYPES = ("BertWordPieceLowerCase", "BertWordPieceCase")
 # mega BERT model names whose classifier Megatron-LM has, and its key
 MEGATRON_HEADS = {"classification_head": "bert_sequence_classification", "multichoice_head": "bert_multiple_choice"}
 TOKENTYPES = "language_model.embedding.tokentype_embeddings.weight"
@@ -33,9 +33,7 @@ TOKENTYPES = "language_model.embedding.tokentype_embeddings.weight"
 
 def is_bert(state: Mapping[str, torch.Tensor], args) -> bool:
     """A BERT checkpoint: its tensors (LM head, binary head, token types, pooler) or its
-    args (a WordPiece tokenizer, or mega's own model name) say so."""
-    if getattr(args, "mega_model", None):
-        return str(args.mega_model).startswith("bert")
+    args (Megatron's BERT tokenizer) say so."""
     if getattr(args, "tokenizer_type", None) in BERT_TYPES:
         return True
     return any(k.startswith(("lm_head.", "binary_head.", "language_model.pooler.", *MEGATRON_HEADS)) or k == TOKENTYPES
@@ -45,7 +43,7 @@ def is_bert(state: Mapping[str, torch.Tensor], args) -> bool:
 def bert_args(model: dict) -> dict:
     """The fields Megatron-LM's BERT adds to `args` for a mega BERT model table (the
     WordPiece `tokenizer_type` and `vocab_file` come with every tokenizer's fields)."""
-    fields = {"mega_model": model.get("name"), "bert_binary_head": bool(model.get("add_binary_head", True)),
+    fields = {"bert_binary_head": bool(model.get("add_binary_head", True)),
               "num_tokentypes": model.get("num_tokentypes", 2)}
     # Megatron-LM's GeLU flags: its fused bias-GeLU is tanh in the MLP only (the LM head
     # keeps exact GeLU); openai_gelu is tanh in both
@@ -70,9 +68,9 @@ def model_name(state: Mapping[str, torch.Tensor], args) -> str:
 
 def model_table(state: Dict[str, torch.Tensor], args, where: str) -> dict:
     """`model.*` of the mega BERT these merged tensors (mega's names) and `args` describe."""
-    from mega.plugins.checkpoints.megatron_args import activation_of
-
-    word = state["language_model.embedding.word_embeddings.weight"]
+    word = state.get("language_model.embedding.word_embeddings.weight")
+    if word is None or not any(k.startswith("language_model.encoder.layers.") for k in state):
+        raise CheckpointError(f"{where}: holds no BERT language model (word embeddings and layers)")
     positions = state.get("language_model.embedding.position_embeddings.weight")
     if positions is None:
         raise CheckpointError(f"{where}: has no position embedding; mega's BERT has learned absolute positions")
@@ -106,40 +104,3 @@ def model_table(state: Dict[str, torch.Tensor], args, where: str) -> dict:
     if head is not None:
         model["num_labels"] = int(getattr(args, "mega_num_labels", None) or state[head].shape[0])
     return model
-
-
-def tokenizer(args, options: Mapping[str, str], source, near: List[Path]) -> Tuple[dict, Dict[str, Path]]:
-    """The wordpiece tokenizer of a BERT checkpoint: `--option vocab_file` (with
-    `do_lower_case`), else the vocab file `args` name (found where it was, or beside the
-    checkpoint), lower-cased as `args.tokenizer_type` says."""
-    from mega.plugins.checkpoints.huggingface_bert import parse_bool
-    from mega.plugins.checkpoints.megatron_interop import _locate, _option_file
-
-    kind = getattr(args, "tokenizer_type", None)
-    lower = BERT_TYPES.get(kind, True)
-    if options.get("do_lower_case") is not None:
-        lower = parse_bool(options["do_lower_case"], "do_lower_case")
-    if options.get("vocab_file"):
-        return {"library": "wordpiece", "do_lower_case": lower}, {"vocab_file": _option_file(options, "vocab_file")}
-    if getattr(args, "mega_tokenizer_library", None) == "bytes":
-        return {"library": "bytes"}, {}
-    vocab = _locate(getattr(args, "vocab_file", None), near)
-    if vocab is not None:
-        return {"library": "wordpiece", "do_lower_case": lower}, {"vocab_file": vocab}
-    said = f"args.vocab_file={getattr(args, 'vocab_file', None)!r} (not found)" if getattr(args, "vocab_file", None) \
-        else "its args name no vocab_file"
-    raise ConfigError(f"{source}: a BERT checkpoint needs its WordPiece vocabulary ({said}); give --option"
-                      " vocab_file=PATH (BERT's vocab.txt, e.g. bert-large-uncased-vocab.txt for the uncased NGC"
-                      " release) and, for a cased model, --option do_lower_case=false")
-
-
-def fallback_args(options: Mapping[str, str]) -> Optional[argparse.Namespace]:
-    """Stand-in `args` for a file saved without them (early Megatron-LM, NGC's release):
-    only the head count, which no tensor shape tells."""
-    if not options.get("num_attention_heads"):
-        return None
-    try:
-        heads = int(options["num_attention_heads"])
-    except ValueError:
-        raise ConfigError(f"--option num_attention_heads={options['num_attention_heads']}: expected a whole number") from None
-    return argparse.Namespace(num_attention_heads=heads)
