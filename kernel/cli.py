@@ -7,6 +7,7 @@
     mega generate CHECKPOINT --prompt TEXT          sample from a trained model
     mega encode CHECKPOINT --text T --output F      hiddens (z, z_mean, ...) of an encoder-decoder
     mega evaluate RUN_OR_ARCHIVE [--split test] [overrides ...]   loss and perplexity over a whole split
+    mega evaluate RUN_OR_ARCHIVE --harness TASKS    scores on lm-evaluation-harness tasks
     mega preprocess --input F --output-prefix P --tokenizer ...   tokenize into Megatron's .bin/.idx
     mega predict CHECKPOINT --question Q --context C | --text T   ask a fine-tuned task model
 
@@ -118,7 +119,15 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", choices=["valid", "test", "train"], default="test", help="the split to score (default: test)")
     ev.add_argument("--torchscript", action="store_true",
                     help="score through the model's TorchScript inference module (what mega export --torchscript writes)")
-    ev.add_argument("--output", default=None, help="where to write the metrics (default: RUN/eval_<split>.json)")
+    ev.add_argument("--output", default=None, help="where to write the metrics (default: RUN/eval_<split>.json,"
+                                                   " RUN/eval_harness.json with --harness)")
+    ev.add_argument("--harness", default=None, metavar="TASKS",
+                    help="score lm-evaluation-harness tasks instead (comma-separated; pip install 'mega-lm[lm_eval]')")
+    ev.add_argument("--include-path", default=None, metavar="DIR", help="with --harness: a folder of task YAMLs of your own")
+    ev.add_argument("--num-fewshot", type=int, default=None, help="with --harness: examples in each prompt")
+    ev.add_argument("--limit", type=float, default=None, help="with --harness: documents per task (or a fraction)")
+    ev.add_argument("--batch-size", default="1", help="with --harness: requests per forward pass (default: 1)")
+    ev.add_argument("--device", default=None, help="with --harness: cpu, cuda, cuda:1 (default: cuda when there is one)")
 
     e = sub.add_parser("encode", help="encode texts to their hiddens (and z, z_mean) with an encoder-decoder checkpoint")
     e.add_argument("checkpoint")

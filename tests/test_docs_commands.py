@@ -288,6 +288,17 @@ COMMANDS: Dict[str, object] = {
     "mega run examples/txl-base.toml trainer.devices=8": Run(TXL + WT103, needs=("wt103",),
                                                              expect=_file("results/txl-base/checkpoints")),
     "mega evaluate results/txl-base --split test": Run(needs=("results/txl-base",), expect=_has("perplexity")),
+    # docs/ecosystem.md (W&B offline; MLflow's file store, allowed in `workspace`)
+    "mega run examples/quickstart.toml exp_manager.name=tracked exp_manager.create_wandb_logger=true"
+    " exp_manager.wandb_logger_kwargs.project=mega-quickstart exp_manager.wandb_logger_kwargs.offline=true":
+        Run(GPT + DATA, needs=("corpus.txt",), fresh=("results/tracked",), expect=_file("results/tracked/wandb")),
+    "mega run examples/quickstart.toml exp_manager.name=tracked-mlflow exp_manager.create_mlflow_logger=true":
+        Run(GPT + DATA, needs=("corpus.txt",), fresh=("results/tracked-mlflow",), expect=_file("mlruns")),
+    "mega evaluate RUN_OR_ARCHIVE --harness TASKS [--include-path DIR] [--num-fewshot N] [--limit N] [--batch-size N]"
+    " [--device DEV] [dotted.key=value ...]": SYNOPSIS,
+    "mega evaluate results/quickstart --harness mega_toy_choice --include-path lm_eval_tasks":
+        Run(("--limit", "4"), needs=("results/quickstart", "lm_eval_tasks"),
+            expect=_file("results/quickstart/eval_harness.json"), slow=True),
     # docs/parallelism.md
     "mega run examples/gpt-tp2.toml": Run(GPT + DATA, needs=("corpus.txt",), slow=True),
     # on a machine with one GPU (or none) the 2 workers must be CPU workers
@@ -442,6 +453,12 @@ def _google(kind: str, entries: int):
     return make
 
 
+def _lm_eval_tasks(directory: Path) -> None:
+    from tests.test_lm_eval import write_tasks as write_lm_eval_tasks
+
+    write_lm_eval_tasks(directory, choice_words=1)  # answers that fit the shortened quickstart's 16 positions
+
+
 ARTIFACTS: Dict[str, Tuple[Tuple[str, ...], Callable[[Path], None]]] = {
     # name (a path in the workspace): (what it needs, how it is made)
     "corpus.txt": ((), lambda ws: write_corpus(ws / "corpus.txt")),
@@ -472,6 +489,7 @@ ARTIFACTS: Dict[str, Tuple[Tuple[str, ...], Callable[[Path], None]]] = {
     "results/bert": ((), lambda ws: _run_doc(ws, "mega run examples/bert.toml")),
     "vocab.txt": (("results/bert",), lambda ws: shutil.copy(ws / "results/bert/vocab.txt", ws / "vocab.txt")),
     "tasks": ((), lambda ws: write_tasks(ws / "tasks", train=40, dev=10)),
+    "lm_eval_tasks": ((), lambda ws: _lm_eval_tasks(ws / "lm_eval_tasks")),
     "results/squad": (("tasks", "results/bert"), lambda ws: _run_doc(ws, "mega run examples/squad.toml")),
     "results/text_classification": (("tasks", "results/bert"),
                                     lambda ws: _run_doc(ws, "mega run examples/text_classification.toml")),
@@ -531,6 +549,11 @@ def workspace(tmp_path_factory):
     (ws / "examples").symlink_to(ROOT / "examples", target_is_directory=True)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(ws)
+        # docs/ecosystem.md: no tracker or hub is reached; MLflow 3 allows its file store only when asked
+        for key, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "MLFLOW_ALLOW_FILE_STORE": "true",
+                           "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}.items():
+            mp.setenv(key, value)
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         yield ws
 
 

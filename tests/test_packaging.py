@@ -38,6 +38,9 @@ def test_wheel_contains_every_module_entry_point_and_py_typed(wheel):
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "[mega.plugins]" in text and "gpt = mega.plugins.models.gpt" in text and "mega = mega.cli:main" in text
+    # the start-up hook that lets `lm_eval --model mega` find mega's model, at the top of site-packages
+    pth = zipfile.ZipFile(wheel).read("mega-lm-eval.pth").decode()
+    assert pth.startswith("import sys; exec(") and pth.count("\n") == 1 and "LmEvalModelsHook" in pth
     metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert f"Requires-Dist: torch>={environment.MIN_TORCH}" in metadata
     assert "Provides-Extra: datasets" in metadata and "Provides-Extra: zstd" in metadata

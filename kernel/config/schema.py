@@ -173,8 +173,22 @@ class ExpManagerConfig:
     resume_if_exists: bool = True  # resume from the latest good checkpoint in the run directory
     resume_ignore_config_changes: bool = False  # resume even if keys that cannot resume safely changed (model shape, data, tokenizer)
     loggers: List[str] = field(factory=lambda: ["console", "jsonl", "tensorboard"])
+    # NeMo's experiment-tracker switches: each adds its logger to `loggers` (docs/ecosystem.md)
+    create_wandb_logger: bool = False  # add the `wandb` logger (Weights & Biases; pip install 'mega-lm[wandb]')
+    wandb_logger_kwargs: Dict[str, Any] = field(factory=dict)  # its settings, NeMo's/Lightning's names: name, project, id, save_dir, offline, tags, ...
+    create_mlflow_logger: bool = False  # add the `mlflow` logger (pip install 'mega-lm[mlflow]')
+    mlflow_logger_kwargs: Dict[str, Any] = field(factory=dict)  # its settings, NeMo's names: experiment_name, run_name, tracking_uri, tags, run_id, ...
     checkpoint: CheckpointConfig = field(factory=CheckpointConfig)
     max_time_per_run: Optional[Duration] = None  # stop with a checkpoint once this start of the run has trained this long (under a job time limit)
+
+    def logger_names(self) -> List[str]:
+        """The loggers a run attaches: `loggers`, then `wandb` / `mlflow` when NeMo's
+        `create_wandb_logger` / `create_mlflow_logger` ask for them (once each)."""
+        names = list(self.loggers)
+        for name, wanted in (("wandb", self.create_wandb_logger), ("mlflow", self.create_mlflow_logger)):
+            if wanted and name not in names:
+                names.append(name)
+        return names
 
 
 @define(kw_only=True)

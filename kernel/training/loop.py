@@ -182,11 +182,12 @@ def _flops_per_token(run) -> float | None:
 
 @contextlib.contextmanager
 def attached_loggers(run):
-    """Instantiate the loggers named in `exp_manager.loggers` and register them with the
+    """Instantiate the loggers the run asks for (`exp_manager.loggers`, and the trackers
+    NeMo's `create_wandb_logger` / `create_mlflow_logger` add) and register them with the
     plugin manager for the duration of training, so lifecycle hooks reach them."""
     names = []
     try:
-        for name in run.config.exp_manager.loggers if run.parallel.is_main else []:
+        for name in run.config.exp_manager.logger_names() if run.parallel.is_main else []:
             entry = run.plugins.loggers.get(name, "exp_manager.loggers")
             names.append(f"logger:{name}")
             run.plugins.pm.register(entry.factory(run), name=names[-1])

@@ -263,6 +263,17 @@ def objective_of(model, config) -> SampleObjective:
     return config.objective()
 
 
+def check_loggers(config: ExperimentConfig, plugins) -> None:
+    """Every logger the run attaches exists, and can run with this config: a logger whose
+    factory has `check(config)` (a missing optional package, bad settings) raises its
+    ConfigError here, before the run directory is written."""
+    for name in config.exp_manager.logger_names():
+        key = "exp_manager.loggers" if name in config.exp_manager.loggers else f"exp_manager.create_{name}_logger"
+        check = getattr(plugins.loggers.get(name, key).factory, "check", None)
+        if check is not None:
+            check(config)
+
+
 def build_run(config: ExperimentConfig, plugins=None) -> Run:
     if plugins is None:
         from mega.plugin_manager import get_plugins
@@ -292,8 +303,7 @@ def _build_run(config: ExperimentConfig, plugins, created: list) -> Run:
     optim_entry = plugins.optimizers.get(mc.optim.name, "model.optim.name")
     sched_entry = plugins.lr_schedulers.get(mc.optim.sched.name, "model.optim.sched.name")
     fmt_entry = plugins.checkpoint_formats.get(config.exp_manager.checkpoint.format, "exp_manager.checkpoint.format")
-    for name in config.exp_manager.loggers:
-        plugins.loggers.get(name, "exp_manager.loggers")
+    check_loggers(config, plugins)
     mc.check(plugins)  # shapes and wiring, before the run directory is written
     check_main_params(config)
     # A run directory a run already wrote: the config must still describe that run (read only).
