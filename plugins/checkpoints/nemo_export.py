@@ -127,11 +127,13 @@ def _tokenizer_section(config, tokenizer, style: str, files: Dict[str, bytes], p
                           " export a model trained with a tokenizer NeMo has (docs/checkpoints.md)")
     section, file_keys = found
     artifacts = tokenizer.artifacts()
+    names = getattr(converter, "file_names", {})  # the name a file of that key has elsewhere (tokenizer.model, vocab.txt)
     for yaml_key, config_key in file_keys.items():
         path = artifacts.get(config_key)
         if path is None or not Path(path).is_file():
             raise CheckpointError(f"model.tokenizer.{config_key}: the tokenizer's file is not in the checkpoint")
-        section[yaml_key] = "nemo:" + _store(files, Path(path).name, Path(path).read_bytes())
+        name = names.get(config_key, Path(path).name)
+        section[yaml_key] = "nemo:" + _store(files, name, Path(path).read_bytes())
     return section
 
 
