@@ -102,6 +102,20 @@ class NemoFormat:
             return write_imported_run(run_dir, {"model": model_table}, state, plugins, files=files)
 
 
+def model_table_of(source: Path, plugins) -> dict:
+    """mega's `model` table (tokenizer aside) of a `.nemo` archive, from its yaml and
+    artifacts alone (the weights are not read): what a task's `lm_checkpoint = "X.nemo"`
+    learns its encoder's architecture from."""
+    source = Path(source)
+    with _open(source) as tar:
+        members = _members(source, tar)
+        cfg = _yaml(source, tar, members)
+        family = _family(source, cfg, plugins)
+        if isinstance(family, NemoArchiveReader):
+            return family.nemo_model_table_from(cfg, lambda key: _artifact(source, tar, members, cfg, key), str(source))
+        return family.nemo_model_table(cfg, str(source))
+
+
 def _open(source: Path) -> tarfile.TarFile:
     try:
         return tarfile.open(source, "r:*")  # uncompressed since NeMo 1.7, gzipped before
