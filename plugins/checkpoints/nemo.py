@@ -318,7 +318,7 @@ def _fused_qkv_to_current(source: Path, state: Dict[str, torch.Tensor], model, v
 def _weights(source: Path, tar, members, cfg: dict, model_table: dict, files, plugins,
              family) -> Dict[str, torch.Tensor]:
     from mega.config import config_from_dict
-    from mega.runtime.parallel import ParallelState
+    from mega.runtime.parallel import ParallelState, one_process
     from mega.runtime.sharding import fit, merge_shards, renumber, sharding_of
 
     # mega's model at one process: its names, shapes and tensor-parallel split dimensions
@@ -326,7 +326,7 @@ def _weights(source: Path, tar, members, cfg: dict, model_table: dict, files, pl
     mc = config_from_dict(raw, plugins=plugins, source=f"{source} ({CONFIG})").model
     mc.check(plugins)
     tokenizer = plugins.tokenizers.get(mc.tokenizer.library, "tokenizer.library").factory(mc.tokenizer, [], None)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), one_process():
         model = plugins.models.get(mc.name, "model.name").factory(mc, tokenizer, plugins)
     dims = dict(sharding_of(model, ParallelState())["partition_dims"])
     if isinstance(family, NemoSplitDims):  # where NeMo splits a tensor mega keeps whole
