@@ -32,6 +32,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import attrs
 
+import mega
 from mega.errors import CheckpointError, ConfigError
 from mega.protocols import Match
 from mega.plugins.checkpoints.megatron.layout import current_name
@@ -245,8 +246,7 @@ def nemo_names(name: str):
 
 
 class NemoTaskInterop:
-    """NeMo 1.4's NLP task models (NemoModelConverter, NemoArchiveReader, NemoModelExporter),
-    registered by each task under its name."""
+    """NeMo 1.4's NLP task models (NemoModelConverter, NemoArchiveReader, NemoModelExporter)."""
 
     vocab_tensors = (WORD,)
     nemo_tokenizer_style = "nlp"
@@ -277,3 +277,11 @@ class NemoTaskInterop:
         from mega.plugins.tokenizers.wordpiece_interop import lower_case_of
 
         return nemo_artifacts(model_config, lower_case_of(model_config.tokenizer))
+
+
+@mega.hookimpl
+def register_model_converters(register):
+    """The first-party tasks NeMo 1.x has a model for, under their model names (a task's name
+    is a model too). A plugin of its own: a task's module registers the task and nothing else."""
+    for task in TARGETS:
+        register(task, NemoTaskInterop)

@@ -111,11 +111,3 @@ class QuestionAnsweringTask(TaskBase):
 @mega.hookimpl
 def register_tasks(register):
     register("question_answering", QuestionAnsweringTask, config=QuestionAnsweringConfig)
-
-
-@mega.hookimpl
-def register_model_converters(register):
-    """The fine-tuned task in NeMo 1.4 `.nemo` archives (mega.plugins.tasks.nemo_interop)."""
-    from mega.plugins.tasks.nemo_interop import NemoTaskInterop
-
-    register("question_answering", NemoTaskInterop)

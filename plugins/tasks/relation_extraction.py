@@ -69,11 +69,3 @@ class RelationExtractionTask(TextClassificationTask):
 @mega.hookimpl
 def register_tasks(register):
     register("relation_extraction", RelationExtractionTask, config=RelationExtractionConfig)
-
-
-@mega.hookimpl
-def register_model_converters(register):
-    """The fine-tuned task in NeMo 1.4 `.nemo` archives (mega.plugins.tasks.nemo_interop)."""
-    from mega.plugins.tasks.nemo_interop import NemoTaskInterop
-
-    register("relation_extraction", NemoTaskInterop)

@@ -148,11 +148,3 @@ class TextClassificationTask(TaskBase):
 @mega.hookimpl
 def register_tasks(register):
     register("text_classification", TextClassificationTask, config=TextClassificationConfig)
-
-
-@mega.hookimpl
-def register_model_converters(register):
-    """The fine-tuned task in NeMo 1.4 `.nemo` archives (mega.plugins.tasks.nemo_interop)."""
-    from mega.plugins.tasks.nemo_interop import NemoTaskInterop
-
-    register("text_classification", NemoTaskInterop)

@@ -198,11 +198,3 @@ class TokenClassificationTask(TaskBase):
 @mega.hookimpl
 def register_tasks(register):
     register("token_classification", TokenClassificationTask, config=TokenClassificationConfig)
-
-
-@mega.hookimpl
-def register_model_converters(register):
-    """The fine-tuned task in NeMo 1.4 `.nemo` archives (mega.plugins.tasks.nemo_interop)."""
-    from mega.plugins.tasks.nemo_interop import NemoTaskInterop
-
-    register("token_classification", NemoTaskInterop)
