@@ -100,10 +100,13 @@ def _head(task, variant):
     if task == "text_classification":
         weights, f = _mlp(2, 12, 3)
         return {"classifier_head": {"num_output_layers": 2, "fc_dropout": 0.1}}, weights, lambda h: {"logits": f(h[:, 0])}
-    weights, f = _mlp(1, 13, 2)
-    section = {"token_classifier": {"num_layers": 1, "dropout": 0.0, "num_classes": 2, "activation": "relu",
-                                    "log_softmax": False, "use_transformer_init": True}}
-    return section, weights, lambda h: dict(zip(("start_logits", "end_logits"), f(h).unbind(-1)))
+    layers, log_softmax = (1, False) if variant == 0 else (2, True)
+    weights, f = _mlp(layers, 13, 2)
+    section = {"token_classifier": {"num_layers": layers, "dropout": 0.0, "num_classes": 2, "activation": "relu",
+                                    "log_softmax": log_softmax, "use_transformer_init": True}}
+    # NeMo's log_softmax is over the classifier's last dimension: (start, end) of each token
+    out = (lambda h: torch.log_softmax(f(h), -1)) if log_softmax else f
+    return section, weights, lambda h: dict(zip(("start_logits", "end_logits"), out(h).unbind(-1)))
 
 
 def _yaml(task, section, data):
@@ -204,11 +207,16 @@ def test_a_nemo_14_task_archive_imports_with_nemos_logits(encoder, data, tmp_pat
         assert mc.dataset.num_classes == 3 and mc.classifier_head.num_output_layers == 2
 
 
-def test_a_three_layer_tanh_token_head(encoder, data, tmp_path, plugins):
+def test_a_three_layer_tanh_token_head_and_a_log_softmax_qa_head(encoder, data, tmp_path, plugins):
     nemo = tmp_path / "ner.nemo"
     want = build_task_archive(nemo, encoder, data, "token_classification", variant=1)
     model, _, config = restore(nemo, plugins)  # straight from the file
     assert (config.model.head.num_fc_layers, config.model.head.activation) == (3, "tanh")
+    _assert_close(model.logits(BATCH), want)
+    nemo = tmp_path / "qa.nemo"
+    want = build_task_archive(nemo, encoder, data, "question_answering", variant=1)
+    model, _, config = restore(nemo, plugins)
+    assert (config.model.token_classifier.num_layers, config.model.token_classifier.log_softmax) == (2, True)
     _assert_close(model.logits(BATCH), want)
 
 

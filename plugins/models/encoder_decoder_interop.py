@@ -252,7 +252,6 @@ class EncoderDecoderInterop:
     """NeMo's MegatronT5Model / MegatronBARTModel (NemoModelConverter, NemoModelExporter,
     NemoSplitDims), registered by mega.plugins.models.encoder_decoder for `t5` and `bart`."""
 
-    tokenizers = ("sentencepiece", "huggingface", "wordpiece", "bytes")
     vocab_tensors = (WORD, "tokens_head_bias")
     nemo_tokenizer_style = "megatron"
     nemo_gzip = False
