@@ -49,15 +49,21 @@ def pipeline_stages(pp: int, layers: int, layer: Dict[str, int], first: Dict[str
     pipeline stages, each layer contributing `layer`, plus the embedding's `first` on
     stage 0 and the head's `last` on stage pp - 1 (both on the one stage without
     pipelining), and `stack` (what a stage's layers add together: stack_activation_bytes)
-    on every stage. Keys: STAGE_KEYS (a missing key counts 0)."""
+    on every stage. Keys: STAGE_KEYS (a missing key counts 0), and `param_numels` (each
+    parameter tensor's size in registration order) when `layer`, `first` and `last` all
+    list theirs."""
     per_stage = layers // pp
     stages = []
+    lists = all("param_numels" in part for part in (layer, first, last))
     for p in range(pp):
         stage = {k: per_stage * layer.get(k, 0) + (stack or {}).get(k, 0) for k in STAGE_KEYS}
         for part, here in ((first, p == 0), (last, p == pp - 1)):
             if here:
                 for k in STAGE_KEYS:
                     stage[k] += part.get(k, 0)
+        if lists:  # registration order: embedding, this stage's layers, final LayerNorm and head
+            stage["param_numels"] = ((first["param_numels"] if p == 0 else []) + layer["param_numels"] * per_stage
+                                     + (last["param_numels"] if p == pp - 1 else []))
         stages.append(stage)
     return stages
 
@@ -68,6 +74,13 @@ def block_params(block: BlockConfig, tp: int) -> int:
     replicated)."""
     h, f = block.hidden_size, block.ffn
     return 4 * h + (3 * h * h + 3 * h) // tp + h * h // tp + h + (h * f + f) // tp + f * h // tp + h
+
+
+def block_param_numels(block: BlockConfig, tp: int) -> List[int]:
+    """block_params, one entry per parameter tensor in the order TransformerLayer registers
+    them (what the distributed optimizer lays out: mega.runtime.param_layout)."""
+    h, f = block.hidden_size, block.ffn
+    return [h, h, 3 * h * h // tp, 3 * h // tp, h * h // tp, h, h, h, h * f // tp, f // tp, f * h // tp, h]
 
 
 def block_matmul_params(block: BlockConfig, tp: int) -> int:

@@ -21,6 +21,7 @@ from mega.errors import ConfigError
 from mega.plugins.models.estimates import (
     activation_bytes,
     block_matmul_params,
+    block_param_numels,
     block_params,
     dropout_mask_bytes,
     layernorm_stats_bytes,
@@ -96,13 +97,15 @@ class GPTConfig(RecomputeKeys, SequenceParallelKey, ModelConfig):
         g = param_bytes(precision, o2)  # a gradient as autograd makes it
         stats = layernorm_stats_bytes(precision, device, o2)  # the final LayerNorm's mean and rstd, per token
         word = vocab * h // tp
-        layer = {"params": block_params(block, tp), "matmul_params": block_matmul_params(block, tp)}
+        layer = {"params": block_params(block, tp), "matmul_params": block_matmul_params(block, tp),
+                 "param_numels": block_param_numels(block, tp)}
         kept, rebuilt = stack_activation_bytes(block, L // pp, b, s, s, tp, precision, device, o2=o2, sp=sp)
         stack = {"activations": kept, "recompute_transient": rebuilt}
-        first = {"params": word + positions * h,
+        first = {"params": word + positions * h, "param_numels": [word, positions * h],
                  "activations": n * h * dropout_mask_bytes(self.hidden_dropout, precision, device, o2) // u,
                  "grad_transient": g * word}  # the embedding's dense gradient before it is accumulated
         last = {"params": 2 * h + (word if pp > 1 else 0),  # final LayerNorm; the tied head's copy
+                "param_numels": [h, h] + ([word] if pp > 1 else []),
                 "matmul_params": word,  # the tied head, cast once (also the embedding without pipelining)
                 "grad_transient": g * word}  # the output layer's gradient of the tied matrix
         real = min(vocab_size, vocab) if self.mask_padded_vocab and tp == 1 else vocab // tp
