@@ -468,7 +468,7 @@ def _tp2_logits(state, nemo):
 def test_a_tp1_nemo_archive_loads_at_tp2(encoder, data, tmp_path):
     """The reverse of the TP=2 archives above: a single-rank NeMo archive opened by two
     tensor-parallel ranks (each resharding its import) computes the same logits."""
-    from tests.multiproc import run_ranks
+    from mega.testing import run_ranks
 
     nemo = tmp_path / "ner.nemo"
     want = build_task_archive(nemo, encoder, data, "token_classification")
