@@ -68,7 +68,8 @@ class NemoFormat:
                               " `mega export RUN model.nemo --to nemo`); train with 'native'")
 
     def load(self, directory: Path, parallel=None, parts=()) -> dict:
-        raise CheckpointError(f"{directory}: the nemo format only imports; `mega import model.nemo RUN_DIR` first")
+        raise CheckpointError(f"{directory}: the nemo format is not a training checkpoint format; `mega import"
+                              " model.nemo RUN_DIR` first")
 
     def export_run(self, checkpoint: Path, destination: Path, options: Mapping[str, str], plugins) -> Path:
         """`options`: `tensor_parallel=N` (one `mp_rank_XX/` per rank; default the run's
@@ -89,11 +90,7 @@ class NemoFormat:
             members = _members(source, tar)
             cfg = _yaml(source, tar, members)
             family = _family(source, cfg, plugins)
-            if isinstance(family, NemoArchiveReader):
-                model_table = family.nemo_model_table_from(cfg, lambda key: _artifact(source, tar, members, cfg, key),
-                                                           str(source))
-            else:
-                model_table = family.nemo_model_table(cfg, str(source))
+            model_table = _table(source, tar, members, cfg, family)
             tok, files = _tokenizer(source, tar, members, cfg, Path(tmp), options, plugins)
             model_table["tokenizer"] = tok
             state = _weights(source, tar, members, cfg, model_table, files, plugins, family)
@@ -110,10 +107,14 @@ def model_table_of(source: Path, plugins) -> dict:
     with _open(source) as tar:
         members = _members(source, tar)
         cfg = _yaml(source, tar, members)
-        family = _family(source, cfg, plugins)
-        if isinstance(family, NemoArchiveReader):
-            return family.nemo_model_table_from(cfg, lambda key: _artifact(source, tar, members, cfg, key), str(source))
-        return family.nemo_model_table(cfg, str(source))
+        return _table(source, tar, members, cfg, _family(source, cfg, plugins))
+
+
+def _table(source: Path, tar, members, cfg: dict, family) -> dict:
+    """The family's model table, from the archive's other members too when it reads them."""
+    if isinstance(family, NemoArchiveReader):
+        return family.nemo_model_table_from(cfg, lambda key: _artifact(source, tar, members, cfg, key), str(source))
+    return family.nemo_model_table(cfg, str(source))
 
 
 def _open(source: Path) -> tarfile.TarFile:
