@@ -245,6 +245,8 @@ COMMANDS: Dict[str, object] = {
     "mega import megatron_gpt.nemo results/from-nemo": Run(needs=("megatron_gpt.nemo",), fresh=("results/from-nemo",),
                                                            expect=_has("imported")),
     'mega generate megatron_gpt.nemo --prompt "..."': Run(FEW_TOKENS, needs=("megatron_gpt.nemo",)),
+    "mega export results/from-nemo gpt_tp2.nemo --to nemo --option tensor_parallel=2":
+        Run(needs=("results/from-nemo",), fresh=("gpt_tp2.nemo",), expect=_file("gpt_tp2.nemo")),
     "mega import gpt.nemo RUN --option tokenizer.library=sentencepiece --option tokenizer.model=/path/spm.model":
         Run(needs=("gpt.nemo", "spm.model"), replace=(("RUN", "results/nemo-spm"), ("/path/spm.model", "spm.model")),
             fresh=("results/nemo-spm",), expect=_has("imported")),
@@ -348,6 +350,12 @@ COMMANDS: Dict[str, object] = {
                                                   fresh=("results/multiple_choice",)),
     "mega evaluate results/multiple_choice --split valid": Run(needs=("results/multiple_choice",),
                                                                expect=_has('"accuracy"')),
+    "mega export results/token_classification ner.nemo --to nemo": Run(needs=("results/token_classification",),
+                                                                       fresh=("ner.nemo",), expect=_file("ner.nemo")),
+    'mega predict ner.nemo --text "the result is not none if the key is not in the dict"':
+        Run(needs=("ner.nemo",), expect=_has('"entities"')),
+    "mega evaluate ner.nemo --split valid model.dataset.data_dir=tasks/ner": Run(needs=("ner.nemo",),
+                                                                                 expect=_has('"f1"')),
     "mega export results/squad squad.mega": Run(needs=("results/squad",), fresh=("squad.mega",), expect=_file("squad.mega")),
     'mega predict squad.mega --question "what comes after lambda ?" --context "a lambda expression yields a function'
     ' object"': Run(needs=("squad.mega",), expect=_has('"answer"')),
@@ -476,6 +484,9 @@ ARTIFACTS: Dict[str, Tuple[Tuple[str, ...], Callable[[Path], None]]] = {
     "results/gpt2": (("gpt2-small",), lambda ws: _run_doc(ws, "mega import ./gpt2-small results/gpt2")),
     "megatron_gpt.nemo": (("results/quickstart",), _nemo),
     "gpt.nemo": (("megatron_gpt.nemo",), lambda ws: shutil.copy(ws / "megatron_gpt.nemo", ws / "gpt.nemo")),
+    "results/from-nemo": (("megatron_gpt.nemo",), lambda ws: _run_doc(ws, "mega import megatron_gpt.nemo results/from-nemo")),
+    "ner.nemo": (("results/token_classification",),
+                 lambda ws: _run_doc(ws, "mega export results/token_classification ner.nemo --to nemo")),
     "spm.model": (("results/quickstart",), lambda ws: shutil.copy(ws / "results/quickstart/tokenizer.model",
                                                                  ws / "spm.model")),
     "results/megatron_mim": (("corpus.txt",), lambda ws: _run_doc(ws, "mega run examples/mim.toml")),

@@ -121,6 +121,19 @@ def set_current(state: ParallelState) -> ParallelState:
     return state
 
 
+@contextlib.contextmanager
+def one_process():
+    """Build models as one process would (tensor and pipeline size 1) inside the block,
+    whatever this process's layout: converters hold a whole model's tensors at one process
+    (`mega import`, and a one-file checkpoint opened by each rank of a parallel run)."""
+    previous = current()
+    set_current(ParallelState())
+    try:
+        yield
+    finally:
+        set_current(previous)
+
+
 def layout(world: int, tp: int, pp: int) -> int:
     """The data-parallel size, or a ConfigError naming the keys when sizes do not divide."""
     if tp < 1 or pp < 1:

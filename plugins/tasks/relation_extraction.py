@@ -69,4 +69,3 @@ class RelationExtractionTask(TextClassificationTask):
 @mega.hookimpl
 def register_tasks(register):
     register("relation_extraction", RelationExtractionTask, config=RelationExtractionConfig)
-
