@@ -51,6 +51,11 @@ class QuestionAnsweringConfig(TaskConfig):
     dataset: SquadDatasetConfig = field(factory=SquadDatasetConfig)
     token_classifier: Optional[QuestionAnsweringHead] = nemo_key(HEAD)  # NeMo's head section: accepted, not built
 
+    @classmethod
+    def tiny_task_keys(cls, tasks):
+        return {"train_ds": {"file": str(tasks / "squad_train.json")}, "validation_ds": {"file": str(tasks / "squad_dev.json")},
+                "dataset": {"max_seq_length": 64, "doc_stride": 32, "max_query_length": 16}}
+
 
 class QuestionAnsweringTask(TaskBase):
     head = "bert_question_answering"

@@ -91,6 +91,10 @@ class TokenClassificationConfig(TaskConfig):
     class_labels: TokenLabelsConfig = field(factory=TokenLabelsConfig)
     head: Optional[TokenClassifierHead] = nemo_key(HEAD)  # NeMo's head section: accepted, not built
 
+    @classmethod
+    def tiny_task_keys(cls, tasks):
+        return {"dataset": {"data_dir": str(tasks / "ner"), "max_seq_length": 48, "pad_label": "O"}}
+
 
 class TokenClassificationTask(TaskBase):
     head = "bert_token_classification"
