@@ -275,6 +275,16 @@ class ModelConfig:
         default; a model plugin overrides this to declare another need)."""
         return SampleObjective()
 
+    @classmethod
+    def tiny_preset(cls, directory) -> Optional[dict]:
+        """A tiny instance of this model, as torchtitan's `debugmodel` or litgpt's
+        `Config.from_name`: the experiment tables (at least `model`, with the tokenizer and
+        data it needs) that build it and train a step in about a second on a CPU, writing
+        whatever files it needs (a corpus, a vocabulary, task files) under `directory`.
+        `mega.testing.tiny_preset(name, directory)` and its fixtures build tests on it; None:
+        this model has no preset (a test of the registry lists it)."""
+        return None
+
 
 @define(kw_only=True)
 class ExperimentConfig:

@@ -43,6 +43,8 @@ positions, the binary-head loss a per-sample mean, and the loss their sum; logge
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import math
 from typing import Dict, Literal, Optional
 
@@ -125,6 +127,21 @@ class BertEncoderConfig(RecomputeKeys, SequenceParallelKey, ModelConfig):
 
     def check(self, plugins=None) -> None:
         check_config(self)
+
+    @classmethod
+    def tiny_preset(cls, directory) -> dict:
+        """2 layers of width 32 with a WordPiece vocabulary of the test words, on documents
+        of sentences (BERT's sentence pairs); the heads are built on the same encoder."""
+        from mega.testing import write_documents, write_vocab
+
+        directory = Path(directory)
+        return {"model": {"micro_batch_size": 4, "seq_length": 32, "max_position_embeddings": 64, "num_layers": 2,
+                          "hidden_size": 32, "num_attention_heads": 4, "ffn_hidden_size": 64,
+                          "make_vocab_size_divisible_by": 8,
+                          "tokenizer": {"library": "wordpiece", "vocab_file": str(write_vocab(directory / "vocab.txt"))},
+                          "data": {"data_prefix": [str(write_documents(directory / "documents.txt"))],
+                                   "splits_string": "80,10,10"},
+                          "optim": {"lr": 1e-3, "sched": {"name": "constant"}}}}
 
     def memory_per_rank(self, vocab_size: int, micro_batch: int, tp: int, pp: int, precision: str,
                         device: str) -> Dict[str, object]:

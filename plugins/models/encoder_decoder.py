@@ -10,6 +10,8 @@ embeddings are shared by encoder, decoder and the output layer.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from typing import Any, Dict, Literal, Optional, Tuple
 
 import contextlib
@@ -94,6 +96,20 @@ class EncoderDecoderConfig(SequenceParallelKey, ModelConfig):
         with torch.random.fork_rng(devices=[]):
             _hiddens_module(self, plugins)
 
+
+    @classmethod
+    def tiny_preset(cls, directory) -> dict:
+        """Encoder and decoder of 2 layers of width 16 on a byte tokenizer and a corpus of
+        random words."""
+        from mega.testing import write_corpus
+
+        stack = {"num_layers": 2, "hidden_size": 16, "num_attention_heads": 4}
+        return {"model": {"micro_batch_size": 4, "seq_length": 32, "seq_length_dec": 32,
+                          "make_vocab_size_divisible_by": 8, "encoder": dict(stack), "decoder": dict(stack),
+                          "tokenizer": {"library": "bytes"},
+                          "data": {"data_prefix": [str(write_corpus(Path(directory) / "corpus.txt"))],
+                                   "splits_string": "80,10,10"},
+                          "optim": {"lr": 1e-3, "sched": {"name": "constant"}}}}
     def memory_per_rank(self, vocab_size: int, micro_batch: int, tp: int, pp: int, precision: str,
                         device: str) -> Dict[str, Any]:
         """mega.protocols.EstimatesMemory: parameters counted on a model built on the meta

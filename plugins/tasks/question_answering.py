@@ -52,6 +52,11 @@ class QuestionAnsweringConfig(TaskConfig):
     dataset: SquadDatasetConfig = field(factory=SquadDatasetConfig)
     token_classifier: Optional[QuestionAnsweringHead] = None  # NeMo's head section: set, the head is NeMo's MLP (mega.plugins.tasks.heads); unset: mega's qa_head
 
+    @classmethod
+    def tiny_task_keys(cls, tasks):
+        return {"train_ds": {"file": str(tasks / "squad_train.json")}, "validation_ds": {"file": str(tasks / "squad_dev.json")},
+                "dataset": {"max_seq_length": 64, "doc_stride": 32, "max_query_length": 16}}
+
 
 class QuestionAnsweringTask(TaskBase):
     head = "bert_question_answering"

@@ -67,6 +67,11 @@ class TextClassificationConfig(TaskConfig):
     classifier_head: Optional[SequenceClassifierHead] = None  # NeMo's head section: set, the head is NeMo's MLP on the first token (mega.plugins.tasks.heads); unset: pooler + mega's
     infer_samples: Optional[List[str]] = nemo_key("mega predict RUN --text answers a query")  # NeMo's post-training queries: accepted, not used
 
+    @classmethod
+    def tiny_task_keys(cls, tasks):
+        return {"train_ds": {"file_path": str(tasks / "sentences_train.tsv")},
+                "validation_ds": {"file_path": str(tasks / "sentences_dev.tsv")}, "dataset": {"num_classes": 2, "max_seq_length": 48}}
+
 
 def write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)

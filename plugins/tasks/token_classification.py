@@ -92,6 +92,10 @@ class TokenClassificationConfig(TaskConfig):
     class_labels: TokenLabelsConfig = field(factory=TokenLabelsConfig)
     head: Optional[TokenClassifierHead] = None  # NeMo's head section: set, the head is NeMo's MLP (mega.plugins.tasks.heads); unset: mega's
 
+    @classmethod
+    def tiny_task_keys(cls, tasks):
+        return {"dataset": {"data_dir": str(tasks / "ner"), "max_seq_length": 48, "pad_label": "O"}}
+
 
 class TokenClassificationTask(TaskBase):
     head = "bert_token_classification"
