@@ -133,6 +133,7 @@ def _save_and_verify(parallel, root):
     return verify(path)["files"]
 
 
+@pytest.mark.slow
 def test_the_manifest_waits_for_every_ranks_part(tmp_path):
     """Rank 0 writes the manifest only when every rank's part is whole on disk (seen
     under load: a TP=2 checkpoint whose manifest had rank 1's optimizer.pt half written)."""

@@ -394,6 +394,7 @@ SPM_AWKWARD = [t for t in AWKWARD if EOT not in t] + [
 ]
 
 
+@pytest.mark.slow
 def test_the_quickstart_model_goes_to_hugging_face_and_back(tmp_path, plugins):
     """Issue 20, item 19: a sentencepiece run (the quickstart's tokenizer, trained by mega)
     exported to Hugging Face wrote no tokenizer, and `mega import` had no option for one.

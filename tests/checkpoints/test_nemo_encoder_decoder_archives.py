@@ -128,6 +128,7 @@ def build(path, model, name, tp, gz, hiddens, spm_model):
 
 @pytest.mark.parametrize("name,hiddens,tp,gz", [("t5", False, 1, False), ("bart", True, 2, True),
                                                  ("bart", True, 1, False), ("t5", True, 2, False)])
+@pytest.mark.slow
 def test_a_nemo_encoder_decoder_archive_imports_with_equal_logits(plugins, spm_model, tmp_path, name, hiddens, tp, gz):
     model = source_model(plugins, name, hiddens, spm_model)
     nemo = build(tmp_path / "ed.nemo", model, name, tp, gz, hiddens, spm_model)

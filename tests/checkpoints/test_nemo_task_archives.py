@@ -191,6 +191,7 @@ def _assert_close(got, want):
 
 @pytest.mark.parametrize("task", sorted(TARGET))
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.slow
 def test_a_nemo_14_task_archive_imports_with_nemos_logits(encoder, data, tmp_path, plugins, task, layout):
     nemo = tmp_path / "task.nemo"
     want = build_task_archive(nemo, encoder, data, task, **LAYOUTS[layout])
@@ -207,6 +208,7 @@ def test_a_nemo_14_task_archive_imports_with_nemos_logits(encoder, data, tmp_pat
         assert mc.dataset.num_classes == 3 and mc.classifier_head.num_output_layers == 2
 
 
+@pytest.mark.slow
 def test_a_three_layer_tanh_token_head_and_a_log_softmax_qa_head(encoder, data, tmp_path, plugins):
     nemo = tmp_path / "ner.nemo"
     want = build_task_archive(nemo, encoder, data, "token_classification", variant=1)

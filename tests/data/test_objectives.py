@@ -107,6 +107,7 @@ def test_the_seeds_bart_mim_command_trains(tmp_path, corpus, plugins):
     assert all(np.isfinite(m["loss"]) for m in train_lines)
 
 
+@pytest.mark.slow
 def test_cli_encodes_and_decodes_an_encoder_decoder_checkpoint(tmp_path, corpus, plugins, capsys):
     from mega.cli import main
     from mega.training.loop import train

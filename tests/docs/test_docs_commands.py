@@ -595,6 +595,7 @@ def test_the_table_has_no_stale_rows():
 
 
 @pytest.mark.parametrize("doc", [_param(c) for c in _UNIQUE.values()])
+@pytest.mark.slow
 def test_doc_command(doc: DocCommand, workspace, capsys):
     spec = COMMANDS.get(doc.text)
     if spec is None:

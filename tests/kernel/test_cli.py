@@ -23,6 +23,7 @@ def _write_toml(path: Path, raw: dict) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_bad_config_exits_2_with_one_line_naming_the_key(tmp_path):
     exp = tmp_path / "exp.toml"
     exp.write_text("[model]\nhiden_size = 64\n")

@@ -146,6 +146,7 @@ def test_mega_evaluate_harness_is_the_short_form(setup, hf_results, capsys):
                 assert saved["results"][task][metric] == pytest.approx(value, rel=1e-5), (task, metric)
 
 
+@pytest.mark.slow
 def test_harness_errors_name_what_to_fix(setup, monkeypatch, capsys):
     run = str(setup["run"])
     assert main(["evaluate", run, "--harness", "no_such_task_xyz", "--include-path", str(setup["tasks"])]) == 2

@@ -198,6 +198,7 @@ _HOLD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_second_run_in_the_same_directory_refuses_naming_the_holder(tmp_path, corpus, plugins):
     cfg = tiny_config(tmp_path, corpus, plugins)
     d = run_dir_mod.run_dir_of(cfg)
@@ -342,6 +343,7 @@ class _FailsAtStep1:
 
 
 @pytest.mark.parametrize("case", ["swag label out of range", "swag file failing at step 1", "corrupt lm_checkpoint"])
+@pytest.mark.slow
 def test_a_run_that_failed_before_its_first_checkpoint_takes_the_corrected_config(tmp_path, plugins, case):
     """The issue's multiple-choice starts: a SWAG file with a label out of range (refused
     when the file is read), one that fails in the first step, and a corrupt lm_checkpoint

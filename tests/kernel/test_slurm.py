@@ -128,6 +128,7 @@ def test_settings_that_contradict_the_allocation_are_refused_naming_keys_and_var
     assert "RANK" not in os.environ  # nothing adopted
 
 
+@pytest.mark.slow
 def test_a_contradiction_stops_mega_run_with_one_line_and_status_2(tmp_path, corpus):
     exp = _exp(tmp_path, corpus, max_steps=2)
     env = {**_clean_env(tmp_path), **_task_env(0, 4, 0, nodelist="localhost")}

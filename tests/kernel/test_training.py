@@ -36,6 +36,7 @@ def _final_weights(run_dir):
     return torch.load(ckpt / "model.pt", weights_only=True)
 
 
+@pytest.mark.slow
 def test_resumed_run_equals_uninterrupted_bit_for_bit(tmp_path, corpus, plugins):
     sections = dict(trainer={"max_steps": 12, "val_check_interval": 4},
                     exp_manager={"checkpoint": {"every_n_train_steps": 5, "keep_last_k": 0}})
@@ -67,6 +68,7 @@ def test_rerunning_a_finished_run_does_nothing(tmp_path, corpus, plugins, caplog
     assert len(read_metrics(again.run_dir)) == 2
 
 
+@pytest.mark.slow
 def test_accumulated_micro_batches_equal_one_big_batch(tmp_path, corpus, plugins):
     """Token-weighted loss: 4 micro-batches of 2 give the numbers of 1 batch of 8."""
     no_dropout = {"hidden_dropout": 0.0, "attention_dropout": 0.0}
@@ -99,6 +101,7 @@ def test_inconsistent_batch_settings_are_a_config_error(tmp_path, corpus, plugin
                               model={"micro_batch_size": 2, "global_batch_size": 8}), plugins)
 
 
+@pytest.mark.slow
 def test_fp16_overflow_skips_the_step_and_backs_off(tmp_path, corpus, plugins, caplog):
     cfg = tiny_config(tmp_path, corpus, plugins, trainer={"precision": 16, "max_steps": 40, "val_check_interval": 0},
                       model={"native_amp_init_scale": 2.0**40, "hysteresis": 1})
@@ -118,6 +121,7 @@ def test_fp16_overflow_skips_the_step_and_backs_off(tmp_path, corpus, plugins, c
     assert all(torch.isfinite(p).all() for p in run.model.parameters())
 
 
+@pytest.mark.slow
 def test_bf16_trains_like_fp32(tmp_path, corpus, plugins):
     """bf16 autocast rounds the matmuls, it must not change the optimisation: the loss falls
     and stays within 0.005 (nats per token) of the fp32 run's at every step and at
@@ -200,6 +204,7 @@ def test_on_exception_sees_the_error(tmp_path, corpus):
     assert seen == ["simulated crash at step 1"]
 
 
+@pytest.mark.slow
 def test_validation_loss_falls(tmp_path, corpus, plugins):
     cfg = tiny_config(tmp_path, corpus, plugins, trainer={"max_steps": 30, "val_check_interval": 10, "log_every_n_steps": 10},
                       model={"optim": {"lr": 3e-3}})

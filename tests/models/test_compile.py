@@ -90,6 +90,7 @@ def test_compile_auto_is_off_on_cpu():
     assert compile_wanted(True, torch.device("cpu")) and not compile_wanted(False, torch.device("cuda", 0))
 
 
+@pytest.mark.slow
 def test_a_failed_compilation_falls_back_to_eager_with_one_line(mega_experiment, monkeypatch, caplog):
     """torch.compile raising a compiler-stack error at the first step: the run says so once
     and trains eagerly, to the eager run's losses exactly."""

@@ -78,6 +78,7 @@ SEED_HIDDENS = [
 ]
 
 
+@pytest.mark.slow
 def test_seed_hiddens_overrides_and_joint_loss(plugins):
     cfg = _cfg(plugins, ["model.encoder.arch=perceiver", *SEED_HIDDENS])
     q = cfg.hiddens.transform["q_z_given_x"]

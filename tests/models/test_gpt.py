@@ -76,6 +76,7 @@ def test_qkv_rows_are_per_head_q_k_v(plugins):
     assert qkv[0, 0, 1, 0].tolist() == list(range(24, 32))  # head 1's query rows follow head 0's q, k, v
 
 
+@pytest.mark.slow
 def test_cached_decoding_equals_full_recomputation(plugins):
     model = _model(plugins)
     tokens = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(2))

@@ -331,6 +331,7 @@ def test_uniform_init_covers_the_embedding_tables_unless_emb_init_says_otherwise
 
 
 @pytest.mark.parametrize("div_val,d_embed,pre_lnorm,clamp_len", [(1, 16, False, -1), (2, 16, True, 5), (1, 8, False, 4)])
+@pytest.mark.slow
 def test_log_probabilities_and_memory_equal_hugging_faces_transfo_xl(div_val, d_embed, pre_lnorm, clamp_len, monkeypatch):
     """The same weights in transformers' TransfoXLLMHeadModel (the original code's port;
     shared r biases: untie_r false; WT103's projection tying) give the same hidden states,

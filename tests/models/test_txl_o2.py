@@ -4,6 +4,7 @@ sinusoids are computed in fp32 (a bf16 distance is inexact above 256) and then g
 weights' dtype, so the model runs without a cast error, and trains as fp32 training does."""
 import math
 
+import pytest
 import torch
 
 from mega.testing import read_metrics
@@ -20,6 +21,7 @@ def _losses(tmp_path, corpus, plugins, name, overrides):
     return run, [m["loss"] for m in read_metrics(run.run_dir) if "loss" in m]
 
 
+@pytest.mark.slow
 def test_o2_trains_as_fp32_does(tmp_path, corpus, plugins):
     _, fp32 = _losses(tmp_path, corpus, plugins, "fp32", [])
     run, o2 = _losses(tmp_path, corpus, plugins, "o2", ["trainer.precision=bf16", "model.megatron_amp_O2=true"])

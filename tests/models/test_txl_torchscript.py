@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize("kw", [dict(div_val=1), dict(div_val=2, d_embed=16, tie_projs=[False, True, True, True]),
                                 dict(adaptive=False, pre_lnorm=True), dict(div_val=1, d_embed=8, tie_weight=False),
                                 dict(div_val=2, d_embed=16, tie_weight=False)])  # separate tables, shared projections
+@pytest.mark.slow
 def test_scripted_module_equals_eager_across_segments(kw):
     torch.manual_seed(0)
     cfg = TransformerXLConfig(n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=32, dropout=0.1, cutoffs=[20, 50, 80],
@@ -40,6 +41,7 @@ def test_scripted_module_equals_eager_across_segments(kw):
             mems = new_mems
 
 
+@pytest.mark.slow
 def test_export_writes_a_module_that_loads_without_mega(tmp_path, corpus):
     """Train 2 steps, export with the CLI, load in a subprocess whose sys.path cannot reach
     mega, and compare with the eager model's outputs here."""
@@ -99,6 +101,7 @@ def test_export_writes_a_module_that_loads_without_mega(tmp_path, corpus):
     assert b'name = "transformer_xl"' in extra["config.toml"]
 
 
+@pytest.mark.slow
 def test_mega_evaluate_runs_the_protocol_eagerly_and_through_torchscript(tmp_path, corpus):
     """`mega evaluate` asks the model (Evaluates): the whole test split at the eval_*
     settings, equal to scoring the split's token stream directly, and the same through the

@@ -108,6 +108,7 @@ def _two_ranks(parallel, reach_on):
     return _names(model, unreached_parameters(model, parallel, torch.device("cpu")))
 
 
+@pytest.mark.slow
 def test_a_bucket_one_data_parallel_rank_reaches_is_reached_on_every_rank():
     bucket3 = ["word_emb.emb_layers.3.weight", "word_emb.emb_projs.3"]
     for reach_on, expected in (((0,), []), ((), bucket3)):

@@ -81,6 +81,7 @@ def test_a_hung_worker_fails_the_run_within_the_timeout(tmp_path, corpus):
     assert "worker rank 0 exited" in proc.stderr
 
 
+@pytest.mark.slow
 def test_multiple_devices_need_a_launcher(tmp_path, corpus, plugins):
     from mega.errors import ConfigError
     from mega.training.run import build_run
@@ -243,6 +244,7 @@ def test_each_data_parallel_replicas_carried_state_survives_resume(tmp_path, cor
     assert len(carried) == 2 and not torch.equal(carried[0]["memory"], carried[1]["memory"])
 
 
+@pytest.mark.slow
 def test_a_batch_that_does_not_divide_over_the_workers_fails_once_before_launching(tmp_path, corpus):
     exp = _exp(tmp_path, corpus, model={"micro_batch_size": 8, "global_batch_size": 8})
     r = _mega(["run", str(exp), "trainer.devices=2"], tmp_path, timeout=60)

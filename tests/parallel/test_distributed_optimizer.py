@@ -144,6 +144,7 @@ def _moments_diff(a, b):
     pytest.param("32", False, id="fp32"), pytest.param("bf16", True, id="O2"),
     pytest.param("bf16", False, id="autocast", marks=pytest.mark.slow),
     pytest.param("16", True, id="O2-fp16", marks=pytest.mark.slow)])
+@pytest.mark.slow
 def test_one_rank_is_the_plain_optimizer_bit_for_bit_and_the_plan_counts_its_tensors(tmp_path, corpus, plugins, o2,
                                                                                     precision, monkeypatch):
     """d = 1, 3 steps of 4 micro-batches, buckets of 4096 elements, no clipping, in fp32,
@@ -263,6 +264,7 @@ def _latest(run_dir: Path) -> Path:
     return run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
 
 
+@pytest.mark.slow
 def test_megatron_layout_is_distrib_optim_pt(tmp_path, corpus, plugins):
     """exp_manager.checkpoint.format = "megatron": the shards' state goes into Megatron's
     legacy `distrib_optim.pt` (coalesced buckets under the (param, grad) dtype key,
@@ -305,6 +307,7 @@ def test_megatron_layout_is_distrib_optim_pt(tmp_path, corpus, plugins):
     assert all(torch.equal(per_param[n]["exp_avg"], value[n]) for n in value)
 
 
+@pytest.mark.slow
 def test_torch_dist_layout_is_dp_reshardable_bucket_space(tmp_path, corpus, plugins):
     """exp_manager.checkpoint.format = "torch_dist": megatron-core's `dp_reshardable`
     sharding: `content_metadata` says so in common.pt, one 1-D tensor per bucket and state
@@ -329,6 +332,7 @@ def test_torch_dist_layout_is_dp_reshardable_bucket_space(tmp_path, corpus, plug
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.slow
 def test_checkpoints_load_between_distributed_and_plain_runs(tmp_path, corpus, plugins, fmt):
     """A plain AdamW checkpoint resumes under the distributed optimizer and the reverse, in
     every format: the state loaded (model space) is the state saved, bit for bit, and the

@@ -89,6 +89,7 @@ def _adamw64(p, g, lr, wd, b1, b2, eps):
     return p * (1 - lr * wd) - lr * m_hat / (v_hat.sqrt() + eps)
 
 
+@pytest.mark.slow
 def test_one_step_equals_fp32_adamw_on_the_fp32_accumulated_grads(tmp_path, corpus, plugins):
     """(a) main weights after a step == float64 AdamW (with clipping) applied to the fp32
     main weights and the fp32-accumulated gradients of the bf16 model."""
@@ -123,6 +124,7 @@ def test_one_step_equals_fp32_adamw_on_the_fp32_accumulated_grads(tmp_path, corp
     assert worst <= 4.0, worst  # a few fp32 roundings (decay, update) of the float64 transcription; measured 1.33
 
 
+@pytest.mark.slow
 def test_resumed_run_equals_uninterrupted_bit_for_bit(tmp_path, corpus, plugins):
     """(c) 4 steps == 2 steps + checkpoint + 2 steps, weights and optimizer state exactly."""
     import mega

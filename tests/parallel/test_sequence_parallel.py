@@ -429,3 +429,29 @@ def test_tp2_pp2_recomputation_and_sequence_parallelism_train_like_their_referen
         # model.megatron_amp_O2: the tagged parameters' fp32 main gradients summed over TP
         for (l1, _), (l0, _) in zip(runs["o2+sp"][0], runs["o2"][0]):
             assert l1 == pytest.approx(l0, rel=1e-5)
+
+
+# --- the three memory features together --------------------------------------------------------
+
+ALL_THREE = dict(NO_DROPOUT, sequence_parallel=True, activations_checkpoint_granularity="full",
+                 activations_checkpoint_method="uniform", activations_checkpoint_num_layers=1,
+                 optim={"use_distributed_optimizer": True})
+
+
+def _all_three(state, d):
+    return _train_layout(state, d, "all-three", ALL_THREE)
+
+
+@pytest.mark.slow
+def test_tp2_pp2_dp2_with_the_distributed_optimizer_recomputation_and_sp_trains_like_one_process(tmp_path):
+    """Issue 21's last equality: the distributed optimizer (sharded over DP=2), full
+    recomputation and sequence parallelism on together at TP=2 x PP=2 x DP=2 (8 gloo ranks)
+    train like one process with none of them."""
+    ranks = run_ranks(_all_three, world=8, tp=2, pp=2, args=(tmp_path,), timeout=600)
+    one, _ = _one_process(_train_layout, tmp_path, "plain", NO_DROPOUT)
+    assert len(ranks) == 8
+    for metrics, _ in ranks:
+        assert len(metrics) == len(one) == 3
+        for (loss, norm), (loss1, norm1) in zip(metrics, one):
+            assert loss == pytest.approx(loss1, rel=1e-5)
+            assert norm == pytest.approx(norm1, rel=1e-4)

@@ -57,6 +57,7 @@ def _vocab_parallel_ce(state):
     return loss.detach(), local.grad
 
 
+@pytest.mark.slow
 def test_vocab_parallel_cross_entropy_equals_the_formula():
     g = torch.Generator().manual_seed(3)
     full = torch.randn(3, 5, 16, generator=g, dtype=torch.float64).requires_grad_()
@@ -95,6 +96,7 @@ def _padded_logits(vocab):
 MASKED_VOCABS = (11, 7, 16)
 
 
+@pytest.mark.slow
 def test_cross_entropy_leaves_the_padded_vocabulary_out_of_the_softmax():
     """The loss is -log softmax over the real ids only (float64 reference), at TP=1 and
     TP=2; padded logits, however large, get exactly zero gradient."""
@@ -136,6 +138,7 @@ def _rank_layout(state):
     return (state.rank, state.tp_rank, state.dp_rank, state.pp_rank, state.pp_ranks)
 
 
+@pytest.mark.slow
 def test_rank_order_is_megatrons(tp2_pp2_training):
     """TP ranks adjacent, then DP, then PP (world 8 would be too many processes for CI:
     4 ranks at TP=2, PP=2; read from the TP=2 x PP=2 training launch, which records each
