@@ -171,6 +171,7 @@ def _mega_model(run_dir, plugins):
 
 
 @pytest.mark.parametrize("arch", CLASSES)
+@pytest.mark.slow
 def test_every_class_imports_and_exports_with_equal_logits(tmp_path, plugins, vocab_file, arch):
     """transformers class -> `mega import` -> mega logits == HF logits; `mega export --to hf`
     -> from_pretrained of the same class gives back every tensor and the same logits."""

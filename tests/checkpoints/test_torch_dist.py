@@ -44,6 +44,7 @@ def _latest(run_dir: Path) -> Path:
 # --- one process -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_single_process_round_trip_is_bit_exact_and_resume_equals_uninterrupted(tmp_path, corpus, plugins):
     from mega.config import config_from_dict
     from mega.checkpoint import verify

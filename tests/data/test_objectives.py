@@ -70,6 +70,7 @@ ENC_DEC = {"seq_length": 32, "seq_length_dec": 16, "micro_batch_size": 4,
            "decoder": {"num_layers": 1, "hidden_size": 32, "num_attention_heads": 4}}
 
 
+@pytest.mark.slow
 def test_mega_run_trains_t5(tmp_path, corpus, plugins):
     from mega.training.loop import train
     from mega.training.run import build_run

@@ -76,6 +76,7 @@ def test_config_prints_the_resolved_toml(tmp_path, corpus, capsys):
     assert "max_steps = 9" in out and "min_lr = 1e-05" in out and "[model.optim.sched]" in out
 
 
+@pytest.mark.slow
 def test_run_then_generate(tmp_path, corpus, capsys):
     raw = tiny_raw(tmp_path, corpus, trainer={"max_steps": 4})
     exp = _write_toml(tmp_path / "exp.toml", raw)

@@ -59,6 +59,7 @@ def _evaluate(capsys, *args) -> dict:
 
 
 @pytest.mark.parametrize("batch", [4, 5])
+@pytest.mark.slow
 def test_the_loss_over_the_whole_split_is_the_direct_one(trained, capsys, batch):
     run_dir, corpus = trained
     loss, tokens, docs = direct_valid_loss(run_dir, corpus)

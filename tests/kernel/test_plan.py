@@ -157,6 +157,7 @@ LAYOUTS = [("32", False), ("bf16", False), ("16", False), ("bf16", True), ("16",
 
 
 @pytest.mark.parametrize("precision,o2", LAYOUTS)
+@pytest.mark.slow
 def test_state_after_a_step_is_the_counted_tensors(tmp_path, corpus, plugins, precision, o2):
     """Weights (+ O2's fp32 main weights), gradients (O2: the fp32 main-gradient buffer)
     and AdamW's moments after one real training step, counted tensor by tensor, are
@@ -328,6 +329,7 @@ def _kept(model_name: str, keys: dict, layers: int, precision: str):
 
 @pytest.mark.parametrize("precision", ["32", "bf16", "bf16-O2"])
 @pytest.mark.parametrize("mode", sorted(RECOMPUTE_MODES))
+@pytest.mark.slow
 def test_activations_are_the_tensors_a_forward_keeps(mode, precision):
     """GPT: per layer exactly (3 layers less 2), the stage within 1 KiB (the loss's scalars);
     BERT's heads within 16 KiB."""

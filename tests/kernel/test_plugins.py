@@ -371,6 +371,7 @@ def test_tiny_experiment_helpers(tmp_path):
     assert read_metrics(exp.run_dir("x")) == [{"step": 1, "loss": 2.0}]
 
 
+@pytest.mark.slow
 def test_third_party_components_of_every_kind_are_used_by_name(tmp_path, corpus):
     """A plugin registers an optimizer, a schedule, a dataset and a checkpoint format; an
     experiment picks each by name and its config keys are checked like first-party ones."""

@@ -50,6 +50,7 @@ def _steps(loader, n, work):
     return waits, batches
 
 
+@pytest.mark.slow
 def test_a_prefetched_step_does_not_wait_for_slow_data():
     ds = SlowDataset()
     gbs, mbs = 8, 2  # 8 samples: each batch takes >= 8 * DELAY to read
@@ -87,6 +88,7 @@ def _weights(run):
     return {k: v.detach().clone() for k, v in run.model.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_training_with_and_without_prefetch_is_identical(tmp_path, corpus, plugins):
     runs = []
     for prefetch in (0, 2):

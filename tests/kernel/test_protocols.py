@@ -78,6 +78,7 @@ class CountingPlugin:
         register("counting_gpt", lambda config, tokenizer, *rest: CountingGPT(config, tokenizer.vocab_size), config=GPTConfig)
 
 
+@pytest.mark.slow
 def test_a_stateful_models_carried_state_survives_resume(tmp_path, corpus):
     plugins = load_plugins(extra=[CountingPlugin()])
     sections = dict(model={"name": "counting_gpt"}, trainer={"max_steps": 4, "val_check_interval": 0},

@@ -113,3 +113,18 @@ def test_the_shipped_multi_rank_helper_shows_tp2_equals_one_process(tmp_path):
             # the padded vocabulary rows differ in number (8 x TP), so compare the real ones
             got = two[rank][0][name][: grad.shape[0]] if "word_embeddings" in name else two[rank][0][name]
             torch.testing.assert_close(got, grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_a_plugins_tests_may_mark_slow_cases_without_declaring_the_marker(tmp_path):
+    """mega-lm's pytest plugin declares `slow`: a plugin's suite outside this repository (no
+    pyproject of ours) runs under --strict-markers and `-m "not slow"` deselects the case."""
+    import subprocess
+    import sys
+
+    (tmp_path / "test_mine.py").write_text(
+        "import pytest\n\n@pytest.mark.slow\ndef test_long():\n    pass\n\ndef test_quick():\n    pass\n")
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "--strict-markers", "-m", "not slow", "-p",
+                          "no:cacheprovider", str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "1 passed, 1 deselected" in out.stdout

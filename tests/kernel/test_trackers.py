@@ -148,6 +148,7 @@ def _wandb_rows(history: list, split: str) -> dict:
     return {int(row["trainer/global_step"]): row for row in history if any(k.startswith(f"{split}/") for k in row)}
 
 
+@pytest.mark.slow
 def test_wandb_gets_every_metric_and_the_config_and_a_resumed_run_continues_it(exp, offline_wandb):
     em = {"create_wandb_logger": True, "wandb_logger_kwargs": {"name": "tiny-gpt", "project": "mega-tests", "offline": True},
           "checkpoint": {"every_n_train_steps": 2}}
@@ -178,6 +179,7 @@ def test_wandb_gets_every_metric_and_the_config_and_a_resumed_run_continues_it(e
     assert all(logged_val[s]["val/val_loss"] == pytest.approx(val[s]["val_loss"], rel=1e-12) for s in val)
 
 
+@pytest.mark.slow
 def test_a_run_from_step_zero_opens_a_new_wandb_run_and_an_id_pins_one(exp, offline_wandb):
     em = {"create_wandb_logger": True, "wandb_logger_kwargs": {"offline": True}, "resume_if_exists": False}
     exp.run(trainer={**TRAIN, "max_steps": 1}, exp_manager={**em, "name": "a"})

@@ -142,6 +142,7 @@ def test_bf16_trains_like_fp32(tmp_path, corpus, plugins):
     assert bf16 != fp32  # and really ran in bf16: the rounding shows
 
 
+@pytest.mark.slow
 def test_metrics_jsonl_and_tensorboard_carry_every_term(tmp_path, corpus, plugins):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -161,6 +162,7 @@ def test_metrics_jsonl_and_tensorboard_carry_every_term(tmp_path, corpus, plugin
     assert (run.run_dir / "config.toml").is_file() and (run.run_dir / "run.json").is_file()
 
 
+@pytest.mark.slow
 def test_lifecycle_hooks_fire_in_order(tmp_path, corpus, plugins):
     calls = []
 
@@ -227,6 +229,7 @@ class SigtermAt:
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path, corpus, plugins):
     from mega.training.loop import Preempted
 

@@ -31,6 +31,7 @@ def _batch():
 
 @pytest.mark.parametrize("keys", [{}, {"loss_chunk_size": 8}, {"hidden_dropout": 0.1, "attention_dropout": 0.1},
                                   {"attention_backend": "math"}])
+@pytest.mark.slow
 def test_gpt_training_loss_has_no_graph_breaks(keys):
     import torch._dynamo
 
@@ -41,6 +42,7 @@ def test_gpt_training_loss_has_no_graph_breaks(keys):
     assert explanation.graph_count == 1
 
 
+@pytest.mark.slow
 def test_attention_math_equals_auto_on_cpu():
     batch = _batch()
     out = {}

@@ -181,6 +181,7 @@ def test_encoder_decoder_tp2_equals_tp1():
         torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_generate_with_a_prompt_longer_than_the_encoder_warns_and_cuts_it(tmp_path, plugins, capsys):
     from mega.cli import main
     from mega.checkpoint import write_imported_run

@@ -117,6 +117,7 @@ def test_update_mems_keeps_the_last_mem_len_layer_inputs():
 
 
 @pytest.mark.parametrize("pre_lnorm,div_val,clamp_len", [(False, 1, -1), (True, 2, -1), (False, 2, 7)])
+@pytest.mark.slow
 def test_memory_across_segments_equals_recomputing_the_whole_context(pre_lnorm, div_val, clamp_len):
     cfg = tiny(pre_lnorm=pre_lnorm, div_val=div_val, clamp_len=clamp_len, mem_len=18, d_embed=16)
     model = model_of(cfg)

@@ -145,6 +145,7 @@ def test_memory_is_kept_per_micro_batch_slot_and_training_lowers_the_loss(tmp_pa
     assert any("val_loss" in m for m in read_metrics(run.run_dir))
 
 
+@pytest.mark.slow
 def test_resume_continues_bit_for_bit(tmp_path, corpus, plugins):
     sections = dict(exp_manager={"checkpoint": {"every_n_train_steps": 2}})
     straight = build_run(txl_config(tmp_path, corpus, plugins, ["exp_manager.name=straight"], **sections), plugins)

@@ -175,6 +175,7 @@ def test_loss_curve_stays_close_to_fp32_training(tmp_path, corpus, plugins):
     assert rel < 1e-2, rel
 
 
+@pytest.mark.slow
 def test_fp16_parameters_with_the_loss_scaler(tmp_path, corpus, plugins):
     """trainer.precision = 16: fp16 parameters, the scaled loss's gradients accumulate in
     fp32 and are unscaled and checked there. An overflowing step (the default 2**32 scale)

@@ -128,6 +128,7 @@ def _txl(keys):
 
 @pytest.mark.parametrize("family,mode", [(f, m) for f in ("bert", "t5") for m in MODES]
                          + [("txl", m) for m in MODES if m.startswith("full")])
+@pytest.mark.slow
 def test_other_families_recompute_bit_for_bit(family, mode):
     run = {"bert": _bert, "t5": _t5, "txl": _txl}[family]
     ref_loss, ref_grads = run({})

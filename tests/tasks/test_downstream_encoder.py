@@ -107,6 +107,7 @@ def test_huggingface_directory_of_another_shape_names_the_key(data, hf_dir, tmp_
 # --- NGC zip --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ngc_zip(data, tmp_path):
     from tests.helpers.bert_files import NGC_SHAPE, google_vocab as _google_vocab, ngc_zip as _ngc_zip
 

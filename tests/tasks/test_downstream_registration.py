@@ -59,6 +59,7 @@ def test_first_party_tasks_are_one_registration_each(plugins):
         assert plugins.info[name].hooks == ["register_tasks"] and plugins.info[name].components == {"tasks": [name]}
 
 
+@pytest.mark.slow
 def test_a_third_party_task_trains_from_its_one_registration(tmp_path):
     d = _files(tmp_path / "data")["dir"]
     p = load_plugins(extra=[CountingPlugin()])

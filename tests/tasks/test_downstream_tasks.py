@@ -70,6 +70,7 @@ def test_question_answering(plugins, data, tmp_path, capsys):
     assert (tmp_path / "qa.eval_valid.json").is_file() and not pred_dir.exists()
 
 
+@pytest.mark.slow
 def test_text_classification_with_label_names(plugins, data, tmp_path, capsys):
     d = data["dir"]
     run, cfg = _train(plugins, d, tmp_path, "tc", {
@@ -103,6 +104,7 @@ def test_token_classification(plugins, data, tmp_path, capsys):
     _same_from_archive(capsys, run.run_dir, tmp_path, out, "--text", "john smith lives in paris")
 
 
+@pytest.mark.slow
 def test_relation_extraction(plugins, data, tmp_path, capsys):
     d = data["dir"]
     run, cfg = _train(plugins, d, tmp_path, "re", {
