@@ -31,7 +31,7 @@ hookimpl = pluggy.HookimplMarker("mega")
 # The kernel modules a plugin may import (each with its submodules; "mega" itself means
 # the names of this module). Training, the commands and the plugin manager are the
 # kernel's own: a plugin that reached into them would break when they change. The rule is
-# a test (tests/test_import_rules.py) and is stated in docs/plugins.md.
+# a test (tests/kernel/test_import_rules.py) and is stated in docs/plugins.md.
 PLUGIN_API = ("mega", "mega.errors", "mega.protocols", "mega.config", "mega.runtime", "mega.checkpoint", "mega.documents",
               "mega.testing")
 

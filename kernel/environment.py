@@ -4,7 +4,7 @@ a run.
 
 * torch >= MIN_TORCH. The bound is the newest of the versions that introduced the torch
   APIs mega relies on (`TORCH_APIS`, checked against the code and against torch by
-  tests/test_packaging.py); pyproject.toml declares the same bound.
+  tests/kernel/test_packaging.py); pyproject.toml declares the same bound.
 * The `mega` package is mega-lm's own. PyPI's unrelated `mega` (0.2.x, a web scraper)
   installs a top-level package of the same name: `mega/__init__.py`, `mega/__version__.py`,
   `mega/mega.py`, and a `mega` console script. In one environment the one installed last

@@ -29,7 +29,7 @@ parameter with AdamW in fp32 and under autocast, 18 under O2; with the distribut
 optimizer (`model.optim.use_distributed_optimizer`) about 8 + 8/d and 6 + 12/d over d
 data-parallel ranks: the padded buffers and this rank's share, laid out as the runtime
 lays them out (mega.runtime.param_layout). `counted_state_bytes` counts it tensor by
-tensor on a built model, and tests/test_plan.py and tests/test_distributed_optimizer.py
+tensor on a built model, and tests/kernel/test_plan.py and tests/parallel/test_distributed_optimizer.py
 hold the two equal.
 
 The peak of a step is the larger of two moments: the end of the forward (weights, 16-bit

@@ -2,7 +2,7 @@
 device, CPU included (whose allocator keeps no statistics): every storage an operator
 returns is counted once, from its creation until Python frees it.
 
-`mega plan`'s activation bytes are checked against it (tests/test_plan.py): what the
+`mega plan`'s activation bytes are checked against it (tests/kernel/test_plan.py): what the
 tensors of a real forward leave alive for the backward, per recomputation mode and with
 sequence parallelism, and the peak the backward's recomputation reaches.
 benchmarks/bench_memory.py reports it per rank next to the process's peak RSS.

@@ -26,6 +26,13 @@ check_own_package()  # PyPI's `mega` over mega-lm's __init__.py: one clear error
 from mega.testing import TinyExperiment, register_plugin, write_corpus  # noqa: E402
 
 
+def pytest_configure(config):
+    """Declare the `slow` marker (as mega's own suite uses it), so a plugin's tests can mark
+    their long cases and `pytest -m "not slow"` keeps a quick loop, without a warning about
+    an unknown mark and without each plugin declaring it again."""
+    config.addinivalue_line("markers", "slow: takes more than a couple of seconds; deselect with -m 'not slow'")
+
+
 @pytest.fixture(scope="session")
 def mega_plugins():
     """Every installed plugin, loaded once per test session (honours MEGA_PLUGINS)."""

@@ -3,7 +3,7 @@
 
 Parameters are counted as the blocks of mega.plugins.models.transformer build them;
 activations are what autograd keeps for one micro-batch, written from the code and
-calibrated against measured peaks on CPU (tests/test_plan.py). `pipeline_stages` splits
+calibrated against measured peaks on CPU (tests/kernel/test_plan.py). `pipeline_stages` splits
 a stack over pipeline stages the way the models do (TransformerStack keeps `layers // pp`
 layers per stage; the embedding lives on the first stage, the head on the last), so every
 model's `memory_per_rank` only says what its embedding and head add.
@@ -16,7 +16,7 @@ autocast, so the residual stream and the LayerNorm inputs are 16-bit too.
 `stack_activation_bytes` counts a stage's layers under the activation-memory keys
 (mega.plugins.models.scaling): what each recomputation mode keeps and the transient its
 backward recomputes, and the 1/TP of sequence parallelism on the terms TP leaves
-replicated. tests/test_plan.py holds them equal to the tensors a real forward keeps.
+replicated. tests/kernel/test_plan.py holds them equal to the tensors a real forward keeps.
 """
 from __future__ import annotations
 

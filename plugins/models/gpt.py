@@ -94,7 +94,7 @@ class GPTConfig(RecomputeKeys, SequenceParallelKey, ModelConfig):
         """mega.protocols.EstimatesMemory: parameters counted from the keys (exactly what
         GPTModel builds), activations from what autograd keeps in each block, per
         recomputation mode and with sequence parallelism (equal to the tensors a forward
-        keeps and within 15% of measured peaks on CPU, tests/test_plan.py)."""
+        keeps and within 15% of measured peaks on CPU, tests/kernel/test_plan.py)."""
         block = BlockConfig.of(self)
         h, L, s, b = self.hidden_size, self.num_layers, self.seq_length, micro_batch
         sp = self.sequence_parallel and tp > 1

@@ -26,6 +26,8 @@ from attrs import define, field
 from mega.config import DataConfig, ModelConfig
 from mega.config.schema import at_least_one
 from mega.errors import ConfigError
+from mega.plugins.tasks.encoder import (SitsOnAnEncoder, architecture, check_language_model, from_mega_checkpoint,
+                                        tokenizer_defaults)
 from mega.plugins.tasks.nemo_keys import BATCH, LOADER, nemo_key, note_unused
 from mega.protocols import SampleObjective
 
@@ -92,7 +94,7 @@ class TaskObjective(SampleObjective):
 
 
 @define(kw_only=True)
-class TaskConfig(ModelConfig):
+class TaskConfig(ModelConfig, SitsOnAnEncoder):
     """Base of every task's `model` table."""
 
     name: str = "task"
@@ -152,11 +154,9 @@ class TaskConfig(ModelConfig):
         """Key errors, before anything runs; also resolves what the data decides (a label
         map read from the training files) into this config, so config.toml, checkpoints
         and archives carry it."""
-        from mega.plugins.tasks.encoder import check_language_model, from_mega_checkpoint, tokenizer_defaults
         check_language_model(self, plugins)
         from_mega_checkpoint(self, plugins)
         tokenizer_defaults(self)
-        from mega.plugins.tasks.finetune import head_config
         task = plugins.tasks.get(self.name, "model.name").factory(self)
         task.check()
         note_unused(self)
@@ -166,3 +166,13 @@ class TaskConfig(ModelConfig):
             cfg.check(plugins)
         except ConfigError as e:  # the head names its own keys: say where they are in a task's table
             raise ConfigError(_task_keys(str(e), getattr(self, "dataset", None) is not None)) from None
+
+
+def head_config(config: "TaskConfig", task, entry):
+    """The head model's config: the run's common model keys, the encoder's architecture,
+    the task's head options."""
+    cls = entry.config or ModelConfig
+    common = {a.name: getattr(config, a.name) for a in attrs.fields(ModelConfig) if a.name != "name"}
+    values = {**common, **architecture(config.language_model, cls), **task.head_options(), "name": task.head}
+    names = {a.name for a in attrs.fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in names})

@@ -134,13 +134,20 @@ ARCH_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_siz
              "layernorm_epsilon", "activation", "init_method_std", "num_tokentypes", "make_vocab_size_divisible_by")
 
 
+class SitsOnAnEncoder:
+    """A model config whose model is a head on a Megatron-BERT encoder (a fine-tuned task,
+    `mega.plugins.tasks.config.TaskConfig`): its runs hold an encoder another task can start
+    from. A marker here rather than an import of TaskConfig, so that this module, which the
+    task config uses, does not import it back."""
+    __slots__ = ()
+
+
 def require_encoder(name, config_class, source) -> None:
     """A CheckpointError unless `name` (a saved `model.name`, its config class when known)
     is a Megatron-BERT a task head can sit on: a `bert*` model or a fine-tuned task."""
     from mega.plugins.models.bert import BertEncoderConfig
-    from mega.plugins.tasks.config import TaskConfig
 
-    if config_class is not None and issubclass(config_class, (BertEncoderConfig, TaskConfig)):
+    if config_class is not None and issubclass(config_class, (BertEncoderConfig, SitsOnAnEncoder)):
         return
     if config_class is None and str(name).startswith("bert"):
         return

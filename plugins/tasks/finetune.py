@@ -31,8 +31,8 @@ import torch
 import mega
 from mega.config import DataConfig, ModelConfig
 from mega.errors import ConfigError
-from mega.plugins.tasks.config import TaskConfig, TaskObjective
-from mega.plugins.tasks.encoder import architecture, load_encoder
+from mega.plugins.tasks.config import TaskConfig, TaskObjective, head_config
+from mega.plugins.tasks.encoder import load_encoder
 
 log = logging.getLogger("mega")
 
@@ -40,16 +40,6 @@ OUTPUT_KEYS = ("logits", "start_logits", "end_logits")
 
 
 # --- the model -------------------------------------------------------------------------------
-
-
-def head_config(config: TaskConfig, task, entry):
-    """The head model's config: the run's common model keys, the encoder's architecture,
-    the task's head options."""
-    cls = entry.config or ModelConfig
-    common = {a.name: getattr(config, a.name) for a in attrs.fields(ModelConfig) if a.name != "name"}
-    values = {**common, **architecture(config.language_model, cls), **task.head_options(), "name": task.head}
-    names = {a.name for a in attrs.fields(cls)}
-    return cls(**{k: v for k, v in values.items() if k in names})
 
 
 def run_head(model, samples: Sequence[Dict[str, torch.Tensor]], batch_size: int,
