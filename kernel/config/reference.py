@@ -7,7 +7,6 @@ schema (a test compares the file with this output).
 from __future__ import annotations
 
 import inspect
-import re
 import typing
 from typing import Dict, List
 
@@ -16,15 +15,10 @@ import attrs
 from mega.config.schema import SLOTS, ExperimentConfig
 from mega.config.structure import named_base
 
-_COMMENT = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.+)$")
 
-
-def _comments(cls: type) -> Dict[str, str]:
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return {}
-    return {m.group(1): m.group(2).strip() for m in map(_COMMENT.match, source.splitlines()) if m}
+def help_of(a: attrs.Attribute) -> str:
+    """A key's meaning: the `help` its field declares (`mega.config.key(..., help=...)`)."""
+    return str(a.metadata.get("help", ""))
 
 
 def _nested(t):
@@ -66,16 +60,12 @@ def _default(a) -> str:
 
 
 def _table(cls: type, prefix: str, skip: set) -> List[str]:
-    comments = {}
-    for klass in reversed(cls.__mro__):
-        if attrs.has(klass):
-            comments.update(_comments(klass))
     hints = typing.get_type_hints(cls)
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for a in attrs.fields(cls):
         if a.name in skip or _nested(hints.get(a.name)):
             continue
-        rows.append(f"| `{prefix}.{a.name}` | {_type_name(hints.get(a.name, a.type))} | {_default(a)} | {comments.get(a.name, '')} |")
+        rows.append(f"| `{prefix}.{a.name}` | {_type_name(hints.get(a.name, a.type))} | {_default(a)} | {help_of(a)} |")
     return rows
 
 

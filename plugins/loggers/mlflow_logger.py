@@ -28,8 +28,9 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from attrs import define, field
+from attrs import define
 
+from mega.config import key
 import mega
 from mega.errors import ConfigError
 from mega.plugins.loggers.trackers import TrackerRuns, flat_params, logger_key, read_settings, require_package
@@ -44,16 +45,17 @@ BATCH = 100  # MLflow takes at most 100 parameters (1000 metrics) per log_batch
 class MlflowSettings:
     """`exp_manager.mlflow_logger_kwargs`: NeMo's MLFlowParams (Lightning's MLFlowLogger)."""
 
-    experiment_name: Optional[str] = None  # default: exp_manager.name (NeMo)
-    run_name: Optional[str] = None  # default: exp_manager.name
-    tracking_uri: Optional[str] = None  # default: MLFLOW_TRACKING_URI, else the file store save_dir
-    tags: Dict[str, Any] = field(factory=dict)  # set on a new run
-    save_dir: str = "./mlruns"  # the file store when no tracking_uri is given (NeMo's default)
-    prefix: str = ""  # put before every metric name, joined with "-" (Lightning's prefix)
-    artifact_location: Optional[str] = None  # for a new experiment
-    run_id: Optional[str] = None  # reopen this run instead of the stored one or a new one
-    synchronous: Optional[bool] = None  # Lightning's; mega always logs synchronously
-    log_model: bool = False  # Lightning uploads checkpoints as artifacts; mega keeps them in the run directory only
+    experiment_name: Optional[str] = key(None, help="default: exp_manager.name (NeMo)")
+    run_name: Optional[str] = key(None, help="default: exp_manager.name")
+    tracking_uri: Optional[str] = key(None, help="default: MLFLOW_TRACKING_URI, else the file store save_dir")
+    tags: Dict[str, Any] = key(factory=dict, help="set on a new run")
+    save_dir: str = key("./mlruns", help="the file store when no tracking_uri is given (NeMo's default)")
+    prefix: str = key("", help="put before every metric name, joined with \"-\" (Lightning's prefix)")
+    artifact_location: Optional[str] = key(None, help="for a new experiment")
+    run_id: Optional[str] = key(None, help="reopen this run instead of the stored one or a new one")
+    synchronous: Optional[bool] = key(None, help="Lightning's; mega always logs synchronously")
+    log_model: bool = key(False,
+            help="Lightning uploads checkpoints as artifacts; mega keeps them in the run directory only")
 
 
 def settings(config) -> MlflowSettings:

@@ -18,7 +18,7 @@ from attrs import define, field
 import mega
 from mega.checkpoint import trained_files
 from mega.checkpoint.atomic import atomic_write_bytes, atomic_write_text
-from mega.config import TokenizerConfig
+from mega.config import key, TokenizerConfig
 from mega.config.schema import at_least_one, non_negative, positive
 from mega.errors import ConfigError, DataError
 from mega.plugins.tokenizers.sentencepiece_interop import register_tokenizer_converters  # noqa: F401 (its converters)
@@ -33,9 +33,10 @@ class SentencePieceConfig(TokenizerConfig):
 
     library: str = "sentencepiece"
     vocab_size: int = field(default=4000, validator=at_least_one)
-    model_type: str = "bpe"  # "bpe" or "unigram"
+    model_type: str = key("bpe", help='"bpe" or "unigram"')
     character_coverage: float = field(default=1.0, validator=positive)
-    input_sentence_size: int = field(default=1_000_000, validator=non_negative)  # lines sampled for training; 0 uses all
+    input_sentence_size: int = key(default=1_000_000, validator=non_negative,
+            help="lines sampled for training; 0 uses all")
     seed: int = 1234
 
 
