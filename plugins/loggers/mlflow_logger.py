@@ -121,11 +121,11 @@ class MlflowLogger:
 
         logged = self.client.get_run(self.run_id).data.params
         params, tags = [], []
-        for key, value in flat_params(run.config, MAX_PARAM_LENGTH).items():
-            if key not in logged:
-                params.append(Param(key, value))
-            elif logged[key] != value:
-                tags.append(RunTag(f"config_change.{key}", f"{logged[key]} -> {value} at step {run.step}"))
+        for name, value in flat_params(run.config, MAX_PARAM_LENGTH).items():
+            if name not in logged:
+                params.append(Param(name, value))
+            elif logged[name] != value:
+                tags.append(RunTag(f"config_change.{name}", f"{logged[name]} -> {value} at step {run.step}"))
         for i in range(0, max(len(params), len(tags)), BATCH):
             self.client.log_batch(self.run_id, params=params[i:i + BATCH], tags=tags[i:i + BATCH])
 

@@ -331,9 +331,9 @@ TASKS = {
 def check_config(cfg: BertEncoderConfig) -> None:
     """The blocks' shape (mega.plugins.models.transformer.check_shape) and BERT's own keys."""
     check_shape(BlockConfig.of(cfg), cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size)
-    for key in ("make_vocab_size_divisible_by", "max_position_embeddings"):
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"model.{key}: must be at least 1, got {getattr(cfg, key)}")
+    for name in ("make_vocab_size_divisible_by", "max_position_embeddings"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"model.{name}: must be at least 1, got {getattr(cfg, name)}")
     if cfg.max_position_embeddings < cfg.seq_length:
         raise ConfigError(f"model.max_position_embeddings={cfg.max_position_embeddings} is smaller than model.seq_length={cfg.seq_length}")
     if cfg.num_tokentypes < 0:

@@ -158,9 +158,9 @@ def check_config(cfg: GPTConfig) -> None:
     check_shape(BlockConfig.of(cfg), cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size)
     if cfg.loss_chunk_size < 0:
         raise ConfigError(f"model.loss_chunk_size: must be >= 0 (0: unchunked), got {cfg.loss_chunk_size}")
-    for key in ("seq_length", "make_vocab_size_divisible_by"):
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"model.{key}: must be at least 1, got {getattr(cfg, key)}")
+    for name in ("seq_length", "make_vocab_size_divisible_by"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"model.{name}: must be at least 1, got {getattr(cfg, name)}")
     if cfg.max_position_embeddings is not None and cfg.max_position_embeddings < cfg.seq_length:
         raise ConfigError(f"model.max_position_embeddings={cfg.max_position_embeddings} is smaller than model.seq_length={cfg.seq_length}")
     check_recompute(cfg, "model", cfg.num_layers // cfg.pipeline_model_parallel_size)

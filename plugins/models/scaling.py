@@ -111,9 +111,9 @@ def check_sequence_parallel(cfg, lengths: dict, supported: Optional[str] = None)
     if tp == 1:
         raise ConfigError("model.sequence_parallel = true needs tensor parallelism (model.tensor_model_parallel_size > 1):"
                           " it splits what TP leaves replicated")
-    for key, s in lengths.items():
+    for name, s in lengths.items():
         if s % tp:
-            raise ConfigError(f"{key}={s} is not divisible by model.tensor_model_parallel_size={tp}"
+            raise ConfigError(f"{name}={s} is not divisible by model.tensor_model_parallel_size={tp}"
                               " (model.sequence_parallel splits the sequence over the TP ranks)")
 
 

@@ -161,19 +161,19 @@ class TransformerXLConfig(RecomputeKeys, SequenceParallelKey, ModelConfig):
 
 
 def check_config(cfg: TransformerXLConfig, vocab_size: Optional[int] = None) -> None:
-    for key in ("n_layer", "d_model", "n_head", "d_head", "d_inner", "div_val", "eval_batch_size"):
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"model.{key}: must be at least 1, got {getattr(cfg, key)}")
-    for key in ("dropout", "dropatt"):
-        if not 0.0 <= getattr(cfg, key) < 1.0:
-            raise ConfigError(f"model.{key}: must be in [0, 1), got {getattr(cfg, key)}")
+    for name in ("n_layer", "d_model", "n_head", "d_head", "d_inner", "div_val", "eval_batch_size"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"model.{name}: must be at least 1, got {getattr(cfg, name)}")
+    for name in ("dropout", "dropatt"):
+        if not 0.0 <= getattr(cfg, name) < 1.0:
+            raise ConfigError(f"model.{name}: must be in [0, 1), got {getattr(cfg, name)}")
     if cfg.mem_len < 0:
         raise ConfigError(f"model.mem_len: must be >= 0, got {cfg.mem_len}")
     if cfg.ext_len != 0:
         raise ConfigError(f"model.ext_len={cfg.ext_len}: only 0 is supported (no reference config uses extended context)")
-    for key in ("init", "emb_init"):
-        if getattr(cfg, key) not in ("normal", "uniform") and not (key == "emb_init" and cfg.emb_init is None):
-            raise ConfigError(f"model.{key}: \"normal\" or \"uniform\", got {getattr(cfg, key)!r}")
+    for name in ("init", "emb_init"):
+        if getattr(cfg, name) not in ("normal", "uniform") and not (name == "emb_init" and cfg.emb_init is None):
+            raise ConfigError(f"model.{name}: \"normal\" or \"uniform\", got {getattr(cfg, name)!r}")
     # activation memory: whole layers recomputed (full); no sequence split of the segment + memory
     check_recompute(cfg, "model", cfg.n_layer, full_only=True)
     check_sequence_parallel(cfg, {}, supported="transformer_xl attends over its segment memory with relative positions;"
