@@ -16,12 +16,19 @@ from mega.config.schema import SLOTS, ExperimentConfig
 from mega.config.structure import named_base
 
 
-def help_of(a: attrs.Attribute) -> str:
-    """A key's meaning: the `help` its field declares (`mega.config.key(..., help=...)`)."""
-    return str(a.metadata.get("help", ""))
+def help_of(cls: type, name: str) -> str:
+    """Key `name`'s meaning in config class `cls`: the `help` its field declares
+    (`mega.config.key(..., help=...)`), else that of the nearest base class declaring the
+    key, so a plugin class that only changes a base key's default (`name: str = "bert"`)
+    keeps its meaning. Empty when no class says (tests/test_config.py fails on that)."""
+    for klass in cls.__mro__:
+        a = attrs.fields_dict(klass).get(name) if attrs.has(klass) else None
+        if a is not None and a.metadata.get("help"):
+            return str(a.metadata["help"])
+    return ""
 
 
-def _nested(t):
+def nested_table(t):
     """The attrs class of a nested table field (also an optional one), else None."""
     if attrs.has(t):
         return t
@@ -63,9 +70,9 @@ def _table(cls: type, prefix: str, skip: set) -> List[str]:
     hints = typing.get_type_hints(cls)
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for a in attrs.fields(cls):
-        if a.name in skip or _nested(hints.get(a.name)):
+        if a.name in skip or nested_table(hints.get(a.name)):
             continue
-        rows.append(f"| `{prefix}.{a.name}` | {_type_name(hints.get(a.name, a.type))} | {_default(a)} | {help_of(a)} |")
+        rows.append(f"| `{prefix}.{a.name}` | {_type_name(hints.get(a.name, a.type))} | {_default(a)} | {help_of(cls, a.name)} |")
     return rows
 
 
@@ -110,7 +117,7 @@ def configuration_reference(plugins) -> str:
                 out.append("")
                 sub_hints = typing.get_type_hints(sub)
                 for a in attrs.fields(sub):  # the plugin's own nested tables (e.g. model.encoder)
-                    t = _nested(sub_hints.get(a.name))
+                    t = nested_table(sub_hints.get(a.name))
                     if a.name not in base_fields and t is not None:
                         optional = "" if attrs.has(sub_hints.get(a.name)) else " (optional table)"
                         out.extend([f"`{prefix}.{a.name}`{optional}:", ""] + _table(t, f"{prefix}.{a.name}", set()) + [""])

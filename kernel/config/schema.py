@@ -187,12 +187,13 @@ class CheckpointConfig:
 class ExpManagerConfig:
     """`exp_manager.*`: where the run directory goes and what is written into it."""
 
-    exp_dir: str = "results"
+    exp_dir: str = key("results", help="the folder run directories are made in")
     name: str = key("default", help="the run directory is exp_dir/name")
     resume_if_exists: bool = key(True, help="resume from the latest good checkpoint in the run directory")
     resume_ignore_config_changes: bool = key(False,
             help="resume even if keys that cannot resume safely changed (model shape, data, tokenizer)")
-    loggers: List[str] = field(factory=lambda: ["console", "jsonl", "tensorboard"])
+    loggers: List[str] = key(factory=lambda: ["console", "jsonl", "tensorboard"],
+            help="registered loggers the run's metrics go to; create_wandb_logger and create_mlflow_logger add theirs")
     # NeMo's experiment-tracker switches: each adds its logger to `loggers` (docs/ecosystem.md)
     create_wandb_logger: bool = key(False,
             help="add the `wandb` logger (Weights & Biases; pip install 'mega-lm[wandb]')")
@@ -228,9 +229,8 @@ class DataConfig:
     """`model.data.*` base; `data_impl` picks the dataset plugin."""
 
     data_impl: str = key("text_mmap", help="a registered dataset implementation")
-    # [weight, path, weight, path, ...] (Megatron/NeMo style), or a list of paths (equal
-    # weights), or one path. Empty: the quickstart corpus (Python's pydoc topics).
-    data_prefix: List[Any] = field(factory=list)
+    data_prefix: List[Any] = key(factory=list,
+            help="[weight, path, weight, path, ...] (Megatron/NeMo style), a list of paths (equal weights) or one path; empty: the quickstart corpus (Python's pydoc topics)")
     splits_string: str = key("900,50,50", help="train,valid,test proportions of each file's documents")
     prefetch: int = key(default=1, validator=non_negative,
             help="global batches read ahead in a background thread; 0: when needed")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import secrets
 from typing import List, Literal, Optional
 
-from attrs import define, field
+from attrs import define
 
 import mega
 from mega.config import key, to_dict
@@ -47,11 +47,12 @@ class WandbSettings:
     offline: bool = key(False, help='write the run locally for `wandb sync` (mode = "offline")')
     mode: Optional[Literal["online", "offline", "disabled"]] = key(None,
             help="wandb.init's mode; default: WANDB_MODE, else online")
-    anonymous: Optional[Literal["allow", "must", "never"]] = None
-    group: Optional[str] = None
-    job_type: Optional[str] = None
-    tags: List[str] = field(factory=list)
-    notes: Optional[str] = None
+    anonymous: Optional[Literal["allow", "must", "never"]] = key(None,
+            help="wandb.init's anonymous: logging without a W&B account (allow, must or never)")
+    group: Optional[str] = key(None, help="wandb.init's group: runs shown together (e.g. one sweep)")
+    job_type: Optional[str] = key(None, help="wandb.init's job_type: the kind of run (e.g. \"train\"), to filter by")
+    tags: List[str] = key(factory=list, help="wandb.init's tags: labels of the run in the W&B UI")
+    notes: Optional[str] = key(None, help="wandb.init's notes: a longer description of the run")
     prefix: str = key("", help="put before every metric name, joined with \"-\" (Lightning's prefix)")
     resume: Literal["allow", "must", "never"] = key("allow",
             help="wandb.init's resume for a stored or pinned id (Lightning: \"allow\")")

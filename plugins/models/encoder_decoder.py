@@ -64,14 +64,14 @@ class StackConfig(RecomputeKeys):
     """`model.encoder.*` / `model.decoder.*`."""
 
     arch: str = key("transformer", help='encoder: "transformer" or "perceiver"')
-    num_layers: int = 6
-    hidden_size: int = 512
-    num_attention_heads: int = 8
+    num_layers: int = key(6, help="layers of this stack (perceiver: cross-attention layers)")
+    hidden_size: int = key(512, help="width; equal in encoder and decoder (they share the word embedding)")
+    num_attention_heads: int = key(8, help="attention heads; must divide hidden_size")
     ffn_hidden_size: Optional[int] = key(None, help="None: 4 x hidden_size")
-    hidden_dropout: float = 0.1
-    attention_dropout: float = 0.1
+    hidden_dropout: float = key(0.1, help="on each residual branch (the encoder's also on the embeddings)")
+    attention_dropout: float = key(0.1, help="on attention probabilities")
     hidden_steps: int = key(32, help="Perceiver latents: the fixed length of the hiddens")
-    layernorm_epsilon: float = 1e-5
+    layernorm_epsilon: float = key(1e-5, help="every LayerNorm of this stack")
     activation: Literal["gelu", "gelu_tanh"] = key("gelu", help="exact GELU, or its tanh approximation")
 
 
@@ -82,8 +82,10 @@ class EncoderDecoderConfig(SequenceParallelKey, ModelConfig):
     decoder: StackConfig = field(factory=StackConfig)
     seq_length_dec: Optional[int] = key(None, help="decoder length; None: seq_length")
     max_position_embeddings: Optional[int] = key(None, help="None: max(seq_length, seq_length_dec)")
-    init_method_std: float = 0.02
-    make_vocab_size_divisible_by: int = 128
+    init_method_std: float = key(0.02,
+            help="N(0, std) init; residual outputs scaled by 1/sqrt(2 * num_layers) of their stack")
+    make_vocab_size_divisible_by: int = key(128,
+            help="vocabulary (with extra_ids) padded to a multiple of this (x TP)")
     extra_ids: int = key(100, help="sentinel / mask ids after the tokenizer's vocabulary (T5's <extra_id_k>)")
     mask_padded_vocab: bool = key(True,
             help="ids >= vocabulary + extra_ids left out of the loss's softmax; false: Megatron-LM's")

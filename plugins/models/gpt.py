@@ -71,7 +71,7 @@ class GPTConfig(RecomputeKeys, SequenceParallelKey, ModelConfig):
     hidden_dropout: float = key(0.1, help="on embeddings and each residual branch")
     attention_dropout: float = key(0.1, help="on attention probabilities")
     init_method_std: float = key(0.02, help="N(0, std) init; residual outputs scaled by 1/sqrt(2 * num_layers)")
-    layernorm_epsilon: float = 1e-5
+    layernorm_epsilon: float = key(1e-5, help="every LayerNorm (Megatron-LM's --layernorm-epsilon)")
     activation: Literal["gelu", "gelu_tanh"] = key("gelu",
             help="exact GELU, or the tanh approximation (GPT-2, Megatron's fused)")
     make_vocab_size_divisible_by: int = key(128, help="vocabulary padded to a multiple of this (x TP)")

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import ClassVar, List, Optional
 
 import torch
-from attrs import define, field
+from attrs import define
 
 import mega
 from mega.config import key, OptimConfig
@@ -25,8 +25,8 @@ class AdamWConfig(OptimConfig):
     sharding: ClassVar[Optional[str]] = "elementwise"
 
     name: str = "adamw"
-    betas: List[float] = field(factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
+    betas: List[float] = key(factory=lambda: [0.9, 0.95], help="moment decay rates b1, b2")
+    eps: float = key(1e-8, help="in sqrt(v_hat) + eps")
     fused: bool = key(True, help="use the fused kernel when torch has one for the parameters' device")
 
 
