@@ -34,6 +34,7 @@ from mega.config.schema import (
     SchedConfig,
     TokenizerConfig,
     TrainerConfig,
+    key,
 )
 from mega.config.structure import schema_has, schema_keys, structure, structure_table
 from mega.errors import ConfigError
@@ -41,7 +42,7 @@ from mega.errors import ConfigError
 __all__ = [
     "CheckpointConfig", "DataConfig", "Duration", "ExperimentConfig", "ExpManagerConfig", "HiddenLossConfig",
     "HiddenTransformConfig", "ModelConfig", "NamedTables", "OptimConfig", "Precision", "SchedConfig",
-    "TokenizerConfig", "TrainerConfig", "load_config", "load_raw", "config_from_dict", "dump_config",
+    "TokenizerConfig", "TrainerConfig", "key", "load_config", "load_raw", "config_from_dict", "dump_config",
     "parse_value", "structure_table", "to_dict",
 ]
 

@@ -7,7 +7,6 @@ schema (a test compares the file with this output).
 from __future__ import annotations
 
 import inspect
-import re
 import typing
 from typing import Dict, List
 
@@ -16,18 +15,20 @@ import attrs
 from mega.config.schema import SLOTS, ExperimentConfig
 from mega.config.structure import named_base
 
-_COMMENT = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.+)$")
+
+def help_of(cls: type, name: str) -> str:
+    """Key `name`'s meaning in config class `cls`: the `help` its field declares
+    (`mega.config.key(..., help=...)`), else that of the nearest base class declaring the
+    key, so a plugin class that only changes a base key's default (`name: str = "bert"`)
+    keeps its meaning. Empty when no class says (tests/test_config.py fails on that)."""
+    for klass in cls.__mro__:
+        a = attrs.fields_dict(klass).get(name) if attrs.has(klass) else None
+        if a is not None and a.metadata.get("help"):
+            return str(a.metadata["help"])
+    return ""
 
 
-def _comments(cls: type) -> Dict[str, str]:
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return {}
-    return {m.group(1): m.group(2).strip() for m in map(_COMMENT.match, source.splitlines()) if m}
-
-
-def _nested(t):
+def nested_table(t):
     """The attrs class of a nested table field (also an optional one), else None."""
     if attrs.has(t):
         return t
@@ -66,16 +67,12 @@ def _default(a) -> str:
 
 
 def _table(cls: type, prefix: str, skip: set) -> List[str]:
-    comments = {}
-    for klass in reversed(cls.__mro__):
-        if attrs.has(klass):
-            comments.update(_comments(klass))
     hints = typing.get_type_hints(cls)
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for a in attrs.fields(cls):
-        if a.name in skip or _nested(hints.get(a.name)):
+        if a.name in skip or nested_table(hints.get(a.name)):
             continue
-        rows.append(f"| `{prefix}.{a.name}` | {_type_name(hints.get(a.name, a.type))} | {_default(a)} | {comments.get(a.name, '')} |")
+        rows.append(f"| `{prefix}.{a.name}` | {_type_name(hints.get(a.name, a.type))} | {_default(a)} | {help_of(cls, a.name)} |")
     return rows
 
 
@@ -120,7 +117,7 @@ def configuration_reference(plugins) -> str:
                 out.append("")
                 sub_hints = typing.get_type_hints(sub)
                 for a in attrs.fields(sub):  # the plugin's own nested tables (e.g. model.encoder)
-                    t = _nested(sub_hints.get(a.name))
+                    t = nested_table(sub_hints.get(a.name))
                     if a.name not in base_fields and t is not None:
                         optional = "" if attrs.has(sub_hints.get(a.name)) else " (optional table)"
                         out.extend([f"`{prefix}.{a.name}`{optional}:", ""] + _table(t, f"{prefix}.{a.name}", set()) + [""])

@@ -104,6 +104,18 @@ class InvalidValue(ValueError):
         self.key = key
 
 
+def key(default=attrs.NOTHING, help: str = "", **kwargs):
+    """A config key: `attrs.field` with its one-line meaning as metadata (`help`), which
+    `mega config --reference` (docs/configuration.md) prints. Positional `default`, or
+    `factory=`; the other keywords are attrs.field's (`validator`, `converter`, ...).
+    A class with a key named `key` binds that name in its body: import this function
+    under another name there (`from mega.config import key as config_key`)."""
+    metadata = dict(kwargs.pop("metadata", {}) or {})
+    if help:
+        metadata["help"] = help
+    return field(default=default, metadata=metadata, **kwargs)
+
+
 def _at_least(bound, strict: bool = False):
     """An attrs validator: the value must be >= bound (> bound when `strict`); None passes
     (optional keys). NaN fails."""
@@ -138,48 +150,61 @@ at_least_one = _at_least(1)  # >= 1 (counts and sizes)
 class TrainerConfig:
     """`trainer.*`: how long and how to train, when to validate and log."""
 
-    devices: int = field(default=1, validator=at_least_one)  # worker processes on this machine
-    num_nodes: int = field(default=1, validator=at_least_one)  # machines (torchrun --nnodes)
-    accelerator: str = "auto"  # "cpu", "gpu" or "auto"
-    precision: Precision = Precision("32")  # 32, 16 (fp16 + dynamic loss scaling) or "bf16"
-    compile: Literal[True, False, "auto"] = "auto"  # torch.compile the training step; "auto": with CUDA only (failures fall back to eager)
-    max_steps: int = field(default=1000, validator=non_negative)  # optimizer steps
-    val_check_interval: int = field(default=100, validator=non_negative)  # validate every N steps (and at the end); 0 disables
-    limit_val_batches: int = field(default=10, validator=non_negative)  # global batches per validation
-    log_every_n_steps: int = field(default=10, validator=at_least_one)  # metrics to every logger each N steps (and at the last)
-    accumulate_grad_batches: int = field(default=1, validator=at_least_one)  # micro-batches per step (derived from global_batch_size if set)
-    gradient_clip_val: float = field(default=1.0, validator=non_negative)  # max global grad norm; 0 disables clipping
-    dist_timeout_s: int = field(default=600, validator=positive)  # a collective that waits longer (a hung or dead worker) fails the run
-    max_time: Optional[Duration] = None  # stop with a checkpoint once training (summed over resumes) has run this long
-    enable_progress_bar: Optional[bool] = None  # None: only on a terminal, never under CI/SLURM
+    devices: int = key(default=1, validator=at_least_one, help="worker processes on this machine")
+    num_nodes: int = key(default=1, validator=at_least_one, help="machines (torchrun --nnodes)")
+    accelerator: str = key("auto", help='"cpu", "gpu" or "auto"')
+    precision: Precision = key(Precision("32"), help='32, 16 (fp16 + dynamic loss scaling) or "bf16"')
+    compile: Literal[True, False, "auto"] = key("auto",
+            help='torch.compile the training step; "auto": with CUDA only (failures fall back to eager)')
+    max_steps: int = key(default=1000, validator=non_negative, help="optimizer steps")
+    val_check_interval: int = key(default=100, validator=non_negative,
+            help="validate every N steps (and at the end); 0 disables")
+    limit_val_batches: int = key(default=10, validator=non_negative, help="global batches per validation")
+    log_every_n_steps: int = key(default=10, validator=at_least_one,
+            help="metrics to every logger each N steps (and at the last)")
+    accumulate_grad_batches: int = key(default=1, validator=at_least_one,
+            help="micro-batches per step (derived from global_batch_size if set)")
+    gradient_clip_val: float = key(default=1.0, validator=non_negative,
+            help="max global grad norm; 0 disables clipping")
+    dist_timeout_s: int = key(default=600, validator=positive,
+            help="a collective that waits longer (a hung or dead worker) fails the run")
+    max_time: Optional[Duration] = key(None,
+            help="stop with a checkpoint once training (summed over resumes) has run this long")
+    enable_progress_bar: Optional[bool] = key(None, help="None: only on a terminal, never under CI/SLURM")
 
 
 @define(kw_only=True)
 class CheckpointConfig:
     """`exp_manager.checkpoint.*`: when and how checkpoints are written."""
 
-    format: str = "native"  # a registered checkpoint format
-    every_n_train_steps: int = field(default=0, validator=non_negative)  # 0: only at the end of training
-    keep_last_k: int = field(default=3, validator=non_negative)  # older checkpoints are deleted; 0 keeps all
-    save_last: bool = True  # save when training ends
+    format: str = key("native", help="a registered checkpoint format")
+    every_n_train_steps: int = key(default=0, validator=non_negative, help="0: only at the end of training")
+    keep_last_k: int = key(default=3, validator=non_negative, help="older checkpoints are deleted; 0 keeps all")
+    save_last: bool = key(True, help="save when training ends")
 
 
 @define(kw_only=True)
 class ExpManagerConfig:
     """`exp_manager.*`: where the run directory goes and what is written into it."""
 
-    exp_dir: str = "results"
-    name: str = "default"  # the run directory is exp_dir/name
-    resume_if_exists: bool = True  # resume from the latest good checkpoint in the run directory
-    resume_ignore_config_changes: bool = False  # resume even if keys that cannot resume safely changed (model shape, data, tokenizer)
-    loggers: List[str] = field(factory=lambda: ["console", "jsonl", "tensorboard"])
+    exp_dir: str = key("results", help="the folder run directories are made in")
+    name: str = key("default", help="the run directory is exp_dir/name")
+    resume_if_exists: bool = key(True, help="resume from the latest good checkpoint in the run directory")
+    resume_ignore_config_changes: bool = key(False,
+            help="resume even if keys that cannot resume safely changed (model shape, data, tokenizer)")
+    loggers: List[str] = key(factory=lambda: ["console", "jsonl", "tensorboard"],
+            help="registered loggers the run's metrics go to; create_wandb_logger and create_mlflow_logger add theirs")
     # NeMo's experiment-tracker switches: each adds its logger to `loggers` (docs/ecosystem.md)
-    create_wandb_logger: bool = False  # add the `wandb` logger (Weights & Biases; pip install 'mega-lm[wandb]')
-    wandb_logger_kwargs: Dict[str, Any] = field(factory=dict)  # its settings, NeMo's/Lightning's names: name, project, id, save_dir, offline, tags, ...
-    create_mlflow_logger: bool = False  # add the `mlflow` logger (pip install 'mega-lm[mlflow]')
-    mlflow_logger_kwargs: Dict[str, Any] = field(factory=dict)  # its settings, NeMo's names: experiment_name, run_name, tracking_uri, tags, run_id, ...
+    create_wandb_logger: bool = key(False,
+            help="add the `wandb` logger (Weights & Biases; pip install 'mega-lm[wandb]')")
+    wandb_logger_kwargs: Dict[str, Any] = key(factory=dict,
+            help="its settings, NeMo's/Lightning's names: name, project, id, save_dir, offline, tags, ...")
+    create_mlflow_logger: bool = key(False, help="add the `mlflow` logger (pip install 'mega-lm[mlflow]')")
+    mlflow_logger_kwargs: Dict[str, Any] = key(factory=dict,
+            help="its settings, NeMo's names: experiment_name, run_name, tracking_uri, tags, run_id, ...")
     checkpoint: CheckpointConfig = field(factory=CheckpointConfig)
-    max_time_per_run: Optional[Duration] = None  # stop with a checkpoint once this start of the run has trained this long (under a job time limit)
+    max_time_per_run: Optional[Duration] = key(None,
+            help="stop with a checkpoint once this start of the run has trained this long (under a job time limit)")
 
     def logger_names(self) -> List[str]:
         """The loggers a run attaches: `loggers`, then `wandb` / `mlflow` when NeMo's
@@ -195,29 +220,29 @@ class ExpManagerConfig:
 class TokenizerConfig:
     """`model.tokenizer.*` base; `library` picks the tokenizer plugin."""
 
-    library: str = "sentencepiece"  # a registered tokenizer
-    model: Optional[str] = None  # a tokenizer model file; None lets a library train one
+    library: str = key("sentencepiece", help="a registered tokenizer")
+    model: Optional[str] = key(None, help="a tokenizer model file; None lets a library train one")
 
 
 @define(kw_only=True)
 class DataConfig:
     """`model.data.*` base; `data_impl` picks the dataset plugin."""
 
-    data_impl: str = "text_mmap"  # a registered dataset implementation
-    # [weight, path, weight, path, ...] (Megatron/NeMo style), or a list of paths (equal
-    # weights), or one path. Empty: the quickstart corpus (Python's pydoc topics).
-    data_prefix: List[Any] = field(factory=list)
-    splits_string: str = "900,50,50"  # train,valid,test proportions of each file's documents
-    prefetch: int = field(default=1, validator=non_negative)  # global batches read ahead in a background thread; 0: when needed
+    data_impl: str = key("text_mmap", help="a registered dataset implementation")
+    data_prefix: List[Any] = key(factory=list,
+            help="[weight, path, weight, path, ...] (Megatron/NeMo style), a list of paths (equal weights) or one path; empty: the quickstart corpus (Python's pydoc topics)")
+    splits_string: str = key("900,50,50", help="train,valid,test proportions of each file's documents")
+    prefetch: int = key(default=1, validator=non_negative,
+            help="global batches read ahead in a background thread; 0: when needed")
 
 
 @define(kw_only=True)
 class SchedConfig:
     """`model.optim.sched.*` base; `name` picks the learning-rate schedule."""
 
-    name: str = "cosine"  # a registered learning-rate schedule
-    warmup_steps: int = field(default=0, validator=non_negative)  # linear warmup from lr/warmup_steps to lr
-    min_lr: float = field(default=0.0, validator=non_negative)  # the floor decaying schedules reach
+    name: str = key("cosine", help="a registered learning-rate schedule")
+    warmup_steps: int = key(default=0, validator=non_negative, help="linear warmup from lr/warmup_steps to lr")
+    min_lr: float = key(default=0.0, validator=non_negative, help="the floor decaying schedules reach")
 
 
 @define(kw_only=True)
@@ -230,14 +255,19 @@ class OptimConfig:
     # ratio, summed over the shards), None (it cannot be sharded).
     sharding: ClassVar[Optional[str]] = None
 
-    name: str = "adamw"  # a registered optimizer
-    lr: float = field(default=3e-4, validator=positive)  # peak learning rate
-    weight_decay: float = field(default=0.01, validator=non_negative)  # not applied to biases and norm weights
-    use_distributed_optimizer: bool = False  # shard the fp32 main weights and optimizer state over data-parallel ranks (Megatron's --use-distributed-optimizer, ZeRO-1); the optimizer must declare it can be sharded
-    overlap_grad_sync: bool = True  # with the distributed optimizer: reduce-scatter each bucket of model.grad_reduce_bucket_size elements while the last backward goes on (--overlap-grad-reduce); false: one bucket after the backward
-    overlap_param_sync: bool = False  # with the distributed optimizer: all-gather each bucket's updated parameters when the next forward reaches it (--overlap-param-gather; needs overlap_grad_sync)
-    grad_sync_dtype: str = field(default="fp32", validator=_only("fp32"))  # NeMo's key: gradients are always accumulated and reduced in fp32
-    contiguous_grad_buffer: bool = field(default=True, validator=_only(True))  # NeMo's key: the gradient buffer is always contiguous
+    name: str = key("adamw", help="a registered optimizer")
+    lr: float = key(default=3e-4, validator=positive, help="peak learning rate")
+    weight_decay: float = key(default=0.01, validator=non_negative, help="not applied to biases and norm weights")
+    use_distributed_optimizer: bool = key(False,
+            help="shard the fp32 main weights and optimizer state over data-parallel ranks (Megatron's --use-distributed-optimizer, ZeRO-1); the optimizer must declare it can be sharded")
+    overlap_grad_sync: bool = key(True,
+            help="with the distributed optimizer: reduce-scatter each bucket of model.grad_reduce_bucket_size elements while the last backward goes on (--overlap-grad-reduce); false: one bucket after the backward")
+    overlap_param_sync: bool = key(False,
+            help="with the distributed optimizer: all-gather each bucket's updated parameters when the next forward reaches it (--overlap-param-gather; needs overlap_grad_sync)")
+    grad_sync_dtype: str = key(default="fp32", validator=_only("fp32"),
+            help="NeMo's key: gradients are always accumulated and reduced in fp32")
+    contiguous_grad_buffer: bool = key(default=True, validator=_only(True),
+            help="NeMo's key: the gradient buffer is always contiguous")
     sched: SchedConfig = field(factory=SchedConfig)
 
 
@@ -246,20 +276,26 @@ class ModelConfig:
     """`model.*` base: what every model has; `name` picks the model plugin, whose config
     class subclasses this one and adds its architecture keys."""
 
-    name: str = "gpt"  # a registered model
-    micro_batch_size: int = field(default=4, validator=at_least_one)  # samples per forward/backward on each data-parallel rank
-    global_batch_size: Optional[int] = field(default=None, validator=at_least_one)  # None: micro_batch_size x data-parallel x accumulate
-    seq_length: int = field(default=512, validator=at_least_one)  # tokens per sample
-    seed: int = 1234  # seeds initialisation, dropout and data order
-    tensor_model_parallel_size: int = field(default=1, validator=at_least_one)  # ranks that split each layer (TP)
-    pipeline_model_parallel_size: int = field(default=1, validator=at_least_one)  # stages the layers are split into (PP)
+    name: str = key("gpt", help="a registered model")
+    micro_batch_size: int = key(default=4, validator=at_least_one,
+            help="samples per forward/backward on each data-parallel rank")
+    global_batch_size: Optional[int] = key(default=None, validator=at_least_one,
+            help="None: micro_batch_size x data-parallel x accumulate")
+    seq_length: int = key(default=512, validator=at_least_one, help="tokens per sample")
+    seed: int = key(1234, help="seeds initialisation, dropout and data order")
+    tensor_model_parallel_size: int = key(default=1, validator=at_least_one, help="ranks that split each layer (TP)")
+    pipeline_model_parallel_size: int = key(default=1, validator=at_least_one,
+            help="stages the layers are split into (PP)")
     # fp16 dynamic loss scaling (trainer.precision=16), NeMo's names
-    native_amp_init_scale: float = field(default=4294967296.0, validator=positive)  # initial fp16 loss scale (2**32)
-    native_amp_growth_interval: int = field(default=1000, validator=at_least_one)  # clean steps before the scale doubles
-    hysteresis: int = field(default=2, validator=at_least_one)  # overflowing steps before the scale halves
+    native_amp_init_scale: float = key(default=4294967296.0, validator=positive, help="initial fp16 loss scale (2**32)")
+    native_amp_growth_interval: int = key(default=1000, validator=at_least_one,
+            help="clean steps before the scale doubles")
+    hysteresis: int = key(default=2, validator=at_least_one, help="overflowing steps before the scale halves")
     # Megatron's mixed-precision layout under NeMo's name for it (docs/performance.md)
-    megatron_amp_O2: bool = False  # with trainer.precision="bf16" (or 16): parameters in that dtype without autocast, fp32 main weights stepped by the optimizer, gradients accumulated and all-reduced in fp32
-    grad_reduce_bucket_size: int = field(default=40_000_000, validator=non_negative)  # with megatron_amp_O2 and data parallelism: fp32 gradient elements per all-reduce bucket, each started while the last micro-batch's backward goes on; 0: one all-reduce after the backward
+    megatron_amp_O2: bool = key(False,
+            help='with trainer.precision="bf16" (or 16): parameters in that dtype without autocast, fp32 main weights stepped by the optimizer, gradients accumulated and all-reduced in fp32')
+    grad_reduce_bucket_size: int = key(default=40_000_000, validator=non_negative,
+            help="with megatron_amp_O2 and data parallelism: fp32 gradient elements per all-reduce bucket, each started while the last micro-batch's backward goes on; 0: one all-reduce after the backward")
     tokenizer: TokenizerConfig = field(factory=TokenizerConfig)
     data: DataConfig = field(factory=DataConfig)
     optim: OptimConfig = field(factory=OptimConfig)
@@ -299,17 +335,17 @@ class ExperimentConfig:
 class HiddenTransformConfig:
     """Base of one entry of `model.hiddens.transform`; `cls_name` picks the hidden transform."""
 
-    cls_name: str  # a registered hidden transform
-    name: Optional[str] = None  # unset: the entry's key
+    cls_name: str = key(help="a registered hidden transform")
+    name: Optional[str] = key(None, help="unset: the entry's key")
 
 
 @define(kw_only=True)
 class HiddenLossConfig:
     """Base of one entry of `model.hiddens.loss`; `cls_name` picks the hidden loss."""
 
-    cls_name: str  # a registered hidden loss
-    name: Optional[str] = None  # unset: the entry's key
-    loss_weight: float = 1.0  # weight of this loss in the joint loss
+    cls_name: str = key(help="a registered hidden loss")
+    name: Optional[str] = key(None, help="unset: the entry's key")
+    loss_weight: float = key(1.0, help="weight of this loss in the joint loss")
 
 
 T = TypeVar("T")

@@ -41,7 +41,7 @@ import torch
 from attrs import define
 
 import mega
-from mega.config import DataConfig
+from mega.config import DataConfig, key
 from mega.errors import ConfigError, DataError
 from mega.plugins.data.blending import parse_splits, split_ranges
 from mega.plugins.data.quickstart_corpus import write_pydoc_corpus
@@ -64,12 +64,16 @@ class OrderedLMObjective(SampleObjective):
 @define(kw_only=True)
 class LMOrderedConfig(DataConfig):
     data_impl: str = "lm_ordered"
-    data_dir: Optional[str] = None  # folder with train.txt, valid.txt, test.txt (or wiki.*.tokens); else data_prefix
-    add_eos: Optional[bool] = None  # end-of-line token after every line; None: the tokenizer's rule (word: its add_eos), else true
-    roll: bool = False  # rotate each stream by a seeded random shift every epoch (the reference's --roll)
-    streams: Optional[int] = None  # rows the stream is cut into; None: the model's global_batch_size
-    drop_last: bool = False  # leave out each stream's last, shorter segment (false: keep it, as the reference does)
-    vocab_splits: Optional[List[str]] = None  # data_dir's splits a counted vocabulary comes from, in order; None: ["train"] (WT103); enwik8, text8: ["train", "valid", "test"]
+    data_dir: Optional[str] = key(None,
+            help="folder with train.txt, valid.txt, test.txt (or wiki.*.tokens); else data_prefix")
+    add_eos: Optional[bool] = key(None,
+            help="end-of-line token after every line; None: the tokenizer's rule (word: its add_eos), else true")
+    roll: bool = key(False, help="rotate each stream by a seeded random shift every epoch (the reference's --roll)")
+    streams: Optional[int] = key(None, help="rows the stream is cut into; None: the model's global_batch_size")
+    drop_last: bool = key(False,
+            help="leave out each stream's last, shorter segment (false: keep it, as the reference does)")
+    vocab_splits: Optional[List[str]] = key(None,
+            help="data_dir's splits a counted vocabulary comes from, in order; None: [\"train\"] (WT103); enwik8, text8: [\"train\", \"valid\", \"test\"]")
 
 
 class LMOrderedSamples:

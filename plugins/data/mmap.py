@@ -19,7 +19,7 @@ import numpy as np
 from attrs import define
 
 import mega
-from mega.config import DataConfig
+from mega.config import DataConfig, key
 from mega.errors import ConfigError
 from mega.plugins.data.blending import BlendedDataset, parse_splits, split_ranges
 from mega.plugins.data.indexed import IndexedDataset, IndexedDatasetWriter, optimal_dtype
@@ -32,8 +32,8 @@ SPLITS = {"train": 0, "valid": 1, "test": 2}
 @define(kw_only=True)
 class MMapConfig(DataConfig):
     data_impl: str = "mmap"
-    shuffle: bool = True  # shuffle documents and samples each epoch (seeded by model.seed)
-    pack: bool = True  # concatenate documents into full windows; false: one padded sample per document
+    shuffle: bool = key(True, help="shuffle documents and samples each epoch (seeded by model.seed)")
+    pack: bool = key(True, help="concatenate documents into full windows; false: one padded sample per document")
 
 
 class DocumentSamples:

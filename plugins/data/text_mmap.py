@@ -27,7 +27,7 @@ import torch
 from attrs import define
 
 import mega
-from mega.config import DataConfig
+from mega.config import DataConfig, key
 from mega.errors import ConfigError, DataError
 from mega.plugins.data.bert_samples import BertSamples
 from mega.plugins.data.document_file import document_file
@@ -55,13 +55,16 @@ SPLITS = {"train": 0, "valid": 1, "test": 2}
 @define(kw_only=True)
 class TextMemMapConfig(DataConfig):
     data_impl: str = "text_mmap"
-    shuffle: bool = True  # shuffle documents each epoch (seeded by model.seed)
-    pack: bool = True  # lm: concatenate documents (with end-of-document ids) into full windows; false: one padded sample per document
-    masked_lm_prob: float = 0.15  # t5/bart: share of tokens hidden in noise spans
-    mean_noise_span_length: float = 3.0  # t5/bart: mean length of a noise span
-    whole_word_masking: bool = False  # t5/bart: noise spans cover whole words
-    json_key: str = "text"  # JSONL, Parquet, saved datasets: the key (column) holding each document's text (Megatron's --json-keys)
-    sentence_split: str = "auto"  # bert: "line" (a sentence per line, blank line between documents), "punctuation" (a document per line, cut after .!? before a capital or digit), "auto" (line when the file has blank lines)
+    shuffle: bool = key(True, help="shuffle documents each epoch (seeded by model.seed)")
+    pack: bool = key(True,
+            help="lm: concatenate documents (with end-of-document ids) into full windows; false: one padded sample per document")
+    masked_lm_prob: float = key(0.15, help="t5/bart: share of tokens hidden in noise spans")
+    mean_noise_span_length: float = key(3.0, help="t5/bart: mean length of a noise span")
+    whole_word_masking: bool = key(False, help="t5/bart: noise spans cover whole words")
+    json_key: str = key("text",
+            help="JSONL, Parquet, saved datasets: the key (column) holding each document's text (Megatron's --json-keys)")
+    sentence_split: str = key("auto",
+            help='bert: "line" (a sentence per line, blank line between documents), "punctuation" (a document per line, cut after .!? before a capital or digit), "auto" (line when the file has blank lines)')
 
 
 class DocumentRange:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from attrs import define
 
-from mega.config import HiddenLossConfig
+from mega.config import HiddenLossConfig, key
 from mega.plugins.hiddens.base import HiddenLoss
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -23,7 +23,8 @@ def std_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
 
 @define(kw_only=True)
 class AMIMLossConfig(HiddenLossConfig):
-    hidden_aggregation_method: Literal["sum", "mean"] = "sum"  # how log P(z) is reduced over the hidden dimension
+    hidden_aggregation_method: Literal["sum", "mean"] = key("sum",
+            help="how log P(z) is reduced over the hidden dimension")
 
 
 class AMIMLoss(HiddenLoss):
@@ -50,7 +51,7 @@ class AMIMLoss(HiddenLoss):
 
 @define(kw_only=True)
 class VAELossConfig(HiddenLossConfig):
-    min_kl_value: Optional[float] = None  # free-bits floor on the per-position KL; unset: none
+    min_kl_value: Optional[float] = key(None, help="free-bits floor on the per-position KL; unset: none")
 
 
 class VAELoss(HiddenLoss):
@@ -85,8 +86,8 @@ class VAELoss(HiddenLoss):
 
 @define(kw_only=True)
 class GuidedClassifierLossConfig(HiddenLossConfig):
-    input_name: str  # the logits it scores (a guided_cls output)
-    label_key: Optional[str] = None  # the batch key of the labels; unset: input_name
+    input_name: str = key(help="the logits it scores (a guided_cls output)")
+    label_key: Optional[str] = key(None, help="the batch key of the labels; unset: input_name")
 
 
 class GuidedClassifierLoss(HiddenLoss):

@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 import torch
-from attrs import define, field
+from attrs import define
 
-from mega.config import HiddenLossConfig, HiddenTransformConfig, NamedTables
+from mega.config import HiddenLossConfig, HiddenTransformConfig, key, NamedTables
 from mega.plugins.hiddens.base import HiddenLoss, HiddenTransform
 
 
@@ -25,11 +25,11 @@ class HiddensConfig:
     such tables (order kept); each entry is structured into the config class its `cls_name`
     registered."""
 
-    enc_output_name: str = "hiddens"  # the output the decoder cross-attends to (e.g. "z")
-    tokens_loss_weight: float = 1.0  # weight of the tokens loss in the joint loss
-    nemo_compat: bool = False  # reproduce NeMo exactly (docs/hiddens.md); tokens_loss_weight is then 1.0
-    transform: NamedTables[HiddenTransformConfig] = field(factory=dict)  # named transforms, run in order
-    loss: NamedTables[HiddenLossConfig] = field(factory=dict)  # named losses
+    enc_output_name: str = key("hiddens", help='the output the decoder cross-attends to (e.g. "z")')
+    tokens_loss_weight: float = key(1.0, help="weight of the tokens loss in the joint loss")
+    nemo_compat: bool = key(False, help="reproduce NeMo exactly (docs/hiddens.md); tokens_loss_weight is then 1.0")
+    transform: NamedTables[HiddenTransformConfig] = key(factory=dict, help="named transforms, run in order")
+    loss: NamedTables[HiddenLossConfig] = key(factory=dict, help="named losses")
 
 
 class HiddensModule(torch.nn.Module):

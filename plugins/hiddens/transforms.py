@@ -10,7 +10,7 @@ from typing import Dict, Optional
 import torch
 from attrs import define
 
-from mega.config import HiddenTransformConfig
+from mega.config import HiddenTransformConfig, key
 from mega.plugins.hiddens.base import HiddenTransform
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -23,10 +23,11 @@ def diag_gaussian_log_prob(z, mean, logvar) -> torch.Tensor:
 
 @define(kw_only=True)
 class GaussianTransformConfig(HiddenTransformConfig):
-    hidden_size: int  # size of the hiddens (and of the sample z)
-    ffn_hidden_size: Optional[int] = None  # unset: 2 x hidden_size (mean and log-variance); nothing else works
-    min_logvar: float = -6.0  # lower bound of the log-variance
-    init_method_std: float = 0.02  # std of the projection's initial weights
+    hidden_size: int = key(help="size of the hiddens (and of the sample z)")
+    ffn_hidden_size: Optional[int] = key(None,
+            help="unset: 2 x hidden_size (mean and log-variance); nothing else works")
+    min_logvar: float = key(-6.0, help="lower bound of the log-variance")
+    init_method_std: float = key(0.02, help="std of the projection's initial weights")
 
 
 class GaussianTransform(HiddenTransform):
@@ -81,11 +82,11 @@ class GaussianTransform(HiddenTransform):
 
 @define(kw_only=True)
 class GuidedClassifierTransformConfig(HiddenTransformConfig):
-    hidden_size: int  # size of the input
-    attr_name: str  # the output: per-position class logits (and the batch key of its labels by default)
-    input_name: str = "hiddens"  # the output it classifies
-    num_classes: int = 2  # classes of the property
-    init_method_std: float = 0.02  # std of the classifier's initial weights
+    hidden_size: int = key(help="size of the input")
+    attr_name: str = key(help="the output: per-position class logits (and the batch key of its labels by default)")
+    input_name: str = key("hiddens", help="the output it classifies")
+    num_classes: int = key(2, help="classes of the property")
+    init_method_std: float = key(0.02, help="std of the classifier's initial weights")
 
 
 class GuidedClassifierTransform(HiddenTransform):

@@ -28,8 +28,9 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from attrs import define, field
+from attrs import define
 
+from mega.config import key
 import mega
 from mega.errors import ConfigError
 from mega.plugins.loggers.trackers import TrackerRuns, flat_params, logger_key, read_settings, require_package
@@ -44,16 +45,17 @@ BATCH = 100  # MLflow takes at most 100 parameters (1000 metrics) per log_batch
 class MlflowSettings:
     """`exp_manager.mlflow_logger_kwargs`: NeMo's MLFlowParams (Lightning's MLFlowLogger)."""
 
-    experiment_name: Optional[str] = None  # default: exp_manager.name (NeMo)
-    run_name: Optional[str] = None  # default: exp_manager.name
-    tracking_uri: Optional[str] = None  # default: MLFLOW_TRACKING_URI, else the file store save_dir
-    tags: Dict[str, Any] = field(factory=dict)  # set on a new run
-    save_dir: str = "./mlruns"  # the file store when no tracking_uri is given (NeMo's default)
-    prefix: str = ""  # put before every metric name, joined with "-" (Lightning's prefix)
-    artifact_location: Optional[str] = None  # for a new experiment
-    run_id: Optional[str] = None  # reopen this run instead of the stored one or a new one
-    synchronous: Optional[bool] = None  # Lightning's; mega always logs synchronously
-    log_model: bool = False  # Lightning uploads checkpoints as artifacts; mega keeps them in the run directory only
+    experiment_name: Optional[str] = key(None, help="default: exp_manager.name (NeMo)")
+    run_name: Optional[str] = key(None, help="default: exp_manager.name")
+    tracking_uri: Optional[str] = key(None, help="default: MLFLOW_TRACKING_URI, else the file store save_dir")
+    tags: Dict[str, Any] = key(factory=dict, help="set on a new run")
+    save_dir: str = key("./mlruns", help="the file store when no tracking_uri is given (NeMo's default)")
+    prefix: str = key("", help="put before every metric name, joined with \"-\" (Lightning's prefix)")
+    artifact_location: Optional[str] = key(None, help="for a new experiment")
+    run_id: Optional[str] = key(None, help="reopen this run instead of the stored one or a new one")
+    synchronous: Optional[bool] = key(None, help="Lightning's; mega always logs synchronously")
+    log_model: bool = key(False,
+            help="Lightning uploads checkpoints as artifacts; mega keeps them in the run directory only")
 
 
 def settings(config) -> MlflowSettings:
@@ -119,11 +121,11 @@ class MlflowLogger:
 
         logged = self.client.get_run(self.run_id).data.params
         params, tags = [], []
-        for key, value in flat_params(run.config, MAX_PARAM_LENGTH).items():
-            if key not in logged:
-                params.append(Param(key, value))
-            elif logged[key] != value:
-                tags.append(RunTag(f"config_change.{key}", f"{logged[key]} -> {value} at step {run.step}"))
+        for name, value in flat_params(run.config, MAX_PARAM_LENGTH).items():
+            if name not in logged:
+                params.append(Param(name, value))
+            elif logged[name] != value:
+                tags.append(RunTag(f"config_change.{name}", f"{logged[name]} -> {value} at step {run.step}"))
         for i in range(0, max(len(params), len(tags)), BATCH):
             self.client.log_batch(self.run_id, params=params[i:i + BATCH], tags=tags[i:i + BATCH])
 

@@ -21,10 +21,10 @@ from __future__ import annotations
 import secrets
 from typing import List, Literal, Optional
 
-from attrs import define, field
+from attrs import define
 
 import mega
-from mega.config import to_dict
+from mega.config import key, to_dict
 from mega.errors import ConfigError
 from mega.plugins.loggers.trackers import TrackerRuns, logger_key, read_settings, require_package
 
@@ -36,23 +36,28 @@ class WandbSettings:
     """`exp_manager.wandb_logger_kwargs`: Lightning's WandbLogger arguments that NeMo passes
     through, and the wandb.init arguments runs commonly set."""
 
-    name: Optional[str] = None  # the run's display name; default exp_manager.name
-    project: Optional[str] = None  # default: W&B's ("uncategorized")
-    entity: Optional[str] = None  # the user or team owning the project
-    id: Optional[str] = None  # pin the W&B run id (default: a new id, kept in trackers.json for resuming)
-    version: Optional[str] = None  # Lightning's name for id
-    save_dir: Optional[str] = None  # where W&B writes its files (<save_dir>/wandb/); default: the run directory
-    dir: Optional[str] = None  # Lightning's other name for save_dir
-    offline: bool = False  # write the run locally for `wandb sync` (mode = "offline")
-    mode: Optional[Literal["online", "offline", "disabled"]] = None  # wandb.init's mode; default: WANDB_MODE, else online
-    anonymous: Optional[Literal["allow", "must", "never"]] = None
-    group: Optional[str] = None
-    job_type: Optional[str] = None
-    tags: List[str] = field(factory=list)
-    notes: Optional[str] = None
-    prefix: str = ""  # put before every metric name, joined with "-" (Lightning's prefix)
-    resume: Literal["allow", "must", "never"] = "allow"  # wandb.init's resume for a stored or pinned id (Lightning: "allow")
-    log_model: bool = False  # Lightning uploads checkpoints as artifacts; mega keeps them in the run directory only
+    name: Optional[str] = key(None, help="the run's display name; default exp_manager.name")
+    project: Optional[str] = key(None, help="default: W&B's (\"uncategorized\")")
+    entity: Optional[str] = key(None, help="the user or team owning the project")
+    id: Optional[str] = key(None, help="pin the W&B run id (default: a new id, kept in trackers.json for resuming)")
+    version: Optional[str] = key(None, help="Lightning's name for id")
+    save_dir: Optional[str] = key(None,
+            help="where W&B writes its files (<save_dir>/wandb/); default: the run directory")
+    dir: Optional[str] = key(None, help="Lightning's other name for save_dir")
+    offline: bool = key(False, help='write the run locally for `wandb sync` (mode = "offline")')
+    mode: Optional[Literal["online", "offline", "disabled"]] = key(None,
+            help="wandb.init's mode; default: WANDB_MODE, else online")
+    anonymous: Optional[Literal["allow", "must", "never"]] = key(None,
+            help="wandb.init's anonymous: logging without a W&B account (allow, must or never)")
+    group: Optional[str] = key(None, help="wandb.init's group: runs shown together (e.g. one sweep)")
+    job_type: Optional[str] = key(None, help="wandb.init's job_type: the kind of run (e.g. \"train\"), to filter by")
+    tags: List[str] = key(factory=list, help="wandb.init's tags: labels of the run in the W&B UI")
+    notes: Optional[str] = key(None, help="wandb.init's notes: a longer description of the run")
+    prefix: str = key("", help="put before every metric name, joined with \"-\" (Lightning's prefix)")
+    resume: Literal["allow", "must", "never"] = key("allow",
+            help="wandb.init's resume for a stored or pinned id (Lightning: \"allow\")")
+    log_model: bool = key(False,
+            help="Lightning uploads checkpoints as artifacts; mega keeps them in the run directory only")
 
 
 def settings(config) -> WandbSettings:

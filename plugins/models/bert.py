@@ -53,7 +53,7 @@ from attrs import define
 from torch import nn
 
 import mega
-from mega.config import ModelConfig
+from mega.config import key, ModelConfig
 from mega.errors import ConfigError
 from mega.plugins.data.objectives import BertObjective
 from mega.plugins.models.bert_heads import (
@@ -110,20 +110,23 @@ class BertEncoderConfig(RecomputeKeys, SequenceParallelKey, ModelConfig):
     """`model.*` keys every `bert` model has: the encoder (Megatron-LM / NeMo names)."""
 
     name: str = "bert"
-    num_layers: int = 24  # transformer layers
-    hidden_size: int = 1024  # model width
-    num_attention_heads: int = 16  # must divide hidden_size
-    ffn_hidden_size: Optional[int] = None  # None: 4 x hidden_size
-    max_position_embeddings: int = 512  # rows of the position table; at least seq_length
-    hidden_dropout: float = 0.1  # on embeddings, each residual branch and before classifiers
-    attention_dropout: float = 0.1  # on attention probabilities
-    init_method_std: float = 0.02  # N(0, std) init; residual outputs scaled by 1/sqrt(2 * num_layers)
-    layernorm_epsilon: float = 1e-5  # every LayerNorm (Megatron-LM's; Hugging Face BERT's default is 1e-12)
-    activation: Literal["gelu", "gelu_tanh"] = "gelu"  # MLP: exact (erf) GeLU, or the tanh approximation (Megatron's fused bias-GeLU)
-    lm_head_activation: Literal["gelu", "gelu_tanh"] = "gelu"  # LM head's GeLU (Megatron-LM: exact unless --openai-gelu)
-    make_vocab_size_divisible_by: int = 128  # vocabulary padded to a multiple of this (x TP)
-    mask_padded_vocab: bool = True  # padded ids left out of the LM loss's softmax (same loss at every TP); false: Megatron-LM's
-    num_tokentypes: int = 2  # rows of the token-type table (0: none, Megatron-LM's --bert-no-binary-head)
+    num_layers: int = key(24, help="transformer layers")
+    hidden_size: int = key(1024, help="model width")
+    num_attention_heads: int = key(16, help="must divide hidden_size")
+    ffn_hidden_size: Optional[int] = key(None, help="None: 4 x hidden_size")
+    max_position_embeddings: int = key(512, help="rows of the position table; at least seq_length")
+    hidden_dropout: float = key(0.1, help="on embeddings, each residual branch and before classifiers")
+    attention_dropout: float = key(0.1, help="on attention probabilities")
+    init_method_std: float = key(0.02, help="N(0, std) init; residual outputs scaled by 1/sqrt(2 * num_layers)")
+    layernorm_epsilon: float = key(1e-5, help="every LayerNorm (Megatron-LM's; Hugging Face BERT's default is 1e-12)")
+    activation: Literal["gelu", "gelu_tanh"] = key("gelu",
+            help="MLP: exact (erf) GeLU, or the tanh approximation (Megatron's fused bias-GeLU)")
+    lm_head_activation: Literal["gelu", "gelu_tanh"] = key("gelu",
+            help="LM head's GeLU (Megatron-LM: exact unless --openai-gelu)")
+    make_vocab_size_divisible_by: int = key(128, help="vocabulary padded to a multiple of this (x TP)")
+    mask_padded_vocab: bool = key(True,
+            help="padded ids left out of the LM loss's softmax (same loss at every TP); false: Megatron-LM's")
+    num_tokentypes: int = key(2, help="rows of the token-type table (0: none, Megatron-LM's --bert-no-binary-head)")
 
     def check(self, plugins=None) -> None:
         check_config(self)
@@ -201,10 +204,14 @@ class ClassifierMLPKeys:
     """NeMo's MLP head instead of Megatron-LM's (sequence and token classification, question
     answering): what NeMo's `classifier_head` / `head` / `token_classifier` sections build."""
 
-    classifier_layers: Optional[int] = None  # NeMo's MLP head (`classifier.mlp.layer*`) of this many linear layers; unset: Megatron-LM's head (pooler + one layer for sequences)
-    classifier_activation: str = "relu"  # with classifier_layers: between its layers (relu, tanh, sigmoid, selu: NeMo's torch functions)
-    classifier_dropout: Optional[float] = None  # with classifier_layers: on the head's input; unset: hidden_dropout
-    classifier_log_softmax: bool = False  # with classifier_layers: log-probabilities instead of logits (NeMo's log_softmax)
+    classifier_layers: Optional[int] = key(None,
+            help="NeMo's MLP head (`classifier.mlp.layer*`) of this many linear layers; unset: Megatron-LM's head (pooler + one layer for sequences)")
+    classifier_activation: str = key("relu",
+            help="with classifier_layers: between its layers (relu, tanh, sigmoid, selu: NeMo's torch functions)")
+    classifier_dropout: Optional[float] = key(None,
+            help="with classifier_layers: on the head's input; unset: hidden_dropout")
+    classifier_log_softmax: bool = key(False,
+            help="with classifier_layers: log-probabilities instead of logits (NeMo's log_softmax)")
 
 
 @define(kw_only=True)
@@ -212,12 +219,15 @@ class BertConfig(BertEncoderConfig):
     """`bert`: masked LM + binary head, and the keys of its pretraining samples."""
 
     name: str = "bert"
-    add_binary_head: bool = True  # pooler + binary head and sentence-pair samples; false: masked LM only, single segments
-    binary_head: Literal["sop", "nsp"] = "sop"  # sentence-order prediction (Megatron-LM) or next-sentence prediction (BERT)
-    masked_lm_prob: float = 0.15  # share of tokens predicted (80% [MASK], 10% random, 10% kept)
-    short_seq_prob: float = 0.1  # share of samples with a shorter random target length
-    max_predictions_per_seq: Optional[int] = None  # cap on predicted tokens; None: masked_lm_prob x target length
-    whole_word_masking: bool = True  # mask every piece of a word together
+    add_binary_head: bool = key(True,
+            help="pooler + binary head and sentence-pair samples; false: masked LM only, single segments")
+    binary_head: Literal["sop", "nsp"] = key("sop",
+            help="sentence-order prediction (Megatron-LM) or next-sentence prediction (BERT)")
+    masked_lm_prob: float = key(0.15, help="share of tokens predicted (80% [MASK], 10% random, 10% kept)")
+    short_seq_prob: float = key(0.1, help="share of samples with a shorter random target length")
+    max_predictions_per_seq: Optional[int] = key(None,
+            help="cap on predicted tokens; None: masked_lm_prob x target length")
+    whole_word_masking: bool = key(True, help="mask every piece of a word together")
 
     def objective(self):
         """BertObjective samples: sentence pairs with the binary head, single segments without."""
@@ -266,7 +276,7 @@ class BertSequenceClassificationConfig(ClassifierMLPKeys, BertEncoderConfig):
     `classifier_layers`, NeMo's: the first token's hidden state -> dropout -> `classifier` (no pooler)."""
 
     name: str = "bert_sequence_classification"
-    num_labels: int = 2  # classes (1: regression)
+    num_labels: int = key(2, help="classes (1: regression)")
 
     def objective(self):
         return SampleObjective("sequence_classification")
@@ -288,7 +298,7 @@ class BertTokenClassificationConfig(ClassifierMLPKeys, BertEncoderConfig):
     (`classifier`, NeMo's MLP, with `classifier_layers`)."""
 
     name: str = "bert_token_classification"
-    num_labels: int = 2  # classes per token
+    num_labels: int = key(2, help="classes per token")
 
     def objective(self):
         return SampleObjective("token_classification")
@@ -321,9 +331,9 @@ TASKS = {
 def check_config(cfg: BertEncoderConfig) -> None:
     """The blocks' shape (mega.plugins.models.transformer.check_shape) and BERT's own keys."""
     check_shape(BlockConfig.of(cfg), cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size)
-    for key in ("make_vocab_size_divisible_by", "max_position_embeddings"):
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"model.{key}: must be at least 1, got {getattr(cfg, key)}")
+    for name in ("make_vocab_size_divisible_by", "max_position_embeddings"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"model.{name}: must be at least 1, got {getattr(cfg, name)}")
     if cfg.max_position_embeddings < cfg.seq_length:
         raise ConfigError(f"model.max_position_embeddings={cfg.max_position_embeddings} is smaller than model.seq_length={cfg.seq_length}")
     if cfg.num_tokentypes < 0:

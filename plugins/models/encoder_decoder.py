@@ -21,7 +21,7 @@ from attrs import define, field
 from torch import nn
 
 import mega
-from mega.config import ModelConfig
+from mega.config import key, ModelConfig
 from mega.errors import ConfigError
 from mega.plugins.data.objectives import DenoisingObjective
 from mega.plugins.hiddens import HiddensConfig, get_hiddens_module
@@ -63,16 +63,16 @@ from mega.runtime.tensor_parallel import (
 class StackConfig(RecomputeKeys):
     """`model.encoder.*` / `model.decoder.*`."""
 
-    arch: str = "transformer"  # encoder: "transformer" or "perceiver"
-    num_layers: int = 6
-    hidden_size: int = 512
-    num_attention_heads: int = 8
-    ffn_hidden_size: Optional[int] = None  # None: 4 x hidden_size
-    hidden_dropout: float = 0.1
-    attention_dropout: float = 0.1
-    hidden_steps: int = 32  # Perceiver latents: the fixed length of the hiddens
-    layernorm_epsilon: float = 1e-5
-    activation: Literal["gelu", "gelu_tanh"] = "gelu"  # exact GELU, or its tanh approximation
+    arch: str = key("transformer", help='encoder: "transformer" or "perceiver"')
+    num_layers: int = key(6, help="layers of this stack (perceiver: cross-attention layers)")
+    hidden_size: int = key(512, help="width; equal in encoder and decoder (they share the word embedding)")
+    num_attention_heads: int = key(8, help="attention heads; must divide hidden_size")
+    ffn_hidden_size: Optional[int] = key(None, help="None: 4 x hidden_size")
+    hidden_dropout: float = key(0.1, help="on each residual branch (the encoder's also on the embeddings)")
+    attention_dropout: float = key(0.1, help="on attention probabilities")
+    hidden_steps: int = key(32, help="Perceiver latents: the fixed length of the hiddens")
+    layernorm_epsilon: float = key(1e-5, help="every LayerNorm of this stack")
+    activation: Literal["gelu", "gelu_tanh"] = key("gelu", help="exact GELU, or its tanh approximation")
 
 
 @define(kw_only=True)
@@ -80,14 +80,19 @@ class EncoderDecoderConfig(SequenceParallelKey, ModelConfig):
     name: str = "t5"
     encoder: StackConfig = field(factory=StackConfig)
     decoder: StackConfig = field(factory=StackConfig)
-    seq_length_dec: Optional[int] = None  # decoder length; None: seq_length
-    max_position_embeddings: Optional[int] = None  # None: max(seq_length, seq_length_dec)
-    init_method_std: float = 0.02
-    make_vocab_size_divisible_by: int = 128
-    extra_ids: int = 100  # sentinel / mask ids after the tokenizer's vocabulary (T5's <extra_id_k>)
-    mask_padded_vocab: bool = True  # ids >= vocabulary + extra_ids left out of the loss's softmax; false: Megatron-LM's
-    tokens_head_bias: bool = False  # a bias over the (padded, vocabulary-parallel) vocabulary in the output layer (NeMo's tokens_head.bias; NeMo's default is true)
-    hiddens: Optional[HiddensConfig] = None  # the hiddens module (docs/hiddens.md); unset: plain encoder-decoder
+    seq_length_dec: Optional[int] = key(None, help="decoder length; None: seq_length")
+    max_position_embeddings: Optional[int] = key(None, help="None: max(seq_length, seq_length_dec)")
+    init_method_std: float = key(0.02,
+            help="N(0, std) init; residual outputs scaled by 1/sqrt(2 * num_layers) of their stack")
+    make_vocab_size_divisible_by: int = key(128,
+            help="vocabulary (with extra_ids) padded to a multiple of this (x TP)")
+    extra_ids: int = key(100, help="sentinel / mask ids after the tokenizer's vocabulary (T5's <extra_id_k>)")
+    mask_padded_vocab: bool = key(True,
+            help="ids >= vocabulary + extra_ids left out of the loss's softmax; false: Megatron-LM's")
+    tokens_head_bias: bool = key(False,
+            help="a bias over the (padded, vocabulary-parallel) vocabulary in the output layer (NeMo's tokens_head.bias; NeMo's default is true)")
+    hiddens: Optional[HiddensConfig] = key(None,
+            help="the hiddens module (docs/hiddens.md); unset: plain encoder-decoder")
 
     def check(self, plugins=None) -> None:
         """Shapes, and the hiddens module's wiring (every output a loss or transform needs is
@@ -369,12 +374,12 @@ class EncoderDecoderModel(nn.Module):
 
 @define(kw_only=True)
 class T5Config(EncoderDecoderConfig):
-    name: str = "t5"  # span corruption
+    name: str = key("t5", help="span corruption")
 
 
 @define(kw_only=True)
 class BartConfig(EncoderDecoderConfig):
-    name: str = "bart"  # text infilling
+    name: str = key("bart", help="text infilling")
 
 
 def build(config, tokenizer, plugins=None) -> EncoderDecoderModel:

@@ -18,7 +18,7 @@ from attrs import define
 from torch import nn
 
 import mega
-from mega.config import ModelConfig
+from mega.config import key, ModelConfig
 from mega.errors import ConfigError
 from mega.plugins.models.estimates import (
     activation_bytes,
@@ -63,20 +63,24 @@ from mega.runtime.tensor_parallel import (
 class GPTConfig(RecomputeKeys, SequenceParallelKey, ModelConfig):
     """`model.*` keys of the `gpt` model (Megatron-LM / NeMo names)."""
 
-    num_layers: int = 12  # transformer layers
-    hidden_size: int = 768  # model width
-    num_attention_heads: int = 12  # must divide hidden_size
-    ffn_hidden_size: Optional[int] = None  # None: 4 x hidden_size
-    max_position_embeddings: Optional[int] = None  # None: seq_length
-    hidden_dropout: float = 0.1  # on embeddings and each residual branch
-    attention_dropout: float = 0.1  # on attention probabilities
-    init_method_std: float = 0.02  # N(0, std) init; residual outputs scaled by 1/sqrt(2 * num_layers)
-    layernorm_epsilon: float = 1e-5
-    activation: Literal["gelu", "gelu_tanh"] = "gelu"  # exact GELU, or the tanh approximation (GPT-2, Megatron's fused)
-    make_vocab_size_divisible_by: int = 128  # vocabulary padded to a multiple of this (x TP)
-    mask_padded_vocab: bool = True  # padded ids left out of the loss's softmax (same loss at every TP); false: Megatron-LM's
-    loss_chunk_size: int = 0  # output layer + loss this many tokens at a time (no whole fp32 logits; exact); 0: all at once
-    attention_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"  # SDPA kernel (CPU: auto or math)
+    num_layers: int = key(12, help="transformer layers")
+    hidden_size: int = key(768, help="model width")
+    num_attention_heads: int = key(12, help="must divide hidden_size")
+    ffn_hidden_size: Optional[int] = key(None, help="None: 4 x hidden_size")
+    max_position_embeddings: Optional[int] = key(None, help="None: seq_length")
+    hidden_dropout: float = key(0.1, help="on embeddings and each residual branch")
+    attention_dropout: float = key(0.1, help="on attention probabilities")
+    init_method_std: float = key(0.02, help="N(0, std) init; residual outputs scaled by 1/sqrt(2 * num_layers)")
+    layernorm_epsilon: float = key(1e-5, help="every LayerNorm (Megatron-LM's --layernorm-epsilon)")
+    activation: Literal["gelu", "gelu_tanh"] = key("gelu",
+            help="exact GELU, or the tanh approximation (GPT-2, Megatron's fused)")
+    make_vocab_size_divisible_by: int = key(128, help="vocabulary padded to a multiple of this (x TP)")
+    mask_padded_vocab: bool = key(True,
+            help="padded ids left out of the loss's softmax (same loss at every TP); false: Megatron-LM's")
+    loss_chunk_size: int = key(0,
+            help="output layer + loss this many tokens at a time (no whole fp32 logits; exact); 0: all at once")
+    attention_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = key("auto",
+            help="SDPA kernel (CPU: auto or math)")
 
     def check(self, plugins=None) -> None:
         check_config(self)
@@ -154,9 +158,9 @@ def check_config(cfg: GPTConfig) -> None:
     check_shape(BlockConfig.of(cfg), cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size)
     if cfg.loss_chunk_size < 0:
         raise ConfigError(f"model.loss_chunk_size: must be >= 0 (0: unchunked), got {cfg.loss_chunk_size}")
-    for key in ("seq_length", "make_vocab_size_divisible_by"):
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"model.{key}: must be at least 1, got {getattr(cfg, key)}")
+    for name in ("seq_length", "make_vocab_size_divisible_by"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"model.{name}: must be at least 1, got {getattr(cfg, name)}")
     if cfg.max_position_embeddings is not None and cfg.max_position_embeddings < cfg.seq_length:
         raise ConfigError(f"model.max_position_embeddings={cfg.max_position_embeddings} is smaller than model.seq_length={cfg.seq_length}")
     check_recompute(cfg, "model", cfg.num_layers // cfg.pipeline_model_parallel_size)

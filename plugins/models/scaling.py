@@ -24,8 +24,9 @@ from __future__ import annotations
 
 from typing import List, Literal, Optional
 
-from attrs import define, field
+from attrs import define
 
+from mega.config import key
 from mega.errors import ConfigError
 
 RECOMPUTE_MODULES = ("core_attn", "mlp")  # what mega's blocks can recompute selectively
@@ -39,18 +40,24 @@ MEGATRON_ONLY_MODULES = ("layernorm", "moe", "moe_act", "shared_experts", "mla_u
 class RecomputeKeys:
     """Activation recomputation (docs/parallelism.md, "Activation memory")."""
 
-    activations_checkpoint_granularity: Optional[Literal["selective", "full"]] = None  # recompute in backward: "selective" (recompute_modules of each layer) or "full" (whole layers); unset: none (Megatron's --recompute-granularity)
-    activations_checkpoint_method: Optional[Literal["uniform", "block"]] = None  # with "full": "uniform" (chunks of activations_checkpoint_num_layers layers, each keeping only its input) or "block" (the first activations_checkpoint_num_layers layers of each pipeline stage) (--recompute-method)
-    activations_checkpoint_num_layers: Optional[int] = None  # with "full": layers per chunk (uniform) or layers recomputed per stage (block), 1 to layers per stage (--recompute-num-layers)
-    recompute_modules: List[str] = field(factory=lambda: ["core_attn"])  # with "selective": "core_attn" (scores, softmax, attention dropout) and/or "mlp" (--recompute-modules)
-    distribute_saved_activations: bool = False  # Megatron's split of a recomputed chunk's input over TP ranks: not supported (NeMo passes false)
+    activations_checkpoint_granularity: Optional[Literal["selective", "full"]] = key(None,
+            help="recompute in backward: \"selective\" (recompute_modules of each layer) or \"full\" (whole layers); unset: none (Megatron's --recompute-granularity)")
+    activations_checkpoint_method: Optional[Literal["uniform", "block"]] = key(None,
+            help='with "full": "uniform" (chunks of activations_checkpoint_num_layers layers, each keeping only its input) or "block" (the first activations_checkpoint_num_layers layers of each pipeline stage) (--recompute-method)')
+    activations_checkpoint_num_layers: Optional[int] = key(None,
+            help='with "full": layers per chunk (uniform) or layers recomputed per stage (block), 1 to layers per stage (--recompute-num-layers)')
+    recompute_modules: List[str] = key(factory=lambda: ["core_attn"],
+            help='with "selective": "core_attn" (scores, softmax, attention dropout) and/or "mlp" (--recompute-modules)')
+    distribute_saved_activations: bool = key(False,
+            help="Megatron's split of a recomputed chunk's input over TP ranks: not supported (NeMo passes false)")
 
 
 @define(kw_only=True, slots=False)
 class SequenceParallelKey:
     """Sequence parallelism (docs/parallelism.md)."""
 
-    sequence_parallel: bool = False  # with tensor parallelism: LayerNorms, dropouts and the residual stream split along the sequence over the TP ranks (--sequence-parallel)
+    sequence_parallel: bool = key(False,
+            help="with tensor parallelism: LayerNorms, dropouts and the residual stream split along the sequence over the TP ranks (--sequence-parallel)")
 
 
 def check_recompute(section, where: str, layers_per_stage: int, full_only: bool = False) -> None:
@@ -104,9 +111,9 @@ def check_sequence_parallel(cfg, lengths: dict, supported: Optional[str] = None)
     if tp == 1:
         raise ConfigError("model.sequence_parallel = true needs tensor parallelism (model.tensor_model_parallel_size > 1):"
                           " it splits what TP leaves replicated")
-    for key, s in lengths.items():
+    for name, s in lengths.items():
         if s % tp:
-            raise ConfigError(f"{key}={s} is not divisible by model.tensor_model_parallel_size={tp}"
+            raise ConfigError(f"{name}={s} is not divisible by model.tensor_model_parallel_size={tp}"
                               " (model.sequence_parallel splits the sequence over the TP ranks)")
 
 

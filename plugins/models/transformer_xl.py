@@ -25,11 +25,11 @@ from typing import Dict, List, Optional, Tuple
 
 import attrs
 import torch
-from attrs import define, field
+from attrs import define
 from torch import nn
 
 import mega
-from mega.config import ModelConfig
+from mega.config import key, ModelConfig
 from mega.config.schema import InvalidValue
 from mega.errors import ConfigError
 from mega.plugins.data.lm_ordered import OrderedLMObjective
@@ -44,38 +44,43 @@ class TransformerXLConfig(RecomputeKeys, SequenceParallelKey, ModelConfig):
     """`model.*` keys of the `transformer_xl` model (the reference's names; defaults are its
     WikiText-103 base model). `seq_length` is the segment length, `tgt_len` its alias."""
 
-    n_layer: int = 16  # layers
-    d_model: int = 512  # model width
-    n_head: int = 8  # attention heads
-    d_head: int = 64  # width of each head (n_head x d_head need not equal d_model)
-    d_inner: int = 2048  # feed-forward width
-    d_embed: Optional[int] = None  # embedding width of the first adaptive bucket; None: d_model
-    dropout: float = 0.1  # on embeddings, positions, attention and FF outputs, the final hidden state
-    dropatt: float = 0.0  # on attention probabilities
-    pre_lnorm: bool = False  # LayerNorm before each sub-block (no final LayerNorm); false: after (the reference's)
-    tgt_len: Optional[int] = None  # tokens per segment, the reference's name; sets seq_length when given
-    mem_len: int = 192  # memory positions carried per layer (0: none)
-    ext_len: int = 0  # extended context (must be 0: no shipped config uses it)
-    same_length: bool = False  # every query sees the same number of keys (mem_len + 1 once the memory is full)
-    clamp_len: int = -1  # relative distances above it use its embedding; <= 0: no clamping
-    adaptive: bool = True  # adaptive input and softmax over `cutoffs`; false: one dense softmax
-    cutoffs: List[int] = field(factory=lambda: [19997, 39997, 199997])  # bucket boundaries (token ids, ascending)
-    div_val: int = 1  # bucket i's embedding width is d_embed // div_val**i
-    tie_weight: bool = True  # output bucket weights are the embedding tables (biases never tied)
-    tie_projs: Optional[List[bool]] = None  # per bucket: share the input projection (tie_weight or not); None: [false, true, true, ...]
-    init: str = "normal"  # "normal" (N(0, init_std)) or "uniform" (U(-init_range, init_range)) for weights
-    init_range: float = 0.1  # uniform init bound
-    init_std: float = 0.02  # normal init std (also LayerNorm weights: N(1, init_std))
-    proj_init_std: float = 0.01  # std of the adaptive projections
-    emb_init: Optional[str] = None  # embedding tables: None: as `init` (the reference, which never reads its --emb_init); "normal" (init_std) or "uniform" (emb_init_range)
-    emb_init_range: float = 0.01  # uniform bound of the embedding tables under emb_init = "uniform"
+    n_layer: int = key(16, help="layers")
+    d_model: int = key(512, help="model width")
+    n_head: int = key(8, help="attention heads")
+    d_head: int = key(64, help="width of each head (n_head x d_head need not equal d_model)")
+    d_inner: int = key(2048, help="feed-forward width")
+    d_embed: Optional[int] = key(None, help="embedding width of the first adaptive bucket; None: d_model")
+    dropout: float = key(0.1, help="on embeddings, positions, attention and FF outputs, the final hidden state")
+    dropatt: float = key(0.0, help="on attention probabilities")
+    pre_lnorm: bool = key(False,
+            help="LayerNorm before each sub-block (no final LayerNorm); false: after (the reference's)")
+    tgt_len: Optional[int] = key(None, help="tokens per segment, the reference's name; sets seq_length when given")
+    mem_len: int = key(192, help="memory positions carried per layer (0: none)")
+    ext_len: int = key(0, help="extended context (must be 0: no shipped config uses it)")
+    same_length: bool = key(False,
+            help="every query sees the same number of keys (mem_len + 1 once the memory is full)")
+    clamp_len: int = key(-1, help="relative distances above it use its embedding; <= 0: no clamping")
+    adaptive: bool = key(True, help="adaptive input and softmax over `cutoffs`; false: one dense softmax")
+    cutoffs: List[int] = key(factory=lambda: [19997, 39997, 199997], help="bucket boundaries (token ids, ascending)")
+    div_val: int = key(1, help="bucket i's embedding width is d_embed // div_val**i")
+    tie_weight: bool = key(True, help="output bucket weights are the embedding tables (biases never tied)")
+    tie_projs: Optional[List[bool]] = key(None,
+            help="per bucket: share the input projection (tie_weight or not); None: [false, true, true, ...]")
+    init: str = key("normal", help='"normal" (N(0, init_std)) or "uniform" (U(-init_range, init_range)) for weights')
+    init_range: float = key(0.1, help="uniform init bound")
+    init_std: float = key(0.02, help="normal init std (also LayerNorm weights: N(1, init_std))")
+    proj_init_std: float = key(0.01, help="std of the adaptive projections")
+    emb_init: Optional[str] = key(None,
+            help='embedding tables: None: as `init` (the reference, which never reads its --emb_init); "normal" (init_std) or "uniform" (emb_init_range)')
+    emb_init_range: float = key(0.01, help='uniform bound of the embedding tables under emb_init = "uniform"')
     # the evaluation protocol (`mega evaluate`); None: the training value (eval_mem_len: 0 when
     # mem_len is 0, else mem_len + tgt_len - eval_tgt_len, keeping the attention span, as the reference does)
-    eval_tgt_len: Optional[int] = None  # segment length when evaluating
-    eval_mem_len: Optional[int] = None  # memory length when evaluating
-    eval_clamp_len: Optional[int] = None  # clamp_len when evaluating (the reference's test: 400 base, 1000 large)
-    eval_same_length: Optional[bool] = None  # same_length when evaluating (the reference's test: true)
-    eval_batch_size: int = 16  # streams the evaluated split is cut into
+    eval_tgt_len: Optional[int] = key(None, help="segment length when evaluating")
+    eval_mem_len: Optional[int] = key(None, help="memory length when evaluating")
+    eval_clamp_len: Optional[int] = key(None,
+            help="clamp_len when evaluating (the reference's test: 400 base, 1000 large)")
+    eval_same_length: Optional[bool] = key(None, help="same_length when evaluating (the reference's test: true)")
+    eval_batch_size: int = key(16, help="streams the evaluated split is cut into")
 
     def __attrs_post_init__(self):
         if self.tgt_len is not None:
@@ -156,19 +161,19 @@ class TransformerXLConfig(RecomputeKeys, SequenceParallelKey, ModelConfig):
 
 
 def check_config(cfg: TransformerXLConfig, vocab_size: Optional[int] = None) -> None:
-    for key in ("n_layer", "d_model", "n_head", "d_head", "d_inner", "div_val", "eval_batch_size"):
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"model.{key}: must be at least 1, got {getattr(cfg, key)}")
-    for key in ("dropout", "dropatt"):
-        if not 0.0 <= getattr(cfg, key) < 1.0:
-            raise ConfigError(f"model.{key}: must be in [0, 1), got {getattr(cfg, key)}")
+    for name in ("n_layer", "d_model", "n_head", "d_head", "d_inner", "div_val", "eval_batch_size"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"model.{name}: must be at least 1, got {getattr(cfg, name)}")
+    for name in ("dropout", "dropatt"):
+        if not 0.0 <= getattr(cfg, name) < 1.0:
+            raise ConfigError(f"model.{name}: must be in [0, 1), got {getattr(cfg, name)}")
     if cfg.mem_len < 0:
         raise ConfigError(f"model.mem_len: must be >= 0, got {cfg.mem_len}")
     if cfg.ext_len != 0:
         raise ConfigError(f"model.ext_len={cfg.ext_len}: only 0 is supported (no reference config uses extended context)")
-    for key in ("init", "emb_init"):
-        if getattr(cfg, key) not in ("normal", "uniform") and not (key == "emb_init" and cfg.emb_init is None):
-            raise ConfigError(f"model.{key}: \"normal\" or \"uniform\", got {getattr(cfg, key)!r}")
+    for name in ("init", "emb_init"):
+        if getattr(cfg, name) not in ("normal", "uniform") and not (name == "emb_init" and cfg.emb_init is None):
+            raise ConfigError(f"model.{name}: \"normal\" or \"uniform\", got {getattr(cfg, name)!r}")
     # activation memory: whole layers recomputed (full); no sequence split of the segment + memory
     check_recompute(cfg, "model", cfg.n_layer, full_only=True)
     check_sequence_parallel(cfg, {}, supported="transformer_xl attends over its segment memory with relative positions;"

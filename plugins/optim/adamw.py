@@ -14,10 +14,10 @@ from __future__ import annotations
 from typing import ClassVar, List, Optional
 
 import torch
-from attrs import define, field
+from attrs import define
 
 import mega
-from mega.config import OptimConfig
+from mega.config import key, OptimConfig
 
 
 @define(kw_only=True)
@@ -25,9 +25,9 @@ class AdamWConfig(OptimConfig):
     sharding: ClassVar[Optional[str]] = "elementwise"
 
     name: str = "adamw"
-    betas: List[float] = field(factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    fused: bool = True  # use the fused kernel when torch has one for the parameters' device
+    betas: List[float] = key(factory=lambda: [0.9, 0.95], help="moment decay rates b1, b2")
+    eps: float = key(1e-8, help="in sqrt(v_hat) + eps")
+    fused: bool = key(True, help="use the fused kernel when torch has one for the parameters' device")
 
 
 def build_adamw(config: AdamWConfig, param_groups) -> torch.optim.Optimizer:
@@ -49,7 +49,8 @@ class DistributedFusedAdamConfig(AdamWConfig):
     """NeMo 1's `distributed_fused_adam`: `adamw` with the distributed optimizer on."""
 
     name: str = "distributed_fused_adam"
-    use_distributed_optimizer: bool = True  # shard main weights and optimizer state over data-parallel ranks (megatron-core's algorithm, not apex's)
+    use_distributed_optimizer: bool = key(True,
+            help="shard main weights and optimizer state over data-parallel ranks (megatron-core's algorithm, not apex's)")
 
 
 @define(kw_only=True)
@@ -57,7 +58,7 @@ class McoreDistributedOptimConfig(AdamWConfig):
     """NeMo 1's `mcore_distributed_optim`: `adamw` with the distributed optimizer on."""
 
     name: str = "mcore_distributed_optim"
-    use_distributed_optimizer: bool = True  # shard main weights and optimizer state over data-parallel ranks
+    use_distributed_optimizer: bool = key(True, help="shard main weights and optimizer state over data-parallel ranks")
 
 
 # names that are the same optimizer (a run may switch between them when resuming)

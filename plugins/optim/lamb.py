@@ -28,10 +28,10 @@ from __future__ import annotations
 from typing import ClassVar, List, Optional
 
 import torch
-from attrs import define, field
+from attrs import define
 
 import mega
-from mega.config import OptimConfig
+from mega.config import key, OptimConfig
 from mega.config.schema import non_negative, positive
 from mega.errors import ConfigError
 
@@ -46,11 +46,12 @@ class LambConfig(OptimConfig):
     sharding: ClassVar[Optional[str]] = "per_tensor_norms"  # the trust ratio's norms are summed over the shards
 
     name: str = "lamb"
-    lr: float = field(default=0.01, validator=positive)  # peak learning rate
-    weight_decay: float = field(default=0.0, validator=non_negative)  # added to the Adam step, inside the trust ratio
-    betas: List[float] = field(factory=lambda: [0.9, 0.999])  # moment decay rates b1, b2
-    eps: float = field(default=1e-6, validator=positive)  # in sqrt(v) + eps and in the trust ratio's denominator
-    adam: bool = False  # trust ratio always 1 (the reference Lamb's comparison switch): a non-debiased Adam
+    lr: float = key(default=0.01, validator=positive, help="peak learning rate")
+    weight_decay: float = key(default=0.0, validator=non_negative,
+            help="added to the Adam step, inside the trust ratio")
+    betas: List[float] = key(factory=lambda: [0.9, 0.999], help="moment decay rates b1, b2")
+    eps: float = key(default=1e-6, validator=positive, help="in sqrt(v) + eps and in the trust ratio's denominator")
+    adam: bool = key(False, help="trust ratio always 1 (the reference Lamb's comparison switch): a non-debiased Adam")
 
 
 @define(kw_only=True)
@@ -58,15 +59,17 @@ class FusedLambConfig(OptimConfig):
     """`model.optim.*` of `fused_lamb` (apex FusedLAMB's keyword arguments)."""
 
     name: str = "fused_lamb"
-    lr: float = field(default=0.01, validator=positive)  # peak learning rate
-    weight_decay: float = field(default=0.01, validator=non_negative)  # apex's default; groups with 0 take plain Adam steps
-    betas: List[float] = field(factory=lambda: [0.9, 0.999])  # moment decay rates b1, b2
-    eps: float = field(default=1e-6, validator=positive)  # in sqrt(v_hat) + eps only
-    bias_correction: bool = True  # apex default: debiased moments
-    adam_w_mode: bool = True  # decoupled decay (u += wd p); False: L2 added to the gradient
-    grad_averaging: bool = True  # m accumulates (1 - b1) g; False: g
-    max_grad_norm: float = field(default=1.0, validator=non_negative)  # apex clips the global grad norm itself; 0 disables
-    use_nvlamb: bool = False  # trust ratio for groups without weight decay too
+    lr: float = key(default=0.01, validator=positive, help="peak learning rate")
+    weight_decay: float = key(default=0.01, validator=non_negative,
+            help="apex's default; groups with 0 take plain Adam steps")
+    betas: List[float] = key(factory=lambda: [0.9, 0.999], help="moment decay rates b1, b2")
+    eps: float = key(default=1e-6, validator=positive, help="in sqrt(v_hat) + eps only")
+    bias_correction: bool = key(True, help="apex default: debiased moments")
+    adam_w_mode: bool = key(True, help="decoupled decay (u += wd p); False: L2 added to the gradient")
+    grad_averaging: bool = key(True, help="m accumulates (1 - b1) g; False: g")
+    max_grad_norm: float = key(default=1.0, validator=non_negative,
+            help="apex clips the global grad norm itself; 0 disables")
+    use_nvlamb: bool = key(False, help="trust ratio for groups without weight decay too")
 
 
 def _betas(betas) -> tuple:

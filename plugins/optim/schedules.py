@@ -24,10 +24,10 @@ from __future__ import annotations
 import math
 from typing import Callable, Optional
 
-from attrs import define, field
+from attrs import define
 
 import mega
-from mega.config import SchedConfig
+from mega.config import key, SchedConfig
 from mega.config.schema import InvalidValue, non_negative
 
 WARMUP_STYLES = ("megatron", "transformer_xl")
@@ -40,13 +40,15 @@ def _style(_instance, attribute, value):
 
 @define(kw_only=True)
 class ConstantConfig(SchedConfig):
-    warmup_style: str = field(default="megatron", validator=_style)  # "megatron": lr (step+1)/warmup; "transformer_xl": step 0 at lr, then lr step/warmup
+    warmup_style: str = key(default="megatron", validator=_style,
+            help='"megatron": lr (step+1)/warmup; "transformer_xl": step 0 at lr, then lr step/warmup')
 
 
 @define(kw_only=True)
 class DecayConfig(ConstantConfig):
-    decay_steps: Optional[int] = None  # steps from the end of warmup to min_lr; None: to trainer.max_steps
-    eta_min: Optional[float] = field(default=None, validator=non_negative)  # Transformer-XL's name for min_lr (set one)
+    decay_steps: Optional[int] = key(None, help="steps from the end of warmup to min_lr; None: to trainer.max_steps")
+    eta_min: Optional[float] = key(default=None, validator=non_negative,
+            help="Transformer-XL's name for min_lr (set one)")
 
     def __attrs_post_init__(self):
         if self.eta_min is not None and self.min_lr not in (0.0, self.eta_min):

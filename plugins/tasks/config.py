@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Dict, Optional
 import attrs
 from attrs import define, field
 
-from mega.config import DataConfig, ModelConfig
+from mega.config import DataConfig, key, ModelConfig
 from mega.config.schema import at_least_one
 from mega.errors import ConfigError
 from mega.plugins.tasks.encoder import (SitsOnAnEncoder, architecture, check_language_model, from_mega_checkpoint,
@@ -38,10 +38,14 @@ PREDICTIONS = "mega writes predictions.json and nbest_predictions.json into mode
 class LanguageModelConfig:
     """`model.language_model.*`: the encoder the task head sits on."""
 
-    pretrained_model_name: Optional[str] = None  # e.g. megatron-bert-345m-uncased: fixes the architecture and tokenizer
-    lm_checkpoint: Optional[str] = None  # encoder weights: a mega run/checkpoint/archive, Megatron iter_ dir, NGC zip, HF dir
-    config_file: Optional[str] = None  # JSON with Megatron argument names (hidden-size, num-layers, ...); wins over `config`
-    config: Dict[str, Any] = field(factory=dict)  # architecture keys of the head model (hidden_size, num_layers, ...)
+    pretrained_model_name: Optional[str] = key(None,
+            help="e.g. megatron-bert-345m-uncased: fixes the architecture and tokenizer")
+    lm_checkpoint: Optional[str] = key(None,
+            help="encoder weights: a mega run/checkpoint/archive, Megatron iter_ dir, NGC zip, HF dir")
+    config_file: Optional[str] = key(None,
+            help="JSON with Megatron argument names (hidden-size, num-layers, ...); wins over `config`")
+    config: Dict[str, Any] = key(factory=dict,
+            help="architecture keys of the head model (hidden_size, num_layers, ...)")
 
 
 @define(kw_only=True)
@@ -51,18 +55,24 @@ class DatasetFiles:
 
     __mega_shorthand__: ClassVar[str] = "file"
 
-    file: Optional[str] = None  # SQuAD JSON; for classification tasks the same as file_path
-    file_path: Optional[str] = None  # text classification / relation extraction TSV (`text<TAB>label`)
-    text_file: Optional[str] = None  # token classification: one sentence per line (relative to dataset.data_dir)
-    labels_file: Optional[str] = None  # token classification: one label per word (relative to dataset.data_dir)
-    num_samples: int = -1  # use the first N examples; -1: all
-    shuffle: Optional[bool] = None  # a new order of the split's samples each epoch; unset: the training split only (NeMo's defaults)
-    batch_size: Optional[int] = nemo_key(BATCH)  # NeMo's per-GPU batch: accepted, not used (model.micro_batch_size)
-    num_workers: Optional[int] = nemo_key(LOADER)  # NeMo's DataLoader option: accepted, not used
-    pin_memory: Optional[bool] = nemo_key(LOADER, same=False)  # NeMo's DataLoader option: accepted, not used
-    drop_last: Optional[bool] = nemo_key(LOADER, same=False)  # NeMo's DataLoader option: accepted, not used
-    output_prediction_file: Optional[str] = nemo_key(PREDICTIONS)  # NeMo's: accepted, not used (predictions.json in model.predictions_dir)
-    output_nbest_file: Optional[str] = nemo_key(PREDICTIONS)  # NeMo's: accepted, not used (nbest_predictions.json beside it)
+    file: Optional[str] = key(None, help="SQuAD JSON; for classification tasks the same as file_path")
+    file_path: Optional[str] = key(None, help="text classification / relation extraction TSV (`text<TAB>label`)")
+    text_file: Optional[str] = key(None,
+            help="token classification: one sentence per line (relative to dataset.data_dir)")
+    labels_file: Optional[str] = key(None,
+            help="token classification: one label per word (relative to dataset.data_dir)")
+    num_samples: int = key(-1, help="use the first N examples; -1: all")
+    shuffle: Optional[bool] = key(None,
+            help="a new order of the split's samples each epoch; unset: the training split only (NeMo's defaults)")
+    batch_size: Optional[int] = nemo_key(BATCH,
+            help="NeMo's per-GPU batch: accepted, not used (model.micro_batch_size)")
+    num_workers: Optional[int] = nemo_key(LOADER, help="NeMo's DataLoader option: accepted, not used")
+    pin_memory: Optional[bool] = nemo_key(LOADER, same=False, help="NeMo's DataLoader option: accepted, not used")
+    drop_last: Optional[bool] = nemo_key(LOADER, same=False, help="NeMo's DataLoader option: accepted, not used")
+    output_prediction_file: Optional[str] = nemo_key(PREDICTIONS,
+            help="NeMo's: accepted, not used (predictions.json in model.predictions_dir)")
+    output_nbest_file: Optional[str] = nemo_key(PREDICTIONS,
+            help="NeMo's: accepted, not used (nbest_predictions.json beside it)")
 
     def path(self) -> Optional[str]:
         return self.file or self.file_path
@@ -98,14 +108,16 @@ class TaskConfig(ModelConfig, SitsOnAnEncoder):
     """Base of every task's `model` table."""
 
     name: str = "task"
-    seq_length: int = field(default=128, validator=at_least_one)  # the padded length of every sample
+    seq_length: int = key(default=128, validator=at_least_one, help="the padded length of every sample")
     language_model: LanguageModelConfig = field(factory=LanguageModelConfig)
     train_ds: DatasetFiles = field(factory=DatasetFiles)
     validation_ds: DatasetFiles = field(factory=DatasetFiles)
     test_ds: DatasetFiles = field(factory=DatasetFiles)
-    data: DataConfig = field(factory=lambda: DataConfig(data_impl="task"))  # the task's own files, not a corpus
-    predictions_dir: Optional[str] = None  # where evaluation writes predictions; None: the run's predictions/<split> (beside an archive: <stem>/predictions/<split>)
-    nemo_path: Optional[str] = nemo_key("mega export RUN PATH writes mega's archive")  # NeMo's .nemo written after training: accepted, not used (mega export RUN PATH)
+    data: DataConfig = key(factory=lambda: DataConfig(data_impl="task"), help="the task's own files, not a corpus")
+    predictions_dir: Optional[str] = key(None,
+            help="where evaluation writes predictions; None: the run's predictions/<split> (beside an archive: <stem>/predictions/<split>)")
+    nemo_path: Optional[str] = nemo_key("mega export RUN PATH writes mega's archive",
+            help="NeMo's .nemo written after training: accepted, not used (mega export RUN PATH)")
 
     def __attrs_post_init__(self):
         # NeMo's key for the padded length is model.dataset.max_seq_length; model.seq_length follows it

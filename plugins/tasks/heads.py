@@ -17,6 +17,7 @@ from typing import Any, Dict, Optional
 
 from attrs import define
 
+from mega.config import key
 from mega.errors import ConfigError
 from mega.plugins.tasks.nemo_keys import nemo_key
 
@@ -28,18 +29,19 @@ class SequenceClassifierHead:
     """`model.classifier_head` (text classification, relation extraction): set, the head is
     NeMo's SequenceClassifier (relu between its layers) on the first token, no pooler."""
 
-    num_output_layers: int = 2  # linear layers (NeMo's default 2)
-    fc_dropout: float = 0.1  # dropout on the first token's hidden state
+    num_output_layers: int = key(2, help="linear layers (NeMo's default 2)")
+    fc_dropout: float = key(0.1, help="dropout on the first token's hidden state")
 
 
 @define(kw_only=True)
 class TokenClassifierHead:
     """`model.head` (token classification): set, the head is NeMo's TokenClassifier."""
 
-    num_fc_layers: int = 2  # linear layers (NeMo's default 2)
-    fc_dropout: float = 0.5  # dropout on each token's hidden state
-    activation: str = "relu"  # between the layers (relu, tanh, sigmoid, selu)
-    use_transformer_init: Optional[bool] = nemo_key(INIT, same=True)  # NeMo's: accepted; false (PyTorch's init) is not used
+    num_fc_layers: int = key(2, help="linear layers (NeMo's default 2)")
+    fc_dropout: float = key(0.5, help="dropout on each token's hidden state")
+    activation: str = key("relu", help="between the layers (relu, tanh, sigmoid, selu)")
+    use_transformer_init: Optional[bool] = nemo_key(INIT, same=True,
+            help="NeMo's: accepted; false (PyTorch's init) is not used")
 
 
 @define(kw_only=True)
@@ -47,12 +49,13 @@ class QuestionAnsweringHead:
     """`model.token_classifier` (question answering): set, the head is NeMo's TokenClassifier
     with 2 outputs per token (start, end)."""
 
-    num_layers: int = 1  # linear layers (NeMo's default 1: the same map as mega's qa_head)
-    dropout: float = 0.0  # dropout on each token's hidden state
-    num_classes: int = 2  # must be 2: the start and end logits
-    activation: str = "relu"  # between the layers (relu, tanh, sigmoid, selu)
-    log_softmax: bool = False  # true: log-probabilities over (start, end) per token, NeMo's option
-    use_transformer_init: Optional[bool] = nemo_key(INIT, same=True)  # NeMo's: accepted; false (PyTorch's init) is not used
+    num_layers: int = key(1, help="linear layers (NeMo's default 1: the same map as mega's qa_head)")
+    dropout: float = key(0.0, help="dropout on each token's hidden state")
+    num_classes: int = key(2, help="must be 2: the start and end logits")
+    activation: str = key("relu", help="between the layers (relu, tanh, sigmoid, selu)")
+    log_softmax: bool = key(False, help="true: log-probabilities over (start, end) per token, NeMo's option")
+    use_transformer_init: Optional[bool] = nemo_key(INIT, same=True,
+            help="NeMo's: accepted; false (PyTorch's init) is not used")
 
 
 def mlp_options(head, key: str) -> Dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import Any, Dict, Optional
 
 from attrs import define, field
 
+from mega.config import key
 import mega
 from mega.config.schema import at_least_one
 from mega.errors import ConfigError, DataError
@@ -27,9 +28,9 @@ from mega.plugins.tasks.text_classification import write_text
 class MultipleChoiceDatasetConfig:
     """`model.dataset.*` of multiple choice."""
 
-    format: str = "auto"  # "race" (JSON lines), "swag" (CSV) or "auto" (by the file's extension)
-    max_seq_length: int = field(default=512, validator=at_least_one)  # each option's [CLS] qa [SEP] context [SEP]
-    max_qa_length: int = field(default=128, validator=at_least_one)  # tokens of the question + option kept (RACE's)
+    format: str = key("auto", help="\"race\" (JSON lines), \"swag\" (CSV) or \"auto\" (by the file's extension)")
+    max_seq_length: int = key(default=512, validator=at_least_one, help="each option's [CLS] qa [SEP] context [SEP]")
+    max_qa_length: int = key(default=128, validator=at_least_one, help="tokens of the question + option kept (RACE's)")
 
 
 @define(kw_only=True)

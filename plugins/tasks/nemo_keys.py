@@ -26,11 +26,11 @@ CACHE = "mega rebuilds the features each run"
 LOWER_CASE = "model.tokenizer.do_lower_case decides the lower-casing"
 
 
-def nemo_key(note: str, same: Any = None):
+def nemo_key(note: str, same: Any = None, help: str = ""):
     """A NeMo key mega accepts and does not use: unset by default; `note` says what mega
     does instead, logged when a run sets the key to anything but `same` (what mega does
-    anyway, e.g. `use_cache = false`)."""
-    return field(default=None, metadata={"nemo": note, "same": same})
+    anyway, e.g. `use_cache = false`); `help` is its line in the configuration reference."""
+    return field(default=None, metadata={"nemo": note, "same": same, "help": help})
 
 
 def unused(config, prefix: str = "model") -> List[Tuple[str, str]]:

@@ -16,6 +16,7 @@ from typing import Any, Dict, Optional
 
 from attrs import define, field
 
+from mega.config import key
 import mega
 from mega.config.schema import at_least_one
 from mega.errors import ConfigError
@@ -32,25 +33,28 @@ from mega.plugins.tasks.squad_predictions import get_predictions, write_predicti
 class SquadDatasetConfig:
     """`model.dataset.*` of question answering."""
 
-    version_2_with_negative: bool = False  # SQuAD v2.0: questions may have no answer
-    max_seq_length: int = field(default=384, validator=at_least_one)  # [CLS] question [SEP] window [SEP], padded
-    doc_stride: int = field(default=128, validator=at_least_one)  # how far apart a long context's windows start
-    max_query_length: int = field(default=64, validator=at_least_one)  # question tokens kept (the first ones)
-    max_answer_length: int = field(default=30, validator=at_least_one)  # longest answer predicted, in sub-tokens
-    n_best_size: int = field(default=20, validator=at_least_one)  # candidates per question kept in nbest_predictions.json
-    null_score_diff_threshold: float = 0.0  # v2.0: answer "" when the null score beats the best span by more
-    do_lower_case: bool = True  # how answers are projected back to the context's text (match the tokenizer)
-    use_cache: Optional[bool] = nemo_key(CACHE, same=False)  # NeMo's feature cache: accepted, not used (features are rebuilt, seconds)
-    num_workers: Optional[int] = nemo_key(LOADER)  # NeMo's DataLoader option: accepted, not used
-    pin_memory: Optional[bool] = nemo_key(LOADER, same=False)  # NeMo's DataLoader option: accepted, not used
-    drop_last: Optional[bool] = nemo_key(LOADER, same=False)  # NeMo's DataLoader option: accepted, not used
+    version_2_with_negative: bool = key(False, help="SQuAD v2.0: questions may have no answer")
+    max_seq_length: int = key(default=384, validator=at_least_one, help="[CLS] question [SEP] window [SEP], padded")
+    doc_stride: int = key(default=128, validator=at_least_one, help="how far apart a long context's windows start")
+    max_query_length: int = key(default=64, validator=at_least_one, help="question tokens kept (the first ones)")
+    max_answer_length: int = key(default=30, validator=at_least_one, help="longest answer predicted, in sub-tokens")
+    n_best_size: int = key(default=20, validator=at_least_one,
+            help="candidates per question kept in nbest_predictions.json")
+    null_score_diff_threshold: float = key(0.0, help='v2.0: answer "" when the null score beats the best span by more')
+    do_lower_case: bool = key(True, help="how answers are projected back to the context's text (match the tokenizer)")
+    use_cache: Optional[bool] = nemo_key(CACHE, same=False,
+            help="NeMo's feature cache: accepted, not used (features are rebuilt, seconds)")
+    num_workers: Optional[int] = nemo_key(LOADER, help="NeMo's DataLoader option: accepted, not used")
+    pin_memory: Optional[bool] = nemo_key(LOADER, same=False, help="NeMo's DataLoader option: accepted, not used")
+    drop_last: Optional[bool] = nemo_key(LOADER, same=False, help="NeMo's DataLoader option: accepted, not used")
 
 
 @define(kw_only=True)
 class QuestionAnsweringConfig(TaskConfig):
     name: str = "question_answering"
     dataset: SquadDatasetConfig = field(factory=SquadDatasetConfig)
-    token_classifier: Optional[QuestionAnsweringHead] = None  # NeMo's head section: set, the head is NeMo's MLP (mega.plugins.tasks.heads); unset: mega's qa_head
+    token_classifier: Optional[QuestionAnsweringHead] = key(None,
+            help="NeMo's head section: set, the head is NeMo's MLP (mega.plugins.tasks.heads); unset: mega's qa_head")
 
     @classmethod
     def tiny_task_keys(cls, tasks):

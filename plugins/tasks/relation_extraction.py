@@ -15,6 +15,7 @@ from typing import Dict, Optional
 
 from attrs import define, field
 
+from mega.config import key
 import mega
 from mega.errors import ConfigError
 from mega.plugins.tasks.relation_extraction_data import micro_without, read_label_mapping
@@ -30,7 +31,8 @@ from mega.plugins.tasks.text_classification_data import read_label_names
 class RelationDatasetConfig(TextClassificationDatasetConfig):
     """`model.dataset.*` of relation extraction."""
 
-    negative_label: Optional[str] = None  # the "no relation" class (ChemProt: False), left out of the positive_* scores
+    negative_label: Optional[str] = key(None,
+            help='the "no relation" class (ChemProt: False), left out of the positive_* scores')
 
 
 @define(kw_only=True)

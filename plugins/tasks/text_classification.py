@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional
 
 from attrs import define, field
 
+from mega.config import key
 import mega
 from mega.config.schema import at_least_one
 from mega.errors import ConfigError
@@ -43,20 +44,24 @@ from mega.plugins.tasks.text_classification_data import (
 class TextClassificationDatasetConfig:
     """`model.dataset.*` of text classification."""
 
-    num_classes: Optional[int] = field(default=None, validator=at_least_one)  # required: labels are 0..num_classes-1
-    max_seq_length: int = field(default=256, validator=at_least_one)  # [CLS] text [SEP]; longer texts keep their head
-    class_balancing: Optional[str] = None  # "weighted_loss": cross entropy weighted by class_weights (NeMo's); null: unweighted
-    class_weights: List[float] = field(factory=list)  # by label id; empty: NeMo's total / (classes present x count) from the training labels
-    use_cache: Optional[bool] = nemo_key(CACHE, same=False)  # NeMo's feature cache: accepted, not used
-    do_lower_case: Optional[bool] = nemo_key(LOWER_CASE)  # NeMo's: accepted, not used (model.tokenizer.do_lower_case decides)
+    num_classes: Optional[int] = key(default=None, validator=at_least_one, help="required: labels are 0..num_classes-1")
+    max_seq_length: int = key(default=256, validator=at_least_one,
+            help="[CLS] text [SEP]; longer texts keep their head")
+    class_balancing: Optional[str] = key(None,
+            help="\"weighted_loss\": cross entropy weighted by class_weights (NeMo's); null: unweighted")
+    class_weights: List[float] = key(factory=list,
+            help="by label id; empty: NeMo's total / (classes present x count) from the training labels")
+    use_cache: Optional[bool] = nemo_key(CACHE, same=False, help="NeMo's feature cache: accepted, not used")
+    do_lower_case: Optional[bool] = nemo_key(LOWER_CASE,
+            help="NeMo's: accepted, not used (model.tokenizer.do_lower_case decides)")
 
 
 @define(kw_only=True)
 class ClassLabelsConfig:
     """`model.class_labels.*`: names for the label ids."""
 
-    class_labels_file: Optional[str] = None  # one name per line, in id order (read when the run starts)
-    names: List[str] = field(factory=list)  # the names by id (filled from class_labels_file; empty: the ids)
+    class_labels_file: Optional[str] = key(None, help="one name per line, in id order (read when the run starts)")
+    names: List[str] = key(factory=list, help="the names by id (filled from class_labels_file; empty: the ids)")
 
 
 @define(kw_only=True)
@@ -64,8 +69,10 @@ class TextClassificationConfig(TaskConfig):
     name: str = "text_classification"
     dataset: TextClassificationDatasetConfig = field(factory=TextClassificationDatasetConfig)
     class_labels: ClassLabelsConfig = field(factory=ClassLabelsConfig)
-    classifier_head: Optional[SequenceClassifierHead] = None  # NeMo's head section: set, the head is NeMo's MLP on the first token (mega.plugins.tasks.heads); unset: pooler + mega's
-    infer_samples: Optional[List[str]] = nemo_key("mega predict RUN --text answers a query")  # NeMo's post-training queries: accepted, not used
+    classifier_head: Optional[SequenceClassifierHead] = key(None,
+            help="NeMo's head section: set, the head is NeMo's MLP on the first token (mega.plugins.tasks.heads); unset: pooler + mega's")
+    infer_samples: Optional[List[str]] = nemo_key("mega predict RUN --text answers a query",
+            help="NeMo's post-training queries: accepted, not used")
 
     @classmethod
     def tiny_task_keys(cls, tasks):

@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from attrs import define, field
 
+from mega.config import key
 import mega
 from mega.config.schema import at_least_one
 from mega.errors import ConfigError
@@ -62,35 +63,41 @@ DEFAULT_FILES = {"train": ("text_train.txt", "labels_train.txt"), "valid": ("tex
 class TokenDatasetConfig:
     """`model.dataset.*` of token classification."""
 
-    data_dir: Optional[str] = None  # where the text_*.txt / labels_*.txt files are
-    max_seq_length: int = field(default=128, validator=at_least_one)  # longer sentences keep [CLS] and their tail
-    pad_label: str = "O"  # label id 0: [CLS], [SEP] and padding
-    ignore_extra_tokens: bool = False  # true: a word's 2nd, 3rd... sub-tokens carry no loss
-    ignore_start_end: bool = False  # true: [CLS] and [SEP] carry no loss
-    label_ids: List[str] = field(factory=list)  # labels by id; empty: pad_label, then the training labels sorted
-    class_balancing: Optional[str] = None  # "weighted_loss": cross entropy weighted by class_weights (NeMo's); null: unweighted
-    class_weights: List[float] = field(factory=list)  # by label id; empty: NeMo's total / (labels present x count) over the training words
-    use_cache: Optional[bool] = nemo_key(CACHE, same=False)  # NeMo's feature cache: accepted, not used
-    do_lower_case: Optional[bool] = nemo_key(LOWER_CASE)  # NeMo's: accepted, not used (model.tokenizer.do_lower_case decides)
-    num_workers: Optional[int] = nemo_key(LOADER)  # NeMo's DataLoader option: accepted, not used
-    pin_memory: Optional[bool] = nemo_key(LOADER, same=False)  # NeMo's DataLoader option: accepted, not used
-    drop_last: Optional[bool] = nemo_key(LOADER, same=False)  # NeMo's DataLoader option: accepted, not used
+    data_dir: Optional[str] = key(None, help="where the text_*.txt / labels_*.txt files are")
+    max_seq_length: int = key(default=128, validator=at_least_one, help="longer sentences keep [CLS] and their tail")
+    pad_label: str = key("O", help="label id 0: [CLS], [SEP] and padding")
+    ignore_extra_tokens: bool = key(False, help="true: a word's 2nd, 3rd... sub-tokens carry no loss")
+    ignore_start_end: bool = key(False, help="true: [CLS] and [SEP] carry no loss")
+    label_ids: List[str] = key(factory=list, help="labels by id; empty: pad_label, then the training labels sorted")
+    class_balancing: Optional[str] = key(None,
+            help="\"weighted_loss\": cross entropy weighted by class_weights (NeMo's); null: unweighted")
+    class_weights: List[float] = key(factory=list,
+            help="by label id; empty: NeMo's total / (labels present x count) over the training words")
+    use_cache: Optional[bool] = nemo_key(CACHE, same=False, help="NeMo's feature cache: accepted, not used")
+    do_lower_case: Optional[bool] = nemo_key(LOWER_CASE,
+            help="NeMo's: accepted, not used (model.tokenizer.do_lower_case decides)")
+    num_workers: Optional[int] = nemo_key(LOADER, help="NeMo's DataLoader option: accepted, not used")
+    pin_memory: Optional[bool] = nemo_key(LOADER, same=False, help="NeMo's DataLoader option: accepted, not used")
+    drop_last: Optional[bool] = nemo_key(LOADER, same=False, help="NeMo's DataLoader option: accepted, not used")
 
 
 @define(kw_only=True)
 class TokenLabelsConfig:
     """`model.class_labels.*` of token classification (NeMo's)."""
 
-    class_labels_file: str = "label_ids.csv"  # the label map (one label per line, in id order) written beside the predictions under this name
+    class_labels_file: str = key("label_ids.csv",
+            help="the label map (one label per line, in id order) written beside the predictions under this name")
 
 
 @define(kw_only=True)
 class TokenClassificationConfig(TaskConfig):
     name: str = "token_classification"
     dataset: TokenDatasetConfig = field(factory=TokenDatasetConfig)
-    label_ids: Optional[Dict[str, int]] = None  # NeMo's label -> id map (model.label_ids); given, it is model.dataset.label_ids
+    label_ids: Optional[Dict[str, int]] = key(None,
+            help="NeMo's label -> id map (model.label_ids); given, it is model.dataset.label_ids")
     class_labels: TokenLabelsConfig = field(factory=TokenLabelsConfig)
-    head: Optional[TokenClassifierHead] = None  # NeMo's head section: set, the head is NeMo's MLP (mega.plugins.tasks.heads); unset: mega's
+    head: Optional[TokenClassifierHead] = key(None,
+            help="NeMo's head section: set, the head is NeMo's MLP (mega.plugins.tasks.heads); unset: mega's")
 
     @classmethod
     def tiny_task_keys(cls, tasks):

@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Sequence
 from attrs import define
 
 import mega
-from mega.config import TokenizerConfig
+from mega.config import key, TokenizerConfig
 from mega.errors import ConfigError
 from mega.plugins.tokenizers.huggingface_interop import register_tokenizer_converters  # noqa: F401 (its converters)
 
@@ -39,11 +39,12 @@ class HuggingFaceConfig(TokenizerConfig):
     vocab.json + merges.txt (local files; nothing is downloaded)."""
 
     library: str = "huggingface"
-    tokenizer_file: Optional[str] = None  # a tokenizer.json (takes precedence over vocab_file/merges_file)
-    vocab_file: Optional[str] = None  # GPT-2 BPE vocab.json (with merges_file)
-    merges_file: Optional[str] = None  # GPT-2 BPE merges.txt (with vocab_file)
-    eos_token: Optional[str] = None  # end-of-text token; unset: GPT-2's, </s> or <eos>, whichever the vocabulary holds
-    pad_token: Optional[str] = None  # padding token; unset: the eos token
+    tokenizer_file: Optional[str] = key(None, help="a tokenizer.json (takes precedence over vocab_file/merges_file)")
+    vocab_file: Optional[str] = key(None, help="GPT-2 BPE vocab.json (with merges_file)")
+    merges_file: Optional[str] = key(None, help="GPT-2 BPE merges.txt (with vocab_file)")
+    eos_token: Optional[str] = key(None,
+            help="end-of-text token; unset: GPT-2's, </s> or <eos>, whichever the vocabulary holds")
+    pad_token: Optional[str] = key(None, help="padding token; unset: the eos token")
 
 
 def _file(key: str, value: Optional[str]) -> Optional[Path]:

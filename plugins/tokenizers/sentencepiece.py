@@ -13,12 +13,12 @@ import os
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from attrs import define, field
+from attrs import define
 
 import mega
 from mega.checkpoint import trained_files
 from mega.checkpoint.atomic import atomic_write_bytes, atomic_write_text
-from mega.config import TokenizerConfig
+from mega.config import key, TokenizerConfig
 from mega.config.schema import at_least_one, non_negative, positive
 from mega.errors import ConfigError, DataError
 from mega.plugins.tokenizers.sentencepiece_interop import register_tokenizer_converters  # noqa: F401 (its converters)
@@ -32,11 +32,13 @@ class SentencePieceConfig(TokenizerConfig):
     `model` is not given."""
 
     library: str = "sentencepiece"
-    vocab_size: int = field(default=4000, validator=at_least_one)
-    model_type: str = "bpe"  # "bpe" or "unigram"
-    character_coverage: float = field(default=1.0, validator=positive)
-    input_sentence_size: int = field(default=1_000_000, validator=non_negative)  # lines sampled for training; 0 uses all
-    seed: int = 1234
+    vocab_size: int = key(default=4000, validator=at_least_one, help="pieces of the tokenizer trained when `model` is unset")
+    model_type: str = key("bpe", help='"bpe" or "unigram"')
+    character_coverage: float = key(default=1.0, validator=positive,
+            help="share of the corpus's characters the trained pieces cover; rarer ones become unknown (sentencepiece's)")
+    input_sentence_size: int = key(default=1_000_000, validator=non_negative,
+            help="lines sampled for training; 0 uses all")
+    seed: int = key(1234, help="seeds sentencepiece's trainer: the same corpus gives the same tokenizer")
 
 
 class SentencePieceTokenizer:

@@ -39,11 +39,11 @@ from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 
 import numpy as np
-from attrs import define, field
+from attrs import define
 
 import mega
 from mega.checkpoint import trained_files
-from mega.config import TokenizerConfig
+from mega.config import key, TokenizerConfig
 from mega.config.schema import at_least_one, non_negative
 from mega.errors import ConfigError, DataError
 
@@ -61,14 +61,16 @@ class WordConfig(TokenizerConfig):
     counted from the data source's files into the run directory."""
 
     library: str = "word"
-    vocab_file: Optional[str] = None  # a vocabulary to load (a symbol per line: the text before a tab, or the first field); unset: count one
-    special: List[str] = field(factory=lambda: [EOS])  # symbols given the first ids, in order
-    lower_case: bool = False  # lower-case every line before splitting (WT103: false)
-    delimiter: Optional[str] = None  # unset: split on runs of whitespace; "": one symbol per character
-    min_freq: int = field(default=0, validator=non_negative)  # drop words counted fewer times
-    max_size: Optional[int] = field(default=None, validator=at_least_one)  # most frequent words kept (unset: all)
-    add_eos: bool = True  # each line ends with `<eos>` (WT103: true; enwik8, text8: false)
-    add_double_eos: bool = False  # each line is `<S>` words `<S>` (One Billion Word); needs `<S>` in `special`
+    vocab_file: Optional[str] = key(None,
+            help="a vocabulary to load (a symbol per line: the text before a tab, or the first field); unset: count one")
+    special: List[str] = key(factory=lambda: [EOS], help="symbols given the first ids, in order")
+    lower_case: bool = key(False, help="lower-case every line before splitting (WT103: false)")
+    delimiter: Optional[str] = key(None, help='unset: split on runs of whitespace; "": one symbol per character')
+    min_freq: int = key(default=0, validator=non_negative, help="drop words counted fewer times")
+    max_size: Optional[int] = key(default=None, validator=at_least_one, help="most frequent words kept (unset: all)")
+    add_eos: bool = key(True, help="each line ends with `<eos>` (WT103: true; enwik8, text8: false)")
+    add_double_eos: bool = key(False,
+            help="each line is `<S>` words `<S>` (One Billion Word); needs `<S>` in `special`")
 
 
 class WordTokenizer:

@@ -39,11 +39,11 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
-from attrs import define, field
+from attrs import define
 
 import mega
 from mega.checkpoint import trained_files
-from mega.config import TokenizerConfig
+from mega.config import key, TokenizerConfig
 from mega.config.schema import at_least_one
 from mega.errors import ConfigError, DataError
 from mega.plugins.tokenizers.wordpiece_interop import TOKENIZER_NAMES
@@ -61,12 +61,17 @@ class WordPieceConfig(TokenizerConfig):
     trained on the corpus (when `vocab_file` is not given)."""
 
     library: str = "wordpiece"
-    vocab_file: Optional[str] = None  # a BERT vocab.txt (one token per line, id = line number); unset: train one
-    tokenizer_name: str = "megatron-bert-uncased"  # "megatron-bert-uncased" lower-cases and strips accents, "megatron-bert-cased" keeps text as is (also bert-base-uncased, BertWordPieceCase, ...)
-    do_lower_case: Optional[bool] = None  # unset: as tokenizer_name says; true/false overrides it
-    max_input_chars_per_word: int = field(default=100, validator=at_least_one)  # longer words become [UNK] (transformers: 100, Megatron-LM/Google: 200)
-    vocab_size: int = field(default=30522, validator=at_least_one)  # training only: the most entries of the trained vocab.txt (specials included)
-    min_frequency: int = field(default=2, validator=at_least_one)  # training only: merges seen fewer times are not learnt
+    vocab_file: Optional[str] = key(None,
+            help="a BERT vocab.txt (one token per line, id = line number); unset: train one")
+    tokenizer_name: str = key("megatron-bert-uncased",
+            help='"megatron-bert-uncased" lower-cases and strips accents, "megatron-bert-cased" keeps text as is (also bert-base-uncased, BertWordPieceCase, ...)')
+    do_lower_case: Optional[bool] = key(None, help="unset: as tokenizer_name says; true/false overrides it")
+    max_input_chars_per_word: int = key(default=100, validator=at_least_one,
+            help="longer words become [UNK] (transformers: 100, Megatron-LM/Google: 200)")
+    vocab_size: int = key(default=30522, validator=at_least_one,
+            help="training only: the most entries of the trained vocab.txt (specials included)")
+    min_frequency: int = key(default=2, validator=at_least_one,
+            help="training only: merges seen fewer times are not learnt")
 
 
 def lower_case(config: WordPieceConfig) -> bool:

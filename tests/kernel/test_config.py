@@ -179,3 +179,81 @@ def test_dump_round_trips(tmp_path, corpus, plugins):
     f = tmp_path / "resolved.toml"
     f.write_text(dump_config(cfg))
     assert load_config(f, plugins=plugins) == cfg
+
+
+def _config_classes(plugins):
+    """Every config class of `plugins`: ExperimentConfig, each registered component's
+    config class, the tables nested in them (also entries of named tables), and any other
+    attrs class of mega that declares a key with `mega.config.key` (the trackers' settings
+    tables, read from exp_manager.*_logger_kwargs)."""
+    import sys
+    import typing
+
+    import attrs
+
+    from mega.config import ExperimentConfig
+    from mega.config.reference import nested_table
+    from mega.config.structure import named_base
+
+    todo = [ExperimentConfig]
+    todo += [e.config for r in plugins.registries.values() for e in r.entries() if getattr(e, "config", None)]
+    for module in [m for name, m in sys.modules.items() if name.startswith("mega.") and m is not None]:
+        for value in list(vars(module).values()):
+            if (isinstance(value, type) and attrs.has(value) and value.__module__ == module.__name__
+                    and any("help" in a.metadata for a in attrs.fields(value))):
+                todo.append(value)
+    seen = []
+    while todo:
+        cls = todo.pop()
+        if cls in seen:
+            continue
+        seen.append(cls)
+        for t in typing.get_type_hints(cls).values():
+            todo += [c for c in (nested_table(t), named_base(t)) if c is not None]
+    return seen
+
+
+def test_every_config_key_has_a_help():
+    """Issue 19: a key's meaning lives in its field (`mega.config.key(default, help=...)`)
+    and docs/configuration.md prints it: a key declared without one is an empty cell of
+    the reference. Walks every config class of the kernel and of mega-lm's plugins."""
+    import typing
+    from importlib.metadata import entry_points
+
+    import attrs
+
+    from mega.config.reference import help_of, nested_table
+    from mega.plugin_manager import load_plugins
+
+    ours = ",".join(sorted(ep.name for ep in entry_points(group="mega.plugins") if ep.dist and ep.dist.name == "mega-lm"))
+    classes = _config_classes(load_plugins(only=ours))
+    assert len(classes) > 50  # the walk reached the plugins' classes, not only the kernel's
+    missing = [f"{cls.__module__}.{cls.__qualname__}.{a.name}"
+               for cls in classes for a in attrs.fields(cls)
+               if nested_table(typing.get_type_hints(cls).get(a.name)) is None and not help_of(cls, a.name)]
+    assert not missing, "config keys without a help (declare them with mega.config.key(default, help=...)): " \
+        + ", ".join(missing)
+
+
+def test_a_key_redeclared_for_its_default_keeps_the_base_help():
+    """A plugin class that only changes a base key's default (`name: str = "bert"`) keeps
+    the base's meaning; a key no class explains has none."""
+    from attrs import define
+
+    from mega.config import key
+    from mega.config.reference import help_of
+
+    @define(kw_only=True)
+    class Base:
+        name: str = key("a", help="a registered thing")
+        size: int = 1
+
+    @define(kw_only=True)
+    class Plugin(Base):
+        name: str = "b"
+        width: int = key(2, help="its own key")
+
+    assert help_of(Plugin, "name") == "a registered thing"
+    assert help_of(Plugin, "width") == "its own key"
+    assert help_of(Plugin, "size") == ""
+    assert Plugin().name == "b"

@@ -9,6 +9,7 @@ from attrs import define
 
 import mega
 from mega.config import HiddenLossConfig, HiddenTransformConfig
+from mega.config import key as config_key  # InfoNCEConfig has a key named `key`
 from mega.plugins.hiddens import HiddenLoss, HiddenTransform
 
 __version__ = "0.1.0"
@@ -16,7 +17,7 @@ __version__ = "0.1.0"
 
 @define(kw_only=True)
 class SeqPoolConfig(HiddenTransformConfig):
-    input_name: str = "z"  # the [S, B, H] output to pool
+    input_name: str = config_key("z", help="the [S, B, H] output to pool")
 
 
 class SeqPool(HiddenTransform):
@@ -43,9 +44,9 @@ class SeqPool(HiddenTransform):
 
 @define(kw_only=True)
 class InfoNCEConfig(HiddenLossConfig):
-    query: str = "z_pooled"  # a pooled output [1, B, H]
-    key: str = "hiddens_pooled"  # the pooled output each query must pick its own sample's from
-    temperature: float = 0.1  # divides the cosine similarities
+    query: str = config_key("z_pooled", help="a pooled output [1, B, H]")
+    key: str = config_key("hiddens_pooled", help="the pooled output each query must pick its own sample's from")
+    temperature: float = config_key(0.1, help="divides the cosine similarities")
 
 
 class InfoNCE(HiddenLoss):
