@@ -1,10 +1,16 @@
-"""GPT: a pre-LayerNorm decoder with learned positions and a tied output layer.
+"""GPT: a pre-norm decoder; by default GPT-2's shape (learned positions, LayerNorm, GELU,
+multi-head attention, biases, the output layer tied to the word embedding), and with
+megatron-core's architecture options (mega.plugins.models.architecture) the Llama
+family's: rotary positions, RMSNorm, SwiGLU, grouped-query attention, no biases, an untied
+`output_layer` (`share_embeddings_and_output_weights = false`). The `llama` model
+(mega.plugins.models.llama) is this model with those defaults.
 
 Reads like nanoGPT; named like Megatron-LM (its legacy state-dict keys:
-`language_model.embedding.word_embeddings.weight`, `language_model.encoder.layers.{i}...`).
-Honours the LanguageModule contract of megatron-core: `compute_language_model_loss(labels,
-logits)` returns [batch, seq] losses and `shared_embedding_or_output_weight()` returns
-the word-embedding matrix that also produces the logits.
+`language_model.embedding.word_embeddings.weight`, `language_model.encoder.layers.{i}...`,
+`language_model.output_layer.weight`). Honours the LanguageModule contract of
+megatron-core: `compute_language_model_loss(labels, logits)` returns [batch, seq] losses
+and `shared_embedding_or_output_weight()` returns the word-embedding matrix that also
+produces the logits (the untied output layer's on a last stage without the embedding).
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ from torch import nn
 import mega
 from mega.config import ModelConfig
 from mega.errors import ConfigError
+from mega.plugins.models.architecture import ArchitectureKeys
 from mega.plugins.models.estimates import (
     activation_bytes,
     block_matmul_params,
@@ -48,6 +55,7 @@ from mega.plugins.models.transformer import (
 )
 from mega.runtime.parallel import current
 from mega.runtime.tensor_parallel import (
+    ColumnParallelLinear,
     chunked_linear_cross_entropy,
     copy_to_tp,
     gather_from_tp,
@@ -57,7 +65,7 @@ from mega.runtime.tensor_parallel import (
 
 
 @define(kw_only=True)
-class GPTConfig(RecomputeKeys, SequenceParallelKey, ModelConfig):
+class GPTConfig(ArchitectureKeys, RecomputeKeys, SequenceParallelKey, ModelConfig):
     """`model.*` keys of the `gpt` model (Megatron-LM / NeMo names)."""
 
     num_layers: int = 12  # transformer layers
@@ -69,7 +77,8 @@ class GPTConfig(RecomputeKeys, SequenceParallelKey, ModelConfig):
     attention_dropout: float = 0.1  # on attention probabilities
     init_method_std: float = 0.02  # N(0, std) init; residual outputs scaled by 1/sqrt(2 * num_layers)
     layernorm_epsilon: float = 1e-5
-    activation: Literal["gelu", "gelu_tanh"] = "gelu"  # exact GELU, or the tanh approximation (GPT-2, Megatron's fused)
+    activation: Literal["gelu", "gelu_tanh", "swiglu"] = "gelu"  # exact GELU, the tanh approximation (GPT-2, Megatron's fused), or the gated SiLU MLP (Llama; --swiglu)
+    share_embeddings_and_output_weights: bool = True  # the output layer is the word embedding; false: an output_layer of its own (--untie-embeddings-and-output-weights; HF tie_word_embeddings)
     make_vocab_size_divisible_by: int = 128  # vocabulary padded to a multiple of this (x TP)
     mask_padded_vocab: bool = True  # padded ids left out of the loss's softmax (same loss at every TP); false: Megatron-LM's
     loss_chunk_size: int = 0  # output layer + loss this many tokens at a time (no whole fp32 logits; exact); 0: all at once
@@ -129,11 +138,16 @@ class TransformerLanguageModel(nn.Module):
         block = BlockConfig.of(cfg)
         embedding = Embedding(vocab, block, cfg.max_position_embeddings or cfg.seq_length)
         self.embedding = embedding if st.is_first_stage else None
+        tied = cfg.share_embeddings_and_output_weights
         # The last stage's copy of the tied word embedding starts from the same values.
-        self.head_weight_init = embedding.word_embeddings.weight.detach() if not st.is_first_stage else None
+        self.head_weight_init = embedding.word_embeddings.weight.detach() if tied and not st.is_first_stage else None
         per_stage = cfg.num_layers // st.pp_size
         self.encoder = TransformerStack(block, keep=range(st.pp_rank * per_stage, (st.pp_rank + 1) * per_stage),
                                         final_layernorm=st.is_last_stage)
+        # An untied output layer (vocabulary-parallel, no bias), drawn on every stage after
+        # the layers so each stage starts from the single-stage model's weights; kept on the last.
+        output_layer = None if tied else ColumnParallelLinear(cfg.hidden_size, vocab, block.init_method, bias=False)
+        self.output_layer = output_layer if st.is_last_stage else None
 
 
 def check_config(cfg: GPTConfig) -> None:
@@ -160,6 +174,7 @@ class GPTModel(TiedWordEmbeddingStages, nn.Module):
         self.max_positions = cfg.max_position_embeddings or cfg.seq_length
         st = current()
         self.pre_process, self.post_process = st.is_first_stage, st.is_last_stage
+        self.share_embeddings_and_output_weights = cfg.share_embeddings_and_output_weights
         self.language_model = TransformerLanguageModel(cfg, self.padded_vocab_size)
         self.eager_reason = eager_reason(cfg)  # trainer.compile leaves the step eager with these keys on
         self.finish_stages()  # the last stage's copy of the tied word embedding, resharding aliases
@@ -185,7 +200,7 @@ class GPTModel(TiedWordEmbeddingStages, nn.Module):
             raise ValueError(f"position {int(position_ids.max())} exceeds max_position_embeddings {self.max_positions}")
         h = self.language_model.embedding(tokens, position_ids)
         h = self.language_model.encoder(h, cache)
-        logits = F.linear(copy_to_tp(h), self.shared_embedding_or_output_weight())
+        logits = F.linear(copy_to_tp(h), self.output_weight())
         return logits if parallel_output else gather_from_tp(logits)
 
     def training_loss(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -212,9 +227,9 @@ class GPTModel(TiedWordEmbeddingStages, nn.Module):
         if self.config.loss_chunk_size:  # the same sum without the [tokens, vocab] logits
             vocab = self.vocab_size if self.config.mask_padded_vocab else None
             return {"loss_sum": chunked_linear_cross_entropy(
-                output_layer_input(hidden, sp), self.shared_embedding_or_output_weight(), batch["labels"],
+                output_layer_input(hidden, sp), self.output_weight(), batch["labels"],
                 batch["loss_mask"], vocab, self.config.loss_chunk_size)}
-        logits = output_logits(hidden, self.shared_embedding_or_output_weight(), sp)
+        logits = output_logits(hidden, self.output_weight(), sp)
         losses = self.compute_language_model_loss(batch["labels"], logits)
         return {"loss_sum": (losses * batch["loss_mask"]).sum()}
 
@@ -226,11 +241,19 @@ class GPTModel(TiedWordEmbeddingStages, nn.Module):
             s //= current().tp_size
         return (b, s, self.config.hidden_size)
 
+    def output_weight(self) -> torch.Tensor:
+        """The matrix that produces the logits: the untied output layer's, or the word
+        embedding (its last-stage copy under pipelining)."""
+        if not self.share_embeddings_and_output_weights:
+            return self.language_model.output_layer.weight
+        return self.shared_embedding_or_output_weight()
+
     def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
-        cfg = self.config
-        w = self.shared_embedding_or_output_weight()
-        return KVCache(cfg.num_layers, batch, cfg.num_attention_heads // current().tp_size, max_len,
-                       cfg.hidden_size // cfg.num_attention_heads, w.device, w.dtype)
+        """Keys and values of this rank's key/value heads (num_query_groups / TP) per layer."""
+        block = BlockConfig.of(self.config)
+        w = self.output_weight()
+        return KVCache(block.num_layers, batch, block.query_groups // current().tp_size, max_len, block.head_dim,
+                       w.device, w.dtype)
 
     # --- FLOPs, so MFU says which count it uses ----------------------------------------------
     def flops_per_token(self, seq_length: int) -> float:
