@@ -153,7 +153,7 @@ def test_activation_key_selects_exact_or_tanh_gelu():
         mlp = MLP(BlockConfig(num_layers=1, hidden_size=8, num_attention_heads=1, activation=activation))
         expected = mlp.dense_4h_to_h(formula(mlp.dense_h_to_4h(x)))
         torch.testing.assert_close(mlp(x), expected, rtol=1e-6, atol=1e-6)
-    with pytest.raises(ConfigError, match="model.activation: expected one of 'gelu', 'gelu_tanh', got 'relu'"):
+    with pytest.raises(ConfigError, match="model.activation: expected one of 'gelu', 'gelu_tanh', 'swiglu', got 'relu'"):
         from mega.plugins.models.transformer import check_shape
 
         check_shape(BlockConfig(num_layers=1, hidden_size=8, num_attention_heads=1, activation="relu"))

@@ -133,6 +133,9 @@ def model_table(hf: dict, where: str) -> dict:
     for field in ("num_local_experts", "num_experts"):
         if hf.get(field) not in (None, 0, 1):
             _refuse(where, field, hf[field], "mixture-of-experts layers are not built")
+    if model_type == "mistral" and hf.get("rope_scaling"):
+        _refuse(where, "rope_scaling", hf["rope_scaling"], "transformers' MistralForCausalLM (4.47) ignores it; mega"
+                " would scale RoPE: remove the field, or import the model as model_type \"llama\"")
     if model_type == "qwen2" and hf.get("use_sliding_window"):
         _refuse(where, "use_sliding_window", True, "Qwen2's per-layer sliding window (max_window_layers) is not built")
     try:
@@ -221,6 +224,9 @@ def mega_to_hf(state: Mapping[str, torch.Tensor], model_config, vocab: int) -> D
     """mega's tensors (one process) -> the HF class's, the vocabulary cut to `vocab` rows;
     `lm_head.weight` only when the output layer is untied (save_pretrained drops tied ones)."""
     mc = model_config
+    why = _export_refusals(mc)
+    if why:
+        raise CheckpointError(why)
     heads, groups = mc.num_attention_heads, mc.num_query_groups or mc.num_attention_heads
     known = {WORD, OUTPUT, FINAL}
     out: Dict[str, torch.Tensor] = {"model.embed_tokens.weight": state[WORD][:vocab], "model.norm.weight": state[FINAL]}
@@ -263,6 +269,8 @@ def _export_refusals(mc) -> Optional[str]:
         (mc.rotary_percent != 1.0, "model.rotary_percent", "1.0 (every head dim rotates)"),
         (mc.window_size is not None and (mc.add_bias_linear or mc.add_qkv_bias), "model.window_size",
          "no biases with a sliding window (Mistral has none)"),
+        (mc.window_size is not None and (mc.rope_scaling or mc.seq_len_interpolation_factor is not None),
+         "model.window_size", "no RoPE scaling with a sliding window (MistralForCausalLM has none)"),
     )
     for bad, key, needed in checks:
         if bad:
@@ -297,10 +305,12 @@ def hf_config(mc, tokenizer, dtype: str) -> dict:
         "num_hidden_layers": mc.num_layers, "num_attention_heads": mc.num_attention_heads,
         "num_key_value_heads": mc.num_query_groups or mc.num_attention_heads, "hidden_act": "silu",
         "max_position_embeddings": mc.max_position_embeddings or mc.seq_length,
-        "rms_norm_eps": mc.layernorm_epsilon, "rope_theta": mc.rotary_base, "rope_scaling": None,
+        "rms_norm_eps": mc.layernorm_epsilon, "rope_theta": mc.rotary_base,
         "tie_word_embeddings": mc.share_embeddings_and_output_weights, "attention_dropout": mc.attention_dropout,
         "initializer_range": mc.init_method_std, "use_cache": True, "torch_dtype": dtype,
     }
+    if model_type != "mistral":
+        config["rope_scaling"] = None
     if mc.rope_scaling:
         config["rope_scaling"] = {"rope_type": "llama3", "factor": mc.rope_scaling_factor,
                                   "low_freq_factor": mc.low_freq_factor, "high_freq_factor": mc.high_freq_factor,
