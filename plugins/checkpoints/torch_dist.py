@@ -18,7 +18,10 @@ recorded in every rank's file, so loading needs no converter; a checkpoint witho
 record (written before it was kept) is read under the naming whose keys it holds. Each rank writes only
 its own chunk: a tensor-parallel tensor at the offset `tp_rank * local size` along its
 `partition_dim`, a replicated tensor by tensor-parallel rank 0 only (megatron-core's
-replica_id rule). The tied output layer of the last pipeline stage
+replica_id rule). A tensor split in blocks (`partition_chunks`: a gated MLP's fc1 = [gate; up],
+each half split over the ranks) is written as one chunk per block at `i * G / k + rank * G /
+(k * TP)` of its global size G along the split dimension, megatron-core's layout of
+`linear_fc1` (its `apply_swiglu_sharded_factory`). The tied output layer of the last pipeline stage
 (`word_embeddings_for_head`) is a replica of `embedding.word_embeddings.weight`: it is not
 written, and loading fills it from that key, as megatron-core's sharded `output_layer.weight`
 does. Optimizer moments follow their parameter (`optimizer.state.exp_avg.<key>`); the step
@@ -47,7 +50,7 @@ from mega.errors import CheckpointError
 from mega.checkpoint.load_errors import describe
 from mega.protocols import MegatronCoreNames
 from mega.plugins.checkpoints.converters import model_converter, model_converters
-from mega.runtime.sharding import renumber
+from mega.runtime.sharding import chunks_of, renumber
 
 log = logging.getLogger("mega.checkpoint")
 
@@ -95,11 +98,11 @@ def _sources(sharding: dict) -> Dict[str, str]:
 
 
 def _entries(sharding: dict, tp_size: int, tp_rank: int,
-             key_of: Callable[[str], str]) -> List[Tuple[str, str, Optional[int], List[int]]]:
-    """(local name, checkpoint key, partition dim, global shape) for every tensor a rank
-    of this layout holds; aliases (the tied head) name their source's key."""
+             key_of: Callable[[str], str]) -> List[Tuple[str, str, Optional[int], List[int], int]]:
+    """(local name, checkpoint key, partition dim, global shape, blocks) for every tensor a
+    rank of this layout holds; aliases (the tied head) name their source's key."""
     sources = _sources(sharding)
-    return [(name, key_of(sources[name]), dim, list(sharding["global_shapes"][name]))
+    return [(name, key_of(sources[name]), dim, list(sharding["global_shapes"][name]), chunks_of(sharding, name))
             for name, dim in sharding["partition_dims"].items()]
 
 
@@ -108,6 +111,18 @@ def _offsets(shape: Sequence[int], dim: Optional[int], tp_rank: int) -> List[int
     if dim is not None:
         offsets[dim] = tp_rank * shape[dim]
     return offsets
+
+
+def _blocks(shape: Sequence[int], dim: int, tp_size: int, tp_rank: int, chunks: int) -> List[Tuple[int, int, List[int]]]:
+    """(start, length along `dim` in the local tensor of `shape`, global offsets) of each
+    block of a tensor split in `chunks` blocks (module docstring)."""
+    per = shape[dim] // chunks
+    out = []
+    for i in range(chunks):
+        offsets = [0] * len(shape)
+        offsets[dim] = i * per * tp_size + tp_rank * per
+        out.append((i * per, per, offsets))
+    return out
 
 
 def _group_kwargs(parallel, saving: bool) -> dict:
@@ -163,22 +178,27 @@ class TorchDistFormat:
         aliases = sharding.get("aliases", {})
         tensors, placement = {}, {}
 
-        def put(key, t, dim):
-            offsets = _offsets(t.shape, dim, tp_rank)
+        def put(key, t, dim, chunks=1):
+            t = t.detach().cpu() if t.device.type != "cpu" else t.detach()
             size = list(t.shape)
             if dim is not None:
                 size[dim] *= tp_size
             elif tp_rank != 0:
                 return  # a replica: tensor-parallel rank 0 writes it
-            tensors[key] = t.detach().cpu() if t.device.type != "cpu" else t.detach()
-            placement[key] = (offsets, size)
+            if dim is None or chunks == 1:
+                tensors[key] = t
+                placement[key] = (key, _offsets(t.shape, dim, tp_rank), size)
+                return
+            for i, (start, length, offsets) in enumerate(_blocks(t.shape, dim, tp_size, tp_rank, chunks)):
+                tensors[f"{key}#{i}"] = t.narrow(dim, start, length).contiguous()
+                placement[f"{key}#{i}"] = (key, offsets, size)
 
         model = state["model"]
         by_name = {}
-        for name, key, dim, _ in entries:
-            by_name[name] = (key, dim)
+        for name, key, dim, _, chunks in entries:
+            by_name[name] = (key, dim, chunks)
             if name not in aliases:  # the tied head is a replica of the embedding
-                put(key, model[name], dim)
+                put(key, model[name], dim, chunks)
         extra_optim = {}
         opt = state.get("optimizer")
         names = _optimizer_param_names(state) if opt is not None else None
@@ -188,12 +208,12 @@ class TorchDistFormat:
                 if i not in opt["state"]:
                     continue
                 name = names[pos]
-                key, dim = by_name[name]
+                key, dim, chunks = by_name[name]
                 for k, v in opt["state"][i].items():
                     if name in aliases:
                         continue
                     if torch.is_tensor(v) and v.dim() > 0:
-                        put(_optimizer_keys(k, key), v, dim)
+                        put(_optimizer_keys(k, key), v, dim, chunks)
                     elif torch.is_tensor(v):
                         put(_optimizer_keys(k, key), v, None)
                     else:
@@ -275,17 +295,25 @@ class TorchDistFormat:
         except Exception as exc:
             raise CheckpointError(f"{directory}/.metadata: cannot be read ({type(exc).__name__}: {exc})") from None
         key_of = _recorded(keys) if keys is not None else _namer_for(metadata, sorted(set(_sources(sharding).values())))
-        targets: Dict[str, torch.Tensor] = {}  # DCP key -> destination (a view of a local tensor)
-        offsets: Dict[str, List[int]] = {}
+        targets: Dict[str, torch.Tensor] = {}  # DCP key (#block) -> destination (a view of a local tensor)
+        placement: Dict[str, Tuple[str, List[int]]] = {}  # the same -> (DCP key, global offsets)
         copies: List[Tuple[torch.Tensor, str]] = []  # (tensor, key) for a key wanted twice (tied head)
 
-        def want(key: str, shape: List[int], dim: Optional[int]) -> torch.Tensor:
+        def want(key: str, shape: List[int], dim: Optional[int], chunks: int = 1) -> torch.Tensor:
             md = metadata.get(key)
             if not isinstance(md, TensorStorageMetadata):
                 raise CheckpointError(f"{directory}: has no tensor {key!r}")
             local = torch.zeros(shape, dtype=md.properties.dtype)
             if key in targets:
                 copies.append((local, key))
+                return local
+            if chunks > 1:  # blocks of a global tensor whose size cannot change (not the vocabulary)
+                wanted = [n * (tp_size if d == dim else 1) for d, n in enumerate(shape)]
+                if list(md.size) != wanted:
+                    raise CheckpointError(f"{directory}: {key} has global shape {list(md.size)}, this model needs {wanted}")
+                for i, (start, length, offs) in enumerate(_blocks(shape, dim, tp_size, tp_rank, chunks)):
+                    targets[f"{key}#{i}"] = local.narrow(dim, start, length)
+                    placement[f"{key}#{i}"] = (key, offs)
                 return local
             offs = _offsets(shape, dim, tp_rank)
             dest = local
@@ -297,19 +325,19 @@ class TorchDistFormat:
                 if o + n > have:  # vocabulary padding grew: rows past the saved ones stay zero
                     dest = dest.narrow(d, 0, max(have - o, 0))
             if dest.numel() or not shape:
-                targets[key], offsets[key] = dest, offs
+                targets[key], placement[key] = dest, (key, offs)
             return local
 
         model = {}
-        for name, key, dim, _ in _entries(sharding, tp_size, tp_rank, key_of):
-            model[name] = want(key, shapes[name], dim)
+        for name, key, dim, _, chunks in _entries(sharding, tp_size, tp_rank, key_of):
+            model[name] = want(key, shapes[name], dim, chunks)
         state: dict = {"model": model}
         if param_names is not None:
-            by_name = {name: (key, dim) for name, key, dim, _ in _entries(sharding, tp_size, tp_rank, key_of)}
+            by_name = {name: (key, dim, chunks) for name, key, dim, _, chunks in _entries(sharding, tp_size, tp_rank, key_of)}
             prefix = "optimizer.state."
             opt_state = {}
             for pos, name in enumerate(param_names):
-                key, dim = by_name[name]
+                key, dim, chunks = by_name[name]
                 entry = {}
                 for mkey in metadata:
                     if mkey.startswith(prefix) and mkey.endswith("." + key) and len(mkey) > len(prefix) + len(key) + 1:
@@ -317,7 +345,8 @@ class TorchDistFormat:
                         if "." in k:
                             continue
                         md = metadata[mkey]
-                        entry[k] = want(mkey, shapes[name] if len(md.size) else [], dim if len(md.size) else None)
+                        entry[k] = want(mkey, shapes[name] if len(md.size) else [], dim if len(md.size) else None,
+                                        chunks if len(md.size) else 1)
                 entry.update(extra.get(key, {}))
                 if entry:
                     opt_state[pos] = entry
@@ -327,7 +356,7 @@ class TorchDistFormat:
                 log.warning("%s: no optimizer state for this model's parameters; its moments start afresh", directory)
         try:
             with _one_process_is_fine():
-                dcp.load(targets, storage_reader=dcp.FileSystemReader(str(directory)), planner=ChunkLoadPlanner(offsets),
+                dcp.load(targets, storage_reader=dcp.FileSystemReader(str(directory)), planner=ChunkLoadPlanner(placement),
                          **_group_kwargs(parallel, saving=False))
         except CheckpointError:
             raise

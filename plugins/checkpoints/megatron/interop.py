@@ -31,7 +31,7 @@ from mega.plugins.checkpoints.megatron.family import family_of
 from mega.plugins.checkpoints.megatron.layout import CHECKPOINT_VERSION, FILE, TRACKER, nest, tp_size
 from mega.plugins.checkpoints.megatron.source import Source, fallback_args, merged_model
 from mega.plugins.models.transformer import padded_vocab_size
-from mega.runtime.sharding import fit, renumber
+from mega.runtime.sharding import chunks_of, fit, renumber, split_for_rank
 
 FORMAT_OPTIONS = ("trust_pickle", "num_attention_heads")
 EXPORT_OPTIONS = ("tensor_parallel", "pipeline_parallel")
@@ -154,7 +154,9 @@ def export_run(checkpoint: Path, destination: Path, options: Mapping[str, str], 
         raise ConfigError(f"{checkpoint}: model {mc.name!r}; no model converter writes it as Megatron-LM files"
                           f" (families that do: {writers})")
     ffn = getattr(mc, "ffn_hidden_size", None) or 4 * getattr(mc, "hidden_size", 0)
+    groups = getattr(mc, "num_query_groups", None) or getattr(mc, "num_attention_heads", tp)
     for what, value, by in (("num_attention_heads", getattr(mc, "num_attention_heads", tp), tp),
+                            ("num_query_groups", groups, tp),
                             ("ffn_hidden_size", ffn, tp), ("num_layers", getattr(mc, "num_layers", pp), pp)):
         if value % by:
             raise ConfigError(f"model.{what}={value} is not divisible by --option "
@@ -185,16 +187,18 @@ def _write_export(tmp: Path, destination: Path, model, tokenizer, raw: dict, tp:
         shutil.copyfile(path, tmp / name)
         files[key] = str(destination / name)
     args = megatron_args(raw, tp, pp, tokenizer.vocab_size, files=files, plugins=plugins)
-    dims = sharding_of(model, ParallelState())["partition_dims"]
+    sharding = sharding_of(model, ParallelState())
+    dims = sharding["partition_dims"]
     full = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     for name in family.vocab_tensors:  # the vocabulary padding at the exported tensor-parallel size
         if name in full:
             full[name] = fit(full[name], [args.padded_vocab_size, *full[name].shape[1:]])
     per_stage = raw["model"]["num_layers"] // pp
+    tied = getattr(model, "share_embeddings_and_output_weights", True)
     for stage in range(pp):
-        stage_state = _stage(full, stage, per_stage, pp, family.vocab_tensors[0])
-        for rank in range(tp):  # each tensor split along the model's own tensor-parallel dimension
-            shard = {k: (t if dims.get(g) is None else t.chunk(tp, dim=dims[g])[rank]).clone()
+        stage_state = _stage(full, stage, per_stage, pp, family.vocab_tensors[0], tied)
+        for rank in range(tp):  # each tensor split along the model's own tensor-parallel dimension (and blocks)
+            shard = {k: split_for_rank(t, dims.get(g), tp, rank, chunks_of(sharding, g)).clone()
                      for k, (g, t) in stage_state.items()}
             folder = tmp / f"iter_{step:07d}" / (f"mp_rank_{rank:02d}" + (f"_{stage:03d}" if pp > 1 else ""))
             folder.mkdir(parents=True, exist_ok=True)
@@ -204,11 +208,12 @@ def _write_export(tmp: Path, destination: Path, model, tokenizer, raw: dict, tp:
 
 
 def _stage(full: Dict[str, torch.Tensor], stage: int, per_stage: int, pp: int,
-           word: str) -> Dict[str, Tuple[str, torch.Tensor]]:
+           word: str, tied: bool = True) -> Dict[str, Tuple[str, torch.Tensor]]:
     """One pipeline stage's tensors, {name under Megatron's stage-local layer numbers: (the
     model's name, tensor)}: the embedding on the first stage; the final LayerNorm, the
-    heads and, with PP > 1, the tied head's copy `word_embeddings_for_head` (of the word
-    embedding `word`) on the last; in the model's order."""
+    heads and, with PP > 1 and a `tied` output layer, the tied head's copy
+    `word_embeddings_for_head` (of the word embedding `word`) on the last; in the model's
+    order."""
     out: Dict[str, Tuple[str, torch.Tensor]] = {}
     first, last = stage == 0, stage == pp - 1
     for name, t in full.items():
@@ -221,6 +226,6 @@ def _stage(full: Dict[str, torch.Tensor], stage: int, per_stage: int, pp: int,
                 out[name] = (name, t)
         elif last:
             out[name] = (name, t)
-    if last and pp > 1:
+    if last and pp > 1 and tied:
         out["word_embeddings_for_head.weight"] = (word, full[word])
     return out

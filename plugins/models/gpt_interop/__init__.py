@@ -46,10 +46,11 @@ class GPTInterop:
         return huggingface.checked_mega_to_hf(dict(state), model_config, vocab_size)
 
     # --- Megatron-LM (legacy) ----------------------------------------------------------------
-    vocab_tensors = (megatron.WORD,)
+    vocab_tensors = (megatron.WORD, megatron.UNTIED)
 
     def megatron_recognises(self, state: Mapping[str, torch.Tensor], args) -> Match:
-        """Any legacy language model fits GPT's names; a family with more marks itself."""
+        """Any legacy language model fits GPT's names (every architecture option is GPT's);
+        a family with more marks itself (the Llama family: its architecture)."""
         return Match.FITS if any(k.startswith("language_model.") for k in state) else Match.NO
 
     def megatron_check(self, state: Mapping[str, torch.Tensor], args, where: str) -> None:

@@ -44,6 +44,24 @@ class LlamaInterop:
     def to_hf(self, state: Mapping[str, torch.Tensor], model_config, vocab_size: int) -> Dict[str, torch.Tensor]:
         return huggingface.mega_to_hf(state, model_config, vocab_size)
 
+    # --- Megatron-LM: GPT's args and names; the architecture marks the family ---------------------
+    vocab_tensors = (gpt_megatron.WORD, gpt_megatron.UNTIED)
+
+    def megatron_recognises(self, state: Mapping[str, torch.Tensor], args) -> Match:
+        return Match.MARKED if gpt_megatron.marked_by_architecture(state, args) else Match.NO
+
+    def megatron_check(self, state: Mapping[str, torch.Tensor], args, where: str) -> None:
+        gpt_megatron.check_tensors_and_args(state, args, where)
+
+    def megatron_model_table(self, state: Mapping[str, torch.Tensor], args, where: str) -> dict:
+        return {**gpt_megatron.model_table(state, args, where), "name": "llama"}
+
+    def megatron_args(self, model: dict) -> dict:
+        return gpt_megatron.architecture_args(model)
+
+    def megatron_check_resume(self, args, model_config, where: str) -> None:
+        gpt_megatron.check_resume(args, model_config, where)
+
     # --- megatron-core names (GPT's) ----------------------------------------------------------
     def mcore_name(self, name: str) -> str:
         return mcore.mcore_name(name)

@@ -1,0 +1,277 @@
+"""The Llama family under tensor and pipeline parallelism, and in Megatron-LM's and
+megatron-core's files: TP=2 equals one process (logits of an imported HF model, greedy
+generation, training losses), PP=2 trains like one process (tied and untied, grouped-query
+attention), `torch_dist` saved at TP=2 loads at TP=1 and PP=2, `mega export --to megatron`
+at TP=2 x PP=2 imports back with the same logits. Ranks are gloo processes on the CPU
+(tests/multiproc.py)."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mega.checkpoint import restore
+from mega.cli import main
+from mega.errors import ConfigError
+from tests import llama_fixtures as fx
+from tests.multiproc import run_ranks
+
+transformers = pytest.importorskip("transformers")
+
+GATE_UP = "language_model.encoder.layers.0.mlp.dense_h_to_4h.weight"
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    """A Llama (8 query heads in 2 groups, untied, llama3 RoPE scaling) imported from its
+    HF directory with a Llama 2 sentencepiece tokenizer: (HF model, run directory)."""
+    d = tmp_path_factory.mktemp("llama_tp")
+    sp = fx.sentencepiece_llama(d / "sp")
+    import sentencepiece as spm
+
+    vocab = spm.SentencePieceProcessor(model_file=str(sp)).get_piece_size()
+    hf_model = fx.hf_model("llama_gqa_llama3", vocab)
+    src = fx.save_directory(hf_model, d / "hf", "sentencepiece", sp)
+    assert main(["import", str(src), str(d / "run"), "--option", "make_vocab_size_divisible_by=8"]) == 0
+    return hf_model, d / "run"
+
+
+def _tp_forward_and_generate(state, run_dir, ids, prompt, gate, up):
+    """At this rank's layout: the gathered logits, 10 greedy tokens (KV cache of this rank's
+    key/value heads), and whether this rank's fc1 is [gate_r; up_r]."""
+    from mega.inference import generate
+
+    model, _, _ = restore(run_dir)
+    with torch.no_grad():
+        logits = model(ids)[..., :model.vocab_size]
+    r, tp = state.tp_rank, state.tp_size
+    local = model.state_dict()[GATE_UP]
+    mine = torch.equal(local, torch.cat([gate.chunk(tp)[r], up.chunk(tp)[r]]))
+    cache = model.new_kv_cache(1, 4)
+    return logits, generate(model, prompt, 10, greedy=True), mine, cache.keys[0].shape[1]
+
+
+def test_tp2_logits_and_generation_equal_transformers(imported):
+    """T6, T8: at TP=2 each rank holds one of the 2 key/value groups and [gate_r; up_r];
+    the logits equal HF's (and TP=1's), and greedy decoding equals `generate`."""
+    hf_model, run_dir = imported
+    model, tokenizer, _ = restore(run_dir)
+    ids = fx.tokens(tokenizer.vocab_size)
+    prompt = tokenizer.encode("the model reads a token and")
+    with torch.no_grad():
+        theirs = hf_model(ids).logits
+        expected = hf_model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=None,
+                                     pad_token_id=0)[0, len(prompt):].tolist()
+    sd = hf_model.state_dict()
+    gate, up = sd["model.layers.0.mlp.gate_proj.weight"], sd["model.layers.0.mlp.up_proj.weight"]
+    one = _tp_forward_and_generate(type("S", (), {"tp_rank": 0, "tp_size": 1})(), run_dir, ids, prompt, gate, up)
+    ranks = run_ranks(_tp_forward_and_generate, world=2, tp=2, args=(run_dir, ids, prompt, gate, up), timeout=240)
+    for logits, generated, mine, cached_heads in ranks:
+        diff = float((logits - theirs).abs().max())
+        print(f"TP=2 max |dlogit| vs HF = {diff:.3g}, vs TP=1 = {float((logits - one[0]).abs().max()):.3g}")
+        assert diff < 1e-5 and float((logits - one[0]).abs().max()) < 1e-5
+        assert generated == expected == one[1]
+        assert mine and cached_heads == 1  # 2 groups over 2 ranks
+    assert one[3] == 2
+
+
+# --- training: TP=2 and PP=2 equal one process ------------------------------------------------------
+
+
+def _train(state, d, steps, model_keys):
+    """Train a few steps of a `llama` through the real loop at this layout; (loss, grad
+    norm) per step."""
+    from mega.config import config_from_dict
+    from mega.testing import write_corpus
+    from mega.training.loop import train_step
+    from mega.training.run import build_run
+    from mega.training.run_dir import unlock_run_dir
+
+    name = f"w{state.world_size}tp{state.tp_size}pp{state.pp_size}_" + "_".join(f"{k}{v}" for k, v in model_keys.items())
+    corpus = d / "c.txt"
+    if state.rank == 0 and not corpus.exists():
+        write_corpus(corpus)
+    state.barrier()
+    cfg = config_from_dict({
+        "trainer": {"devices": state.world_size, "max_steps": steps, "val_check_interval": 0, "gradient_clip_val": 0.5,
+                    "accelerator": "cpu"},
+        "exp_manager": {"exp_dir": str(d), "name": name, "loggers": []},
+        "model": {"name": "llama", "num_layers": 4, "hidden_size": 32, "num_attention_heads": 4, "num_query_groups": 2,
+                  "ffn_hidden_size": 48, "seq_length": 16, "micro_batch_size": 2, "global_batch_size": 8,
+                  "make_vocab_size_divisible_by": 130,  # 258 byte ids pad to 260 at TP=1 and TP=2
+                  "tensor_model_parallel_size": state.tp_size, "pipeline_model_parallel_size": state.pp_size,
+                  "tokenizer": {"library": "bytes"}, "data": {"data_prefix": [str(corpus)]}, **model_keys},
+    })
+    run = build_run(cfg)
+    out = []
+    try:
+        for _ in range(steps):
+            m = train_step(run)
+            run.step += 1
+            out.append((float(m["loss"]), float(m["grad_norm"])))
+    finally:
+        unlock_run_dir(run.run_dir)
+    return out
+
+
+def _assert_same(reference, layouts):
+    for losses in layouts:
+        assert len(losses) == len(reference)
+        for (l0, g0), (l1, g1) in zip(reference, losses):
+            assert l1 == pytest.approx(l0, rel=1e-5) and g1 == pytest.approx(g0, rel=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_pp2_and_tp2_train_like_one_process(tmp_path, tied):
+    """T7: a Llama (RoPE, RMSNorm, SwiGLU, 4 query heads in 2 groups) at PP=2 (the untied
+    output layer on the last stage, no embedding gradient exchange) and at TP=2 gives one
+    process's losses and clipped gradient norms over 3 steps."""
+    from mega.runtime.parallel import current
+
+    keys = {"share_embeddings_and_output_weights": tied}
+    reference = _train(current(), tmp_path, 3, keys)
+    print(f"one process ({'tied' if tied else 'untied'}): {reference}")
+    _assert_same(reference, run_ranks(_train, world=2, pp=2, args=(tmp_path, 3, keys), timeout=300))
+    if not tied:
+        _assert_same(reference, run_ranks(_train, world=2, tp=2, args=(tmp_path, 3, keys), timeout=300))
+
+
+def test_query_groups_that_do_not_divide_over_tp_are_refused(plugins):
+    """§5.1: each rank holds whole key/value heads; MQA (1 group) at TP=2 is refused by name."""
+    from mega.config import config_from_dict
+
+    raw = {"name": "llama", "num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "num_query_groups": 1,
+           "ffn_hidden_size": 48, "seq_length": 16, "tensor_model_parallel_size": 2, "tokenizer": {"library": "bytes"}}
+    with pytest.raises(ConfigError, match="model.num_query_groups=1 is not divisible by model.tensor_model_parallel_size=2"):
+        config_from_dict({"model": raw}, plugins=plugins).model.check()
+
+
+# --- torch_dist at TP=2, read at TP=1 and PP=2 ---------------------------------------------------------
+
+
+def _step_and_save(state, run_dir, out, ids):
+    """At TP=2: the imported model, one AdamW step, saved as torch_dist; this rank's state."""
+    from mega.checkpoint import optimizer_param_names
+    from mega.plugins.checkpoints.torch_dist import TorchDistFormat
+    from mega.runtime.sharding import optimizer_by_name, sharding_of
+    from mega.training.run import param_groups
+
+    from mega.config import to_dict
+
+    model, _, config = restore(run_dir)
+    model.train()
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-2)
+    model.training_loss({"tokens": ids, "labels": ids, "loss_mask": torch.ones_like(ids, dtype=torch.float)})[
+        "loss_sum"].backward()
+    opt.step()
+    names = optimizer_param_names(model)
+    sharding = sharding_of(model, state)
+    Path(out).mkdir(exist_ok=True)
+    TorchDistFormat().save({"model": model.state_dict(), "optimizer": opt.state_dict(), "param_names": names,
+                            "trainer": {"step": 1}, "sharding": sharding, "config": to_dict(config)}, Path(out), state)
+    return model.state_dict(), optimizer_by_name(opt.state_dict(), names), sharding
+
+
+def _load(state, run_dir, out):
+    """At this rank's layout: a model built afresh, loaded from the torch_dist files."""
+    from mega.checkpoint import load_resharded, optimizer_param_names
+    from mega.plugins.checkpoints.torch_dist import TorchDistFormat
+    from mega.runtime.sharding import optimizer_by_name
+    from mega.training.run import param_groups
+
+    torch.manual_seed(99)
+    model, _, _ = restore(run_dir)
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-2)
+    loaded = load_resharded(TorchDistFormat(), Path(out), {"tensor_model_parallel_size": 2,
+                                                           "pipeline_model_parallel_size": 1}, state, model, opt)
+    model.load_state_dict(loaded["model"])
+    opt.load_state_dict(loaded["optimizer"])
+    return model.pipeline_layer_offset, model.state_dict(), optimizer_by_name(opt.state_dict(), optimizer_param_names(model))
+
+
+@pytest.mark.slow
+def test_torch_dist_saved_at_tp2_loads_at_tp1_and_pp2(imported, tmp_path):
+    """T9: the gated fc1 is written as megatron-core writes it (global [gate; up], each
+    rank's halves at fragments r and TP + r), and read back at TP=1 and PP=2 with its
+    AdamW moments; the untied output layer and the grouped QKV alike."""
+    import torch.distributed.checkpoint as dcp
+
+    from mega.runtime.parallel import current
+    from mega.runtime.sharding import merge_shards
+
+    hf_model, run_dir = imported
+    ids = fx.tokens(300, length=16)
+    out = tmp_path / "dist"
+    ranks = run_ranks(_step_and_save, world=2, tp=2, args=(run_dir, str(out), ids), timeout=240)
+    sharding = ranks[0][2]
+    assert sharding["partition_chunks"] == {f"language_model.encoder.layers.{i}.mlp.dense_h_to_4h.weight": 2
+                                            for i in range(2)}
+    full = merge_shards([r[0] for r in ranks], sharding)
+    moments = {name: merge_shards([{name: r[1][name]["exp_avg"]} for r in ranks],
+                                  {**sharding, "partition_dims": {name: sharding["partition_dims"][name]}})[name]
+               for name in ranks[0][1]}
+    metadata = dcp.FileSystemReader(str(out)).read_metadata().state_dict_metadata
+    fc1 = metadata["decoder.layers.0.mlp.linear_fc1.weight"]
+    assert list(fc1.size) == [192, 64] and sorted(c.offsets[0] for c in fc1.chunks) == [0, 48, 96, 144]
+    assert "output_layer.weight" in metadata and "decoder.layers.0.self_attention.linear_qkv.weight" in metadata
+    reader = {"decoder.layers.0.mlp.linear_fc1.weight": torch.zeros(192, 64)}
+    dcp.load(reader, storage_reader=dcp.FileSystemReader(str(out)), no_dist=True)
+    assert torch.equal(reader["decoder.layers.0.mlp.linear_fc1.weight"], full[GATE_UP])
+
+    _, at_tp1, opt_tp1 = _load(current(), run_dir, str(out))
+    for name, value in full.items():
+        assert torch.equal(at_tp1[name], value), name
+        assert torch.equal(opt_tp1[name]["exp_avg"], moments[name]), name
+    stages = run_ranks(_load, world=2, pp=2, args=(run_dir, str(out)), timeout=240)
+    for offset, state, opt_state in stages:
+        for name, value in state.items():
+            source = name.replace("layers.0.", f"layers.{offset}.")
+            assert torch.equal(value, full[source]), (offset, name)
+            assert torch.equal(opt_state[name]["exp_avg"], moments[source]), (offset, name)
+    assert "word_embeddings_for_head.weight" not in stages[1][1]  # untied: no copy on the last stage
+
+
+# --- Megatron-LM legacy files at TP=2 x PP=2 ------------------------------------------------------------
+
+
+def test_megatron_export_at_tp2_pp2_imports_back_with_the_same_logits(imported, tmp_path, plugins):
+    """T10: `mega export --to megatron` splits fc1 per half and the grouped QKV by groups,
+    writes megatron-core's architecture `args`, and `mega import` (from the files alone,
+    `args.mega_model` removed too) gives the same logits."""
+    hf_model, run_dir = imported
+    model, tokenizer, _ = restore(run_dir, plugins)
+    ids = fx.tokens(tokenizer.vocab_size)
+    out = tmp_path / "megatron"
+    assert main(["export", str(run_dir), str(out), "--to", "megatron", "--option", "tensor_parallel=2",
+                 "--option", "pipeline_parallel=2"]) == 0
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    first = torch.load(out / "iter_0000000" / "mp_rank_01_000" / "model_optim_rng.pt", weights_only=True)
+    last = torch.load(out / "iter_0000000" / "mp_rank_01_001" / "model_optim_rng.pt", weights_only=True)
+    args = first["args"]
+    assert (args.swiglu, args.normalization, args.position_embedding_type, args.group_query_attention,
+            args.num_query_groups, args.untie_embeddings_and_output_weights, args.add_bias_linear) == (
+        True, "RMSNorm", "rope", True, 2, True, False)
+    assert (args.rotary_base, args.use_rope_scaling, args.rope_scaling_factor, args.tokenizer_type) == (
+        500000, True, 8.0, "Llama2Tokenizer")
+    sd = hf_model.state_dict()
+    local_fc1 = first["model"]["language_model"]["encoder"]["layers.0.mlp.dense_h_to_4h.weight"]
+    gate, up = sd["model.layers.0.mlp.gate_proj.weight"], sd["model.layers.0.mlp.up_proj.weight"]
+    assert torch.equal(local_fc1, torch.cat([gate.chunk(2)[1], up.chunk(2)[1]]))  # rank 1's halves
+    assert "output_layer" in last["model"]["language_model"] and "word_embeddings_for_head" not in last["model"]
+    with torch.no_grad():
+        expected = model(ids)[..., :tokenizer.vocab_size]
+    for step, drop_name in ((0, False), (1, True)):
+        if drop_name:  # a file that does not say its family: the Llama converter recognises the architecture
+            for f in out.glob("iter_*/mp_rank_*/model_optim_rng.pt"):
+                saved = torch.load(f, weights_only=True)
+                del saved["args"].mega_model
+                torch.save(saved, f)
+        assert main(["import", str(out), str(tmp_path / f"back{step}")]) == 0
+        back, tok, config = restore(tmp_path / f"back{step}", plugins)
+        assert config.model.name == "llama" and tok.add_bos
+        with torch.no_grad():
+            assert float((back(ids)[..., :tokenizer.vocab_size] - expected).abs().max()) < 1e-5
