@@ -215,12 +215,13 @@ def test_torch_dist_saved_at_tp2_loads_at_tp1_and_pp2(imported, tmp_path):
                                   {**sharding, "partition_dims": {name: sharding["partition_dims"][name]}})[name]
                for name in ranks[0][1]}
     metadata = dcp.FileSystemReader(str(out)).read_metadata().state_dict_metadata
-    fc1 = metadata["decoder.layers.0.mlp.linear_fc1.weight"]
-    assert list(fc1.size) == [192, 64] and sorted(c.offsets[0] for c in fc1.chunks) == [0, 48, 96, 144]
-    assert "output_layer.weight" in metadata and "decoder.layers.0.self_attention.linear_qkv.weight" in metadata
-    reader = {"decoder.layers.0.mlp.linear_fc1.weight": torch.zeros(192, 64)}
+    fc1 = metadata["decoder.layers.mlp.linear_fc1.weight"]  # megatron-core's stacked layers: [layers, 2F, h]
+    assert list(fc1.size) == [2, 192, 64]
+    assert sorted(c.offsets[1] for c in fc1.chunks if c.offsets[0] == 0) == [0, 48, 96, 144]
+    assert "output_layer.weight" in metadata and "decoder.layers.self_attention.linear_qkv.weight" in metadata
+    reader = {"decoder.layers.mlp.linear_fc1.weight": torch.zeros(2, 192, 64)}
     dcp.load(reader, storage_reader=dcp.FileSystemReader(str(out)), no_dist=True)
-    assert torch.equal(reader["decoder.layers.0.mlp.linear_fc1.weight"], full[GATE_UP])
+    assert torch.equal(reader["decoder.layers.mlp.linear_fc1.weight"][0], full[GATE_UP])
 
     _, at_tp1, opt_tp1 = _load(current(), run_dir, str(out))
     for name, value in full.items():

@@ -9,11 +9,18 @@ written and read with `torch.distributed.checkpoint` (DCP), every rank in parall
       mega_rank_TT_PPP.pt     per model-parallel rank: trainer state (RNG, step, loss
                               scaler), the sharding record, optimizer param_groups
 
-Tensors are stored as GLOBAL tensors under megatron-core's names with global layer numbers
-(`embedding.word_embeddings.weight`, `decoder.layers.{i}.self_attention.linear_qkv.weight`,
-`decoder.layers.{i}.mlp.linear_fc1.layer_norm_weight`, `decoder.final_layernorm.bias`, ...):
-the model family's converter names them (`mega.protocols.MegatronCoreNames`; a family
-without one, and names it does not know, keep mega's global name). The keys written are
+Tensors are stored as GLOBAL tensors under megatron-core's names (`embedding.word_embeddings.
+weight`, `decoder.final_layernorm.bias`, ...): the model family's converter names them
+(`mega.protocols.MegatronCoreNames`; a family without one, and names it does not know, keep
+mega's global name). The layers of a megatron-core stack (`decoder.layers.{i}.X`,
+`encoder.layers.{i}.X`) are written as megatron-core writes homogeneous layers, its
+default: one tensor `decoder.layers.X` of global shape [layers, ...], layer i at offset i
+of the first axis, so `dist_checkpointing.load(model.sharded_state_dict(), dir)` reads them
+at its default strictness; the per-layer keys (megatron-core's `non_homogeneous_layers`,
+and mega's files before this layout) are read too. Beside the weights of each layer's
+linears megatron-core keeps an `_extra_state` object (`decoder.layers.self_attention.
+linear_qkv._extra_state/shard_{i}_{layers}`); mega writes them, empty as megatron-core's
+local layers' are, so its loader finds every key it asks for, and never reads them. The keys written are
 recorded in every rank's file, so loading needs no converter; a checkpoint without the
 record (written before it was kept) is read under the naming whose keys it holds. Each rank writes only
 its own chunk: a tensor-parallel tensor at the offset `tp_rank * local size` along its
@@ -38,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -65,6 +73,30 @@ def _same(name: str) -> str:
     return name
 
 
+# megatron-core's layer stacks: `decoder.layers.{i}.X` (and its optimizer moments'
+# `optimizer.state.exp_avg.decoder.layers.{i}.X`) are one tensor `decoder.layers.X` [layers, ...]
+_STACKED = re.compile(r"^(?P<pre>(?:optimizer\.state\.\w+\.)?)(?P<stack>(?:encoder|decoder)\.layers)\.(?P<i>\d+)\.(?P<rest>.+)$")
+# the linears whose `_extra_state` objects megatron-core's layers save (TE spec and local spec)
+_EXTRA_STATE = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
+
+
+def _stacked(key: str) -> Optional[Tuple[str, int, str]]:
+    """(stacked key, layer index, stack name) of a per-layer megatron-core key, else None."""
+    m = _STACKED.match(key)
+    return (f"{m['pre']}{m['stack']}.{m['rest']}", int(m["i"]), m["stack"]) if m else None
+
+
+def _stack_sizes(keys, pp_size: int) -> Dict[str, int]:
+    """Layers of each stack in the whole model: this stage's count times the stages (mega's
+    and Megatron's stages hold equal shares)."""
+    found: Dict[str, set] = {}
+    for key in keys:
+        st = _stacked(key)
+        if st is not None:
+            found.setdefault(st[2], set()).add(st[1])
+    return {stack: len(ids) * pp_size for stack, ids in found.items()}
+
+
 def _namer(state: dict) -> Callable[[str], str]:
     """mega's global name -> checkpoint key, by the family of the model being saved (the
     process's plugins: the kernel hands a format none)."""
@@ -82,6 +114,21 @@ def _namer_for(stored, wanted: Sequence[str]) -> Callable[[str], str]:
     mega's own) under which every tensor `wanted` is among the `stored` keys."""
     namings = [conv.mcore_name for _, conv in model_converters(mega.get_plugins(), MegatronCoreNames)] + [_same]
     return next((n for n in namings if all(n(w) in stored for w in wanted)), _same)
+
+
+def _extra_states(keys, stacks: Dict[str, int]) -> Dict[str, list]:
+    """megatron-core's `_extra_state` objects of the layers' linears whose weights `keys`
+    name, under its ShardedObject keys (`<stacked module>._extra_state/shard_<layer>_<layers>`),
+    each what its local layers hold: nothing (`[None]`, as its writer packs a rank's objects
+    in a list; DCP torch.saves it)."""
+    out = {}
+    for key in keys:
+        st = _stacked(key)
+        if st is None or not st[0].endswith(tuple(f"{m}.weight" for m in _EXTRA_STATE)) or st[0].startswith("optimizer."):
+            continue
+        module = st[0][: -len(".weight")]
+        out[f"{module}._extra_state/shard_{st[1]}_{stacks[st[2]]}"] = [None]
+    return out
 
 
 def rank_file(tp_rank: int, pp_rank: int) -> str:
@@ -167,6 +214,17 @@ def _optimizer_keys(state_key: str, key: str) -> str:
 class TorchDistFormat:
     name = "torch_dist"
 
+    # --- mega import (mega.plugins.checkpoints.torch_dist_import) -----------------------------
+    def can_import(self, source: Path) -> bool:
+        from mega.plugins.checkpoints.torch_dist_import import can_import
+
+        return can_import(Path(source))
+
+    def import_run(self, source: Path, run_dir: Path, options, plugins) -> Path:
+        from mega.plugins.checkpoints.torch_dist_import import import_run
+
+        return import_run(Path(source), Path(run_dir), options, plugins)
+
     def save(self, state: dict, directory: Path, parallel=None) -> None:
         tp_size, tp_rank, pp_size, pp_rank = _layout(parallel)
         directory = Path(directory)
@@ -176,6 +234,7 @@ class TorchDistFormat:
         key_of = _namer(state)
         entries = _entries(sharding, tp_size, tp_rank, key_of)
         aliases = sharding.get("aliases", {})
+        stacks = _stack_sizes([key for _, key, _, _, _ in entries], pp_size)
         tensors, placement = {}, {}
 
         def put(key, t, dim, chunks=1):
@@ -185,13 +244,19 @@ class TorchDistFormat:
                 size[dim] *= tp_size
             elif tp_rank != 0:
                 return  # a replica: tensor-parallel rank 0 writes it
+            st = _stacked(key)
+            lead, lead_size = ([st[1]], [stacks[st[2]]]) if st else ([], [])
+            if st:  # one layer of the stack's [layers, ...] tensor
+                key, t = st[0], t.unsqueeze(0)
             if dim is None or chunks == 1:
-                tensors[key] = t
-                placement[key] = (key, _offsets(t.shape, dim, tp_rank), size)
+                tensors[key + "#" * bool(lead) + "".join(map(str, lead))] = t
+                placement[key + "#" * bool(lead) + "".join(map(str, lead))] = (
+                    key, lead + _offsets(t.shape[len(lead):], dim, tp_rank), lead_size + size)
                 return
-            for i, (start, length, offsets) in enumerate(_blocks(t.shape, dim, tp_size, tp_rank, chunks)):
-                tensors[f"{key}#{i}"] = t.narrow(dim, start, length).contiguous()
-                placement[f"{key}#{i}"] = (key, offsets, size)
+            for i, (start, length, offsets) in enumerate(_blocks(t.shape[len(lead):], dim, tp_size, tp_rank, chunks)):
+                name = f"{key}#{''.join(map(str, lead))}#{i}"
+                tensors[name] = t.narrow(dim + len(lead), start, length).contiguous()
+                placement[name] = (key, lead + offsets, lead_size + size)
 
         model = state["model"]
         by_name = {}
@@ -199,6 +264,7 @@ class TorchDistFormat:
             by_name[name] = (key, dim, chunks)
             if name not in aliases:  # the tied head is a replica of the embedding
                 put(key, model[name], dim, chunks)
+        objects = _extra_states([key for _, key, _, _, _ in entries], stacks) if tp_rank == 0 else {}
         extra_optim = {}
         opt = state.get("optimizer")
         names = _optimizer_param_names(state) if opt is not None else None
@@ -233,7 +299,8 @@ class TorchDistFormat:
         from mega.plugins.checkpoints.torch_dist_planners import ChunkSavePlanner
 
         with _one_process_is_fine():
-            dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(directory)), planner=ChunkSavePlanner(placement),
+            dcp.save({**tensors, **objects}, storage_writer=dcp.FileSystemWriter(str(directory)),
+                     planner=ChunkSavePlanner(placement),
                      **_group_kwargs(parallel, saving=True))
 
     def load(self, directory: Path, parallel=None, parts: Sequence[str] = PARTS) -> dict:
@@ -299,33 +366,46 @@ class TorchDistFormat:
         placement: Dict[str, Tuple[str, List[int]]] = {}  # the same -> (DCP key, global offsets)
         copies: List[Tuple[torch.Tensor, str]] = []  # (tensor, key) for a key wanted twice (tied head)
 
+        def locate(key: str):
+            """(DCP key, the offsets before the tensor's own: [layer] in a stack, else []),
+            per-layer keys first (older files, megatron-core's non-homogeneous layers)."""
+            st = _stacked(key)
+            if key not in metadata and st is not None and isinstance(metadata.get(st[0]), TensorStorageMetadata):
+                return st[0], [st[1]]
+            return key, []
+
         def want(key: str, shape: List[int], dim: Optional[int], chunks: int = 1) -> torch.Tensor:
-            md = metadata.get(key)
+            stored, lead = locate(key)
+            md = metadata.get(stored)
             if not isinstance(md, TensorStorageMetadata):
                 raise CheckpointError(f"{directory}: has no tensor {key!r}")
             local = torch.zeros(shape, dtype=md.properties.dtype)
             if key in targets:
                 copies.append((local, key))
                 return local
+            have_size = list(md.size)[len(lead):]
+            if lead and md.size[0] <= lead[0]:
+                raise CheckpointError(f"{directory}: {stored} holds {md.size[0]} layers, this model needs layer {lead[0]}")
+            view = local[(None,) * len(lead)]  # the stack's leading axis, a view of `local`
             if chunks > 1:  # blocks of a global tensor whose size cannot change (not the vocabulary)
                 wanted = [n * (tp_size if d == dim else 1) for d, n in enumerate(shape)]
-                if list(md.size) != wanted:
-                    raise CheckpointError(f"{directory}: {key} has global shape {list(md.size)}, this model needs {wanted}")
+                if have_size != wanted:
+                    raise CheckpointError(f"{directory}: {key} has global shape {have_size}, this model needs {wanted}")
                 for i, (start, length, offs) in enumerate(_blocks(shape, dim, tp_size, tp_rank, chunks)):
-                    targets[f"{key}#{i}"] = local.narrow(dim, start, length)
-                    placement[f"{key}#{i}"] = (key, offs)
+                    targets[f"{key}#{i}"] = view.narrow(dim + len(lead), start, length)
+                    placement[f"{key}#{i}"] = (stored, lead + offs)
                 return local
             offs = _offsets(shape, dim, tp_rank)
-            dest = local
-            for d, (o, n, have) in enumerate(zip(offs, shape, md.size)):
+            dest = view
+            for d, (o, n, have) in enumerate(zip(offs, shape, have_size)):
                 want_global = n * tp_size if d == dim else n
                 if have != want_global and d != dim:
-                    raise CheckpointError(f"{directory}: {key} has global shape {list(md.size)}, this model needs"
+                    raise CheckpointError(f"{directory}: {key} has global shape {have_size}, this model needs"
                                           f" {[s * (tp_size if i == dim else 1) for i, s in enumerate(shape)]}")
                 if o + n > have:  # vocabulary padding grew: rows past the saved ones stay zero
-                    dest = dest.narrow(d, 0, max(have - o, 0))
+                    dest = dest.narrow(d + len(lead), 0, max(have - o, 0))
             if dest.numel() or not shape:
-                targets[key], placement[key] = dest, (key, offs)
+                targets[key], placement[key] = dest, (stored, lead + offs)
             return local
 
         model = {}
@@ -339,14 +419,19 @@ class TorchDistFormat:
             for pos, name in enumerate(param_names):
                 key, dim, chunks = by_name[name]
                 entry = {}
-                for mkey in metadata:
-                    if mkey.startswith(prefix) and mkey.endswith("." + key) and len(mkey) > len(prefix) + len(key) + 1:
-                        k = mkey[len(prefix):-len(key) - 1]
-                        if "." in k:
+                st = _stacked(key)
+                for stored, lead in ((key, 0),) + (((st[0], 1),) if st else ()):
+                    for mkey in metadata:
+                        if not (mkey.startswith(prefix) and mkey.endswith("." + stored)
+                                and len(mkey) > len(prefix) + len(stored) + 1):
                             continue
+                        k = mkey[len(prefix):-len(stored) - 1]
                         md = metadata[mkey]
-                        entry[k] = want(mkey, shapes[name] if len(md.size) else [], dim if len(md.size) else None,
-                                        chunks if len(md.size) else 1)
+                        if "." in k or k in entry or not isinstance(md, TensorStorageMetadata):
+                            continue
+                        scalar = len(md.size) == lead  # the step count
+                        entry[k] = want(f"{prefix}{k}.{key}", [] if scalar else shapes[name], None if scalar else dim,
+                                        1 if scalar else chunks)
                 entry.update(extra.get(key, {}))
                 if entry:
                     opt_state[pos] = entry
@@ -363,7 +448,7 @@ class TorchDistFormat:
         except Exception as exc:
             raise CheckpointError(f"{directory}: torch.distributed.checkpoint could not read it ({type(exc).__name__}: {exc})") from None
         for local, key in copies:  # a second tensor of the same key (the tied head): same slice
-            src = targets[key]
+            src = targets[key][(0,) * len(locate(key)[1])]
             local[tuple(slice(0, n) for n in src.shape)].copy_(src)
         return state
 

@@ -25,12 +25,16 @@ class ChunkSavePlanner(DefaultSavePlanner):
 
     def __init__(self, placement: Dict[str, Placement]):
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
-        self.placement = placement  # state-dict name -> (key, offsets, global size)
+        self.placement = placement  # state-dict name -> (key, offsets, global size); objects have none
         self._by_index: Dict[Tuple[str, Tuple[int, ...]], str] = {}
 
     def create_local_plan(self) -> SavePlan:
         items = []
         for name, t in self.state_dict.items():
+            if name not in self.placement:  # an object (megatron-core's _extra_state): torch.save'd under its name
+                self._by_index[(name, ())] = name
+                items.append(WriteItem(index=MetadataIndex(name), type=WriteItemType.BYTE_IO))
+                continue
             key, offsets, size = self.placement[name]
             self._by_index[(key, tuple(offsets))] = name
             chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=t.size())
@@ -41,7 +45,7 @@ class ChunkSavePlanner(DefaultSavePlanner):
         return self.plan
 
     def lookup_object(self, index: MetadataIndex):
-        return self.state_dict[self._by_index[(index.fqn, tuple(index.offset))]]
+        return self.state_dict[self._by_index[(index.fqn, tuple(index.offset or ()))]]
 
 
 class ChunkLoadPlanner(DefaultLoadPlanner):

@@ -8,8 +8,9 @@ family's: rotary positions, RMSNorm, SwiGLU, grouped-query attention, no biases,
 Reads like nanoGPT; named like Megatron-LM (its legacy state-dict keys:
 `language_model.embedding.word_embeddings.weight`, `language_model.encoder.layers.{i}...`,
 `language_model.output_layer.weight`). Honours the LanguageModule contract of
-megatron-core: `compute_language_model_loss(labels, logits)` returns [batch, seq] losses
-and `shared_embedding_or_output_weight()` returns the word-embedding matrix that also
+megatron-core: `compute_language_model_loss(labels, logits)` takes megatron-core's
+sequence-first logits and returns [batch, seq] losses (`token_losses` takes batch-first
+ones), and `shared_embedding_or_output_weight()` returns the word-embedding matrix that also
 produces the logits (the untied output layer's on a last stage without the embedding).
 """
 from __future__ import annotations
@@ -181,9 +182,24 @@ class GPTModel(TiedWordEmbeddingStages, nn.Module):
 
     # --- the LanguageModule contract (shared_embedding_or_output_weight: TiedWordEmbeddingStages) ---
     def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """Cross entropy over the vocabulary in fp32: [batch, seq] losses. `logits` are this
-        rank's vocabulary slice under tensor parallelism (never gathered). Padded ids are
-        out of the softmax unless `model.mask_padded_vocab = false` (Megatron-LM's loss)."""
+        """megatron-core's LanguageModule contract, in its layout: `labels` [batch, seq],
+        `logits` SEQUENCE-FIRST [seq, batch, vocab] (what megatron-core's output layer
+        returns), [batch, seq] losses. Logits of another shape (batch-first ones, as
+        `forward` returns) are refused with a ValueError; when batch == seq the shapes
+        cannot tell, so pass `logits.transpose(0, 1)` of batch-first logits. Cross entropy
+        in fp32 over this rank's vocabulary slice (`token_losses`)."""
+        if logits.dim() != 3 or tuple(logits.shape[:2]) != (labels.shape[1], labels.shape[0]):
+            raise ValueError(f"compute_language_model_loss: logits of shape {list(logits.shape)} for labels of shape"
+                             f" {list(labels.shape)}: megatron-core's layout is sequence-first, [seq, batch, vocab] ="
+                             f" [{labels.shape[1]}, {labels.shape[0]}, vocab]; batch-first logits (GPTModel.forward's)"
+                             " go in as logits.transpose(0, 1), or to token_losses")
+        return self.token_losses(labels, logits.transpose(0, 1))
+
+    def token_losses(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Cross entropy over the vocabulary in fp32 of BATCH-FIRST `logits` [batch, seq,
+        vocab]: [batch, seq] losses. `logits` are this rank's vocabulary slice under tensor
+        parallelism (never gathered). Padded ids are out of the softmax unless
+        `model.mask_padded_vocab = false` (Megatron-LM's loss)."""
         return vocab_parallel_cross_entropy(logits, labels, self.vocab_size if self.config.mask_padded_vocab else None)
 
     # --- forward ---------------------------------------------------------------------------
@@ -230,7 +246,7 @@ class GPTModel(TiedWordEmbeddingStages, nn.Module):
                 output_layer_input(hidden, sp), self.output_weight(), batch["labels"],
                 batch["loss_mask"], vocab, self.config.loss_chunk_size)}
         logits = output_logits(hidden, self.output_weight(), sp)
-        losses = self.compute_language_model_loss(batch["labels"], logits)
+        losses = self.token_losses(batch["labels"], logits)
         return {"loss_sum": (losses * batch["loss_mask"]).sum()}
 
     def activation_shape(self, batch: Dict[str, torch.Tensor]) -> tuple:

@@ -91,24 +91,38 @@ def _divisible_by(args, vocab: int, padded: int) -> int:
 # --- import ------------------------------------------------------------------------------------
 
 
-def _import_options(plugins) -> tuple:
+
+
+def import_run(source: Path, run_dir: Path, options: Mapping[str, str], plugins) -> Path:
+    from mega.checkpoint import check_options
+
+    check_options(options, import_options(plugins), "megatron")
+    trust = str(options.get("trust_pickle", "false")).lower() in ("1", "true", "yes")
+    src = Source(Path(source), trust, fallback_args=fallback_args(options))
+    state = merged_model(src)
+    family = family_of(plugins, state, src.args, str(source))
+    return import_state(family, state, src.args, options, Path(source), src.near(), src.step or 0, Path(run_dir), plugins)
+
+
+def import_options(plugins) -> tuple:
+    """The `--option` keys an import of Megatron-LM's files reads (the tokenizers' too)."""
     every = [(n, c) for n, c in converters.tokenizer_converters(plugins, MegatronTokenizerConverter)]
     return FORMAT_OPTIONS + converters.options_of(every, "megatron_options")
 
 
-def import_run(source: Path, run_dir: Path, options: Mapping[str, str], plugins) -> Path:
-    from mega.checkpoint import check_options, write_imported_run
+def import_state(family, state: Dict[str, torch.Tensor], args, options: Mapping[str, str], source: Path,
+                 near: List[Path], step: int, run_dir: Path, plugins) -> Path:
+    """A run directory for a Megatron-LM model (`state`: its tensors merged under mega's
+    global names; `args`: Megatron's) of `family`'s converter: what the family cannot run
+    refused, its model table, the tokenizer from the options or `args` (files found where
+    `args` say, or in the `near` directories), the vocabulary-sized tensors re-padded to
+    mega's rule. Shared by the `megatron` and `torch_dist` imports."""
+    from mega.checkpoint import write_imported_run
 
-    check_options(options, _import_options(plugins), "megatron")
-    trust = str(options.get("trust_pickle", "false")).lower() in ("1", "true", "yes")
-    src = Source(Path(source), trust, fallback_args=fallback_args(options))
-    args = src.args
-    state = merged_model(src)
-    family = family_of(plugins, state, args, str(source))
     family.megatron_check(state, args, str(source))
     model = family.megatron_model_table(state, args, str(source))
     tokenizers = converters.tokenizer_converters(plugins, MegatronTokenizerConverter, getattr(family, "tokenizers", ()))
-    model["tokenizer"], files = _tokenizer(tokenizers, args, options, Path(source), src.near())
+    model["tokenizer"], files = _tokenizer(tokenizers, args, options, source, near)
     vocab = converters.vocab_size_of(model, files, plugins)
     orig = getattr(args, "orig_vocab_size", None)
     if orig is not None and orig != vocab:
@@ -124,7 +138,7 @@ def import_run(source: Path, run_dir: Path, options: Mapping[str, str], plugins)
     for name in family.vocab_tensors:  # re-pad: keep the real rows, padding rows are zeros (never predicted)
         if name in state:
             state[name] = fit(state[name], [ours, *state[name].shape[1:]])
-    return write_imported_run(Path(run_dir), {"model": model}, state, plugins, files=files, step=src.step or 0)
+    return write_imported_run(Path(run_dir), {"model": model}, state, plugins, files=files, step=step)
 
 
 # --- export ----------------------------------------------------------------------------------
