@@ -31,9 +31,12 @@ from mega.plugins.models.estimates import (
     block_matmul_params,
     block_params,
     dropout_mask_bytes,
-    layernorm_stats_bytes,
+    norm_input_bytes,
+    norm_internal_bytes,
+    norm_params,
     param_bytes,
     pipeline_stages,
+    rotary_bytes,
     stack_activation_bytes,
 )
 from mega.plugins.models.scaling import (
@@ -97,34 +100,41 @@ class GPTConfig(ArchitectureKeys, RecomputeKeys, SequenceParallelKey, ModelConfi
         block = BlockConfig.of(self)
         h, L, s, b = self.hidden_size, self.num_layers, self.seq_length, micro_batch
         sp = self.sequence_parallel and tp > 1
-        u = tp if sp else 1  # sequence parallelism splits the embedding's and the final LayerNorm's tokens
+        u = tp if sp else 1  # sequence parallelism splits the embedding's and the final norm's tokens
         vocab = padded_vocab_size(vocab_size, self.make_vocab_size_divisible_by, tp)
-        positions = self.max_position_embeddings or s
+        learned = self.position_embedding_type == "learned_absolute"
+        positions = (self.max_position_embeddings or s) if learned else 0  # rotary / no positions: no table
+        tied = self.share_embeddings_and_output_weights
         n = b * s  # tokens of one micro-batch
         o2 = self.megatron_amp_O2
         e, r = activation_bytes(precision, o2)  # a matmul's saved input; the residual stream
         g = param_bytes(precision, o2)  # a gradient as autograd makes it
-        stats = layernorm_stats_bytes(precision, device, o2)  # the final LayerNorm's mean and rstd, per token
+        norm = norm_params(block)
+        # the final norm keeps its input (RMSNorm: in fp32) and its statistics (RMSNorm: and the normalised tensor)
+        final = n * h * norm_input_bytes(block, precision, o2) + norm_internal_bytes(block, n, precision, device, o2)
         word = vocab * h // tp
         layer = {"params": block_params(block, tp), "matmul_params": block_matmul_params(block, tp)}
         kept, rebuilt = stack_activation_bytes(block, L // pp, b, s, s, tp, precision, device, o2=o2, sp=sp)
-        stack = {"activations": kept, "recompute_transient": rebuilt}
+        # RoPE's fp32 cos and sin, once per stage: kept by fp32 layers, or as checkpointed regions' inputs
+        per_stage_rope = rotary_bytes(block, s, "32")[1] if (
+            rotary_bytes(block, s, precision, o2)[1] or self.activations_checkpoint_granularity == "full") else 0
+        stack = {"activations": kept + per_stage_rope, "recompute_transient": rebuilt}
         first = {"params": word + positions * h,
                  "activations": n * h * dropout_mask_bytes(self.hidden_dropout, precision, device, o2) // u,
                  "grad_transient": g * word}  # the embedding's dense gradient before it is accumulated
-        last = {"params": 2 * h + (word if pp > 1 else 0),  # final LayerNorm; the tied head's copy
-                "matmul_params": word,  # the tied head, cast once (also the embedding without pipelining)
-                "grad_transient": g * word}  # the output layer's gradient of the tied matrix
+        last = {"params": norm + (word if pp > 1 or not tied else 0),  # final norm; the tied head's copy or the output layer
+                "matmul_params": word,  # the head, cast once (the tied embedding without pipelining)
+                "grad_transient": g * word}  # the output layer's gradient of its matrix
         real = min(vocab_size, vocab) if self.mask_padded_vocab and tp == 1 else vocab // tp
-        if self.loss_chunk_size:  # final LN input; gradients of the hidden states and the head, made in forward
-            last["activations"] = (n * h * r + stats * n) // u + 4 * n * h + 4 * word
+        if self.loss_chunk_size:  # final norm's input; gradients of the hidden states and the head, made in forward
+            last["activations"] = final // u + 4 * n * h + 4 * word
             last["transient"] = (8 + e) * min(n, self.loss_chunk_size) * vocab // tp  # one chunk's logits
-        else:  # final LN in/out (the output layer's saved input); the loss's fp32 softmax; logits and their gradient
-            last["activations"] = (n * h * (r + e) + stats * n) // u + 4 * n * real
+        else:  # final norm in/out (the output layer's saved input); the loss's fp32 softmax; logits and their gradient
+            last["activations"] = (final + n * h * e) // u + 4 * n * real
             last["transient"] = (e + 4) * n * vocab // tp
         stages = pipeline_stages(pp, L, layer, first, last, stack)
-        whole = L * block_params(block, 1) + padded_vocab_size(vocab_size, self.make_vocab_size_divisible_by) * h \
-            + positions * h + 2 * h
+        whole = L * block_params(block, 1) + padded_vocab_size(vocab_size, self.make_vocab_size_divisible_by) * h * (
+            1 if tied else 2) + positions * h + norm
         return {"params": whole, "flops_per_token": training_flops_per_token(block, vocab, s), "stages": stages}
 
 
@@ -280,10 +290,15 @@ class GPTModel(TiedWordEmbeddingStages, nn.Module):
 
 
 def training_flops_per_token(block: BlockConfig, padded_vocab: int, seq_length: int) -> float:
-    """GPTModel.flops_per_token, from the config alone (`mega plan` counts with it)."""
+    """GPTModel.flops_per_token, from the config alone (`mega plan` counts with it):
+    6 x the matmul weights (QKV (heads + 2 x groups) x head_dim rows, the attention output,
+    2 or, gated, 3 MLP matrices, the output layer once, tied or not; the input embedding
+    is a lookup) + 12 x layers x heads x head_dim x seq for the scores and the weighted
+    sum (query heads: grouped-query attention shares K and V, not the scores)."""
     h, L = block.hidden_size, block.num_layers
-    matmul_params = L * (4 * h * h + 2 * h * block.ffn) + padded_vocab * h
-    return 6.0 * matmul_params + 12.0 * L * h * seq_length
+    q, kv = block.num_attention_heads * block.head_dim, block.query_groups * block.head_dim
+    per_layer = h * (q + 2 * kv) + q * h + (3 if block.gated else 2) * h * block.ffn
+    return 6.0 * (L * per_layer + padded_vocab * h) + 12.0 * L * q * seq_length
 
 
 # --- registration ------------------------------------------------------------------------------

@@ -264,9 +264,10 @@ class SelfAttention(nn.Module):
         qkv = self.query_key_value(x)
         b, s = qkv.shape[:2]
         q, k, v = self.split_qkv(qkv)
-        if rope is not None:
-            q = apply_rotary(q, *rope, interleaved=self.rotary_interleaved)
-            k = apply_rotary(k, *rope, interleaved=self.rotary_interleaved)
+        if rope is not None:  # cos and sin in the activations' dtype once for q and k
+            cos, sin = (t.to(q.dtype) for t in rope)
+            q = apply_rotary(q, cos, sin, interleaved=self.rotary_interleaved)
+            k = apply_rotary(k, cos, sin, interleaved=self.rotary_interleaved)
         past = 0
         if cache is not None:
             past = cache.length
