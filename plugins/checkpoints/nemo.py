@@ -230,11 +230,13 @@ def _weights(source: Path, tar, members, cfg: dict, model_table: dict, files, pl
             raise CheckpointError(f"{source}: weights mega's {mc.name} has no place for:"
                                   f" {', '.join(origin[u] for u in unexpected[:5])}")
         present = {k: d for k, d in sharding["partition_dims"].items() if k in ranks[0]}
-        full.update(merge_shards(ranks, {"partition_dims": present}))
+        full.update(merge_shards(ranks, {"partition_dims": present, "partition_chunks": sharding.get("partition_chunks")}))
     missing = sorted(set(expected) - set(full))
     if missing:
         raise CheckpointError(f"{source}: weights missing from the archive (mega names): {', '.join(missing[:5])}")
     word = "language_model.embedding.word_embeddings.weight"
+    # the vocabulary-sized tensors (the family's, when it lists them: an untied output layer too)
+    vocab_sized = tuple(getattr(family, "vocab_tensors", None) or (word,))
     rows = full[word].shape[0]
     if rows < tokenizer.vocab_size:
         raise CheckpointError(f"{source}: the word embedding has {rows} rows, fewer than the tokenizer's"
@@ -242,12 +244,14 @@ def _weights(source: Path, tar, members, cfg: dict, model_table: dict, files, pl
     for name, tensor in full.items():
         want = list(expected[name].shape)
         have = list(tensor.shape)
-        if name == word:  # the vocabulary padding depends on the tensor-parallel size: re-cut it
+        if name in vocab_sized:  # the vocabulary padding depends on the tensor-parallel size: re-cut it
             have, want = have[1:], want[1:]
         if have != want:
             raise CheckpointError(f"{source}: {origin[name]} has shape {list(tensor.shape)}, mega's {mc.name} expects"
                                   f" {list(expected[name].shape)} from {CONFIG}")
-    full[word] = fit(full[word], list(expected[word].shape)).clone()
+    for name in vocab_sized:
+        if name in full:
+            full[name] = fit(full[name], list(expected[name].shape)).clone()
     return full
 
 

@@ -16,6 +16,7 @@ from typing import Dict, Mapping
 
 import torch
 
+from mega.errors import CheckpointError
 from mega.protocols import Match
 from mega.plugins.models.gpt_interop import huggingface, mcore, megatron, nemo
 from mega.plugins.models.transformer import padded_vocab_size
@@ -74,7 +75,15 @@ class GPTInterop:
 
     # --- NeMo --------------------------------------------------------------------------------
     def nemo_recognises(self, nemo_config: dict) -> Match:
+        """A GPT class marks the archive GPT's, unless its yaml asks for what GPT-2's NeMo
+        mapping refuses (another family's architecture, such as the Llama family's: it
+        only fits then, and that family's converter, which marks it, reads it)."""
         gpt = nemo.is_gpt(nemo_config)
+        if gpt:
+            try:
+                nemo.model_config(nemo_config)
+            except CheckpointError:
+                return Match.FITS
         return Match.FITS if gpt is None else Match.MARKED if gpt else Match.NO
 
     def nemo_model_table(self, nemo_config: dict, where: str) -> dict:

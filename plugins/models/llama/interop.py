@@ -10,6 +10,7 @@ names the model `llama`.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Dict, Mapping
 
 import torch
@@ -17,7 +18,7 @@ import torch
 from mega.protocols import Match
 from mega.plugins.models.gpt_interop import mcore
 from mega.plugins.models.gpt_interop import megatron as gpt_megatron
-from mega.plugins.models.llama import huggingface
+from mega.plugins.models.llama import huggingface, nemo
 from mega.plugins.models.transformer import padded_vocab_size
 
 DIVISIBLE_BY = 128  # GPTConfig's make_vocab_size_divisible_by, when an import leaves it unset
@@ -68,3 +69,17 @@ class LlamaInterop:
 
     def mega_name(self, key: str) -> str:
         return mcore.mega_name(key)
+
+    # --- NeMo: MegatronGPTModel archives with the family's architecture -------------------------
+    tied = True  # the archive's; set by nemo_model_table, read by nemo_mega_name (one archive per object)
+
+    def nemo_recognises(self, nemo_config: dict) -> Match:
+        return Match.MARKED if nemo.is_gpt(nemo_config) is not False and nemo.marked(nemo_config) else Match.NO
+
+    def nemo_model_table(self, nemo_config: dict, where: str) -> dict:
+        table = nemo.model_table(nemo_config, Path(where))
+        self.tied = table["share_embeddings_and_output_weights"]
+        return table
+
+    def nemo_mega_name(self, name: str):
+        return nemo.mega_name(name, self.tied)
