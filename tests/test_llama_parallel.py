@@ -33,7 +33,7 @@ def imported(tmp_path_factory):
     import sentencepiece as spm
 
     vocab = spm.SentencePieceProcessor(model_file=str(sp)).get_piece_size()
-    hf_model = fx.hf_model("llama_gqa_llama3", vocab)
+    hf_model = fx.hf_model("llama_gqa_llama3", vocab, initializer_range=0.15)  # wide: greedy decoding varies
     src = fx.save_directory(hf_model, d / "hf", "sentencepiece", sp)
     assert main(["import", str(src), str(d / "run"), "--option", "make_vocab_size_divisible_by=8"]) == 0
     return hf_model, d / "run"
@@ -73,7 +73,7 @@ def test_tp2_logits_and_generation_equal_transformers(imported):
         diff = float((logits - theirs).abs().max())
         print(f"TP=2 max |dlogit| vs HF = {diff:.3g}, vs TP=1 = {float((logits - one[0]).abs().max()):.3g}")
         assert diff < 1e-5 and float((logits - one[0]).abs().max()) < 1e-5
-        assert generated == expected == one[1]
+        assert generated == expected == one[1] and len(set(generated)) > 3
         assert mine and cached_heads == 1  # 2 groups over 2 ranks
     assert one[3] == 2
 

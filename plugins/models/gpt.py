@@ -75,7 +75,7 @@ class GPTConfig(ArchitectureKeys, RecomputeKeys, SequenceParallelKey, ModelConfi
     num_layers: int = 12  # transformer layers
     hidden_size: int = 768  # model width
     num_attention_heads: int = 12  # must divide hidden_size
-    ffn_hidden_size: Optional[int] = None  # None: 4 x hidden_size
+    ffn_hidden_size: Optional[int] = None  # MLP width (per branch of a gated MLP); None: 4 x hidden_size, or Megatron's int(8 x hidden_size / 3 / 64) x 64 with swiglu
     max_position_embeddings: Optional[int] = None  # None: seq_length
     hidden_dropout: float = 0.1  # on embeddings and each residual branch
     attention_dropout: float = 0.1  # on attention probabilities
