@@ -293,7 +293,7 @@ class TorchDistFormat:
         torch.save(own, directory / rank_file(tp_rank, pp_rank))
         if parallel is None or parallel.is_main:
             (directory / "metadata.json").write_text(json.dumps(METADATA_JSON))
-            torch.save(_common(state, parallel, sharding), directory / "common.pt")
+            torch.save(_common(state, parallel, sharding, directory), directory / "common.pt")
         import torch.distributed.checkpoint as dcp  # ~1 s to import: only when a checkpoint is written
 
         from mega.plugins.checkpoints.torch_dist_planners import ChunkSavePlanner
@@ -519,14 +519,17 @@ def _check_moments(opt: dict, groups: List[list], names: List[str], model: dict)
                                       " not the model's")
 
 
-def _common(state: dict, parallel, sharding: dict) -> dict:
-    """megatron's common (non-sharded) state: what its loader reads besides the tensors."""
-    from mega.plugins.checkpoints.megatron.args import megatron_args
+def _common(state: dict, parallel, sharding: dict, directory: Path) -> dict:
+    """megatron's common (non-sharded) state: what its loader reads besides the tensors
+    (`args` naming the tokenizer's copies in the checkpoint directory)."""
+    from mega.plugins.checkpoints.megatron.args import checkpoint_tokenizer_files, megatron_args
 
     word = next((s for n, s in sharding["global_shapes"].items() if n.endswith("embedding.word_embeddings.weight")), None)
     trainer = state.get("trainer", {})
     tp, pp = (parallel.tp_size, parallel.pp_size) if parallel is not None else (1, 1)
-    return {"args": megatron_args(state.get("config", {}), tp, pp, state.get("vocab_size"), padded=word[0] if word else None),
+    config = state.get("config", {})
+    files = checkpoint_tokenizer_files(config, directory, mega.get_plugins())
+    return {"args": megatron_args(config, tp, pp, state.get("vocab_size"), padded=word[0] if word else None, files=files),
             "checkpoint_version": CHECKPOINT_VERSION, "iteration": trainer.get("step", 0),
             "opt_param_scheduler": {"num_steps": trainer.get("consumed_samples", 0)}}
 
