@@ -157,3 +157,26 @@ def test_sequence_parallelism_at_tp2_equals_tp2_and_one_process():
         torch.testing.assert_close(sp_loss, one_loss, rtol=1e-5, atol=1e-5)
         for name, grad in one.items():
             torch.testing.assert_close(full[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_the_default_gpt_keeps_gpt2s_shape():
+    """T15: with no architecture key set, GPT builds what it always did: learned positions,
+    LayerNorms with biases, the per-head [heads, 3, head_dim] QKV, a 4h GELU MLP, every bias,
+    the output layer tied to the word embedding (no output_layer tensor)."""
+    from mega.plugins.models.gpt import GPTModel
+
+    cfg = config_from_dict({"model": {"num_layers": 1, "hidden_size": 32, "num_attention_heads": 4,
+                                      "seq_length": 16}}).model
+    shapes = {k: list(v.shape) for k, v in GPTModel(cfg, 50).state_dict().items()}
+    layer = "language_model.encoder.layers.0."
+    assert shapes == {
+        "language_model.embedding.word_embeddings.weight": [128, 32],
+        "language_model.embedding.position_embeddings.weight": [16, 32],
+        layer + "input_layernorm.weight": [32], layer + "input_layernorm.bias": [32],
+        layer + "self_attention.query_key_value.weight": [96, 32], layer + "self_attention.query_key_value.bias": [96],
+        layer + "self_attention.dense.weight": [32, 32], layer + "self_attention.dense.bias": [32],
+        layer + "post_attention_layernorm.weight": [32], layer + "post_attention_layernorm.bias": [32],
+        layer + "mlp.dense_h_to_4h.weight": [128, 32], layer + "mlp.dense_h_to_4h.bias": [128],
+        layer + "mlp.dense_4h_to_h.weight": [32, 128], layer + "mlp.dense_4h_to_h.bias": [32],
+        "language_model.encoder.final_layernorm.weight": [32], "language_model.encoder.final_layernorm.bias": [32],
+    }
