@@ -1,16 +1,22 @@
-"""Activation memory of a GPT training step per rank, with and without each
-activation-memory feature (recomputation, sequence parallelism), and the step-time cost of
-recomputation: every row in one run, reported as ratios against the baseline row.
+"""Memory of a GPT training step per rank, with and without each memory feature
+(recomputation, sequence parallelism, the distributed optimizer), and the step-time cost of
+each: every row in one run, reported as ratios against the baseline row.
 
     python benchmarks/bench_memory.py                  # CPU: 4 gloo processes, DP=2 x TP=2
     python benchmarks/bench_memory.py --device cuda    # NCCL, one GPU per rank: DP=2 x TP=2 on 4 GPUs,
                                                        # TP=2 on 2, TP=1 on 1 (no sequence-parallel rows)
     python benchmarks/bench_memory.py --tiny           # the plumbing, in seconds
     python benchmarks/bench_memory.py --out results.json
+    python benchmarks/bench_memory.py --layers 8 --hidden 512 --seq 128 --precision bf16 --megatron-amp-O2 \
+        --only "distributed optimizer"                 # a state-dominated shape: the distributed optimizer's row
 
 Each rank builds every row's run (mega's own `build_run`: DDP, the sequence-parallel
 gradient sum, clipping, AdamW) on the same data, takes a warm-up step, then measures:
 
+* `state`: the bytes the training state holds after a step (parameters, gradients, main
+  weights and buffers, optimizer state), counted tensor by tensor
+  (mega.plan.counted_state_bytes), next to `mega plan`'s figure: what the distributed
+  optimizer shrinks;
 * `kept`: the bytes of the tensors one training forward leaves for the backward (the
   activations), counted storage by storage (mega.runtime.tensor_bytes), next to
   `mega plan`'s activations for the same row;
@@ -50,6 +56,8 @@ ROWS = {
     "sequence parallel": {"sequence_parallel": True},
     "sequence parallel + selective": dict(SELECTIVE, sequence_parallel=True),
     "sequence parallel + full": dict(FULL, sequence_parallel=True),
+    "distributed optimizer": {"optim": {"use_distributed_optimizer": True}},
+    "dist. optimizer + SP + selective": dict(SELECTIVE, sequence_parallel=True, optim={"use_distributed_optimizer": True}),
 }
 
 
@@ -66,7 +74,7 @@ def _config(args, work: Path, world: int, tp: int, keys: dict, name: str):
         "exp_manager": {"exp_dir": str(work), "name": name, "loggers": [], "resume_if_exists": False},
         "model": {**shape, "global_batch_size": shape["micro_batch_size"] * dp * 2, "tensor_model_parallel_size": tp,
                   "hidden_dropout": 0.1, "attention_dropout": 0.1, "tokenizer": {"library": "bytes"},
-                  "data": {"data_prefix": [str(work / "corpus.txt")]}, **keys},
+                  "data": {"data_prefix": [str(work / "corpus.txt")]}, "megatron_amp_O2": args.megatron_amp_O2, **keys},
     })
 
 
@@ -111,7 +119,7 @@ def _worker(rank: int, world: int, tp: int, port: int, args, work: str, rows: di
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     import torch.distributed as dist
 
-    from mega.plan import estimate
+    from mega.plan import counted_state_bytes, estimate
     from mega.training.loop import train_step
     from mega.training.run import build_run
     from mega.training.run_dir import unlock_run_dir
@@ -125,7 +133,9 @@ def _worker(rank: int, world: int, tp: int, port: int, args, work: str, rows: di
         run.step += 1
         planned = estimate(cfg, run.tokenizer.vocab_size, device=run.device.type)["rank"]
         result[name] = {"kept": _kept(run), "peak": _peak(run), "planned_kept": planned["activations_per_micro_batch"],
-                        "planned_peak": planned["peak"], "times": []}
+                        "planned_peak": planned["peak"], "times": [],
+                        "state": counted_state_bytes(run.model, run.optimizer, run.main_params)["total"],
+                        "planned_state": planned["state"]}
         run.step += 1
         runs[name] = run
     for _ in range(args.reps):
@@ -159,6 +169,9 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--precision", default=None, help="trainer.precision (default: 32 on CPU, bf16 on a GPU)")
+    p.add_argument("--megatron-amp-O2", dest="megatron_amp_O2", action="store_true",
+                   help="model.megatron_amp_O2 (with --precision bf16 or 16): 18 bytes of state per parameter, 6 + 12/d sharded")
+    p.add_argument("--only", action="append", default=[], help="measure only these rows (and the baseline); repeat")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--heads", type=int, default=8)
@@ -176,7 +189,8 @@ def main(argv=None) -> dict:
     if world < 1:
         raise SystemExit("--device cuda: torch sees no GPU")
     tp = 2 if world >= 2 else 1
-    rows = {k: v for k, v in ROWS.items() if tp > 1 or not v.get("sequence_parallel")}
+    rows = {k: v for k, v in ROWS.items() if (tp > 1 or not v.get("sequence_parallel"))
+            and (not args.only or k == "baseline" or k in args.only)}
     from mega.testing import write_corpus
 
     with tempfile.TemporaryDirectory() as work:
@@ -187,22 +201,27 @@ def main(argv=None) -> dict:
     table = {}
     for name in rows:
         per = [r[name] for r in ranks]
-        table[name] = {"kept": max(x["kept"] for x in per), "planned_kept": max(x["planned_kept"] for x in per),
+        table[name] = {"state": max(x["state"] for x in per), "planned_state": max(x["planned_state"] for x in per),
+                       "kept": max(x["kept"] for x in per), "planned_kept": max(x["planned_kept"] for x in per),
                        "peak": max(x["peak"] for x in per), "planned_peak": max(x["planned_peak"] for x in per),
                        "step_s": statistics.median(t for x in per for t in x["times"])}
     base = table["baseline"]
     for row in table.values():
+        row["state_ratio"] = row["state"] / base["state"]
         row["kept_ratio"] = row["kept"] / base["kept"]
         row["peak_ratio"] = row["peak"] / base["peak"]
         row["step_ratio"] = row["step_s"] / base["step_s"]
     device = torch.cuda.get_device_name(0) if args.device == "cuda" else f"cpu ({os.cpu_count()} cores)"
     dp = world // tp
-    print(f"GPT {2 if args.tiny else args.layers} layers, DP={dp} x TP={tp} on {device}, precision {args.precision};"
+    print(f"GPT {2 if args.tiny else args.layers} layers, DP={dp} x TP={tp} on {device}, precision {args.precision}"
+          f"{' megatron_amp_O2' if args.megatron_amp_O2 else ''};"
           f" per-rank bytes (largest rank), ratios against the baseline")
-    print(f"{'row':<32} {'kept MiB':>9} {'plan MiB':>9} {'x base':>7} {'peak MiB':>9} {'x base':>7} {'step s':>8} {'x base':>7}")
+    print(f"{'row':<32} {'state MiB':>9} {'plan MiB':>9} {'x base':>7} {'kept MiB':>9} {'plan MiB':>9} {'x base':>7}"
+          f" {'peak MiB':>9} {'x base':>7} {'step s':>8} {'x base':>7}")
     mib = 2 ** 20
     for name, r in table.items():
-        print(f"{name:<32} {r['kept'] / mib:>9.1f} {r['planned_kept'] / mib:>9.1f} {r['kept_ratio']:>7.2f}"
+        print(f"{name:<32} {r['state'] / mib:>9.1f} {r['planned_state'] / mib:>9.1f} {r['state_ratio']:>7.2f}"
+              f" {r['kept'] / mib:>9.1f} {r['planned_kept'] / mib:>9.1f} {r['kept_ratio']:>7.2f}"
               f" {r['peak'] / mib:>9.1f} {r['peak_ratio']:>7.2f} {r['step_s']:>8.3f} {r['step_ratio']:>7.2f}")
     doc = {"layout": {"dp": dp, "tp": tp}, "device": device, "precision": args.precision, "rows": table}
     if args.out:

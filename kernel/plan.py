@@ -25,8 +25,12 @@ layout (`Layout`: fp32, bf16/fp16 autocast, or `model.megatron_amp_O2`):
   layout: the config it is asked carries `megatron_amp_O2`.
 
 The state a step leaves behind (weights, gradients, optimizer) is exact: 16 bytes per
-parameter with AdamW in fp32 and under autocast, 18 under O2; `counted_state_bytes`
-counts it tensor by tensor on a built model, and tests/test_plan.py holds the two equal.
+parameter with AdamW in fp32 and under autocast, 18 under O2; with the distributed
+optimizer (`model.optim.use_distributed_optimizer`) about 8 + 8/d and 6 + 12/d over d
+data-parallel ranks: the padded buffers and this rank's share, laid out as the runtime
+lays them out (mega.runtime.param_layout). `counted_state_bytes` counts it tensor by
+tensor on a built model, and tests/test_plan.py and tests/test_distributed_optimizer.py
+hold the two equal.
 
 The peak of a step is the larger of two moments: the end of the forward (weights, 16-bit
 copies, optimizer state, activations, the logits around the loss; O2's gradient buffer)
@@ -69,8 +73,8 @@ def optimizer_state_bytes(optim_config) -> tuple:
     v = getattr(optim_config, "state_bytes_per_param", None)
     if isinstance(v, (int, float)):
         return float(v), f"{optim_config.name}: {v:g} bytes per parameter"
-    if optim_config.name == "adamw":
-        return 8.0, "adamw: two fp32 moments"
+    if optim_config.name in ("adamw", "distributed_fused_adam", "mcore_distributed_optim"):  # AdamW and NeMo's names for it
+        return 8.0, f"{optim_config.name}: two fp32 moments"
     return 8.0, f"{optim_config.name}: assumed like AdamW (8 bytes per parameter)"
 
 
@@ -85,12 +89,25 @@ class Layout:
     cast: int  # autocast's 16-bit copy of a matmul parameter, alive while a step runs
     grads_kept: bool  # the gradients live through the forward (O2's buffer), else freed by zero_grad
     ddp: bool  # data parallelism through DDP, whose buckets hold a second copy of the gradients
+    shard: bool = False  # the distributed optimizer: main weights and optimizer state of 1/d of the parameters
 
 
-def layout_of(precision: str, o2: bool) -> Layout:
-    """The layout `mega run` trains in with `trainer.precision` and `model.megatron_amp_O2`
-    (mega.runtime.precision, mega.runtime.main_params)."""
+def layout_of(precision: str, o2: bool, shard: bool = False) -> Layout:
+    """The layout `mega run` trains in with `trainer.precision`, `model.megatron_amp_O2` and
+    `model.optim.use_distributed_optimizer` (mega.runtime.precision, mega.runtime.main_params,
+    mega.runtime.distrib_optimizer). The distributed optimizer keeps parameters and fp32
+    gradients in padded flat buffers that live through the forward, and main weights (O2)
+    and optimizer state only for the parameters this rank owns."""
     precision = str(precision)
+    if shard:
+        suffix = " + distributed optimizer"
+        if o2:
+            return Layout(f"{precision} megatron_amp_O2{suffix}", param=2, main=4, grad=4, cast=0, grads_kept=True,
+                          ddp=False, shard=True)
+        if precision == "32":
+            return Layout(f"fp32{suffix}", param=4, main=0, grad=4, cast=0, grads_kept=True, ddp=False, shard=True)
+        return Layout(f"{precision} autocast{suffix}", param=4, main=0, grad=4, cast=2, grads_kept=True, ddp=False,
+                      shard=True)
     if o2:
         return Layout(f"{precision} megatron_amp_O2",
                       param=2, main=4, grad=4, cast=0, grads_kept=True, ddp=False)
@@ -99,12 +116,38 @@ def layout_of(precision: str, o2: bool) -> Layout:
     return Layout(f"{precision} autocast", param=4, main=0, grad=4, cast=2, grads_kept=False, ddp=True)
 
 
+def sharded_numels(st: Dict[str, Any], dp: int, bucket_size: Optional[int], first: bool, last: bool,
+                   pp: int) -> tuple:
+    """(N_buf, N_own, exact) of a stage under the distributed optimizer: the padded buffer
+    and the most parameter elements one data-parallel rank owns. Exact from the model's
+    `param_numels` (its tensors in registration order, laid out by Megatron's rule, the
+    tied embedding of a pipeline in a bucket of its own: the first tensor of the first
+    stage, the last of the last); otherwise an upper bound (64-element alignment of each
+    tensor not counted, every bucket padded by lcm(d, 128) - 1)."""
+    from mega.runtime.param_layout import bucket_end_divisor, compute_layout
+
+    numels = st.get("param_numels")
+    if numels:
+        shared = set()
+        if pp > 1 and first:
+            shared.add(0)
+        if pp > 1 and last:
+            shared.add(len(numels) - 1)
+        layout = compute_layout(numels, bucket_size, dp, shared)
+        return layout.numel, layout.max_owned_numel(), True
+    n = st["params"]
+    buckets = (-(-n // bucket_size) if bucket_size else 1) + (1 if pp > 1 else 0)
+    n_buf = n + buckets * (bucket_end_divisor(dp) - 1)
+    return n_buf, -(-n_buf // dp), False
+
+
 def estimate(config, vocab_size: int, *, tp: Optional[int] = None, pp: Optional[int] = None, dp: Optional[int] = None,
              device: str = "cpu", precision: Optional[str] = None, micro_batch: Optional[int] = None,
-             o2: Optional[bool] = None) -> Optional[Dict[str, Any]]:
+             o2: Optional[bool] = None, shard: Optional[bool] = None) -> Optional[Dict[str, Any]]:
     """Memory per rank and FLOPs of one step, or None when the model plugin gives no
-    estimate. `precision` and `o2` (model.megatron_amp_O2) override the config's; a
-    layout `mega run` refuses raises its ConfigError."""
+    estimate. `precision`, `o2` (model.megatron_amp_O2) and `shard`
+    (model.optim.use_distributed_optimizer) override the config's; a layout `mega run`
+    refuses raises its ConfigError."""
     from mega.runtime.main_params import check_main_params
 
     mc, tr = config.model, config.trainer
@@ -118,7 +161,9 @@ def estimate(config, vocab_size: int, *, tp: Optional[int] = None, pp: Optional[
     if o2 or getattr(mc, "megatron_amp_O2", False):  # the model sizes its activations by its config's key
         mc = attrs.evolve(mc, megatron_amp_O2=o2, pipeline_model_parallel_size=pp)
         check_main_params(attrs.evolve(config, model=mc, trainer=attrs.evolve(tr, precision=precision)))
-    layout = layout_of(precision, o2)
+    shard = bool(getattr(mc.optim, "use_distributed_optimizer", False)) if shard is None else shard
+    layout = layout_of(precision, o2, shard)
+    bucket_size = (mc.grad_reduce_bucket_size or None) if getattr(mc.optim, "overlap_grad_sync", True) else None
     b = micro_batch or mc.micro_batch_size
     model = mc.memory_per_rank(vocab_size, b, tp, pp, precision, device)
     from mega.training.batches import batch_geometry
@@ -126,40 +171,55 @@ def estimate(config, vocab_size: int, *, tp: Optional[int] = None, pp: Optional[
     gbs = mc.global_batch_size if micro_batch is None else None
     gbs, n_micro = batch_geometry(b, gbs, tr.accumulate_grad_batches, dp)
     opt_bytes, opt_note = optimizer_state_bytes(mc.optim)
-    stages = [stage_memory(p, st, layout, opt_bytes, pp, dp, n_micro) for p, st in enumerate(model["stages"])]
+    stages = [stage_memory(p, st, layout, opt_bytes, pp, dp, n_micro, bucket_size, device)
+              for p, st in enumerate(model["stages"])]
     worst = max(stages, key=lambda s: s["peak"])
+    per_param = layout.param + layout.main + layout.grad + opt_bytes
+    if shard:  # padded buffers, and main weights and state of the owned elements: ~ param + grad + (main + state) / d
+        per_param = worst["state"] / worst["params"]
     tokens = gbs * mc.seq_length
     flops = model["flops_per_token"] * tokens
     return {"model": mc.name, "tp": tp, "pp": pp, "dp": dp, "precision": precision, "megatron_amp_O2": o2,
             "layout": layout.name, "device": device,
             "micro_batch_size": b, "global_batch_size": gbs, "micro_batches": n_micro, "seq_length": mc.seq_length,
             "vocab_size": vocab_size, "params": model["params"], "optimizer": opt_note,
-            "state_bytes_per_param": layout.param + layout.main + layout.grad + opt_bytes,
+            "distributed_optimizer": shard, "state_bytes_per_param": per_param,
             "rank": worst, "stages": stages, "tokens_per_step": tokens, "flops_per_step": flops,
             "flops_per_rank": flops / (tp * pp * dp), "pipeline_bubble": (pp - 1) / (n_micro + pp - 1)}
 
 
 def stage_memory(p: int, st: Dict[str, Any], layout: Layout, opt_bytes: float, pp: int, dp: int,
-                 n_micro: int) -> Dict[str, Any]:
+                 n_micro: int, bucket_size: Optional[int] = None, device: str = "cpu") -> Dict[str, Any]:
     """Bytes of pipeline stage `p` (the model's dict `st`) in `layout`: what a step leaves
-    behind (`state`) and the larger of the end of the forward and of the backward (`peak`)."""
+    behind (`state`) and the larger of the end of the forward and of the backward (`peak`).
+    Under the distributed optimizer (`layout.shard`) the buffers hold N_buf padded elements
+    and this rank N_own of them (`sharded_numels`; `bucket_size`: its buckets, None for one);
+    on the CPU, gloo's reduce-scatter copies the bucket it reduces and keeps the copy until
+    the collective is waited for, after the backward: one fp32 copy of the whole buffer at
+    the end of the backward, whatever the bucket size (measured; NCCL reduces in place)."""
     n = st["params"]
     in_flight = min(pp - p, n_micro)
-    weights = (layout.param + layout.main) * n
+    n_buf = n_own = n
+    exact, comm = True, 0
+    if layout.shard:
+        n_buf, n_own, exact = sharded_numels(st, dp, bucket_size, p == 0, p == pp - 1, pp)
+        if dp > 1 and device == "cpu":
+            comm = 4 * n_buf
+    weights = layout.param * n_buf + layout.main * n_own
     casts = layout.cast * st.get("matmul_params", n)
-    grads = layout.grad * n
+    grads = layout.grad * n_buf
     buckets = grads if layout.ddp and dp > 1 and pp == 1 else 0  # DDP's copy
-    optim = opt_bytes * n
+    optim = opt_bytes * n_own
     acts = in_flight * st["activations"]
     forward_end = weights + casts + optim + acts + st["transient"] + (grads + buckets if layout.grads_kept else 0)
     rebuilt = st.get("recompute_transient", 0)
-    backward_end = weights + optim + grads + buckets + st["grad_transient"] + rebuilt
+    backward_end = weights + optim + grads + buckets + st["grad_transient"] + rebuilt + comm
     # activation recomputation: its first region (the last layers) is rebuilt while every
     # activation the forward kept is still there
     recompute_start = weights + casts + optim + acts + rebuilt + st["grad_transient"] \
         + (grads + buckets if layout.grads_kept else 0) if rebuilt else 0
     return {"stage": p, "params": n, "weights": weights, "casts": casts, "grads": grads + buckets, "ddp_buckets": buckets,
-            "optimizer": optim,
+            "optimizer": optim, "buffer_numel": n_buf, "owned_numel": n_own, "exact": exact, "collective_copy": comm,
             "activations": acts, "activations_per_micro_batch": st["activations"],
             "micro_batches_in_flight": in_flight, "transient": st["transient"],
             "recompute_transient": st.get("recompute_transient", 0),
@@ -234,6 +294,12 @@ def variants(config, vocab_size: int, device: str) -> List[Dict[str, Any]]:
             rows.append({"option": label, "peak": est["rank"]["peak"]})
 
     add("as configured", config)
+    shard = bool(getattr(mc.optim, "use_distributed_optimizer", False))
+    dp = max(1, (tr.devices * tr.num_nodes) // (mc.tensor_model_parallel_size * mc.pipeline_model_parallel_size))
+    if shard:
+        add("model.optim.use_distributed_optimizer=false", config, shard=False)
+    elif dp > 1:
+        add("model.optim.use_distributed_optimizer=true", config, shard=True)
     precision, o2 = str(tr.precision), bool(getattr(mc, "megatron_amp_O2", False))
     if precision == "32":
         add("trainer.precision=bf16", config, precision="bf16")
@@ -378,15 +444,31 @@ def _seconds(t: float) -> str:
 
 
 def _weights_note(est: Dict[str, Any]) -> str:
+    if est.get("distributed_optimizer"):
+        r = est["rank"]
+        owned = f"{r['owned_numel'] / max(1, r['params']):.3g} of the parameters"
+        if est["megatron_amp_O2"]:
+            return f"{est['precision']} parameters 2 B + fp32 main weights 4 B for this rank's {owned}"
+        return "fp32, 4 B per parameter (the main weights are views)"
     if est["megatron_amp_O2"]:
         return f"{est['precision']} parameters 2 B + fp32 main weights 4 B per parameter"
     return "fp32, 4 B per parameter"
 
 
 def _grads_note(est: Dict[str, Any]) -> str:
+    if est.get("distributed_optimizer"):
+        return "fp32 buffer, kept through the forward, reduce-scattered"
     if est["megatron_amp_O2"]:
         return "fp32 main gradients, kept through the forward"
     return "fp32" + (", twice: DistributedDataParallel's buckets" if est["rank"]["ddp_buckets"] else "")
+
+
+def _optimizer_note(est: Dict[str, Any]) -> str:
+    if est.get("distributed_optimizer"):
+        r = est["rank"]
+        bound = "" if r["exact"] else ", an upper bound"
+        return f"{est['optimizer']}, sharded: {r['owned_numel']} of {r['params']} elements on this rank{bound}"
+    return est["optimizer"]
 
 
 def format_plan(est: Dict[str, Any], vocab_note: str, speed: Optional[float], speed_note: str,
@@ -402,16 +484,17 @@ def format_plan(est: Dict[str, Any], vocab_note: str, speed: Optional[float], sp
     if r["casts"]:
         out.append(f"  16-bit copies     {_gib(r['casts']):>12}   (autocast's cast of each matmul weight, during a step)")
     out += [f"  gradients         {_gib(r['grads']):>12}   ({_grads_note(est)})",
-           f"  optimizer state   {_gib(r['optimizer']):>12}   ({est['optimizer']})",
+           f"  optimizer state   {_gib(r['optimizer']):>12}   ({_optimizer_note(est)})",
            f"  activations       {_gib(r['activations']):>12}   ({r['micro_batches_in_flight']} micro-batch(es) x"
            f" {_gib(r['activations_per_micro_batch'])})",
            f"  logits (transient){_gib(r['transient']):>12}",
-           f"  state after step  {_gib(r['state']):>12}   ({est['state_bytes_per_param']:g} bytes per parameter)",
+           f"  state after step  {_gib(r['state']):>12}   ({est['state_bytes_per_param']:.4g} bytes per parameter)",
            f"  peak              {_gib(r['peak']):>12}   (all at once: {_gib(r['sum'])})"]
     if capacity is not None:
         out.append(f"  {est['device']} free now   {_gib(capacity):>12}   -> {'fits' if r['peak'] <= capacity else 'DOES NOT FIT'}")
     out += ["", "peak per rank with the options that change it:"]
-    out += [f"  {row['option']:<32} {_gib(row['peak']):>12}" for row in rows]
+    width = max([32] + [len(row["option"]) + 1 for row in rows])
+    out += [f"  {row['option']:<{width}} {_gib(row['peak']):>12}" for row in rows]
     out += ["", f"FLOPs per step    {est['flops_per_step']:.3e}  ({est['tokens_per_step']} tokens)"]
     if speed:
         out.append(f"step time         {_seconds(step_time(est, speed)):>12}   at {speed / 1e12:.3g} TFLOP/s per device"

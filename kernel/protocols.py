@@ -314,6 +314,19 @@ class ReshardsItself(Protocol):
 
 
 @runtime_checkable
+class SavesOptimizerShards(Protocol):
+    """Optional: a format that stores a distributed optimizer's state as each data-parallel
+    rank holds it (Megatron's `dp_reshardable` bucket space: no gather, no rank holds more
+    than its shard). Under `model.optim.use_distributed_optimizer` the kernel then puts
+    this rank's `mega.runtime.bucket_space.OptimizerShards` in the state's `optimizer` and
+    calls `save` on EVERY rank, not only on data-parallel replica 0: the format writes the
+    model and trainer parts on replica 0 and each rank's shards everywhere. Reading, it may
+    hand back a `mega.runtime.bucket_space.BucketSpace` as `optimizer`."""
+
+    saves_optimizer_shards: bool
+
+
+@runtime_checkable
 class CommitHook(Protocol):
     """Optional: runs once a checkpoint directory is in place (Megatron's tracker file)."""
 

@@ -14,7 +14,7 @@ from attrs import define
 
 import mega
 from mega.config import DataConfig
-from tests.multiproc import run_ranks
+from mega.testing import run_ranks
 
 
 @define(kw_only=True)

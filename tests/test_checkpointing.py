@@ -136,7 +136,7 @@ def _save_and_verify(parallel, root):
 def test_the_manifest_waits_for_every_ranks_part(tmp_path):
     """Rank 0 writes the manifest only when every rank's part is whole on disk (seen
     under load: a TP=2 checkpoint whose manifest had rank 1's optimizer.pt half written)."""
-    from tests.multiproc import run_ranks
+    from mega.testing import run_ranks
 
     files = run_ranks(_save_and_verify, world=2, tp=2, args=(str(tmp_path / "checkpoints"),))
     assert files[0]["part1.bin"]["size"] == 2000 and files[0]["part0.bin"]["size"] == 1000

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from mega.runtime.tensor_parallel import chunked_linear_cross_entropy, vocab_parallel_cross_entropy
-from tests.multiproc import full_grads, run_ranks
+from mega.testing import full_grads, run_ranks
 
 
 def _data(n_tokens=37, hidden=24, vocab=80, seed=0):

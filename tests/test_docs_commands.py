@@ -216,6 +216,13 @@ COMMANDS: Dict[str, object] = {
     "mega run examples/quickstart.toml model.seq_length=100000": Run(),        # refused, as the docs show
     "mega plan examples/quickstart.toml trainer.precision=bf16 model.megatron_amp_O2=true":
         Run(expect=_has("precision bf16 megatron_amp_O2", "18 bytes per parameter")),
+    # docs/distributed-optimizer.md, examples/gpt-1.3b.toml
+    "mega plan examples/gpt-1.3b.toml trainer.devices=8 --vocab-size 50257 --device cuda":
+        Run(expect=_has("1.32B parameters", "megatron_amp_O2 + distributed optimizer", "7.5 bytes per parameter",
+                        "model.optim.use_distributed_optimizer=false")),
+    "mega plan examples/gpt-1.3b.toml trainer.devices=64 model.num_layers=44 model.hidden_size=6144"
+    " model.num_attention_heads=64 model.tensor_model_parallel_size=8 --vocab-size 50257 --device cuda":
+        Run(expect=_has("20.26B parameters", "TP=8 PP=1 DP=8", "state after step     17.78 GiB")),
     # docs/checkpoints.md
     "mega import SOURCE RUN_DIR [--from FORMAT] [--option KEY=VALUE ...]": SYNOPSIS,
     "mega export RUN_OR_CHECKPOINT DEST [--to FORMAT] [--option KEY=VALUE ...]": SYNOPSIS,

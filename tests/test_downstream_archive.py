@@ -94,7 +94,7 @@ def test_tp2_archive_restores_at_any_tensor_parallel_size(plugins, tmp_path, cap
     assert int((a.argmax(-1) == batch["label"]).sum()) == len(samples)  # it learned the toy task
 
     # mega.restore_from in a TP=2 process group: each rank holds half the encoder, the logits are the same
-    from tests.multiproc import run_ranks
+    from mega.testing import run_ranks
 
     ranks = run_ranks(_restored_logits, world=2, tp=2, args=(str(archive), batch), timeout=240)
     for r, logits in enumerate(ranks):

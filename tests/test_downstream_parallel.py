@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.multiproc import run_ranks
+from mega.testing import run_ranks
 from tests.test_downstream_tasks import _files, _raw
 
 STEPS = 3

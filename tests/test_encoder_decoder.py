@@ -8,7 +8,7 @@ import torch
 
 from mega.config import config_from_dict
 from mega.plugins.models.encoder_decoder import EncoderDecoderModel
-from tests.multiproc import run_ranks
+from mega.testing import run_ranks
 
 V, B, SE, SD = 40, 3, 10, 6
 

@@ -293,7 +293,7 @@ def _logits_at_this_layout(parallel, run_dir: str, tokens: torch.Tensor):
 
 @pytest.mark.slow
 def test_an_imported_gpt2_gives_hf_logits_at_tensor_parallel_2(tmp_path, bpe):
-    from tests.multiproc import run_ranks
+    from mega.testing import run_ranks
 
     hf_model, src = _hf_dir(tmp_path, bpe)
     run_dir = tmp_path / "imported"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.multiproc import run_ranks
+from mega.testing import run_ranks
 
 
 def reference_lamb(params, grads_per_step, lr, b1=0.9, b2=0.999, eps=1e-6, wd=0.0):

@@ -11,7 +11,7 @@ import torch
 
 from mega.config import config_from_dict
 from mega.testing import tiny_config
-from tests.multiproc import full_grads, run_ranks
+from mega.testing import full_grads, run_ranks
 
 LLAMA = {"name": "llama", "num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "num_query_groups": 2,
          "ffn_hidden_size": 48, "seq_length": 16, "make_vocab_size_divisible_by": 16, "rope_scaling": True,

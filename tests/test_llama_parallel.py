@@ -3,7 +3,7 @@ megatron-core's files: TP=2 equals one process (logits of an imported HF model, 
 generation, training losses), PP=2 trains like one process (tied and untied, grouped-query
 attention), `torch_dist` saved at TP=2 loads at TP=1 and PP=2, `mega export --to megatron`
 at TP=2 x PP=2 imports back with the same logits. Ranks are gloo processes on the CPU
-(tests/multiproc.py)."""
+(mega.testing.run_ranks)."""
 from __future__ import annotations
 
 import argparse
@@ -17,7 +17,7 @@ from mega.checkpoint import restore
 from mega.cli import main
 from mega.errors import ConfigError
 from tests import llama_fixtures as fx
-from tests.multiproc import run_ranks
+from mega.testing import run_ranks
 
 transformers = pytest.importorskip("transformers")
 

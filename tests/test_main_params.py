@@ -433,7 +433,7 @@ def test_pipeline_and_data_parallel_equal_one_process(tmp_path, corpus):
       unused parameter whose bucket (the last) starts after the backward. Against one
       process only the order of the fp32 sums differs: metrics within 1e-5 relative
       (measured 7.7e-8), weights within 1e-6 (3.7e-9)."""
-    from tests.multiproc import run_ranks
+    from mega.testing import run_ranks
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

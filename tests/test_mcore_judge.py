@@ -8,7 +8,7 @@ megatron-core runs on the CPU with `use_cpu_initialization=True`, its CUDA RNG t
 seeded with `inference_rng_tracker=True`, an explicit causal mask (its default mask is
 built on CUDA), and two test-only stand-ins: `torch.cuda.current_device` (RoPE moves its
 frequencies there) and `torch.cuda.synchronize` (its checkpoint writer calls it). Each
-layout is one launch of gloo ranks (tests/multiproc.py) that builds both models from the
+layout is one launch of gloo ranks (mega.testing.run_ranks) that builds both models from the
 same weights."""
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ pytest.importorskip("psutil", reason="megatron-core's checkpoint writer needs ps
 from mega.checkpoint import restore  # noqa: E402
 from mega.cli import main  # noqa: E402
 from tests import llama_fixtures as fx  # noqa: E402
-from tests.multiproc import run_ranks  # noqa: E402
+from mega.testing import run_ranks  # noqa: E402
 
 pytestmark = pytest.mark.slow
 SEQ, BATCH = 16, 2

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.multiproc import run_ranks
+from mega.testing import run_ranks
 
 VOCAB, HIDDEN, SEQ = 11, 8, 5
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.multiproc import full_grads, run_ranks
+from mega.testing import full_grads, run_ranks
 
 FULL_UNIFORM_1 = {"activations_checkpoint_granularity": "full", "activations_checkpoint_method": "uniform",
                   "activations_checkpoint_num_layers": 1}

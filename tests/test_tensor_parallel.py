@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.multiproc import full_grads, run_ranks
+from mega.testing import full_grads, run_ranks
 
 
 def _gpt(vocab=50, dropout=0.0):

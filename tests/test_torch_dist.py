@@ -15,7 +15,7 @@ import tomli_w
 import torch
 
 from mega.testing import deep_update, read_metrics, tiny_raw
-from tests.multiproc import run_ranks
+from mega.testing import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCH_DIST = {"checkpoint": {"format": "torch_dist"}}

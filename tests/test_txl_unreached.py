@@ -15,7 +15,7 @@ from mega.plugins.models.transformer_xl import TransformerXLConfig, TransformerX
 from mega.runtime.unreached import unreached_parameters
 from mega.training.loop import train_step
 from mega.training.run import build_run
-from tests.multiproc import run_ranks
+from mega.testing import run_ranks
 from tests.test_txl_training import txl_config
 
 

@@ -16,6 +16,7 @@ import torch
 
 from mega.errors import CheckpointError
 from mega.protocols import ReshardsItself
+from mega.runtime.bucket_space import BucketSpace
 from mega.runtime.parallel import ParallelState
 from mega.runtime.sharding import merge_shards, reshard_optimizer, shard_for, to_global, to_local
 
@@ -37,6 +38,14 @@ def optimizer_param_names(model: torch.nn.Module) -> list:
     """Parameter names in the optimizer's order (what its integer ids refer to)."""
     decay, no_decay = decay_groups(model)
     return decay + no_decay
+
+
+def model_space(opt_state, names: List[str], template: dict) -> dict:
+    """An optimizer state as per-parameter tensors: a distributed optimizer's bucket space
+    (`BucketSpace`, read from a checkpoint) unflattened; a state dict as it is."""
+    if isinstance(opt_state, BucketSpace):
+        return opt_state.to_model_space(names, template["param_groups"])
+    return opt_state
 
 
 def load_resharded(fmt, path: Path, manifest: dict, parallel: ParallelState, model, optimizer=None) -> dict:
@@ -63,8 +72,9 @@ def load_resharded(fmt, path: Path, manifest: dict, parallel: ParallelState, mod
     state = {"model": shard_for(model, to_local(model, full), parallel)}
     if optimizer is not None and saved_pp == 1 and parallel.pp_size == 1 and all("optimizer" in r for r in stages[0][0]):
         ranks, sharding = stages[0]
-        state["optimizer"] = reshard_optimizer([r["optimizer"] for r in ranks], optimizer_param_names(model), sharding,
-                                               model, parallel, optimizer.state_dict())
+        names, template = optimizer_param_names(model), optimizer.state_dict()
+        saved = [model_space(r["optimizer"], names, template) for r in ranks]
+        state["optimizer"] = reshard_optimizer(saved, names, sharding, model, parallel, template)
     elif optimizer is not None:
         log.warning("optimizer state is not carried across pipeline sizes; its moments start afresh")
     if "trainer" in stages[0][0][0]:

@@ -26,7 +26,8 @@ from typing import Dict, List, Optional, Union
 
 from mega.checkpoint.atomic import atomic_write_text, fsync_dir
 from mega.errors import CheckpointError
-from mega.protocols import CheckpointFormat, CommitHook, NamesDirectories
+from mega.protocols import CheckpointFormat, CommitHook, NamesDirectories, SavesOptimizerShards
+from mega.runtime.bucket_space import OptimizerShards
 from mega.runtime.parallel import ParallelState
 
 log = logging.getLogger("mega.checkpoint")
@@ -81,7 +82,8 @@ class CheckpointManager:
     def save(self, step: int, state: dict, extra_files: Dict[str, Union[str, Path]], meta: Optional[dict] = None,
              parallel=None) -> Path:
         """Write a checkpoint for `step` (a collective when `parallel` spans several ranks:
-        every model-parallel rank of data-parallel replica 0 writes its part, rank 0 adds
+        every model-parallel rank of data-parallel replica 0 writes its part — every rank,
+        for a format that saves the distributed optimizer's shards — rank 0 adds
         `extra_files` — name -> text (str) or a file to copy (Path) — and the manifest, and
         renames the directory into place)."""
         parallel = parallel or ParallelState()
@@ -95,7 +97,7 @@ class CheckpointManager:
         parallel.barrier()
         error: Optional[BaseException] = None
         try:
-            if parallel.dp_rank == 0:
+            if parallel.dp_rank == 0 or self._every_rank_saves(state):
                 self.fmt.save(state, tmp, parallel)
         except BaseException as exc:
             error = exc
@@ -122,6 +124,10 @@ class CheckpointManager:
                 self.fmt.after_commit(self.root, final, step)
         parallel.barrier()
         return final
+
+    def _every_rank_saves(self, state: dict) -> bool:
+        """A format that stores the distributed optimizer's shards as each rank holds them."""
+        return isinstance(self.fmt, SavesOptimizerShards) and isinstance(state.get("optimizer"), OptimizerShards)
 
     def _latest_name(self) -> Optional[str]:
         try:

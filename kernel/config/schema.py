@@ -25,7 +25,7 @@ array of such tables (order kept), each entry chosen by `cls_name`:
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Literal, Optional, TypeVar, Union
+from typing import Any, ClassVar, Dict, List, Literal, Optional, TypeVar, Union
 
 import attrs
 from attrs import define, field
@@ -72,6 +72,17 @@ def _at_least(bound, strict: bool = False):
         ok = value > bound if strict else value >= bound
         if not ok:
             raise InvalidValue(attribute.name, f"must be {'>' if strict else '>='} {bound}, got {value!r}")
+
+    return check
+
+
+def _only(*allowed):
+    """An attrs validator: the value must be one of `allowed` (keys accepted for
+    compatibility with NeMo configs, where mega offers a single behaviour)."""
+
+    def check(_instance, attribute, value):
+        if value not in allowed:
+            raise InvalidValue(attribute.name, f"only {' or '.join(repr(a) for a in allowed)} is supported, got {value!r}")
 
     return check
 
@@ -155,9 +166,20 @@ class SchedConfig:
 class OptimConfig:
     """`model.optim.*` base; `name` picks the optimizer plugin."""
 
+    # How the distributed optimizer may shard this optimizer over data-parallel ranks, as its
+    # plugin declares it: "elementwise" (each element's update depends on that element
+    # only: AdamW, SGD), "per_tensor_norms" (it needs whole-tensor norms: LAMB's trust
+    # ratio, summed over the shards), None (it cannot be sharded).
+    sharding: ClassVar[Optional[str]] = None
+
     name: str = "adamw"  # a registered optimizer
     lr: float = field(default=3e-4, validator=positive)  # peak learning rate
     weight_decay: float = field(default=0.01, validator=non_negative)  # not applied to biases and norm weights
+    use_distributed_optimizer: bool = False  # shard the fp32 main weights and optimizer state over data-parallel ranks (Megatron's --use-distributed-optimizer, ZeRO-1); the optimizer must declare it can be sharded
+    overlap_grad_sync: bool = True  # with the distributed optimizer: reduce-scatter each bucket of model.grad_reduce_bucket_size elements while the last backward goes on (--overlap-grad-reduce); false: one bucket after the backward
+    overlap_param_sync: bool = False  # with the distributed optimizer: all-gather each bucket's updated parameters when the next forward reaches it (--overlap-param-gather; needs overlap_grad_sync)
+    grad_sync_dtype: str = field(default="fp32", validator=_only("fp32"))  # NeMo's key: gradients are always accumulated and reduced in fp32
+    contiguous_grad_buffer: bool = field(default=True, validator=_only(True))  # NeMo's key: the gradient buffer is always contiguous
     sched: SchedConfig = field(factory=SchedConfig)
 
 

@@ -186,6 +186,13 @@ def _table_check(conv: cattrs.Converter) -> None:
     conv.register_structure_hook_factory(predicate, factory)
 
 
+# Keys of other tools' configs that mega spells another way: the unknown-key error says which.
+FOREIGN_KEYS = {
+    "bucket_cap_mb": "; mega sizes gradient buckets in elements: model.grad_reduce_bucket_size (Megatron's --ddp-bucket-size)",
+    "ddp_bucket_size": "; mega's key is model.grad_reduce_bucket_size (elements, Megatron's --ddp-bucket-size)",
+}
+
+
 def _default(cls: type, name: str) -> Any:
     for a in attrs.fields(cls):
         if a.name == name:
@@ -200,7 +207,8 @@ def _render(exc: BaseException, path: List[str], out: List[str]) -> None:
     if isinstance(exc, ForbiddenExtraKeysError):
         known = [a.name for a in attrs.fields(exc.cl)]
         for key in sorted(exc.extra_fields):
-            out.append(f"{'.'.join(path + [key])}: unknown key{did_you_mean(key, known)}")
+            hint = FOREIGN_KEYS.get(key) or did_you_mean(key, known)
+            out.append(f"{'.'.join(path + [key])}: unknown key{hint}")
     elif isinstance(exc, (_SlotNameError, InvalidValue)):  # a component name, or a value out of range
         out.append(f"{'.'.join(path + [exc.key])}: {exc}")
     elif isinstance(exc, (ClassValidationError, IterableValidationError, BaseExceptionGroup)):
@@ -225,7 +233,31 @@ def structure(raw: dict, plugins, source: str = "") -> ExperimentConfig:
     problem, each at its dotted key."""
     cfg = structure_table(_with_tables(raw, ExperimentConfig, plugins), ExperimentConfig, plugins, source=source)
     _validate_data_prefix(cfg.model.data, source)
+    _validate_distributed_optimizer(cfg, plugins, source)
     return cfg
+
+
+def _validate_distributed_optimizer(cfg: ExperimentConfig, plugins, source: str) -> None:
+    """`model.optim.use_distributed_optimizer` on an optimizer whose plugin declares no
+    `sharding`, or the overlap switches in a combination Megatron-LM refuses: ConfigErrors
+    naming the keys, before any worker starts (mega.runtime.distrib_optimizer)."""
+    from mega.runtime.distrib_optimizer import SHARDABLE
+
+    oc = cfg.model.optim
+    where = f"{source}: " if source else ""
+    if oc.overlap_param_sync and not oc.use_distributed_optimizer:
+        raise ConfigError(f"{where}model.optim.overlap_param_sync = true needs model.optim.use_distributed_optimizer = true"
+                          " (the parameter all-gather it overlaps exists only then)")
+    if not oc.use_distributed_optimizer:
+        return
+    if type(oc).sharding not in SHARDABLE:
+        able = [e.name for e in plugins.optimizers.entries() if getattr(e.config, "sharding", None) in SHARDABLE]
+        raise ConfigError(f"{where}model.optim.use_distributed_optimizer = true: model.optim.name = {oc.name!r} cannot be"
+                          f" sharded over data-parallel ranks (its plugin declares no `sharding`); optimizers that"
+                          f" can: {', '.join(able) or 'none'}")
+    if oc.overlap_param_sync and not oc.overlap_grad_sync:
+        raise ConfigError(f"{where}model.optim.overlap_param_sync = true needs model.optim.overlap_grad_sync = true"
+                          " (as Megatron-LM's --overlap-param-gather needs --overlap-grad-reduce)")
 
 
 def structure_table(raw: Any, cls: type, plugins, path: str = "", source: str = "") -> Any:

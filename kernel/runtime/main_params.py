@@ -75,6 +75,8 @@ class MainParams:
     """The fp32 main weights and gradients of a model whose parameters are held in
     `dtype`; `optimizer` must have been built over the model's (fp32) parameters."""
 
+    sharded = False  # the main weights are whole here (mega.runtime.distrib_optimizer shards them)
+
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16, dp_group=None, dp_size: int = 1,
                  bucket_size: int = DEFAULT_BUCKET_SIZE, embedding_group=None):
         self.model = model
@@ -203,6 +205,13 @@ class MainParams:
         """Round the stepped main weights into the model's parameters."""
         if self.params:
             torch._foreach_copy_(self.params, self.main)
+
+    def sync_params(self) -> None:
+        """Nothing is pending here: the model holds its parameters as soon as a step ends."""
+
+    def mains_of(self, params: Iterable[torch.nn.Parameter]) -> List[torch.nn.Parameter]:
+        """The main weights the optimizer steps for these model parameters."""
+        return [self.to_main[id(p)] for p in params]
 
     # --- checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -39,9 +39,11 @@ __all__ = [
     "WORDS",
     "TinyExperiment",
     "deep_update",
+    "full_grads",
     "read_metrics",
     "register_plugin",
     "run_cli",
+    "run_ranks",
     "tiny_config",
     "tiny_raw",
     "write_corpus",
@@ -59,6 +61,23 @@ def write_corpus(path: Path, lines: int = 200, seed: int = 0) -> Path:
     path = Path(path)
     path.write_text(text + "\n")
     return path
+
+
+def run_ranks(fn, world: int, tp: int = 1, pp: int = 1, args=(), timeout: float = 120):
+    """`fn(parallel_state, *args)` on `world` local ranks (gloo, CPU, spawned processes) with
+    `tp` x `pp` model parallelism; returns each rank's result, by rank. `fn` must be defined
+    at module level (each rank imports it). See `mega.testing.multiproc`."""
+    from mega.testing.multiproc import run_ranks as _run
+
+    return _run(fn, world, tp, pp, args, timeout)
+
+
+def full_grads(model, parallel) -> dict:
+    """Each parameter's gradient as one process holds it: tensor-parallel shards gathered
+    along their partition dimension (call on every rank of the group)."""
+    from mega.testing.multiproc import full_grads as _grads
+
+    return _grads(model, parallel)
 
 
 def run_cli(argv: Sequence[str]) -> int:

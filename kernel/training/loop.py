@@ -97,6 +97,9 @@ def train_step(run, loader: BatchLoader | None = None) -> Dict[str, torch.Tensor
     for its batch) and `loss_tokens` (the global batch's loss-bearing token count)."""
     cfg = run.config
     lr = run.lr_at(run.step)
+    main = run.main_params  # model.megatron_amp_O2 or the distributed optimizer: fp32 main weights and gradients
+    if main is not None:
+        main.prepare()  # first step: the bf16 model / the shards the optimizer steps, built now
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     t0 = time.perf_counter()
@@ -108,16 +111,13 @@ def train_step(run, loader: BatchLoader | None = None) -> Dict[str, torch.Tensor
         micro_batches = load_micro_batches(run.train_data, positions, run.device)
         wait = time.perf_counter() - t0
     run.optimizer.zero_grad(set_to_none=True)
-    main = run.main_params  # model.megatron_amp_O2: bf16 model, fp32 main weights and gradients
-    if main is not None:
-        main.prepare()
     num_tokens = _num_tokens(run, micro_batches)
     loss, terms = _losses(run, micro_batches, num_tokens, _num_samples(run, micro_batches))
 
     unreached = unreached_parameters(run.model, run.parallel, run.device)  # zero gradients no step should apply
     if main is not None:
         params = main.reduce_grads()  # the fp32 main weights, their gradients all-reduced in fp32
-        params = drop_gradients(params, [main.to_main[id(p)] for p in unreached])
+        params = drop_gradients(params, main.mains_of(unreached))
     else:
         params = drop_gradients([p for p in run.model.parameters() if p.grad is not None], unreached)
     sum_sequence_parallel_grads(params, run.parallel)  # model.sequence_parallel: LayerNorms saw this rank's tokens
@@ -130,7 +130,8 @@ def train_step(run, loader: BatchLoader | None = None) -> Dict[str, torch.Tensor
         log.warning("step %d: fp16 gradients overflowed; step skipped, loss scale now %g", run.step + 1, run.scaler.scale)
     else:
         clip = cfg.trainer.gradient_clip_val
-        grad_norm = clip_grad_norm(params, clip if clip > 0 else float("inf"), run.parallel)
+        grad_norm = clip_grad_norm(params, clip if clip > 0 else float("inf"), run.parallel,
+                                   sharded=main is not None and main.sharded)
         run.optimizer.step()
         if main is not None:
             main.copy_to_model()
@@ -148,6 +149,8 @@ def validate(run) -> Dict[str, float]:
     (the same batches every time, so values are comparable across steps), then what a
     `ValidationMetrics` model reports, each as `val_<name>`."""
     cfg = run.config
+    if run.main_params is not None:
+        run.main_params.sync_params()  # the distributed optimizer's parameters a forward has not gathered yet
     run.model.eval()
     loss_sum, token_sum, term_sums = 0.0, 0.0, {}
     try:
@@ -330,4 +333,6 @@ def _train(run, stop: StopFlag) -> None:
         hook.on_exception(run=run, exception=exc)
         raise
     loader.close()
+    if run.main_params is not None:
+        run.main_params.sync_params()  # the trained model whole on every rank
     hook.on_train_end(run=run)

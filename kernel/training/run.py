@@ -38,6 +38,7 @@ from mega.protocols import (
     LanguageModel,
     PipelineStage,
     SampleObjective,
+    SavesOptimizerShards,
     StatefulModel,
     Tokenizer,
 )
@@ -45,6 +46,8 @@ from mega.registry import built
 from mega.runtime.parallel import ParallelState, check_devices, init_parallel, pick_device, shutdown_parallel
 from mega.runtime.sharding import sharding_of
 from mega.runtime.compile import CompiledStep, compile_wanted
+from mega.runtime.bucket_space import BucketSpace
+from mega.runtime.distrib_optimizer import DistributedMainParams, DistributedOptimizer
 from mega.runtime.main_params import DTYPES as MAIN_PARAMS_DTYPES, MainParams, check_main_params
 from mega.runtime.precision import DynamicLossScaler
 from mega.runtime.rng import rng_state, seed_everything, set_rng_state
@@ -85,7 +88,7 @@ class Run:
     consumed_samples: int = 0
     resumed_from: Optional[Path] = None
     last_metrics: Dict[str, float] = attrs.field(factory=dict)
-    main_params: Optional[MainParams] = None  # model.megatron_amp_O2: fp32 main weights and gradients
+    main_params: Optional[MainParams] = None  # model.megatron_amp_O2 (MainParams) or the distributed optimizer's buffers (DistributedMainParams)
 
     def model_state_dict(self) -> dict:
         """The model's weights as checkpoints hold them: fp32 (the main weights under
@@ -99,18 +102,34 @@ class Run:
             trainer["loss_scaler"] = self.scaler.state_dict()
         if isinstance(self.model, StatefulModel):
             trainer["carried_state"] = self._gather_carried_state()
-        return {"model": self.model_state_dict(), "optimizer": self.optimizer.state_dict(), "trainer": trainer,
-                "sharding": sharding_of(self.model, self.parallel), "config": to_dict(self.config),
-                "vocab_size": self.tokenizer.vocab_size,  # the real vocabulary (formats write it: orig_vocab_size)
-                "param_names": optimizer_param_names(self.model)}  # what the optimizer's integer ids refer to
+        state = {"model": self.model_state_dict(), "optimizer": self._optimizer_state(), "trainer": trainer,
+                 "sharding": sharding_of(self.model, self.parallel), "config": to_dict(self.config),
+                 "vocab_size": self.tokenizer.vocab_size,  # the real vocabulary (formats write it: orig_vocab_size)
+                 "param_names": optimizer_param_names(self.model)}  # what the optimizer's integer ids refer to
+        if self._sharded():  # the distributed optimizer's buffer layout (formats that store bucket space keep it)
+            state["distributed_optimizer"] = self.main_params.layout_record()
+        return state
+
+    def _sharded(self) -> bool:
+        return isinstance(self.main_params, DistributedMainParams) and self.main_params.converted
+
+    def _optimizer_state(self):
+        """Model space (the distributed optimizer's gathered to data-parallel rank 0), or this
+        rank's shards for a format that saves them without a gather (torch_dist)."""
+        if self._sharded() and isinstance(self.checkpoints.fmt, SavesOptimizerShards):
+            return self.optimizer.shards()
+        return self.optimizer.state_dict()
 
     def load_state(self, state: dict) -> None:
         if self.main_params is not None:
             self.main_params.load_state_dict(state["model"])
         else:
             self.model.load_state_dict(state["model"])
-        if "optimizer" in state:
-            self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("optimizer") is not None:
+            opt = state["optimizer"]
+            if isinstance(opt, BucketSpace) and not isinstance(self.optimizer, DistributedOptimizer):
+                opt = opt.to_model_space(optimizer_param_names(self.model), self.optimizer.state_dict()["param_groups"])
+            self.optimizer.load_state_dict(opt)
         trainer = state.get("trainer", {})
         self.step = int(trainer.get("step", 0))
         self.consumed_samples = int(trainer.get("consumed_samples", self.step * self.global_batch_size))
@@ -148,6 +167,8 @@ class Run:
         return path
 
     def _save_checkpoint(self) -> Path:
+        if self.main_params is not None:
+            self.main_params.sync_params()  # parameters whose all-gather a forward has not needed yet
         extra = checkpoint_files(self.config, self.tokenizer)
         meta = {"consumed_samples": self.consumed_samples, "tensor_model_parallel_size": self.parallel.tp_size,
                 "pipeline_model_parallel_size": self.parallel.pp_size}
@@ -173,11 +194,10 @@ class LossModule(torch.nn.Module):
         return self.model.stage_forward(batch, hidden)
 
 
-class LowPrecisionLossModule(LossModule):
-    """`model.training_loss` (or a pipeline stage's `stage_forward`) of a model that holds
-    bf16 or fp16 parameters (model.megatron_amp_O2): outside autocast, so no weight or
-    activation is cast. `main_params` reduces the fp32 gradients: its `no_sync` holds the
-    all-reduce back until the last micro-batch, as DDP's does."""
+class BufferedLossModule(LossModule):
+    """`model.training_loss` of a model whose gradients `main_params` accumulates and reduces
+    in its fp32 buffer (the distributed optimizer; O2 below): its `no_sync` holds the
+    reduction back until the last micro-batch, as DDP's does."""
 
     def __init__(self, model: torch.nn.Module, main_params: Optional[MainParams] = None):
         super().__init__(model)
@@ -185,6 +205,13 @@ class LowPrecisionLossModule(LossModule):
 
     def no_sync(self):
         return self.main_params.no_sync() if self.main_params is not None else contextlib.nullcontext()
+
+
+class LowPrecisionLossModule(BufferedLossModule):
+    """`model.training_loss` (or a pipeline stage's `stage_forward`) of a model that holds
+    bf16 or fp16 parameters (model.megatron_amp_O2): outside autocast, so no weight or
+    activation is cast. `main_params` reduces the fp32 gradients: its `no_sync` holds the
+    all-reduce back until the last micro-batch, as DDP's does."""
 
     def forward(self, batch):
         return self._low_precision(self.model.training_loss, batch)
@@ -290,7 +317,17 @@ def _build_run(config: ExperimentConfig, plugins, created: list) -> Run:
 
     main_params = None
     loss_module = LossModule(model)
-    if mc.megatron_amp_O2:  # converted at the first step, after resuming and on_train_start hooks
+    if mc.optim.use_distributed_optimizer:  # built at the first step, after resuming and on_train_start hooks
+        decay, no_decay = decay_groups(model)
+        dtype = MAIN_PARAMS_DTYPES[str(tr.precision)] if mc.megatron_amp_O2 else torch.float32
+        main_params = DistributedMainParams(model, dtype, parallel, lambda groups: optim_entry.factory(mc.optim, groups),
+                                            optimizer, decay, no_decay, mc.grad_reduce_bucket_size,
+                                            mc.optim.overlap_grad_sync, mc.optim.overlap_param_sync)
+        optimizer = DistributedOptimizer(main_params)
+        loss_module = (LowPrecisionLossModule if mc.megatron_amp_O2 else BufferedLossModule)(model, main_params)
+        if parallel.dp_size == 1:
+            log.info("model.optim.use_distributed_optimizer: one data-parallel rank, so each shard is the whole state")
+    elif mc.megatron_amp_O2:  # converted at the first step, after resuming and on_train_start hooks
         main_params = MainParams(model, MAIN_PARAMS_DTYPES[str(tr.precision)], parallel.dp_group, parallel.dp_size,
                                  mc.grad_reduce_bucket_size, parallel.embedding_group)
         loss_module = LowPrecisionLossModule(model, main_params)

@@ -76,6 +76,9 @@ RESUME_SAFE = (
     "model.attention_backend",  # another kernel for the same attention
     "model.megatron_amp_O2",  # checkpoints of both layouts hold fp32 weights and the same optimizer state
     "model.grad_reduce_bucket_size",  # how the same all-reduce is split (speed)
+    "model.optim.use_distributed_optimizer",  # checkpoints hold the same state with or without sharding
+    "model.optim.overlap_grad_sync",  # when the same reduction runs (speed)
+    "model.optim.overlap_param_sync",
     "model.sequence_parallel",  # the same parameters and loss; the activations split along the sequence
     # activation recomputation: the same ops and random streams, run again in backward
     *(f"{table}.{key}" for table in ("model", "model.encoder", "model.decoder")
@@ -109,7 +112,16 @@ def _flatten(table: Any, prefix: str = "") -> Dict[str, Any]:
     return out
 
 
-def _safe(key: str) -> bool:
+# Keys whose values may change within a family: names of one optimizer (NeMo's names for
+# AdamW with the distributed optimizer on), whose checkpoints are the same state.
+RESUME_SAFE_VALUES = {
+    "model.optim.name": ({"adamw", "distributed_fused_adam", "mcore_distributed_optim"},),
+}
+
+
+def _safe(key: str, old: Any = None, new: Any = None) -> bool:
+    if any(old in family and new in family for family in RESUME_SAFE_VALUES.get(key, ())):
+        return True
     return any(key == k or (k.endswith(".*") and key.startswith(k[:-1])) for k in RESUME_SAFE)
 
 
@@ -154,11 +166,11 @@ def check_config_unchanged(config, run_dir: Path) -> None:
             log.info("%s: no checkpoint here, so nothing to resume: the run starts afresh with this config (%s)",
                      run_dir, "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes))
         return
-    unsafe = [c for c in changes if not _safe(c[0])]
+    unsafe = [c for c in changes if not _safe(*c)]
     old_gbs, new_gbs = _global_batch(_flatten(old)), _global_batch(_flatten(new))
     if old_gbs != new_gbs:
         unsafe.append(("global batch size (micro_batch_size x data-parallel x accumulate_grad_batches)", old_gbs, new_gbs))
-    shown = [f"{k}: {a!r} -> {b!r}" for k, a, b in changes if _safe(k) and k not in ("exp_manager.exp_dir", "exp_manager.name")]
+    shown = [f"{k}: {a!r} -> {b!r}" for k, a, b in changes if _safe(k, a, b) and k not in ("exp_manager.exp_dir", "exp_manager.name")]
     if unsafe and not config.exp_manager.resume_ignore_config_changes:
         lines = "\n  ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in unsafe)
         raise ConfigError(

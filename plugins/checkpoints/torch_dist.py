@@ -9,6 +9,10 @@ written and read with `torch.distributed.checkpoint` (DCP), every rank in parall
       mega_rank_TT_PPP.pt     per model-parallel rank: trainer state (RNG, step, loss
                               scaler), the sharding record, optimizer param_groups
 
+Under `model.optim.use_distributed_optimizer` the optimizer's state is megatron-core's
+`dp_reshardable` bucket space instead, each data-parallel rank writing its own shard
+(torch_dist_optimizer.py).
+
 Tensors are stored as GLOBAL tensors under megatron-core's names (`embedding.word_embeddings.
 weight`, `decoder.final_layernorm.bias`, ...): the model family's converter names them
 (`mega.protocols.MegatronCoreNames`; a family without one, and names it does not know, keep
@@ -58,6 +62,14 @@ from mega.errors import CheckpointError
 from mega.checkpoint.load_errors import describe
 from mega.protocols import MegatronCoreNames
 from mega.plugins.checkpoints.converters import model_converter, model_converters
+from mega.plugins.checkpoints.torch_dist_optimizer import (
+    CONTENT_METADATA,
+    bucket_space,
+    model_parallel_index,
+    rank_entry,
+    shard_tensors,
+)
+from mega.runtime.bucket_space import OptimizerShards
 from mega.runtime.sharding import chunks_of, renumber
 
 log = logging.getLogger("mega.checkpoint")
@@ -174,7 +186,8 @@ def _blocks(shape: Sequence[int], dim: int, tp_size: int, tp_rank: int, chunks: 
 
 def _group_kwargs(parallel, saving: bool) -> dict:
     """DCP's process group: every rank that calls save/load together. The kernel saves on
-    the model-parallel ranks of data-parallel replica 0 and loads on every rank."""
+    the model-parallel ranks of data-parallel replica 0 (`saving`; on every rank when it
+    saves the distributed optimizer's shards) and loads on every rank."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return {"no_dist": True}
     if parallel is None or not parallel.distributed:
@@ -213,6 +226,7 @@ def _optimizer_keys(state_key: str, key: str) -> str:
 
 class TorchDistFormat:
     name = "torch_dist"
+    saves_optimizer_shards = True  # the distributed optimizer's bucket space, each rank its own (torch_dist_optimizer.py)
 
     # --- mega import (mega.plugins.checkpoints.torch_dist_import) -----------------------------
     def can_import(self, source: Path) -> bool:
@@ -258,15 +272,21 @@ class TorchDistFormat:
                 tensors[name] = t.narrow(dim + len(lead), start, length).contiguous()
                 placement[name] = (key, lead + offsets, lead_size + size)
 
+        opt = state.get("optimizer")
+        shards = opt if isinstance(opt, OptimizerShards) else None  # every data-parallel rank saves its own
+        if shards is not None:
+            opt = None
+            for key, (t, offsets, size) in shard_tensors(shards, model_parallel_index(parallel)).items():
+                tensors[key], placement[key] = t, (key, offsets, size)
+        replica0 = parallel is None or parallel.dp_rank == 0  # writes the model, its rank file and the common files
         model = state["model"]
         by_name = {}
         for name, key, dim, _, chunks in entries:
             by_name[name] = (key, dim, chunks)
-            if name not in aliases:  # the tied head is a replica of the embedding
+            if name not in aliases and replica0:  # the tied head is a replica of the embedding
                 put(key, model[name], dim, chunks)
-        objects = _extra_states([key for _, key, _, _, _ in entries], stacks) if tp_rank == 0 else {}
+        objects = _extra_states([key for _, key, _, _, _ in entries], stacks) if tp_rank == 0 and replica0 else {}
         extra_optim = {}
-        opt = state.get("optimizer")
         names = _optimizer_param_names(state) if opt is not None else None
         if opt is not None:
             order = [i for g in opt["param_groups"] for i in g["params"]]
@@ -290,18 +310,23 @@ class TorchDistFormat:
                "keys": {source: key_of(source) for source in _sources(sharding).values()}}
         if opt is not None:
             own["optimizer"] = {"param_groups": opt["param_groups"], "param_names": list(names), "extra": extra_optim}
-        torch.save(own, directory / rank_file(tp_rank, pp_rank))
+        if shards is not None:
+            own["optimizer"] = rank_entry(shards)
+        if replica0:
+            torch.save(own, directory / rank_file(tp_rank, pp_rank))
         if parallel is None or parallel.is_main:
             (directory / "metadata.json").write_text(json.dumps(METADATA_JSON))
-            torch.save(_common(state, parallel, sharding, directory), directory / "common.pt")
+            common = _common(state, parallel, sharding, directory)
+            if shards is not None:
+                common["content_metadata"] = dict(CONTENT_METADATA)
+            torch.save(common, directory / "common.pt")
         import torch.distributed.checkpoint as dcp  # ~1 s to import: only when a checkpoint is written
 
         from mega.plugins.checkpoints.torch_dist_planners import ChunkSavePlanner
 
         with _one_process_is_fine():
             dcp.save({**tensors, **objects}, storage_writer=dcp.FileSystemWriter(str(directory)),
-                     planner=ChunkSavePlanner(placement),
-                     **_group_kwargs(parallel, saving=True))
+                     planner=ChunkSavePlanner(placement), **_group_kwargs(parallel, saving=shards is None))
 
     def load(self, directory: Path, parallel=None, parts: Sequence[str] = PARTS) -> dict:
         """This rank's state at the layout it was saved with."""
@@ -314,9 +339,14 @@ class TorchDistFormat:
         sharding = own["sharding"]
         shapes = {n: _local_shape(sharding["global_shapes"][n], d, tp_size) for n, d in sharding["partition_dims"].items()}
         optim = own.get("optimizer") if "optimizer" in parts else None
+        buckets = optim if optim and "distributed" in optim else None  # the distributed optimizer's bucket space
+        if buckets is not None:
+            optim = None
         state = self._read(Path(directory), parallel, sharding, shapes,
                            optim["param_names"] if optim else None, optim["param_groups"] if optim else None,
                            optim["extra"] if optim else {}, own.get("keys"))
+        if buckets is not None:
+            state["optimizer"] = bucket_space(Path(directory), buckets, pp_rank * tp_size + tp_rank)
         if "trainer" in parts:
             state["trainer"] = own.get("trainer", {})
         if "sharding" in parts:
@@ -337,12 +367,15 @@ class TorchDistFormat:
         owns = [_load(f) for f in sorted(directory.glob("mega_rank_*.pt"))]
         records = [own.get("keys") for own in owns]
         keys = None if not records or None in records else {k: v for r in records for k, v in r.items()}
-        for own in owns if optimizer is not None else ():
-            extra.update((own.get("optimizer") or {}).get("extra", {}))
-        if optimizer is not None:
+        first = _read_rank_file(directory, 0, 0)
+        buckets = "distributed" in (first.get("optimizer") or {})  # saved by the distributed optimizer
+        if optimizer is not None and not buckets:
+            for own in owns:
+                extra.update((own.get("optimizer") or {}).get("extra", {}))
             names, groups = optimizer_param_names(model), optimizer.state_dict()["param_groups"]
         state = self._read(directory, parallel, sharding, shapes, names, groups, extra, keys)
-        first = _read_rank_file(directory, 0, 0)
+        if optimizer is not None and buckets:
+            state.update(_resharded_buckets(directory, first, parallel, model, optimizer))
         state["trainer"] = {k: v for k, v in first.get("trainer", {}).items() if k != "rng"}
         return state
 
@@ -451,6 +484,24 @@ class TorchDistFormat:
             src = targets[key][(0,) * len(locate(key)[1])]
             local[tuple(slice(0, n) for n in src.shape)].copy_(src)
         return state
+
+
+def _resharded_buckets(directory: Path, first: dict, parallel, model, optimizer) -> dict:
+    """The optimizer state of a distributed optimizer's checkpoint saved at another tensor
+    size: every saved tensor-parallel rank's buckets unflattened into model space, merged
+    and re-cut for this rank (one pipeline stage, as the kernel's resharding does)."""
+    from mega.checkpoint import optimizer_param_names
+    from mega.runtime.sharding import reshard_optimizer
+
+    saved = first["layout"]
+    pp_size = parallel.pp_size if parallel is not None else 1
+    if saved["pp_size"] != 1 or pp_size != 1:
+        log.warning("%s: optimizer state is not carried across pipeline sizes; its moments start afresh", directory)
+        return {}
+    names, template = optimizer_param_names(model), optimizer.state_dict()
+    per_rank = [bucket_space(directory, _read_rank_file(directory, r, 0)["optimizer"], r).to_model_space(names, template["param_groups"])
+                for r in range(saved["tp_size"])]
+    return {"optimizer": reshard_optimizer(per_rank, names, first["sharding"], model, parallel, template)}
 
 
 def _local_shape(global_shape: Sequence[int], dim: Optional[int], tp_size: int) -> List[int]:

@@ -137,7 +137,9 @@ class EncoderDecoderConfig(SequenceParallelKey, ModelConfig):
         # embedding dropout; the encoder's final LayerNorm input and output (the memory, whole on every rank)
         acts += b * (s_enc + s_dec) * h * mask // u + b * memory * h * r // u + b * memory * h * r
         acts += (n * h * (r + e) + stats * n) // u + 4 * n * vocab // tp  # decoder final LayerNorm; the loss's fp32 softmax
+        numels = [p.numel() // tp if p.dim() == 2 and "position" not in k else p.numel() for k, p in model.named_parameters()]
         stage = {"params": whole - split + split // tp, "matmul_params": split // tp, "activations": acts,
+                 "param_numels": numels,  # registration order: the distributed optimizer's buffer layout
                  "transient": (e + 4) * n * vocab // tp, "grad_transient": 2 * param_bytes(precision, o2) * vocab * h // tp,
                  "recompute_transient": max(enc_rebuilt, dec_rebuilt)}
         return {"params": whole, "flops_per_token": 6.0 * split, "stages": [stage]}

@@ -49,15 +49,21 @@ def pipeline_stages(pp: int, layers: int, layer: Dict[str, int], first: Dict[str
     pipeline stages, each layer contributing `layer`, plus the embedding's `first` on
     stage 0 and the head's `last` on stage pp - 1 (both on the one stage without
     pipelining), and `stack` (what a stage's layers add together: stack_activation_bytes)
-    on every stage. Keys: STAGE_KEYS (a missing key counts 0)."""
+    on every stage. Keys: STAGE_KEYS (a missing key counts 0), and `param_numels` (each
+    parameter tensor's size in registration order) when `layer`, `first` and `last` all
+    list theirs."""
     per_stage = layers // pp
     stages = []
+    lists = all("param_numels" in part for part in (layer, first, last))
     for p in range(pp):
         stage = {k: per_stage * layer.get(k, 0) + (stack or {}).get(k, 0) for k in STAGE_KEYS}
         for part, here in ((first, p == 0), (last, p == pp - 1)):
             if here:
                 for k in STAGE_KEYS:
                     stage[k] += part.get(k, 0)
+        if lists:  # registration order: embedding, this stage's layers, final LayerNorm and head
+            stage["param_numels"] = ((first["param_numels"] if p == 0 else []) + layer["param_numels"] * per_stage
+                                     + (last["param_numels"] if p == pp - 1 else []))
         stages.append(stage)
     return stages
 
@@ -78,6 +84,19 @@ def block_params(block: BlockConfig, tp: int) -> int:
     bias = h if block.add_bias_linear else 0
     return (2 * norm_params(block) + (h * (q + 2 * kv) + (q + 2 * kv if block.qkv_bias else 0)) // tp + q * h // tp
             + bias + (g * h * f + (g * f if block.add_bias_linear else 0)) // tp + f * h // tp + bias)
+
+
+def block_param_numels(block: BlockConfig, tp: int) -> List[int]:
+    """block_params, one entry per parameter tensor in the order TransformerLayer registers
+    them (what the distributed optimizer lays out: mega.runtime.param_layout)."""
+    h, f = block.hidden_size, block.ffn
+    q, kv = block.num_attention_heads * block.head_dim, block.query_groups * block.head_dim
+    g = 2 if block.gated else 1
+    norm = [h] * (norm_params(block) // h)  # weight (and LayerNorm's bias)
+    bias = block.add_bias_linear
+    return (norm + [h * (q + 2 * kv) // tp] + ([(q + 2 * kv) // tp] if block.qkv_bias else []) + [q * h // tp]
+            + ([h] if bias else []) + norm + [g * h * f // tp] + ([g * f // tp] if bias else []) + [f * h // tp]
+            + ([h] if bias else []))
 
 
 def block_matmul_params(block: BlockConfig, tp: int) -> int:

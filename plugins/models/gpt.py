@@ -29,6 +29,7 @@ from mega.plugins.models.architecture import ArchitectureKeys
 from mega.plugins.models.estimates import (
     activation_bytes,
     block_matmul_params,
+    block_param_numels,
     block_params,
     dropout_mask_bytes,
     norm_input_bytes,
@@ -113,16 +114,19 @@ class GPTConfig(ArchitectureKeys, RecomputeKeys, SequenceParallelKey, ModelConfi
         # the final norm keeps its input (RMSNorm: in fp32) and its statistics (RMSNorm: and the normalised tensor)
         final = n * h * norm_input_bytes(block, precision, o2) + norm_internal_bytes(block, n, precision, device, o2)
         word = vocab * h // tp
-        layer = {"params": block_params(block, tp), "matmul_params": block_matmul_params(block, tp)}
+        layer = {"params": block_params(block, tp), "matmul_params": block_matmul_params(block, tp),
+                 "param_numels": block_param_numels(block, tp)}
         kept, rebuilt = stack_activation_bytes(block, L // pp, b, s, s, tp, precision, device, o2=o2, sp=sp)
         # RoPE's fp32 cos and sin, once per stage: kept by fp32 layers, or as checkpointed regions' inputs
         per_stage_rope = rotary_bytes(block, s, "32")[1] if (
             rotary_bytes(block, s, precision, o2)[1] or self.activations_checkpoint_granularity == "full") else 0
         stack = {"activations": kept + per_stage_rope, "recompute_transient": rebuilt}
-        first = {"params": word + positions * h,
+        first = {"params": word + positions * h, "param_numels": [word] + ([positions * h] if positions else []),
                  "activations": n * h * dropout_mask_bytes(self.hidden_dropout, precision, device, o2) // u,
                  "grad_transient": g * word}  # the embedding's dense gradient before it is accumulated
-        last = {"params": norm + (word if pp > 1 or not tied else 0),  # final norm; the tied head's copy or the output layer
+        head = word if pp > 1 or not tied else 0  # the tied head's copy, or the untied output layer
+        last = {"params": norm + head,  # final norm and the head
+                "param_numels": [h] * (norm // h) + ([word] if head else []),
                 "matmul_params": word,  # the head, cast once (the tied embedding without pipelining)
                 "grad_transient": g * word}  # the output layer's gradient of its matrix
         real = min(vocab_size, vocab) if self.mask_padded_vocab and tp == 1 else vocab // tp

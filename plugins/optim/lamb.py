@@ -25,7 +25,7 @@ ratio only for groups with weight decay, its own gradient clipping at max_grad_n
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import ClassVar, List, Optional
 
 import torch
 from attrs import define, field
@@ -42,6 +42,8 @@ MAX_WEIGHT_NORM = 10.0  # the reference's clamp of ||p|| (phi(z) = min(z, 10))
 class LambConfig(OptimConfig):
     """`model.optim.*` of `lamb`: the reference's defaults (Transformer-XL trains with
     lr 0.01 and no weight decay)."""
+
+    sharding: ClassVar[Optional[str]] = "per_tensor_norms"  # the trust ratio's norms are summed over the shards
 
     name: str = "lamb"
     lr: float = field(default=0.01, validator=positive)  # peak learning rate
@@ -90,15 +92,59 @@ class Lamb(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+        work = [(group, [p for p in group["params"] if p.grad is not None]) for group in self.param_groups]
+        shards = getattr(self, "dp_shards", None)  # set by the kernel's distributed optimizer
+        if shards is not None:
+            self._sharded_step(work, shards)
+            return loss
+        for group, params in work:
             if params:
                 self._update(group, params)
         return loss
 
     def _update(self, group: dict, params: List[torch.Tensor]) -> None:
+        updates = self._updates(group, params)
+        w_norm, a_norm = _norms(params, updates)
+        self._apply(group, params, updates, w_norm, a_norm)
+
+    def _sharded_step(self, work, shards) -> None:
+        """Under `model.optim.use_distributed_optimizer` each parameter here is a 1-D shard
+        of a parameter (`dp_shard_of = (index, numel)` among the `shards.num_params` of this
+        model-parallel rank): its squared norms are added into a [P, 2] table by parent,
+        summed over the data-parallel group (one all-reduce per step, which every rank
+        joins, with or without shards in a group), then over the tensor-parallel group for
+        split tensors; every shard reads its whole tensor's norms (up to summation order)."""
+        updates = [self._updates(group, params) if params else [] for group, params in work]
+        flat_p = [p for _, params in work for p in params]
+        flat_u = [u for us in updates for u in us]
+        device = flat_p[0].device if flat_p else shards.device
+        table = torch.zeros(shards.num_params, 2, dtype=torch.float32, device=device)
+        if flat_p:
+            index = torch.tensor([p.dp_shard_of[0] for p in flat_p], device=device)
+            w_sq = torch.stack([n.float() for n in torch._foreach_norm(flat_p)]).pow(2)
+            a_sq = torch.stack([n.float() for n in torch._foreach_norm(flat_u)]).pow(2)
+            table.index_add_(0, index, torch.stack([w_sq, a_sq], dim=1))
+        if shards.dp_size > 1:
+            torch.distributed.all_reduce(table, group=shards.dp_group)
+        from mega.runtime.parallel import current
+
+        state = current()
+        if state.tp_size > 1:
+            split = torch.tensor(shards.split_mask, device=device)
+            if bool(split.any()):
+                both = torch.where(split[:, None], table, 0.0)
+                torch.distributed.all_reduce(both, group=state.tp_group)
+                table = torch.where(split[:, None], both, table)
+        norms = table.sqrt()
+        for (group, params), us in zip(work, updates):
+            if params:
+                index = torch.tensor([p.dp_shard_of[0] for p in params], device=device)
+                self._apply(group, params, us, norms[index, 0], norms[index, 1])
+
+    def _updates(self, group: dict, params: List[torch.Tensor]) -> List[torch.Tensor]:
+        """The Adam-like step u of each tensor (moments updated in place)."""
         b1, b2 = group["betas"]
-        eps, wd, lr = group["eps"], group["weight_decay"], group["lr"]
+        eps, wd = group["eps"], group["weight_decay"]
         grads, ms, vs = [], [], []
         for p in params:
             if p.grad.is_sparse:
@@ -121,7 +167,12 @@ class Lamb(torch.optim.Optimizer):
         updates = torch._foreach_div(ms, denom)
         if wd != 0:
             torch._foreach_add_(updates, params, alpha=wd)
-        w_norm, a_norm = _norms(params, updates)
+        return updates
+
+    def _apply(self, group: dict, params: List[torch.Tensor], updates: List[torch.Tensor], w_norm: torch.Tensor,
+               a_norm: torch.Tensor) -> None:
+        """p -= lr * trust * u, with the trust ratio from the tensors' norms."""
+        eps, lr = group["eps"], group["lr"]
         w_norm = w_norm.clamp(0, MAX_WEIGHT_NORM)
         trust = torch.where((w_norm == 0) | (a_norm == 0), torch.ones_like(w_norm), w_norm / (a_norm + eps))
         if group.get("adam", False):

@@ -21,7 +21,11 @@ The package, each module importing only those listed before it:
     family.py   which model family's converter reads a checkpoint
     source.py   reading a Megatron-LM checkpoint for import, merging its shards
     interop.py  `mega import` / `mega export --to megatron`
+    distrib_optim.py  the distributed optimizer's `distrib_optim.pt` (needs none of the above)
     format.py   this format (training checkpoints) and its hooks
+
+Under `model.optim.use_distributed_optimizer` the optimizer's state goes into Megatron's
+`distrib_optim.pt` beside `model_optim_rng.pt` (distrib_optim.py).
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ from mega.errors import CheckpointError
 from mega.protocols import ChecksMegatronResume, MegatronModelConverter
 from mega.plugins.checkpoints.converters import model_converter
 from mega.plugins.checkpoints.megatron.args import checkpoint_tokenizer_files, megatron_args
+from mega.plugins.checkpoints.megatron.distrib_optim import FILE as DISTRIB_FILE, read_distrib_optim, save_distrib_optim
 from mega.plugins.checkpoints.megatron.family import family_of
 from mega.plugins.checkpoints.megatron.files import allowed_globals, load_file, safe_globals
 from mega.plugins.checkpoints.megatron.layout import (
@@ -72,20 +77,25 @@ class MegatronFormat:
             padded = word.shape[0] * tp if word is not None else None
         trainer = state.get("trainer", {})
         rng = trainer.get("rng", {})
+        optimizer, ours = state.get("optimizer"), {"trainer": trainer, "sharding": state.get("sharding")}
+        record = state.get("distributed_optimizer")
+        if record is not None and optimizer is not None:  # Megatron's distrib_optim.pt beside this file
+            optimizer = save_distrib_optim(folder, state, record)
+            ours["distributed_optimizer"] = record
         torch.save({
             "args": megatron_args(config, tp, pp, vocab, padded=padded, files=checkpoint_tokenizer_files(config, directory, plugins),
                                   plugins=plugins),
             "checkpoint_version": CHECKPOINT_VERSION,
             "iteration": trainer.get("step", 0),
             "model": nest(model),
-            "optimizer": state.get("optimizer"),
+            "optimizer": optimizer,
             "opt_param_scheduler": {"num_steps": trainer.get("consumed_samples", 0)},
             "rng_state": [{
                 "random_rng_state": rng.get("python"), "np_rng_state": rng.get("numpy"),
                 "torch_rng_state": rng.get("torch"), "cuda_rng_state": rng.get("cuda"),
                 "rng_tracker_states": rng.get("rng_tracker_states"),
             }],
-            "mega": {"trainer": trainer, "sharding": state.get("sharding")},
+            "mega": ours,
         }, folder / FILE)
 
     def load(self, directory: Path, parallel=None, parts=("model", "optimizer", "trainer", "sharding")) -> dict:
@@ -95,6 +105,9 @@ class MegatronFormat:
             raise CheckpointError(f"{rank_folder(directory, parallel) / FILE}: missing from the checkpoint")
         raw = load_file(path, str(path))
         state = state_from_raw(raw, str(path), pp_rank, parts)
+        record = (raw.get("mega") or {}).get("distributed_optimizer")
+        if record is not None and "optimizer" in parts:  # the shards' state lives in distrib_optim.pt
+            state["optimizer"] = read_distrib_optim(path.parent / DISTRIB_FILE, record, raw.get("optimizer"))
         # what the model's family cannot run (an unknown family: the kernel's strict load decides)
         family = family_of(mega.get_plugins(), state["model"], raw.get("args"), str(path), required=False)
         if family is not None:

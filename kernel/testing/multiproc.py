@@ -1,8 +1,23 @@
-"""Run a function on N local ranks (gloo, CPU) and collect what each returns.
+"""Run a function on N local ranks (gloo, CPU) and collect what each returns: how a plugin
+author shows tensor-parallel equals one process.
+
+    from mega.testing import full_grads, run_ranks
+
+    def _loss_and_grads(parallel, seed):       # module level: each rank imports it
+        model = build_my_model(seed)           # reads mega.runtime.parallel.current()
+        loss = model.training_loss(batch)["loss_sum"]
+        loss.backward()
+        return loss.item(), full_grads(model, parallel)
+
+    def test_tp2_equals_one_process():
+        one = _loss_and_grads_in_this_process(...)
+        two = run_ranks(_loss_and_grads, world=2, tp=2, args=(0,))
+        assert two[0][0] == pytest.approx(one[0])
 
 Each rank is a spawned process that joins a process group through a file rendezvous and
-sets up mega's parallel layout as a launched worker would; a rank that raises or hangs
-fails the test with its traceback, within `timeout` seconds.
+sets up mega's parallel layout as a launched worker would (one thread each, so results
+do not depend on the machine); a rank that raises or hangs fails the test with its
+traceback, within `timeout` seconds.
 """
 from __future__ import annotations
 
@@ -11,7 +26,6 @@ import pickle
 import tempfile
 import traceback
 
-import torch.multiprocessing as mp
 
 
 def _worker(rank, world, tp, pp, init_file, out_dir, fn, args):
@@ -37,6 +51,8 @@ def _worker(rank, world, tp, pp, init_file, out_dir, fn, args):
 
 def run_ranks(fn, world: int, tp: int = 1, pp: int = 1, args=(), timeout: float = 120):
     """fn(parallel_state, *args) on each rank; returns the list of results by rank."""
+    import torch.multiprocessing as mp
+
     with tempfile.TemporaryDirectory() as d:
         init_file = os.path.join(d, "rendezvous")
         ctx = mp.get_context("spawn")
