@@ -259,7 +259,10 @@ def test_megatron_export_at_tp2_pp2_imports_back_with_the_same_logits(imported, 
     assert (args.rotary_base, args.use_rope_scaling, args.rope_scaling_factor, args.tokenizer_type) == (
         500000, True, 8.0, "Llama2Tokenizer")
     sd = hf_model.state_dict()
-    local_fc1 = first["model"]["language_model"]["encoder"]["layers.0.mlp.dense_h_to_4h.weight"]
+    encoder = first["model"]["language_model"]["encoder"]
+    assert "layers.0.input_norm.weight" in encoder and "layers.0.post_attention_norm.weight" in encoder  # Megatron's RMSNorm names
+    assert "final_norm.weight" in last["model"]["language_model"]["encoder"]
+    local_fc1 = encoder["layers.0.mlp.dense_h_to_4h.weight"]
     gate, up = sd["model.layers.0.mlp.gate_proj.weight"], sd["model.layers.0.mlp.up_proj.weight"]
     assert torch.equal(local_fc1, torch.cat([gate.chunk(2)[1], up.chunk(2)[1]]))  # rank 1's halves
     assert "output_layer" in last["model"]["language_model"] and "word_embeddings_for_head" not in last["model"]
@@ -276,3 +279,33 @@ def test_megatron_export_at_tp2_pp2_imports_back_with_the_same_logits(imported, 
         assert config.model.name == "llama" and tok.add_bos
         with torch.no_grad():
             assert float((back(ids)[..., :tokenizer.vocab_size] - expected).abs().max()) < 1e-5
+
+
+def test_megatron_training_checkpoints_round_trip_and_resume_checks_the_rope(tmp_path, plugins):
+    """The `megatron` training format with a llama: saved with Megatron-LM's RMSNorm names
+    and megatron-core's args, loaded back tensor for tensor; resuming under another RoPE
+    base (which the weights cannot show) is refused naming the key."""
+    from mega.config import config_from_dict, to_dict
+    from mega.errors import ConfigError
+    from mega.plugins.checkpoints.megatron.format import MegatronFormat
+    from mega.plugins.models.gpt_interop.megatron import check_resume
+    from mega.runtime.parallel import ParallelState
+    from mega.runtime.sharding import sharding_of
+
+    raw = {"name": "llama", "num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "num_query_groups": 2,
+           "ffn_hidden_size": 48, "seq_length": 16, "rotary_base": 500000.0, "tokenizer": {"library": "bytes"}}
+    mc = config_from_dict({"model": raw}, plugins=plugins).model
+    model = plugins.models.get("llama").factory(mc, plugins.tokenizers.get("bytes").factory(mc.tokenizer, [], None), plugins)
+    state = {"model": model.state_dict(), "config": {"model": to_dict(mc)}, "sharding": sharding_of(model, ParallelState()),
+             "vocab_size": 258, "trainer": {"step": 2}}
+    MegatronFormat().save(state, tmp_path)
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    saved = torch.load(tmp_path / "mp_rank_00" / "model_optim_rng.pt", weights_only=True)
+    assert "final_norm.weight" in saved["model"]["language_model"]["encoder"]
+    loaded = MegatronFormat().load(tmp_path)["model"]
+    assert loaded.keys() == model.state_dict().keys()
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+    check_resume(saved["args"], mc, "ckpt")  # the same config: nothing to say
+    other = config_from_dict({"model": {**raw, "rotary_base": 10000.0}}, plugins=plugins).model
+    with pytest.raises(ConfigError, match="was trained with rotary_base=500000.0 but model.rotary_base=10000.0"):
+        check_resume(saved["args"], other, "ckpt")

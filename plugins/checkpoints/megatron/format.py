@@ -87,7 +87,7 @@ class MegatronFormat:
                                   plugins=plugins),
             "checkpoint_version": CHECKPOINT_VERSION,
             "iteration": trainer.get("step", 0),
-            "model": nest(model),
+            "model": nest(model, config.get("model", {}).get("normalization")),
             "optimizer": optimizer,
             "opt_param_scheduler": {"num_steps": trainer.get("consumed_samples", 0)},
             "rng_state": [{

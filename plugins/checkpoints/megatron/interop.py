@@ -217,7 +217,7 @@ def _write_export(tmp: Path, destination: Path, model, tokenizer, raw: dict, tp:
             folder = tmp / f"iter_{step:07d}" / (f"mp_rank_{rank:02d}" + (f"_{stage:03d}" if pp > 1 else ""))
             folder.mkdir(parents=True, exist_ok=True)
             torch.save({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": step,
-                        "model": nest(shard)}, folder / FILE)
+                        "model": nest(shard, raw["model"].get("normalization"))}, folder / FILE)
     (tmp / TRACKER).write_text(f"{step}\n")
 
 

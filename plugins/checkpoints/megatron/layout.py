@@ -42,8 +42,12 @@ def rank_folder(directory: Path, parallel) -> Path:
     return directory / (f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else ""))
 
 
-def nest(flat: Dict[str, torch.Tensor]) -> dict:
-    """mega's flat names -> Megatron's nested `model` dict."""
+def nest(flat: Dict[str, torch.Tensor], normalization: Optional[str] = None) -> dict:
+    """mega's flat names -> Megatron's nested `model` dict. With `normalization = "RMSNorm"`
+    the norms are spelled as Megatron-LM's legacy model has spelled them since it has had
+    RMSNorm (`input_norm`, `post_attention_norm`, `final_norm`; read back by current_name)."""
+    if normalization == "RMSNorm":
+        flat = {re.sub(r"(^|\.)(input|post_attention|final)_layernorm\.", r"\1\2_norm.", k): v for k, v in flat.items()}
     out: dict = {}
     for name, t in flat.items():
         parts = name.split(".")
