@@ -180,3 +180,23 @@ def test_the_default_gpt_keeps_gpt2s_shape():
         layer + "mlp.dense_4h_to_h.weight": [32, 128], layer + "mlp.dense_4h_to_h.bias": [32],
         "language_model.encoder.final_layernorm.weight": [32], "language_model.encoder.final_layernorm.bias": [32],
     }
+
+
+@pytest.mark.slow
+def test_a_compiled_llama_trains_like_an_eager_one(mega_experiment, caplog):
+    """trainer.compile=true on CPU (inductor): per-step losses within 1e-4 relative of the
+    eager run's, or, where this machine cannot compile, the one-line fallback and equal ones."""
+    import logging
+
+    from mega.testing import read_metrics
+
+    kw = dict(trainer={"max_steps": 3, "val_check_interval": 0},
+              model={"name": "llama", "num_query_groups": 2, "hidden_dropout": 0.0, "attention_dropout": 0.0})
+    eager = mega_experiment.run("exp_manager.name=eager", "trainer.compile=false", **kw)
+    with caplog.at_level(logging.WARNING, logger="mega"):
+        compiled = mega_experiment.run("exp_manager.name=compiled", "trainer.compile=true", **kw)
+    a = [m["loss"] for m in read_metrics(eager.run_dir) if "loss" in m]
+    b = [m["loss"] for m in read_metrics(compiled.run_dir) if "loss" in m]
+    assert b == pytest.approx(a, rel=1e-4)
+    assert compiled.loss_module.fallen_back == any("trainer.compile" in r.getMessage() for r in caplog.records)
+    print(f"compiled: {not compiled.loss_module.fallen_back}; eager {a}; compiled {b}")
