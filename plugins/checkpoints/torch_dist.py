@@ -259,18 +259,17 @@ class TorchDistFormat:
             elif tp_rank != 0:
                 return  # a replica: tensor-parallel rank 0 writes it
             st = _stacked(key)
-            lead, lead_size = ([st[1]], [stacks[st[2]]]) if st else ([], [])
-            if st:  # one layer of the stack's [layers, ...] tensor
-                key, t = st[0], t.unsqueeze(0)
+            if st is not None:  # layer i of the stack's [layers, ...] tensor
+                key, t, lead, lead_size, tag = st[0], t.unsqueeze(0), [st[1]], [stacks[st[2]]], f"#{st[1]}"
+            else:
+                lead, lead_size, tag = [], [], ""
             if dim is None or chunks == 1:
-                tensors[key + "#" * bool(lead) + "".join(map(str, lead))] = t
-                placement[key + "#" * bool(lead) + "".join(map(str, lead))] = (
-                    key, lead + _offsets(t.shape[len(lead):], dim, tp_rank), lead_size + size)
+                tensors[key + tag] = t
+                placement[key + tag] = (key, lead + _offsets(t.shape[len(lead):], dim, tp_rank), lead_size + size)
                 return
             for i, (start, length, offsets) in enumerate(_blocks(t.shape[len(lead):], dim, tp_size, tp_rank, chunks)):
-                name = f"{key}#{''.join(map(str, lead))}#{i}"
-                tensors[name] = t.narrow(dim + len(lead), start, length).contiguous()
-                placement[name] = (key, lead + offsets, lead_size + size)
+                tensors[f"{key}{tag}#{i}"] = t.narrow(dim + len(lead), start, length).contiguous()
+                placement[f"{key}{tag}#{i}"] = (key, lead + offsets, lead_size + size)
 
         opt = state.get("optimizer")
         shards = opt if isinstance(opt, OptimizerShards) else None  # every data-parallel rank saves its own
