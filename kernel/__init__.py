@@ -16,6 +16,11 @@ from importlib import metadata
 
 import pluggy
 
+from mega.environment import check_torch
+
+check_torch()  # a clear error when torch is older than mega-lm needs (mega.environment.MIN_TORCH)
+__mega_lm__ = True  # this `mega` is mega-lm's, not PyPI's unrelated `mega` (see mega.environment)
+
 try:  # one source of truth: the installed distribution's metadata (pyproject.toml)
     __version__ = metadata.version("mega-lm")
 except metadata.PackageNotFoundError:  # pragma: no cover - the source tree without an install
@@ -27,7 +32,8 @@ hookimpl = pluggy.HookimplMarker("mega")
 # the names of this module). Training, the commands and the plugin manager are the
 # kernel's own: a plugin that reached into them would break when they change. The rule is
 # a test (tests/test_import_rules.py) and is stated in docs/plugins.md.
-PLUGIN_API = ("mega", "mega.errors", "mega.protocols", "mega.config", "mega.runtime", "mega.checkpoint", "mega.testing")
+PLUGIN_API = ("mega", "mega.errors", "mega.protocols", "mega.config", "mega.runtime", "mega.checkpoint", "mega.documents",
+              "mega.testing")
 
 
 def get_plugins():

@@ -7,6 +7,7 @@
     mega generate CHECKPOINT --prompt TEXT          sample from a trained model
     mega encode CHECKPOINT --text T --output F      hiddens (z, z_mean, ...) of an encoder-decoder
     mega evaluate RUN_OR_ARCHIVE [--split test] [overrides ...]   loss and perplexity over a whole split
+    mega evaluate RUN_OR_ARCHIVE --harness TASKS    scores on lm-evaluation-harness tasks
     mega preprocess --input F --output-prefix P --tokenizer ...   tokenize into Megatron's .bin/.idx
     mega predict CHECKPOINT --question Q --context C | --text T   ask a fine-tuned task model
 
@@ -23,8 +24,12 @@ import sys
 from typing import List, Optional
 
 import mega
-from mega.errors import ConfigError, MegaError
-from mega.protocols import EncoderDecoder, Generator
+from mega.environment import check_own_package
+
+check_own_package()  # `python -m mega` with PyPI's `mega` over mega-lm's __init__.py: say so, naming both
+
+from mega.errors import ConfigError, MegaError  # noqa: E402
+from mega.protocols import EncoderDecoder, Generator  # noqa: E402
 
 
 class _BarSafeHandler(logging.Handler):
@@ -45,7 +50,9 @@ def _setup_logging(verbose: bool) -> None:
         handler = _BarSafeHandler()
         handler.setFormatter(logging.Formatter("[mega] %(message)s"))
         logger.addHandler(handler)
-    quiet = os.environ.get("RANK", "0") != "0"  # launched workers: only rank 0 narrates
+    from mega.runtime.slurm import process_rank
+
+    quiet = process_rank() != 0  # launched workers (and srun tasks): only rank 0 narrates
     logger.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
     logger.propagate = False
 
@@ -112,7 +119,15 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", choices=["valid", "test", "train"], default="test", help="the split to score (default: test)")
     ev.add_argument("--torchscript", action="store_true",
                     help="score through the model's TorchScript inference module (what mega export --torchscript writes)")
-    ev.add_argument("--output", default=None, help="where to write the metrics (default: RUN/eval_<split>.json)")
+    ev.add_argument("--output", default=None, help="where to write the metrics (default: RUN/eval_<split>.json,"
+                                                   " RUN/eval_harness.json with --harness)")
+    ev.add_argument("--harness", default=None, metavar="TASKS",
+                    help="score lm-evaluation-harness tasks instead (comma-separated; pip install 'mega-lm[lm_eval]')")
+    ev.add_argument("--include-path", default=None, metavar="DIR", help="with --harness: a folder of task YAMLs of your own")
+    ev.add_argument("--num-fewshot", type=int, default=None, help="with --harness: examples in each prompt")
+    ev.add_argument("--limit", type=float, default=None, help="with --harness: documents per task (or a fraction)")
+    ev.add_argument("--batch-size", default="1", help="with --harness: requests per forward pass (default: 1)")
+    ev.add_argument("--device", default=None, help="with --harness: cpu, cuda, cuda:1 (default: cuda when there is one)")
 
     e = sub.add_parser("encode", help="encode texts to their hiddens (and z, z_mean) with an encoder-decoder checkpoint")
     e.add_argument("checkpoint")
@@ -147,10 +162,12 @@ def cmd_run(args) -> int:
     from mega.config import load_config
     from mega.plugin_manager import get_plugins
     from mega.runtime.launch import launch_local_workers, launched
+    from mega.runtime.slurm import adopt_srun_task
 
     plugins = get_plugins()
     config = load_config(args.experiment, args.overrides, plugins)  # validate before launching anything
     tr = config.trainer
+    adopt_srun_task(tr.devices, tr.num_nodes)  # `srun mega run ...`: this task is one worker, nothing is launched
     workers = tr.devices * tr.num_nodes > 1 and not launched()
     if workers:  # what every worker would check, checked once here, before any is started
         from mega.training.run_dir import check_config_unchanged, check_writable, run_dir_of
@@ -170,7 +187,8 @@ def cmd_run(args) -> int:
         if tr.num_nodes > 1:
             raise ConfigError(
                 f"trainer.num_nodes={tr.num_nodes}: start one launcher per machine, e.g. `torchrun --nnodes={tr.num_nodes}"
-                f" --nproc-per-node={tr.devices} --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT -m mega run ...`"
+                f" --nproc-per-node={tr.devices} --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT -m mega run ...`, or under"
+                f" SLURM `srun mega run ...` with {tr.devices} tasks per node (docs/parallelism.md)"
             )
         launch_local_workers(tr.devices, args.argv)  # each worker runs this same command line
         return 0
@@ -369,6 +387,17 @@ COMMANDS = {"run": cmd_run, "config": cmd_config, "plugins": cmd_plugins, "gener
             "preprocess": cmd_preprocess, "predict": cmd_predict}
 
 
+def _warn_foreign_mega() -> None:
+    from mega.environment import foreign_mega_distribution
+
+    version = foreign_mega_distribution()
+    if version is not None:
+        logging.getLogger("mega").warning(
+            "PyPI's unrelated `mega` %s is installed in this environment too: it shares the top-level `mega` package"
+            " with mega-lm, so uninstalling either deletes the other's mega/__init__.py; keep them in separate"
+            " environments (README: the name `mega`)", version)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args, extra = _parser().parse_known_args(argv)
@@ -379,6 +408,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             _parser().parse_args(argv)  # argparse's own error for what it does not know
     args.argv = argv
     _setup_logging(args.verbose)
+    _warn_foreign_mega()
     try:
         return _dispatch(args)
     except BaseException as exc:
@@ -399,7 +429,7 @@ def _dispatch(args) -> int:
         print(f"mega: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except SystemExit as exc:
-        if exc.code in (130, 143):  # stopped by SIGINT / SIGTERM after saving a checkpoint
+        if exc.code in (130, 138, 143):  # stopped by SIGINT / SIGUSR1 / SIGTERM after saving a checkpoint
             print(f"mega: {exc}", file=sys.stderr)
         raise
     except KeyboardInterrupt:

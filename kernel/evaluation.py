@@ -1,4 +1,5 @@
-"""`mega evaluate`: a trained model's loss over a whole split.
+"""`mega evaluate`: a trained model's loss over a whole split, or (`--harness TASKS`) its
+scores on benchmark tasks through the evaluation harness a plugin registers (lm-eval's).
 
 The model is rebuilt from a checkpoint (a run directory, a checkpoint directory or a
 one-file archive) at this process's parallel layout, resharded as `mega run` resumes, and
@@ -200,9 +201,14 @@ def evaluate_command(args, plugins=None) -> Tuple[int, Optional[dict]]:
         from mega.plugin_manager import get_plugins
 
         plugins = get_plugins()
+    if getattr(args, "harness", None) is not None:
+        return harness_command(args, plugins)
     target = resolve_target(args.checkpoint, plugins)
     config = evaluation_config(target, args.overrides, plugins)
     tr, mc = config.trainer, config.model
+    from mega.runtime.slurm import adopt_srun_task
+
+    adopt_srun_task(tr.devices, tr.num_nodes)  # under srun each task is one worker
     if tr.devices * tr.num_nodes > 1 and not launched():
         from mega.runtime.parallel import layout
 
@@ -219,3 +225,44 @@ def evaluate_command(args, plugins=None) -> Tuple[int, Optional[dict]]:
         print(json.dumps({k: v for k, v in record.items() if k != "checkpoint"}))
         log.info("wrote %s", out)
     return 0, record
+
+
+# --- `mega evaluate RUN --harness TASKS`: a benchmark harness of a plugin --------------------
+
+HARNESS = "lm_eval"  # the harness `--harness` runs (plugin registry `evaluation_harnesses`)
+
+
+def harness_results_path(target: Opened) -> Path:
+    """RUN/eval_harness.json; beside an archive, model.mega -> model.eval_harness.json."""
+    return results_path(target, "harness")
+
+
+def harness_command(args, plugins=None) -> Tuple[int, Optional[dict]]:
+    """Score a checkpoint on benchmark tasks with the registered `lm_eval` harness, in this
+    one process (a checkpoint of any tensor/pipeline layout is gathered into the whole
+    model); print its table and write the results. Returns (status, results)."""
+    if plugins is None:
+        from mega.plugin_manager import get_plugins
+
+        plugins = get_plugins()
+    run = plugins.evaluation_harnesses.get(HARNESS, "--harness").factory
+    tasks = [t for t in args.harness.replace(",", " ").split() if t]
+    if not tasks:
+        raise ConfigError("--harness: name at least one task (e.g. --harness hellaswag,arc_easy)")
+    target = resolve_target(args.checkpoint, plugins)
+    config = target.config(plugins, args.overrides)  # the overrides are checked here, before any model is built
+    if config.trainer.devices * config.trainer.num_nodes > 1:
+        raise ConfigError("--harness runs in one process (the checkpoint is gathered whatever its layout); drop"
+                          " trainer.devices / trainer.num_nodes")
+    options = {"include_path": args.include_path, "num_fewshot": args.num_fewshot, "limit": args.limit,
+               "batch_size": args.batch_size, "device": args.device, "overrides": list(args.overrides),
+               "log_samples": False}
+    results = run(str(args.checkpoint), tasks, options, plugins)
+    record = {"harness": HARNESS, "tasks": tasks, "checkpoint": str(args.checkpoint),
+              "results": results.get("results", {}), "n-shot": results.get("n-shot", {}),
+              "versions": results.get("versions", {}), "config": results.get("config", {})}
+    out = Path(args.output).expanduser() if args.output else harness_results_path(target)
+    write_results(out, json.loads(json.dumps(record, default=str)))
+    print(json.dumps(record["results"], indent=2, default=str))
+    log.info("wrote %s", out)
+    return 0, results

@@ -117,7 +117,14 @@ def register_loggers(register):
 
     `factory(run) -> object` whose methods are lifecycle hook implementations
     (`on_step_end`, `on_validation_end`, ...). The kernel registers the object with the
-    plugin manager for the duration of the run. Selected by `exp_manager.loggers`.
+    plugin manager for the duration of the run. Selected by `exp_manager.loggers` (and
+    NeMo's `exp_manager.create_wandb_logger` / `create_mlflow_logger`, which add `wandb` /
+    `mlflow`).
+
+    A factory may have `check(config)`: called on every rank before the run directory is
+    written, it raises a `mega.errors.ConfigError` for a logger that cannot run with this
+    config (its optional package is not installed, its settings are wrong), so the run
+    stops before any work instead of after the model is built.
     """
 
 
@@ -158,6 +165,21 @@ def register_tasks(register):
     `task.model(tokenizer, plugins)`, so `model.name = "<task>"` trains, evaluates and
     predicts with it. Do not register the name with `register_models` as well (a
     PluginError names both plugins). Selected by `model.name`.
+    """
+
+
+@hookspec
+def register_evaluation_harnesses(register):
+    """Register evaluation harnesses that `mega evaluate RUN --harness TASKS` runs a
+    checkpoint through (the first-party one: `lm_eval`, EleutherAI's lm-evaluation-harness):
+    `register(name, run)`.
+
+    `run(checkpoint, tasks, options, plugins) -> dict` scores the checkpoint (a path a user
+    gave: run directory, checkpoint directory or archive; open it with
+    `mega.checkpoint.restore`) on `tasks` (a list of the harness's task names) and returns
+    the harness's results (JSON-serialisable; `results` maps each task to its metrics).
+    `options`: include_path, num_fewshot, limit, batch_size, device, overrides (checkpoint
+    config overrides), log_samples. Input errors raise a `mega.errors.ConfigError`.
     """
 
 

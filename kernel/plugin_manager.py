@@ -30,6 +30,10 @@ from typing import Dict, Iterable, Optional
 import attrs
 import pluggy
 
+from mega.environment import check_own_package
+
+check_own_package()  # PyPI's `mega` over mega-lm's __init__.py: one clear error, not a missing mega.hookimpl
+
 from mega import hookspecs
 from mega.errors import ConfigError, PluginError, did_you_mean
 from mega.registry import KINDS, Registry, add_task_models

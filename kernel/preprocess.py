@@ -4,7 +4,10 @@ data source that reads token ids (`model.data.data_impl = "mmap"`: Megatron-LM's
 
 * Input: a `.jsonl` file (one JSON object per line; each `--json-keys` key is a document:
   a string, or a list of strings taken as its sentences) or any other file read as text,
-  one document per non-empty line (the `text_mmap` convention).
+  one document per non-empty line (the `text_mmap` convention); either compressed (`.gz`,
+  `.zst`); a Parquet file or a directory `datasets.Dataset.save_to_disk` wrote (each
+  `--json-keys` key a column). See `mega.plugins.data.document_formats`: a record that
+  cannot be read is a DataError naming the file and line (or row).
 * Output, per key: `PREFIX_KEY_document.bin`/`.idx` (Megatron's names), written by the data
   source's writer (`mega.protocols.WritesDocuments`) through temporary names.
 * Tokenizer: the `model.tokenizer` table of an experiment (`--config EXP.toml`; a tokenizer
@@ -18,7 +21,6 @@ document with the tokenizer's end-of-document id.
 """
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing
 import sys
@@ -28,6 +30,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import attrs
 
 from mega.errors import ConfigError, DataError
+from mega.documents import (
+    compression_of,
+    format_of,
+    iter_lines,
+    iter_records,
+    json_record,
+    type_name,
+)
 from mega.protocols import WritesDocuments
 
 log = logging.getLogger("mega")
@@ -85,24 +95,32 @@ def _init_worker(tok_cfg, run_dir, job: dict) -> None:
     _set_worker(build_tokenizer(tok_cfg, run_dir), job)
 
 
-def encode_line(item: Tuple[int, str]) -> Tuple[Dict[str, List[int]], Dict[str, List[int]], int]:
-    """One input line -> ({key: ids}, {key: sentence lengths}, bytes read)."""
+def _document(value, where: str, key: str) -> List[str]:
+    """A document's sentences: a string is one, a list of strings is several."""
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    if not isinstance(value, str):
+        kind = "a list holding other things than strings" if isinstance(value, list) else type_name(value)
+        raise DataError(f"{where}: {key!r} is {kind}, expected a string or a list of strings (--json-keys)")
+    return [value]
+
+
+def encode_line(item: Tuple[object, object]) -> Tuple[Dict[str, List[int]], Dict[str, List[int]], int]:
+    """One input line (or one record of a Parquet file / saved dataset: (where, {key: value}))
+    -> ({key: ids}, {key: sentence lengths}, bytes read)."""
     lineno, line = item
     job, tok = _JOB, _TOKENIZER
-    nbytes = len(line.encode("utf-8"))
-    if job["jsonl"]:
+    if isinstance(line, dict):  # a row, read and keyed already
+        nbytes, texts = 0, {key: _document(line[key], lineno, key) for key in job["keys"]}
+    elif job["jsonl"]:
+        nbytes = len(line.encode("utf-8"))
         if not line.strip():
             return {}, {}, nbytes
-        try:
-            data = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{job['input']}:{lineno}: not a JSON object ({exc.msg})") from None
-        texts = {}
-        for key in job["keys"]:
-            if not isinstance(data, dict) or key not in data:
-                raise DataError(f"{job['input']}:{lineno}: no key {key!r} (--json-keys)")
-            texts[key] = data[key]
+        where = f"{job['input']}:{lineno}"
+        record = json_record(line, where, job["keys"], "--json-keys")
+        texts = {key: _document(record[key], where, key) for key in job["keys"]}
     else:
+        nbytes = len(line.encode("utf-8"))
         text = line.rstrip("\r\n").rstrip("\r")
         if not text:
             return {}, {}, nbytes
@@ -123,13 +141,12 @@ def encode_line(item: Tuple[int, str]) -> Tuple[Dict[str, List[int]], Dict[str, 
     return ids, lens, nbytes
 
 
-def _lines(path: Path):
-    with open(path, "r", encoding="utf-8", newline="\n") as f:
-        try:
-            for lineno, line in enumerate(f, 1):
-                yield lineno, line
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start} of a line)") from None
+def _items(path: Path, keys: List[str]):
+    """What encode_line takes: (line number, line) of text and JSONL (decompressed; parsed
+    in the workers), or (where, record) of Parquet files and saved datasets."""
+    if format_of(path) in ("parquet", "hf_dataset"):
+        return iter_records(path, keys, "--json-keys")
+    return iter_lines(path)
 
 
 def preprocess(input_path, output_prefix: str, tok_cfg, run_dir: Optional[Path] = None, *, json_keys=("text",),
@@ -143,15 +160,18 @@ def preprocess(input_path, output_prefix: str, tok_cfg, run_dir: Optional[Path] 
 
         plugins = get_plugins()
     input_path = Path(input_path).expanduser()
-    if not input_path.is_file():
+    if not input_path.exists():
         raise DataError(f"--input {input_path}: no such file")
     if workers < 1:
         raise ConfigError(f"--workers {workers}: must be at least 1")
     entry = plugins.datasets.get(data_impl, "--data-impl")
     if not isinstance(entry.factory, WritesDocuments):
         raise ConfigError(f"--data-impl {data_impl}: that data source reads no pre-tokenized files (no document_writer)")
-    jsonl = input_path.suffix.lower() in (".jsonl", ".json", ".ndjson")
-    keys = list(json_keys) if jsonl else list(json_keys)[:1]
+    kind = format_of(input_path)
+    jsonl = kind == "jsonl"
+    keys = list(json_keys) if kind != "text" else list(json_keys)[:1]
+    # the bar counts bytes of a plain file, records of anything compressed or columnar
+    plain = kind in ("text", "jsonl") and compression_of(input_path) is None
     tokenizer = build_tokenizer(tok_cfg, run_dir, plugins)
     job = {"jsonl": jsonl, "keys": keys, "append_eod": append_eod, "input": str(input_path)}
     prefixes = [Path(f"{output_prefix}_{key}_document") for key in keys]
@@ -160,17 +180,18 @@ def preprocess(input_path, output_prefix: str, tok_cfg, run_dir: Optional[Path] 
     try:
         if workers == 1:
             _set_worker(tokenizer, job)
-            results = map(encode_line, _lines(input_path))
+            results = map(encode_line, _items(input_path, keys))
         else:
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
             pool = multiprocessing.get_context(method).Pool(workers, initializer=_init_worker,
                                                             initargs=(tok_cfg, run_dir, job))
-            results = pool.imap(encode_line, _lines(input_path), chunksize=32)
+            results = pool.imap(encode_line, _items(input_path, keys), chunksize=32)
         docs = tokens = 0
-        with tqdm(total=input_path.stat().st_size, unit="B", unit_scale=True, desc=f"tokenizing {input_path.name}",
-                  disable=not progress, file=sys.stderr, mininterval=0.5) as bar:
+        with tqdm(total=input_path.stat().st_size if plain else None, unit="B" if plain else " records",
+                  unit_scale=plain, desc=f"tokenizing {input_path.name}", disable=not progress, file=sys.stderr,
+                  mininterval=0.5) as bar:
             for ids, lens, nbytes in results:
-                bar.update(nbytes)
+                bar.update(nbytes if plain else 1)
                 if not ids:
                     continue
                 docs += 1

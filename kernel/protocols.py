@@ -495,6 +495,58 @@ class NemoModelConverter(Protocol):
 
 
 @runtime_checkable
+class NemoArchiveReader(Protocol):
+    """Optional on a `NemoModelConverter`: a family whose model_config.yaml leaves part of
+    the model to other members of the archive (NeMo 1.x NLP task models keep the encoder's
+    architecture in a JSON artifact named by `language_model.config_file`)."""
+
+    def nemo_model_table_from(self, nemo_config: dict, artifact: Callable[[str], Optional[bytes]], where: str) -> dict:
+        """As `nemo_model_table`; `artifact(key)` is the content of the archive member the
+        dotted yaml key names (`nemo:<uuid>_<name>`), None when the key is unset (a member
+        named but absent is the format's error, naming the key)."""
+
+
+@runtime_checkable
+class NemoModelExporter(Protocol):
+    """Optional on a model converter: `mega export RUN model.nemo --to nemo` writes the
+    archive NeMo's class restores (`restore_from`). The format writes the tar, one
+    `mp_rank_XX/model_weights.ckpt` per tensor-parallel rank (split along each tensor's
+    own split dimension), the tokenizer's files and the family's other members; the family
+    says the yaml, NeMo's names and the vocabulary padding."""
+
+    nemo_tokenizer_style: str  # "megatron" (library/type/model/vocab_file/merge_file) or "nlp" (tokenizer_name/vocab_file)
+    nemo_gzip: bool  # gzip the tar by default (NeMo before 1.7 opens gzipped archives only)
+
+    def nemo_config(self, model_config, tokenizer_section: dict, tp: int) -> dict:
+        """model_config.yaml for the run's `model` config at tensor-parallel size `tp`,
+        `tokenizer_section` (files already `nemo:` names) placed where the class reads it;
+        what NeMo's class cannot express is a ConfigError naming mega's key."""
+
+    def nemo_names(self, name: str, model_config) -> Sequence[str]:
+        """NeMo's state-dict keys of mega's tensor `name`: none (NeMo has no such tensor),
+        one, or several (a module NeMo's class registers twice, e.g. a shared embedding)."""
+
+    def nemo_vocab_rows(self, model_config, tokenizer, tp: int) -> int:
+        """The rows of the vocabulary-sized tensors (`vocab_tensors`) NeMo's class builds at
+        tensor-parallel size `tp` (its own padding rule)."""
+
+    def nemo_artifacts(self, model_config, tp: int) -> Dict[str, Tuple[str, bytes]]:
+        """Members besides the weights and the tokenizer's files, by the dotted yaml key that
+        names them: {key: (file name, content)}. The format stores each as
+        `<hash>_<file name>` and sets the key to `nemo:` that name, as NeMo's save does."""
+
+
+@runtime_checkable
+class NemoSplitDims(Protocol):
+    """Optional on a NeMo converter: tensors NeMo splits across tensor-parallel ranks where
+    mega keeps them whole (or along another dimension), e.g. a ColumnParallelLinear of
+    NeMo's that is a plain Linear in mega."""
+
+    def nemo_split_dims(self, model_config) -> Dict[str, Optional[int]]:
+        """{mega name: the dimension NeMo's ranks split it along (None: whole on each)}."""
+
+
+@runtime_checkable
 class HuggingFaceTokenizerConverter(Protocol):
     """Optional on a tokenizer converter: its files in a Hugging Face model directory."""
 
@@ -550,6 +602,27 @@ class NemoTokenizerConverter(Protocol):
     def from_nemo(self, tokenizer_config: dict) -> Optional[Dict[str, str]]:
         """{mega config key: the yaml key whose value names the archive member} when the
         section is this tokenizer's (by NeMo's `library` and `type`), else None."""
+
+
+@runtime_checkable
+class NemoTokenizerTable(Protocol):
+    """Optional on a `NemoTokenizerConverter`: what the yaml's section says beyond the files."""
+
+    def nemo_table(self, tokenizer_config: dict) -> Dict[str, object]:
+        """mega's tokenizer keys (besides `library` and the files) the section fixes, e.g.
+        the lower-casing a NeMo `tokenizer_name` implies."""
+
+
+@runtime_checkable
+class NemoTokenizerExporter(Protocol):
+    """Optional on a tokenizer converter: its section of a `.nemo` model_config.yaml."""
+
+    def to_nemo(self, tokenizer_table: dict, style: str) -> Optional[Tuple[Dict[str, object], Dict[str, str]]]:
+        """(NeMo's `tokenizer` section in `style` -- "megatron": `library`, `type`, `model`,
+        `vocab_file`, `merge_file` (Megatron GPT/BERT/T5 models); "nlp": `tokenizer_name`,
+        `vocab_file`, `tokenizer_model`, `special_tokens` (NeMo's NLP task models) -- with
+        the file keys left for the format; {yaml key: mega config key of the file it names});
+        None when NeMo's classes of that style cannot read this tokenizer."""
 
 
 # --- downstream tasks ---------------------------------------------------------------------------

@@ -24,6 +24,7 @@ KINDS = {
     "hidden_transforms": "register_hidden_transforms",
     "hidden_losses": "register_hidden_losses",
     "tasks": "register_tasks",
+    "evaluation_harnesses": "register_evaluation_harnesses",
     "model_converters": "register_model_converters",
     "tokenizer_converters": "register_tokenizer_converters",
 }

@@ -19,3 +19,22 @@ def plugins(mega_plugins):
 @pytest.fixture
 def corpus(mega_corpus):
     return mega_corpus
+
+
+_DISTRIBUTED_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                     "GROUP_RANK", "TORCHELASTIC_RUN_ID")
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_rendezvous():
+    """A test that leaves RANK / WORLD_SIZE / MASTER_* in os.environ would make every later
+    in-process run of the session wait for peers that never come: put them back."""
+    import os
+
+    before = {k: os.environ.get(k) for k in _DISTRIBUTED_VARS}
+    yield
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

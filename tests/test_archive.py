@@ -501,3 +501,42 @@ def test_nemo_options_are_checked(source_gpt, spm_model, tmp_path, capsys):
     nemo = _write_nemo(tmp_path / "gpt.nemo", _nemo_yaml(), _nemo_shards(model, 1), spm_model)
     assert main(["import", str(nemo), str(tmp_path / "run"), "--option", "tokenizer.vocab=x"]) == 2
     assert "--option tokenizer.vocab: not an option of the nemo format" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_a_gpt_run_exports_as_nemos_megatron_gpt_model_and_back(trained, tmp_path, plugins, tp):
+    """mega export --to nemo: NeMo 1.23's MegatronGPTModel layout (plain tar of `./` members,
+    one mp_rank_XX per rank, `model.`-prefixed legacy names, the tokenizer as a `nemo:` member),
+    and importing it gives the run's logits; the same export twice is the same file."""
+    run, _ = trained
+    out = tmp_path / "gpt.nemo"
+    options = [] if tp == 1 else ["--option", "tensor_parallel=2"]
+    assert main(["export", str(run.run_dir), str(out), "--to", "nemo", *options]) == 0
+    with tarfile.open(out, "r:") as tar:
+        names = tar.getnames()
+        cfg = yaml.safe_load(tar.extractfile("./model_config.yaml").read())
+        first = f"./{'mp_rank_00/' if tp > 1 else ''}model_weights.ckpt"
+        shard = torch.load(io.BytesIO(tar.extractfile(first).read()), weights_only=True)
+    assert names[0] == "." and all(n.startswith("./") for n in names[1:])
+    assert cfg["target"].endswith("megatron_gpt_model.MegatronGPTModel") and cfg["mcore_gpt"] is False
+    assert cfg["tensor_model_parallel_size"] == tp and cfg["tokenizer"]["library"] == "sentencepiece"
+    assert f"./{cfg['tokenizer']['model'][len('nemo:'):]}" in names and cfg["tokenizer"]["model"].endswith("_tokenizer.model")
+    mc = run.config.model
+    assert cfg["bias_activation_fusion"] is (mc.activation == "gelu_tanh") and cfg["openai_gelu"] is False
+    qkv = shard["model.language_model.encoder.layers.0.self_attention.query_key_value.weight"]
+    assert list(qkv.shape) == [3 * mc.hidden_size // tp, mc.hidden_size]
+    assert main(["import", str(out), str(tmp_path / "back")]) == 0
+    model, tokenizer, _ = restore(tmp_path / "back", plugins)
+    assert torch.equal(_logits(model, tokenizer.vocab_size), _logits(run.model, tokenizer.vocab_size))
+    again = tmp_path / "again.nemo"
+    assert main(["export", str(run.run_dir), str(again), "--to", "nemo", *options]) == 0
+    assert again.read_bytes() == out.read_bytes()
+
+
+def test_nemo_export_options_are_checked(trained, tmp_path, capsys):
+    run, _ = trained
+    assert main(["export", str(run.run_dir), str(tmp_path / "x.nemo"), "--to", "nemo", "--option", "tp=2"]) == 2
+    assert "--option tp: not an option of the nemo format" in capsys.readouterr().err
+    assert main(["export", str(run.run_dir), str(tmp_path / "x.nemo"), "--to", "nemo", "--option", "tensor_parallel=3"]) == 2
+    assert "not divisible by --option tensor_parallel=3" in capsys.readouterr().err
+    assert not (tmp_path / "x.nemo").exists()

@@ -300,7 +300,11 @@ def test_micro_batching_keeps_the_token_and_sample_means():
 @pytest.mark.parametrize("name,keys", [("bert", {}), ("bert", {"add_binary_head": False, "num_tokentypes": 0}),
                                        ("bert_causal_lm", {}), ("bert_sequence_classification", {"num_labels": 3}),
                                        ("bert_multiple_choice", {}), ("bert_token_classification", {"num_labels": 5}),
-                                       ("bert_question_answering", {}), ("bert_next_sentence", {})])
+                                       ("bert_question_answering", {}), ("bert_next_sentence", {}),
+                                       # NeMo's MLP heads (no pooler under the sequence classifier)
+                                       ("bert_sequence_classification", {"num_labels": 3, "classifier_layers": 2}),
+                                       ("bert_token_classification", {"num_labels": 5, "classifier_layers": 3}),
+                                       ("bert_question_answering", {"classifier_layers": 1})])
 def test_memory_estimate_counts_the_built_models_parameters(name, keys):
     """`mega plan`'s parameter count is exactly what BertModel builds, for every head."""
     cfg = bert_config(name, **keys)

@@ -8,7 +8,7 @@ a Hugging Face directory, ...). A command in the docs that the table does not co
 `test_doc_command` (add a row); a row no document shows any more fails
 `test_the_table_has_no_stale_rows`. Usage lines with placeholders (`mega import SOURCE
 RUN_DIR [--from FORMAT]`) are checked against the parser: the subcommand and every `--flag`
-must exist. `torchrun ... -m mega ...` lines are parsed, not run. A command the docs show
+must exist. `torchrun ... -m mega ...` and `srun mega ...` lines are parsed, not run. A command the docs show
 with its output (`$ mega ...` followed by lines) must print that output (a line ending in
 "..." is a prefix).
 
@@ -63,7 +63,7 @@ def _normal(text: str) -> str:
 
 
 def _is_command(stripped: str) -> bool:
-    return stripped.startswith(("mega ", "$ mega ", "torchrun ")) or stripped == "mega"
+    return stripped.startswith(("mega ", "$ mega ", "torchrun ", "srun mega ")) or stripped == "mega"
 
 
 def _markdown_commands(path: Path) -> List[DocCommand]:
@@ -251,6 +251,8 @@ COMMANDS: Dict[str, object] = {
     "mega import megatron_gpt.nemo results/from-nemo": Run(needs=("megatron_gpt.nemo",), fresh=("results/from-nemo",),
                                                            expect=_has("imported")),
     'mega generate megatron_gpt.nemo --prompt "..."': Run(FEW_TOKENS, needs=("megatron_gpt.nemo",)),
+    "mega export results/from-nemo gpt_tp2.nemo --to nemo --option tensor_parallel=2":
+        Run(needs=("results/from-nemo",), fresh=("gpt_tp2.nemo",), expect=_file("gpt_tp2.nemo")),
     "mega import gpt.nemo RUN --option tokenizer.library=sentencepiece --option tokenizer.model=/path/spm.model":
         Run(needs=("gpt.nemo", "spm.model"), replace=(("RUN", "results/nemo-spm"), ("/path/spm.model", "spm.model")),
             fresh=("results/nemo-spm",), expect=_has("imported")),
@@ -294,6 +296,17 @@ COMMANDS: Dict[str, object] = {
     "mega run examples/txl-base.toml trainer.devices=8": Run(TXL + WT103, needs=("wt103",),
                                                              expect=_file("results/txl-base/checkpoints")),
     "mega evaluate results/txl-base --split test": Run(needs=("results/txl-base",), expect=_has("perplexity")),
+    # docs/ecosystem.md (W&B offline; MLflow's file store, allowed in `workspace`)
+    "mega run examples/quickstart.toml exp_manager.name=tracked exp_manager.create_wandb_logger=true"
+    " exp_manager.wandb_logger_kwargs.project=mega-quickstart exp_manager.wandb_logger_kwargs.offline=true":
+        Run(GPT + DATA, needs=("corpus.txt",), fresh=("results/tracked",), expect=_file("results/tracked/wandb")),
+    "mega run examples/quickstart.toml exp_manager.name=tracked-mlflow exp_manager.create_mlflow_logger=true":
+        Run(GPT + DATA, needs=("corpus.txt",), fresh=("results/tracked-mlflow",), expect=_file("mlruns")),
+    "mega evaluate RUN_OR_ARCHIVE --harness TASKS [--include-path DIR] [--num-fewshot N] [--limit N] [--batch-size N]"
+    " [--device DEV] [dotted.key=value ...]": SYNOPSIS,
+    "mega evaluate results/quickstart --harness mega_toy_choice --include-path lm_eval_tasks":
+        Run(("--limit", "4"), needs=("results/quickstart", "lm_eval_tasks"),
+            expect=_file("results/quickstart/eval_harness.json"), slow=True),
     # docs/parallelism.md
     "mega run examples/gpt-tp2.toml": Run(GPT + DATA, needs=("corpus.txt",), slow=True),
     # on a machine with one GPU (or none) the 2 workers must be CPU workers
@@ -301,6 +314,7 @@ COMMANDS: Dict[str, object] = {
         Run(GPT + DATA + ("trainer.accelerator=cpu",), needs=("corpus.txt",), slow=True),
     "torchrun --nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 -m mega run exp.toml"
     " trainer.devices=8 trainer.num_nodes=2": LAUNCH,
+    "srun mega run exp.toml trainer.devices=8 trainer.num_nodes=2": LAUNCH,  # the sbatch example (tests/test_slurm.py)
     # docs/data.md
     "mega preprocess --input FILE --output-prefix PREFIX [--config EXP.toml] [--tokenizer KEY=VALUE|RUN_DIR ...]"
     " [--json-keys KEY ...] [--workers N] [--append-eod]": SYNOPSIS,
@@ -342,6 +356,12 @@ COMMANDS: Dict[str, object] = {
                                                   fresh=("results/multiple_choice",)),
     "mega evaluate results/multiple_choice --split valid": Run(needs=("results/multiple_choice",),
                                                                expect=_has('"accuracy"')),
+    "mega export results/token_classification ner.nemo --to nemo": Run(needs=("results/token_classification",),
+                                                                       fresh=("ner.nemo",), expect=_file("ner.nemo")),
+    'mega predict ner.nemo --text "the result is not none if the key is not in the dict"':
+        Run(needs=("ner.nemo",), expect=_has('"entities"')),
+    "mega evaluate ner.nemo --split valid model.dataset.data_dir=tasks/ner": Run(needs=("ner.nemo",),
+                                                                                 expect=_has('"f1"')),
     "mega export results/squad squad.mega": Run(needs=("results/squad",), fresh=("squad.mega",), expect=_file("squad.mega")),
     'mega predict squad.mega --question "what comes after lambda ?" --context "a lambda expression yields a function'
     ' object"': Run(needs=("squad.mega",), expect=_has('"answer"')),
@@ -494,6 +514,12 @@ def _google(kind: str, entries: int):
     return make
 
 
+def _lm_eval_tasks(directory: Path) -> None:
+    from tests.test_lm_eval import write_tasks as write_lm_eval_tasks
+
+    write_lm_eval_tasks(directory, choice_words=1)  # answers that fit the shortened quickstart's 16 positions
+
+
 ARTIFACTS: Dict[str, Tuple[Tuple[str, ...], Callable[[Path], None]]] = {
     # name (a path in the workspace): (what it needs, how it is made)
     "corpus.txt": ((), lambda ws: write_corpus(ws / "corpus.txt")),
@@ -511,6 +537,9 @@ ARTIFACTS: Dict[str, Tuple[Tuple[str, ...], Callable[[Path], None]]] = {
     "results/gpt2": (("gpt2-small",), lambda ws: _run_doc(ws, "mega import ./gpt2-small results/gpt2")),
     "megatron_gpt.nemo": (("results/quickstart",), _nemo),
     "gpt.nemo": (("megatron_gpt.nemo",), lambda ws: shutil.copy(ws / "megatron_gpt.nemo", ws / "gpt.nemo")),
+    "results/from-nemo": (("megatron_gpt.nemo",), lambda ws: _run_doc(ws, "mega import megatron_gpt.nemo results/from-nemo")),
+    "ner.nemo": (("results/token_classification",),
+                 lambda ws: _run_doc(ws, "mega export results/token_classification ner.nemo --to nemo")),
     "spm.model": (("results/quickstart",), lambda ws: shutil.copy(ws / "results/quickstart/tokenizer.model",
                                                                  ws / "spm.model")),
     "results/megatron_mim": (("corpus.txt",), lambda ws: _run_doc(ws, "mega run examples/mim.toml")),
@@ -524,6 +553,7 @@ ARTIFACTS: Dict[str, Tuple[Tuple[str, ...], Callable[[Path], None]]] = {
     "results/bert": ((), lambda ws: _run_doc(ws, "mega run examples/bert.toml")),
     "vocab.txt": (("results/bert",), lambda ws: shutil.copy(ws / "results/bert/vocab.txt", ws / "vocab.txt")),
     "tasks": ((), lambda ws: write_tasks(ws / "tasks", train=40, dev=10)),
+    "lm_eval_tasks": ((), lambda ws: _lm_eval_tasks(ws / "lm_eval_tasks")),
     "results/squad": (("tasks", "results/bert"), lambda ws: _run_doc(ws, "mega run examples/squad.toml")),
     "results/text_classification": (("tasks", "results/bert"),
                                     lambda ws: _run_doc(ws, "mega run examples/text_classification.toml")),
@@ -590,6 +620,11 @@ def workspace(tmp_path_factory):
     (ws / "examples").symlink_to(ROOT / "examples", target_is_directory=True)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(ws)
+        # docs/ecosystem.md: no tracker or hub is reached; MLflow 3 allows its file store only when asked
+        for key, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "MLFLOW_ALLOW_FILE_STORE": "true",
+                           "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}.items():
+            mp.setenv(key, value)
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         yield ws
 
 
@@ -627,8 +662,11 @@ def test_doc_command(doc: DocCommand, workspace, capsys):
                     " how to shorten it and what it needs")
     words = shlex.split(doc.text)
     if spec == LAUNCH:
-        args = words[words.index("-m") + 2:]
-        assert words[words.index("-m") + 1] == "mega"
+        if words[0] == "srun":  # srun [options] mega ARGS
+            args = words[words.index("mega") + 1:]
+        else:
+            args = words[words.index("-m") + 2:]
+            assert words[words.index("-m") + 1] == "mega"
         _parser().parse_args(args)
         return
     if spec == SYNOPSIS:

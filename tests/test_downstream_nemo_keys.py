@@ -1,6 +1,7 @@
 """NeMo 1.x's own task configs load: their DataLoader keys, caches, `.nemo` path, label
 map keys and head sections are accepted; those with a meaning in mega have it (`shuffle`,
-`model.label_ids`, a token classification's `class_labels.class_labels_file`), the others
+`model.label_ids`, a token classification's `class_labels.class_labels_file`, the head
+sections: NeMo's MLP heads, tests/test_nemo_task_archives.py), the others
 are named in one log line, the same way for every task (mega.plugins.tasks.nemo_keys).
 
 The `model` tables below carry the keys of NeMo's example configs
@@ -63,12 +64,12 @@ def _nemo(d, name):
 NOTED = {
     "question_answering": ["model.train_ds.batch_size", "model.validation_ds.batch_size", "model.test_ds.batch_size",
                            "model.test_ds.output_prediction_file", "model.test_ds.output_nbest_file",
-                           "model.dataset.use_cache", "model.dataset.num_workers", "model.token_classifier"],
+                           "model.dataset.use_cache", "model.dataset.num_workers"],
     "text_classification": ["model.train_ds.batch_size", "model.train_ds.num_workers", "model.validation_ds.batch_size",
-                            "model.validation_ds.num_workers", "model.dataset.do_lower_case", "model.classifier_head",
+                            "model.validation_ds.num_workers", "model.dataset.do_lower_case",
                             "model.infer_samples", "model.nemo_path"],
     "token_classification": ["model.train_ds.batch_size", "model.validation_ds.batch_size", "model.dataset.use_cache",
-                             "model.dataset.num_workers", "model.head"],
+                             "model.dataset.num_workers"],
 }
 
 

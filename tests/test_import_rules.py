@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # From the ground up; the façade (`mega/__init__`) and the plugin-author kit
 # (`mega.testing`) sit outside the layers: they may use any of them.
 LAYERS = (
-    ("mega.errors", "mega.protocols", "mega.hookspecs"),
+    ("mega.errors", "mega.protocols", "mega.hookspecs", "mega.documents", "mega.environment"),
     ("mega.runtime",),
     ("mega.registry", "mega.plugin_manager"),
     ("mega.config",),

@@ -34,10 +34,12 @@ def write_imported_run(run_dir: Path, raw_config: dict, model_state: Dict[str, t
 
     Everything is written into a temporary directory beside `run_dir`, renamed into place
     at the end: a failed import leaves nothing behind, and never touches an existing run."""
+    from mega.runtime.parallel import one_process
+
     run_dir = Path(run_dir).expanduser().absolute()
     if run_dir.exists() and any(run_dir.iterdir()):
         raise CheckpointError(f"{run_dir}: exists and is not empty; import into a new directory")
-    with atomic_directory(run_dir) as tmp:
+    with atomic_directory(run_dir) as tmp, one_process():  # the whole model, also inside a parallel run
         _write_run(tmp, run_dir, raw_config, model_state, plugins, files, step)
     return run_dir / "checkpoints" / (run_dir / "checkpoints" / LATEST).read_text().strip()
 

@@ -22,6 +22,7 @@ from mega.config.overrides import apply_overrides, parse_value
 from mega.config.schema import (
     CheckpointConfig,
     DataConfig,
+    Duration,
     ExperimentConfig,
     ExpManagerConfig,
     HiddenLossConfig,
@@ -38,7 +39,7 @@ from mega.config.structure import schema_has, schema_keys, structure, structure_
 from mega.errors import ConfigError
 
 __all__ = [
-    "CheckpointConfig", "DataConfig", "ExperimentConfig", "ExpManagerConfig", "HiddenLossConfig",
+    "CheckpointConfig", "DataConfig", "Duration", "ExperimentConfig", "ExpManagerConfig", "HiddenLossConfig",
     "HiddenTransformConfig", "ModelConfig", "NamedTables", "OptimConfig", "Precision", "SchedConfig",
     "TokenizerConfig", "TrainerConfig", "load_config", "load_raw", "config_from_dict", "dump_config",
     "parse_value", "structure_table", "to_dict",

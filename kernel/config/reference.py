@@ -41,7 +41,8 @@ def _type_name(t) -> str:
     if typing.get_origin(t) is typing.Literal:
         return " or ".join(f"`{str(a).lower() if isinstance(a, bool) else repr(a)}`".replace("'", '"') for a in typing.get_args(t))
     if isinstance(t, type):
-        return {"str": "string", "int": "integer", "float": "number", "bool": "boolean", "Precision": "32, 16 or \"bf16\""}.get(t.__name__, t.__name__)
+        return {"str": "string", "int": "integer", "float": "number", "bool": "boolean", "Precision": "32, 16 or \"bf16\"",
+                "Duration": "\"DD:HH:MM:SS\" or a table {days, hours, minutes, seconds}"}.get(t.__name__, t.__name__)
     args = typing.get_args(t)
     origin = typing.get_origin(t)
     if origin is typing.Union and type(None) in args:

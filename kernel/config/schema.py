@@ -54,6 +54,48 @@ class Precision(str):
         return cls(norm)
 
 
+class Duration(str):
+    """A length of time, normalised to Lightning's and NeMo's "DD:HH:MM:SS".
+
+    Accepts that string (days may have more digits: "1:00:00:00"), or a table of
+    `datetime.timedelta`'s fields as Lightning's Timer does ({hours = 3, minutes = 55}:
+    weeks, days, hours, minutes, seconds)."""
+
+    FIELDS = ("weeks", "days", "hours", "minutes", "seconds")
+
+    @classmethod
+    def parse(cls, value) -> "Duration":
+        import datetime
+        import re
+
+        if isinstance(value, str):
+            match = re.fullmatch(r"(\d+):(\d\d):(\d\d):(\d\d)", value.strip())
+            if not match:
+                raise ValueError(f"expected \"DD:HH:MM:SS\" (days:hours:minutes:seconds), got {value!r}")
+            days, hours, minutes, seconds = (int(g) for g in match.groups())
+            if hours > 23 or minutes > 59 or seconds > 59:
+                raise ValueError(f"expected \"DD:HH:MM:SS\" with hours < 24, minutes and seconds < 60, got {value!r}")
+            delta = datetime.timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+        elif isinstance(value, dict):
+            unknown = sorted(set(value) - set(cls.FIELDS))
+            bad = [k for k, v in value.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0]
+            if unknown or bad or not value:
+                raise ValueError(f"expected a table of {', '.join(cls.FIELDS)} (non-negative numbers), got {value!r}")
+            delta = datetime.timedelta(**value)
+        else:
+            raise ValueError(f"expected \"DD:HH:MM:SS\" or a table such as {{hours = 3, minutes = 55}}, got {value!r}")
+        total = int(delta.total_seconds())
+        if total <= 0:
+            raise ValueError(f"must be longer than 0 seconds, got {value!r}")
+        days, rest = divmod(total, 86400)
+        return cls(f"{days:02d}:{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}")
+
+    @property
+    def seconds(self) -> int:
+        days, hours, minutes, seconds = (int(x) for x in self.split(":"))
+        return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
 class InvalidValue(ValueError):
     """A value outside its key's range; the strict structuring reports it at `<table>.<key>`."""
 
@@ -108,6 +150,7 @@ class TrainerConfig:
     accumulate_grad_batches: int = field(default=1, validator=at_least_one)  # micro-batches per step (derived from global_batch_size if set)
     gradient_clip_val: float = field(default=1.0, validator=non_negative)  # max global grad norm; 0 disables clipping
     dist_timeout_s: int = field(default=600, validator=positive)  # a collective that waits longer (a hung or dead worker) fails the run
+    max_time: Optional[Duration] = None  # stop with a checkpoint once training (summed over resumes) has run this long
     enable_progress_bar: Optional[bool] = None  # None: only on a terminal, never under CI/SLURM
 
 
@@ -130,7 +173,22 @@ class ExpManagerConfig:
     resume_if_exists: bool = True  # resume from the latest good checkpoint in the run directory
     resume_ignore_config_changes: bool = False  # resume even if keys that cannot resume safely changed (model shape, data, tokenizer)
     loggers: List[str] = field(factory=lambda: ["console", "jsonl", "tensorboard"])
+    # NeMo's experiment-tracker switches: each adds its logger to `loggers` (docs/ecosystem.md)
+    create_wandb_logger: bool = False  # add the `wandb` logger (Weights & Biases; pip install 'mega-lm[wandb]')
+    wandb_logger_kwargs: Dict[str, Any] = field(factory=dict)  # its settings, NeMo's/Lightning's names: name, project, id, save_dir, offline, tags, ...
+    create_mlflow_logger: bool = False  # add the `mlflow` logger (pip install 'mega-lm[mlflow]')
+    mlflow_logger_kwargs: Dict[str, Any] = field(factory=dict)  # its settings, NeMo's names: experiment_name, run_name, tracking_uri, tags, run_id, ...
     checkpoint: CheckpointConfig = field(factory=CheckpointConfig)
+    max_time_per_run: Optional[Duration] = None  # stop with a checkpoint once this start of the run has trained this long (under a job time limit)
+
+    def logger_names(self) -> List[str]:
+        """The loggers a run attaches: `loggers`, then `wandb` / `mlflow` when NeMo's
+        `create_wandb_logger` / `create_mlflow_logger` ask for them (once each)."""
+        names = list(self.loggers)
+        for name, wanted in (("wandb", self.create_wandb_logger), ("mlflow", self.create_mlflow_logger)):
+            if wanted and name not in names:
+                names.append(name)
+        return names
 
 
 @define(kw_only=True)
@@ -216,6 +274,16 @@ class ModelConfig:
         """The samples this model trains on, handed to the data source (next-token by
         default; a model plugin overrides this to declare another need)."""
         return SampleObjective()
+
+    @classmethod
+    def tiny_preset(cls, directory) -> Optional[dict]:
+        """A tiny instance of this model, as torchtitan's `debugmodel` or litgpt's
+        `Config.from_name`: the experiment tables (at least `model`, with the tokenizer and
+        data it needs) that build it and train a step in about a second on a CPU, writing
+        whatever files it needs (a corpus, a vocabulary, task files) under `directory`.
+        `mega.testing.tiny_preset(name, directory)` and its fixtures build tests on it; None:
+        this model has no preset (a test of the registry lists it)."""
+        return None
 
 
 @define(kw_only=True)

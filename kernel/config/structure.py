@@ -29,7 +29,7 @@ try:
 except NameError:  # Python 3.10: the backport cattrs itself depends on
     from exceptiongroup import BaseExceptionGroup
 
-from mega.config.schema import SLOTS, DataConfig, ExperimentConfig, InvalidValue, Precision, Slot
+from mega.config.schema import SLOTS, DataConfig, Duration, ExperimentConfig, InvalidValue, Precision, Slot
 from mega.errors import ConfigError, MegaError, PluginError, did_you_mean
 
 
@@ -64,6 +64,7 @@ def make_converter(plugins) -> cattrs.Converter:
     )
     conv.register_structure_hook(str, _strict("a string", lambda v: isinstance(v, str)))
     conv.register_structure_hook(Precision, lambda v, _t: Precision.parse(v))
+    conv.register_structure_hook(Duration, lambda v, _t: Duration.parse(v))
     conv.register_structure_hook_func(lambda t: typing.get_origin(t) is Literal, _literal)
     _table_check(conv)
     _named_tables(conv)

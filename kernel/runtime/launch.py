@@ -6,9 +6,11 @@ local rendezvous. Across machines, start the same command under
 `torchrun --nnodes=K --nproc-per-node=N -m mega run exp.toml ...`; a process that finds
 itself launched (RANK / WORLD_SIZE / LOCAL_RANK in its environment) joins the group
 instead of launching. A worker that fails ends the run: the launcher stops the others and
-we report each failed rank with its error. SIGTERM or SIGINT to the launching process is
-forwarded to the workers (which finish their step and save a checkpoint); the launcher then
-exits 128 + the signal, like one process.
+we report each failed rank with its error. SIGTERM, SIGINT or SIGUSR1 (SLURM's warning
+before a job's time limit) to the launching process is forwarded to the workers (which
+finish their step and save a checkpoint); the launcher then exits 128 + the signal, like
+one process. Under `srun` with one task per worker nothing is launched
+(`mega.runtime.slurm`).
 """
 from __future__ import annotations
 
@@ -28,8 +30,8 @@ class WorkerFailed(MegaError):
 
 
 class LauncherStopped(SystemExit):
-    """SIGTERM or SIGINT reached the launching process; the workers got it too and stopped
-    after saving a checkpoint. Exit status 128 + the signal (143, 130)."""
+    """SIGTERM, SIGINT or SIGUSR1 reached the launching process; the workers got it too and
+    stopped after saving a checkpoint. Exit status 128 + the signal (143, 130, 138)."""
 
     def __init__(self, signum: int):
         super().__init__(128 + signum)
@@ -58,7 +60,10 @@ def launch_local_workers(nproc: int, argv: List[str]) -> None:
         rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
         start_method="spawn",
     )
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    forwarded = [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s is not None]
+    handlers = {s: signal.getsignal(s) for s in forwarded}
+    if hasattr(signal, "SIGUSR1"):  # the elastic agent forwards the signals it handles; it does not handle this one
+        signal.signal(signal.SIGUSR1, _forward_to_workers)
     try:
         elastic_launch(config, sys.executable)("-m", "mega", *argv)
     except ChildFailedError as err:
@@ -75,6 +80,14 @@ def launch_local_workers(nproc: int, argv: List[str]) -> None:
     finally:  # the elastic agent installs its own handlers and leaves them; put ours back
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
+
+
+def _forward_to_workers(signum, frame) -> None:
+    """Stop the elastic agent as its own SIGTERM handler does: it then sends the signal to
+    every worker and waits for them to exit (each saves a checkpoint first)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    raise SignalException(f"Process {os.getpid()} got signal: {signum}", sigval=signal.Signals(signum))
 
 
 def record_worker_error(exc: BaseException) -> None:

@@ -75,11 +75,16 @@ class ParallelState:
 
     def max_int(self, value: int) -> int:
         """The largest of every rank's `value` (a small non-negative integer), on every rank."""
+        return self.max_ints(value)[0]
+
+    def max_ints(self, *values: int) -> tuple:
+        """The largest of every rank's value at each position (small non-negative integers),
+        on every rank, in one all-reduce: several decisions every rank must take alike."""
         if not self.distributed:
-            return value
-        t = torch.tensor([float(value)], device=_collective_device())
+            return tuple(int(v) for v in values)
+        t = torch.tensor([float(v) for v in values], device=_collective_device())
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return int(t.item())
+        return tuple(int(v) for v in t.tolist())
 
     def barrier(self) -> None:
         if self.distributed:
@@ -116,6 +121,19 @@ def set_current(state: ParallelState) -> ParallelState:
     return state
 
 
+@contextlib.contextmanager
+def one_process():
+    """Build models as one process would (tensor and pipeline size 1) inside the block,
+    whatever this process's layout: converters hold a whole model's tensors at one process
+    (`mega import`, and a one-file checkpoint opened by each rank of a parallel run)."""
+    previous = current()
+    set_current(ParallelState())
+    try:
+        yield
+    finally:
+        set_current(previous)
+
+
 def layout(world: int, tp: int, pp: int) -> int:
     """The data-parallel size, or a ConfigError naming the keys when sizes do not divide."""
     if tp < 1 or pp < 1:
@@ -146,12 +164,17 @@ def rank_groups(tp: int, dp: int, pp: int) -> list:
 def init_parallel(devices: int, num_nodes: int, timeout_s: int = 600, tp: int = 1, pp: int = 1,
                   accelerator: str = "auto") -> ParallelState:
     """Join the process group (NCCL when this run's `accelerator` resolves to CUDA, else
-    gloo) and every parallel group of this rank; one process: only the layout check."""
+    gloo) and every parallel group of this rank; one process: only the layout check. An
+    srun task (`mega.runtime.slurm`) joins as the worker of its SLURM_PROCID."""
+    from mega.runtime.slurm import adopt_srun_task
+
+    adopt_srun_task(devices, num_nodes)
     if not launched():
         if devices * num_nodes != 1:
             raise ConfigError(
                 f"trainer.devices={devices}, trainer.num_nodes={num_nodes}: start this with `mega run` (which"
                 " launches local workers) or, across machines, `torchrun --nnodes=K --nproc-per-node=N -m mega run ...`"
+                " or `srun mega run ...` (one task per worker)"
             )
         layout(1, tp, pp)
         return set_current(ParallelState())

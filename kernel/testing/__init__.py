@@ -45,8 +45,12 @@ __all__ = [
     "run_cli",
     "run_ranks",
     "tiny_config",
+    "tiny_model",
+    "tiny_preset",
     "tiny_raw",
     "write_corpus",
+    "write_documents",
+    "write_vocab",
 ]
 
 WORDS = ("the model reads a token and predicts the next one while the loss falls slowly "
@@ -61,6 +65,83 @@ def write_corpus(path: Path, lines: int = 200, seed: int = 0) -> Path:
     path = Path(path)
     path.write_text(text + "\n")
     return path
+
+
+def write_documents(path: Path, documents: int = 40, seed: int = 0) -> Path:
+    """Write `documents` documents of 1-7 sentences, one sentence per line and a blank line
+    between documents (what BERT's sentence-pair samples are cut from), to `path`."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(documents):
+        sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + " ."
+                     for _ in range(rng.randint(1, 7))]
+        docs.append("\n".join(sentences))
+    path = Path(path)
+    path.write_text("\n\n".join(docs) + "\n")
+    return path
+
+
+SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def write_vocab(path: Path, words: Sequence[str] = WORDS) -> Path:
+    """A BERT-style `vocab.txt`: its special tokens, `.`, then `words` (each once, in order)."""
+    seen = dict.fromkeys([*SPECIAL, ".", *words])
+    path = Path(path)
+    path.write_text("\n".join(seen) + "\n")
+    return path
+
+
+TINY_TRAINER = {"max_steps": 6, "val_check_interval": 3, "limit_val_batches": 2, "log_every_n_steps": 1,
+                "enable_progress_bar": False, "accelerator": "cpu"}
+
+
+def tiny_preset(name: str, directory: Path, plugins=None, **sections) -> dict:
+    """The tiny experiment of the registered model `name` (its config class's
+    `tiny_preset`, see `mega.config.ModelConfig`): a few quick steps under
+    `directory / "results" / name`, the files it needs written under `directory`, then
+    `sections` deep-merged (`trainer={"max_steps": 2}`). A ConfigError names a model
+    without a preset."""
+    from mega.errors import ConfigError
+
+    if plugins is None:
+        import mega
+
+        plugins = mega.get_plugins()
+    entry = plugins.models.get(name, "model.name")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    preset = entry.config.tiny_preset(directory) if entry.config is not None else None
+    if preset is None:
+        raise ConfigError(f"model {name!r} (plugin {entry.plugin!r}) has no tiny preset (ModelConfig.tiny_preset)")
+    raw = {"trainer": dict(TINY_TRAINER),
+           "exp_manager": {"exp_dir": str(directory / "results"), "name": name, "loggers": ["jsonl"],
+                           "checkpoint": {"every_n_train_steps": 0}}}
+    deep_update(raw, copy.deepcopy(preset))
+    raw.setdefault("model", {})["name"] = name
+    return deep_update(raw, copy.deepcopy(sections))
+
+
+def tiny_model(name: str, directory: Path, plugins=None, **model):
+    """(model, tokenizer, config) of the registered model `name` built from its tiny preset
+    (`model` keys deep-merged into its table), on the CPU, in eval mode, without training.
+    The model is seeded by its config's `model.seed`, so two calls build the same weights."""
+    from mega.checkpoint import build_model
+    from mega.config import config_from_dict
+    from mega.runtime.parallel import ParallelState
+
+    if plugins is None:
+        import mega
+
+        plugins = mega.get_plugins()
+    raw = tiny_preset(name, directory, plugins, model=model)
+    config = config_from_dict(raw, [], plugins, source=f"tiny preset of {name}")
+    mc = config.model
+    mc.check(plugins)
+    source = plugins.datasets.get(mc.data.data_impl, "model.data.data_impl").factory(mc.data, Path(directory))
+    tokenizer = plugins.tokenizers.get(mc.tokenizer.library, "model.tokenizer.library").factory(
+        mc.tokenizer, source.files(), Path(directory))
+    return build_model(config, tokenizer, plugins, ParallelState()).eval(), tokenizer, config
 
 
 def run_ranks(fn, world: int, tp: int = 1, pp: int = 1, args=(), timeout: float = 120):

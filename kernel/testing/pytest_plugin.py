@@ -19,7 +19,11 @@ import contextlib
 
 import pytest
 
-from mega.testing import TinyExperiment, register_plugin, write_corpus
+from mega.environment import check_own_package
+
+check_own_package()  # PyPI's `mega` over mega-lm's __init__.py: one clear error, not a missing mega.hookimpl
+
+from mega.testing import TinyExperiment, register_plugin, write_corpus  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -27,6 +27,7 @@ from mega.runtime.pipeline import forward_backward_no_pipelining, forward_backwa
 from mega.runtime.precision import autocast
 from mega.runtime.tensor_parallel import sum_sequence_parallel_grads
 from mega.runtime.unreached import drop_gradients, unreached_parameters
+from mega.training import time_limits
 from mega.training.batches import BatchLoader, load_micro_batches, micro_batch_positions
 
 log = logging.getLogger("mega")
@@ -181,11 +182,12 @@ def _flops_per_token(run) -> float | None:
 
 @contextlib.contextmanager
 def attached_loggers(run):
-    """Instantiate the loggers named in `exp_manager.loggers` and register them with the
+    """Instantiate the loggers the run asks for (`exp_manager.loggers`, and the trackers
+    NeMo's `create_wandb_logger` / `create_mlflow_logger` add) and register them with the
     plugin manager for the duration of training, so lifecycle hooks reach them."""
     names = []
     try:
-        for name in run.config.exp_manager.loggers if run.parallel.is_main else []:
+        for name in run.config.exp_manager.logger_names() if run.parallel.is_main else []:
             entry = run.plugins.loggers.get(name, "exp_manager.loggers")
             names.append(f"logger:{name}")
             run.plugins.pm.register(entry.factory(run), name=names[-1])
@@ -196,10 +198,17 @@ def attached_loggers(run):
                 run.plugins.pm.unregister(name=n)
 
 
+# The signals that stop a run after the current step with a checkpoint: a scheduler
+# preempting the job (SIGTERM), Ctrl-C (SIGINT), and SLURM's warning before the time limit
+# (`#SBATCH --signal=USR1@90`), after which the job is requeued and resumes.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name))
+
+
 class Preempted(SystemExit):
-    """SIGTERM (a scheduler preempting the job) or SIGINT (Ctrl-C) arrived: a checkpoint of
-    the last finished step was saved; re-running the same command resumes from it. Exit
-    status 128 + the signal: 143 for SIGTERM, 130 for SIGINT."""
+    """SIGTERM (a scheduler preempting the job), SIGINT (Ctrl-C) or SIGUSR1 (SLURM's warning
+    before the time limit) arrived: a checkpoint of the last finished step was saved;
+    re-running the same command resumes from it. Exit status 128 + the signal: 143 for
+    SIGTERM, 130 for SIGINT, 138 for SIGUSR1."""
 
     def __init__(self, step: int, path, signum: int = signal.SIGTERM):
         super().__init__(128 + signum)
@@ -207,11 +216,14 @@ class Preempted(SystemExit):
 
     def __str__(self) -> str:
         name = signal.Signals(self.signum).name
-        return f"{name}: checkpoint of step {self.step} saved at {self.path}; re-run the same command to resume"
+        again = "re-run the same command"
+        if self.signum == getattr(signal, "SIGUSR1", None):
+            again += " (or requeue the job: scontrol requeue $SLURM_JOB_ID)"
+        return f"{name}: checkpoint of step {self.step} saved at {self.path}; {again} to resume"
 
 
 class StopFlag:
-    """Set by SIGTERM or SIGINT; remembers the first signal (the exit status follows it)."""
+    """Set by SIGTERM, SIGINT or SIGUSR1; remembers the first signal (the exit status follows it)."""
 
     def __init__(self):
         self._event = threading.Event()
@@ -234,9 +246,9 @@ _DUPLICATE_SIGINT_S = 1.0
 
 @contextlib.contextmanager
 def stop_flag():
-    """Turn SIGTERM and SIGINT into a flag the loop checks between steps (main thread only):
-    the loop finishes the step, saves a checkpoint and exits 143 (SIGTERM) or 130 (SIGINT).
-    A second SIGINT raises KeyboardInterrupt at once."""
+    """Turn SIGTERM, SIGINT and SIGUSR1 into a flag the loop checks between steps (main
+    thread only): the loop finishes the step, saves a checkpoint and exits 143 (SIGTERM),
+    130 (SIGINT) or 138 (SIGUSR1). A second SIGINT raises KeyboardInterrupt at once."""
     flag = StopFlag()
     if threading.current_thread() is not threading.main_thread():
         yield flag
@@ -255,8 +267,15 @@ def stop_flag():
         log.warning("SIGINT: stopping after this step and saving a checkpoint (Ctrl-C again to abort at once)")
         flag.set(signal.SIGINT)
 
-    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: flag.set(signal.SIGTERM)),
-                signal.SIGINT: signal.signal(signal.SIGINT, on_sigint)}
+    def on_usr1(signum, frame):
+        if flag.signum is None:
+            log.warning("SIGUSR1: stopping after this step and saving a checkpoint (the job's time limit is near)")
+        flag.set(signum)
+
+    handlers = {signal.SIGTERM: lambda signum, frame: flag.set(signal.SIGTERM), signal.SIGINT: on_sigint}
+    if hasattr(signal, "SIGUSR1"):
+        handlers[signal.SIGUSR1] = on_usr1
+    previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
     try:
         yield flag
     finally:
@@ -275,6 +294,10 @@ def train(run) -> None:
         log.info("nothing to do: the run is already at step %d of trainer.max_steps=%d", run.step,
                  run.config.trainer.max_steps)
         return
+    spent = time_limits.budget_spent(run)
+    if spent:
+        log.info("nothing to do: %s", spent)
+        return
     with attached_loggers(run), stop_flag() as stop:
         _train(run, stop)
 
@@ -290,6 +313,7 @@ def _train(run, stop: StopFlag) -> None:
     loader = BatchLoader(run.train_data, run.global_batch_size, cfg.model.micro_batch_size, run.parallel.dp_rank,
                          run.parallel.dp_size, run.device, prefetch=cfg.model.data.prefetch, end_step=tr.max_steps)
     hook.on_train_start(run=run)
+    run.started_at = time.monotonic()  # trainer.max_time / exp_manager.max_time_per_run count from here
     try:
         busy, steps_since = 0.0, 0  # time spent in training steps since the last log
         waited, loss_tokens = 0.0, 0.0  # data wait (ms) and loss-bearing tokens since the last log
@@ -322,12 +346,18 @@ def _train(run, stop: StopFlag) -> None:
                 busy, steps_since, waited, loss_tokens = 0.0, 0, 0.0, 0.0
             if run.valid_data is not None and (run.step % tr.val_check_interval == 0 or last):
                 hook.on_validation_end(run=run, step=run.step, metrics=validate(run))
+            run.mark_step_time()  # what a checkpoint of this step records, and trainer.max_time is checked against
             saved = None
             if (every_ckpt and run.step % every_ckpt == 0) or (last and cfg.exp_manager.checkpoint.save_last):
                 saved = run.save_checkpoint()
-            signum = run.parallel.max_int(stop.signum or 0)  # every rank stops at the same step, for one signal
+            # Every rank stops at the same step: for one signal, or when any rank's clock is past a time limit.
+            timed_out = time_limits.limit_reached(run)
+            signum, time_up = run.parallel.max_ints(stop.signum or 0, timed_out is not None)
             if signum and not last:
                 raise Preempted(run.step, saved or run.save_checkpoint(), signum)
+            if time_up and not last:
+                log.info("%s", time_limits.stopped_message(run, timed_out, saved or run.save_checkpoint()))
+                break
     except BaseException as exc:
         loader.close()
         hook.on_exception(run=run, exception=exc)

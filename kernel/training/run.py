@@ -89,6 +89,21 @@ class Run:
     resumed_from: Optional[Path] = None
     last_metrics: Dict[str, float] = attrs.field(factory=dict)
     main_params: Optional[MainParams] = None  # model.megatron_amp_O2 (MainParams) or the distributed optimizer's buffers (DistributedMainParams)
+    time_before_s: float = 0.0  # training time of the starts this one resumed (trainer.max_time counts it)
+    time_elapsed_s: float = 0.0  # training time up to the end of the last finished step, over every start (checkpoints hold it)
+    started_at: Optional[float] = None  # time.monotonic() when this start began training
+
+    def mark_step_time(self) -> float:
+        """Record the training time at the end of a step (Lightning's Timer: summed over every
+        start of the run); what checkpoints save and trainer.max_time is checked against."""
+        self.time_elapsed_s = self.time_before_s + self.time_this_start()
+        return self.time_elapsed_s
+
+    def time_this_start(self) -> float:
+        """Seconds this start has trained (exp_manager.max_time_per_run counts these)."""
+        import time
+
+        return time.monotonic() - self.started_at if self.started_at is not None else 0.0
 
     def model_state_dict(self) -> dict:
         """The model's weights as checkpoints hold them: fp32 (the main weights under
@@ -97,7 +112,8 @@ class Run:
 
     # --- checkpoint state -------------------------------------------------------------------
     def state(self) -> dict:
-        trainer = {"step": self.step, "consumed_samples": self.consumed_samples, "rng": rng_state()}
+        trainer = {"step": self.step, "consumed_samples": self.consumed_samples, "rng": rng_state(),
+                   "time_elapsed_s": self.time_elapsed_s}
         if self.scaler is not None:
             trainer["loss_scaler"] = self.scaler.state_dict()
         if isinstance(self.model, StatefulModel):
@@ -133,6 +149,7 @@ class Run:
         trainer = state.get("trainer", {})
         self.step = int(trainer.get("step", 0))
         self.consumed_samples = int(trainer.get("consumed_samples", self.step * self.global_batch_size))
+        self.time_before_s = self.time_elapsed_s = float(trainer.get("time_elapsed_s", 0.0))
         if self.scaler is not None and "loss_scaler" in trainer:
             self.scaler.load_state_dict(trainer["loss_scaler"])
         if "rng" in trainer:
@@ -246,6 +263,17 @@ def objective_of(model, config) -> SampleObjective:
     return config.objective()
 
 
+def check_loggers(config: ExperimentConfig, plugins) -> None:
+    """Every logger the run attaches exists, and can run with this config: a logger whose
+    factory has `check(config)` (a missing optional package, bad settings) raises its
+    ConfigError here, before the run directory is written."""
+    for name in config.exp_manager.logger_names():
+        key = "exp_manager.loggers" if name in config.exp_manager.loggers else f"exp_manager.create_{name}_logger"
+        check = getattr(plugins.loggers.get(name, key).factory, "check", None)
+        if check is not None:
+            check(config)
+
+
 def build_run(config: ExperimentConfig, plugins=None) -> Run:
     if plugins is None:
         from mega.plugin_manager import get_plugins
@@ -275,8 +303,7 @@ def _build_run(config: ExperimentConfig, plugins, created: list) -> Run:
     optim_entry = plugins.optimizers.get(mc.optim.name, "model.optim.name")
     sched_entry = plugins.lr_schedulers.get(mc.optim.sched.name, "model.optim.sched.name")
     fmt_entry = plugins.checkpoint_formats.get(config.exp_manager.checkpoint.format, "exp_manager.checkpoint.format")
-    for name in config.exp_manager.loggers:
-        plugins.loggers.get(name, "exp_manager.loggers")
+    check_loggers(config, plugins)
     mc.check(plugins)  # shapes and wiring, before the run directory is written
     check_main_params(config)
     # A run directory a run already wrote: the config must still describe that run (read only).

@@ -61,6 +61,8 @@ RESUME_SAFE = (
     "trainer.log_every_n_steps",
     "trainer.enable_progress_bar",
     "trainer.dist_timeout_s",
+    "trainer.max_time",  # when to stop, not what a step computes
+    "exp_manager.max_time_per_run",
     "trainer.accelerator",
     "trainer.compile",  # how the same step is executed (speed), not what it computes
     "trainer.devices",
@@ -88,6 +90,10 @@ RESUME_SAFE = (
     "model.optim.weight_decay",
     "model.optim.sched.*",
     "exp_manager.loggers",
+    "exp_manager.create_wandb_logger",
+    "exp_manager.wandb_logger_kwargs.*",
+    "exp_manager.create_mlflow_logger",
+    "exp_manager.mlflow_logger_kwargs.*",
     "exp_manager.checkpoint.every_n_train_steps",
     "exp_manager.checkpoint.keep_last_k",
     "exp_manager.checkpoint.save_last",

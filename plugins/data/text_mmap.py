@@ -8,6 +8,13 @@ tokens plus end-of-document, truncated to seq_length + 1, right-padded with a lo
 For BERT (`BertObjective`) documents are cut into sentences (`sentence_split`, see
 `sentences.py`) and grouped into Megatron-LM's sentence-pair samples (`bert_samples.py`).
 Files are blended by `data_prefix` weights and split by `splits_string`.
+
+Besides raw text, `data_prefix` may name JSONL (`.jsonl`, `.json`, `.ndjson`: the string
+under `json_key` of each line's object is a document), gzip- or zstd-compressed text or
+JSONL (`.gz`, `.zst`), Parquet files and directories `datasets.Dataset.save_to_disk` wrote
+(the `json_key` column); these are turned once into a document file in the run directory
+(`document_file.py`) and read like raw text from then on, so the same documents give the
+same samples whichever form they came in.
 """
 from __future__ import annotations
 
@@ -23,6 +30,8 @@ import mega
 from mega.config import DataConfig
 from mega.errors import ConfigError, DataError
 from mega.plugins.data.bert_samples import BertSamples
+from mega.plugins.data.document_file import document_file
+from mega.documents import needs_conversion
 from mega.plugins.data.blending import BlendedDataset, parse_splits, split_ranges
 from mega.plugins.data.objectives import (
     BertObjective,
@@ -51,6 +60,7 @@ class TextMemMapConfig(DataConfig):
     masked_lm_prob: float = 0.15  # t5/bart: share of tokens hidden in noise spans
     mean_noise_span_length: float = 3.0  # t5/bart: mean length of a noise span
     whole_word_masking: bool = False  # t5/bart: noise spans cover whole words
+    json_key: str = "text"  # JSONL, Parquet, saved datasets: the key (column) holding each document's text (Megatron's --json-keys)
     sentence_split: str = "auto"  # bert: "line" (a sentence per line, blank line between documents), "punctuation" (a document per line, cut after .!? before a capital or digit), "auto" (line when the file has blank lines)
 
 
@@ -133,12 +143,14 @@ class TextMemMapSource:
             prefix = [1.0, str(write_pydoc_corpus(Path(run_dir) / "data" / "pydoc_topics.txt"))]
         self.weights = [float(w) for w in prefix[::2]]
         self.paths = [Path(p).expanduser() for p in prefix[1::2]]
-        self.indexes = [TextMemMapIndex(p) for p in self.paths]
+        self.indexes = [document_file(p, config.json_key, self.cache_dir) if needs_conversion(p) else TextMemMapIndex(p)
+                        for p in self.paths]
         self.fractions = parse_splits(config.splits_string)
         self._tokenized: dict = {}
 
     def files(self) -> List[Path]:
-        return list(self.paths)
+        """Plain text of every document (a converted input's document file), to train a tokenizer on."""
+        return [index.path for index in self.indexes]
 
     def _sentences(self, i: int, tokenizer) -> TokenizedDocuments:
         """File i's documents, cut into sentences and tokenized (once per file and tokenizer)."""

@@ -43,6 +43,8 @@ positions, the binary-head loss a per-sample mean, and the loss their sum; logge
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import math
 from typing import Dict, Literal, Optional
 
@@ -55,7 +57,9 @@ from mega.config import ModelConfig
 from mega.errors import ConfigError
 from mega.plugins.data.objectives import BertObjective
 from mega.plugins.models.bert_heads import (
+    MLP_ACTIVATIONS,
     BertLMHead,
+    ClassifierMLP,
     Pooler,
     binary_losses,
     classification_losses,
@@ -124,6 +128,21 @@ class BertEncoderConfig(RecomputeKeys, SequenceParallelKey, ModelConfig):
     def check(self, plugins=None) -> None:
         check_config(self)
 
+    @classmethod
+    def tiny_preset(cls, directory) -> dict:
+        """2 layers of width 32 with a WordPiece vocabulary of the test words, on documents
+        of sentences (BERT's sentence pairs); the heads are built on the same encoder."""
+        from mega.testing import write_documents, write_vocab
+
+        directory = Path(directory)
+        return {"model": {"micro_batch_size": 4, "seq_length": 32, "max_position_embeddings": 64, "num_layers": 2,
+                          "hidden_size": 32, "num_attention_heads": 4, "ffn_hidden_size": 64,
+                          "make_vocab_size_divisible_by": 8,
+                          "tokenizer": {"library": "wordpiece", "vocab_file": str(write_vocab(directory / "vocab.txt"))},
+                          "data": {"data_prefix": [str(write_documents(directory / "documents.txt"))],
+                                   "splits_string": "80,10,10"},
+                          "optim": {"lr": 1e-3, "sched": {"name": "constant"}}}}
+
     def memory_per_rank(self, vocab_size: int, micro_batch: int, tp: int, pp: int, precision: str,
                         device: str) -> Dict[str, object]:
         """mega.protocols.EstimatesMemory, as GPT's (mega.plugins.models.gpt): parameters
@@ -145,11 +164,14 @@ class BertEncoderConfig(RecomputeKeys, SequenceParallelKey, ModelConfig):
         binary = task == "next_sentence" or (task == "pretraining" and self.add_binary_head)
         if lm:
             head_params += h * h + h + 2 * h + vocab // tp
-        if binary or task in ("sequence_classification", "multiple_choice"):
+        mlp = getattr(self, "classifier_layers", None)
+        if binary or (task == "sequence_classification" and mlp is None) or task == "multiple_choice":
             head_params += h * h + h  # pooler
         head_params += {"sequence_classification": (h + 1) * getattr(self, "num_labels", 0), "multiple_choice": h + 1,
                         "token_classification": (h + 1) * getattr(self, "num_labels", 0),
                         "question_answering": 2 * h + 2}.get(task, 0) + (2 * h + 2 if binary else 0)
+        if mlp is not None:  # NeMo's MLP head: its hidden layers besides the output one
+            head_params += (mlp - 1) * (h * h + h)
         predicted = n if task == "causal_lm" else math.ceil(n * getattr(self, "masked_lm_prob", 1.0)) if lm else 0
         sp = self.sequence_parallel and tp > 1
         u = tp if sp else 1  # sequence parallelism splits the embedding's and the final LayerNorm's tokens
@@ -172,6 +194,17 @@ class BertEncoderConfig(RecomputeKeys, SequenceParallelKey, ModelConfig):
         whole = L * block_params(block, 1) + whole_vocab * h + (self.max_position_embeddings + self.num_tokentypes) * h \
             + head_params - (vocab // tp if lm else 0) + (whole_vocab if lm else 0)
         return {"params": whole, "flops_per_token": training_flops_per_token(block, vocab, s), "stages": stages}
+
+
+@define(kw_only=True, slots=False)
+class ClassifierMLPKeys:
+    """NeMo's MLP head instead of Megatron-LM's (sequence and token classification, question
+    answering): what NeMo's `classifier_head` / `head` / `token_classifier` sections build."""
+
+    classifier_layers: Optional[int] = None  # NeMo's MLP head (`classifier.mlp.layer*`) of this many linear layers; unset: Megatron-LM's head (pooler + one layer for sequences)
+    classifier_activation: str = "relu"  # with classifier_layers: between its layers (relu, tanh, sigmoid, selu: NeMo's torch functions)
+    classifier_dropout: Optional[float] = None  # with classifier_layers: on the head's input; unset: hidden_dropout
+    classifier_log_softmax: bool = False  # with classifier_layers: log-probabilities instead of logits (NeMo's log_softmax)
 
 
 @define(kw_only=True)
@@ -228,8 +261,9 @@ class BertCausalLMConfig(BertEncoderConfig):
 
 
 @define(kw_only=True)
-class BertSequenceClassificationConfig(BertEncoderConfig):
-    """`bert_sequence_classification`: pooled output -> dropout -> `classification_head`."""
+class BertSequenceClassificationConfig(ClassifierMLPKeys, BertEncoderConfig):
+    """`bert_sequence_classification`: pooled output -> dropout -> `classification_head`; with
+    `classifier_layers`, NeMo's: the first token's hidden state -> dropout -> `classifier` (no pooler)."""
 
     name: str = "bert_sequence_classification"
     num_labels: int = 2  # classes (1: regression)
@@ -249,8 +283,9 @@ class BertMultipleChoiceConfig(BertEncoderConfig):
 
 
 @define(kw_only=True)
-class BertTokenClassificationConfig(BertEncoderConfig):
-    """`bert_token_classification`: each token's hidden state -> dropout -> `token_classification_head`."""
+class BertTokenClassificationConfig(ClassifierMLPKeys, BertEncoderConfig):
+    """`bert_token_classification`: each token's hidden state -> dropout -> `token_classification_head`
+    (`classifier`, NeMo's MLP, with `classifier_layers`)."""
 
     name: str = "bert_token_classification"
     num_labels: int = 2  # classes per token
@@ -260,8 +295,9 @@ class BertTokenClassificationConfig(BertEncoderConfig):
 
 
 @define(kw_only=True)
-class BertQuestionAnsweringConfig(BertEncoderConfig):
-    """`bert_question_answering`: start and end logits per token (`qa_head`, [2, hidden])."""
+class BertQuestionAnsweringConfig(ClassifierMLPKeys, BertEncoderConfig):
+    """`bert_question_answering`: start and end logits per token (`qa_head`, [2, hidden]; with
+    `classifier_layers`, NeMo's `classifier`: dropout, its MLP to 2 outputs)."""
 
     name: str = "bert_question_answering"
 
@@ -305,6 +341,12 @@ def check_config(cfg: BertEncoderConfig) -> None:
             raise ConfigError(f"model.max_predictions_per_seq: must be at least 1, got {cfg.max_predictions_per_seq}")
     if getattr(cfg, "num_labels", 1) < 1:
         raise ConfigError(f"model.num_labels: must be at least 1, got {cfg.num_labels}")
+    if isinstance(cfg, ClassifierMLPKeys) and cfg.classifier_layers is not None:
+        if cfg.classifier_layers < 1:
+            raise ConfigError(f"model.classifier_layers: must be at least 1, got {cfg.classifier_layers}")
+        if cfg.classifier_activation not in MLP_ACTIVATIONS:
+            raise ConfigError(f"model.classifier_activation: expected one of {', '.join(map(repr, MLP_ACTIVATIONS))},"
+                              f" got {cfg.classifier_activation!r}")
     check_recompute(cfg, "model", cfg.num_layers // cfg.pipeline_model_parallel_size)
     check_sequence_parallel(cfg, {"model.seq_length": cfg.seq_length})
 
@@ -365,14 +407,21 @@ class BertModel(TiedWordEmbeddingStages, nn.Module):
         binary = task == "next_sentence" or (task == "pretraining" and cfg.add_binary_head)
         self.has_lm_head = task in ("pretraining", "masked_lm", "causal_lm")
         self.causal = task == "causal_lm"
-        pooler = binary or task in ("sequence_classification", "multiple_choice")
+        # NeMo's MLP head (ClassifierMLPKeys): on the first token's hidden state, no pooler
+        mlp = getattr(cfg, "classifier_layers", None)
+        self.mlp_head = mlp is not None and task in ("sequence_classification", "token_classification",
+                                                     "question_answering")
+        pooler = binary or (task == "sequence_classification" and not self.mlp_head) or task == "multiple_choice"
         self.language_model = BertLanguageModel(cfg, self.padded_vocab_size, pooler)
         heads = {}  # built on every stage (same random stream as one process), kept on the last
         if self.has_lm_head:
             heads["lm_head"] = BertLMHead(block, self.padded_vocab_size, cfg.lm_head_activation)
         if binary:
             heads["binary_head"] = linear(block, cfg.hidden_size, 2)
-        if task == "sequence_classification":
+        if self.mlp_head:
+            heads["classifier"] = ClassifierMLP(block, cfg.hidden_size, 2 if task == "question_answering" else cfg.num_labels,
+                                                mlp, cfg.classifier_activation, cfg.classifier_log_softmax)
+        elif task == "sequence_classification":
             heads["classification_head"] = linear(block, cfg.hidden_size, cfg.num_labels)
         elif task == "multiple_choice":
             heads["multichoice_head"] = linear(block, cfg.hidden_size, 1)
@@ -382,7 +431,8 @@ class BertModel(TiedWordEmbeddingStages, nn.Module):
             heads["qa_head"] = linear(block, cfg.hidden_size, 2)
         for name, module in heads.items():
             setattr(self, name, module if self.post_process else None)
-        self.classifier_dropout = nn.Dropout(cfg.hidden_dropout)
+        dropout = getattr(cfg, "classifier_dropout", None) if self.mlp_head else None
+        self.classifier_dropout = nn.Dropout(cfg.hidden_dropout if dropout is None else dropout)
         self.eager_reason = eager_reason(cfg)  # trainer.compile leaves the step eager with these keys on
         # Heads without a decoder keep the last stage's copy of the word embedding too, so
         # every pipeline has the same tied pair.
@@ -427,7 +477,13 @@ class BertModel(TiedWordEmbeddingStages, nn.Module):
             out["lm_logits"] = self.lm_head(h, self.shared_embedding_or_output_weight())
         if getattr(self, "binary_head", None) is not None:
             out["binary_logits"] = self.binary_head(pooled)
-        if self.task == "sequence_classification":
+        if self.mlp_head:  # NeMo's: dropout, then the MLP on the first token (sequences) or every token
+            x = self.classifier_dropout(h[:, 0] if self.task == "sequence_classification" else h)
+            if self.task == "question_answering":
+                out["start_logits"], out["end_logits"] = self.classifier(x).unbind(-1)
+            else:
+                out["logits"] = self.classifier(x)
+        elif self.task == "sequence_classification":
             out["logits"] = self.classification_head(self.classifier_dropout(pooled))
         elif self.task == "multiple_choice":
             out["logits"] = self.multichoice_head(self.classifier_dropout(pooled)).view(batch["tokens"].shape[:-1])

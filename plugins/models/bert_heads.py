@@ -4,7 +4,8 @@ Named as Megatron-LM names them in its checkpoints, so its files map key for key
 `language_model.pooler.dense`, `lm_head.{dense,layernorm,bias}`, `binary_head`,
 `classification_head` (its Classification model), `multichoice_head` (its MultipleChoice
 model); `token_classification_head` and `qa_head` are ours (Megatron-LM has no such
-models; they play Hugging Face's `classifier` / `qa_outputs`).
+models; they play Hugging Face's `classifier` / `qa_outputs`). NeMo's MLP heads are
+`ClassifierMLP`, under NeMo's names (`classifier.mlp.layer0`, ...).
 
 Every loss is returned in the kernel's two-divisor form (mega.protocols.LossOutput): token
 losses as a sum over `loss_mask` positions (divided by the global batch's loss tokens),
@@ -37,6 +38,36 @@ def linear(cfg: BlockConfig, in_features: int, out_features: int) -> nn.Linear:
     cfg.init_method(layer.weight.data)
     layer.bias.data.zero_()
     return layer
+
+
+# NeMo's MultiLayerPerceptron takes its activation as `getattr(torch, name)`
+MLP_ACTIVATIONS = ("relu", "tanh", "sigmoid", "selu")
+
+
+class ClassifierMLP(nn.Module):
+    """NeMo's classifier heads (`TokenClassifier`, `SequenceClassifier`): `layers` linear
+    layers with the activation between them, optionally a log-softmax, under NeMo's own
+    parameter names (`mlp.layer0`, `mlp.layer2`, ...: its MultiLayerPerceptron counts the
+    parameter-free activations as layers 1, 3, ...), so a NeMo head maps key for key. Read
+    at NeMo v1.4.0: nemo/collections/common/parts/multi_layer_perceptron.py,
+    nemo/collections/nlp/modules/common/{token,sequence}_classifier.py. Weights are drawn as
+    `linear` draws them (N(0, init_method_std), zero bias: NeMo's transformer_weights_init)."""
+
+    def __init__(self, cfg: BlockConfig, in_features: int, out_features: int, layers: int, activation: str = "relu",
+                 log_softmax: bool = False):
+        super().__init__()
+        self.mlp = nn.Module()
+        for i in range(layers - 1):
+            setattr(self.mlp, f"layer{2 * i}", linear(cfg, in_features, in_features))
+        setattr(self.mlp, f"layer{2 * (layers - 1)}", linear(cfg, in_features, out_features))
+        self.layers, self.activation, self.log_softmax = layers, getattr(torch, activation), log_softmax
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for i in range(self.layers):
+            h = getattr(self.mlp, f"layer{2 * i}")(h)
+            if i < self.layers - 1:
+                h = self.activation(h)
+        return torch.log_softmax(h, dim=-1) if self.log_softmax else h
 
 
 class Pooler(nn.Module):

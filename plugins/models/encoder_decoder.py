@@ -10,6 +10,8 @@ embeddings are shared by encoder, decoder and the output layer.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from typing import Any, Dict, Literal, Optional, Tuple
 
 import contextlib
@@ -52,6 +54,7 @@ from mega.runtime.tensor_parallel import (
     mark_replicated,
     sequence_parallel_active,
     sequence_parallel_region,
+    shard,
     vocab_parallel_cross_entropy,
 )
 
@@ -83,6 +86,7 @@ class EncoderDecoderConfig(SequenceParallelKey, ModelConfig):
     make_vocab_size_divisible_by: int = 128
     extra_ids: int = 100  # sentinel / mask ids after the tokenizer's vocabulary (T5's <extra_id_k>)
     mask_padded_vocab: bool = True  # ids >= vocabulary + extra_ids left out of the loss's softmax; false: Megatron-LM's
+    tokens_head_bias: bool = False  # a bias over the (padded, vocabulary-parallel) vocabulary in the output layer (NeMo's tokens_head.bias; NeMo's default is true)
     hiddens: Optional[HiddensConfig] = None  # the hiddens module (docs/hiddens.md); unset: plain encoder-decoder
 
     def check(self, plugins=None) -> None:
@@ -92,6 +96,20 @@ class EncoderDecoderConfig(SequenceParallelKey, ModelConfig):
         with torch.random.fork_rng(devices=[]):
             _hiddens_module(self, plugins)
 
+
+    @classmethod
+    def tiny_preset(cls, directory) -> dict:
+        """Encoder and decoder of 2 layers of width 16 on a byte tokenizer and a corpus of
+        random words."""
+        from mega.testing import write_corpus
+
+        stack = {"num_layers": 2, "hidden_size": 16, "num_attention_heads": 4}
+        return {"model": {"micro_batch_size": 4, "seq_length": 32, "seq_length_dec": 32,
+                          "make_vocab_size_divisible_by": 8, "encoder": dict(stack), "decoder": dict(stack),
+                          "tokenizer": {"library": "bytes"},
+                          "data": {"data_prefix": [str(write_corpus(Path(directory) / "corpus.txt"))],
+                                   "splits_string": "80,10,10"},
+                          "optim": {"lr": 1e-3, "sched": {"name": "constant"}}}}
     def memory_per_rank(self, vocab_size: int, micro_batch: int, tp: int, pp: int, precision: str,
                         device: str) -> Dict[str, Any]:
         """mega.protocols.EstimatesMemory: parameters counted on a model built on the meta
@@ -251,6 +269,8 @@ class EncoderDecoderModel(nn.Module):
             self.encoder = TransformerStack(enc)
         self.decoder = nn.ModuleList(DecoderLayer(dec, i) for i in range(dec.num_layers))
         self.decoder_final_layernorm = layer_norm(dec)
+        # NeMo's MegatronTokenLevelHead bias: this rank's slice of the vocabulary, zeros at first
+        self.tokens_head_bias = shard(torch.zeros(self.padded_vocab_size), 0) if cfg.tokens_head_bias else None
         self.decoder_recompute = dec.full_recompute
         self.hiddens_module = _hiddens_module(cfg, plugins)
         self.eager_reason = " and ".join(filter(None, [eager_reason(cfg.encoder, "model.encoder"),
@@ -293,6 +313,8 @@ class EncoderDecoderModel(nn.Module):
             x = recompute.run_layers(self.decoder, x, memory, memory_mask, dec_mask, method=method, num_layers=k)
             x = self.decoder_final_layernorm(x)
         logits = output_logits(x, self.shared_embedding_or_output_weight(), self.config.sequence_parallel)
+        if self.tokens_head_bias is not None:
+            logits = logits + self.tokens_head_bias
         return logits if parallel_output else gather_from_tp(logits)
 
     def training_loss(self, batch: Dict[str, torch.Tensor]) -> Dict[str, Any]:
@@ -363,3 +385,13 @@ def build(config, tokenizer, plugins=None) -> EncoderDecoderModel:
 def register_models(register):
     register("t5", build, config=T5Config)
     register("bart", build, config=BartConfig)
+
+
+@mega.hookimpl
+def register_model_converters(register):
+    """NeMo's MegatronT5Model / MegatronBARTModel archives, hiddens included
+    (mega.plugins.models.encoder_decoder_interop)."""
+    from mega.plugins.models.encoder_decoder_interop import EncoderDecoderInterop
+
+    register("t5", EncoderDecoderInterop)
+    register("bart", EncoderDecoderInterop)

@@ -15,6 +15,8 @@ produces the logits (the untied output layer's on a last stage without the embed
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from typing import Dict, Literal, Optional
 
 import torch
@@ -91,6 +93,14 @@ class GPTConfig(ArchitectureKeys, RecomputeKeys, SequenceParallelKey, ModelConfi
 
     def check(self, plugins=None) -> None:
         check_config(self)
+
+    @classmethod
+    def tiny_preset(cls, directory) -> dict:
+        """2 layers of width 32 on a byte tokenizer and a corpus of random words: the tiny
+        experiment `mega.testing` has always trained."""
+        from mega.testing import tiny_raw, write_corpus
+
+        return {"model": tiny_raw(directory, write_corpus(Path(directory) / "corpus.txt"))["model"]}
 
     def memory_per_rank(self, vocab_size: int, micro_batch: int, tp: int, pp: int, precision: str,
                         device: str) -> Dict[str, object]:

@@ -17,6 +17,8 @@ the training memory alone; `evaluate` runs the reference's evaluation protocol.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import functools
 import math
 from typing import Dict, List, Optional, Tuple
@@ -87,6 +89,19 @@ class TransformerXLConfig(RecomputeKeys, SequenceParallelKey, ModelConfig):
     def check(self, plugins=None) -> None:
         check_config(self)
 
+
+    @classmethod
+    def tiny_preset(cls, directory) -> dict:
+        """2 layers of width 32, adaptive softmax with two cutoffs, memory of 16, on a byte
+        tokenizer and an ordered corpus of random words."""
+        from mega.testing import write_corpus
+
+        return {"model": {"micro_batch_size": 2, "global_batch_size": 4, "tgt_len": 16, "mem_len": 16, "n_layer": 2,
+                          "d_model": 32, "n_head": 2, "d_head": 16, "d_inner": 64, "cutoffs": [64, 128], "div_val": 2,
+                          "tokenizer": {"library": "bytes"},
+                          "data": {"data_impl": "lm_ordered", "splits_string": "80,10,10",
+                                   "data_prefix": [str(write_corpus(Path(directory) / "corpus.txt"))]},
+                          "optim": {"lr": 3e-3, "weight_decay": 0.0, "sched": {"name": "constant"}}}}
     def objective(self) -> OrderedLMObjective:
         return OrderedLMObjective(streams=self.global_batch_size)
 

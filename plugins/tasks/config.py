@@ -16,6 +16,8 @@ samples of the task the run's model holds (`TaskObjective`).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from typing import Any, ClassVar, Dict, Optional
 
 import attrs
@@ -108,6 +110,35 @@ class TaskConfig(ModelConfig):
         length = getattr(getattr(self, "dataset", None), "max_seq_length", None)
         if length is not None:
             self.seq_length = length
+
+    @classmethod
+    def tiny_preset(cls, directory) -> Optional[dict]:
+        """A 2-layer, width-32 encoder trained from scratch on small toy files of this task in
+        its real format (`mega.plugins.tasks.toy_tasks`), with a WordPiece vocabulary of
+        their words. A task says which files with `tiny_task_keys`."""
+        import re
+
+        from mega.plugins.tasks.toy_tasks import write_tasks
+        from mega.testing import write_vocab
+
+        tasks = Path(directory) / "tasks"
+        keys = cls.tiny_task_keys(tasks)
+        if keys is None:
+            return None
+        write_tasks(tasks, train=48, dev=16)
+        words = sorted({w for f in sorted(tasks.rglob("*")) if f.is_file()
+                        for w in re.findall(r"[a-z0-9]+|[^\sa-z0-9]", f.read_text().lower())})
+        arch = {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "ffn_hidden_size": 64,
+                "max_position_embeddings": 128}
+        return {"model": {"micro_batch_size": 4, "seed": 1, "language_model": {"config": arch},
+                          "tokenizer": {"library": "wordpiece", "vocab_file": str(write_vocab(tasks / "vocab.txt", words))},
+                          "optim": {"lr": 1e-3, "sched": {"name": "constant"}}, **keys}}
+
+    @classmethod
+    def tiny_task_keys(cls, tasks: Path) -> Optional[dict]:
+        """This task's `model` keys naming the toy files `write_tasks(tasks)` writes; None:
+        no tiny preset."""
+        return None
 
     def split_files(self, split: str) -> DatasetFiles:
         return {"train": self.train_ds, "valid": self.validation_ds, "validation": self.validation_ds,

@@ -19,15 +19,15 @@ key to point at it.
 With none of the three, an `lm_checkpoint` that describes itself gives the architecture
 (recorded in the run's config): a mega run or checkpoint (its config.toml; its vocab.txt
 becomes an unset `wordpiece` vocab_file), a `.mega` archive (its config.toml member), a
-Hugging Face MegatronBert directory (its config.json, vocab.txt and lower-casing). A
+NeMo `.nemo` archive (its model_config.yaml), a Hugging Face MegatronBert directory (its config.json, vocab.txt and lower-casing). A
 Megatron-LM checkpoint or NGC zip does not (its `args` are read only with its weights):
 as in NeMo, one of the three must say it, and the error names the keys.
 
 Weights (`model.language_model.lm_checkpoint`) are loaded once, when a fine-tuning run
 starts from step 0: a mega run, checkpoint or `.mega` archive directly; anything `mega
 import` recognises (a Megatron-LM `iter_XXXXXXX` directory with one `mp_rank_XX` per
-tensor-parallel rank, an NGC zip or bare `.pt`, a Hugging Face MegatronBert directory)
-through its importer, resharded to the run's tensor-parallel layout. Only the encoder
+tensor-parallel rank, an NGC zip or bare `.pt`, a Hugging Face MegatronBert directory, a
+NeMo `.nemo`: a MegatronBertModel or a fine-tuned NeMo task's) through its importer, resharded to the run's tensor-parallel layout. Only the encoder
 (`language_model.*`) is taken; the task head starts fresh. The configured encoder must be
 the checkpoint's: each architecture key that differs is named in the error.
 """
@@ -166,6 +166,7 @@ def from_mega_checkpoint(config, plugins=None) -> None:
     * a mega run or checkpoint: its config.toml, and its vocab.txt as the `wordpiece`
       tokenizer's `vocab_file` when that is unset;
     * a `.mega` archive: its config.toml member;
+    * a NeMo `.nemo` archive: its model_config.yaml (and encoder config artifact);
     * a Hugging Face MegatronBert directory: its config.json (and vocab.txt, lower-casing
       from tokenizer_config.json, when the vocabulary is unset).
 
@@ -175,7 +176,7 @@ def from_mega_checkpoint(config, plugins=None) -> None:
     if not lm.lm_checkpoint or lm.config_file or lm.config or PRETRAINED.get(lm.pretrained_model_name or ""):
         return
     path = Path(lm.lm_checkpoint).expanduser()
-    for describe in (_from_mega_run, _from_archive, _from_huggingface):
+    for describe in (_from_mega_run, _from_archive, _from_nemo, _from_huggingface):
         if describe(path, lm, tok, plugins):
             return
     raise ConfigError(f"model.language_model.config: {lm.lm_checkpoint} does not describe its encoder (a Megatron-LM "
@@ -243,6 +244,19 @@ def _from_archive(path: Path, lm, tok, plugins=None) -> bool:
         return False
     _saved_model(raw.get("model", {}), lm.lm_checkpoint, plugins)
     lm.config = _arch_of(raw.get("model", {}))
+    return True
+
+
+def _from_nemo(path: Path, lm, tok, plugins=None) -> bool:
+    """A NeMo `.nemo` archive: the model table its yaml (and encoder config artifact) gives,
+    read without the weights."""
+    if not (path.is_file() and path.suffix == ".nemo") or plugins is None:
+        return False
+    from mega.plugins.checkpoints.nemo import model_table_of
+
+    model = model_table_of(path, plugins)
+    _saved_model(model, lm.lm_checkpoint, plugins)
+    lm.config = _arch_of(model)
     return True
 
 

@@ -37,6 +37,11 @@ class MultipleChoiceConfig(TaskConfig):
     name: str = "multiple_choice"
     dataset: MultipleChoiceDatasetConfig = field(factory=MultipleChoiceDatasetConfig)
 
+    @classmethod
+    def tiny_task_keys(cls, tasks):
+        return {"train_ds": {"file": str(tasks / "swag_train.csv")}, "validation_ds": {"file": str(tasks / "swag_dev.csv")},
+                "dataset": {"format": "swag", "max_seq_length": 40}}
+
 
 class MultipleChoiceTask(TaskBase):
     head = "bert_multiple_choice"

@@ -3,12 +3,12 @@
 A NeMo fine-tuning config carries keys for things mega does differently: DataLoader
 options (mega's task samples are in memory and every batch is full: an epoch wraps into
 the next), feature caches (mega rebuilds features in seconds), the `.nemo` path written
-after training (`mega export RUN PATH` writes mega's), and head sections describing
-NeMo's MLP heads (mega's heads are Megatron-BERT's, see docs/downstream.md). Each is a
+after training (`mega export RUN PATH` writes mega's). Each is a
 field declared with `nemo_key(note)`: unset by default, and a run that sets one gets one
 log line naming every such key and what mega does instead (`note_unused`), the same way
 for every task. Keys with a meaning in mega (`shuffle`, `model.label_ids`, a token
-classification's `class_labels.class_labels_file`) are ordinary fields of the tasks.
+classification's `class_labels.class_labels_file`, the head sections of
+mega.plugins.tasks.heads) are ordinary fields of the tasks.
 """
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ LOADER = "NeMo's DataLoader options, mega's samples are in memory and its batche
 BATCH = "NeMo's per-GPU batch, mega's is model.micro_batch_size"
 CACHE = "mega rebuilds the features each run"
 LOWER_CASE = "model.tokenizer.do_lower_case decides the lower-casing"
-HEAD = "NeMo's MLP heads, mega's are Megatron-BERT's: docs/downstream.md"
 
 
 def nemo_key(note: str, same: Any = None):
@@ -56,33 +55,3 @@ def note_unused(config) -> None:
     if groups:
         log.warning("NeMo keys accepted and not used by mega: %s",
                     "; ".join(f"{', '.join(keys)} ({note})" for note, keys in groups.items()))
-
-
-@define(kw_only=True)
-class SequenceClassifierHead:
-    """NeMo's `model.classifier_head` (text classification): accepted, not built."""
-
-    num_output_layers: Optional[int] = None  # NeMo: 2 layers on [CLS]; mega: pooler, dropout, one linear layer
-    fc_dropout: Optional[float] = None  # NeMo: 0.1; mega's classifier dropout is model.language_model.config.hidden_dropout
-
-
-@define(kw_only=True)
-class TokenClassifierHead:
-    """NeMo's `model.head` (token classification): accepted, not built."""
-
-    num_fc_layers: Optional[int] = None  # NeMo: 2; mega: dropout, one linear layer per token
-    fc_dropout: Optional[float] = None  # NeMo: 0.5; mega's dropout is model.language_model.config.hidden_dropout
-    activation: Optional[str] = None  # NeMo: relu, between its layers
-    use_transformer_init: Optional[bool] = None  # NeMo: true; mega initialises heads as Megatron-LM does
-
-
-@define(kw_only=True)
-class QuestionAnsweringHead:
-    """NeMo's `model.token_classifier` (question answering): accepted, not built."""
-
-    num_layers: Optional[int] = None  # NeMo: 1; mega: one linear layer, start and end logits per token
-    dropout: Optional[float] = None  # NeMo: 0.0; mega's head has no dropout of its own
-    num_classes: Optional[int] = None  # NeMo: 2 (start, end)
-    activation: Optional[str] = None  # NeMo: relu (unused with one layer)
-    log_softmax: Optional[bool] = None  # NeMo: false; mega's head returns logits
-    use_transformer_init: Optional[bool] = None  # NeMo: true; mega initialises heads as Megatron-LM does

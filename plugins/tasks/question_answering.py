@@ -22,7 +22,8 @@ from mega.errors import ConfigError
 from mega.plugins.tasks.base import TaskBase, need
 from mega.plugins.tasks.config import TaskConfig
 from mega.plugins.tasks.metrics import squad as squad_metrics
-from mega.plugins.tasks.nemo_keys import CACHE, HEAD, LOADER, QuestionAnsweringHead, nemo_key
+from mega.plugins.tasks.heads import QuestionAnsweringHead, mlp_options
+from mega.plugins.tasks.nemo_keys import CACHE, LOADER, nemo_key
 from mega.plugins.tasks.squad_data import convert_examples_to_features, load_squad_json, read_examples
 from mega.plugins.tasks.squad_predictions import get_predictions, write_prediction_files
 
@@ -49,11 +50,19 @@ class SquadDatasetConfig:
 class QuestionAnsweringConfig(TaskConfig):
     name: str = "question_answering"
     dataset: SquadDatasetConfig = field(factory=SquadDatasetConfig)
-    token_classifier: Optional[QuestionAnsweringHead] = nemo_key(HEAD)  # NeMo's head section: accepted, not built
+    token_classifier: Optional[QuestionAnsweringHead] = None  # NeMo's head section: set, the head is NeMo's MLP (mega.plugins.tasks.heads); unset: mega's qa_head
+
+    @classmethod
+    def tiny_task_keys(cls, tasks):
+        return {"train_ds": {"file": str(tasks / "squad_train.json")}, "validation_ds": {"file": str(tasks / "squad_dev.json")},
+                "dataset": {"max_seq_length": 64, "doc_stride": 32, "max_query_length": 16}}
 
 
 class QuestionAnsweringTask(TaskBase):
     head = "bert_question_answering"
+
+    def head_options(self) -> Dict[str, Any]:
+        return mlp_options(self.config.token_classifier, "model.token_classifier")
 
     def build_samples(self, split, tokenizer):
         d = self.config.dataset
@@ -107,4 +116,3 @@ class QuestionAnsweringTask(TaskBase):
 @mega.hookimpl
 def register_tasks(register):
     register("question_answering", QuestionAnsweringTask, config=QuestionAnsweringConfig)
-

@@ -38,6 +38,13 @@ class RelationExtractionConfig(TextClassificationConfig):
     name: str = "relation_extraction"
     dataset: RelationDatasetConfig = field(factory=RelationDatasetConfig)
 
+    @classmethod
+    def tiny_task_keys(cls, tasks):
+        return {"train_ds": {"file_path": str(tasks / "relations_train.tsv")},
+                "validation_ds": {"file_path": str(tasks / "relations_dev.tsv")},
+                "class_labels": {"class_labels_file": str(tasks / "label_mapping.tsv")},
+                "dataset": {"max_seq_length": 64, "negative_label": "False"}}
+
 
 class RelationExtractionTask(TextClassificationTask):
     def check(self) -> None:
@@ -69,4 +76,3 @@ class RelationExtractionTask(TextClassificationTask):
 @mega.hookimpl
 def register_tasks(register):
     register("relation_extraction", RelationExtractionTask, config=RelationExtractionConfig)
-

@@ -27,7 +27,8 @@ from mega.errors import ConfigError
 from mega.plugins.tasks.base import TaskBase, need, softmax
 from mega.plugins.tasks.config import TaskConfig
 from mega.plugins.tasks.metrics.classification_report import ClassificationReport
-from mega.plugins.tasks.nemo_keys import CACHE, HEAD, LOWER_CASE, SequenceClassifierHead, nemo_key
+from mega.plugins.tasks.heads import SequenceClassifierHead, mlp_options
+from mega.plugins.tasks.nemo_keys import CACHE, LOWER_CASE, nemo_key
 from mega.plugins.tasks.text_classification_data import (
     classification_samples,
     encode_single,
@@ -63,8 +64,13 @@ class TextClassificationConfig(TaskConfig):
     name: str = "text_classification"
     dataset: TextClassificationDatasetConfig = field(factory=TextClassificationDatasetConfig)
     class_labels: ClassLabelsConfig = field(factory=ClassLabelsConfig)
-    classifier_head: Optional[SequenceClassifierHead] = nemo_key(HEAD)  # NeMo's head section: accepted, not built
+    classifier_head: Optional[SequenceClassifierHead] = None  # NeMo's head section: set, the head is NeMo's MLP on the first token (mega.plugins.tasks.heads); unset: pooler + mega's
     infer_samples: Optional[List[str]] = nemo_key("mega predict RUN --text answers a query")  # NeMo's post-training queries: accepted, not used
+
+    @classmethod
+    def tiny_task_keys(cls, tasks):
+        return {"train_ds": {"file_path": str(tasks / "sentences_train.tsv")},
+                "validation_ds": {"file_path": str(tasks / "sentences_dev.tsv")}, "dataset": {"num_classes": 2, "max_seq_length": 48}}
 
 
 def write_text(path: Path, text: str) -> None:
@@ -99,7 +105,7 @@ class TextClassificationTask(TaskBase):
                                      lambda: [label for _, label in self.read("train")])
 
     def head_options(self) -> Dict[str, Any]:
-        return {"num_labels": self.num_classes}
+        return {"num_labels": self.num_classes, **mlp_options(self.config.classifier_head, "model.classifier_head")}
 
     def label_name(self, i: int) -> str:
         names = self.config.class_labels.names
@@ -147,4 +153,3 @@ class TextClassificationTask(TaskBase):
 @mega.hookimpl
 def register_tasks(register):
     register("text_classification", TextClassificationTask, config=TextClassificationConfig)
-

@@ -37,7 +37,8 @@ from mega.plugins.tasks.base import TaskBase, need
 from mega.plugins.tasks.config import TaskConfig
 from mega.plugins.tasks.metrics import seqeval
 from mega.plugins.tasks.metrics.classification_report import ClassificationReport
-from mega.plugins.tasks.nemo_keys import CACHE, HEAD, LOADER, LOWER_CASE, TokenClassifierHead, nemo_key
+from mega.plugins.tasks.heads import TokenClassifierHead, mlp_options
+from mega.plugins.tasks.nemo_keys import CACHE, LOADER, LOWER_CASE, nemo_key
 from mega.plugins.tasks.text_classification import write_text
 from mega.plugins.tasks.text_classification_data import resolve_class_weights
 from mega.plugins.tasks.token_classification_data import (
@@ -89,7 +90,11 @@ class TokenClassificationConfig(TaskConfig):
     dataset: TokenDatasetConfig = field(factory=TokenDatasetConfig)
     label_ids: Optional[Dict[str, int]] = None  # NeMo's label -> id map (model.label_ids); given, it is model.dataset.label_ids
     class_labels: TokenLabelsConfig = field(factory=TokenLabelsConfig)
-    head: Optional[TokenClassifierHead] = nemo_key(HEAD)  # NeMo's head section: accepted, not built
+    head: Optional[TokenClassifierHead] = None  # NeMo's head section: set, the head is NeMo's MLP (mega.plugins.tasks.heads); unset: mega's
+
+    @classmethod
+    def tiny_task_keys(cls, tasks):
+        return {"dataset": {"data_dir": str(tasks / "ner"), "max_seq_length": 48, "pad_label": "O"}}
 
 
 class TokenClassificationTask(TaskBase):
@@ -137,7 +142,7 @@ class TokenClassificationTask(TaskBase):
         return {name: i for i, name in enumerate(self.config.dataset.label_ids)}
 
     def head_options(self) -> Dict[str, Any]:
-        return {"num_labels": len(self.config.dataset.label_ids)}
+        return {"num_labels": len(self.config.dataset.label_ids), **mlp_options(self.config.head, "model.head")}
 
     def _sample(self, words, labels, tokenizer, where=""):
         d = self.config.dataset
@@ -197,4 +202,3 @@ class TokenClassificationTask(TaskBase):
 @mega.hookimpl
 def register_tasks(register):
     register("token_classification", TokenClassificationTask, config=TokenClassificationConfig)
-

@@ -169,6 +169,8 @@ def swag(sents, rng) -> str:
         used = [w for w in context if w in STATEMENTS]
         if not used:
             continue
+        if len(set(occurrences) - set(context)) < 3:  # too few other keywords to draw three wrong endings from
+            continue
         answer = rng.choice(used)
         others: List[str] = []
         while len(others) < 3:

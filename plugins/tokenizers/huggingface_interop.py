@@ -215,6 +215,14 @@ class HuggingFaceTokenizerInterop:
             return {"vocab_file": "vocab_file", "merges_file": "merge_file"}
         return None
 
+    def to_nemo(self, tokenizer_table: dict, style: str):
+        """GPT-2's vocab.json + merges.txt as NeMo's Megatron `GPT2BPETokenizer` (a
+        tokenizer.json alone has no NeMo section that reads it: None)."""
+        if style != "megatron" or not (tokenizer_table.get("vocab_file") and tokenizer_table.get("merges_file")):
+            return None
+        return ({"library": "megatron", "type": GPT2_BPE, "model": None, "delimiter": None, "sentencepiece_legacy": False},
+                {"vocab_file": "vocab_file", "merge_file": "merges_file"})
+
 
 def _write_with_bos(tok, bos: str, bos_id: int, path: Path) -> None:
     """`tok` (a tokenizers.Tokenizer) saved to `path` with a post-processor that puts `bos`

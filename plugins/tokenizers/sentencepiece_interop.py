@@ -173,7 +173,20 @@ class SentencePieceInterop:
 
     # --- NeMo --------------------------------------------------------------------------------
     def from_nemo(self, tokenizer_config: dict) -> Optional[Dict[str, str]]:
-        return {"model": "model"} if tokenizer_config.get("library") == LIBRARY else None
+        cfg = tokenizer_config
+        if cfg.get("library") == LIBRARY:  # NeMo's Megatron models
+            return {"model": "model"}
+        if cfg.get("tokenizer_name") == LIBRARY and cfg.get("tokenizer_model"):  # NeMo's NLP models
+            return {"model": "tokenizer_model"}
+        return None
+
+    def to_nemo(self, tokenizer_table: dict, style: str):
+        """NeMo's `library: sentencepiece` with the `.model` (Megatron models), or the NLP
+        models' `tokenizer_name: sentencepiece` with `tokenizer_model`."""
+        if style == "nlp":
+            return {"tokenizer_name": LIBRARY, "vocab_file": None, "special_tokens": None}, {"tokenizer_model": "model"}
+        return ({"library": LIBRARY, "type": None, "vocab_file": None, "merge_file": None, "delimiter": None,
+                 "sentencepiece_legacy": False}, {"model": "model"})
 
 
 @mega.hookimpl

@@ -7,6 +7,9 @@
 * Megatron-LM: `tokenizer_type = "BertWordPieceLowerCase"` or `"BertWordPieceCase"` with
   `vocab_file` (NGC's BERT releases: `--option vocab_file=` and, cased,
   `--option do_lower_case=false`).
+* NeMo: the NLP task models' `tokenizer_name` (`megatron-bert-uncased`, `bert-large-cased`,
+  ...) or the Megatron models' `type` (`BertWordPieceLowerCase`), with the `vocab_file`
+  member; the name says the lower-casing, both ways.
 """
 from __future__ import annotations
 
@@ -103,6 +106,36 @@ class WordPieceInterop:
             return None
         vocab = locate(getattr(args, "vocab_file", None))
         return _table(lower, vocab) if vocab is not None else None
+
+    # --- NeMo --------------------------------------------------------------------------------
+    nemo_hint = "BERT WordPiece (tokenizer_name megatron-bert-uncased, ... or type BertWordPieceLowerCase; vocab_file)"
+
+    def from_nemo(self, tokenizer_config: dict) -> Optional[Dict[str, str]]:
+        """NeMo's NLP models (`tokenizer_name` a BERT name, `vocab_file`) and its Megatron
+        BERT (`library: megatron`, `type: BertWordPieceLowerCase` / `BertWordPieceCase`)."""
+        cfg = tokenizer_config
+        if not cfg.get("vocab_file"):
+            return None
+        if cfg.get("tokenizer_name") in TOKENIZER_NAMES or cfg.get("type") in MEGATRON_TYPES:
+            return {"vocab_file": "vocab_file"}
+        return None
+
+    def nemo_table(self, tokenizer_config: dict) -> dict:
+        """The lower-casing the section's name says (NeMo takes it from the name: NeMo 1.x
+        maps `megatron-bert-uncased` to bert-large-uncased's tokenizer)."""
+        name = tokenizer_config.get("tokenizer_name") or tokenizer_config.get("type")
+        return {"do_lower_case": TOKENIZER_NAMES.get(name, True)}
+
+    def to_nemo(self, tokenizer_table: dict, style: str):
+        """`tokenizer_name: megatron-bert-uncased|cased` + `vocab_file` (NLP task models),
+        or `library: megatron`, `type: BertWordPieceLowerCase|Case` + `vocab_file`."""
+        lower = lower_case_of(tokenizer_table)
+        if style == "nlp":
+            return ({"tokenizer_name": "megatron-bert-uncased" if lower else "megatron-bert-cased",
+                     "tokenizer_model": None, "special_tokens": None}, {"vocab_file": "vocab_file"})
+        return ({"library": "megatron", "type": "BertWordPieceLowerCase" if lower else "BertWordPieceCase",
+                 "model": None, "merge_file": None, "delimiter": None, "sentencepiece_legacy": False},
+                {"vocab_file": "vocab_file"})
 
 
 def tokenizer_table(source: Path, options: Mapping[str, str]):

@@ -3,9 +3,11 @@ to Hugging Face's `MegatronBert*` classes, Megatron-LM's legacy checkpoints and 
 and megatron-core's keys. Registered by `mega.plugins.models.bert` under each of its model
 names (`register_model_converters`); the checkpoint formats keep the file I/O.
 
-`huggingface.py` holds the transformers mapping, `megatron.py` Megatron-LM's; the encoder
-is GPT's transformer, so what Megatron `args` it cannot run and megatron-core's layer
-names are GPT's (mega.plugins.models.gpt_interop).
+`huggingface.py` holds the transformers mapping, `megatron.py` Megatron-LM's, `nemo.py`
+NeMo's `MegatronBertModel` archives and the Megatron-BERT encoder of NeMo's NLP task models
+(whose heads are the tasks': mega.plugins.tasks.nemo_interop); the encoder is GPT's
+transformer, so what Megatron `args` it cannot run and megatron-core's layer names are
+GPT's (mega.plugins.models.gpt_interop).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from typing import Dict, Mapping
 import torch
 
 from mega.protocols import Match
-from mega.plugins.models.bert_interop import huggingface, megatron
+from mega.plugins.models.bert_interop import huggingface, megatron, nemo
 from mega.plugins.models.gpt_interop import mcore
 from mega.plugins.models.gpt_interop.megatron import architecture_args, check_tensors_and_args
 from mega.plugins.models.transformer import padded_vocab_size
@@ -65,3 +67,28 @@ class BertInterop:
 
     def mega_name(self, key: str) -> str:
         return mcore.mega_name(key)
+
+    # --- NeMo: MegatronBertModel (NeMo 1.23.0), both ways -------------------------------------
+    nemo_tokenizer_style = "megatron"
+    nemo_gzip = False
+
+    def nemo_recognises(self, nemo_config: dict) -> Match:
+        return Match.MARKED if nemo.is_bert_model(nemo_config) else Match.NO
+
+    def nemo_model_table(self, nemo_config: dict, where: str) -> dict:
+        return nemo.bert_model_table(nemo_config, where)
+
+    def nemo_mega_name(self, name: str):
+        return name  # `model.` + Megatron-LM's legacy names, mega's own
+
+    def nemo_config(self, model_config, tokenizer_section: dict, tp: int) -> dict:
+        return nemo.bert_model_config(model_config, tokenizer_section, tp)
+
+    def nemo_names(self, name: str, model_config):
+        return ("model." + name,)
+
+    def nemo_vocab_rows(self, model_config, tokenizer, tp: int) -> int:
+        return padded_vocab_size(tokenizer.vocab_size, model_config.make_vocab_size_divisible_by, tp)
+
+    def nemo_artifacts(self, model_config, tp: int):
+        return {}

@@ -91,3 +91,19 @@ class GPTInterop:
 
     def nemo_mega_name(self, name: str):
         return nemo.mega_name(name)
+
+    # NeMo export (NemoModelExporter): MegatronGPTModel of NeMo 1.23.0, legacy names
+    nemo_tokenizer_style = "megatron"
+    nemo_gzip = False
+
+    def nemo_config(self, model_config, tokenizer_section: dict, tp: int) -> dict:
+        return nemo.export_config(model_config, tokenizer_section, tp)
+
+    def nemo_names(self, name: str, model_config):
+        return (nemo.nemo_name(name),)
+
+    def nemo_vocab_rows(self, model_config, tokenizer, tp: int) -> int:
+        return padded_vocab_size(tokenizer.vocab_size, model_config.make_vocab_size_divisible_by, tp)
+
+    def nemo_artifacts(self, model_config, tp: int):
+        return {}

@@ -93,3 +93,68 @@ def mega_name(name: str) -> Optional[str]:
     if name in TIED_COPIES:
         return None
     return mcore.mega_name(name)  # mcore_gpt's names, from the one table both ways; legacy names are mega's
+
+
+# --- export: mega's gpt as NeMo 1.23.0's MegatronGPTModel (legacy names, mcore_gpt: false) --------
+# Read at NeMo v1.23.0: nemo/collections/nlp/models/language_modeling/megatron_gpt_model.py and
+# examples/nlp/language_modeling/conf/megatron_gpt_config.yaml (the keys its constructor and
+# GPTModel read); the weights are `model.` + mega's names (legacy NeMo's are Megatron-LM's).
+
+TARGET = "nemo.collections.nlp.models.language_modeling.megatron_gpt_model.MegatronGPTModel"
+NEMO_RELEASE = "1.23.0"
+
+
+def nemo_activation(activation: str) -> dict:
+    """NeMo's keys for mega's GELU: its fused bias-GELU (bias_activation_fusion) is the tanh
+    form, F.gelu with the fusion off the exact one (the inverse of `activation_of`)."""
+    return {"activation": "gelu", "bias_activation_fusion": activation == "gelu_tanh", "openai_gelu": False}
+
+
+def optim_section(mc) -> dict:
+    """An `optim` section NeMo's optimizer setup accepts (only read when training resumes)."""
+    optim = getattr(mc, "optim", None)
+    return {"name": "adamw", "lr": float(getattr(optim, "lr", 1e-4) or 1e-4),
+            "weight_decay": float(getattr(optim, "weight_decay", 0.0) or 0.0)}
+
+
+def export_config(mc, tokenizer_section: dict, tp: int) -> dict:
+    """model_config.yaml of MegatronGPTModel for mega's gpt config `mc` at TP `tp`."""
+    from mega.errors import ConfigError
+
+    if mc.num_attention_heads % tp:
+        raise ConfigError(f"model.num_attention_heads={mc.num_attention_heads} is not divisible by --option"
+                          f" tensor_parallel={tp}")
+    seq = mc.seq_length
+    return {
+        "mcore_gpt": False, "micro_batch_size": mc.micro_batch_size,
+        "global_batch_size": mc.global_batch_size or mc.micro_batch_size,
+        "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": 1, "virtual_pipeline_model_parallel_size": None,
+        "encoder_seq_length": seq, "max_position_embeddings": mc.max_position_embeddings or seq,
+        "num_layers": mc.num_layers, "hidden_size": mc.hidden_size,
+        "ffn_hidden_size": mc.ffn_hidden_size or 4 * mc.hidden_size, "num_attention_heads": mc.num_attention_heads,
+        "init_method_std": mc.init_method_std, "use_scaled_init_method": True, "hidden_dropout": mc.hidden_dropout,
+        "attention_dropout": mc.attention_dropout, "ffn_dropout": 0.0, "kv_channels": None,
+        "apply_query_key_layer_scaling": False, "normalization": "layernorm", "layernorm_epsilon": mc.layernorm_epsilon,
+        "do_layer_norm_weight_decay": False, "make_vocab_size_divisible_by": mc.make_vocab_size_divisible_by,
+        "pre_process": True, "post_process": True, "persist_layer_norm": True, "bias": True,
+        **nemo_activation(mc.activation), "headscale": False, "transformer_block_type": "pre_ln",
+        "normalize_attention_scores": True, "position_embedding_type": "learned_absolute", "rotary_percentage": 1.0,
+        "attention_type": "multihead", "share_embeddings_and_output_weights": True, "num_query_groups": None,
+        "tokenizer": tokenizer_section,
+        "native_amp_init_scale": mc.native_amp_init_scale, "native_amp_growth_interval": mc.native_amp_growth_interval,
+        "hysteresis": mc.hysteresis, "fp32_residual_connection": False, "fp16_lm_cross_entropy": False,
+        "megatron_amp_O2": False, "bias_dropout_add_fusion": True, "masked_softmax_fusion": True,
+        "seed": mc.seed, "precision": 32, "sequence_parallel": False, "transformer_engine": False,
+        "use_flash_attention": False, "activations_checkpoint_granularity": None, "activations_checkpoint_method": None,
+        "activations_checkpoint_num_layers": None,
+        "data": {"data_prefix": [], "data_impl": "mmap", "splits_string": "900,50,50", "seq_length": seq,
+                 "skip_warmup": True, "num_workers": 2, "dataloader_type": "single", "reset_position_ids": False,
+                 "reset_attention_mask": False, "eod_mask_loss": False},
+        "optim": optim_section(mc),
+        "target": TARGET, "nemo_version": NEMO_RELEASE,
+    }
+
+
+def nemo_name(name: str) -> str:
+    """mega's gpt tensor -> MegatronGPTModel's key (legacy: `model.` + Megatron-LM's name)."""
+    return "model." + name

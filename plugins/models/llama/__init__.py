@@ -35,6 +35,14 @@ class LlamaConfig(GPTConfig):
     hidden_dropout: float = 0.0  # Llama trains without dropout
     attention_dropout: float = 0.0  # Llama trains without dropout
 
+    @classmethod
+    def tiny_preset(cls, directory) -> dict:
+        """GPT's tiny experiment as a Llama: 4 query heads sharing 2 key/value heads, the
+        gated MLP, RMSNorm, RoPE, an untied head, no dropout."""
+        model = super().tiny_preset(directory)["model"]
+        model.update(name="llama", num_query_groups=2, ffn_hidden_size=64, hidden_dropout=0.0, attention_dropout=0.0)
+        return {"model": model}
+
 
 @mega.hookimpl
 def register_models(register):
