@@ -138,3 +138,24 @@ def test_what_is_not_built_is_refused_naming_the_yaml_key(llama_and_tokenizer, t
     assert main(["import", str(nemo), str(tmp_path / "run")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("fmt", ["nemo", "huggingface"])
+def test_a_gpt_with_llama_options_is_not_written_as_gpt2_shaped_files(llama_and_tokenizer, tmp_path, plugins, fmt):
+    """GPT's NeMo and GPT-2 exports write GPT-2-shaped classes: a `gpt` run with rotary
+    positions is refused naming the key, never written without them."""
+    from mega.checkpoint import save_model_checkpoint
+    from mega.config import config_from_dict
+    from mega.errors import CheckpointError
+
+    raw = {"model": {"name": "gpt", "num_layers": 1, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 16,
+                     "position_embedding_type": "rope",
+                     "tokenizer": {"library": "sentencepiece", "model": str(llama_and_tokenizer[1])}},
+           "exp_manager": {"exp_dir": str(tmp_path), "name": "x"}}
+    config = config_from_dict(raw, plugins=plugins)
+    tokenizer = plugins.tokenizers.get("sentencepiece").factory(config.model.tokenizer, [], None)
+    model = plugins.models.get("gpt").factory(config.model, tokenizer, plugins)
+    save_model_checkpoint(tmp_path / "ckpt", config, model, tokenizer, plugins)
+    with pytest.raises(CheckpointError, match="model.position_embedding_type='rope': .* has no such option"):
+        plugins.checkpoint_formats.get(fmt).factory().export_run(tmp_path / "ckpt", tmp_path / "out.nemo", {}, plugins)
+    assert not (tmp_path / "out.nemo").exists()

@@ -97,6 +97,7 @@ class GPTInterop:
     nemo_gzip = False
 
     def nemo_config(self, model_config, tokenizer_section: dict, tp: int) -> dict:
+        huggingface.check_gpt2_shape(model_config, "the GPT-2-shaped MegatronGPTModel archive mega writes")
         return nemo.export_config(model_config, tokenizer_section, tp)
 
     def nemo_names(self, name: str, model_config):

@@ -199,9 +199,10 @@ GPT2_SHAPE = (("position_embedding_type", ("learned_absolute",)), ("normalizatio
               ("window_size", (None,)))
 
 
-def check_gpt2_shape(mc) -> None:
-    """Refuse, naming the key, a GPT whose architecture options GPT2LMHeadModel does not
-    have (the Llama family's are written by the `llama` model's converter)."""
+def check_gpt2_shape(mc, writer: str = "GPT2LMHeadModel") -> None:
+    """Refuse, naming the key, a GPT whose architecture options `writer` (a GPT-2-shaped
+    class another tool builds) does not have (the Llama family's are written for
+    transformers by the `llama` model's converter)."""
     found = [(key, getattr(mc, key, ok[0])) for key, ok in GPT2_SHAPE if getattr(mc, key, ok[0]) not in ok]
     heads = mc.num_attention_heads
     if getattr(mc, "num_query_groups", None) not in (None, heads):
@@ -212,7 +213,7 @@ def check_gpt2_shape(mc) -> None:
         found.append(("activation", mc.activation))
     if found:
         key, value = found[0]
-        raise CheckpointError(f"model.{key}={value!r}: GPT2LMHeadModel has no such option; a model with the Llama"
+        raise CheckpointError(f"model.{key}={value!r}: {writer} has no such option; a model with the Llama"
                               " family's options exports to transformers as model.name = \"llama\" (the same network,"
                               " docs/llama.md)")
 
