@@ -54,6 +54,7 @@ def _tp_forward_and_generate(state, run_dir, ids, prompt, gate, up):
     return logits, generate(model, prompt, 10, greedy=True), mine, cache.keys[0].shape[1]
 
 
+@pytest.mark.slow
 def test_tp2_logits_and_generation_equal_transformers(imported):
     """T6, T8: at TP=2 each rank holds one of the 2 key/value groups and [gate_r; up_r];
     the logits equal HF's (and TP=1's), and greedy decoding equals `generate`."""

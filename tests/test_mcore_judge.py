@@ -1,6 +1,8 @@
 """megatron-core's own code as the judge (the optional `mcore` test extra; skipped where
 `megatron-core` is not installed): its `GPTModel` (local layer spec, on the CPU) built
-with mega's GPT-2-shaped defaults and with the Llama options computes mega's logits,
+with mega's GPT-2-shaped defaults, with the Llama options, and with the options no HF class
+holds (interleaved RoPE on half the head dims, wider heads, QKV-only bias, 2 groups per rank
+at TP=2) computes mega's logits,
 losses and gradients at TP=1 and TP=2; its default `dist_checkpointing.load` reads the
 `torch_dist` files mega writes; `mega import` reads the `torch_dist` files it writes.
 
@@ -46,6 +48,16 @@ FAMILIES = {  # mega's model table -> megatron-core's TransformerConfig / GPTMod
                          "num_query_groups": 2},
               "model": {"position_embedding_type": "rope", "rotary_base": 500000, "rope_scaling": True,
                         "share_embeddings_and_output_weights": False}},
+    # what HF's classes cannot hold, megatron-core judges: interleaved (Meta's) RoPE on half of
+    # each head's dims, heads wider than hidden/heads, Qwen2's bias on QKV only, and 4 groups
+    # (2 per rank at TP=2)
+    "rope_variants": {"mega": {"name": "llama", "num_query_groups": 4, "kv_channels": 16, "rotary_interleaved": True,
+                               "rotary_percent": 0.5, "add_qkv_bias": True},
+                      "config": {"normalization": "RMSNorm", "gated_linear_unit": True, "add_bias_linear": False,
+                                 "add_qkv_bias": True, "num_query_groups": 4, "kv_channels": 16,
+                                 "rotary_interleaved": True},
+                      "model": {"position_embedding_type": "rope", "rotary_percent": 0.5,
+                                "share_embeddings_and_output_weights": False}},
 }
 
 
@@ -68,7 +80,7 @@ def _mcore_model(family: str, tp: int, vocab: int):
     spec = FAMILIES[family]
     config = TransformerConfig(
         num_layers=2, hidden_size=64, num_attention_heads=8, ffn_hidden_size=96, tensor_model_parallel_size=tp,
-        layernorm_epsilon=1e-5, activation_func=F.silu if family == "llama" else F.gelu, use_cpu_initialization=True,
+        layernorm_epsilon=1e-5, activation_func=F.silu if spec["config"].get("gated_linear_unit") else F.gelu, use_cpu_initialization=True,
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
         apply_rope_fusion=False, gradient_accumulation_fusion=False, hidden_dropout=0.0, attention_dropout=0.0,
         **spec["config"])
@@ -168,15 +180,21 @@ def _judge(state, directory: str, sp_model: str):
 def _megatron_args(family: str, tp: int, sp_model: str) -> argparse.Namespace:
     """The architecture, tokenizer and layout fields Megatron-LM's `args` hold for these
     models, spelled as its argument parser leaves them."""
-    llama = family == "llama"
+    spec = FAMILIES[family]
+    config, model = spec["config"], spec["model"]
+    llama = config.get("gated_linear_unit", False)
+    groups = config.get("num_query_groups")
     return argparse.Namespace(
-        num_layers=2, hidden_size=64, num_attention_heads=8, ffn_hidden_size=96, kv_channels=8,
-        group_query_attention=llama, num_query_groups=2 if llama else 1, max_position_embeddings=SEQ, seq_length=SEQ,
-        position_embedding_type="rope" if llama else "learned_absolute", rotary_base=500000, rotary_percent=1.0,
-        use_rope_scaling=llama, rope_scaling_factor=8.0, normalization="RMSNorm" if llama else "LayerNorm",
-        norm_epsilon=1e-5, swiglu=llama, add_bias_linear=not llama, add_qkv_bias=not llama,
-        untie_embeddings_and_output_weights=llama, openai_gelu=False, bias_gelu_fusion=False,
-        hidden_dropout=0.0, attention_dropout=0.0,
+        num_layers=2, hidden_size=64, num_attention_heads=8, ffn_hidden_size=96, kv_channels=config.get("kv_channels", 8),
+        group_query_attention=groups is not None, num_query_groups=groups or 1, max_position_embeddings=SEQ,
+        seq_length=SEQ, position_embedding_type=model["position_embedding_type"], rotary_base=model.get("rotary_base", 10000),
+        rotary_percent=model.get("rotary_percent", 1.0), rotary_interleaved=config.get("rotary_interleaved", False),
+        use_rope_scaling=model.get("rope_scaling", False), rope_scaling_factor=8.0,
+        normalization=config["normalization"], norm_epsilon=1e-5, swiglu=llama,
+        add_bias_linear=config.get("add_bias_linear", True),
+        add_qkv_bias=config.get("add_bias_linear", True) or config.get("add_qkv_bias", False),
+        untie_embeddings_and_output_weights=not model["share_embeddings_and_output_weights"], openai_gelu=False,
+        bias_gelu_fusion=False, hidden_dropout=0.0, attention_dropout=0.0,
         tokenizer_type="Llama2Tokenizer" if llama else "GPTSentencePieceTokenizer", tokenizer_model=sp_model,
         padded_vocab_size=512, make_vocab_size_divisible_by=128, tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=1, iteration=3)
@@ -220,7 +238,7 @@ def test_mega_import_reads_megatron_cores_torch_dist(judged, tmp_path, plugins, 
     d, results = judged
     assert main(["import", str(d / f"{family}_mcore_tp{tp}"), str(tmp_path / "run")]) == 0
     model, tokenizer, config = restore(tmp_path / "run", plugins)
-    assert config.model.name == family
+    assert config.model.name == FAMILIES[family]["mega"]["name"]
     ids = torch.randint(0, 400, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         diff = float((model(ids)[..., :400] - results[tp][0][family]["full_logits"]).abs().max())
