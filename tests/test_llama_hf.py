@@ -111,6 +111,40 @@ def test_sharded_and_bin_directories_import(tmp_path, tokenizer_files, plugins, 
     assert fx.max_logit_diff(restore(tmp_path / "run", plugins).model, hf_model, fx.tokens(vocab)) < 1e-5
 
 
+def test_export_writes_sharded_safetensors_transformers_loads(tmp_path, tokenizer_files, plugins):
+    """`--option max_shard_size` cuts the weights as `save_pretrained` does: numbered
+    shards and their index; `from_pretrained` and `mega import` read them with the logits."""
+    hf_model, src, vocab = _directory(tmp_path, "llama_gqa_llama3", tokenizer_files)
+    main(["import", str(src), str(tmp_path / "run")])
+    model = restore(tmp_path / "run", plugins).model
+    out = tmp_path / "sharded"
+    assert main(["export", str(tmp_path / "run"), str(out), "--to", "hf", "--option", "max_shard_size=60KB"]) == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and not (out / "model.safetensors").exists()
+    assert shards == sorted(p.name for p in out.glob("model-*-of-*.safetensors"))
+    assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in hf_model.state_dict().values())  # fp32
+    from safetensors.torch import load_file
+
+    for shard in shards:  # each within 60 kB unless one tensor alone is larger
+        tensors = load_file(out / shard)
+        assert len(tensors) == 1 or sum(t.numel() * 4 for t in tensors.values()) <= 60_000, shard
+    back = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    ids = fx.tokens(vocab)
+    assert fx.max_logit_diff(model, back, ids) < 1e-5
+    assert main(["import", str(out), str(tmp_path / "again")]) == 0
+    assert fx.max_logit_diff(restore(tmp_path / "again", plugins).model, hf_model, ids) < 1e-5
+
+
+@pytest.mark.parametrize("size", ["0", "5 parsecs", "-3GB"])
+def test_a_bad_shard_size_is_refused_naming_the_option(size):
+    from mega.plugins.checkpoints.hf_shards import parse_size
+
+    assert parse_size("5GB") == 5 * 10 ** 9 and parse_size("2GiB") == 2 * 2 ** 30 and parse_size("1000") == 1000
+    with pytest.raises(ConfigError, match=f"--option max_shard_size={size}: expected a positive size"):
+        parse_size(size)
+
+
 # --- generation --------------------------------------------------------------------------------------
 
 
