@@ -128,12 +128,16 @@ def _assert_same(reference, layouts):
 @pytest.mark.slow
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_pp2_and_tp2_train_like_one_process(tmp_path, tied):
-    """T7: a Llama (RoPE, RMSNorm, SwiGLU, 4 query heads in 2 groups) at PP=2 (the untied
+    """T7: a Llama (RoPE, RMSNorm, SwiGLU, grouped-query attention) at PP=2 (the untied
     output layer on the last stage, no embedding gradient exchange) and at TP=2 gives one
-    process's losses and clipped gradient norms over 3 steps."""
+    process's losses and clipped gradient norms over 3 steps. Tied: 4 query heads in 2
+    groups; untied: 8 in 4, so each TP rank holds 2 whole groups (the imported model's TP=2
+    test above holds 1 per rank; groups that do not divide TP are refused, below)."""
     from mega.runtime.parallel import current
 
     keys = {"share_embeddings_and_output_weights": tied}
+    if not tied:
+        keys.update(num_attention_heads=8, num_query_groups=4)
     reference = _train(current(), tmp_path, 3, keys)
     print(f"one process ({'tied' if tied else 'untied'}): {reference}")
     _assert_same(reference, run_ranks(_train, world=2, pp=2, args=(tmp_path, 3, keys), timeout=300))
