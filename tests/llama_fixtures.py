@@ -32,6 +32,8 @@ AWKWARD = [
     " ",
     "\u00a0non-breaking\u2009thin\u3000ideographic",
     "a" * 300,
+    "def f(x):\n    return x ** 2  # squares\t\t",  # runs of spaces: Llama 2's "▁▁▁" pieces
+    "    ",
 ]
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -56,7 +58,8 @@ def corpus_lines(directory: Path) -> list:
 
 
 def sentencepiece_llama(directory: Path, vocab_size: int = 400) -> Path:
-    """A BPE sentencepiece model with Llama 2's special ids and byte fallback."""
+    """A BPE sentencepiece model with Llama 2's special ids, byte fallback and normaliser
+    (identity, whitespace kept: what transformers' fast conversion assumes)."""
     import sentencepiece as spm
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -64,7 +67,10 @@ def sentencepiece_llama(directory: Path, vocab_size: int = 400) -> Path:
     text.write_text("\n".join(corpus_lines(directory)) + "\n")
     spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(directory / "tokenizer"), vocab_size=vocab_size,
                                    model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-                                   character_coverage=0.98, minloglevel=2, num_threads=1)
+                                   character_coverage=0.98, minloglevel=2, num_threads=1,
+                                   # Llama 2's normaliser: text as it is, spaces kept, digits apart
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
+                                   split_digits=True, allow_whitespace_only_pieces=True)
     return directory / "tokenizer.model"
 
 

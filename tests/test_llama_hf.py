@@ -236,6 +236,10 @@ def test_an_exported_tokenizer_gives_the_same_ids_to_auto_tokenizer(tmp_path, to
     main(["import", str(src), str(tmp_path / "run")])
     tokenizer = restore(tmp_path / "run", plugins).tokenizer
     assert tokenizer.add_bos
+    for use_fast in (False, True):  # the source directory as transformers reads it, slow and fast
+        source = transformers.AutoTokenizer.from_pretrained(src, use_fast=use_fast)
+        for text in fx.AWKWARD:
+            assert source.encode(text) == tokenizer.encode(text), (use_fast, text)
     main(["export", str(tmp_path / "run"), str(tmp_path / "out"), "--to", "hf"])
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
     for text in fx.AWKWARD:

@@ -14,8 +14,9 @@
 
 The `tokenizer.json` is built from the model's own proto, step for step as sentencepiece
 encodes: its precompiled normalization table (`nmt_nfkc` by default), the removal of
-leading, trailing and repeated spaces, the dummy prefix `▁`, whitespace as `▁`, then the
-BPE merges in score order (or the unigram pieces and scores), unknown characters fused
+leading, trailing and repeated spaces, the dummy prefix `▁`, whitespace as `▁`, words cut
+before each `▁` (before each run of them with `allow_whitespace_only_pieces`, as Llama 2's
+model has, so `▁▁` pieces still form), then the BPE merges in score order (or the unigram pieces and scores), unknown characters fused
 into one `<unk>`, byte fallback where the model has it. Two differences are
 transformers' way, not ours to change: the control pieces are special tokens there, so
 a literal `</s>` in the text is the end-of-text id for `AutoTokenizer` and three ordinary
@@ -89,10 +90,15 @@ def fast_tokenizer(path: Path):
     steps = [normalizers.Precompiled(norm.precompiled_charsmap)] if norm.precompiled_charsmap else []
     if norm.remove_extra_whitespaces:
         steps += [normalizers.Replace(Regex(" {2,}"), " "), normalizers.Strip(left=True, right=True)]
+    if norm.add_dummy_prefix:  # always, as sentencepiece does: Metaspace's own prefix skips a text that starts with a space
+        steps.append(normalizers.Prepend("\u2581"))
     tok.normalizer = normalizers.Sequence(steps)
-    scheme = "always" if norm.add_dummy_prefix else "never"
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=scheme,
-                                                 split=trainer.split_by_whitespace)
+    whitespace_runs = trainer.split_by_whitespace and trainer.allow_whitespace_only_pieces
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never",
+                                                 split=trainer.split_by_whitespace and not whitespace_runs)
+    if whitespace_runs:  # Llama 2's: a run of spaces starts one word ("▁▁▁the"), its pieces "▁▁" and "▁the"
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            tok.pre_tokenizer, pre_tokenizers.Split(Regex("\u2581*[^\u2581]+|\u2581+"), behavior="isolated")])
     tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
                                     + ([decoders.Strip(" ", 1, 0)] if norm.add_dummy_prefix else []))
     tok.add_special_tokens([AddedToken(piece, special=True, normalized=False)
