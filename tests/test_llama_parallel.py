@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -91,7 +92,8 @@ def _train(state, d, steps, model_keys):
     from mega.training.run import build_run
     from mega.training.run_dir import unlock_run_dir
 
-    name = f"w{state.world_size}tp{state.tp_size}pp{state.pp_size}_" + "_".join(f"{k}{v}" for k, v in model_keys.items())
+    name = re.sub(r"[^\w.-]", "", f"w{state.world_size}tp{state.tp_size}pp{state.pp_size}_"
+                  + "_".join(f"{k}{v}" for k, v in model_keys.items()))
     corpus = d / "c.txt"
     if state.rank == 0 and not corpus.exists():
         write_corpus(corpus)
@@ -107,6 +109,8 @@ def _train(state, d, steps, model_keys):
                   "tokenizer": {"library": "bytes"}, "data": {"data_prefix": [str(corpus)]}, **model_keys},
     })
     run = build_run(cfg)
+    if model_keys.get("optim", {}).get("use_distributed_optimizer"):  # the switch reached the run
+        assert type(run.optimizer).__name__ == "DistributedOptimizer" and state.dp_size == 2
     out = []
     try:
         for _ in range(steps):
@@ -143,6 +147,20 @@ def test_pp2_and_tp2_train_like_one_process(tmp_path, tied):
     _assert_same(reference, run_ranks(_train, world=2, pp=2, args=(tmp_path, 3, keys), timeout=300))
     if not tied:
         _assert_same(reference, run_ranks(_train, world=2, tp=2, args=(tmp_path, 3, keys), timeout=300))
+
+
+@pytest.mark.slow
+def test_the_distributed_optimizer_at_tp2_dp2_trains_like_one_process(tmp_path):
+    """megatron-core's distributed optimizer with the Llama options at TP=2 x DP=2: each
+    data-parallel rank updates its slice of buckets that hold the per-half fc1 and the
+    grouped QKV shards and the untied output layer; 3 steps give one process's losses and
+    clipped gradient norms."""
+    from mega.runtime.parallel import current
+
+    keys = {"share_embeddings_and_output_weights": False, "num_attention_heads": 8, "num_query_groups": 4}
+    reference = _train(current(), tmp_path, 3, keys)
+    distributed = {**keys, "optim": {"use_distributed_optimizer": True}, "grad_reduce_bucket_size": 4096}
+    _assert_same(reference, run_ranks(_train, world=4, tp=2, args=(tmp_path, 3, distributed), timeout=400))
 
 
 def test_query_groups_that_do_not_divide_over_tp_are_refused(plugins):
