@@ -2,7 +2,9 @@
 megatron-core's files: TP=2 equals one process (logits of an imported HF model, greedy
 generation, training losses), PP=2 trains like one process (tied and untied, grouped-query
 attention), `torch_dist` saved at TP=2 loads at TP=1 and PP=2, `mega export --to megatron`
-at TP=2 x PP=2 imports back with the same logits. Ranks are gloo processes on the CPU
+at TP=2 x PP=2 imports back with the same logits, the distributed optimizer at TP=2 x DP=2
+trains like one process, and a Qwen2 directory imports, trains at TP=2 x PP=2 (`mega run`),
+generates and exports back to transformers. Ranks are gloo processes on the CPU
 (mega.testing.run_ranks)."""
 from __future__ import annotations
 
