@@ -7,7 +7,7 @@ vocabulary padding) and `max_positions`.
 """
 from __future__ import annotations
 
-from typing import List, Mapping, Optional
+from typing import Collection, List, Mapping, Optional, Union
 
 import torch
 
@@ -46,9 +46,10 @@ def check_sampling(max_new_tokens: int, *, greedy: bool = False, temperature: fl
 
 @torch.no_grad()
 def generate(model, prompt: List[int], max_new_tokens: int, *, greedy: bool = False, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0, eos_id: Optional[int] = None, seed: Optional[int] = None,
-             use_cache: bool = True) -> List[int]:
-    """Continue `prompt` (token ids) by up to `max_new_tokens` tokens; stops at `eos_id`.
+             top_k: int = 0, top_p: float = 1.0, eos_id: Union[None, int, Collection[int]] = None,
+             seed: Optional[int] = None, use_cache: bool = True) -> List[int]:
+    """Continue `prompt` (token ids) by up to `max_new_tokens` tokens; stops at `eos_id`
+    (one id, or a set of them: Llama 3.1's instruct models end a turn with any of three).
 
     greedy picks the arg-max; otherwise sampling at `temperature`, restricted to the `top_k`
     most likely tokens (0: all) and to the smallest set whose probability reaches `top_p`.
@@ -65,6 +66,7 @@ def generate(model, prompt: List[int], max_new_tokens: int, *, greedy: bool = Fa
     gen = torch.Generator(device="cpu")
     gen.manual_seed(0 if seed is None else seed)
     tokens = list(prompt)
+    stop = set() if eos_id is None else {eos_id} if isinstance(eos_id, int) else set(eos_id)
     cache = model.new_kv_cache(1, total) if use_cache else None
     step_input = torch.tensor([tokens], device=device)
     while len(tokens) < total:
@@ -76,7 +78,7 @@ def generate(model, prompt: List[int], max_new_tokens: int, *, greedy: bool = Fa
             probs = _filter_logits(logits / temperature, top_k, top_p).softmax(-1).cpu()
             nxt = int(torch.multinomial(probs, 1, generator=gen))
         tokens.append(nxt)
-        if eos_id is not None and nxt == eos_id:
+        if nxt in stop:
             break
         step_input = torch.tensor([[nxt]], device=device)
     return tokens[len(prompt):]

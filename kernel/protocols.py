@@ -89,7 +89,9 @@ class PipelineStage(Protocol):
 
     def shared_embedding_or_output_weight(self) -> torch.Tensor:
         """The word embedding (first stage) or its tied copy in the output layer (last
-        stage): the kernel sums their gradients over the two stages."""
+        stage): the kernel sums their gradients over the two stages. A model whose output
+        layer is a matrix of its own says `share_embeddings_and_output_weights = False`
+        (megatron-core's attribute; true when absent) and nothing is summed."""
 
 
 @runtime_checkable

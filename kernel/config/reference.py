@@ -20,7 +20,7 @@ def help_of(cls: type, name: str) -> str:
     """Key `name`'s meaning in config class `cls`: the `help` its field declares
     (`mega.config.key(..., help=...)`), else that of the nearest base class declaring the
     key, so a plugin class that only changes a base key's default (`name: str = "bert"`)
-    keeps its meaning. Empty when no class says (tests/test_config.py fails on that)."""
+    keeps its meaning. Empty when no class says (tests/kernel/test_config.py fails on that)."""
     for klass in cls.__mro__:
         a = attrs.fields_dict(klass).get(name) if attrs.has(klass) else None
         if a is not None and a.metadata.get("help"):

@@ -55,6 +55,8 @@ from typing import Dict, Iterable, List, Optional
 import torch
 import torch.distributed as dist
 
+from mega.runtime.pipeline import ties_embedding
+
 DTYPES = {"bf16": torch.bfloat16, "16": torch.float16}
 DEFAULT_BUCKET_SIZE = 40_000_000  # elements per all-reduce bucket (Megatron's default)
 
@@ -149,7 +151,7 @@ class MainParams:
         self._bucket_of = {id(low): b for b in self.buckets for low in b.params}
         for low in self.params:
             low.register_post_accumulate_grad_hook(self._grad_ready)
-        if self.embedding_group is not None:
+        if self.embedding_group is not None and ties_embedding(self.model):
             self.shared = self.model.shared_embedding_or_output_weight()
         self.converted = True
 

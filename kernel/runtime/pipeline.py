@@ -134,11 +134,18 @@ def _from_last_stage(losses: TokenMean, st: ParallelState) -> Losses:
     return values[0], dict(zip(names, values[1:]))
 
 
+def ties_embedding(model: torch.nn.Module) -> bool:
+    """Whether the model's output layer is its word embedding (megatron-core's
+    `share_embeddings_and_output_weights`, true unless the model says otherwise): only
+    then do the first and last stage share a matrix whose gradients are summed."""
+    return bool(getattr(model, "share_embeddings_and_output_weights", True))
+
+
 def sum_pipeline_grads(model: torch.nn.Module, parallel: ParallelState) -> None:
     """After a pipelined backward: add up the tied word embedding's gradient over the first
     and last stage, then every gradient over data-parallel replicas in one flat buffer
     (pipelines do not use DDP: their backwards interleave with other micro-batches' forwards)."""
-    if parallel.embedding_group is not None:
+    if parallel.embedding_group is not None and ties_embedding(model):
         w = model.shared_embedding_or_output_weight()
         if w.grad is None:
             w.grad = torch.zeros_like(w)

@@ -13,11 +13,17 @@ first layer (`pipeline_layer_offset`; names `...layers.{i}...` are renumbered by
 which of its tensors are copies of another (`state_aliases`, e.g. the last stage's
 `word_embeddings_for_head.weight` of the tied word embedding), which merging drops and
 loading fills from their source.
+
+A tensor may be split in `partition_chunks` blocks (default 1): the gated MLP's fused
+`fc1 = [gate; up]`, where rank r holds `[gate_r; up_r]` (megatron-core's layout), so plain
+concatenation of the ranks' parts would interleave gate and up. `split_for_rank` and
+`merge_ranks` take each block's share in turn; the record keeps `partition_chunks` for
+such tensors only (older records, and every tensor of a model without them, read as 1).
 """
 from __future__ import annotations
 
 import re
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -30,8 +36,33 @@ def renumber(name: str, offset: int) -> str:
     return _LAYER.sub(lambda m: f"{m.group(1)}{int(m.group(2)) + offset}{m.group(3)}", name, count=1)
 
 
+def split_for_rank(tensor: torch.Tensor, dim: Optional[int], tp: int, rank: int, chunks: int = 1) -> torch.Tensor:
+    """Rank `rank`'s part of the global `tensor` split over `tp` ranks along `dim`: of each
+    of its `chunks` equal blocks along `dim`, the rank's 1/tp, concatenated in block order."""
+    if dim is None or tp == 1:
+        return tensor
+    if chunks == 1:
+        return tensor.chunk(tp, dim=dim)[rank]
+    return torch.cat([block.chunk(tp, dim=dim)[rank] for block in tensor.chunk(chunks, dim=dim)], dim=dim)
+
+
+def merge_ranks(parts: List[torch.Tensor], dim: Optional[int], chunks: int = 1) -> torch.Tensor:
+    """The global tensor from every rank's part (in rank order): the inverse of split_for_rank."""
+    if dim is None:
+        return parts[0]
+    if chunks == 1:
+        return torch.cat(parts, dim=dim)
+    pieces = [p.chunk(chunks, dim=dim) for p in parts]
+    return torch.cat([torch.cat([piece[i] for piece in pieces], dim=dim) for i in range(chunks)], dim=dim)
+
+
+def chunks_of(sharding: dict, name: str) -> int:
+    """The number of blocks tensor `name` is split in (1 unless the record says otherwise)."""
+    return int((sharding.get("partition_chunks") or {}).get(name, 1))
+
+
 def sharding_of(model: torch.nn.Module, parallel) -> dict:
-    dims, shapes = {}, {}
+    dims, shapes, chunks = {}, {}, {}
     params = dict(model.named_parameters())
     for name, tensor in model.state_dict().items():
         dim = getattr(params.get(name), "partition_dim", None)
@@ -40,9 +71,14 @@ def sharding_of(model: torch.nn.Module, parallel) -> dict:
         if dim is not None:
             shape[dim] *= parallel.tp_size
         shapes[name] = shape
-    return {"tp_size": parallel.tp_size, "tp_rank": parallel.tp_rank, "pp_size": parallel.pp_size,
-            "pp_rank": parallel.pp_rank, "layer_offset": _layer_offset(model), "aliases": _aliases(model),
-            "partition_dims": dims, "global_shapes": shapes}
+        if getattr(params.get(name), "partition_chunks", 1) != 1:
+            chunks[name] = params[name].partition_chunks
+    record = {"tp_size": parallel.tp_size, "tp_rank": parallel.tp_rank, "pp_size": parallel.pp_size,
+              "pp_rank": parallel.pp_rank, "layer_offset": _layer_offset(model), "aliases": _aliases(model),
+              "partition_dims": dims, "global_shapes": shapes}
+    if chunks:
+        record["partition_chunks"] = chunks
+    return record
 
 
 def _layer_offset(model) -> int:
@@ -73,11 +109,8 @@ def to_local(model: torch.nn.Module, full: Dict[str, torch.Tensor]) -> Dict[str,
 
 def merge_shards(states: List[Dict[str, torch.Tensor]], sharding: dict) -> Dict[str, torch.Tensor]:
     """Full tensors from the state dicts of every tensor-parallel rank (in rank order)."""
-    full = {}
-    for name, dim in sharding["partition_dims"].items():
-        parts = [s[name] for s in states]
-        full[name] = parts[0] if dim is None else torch.cat(parts, dim=dim)
-    return full
+    return {name: merge_ranks([s[name] for s in states], dim, chunks_of(sharding, name))
+            for name, dim in sharding["partition_dims"].items()}
 
 
 def shard_for(model: torch.nn.Module, full: Dict[str, torch.Tensor], parallel) -> Dict[str, torch.Tensor]:
@@ -94,9 +127,8 @@ def shard_for(model: torch.nn.Module, full: Dict[str, torch.Tensor], parallel) -
         if dim is not None:
             target[dim] *= parallel.tp_size
         tensor = fit(tensor, target)
-        if dim is not None and parallel.tp_size > 1:
-            tensor = tensor.chunk(parallel.tp_size, dim=dim)[parallel.tp_rank]
-        out[name] = tensor.clone()
+        chunks = getattr(params.get(name), "partition_chunks", 1)
+        out[name] = split_for_rank(tensor, dim, parallel.tp_size, parallel.tp_rank, chunks).clone()
     return out
 
 
@@ -135,7 +167,8 @@ def reshard_optimizer(saved: List[dict], names: List[str], sharding: dict, model
         entry = {}
         for key, value in per_rank[0][name].items():
             if torch.is_tensor(value) and value.dim() > 0:
-                full = merge_shards([{name: r[name][key]} for r in per_rank], {"partition_dims": {name: sharding["partition_dims"][name]}})[name]
+                full = merge_ranks([r[name][key] for r in per_rank], sharding["partition_dims"][name],
+                                   chunks_of(sharding, name))
                 entry[key] = shard_for(_One(name, params[name]), {name: full}, parallel)[name]
             else:
                 entry[key] = value

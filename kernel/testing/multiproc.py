@@ -85,9 +85,12 @@ def run_ranks(fn, world: int, tp: int = 1, pp: int = 1, args=(), timeout: float 
 
 def full_grads(model, state) -> dict:
     """Each parameter's gradient as one process would hold it: tensor-parallel shards
-    gathered along their partition dimension (for TP == one-process comparisons)."""
+    gathered along their partition dimension, block by block for a tensor split in blocks
+    (a gated fc1), for TP == one-process comparisons."""
     import torch
     import torch.distributed as dist
+
+    from mega.runtime.sharding import merge_ranks
 
     grads = {}
     for name, p in model.named_parameters():
@@ -95,6 +98,6 @@ def full_grads(model, state) -> dict:
         if p.partition_dim is not None and state.tp_size > 1:
             parts = [torch.empty_like(grad) for _ in range(state.tp_size)]
             dist.all_gather(parts, grad.contiguous(), group=state.tp_group)
-            grad = torch.cat(parts, dim=p.partition_dim)
+            grad = merge_ranks(parts, p.partition_dim, getattr(p, "partition_chunks", 1))
         grads[name] = grad
     return grads

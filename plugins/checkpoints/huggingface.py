@@ -32,12 +32,12 @@ from mega.checkpoint import atomic_directory, check_options
 from mega.errors import CheckpointError, ConfigError
 from mega.checkpoint.load_errors import describe
 from mega.protocols import HuggingFaceModelConverter, HuggingFaceTokenizerConverter
-from mega.plugins.checkpoints import converters
+from mega.plugins.checkpoints import converters, hf_shards
 
 log = logging.getLogger("mega.checkpoints.huggingface")
 
 MODEL_OPTIONS = ("make_vocab_size_divisible_by", "seq_length")
-EXPORT_OPTIONS = ("dtype",)
+EXPORT_OPTIONS = ("dtype", "max_shard_size")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
@@ -171,6 +171,7 @@ class HuggingFaceFormat:
         dtype_name = options.get("dtype", "float32")
         if dtype_name not in DTYPES:
             raise ConfigError(f"--option dtype={dtype_name}: expected one of {', '.join(DTYPES)}")
+        shard_limit = hf_shards.parse_size(options["max_shard_size"]) if "max_shard_size" in options else None
         destination = Path(destination).expanduser().absolute()
         if destination.exists() and not (destination.is_dir() and not any(destination.iterdir())):
             raise CheckpointError(f"{destination}: already exists; export into a new directory")
@@ -194,7 +195,7 @@ class HuggingFaceFormat:
         max_length = getattr(mc, "max_position_embeddings", None) or mc.seq_length
         write_tokenizer = None if files is None else (
             lambda tmp: self._write_tokenizer(files, tokenizer, mc.tokenizer, tmp, max_length))
-        return _write_model_directory(destination, state, hf_config, dtype_name, write_tokenizer)
+        return _write_model_directory(destination, state, hf_config, dtype_name, write_tokenizer, shard_limit)
 
     @staticmethod
     def _write_tokenizer(files, tokenizer, tokenizer_config, destination: Path, model_max_length: int) -> None:
@@ -202,14 +203,18 @@ class HuggingFaceFormat:
 
 
 def _write_model_directory(destination: Path, state: Dict[str, torch.Tensor], config: dict, dtype_name: str,
-                           write_tokenizer) -> Path:
-    """model.safetensors + config.json (+ the tokenizer's files), written beside
-    `destination` and renamed into place: a failed export leaves nothing behind."""
-    state = {k: v.to(DTYPES[dtype_name]) for k, v in state.items()}
+                           write_tokenizer, shard_limit: Optional[int] = None) -> Path:
+    """model.safetensors (or shards of at most `shard_limit` bytes and their index) +
+    config.json (+ the tokenizer's files), written beside `destination` and renamed into
+    place: a failed export leaves nothing behind."""
+    state = {k: v.to(DTYPES[dtype_name]).contiguous() for k, v in state.items()}
     with atomic_directory(destination) as tmp:
-        from safetensors.torch import save_file
+        if shard_limit is None:
+            from safetensors.torch import save_file
 
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            hf_shards.save_sharded(state, tmp, shard_limit)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if write_tokenizer is not None:
             write_tokenizer(tmp)

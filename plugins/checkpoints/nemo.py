@@ -329,7 +329,8 @@ def _weights(source: Path, tar, members, cfg: dict, model_table: dict, files, pl
     tokenizer = plugins.tokenizers.get(mc.tokenizer.library, "tokenizer.library").factory(mc.tokenizer, [], None)
     with torch.random.fork_rng(devices=[]), one_process():
         model = plugins.models.get(mc.name, "model.name").factory(mc, tokenizer, plugins)
-    dims = dict(sharding_of(model, ParallelState())["partition_dims"])
+    record = sharding_of(model, ParallelState())
+    dims = dict(record["partition_dims"])
     if isinstance(family, NemoSplitDims):  # where NeMo splits a tensor mega keeps whole
         dims.update(family.nemo_split_dims(mc))
     expected = model.state_dict()
@@ -373,7 +374,7 @@ def _weights(source: Path, tar, members, cfg: dict, model_table: dict, files, pl
                 raise CheckpointError(f"{source}: member {stage_names[r]} and {stage_names[0]} hold different tensors"
                                       f" ({origin.get(odd, odd)} is in one only)")
         present = {k: d for k, d in dims.items() if k in ranks[0]}
-        full.update(merge_shards(ranks, {"partition_dims": present}))
+        full.update(merge_shards(ranks, {"partition_dims": present, "partition_chunks": record.get("partition_chunks")}))
     missing = sorted(set(expected) - set(full))
     if missing:
         raise CheckpointError(f"{source}: weights missing from the archive (mega names): {', '.join(missing[:5])}")

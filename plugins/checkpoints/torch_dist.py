@@ -13,16 +13,26 @@ Under `model.optim.use_distributed_optimizer` the optimizer's state is megatron-
 `dp_reshardable` bucket space instead, each data-parallel rank writing its own shard
 (torch_dist_optimizer.py).
 
-Tensors are stored as GLOBAL tensors under megatron-core's names with global layer numbers
-(`embedding.word_embeddings.weight`, `decoder.layers.{i}.self_attention.linear_qkv.weight`,
-`decoder.layers.{i}.mlp.linear_fc1.layer_norm_weight`, `decoder.final_layernorm.bias`, ...):
-the model family's converter names them (`mega.protocols.MegatronCoreNames`; a family
-without one, and names it does not know, keep mega's global name). The keys written are
+Tensors are stored as GLOBAL tensors under megatron-core's names (`embedding.word_embeddings.
+weight`, `decoder.final_layernorm.bias`, ...): the model family's converter names them
+(`mega.protocols.MegatronCoreNames`; a family without one, and names it does not know, keep
+mega's global name). The layers of a megatron-core stack (`decoder.layers.{i}.X`,
+`encoder.layers.{i}.X`) are written as megatron-core writes homogeneous layers, its
+default: one tensor `decoder.layers.X` of global shape [layers, ...], layer i at offset i
+of the first axis, so `dist_checkpointing.load(model.sharded_state_dict(), dir)` reads them
+at its default strictness; the per-layer keys (megatron-core's `non_homogeneous_layers`,
+and mega's files before this layout) are read too. Beside the weights of each layer's
+linears megatron-core keeps an `_extra_state` object (`decoder.layers.self_attention.
+linear_qkv._extra_state/shard_{i}_{layers}`); mega writes them, empty as megatron-core's
+local layers' are, so its loader finds every key it asks for, and never reads them. The keys written are
 recorded in every rank's file, so loading needs no converter; a checkpoint without the
 record (written before it was kept) is read under the naming whose keys it holds. Each rank writes only
 its own chunk: a tensor-parallel tensor at the offset `tp_rank * local size` along its
 `partition_dim`, a replicated tensor by tensor-parallel rank 0 only (megatron-core's
-replica_id rule). The tied output layer of the last pipeline stage
+replica_id rule). A tensor split in blocks (`partition_chunks`: a gated MLP's fc1 = [gate; up],
+each half split over the ranks) is written as one chunk per block at `i * G / k + rank * G /
+(k * TP)` of its global size G along the split dimension, megatron-core's layout of
+`linear_fc1` (its `apply_swiglu_sharded_factory`). The tied output layer of the last pipeline stage
 (`word_embeddings_for_head`) is a replica of `embedding.word_embeddings.weight`: it is not
 written, and loading fills it from that key, as megatron-core's sharded `output_layer.weight`
 does. Optimizer moments follow their parameter (`optimizer.state.exp_avg.<key>`); the step
@@ -39,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -59,7 +70,7 @@ from mega.plugins.checkpoints.torch_dist_optimizer import (
     shard_tensors,
 )
 from mega.runtime.bucket_space import OptimizerShards
-from mega.runtime.sharding import renumber
+from mega.runtime.sharding import chunks_of, renumber
 
 log = logging.getLogger("mega.checkpoint")
 
@@ -72,6 +83,30 @@ CHECKPOINT_VERSION = 3.0
 
 def _same(name: str) -> str:
     return name
+
+
+# megatron-core's layer stacks: `decoder.layers.{i}.X` (and its optimizer moments'
+# `optimizer.state.exp_avg.decoder.layers.{i}.X`) are one tensor `decoder.layers.X` [layers, ...]
+_STACKED = re.compile(r"^(?P<pre>(?:optimizer\.state\.\w+\.)?)(?P<stack>(?:encoder|decoder)\.layers)\.(?P<i>\d+)\.(?P<rest>.+)$")
+# the linears whose `_extra_state` objects megatron-core's layers save (TE spec and local spec)
+_EXTRA_STATE = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
+
+
+def _stacked(key: str) -> Optional[Tuple[str, int, str]]:
+    """(stacked key, layer index, stack name) of a per-layer megatron-core key, else None."""
+    m = _STACKED.match(key)
+    return (f"{m['pre']}{m['stack']}.{m['rest']}", int(m["i"]), m["stack"]) if m else None
+
+
+def _stack_sizes(keys, pp_size: int) -> Dict[str, int]:
+    """Layers of each stack in the whole model: this stage's count times the stages (mega's
+    and Megatron's stages hold equal shares)."""
+    found: Dict[str, set] = {}
+    for key in keys:
+        st = _stacked(key)
+        if st is not None:
+            found.setdefault(st[2], set()).add(st[1])
+    return {stack: len(ids) * pp_size for stack, ids in found.items()}
 
 
 def _namer(state: dict) -> Callable[[str], str]:
@@ -93,6 +128,21 @@ def _namer_for(stored, wanted: Sequence[str]) -> Callable[[str], str]:
     return next((n for n in namings if all(n(w) in stored for w in wanted)), _same)
 
 
+def _extra_states(keys, stacks: Dict[str, int]) -> Dict[str, list]:
+    """megatron-core's `_extra_state` objects of the layers' linears whose weights `keys`
+    name, under its ShardedObject keys (`<stacked module>._extra_state/shard_<layer>_<layers>`),
+    each what its local layers hold: nothing (`[None]`, as its writer packs a rank's objects
+    in a list; DCP torch.saves it)."""
+    out = {}
+    for key in keys:
+        st = _stacked(key)
+        if st is None or not st[0].endswith(tuple(f"{m}.weight" for m in _EXTRA_STATE)) or st[0].startswith("optimizer."):
+            continue
+        module = st[0][: -len(".weight")]
+        out[f"{module}._extra_state/shard_{st[1]}_{stacks[st[2]]}"] = [None]
+    return out
+
+
 def rank_file(tp_rank: int, pp_rank: int) -> str:
     return f"mega_rank_{tp_rank:02d}_{pp_rank:03d}.pt"
 
@@ -107,11 +157,11 @@ def _sources(sharding: dict) -> Dict[str, str]:
 
 
 def _entries(sharding: dict, tp_size: int, tp_rank: int,
-             key_of: Callable[[str], str]) -> List[Tuple[str, str, Optional[int], List[int]]]:
-    """(local name, checkpoint key, partition dim, global shape) for every tensor a rank
-    of this layout holds; aliases (the tied head) name their source's key."""
+             key_of: Callable[[str], str]) -> List[Tuple[str, str, Optional[int], List[int], int]]:
+    """(local name, checkpoint key, partition dim, global shape, blocks) for every tensor a
+    rank of this layout holds; aliases (the tied head) name their source's key."""
     sources = _sources(sharding)
-    return [(name, key_of(sources[name]), dim, list(sharding["global_shapes"][name]))
+    return [(name, key_of(sources[name]), dim, list(sharding["global_shapes"][name]), chunks_of(sharding, name))
             for name, dim in sharding["partition_dims"].items()]
 
 
@@ -120,6 +170,18 @@ def _offsets(shape: Sequence[int], dim: Optional[int], tp_rank: int) -> List[int
     if dim is not None:
         offsets[dim] = tp_rank * shape[dim]
     return offsets
+
+
+def _blocks(shape: Sequence[int], dim: int, tp_size: int, tp_rank: int, chunks: int) -> List[Tuple[int, int, List[int]]]:
+    """(start, length along `dim` in the local tensor of `shape`, global offsets) of each
+    block of a tensor split in `chunks` blocks (module docstring)."""
+    per = shape[dim] // chunks
+    out = []
+    for i in range(chunks):
+        offsets = [0] * len(shape)
+        offsets[dim] = i * per * tp_size + tp_rank * per
+        out.append((i * per, per, offsets))
+    return out
 
 
 def _group_kwargs(parallel, saving: bool) -> dict:
@@ -166,6 +228,17 @@ class TorchDistFormat:
     name = "torch_dist"
     saves_optimizer_shards = True  # the distributed optimizer's bucket space, each rank its own (torch_dist_optimizer.py)
 
+    # --- mega import (mega.plugins.checkpoints.torch_dist_import) -----------------------------
+    def can_import(self, source: Path) -> bool:
+        from mega.plugins.checkpoints.torch_dist_import import can_import
+
+        return can_import(Path(source))
+
+    def import_run(self, source: Path, run_dir: Path, options, plugins) -> Path:
+        from mega.plugins.checkpoints.torch_dist_import import import_run
+
+        return import_run(Path(source), Path(run_dir), options, plugins)
+
     def save(self, state: dict, directory: Path, parallel=None) -> None:
         tp_size, tp_rank, pp_size, pp_rank = _layout(parallel)
         directory = Path(directory)
@@ -175,31 +248,43 @@ class TorchDistFormat:
         key_of = _namer(state)
         entries = _entries(sharding, tp_size, tp_rank, key_of)
         aliases = sharding.get("aliases", {})
+        stacks = _stack_sizes([key for _, key, _, _, _ in entries], pp_size)
         tensors, placement = {}, {}
 
-        def put(key, t, dim):
-            offsets = _offsets(t.shape, dim, tp_rank)
+        def put(key, t, dim, chunks=1):
+            t = t.detach().cpu() if t.device.type != "cpu" else t.detach()
             size = list(t.shape)
             if dim is not None:
                 size[dim] *= tp_size
             elif tp_rank != 0:
                 return  # a replica: tensor-parallel rank 0 writes it
-            tensors[key] = t.detach().cpu() if t.device.type != "cpu" else t.detach()
-            placement[key] = (offsets, size)
+            st = _stacked(key)
+            if st is not None:  # layer i of the stack's [layers, ...] tensor
+                key, t, lead, lead_size, tag = st[0], t.unsqueeze(0), [st[1]], [stacks[st[2]]], f"#{st[1]}"
+            else:
+                lead, lead_size, tag = [], [], ""
+            if dim is None or chunks == 1:
+                tensors[key + tag] = t
+                placement[key + tag] = (key, lead + _offsets(t.shape[len(lead):], dim, tp_rank), lead_size + size)
+                return
+            for i, (start, length, offsets) in enumerate(_blocks(t.shape[len(lead):], dim, tp_size, tp_rank, chunks)):
+                tensors[f"{key}{tag}#{i}"] = t.narrow(dim + len(lead), start, length).contiguous()
+                placement[f"{key}{tag}#{i}"] = (key, lead + offsets, lead_size + size)
 
         opt = state.get("optimizer")
         shards = opt if isinstance(opt, OptimizerShards) else None  # every data-parallel rank saves its own
         if shards is not None:
             opt = None
             for key, (t, offsets, size) in shard_tensors(shards, model_parallel_index(parallel)).items():
-                tensors[key], placement[key] = t, (offsets, size)
+                tensors[key], placement[key] = t, (key, offsets, size)
         replica0 = parallel is None or parallel.dp_rank == 0  # writes the model, its rank file and the common files
         model = state["model"]
         by_name = {}
-        for name, key, dim, _ in entries:
-            by_name[name] = (key, dim)
+        for name, key, dim, _, chunks in entries:
+            by_name[name] = (key, dim, chunks)
             if name not in aliases and replica0:  # the tied head is a replica of the embedding
-                put(key, model[name], dim)
+                put(key, model[name], dim, chunks)
+        objects = _extra_states([key for _, key, _, _, _ in entries], stacks) if tp_rank == 0 and replica0 else {}
         extra_optim = {}
         names = _optimizer_param_names(state) if opt is not None else None
         if opt is not None:
@@ -208,12 +293,12 @@ class TorchDistFormat:
                 if i not in opt["state"]:
                     continue
                 name = names[pos]
-                key, dim = by_name[name]
+                key, dim, chunks = by_name[name]
                 for k, v in opt["state"][i].items():
                     if name in aliases:
                         continue
                     if torch.is_tensor(v) and v.dim() > 0:
-                        put(_optimizer_keys(k, key), v, dim)
+                        put(_optimizer_keys(k, key), v, dim, chunks)
                     elif torch.is_tensor(v):
                         put(_optimizer_keys(k, key), v, None)
                     else:
@@ -230,7 +315,7 @@ class TorchDistFormat:
             torch.save(own, directory / rank_file(tp_rank, pp_rank))
         if parallel is None or parallel.is_main:
             (directory / "metadata.json").write_text(json.dumps(METADATA_JSON))
-            common = _common(state, parallel, sharding)
+            common = _common(state, parallel, sharding, directory)
             if shards is not None:
                 common["content_metadata"] = dict(CONTENT_METADATA)
             torch.save(common, directory / "common.pt")
@@ -239,8 +324,8 @@ class TorchDistFormat:
         from mega.plugins.checkpoints.torch_dist_planners import ChunkSavePlanner
 
         with _one_process_is_fine():
-            dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(directory)), planner=ChunkSavePlanner(placement),
-                     **_group_kwargs(parallel, saving=shards is None))
+            dcp.save({**tensors, **objects}, storage_writer=dcp.FileSystemWriter(str(directory)),
+                     planner=ChunkSavePlanner(placement), **_group_kwargs(parallel, saving=shards is None))
 
     def load(self, directory: Path, parallel=None, parts: Sequence[str] = PARTS) -> dict:
         """This rank's state at the layout it was saved with."""
@@ -309,49 +394,76 @@ class TorchDistFormat:
         except Exception as exc:
             raise CheckpointError(f"{directory}/.metadata: cannot be read ({type(exc).__name__}: {exc})") from None
         key_of = _recorded(keys) if keys is not None else _namer_for(metadata, sorted(set(_sources(sharding).values())))
-        targets: Dict[str, torch.Tensor] = {}  # DCP key -> destination (a view of a local tensor)
-        offsets: Dict[str, List[int]] = {}
+        targets: Dict[str, torch.Tensor] = {}  # DCP key (#block) -> destination (a view of a local tensor)
+        placement: Dict[str, Tuple[str, List[int]]] = {}  # the same -> (DCP key, global offsets)
         copies: List[Tuple[torch.Tensor, str]] = []  # (tensor, key) for a key wanted twice (tied head)
 
-        def want(key: str, shape: List[int], dim: Optional[int]) -> torch.Tensor:
-            md = metadata.get(key)
+        def locate(key: str):
+            """(DCP key, the offsets before the tensor's own: [layer] in a stack, else []),
+            per-layer keys first (older files, megatron-core's non-homogeneous layers)."""
+            st = _stacked(key)
+            if key not in metadata and st is not None and isinstance(metadata.get(st[0]), TensorStorageMetadata):
+                return st[0], [st[1]]
+            return key, []
+
+        def want(key: str, shape: List[int], dim: Optional[int], chunks: int = 1) -> torch.Tensor:
+            stored, lead = locate(key)
+            md = metadata.get(stored)
             if not isinstance(md, TensorStorageMetadata):
                 raise CheckpointError(f"{directory}: has no tensor {key!r}")
             local = torch.zeros(shape, dtype=md.properties.dtype)
             if key in targets:
                 copies.append((local, key))
                 return local
+            have_size = list(md.size)[len(lead):]
+            if lead and md.size[0] <= lead[0]:
+                raise CheckpointError(f"{directory}: {stored} holds {md.size[0]} layers, this model needs layer {lead[0]}")
+            view = local[(None,) * len(lead)]  # the stack's leading axis, a view of `local`
+            if chunks > 1:  # blocks of a global tensor whose size cannot change (not the vocabulary)
+                wanted = [n * (tp_size if d == dim else 1) for d, n in enumerate(shape)]
+                if have_size != wanted:
+                    raise CheckpointError(f"{directory}: {key} has global shape {have_size}, this model needs {wanted}")
+                for i, (start, length, offs) in enumerate(_blocks(shape, dim, tp_size, tp_rank, chunks)):
+                    targets[f"{key}#{i}"] = view.narrow(dim + len(lead), start, length)
+                    placement[f"{key}#{i}"] = (stored, lead + offs)
+                return local
             offs = _offsets(shape, dim, tp_rank)
-            dest = local
-            for d, (o, n, have) in enumerate(zip(offs, shape, md.size)):
+            dest = view
+            for d, (o, n, have) in enumerate(zip(offs, shape, have_size)):
                 want_global = n * tp_size if d == dim else n
                 if have != want_global and d != dim:
-                    raise CheckpointError(f"{directory}: {key} has global shape {list(md.size)}, this model needs"
+                    raise CheckpointError(f"{directory}: {key} has global shape {have_size}, this model needs"
                                           f" {[s * (tp_size if i == dim else 1) for i, s in enumerate(shape)]}")
                 if o + n > have:  # vocabulary padding grew: rows past the saved ones stay zero
-                    dest = dest.narrow(d, 0, max(have - o, 0))
+                    dest = dest.narrow(d + len(lead), 0, max(have - o, 0))
             if dest.numel() or not shape:
-                targets[key], offsets[key] = dest, offs
+                targets[key], placement[key] = dest, (stored, lead + offs)
             return local
 
         model = {}
-        for name, key, dim, _ in _entries(sharding, tp_size, tp_rank, key_of):
-            model[name] = want(key, shapes[name], dim)
+        for name, key, dim, _, chunks in _entries(sharding, tp_size, tp_rank, key_of):
+            model[name] = want(key, shapes[name], dim, chunks)
         state: dict = {"model": model}
         if param_names is not None:
-            by_name = {name: (key, dim) for name, key, dim, _ in _entries(sharding, tp_size, tp_rank, key_of)}
+            by_name = {name: (key, dim, chunks) for name, key, dim, _, chunks in _entries(sharding, tp_size, tp_rank, key_of)}
             prefix = "optimizer.state."
             opt_state = {}
             for pos, name in enumerate(param_names):
-                key, dim = by_name[name]
+                key, dim, chunks = by_name[name]
                 entry = {}
-                for mkey in metadata:
-                    if mkey.startswith(prefix) and mkey.endswith("." + key) and len(mkey) > len(prefix) + len(key) + 1:
-                        k = mkey[len(prefix):-len(key) - 1]
-                        if "." in k:
+                st = _stacked(key)
+                for stored, lead in ((key, 0),) + (((st[0], 1),) if st else ()):
+                    for mkey in metadata:
+                        if not (mkey.startswith(prefix) and mkey.endswith("." + stored)
+                                and len(mkey) > len(prefix) + len(stored) + 1):
                             continue
+                        k = mkey[len(prefix):-len(stored) - 1]
                         md = metadata[mkey]
-                        entry[k] = want(mkey, shapes[name] if len(md.size) else [], dim if len(md.size) else None)
+                        if "." in k or k in entry or not isinstance(md, TensorStorageMetadata):
+                            continue
+                        scalar = len(md.size) == lead  # the step count
+                        entry[k] = want(f"{prefix}{k}.{key}", [] if scalar else shapes[name], None if scalar else dim,
+                                        1 if scalar else chunks)
                 entry.update(extra.get(key, {}))
                 if entry:
                     opt_state[pos] = entry
@@ -361,14 +473,14 @@ class TorchDistFormat:
                 log.warning("%s: no optimizer state for this model's parameters; its moments start afresh", directory)
         try:
             with _one_process_is_fine():
-                dcp.load(targets, storage_reader=dcp.FileSystemReader(str(directory)), planner=ChunkLoadPlanner(offsets),
+                dcp.load(targets, storage_reader=dcp.FileSystemReader(str(directory)), planner=ChunkLoadPlanner(placement),
                          **_group_kwargs(parallel, saving=False))
         except CheckpointError:
             raise
         except Exception as exc:
             raise CheckpointError(f"{directory}: torch.distributed.checkpoint could not read it ({type(exc).__name__}: {exc})") from None
         for local, key in copies:  # a second tensor of the same key (the tied head): same slice
-            src = targets[key]
+            src = targets[key][(0,) * len(locate(key)[1])]
             local[tuple(slice(0, n) for n in src.shape)].copy_(src)
         return state
 
@@ -457,14 +569,17 @@ def _check_moments(opt: dict, groups: List[list], names: List[str], model: dict)
                                       " not the model's")
 
 
-def _common(state: dict, parallel, sharding: dict) -> dict:
-    """megatron's common (non-sharded) state: what its loader reads besides the tensors."""
-    from mega.plugins.checkpoints.megatron.args import megatron_args
+def _common(state: dict, parallel, sharding: dict, directory: Path) -> dict:
+    """megatron's common (non-sharded) state: what its loader reads besides the tensors
+    (`args` naming the tokenizer's copies in the checkpoint directory)."""
+    from mega.plugins.checkpoints.megatron.args import checkpoint_tokenizer_files, megatron_args
 
     word = next((s for n, s in sharding["global_shapes"].items() if n.endswith("embedding.word_embeddings.weight")), None)
     trainer = state.get("trainer", {})
     tp, pp = (parallel.tp_size, parallel.pp_size) if parallel is not None else (1, 1)
-    return {"args": megatron_args(state.get("config", {}), tp, pp, state.get("vocab_size"), padded=word[0] if word else None),
+    config = state.get("config", {})
+    files = checkpoint_tokenizer_files(config, directory, mega.get_plugins())
+    return {"args": megatron_args(config, tp, pp, state.get("vocab_size"), padded=word[0] if word else None, files=files),
             "checkpoint_version": CHECKPOINT_VERSION, "iteration": trainer.get("step", 0),
             "opt_param_scheduler": {"num_steps": trainer.get("consumed_samples", 0)}}
 

@@ -101,7 +101,7 @@ def bucket_space(directory: Path, entry: dict, mp_index: int) -> BucketSpace:
             try:
                 with _quiet():
                     dcp.load(targets, storage_reader=dcp.FileSystemReader(str(directory)),
-                             planner=ChunkLoadPlanner({k: [lo] for k, (lo, _) in spans.items()}), no_dist=True)
+                             planner=ChunkLoadPlanner({k: (k, [lo]) for k, (lo, _) in spans.items()}), no_dist=True)
             except Exception as exc:
                 raise CheckpointError(f"{directory}: the distributed optimizer's bucket tensors could not be read"
                                       f" ({type(exc).__name__}: {exc})") from None

@@ -68,26 +68,70 @@ def pipeline_stages(pp: int, layers: int, layer: Dict[str, int], first: Dict[str
     return stages
 
 
+def norm_params(block: BlockConfig) -> int:
+    """One norm of the residual stream: LayerNorm's weight and bias, RMSNorm's weight."""
+    return block.hidden_size * (1 if block.normalization == "RMSNorm" else 2)
+
+
 def block_params(block: BlockConfig, tp: int) -> int:
     """Parameters of one TransformerLayer on one tensor-parallel rank: column-parallel
-    weights and biases split, row-parallel weights split (their biases and the LayerNorms
-    replicated)."""
+    weights and biases split, row-parallel weights split (their biases and the norms
+    replicated). QKV has (heads + 2 x query groups) x head_dim rows; a gated MLP's fc1 two
+    halves of ffn rows; biases per add_bias_linear / add_qkv_bias."""
     h, f = block.hidden_size, block.ffn
-    return 4 * h + (3 * h * h + 3 * h) // tp + h * h // tp + h + (h * f + f) // tp + f * h // tp + h
+    q, kv = block.num_attention_heads * block.head_dim, block.query_groups * block.head_dim
+    g = 2 if block.gated else 1
+    bias = h if block.add_bias_linear else 0
+    return (2 * norm_params(block) + (h * (q + 2 * kv) + (q + 2 * kv if block.qkv_bias else 0)) // tp + q * h // tp
+            + bias + (g * h * f + (g * f if block.add_bias_linear else 0)) // tp + f * h // tp + bias)
 
 
 def block_param_numels(block: BlockConfig, tp: int) -> List[int]:
     """block_params, one entry per parameter tensor in the order TransformerLayer registers
     them (what the distributed optimizer lays out: mega.runtime.param_layout)."""
     h, f = block.hidden_size, block.ffn
-    return [h, h, 3 * h * h // tp, 3 * h // tp, h * h // tp, h, h, h, h * f // tp, f // tp, f * h // tp, h]
+    q, kv = block.num_attention_heads * block.head_dim, block.query_groups * block.head_dim
+    g = 2 if block.gated else 1
+    norm = [h] * (norm_params(block) // h)  # weight (and LayerNorm's bias)
+    bias = block.add_bias_linear
+    return (norm + [h * (q + 2 * kv) // tp] + ([(q + 2 * kv) // tp] if block.qkv_bias else []) + [q * h // tp]
+            + ([h] if bias else []) + norm + [g * h * f // tp] + ([g * f // tp] if bias else []) + [f * h // tp]
+            + ([h] if bias else []))
 
 
 def block_matmul_params(block: BlockConfig, tp: int) -> int:
     """The parameters of one TransformerLayer that autocast casts to 16 bits: what goes
-    into an F.linear (weights, the column-parallel biases); not the LayerNorms nor the
+    into an F.linear (weights, the column-parallel biases); not the norms nor the
     row-parallel biases, which are added after the reduction."""
-    return block_params(block, tp) - 6 * block.hidden_size
+    return block_params(block, tp) - 2 * norm_params(block) - (2 * block.hidden_size if block.add_bias_linear else 0)
+
+
+def norm_input_bytes(block: BlockConfig, precision: str, o2: bool = False) -> int:
+    """Bytes per element a norm keeps of its input: the residual stream itself (LayerNorm,
+    and RMSNorm on an fp32 stream), or RMSNorm's fp32 copy of a 16-bit stream (HF's order
+    normalises in fp32)."""
+    r = activation_bytes(precision, o2)[1]
+    return 4 if block.normalization == "RMSNorm" else r
+
+
+def norm_internal_bytes(block: BlockConfig, n: int, precision: str, device: str, o2: bool = False) -> int:
+    """What one norm keeps for `n` tokens besides its input: LayerNorm's mean and rstd;
+    RMSNorm's fp32 rstd and the normalised tensor its weight multiplies (fp32, or cast to
+    the 16-bit stream's dtype)."""
+    if block.normalization == "RMSNorm":
+        return 4 * n + n * block.hidden_size * activation_bytes(precision, o2)[1]
+    return layernorm_stats_bytes(precision, device, o2) * n
+
+
+def rotary_bytes(block: BlockConfig, s: int, precision: str, o2: bool = False) -> Tuple[int, int]:
+    """(bytes per layer, bytes per stage) the rotary embedding keeps: cos and sin of the
+    `s` positions, [s, rotated dims] each, in fp32 shared by the stage's layers, or cast
+    to 16 bits by each layer (the fp32 pair then freed after the forward)."""
+    if block.position_embedding_type != "rope":
+        return 0, 0
+    d = int(block.head_dim * block.rotary_percent)
+    e = activation_bytes(precision, o2)[0]
+    return (2 * s * d * e, 0) if e == 2 else (0, 2 * s * d * 4)
 
 
 def layernorm_stats_bytes(precision: str, device: str, o2: bool = False) -> int:
@@ -124,12 +168,17 @@ def block_activation_bytes(block: BlockConfig, b: int, s: int, s_kv: int, tp: in
     n = b * s
     u = tp if sp else 1
     mask = dropout_mask_bytes(block.hidden_dropout, precision, device, o2)
-    # LayerNorm inputs (the residual stream) and the linears' inputs; residual dropout masks;
-    # LayerNorm mean and rstd
     stats = layernorm_stats_bytes(precision, device, o2)
-    out = (2 * r * n * h + 2 * e * n * h + 2 * mask * n * h + 2 * stats * n) // u
+    q, kv = block.num_attention_heads * block.head_dim, block.query_groups * block.head_dim
+    # norm inputs (the residual stream) and the linears' inputs; residual dropout masks;
+    # the norms' statistics (and RMSNorm's normalised tensors)
+    norm = norm_input_bytes(block, precision, o2)
+    out = (2 * norm * n * h + 2 * e * n * h + 2 * mask * n * h + 2 * norm_internal_bytes(block, n, precision, device, o2)) // u
     keep = _keeps_qkv(block, e, device)
-    out += (keep * 3 * e * n * h + e * n * h) // tp + 2 * e * n * f // tp  # Q, K, V; attention output; MLP
+    # Q, K, V (the QKV linear's output; with RoPE also the rotated Q and K); attention output; MLP
+    rotated = q + kv if block.position_embedding_type == "rope" else 0
+    out += (keep * e * n * (q + 2 * kv + rotated) + e * n * q) // tp + (4 if block.gated else 2) * e * n * f // tp
+    out += rotary_bytes(block, s, precision, o2)[0]
     out += _attention_bytes(block, b, s, s_kv, a, e, device)
     if cross_kv:  # LayerNorm in/out, query input, dropout mask, statistics; Q, K, V; attention output
         out += (r * n * h + e * n * h + mask * n * h + stats * n) // u
@@ -150,13 +199,15 @@ def recompute_savings(block: BlockConfig, b: int, s: int, s_kv: int, tp: int, pr
     u = tp if sp else 1
     # the checkpointed core keeps its inputs Q, K, V, which the CPU math path with 16-bit
     # inputs otherwise drops for its fp32 copies
-    kept_inputs = 0 if _keeps_qkv(block, e, device) else 3 * e * n * h // tp
+    q, kv = block.num_attention_heads * block.head_dim, block.query_groups * block.head_dim
+    kept_inputs = 0 if _keeps_qkv(block, e, device) else e * n * (q + 2 * kv) // tp
     core = _attention_bytes(block, b, s, s_kv, a, e, device) - kept_inputs
     if cross_kv:
         core += _attention_bytes(block, b, s, cross_kv, a, e, device)
         if kept_inputs:
             core -= e * n * h // tp + 2 * e * b * cross_kv * h // tp
-    return {"core_attn": core, "mlp": 2 * e * n * f // tp - (r - e) * n * h // u}
+    mlp = (4 if block.gated else 2) * e * n * f // tp  # fc1's output(s) and the activation's (gated: and the product)
+    return {"core_attn": core, "mlp": mlp - (r - e) * n * h // u}
 
 
 def stack_activation_bytes(block: BlockConfig, layers: int, b: int, s: int, s_kv: int, tp: int, precision: str,

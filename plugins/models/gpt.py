@@ -1,10 +1,17 @@
-"""GPT: a pre-LayerNorm decoder with learned positions and a tied output layer.
+"""GPT: a pre-norm decoder; by default GPT-2's shape (learned positions, LayerNorm, GELU,
+multi-head attention, biases, the output layer tied to the word embedding), and with
+megatron-core's architecture options (mega.plugins.models.architecture) the Llama
+family's: rotary positions, RMSNorm, SwiGLU, grouped-query attention, no biases, an untied
+`output_layer` (`share_embeddings_and_output_weights = false`). The `llama` model
+(mega.plugins.models.llama) is this model with those defaults.
 
 Reads like nanoGPT; named like Megatron-LM (its legacy state-dict keys:
-`language_model.embedding.word_embeddings.weight`, `language_model.encoder.layers.{i}...`).
-Honours the LanguageModule contract of megatron-core: `compute_language_model_loss(labels,
-logits)` returns [batch, seq] losses and `shared_embedding_or_output_weight()` returns
-the word-embedding matrix that also produces the logits.
+`language_model.embedding.word_embeddings.weight`, `language_model.encoder.layers.{i}...`,
+`language_model.output_layer.weight`). Honours the LanguageModule contract of
+megatron-core: `compute_language_model_loss(labels, logits)` takes megatron-core's
+sequence-first logits and returns [batch, seq] losses (`token_losses` takes batch-first
+ones), and `shared_embedding_or_output_weight()` returns the word-embedding matrix that also
+produces the logits (the untied output layer's on a last stage without the embedding).
 """
 from __future__ import annotations
 
@@ -20,15 +27,19 @@ from torch import nn
 import mega
 from mega.config import key, ModelConfig
 from mega.errors import ConfigError
+from mega.plugins.models.architecture import ArchitectureKeys
 from mega.plugins.models.estimates import (
     activation_bytes,
     block_matmul_params,
     block_param_numels,
     block_params,
     dropout_mask_bytes,
-    layernorm_stats_bytes,
+    norm_input_bytes,
+    norm_internal_bytes,
+    norm_params,
     param_bytes,
     pipeline_stages,
+    rotary_bytes,
     stack_activation_bytes,
 )
 from mega.plugins.models.scaling import (
@@ -51,6 +62,7 @@ from mega.plugins.models.transformer import (
 )
 from mega.runtime.parallel import current
 from mega.runtime.tensor_parallel import (
+    ColumnParallelLinear,
     chunked_linear_cross_entropy,
     copy_to_tp,
     gather_from_tp,
@@ -60,20 +72,24 @@ from mega.runtime.tensor_parallel import (
 
 
 @define(kw_only=True)
-class GPTConfig(RecomputeKeys, SequenceParallelKey, ModelConfig):
+class GPTConfig(ArchitectureKeys, RecomputeKeys, SequenceParallelKey, ModelConfig):
     """`model.*` keys of the `gpt` model (Megatron-LM / NeMo names)."""
 
     num_layers: int = key(12, help="transformer layers")
     hidden_size: int = key(768, help="model width")
     num_attention_heads: int = key(12, help="must divide hidden_size")
-    ffn_hidden_size: Optional[int] = key(None, help="None: 4 x hidden_size")
+    ffn_hidden_size: Optional[int] = key(None, help="MLP width (per branch of a gated MLP); None: 4 x hidden_size, or"
+                                         " Megatron's int(8 x hidden_size / 3 / 64) x 64 with swiglu")
     max_position_embeddings: Optional[int] = key(None, help="None: seq_length")
     hidden_dropout: float = key(0.1, help="on embeddings and each residual branch")
     attention_dropout: float = key(0.1, help="on attention probabilities")
     init_method_std: float = key(0.02, help="N(0, std) init; residual outputs scaled by 1/sqrt(2 * num_layers)")
     layernorm_epsilon: float = key(1e-5, help="every LayerNorm (Megatron-LM's --layernorm-epsilon)")
-    activation: Literal["gelu", "gelu_tanh"] = key("gelu",
-            help="exact GELU, or the tanh approximation (GPT-2, Megatron's fused)")
+    activation: Literal["gelu", "gelu_tanh", "swiglu"] = key("gelu",
+            help="exact GELU, the tanh approximation (GPT-2, Megatron's fused), or the gated SiLU MLP (Llama; --swiglu)")
+    share_embeddings_and_output_weights: bool = key(True,
+            help="the output layer is the word embedding; false: an output_layer of its own"
+                 " (--untie-embeddings-and-output-weights; HF tie_word_embeddings)")
     make_vocab_size_divisible_by: int = key(128, help="vocabulary padded to a multiple of this (x TP)")
     mask_padded_vocab: bool = key(True,
             help="padded ids left out of the loss's softmax (same loss at every TP); false: Megatron-LM's")
@@ -102,36 +118,44 @@ class GPTConfig(RecomputeKeys, SequenceParallelKey, ModelConfig):
         block = BlockConfig.of(self)
         h, L, s, b = self.hidden_size, self.num_layers, self.seq_length, micro_batch
         sp = self.sequence_parallel and tp > 1
-        u = tp if sp else 1  # sequence parallelism splits the embedding's and the final LayerNorm's tokens
+        u = tp if sp else 1  # sequence parallelism splits the embedding's and the final norm's tokens
         vocab = padded_vocab_size(vocab_size, self.make_vocab_size_divisible_by, tp)
-        positions = self.max_position_embeddings or s
+        learned = self.position_embedding_type == "learned_absolute"
+        positions = (self.max_position_embeddings or s) if learned else 0  # rotary / no positions: no table
+        tied = self.share_embeddings_and_output_weights
         n = b * s  # tokens of one micro-batch
         o2 = self.megatron_amp_O2
         e, r = activation_bytes(precision, o2)  # a matmul's saved input; the residual stream
         g = param_bytes(precision, o2)  # a gradient as autograd makes it
-        stats = layernorm_stats_bytes(precision, device, o2)  # the final LayerNorm's mean and rstd, per token
+        norm = norm_params(block)
+        # the final norm keeps its input (RMSNorm: in fp32) and its statistics (RMSNorm: and the normalised tensor)
+        final = n * h * norm_input_bytes(block, precision, o2) + norm_internal_bytes(block, n, precision, device, o2)
         word = vocab * h // tp
         layer = {"params": block_params(block, tp), "matmul_params": block_matmul_params(block, tp),
                  "param_numels": block_param_numels(block, tp)}
         kept, rebuilt = stack_activation_bytes(block, L // pp, b, s, s, tp, precision, device, o2=o2, sp=sp)
-        stack = {"activations": kept, "recompute_transient": rebuilt}
-        first = {"params": word + positions * h, "param_numels": [word, positions * h],
+        # RoPE's fp32 cos and sin, once per stage: kept by fp32 layers, or as checkpointed regions' inputs
+        per_stage_rope = rotary_bytes(block, s, "32")[1] if (
+            rotary_bytes(block, s, precision, o2)[1] or self.activations_checkpoint_granularity == "full") else 0
+        stack = {"activations": kept + per_stage_rope, "recompute_transient": rebuilt}
+        first = {"params": word + positions * h, "param_numels": [word] + ([positions * h] if positions else []),
                  "activations": n * h * dropout_mask_bytes(self.hidden_dropout, precision, device, o2) // u,
                  "grad_transient": g * word}  # the embedding's dense gradient before it is accumulated
-        last = {"params": 2 * h + (word if pp > 1 else 0),  # final LayerNorm; the tied head's copy
-                "param_numels": [h, h] + ([word] if pp > 1 else []),
-                "matmul_params": word,  # the tied head, cast once (also the embedding without pipelining)
-                "grad_transient": g * word}  # the output layer's gradient of the tied matrix
+        head = word if pp > 1 or not tied else 0  # the tied head's copy, or the untied output layer
+        last = {"params": norm + head,  # final norm and the head
+                "param_numels": [h] * (norm // h) + ([word] if head else []),
+                "matmul_params": word,  # the head, cast once (the tied embedding without pipelining)
+                "grad_transient": g * word}  # the output layer's gradient of its matrix
         real = min(vocab_size, vocab) if self.mask_padded_vocab and tp == 1 else vocab // tp
-        if self.loss_chunk_size:  # final LN input; gradients of the hidden states and the head, made in forward
-            last["activations"] = (n * h * r + stats * n) // u + 4 * n * h + 4 * word
+        if self.loss_chunk_size:  # final norm's input; gradients of the hidden states and the head, made in forward
+            last["activations"] = final // u + 4 * n * h + 4 * word
             last["transient"] = (8 + e) * min(n, self.loss_chunk_size) * vocab // tp  # one chunk's logits
-        else:  # final LN in/out (the output layer's saved input); the loss's fp32 softmax; logits and their gradient
-            last["activations"] = (n * h * (r + e) + stats * n) // u + 4 * n * real
+        else:  # final norm in/out (the output layer's saved input); the loss's fp32 softmax; logits and their gradient
+            last["activations"] = (final + n * h * e) // u + 4 * n * real
             last["transient"] = (e + 4) * n * vocab // tp
         stages = pipeline_stages(pp, L, layer, first, last, stack)
-        whole = L * block_params(block, 1) + padded_vocab_size(vocab_size, self.make_vocab_size_divisible_by) * h \
-            + positions * h + 2 * h
+        whole = L * block_params(block, 1) + padded_vocab_size(vocab_size, self.make_vocab_size_divisible_by) * h * (
+            1 if tied else 2) + positions * h + norm
         return {"params": whole, "flops_per_token": training_flops_per_token(block, vocab, s), "stages": stages}
 
 
@@ -146,11 +170,16 @@ class TransformerLanguageModel(nn.Module):
         block = BlockConfig.of(cfg)
         embedding = Embedding(vocab, block, cfg.max_position_embeddings or cfg.seq_length)
         self.embedding = embedding if st.is_first_stage else None
+        tied = cfg.share_embeddings_and_output_weights
         # The last stage's copy of the tied word embedding starts from the same values.
-        self.head_weight_init = embedding.word_embeddings.weight.detach() if not st.is_first_stage else None
+        self.head_weight_init = embedding.word_embeddings.weight.detach() if tied and not st.is_first_stage else None
         per_stage = cfg.num_layers // st.pp_size
         self.encoder = TransformerStack(block, keep=range(st.pp_rank * per_stage, (st.pp_rank + 1) * per_stage),
                                         final_layernorm=st.is_last_stage)
+        # An untied output layer (vocabulary-parallel, no bias), drawn on every stage after
+        # the layers so each stage starts from the single-stage model's weights; kept on the last.
+        output_layer = None if tied else ColumnParallelLinear(cfg.hidden_size, vocab, block.init_method, bias=False)
+        self.output_layer = output_layer if st.is_last_stage else None
 
 
 def check_config(cfg: GPTConfig) -> None:
@@ -177,15 +206,31 @@ class GPTModel(TiedWordEmbeddingStages, nn.Module):
         self.max_positions = cfg.max_position_embeddings or cfg.seq_length
         st = current()
         self.pre_process, self.post_process = st.is_first_stage, st.is_last_stage
+        self.share_embeddings_and_output_weights = cfg.share_embeddings_and_output_weights
         self.language_model = TransformerLanguageModel(cfg, self.padded_vocab_size)
         self.eager_reason = eager_reason(cfg)  # trainer.compile leaves the step eager with these keys on
         self.finish_stages()  # the last stage's copy of the tied word embedding, resharding aliases
 
     # --- the LanguageModule contract (shared_embedding_or_output_weight: TiedWordEmbeddingStages) ---
     def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """Cross entropy over the vocabulary in fp32: [batch, seq] losses. `logits` are this
-        rank's vocabulary slice under tensor parallelism (never gathered). Padded ids are
-        out of the softmax unless `model.mask_padded_vocab = false` (Megatron-LM's loss)."""
+        """megatron-core's LanguageModule contract, in its layout: `labels` [batch, seq],
+        `logits` SEQUENCE-FIRST [seq, batch, vocab] (what megatron-core's output layer
+        returns), [batch, seq] losses. Logits of another shape (batch-first ones, as
+        `forward` returns) are refused with a ValueError; when batch == seq the shapes
+        cannot tell, so pass `logits.transpose(0, 1)` of batch-first logits. Cross entropy
+        in fp32 over this rank's vocabulary slice (`token_losses`)."""
+        if logits.dim() != 3 or tuple(logits.shape[:2]) != (labels.shape[1], labels.shape[0]):
+            raise ValueError(f"compute_language_model_loss: logits of shape {list(logits.shape)} for labels of shape"
+                             f" {list(labels.shape)}: megatron-core's layout is sequence-first, [seq, batch, vocab] ="
+                             f" [{labels.shape[1]}, {labels.shape[0]}, vocab]; batch-first logits (GPTModel.forward's)"
+                             " go in as logits.transpose(0, 1), or to token_losses")
+        return self.token_losses(labels, logits.transpose(0, 1))
+
+    def token_losses(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Cross entropy over the vocabulary in fp32 of BATCH-FIRST `logits` [batch, seq,
+        vocab]: [batch, seq] losses. `logits` are this rank's vocabulary slice under tensor
+        parallelism (never gathered). Padded ids are out of the softmax unless
+        `model.mask_padded_vocab = false` (Megatron-LM's loss)."""
         return vocab_parallel_cross_entropy(logits, labels, self.vocab_size if self.config.mask_padded_vocab else None)
 
     # --- forward ---------------------------------------------------------------------------
@@ -202,7 +247,7 @@ class GPTModel(TiedWordEmbeddingStages, nn.Module):
             raise ValueError(f"position {int(position_ids.max())} exceeds max_position_embeddings {self.max_positions}")
         h = self.language_model.embedding(tokens, position_ids)
         h = self.language_model.encoder(h, cache)
-        logits = F.linear(copy_to_tp(h), self.shared_embedding_or_output_weight())
+        logits = F.linear(copy_to_tp(h), self.output_weight())
         return logits if parallel_output else gather_from_tp(logits)
 
     def training_loss(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -229,10 +274,10 @@ class GPTModel(TiedWordEmbeddingStages, nn.Module):
         if self.config.loss_chunk_size:  # the same sum without the [tokens, vocab] logits
             vocab = self.vocab_size if self.config.mask_padded_vocab else None
             return {"loss_sum": chunked_linear_cross_entropy(
-                output_layer_input(hidden, sp), self.shared_embedding_or_output_weight(), batch["labels"],
+                output_layer_input(hidden, sp), self.output_weight(), batch["labels"],
                 batch["loss_mask"], vocab, self.config.loss_chunk_size)}
-        logits = output_logits(hidden, self.shared_embedding_or_output_weight(), sp)
-        losses = self.compute_language_model_loss(batch["labels"], logits)
+        logits = output_logits(hidden, self.output_weight(), sp)
+        losses = self.token_losses(batch["labels"], logits)
         return {"loss_sum": (losses * batch["loss_mask"]).sum()}
 
     def activation_shape(self, batch: Dict[str, torch.Tensor]) -> tuple:
@@ -243,11 +288,19 @@ class GPTModel(TiedWordEmbeddingStages, nn.Module):
             s //= current().tp_size
         return (b, s, self.config.hidden_size)
 
+    def output_weight(self) -> torch.Tensor:
+        """The matrix that produces the logits: the untied output layer's, or the word
+        embedding (its last-stage copy under pipelining)."""
+        if not self.share_embeddings_and_output_weights:
+            return self.language_model.output_layer.weight
+        return self.shared_embedding_or_output_weight()
+
     def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
-        cfg = self.config
-        w = self.shared_embedding_or_output_weight()
-        return KVCache(cfg.num_layers, batch, cfg.num_attention_heads // current().tp_size, max_len,
-                       cfg.hidden_size // cfg.num_attention_heads, w.device, w.dtype)
+        """Keys and values of this rank's key/value heads (num_query_groups / TP) per layer."""
+        block = BlockConfig.of(self.config)
+        w = self.output_weight()
+        return KVCache(block.num_layers, batch, block.query_groups // current().tp_size, max_len, block.head_dim,
+                       w.device, w.dtype)
 
     # --- FLOPs, so MFU says which count it uses ----------------------------------------------
     def flops_per_token(self, seq_length: int) -> float:
@@ -258,10 +311,15 @@ class GPTModel(TiedWordEmbeddingStages, nn.Module):
 
 
 def training_flops_per_token(block: BlockConfig, padded_vocab: int, seq_length: int) -> float:
-    """GPTModel.flops_per_token, from the config alone (`mega plan` counts with it)."""
+    """GPTModel.flops_per_token, from the config alone (`mega plan` counts with it):
+    6 x the matmul weights (QKV (heads + 2 x groups) x head_dim rows, the attention output,
+    2 or, gated, 3 MLP matrices, the output layer once, tied or not; the input embedding
+    is a lookup) + 12 x layers x heads x head_dim x seq for the scores and the weighted
+    sum (query heads: grouped-query attention shares K and V, not the scores)."""
     h, L = block.hidden_size, block.num_layers
-    matmul_params = L * (4 * h * h + 2 * h * block.ffn) + padded_vocab * h
-    return 6.0 * matmul_params + 12.0 * L * h * seq_length
+    q, kv = block.num_attention_heads * block.head_dim, block.query_groups * block.head_dim
+    per_layer = h * (q + 2 * kv) + q * h + (3 if block.gated else 2) * h * block.ffn
+    return 6.0 * (L * per_layer + padded_vocab * h) + 12.0 * L * q * seq_length
 
 
 # --- registration ------------------------------------------------------------------------------

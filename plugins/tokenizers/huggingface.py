@@ -13,6 +13,10 @@ Special ids, in this order:
   file's only special token. Otherwise it is a config error asking for `eos_token`.
 * `pad_id`: the token `model.tokenizer.pad_token` names; unset, `eos_id` (GPT-2 has no
   padding token; mega masks padding out of the loss, so any id will do).
+* `bos_id`: the token `model.tokenizer.bos_token` names, else none; with `add_bos` it
+  starts every encoded text (Llama 3's `<|begin_of_text|>`, which its tokenizer.json's
+  post-processor adds: mega encodes without the file's special tokens and adds it itself,
+  one rule for every file).
 * `vocab_size`: the largest id (added tokens included) plus one.
 
 The files travel with every checkpoint (`artifacts()`), so a checkpoint or an imported
@@ -45,6 +49,8 @@ class HuggingFaceConfig(TokenizerConfig):
     eos_token: Optional[str] = key(None,
             help="end-of-text token; unset: GPT-2's, </s> or <eos>, whichever the vocabulary holds")
     pad_token: Optional[str] = key(None, help="padding token; unset: the eos token")
+    bos_token: Optional[str] = key(None, help="beginning-of-text token (Llama 3: <|begin_of_text|>); unset: none")
+    add_bos: bool = key(False, help="put bos_token before every encoded text (Llama 3: true; Qwen2: false)")
 
 
 def _file(key: str, value: Optional[str]) -> Optional[Path]:
@@ -93,9 +99,15 @@ class HuggingFaceTokenizer:
         self.vocab_size = max(vocab_ids.values()) + 1
         self.eos_id = self._special(tok, vocab_ids, "eos_token", config.eos_token)
         self.pad_id = self.eos_id if config.pad_token is None else self._special(tok, vocab_ids, "pad_token", config.pad_token)
+        self.bos_id: Optional[int] = None
+        if config.bos_token is not None:
+            self.bos_id = self._special(tok, vocab_ids, "bos_token", config.bos_token)
+        elif config.add_bos:
+            raise ConfigError("model.tokenizer.add_bos = true needs model.tokenizer.bos_token (the token to put first)")
+        self.add_bos = config.add_bos
         # transformers' GPT-2 tokenizers treat their special tokens as added tokens: never
         # split, matched whole in the text.
-        names = {tok.id_to_token(self.eos_id), tok.id_to_token(self.pad_id)}
+        names = {tok.id_to_token(i) for i in (self.eos_id, self.pad_id, self.bos_id) if i is not None}
         tok.add_special_tokens([AddedToken(n, special=True) for n in sorted(names)])
         self.tokenizer = tok
 
@@ -115,7 +127,8 @@ class HuggingFaceTokenizer:
                           " name its end-of-text token")
 
     def encode(self, text: str) -> List[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        return [self.bos_id] + ids if self.add_bos else ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size], skip_special_tokens=False)

@@ -4,8 +4,12 @@
 * Hugging Face model directories: read from the directory or `--option tokenizer_file=` /
   `vocab_file=` + `merges_file=`; the end-of-text token from `--option eos_token`, the
   directory's tokenizer_config.json / special_tokens_map.json, or config.json's
-  `eos_token_id`. Written as the same files plus a `tokenizer_config.json` naming
-  `GPT2Tokenizer` (byte-level BPE; `AutoTokenizer` loads the fast one).
+  `eos_token_id`; the beginning-of-text token likewise (`bos_token`, `bos_token_id`), put
+  first (`add_bos`) when `--option add_bos`, tokenizer_config.json's `add_bos_token` or
+  the tokenizer.json's post-processor (Llama 3's `<|begin_of_text|> $A`) says so. Written
+  as the same files plus a `tokenizer_config.json` naming `GPT2Tokenizer` (byte-level BPE;
+  `AutoTokenizer` loads the fast one); with `add_bos`, a tokenizer.json whose
+  post-processor puts the token first and a `PreTrainedTokenizerFast` config.
 * Megatron-LM: `tokenizer_type = "HuggingFaceTokenizer"` with `tokenizer_model` naming the
   tokenizer.json, or `GPT2BPETokenizer` with `vocab_file` and `merge_file` (Megatron's
   own name, singular); mega's special-token names travel as `args.mega_tokenizer`.
@@ -21,7 +25,7 @@ from typing import Dict, Mapping, Optional
 
 import mega
 from mega.errors import ConfigError
-from mega.plugins.tokenizers.interop import option_file
+from mega.plugins.tokenizers.interop import option_file, parse_bool
 
 LIBRARY = "huggingface"
 GPT2_BPE = "GPT2BPETokenizer"
@@ -42,10 +46,11 @@ def _named(options: Mapping[str, str]) -> Optional[Dict[str, Path]]:
     return None
 
 
-def special_tokens(path: Path) -> Dict[str, str]:
-    """`eos_token` / `pad_token` named in a Hugging Face model directory's
-    special_tokens_map.json or tokenizer_config.json (absent ones left out)."""
-    found: Dict[str, str] = {}
+def special_tokens(path: Path) -> Dict[str, object]:
+    """`eos_token` / `pad_token` / `bos_token` named in a Hugging Face model directory's
+    special_tokens_map.json or tokenizer_config.json (absent ones left out), and
+    tokenizer_config.json's `add_bos_token` when it says."""
+    found: Dict[str, object] = {}
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         file = Path(path) / name
         if not file.is_file():
@@ -54,13 +59,34 @@ def special_tokens(path: Path) -> Dict[str, str]:
             data = json.loads(file.read_text())
         except (OSError, ValueError):
             continue
-        for key in ("eos_token", "pad_token"):
+        for key in ("eos_token", "pad_token", "bos_token"):
             value = data.get(key)
             if isinstance(value, dict):  # an AddedToken written out
                 value = value.get("content")
-            if isinstance(value, str):
+            if isinstance(value, str) and key not in found:
                 found[key] = value
+        if isinstance(data.get("add_bos_token"), bool) and "add_bos_token" not in found:
+            found["add_bos_token"] = data["add_bos_token"]
     return found
+
+
+def post_processor_bos(tokenizer_file: Path) -> Optional[str]:
+    """The special token a tokenizer.json's post-processor puts before a single text
+    (`TemplateProcessing` "X $A", alone or in a `Sequence`), else None."""
+    try:
+        processor = json.loads(Path(tokenizer_file).read_text(encoding="utf-8")).get("post_processor") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    steps = processor.get("processors", []) if processor.get("type") == "Sequence" else [processor]
+    for step in steps:
+        single = step.get("single") if step.get("type") == "TemplateProcessing" else None
+        if single and "SpecialToken" in single[0]:
+            return single[0]["SpecialToken"]["id"]
+    return None
+
+
+def _token_of_id(vocab_ids: Mapping[str, int], value) -> Optional[str]:
+    return next((t for t, i in vocab_ids.items() if i == value), None) if isinstance(value, int) else None
 
 
 def _vocabulary(files: Mapping[str, Path]) -> Dict[str, int]:
@@ -81,7 +107,7 @@ def _vocabulary(files: Mapping[str, Path]) -> Dict[str, int]:
 
 class HuggingFaceTokenizerInterop:
     file_names = FILE_NAMES
-    hf_options = ("tokenizer_file", "vocab_file", "merges_file", "eos_token")
+    hf_options = ("tokenizer_file", "vocab_file", "merges_file", "eos_token", "bos_token", "add_bos")
     hf_hint = ("--option tokenizer_file=PATH (a tokenizer.json), or --option vocab_file=PATH --option merges_file=PATH"
                " (GPT-2 BPE)")
     megatron_options = ("tokenizer_file", "vocab_file", "merges_file")
@@ -100,14 +126,29 @@ class HuggingFaceTokenizerInterop:
         if files is None:
             return None
         table = {"library": LIBRARY}
-        eos = options.get("eos_token") or special_tokens(source).get("eos_token")
+        said = special_tokens(source)
         vocab_ids = _vocabulary(files)
-        if eos is None and isinstance(hf_config.get("eos_token_id"), int):
-            eos = next((t for t, i in vocab_ids.items() if i == hf_config["eos_token_id"]), None)
-        if eos is not None and eos in vocab_ids:
-            table["eos_token"] = eos
-        elif options.get("eos_token"):
-            raise ConfigError(f"--option eos_token={eos}: not in the tokenizer's vocabulary")
+        from_file = post_processor_bos(files["tokenizer_file"]) if "tokenizer_file" in files else None
+        found = {}
+        for key in ("eos_token", "bos_token"):
+            token = options.get(key) or said.get(key) or _token_of_id(vocab_ids, hf_config.get(f"{key}_id"))
+            if key == "bos_token" and from_file is not None and not options.get(key):
+                token = from_file
+            if token is not None and token in vocab_ids:
+                found[key] = token
+            elif options.get(key):
+                raise ConfigError(f"--option {key}={token}: not in the tokenizer's vocabulary")
+        if "eos_token" in found:
+            table["eos_token"] = found["eos_token"]
+        if "add_bos" in options:
+            add_bos = parse_bool(options["add_bos"], "add_bos")
+        else:
+            add_bos = bool(said.get("add_bos_token", from_file is not None))
+        if add_bos:  # the token is recorded only where it is used
+            if "bos_token" not in found:
+                raise ConfigError(f"{source}: the tokenizer puts a beginning-of-text token first but none is named;"
+                                  " give --option bos_token=TOKEN")
+            table.update(bos_token=found["bos_token"], add_bos=True)
         return table, files
 
     def to_hf(self, tokenizer, tokenizer_config, destination: Path, model_max_length: int) -> None:
@@ -115,8 +156,16 @@ class HuggingFaceTokenizerInterop:
             shutil.copyfile(path, destination / FILE_NAMES[key])
         tok = tokenizer.tokenizer
         eos, pad = tok.id_to_token(tokenizer.eos_id), tok.id_to_token(tokenizer.pad_id)
-        config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": eos, "eos_token": eos, "unk_token": eos,
+        bos_id = getattr(tokenizer, "bos_id", None)
+        bos = tok.id_to_token(bos_id) if bos_id is not None else eos
+        config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": bos, "eos_token": eos, "unk_token": eos,
                   "add_prefix_space": False, "model_max_length": model_max_length}
+        if getattr(tokenizer, "add_bos", False):  # the file's post-processor puts it first, as mega's encode does
+            _write_with_bos(tok, bos, bos_id, destination / FILE_NAMES["tokenizer_file"])
+            for key in ("vocab_file", "merges_file"):
+                (destination / FILE_NAMES[key]).unlink(missing_ok=True)
+            config.update(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=True)
+            del config["add_prefix_space"]
         if tokenizer.pad_id != tokenizer.eos_id:
             config["pad_token"] = pad
         (destination / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -135,7 +184,7 @@ class HuggingFaceTokenizerInterop:
         else:  # GPT-2's vocab.json + merges.txt: Megatron's GPT2BPETokenizer reads the same two files
             fields = {"tokenizer_type": GPT2_BPE, "vocab_file": files.get("vocab_file"),
                       "merge_file": files.get("merges_file")}
-        special = {k: table[k] for k in ("eos_token", "pad_token") if table.get(k) is not None}
+        special = {k: table[k] for k in ("eos_token", "pad_token", "bos_token", "add_bos") if table.get(k) is not None}
         if special:
             fields["mega_tokenizer"] = special
         return fields
@@ -173,6 +222,23 @@ class HuggingFaceTokenizerInterop:
             return None
         return ({"library": "megatron", "type": GPT2_BPE, "model": None, "delimiter": None, "sentencepiece_legacy": False},
                 {"vocab_file": "vocab_file", "merge_file": "merges_file"})
+
+
+def _write_with_bos(tok, bos: str, bos_id: int, path: Path) -> None:
+    """`tok` (a tokenizers.Tokenizer) saved to `path` with a post-processor that puts `bos`
+    before a text (and each of a pair), once: a template the file had is replaced, its
+    other steps (byte-level offsets) kept. transformers' `encode` then gives mega's ids."""
+    template = {"type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                         {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}}}
+    data = json.loads(tok.to_str())
+    current = data.get("post_processor")
+    steps = current.get("processors", []) if current and current.get("type") == "Sequence" else [current] if current else []
+    steps = [step for step in steps if step.get("type") != "TemplateProcessing"] + [template]
+    data["post_processor"] = steps[0] if len(steps) == 1 else {"type": "Sequence", "processors": steps}
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
 
 
 @mega.hookimpl

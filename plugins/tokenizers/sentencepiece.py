@@ -4,6 +4,11 @@ With no `model` given, a tokenizer is trained on the training corpus into the ru
 directory (`tokenizer.model`) once; a resumed run reuses it, so token ids never change
 under a checkpoint. One trained from other files or options is trained again unless
 checkpoints depend on it (`mega.checkpoint.trained_files`).
+
+`add_bos` puts the model's `<s>` (its `bos_id`, whatever the model numbers it: Llama's is
+1, mega's trained models' 2) before every text it encodes, as Llama 2's tokenizer does
+(`LlamaTokenizer.add_bos_token`, Megatron-LM's `Llama2Tokenizer`); documents of a corpus
+then each start with it.
 """
 from __future__ import annotations
 
@@ -39,10 +44,11 @@ class SentencePieceConfig(TokenizerConfig):
     input_sentence_size: int = key(default=1_000_000, validator=non_negative,
             help="lines sampled for training; 0 uses all")
     seed: int = key(1234, help="seeds sentencepiece's trainer: the same corpus gives the same tokenizer")
+    add_bos: bool = key(False, help="put the model's <s> before every encoded text (Llama 2: true)")
 
 
 class SentencePieceTokenizer:
-    def __init__(self, model_file: Path):
+    def __init__(self, model_file: Path, add_bos: bool = False):
         import sentencepiece as spm
 
         self.model_file = Path(model_file)
@@ -53,9 +59,14 @@ class SentencePieceTokenizer:
         self.vocab_size = self.sp.get_piece_size()
         self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else self.sp.unk_id()
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
+        self.bos_id: Optional[int] = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
+        if add_bos and self.bos_id is None:
+            raise ConfigError(f"model.tokenizer.add_bos: the sentencepiece model {model_file} has no <s> piece (bos_id -1)")
+        self.add_bos = add_bos
 
     def encode(self, text: str) -> List[int]:
-        return self.sp.encode(text)
+        ids = self.sp.encode(text)
+        return [self.bos_id] + ids if self.add_bos else ids
 
     def decode(self, ids: List[int]) -> str:
         return self.sp.decode([i for i in ids if 0 <= i < self.vocab_size])
@@ -143,7 +154,7 @@ def build(config: SentencePieceConfig, corpus_files: List[Path], run_dir: Option
         path = Path(config.model).expanduser()
         if not path.is_file():
             raise ConfigError(f"model.tokenizer.model: no such file {path}")
-        return SentencePieceTokenizer(path)
+        return SentencePieceTokenizer(path, config.add_bos)
     if run_dir is None:
         raise ConfigError("model.tokenizer.model: not set, and there is no run directory to train a tokenizer into")
     trained = Path(run_dir) / "tokenizer.model"
@@ -153,7 +164,7 @@ def build(config: SentencePieceConfig, corpus_files: List[Path], run_dir: Option
     if not trained_files.reusable(trained, stamp, "the sentencepiece tokenizer"):
         train_sentencepiece(files, trained.with_suffix(""), config)
         trained_files.write_stamp(trained, stamp)
-    return SentencePieceTokenizer(trained)
+    return SentencePieceTokenizer(trained, config.add_bos)
 
 
 @mega.hookimpl

@@ -1,19 +1,22 @@
 """The `sentencepiece` tokenizer in other tools' files: its `.model` file.
 
 * Hugging Face model directories: `tokenizer.model` (or `--option tokenizer_model=PATH`)
-  on import. On export, the same file plus a `tokenizer.json` that gives the
+  on import, with `add_bos` from `--option add_bos` or tokenizer_config.json's
+  `add_bos_token` (Llama 2's tokenizer puts `<s>` first). On export, the same file plus a `tokenizer.json` that gives the
   sentencepiece model's ids, so `AutoTokenizer.from_pretrained(DIR)` works without
   sentencepiece installed, and a `tokenizer_config.json` naming `PreTrainedTokenizerFast`
   and the control pieces (`<s>`, `</s>`, `<unk>`, `<pad>`) as its special tokens.
   `mega import` of that directory reads `tokenizer.model` back: the very same tokenizer.
 * Megatron-LM: `tokenizer_type = "GPTSentencePieceTokenizer"` (`SentencePieceTokenizer`
-  read too) with `tokenizer_model`.
+  read too) with `tokenizer_model`; `Llama2Tokenizer` (the same file, `<s>` first) when
+  `add_bos`.
 * NeMo: `tokenizer.library: sentencepiece` with its `model` member.
 
 The `tokenizer.json` is built from the model's own proto, step for step as sentencepiece
 encodes: its precompiled normalization table (`nmt_nfkc` by default), the removal of
-leading, trailing and repeated spaces, the dummy prefix `▁`, whitespace as `▁`, then the
-BPE merges in score order (or the unigram pieces and scores), unknown characters fused
+leading, trailing and repeated spaces, the dummy prefix `▁`, whitespace as `▁`, words cut
+before each `▁` (before each run of them with `allow_whitespace_only_pieces`, as Llama 2's
+model has, so `▁▁` pieces still form), then the BPE merges in score order (or the unigram pieces and scores), unknown characters fused
 into one `<unk>`, byte fallback where the model has it. Two differences are
 transformers' way, not ours to change: the control pieces are special tokens there, so
 a literal `</s>` in the text is the end-of-text id for `AutoTokenizer` and three ordinary
@@ -29,10 +32,11 @@ from typing import Dict, Mapping, Optional
 
 import mega
 from mega.errors import ConfigError
-from mega.plugins.tokenizers.interop import option_file
+from mega.plugins.tokenizers.interop import option_file, parse_bool
 
 LIBRARY = "sentencepiece"
-MEGATRON_TYPES = ("GPTSentencePieceTokenizer", "SentencePieceTokenizer")
+MEGATRON_TYPES = ("GPTSentencePieceTokenizer", "SentencePieceTokenizer", "Llama2Tokenizer")
+WITH_BOS = "Llama2Tokenizer"  # Megatron-LM's sentencepiece tokenizer that puts <s> first
 FILE_NAMES = {"model": "tokenizer.model"}
 # sentencepiece's ModelProto enums
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -86,10 +90,15 @@ def fast_tokenizer(path: Path):
     steps = [normalizers.Precompiled(norm.precompiled_charsmap)] if norm.precompiled_charsmap else []
     if norm.remove_extra_whitespaces:
         steps += [normalizers.Replace(Regex(" {2,}"), " "), normalizers.Strip(left=True, right=True)]
+    if norm.add_dummy_prefix:  # always, as sentencepiece does: Metaspace's own prefix skips a text that starts with a space
+        steps.append(normalizers.Prepend("\u2581"))
     tok.normalizer = normalizers.Sequence(steps)
-    scheme = "always" if norm.add_dummy_prefix else "never"
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=scheme,
-                                                 split=trainer.split_by_whitespace)
+    whitespace_runs = trainer.split_by_whitespace and trainer.allow_whitespace_only_pieces
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never",
+                                                 split=trainer.split_by_whitespace and not whitespace_runs)
+    if whitespace_runs:  # Llama 2's: a run of spaces starts one word ("▁▁▁the"), its pieces "▁▁" and "▁the"
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            tok.pre_tokenizer, pre_tokenizers.Split(Regex("\u2581*[^\u2581]+|\u2581+"), behavior="isolated")])
     tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
                                     + ([decoders.Strip(" ", 1, 0)] if norm.add_dummy_prefix else []))
     tok.add_special_tokens([AddedToken(piece, special=True, normalized=False)
@@ -98,9 +107,17 @@ def fast_tokenizer(path: Path):
     return tok
 
 
+def _says_add_bos(source: Path) -> bool:
+    """tokenizer_config.json's `add_bos_token` (Llama's tokenizers: true), false when absent."""
+    try:
+        return json.loads((source / "tokenizer_config.json").read_text()).get("add_bos_token") is True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 class SentencePieceInterop:
     file_names = FILE_NAMES
-    hf_options = ("tokenizer_model",)
+    hf_options = ("tokenizer_model", "add_bos")
     hf_hint = "--option tokenizer_model=PATH (a sentencepiece .model file)"
     megatron_options = ("tokenizer_model",)
     megatron_hint = hf_hint
@@ -109,10 +126,15 @@ class SentencePieceInterop:
     # --- Hugging Face ------------------------------------------------------------------------
     def from_hf(self, source: Path, options: Mapping[str, str], hf_config: dict, only_options: bool):
         if options.get("tokenizer_model"):
-            return {"library": LIBRARY}, {"model": option_file(options, "tokenizer_model")}
-        if not only_options and (source / FILE_NAMES["model"]).is_file():
-            return {"library": LIBRARY}, {"model": source / FILE_NAMES["model"]}
-        return None
+            files = {"model": option_file(options, "tokenizer_model")}
+        elif not only_options and (source / FILE_NAMES["model"]).is_file():
+            files = {"model": source / FILE_NAMES["model"]}
+        else:
+            return None
+        table = {"library": LIBRARY}
+        if parse_bool(options["add_bos"], "add_bos") if "add_bos" in options else _says_add_bos(source):
+            table["add_bos"] = True
+        return table, files
 
     def to_hf(self, tokenizer, tokenizer_config, destination: Path, model_max_length: int) -> None:
         model = Path(tokenizer.artifacts()["model"])
@@ -121,6 +143,15 @@ class SentencePieceInterop:
         sp = tokenizer.sp
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
                   "clean_up_tokenization_spaces": False}
+        if getattr(tokenizer, "add_bos", False):  # the tokenizer.json puts <s> first, as mega's encode does
+            from tokenizers import processors
+
+            fast = fast_tokenizer(model)
+            bos = sp.id_to_piece(sp.bos_id())
+            fast.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                                special_tokens=[(bos, sp.bos_id())])
+            fast.save(str(destination / "tokenizer.json"))
+            config["add_bos_token"] = True
         for key, index in (("bos_token", sp.bos_id()), ("eos_token", tokenizer.eos_id), ("unk_token", sp.unk_id()),
                            ("pad_token", tokenizer.pad_id)):
             if index >= 0:
@@ -133,15 +164,18 @@ class SentencePieceInterop:
         return {"model": table.get("model") or FILE_NAMES["model"]}
 
     def megatron_fields(self, table: dict, vocab_size: Optional[int], files: Mapping[str, str]) -> dict:
-        return {"tokenizer_type": MEGATRON_TYPES[0], "tokenizer_model": files.get("model")}
+        return {"tokenizer_type": WITH_BOS if table.get("add_bos") else MEGATRON_TYPES[0],
+                "tokenizer_model": files.get("model")}
 
     def from_megatron(self, args, options: Mapping[str, str], locate, only_options: bool):
+        kind = getattr(args, "tokenizer_type", None)
+        table = {"library": LIBRARY, **({"add_bos": True} if kind == WITH_BOS else {})}
         if options.get("tokenizer_model"):
-            return {"library": LIBRARY}, {"model": option_file(options, "tokenizer_model")}
-        if only_options or getattr(args, "tokenizer_type", None) not in MEGATRON_TYPES:
+            return table, {"model": option_file(options, "tokenizer_model")}
+        if only_options or kind not in MEGATRON_TYPES:
             return None
         model = locate(getattr(args, "tokenizer_model", None))
-        return ({"library": LIBRARY}, {"model": model}) if model is not None else None
+        return (table, {"model": model}) if model is not None else None
 
     # --- NeMo --------------------------------------------------------------------------------
     def from_nemo(self, tokenizer_config: dict) -> Optional[Dict[str, str]]:

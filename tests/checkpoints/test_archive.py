@@ -331,13 +331,13 @@ def test_generate_reads_a_nemo_file_directly(source_gpt, spm_model, tmp_path, ca
     assert capsys.readouterr().out == tok.decode(prompt + generate(model, prompt, 5, greedy=True, eos_id=tok.eos_id)) + "\n"
 
 
+# (rotary positions, SwiGLU, RMSNorm, bias-less layers and an untied output layer are the
+# Llama family's architecture, which its converter reads: tests/test_llama_nemo.py)
 @pytest.mark.parametrize("key,value,why", [
-    ("position_embedding_type", "rope", "learned absolute positions only"),
-    ("activation", "swiglu", "no gated MLPs"),
+    ("position_embedding_type", "alibi", "learned absolute positions only"),
     ("activation", "approx-gelu", "x * sigmoid(1.702 x)"),
-    ("normalization", "rmsnorm", "no RMSNorm"),
-    ("bias", False, "biases in every linear layer"),
-    ("share_embeddings_and_output_weights", False, "ties its output layer"),
+    ("normalization", "layernorm1p", "uses LayerNorm"),
+    ("transformer_block_type", "post_ln", "pre-LayerNorm"),
 ])
 def test_what_mega_cannot_run_is_refused_naming_the_yaml_key(source_gpt, spm_model, tmp_path, capsys, key, value, why):
     model, _ = source_gpt

@@ -529,9 +529,9 @@ def test_a_family_without_converters_is_refused_naming_those_that_have(tmp_path,
     model = plugins.models.get("bart").factory(config.model, tokenizer, plugins)
     save_model_checkpoint(tmp_path / "bart", config, model, tokenizer, plugins)
     with pytest.raises(ConfigError, match=r"model 'bart'; no model converter writes it as Megatron-LM files"
-                                          r" \(families that do: bert, gpt\)"):
+                                          r" \(families that do: bert, gpt, llama\)"):
         plugins.checkpoint_formats.get("megatron").factory().export_run(tmp_path / "bart", tmp_path / "m", {}, plugins)
-    with pytest.raises(CheckpointError, match=r"cannot be written as GPT2LMHeadModel, MegatronBertForCausalLM"):
+    with pytest.raises(CheckpointError, match=r"cannot be written as GPT2LMHeadModel, LlamaForCausalLM, MegatronBertForCausalLM"):
         plugins.checkpoint_formats.get("huggingface").factory().export_run(tmp_path / "bart", tmp_path / "h", {}, plugins)
     assert not (tmp_path / "m").exists() and not (tmp_path / "h").exists()
 

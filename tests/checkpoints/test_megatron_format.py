@@ -158,12 +158,14 @@ def _write(folder, payload):
     torch.save(payload, folder / "model_optim_rng.pt")
 
 
-@pytest.mark.parametrize("field, value", [("swiglu", True), ("squared_relu", True), ("position_embedding_type", "rope"),
-                                          ("add_position_embedding", False), ("normalization", "RMSNorm"),
-                                          ("untie_embeddings_and_output_weights", True), ("group_query_attention", True),
-                                          ("add_bias_linear", False), ("apply_layernorm_1p", True)])
+@pytest.mark.parametrize("field, value", [("squared_relu", True), ("position_embedding_type", "yarn"),
+                                          ("normalization", "LayerNorm1p"), ("qk_layernorm", True),
+                                          ("apply_layernorm_1p", True), ("num_experts", 8),
+                                          ("apply_residual_connection_post_layernorm", True)])
 def test_architectures_mega_cannot_run_are_refused_by_field(tmp_path, plugins, field, value):
-    """Defect 2: never loaded silently wrong."""
+    """Defect 2: never loaded silently wrong. (RoPE, RMSNorm, SwiGLU, grouped-query
+    attention, bias-less linears and an untied output layer are GPT options now:
+    tests/test_llama_parallel.py reads them.)"""
     from mega.errors import CheckpointError
 
     _, model = _gpt(plugins)
@@ -174,14 +176,14 @@ def test_architectures_mega_cannot_run_are_refused_by_field(tmp_path, plugins, f
         MegatronFormat().load(tmp_path)
 
 
-def test_untied_output_layer_is_refused(tmp_path, plugins):
+def test_an_output_layer_args_say_is_tied_is_refused(tmp_path, plugins):
     from mega.errors import CheckpointError
 
     _, model = _gpt(plugins)
     state = dict(model.state_dict(), **{"language_model.output_layer.weight": torch.zeros(264, 32)})
-    _write(tmp_path / "mp_rank_00", {"args": argparse.Namespace(num_layers=2), "checkpoint_version": 3.0,
-                                     "model": nest(state)})
-    with pytest.raises(CheckpointError, match="output_layer"):
+    _write(tmp_path / "mp_rank_00", {"args": argparse.Namespace(num_layers=2, untie_embeddings_and_output_weights=False),
+                                     "checkpoint_version": 3.0, "model": nest(state)})
+    with pytest.raises(CheckpointError, match="output_layer but args.untie_embeddings_and_output_weights is false"):
         MegatronFormat().load(tmp_path)
 
 

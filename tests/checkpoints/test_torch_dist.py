@@ -73,6 +73,24 @@ def test_single_process_round_trip_is_bit_exact_and_resume_equals_uninterrupted(
     _equal(straight.state()["model"], resumed.state()["model"], "model")
 
 
+def test_per_layer_files_still_load(tmp_path, monkeypatch):
+    """Files written before the stacked layout (and megatron-core's `non_homogeneous_layers`
+    ones) hold `decoder.layers.{i}.X` keys: read them, weights and moments alike."""
+    from mega.plugins.checkpoints import torch_dist
+    from mega.plugins.checkpoints.torch_dist import TorchDistFormat
+
+    monkeypatch.setattr(torch_dist, "_stacked", lambda key: None)  # write the per-layer layout
+    model, opt = _trained_tp1(str(tmp_path), {"model": {"name": "gpt"}})  # megatron-core's names
+    monkeypatch.undo()
+    from torch.distributed.checkpoint import FileSystemReader
+
+    md = FileSystemReader(str(tmp_path)).read_metadata().state_dict_metadata
+    assert "decoder.layers.1.self_attention.linear_qkv.weight" in md and "decoder.layers.mlp.linear_fc1.weight" not in md
+    loaded = TorchDistFormat().load(tmp_path)
+    _equal(model.state_dict(), loaded["model"], "model")
+    _equal(opt.state_dict()["state"], loaded["optimizer"]["state"], "optimizer")
+
+
 def test_files_use_megatron_core_names_and_metadata(tmp_path, corpus, plugins):
     from torch.distributed.checkpoint import FileSystemReader
 
@@ -91,22 +109,23 @@ def test_files_use_megatron_core_names_and_metadata(tmp_path, corpus, plugins):
         "embedding.position_embeddings.weight": [32, h],
         "decoder.final_layernorm.weight": [h], "decoder.final_layernorm.bias": [h],
     }
-    for i in range(2):
-        p = f"decoder.layers.{i}."
-        expected.update({
-            p + "self_attention.linear_qkv.layer_norm_weight": [h], p + "self_attention.linear_qkv.layer_norm_bias": [h],
-            p + "self_attention.linear_qkv.weight": [3 * h, h], p + "self_attention.linear_qkv.bias": [3 * h],
-            p + "self_attention.linear_proj.weight": [h, h], p + "self_attention.linear_proj.bias": [h],
-            p + "mlp.linear_fc1.layer_norm_weight": [h], p + "mlp.linear_fc1.layer_norm_bias": [h],
-            p + "mlp.linear_fc1.weight": [4 * h, h], p + "mlp.linear_fc1.bias": [4 * h],
-            p + "mlp.linear_fc2.weight": [h, 4 * h], p + "mlp.linear_fc2.bias": [h],
-        })
+    p = "decoder.layers."  # megatron-core's homogeneous layers: one [layers, ...] tensor per name
+    expected.update({
+        p + "self_attention.linear_qkv.layer_norm_weight": [2, h], p + "self_attention.linear_qkv.layer_norm_bias": [2, h],
+        p + "self_attention.linear_qkv.weight": [2, 3 * h, h], p + "self_attention.linear_qkv.bias": [2, 3 * h],
+        p + "self_attention.linear_proj.weight": [2, h, h], p + "self_attention.linear_proj.bias": [2, h],
+        p + "mlp.linear_fc1.layer_norm_weight": [2, h], p + "mlp.linear_fc1.layer_norm_bias": [2, h],
+        p + "mlp.linear_fc1.weight": [2, 4 * h, h], p + "mlp.linear_fc1.bias": [2, 4 * h],
+        p + "mlp.linear_fc2.weight": [2, h, 4 * h], p + "mlp.linear_fc2.bias": [2, h],
+    })
+    objects = {f"{p}{m}._extra_state/shard_{i}_2" for i in range(2)
+               for m in ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")}
     model_keys = {k for k in md if not k.startswith("optimizer.")}
-    assert model_keys == set(expected)  # the tied output layer is the embedding: no output_layer key
+    assert model_keys == set(expected) | objects  # the tied output layer is the embedding: no output_layer key
     for key, shape in expected.items():
         assert list(md[key].size) == shape, key
         assert list(md[f"optimizer.state.exp_avg.{key}"].size) == shape
-        assert list(md[f"optimizer.state.step.{key}"].size) == []
+        assert list(md[f"optimizer.state.step.{key}"].size) == (shape[:1] if key.startswith(p) else [])
     w = torch.load(ckpt / "mega_rank_00_000.pt", weights_only=True)
     assert w["trainer"]["step"] == 1
 
@@ -122,7 +141,7 @@ def _tiny_gpt_cfg():
                                        "attention_dropout": 0.0}}).model
 
 
-def _trained_tp1(directory: str):
+def _trained_tp1(directory: str, config: dict = None):
     """A GPT (vocab 50, padded to 60 at TP=1 and to 80 at TP=2) after one AdamW step, saved
     in one process; returns its full state."""
     from mega.plugins.models.gpt import GPTModel
@@ -138,7 +157,7 @@ def _trained_tp1(directory: str):
     model.training_loss({"tokens": tokens, "labels": tokens, "loss_mask": torch.ones(2, 16)})["loss_sum"].backward()
     opt.step()
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "trainer": {"step": 1, "consumed_samples": 2},
-             "sharding": sharding_of(model, ParallelState()), "config": {}}
+             "sharding": sharding_of(model, ParallelState()), "config": config or {}}
     TorchDistFormat().save(state, Path(directory), None)
     return model, opt
 

@@ -153,6 +153,12 @@ BERT = ("trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_va
         "model.hidden_size=32", "model.num_attention_heads=4", "model.seq_length=32", "model.max_position_embeddings=64",
         "model.micro_batch_size=2", "model.global_batch_size=4", "model.tokenizer.vocab_size=200",
         "model.optim.sched.warmup_steps=1")
+# The tiny Llama of examples/llama-tiny.toml, as small (4 query heads in 2 groups).
+LLAMA = ("trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "model.num_layers=2",
+         "model.hidden_size=32", "model.num_attention_heads=4", "model.num_query_groups=2", "model.ffn_hidden_size=48",
+         "model.seq_length=16", "model.max_position_embeddings=64", "model.micro_batch_size=2",
+         "model.global_batch_size=4", "model.tokenizer.vocab_size=60",
+         "model.optim.sched.warmup_steps=1")
 # The downstream tasks, 2 steps on top of the BERT above (results/bert).
 TASK = ("trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "model.micro_batch_size=4")
 
@@ -362,6 +368,28 @@ COMMANDS: Dict[str, object] = {
     "mega evaluate squad.mega --split valid": Run(needs=("squad.mega",), expect=_has('"exact_match"', '"f1"')),
     "mega evaluate squad.mega --split valid trainer.devices=2 model.tensor_model_parallel_size=2 trainer.accelerator=cpu":
         Run(needs=("squad.mega",), slow=True),
+    # docs/llama.md (and examples/llama-tiny.toml's comments)
+    "mega run examples/llama-tiny.toml": Run(LLAMA + DATA, needs=("corpus.txt",),
+                                             expect=_file("results/llama-tiny/checkpoints")),
+    'mega generate results/llama-tiny --prompt "The for statement" --top-k 40':
+        Run(FEW_TOKENS, needs=("results/llama-tiny",), expect=_has("for statement")),
+    "mega export results/llama-tiny ./llama-tiny-hf --to huggingface":
+        Run(needs=("results/llama-tiny",), fresh=("llama-tiny-hf",), expect=_file("llama-tiny-hf/config.json")),
+    "mega import ./llama-hf results/llama": Run(needs=("llama-hf",), fresh=("results/llama",), expect=_has("imported")),
+    "mega import ./llama-hf results/llama --option seq_length=4096 --option add_bos=true":
+        Run(needs=("llama-hf",), fresh=("results/llama",), replace=(("seq_length=4096", "seq_length=32"),),
+            expect=_has("imported")),  # the tiny model's max_position_embeddings is 64
+    "mega export results/llama ./llama-out --to huggingface": Run(needs=("results/llama",), fresh=("llama-out",),
+                                                                  expect=_file("llama-out/model.safetensors")),
+    "mega export results/llama ./llama-out --to huggingface --option dtype=bfloat16":
+        Run(needs=("results/llama",), fresh=("llama-out",), expect=_file("llama-out/model.safetensors")),
+    "mega export results/llama ./llama-megatron --to megatron --option tensor_parallel=2 --option pipeline_parallel=2":
+        Run(needs=("results/llama",), fresh=("llama-megatron",),
+            expect=_file("llama-megatron/iter_0000000/mp_rank_01_001/model_optim_rng.pt")),
+    "mega import ./llama-megatron results/llama-from-megatron":
+        Run(needs=("llama-megatron",), fresh=("results/llama-from-megatron",), expect=_has("imported")),
+    "mega import ./mcore-checkpoints results/llama-from-mcore":
+        Run(needs=("mcore-checkpoints",), fresh=("results/llama-from-mcore",), expect=_has("(torch_dist)")),
     # examples/*.toml comments
     "mega run examples/bert.toml trainer.devices=2 model.tensor_model_parallel_size=2 exp_manager.name=bert-tp2":
         Run(BERT + ("trainer.accelerator=cpu",), slow=True),
@@ -426,6 +454,31 @@ def _nemo(ws: Path) -> None:
                      num_attention_heads=mc.num_attention_heads, encoder_seq_length=mc.seq_length,
                      max_position_embeddings=mc.max_position_embeddings)
     _write_nemo(ws / "megatron_gpt.nemo", cfg, _nemo_shards(model, 1), ws / "results/quickstart/tokenizer.model")
+
+
+def _llama_hf(ws: Path) -> None:
+    """A Hugging Face Llama directory: transformers' LlamaForCausalLM from a tiny config (4
+    query heads in 2 groups, untied) with a Llama-2-style sentencepiece tokenizer."""
+    from tests import llama_fixtures as fx
+
+    sp = fx.sentencepiece_llama(ws / "llama-sp")
+    import sentencepiece as spm
+
+    model = fx.hf_model("llama_gqa_llama3", spm.SentencePieceProcessor(model_file=str(sp)).get_piece_size())
+    fx.save_directory(model, ws / "llama-hf", "sentencepiece", sp)
+
+
+def _mcore_checkpoints(ws: Path) -> None:
+    """A Megatron-LM-style save directory holding a torch_dist iteration (tracker +
+    iter_0000002/ with metadata.json, .metadata, the .distcp files and common.pt's args):
+    the tiny Llama trained 2 steps with exp_manager.checkpoint.format=torch_dist, whose
+    files are megatron-core's layout."""
+    assert main(["run", "examples/llama-tiny.toml", *LLAMA, *DATA, "exp_manager.name=llama-dist",
+                 "exp_manager.checkpoint.format=torch_dist"]) == 0
+    step = ws / "results/llama-dist/checkpoints/step_0000002"
+    target = _mkdir(ws / "mcore-checkpoints") / "iter_0000002"
+    shutil.copytree(step, target)
+    (ws / "mcore-checkpoints/latest_checkpointed_iteration.txt").write_text("2\n")
 
 
 def _my_bert(ws: Path) -> None:
@@ -512,6 +565,13 @@ ARTIFACTS: Dict[str, Tuple[Tuple[str, ...], Callable[[Path], None]]] = {
                                 lambda ws: _run_doc(ws, "mega run examples/multiple_choice.toml")),
     "squad.mega": (("results/squad",), lambda ws: _run_doc(ws, "mega export results/squad squad.mega")),
     "results/my-bert": ((), _my_bert),
+    "results/llama-tiny": (("corpus.txt",), lambda ws: _run_doc(ws, "mega run examples/llama-tiny.toml")),
+    "llama-hf": ((), _llama_hf),
+    "results/llama": (("llama-hf",), lambda ws: _run_doc(ws, "mega import ./llama-hf results/llama")),
+    "llama-megatron": (("results/llama",), lambda ws: _run_doc(
+        ws, "mega export results/llama ./llama-megatron --to megatron --option tensor_parallel=2 --option"
+            " pipeline_parallel=2")),
+    "mcore-checkpoints": (("corpus.txt",), _mcore_checkpoints),
     "bert-hf": (("results/my-bert",), lambda ws: _run_doc(ws, "mega export results/my-bert ./bert-hf --to hf")),
     "bert-megatron": (("results/my-bert",), lambda ws: _run_doc(
         ws, "mega export results/my-bert ./bert-megatron --to megatron --option tensor_parallel=2")),

@@ -133,6 +133,82 @@ def test_gpt_parameter_count_is_the_built_models(keys):
     assert est["params"] == est["stages"][0]["params"] == n
 
 
+LLAMA = dict(position_embedding_type="rope", normalization="RMSNorm", activation="swiglu", add_bias_linear=False,
+             share_embeddings_and_output_weights=False, hidden_dropout=0.0, attention_dropout=0.0)
+
+
+@pytest.mark.parametrize("keys", [
+    dict(LLAMA, num_layers=2, hidden_size=64, num_attention_heads=8, num_query_groups=2, ffn_hidden_size=96, seq_length=32),
+    dict(LLAMA, num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, kv_channels=24,
+         seq_length=32, add_qkv_bias=True, share_embeddings_and_output_weights=True),  # Qwen2-style bias, own head dim, tied
+    dict(LLAMA, num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
+         seq_length=32, add_bias_linear=True, normalization="LayerNorm"),
+])
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_llama_options_count_the_built_models_parameters(keys, tp, pp):
+    """T14: the plan's parameters of every (TP rank 0, pipeline stage) equal the model
+    built there (grouped QKV, gated fc1, RMSNorm, biases, untied head, no position table)."""
+    from mega.runtime.parallel import ParallelState, current, set_current
+
+    cfg = GPTConfig(**keys, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    est = cfg.memory_per_rank(1000, 2, tp, pp, "32", "cpu")
+    before = current()
+    try:
+        for stage in range(pp):
+            set_current(ParallelState(tp_size=tp, pp_size=pp, pp_rank=stage, world_size=tp * pp))
+            built = sum(p.numel() for p in GPTModel(cfg, 1000).parameters())
+            assert est["stages"][stage]["params"] == built, (stage, est["stages"][stage]["params"], built)
+    finally:
+        set_current(before)
+    set_current(ParallelState())
+    try:
+        assert est["params"] == sum(p.numel() for p in GPTModel(GPTConfig(**keys), 1000).parameters())
+    finally:
+        set_current(before)
+
+
+# §4.7 presets: (transformers class, config fields, mega keys, the matmul parameters N of the
+# spec's §9.1 table at its sequence length)
+PRESETS = {
+    "Llama-2-7B": ("Llama", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                                 num_key_value_heads=32, vocab_size=32000), 4096, 6_607_077_376),
+    "Llama-3-8B": ("Llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                                 num_key_value_heads=8, vocab_size=128256), 8192, 7_504_658_432),
+    "Llama-3.2-1B": ("Llama", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                                   num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True),
+                     8192, 1_235_746_816),
+    "Mistral-7B": ("Mistral", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                                   num_key_value_heads=8, vocab_size=32000), 4096, 7_110_393_856),
+    "Qwen2-7B": ("Qwen2", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                               num_key_value_heads=4, vocab_size=152064), 4096, 7_070_285_824),
+    "Qwen2-0.5B": ("Qwen2", dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True), 4096, None),
+}
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_llama_presets_count_what_transformers_builds_and_the_flops_of_the_spec(name):
+    """The plan's parameters of the §4.7 presets equal transformers' own count (built on
+    the meta device: nothing allocated), and the training FLOPs per token are
+    6 N + 12 L nh hd s with N the spec's matmul parameters (§9.1)."""
+    transformers = pytest.importorskip("transformers")
+    from mega.plugins.models.llama.huggingface import model_table
+
+    family, fields, seq, matmul = PRESETS[name]
+    config = getattr(transformers, f"{family}Config")(**fields)
+    with torch.device("meta"):
+        theirs = sum(p.numel() for p in getattr(transformers, f"{family}ForCausalLM")(config).parameters())
+    table = model_table(json.loads(config.to_json_string()), name)
+    table = {k: v for k, v in table.items() if k != "name"}
+    cfg = GPTConfig(**{**table, "seq_length": seq, "max_position_embeddings": max(seq, table["max_position_embeddings"])})
+    est = cfg.memory_per_rank(fields["vocab_size"], 1, 1, 1, "bf16", "cuda")
+    assert est["params"] == theirs
+    if matmul is not None:
+        h, L, heads = fields["hidden_size"], fields["num_hidden_layers"], fields["num_attention_heads"]
+        hd = fields.get("head_dim", h // heads)
+        assert est["flops_per_token"] == 6 * matmul + 12 * L * heads * hd * seq
+
+
 def test_gpt_splits_over_tensor_and_pipeline_ranks():
     cfg = GPTConfig(num_layers=4, hidden_size=64, num_attention_heads=4, seq_length=32)
     whole = cfg.memory_per_rank(1000, 2, 1, 1, "32", "cpu")["stages"][0]
@@ -325,6 +401,20 @@ def _kept(model_name: str, keys: dict, layers: int, precision: str):
     del out
     stage = cfg.memory_per_rank(256, 2, 1, 1, "32" if precision == "32" else "bf16", "cpu")["stages"][0]
     return live - (2 * stage["matmul_params"] if precision == "bf16" else 0), stage["activations"]
+
+
+@pytest.mark.parametrize("precision", ["32", "bf16", "bf16-O2"])
+@pytest.mark.parametrize("mode", sorted(RECOMPUTE_MODES))
+@pytest.mark.slow
+def test_llama_activations_are_the_tensors_a_forward_keeps(mode, precision):
+    """The Llama options (RoPE's rotated Q and K and its cos/sin, RMSNorm's fp32
+    normalised tensors, SwiGLU's three MLP tensors, grouped K and V, an untied head): per
+    layer exactly, the stage within 1 KiB."""
+    keys = {**LLAMA, "num_query_groups": 2, "ffn_hidden_size": 96, **RECOMPUTE_MODES[mode]}
+    counted2, planned2 = _kept("gpt", keys, 2, precision)
+    counted3, planned3 = _kept("gpt", keys, 3, precision)
+    assert counted3 - counted2 == planned3 - planned2
+    assert abs(counted3 - planned3) <= 1024, (counted3, planned3)
 
 
 @pytest.mark.parametrize("precision", ["32", "bf16", "bf16-O2"])

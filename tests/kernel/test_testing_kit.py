@@ -53,7 +53,8 @@ def test_a_model_without_a_preset_is_named(tmp_path, mega_plugin):
         tiny_preset("bare", tmp_path, plugins)
 
 
-@pytest.mark.parametrize("name", ["gpt", "bert", "bert_question_answering", "t5", "transformer_xl", "text_classification"])
+@pytest.mark.parametrize("name", ["gpt", "llama", "bert", "bert_question_answering", "t5", "transformer_xl",
+                                  "text_classification"])
 def test_a_preset_builds_a_small_model_the_same_twice(tmp_path, plugins, name):
     a, _, config = tiny_model(name, tmp_path / "a", plugins)
     b, _, _ = tiny_model(name, tmp_path / "b", plugins)

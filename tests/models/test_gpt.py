@@ -33,9 +33,12 @@ def test_loss_equals_the_cross_entropy_formula(plugins, mask_padded_vocab):
     assert logits.shape[-1] == 64
     softmax_over = logits[..., :50] if mask_padded_vocab else logits
     reference = -(softmax_over.log_softmax(-1).gather(-1, labels[..., None])[..., 0])  # -log p(label)
-    ours = model.compute_language_model_loss(labels, model(tokens))
+    ours = model.compute_language_model_loss(labels, model(tokens).transpose(0, 1))  # megatron-core's [s, b, V]
     assert ours.shape == (3, 16)
     torch.testing.assert_close(ours.double(), reference, rtol=1e-6, atol=1e-6)
+    assert torch.equal(model.token_losses(labels, model(tokens)), ours)
+    with pytest.raises(ValueError, match=r"megatron-core's layout is sequence-first, \[seq, batch, vocab\] = \[16, 3, vocab\]"):
+        model.compute_language_model_loss(labels, model(tokens))  # batch-first logits: refused, not silently wrong
     out = model.training_loss({"tokens": tokens, "labels": labels, "loss_mask": mask})
     torch.testing.assert_close(out["loss_sum"].double(), (reference * mask).sum(), rtol=1e-6, atol=1e-6)
 
@@ -154,7 +157,7 @@ def test_activation_key_selects_exact_or_tanh_gelu():
         mlp = MLP(BlockConfig(num_layers=1, hidden_size=8, num_attention_heads=1, activation=activation))
         expected = mlp.dense_4h_to_h(formula(mlp.dense_h_to_4h(x)))
         torch.testing.assert_close(mlp(x), expected, rtol=1e-6, atol=1e-6)
-    with pytest.raises(ConfigError, match="model.activation: expected one of 'gelu', 'gelu_tanh', got 'relu'"):
+    with pytest.raises(ConfigError, match="model.activation: expected one of 'gelu', 'gelu_tanh', 'swiglu', got 'relu'"):
         from mega.plugins.models.transformer import check_shape
 
         check_shape(BlockConfig(num_layers=1, hidden_size=8, num_attention_heads=1, activation="relu"))

@@ -20,18 +20,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from mega.runtime.parallel import current
+from mega.runtime.sharding import split_for_rank
 from mega.runtime.tensor_parallel.mappings import copy_to_tp, gather_from_tp, reduce_from_tp, reduce_scatter_to_sp
 from mega.runtime.tensor_parallel.sequence_parallel import sequence_parallel_active, sequence_parallel_linear
 
 InitMethod = Callable[[torch.Tensor], torch.Tensor]
 
 
-def shard(master: torch.Tensor, dim: Optional[int]) -> nn.Parameter:
-    """This rank's slice of `master` along `dim` as a Parameter tagged with partition_dim."""
+def shard(master: torch.Tensor, dim: Optional[int], chunks: int = 1) -> nn.Parameter:
+    """This rank's slice of `master` along `dim` as a Parameter tagged with partition_dim.
+    With `chunks` > 1, `master` is that many equal blocks along `dim` (a gated MLP's
+    `[gate; up]`) and the rank holds its slice of each, in order (`partition_chunks`)."""
     state = current()
-    local = master if dim is None or state.tp_size == 1 else master.chunk(state.tp_size, dim=dim)[state.tp_rank]
-    p = nn.Parameter(local.clone())
+    p = nn.Parameter(split_for_rank(master, dim, state.tp_size, state.tp_rank, chunks).clone())
     p.partition_dim = dim
+    if chunks != 1:
+        p.partition_chunks = chunks
     return p
 
 
@@ -55,13 +59,15 @@ class ColumnParallelLinear(nn.Module):
     """y = x A^T + b with A split by output rows: each rank computes its slice of y."""
 
     def __init__(self, in_features: int, out_features: int, init_method: InitMethod, bias: bool = True,
-                 gather_output: bool = False, sequence_parallel: bool = False):
+                 gather_output: bool = False, sequence_parallel: bool = False, chunks: int = 1):
+        """`chunks`: the output rows are that many equal blocks, each split over the ranks
+        (a gated MLP's fc1 `[gate; up]`: rank r computes `[gate_r; up_r]`)."""
         super().__init__()
-        _divide(out_features, "output features")
+        _divide(out_features // chunks, "output features per block" if chunks > 1 else "output features")
         self.gather_output = gather_output
         self.sequence_parallel = sequence_parallel  # its input is the sequence-split stream
-        self.weight = shard(init_method(torch.empty(out_features, in_features)), 0)
-        self.bias = shard(torch.zeros(out_features), 0) if bias else None
+        self.weight = shard(init_method(torch.empty(out_features, in_features)), 0, chunks)
+        self.bias = shard(torch.zeros(out_features), 0, chunks) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if sequence_parallel_active(self.sequence_parallel):

@@ -14,14 +14,27 @@ the process's (`mega.get_plugins()`) unless given.
 from __future__ import annotations
 
 import argparse
-from typing import Optional
+from pathlib import Path
+from typing import Dict, Optional
 
 import torch
 
 import mega
 from mega.protocols import MegatronModelConverter, MegatronTokenizerConverter
 from mega.plugins.checkpoints.converters import model_converter, tokenizer_converter
+from mega.plugins.checkpoints.megatron.layout import final_directory
 from mega.plugins.models.transformer import padded_vocab_size
+
+
+def checkpoint_tokenizer_files(config: dict, directory: Path, plugins) -> Dict[str, str]:
+    """Where Megatron-LM should find the tokenizer's files of a checkpoint being written to
+    `directory`: the copies the kernel puts into it (`tokenizer.<file name>`), by mega config
+    key (the `megatron` and `torch_dist` formats' `args`)."""
+    tok = config.get("model", {}).get("tokenizer", {})
+    converter = tokenizer_converter(plugins, tok.get("library"), MegatronTokenizerConverter) if tok.get("library") else None
+    found = converter.megatron_files(tok) if converter is not None else {}
+    final = final_directory(directory)
+    return {key: str((final / f"tokenizer.{Path(value).name}").absolute()) for key, value in found.items()}
 
 
 def tokenizer_fields(plugins, tokenizer_table: dict, vocab_size: Optional[int], files: Optional[dict] = None) -> dict:

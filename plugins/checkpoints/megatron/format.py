@@ -30,16 +30,14 @@ Under `model.optim.use_distributed_optimizer` the optimizer's state goes into Me
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict
-
 import torch
 
 import mega
 from mega.checkpoint import atomic_write_text
 from mega.errors import CheckpointError
-from mega.protocols import ChecksMegatronResume, MegatronModelConverter, MegatronTokenizerConverter
-from mega.plugins.checkpoints.converters import model_converter, tokenizer_converter
-from mega.plugins.checkpoints.megatron.args import megatron_args
+from mega.protocols import ChecksMegatronResume, MegatronModelConverter
+from mega.plugins.checkpoints.converters import model_converter
+from mega.plugins.checkpoints.megatron.args import checkpoint_tokenizer_files, megatron_args
 from mega.plugins.checkpoints.megatron.distrib_optim import FILE as DISTRIB_FILE, read_distrib_optim, save_distrib_optim
 from mega.plugins.checkpoints.megatron.family import family_of
 from mega.plugins.checkpoints.megatron.files import allowed_globals, load_file, safe_globals
@@ -48,23 +46,12 @@ from mega.plugins.checkpoints.megatron.layout import (
     FILE,
     TRACKER,
     find_rank_file,
-    final_directory,
     nest,
     rank_folder,
     state_from_raw,
 )
 from mega.plugins.checkpoints.megatron.interop import export_run, import_run
 from mega.plugins.checkpoints.megatron.source import can_import
-
-
-def _tokenizer_files(config: dict, directory: Path, plugins) -> Dict[str, str]:
-    """Where Megatron-LM should find the tokenizer's files: the copies the kernel puts into
-    the checkpoint directory (`tokenizer.<file name>`), by mega config key."""
-    tok = config.get("model", {}).get("tokenizer", {})
-    converter = tokenizer_converter(plugins, tok.get("library"), MegatronTokenizerConverter) if tok.get("library") else None
-    found = converter.megatron_files(tok) if converter is not None else {}
-    final = final_directory(directory)
-    return {key: str((final / f"tokenizer.{Path(value).name}").absolute()) for key, value in found.items()}
 
 
 class MegatronFormat:
@@ -96,11 +83,11 @@ class MegatronFormat:
             optimizer = save_distrib_optim(folder, state, record)
             ours["distributed_optimizer"] = record
         torch.save({
-            "args": megatron_args(config, tp, pp, vocab, padded=padded, files=_tokenizer_files(config, directory, plugins),
+            "args": megatron_args(config, tp, pp, vocab, padded=padded, files=checkpoint_tokenizer_files(config, directory, plugins),
                                   plugins=plugins),
             "checkpoint_version": CHECKPOINT_VERSION,
             "iteration": trainer.get("step", 0),
-            "model": nest(model),
+            "model": nest(model, config.get("model", {}).get("normalization")),
             "optimizer": optimizer,
             "opt_param_scheduler": {"num_steps": trainer.get("consumed_samples", 0)},
             "rng_state": [{

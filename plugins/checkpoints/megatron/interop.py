@@ -31,7 +31,7 @@ from mega.plugins.checkpoints.megatron.family import family_of
 from mega.plugins.checkpoints.megatron.layout import CHECKPOINT_VERSION, FILE, TRACKER, nest, tp_size
 from mega.plugins.checkpoints.megatron.source import Source, fallback_args, merged_model
 from mega.plugins.models.transformer import padded_vocab_size
-from mega.runtime.sharding import fit, renumber
+from mega.runtime.sharding import chunks_of, fit, renumber, split_for_rank
 
 FORMAT_OPTIONS = ("trust_pickle", "num_attention_heads")
 EXPORT_OPTIONS = ("tensor_parallel", "pipeline_parallel")
@@ -91,24 +91,38 @@ def _divisible_by(args, vocab: int, padded: int) -> int:
 # --- import ------------------------------------------------------------------------------------
 
 
-def _import_options(plugins) -> tuple:
+
+
+def import_run(source: Path, run_dir: Path, options: Mapping[str, str], plugins) -> Path:
+    from mega.checkpoint import check_options
+
+    check_options(options, import_options(plugins), "megatron")
+    trust = str(options.get("trust_pickle", "false")).lower() in ("1", "true", "yes")
+    src = Source(Path(source), trust, fallback_args=fallback_args(options))
+    state = merged_model(src)
+    family = family_of(plugins, state, src.args, str(source))
+    return import_state(family, state, src.args, options, Path(source), src.near(), src.step or 0, Path(run_dir), plugins)
+
+
+def import_options(plugins) -> tuple:
+    """The `--option` keys an import of Megatron-LM's files reads (the tokenizers' too)."""
     every = [(n, c) for n, c in converters.tokenizer_converters(plugins, MegatronTokenizerConverter)]
     return FORMAT_OPTIONS + converters.options_of(every, "megatron_options")
 
 
-def import_run(source: Path, run_dir: Path, options: Mapping[str, str], plugins) -> Path:
-    from mega.checkpoint import check_options, write_imported_run
+def import_state(family, state: Dict[str, torch.Tensor], args, options: Mapping[str, str], source: Path,
+                 near: List[Path], step: int, run_dir: Path, plugins) -> Path:
+    """A run directory for a Megatron-LM model (`state`: its tensors merged under mega's
+    global names; `args`: Megatron's) of `family`'s converter: what the family cannot run
+    refused, its model table, the tokenizer from the options or `args` (files found where
+    `args` say, or in the `near` directories), the vocabulary-sized tensors re-padded to
+    mega's rule. Shared by the `megatron` and `torch_dist` imports."""
+    from mega.checkpoint import write_imported_run
 
-    check_options(options, _import_options(plugins), "megatron")
-    trust = str(options.get("trust_pickle", "false")).lower() in ("1", "true", "yes")
-    src = Source(Path(source), trust, fallback_args=fallback_args(options))
-    args = src.args
-    state = merged_model(src)
-    family = family_of(plugins, state, args, str(source))
     family.megatron_check(state, args, str(source))
     model = family.megatron_model_table(state, args, str(source))
     tokenizers = converters.tokenizer_converters(plugins, MegatronTokenizerConverter, getattr(family, "tokenizers", ()))
-    model["tokenizer"], files = _tokenizer(tokenizers, args, options, Path(source), src.near())
+    model["tokenizer"], files = _tokenizer(tokenizers, args, options, source, near)
     vocab = converters.vocab_size_of(model, files, plugins)
     orig = getattr(args, "orig_vocab_size", None)
     if orig is not None and orig != vocab:
@@ -124,7 +138,7 @@ def import_run(source: Path, run_dir: Path, options: Mapping[str, str], plugins)
     for name in family.vocab_tensors:  # re-pad: keep the real rows, padding rows are zeros (never predicted)
         if name in state:
             state[name] = fit(state[name], [ours, *state[name].shape[1:]])
-    return write_imported_run(Path(run_dir), {"model": model}, state, plugins, files=files, step=src.step or 0)
+    return write_imported_run(Path(run_dir), {"model": model}, state, plugins, files=files, step=step)
 
 
 # --- export ----------------------------------------------------------------------------------
@@ -154,7 +168,9 @@ def export_run(checkpoint: Path, destination: Path, options: Mapping[str, str], 
         raise ConfigError(f"{checkpoint}: model {mc.name!r}; no model converter writes it as Megatron-LM files"
                           f" (families that do: {writers})")
     ffn = getattr(mc, "ffn_hidden_size", None) or 4 * getattr(mc, "hidden_size", 0)
+    groups = getattr(mc, "num_query_groups", None) or getattr(mc, "num_attention_heads", tp)
     for what, value, by in (("num_attention_heads", getattr(mc, "num_attention_heads", tp), tp),
+                            ("num_query_groups", groups, tp),
                             ("ffn_hidden_size", ffn, tp), ("num_layers", getattr(mc, "num_layers", pp), pp)):
         if value % by:
             raise ConfigError(f"model.{what}={value} is not divisible by --option "
@@ -185,30 +201,33 @@ def _write_export(tmp: Path, destination: Path, model, tokenizer, raw: dict, tp:
         shutil.copyfile(path, tmp / name)
         files[key] = str(destination / name)
     args = megatron_args(raw, tp, pp, tokenizer.vocab_size, files=files, plugins=plugins)
-    dims = sharding_of(model, ParallelState())["partition_dims"]
+    sharding = sharding_of(model, ParallelState())
+    dims = sharding["partition_dims"]
     full = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     for name in family.vocab_tensors:  # the vocabulary padding at the exported tensor-parallel size
         if name in full:
             full[name] = fit(full[name], [args.padded_vocab_size, *full[name].shape[1:]])
     per_stage = raw["model"]["num_layers"] // pp
+    tied = getattr(model, "share_embeddings_and_output_weights", True)
     for stage in range(pp):
-        stage_state = _stage(full, stage, per_stage, pp, family.vocab_tensors[0])
-        for rank in range(tp):  # each tensor split along the model's own tensor-parallel dimension
-            shard = {k: (t if dims.get(g) is None else t.chunk(tp, dim=dims[g])[rank]).clone()
+        stage_state = _stage(full, stage, per_stage, pp, family.vocab_tensors[0], tied)
+        for rank in range(tp):  # each tensor split along the model's own tensor-parallel dimension (and blocks)
+            shard = {k: split_for_rank(t, dims.get(g), tp, rank, chunks_of(sharding, g)).clone()
                      for k, (g, t) in stage_state.items()}
             folder = tmp / f"iter_{step:07d}" / (f"mp_rank_{rank:02d}" + (f"_{stage:03d}" if pp > 1 else ""))
             folder.mkdir(parents=True, exist_ok=True)
             torch.save({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": step,
-                        "model": nest(shard)}, folder / FILE)
+                        "model": nest(shard, raw["model"].get("normalization"))}, folder / FILE)
     (tmp / TRACKER).write_text(f"{step}\n")
 
 
 def _stage(full: Dict[str, torch.Tensor], stage: int, per_stage: int, pp: int,
-           word: str) -> Dict[str, Tuple[str, torch.Tensor]]:
+           word: str, tied: bool = True) -> Dict[str, Tuple[str, torch.Tensor]]:
     """One pipeline stage's tensors, {name under Megatron's stage-local layer numbers: (the
     model's name, tensor)}: the embedding on the first stage; the final LayerNorm, the
-    heads and, with PP > 1, the tied head's copy `word_embeddings_for_head` (of the word
-    embedding `word`) on the last; in the model's order."""
+    heads and, with PP > 1 and a `tied` output layer, the tied head's copy
+    `word_embeddings_for_head` (of the word embedding `word`) on the last; in the model's
+    order."""
     out: Dict[str, Tuple[str, torch.Tensor]] = {}
     first, last = stage == 0, stage == pp - 1
     for name, t in full.items():
@@ -221,6 +240,6 @@ def _stage(full: Dict[str, torch.Tensor], stage: int, per_stage: int, pp: int,
                 out[name] = (name, t)
         elif last:
             out[name] = (name, t)
-    if last and pp > 1:
+    if last and pp > 1 and tied:
         out["word_embeddings_for_head.weight"] = (word, full[word])
     return out

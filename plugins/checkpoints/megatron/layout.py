@@ -22,7 +22,10 @@ TRACKER = "latest_checkpointed_iteration.txt"
 # Tensor-parallel split of Megatron's parameters (Megatron-LM's legacy layout)
 COLUMN = ("self_attention.query_key_value.weight", "self_attention.query_key_value.bias",
           "mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.bias", "word_embeddings.weight",
-          "word_embeddings_for_head.weight", "lm_head.bias")  # Megatron's LM-head bias is vocabulary-parallel
+          "word_embeddings_for_head.weight", "lm_head.bias",  # Megatron's LM-head bias is vocabulary-parallel
+          "output_layer.weight")  # an untied output layer
+# a gated MLP's fc1 (args.swiglu) holds [gate_r; up_r] on rank r: split per half
+GATED_FC1 = ("mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.bias")
 ROW = ("self_attention.dense.weight", "mlp.dense_4h_to_h.weight")
 
 
@@ -39,8 +42,12 @@ def rank_folder(directory: Path, parallel) -> Path:
     return directory / (f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else ""))
 
 
-def nest(flat: Dict[str, torch.Tensor]) -> dict:
-    """mega's flat names -> Megatron's nested `model` dict."""
+def nest(flat: Dict[str, torch.Tensor], normalization: Optional[str] = None) -> dict:
+    """mega's flat names -> Megatron's nested `model` dict. With `normalization = "RMSNorm"`
+    the norms are spelled as Megatron-LM's legacy model has spelled them since it has had
+    RMSNorm (`input_norm`, `post_attention_norm`, `final_norm`; read back by current_name)."""
+    if normalization == "RMSNorm":
+        flat = {re.sub(r"(^|\.)(input|post_attention|final)_layernorm\.", r"\1\2_norm.", k): v for k, v in flat.items()}
     out: dict = {}
     for name, t in flat.items():
         parts = name.split(".")
@@ -174,5 +181,6 @@ def state_from_raw(raw: dict, name: str, pp_rank: int = 0, parts=("model", "opti
         "tp_size": tp, "pp_size": pp, "layer_offset": offset,
         "aliases": {"word_embeddings_for_head.weight": "language_model.embedding.word_embeddings.weight"},
         "partition_dims": {k: partition_dim(k) for k in model}, "global_shapes": {},
+        "partition_chunks": {k: 2 for k in model if k.endswith(GATED_FC1)} if getattr(args, "swiglu", False) else {},
     }
     return state

@@ -44,8 +44,12 @@ def can_import(source: Path) -> bool:
             except zipfile.BadZipFile:
                 return False
         return source.name in (FILE, "model_rng.pt")
-    if (source / TRACKER).is_file():
-        return True
+    if (source / TRACKER).is_file():  # a save directory: Megatron's rank files (not a torch_dist iteration)
+        try:
+            iteration = iteration_directory(source)[0]
+        except CheckpointError:
+            return True  # let the import say what is wrong with the tracker
+        return not (iteration / "metadata.json").is_file()
     return _has_ranks(source)
 
 

@@ -16,6 +16,7 @@ from typing import Dict, Mapping
 
 import torch
 
+from mega.errors import CheckpointError
 from mega.protocols import Match
 from mega.plugins.models.gpt_interop import huggingface, mcore, megatron, nemo
 from mega.plugins.models.transformer import padded_vocab_size
@@ -46,10 +47,11 @@ class GPTInterop:
         return huggingface.checked_mega_to_hf(dict(state), model_config, vocab_size)
 
     # --- Megatron-LM (legacy) ----------------------------------------------------------------
-    vocab_tensors = (megatron.WORD,)
+    vocab_tensors = (megatron.WORD, megatron.UNTIED)
 
     def megatron_recognises(self, state: Mapping[str, torch.Tensor], args) -> Match:
-        """Any legacy language model fits GPT's names; a family with more marks itself."""
+        """Any legacy language model fits GPT's names (every architecture option is GPT's);
+        a family with more marks itself (the Llama family: its architecture)."""
         return Match.FITS if any(k.startswith("language_model.") for k in state) else Match.NO
 
     def megatron_check(self, state: Mapping[str, torch.Tensor], args, where: str) -> None:
@@ -73,7 +75,15 @@ class GPTInterop:
 
     # --- NeMo --------------------------------------------------------------------------------
     def nemo_recognises(self, nemo_config: dict) -> Match:
+        """A GPT class marks the archive GPT's, unless its yaml asks for what GPT-2's NeMo
+        mapping refuses (another family's architecture, such as the Llama family's: it
+        only fits then, and that family's converter, which marks it, reads it)."""
         gpt = nemo.is_gpt(nemo_config)
+        if gpt:
+            try:
+                nemo.model_config(nemo_config)
+            except CheckpointError:
+                return Match.FITS
         return Match.FITS if gpt is None else Match.MARKED if gpt else Match.NO
 
     def nemo_model_table(self, nemo_config: dict, where: str) -> dict:
@@ -87,6 +97,7 @@ class GPTInterop:
     nemo_gzip = False
 
     def nemo_config(self, model_config, tokenizer_section: dict, tp: int) -> dict:
+        huggingface.check_gpt2_shape(model_config, "the GPT-2-shaped MegatronGPTModel archive mega writes")
         return nemo.export_config(model_config, tokenizer_section, tp)
 
     def nemo_names(self, name: str, model_config):

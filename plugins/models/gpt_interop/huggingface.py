@@ -193,8 +193,34 @@ def mega_to_hf(state: Dict[str, torch.Tensor], num_layers: int, heads: int, voca
     return {k: v.detach().contiguous() for k, v in out.items()}
 
 
+# architecture options GPT-2 has only at these values (mega.plugins.models.architecture)
+GPT2_SHAPE = (("position_embedding_type", ("learned_absolute",)), ("normalization", ("LayerNorm",)),
+              ("add_bias_linear", (True,)), ("add_qkv_bias", (False,)), ("share_embeddings_and_output_weights", (True,)),
+              ("window_size", (None,)))
+
+
+def check_gpt2_shape(mc, writer: str = "GPT2LMHeadModel") -> None:
+    """Refuse, naming the key, a GPT whose architecture options `writer` (a GPT-2-shaped
+    class another tool builds) does not have (the Llama family's are written for
+    transformers by the `llama` model's converter)."""
+    found = [(key, getattr(mc, key, ok[0])) for key, ok in GPT2_SHAPE if getattr(mc, key, ok[0]) not in ok]
+    heads = mc.num_attention_heads
+    if getattr(mc, "num_query_groups", None) not in (None, heads):
+        found.append(("num_query_groups", mc.num_query_groups))
+    if getattr(mc, "kv_channels", None) not in (None, mc.hidden_size // heads):
+        found.append(("kv_channels", mc.kv_channels))
+    if mc.activation not in EXPORT_ACTIVATIONS:
+        found.append(("activation", mc.activation))
+    if found:
+        key, value = found[0]
+        raise CheckpointError(f"model.{key}={value!r}: {writer} has no such option; a model with the Llama"
+                              " family's options exports to transformers as model.name = \"llama\" (the same network,"
+                              " docs/llama.md)")
+
+
 def checked_mega_to_hf(state: Dict[str, torch.Tensor], mc, vocab: int) -> Dict[str, torch.Tensor]:
     """`mega_to_hf`, refusing a state GPT2LMHeadModel cannot hold whole."""
+    check_gpt2_shape(mc)
     extra = sorted(set(state) - set(expected_keys(mc.num_layers)))
     if extra:
         raise CheckpointError(f"model {mc.name!r} has tensors GPT2LMHeadModel cannot hold: {', '.join(extra[:8])}")

@@ -9,6 +9,7 @@ and also accepts the local spec's separate norms (`input_layernorm`, `pre_mlp_la
     language_model.embedding.X                    embedding.X
     language_model.encoder.layers.N.<mega name>   decoder.layers.N.<mcore name>
     language_model.encoder.final_layernorm.X      decoder.final_layernorm.X
+    language_model.output_layer.X                 output_layer.X (the untied output layer)
 
 Names are global (pipeline-independent layer numbers). A name neither side knows is kept
 as it is, so `mega_name(mcore_name(n)) == n` for every mega name. Fused QKV rows need no
@@ -46,7 +47,8 @@ assert len({v for v in LAYER.values()}) == len(LAYER), "megatron-core's layer na
 
 # (mega prefix, megatron-core prefix) of the tensors outside the layers
 _PREFIXES = (("language_model.embedding.", "embedding."),
-             ("language_model.encoder.final_layernorm.", "decoder.final_layernorm."))
+             ("language_model.encoder.final_layernorm.", "decoder.final_layernorm."),
+             ("language_model.output_layer.", "output_layer."))
 _MEGA_LAYER = re.compile(r"^language_model\.encoder\.layers\.(\d+)\.(.+)$")
 _MCORE_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
