@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -47,6 +46,7 @@ from mega.plugins.data.blending import parse_splits, split_ranges
 from mega.plugins.data.quickstart_corpus import write_pydoc_corpus
 from mega.plugins.data.token_cache import tokenizer_fingerprint
 from mega.protocols import SampleObjective
+from mega.checkpoint.atomic import atomic_path
 
 log = logging.getLogger("mega.data")
 SPLITS = ("train", "valid", "test")
@@ -218,9 +218,8 @@ class LMOrderedSource:
         if cache is not None:
             try:
                 cache.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cache.with_name(cache.name + f".tmp{os.getpid()}.npy")
-                np.save(tmp, arr)
-                os.replace(tmp, cache)
+                with atomic_path(cache, suffix=".npy") as tmp:
+                    np.save(tmp, arr)
             except OSError as exc:
                 log.warning("could not cache the %s token stream at %s: %s", split, cache, exc)
         return torch.from_numpy(arr.astype(np.int64))

@@ -18,12 +18,12 @@ BLUE-style convention of scoring only true relations.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from mega.errors import DataError
 from mega.plugins.tasks.metrics.classification_report import METRIC_EPS
+from mega.checkpoint.atomic import atomic_write_text
 
 
 def read_chemprot_rows(path, do_lower_case: bool = False) -> List[Tuple[str, str]]:
@@ -72,9 +72,7 @@ def convert_chemprot(source_dir, out_dir, do_lower_case: bool = False,
 
 
 def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def read_label_mapping(path) -> Dict[int, str]:

@@ -14,12 +14,12 @@ from __future__ import annotations
 import collections
 import json
 import math
-import os
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
 from mega.plugins.tasks.squad_data import SquadExample, SquadFeature
 from mega.plugins.tasks.subwords import basic_tokenize
+from mega.checkpoint.atomic import atomic_write_text
 
 
 def get_best_indexes(logits: Sequence[float], n_best_size: int) -> List[int]:
@@ -148,9 +148,7 @@ def get_predictions(examples: Sequence[SquadExample], features: Sequence[SquadFe
 def write_json(obj, path) -> Path:
     """`json.dumps(obj, indent=4)` plus a newline, as the reference writers; temp then rename."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=4) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=4) + "\n")
     return path
 
 

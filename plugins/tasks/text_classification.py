@@ -15,14 +15,14 @@ global batch is sum(w * loss) / sum(w) over all of it, whatever the micro-batchi
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from attrs import define, field
 
-from mega.config import key
 import mega
+from mega.checkpoint.atomic import atomic_write_text
+from mega.config import key
 from mega.config.schema import at_least_one
 from mega.errors import ConfigError
 from mega.plugins.tasks.base import TaskBase, need, softmax
@@ -82,9 +82,7 @@ class TextClassificationConfig(TaskConfig):
 
 def write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 class TextClassificationTask(TaskBase):

@@ -14,7 +14,6 @@ longer than `max_seq_length` keeps `[CLS]` and its *last* `max_seq_length - 1` p
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -22,6 +21,7 @@ import torch
 
 from mega.errors import DataError
 from mega.plugins.tasks.subwords import Subwords
+from mega.checkpoint.atomic import atomic_write_text
 
 
 def read_token_classification(text_file, labels_file=None) -> List[Tuple[List[str], Optional[List[str]]]]:
@@ -57,9 +57,7 @@ def build_label_ids(label_sequences, pad_label: str = "O") -> Dict[str, int]:
 
 def write_label_ids(label_ids: Dict[str, int], path) -> Path:
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(f"{name}\n" for name, _ in sorted(label_ids.items(), key=lambda kv: kv[1])), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(f"{name}\n" for name, _ in sorted(label_ids.items(), key=lambda kv: kv[1])))
     return path
 
 

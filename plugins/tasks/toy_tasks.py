@@ -22,12 +22,12 @@ import csv
 import io
 import json
 import keyword
-import os
 import random
 import re
 import sys
 from pathlib import Path
 from typing import List
+from mega.checkpoint.atomic import atomic_write_text
 
 KEYWORDS = {k for k in keyword.kwlist if k.isalpha() and k.islower()}
 BUILTINS = {n for n in dir(builtins) if n.isalpha() and n.islower() and not n.startswith("_")} - KEYWORDS
@@ -50,9 +50,7 @@ def sentences(limit: int = 4000) -> List[List[str]]:
 
 def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 QUESTION_WORDS = KEYWORDS | BUILTINS  # W of "what comes after W ?": a Python name

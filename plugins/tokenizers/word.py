@@ -33,7 +33,6 @@ suits only a data source that appends nothing (Transformer-XL's ordered stream).
 from __future__ import annotations
 
 import logging
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence
@@ -46,6 +45,7 @@ from mega.checkpoint import trained_files
 from mega.config import key, TokenizerConfig
 from mega.config.schema import at_least_one, non_negative
 from mega.errors import ConfigError, DataError
+from mega.checkpoint.atomic import atomic_write_text
 
 log = logging.getLogger("mega.tokenizer")
 
@@ -246,11 +246,7 @@ def build_symbols(counter: Counter, config: WordConfig) -> List[tuple]:
 
 def write_vocab(path: Path, symbols: Sequence[tuple]) -> None:
     """`symbol<TAB>count` lines, written to a temporary name, then renamed."""
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        for sym, cnt in symbols:
-            f.write(f"{sym}\t{cnt}\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(f"{sym}\t{cnt}\n" for sym, cnt in symbols))
 
 
 def read_vocab(path: Path) -> List[str]:

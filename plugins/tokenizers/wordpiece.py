@@ -48,6 +48,7 @@ from mega.config.schema import at_least_one
 from mega.errors import ConfigError, DataError
 from mega.plugins.tokenizers.wordpiece_interop import TOKENIZER_NAMES
 from mega.plugins.tokenizers.wordpiece_interop import register_tokenizer_converters  # noqa: F401 (its converters)
+from mega.checkpoint.atomic import atomic_write_text
 
 log = logging.getLogger("mega.tokenizer")
 
@@ -201,9 +202,7 @@ def train_vocab(files: List[Path], destination: Path, config: WordPieceConfig, l
     vocab = _train(files, config, lower, SPECIAL_TOKENS + tuple(continuations), config.vocab_size)
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
     destination.parent.mkdir(parents=True, exist_ok=True)
-    tmp = destination.with_name(destination.name + f".tmp{os.getpid()}")
-    tmp.write_text("".join(t + "\n" for t in tokens), encoding="utf-8")
-    os.replace(tmp, destination)
+    atomic_write_text(destination, "".join(t + "\n" for t in tokens))
     return destination
 
 
