@@ -37,6 +37,7 @@ from mega.plugins.models.adaptive_softmax import AdaptiveEmbedding, ProjectedAda
 from mega.plugins.models.scaling import RecomputeKeys, SequenceParallelKey, check_recompute, check_sequence_parallel
 from mega.runtime import recompute
 from mega.runtime.tensor_parallel import mark_replicated
+from mega.plugins.models.transformer_xl_mask import attn_mask
 
 
 @define(kw_only=True)
@@ -214,19 +215,6 @@ def rel_shift(x: torch.Tensor) -> torch.Tensor:
     b, n, q, k = x.shape
     padded = torch.cat([x.new_zeros(b, n, q, 1), x], dim=3).view(b, n, k + 1, q)
     return padded[:, :, 1:].reshape(b, n, q, k)
-
-
-def attn_mask(qlen: int, mlen: int, mem_len: int, same_length: bool, device: torch.device) -> torch.Tensor:
-    """[qlen, klen] bool, True = masked. Query i sees the memory and keys up to itself; with
-    `same_length`, only its last mem_len + 1 keys (NVIDIA's `klen - mem_len - 1`)."""
-    klen = mlen + qlen
-    ones = torch.ones(qlen, klen, dtype=torch.bool, device=device)
-    mask = torch.triu(ones, diagonal=1 + mlen)
-    if same_length:
-        mask_len = klen - mem_len - 1
-        shift = qlen - mask_len if mask_len > 0 else qlen
-        mask = mask | torch.tril(ones, diagonal=-shift)
-    return mask
 
 
 class PositionalEmbedding(nn.Module):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mega.plugins.models.transformer_xl import TransformerXLModel, attn_mask
+from mega.plugins.models.transformer_xl_mask import attn_mask
 
 
 class _Bucket(nn.Module):
@@ -43,7 +43,7 @@ class _Bucket(nn.Module):
 
 
 class TXLInference(nn.Module):
-    def __init__(self, model: TransformerXLModel, mem_len: int, clamp_len: int, same_length: bool):
+    def __init__(self, model, mem_len: int, clamp_len: int, same_length: bool):
         super().__init__()
         model = copy.deepcopy(model).float().eval()
         emb, crit = model.word_emb, model.crit
@@ -143,6 +143,7 @@ class TXLInference(nn.Module):
         return out.view_as(targets), new_mems
 
 
-def script_transformer_xl(model: TransformerXLModel, mem_len: int, clamp_len: int, same_length: bool):
-    """The scripted inference module of `model` (fp32) with these evaluation settings."""
+def script_transformer_xl(model, mem_len: int, clamp_len: int, same_length: bool):
+    """The scripted inference module of `model` (a TransformerXLModel, fp32) with these evaluation
+    settings."""
     return torch.jit.script(TXLInference(model, mem_len, clamp_len, same_length))

@@ -30,11 +30,7 @@ from tests.helpers.imports import ROOT, module_name
 PLUGINS = ROOT / "plugins"
 CHECKPOINTS = PLUGINS / "checkpoints"
 
-# A cycle being taken apart on its own branch: Transformer-XL with its TorchScript twin.
-# A cycle anywhere else fails.
-KNOWN_ELSEWHERE = (
-    lambda group: group <= {"mega.plugins.models.transformer_xl", "mega.plugins.models.transformer_xl_script"},
-)
+
 
 
 def _modules() -> Dict[str, Path]:
@@ -108,7 +104,7 @@ def _cycles(edges: Dict[str, Set[str]]) -> List[Set[str]]:
 
 
 def test_plugins_import_each_other_without_cycles():
-    cycles = [sorted(c) for c in _cycles(_graph()) if not any(known(c) for known in KNOWN_ELSEWHERE)]
+    cycles = [sorted(c) for c in _cycles(_graph())]
     assert not cycles, f"import cycles among plugins/ modules: {cycles}"
 
 
