@@ -422,7 +422,11 @@ class TransformerXLModel(nn.Module):
             mems = None  # another batch shape: start afresh
         hidden, new_mems = self.hidden(tokens, mems)
         if self.config.mem_len > 0:
-            store[slot] = new_mems
+            kept = store.get(slot)
+            if kept is not None and kept.shape == new_mems.shape and kept.dtype == new_mems.dtype:
+                kept.copy_(new_mems)  # in place once full: the same tensor every step (a CUDA graph's static input)
+            else:
+                store[slot] = new_mems
         nll = self.crit.nll(hidden.reshape(-1, self.d_model), labels.reshape(-1)).view_as(labels)
         return {"loss_sum": (nll * batch["loss_mask"].t()).sum()}
 
