@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 
 import torch
 
@@ -37,8 +38,11 @@ REPORT_STEP = 3
 
 
 def _dynamo_counts() -> tuple:
-    """(graphs compiled, {graph-break reason: count}) so far in this process (torch._dynamo's
-    own counters; a break is filed under "graph_break" or "unimplemented" by torch version)."""
+    """(graphs compiled, {graph-break reason: count}) so far in this process, from
+    torch._dynamo's own counters. A break is filed with its reason under "graph_break" or
+    "unimplemented" (by torch version); some (a data-dependent guard, e.g. a dict looked up
+    with a tensor's value) only leave the function dynamo resumed after it ("resumes"),
+    counted here as `resumed in <function> at line <n>` when no reason accounts for them."""
     from torch._dynamo.utils import counters
 
     breaks: dict = {}
@@ -46,6 +50,12 @@ def _dynamo_counts() -> tuple:
         for reason, n in counters.get(kind, {}).items():
             first = (str(reason).strip().splitlines() or ["?"])[0][:160]
             breaks[first] = breaks.get(first, 0) + n
+    resumed = {}
+    for name, n in counters.get("resumes", {}).items():
+        m = re.match(r"torch_dynamo_resume_in_(.+)_at_(\d+)$", str(name))
+        resumed[f"resumed in {m.group(1)} at line {m.group(2)}" if m else str(name)] = n
+    if sum(resumed.values()) > sum(breaks.values()):
+        breaks.update(resumed)
     return counters["stats"]["unique_graphs"], breaks
 
 
