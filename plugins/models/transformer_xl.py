@@ -423,8 +423,11 @@ class TransformerXLModel(nn.Module):
         hidden, new_mems = self.hidden(tokens, mems)
         if self.config.mem_len > 0:
             kept = store.get(slot)
-            if kept is not None and kept.shape == new_mems.shape and kept.dtype == new_mems.dtype:
-                kept.copy_(new_mems)  # in place once full: the same tensor every step (a CUDA graph's static input)
+            # in place once full: the same tensor every step (a CUDA graph's static input); not
+            # under recomputation, which keeps this step's memory to run the layers again in backward
+            if kept is not None and kept.shape == new_mems.shape and kept.dtype == new_mems.dtype \
+                    and not self.config.activations_checkpoint_granularity:
+                kept.copy_(new_mems)
             else:
                 store[slot] = new_mems
         nll = self.crit.nll(hidden.reshape(-1, self.d_model), labels.reshape(-1)).view_as(labels)
