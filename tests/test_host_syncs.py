@@ -161,3 +161,47 @@ def test_read_metrics_reads_every_value_in_one_copy():
     assert values == {"loss": 2.5, "grad_norm": 0.125, "binary_acc": 3.0, "lr": 1e-3, "data_wait_ms": 4.0}
     assert list(values) == list(metrics) and all(type(v) is float for v in values.values())
     assert _ops(syncs.events) == Counter({"Tensor.tolist": 1})
+
+
+def _parallel_step_syncs(state, directory, tp):
+    """On each rank: two steps of a 4-layer GPT at DP or TP 2 (gloo), then the syncs of a
+    third `train_step` (its metrics not read: not a logging step)."""
+    from pathlib import Path
+
+    from mega.testing import write_corpus
+    from mega.training.loop import train_step
+    from mega.training.run import build_run
+    from mega.training.run_dir import unlock_run_dir
+
+    d = Path(directory)
+    corpus = d / "corpus.txt"
+    if state.is_main:
+        write_corpus(corpus)
+    state.barrier()
+    config = config_from_dict({
+        "trainer": {"devices": state.world_size, "max_steps": 3, "val_check_interval": 0, "gradient_clip_val": 0.5,
+                    "accelerator": "cpu"},
+        "exp_manager": {"exp_dir": str(d), "loggers": []},
+        "model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 16, "micro_batch_size": 2,
+                  "global_batch_size": 8, "make_vocab_size_divisible_by": 130, "tensor_model_parallel_size": tp,
+                  "tokenizer": {"library": "bytes"}, "data": {"data_prefix": [str(corpus)]}},
+    })
+    run = build_run(config)
+    for _ in range(2):
+        train_step(run)
+        run.step += 1
+    with count_host_syncs() as syncs:
+        train_step(run)
+    unlock_run_dir(run.run_dir)
+    return [str(e) for e in syncs.events]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp", [1, 2], ids=["ddp2", "tp2"])
+def test_data_and_tensor_parallel_steps_do_not_wait_for_the_device(tmp_path, tp):
+    """DDP (gradient accumulation over 2 micro-batches, no_sync) and tensor parallelism
+    (vocab-parallel loss, the clipping norm all-reduced): no sync on any rank."""
+    from mega.testing import run_ranks
+
+    per_rank = run_ranks(_parallel_step_syncs, world=2, tp=tp, args=(str(tmp_path), tp))
+    assert per_rank == [[], []], per_rank
