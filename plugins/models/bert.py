@@ -559,7 +559,8 @@ class BertModel(TiedWordEmbeddingStages, nn.Module):
         loss: Dict[str, object] = {"terms": {}, "sample_terms": {}}
         if self.has_lm_head:
             lm = masked_lm_loss(self.lm_head, self.shared_embedding_or_output_weight(), h, batch["labels"],
-                                batch["loss_mask"], self.vocab_size if self.config.mask_padded_vocab else None)
+                                batch["loss_mask"], self.vocab_size if self.config.mask_padded_vocab else None,
+                                batch.get("lm_positions"))
             loss["loss_sum"] = lm
             loss["terms"]["lm_loss"] = lm.detach()
         if "binary_logits" in out:
