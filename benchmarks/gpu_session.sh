@@ -13,6 +13,7 @@
 #     bash benchmarks/gpu_session.sh bench           # the GPT-2 124M table: <= 5 min
 #     bash benchmarks/gpu_session.sh o2 350m         # megatron_amp_O2 rows, 350M: <= 10 min
 #     bash benchmarks/gpu_session.sh chunk           # the chunked loss at batch 32: <= 4 min
+#     bash benchmarks/gpu_session.sh bert txl        # BERT-large seq 128 vs HF, TXL-base (WT103 shape): <= 8 min
 set -u
 OUT=${OUT:-gpu-out}
 py=${PYTHON:-python3}
@@ -37,7 +38,7 @@ part() {  # part NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
   tail -n 15 "$OUT/$name.log"
 }
 
-PARTS="wheels env tests bench o2 350m chunk"
+PARTS="wheels env tests bench o2 350m chunk bert txl"
 for what in "$@"; do  # every part known before any runs: a typo must not cost a lease's minutes
   case " $PARTS " in *" $what "*) ;; *) echo "unknown part $what ($PARTS)" >&2; exit 2 ;; esac
 done
@@ -71,5 +72,12 @@ for what in "$@"; do
     chunk)
       install
       part bench124m-chunk 240 $py benchmarks/bench_gpu.py --batch 32 --loss-chunk-size 4096 --reps 3 --steps 10 --no-run ;;
+    bert)
+      install
+      part bert-large 240 $py benchmarks/bench_bert_vs_hf.py --device cuda --dtype bf16 --layers 24 --hidden 1024 --heads 16 \
+        --seq 128 --batch 64 --vocab 30592 --dropout 0.1 --reps 3 --steps 10 ;;
+    txl)
+      install
+      part txl-base 200 $py benchmarks/bench_txl.py --device cuda --full --batch 32 --dtype bf16 --steps 20 --warmup 5 ;;
   esac
 done

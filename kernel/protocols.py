@@ -150,10 +150,11 @@ class SparselyReached(Protocol):
     def sparse_parameters(self) -> List["torch.nn.Parameter"]:
         """The parameters a step may not reach, in the same order on every rank."""
 
-    def take_reached(self) -> List[bool]:
+    def take_reached(self) -> List[object]:
         """For each of `sparse_parameters()`, whether a forward with gradients reached it
-        since the last call; the record then starts afresh. True for all when nothing was
-        recorded (nothing is dropped then)."""
+        since the last call: a Python bool, or a 0-dim boolean tensor on the device (so the
+        forward need not read its data to know); the record then starts afresh. True for
+        all when nothing was recorded (nothing is dropped then)."""
 
 
 @runtime_checkable

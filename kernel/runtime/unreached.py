@@ -31,7 +31,9 @@ def unreached_parameters(model: torch.nn.Module, parallel, device: torch.device)
                            f" {len(params)} sparse_parameters()")
     if not params:
         return []
-    counts = parallel.all_reduce_sum(torch.tensor([float(r) for r in reached], device=device))
+    # flags are Python bools or device booleans (set without reading the data): one read, here
+    flags = torch.stack([torch.as_tensor(r, device=device).to(torch.float32).reshape(()) for r in reached])
+    counts = parallel.all_reduce_sum(flags)
     return [p for p, n in zip(params, counts.tolist()) if n == 0]
 
 

@@ -38,6 +38,7 @@ from typing import Any, Iterator, List, Optional, Sequence
 __all__ = [
     "WORDS",
     "TinyExperiment",
+    "count_host_syncs",
     "deep_update",
     "full_grads",
     "read_metrics",
@@ -159,6 +160,15 @@ def full_grads(model, parallel) -> dict:
     from mega.testing.multiproc import full_grads as _grads
 
     return _grads(model, parallel)
+
+
+def count_host_syncs(device=None):
+    """A context manager recording every host synchronisation (`.item()`, `float(t)`, a
+    Python `if` on a tensor, `.tolist()`, `.cpu()`, `nonzero`, ...) in its block; yields a
+    `HostSyncs` with `count` and `summary()`. See `mega.testing.host_syncs`."""
+    from mega.testing.host_syncs import count_host_syncs as _count
+
+    return _count(device)
 
 
 def run_cli(argv: Sequence[str]) -> int:

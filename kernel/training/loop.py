@@ -21,6 +21,7 @@ import torch
 
 from mega.protocols import CountsFlops, ValidationMetrics
 from mega.runtime import watchdog
+from mega.runtime.compile import CompiledStep
 from mega.runtime.device_peaks import peak_flops
 from mega.runtime.grad_norm import clip_grad_norm
 from mega.runtime.pipeline import forward_backward_no_pipelining, forward_backward_pipelining, sum_pipeline_grads
@@ -92,7 +93,7 @@ def _num_samples(run, micro_batches) -> torch.Tensor:
     return run.parallel.all_reduce_sum(torch.tensor(float(n), device=run.device))
 
 
-def train_step(run, loader: BatchLoader | None = None) -> Dict[str, torch.Tensor]:
+def train_step(run, loader: BatchLoader | None = None) -> Dict[str, object]:
     """One optimizer step on the global batch of `run.step`, read by `loader` (prefetched)
     or, without one, here. Besides the metrics, `data_wait_ms` (how long the step waited
     for its batch) and `loss_tokens` (the global batch's loss-bearing token count)."""
@@ -127,7 +128,7 @@ def train_step(run, loader: BatchLoader | None = None) -> Dict[str, torch.Tensor
         skipped = run.parallel.any(run.scaler.unscale_and_check(params))  # every stage skips together
         run.scaler.update(skipped)
     if skipped:
-        grad_norm = torch.tensor(float("nan"))
+        grad_norm = float("nan")
         log.warning("step %d: fp16 gradients overflowed; step skipped, loss scale now %g", run.step + 1, run.scaler.scale)
     else:
         clip = cfg.trainer.gradient_clip_val
@@ -136,12 +137,29 @@ def train_step(run, loader: BatchLoader | None = None) -> Dict[str, torch.Tensor
         run.optimizer.step()
         if main is not None:
             main.copy_to_model()
-    metrics = {"loss": loss, "lr": torch.tensor(lr), "grad_norm": grad_norm, **terms,
-               "data_wait_ms": torch.tensor(wait * 1e3), "loss_tokens": num_tokens.detach()}
+    # Device values stay tensors, read once per log interval (`read_metrics`); what the host
+    # already knows stays a Python number, so reading it never waits for the device.
+    metrics = {"loss": loss, "lr": float(lr), "grad_norm": grad_norm, **terms,
+               "data_wait_ms": wait * 1e3, "loss_tokens": num_tokens.detach()}
     if run.scaler is not None:
-        metrics["loss_scale"] = torch.tensor(run.scaler.scale)
-        metrics["skipped"] = torch.tensor(float(skipped))
+        metrics["loss_scale"] = float(run.scaler.scale)
+        metrics["skipped"] = float(skipped)
     return metrics
+
+
+def read_metrics(metrics: Dict[str, object]) -> Dict[str, float]:
+    """`metrics` as Python floats, with one device-to-host copy per device: the only point
+    of a log interval where the host waits for the device. Python numbers pass through."""
+    out, on_device = {}, {}
+    for k, v in metrics.items():
+        if isinstance(v, torch.Tensor):
+            on_device.setdefault(v.device, []).append(k)
+        else:
+            out[k] = float(v)
+    for device, keys in on_device.items():
+        stacked = torch.stack([metrics[k].detach().reshape(()).to(torch.float64) for k in keys])
+        out.update(zip(keys, stacked.tolist()))
+    return {k: out[k] for k in metrics}
 
 
 @torch.no_grad()
@@ -322,18 +340,20 @@ def _train(run, stop: StopFlag) -> None:
             t0 = time.perf_counter()
             metrics = train_step(run, loader)
             busy += time.perf_counter() - t0
-            waited += float(metrics.pop("data_wait_ms"))
+            waited += metrics.pop("data_wait_ms")  # a host number: no wait
             loss_tokens = loss_tokens + metrics.pop("loss_tokens")  # stays on the device until logged
             run.step += 1
             run.consumed_samples += run.global_batch_size
             steps_since += 1
             last = run.step == tr.max_steps
+            if isinstance(run.loss_module, CompiledStep):  # graphs, graph breaks, recompilations: one line
+                run.loss_module.after_step(run.step, last)
             if run.step % max(1, tr.log_every_n_steps) == 0 or last:
                 t0 = time.perf_counter()
-                values = {k: float(v) for k, v in metrics.items()}  # waits for the device
+                values = read_metrics({**metrics, "loss_tokens": loss_tokens})  # waits for the device, once
                 busy += time.perf_counter() - t0
                 values["tokens_per_sec"] = tokens_per_step * steps_since / busy
-                values["loss_tokens_per_sec"] = float(loss_tokens) / busy  # without padding
+                values["loss_tokens_per_sec"] = values.pop("loss_tokens") / busy  # without padding
                 values["data_wait_ms"] = waited / steps_since  # per step: ~0 when prefetching keeps up
                 if flops_per_token:
                     values["tflops"] = values["tokens_per_sec"] * flops_per_token / 1e12

@@ -192,6 +192,7 @@ class BertSamples:
         if self.binary_head == "nsp" and documents.num_docs < 2:
             raise DataError("binary_head 'nsp' takes B from another document; this split has only one")
         self.special = {tokenizer.cls_id, tokenizer.sep_id}
+        self.lm_capacity = lm_capacity(seq_length, objective.masked_lm_prob, objective.max_predictions_per_seq)
         log.info("BERT samples: %d documents, %d sentences -> %d samples (%s asked for), seed %d",
                  documents.num_docs, int(documents.doc_bounds[-1] - documents.doc_bounds[0]), len(self.map),
                  num_samples, seed)
@@ -240,12 +241,23 @@ class BertSamples:
         tokens_out, positions, labels = mask_tokens(tokens, continues, self.special, tok.vocab_size, tok.mask_id,
                                                     ob.masked_lm_prob, max_predictions, rng, ob.max_ngrams,
                                                     ob.whole_word_masking)
-        return bert_fields(tokens_out, types, positions, labels, self.seq_length, tok.pad_id, is_random, truncated)
+        return bert_fields(tokens_out, types, positions, labels, self.seq_length, tok.pad_id, is_random, truncated,
+                           self.lm_capacity)
+
+
+def lm_capacity(seq_length: int, masked_lm_prob: float, max_predictions_per_seq: Optional[int]) -> int:
+    """The most tokens `mask_tokens` predicts in a sample of at most `seq_length` tokens:
+    `min(max_predictions, max(1, round(length x masked_lm_prob)))`, rounded up, at least 1."""
+    cap = max(1, math.ceil(seq_length * masked_lm_prob))
+    return min(cap, max_predictions_per_seq) if max_predictions_per_seq is not None else cap
 
 
 def bert_fields(tokens: List[int], types: List[int], positions: List[int], labels: List[int], seq_length: int,
-                pad_id: int, is_random: bool, truncated: bool) -> Dict[str, torch.Tensor]:
-    """The padded int64 fields of BertObjective."""
+                pad_id: int, is_random: bool, truncated: bool, capacity: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    """The padded int64 fields of BertObjective. With `capacity`, also `lm_positions`: the
+    predicted positions, padded to `capacity` with 0 ([CLS], never predicted: weight 0), as
+    NVIDIA's BERT data holds `masked_lm_positions`. The model then runs its LM head on a
+    fixed number of rows per sample, with no read of the mask on the host."""
     n = len(tokens)
     out = {
         "tokens": torch.full((seq_length,), pad_id, dtype=torch.long),
@@ -263,4 +275,9 @@ def bert_fields(tokens: List[int], types: List[int], positions: List[int], label
         index = torch.tensor(positions, dtype=torch.long)
         out["labels"][index] = torch.tensor(labels, dtype=torch.long)
         out["loss_mask"][index] = 1
+    if capacity is not None:
+        if len(positions) > capacity:  # mask_tokens never predicts more: a bug, not bad data
+            raise DataError(f"BERT sample predicts {len(positions)} tokens, more than its capacity {capacity}")
+        out["lm_positions"] = torch.zeros(capacity, dtype=torch.long)
+        out["lm_positions"][: len(positions)] = torch.tensor(positions, dtype=torch.long)
     return out

@@ -50,7 +50,7 @@ class AdaptiveEmbedding(nn.Module):
                 d_emb_i = d_embed // div_val ** i
                 self.emb_layers.append(nn.Embedding(hi - lo, d_emb_i))
                 self.emb_projs.append(nn.Parameter(torch.zeros(d_proj, d_emb_i)))
-        self.reached = [False] * len(self.emb_layers)  # tables a forward with gradients looked up (see `unused`)
+        self.reached = [False] * len(self.emb_layers)  # tables a forward with gradients looked up (see `either`)
 
     def bucket_params(self, i: int) -> List[torch.Tensor]:
         """Table i and its projection (div_val 1: the one table, and its projection if any)."""
@@ -73,13 +73,11 @@ class AdaptiveEmbedding(nn.Module):
         else:
             flat = tokens.reshape(-1)
             out = torch.zeros(flat.numel(), self.d_proj, dtype=self.emb_projs[0].dtype, device=flat.device)
-            for i, (lo, hi) in enumerate(self.bounds):
-                idx = ((flat >= lo) & (flat < hi)).nonzero().squeeze(1)
-                if idx.numel() == 0:
-                    out = out + unused(self.emb_layers[i].weight, self.emb_projs[i])
-                    continue
+            for i, (lo, hi) in enumerate(self.bounds):  # an empty bucket runs on 0 rows: zero gradients, no branch
+                in_bucket = (flat >= lo) & (flat < hi)
+                idx = in_bucket.nonzero().squeeze(1)
                 if track:
-                    self.reached[i] = True
+                    self.reached[i] = either(self.reached[i], in_bucket.any())
                 emb_i = F.linear(self.emb_layers[i](flat.index_select(0, idx) - lo), self.emb_projs[i])
                 out = out.index_copy(0, idx, emb_i.to(out.dtype))
             embed = out.view(*tokens.shape, self.d_proj)
@@ -130,7 +128,7 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
                 self._tied_proj.append(tied)
                 if not tied:
                     self.out_projs[str(i)] = nn.Parameter(torch.zeros(d_proj, d_emb_i))
-        self.reached = [False] * len(self.bounds)  # buckets a forward with gradients computed (see `unused`)
+        self.reached = [False] * len(self.bounds)  # buckets a forward with gradients computed (see `either`)
         self._register_load_state_dict_pre_hook(self._refuse_separate_tied_projections)
 
     def _refuse_separate_tied_projections(self, state_dict, prefix, *args) -> None:
@@ -196,14 +194,11 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
         if self.n_clusters == 0:
             return -head_logprob.gather(1, target.unsqueeze(1)).squeeze(1)
         nll = torch.zeros(target.shape[0], dtype=_at_least_fp32(hidden.dtype), device=hidden.device)
-        for i, (lo, hi) in enumerate(self.bounds):
-            idx = ((target >= lo) & (target < hi)).nonzero().squeeze(1)
-            if idx.numel() == 0:
-                if i > 0:
-                    nll = nll + unused(*self.bucket(i))
-                continue
-            if track:
-                self.reached[i] = True
+        for i, (lo, hi) in enumerate(self.bounds):  # an empty bucket runs on 0 rows: zero gradients, no branch
+            in_bucket = (target >= lo) & (target < hi)
+            idx = in_bucket.nonzero().squeeze(1)
+            if track and i > 0:
+                self.reached[i] = either(self.reached[i], in_bucket.any())
             target_i = (target.index_select(0, idx) - lo).unsqueeze(1)
             head_i = head_logprob.index_select(0, idx)
             if i == 0:
@@ -228,16 +223,23 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
         return torch.cat(parts, 1)
 
 
-def unused(*params: Optional[torch.Tensor]) -> torch.Tensor:
-    """0 x the parameters of a bucket this batch does not reach, so every parameter takes
+def either(a, b):
+    """a or b, for reached flags that are Python bools or 0-dim device booleans.
+
+    A bucket no token of a batch falls in still runs, on 0 rows, so every parameter takes
     part in each backward (data parallelism expects it; the gradients are zeros, in one
-    process as in several). The modules' `reached` flags record which buckets were really
-    computed, so the training loop can drop the zero gradients of those no micro-batch
-    reached (`mega.protocols.SparselyReached`): the reference's optimizer never sees a
-    gradient for them and leaves them alone."""
-    if not torch.is_grad_enabled():
-        return torch.zeros(())
-    return sum(p.sum() for p in params if p is not None) * 0.0
+    process as in several) and the step has no branch on the data (no host read, no graph
+    break under torch.compile). The modules' `reached` flags record, on the device,
+    whether a bucket had tokens, so the training loop can drop the zero gradients of
+    those no micro-batch reached (`mega.protocols.SparselyReached`): the reference's
+    optimizer never sees a gradient for them and leaves them alone."""
+    if a is True or b is True:
+        return True
+    if a is False:
+        return b
+    if b is False:
+        return a
+    return a | b
 
 
 def _toml_list(flags: Sequence[bool]) -> str:

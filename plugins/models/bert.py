@@ -455,8 +455,11 @@ class BertModel(TiedWordEmbeddingStages, nn.Module):
         return None if t is None else t.reshape(-1, t.shape[-1])
 
     def _key_mask(self, batch) -> Optional[torch.Tensor]:
+        """The padding mask, always passed (as Megatron and Hugging Face do): asking whether a
+        batch has padding reads the mask on the host (a wait for the device every
+        micro-batch, a graph break under torch.compile)."""
         mask = self._flat(batch, "padding_mask")
-        return None if mask is None or bool(mask.all()) else mask.bool()
+        return None if mask is None else mask.bool()
 
     def _embed(self, batch) -> torch.Tensor:
         tokens = self._flat(batch, "tokens")
@@ -566,7 +569,8 @@ class BertModel(TiedWordEmbeddingStages, nn.Module):
         loss: Dict[str, object] = {"terms": {}, "sample_terms": {}}
         if self.has_lm_head:
             lm = masked_lm_loss(self.lm_head, self.shared_embedding_or_output_weight(), h, batch["labels"],
-                                batch["loss_mask"], self.vocab_size if self.config.mask_padded_vocab else None)
+                                batch["loss_mask"], self.vocab_size if self.config.mask_padded_vocab else None,
+                                batch.get("lm_positions"))
             loss["loss_sum"] = lm
             loss["terms"]["lm_loss"] = lm.detach()
         if "binary_logits" in out:

@@ -99,11 +99,24 @@ class BertLMHead(nn.Module):
 
 
 def masked_lm_loss(head: BertLMHead, word_embeddings: torch.Tensor, h: torch.Tensor, labels: torch.Tensor,
-                   loss_mask: torch.Tensor, vocab_size: Optional[int]) -> torch.Tensor:
+                   loss_mask: torch.Tensor, vocab_size: Optional[int],
+                   positions: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Sum over `loss_mask` positions of the cross entropy of the LM head's logits (fp32,
     vocab-parallel). The head runs only on those positions (the 15% a BERT sample
     predicts, or every target of a causal sample): the others are multiplied by zero in
-    Megatron-LM's loss, so skipping them changes nothing but the time spent."""
+    Megatron-LM's loss, so skipping them changes nothing but the time spent.
+
+    `positions` [b, k] (the samples' `lm_positions`): the rows to run, a fixed number per
+    sample, each weighted by its `loss_mask` (padding rows point at a position of weight
+    0). Without it the rows are picked by the mask itself, whose count only the device
+    knows: the host waits for it (3 reads forward, 1 backward) and shapes change per batch."""
+    if positions is not None:
+        b, k = positions.shape
+        weight = loss_mask.gather(1, positions)
+        target = torch.where(weight != 0, labels.gather(1, positions), torch.zeros_like(positions))
+        rows = h.gather(1, positions.unsqueeze(-1).expand(b, k, h.shape[-1])).reshape(b * k, h.shape[-1])
+        losses = vocab_parallel_cross_entropy(head(rows, word_embeddings), target.reshape(-1), vocab_size)
+        return (losses * weight.reshape(-1).to(losses.dtype)).sum()
     where = loss_mask.bool()
     logits = head(h[where], word_embeddings)
     losses = vocab_parallel_cross_entropy(logits, labels[where], vocab_size)

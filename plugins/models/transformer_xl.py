@@ -33,7 +33,7 @@ from mega.config import key, ModelConfig
 from mega.config.schema import InvalidValue
 from mega.errors import ConfigError
 from mega.plugins.data.lm_ordered import OrderedLMObjective
-from mega.plugins.models.adaptive_softmax import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax
+from mega.plugins.models.adaptive_softmax import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax, either
 from mega.plugins.models.scaling import RecomputeKeys, SequenceParallelKey, check_recompute, check_sequence_parallel
 from mega.runtime import recompute
 from mega.runtime.tensor_parallel import mark_replicated
@@ -415,7 +415,14 @@ class TransformerXLModel(nn.Module):
             mems = None  # another batch shape: start afresh
         hidden, new_mems = self.hidden(tokens, mems)
         if self.config.mem_len > 0:
-            store[slot] = new_mems
+            kept = store.get(slot)
+            # in place once full: the same tensor every step (a CUDA graph's static input); not
+            # under recomputation, which keeps this step's memory to run the layers again in backward
+            if kept is not None and kept.shape == new_mems.shape and kept.dtype == new_mems.dtype \
+                    and not self.config.activations_checkpoint_granularity:
+                kept.copy_(new_mems)
+            else:
+                store[slot] = new_mems
         nll = self.crit.nll(hidden.reshape(-1, self.d_model), labels.reshape(-1)).view_as(labels)
         return {"loss_sum": (nll * batch["loss_mask"].t()).sum()}
 
@@ -449,9 +456,12 @@ class TransformerXLModel(nn.Module):
 
     def take_reached(self) -> List[bool]:
         parts = self._parts()
-        recorded = self.crit.reached[0]  # every training forward computes the head
-        reached = {id(p) for params, hit, _ in parts if hit for p in params}
-        flags = [not recorded or id(p) in reached for p in self.sparse_parameters()]
+        recorded = self.crit.reached[0] is True  # every training forward computes the head
+        hits: Dict[int, object] = {}
+        for params, hit, _ in parts:  # a Python bool or a device boolean: OR-ed without reading it
+            for p in params:
+                hits[id(p)] = either(hits.get(id(p), False), hit)
+        flags = [hits.get(id(p), False) if recorded else True for p in self.sparse_parameters()]
         self.word_emb.reached = [False] * len(self.word_emb.reached)
         self.crit.reached = [False] * len(self.crit.reached)
         return flags

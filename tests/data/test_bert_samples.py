@@ -315,7 +315,10 @@ def test_samples_equal_the_step_by_step_transcription(tmp_path, tokenizer, ids, 
     for idx in range(len(ds)):
         start, end, target, _ = ds.map[idx]
         sentences = [docs.sentence(k) for k in range(start, end)]
-        got = {k: v.tolist() for k, v in ds[idx].items()}
+        sample = ds[idx]
+        got = {k: v.tolist() for k, v in sample.items() if k in FIELDS}  # Megatron's fields; lm_positions: mega's
+        predicted = sample["loss_mask"].nonzero().flatten().tolist()
+        assert sample["lm_positions"].tolist() == predicted + [0] * (len(sample["lm_positions"]) - len(predicted))
         assert got == reference_sample(sentences, int(target), 32, 1234, idx, ids, binary_head=head is not None), idx
 
 
@@ -323,7 +326,7 @@ def test_fields_shapes_and_layout(tmp_path, tokenizer, ids):
     _, ds = samples(tmp_path, tokenizer, seq_length=32)
     for idx in range(50):
         s = ds[idx]
-        assert set(s) == set(FIELDS)
+        assert set(s) == set(FIELDS) | {"lm_positions"} and s["lm_positions"].shape == (5,)  # ceil(32 x 0.15)
         assert all(v.dtype == torch.int64 for v in s.values())
         assert all(s[k].shape == (32,) for k in FIELDS[:5]) and s["is_random"].shape == () == s["truncated"].shape
         n = int(s["padding_mask"].sum())
@@ -440,7 +443,7 @@ def test_text_mmap_serves_bert_samples(tmp_path, tokenizer, plugins):
     source = TextMemMapSource(cfg, tmp_path)
     train = source.dataset("train", tokenizer, 32, 64, 1234, BertObjective())
     valid = source.dataset("valid", tokenizer, 32, 16, 1234, BertObjective())
-    assert len(train) == 64 and set(train[5]) == set(FIELDS)
+    assert len(train) == 64 and set(train[5]) == set(FIELDS) | {"lm_positions"}
     docs = TokenizedDocuments(read_documents(TextMemMapIndex(corpus), "line"), tokenizer)
     direct = BertSamples(docs.subset(0, 32), tokenizer, 32, 64, 1234, BertObjective())  # train = the first 32 docs
     assert all(torch.equal(train[i][k], direct[i][k]) for i in range(64) for k in FIELDS)  # Megatron's order
