@@ -103,7 +103,7 @@ def _data_dependent_ops_traced():
     """Trace `nonzero`, boolean-mask indexing and `.item()` into the graph (their sizes
     become symbols) instead of breaking it in two: BERT's masked-LM rows and
     Transformer-XL's adaptive-softmax buckets stay inside one graph. They still read a
-    size on the host; that sync is counted by tests/test_host_syncs.py."""
+    size on the host; that sync is counted by tests/kernel/test_host_syncs.py."""
     import torch._dynamo
 
     return torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True)

@@ -12,14 +12,13 @@ import logging
 import re
 
 import pytest
-import torch
 
 import mega
 from mega.config import config_from_dict
 from mega.runtime.compile import REPORT_STEP, CompileStats
 from mega.testing import tiny_preset
 
-from tests.test_host_syncs import T5_HIDDENS
+from tests.helpers.model_tables import T5_HIDDENS
 
 
 def compile_line(tmp_path, monkeypatch, caplog, name, steps=REPORT_STEP + 1, **sections):

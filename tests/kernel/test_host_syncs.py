@@ -15,6 +15,7 @@ import torch
 import mega
 from mega.config import config_from_dict
 from mega.testing import count_host_syncs, tiny_preset
+from tests.helpers.model_tables import T5_HIDDENS
 
 
 def test_each_kind_of_host_read_is_counted_with_its_line():
@@ -76,10 +77,6 @@ def _ops(events):
     return Counter(e.op for e in events)
 
 
-T5_HIDDENS = {"encoder": {"arch": "perceiver"},
-              "hiddens": {"enc_output_name": "z",
-                          "transform": {"q_z_given_x": {"cls_name": "cond_gaussian", "hidden_size": 16}},
-                          "loss": {"mim": {"cls_name": "a_mim", "loss_weight": 1.0}}}}
 
 
 @pytest.mark.parametrize("name,sections", [
