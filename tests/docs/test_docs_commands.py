@@ -459,7 +459,7 @@ def _nemo(ws: Path) -> None:
 def _llama_hf(ws: Path) -> None:
     """A Hugging Face Llama directory: transformers' LlamaForCausalLM from a tiny config (4
     query heads in 2 groups, untied) with a Llama-2-style sentencepiece tokenizer."""
-    from tests import llama_fixtures as fx
+    from tests.helpers import llama as fx
 
     sp = fx.sentencepiece_llama(ws / "llama-sp")
     import sentencepiece as spm

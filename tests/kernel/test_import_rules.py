@@ -108,3 +108,32 @@ def test_no_test_file_imports_another():
              for path in (ROOT / "tests").rglob("test_*.py") for name, line in imports(path)
              if name.startswith("tests.") and name.rsplit(".", 1)[-1].startswith("test_")]
     assert not wrong, "\n".join(wrong)
+
+
+def _test_tree_imports(path):
+    """(module, line) for every `import tests...` / `from tests... import name` in a file,
+    lazy ones included; `from tests import x` yields tests.x."""
+    import ast
+
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            yield from ((a.name, node.lineno) for a in node.names if a.name.split(".")[0] == "tests")
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "tests":
+            if node.module == "tests":
+                yield from ((f"tests.{a.name}", node.lineno) for a in node.names)
+            else:
+                yield node.module, node.lineno
+
+
+def test_shared_test_code_is_imported_from_tests_helpers_and_exists():
+    """Every import of the test tree's own code names a module of tests/helpers that exists
+    (a lazy `from tests import old_module` left behind by a move fails here, not at run time)."""
+    wrong = []
+    for path in (ROOT / "tests").rglob("*.py"):
+        for name, line in _test_tree_imports(path):
+            parts = name.split(".")
+            target = ROOT.joinpath(*parts)
+            exists = target.with_suffix(".py").is_file() or (target / "__init__.py").is_file()
+            if parts[:2] != ["tests", "helpers"] or not exists:
+                wrong.append(f"{path.relative_to(ROOT)}:{line} imports {name}")
+    assert not wrong, "\n".join(wrong)
