@@ -50,7 +50,13 @@ class AdaptiveEmbedding(nn.Module):
                 d_emb_i = d_embed // div_val ** i
                 self.emb_layers.append(nn.Embedding(hi - lo, d_emb_i))
                 self.emb_projs.append(nn.Parameter(torch.zeros(d_proj, d_emb_i)))
-        self.reached = [False] * len(self.emb_layers)  # tables a forward with gradients looked up (see `either`)
+        self.hits = ReachedFlags(len(self.emb_layers))  # tables a forward with gradients looked up
+
+    def _apply(self, fn, *args, **kwargs):
+        """The reached flags move with the weights (`.to()`, `.cuda()`)."""
+        out = super()._apply(fn, *args, **kwargs)
+        self.hits.flags = fn(self.hits.flags)
+        return out
 
     def bucket_params(self, i: int) -> List[torch.Tensor]:
         """Table i and its projection (div_val 1: the one table, and its projection if any)."""
@@ -64,9 +70,7 @@ class AdaptiveEmbedding(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         track = torch.is_grad_enabled()
-        if self.div_val == 1:
-            if track:
-                self.reached[0] = True
+        if self.div_val == 1:  # the one table: always reached
             embed = self.emb_layers[0](tokens)
             if len(self.emb_projs):
                 embed = F.linear(embed, self.emb_projs[0])
@@ -77,7 +81,7 @@ class AdaptiveEmbedding(nn.Module):
                 in_bucket = (flat >= lo) & (flat < hi)
                 idx = in_bucket.nonzero().squeeze(1)
                 if track:
-                    self.reached[i] = either(self.reached[i], in_bucket.any())
+                    self.hits.record(i, in_bucket.any())
                 emb_i = F.linear(self.emb_layers[i](flat.index_select(0, idx) - lo), self.emb_projs[i])
                 out = out.index_copy(0, idx, emb_i.to(out.dtype))
             embed = out.view(*tokens.shape, self.d_proj)
@@ -128,8 +132,14 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
                 self._tied_proj.append(tied)
                 if not tied:
                     self.out_projs[str(i)] = nn.Parameter(torch.zeros(d_proj, d_emb_i))
-        self.reached = [False] * len(self.bounds)  # buckets a forward with gradients computed (see `either`)
+        self.hits = ReachedFlags(len(self.bounds))  # buckets a forward with gradients computed
         self._register_load_state_dict_pre_hook(self._refuse_separate_tied_projections)
+
+    def _apply(self, fn, *args, **kwargs):
+        """The reached flags move with the weights (`.to()`, `.cuda()`)."""
+        out = super()._apply(fn, *args, **kwargs)
+        self.hits.flags = fn(self.hits.flags)
+        return out
 
     def _refuse_separate_tied_projections(self, state_dict, prefix, *args) -> None:
         """A state dict with its own projection for a bucket this module ties is one mega
@@ -189,7 +199,7 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
         """[N] negative log-likelihoods of `target` [N] in token order, in fp32 (or wider)."""
         track = torch.is_grad_enabled()
         if track:
-            self.reached[0] = True
+            self.hits.recorded = True  # the head (bucket 0) is always computed
         head_logprob = F.log_softmax(logits(hidden, *self.head()).to(_at_least_fp32(hidden.dtype)), -1)
         if self.n_clusters == 0:
             return -head_logprob.gather(1, target.unsqueeze(1)).squeeze(1)
@@ -198,7 +208,7 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
             in_bucket = (target >= lo) & (target < hi)
             idx = in_bucket.nonzero().squeeze(1)
             if track and i > 0:
-                self.reached[i] = either(self.reached[i], in_bucket.any())
+                self.hits.record(i, in_bucket.any())
             target_i = (target.index_select(0, idx) - lo).unsqueeze(1)
             head_i = head_logprob.index_select(0, idx)
             if i == 0:
@@ -212,7 +222,7 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
     def log_prob(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, n_token] log-probabilities over the whole vocabulary, in fp32 (or wider)."""
         if torch.is_grad_enabled():
-            self.reached = [True] * len(self.bounds)
+            self.hits.record_all()
         head_logprob = F.log_softmax(logits(hidden, *self.head()).to(_at_least_fp32(hidden.dtype)), -1)
         if self.n_clusters == 0:
             return head_logprob
@@ -223,16 +233,44 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
         return torch.cat(parts, 1)
 
 
-def either(a, b):
-    """a or b, for reached flags that are Python bools or 0-dim device booleans.
+class ReachedFlags:
+    """Which buckets the forwards with gradients since the last `take` had tokens in, kept
+    on the device in one boolean tensor updated in place.
 
     A bucket no token of a batch falls in still runs, on 0 rows, so every parameter takes
     part in each backward (data parallelism expects it; the gradients are zeros, in one
     process as in several) and the step has no branch on the data (no host read, no graph
-    break under torch.compile). The modules' `reached` flags record, on the device,
-    whether a bucket had tokens, so the training loop can drop the zero gradients of
-    those no micro-batch reached (`mega.protocols.SparselyReached`): the reference's
-    optimizer never sees a gradient for them and leaves them alone."""
+    break under torch.compile). These flags record whether a bucket had tokens, so the
+    training step can leave alone the buckets no micro-batch reached
+    (`mega.protocols.SparselyReached`): the reference's optimizer never sees a gradient for
+    them. One tensor mutated in place (not a list of new tensors): a compiled step sees
+    the same kind of object at every call, so it compiles once. `recorded`: a forward
+    with gradients ran since the last take (a host flag, written and never read in the step)."""
+
+    def __init__(self, n: int):
+        self.flags = torch.zeros(n, dtype=torch.bool)
+        self.recorded = False
+
+    def record(self, i: int, hit: torch.Tensor) -> None:
+        self.recorded = True
+        if self.flags.device != hit.device:  # the module moved since (its first forward on the device)
+            self.flags = self.flags.to(hit.device)
+        self.flags[i] |= hit
+
+    def record_all(self) -> None:
+        self.recorded = True
+        self.flags.fill_(True)
+
+    def take(self) -> torch.Tensor:
+        """The flags (a copy) since the last take; the record starts afresh."""
+        out = self.flags.clone()
+        self.flags.zero_()
+        self.recorded = False
+        return out
+
+
+def either(a, b):
+    """a or b, for reached flags that are Python bools or 0-dim device booleans."""
     if a is True or b is True:
         return True
     if a is False:

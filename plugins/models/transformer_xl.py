@@ -342,8 +342,19 @@ class TransformerXLModel(nn.Module):
         init_weights(self, cfg)
         mark_replicated(self)
         self.eager_reason = "model.activations_checkpoint_granularity" if cfg.activations_checkpoint_granularity else None
-        self._train_mems: Optional[StreamMemory] = None  # carried across steps, by stream (built on first use)
-        self._eval_mems: Optional[StreamMemory] = None  # within one validation pass
+        self._train_mems: Optional[StreamMemory] = None  # carried across steps, by stream
+        self._eval_mems: Optional[StreamMemory] = None  # within one validation pass (built on first use)
+        if cfg.mem_len > 0:  # allocated now, outside any compiled step: its first call sees it as every later one
+            self._memory(True).allocate(self.r_w_bias.dtype, self.r_w_bias.device)
+
+    def _apply(self, fn, *args, **kwargs):
+        """`.to()`, `.cuda()`, `.double()` ... move and cast the memory with the weights (it is
+        no registered buffer: DDP would broadcast rank 0's over every replica's own streams)."""
+        out = super()._apply(fn, *args, **kwargs)
+        for store in (self._train_mems, self._eval_mems):
+            if store is not None and store.mems is not None:
+                store.mems, store.valid = fn(store.mems), fn(store.valid)
+        return out
 
     # --- the core ---------------------------------------------------------------------------
     def empty_mems(self, bsz: int, device=None, dtype=None) -> torch.Tensor:
@@ -450,13 +461,15 @@ class TransformerXLModel(nn.Module):
         return super().train(mode)
 
     # --- SparselyReached ---------------------------------------------------------------------
-    def _parts(self) -> List[Tuple[List[torch.Tensor], bool, bool]]:
-        """(parameters, reached since the last take, reached by every forward) of each
-        adaptive part: the embedding's tables (one table with div_val 1, always looked up)
-        and the softmax's buckets (the head, bucket 0, always computed)."""
+    def _parts(self, emb_hits=None, crit_hits=None) -> List[Tuple[List[torch.Tensor], object, bool]]:
+        """(parameters, reached since the last take (from the taken flags), reached by every
+        forward) of each adaptive part: the embedding's tables (one table with div_val 1,
+        always looked up) and the softmax's buckets (the head, bucket 0, always computed)."""
         emb, crit = self.word_emb, self.crit
-        parts = [(emb.bucket_params(i), emb.reached[i], emb.div_val == 1) for i in range(len(emb.emb_layers))]
-        parts += [(crit.bucket_params(i), crit.reached[i], i == 0) for i in range(len(crit.bounds))]
+        parts = [(emb.bucket_params(i), emb_hits[i] if emb_hits is not None else False, emb.div_val == 1)
+                 for i in range(len(emb.emb_layers))]
+        parts += [(crit.bucket_params(i), crit_hits[i] if crit_hits is not None else False, i == 0)
+                  for i in range(len(crit.bounds))]
         return parts
 
     def sparse_parameters(self) -> List[torch.Tensor]:
@@ -473,16 +486,13 @@ class TransformerXLModel(nn.Module):
         return out
 
     def take_reached(self) -> List[bool]:
-        parts = self._parts()
-        recorded = self.crit.reached[0] is True  # every training forward computes the head
+        recorded = self.crit.hits.recorded  # every training forward computes the head
+        parts = self._parts(self.word_emb.hits.take(), self.crit.hits.take())
         hits: Dict[int, object] = {}
         for params, hit, _ in parts:  # a Python bool or a device boolean: OR-ed without reading it
             for p in params:
                 hits[id(p)] = either(hits.get(id(p), False), hit)
-        flags = [hits.get(id(p), False) if recorded else True for p in self.sparse_parameters()]
-        self.word_emb.reached = [False] * len(self.word_emb.reached)
-        self.crit.reached = [False] * len(self.crit.reached)
-        return flags
+        return [hits.get(id(p), False) if recorded else True for p in self.sparse_parameters()]
 
     # --- StatefulModel ----------------------------------------------------------------------
     def carried_state(self) -> Dict[str, torch.Tensor]:

@@ -44,15 +44,19 @@ class StreamMemory:
         return torch.arange(bsz, device=device) % self.slots
 
     def allocate(self, dtype: torch.dtype, device) -> None:
-        if self.mems is None or self.mems.dtype != dtype or self.mems.device != torch.device(device):
+        """Zeros, once (the model allocates its training memory when it is built, so that
+        a compiled step finds it there from the first call; the model moves it along)."""
+        if self.mems is None:
             self.mems = torch.zeros(self.shape, dtype=dtype, device=device)
             self.valid = torch.zeros(self.slots, dtype=torch.long, device=device)
 
     def read(self, idx: torch.Tensor, dtype: torch.dtype, device) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(memory [n_layer, mem_len, bsz, d], valid positions [bsz]) of rows `idx`: copies,
-        so writing the buffer afterwards leaves what this step's backward keeps alone."""
+        """(memory [n_layer, mem_len, bsz, d] in `dtype`, valid positions [bsz]) of rows `idx`:
+        copies, so writing the buffer afterwards leaves what this step's backward keeps alone.
+        The buffer keeps the dtype it was built with (fp32 under model.megatron_amp_O2, whose
+        bf16 weights replace the fp32 ones after the model is built: it holds bf16 values exactly)."""
         self.allocate(dtype, device)
-        return self.mems.index_select(2, idx), self.valid.index_select(0, idx)
+        return self.mems.index_select(2, idx).to(dtype), self.valid.index_select(0, idx)
 
     def write(self, idx: torch.Tensor, mems: torch.Tensor, valid: torch.Tensor) -> None:
         """Store rows `idx` in place (the same storage every step)."""
