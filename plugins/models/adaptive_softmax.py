@@ -51,6 +51,14 @@ class AdaptiveEmbedding(nn.Module):
                 self.emb_layers.append(nn.Embedding(hi - lo, d_emb_i))
                 self.emb_projs.append(nn.Parameter(torch.zeros(d_proj, d_emb_i)))
         self.hits = ReachedFlags(len(self.emb_layers))  # tables a forward with gradients looked up
+        self.static_shapes: Optional[bool] = None  # see `use_static_shapes`
+
+    def static_cost(self) -> float:
+        """Work per row of looking up every table (the static path) over looking up one
+        (bucket 0's, what most tokens need): the projections' widths summed over bucket 0's."""
+        if self.div_val == 1:
+            return 1.0
+        return sum(p.shape[1] for p in self.emb_projs) / self.emb_projs[0].shape[1]
 
     def _apply(self, fn, *args, **kwargs):
         """The reached flags move with the weights (`.to()`, `.cuda()`)."""
@@ -76,12 +84,17 @@ class AdaptiveEmbedding(nn.Module):
                 embed = F.linear(embed, self.emb_projs[0])
         else:
             flat = tokens.reshape(-1)
+            static = use_static_shapes(self.static_shapes, self.static_cost())
             out = torch.zeros(flat.numel(), self.d_proj, dtype=self.emb_projs[0].dtype, device=flat.device)
             for i, (lo, hi) in enumerate(self.bounds):  # an empty bucket runs on 0 rows: zero gradients, no branch
                 in_bucket = (flat >= lo) & (flat < hi)
-                idx = in_bucket.nonzero().squeeze(1)
                 if track:
                     self.hits.record(i, in_bucket.any())
+                if static:  # every row through every table (ids clamped into it), the bucket's rows kept
+                    emb_i = F.linear(self.emb_layers[i]((flat - lo).clamp(0, hi - lo - 1)), self.emb_projs[i])
+                    out = torch.where(in_bucket[:, None], emb_i.to(out.dtype), out)
+                    continue
+                idx = in_bucket.nonzero().squeeze(1)
                 emb_i = F.linear(self.emb_layers[i](flat.index_select(0, idx) - lo), self.emb_projs[i])
                 out = out.index_copy(0, idx, emb_i.to(out.dtype))
             embed = out.view(*tokens.shape, self.d_proj)
@@ -133,6 +146,7 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
                 if not tied:
                     self.out_projs[str(i)] = nn.Parameter(torch.zeros(d_proj, d_emb_i))
         self.hits = ReachedFlags(len(self.bounds))  # buckets a forward with gradients computed
+        self.static_shapes: Optional[bool] = None  # see `use_static_shapes`
         self._register_load_state_dict_pre_hook(self._refuse_separate_tied_projections)
 
     def _apply(self, fn, *args, **kwargs):
@@ -187,6 +201,17 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
             proj = self.out_projs[str(i)] if str(i) in self.out_projs else None
         return weight, bias, proj
 
+    def static_cost(self) -> float:
+        """Multiply-adds per row of every bucket's logits (the static path: all rows through
+        every tail) over the head's alone (what a token of bucket 0 needs): e.g. 13.4 for
+        WikiText-103 base (div_val 1: the tails are 12x the head's rows), 1.8 for large (div_val 4)."""
+        def macs(weight, proj):
+            return weight.shape[0] * weight.shape[1] + (proj.shape[0] * proj.shape[1] if proj is not None else 0)
+        weight, _, proj = self.head()
+        head = macs(weight, proj)
+        tails = sum(macs(self.bucket(i)[0], self.bucket(i)[2]) for i in range(1, len(self.bounds)))
+        return (head + tails) / head
+
     def head(self) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """Bucket 0's parameters with the cluster rows appended (shortlist + n_clusters wide)."""
         weight, bias, proj = self.bucket(0)
@@ -203,6 +228,8 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
         head_logprob = F.log_softmax(logits(hidden, *self.head()).to(_at_least_fp32(hidden.dtype)), -1)
         if self.n_clusters == 0:
             return -head_logprob.gather(1, target.unsqueeze(1)).squeeze(1)
+        if use_static_shapes(self.static_shapes, self.static_cost()):
+            return self._nll_static(hidden, target, head_logprob, track)
         nll = torch.zeros(target.shape[0], dtype=_at_least_fp32(hidden.dtype), device=hidden.device)
         for i, (lo, hi) in enumerate(self.bounds):  # an empty bucket runs on 0 rows: zero gradients, no branch
             in_bucket = (target >= lo) & (target < hi)
@@ -217,6 +244,22 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
                 tail = F.log_softmax(logits(hidden.index_select(0, idx), *self.bucket(i)).to(_at_least_fp32(hidden.dtype)), -1)
                 logprob_i = head_i[:, -i] + tail.gather(1, target_i).squeeze(1)
             nll = nll.index_copy(0, idx, -logprob_i)
+        return nll
+
+    def _nll_static(self, hidden, target, head_logprob, track: bool) -> torch.Tensor:
+        """`nll` with fixed shapes: every tail bucket's log-softmax on every row (targets
+        clamped into it), each row keeping its own bucket's value (`torch.where`). The same
+        numbers per row; a row of another bucket sends back exact zeros."""
+        lo0, hi0 = self.bounds[0]
+        nll = -head_logprob.gather(1, target.clamp(lo0, hi0 - 1).unsqueeze(1)).squeeze(1)
+        for i in range(1, len(self.bounds)):
+            lo, hi = self.bounds[i]
+            in_bucket = (target >= lo) & (target < hi)
+            if track:
+                self.hits.record(i, in_bucket.any())
+            tail = F.log_softmax(logits(hidden, *self.bucket(i)).to(_at_least_fp32(hidden.dtype)), -1)
+            logprob_i = head_logprob[:, -i] + tail.gather(1, (target - lo).clamp(0, hi - lo - 1).unsqueeze(1)).squeeze(1)
+            nll = torch.where(in_bucket, -logprob_i, nll)
         return nll
 
     def log_prob(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -267,6 +310,25 @@ class ReachedFlags:
         self.flags.zero_()
         self.recorded = False
         return out
+
+
+# The static path costs at most this many times the sparse one's work per row of its
+# dominant part (bucket 0) for it to run in eager mode too (no `nonzero`, no host sync):
+# below it, the syncs it saves cost more than the extra rows; above it (WikiText-103 base's
+# softmax: 13.4) eager mode keeps the sparse path and only compiled steps take the static one.
+STATIC_EAGER_MAX_COST = 2.0
+
+
+def use_static_shapes(setting: Optional[bool], cost: float) -> bool:
+    """Whether the adaptive buckets run with fixed shapes (every bucket on every row, kept
+    by `torch.where`) rather than on the rows that `nonzero` finds (shapes set by the data:
+    one host sync per bucket, and nothing a CUDA graph can capture). `setting` (the module's
+    `static_shapes`): True / False force it; None: under torch.compile always (what
+    `mode="reduce-overhead"` needs), in eager mode when `cost` (the static path's work over
+    the sparse one's, per row) is at most STATIC_EAGER_MAX_COST."""
+    if setting is not None:
+        return setting
+    return torch.compiler.is_compiling() or cost <= STATIC_EAGER_MAX_COST
 
 
 def either(a, b):

@@ -110,17 +110,14 @@ def test_fp16_loss_scaler_reads_one_flag_per_step(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_transformer_xl_syncs_are_the_known_ones(tmp_path, monkeypatch):
-    """Held at today's count, each one named, so a new one fails here: per micro-batch (2
-    per step) the adaptive embedding and softmax find each bucket's tokens with `nonzero`
-    (3 buckets each); per step the unreached buckets' flags are read to drop their
-    gradients (docs/performance.md). The memory is gathered by stream on the device: the
-    slot id is no longer read (it was 2 more)."""
+    """Held at today's count, each one named, so a new one fails here: per step the
+    unreached buckets' flags are read to drop their gradients. The memory is gathered by
+    stream on the device (the slot id read was 2 more) and the adaptive buckets run with
+    fixed shapes (`nonzero` per bucket was 12 more; tests/models/test_txl_static_buckets.py)."""
     per_step = syncs_per_step(tmp_path, monkeypatch, "transformer_xl")
-    known = Counter({"aten.nonzero": 12, "Tensor.tolist": 1})
     for step in (1, 2, 3):
-        assert _ops(per_step[step]) == known, per_step[step]
-        places = {e.where.split(" in ")[-1] for e in per_step[step]}
-        assert places == {"forward", "nll", "unreached_parameters"}, places
+        assert _ops(per_step[step]) == Counter({"Tensor.tolist": 1}), per_step[step]
+        assert "unreached_parameters" in per_step[step][0].where
 
 
 def test_watchdog_heartbeat_does_not_touch_the_device():
