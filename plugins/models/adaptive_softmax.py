@@ -84,7 +84,7 @@ class AdaptiveEmbedding(nn.Module):
                 embed = F.linear(embed, self.emb_projs[0])
         else:
             flat = tokens.reshape(-1)
-            static = use_static_shapes(self.static_shapes, self.static_cost())
+            static = use_static_shapes(self.static_shapes)
             out = torch.zeros(flat.numel(), self.d_proj, dtype=self.emb_projs[0].dtype, device=flat.device)
             for i, (lo, hi) in enumerate(self.bounds):  # an empty bucket runs on 0 rows: zero gradients, no branch
                 in_bucket = (flat >= lo) & (flat < hi)
@@ -204,7 +204,8 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
     def static_cost(self) -> float:
         """Multiply-adds per row of every bucket's logits (the static path: all rows through
         every tail) over the head's alone (what a token of bucket 0 needs): e.g. 13.4 for
-        WikiText-103 base (div_val 1: the tails are 12x the head's rows), 1.8 for large (div_val 4)."""
+        WikiText-103 base (div_val 1: the tails are 12x the head's rows), 1.8 for large
+        (div_val 4; the softmaxes over the tails' 248k columns are not counted, and cost more)."""
         def macs(weight, proj):
             return weight.shape[0] * weight.shape[1] + (proj.shape[0] * proj.shape[1] if proj is not None else 0)
         weight, _, proj = self.head()
@@ -228,7 +229,7 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
         head_logprob = F.log_softmax(logits(hidden, *self.head()).to(_at_least_fp32(hidden.dtype)), -1)
         if self.n_clusters == 0:
             return -head_logprob.gather(1, target.unsqueeze(1)).squeeze(1)
-        if use_static_shapes(self.static_shapes, self.static_cost()):
+        if use_static_shapes(self.static_shapes):
             return self._nll_static(hidden, target, head_logprob, track)
         nll = torch.zeros(target.shape[0], dtype=_at_least_fp32(hidden.dtype), device=hidden.device)
         for i, (lo, hi) in enumerate(self.bounds):  # an empty bucket runs on 0 rows: zero gradients, no branch
@@ -312,23 +313,17 @@ class ReachedFlags:
         return out
 
 
-# The static path costs at most this many times the sparse one's work per row of its
-# dominant part (bucket 0) for it to run in eager mode too (no `nonzero`, no host sync):
-# below it, the syncs it saves cost more than the extra rows; above it (WikiText-103 base's
-# softmax: 13.4) eager mode keeps the sparse path and only compiled steps take the static one.
-STATIC_EAGER_MAX_COST = 2.0
-
-
-def use_static_shapes(setting: Optional[bool], cost: float) -> bool:
+def use_static_shapes(setting: Optional[bool]) -> bool:
     """Whether the adaptive buckets run with fixed shapes (every bucket on every row, kept
     by `torch.where`) rather than on the rows that `nonzero` finds (shapes set by the data:
-    one host sync per bucket, and nothing a CUDA graph can capture). `setting` (the module's
-    `static_shapes`): True / False force it; None: under torch.compile always (what
-    `mode="reduce-overhead"` needs), in eager mode when `cost` (the static path's work over
-    the sparse one's, per row) is at most STATIC_EAGER_MAX_COST."""
+    one host sync per bucket, nothing a CUDA graph can capture). `setting` (the modules'
+    `static_shapes`, from model.adaptive_static_shapes): True / False force it; None: under
+    torch.compile only. Eager mode keeps the sparse path by default: at the WikiText-103
+    shapes the static one costs 1.6-3.9x the adaptive layers' time on the CPU
+    (benchmarks/bench_txl_buckets.py): the tails' logits and softmaxes on every row."""
     if setting is not None:
         return setting
-    return torch.compiler.is_compiling() or cost <= STATIC_EAGER_MAX_COST
+    return torch.compiler.is_compiling()
 
 
 def either(a, b):
