@@ -87,8 +87,9 @@ def _ops(events):
     ("bert", {}),
     ("t5", {"model": T5_HIDDENS}),
     pytest.param("bart", {}, marks=pytest.mark.slow),
-    pytest.param("transformer_xl", {}, marks=pytest.mark.slow),
-    pytest.param("transformer_xl", {"trainer": {"precision": "bf16"}, "model": {"megatron_amp_O2": True}},
+    pytest.param("transformer_xl", {"model": {"adaptive_static_shapes": True}}, marks=pytest.mark.slow),
+    pytest.param("transformer_xl", {"trainer": {"precision": "bf16"},
+                                    "model": {"megatron_amp_O2": True, "adaptive_static_shapes": True}},
                  marks=pytest.mark.slow),
 ], ids=["gpt", "gpt-clip", "gpt-bf16-O2", "gpt-chunked-loss", "bert", "t5-hiddens", "bart", "txl", "txl-bf16-O2"])
 def test_training_steps_do_not_wait_for_the_device(tmp_path, monkeypatch, name, sections):
@@ -96,13 +97,25 @@ def test_training_steps_do_not_wait_for_the_device(tmp_path, monkeypatch, name, 
     metrics' single device-to-host copy. Transformer-XL was at 15 per step: its memory slot
     read from the stream id (2), `nonzero` per adaptive bucket (12,
     tests/models/test_txl_static_buckets.py) and the unreached buckets' flags (1,
-    tests/models/test_txl_unreached.py)."""
+    tests/models/test_txl_unreached.py), with its buckets' fixed shapes (what compiled steps
+    use; see the next test for the eager default)."""
     per_step = syncs_per_step(tmp_path, monkeypatch, name, **sections)
     for step in (1, 2, 3):
         assert per_step[step] == [], f"step {step}:\n" + "\n".join(map(str, per_step[step]))
     for step in (4, 5):
         assert _ops(per_step[step]) == Counter({"Tensor.tolist": 1}), per_step[step]
         assert "read_metrics" in per_step[step][0].where
+
+
+@pytest.mark.slow
+def test_transformer_xl_eager_default_syncs_only_for_its_sparse_buckets(tmp_path, monkeypatch):
+    """model.adaptive_static_shapes unset, eager: the buckets run on the rows `nonzero`
+    finds (cheaper than every row at WikiText-103 shapes): per micro-batch (2 per step) 3
+    buckets in the embedding and 3 in the softmax, and nothing else."""
+    per_step = syncs_per_step(tmp_path, monkeypatch, "transformer_xl")
+    for step in (1, 2, 3):
+        assert _ops(per_step[step]) == Counter({"aten.nonzero": 12}), per_step[step]
+        assert {e.where.split(" in ")[-1] for e in per_step[step]} == {"forward", "nll"}
 
 
 def test_fp16_loss_scaler_reads_one_flag_per_step(tmp_path, monkeypatch):

@@ -69,6 +69,21 @@ def test_transformer_xl_compiles_to_one_graph_with_its_memory_carried(tmp_path, 
     assert not run.loss_module.fallen_back
 
 
+@pytest.mark.slow
+def test_transformer_xl_compiled_step_has_no_data_dependent_shape(tmp_path, monkeypatch, caplog):
+    """What a CUDA graph (mode="reduce-overhead") needs: with dynamo no longer allowed to
+    trace `nonzero` or `.item()` (each would break the graph), the step is still one graph:
+    the buckets run with fixed shapes under compile and the memory slot is not read."""
+    import contextlib
+
+    import mega.runtime.compile as compile_mod
+
+    monkeypatch.setattr(compile_mod, "_data_dependent_ops_traced", contextlib.nullcontext)
+    graphs, breaks, recompiled, line, run = compile_line(tmp_path, monkeypatch, caplog, "transformer_xl")
+    assert (graphs, breaks, recompiled) == (1, 0, 0), line
+    assert not run.loss_module.fallen_back
+
+
 def test_a_later_recompilation_is_logged_once(monkeypatch):
     """CompileStats: the summary at REPORT_STEP, then one line per step that compiled anew."""
     from torch._dynamo.utils import counters
