@@ -7,9 +7,9 @@ state-dict keys (`layers.{l}.dec_attn.qkv_net.weight`, `r_w_bias`, `word_emb.*`,
 carry over unchanged; mega's batch-major samples are transposed on the way in.
 
 The memory (each layer's input over the last `mem_len` positions) is carried from one
-global batch to the next, separately for every micro-batch slot (the reference's
-`batch_chunk`): a slot is named by the data stream its first sample reads (the
-`lm_ordered` data source puts it in the sample), so each slot continues its own text.
+global batch to the next, separately for every data stream (the `lm_ordered` data source
+puts each sample's stream id in it), so each stream continues its own text: one device
+buffer gathered and scattered by stream id (`transformer_xl_memory.StreamMemory`).
 It is never back-propagated through, and it is checkpointed through
 `mega.protocols.StatefulModel`, per data-parallel replica, so a resumed run continues bit
 for bit. Validation inside `mega run` starts from an empty memory each time and leaves
