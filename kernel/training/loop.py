@@ -27,7 +27,7 @@ from mega.runtime.grad_norm import clip_grad_norm
 from mega.runtime.pipeline import forward_backward_no_pipelining, forward_backward_pipelining, sum_pipeline_grads
 from mega.runtime.precision import autocast
 from mega.runtime.tensor_parallel import sum_sequence_parallel_grads
-from mega.runtime.unreached import drop_gradients, unreached_parameters
+from mega.runtime.unreached import KeepUnreached, drop_gradients, reached_on_any_rank, unreached_parameters
 from mega.training import time_limits
 from mega.training.batches import BatchLoader, load_micro_batches, micro_batch_positions
 
@@ -116,12 +116,21 @@ def train_step(run, loader: BatchLoader | None = None) -> Dict[str, object]:
     num_tokens = _num_tokens(run, micro_batches)
     loss, terms = _losses(run, micro_batches, num_tokens, _num_samples(run, micro_batches))
 
-    unreached = unreached_parameters(run.model, run.parallel, run.device)  # zero gradients no step should apply
-    if main is not None:
-        params = main.reduce_grads()  # the fp32 main weights, their gradients all-reduced in fp32
-        params = drop_gradients(params, main.mains_of(unreached))
+    # zero gradients of adaptive buckets no rank reached: no step may apply them. Decided on the
+    # device (weights and state put back after the step), or, for the distributed optimizer's
+    # shards, on the host (their gradients dropped)
+    keep = contextlib.nullcontext()
+    if main is not None and main.sharded:
+        unreached = unreached_parameters(run.model, run.parallel, run.device)
+        params = drop_gradients(main.reduce_grads(), main.mains_of(unreached))
     else:
-        params = drop_gradients([p for p in run.model.parameters() if p.grad is not None], unreached)
+        sparse, reached = reached_on_any_rank(run.model, run.parallel, run.device)
+        if main is not None:
+            params = main.reduce_grads()  # the fp32 main weights, their gradients all-reduced in fp32
+        else:
+            params = [p for p in run.model.parameters() if p.grad is not None]
+        if sparse:
+            keep = KeepUnreached(main.mains_of(sparse) if main is not None else sparse, reached, run.optimizer)
     sum_sequence_parallel_grads(params, run.parallel)  # model.sequence_parallel: LayerNorms saw this rank's tokens
     skipped = False
     if run.scaler is not None:
@@ -134,7 +143,8 @@ def train_step(run, loader: BatchLoader | None = None) -> Dict[str, object]:
         clip = cfg.trainer.gradient_clip_val
         grad_norm = clip_grad_norm(params, clip if clip > 0 else float("inf"), run.parallel,
                                    sharded=main is not None and main.sharded)
-        run.optimizer.step()
+        with keep:
+            run.optimizer.step()
         if main is not None:
             main.copy_to_model()
     # Device values stay tensors, read once per log interval (`read_metrics`); what the host

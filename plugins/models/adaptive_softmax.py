@@ -50,7 +50,21 @@ class AdaptiveEmbedding(nn.Module):
                 d_emb_i = d_embed // div_val ** i
                 self.emb_layers.append(nn.Embedding(hi - lo, d_emb_i))
                 self.emb_projs.append(nn.Parameter(torch.zeros(d_proj, d_emb_i)))
-        self.reached = [False] * len(self.emb_layers)  # tables a forward with gradients looked up (see `either`)
+        self.hits = ReachedFlags(len(self.emb_layers))  # tables a forward with gradients looked up
+        self.static_shapes: Optional[bool] = None  # see `use_static_shapes`
+
+    def static_cost(self) -> float:
+        """Work per row of looking up every table (the static path) over looking up one
+        (bucket 0's, what most tokens need): the projections' widths summed over bucket 0's."""
+        if self.div_val == 1:
+            return 1.0
+        return sum(p.shape[1] for p in self.emb_projs) / self.emb_projs[0].shape[1]
+
+    def _apply(self, fn, *args, **kwargs):
+        """The reached flags move with the weights (`.to()`, `.cuda()`)."""
+        out = super()._apply(fn, *args, **kwargs)
+        self.hits.flags = fn(self.hits.flags)
+        return out
 
     def bucket_params(self, i: int) -> List[torch.Tensor]:
         """Table i and its projection (div_val 1: the one table, and its projection if any)."""
@@ -64,20 +78,23 @@ class AdaptiveEmbedding(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         track = torch.is_grad_enabled()
-        if self.div_val == 1:
-            if track:
-                self.reached[0] = True
+        if self.div_val == 1:  # the one table: always reached
             embed = self.emb_layers[0](tokens)
             if len(self.emb_projs):
                 embed = F.linear(embed, self.emb_projs[0])
         else:
             flat = tokens.reshape(-1)
+            static = use_static_shapes(self.static_shapes)
             out = torch.zeros(flat.numel(), self.d_proj, dtype=self.emb_projs[0].dtype, device=flat.device)
             for i, (lo, hi) in enumerate(self.bounds):  # an empty bucket runs on 0 rows: zero gradients, no branch
                 in_bucket = (flat >= lo) & (flat < hi)
-                idx = in_bucket.nonzero().squeeze(1)
                 if track:
-                    self.reached[i] = either(self.reached[i], in_bucket.any())
+                    self.hits.record(i, in_bucket.any())
+                if static:  # every row through every table (ids clamped into it), the bucket's rows kept
+                    emb_i = F.linear(self.emb_layers[i]((flat - lo).clamp(0, hi - lo - 1)), self.emb_projs[i])
+                    out = torch.where(in_bucket[:, None], emb_i.to(out.dtype), out)
+                    continue
+                idx = in_bucket.nonzero().squeeze(1)
                 emb_i = F.linear(self.emb_layers[i](flat.index_select(0, idx) - lo), self.emb_projs[i])
                 out = out.index_copy(0, idx, emb_i.to(out.dtype))
             embed = out.view(*tokens.shape, self.d_proj)
@@ -128,8 +145,15 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
                 self._tied_proj.append(tied)
                 if not tied:
                     self.out_projs[str(i)] = nn.Parameter(torch.zeros(d_proj, d_emb_i))
-        self.reached = [False] * len(self.bounds)  # buckets a forward with gradients computed (see `either`)
+        self.hits = ReachedFlags(len(self.bounds))  # buckets a forward with gradients computed
+        self.static_shapes: Optional[bool] = None  # see `use_static_shapes`
         self._register_load_state_dict_pre_hook(self._refuse_separate_tied_projections)
+
+    def _apply(self, fn, *args, **kwargs):
+        """The reached flags move with the weights (`.to()`, `.cuda()`)."""
+        out = super()._apply(fn, *args, **kwargs)
+        self.hits.flags = fn(self.hits.flags)
+        return out
 
     def _refuse_separate_tied_projections(self, state_dict, prefix, *args) -> None:
         """A state dict with its own projection for a bucket this module ties is one mega
@@ -177,6 +201,18 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
             proj = self.out_projs[str(i)] if str(i) in self.out_projs else None
         return weight, bias, proj
 
+    def static_cost(self) -> float:
+        """Multiply-adds per row of every bucket's logits (the static path: all rows through
+        every tail) over the head's alone (what a token of bucket 0 needs): e.g. 13.4 for
+        WikiText-103 base (div_val 1: the tails are 12x the head's rows), 1.8 for large
+        (div_val 4; the softmaxes over the tails' 248k columns are not counted, and cost more)."""
+        def macs(weight, proj):
+            return weight.shape[0] * weight.shape[1] + (proj.shape[0] * proj.shape[1] if proj is not None else 0)
+        weight, _, proj = self.head()
+        head = macs(weight, proj)
+        tails = sum(macs(self.bucket(i)[0], self.bucket(i)[2]) for i in range(1, len(self.bounds)))
+        return (head + tails) / head
+
     def head(self) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """Bucket 0's parameters with the cluster rows appended (shortlist + n_clusters wide)."""
         weight, bias, proj = self.bucket(0)
@@ -189,16 +225,18 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
         """[N] negative log-likelihoods of `target` [N] in token order, in fp32 (or wider)."""
         track = torch.is_grad_enabled()
         if track:
-            self.reached[0] = True
+            self.hits.recorded = True  # the head (bucket 0) is always computed
         head_logprob = F.log_softmax(logits(hidden, *self.head()).to(_at_least_fp32(hidden.dtype)), -1)
         if self.n_clusters == 0:
             return -head_logprob.gather(1, target.unsqueeze(1)).squeeze(1)
+        if use_static_shapes(self.static_shapes):
+            return self._nll_static(hidden, target, head_logprob, track)
         nll = torch.zeros(target.shape[0], dtype=_at_least_fp32(hidden.dtype), device=hidden.device)
         for i, (lo, hi) in enumerate(self.bounds):  # an empty bucket runs on 0 rows: zero gradients, no branch
             in_bucket = (target >= lo) & (target < hi)
             idx = in_bucket.nonzero().squeeze(1)
             if track and i > 0:
-                self.reached[i] = either(self.reached[i], in_bucket.any())
+                self.hits.record(i, in_bucket.any())
             target_i = (target.index_select(0, idx) - lo).unsqueeze(1)
             head_i = head_logprob.index_select(0, idx)
             if i == 0:
@@ -209,10 +247,26 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
             nll = nll.index_copy(0, idx, -logprob_i)
         return nll
 
+    def _nll_static(self, hidden, target, head_logprob, track: bool) -> torch.Tensor:
+        """`nll` with fixed shapes: every tail bucket's log-softmax on every row (targets
+        clamped into it), each row keeping its own bucket's value (`torch.where`). The same
+        numbers per row; a row of another bucket sends back exact zeros."""
+        lo0, hi0 = self.bounds[0]
+        nll = -head_logprob.gather(1, target.clamp(lo0, hi0 - 1).unsqueeze(1)).squeeze(1)
+        for i in range(1, len(self.bounds)):
+            lo, hi = self.bounds[i]
+            in_bucket = (target >= lo) & (target < hi)
+            if track:
+                self.hits.record(i, in_bucket.any())
+            tail = F.log_softmax(logits(hidden, *self.bucket(i)).to(_at_least_fp32(hidden.dtype)), -1)
+            logprob_i = head_logprob[:, -i] + tail.gather(1, (target - lo).clamp(0, hi - lo - 1).unsqueeze(1)).squeeze(1)
+            nll = torch.where(in_bucket, -logprob_i, nll)
+        return nll
+
     def log_prob(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, n_token] log-probabilities over the whole vocabulary, in fp32 (or wider)."""
         if torch.is_grad_enabled():
-            self.reached = [True] * len(self.bounds)
+            self.hits.record_all()
         head_logprob = F.log_softmax(logits(hidden, *self.head()).to(_at_least_fp32(hidden.dtype)), -1)
         if self.n_clusters == 0:
             return head_logprob
@@ -223,16 +277,57 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
         return torch.cat(parts, 1)
 
 
-def either(a, b):
-    """a or b, for reached flags that are Python bools or 0-dim device booleans.
+class ReachedFlags:
+    """Which buckets the forwards with gradients since the last `take` had tokens in, kept
+    on the device in one boolean tensor updated in place.
 
     A bucket no token of a batch falls in still runs, on 0 rows, so every parameter takes
     part in each backward (data parallelism expects it; the gradients are zeros, in one
     process as in several) and the step has no branch on the data (no host read, no graph
-    break under torch.compile). The modules' `reached` flags record, on the device,
-    whether a bucket had tokens, so the training loop can drop the zero gradients of
-    those no micro-batch reached (`mega.protocols.SparselyReached`): the reference's
-    optimizer never sees a gradient for them and leaves them alone."""
+    break under torch.compile). These flags record whether a bucket had tokens, so the
+    training step can leave alone the buckets no micro-batch reached
+    (`mega.protocols.SparselyReached`): the reference's optimizer never sees a gradient for
+    them. One tensor mutated in place (not a list of new tensors): a compiled step sees
+    the same kind of object at every call, so it compiles once. `recorded`: a forward
+    with gradients ran since the last take (a host flag, written and never read in the step)."""
+
+    def __init__(self, n: int):
+        self.flags = torch.zeros(n, dtype=torch.bool)
+        self.recorded = False
+
+    def record(self, i: int, hit: torch.Tensor) -> None:
+        self.recorded = True
+        if self.flags.device != hit.device:  # the module moved since (its first forward on the device)
+            self.flags = self.flags.to(hit.device)
+        self.flags[i] |= hit
+
+    def record_all(self) -> None:
+        self.recorded = True
+        self.flags.fill_(True)
+
+    def take(self) -> torch.Tensor:
+        """The flags (a copy) since the last take; the record starts afresh."""
+        out = self.flags.clone()
+        self.flags.zero_()
+        self.recorded = False
+        return out
+
+
+def use_static_shapes(setting: Optional[bool]) -> bool:
+    """Whether the adaptive buckets run with fixed shapes (every bucket on every row, kept
+    by `torch.where`) rather than on the rows that `nonzero` finds (shapes set by the data:
+    one host sync per bucket, nothing a CUDA graph can capture). `setting` (the modules'
+    `static_shapes`, from model.adaptive_static_shapes): True / False force it; None: under
+    torch.compile only. Eager mode keeps the sparse path by default: at the WikiText-103
+    shapes the static one costs 1.6-3.9x the adaptive layers' time on the CPU
+    (benchmarks/bench_txl_buckets.py): the tails' logits and softmaxes on every row."""
+    if setting is not None:
+        return setting
+    return torch.compiler.is_compiling()
+
+
+def either(a, b):
+    """a or b, for reached flags that are Python bools or 0-dim device booleans."""
     if a is True or b is True:
         return True
     if a is False:

@@ -7,9 +7,9 @@ state-dict keys (`layers.{l}.dec_attn.qkv_net.weight`, `r_w_bias`, `word_emb.*`,
 carry over unchanged; mega's batch-major samples are transposed on the way in.
 
 The memory (each layer's input over the last `mem_len` positions) is carried from one
-global batch to the next, separately for every micro-batch slot (the reference's
-`batch_chunk`): a slot is named by the data stream its first sample reads (the
-`lm_ordered` data source puts it in the sample), so each slot continues its own text.
+global batch to the next, separately for every data stream (the `lm_ordered` data source
+puts each sample's stream id in it), so each stream continues its own text: one device
+buffer gathered and scattered by stream id (`transformer_xl_memory.StreamMemory`).
 It is never back-propagated through, and it is checkpointed through
 `mega.protocols.StatefulModel`, per data-parallel replica, so a resumed run continues bit
 for bit. Validation inside `mega run` starts from an empty memory each time and leaves
@@ -38,6 +38,7 @@ from mega.plugins.models.scaling import RecomputeKeys, SequenceParallelKey, chec
 from mega.runtime import recompute
 from mega.runtime.tensor_parallel import mark_replicated
 from mega.plugins.models.transformer_xl_mask import attn_mask
+from mega.plugins.models.transformer_xl_memory import StreamMemory
 
 
 @define(kw_only=True)
@@ -64,6 +65,10 @@ class TransformerXLConfig(RecomputeKeys, SequenceParallelKey, ModelConfig):
     adaptive: bool = key(True, help="adaptive input and softmax over `cutoffs`; false: one dense softmax")
     cutoffs: List[int] = key(factory=lambda: [19997, 39997, 199997], help="bucket boundaries (token ids, ascending)")
     div_val: int = key(1, help="bucket i's embedding width is d_embed // div_val**i")
+    adaptive_static_shapes: Optional[bool] = key(None,
+            help="adaptive buckets on every row, kept by torch.where (fixed shapes, no host sync: what CUDA graphs"
+                 " capture) instead of the rows nonzero finds; None: under trainer.compile only (eager: 1.6-4x"
+                 " slower at WikiText-103 shapes)")
     tie_weight: bool = key(True, help="output bucket weights are the embedding tables (biases never tied)")
     tie_projs: Optional[List[bool]] = key(None,
             help="per bucket: share the input projection (tie_weight or not); None: [false, true, true, ...]")
@@ -272,7 +277,8 @@ class RelPartialLearnableMultiHeadAttn(nn.Module):
         ac = torch.einsum("ibnd,jbnd->bnij", q + r_w_bias, k)
         bd = rel_shift(torch.einsum("ibnd,jnd->bnij", q + r_r_bias, r_head_k))
         score = (ac + bd) * self.scale
-        score = score.to(torch.promote_types(score.dtype, torch.float32)).masked_fill(mask[None, None], float("-inf"))
+        mask = mask[None, None] if mask.dim() == 2 else mask[:, None]  # [qlen, klen] or per row [bsz, qlen, klen]
+        score = score.to(torch.promote_types(score.dtype, torch.float32)).masked_fill(mask, float("-inf"))
         prob = self.dropatt(torch.softmax(score, dim=3).to(v.dtype))
         vec = torch.einsum("bnij,jbnd->ibnd", prob, v).reshape(qlen, bsz, self.n_head * self.d_head)
         out = self.drop(self.o_net(vec))
@@ -337,11 +343,23 @@ class TransformerXLModel(nn.Module):
         self.r_r_bias = nn.Parameter(torch.zeros(cfg.n_head, cfg.d_head))
         self.crit = ProjectedAdaptiveLogSoftmax(vocab_size, d_embed, cfg.d_model, cutoffs, cfg.div_val,
                                                 cfg.resolved_tie_projs(), self.word_emb, cfg.tie_weight)
+        self.word_emb.static_shapes = self.crit.static_shapes = cfg.adaptive_static_shapes
         init_weights(self, cfg)
         mark_replicated(self)
         self.eager_reason = "model.activations_checkpoint_granularity" if cfg.activations_checkpoint_granularity else None
-        self._train_mems: Dict[int, torch.Tensor] = {}  # carried across steps, by micro-batch slot
-        self._eval_mems: Dict[int, torch.Tensor] = {}  # within one validation pass
+        self._train_mems: Optional[StreamMemory] = None  # carried across steps, by stream
+        self._eval_mems: Optional[StreamMemory] = None  # within one validation pass (built on first use)
+        if cfg.mem_len > 0:  # allocated now, outside any compiled step: its first call sees it as every later one
+            self._memory(True).allocate(self.r_w_bias.dtype, self.r_w_bias.device)
+
+    def _apply(self, fn, *args, **kwargs):
+        """`.to()`, `.cuda()`, `.double()` ... move and cast the memory with the weights (it is
+        no registered buffer: DDP would broadcast rank 0's over every replica's own streams)."""
+        out = super()._apply(fn, *args, **kwargs)
+        for store in (self._train_mems, self._eval_mems):
+            if store is not None and store.mems is not None:
+                store.mems, store.valid = fn(store.mems), fn(store.valid)
+        return out
 
     # --- the core ---------------------------------------------------------------------------
     def empty_mems(self, bsz: int, device=None, dtype=None) -> torch.Tensor:
@@ -349,10 +367,12 @@ class TransformerXLModel(nn.Module):
         return torch.zeros(self.n_layer, 0, bsz, self.d_model, device=device or p.device, dtype=dtype or p.dtype)
 
     def hidden(self, tokens: torch.Tensor, mems: Optional[torch.Tensor] = None, mem_len: Optional[int] = None,
-               clamp_len: Optional[int] = None, same_length: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+               clamp_len: Optional[int] = None, same_length: Optional[bool] = None,
+               mem_valid: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """(hidden states [qlen, bsz, d_model], new memory [n_layer, <= mem_len, bsz, d_model])
         for time-major `tokens` [qlen, bsz] after `mems` (None: empty). The keyword settings
-        default to the training config."""
+        default to the training config. With `mem_valid` [bsz] (a fixed-length memory, see
+        `StreamMemory`), row b's first mlen - mem_valid[b] memory positions are masked."""
         cfg = self.config
         mem_len = cfg.mem_len if mem_len is None else mem_len
         clamp_len = cfg.clamp_len if clamp_len is None else clamp_len
@@ -364,6 +384,9 @@ class TransformerXLModel(nn.Module):
         mlen = mems.size(1)
         klen = mlen + qlen
         mask = attn_mask(qlen, mlen, mem_len, same_length, tokens.device)
+        if mem_valid is not None:  # positions before a stream's text: [bsz, qlen, klen]
+            empty = torch.arange(klen, device=tokens.device)[None, :] < (mlen - mem_valid)[:, None]
+            mask = mask[None] | empty[:, None, :]
         # distances and sinusoids in fp32 (a bf16 distance is inexact above 256), then in the
         # weights' dtype: bf16 under model.megatron_amp_O2, where no autocast casts them
         pos_seq = torch.arange(klen - 1, -1, -1.0, device=tokens.device, dtype=torch.float32)
@@ -408,37 +431,50 @@ class TransformerXLModel(nn.Module):
     def training_loss(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """The sum of masked token losses of one micro-batch, continuing its slot's memory."""
         tokens, labels = batch["tokens"].t(), batch["labels"].t()  # [qlen, bsz]
-        store = self._train_mems if self.training else self._eval_mems
-        slot = int(batch["stream"][0]) if "stream" in batch else -1
-        mems = store.get(slot)
-        if mems is not None and mems.size(2) != tokens.size(1):
-            mems = None  # another batch shape: start afresh
-        hidden, new_mems = self.hidden(tokens, mems)
-        if self.config.mem_len > 0:
-            kept = store.get(slot)
-            # in place once full: the same tensor every step (a CUDA graph's static input); not
-            # under recomputation, which keeps this step's memory to run the layers again in backward
-            if kept is not None and kept.shape == new_mems.shape and kept.dtype == new_mems.dtype \
-                    and not self.config.activations_checkpoint_granularity:
-                kept.copy_(new_mems)
-            else:
-                store[slot] = new_mems
+        mem_len = self.config.mem_len
+        if mem_len > 0:  # every stream's memory at full length, gathered and scattered on the device
+            store = self._memory(self.training)
+            idx = store.index(batch, tokens.size(1), tokens.device)
+            mems, valid = store.read(idx, self.r_w_bias.dtype, tokens.device)
+            hidden, new_mems = self.hidden(tokens, mems, mem_valid=valid)
+            store.write(idx, new_mems, (valid + tokens.size(0)).clamp(max=mem_len))
+        else:
+            hidden, _ = self.hidden(tokens)
         nll = self.crit.nll(hidden.reshape(-1, self.d_model), labels.reshape(-1)).view_as(labels)
         return {"loss_sum": (nll * batch["loss_mask"].t()).sum()}
 
+    def _memory(self, training: bool) -> StreamMemory:
+        """The training memory, or the one of the current validation pass, built on first use."""
+        name = "_train_mems" if training else "_eval_mems"
+        if getattr(self, name) is None:
+            setattr(self, name, StreamMemory(self.n_layer, self.config.mem_len, self.d_model, self._stream_slots()))
+        return getattr(self, name)
+
+    def _stream_slots(self) -> int:
+        """Streams one data-parallel replica reads (see `StreamMemory`), at least one per row."""
+        from mega.runtime.parallel import current
+
+        cfg = self.config
+        streams = getattr(cfg.data, "streams", None) or cfg.global_batch_size or cfg.micro_batch_size
+        dp = current().dp_size
+        slots = streams // dp if streams % dp == 0 else streams
+        return max(slots, cfg.micro_batch_size or 1)
+
     def train(self, mode: bool = True):
-        if not mode:  # each validation pass starts from an empty memory
-            self._eval_mems = {}
+        if not mode and self._eval_mems is not None:  # each validation pass starts from an empty memory
+            self._eval_mems.reset()
         return super().train(mode)
 
     # --- SparselyReached ---------------------------------------------------------------------
-    def _parts(self) -> List[Tuple[List[torch.Tensor], bool, bool]]:
-        """(parameters, reached since the last take, reached by every forward) of each
-        adaptive part: the embedding's tables (one table with div_val 1, always looked up)
-        and the softmax's buckets (the head, bucket 0, always computed)."""
+    def _parts(self, emb_hits=None, crit_hits=None) -> List[Tuple[List[torch.Tensor], object, bool]]:
+        """(parameters, reached since the last take (from the taken flags), reached by every
+        forward) of each adaptive part: the embedding's tables (one table with div_val 1,
+        always looked up) and the softmax's buckets (the head, bucket 0, always computed)."""
         emb, crit = self.word_emb, self.crit
-        parts = [(emb.bucket_params(i), emb.reached[i], emb.div_val == 1) for i in range(len(emb.emb_layers))]
-        parts += [(crit.bucket_params(i), crit.reached[i], i == 0) for i in range(len(crit.bounds))]
+        parts = [(emb.bucket_params(i), emb_hits[i] if emb_hits is not None else False, emb.div_val == 1)
+                 for i in range(len(emb.emb_layers))]
+        parts += [(crit.bucket_params(i), crit_hits[i] if crit_hits is not None else False, i == 0)
+                  for i in range(len(crit.bounds))]
         return parts
 
     def sparse_parameters(self) -> List[torch.Tensor]:
@@ -455,23 +491,24 @@ class TransformerXLModel(nn.Module):
         return out
 
     def take_reached(self) -> List[bool]:
-        parts = self._parts()
-        recorded = self.crit.reached[0] is True  # every training forward computes the head
+        recorded = self.crit.hits.recorded  # every training forward computes the head
+        parts = self._parts(self.word_emb.hits.take(), self.crit.hits.take())
         hits: Dict[int, object] = {}
         for params, hit, _ in parts:  # a Python bool or a device boolean: OR-ed without reading it
             for p in params:
                 hits[id(p)] = either(hits.get(id(p), False), hit)
-        flags = [hits.get(id(p), False) if recorded else True for p in self.sparse_parameters()]
-        self.word_emb.reached = [False] * len(self.word_emb.reached)
-        self.crit.reached = [False] * len(self.crit.reached)
-        return flags
+        return [hits.get(id(p), False) if recorded else True for p in self.sparse_parameters()]
 
     # --- StatefulModel ----------------------------------------------------------------------
     def carried_state(self) -> Dict[str, torch.Tensor]:
-        return {f"mems.{slot}": m for slot, m in sorted(self._train_mems.items())}
+        """`mems` [n_layer, mem_len, streams per replica, d_model] and `mems_valid` [streams]
+        (none before the first step)."""
+        return self._train_mems.state() if self._train_mems is not None else {}
 
     def load_carried_state(self, state: Dict[str, torch.Tensor]) -> None:
-        self._train_mems = {int(k.split(".", 1)[1]): v.clone() for k, v in state.items() if k.startswith("mems.")}
+        """Also the layout before the stream buffer (`mems.{slot}` per micro-batch): converted."""
+        if self.config.mem_len > 0:
+            self._memory(True).load(state)
 
     # --- Generator --------------------------------------------------------------------------
     def new_kv_cache(self, batch: int, max_len: int) -> TXLCache:

@@ -113,7 +113,8 @@ def test_a_step_on_the_short_last_segment_trains_on_its_tokens(tmp_path, plugins
     lengths = [n for _, n, _ in seen]  # two micro-batches a step
     assert lengths[: 2 * (per_epoch + 1)] == [16] * 2 * (per_epoch - 1) + [short] * 2 + [16] * 2
     assert all(mask == 2 * n for _, n, mask in seen)
-    assert sorted(run.model.carried_state()) == ["mems.0", "mems.2"]
+    state = run.model.carried_state()
+    assert sorted(state) == ["mems", "mems_valid"] and state["mems_valid"].tolist() == [16] * 4
     assert all(math.isfinite(m["loss"]) for m in read_metrics(run.run_dir) if "loss" in m)
 
 
@@ -138,8 +139,9 @@ def test_memory_is_kept_per_micro_batch_slot_and_training_lowers_the_loss(tmp_pa
                     plugins)
     train(run)
     state = run.model.carried_state()
-    assert sorted(state) == ["mems.0", "mems.2"]  # two micro-batches: streams 0-1 and 2-3
-    assert state["mems.0"].shape == (2, 16, 2, 32) and not state["mems.0"].requires_grad
+    assert sorted(state) == ["mems", "mems_valid"]  # one buffer: the 4 streams (two micro-batches of 2)
+    assert state["mems"].shape == (2, 16, 4, 32) and not state["mems"].requires_grad
+    assert state["mems_valid"].tolist() == [16] * 4
     losses = [m["loss"] for m in read_metrics(run.run_dir) if "loss" in m]
     assert losses[-1] < losses[0] - 0.5, losses
     assert any("val_loss" in m for m in read_metrics(run.run_dir))

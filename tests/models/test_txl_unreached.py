@@ -115,3 +115,37 @@ def test_a_bucket_one_data_parallel_rank_reaches_is_reached_on_every_rank():
         ranks = run_ranks(_two_ranks, world=2, args=(reach_on,))
         assert all(set(bucket3) & set(r) == set(expected) for r in ranks), ranks
         assert ranks[0] == ranks[1]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "lamb"])
+def test_a_tensor_unreached_before_it_has_state_gets_state_that_starts_like_none(optimizer):
+    """`KeepUnreached` (the device-side skip): a tensor the first step does not reach keeps
+    its weights, and the zeros and step 0 it is left with make the next step's update equal
+    to the one of a tensor the optimizer never saw (the reference: no state at all)."""
+    from mega.plugins.optim.lamb import Lamb
+    from mega.runtime.unreached import KeepUnreached
+
+    def make():
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(3, 4)) for _ in range(2)]
+        opt = torch.optim.AdamW(ps, lr=0.1) if optimizer == "adamw" else Lamb(ps, lr=0.1, weight_decay=0.01)
+        return ps, opt
+
+    ps, opt = make()
+    ref, ref_opt = make()
+    w1 = ps[1].detach().clone()
+    for p, r in zip(ps, ref):
+        p.grad, r.grad = torch.ones(3, 4), torch.ones(3, 4)
+    ps[1].grad.zero_()
+    ref[1].grad = None  # the reference drops it
+    with KeepUnreached(ps, torch.tensor([True, False]), opt):
+        opt.step()
+    ref_opt.step()
+    assert torch.equal(ps[1], w1) and torch.equal(ps[0], ref[0])
+    assert float(opt.state[ps[1]]["step"]) == 0 and not opt.state[ps[1]]["exp_avg"].any()
+    for p, r in zip(ps, ref):
+        p.grad, r.grad = torch.full((3, 4), 0.5), torch.full((3, 4), 0.5)
+    opt.step()
+    ref_opt.step()
+    for p, r in zip(ps, ref):
+        torch.testing.assert_close(p, r, rtol=0, atol=0)
