@@ -4,7 +4,8 @@ head) against Hugging Face transformers' MegatronBertForPreTraining of the same 
 The same protocol as bench_gpt_vs_hf.py: both models in one process, timed alternately
 (forward, backward, AdamW step) over several repetitions, median tokens/s of each and
 their ratio (also per CPU-second of the process, steadier when other jobs share the
-machine); peak memory of each in a fresh subprocess. Both train on the same batch:
+machine); peak memory of each in a fresh subprocess, above a baseline read after that side's
+library code is imported. Both train on the same batch:
 15% of the positions predicted, some samples padded, a binary label per sample; Hugging
 Face gets labels of -100 where nothing is predicted. (MegatronBert in transformers has
 only its eager attention; mega's uses torch's scaled_dot_product_attention, and runs the
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gpt_vs_hf import adamw_step, alternate, peak_memory  # noqa: E402  (the GPT benchmark's measuring helpers)
+from bench_gpt_vs_hf import MEGA_CONFIG, adamw_step, alternate, peak_memory  # noqa: E402  (the GPT benchmark's measuring helpers)
 
 
 def make_batch(a) -> dict:
@@ -76,12 +77,17 @@ def build(which: str, a):
     return adamw_step(model, loss_fn, a)
 
 
+# What each side's build() imports, imported by the memory subprocess before its baseline
+IMPORTS = {"mega": (*MEGA_CONFIG, "mega.plugins.models.bert"),
+           "hf": ("transformers.models.megatron_bert.modeling_megatron_bert",)}
+
+
 def speed(a) -> dict:
     return alternate({w: build(w, a) for w in ("mega", "hf")}, make_batch(a), a)
 
 
 def memory_child(which: str, a) -> dict:
-    return peak_memory(lambda: build(which, a), make_batch(a), a)
+    return peak_memory(lambda: build(which, a), make_batch(a), a, side=which, imports=IMPORTS[which])
 
 
 def main():

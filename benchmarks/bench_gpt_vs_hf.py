@@ -4,7 +4,9 @@ GPT2LMHeadModel of the same shape.
 Speed: both models live in one process and are timed alternately (forward, backward,
 AdamW step), several repetitions; the median tokens/s of each and their ratio are printed.
 Memory: peak resident memory on CPU (peak allocated on CUDA) of each model's training,
-each measured in a fresh subprocess so neither inherits the other's allocations.
+each measured in a fresh subprocess so neither inherits the other's allocations, above a
+baseline read after that side's library code is imported (`peak_memory`): the peak is the
+model's and its steps', not the import of transformers' modelling code or of torch._dynamo.
 
     pip install transformers
     python benchmarks/bench_gpt_vs_hf.py                      # 6 layers, 384 hidden, seq 256, batch 8
@@ -14,6 +16,7 @@ each measured in a fresh subprocess so neither inherits the other's allocations.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import statistics
 import subprocess
@@ -21,6 +24,11 @@ import sys
 import time
 
 import torch
+
+# What each side's build() imports, imported by the memory subprocess before its baseline
+# (config_from_dict's checks import mega.runtime.distrib_optimizer)
+MEGA_CONFIG = ("mega.config", "mega.runtime.distrib_optimizer")
+IMPORTS = {"mega": (*MEGA_CONFIG, "mega.plugins.models.gpt"), "hf": ("transformers.models.gpt2.modeling_gpt2",)}
 
 
 def build(which: str, a):
@@ -107,19 +115,38 @@ def alternate(steps: dict, batch, a) -> dict:
 
 
 def memory_child(which: str, a) -> dict:
-    return peak_memory(lambda: build(which, a), make_tokens(a), a)
+    return peak_memory(lambda: build(which, a), make_tokens(a), a, side=which, imports=IMPORTS[which])
 
 
-def peak_memory(build_step, batch, a) -> dict:
-    """Peak memory of building a model and taking 3 steps (this process: run it alone)."""
+def peak_memory(build_step, batch, a, *, side: str, imports) -> dict:
+    """Peak memory of building a model and taking 3 steps (this process: run it alone), above a
+    baseline read once the code both sides run is loaded, so that the peak is the model's and
+    its steps' and not a library's import. `imports` names the modules the side's build step
+    imports: transformers imports lazily, and naming a model class loads its modelling code
+    (about 220-240 MiB) inside the measurement otherwise. A throwaway AdamW is built first too:
+    torch.optim imports torch._dynamo and sympy (about 45 MiB) when the first optimizer is built,
+    which transformers' modelling code has already done and mega's has not. On mega's side the
+    installed plugins are loaded as well (about 7 MiB): config_from_dict looks the model up in
+    the registry, which imports every plugin, as `mega run` does before building anything.
+    `imported_after_baseline` lists the modules loaded inside the measurement (the tests hold
+    it free of either library)."""
+    for name in imports:
+        importlib.import_module(name)
+    if side == "mega":
+        from mega.plugin_manager import get_plugins
+
+        get_plugins()
+    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
+    loaded = set(sys.modules)
     base = _status_kib("VmRSS")
     step, _ = build_step()
     for _ in range(3):
         step(batch)
     sync(a)
+    late = sorted(set(sys.modules) - loaded)
     if a.device == "cuda":
-        return {"peak_mib": torch.cuda.max_memory_allocated() / 2**20}
-    return {"peak_mib": (_status_kib("VmHWM") - base) / 1024}
+        return {"peak_mib": torch.cuda.max_memory_allocated() / 2**20, "imported_after_baseline": late}
+    return {"peak_mib": (_status_kib("VmHWM") - base) / 1024, "imported_after_baseline": late}
 
 
 def _status_kib(field: str) -> int:

@@ -4,7 +4,8 @@ transformers' LlamaForCausalLM of the same shape, the way bench_gpt_vs_hf.py mea
 
 Speed: both models in one process, timed alternately (forward, backward, AdamW), several
 repetitions; median tokens/s of each and their ratio. Memory: peak resident memory on CPU
-(peak allocated on CUDA) of each model's training, each in a fresh subprocess.
+(peak allocated on CUDA) of each model's training, each in a fresh subprocess, above a
+baseline read after that side's library code is imported.
 
     pip install transformers
     python benchmarks/bench_llama_vs_hf.py                   # 6 layers, 384 hidden, 6 heads in 2 groups, seq 256
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gpt_vs_hf import adamw_step, alternate, make_tokens, peak_memory  # noqa: E402
+from bench_gpt_vs_hf import MEGA_CONFIG, adamw_step, alternate, make_tokens, peak_memory  # noqa: E402
 
 
 def build(which: str, a):
@@ -56,8 +57,12 @@ def build(which: str, a):
     return adamw_step(model, loss_fn, a)
 
 
+# What each side's build() imports, imported by the memory subprocess before its baseline
+IMPORTS = {"mega": (*MEGA_CONFIG, "mega.plugins.models.gpt"), "hf": ("transformers.models.llama.modeling_llama",)}
+
+
 def memory_child(which: str, a) -> dict:
-    return peak_memory(lambda: build(which, a), make_tokens(a), a)
+    return peak_memory(lambda: build(which, a), make_tokens(a), a, side=which, imports=IMPORTS[which])
 
 
 def main():

@@ -115,17 +115,13 @@ def speed(a) -> dict:
     return alternate({w: build(w, a) for w in ("mega", "hf")}, make_stream(a), a)
 
 
+# What each side's build() imports, imported by the memory subprocess before its baseline
+IMPORTS = {"mega": ("mega.plugins.models.transformer_xl",),
+           "hf": ("transformers.models.deprecated.transfo_xl.modeling_transfo_xl",)}
+
+
 def memory_child(which: str, a) -> dict:
-    """Peak memory of one side's training; the code it runs imported before the baseline is read,
-    so the peak is the model's and its steps', not the import of a library."""
-    if which == "mega":
-        from mega.plugins.models.transformer_xl import TransformerXLModel  # noqa: F401
-    else:  # transformers imports lazily: naming the class loads its modelling code (about 220 MiB)
-        from transformers.models.deprecated.transfo_xl import TransfoXLLMHeadModel  # noqa: F401
-    # torch.optim imports torch._dynamo (and sympy, about 45 MiB) when the first optimizer is built;
-    # transformers' modelling code has imported it already, mega's has not: built here for both
-    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
-    return peak_memory(lambda: build(which, a), make_stream(a), a)
+    return peak_memory(lambda: build(which, a), make_stream(a), a, side=which, imports=IMPORTS[which])
 
 
 def main():
