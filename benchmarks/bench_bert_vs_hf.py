@@ -1,11 +1,11 @@
 """Training-step speed and memory of mega's Megatron-BERT (`bert`: masked LM + sentence-order
 head) against Hugging Face transformers' MegatronBertForPreTraining of the same shape.
 
-The same protocol as bench_gpt_vs_hf.py: both models in one process, timed alternately
-(forward, backward, AdamW step) over several repetitions, median tokens/s of each and
-their ratio (also per CPU-second of the process, steadier when other jobs share the
-machine); peak memory of each in a fresh subprocess, above a baseline read after that side's
-library code is imported. Both train on the same batch:
+The protocol of peer.py, which every bench_*_vs_hf.py shares: both models in one process,
+timed alternately (forward, backward, AdamW step) over several repetitions, median tokens/s
+of each and their ratio (also per CPU-second of the process, steadier when other jobs share
+the machine); peak memory of each in a fresh subprocess, above a baseline read after that
+side's library code is imported. Both train on the same batch:
 15% of the positions predicted, some samples padded, a binary label per sample; Hugging
 Face gets labels of -100 where nothing is predicted. (MegatronBert in transformers has
 only its eager attention; mega's uses torch's scaled_dot_product_attention, and runs the
@@ -19,15 +19,13 @@ anyway.)
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gpt_vs_hf import MEGA_CONFIG, adamw_step, alternate, peak_memory  # noqa: E402  (the GPT benchmark's measuring helpers)
+import peer  # noqa: E402  (the side-by-side harness the peer benchmarks share)
 
 
 def make_batch(a) -> dict:
@@ -74,20 +72,12 @@ def build(which: str, a):
                          token_type_ids=batch["tokentype_ids"],
                          labels=torch.where(batch["loss_mask"].bool(), batch["labels"], -100),
                          next_sentence_label=batch["is_random"]).loss
-    return adamw_step(model, loss_fn, a)
+    return peer.adamw_step(model, loss_fn, a)
 
 
 # What each side's build() imports, imported by the memory subprocess before its baseline
-IMPORTS = {"mega": (*MEGA_CONFIG, "mega.plugins.models.bert"),
+IMPORTS = {"mega": (*peer.MEGA_CONFIG, "mega.plugins.models.bert"),
            "hf": ("transformers.models.megatron_bert.modeling_megatron_bert",)}
-
-
-def speed(a) -> dict:
-    return alternate({w: build(w, a) for w in ("mega", "hf")}, make_batch(a), a)
-
-
-def memory_child(which: str, a) -> dict:
-    return peak_memory(lambda: build(which, a), make_batch(a), a, side=which, imports=IMPORTS[which])
 
 
 def main():
@@ -99,29 +89,13 @@ def main():
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--vocab", type=int, default=8192)  # a multiple of 128: no padding on either side
     p.add_argument("--dropout", type=float, default=0.1)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--memory-child", choices=["mega", "hf"], help=argparse.SUPPRESS)
-    a = p.parse_args()
+    a = peer.parse_args(p)
     if a.memory_child:
-        print(json.dumps(memory_child(a.memory_child, a)))
-        return
+        return peer.print_memory_child(a, build, make_batch(a), IMPORTS)
     print(f"shape: {a.layers} layers, hidden {a.hidden}, {a.heads} heads, seq {a.seq}, batch {a.batch}, "
           f"vocab {a.vocab}, {a.dtype} on {a.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    s = speed(a)
-    mem = {}
-    for w in ("mega", "hf"):
-        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--memory-child", w], capture_output=True, text=True, check=True)
-        mem[w] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
-    for w, name in (("mega", "mega bert"), ("hf", "HF MegatronBertForPreTraining")):
-        print(f"{name:30s} params {s[w]['params'] / 1e6:6.2f}M  median {s[w]['tokens_per_sec']:9,.0f} tokens/s  "
-              f"(runs: {', '.join(f'{r:,.0f}' for r in s[w]['all'])})  peak memory {mem[w]:,.0f} MiB")
-    print(f"speed ratio mega/HF: {s['mega']['tokens_per_sec'] / s['hf']['tokens_per_sec']:.3f}   "
-          f"(per CPU-second: {s['mega']['tokens_per_cpu_sec'] / s['hf']['tokens_per_cpu_sec']:.3f})   "
-          f"memory ratio mega/HF: {mem['mega'] / mem['hf']:.3f}")
+    s, mem = peer.measure(a, __file__, build, make_batch)
+    peer.report(s, mem, {"mega": "mega bert", "hf": "HF MegatronBertForPreTraining"}, width=30)
 
 
 if __name__ == "__main__":

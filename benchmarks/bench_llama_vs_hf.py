@@ -1,6 +1,7 @@
 """Training-step speed and memory of mega's `llama` (GPT with rotary positions, RMSNorm,
 SwiGLU, grouped-query attention, no biases, an untied output layer) against Hugging Face
-transformers' LlamaForCausalLM of the same shape, the way bench_gpt_vs_hf.py measures GPT-2.
+transformers' LlamaForCausalLM of the same shape, the way bench_gpt_vs_hf.py measures GPT-2
+(the protocol of peer.py, which every bench_*_vs_hf.py shares).
 
 Speed: both models in one process, timed alternately (forward, backward, AdamW), several
 repetitions; median tokens/s of each and their ratio. Memory: peak resident memory on CPU
@@ -15,15 +16,13 @@ baseline read after that side's library code is imported.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gpt_vs_hf import MEGA_CONFIG, adamw_step, alternate, make_tokens, peak_memory  # noqa: E402
+import peer  # noqa: E402  (the side-by-side harness the peer benchmarks share)
 
 
 def build(which: str, a):
@@ -38,11 +37,7 @@ def build(which: str, a):
             "make_vocab_size_divisible_by": 128, "loss_chunk_size": a.loss_chunk_size,
             "tokenizer": {"library": "bytes"}}}).model
         model = GPTModel(cfg, a.vocab)
-
-        def loss_fn(tokens):
-            mask = torch.ones_like(tokens[:, 1:], dtype=torch.float32)
-            out = model.training_loss({"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": mask})
-            return out["loss_sum"] / mask.sum()
+        loss_fn = peer.mega_lm_loss(model)
     else:
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -51,18 +46,12 @@ def build(which: str, a):
                           vocab_size=a.vocab, rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
         cfg._attn_implementation = "sdpa"  # the same attention kernel as ours
         model = LlamaForCausalLM(cfg)
-
-        def loss_fn(tokens):
-            return model(input_ids=tokens[:, :-1], labels=tokens[:, :-1]).loss
-    return adamw_step(model, loss_fn, a)
+        loss_fn = peer.hf_lm_loss(model)
+    return peer.adamw_step(model, loss_fn, a)
 
 
 # What each side's build() imports, imported by the memory subprocess before its baseline
-IMPORTS = {"mega": (*MEGA_CONFIG, "mega.plugins.models.gpt"), "hf": ("transformers.models.llama.modeling_llama",)}
-
-
-def memory_child(which: str, a) -> dict:
-    return peak_memory(lambda: build(which, a), make_tokens(a), a, side=which, imports=IMPORTS[which])
+IMPORTS = {"mega": (*peer.MEGA_CONFIG, "mega.plugins.models.gpt"), "hf": ("transformers.models.llama.modeling_llama",)}
 
 
 def main():
@@ -75,32 +64,14 @@ def main():
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--loss-chunk-size", type=int, default=0, help="mega's model.loss_chunk_size (0: unchunked)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--memory-child", choices=["mega", "hf"], help=argparse.SUPPRESS)
-    a = p.parse_args()
+    a = peer.parse_args(p, loss_chunk_size=True)
     if a.memory_child:
-        print(json.dumps(memory_child(a.memory_child, a)))
-        return
+        return peer.print_memory_child(a, build, peer.make_tokens(a), IMPORTS)
     print(f"shape: {a.layers} layers, hidden {a.hidden}, {a.heads} heads in {a.groups} groups, ffn {a.ffn}, seq {a.seq},"
           f" batch {a.batch}, vocab {a.vocab}, {a.dtype} on {a.device}, torch {torch.__version__},"
           f" {torch.get_num_threads()} threads, mega loss_chunk_size {a.loss_chunk_size}")
-    s = alternate({w: build(w, a) for w in ("mega", "hf")}, make_tokens(a), a)
-    mem = {}
-    for w in ("mega", "hf"):
-        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--memory-child", w], capture_output=True,
-                             text=True, check=True)
-        mem[w] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
-    for w, name in (("mega", "mega llama"), ("hf", "HF LlamaForCausalLM")):
-        print(f"{name:20s} params {s[w]['params'] / 1e6:6.2f}M  median {s[w]['tokens_per_sec']:9,.0f} tokens/s  "
-              f"(runs: {', '.join(f'{r:,.0f}' for r in s[w]['all'])})  peak memory {mem[w]:,.0f} MiB")
-    print(f"speed ratio mega/HF: {s['mega']['tokens_per_sec'] / s['hf']['tokens_per_sec']:.3f}   "
-          f"(per CPU-second: {s['mega']['tokens_per_cpu_sec'] / s['hf']['tokens_per_cpu_sec']:.3f})   "
-          f"memory ratio mega/HF: {mem['mega'] / mem['hf']:.3f}")
+    s, mem = peer.measure(a, __file__, build, peer.make_tokens)
+    peer.report(s, mem, {"mega": "mega llama", "hf": "HF LlamaForCausalLM"}, width=20)
 
 
 if __name__ == "__main__":

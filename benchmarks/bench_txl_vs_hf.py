@@ -2,12 +2,12 @@
 TransfoXLLMHeadModel (`transformers.models.deprecated.transfo_xl`, the port of the original
 code; NVIDIA's DeepLearningExamples code does not install from a package) of the same shape.
 
-The same protocol as bench_gpt_vs_hf.py: both models in one process, timed alternately
-(forward over the segment and the memory carried from the previous step, adaptive softmax
-loss, backward, AdamW step) over several repetitions, median tokens/s of each and their
-ratio (also per CPU-second of the process, steadier when other jobs share the machine); peak
-memory of each in a fresh subprocess. Both step through the same Zipf-like token stream,
-segment after segment, each carrying its own memory (mem_len = tgt_len); the same
+The protocol of peer.py, which every bench_*_vs_hf.py shares: both models in one process,
+timed alternately (forward over the segment and the memory carried from the previous step,
+adaptive softmax loss, backward, AdamW step) over several repetitions, median tokens/s of
+each and their ratio (also per CPU-second of the process, steadier when other jobs share the
+machine); peak memory of each in a fresh subprocess. Both step through the same Zipf-like
+token stream, segment after segment, each carrying its own memory (mem_len = tgt_len); the same
 architecture on both sides: relative attention with shared r biases, post-LayerNorm, no
 same_length, no clamping, the adaptive input and softmax over the same cutoffs with div_val
 1 and tied weights. As bench_gpt_vs_hf.py does for GPT2LMHeadModel, Hugging Face is called
@@ -29,14 +29,13 @@ import argparse
 import contextlib
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gpt_vs_hf import adamw_step, alternate, peak_memory  # noqa: E402  (the GPT benchmark's measuring helpers)
+import peer  # noqa: E402  (the side-by-side harness the peer benchmarks share)
 
 
 def cutoffs_of(vocab: int) -> list:
@@ -108,20 +107,12 @@ def build(which: str, a):
                 out = model(input_ids=seg[:, :-1], labels=seg[:, :-1], mems=mems[0])
             mems[0] = out.mems
             return out.loss
-    return adamw_step(model, loss_fn, a)
-
-
-def speed(a) -> dict:
-    return alternate({w: build(w, a) for w in ("mega", "hf")}, make_stream(a), a)
+    return peer.adamw_step(model, loss_fn, a)
 
 
 # What each side's build() imports, imported by the memory subprocess before its baseline
 IMPORTS = {"mega": ("mega.plugins.models.transformer_xl",),
            "hf": ("transformers.models.deprecated.transfo_xl.modeling_transfo_xl",)}
-
-
-def memory_child(which: str, a) -> dict:
-    return peak_memory(lambda: build(which, a), make_stream(a), a, side=which, imports=IMPORTS[which])
 
 
 def main():
@@ -136,17 +127,10 @@ def main():
     p.add_argument("--vocab", type=int, default=32_000)
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--dropatt", type=float, default=0.0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--memory-child", choices=["mega", "hf"], help=argparse.SUPPRESS)
-    a = p.parse_args()
-    a.seq = a.tgt  # alternate() counts batch x seq tokens per step
+    a = peer.parse_args(p)
+    a.seq = a.tgt  # peer.alternate() counts batch x seq tokens per step
     if a.memory_child:
-        print(json.dumps(memory_child(a.memory_child, a)))
-        return
+        return peer.print_memory_child(a, build, make_stream(a), IMPORTS)
     shape = {"layers": a.layers, "d_model": a.d_model, "heads": a.heads, "d_head": a.d_head, "d_inner": a.d_inner,
              "tgt_len": a.tgt, "mem_len": a.tgt, "batch": a.batch, "vocab": a.vocab, "cutoffs": cutoffs_of(a.vocab),
              "div_val": 1, "dropout": a.dropout, "dropatt": a.dropatt, "dtype": a.dtype, "device": a.device}
@@ -154,19 +138,8 @@ def main():
           f"tgt = mem = {a.tgt}, batch {a.batch}, vocab {a.vocab} (cutoffs {cutoffs_of(a.vocab)}, div_val 1), "
           f"dropout {a.dropout}, {a.dtype} on {a.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     load_before = os.getloadavg()[0]
-    s = speed(a)
-    mem = {}
-    for w in ("mega", "hf"):
-        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--memory-child", w], capture_output=True, text=True, check=True)
-        mem[w] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
-    for w, name in (("mega", "mega Transformer-XL"), ("hf", "HF TransfoXLLMHeadModel")):
-        print(f"{name:24s} params {s[w]['params'] / 1e6:6.2f}M  median {s[w]['tokens_per_sec']:9,.0f} tokens/s  "
-              f"(runs: {', '.join(f'{r:,.0f}' for r in s[w]['all'])})  peak memory {mem[w]:,.0f} MiB")
-    ratios = {"speed": s["mega"]["tokens_per_sec"] / s["hf"]["tokens_per_sec"],
-              "speed_per_cpu_second": s["mega"]["tokens_per_cpu_sec"] / s["hf"]["tokens_per_cpu_sec"],
-              "memory": mem["mega"] / mem["hf"]}
-    print(f"speed ratio mega/HF: {ratios['speed']:.3f}   (per CPU-second: {ratios['speed_per_cpu_second']:.3f})   "
-          f"memory ratio mega/HF: {ratios['memory']:.3f}")
+    s, mem = peer.measure(a, __file__, build, make_stream)
+    ratios = peer.report(s, mem, {"mega": "mega Transformer-XL", "hf": "HF TransfoXLLMHeadModel"}, width=24)
     print(json.dumps({
         "shape": shape, "threads": torch.get_num_threads(), "torch": torch.__version__,
         "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # 1-minute, before and after
